@@ -1,0 +1,13 @@
+"""fastmaml: fast, exact, task-batched meta-gradients for optimization-based meta-learning."""
+from .api import AdaptedModel, adapt, meta_step
+from .errors import BackendUnavailable, NonFiniteError
+from .inner_loop import ORDERS, InnerLoop
+from .result import MetaResult
+from .tasks import TaskBatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptedModel", "BackendUnavailable", "InnerLoop", "MetaResult", "NonFiniteError", "ORDERS",
+    "TaskBatch", "adapt", "meta_step", "__version__",
+]

@@ -1,0 +1,228 @@
+"""The public API: `meta_step` (one exact meta-gradient for a batch of tasks) and `adapt`
+(adapted weights per task that are differentiable through the fused reverse sweep)."""
+from __future__ import annotations
+
+import numbers
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .errors import NonFiniteError
+from .inner_loop import ORDERS, InnerLoop, InnerLoopSpec, forward_sweep, reverse_sweep
+from .inner_lr import expand_inner_lr, learnable_leaves
+from .layout import InnerParams, ParamLayout
+from .losses import LossLike, accuracy, resolve_loss
+from .ops import resolve
+from .programs import Program, select_program
+from .result import MetaResult
+from .tasks import TaskBatch, TasksLike, as_task_batch, validate
+
+
+def _check_common(model, steps, order):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"steps: expected a non-negative int, got {steps!r}")
+    if steps < 0:
+        raise ValueError(f"steps: expected a non-negative number of inner steps, got {steps}")
+    if order not in ORDERS:
+        raise ValueError(f"order: unknown order {order!r}; expected one of {ORDERS}")
+
+
+def _check_inputs(layout: ParamLayout, x: torch.Tensor, field: str) -> None:
+    p = next(iter(layout.params.values()))
+    if not x.is_floating_point():
+        raise TypeError(f"{field}: expected floating-point inputs, got {x.dtype}")
+    if x.dtype != p.dtype:
+        raise TypeError(
+            f"{field}: dtype {x.dtype} differs from the model's parameters ({p.dtype}); "
+            "convert one of them (e.g. model.to(x.dtype))"
+        )
+    if x.device != p.device:
+        raise ValueError(f"{field}: on {x.device} but the model's parameters are on {p.device}")
+
+
+def _setup(model, inputs, *, steps, order, loss, inner_params, backend):
+    _check_common(model, steps, order)
+    layout = ParamLayout(model, inner_params)
+    for field, x in inputs:
+        _check_inputs(layout, x, field)
+    loss_obj = resolve_loss(loss)
+    program = select_program(model, layout, loss_obj)
+    ops = resolve(backend, inputs[0][1].device)
+    return layout, loss_obj, program, ops
+
+
+def meta_step(
+    model: nn.Module,
+    tasks: TasksLike,
+    *,
+    inner_lr=0.01,
+    steps: int = 1,
+    order: str = "second",
+    loss: LossLike = "mse",
+    inner_params: InnerParams = None,
+    backend: Optional[str] = "auto",
+    check_finite: bool = True,
+) -> MetaResult:
+    """One meta-gradient for a batch of T tasks, accumulated into `.grad` like `loss.backward()`.
+
+    meta-loss = mean_t L_query_t(φ_t,K), φ_t,0 = θ, φ_t,j+1 = φ_t,j − α_j ⊙ ∇L_support_t(φ_t,j).
+    d(meta-loss)/dθ goes into `p.grad` of every parameter that requires grad (and into the
+    learnable tensors of `inner_lr`); the model's weights are not changed. If anything is non-finite
+    (with `check_finite`), `NonFiniteError` says at which inner step and no `.grad` is touched.
+
+    tasks: a `TaskBatch`, a 4-tuple `(support_x [T, Ns, ...], support_y, query_x [T, Nq, ...], query_y)`
+    or a list of per-task 4-tuples. order: "second" (exact), "checkpoint" (exact, memory flat in
+    `steps`), "first" (FOMAML). loss: "mse", "cross_entropy" or a per-task callable
+    `(output [N, ...], target [N, ...]) -> scalar`. inner_params: names/prefixes or a predicate
+    `(name, param) -> bool` of the parameters adapted in the inner loop (default: all).
+    """
+    batch = as_task_batch(tasks)
+    layout, loss_obj, program, ops = _setup(
+        model, [("tasks.support_x", batch.support_x), ("tasks.query_x", batch.query_x)],
+        steps=steps, order=order, loss=loss, inner_params=inner_params, backend=backend)
+    loss_obj.check_targets(batch.support_y, "support_y")
+    loss_obj.check_targets(batch.query_y, "query_y")
+    sx, sy, qx, qy = batch
+    T = batch.num_tasks
+
+    with torch.no_grad():
+        theta_a, theta_s = layout.theta()
+    alphas = expand_inner_lr(inner_lr, steps, layout.adapted, like=theta_a)
+    alphas_d = [a.detach() for a in alphas]
+    lr_grad = [a.requires_grad for a in alphas]
+    shared_grad = any(layout.params[n].requires_grad for n in layout.shared.names)
+
+    phi, tape, support_before = forward_sweep(program, ops, theta_a, theta_s, alphas_d, sx, sy,
+                                              order=order, keep_grads=any(lr_grad),
+                                              check_finite=check_finite)
+    q = program.loss_grad(phi, theta_s, qx, qy, shared_grad=shared_grad)
+    meta_loss = q.loss.mean()
+    if check_finite and not bool(torch.isfinite(meta_loss)):
+        raise NonFiniteError(f"non-finite query loss after {steps} inner steps: {meta_loss.item()}",
+                             where="query loss", step=steps)
+    d_a, d_s, d_alphas = reverse_sweep(program, ops, tape, q.grad / T, theta_s, alphas_d, sx, sy,
+                                       shared_grad=shared_grad, lr_grad=lr_grad, check_finite=check_finite)
+    if shared_grad:
+        d_s = d_s + q.grad_shared.sum(0) / T
+        if check_finite and not bool(torch.isfinite(d_s).all()):
+            raise NonFiniteError("non-finite meta-gradient of the shared (non-adapted) parameters",
+                                 where="shared meta-gradient")
+
+    lr_grads = _inner_lr_grads(inner_lr, alphas, d_alphas)
+    _accumulate(layout, d_a, d_s)
+    for leaf, g in lr_grads:
+        leaf.grad = g if leaf.grad is None else leaf.grad + g
+
+    if steps == 0:
+        before_loss, before_out = q.loss, q.output
+    else:
+        before_loss, before_out = program.evaluate(theta_a, theta_s, qx, qy)
+    result = MetaResult(meta_loss=meta_loss.detach(), query_loss_before=before_loss.detach(),
+                        query_loss_after=q.loss.detach(),
+                        support_loss_before=None if support_before is None else support_before.detach())
+    if loss_obj.classification:
+        result.accuracy_before = accuracy(before_out.detach(), qy)
+        result.accuracy_after = accuracy(q.output.detach(), qy)
+    return result
+
+
+def _inner_lr_grads(inner_lr, alphas, d_alphas):
+    """Maps ∂L/∂α_j back to the user's learnable tensors in `inner_lr` (a tiny autograd graph)."""
+    leaves = learnable_leaves(inner_lr)
+    if not leaves:
+        return []
+    summed: Dict[int, torch.Tensor] = {}
+    unique: Dict[int, torch.Tensor] = {}
+    for a, d in zip(alphas, d_alphas):
+        if d is None:
+            continue
+        unique[id(a)] = a
+        summed[id(a)] = d if id(a) not in summed else summed[id(a)] + d
+    if not unique:
+        return []
+    outs = [unique[k] for k in unique]
+    grads = torch.autograd.grad(outs, leaves, grad_outputs=[summed[k] for k in unique], allow_unused=True)
+    result = []
+    for leaf, g in zip(leaves, grads):
+        g = torch.zeros_like(leaf) if g is None else g
+        if not bool(torch.isfinite(g).all()):
+            raise NonFiniteError("non-finite meta-gradient of inner_lr", where="inner_lr gradient")
+        result.append((leaf, g))
+    return result
+
+
+def _accumulate(layout: ParamLayout, d_a: torch.Tensor, d_s: Optional[torch.Tensor]) -> None:
+    grads = layout.adapted.unflatten(d_a)
+    if d_s is not None:
+        grads.update(layout.shared.unflatten(d_s))
+    for name, g in grads.items():
+        p = layout.params[name]
+        if not p.requires_grad:
+            continue
+        g = g.detach()
+        if p.grad is None:
+            p.grad = g.clone()
+        else:
+            p.grad.add_(g)
+
+
+class AdaptedModel:
+    """The model with per-task adapted weights, differentiable w.r.t. θ (and learnable `inner_lr`).
+
+    params: {name: `[T, *shape]`} (adapted weights, and the shared ones broadcast over tasks).
+    `adapted(x)` runs the model on `x [T, N, *in]` with each task's weights -> `[T, N, *out]`.
+    support_loss_before: support loss at θ `[T]` (NaN when steps=0).
+    """
+
+    def __init__(self, program: Program, phi: torch.Tensor, theta_s: torch.Tensor, support_loss_before):
+        self.program = program
+        self.phi = phi
+        self.theta_s = theta_s
+        self.support_loss_before = support_loss_before
+
+    @property
+    def params(self) -> Dict[str, torch.Tensor]:
+        T = self.phi.shape[0]
+        layout = self.program.layout
+        params = layout.adapted.unflatten(self.phi)
+        for name, p in layout.shared.unflatten(self.theta_s).items():
+            params[name] = p.expand(T, *p.shape)
+        return params
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[0] != self.phi.shape[0]:
+            raise ValueError(f"x: expected [T={self.phi.shape[0]}, N, ...], got shape {tuple(x.shape)}")
+        return self.program.forward(self.phi, self.theta_s, x)
+
+
+def adapt(
+    model: nn.Module,
+    support_x: torch.Tensor,
+    support_y: torch.Tensor,
+    *,
+    inner_lr=0.01,
+    steps: int = 1,
+    order: str = "second",
+    loss: LossLike = "mse",
+    inner_params: InnerParams = None,
+    backend: Optional[str] = "auto",
+    check_finite: bool = True,
+) -> AdaptedModel:
+    """Adapts `model` to every task's support set `[T, Ns, ...]`; returns an `AdaptedModel`.
+
+    Put any outer loss on `adapted(query_x)` (or on `adapted.params`) and call `backward()`: the
+    gradient reaches the model's parameters and learnable `inner_lr` through the exact reverse sweep
+    of `order` (no `create_graph`).
+    """
+    validate(TaskBatch(support_x, support_y, support_x, support_y))
+    layout, loss_obj, program, ops = _setup(model, [("support_x", support_x)], steps=steps, order=order,
+                                            loss=loss, inner_params=inner_params, backend=backend)
+    loss_obj.check_targets(support_y, "support_y")
+    theta_a, theta_s = layout.theta()
+    alphas = expand_inner_lr(inner_lr, steps, layout.adapted, like=theta_a)
+    spec = InnerLoopSpec(program, ops, support_x, support_y, order, check_finite)
+    phi, support_before = InnerLoop.apply(spec, theta_a, theta_s, *alphas)
+    return AdaptedModel(program, phi, theta_s, support_before)

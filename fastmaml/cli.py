@@ -1,0 +1,71 @@
+"""The `fastmaml` command (also `python -m fastmaml`).
+
+    fastmaml train <job> [options]     meta-train a job (see `fastmaml train --help`)
+    fastmaml info                      versions, devices, which backend runs each op and why
+
+Train jobs live in `fastmaml.train.<module>`; each module defines `add_arguments(parser)` and
+`run(args) -> dict` (the final metrics) and is listed in `TRAIN_JOBS`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+TRAIN_JOBS = {
+    # job name: (module, one-line help)
+    "sinusoid": ("fastmaml.train.sinusoid", "MAML on the sinusoid regression family (Finn et al. 2017)"),
+}
+
+
+def _info(args) -> int:
+    import platform
+
+    import torch
+
+    import fastmaml
+    from fastmaml.ops import registry
+
+    print(f"fastmaml {fastmaml.__version__}  torch {torch.__version__}  python {platform.python_version()}")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        print(f"\ndevice {dev}:")
+        for b in registry.BACKENDS[1:]:
+            ok, why = registry.availability(b, torch.device(dev))
+            print(f"  backend {b:7s} {'available' if ok else 'unavailable'}: {why}")
+        table = registry.resolve("auto", dev)
+        for op, desc in table.describe().items():
+            print(f"  op {op:20s} -> {desc}")
+    return 0
+
+
+def _train_runner(module: str):
+    def run(args) -> int:
+        importlib.import_module(module).run(args)
+        return 0
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastmaml", description="Fast, exact meta-gradients for MAML.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="meta-train a job")
+    jobs = train.add_subparsers(dest="job", required=True)
+    for name, (module, help_text) in TRAIN_JOBS.items():
+        p = jobs.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(func=_train_runner(module))
+    info = sub.add_parser("info", help="versions, devices and backends")
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The inner loop: K SGD steps on every task's support set (forward sweep) and the exact reverse
+sweep that turns v = ∂L/∂φ_K into ∂L/∂θ, ∂L/∂ψ (shared weights) and ∂L/∂α_j.
+
+    forward:  φ_0 = θ;  g_j = ∇L_s(φ_j);  φ_{j+1} = φ_j − α_j ⊙ g_j
+    reverse:  ∂L/∂α_j = −Σ_t g_j ⊙ v;  ∂L/∂ψ −= Σ_t H_sa,j (α_j ⊙ v);  v ← v − H_aa,j (α_j ⊙ v)
+              ∂L/∂θ = Σ_t v
+
+Orders: "second" keeps φ_j and g_j; "checkpoint" keeps only φ_j and gets g_j again from the HVP pass
+(forward-over-reverse yields both), so nothing but the fast weights grows with K; "first" keeps only
+what the α-gradient needs and lets v pass through unchanged.
+
+`InnerLoop` wraps both sweeps as one autograd Function (the surface for `adapt` and for other
+libraries); `meta_step` calls the sweeps directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .errors import NonFiniteError
+from .ops import OpTable
+from .programs import Program
+
+ORDERS = ("second", "checkpoint", "first")
+
+
+@dataclass
+class Tape:
+    """What the forward sweep keeps for the reverse sweep. φ_0 is θ `[Pa]`; later φ_j are `[T, Pa]`."""
+
+    order: str
+    phis: List[torch.Tensor] = field(default_factory=list)
+    grads: List[Optional[torch.Tensor]] = field(default_factory=list)
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [t for t in self.phis + self.grads if t is not None]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def _first_bad(flags: List[torch.Tensor]) -> Optional[int]:
+    if not flags:
+        return None
+    ok = torch.stack(flags).cpu()
+    bad = (~ok).nonzero()
+    return int(bad[0]) if len(bad) else None
+
+
+def forward_sweep(program: Program, ops: OpTable, theta_a, theta_s, alphas, sx, sy, *, order: str,
+                  keep_grads: bool, check_finite: bool):
+    """Runs the K inner steps. Returns (φ_K `[T, Pa]`, tape, support loss at θ `[T]` or None).
+
+    keep_grads: keep g_j in "first" order (needed only for the α-gradient).
+    """
+    T = sx.shape[0]
+    tape = Tape(order)
+    phi, loss0, flags = theta_a, None, []
+    for j, alpha in enumerate(alphas):
+        lg = program.loss_grad(phi, theta_s, sx, sy)
+        if j == 0:
+            loss0 = lg.loss
+        if order != "first":
+            tape.phis.append(phi)
+        tape.grads.append(lg.grad if order == "second" or (order == "first" and keep_grads) else None)
+        if check_finite:
+            flags.append(torch.isfinite(lg.loss).all() & torch.isfinite(lg.grad).all())
+        phi = ops.inner_update(phi.expand_as(lg.grad), lg.grad, alpha)
+    if check_finite:
+        bad = _first_bad(flags)
+        if bad is not None:
+            raise NonFiniteError(
+                f"non-finite support loss or gradient at inner step {bad} (of {len(alphas)}); "
+                "lower inner_lr or check the inputs",
+                where="support loss/gradient", step=bad,
+            )
+    if phi.dim() == 1:
+        phi = phi.expand(T, -1)
+    return phi, tape, loss0
+
+
+def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas, sx, sy, *,
+                  shared_grad: bool, lr_grad: List[bool], check_finite: bool):
+    """v `[T, Pa]` = ∂L/∂φ_K. Returns (∂L/∂θ `[Pa]`, ∂L/∂ψ `[Ps]` or None, [∂L/∂α_j or None])."""
+    K = len(alphas)
+    d_shared = theta_s.new_zeros(theta_s.shape) if shared_grad else None
+    d_alphas: List[Optional[torch.Tensor]] = [None] * K
+    flags = []
+    for j in reversed(range(K)):
+        alpha = alphas[j]
+        if tape.order == "first":
+            v, d_alphas[j] = ops.adjoint_update(v, None, tape.grads[j], alpha, lr_grad[j])
+        else:
+            h = program.hvp(tape.phis[j], theta_s, sx, sy, alpha * v, shared_grad=shared_grad)
+            g = tape.grads[j] if tape.grads[j] is not None else h.grad
+            if shared_grad:
+                d_shared -= h.hu_shared.sum(0)
+            v, d_alphas[j] = ops.adjoint_update(v, h.hu, g, alpha, lr_grad[j])
+        if check_finite:
+            flags.append(torch.isfinite(v).all())
+    if check_finite:
+        bad = _first_bad(flags)
+        if bad is not None:
+            step = K - 1 - bad
+            raise NonFiniteError(
+                f"non-finite meta-gradient in the reverse sweep at inner step {step} (of {K}): the "
+                "Hessian-vector product overflowed or produced NaN; lower inner_lr or check the inputs",
+                where="reverse sweep", step=step,
+            )
+    return v.sum(0), d_shared, d_alphas
+
+
+class InnerLoop(torch.autograd.Function):
+    """φ_K = InnerLoop.apply(spec, theta_a, theta_s, *alphas) with an exact backward.
+
+    spec: an `InnerLoopSpec` (program, ops, support set, order, flags). theta_a `[Pa]`,
+    theta_s `[Ps]`, alphas: K tensors (0-dim or `[Pa]`). Returns φ_K `[T, Pa]` and the support
+    loss at θ `[T]` (not differentiable).
+    """
+
+    @staticmethod
+    def forward(ctx, spec, theta_a, theta_s, *alphas):
+        keep = any(a.requires_grad for a in alphas)
+        phi, tape, loss0 = forward_sweep(spec.program, spec.ops, theta_a.detach(), theta_s.detach(),
+                                         [a.detach() for a in alphas], spec.sx, spec.sy,
+                                         order=spec.order, keep_grads=keep, check_finite=spec.check_finite)
+        ctx.spec = spec
+        ctx.layout = ([t is not None for t in tape.phis], [t is not None for t in tape.grads])
+        ctx.save_for_backward(theta_s, *alphas, *[t for t in tape.tensors()])
+        ctx.num_alphas = len(alphas)
+        if loss0 is None:
+            loss0 = theta_a.new_full((spec.sx.shape[0],), float("nan"))
+        ctx.mark_non_differentiable(loss0)
+        return phi, loss0
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, v, _unused):
+        spec = ctx.spec
+        saved = ctx.saved_tensors
+        theta_s, alphas = saved[0], list(saved[1:1 + ctx.num_alphas])
+        rest = iter(saved[1 + ctx.num_alphas:])
+        has_phi, has_grad = ctx.layout
+        tape = Tape(spec.order)
+        tape.phis = [next(rest) for h in has_phi if h]
+        tape.grads = [next(rest) if h else None for h in has_grad]
+        needs = ctx.needs_input_grad
+        shared_grad = needs[2] and theta_s.numel() > 0
+        lr_grad = list(needs[3:3 + ctx.num_alphas])
+        d_a, d_s, d_alphas = reverse_sweep(spec.program, spec.ops, tape, v.contiguous(), theta_s, alphas,
+                                           spec.sx, spec.sy, shared_grad=shared_grad, lr_grad=lr_grad,
+                                           check_finite=spec.check_finite)
+        return (None, d_a, d_s, *d_alphas)
+
+
+@dataclass
+class InnerLoopSpec:
+    """Everything `InnerLoop` needs besides its differentiable inputs."""
+
+    program: Program
+    ops: OpTable
+    sx: torch.Tensor
+    sy: torch.Tensor
+    order: str
+    check_finite: bool = True

@@ -1,0 +1,113 @@
+"""Flat parameter layout: which parameters adapt in the inner loop and where they live in `[P]`.
+
+The adapted parameters are packed into one flat vector `theta_a [Pa]` (fast weights `[T, Pa]`),
+the shared ones (not adapted; ANIL's body) into `theta_s [Ps]`. Each parameter is a view
+`flat[..., offset:offset + numel].view(*batch, *shape)` of its buffer.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence, Union
+
+import torch
+from torch import nn
+
+InnerParams = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
+
+
+@dataclass(frozen=True)
+class Slot:
+    name: str
+    shape: torch.Size
+    offset: int
+    numel: int
+
+
+class FlatGroup:
+    """A group of named tensors packed into one flat vector."""
+
+    def __init__(self, named: Iterable[tuple[str, torch.Tensor]]):
+        slots, offset = [], 0
+        for name, p in named:
+            slots.append(Slot(name, p.shape, offset, p.numel()))
+            offset += p.numel()
+        self.slots: tuple[Slot, ...] = tuple(slots)
+        self.size = offset
+        self.names = tuple(s.name for s in self.slots)
+
+    def flatten(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Per-slot tensors `[*shape]` -> `[size]` (autograd-friendly concatenation)."""
+        if not tensors:
+            return torch.zeros(0)
+        return torch.cat([t.reshape(-1) for t in tensors])
+
+    def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`[*batch, size]` -> {name: view `[*batch, *shape]`}."""
+        batch = flat.shape[:-1]
+        return {
+            s.name: flat[..., s.offset:s.offset + s.numel].view(*batch, *s.shape) for s in self.slots
+        }
+
+
+class ParamLayout:
+    """Splits a model's parameters into adapted (`a`) and shared (`s`) flat groups."""
+
+    def __init__(self, model: nn.Module, inner_params: InnerParams = None):
+        named = list(model.named_parameters())
+        if not named:
+            raise ValueError("model: has no parameters; meta-learning needs at least one")
+        for name, p in named:
+            if not p.is_floating_point():
+                raise TypeError(f"model: parameter {name!r} has dtype {p.dtype}; expected a floating dtype")
+        selected = _select(named, inner_params)
+        self.adapted = FlatGroup((n, p) for n, p in named if n in selected)
+        self.shared = FlatGroup((n, p) for n, p in named if n not in selected)
+        self.params = dict(named)
+
+    def theta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current parameters as flat `(theta_a [Pa], theta_s [Ps])`, differentiable to the model."""
+        p = self.params
+        first = next(iter(p.values()))
+        a = [p[n] for n in self.adapted.names]
+        s = [p[n] for n in self.shared.names]
+        theta_a = self.adapted.flatten(a)
+        theta_s = self.shared.flatten(s) if s else first.new_zeros(0)
+        return theta_a, theta_s
+
+    def signature(self) -> tuple:
+        return (self.adapted.names, self.shared.names)
+
+
+def _select(named, inner_params: InnerParams) -> set[str]:
+    names = [n for n, _ in named]
+    if inner_params is None:
+        return set(names)
+    if isinstance(inner_params, str):
+        inner_params = [inner_params]
+    if callable(inner_params):
+        chosen = {n for n, p in named if inner_params(n, p)}
+        if not chosen:
+            raise ValueError(
+                "inner_params: the predicate selected no parameter; "
+                f"the model's parameters are {names}"
+            )
+        return chosen
+    try:
+        wanted = list(inner_params)
+    except TypeError:
+        raise TypeError(
+            "inner_params: expected None, a parameter name, a list of names or prefixes, "
+            f"or a predicate (name, param) -> bool; got {type(inner_params).__name__}"
+        ) from None
+    chosen = set()
+    for w in wanted:
+        if not isinstance(w, str):
+            raise TypeError(f"inner_params: expected parameter names (str), got {w!r}")
+        hits = {n for n in names if n == w or n.startswith(w + ".")}
+        if not hits:
+            raise ValueError(
+                f"inner_params: {w!r} names no parameter or module of the model; "
+                f"the model's parameters are {names}"
+            )
+        chosen |= hits
+    return chosen

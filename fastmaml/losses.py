@@ -1,0 +1,65 @@
+"""Per-task losses: `loss(output [N, ...], target [N, ...]) -> scalar`, applied to every task."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Union
+
+import torch
+import torch.nn.functional as F
+
+LossLike = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
+
+
+def mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all elements of one task; output and target shapes must match."""
+    if output.shape != target.shape:
+        raise ValueError(
+            f"loss='mse': the model's output per task has shape {tuple(output.shape)} but the target has "
+            f"{tuple(target.shape)}; expected equal shapes (e.g. y as [T, N, 1] for a 1-output model)"
+        )
+    # written out: F.mse_loss's backward has no forward-mode rule for a constant target (ZeroTensor error)
+    diff = output - target
+    return (diff * diff).mean()
+
+
+def cross_entropy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy, mean over examples. output `[N, C]` logits, target `[N]` class indices."""
+    if output.dim() != 2 or target.dim() != 1 or output.shape[0] != target.shape[0]:
+        raise ValueError(
+            f"loss='cross_entropy': expected logits [N, C] and class indices [N] per task, got "
+            f"{tuple(output.shape)} and {tuple(target.shape)}"
+        )
+    return F.cross_entropy(output, target)
+
+
+@dataclass(frozen=True)
+class Loss:
+    name: str
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    classification: bool
+
+    def check_targets(self, y: torch.Tensor, field: str) -> None:
+        if self.name == "cross_entropy" and y.dtype != torch.long:
+            raise TypeError(f"tasks.{field}: loss='cross_entropy' needs int64 class indices, got {y.dtype}")
+        if self.name == "mse" and not y.is_floating_point():
+            raise TypeError(f"tasks.{field}: loss='mse' needs floating-point targets, got {y.dtype}")
+
+
+_NAMED = {"mse": Loss("mse", mse, False), "cross_entropy": Loss("cross_entropy", cross_entropy, True)}
+
+
+def resolve_loss(loss: LossLike) -> Loss:
+    if isinstance(loss, Loss):
+        return loss
+    if isinstance(loss, str):
+        if loss not in _NAMED:
+            raise ValueError(f"loss: unknown loss {loss!r}; expected one of {sorted(_NAMED)} or a callable")
+        return _NAMED[loss]
+    if callable(loss):
+        return Loss(getattr(loss, "__name__", "custom"), loss, False)
+    raise TypeError(f"loss: expected a name {sorted(_NAMED)} or a callable (output, target) -> scalar, got {loss!r}")
+
+
+def accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """logits `[T, N, C]`, target `[T, N]` -> accuracy per task `[T]`."""
+    return (logits.argmax(-1) == target).to(logits.dtype).mean(-1)

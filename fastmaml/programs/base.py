@@ -1,0 +1,59 @@
+"""The Program interface: how a model computes loss, gradient and Hessian-vector products for all
+tasks at once. `InnerLoop` and `meta_step` only talk to a Program, so the any-module torch.func
+program and the fused hand-derived engine are interchangeable.
+
+Shapes: fast weights `phi [T, Pa]` (or `[Pa]`, the same weights for every task), shared weights
+`shared [Ps]`, inputs `x [T, N, *in]`, targets `y [T, N, *out]`, tangents `u [T, Pa]`.
+"""
+from __future__ import annotations
+
+import abc
+from typing import NamedTuple, Optional
+
+import torch
+import torch.func
+
+from ..layout import ParamLayout
+from ..losses import Loss
+
+
+class LossGrad(NamedTuple):
+    loss: torch.Tensor  # [T] per-task mean loss
+    grad: torch.Tensor  # [T, Pa] ∂loss_t/∂φ_t
+    grad_shared: Optional[torch.Tensor]  # [T, Ps] ∂loss_t/∂ψ, when asked for
+    output: torch.Tensor  # [T, N, *out] model output
+
+
+class HVP(NamedTuple):
+    grad: torch.Tensor  # [T, Pa] the gradient at φ (a by-product of forward-over-reverse)
+    hu: torch.Tensor  # [T, Pa] H_aa u
+    hu_shared: Optional[torch.Tensor]  # [T, Ps] H_sa u (mixed block), when asked for
+
+
+class Program(abc.ABC):
+    """A compiled model + loss. Subclasses: TorchFuncProgram (any nn.Module), FusedProgram."""
+
+    name: str = "program"
+
+    def __init__(self, layout: ParamLayout, loss: Loss):
+        self.layout = layout
+        self.loss = loss
+
+    @abc.abstractmethod
+    def loss_grad(self, phi, shared, x, y, *, shared_grad: bool = False) -> LossGrad:
+        """Per-task loss and its gradient w.r.t. φ (and ψ if `shared_grad`)."""
+
+    @abc.abstractmethod
+    def hvp(self, phi, shared, x, y, u, *, shared_grad: bool = False) -> HVP:
+        """Exact Hessian-vector product of the per-task loss at φ along u (Pearlmutter R-op)."""
+
+    @abc.abstractmethod
+    def forward(self, phi, shared, x) -> torch.Tensor:
+        """Model output per task `[T, N, *out]`; differentiable with ordinary autograd."""
+
+    def evaluate(self, phi, shared, x, y):
+        """(loss `[T]`, output) without gradients."""
+        with torch.no_grad():
+            out = self.forward(phi, shared, x)
+            loss = torch.func.vmap(self.loss.fn)(out, y)
+        return loss, out

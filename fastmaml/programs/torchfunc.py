@@ -1,0 +1,122 @@
+"""TorchFuncProgram: any `nn.Module`, through torch.func.
+
+functional_call runs the model with per-task weights, `vmap` maps over tasks, `grad` gives the
+support gradient and forward-over-reverse `jvp(grad)` the exact Hessian-vector product. No
+`create_graph=True`: the HVP recomputes step j's forward with a tangent instead of keeping a graph.
+
+BatchNorm layers run on the batch statistics of the current support or query set (the MAML
+convention) through `BatchStatsNorm`, which normalizes and then applies `x̂ * w + b` as separate
+ops: PyTorch's vmap batching rule for the second derivative of affine `F.batch_norm` is wrong
+(see docs/architecture.md), and running statistics are never read or updated here.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+
+from ..layout import ParamLayout
+from ..losses import Loss
+from .base import HVP, LossGrad, Program
+
+
+class BatchStatsNorm(nn.Module):
+    """BatchNorm{1,2,3}d on batch statistics, vmap- and double-differentiation-safe. x `[N, C, *]`."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.eps = bn.eps
+        self.num_features = bn.num_features
+        if bn.affine:
+            self.weight = bn.weight
+            self.bias = bn.bias
+        else:
+            self.weight = self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"BatchNorm: expected input [N, {self.num_features}, ...], got {tuple(x.shape)}"
+            )
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dims, keepdim=True)
+        centered = x - mean
+        var = (centered * centered).mean(dims, keepdim=True)
+        y = centered * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def stateless_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` on the meta device with BatchNorm replaced by BatchStatsNorm (same names)."""
+    clone = copy.deepcopy(model)
+    for name, module in list(clone.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            replacement = BatchStatsNorm(module)
+            if name == "":
+                clone = replacement
+            else:
+                parent_name, _, child = name.rpartition(".")
+                parent = clone.get_submodule(parent_name) if parent_name else clone
+                setattr(parent, child, replacement)
+    return clone.to("meta")
+
+
+class TorchFuncProgram(Program):
+    name = "torch.func"
+
+    def __init__(self, model: nn.Module, layout: ParamLayout, loss: Loss):
+        super().__init__(layout, loss)
+        self.model = model
+        self.module = stateless_copy(model)
+
+    # one task: pa [Pa], ps [Ps], x [N, *in]
+    def _call(self, pa, ps, x):
+        params = self.layout.adapted.unflatten(pa)
+        params.update(self.layout.shared.unflatten(ps))
+        params.update(dict(self.model.named_buffers()))
+        return functional_call(self.module, params, (x,))
+
+    def _task_loss(self, pa, ps, x, y):
+        out = self._call(pa, ps, x)
+        return self.loss.fn(out, y), out
+
+    def _run(self, fn, phi, shared, *batched):
+        """vmap `fn(pa, ps, *batched)` over tasks; phi `[Pa]` (same weights for all tasks) is not mapped."""
+        in_dims = (0 if phi.dim() == 2 else None, None) + (0,) * len(batched)
+        mapped = vmap(fn, in_dims=in_dims, randomness="error")
+        try:
+            return mapped(phi, shared, *batched)
+        except RuntimeError as e:
+            if "randomness" in str(e):
+                raise ValueError(
+                    "model: it calls a random op (e.g. Dropout in training mode) inside the inner loop; "
+                    "exact meta-gradients need a deterministic model: call .eval() on those modules"
+                ) from e
+            raise
+
+    def loss_grad(self, phi, shared, x, y, *, shared_grad=False) -> LossGrad:
+        argnums = (0, 1) if shared_grad else 0
+        f = grad_and_value(self._task_loss, argnums=argnums, has_aux=True)
+        grads, (loss, out) = self._run(f, phi, shared, x, y)
+        ga, gs = grads if shared_grad else (grads, None)
+        return LossGrad(loss, ga, gs, out)
+
+    def hvp(self, phi, shared, x, y, u, *, shared_grad=False) -> HVP:
+        argnums = (0, 1) if shared_grad else 0
+
+        def one(pa, ps, x1, y1, u1):
+            g = grad(lambda a, s: self._task_loss(a, s, x1, y1)[0], argnums=argnums)
+            return jvp(lambda a: g(a, ps), (pa,), (u1,))
+
+        primal, tangent = self._run(one, phi, shared, x, y, u)
+        if shared_grad:
+            return HVP(primal[0], tangent[0], tangent[1])
+        return HVP(primal, tangent, None)
+
+    def forward(self, phi, shared, x):
+        return self._run(lambda pa, ps, x1: self._call(pa, ps, x1), phi, shared, x)

@@ -1,0 +1,37 @@
+"""`MetaResult`: what one meta-step measured."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class MetaResult:
+    """Per-task tensors are `[T]`, detached.
+
+    meta_loss: mean over tasks of the query loss after adaptation (what was differentiated).
+    support_loss_before: support loss at θ (None when steps=0).
+    query_loss_before / query_loss_after: query loss at θ and after adaptation.
+    accuracy_before / accuracy_after: query accuracy, for classification losses (else None).
+    """
+
+    meta_loss: torch.Tensor
+    query_loss_before: torch.Tensor
+    query_loss_after: torch.Tensor
+    support_loss_before: Optional[torch.Tensor] = None
+    accuracy_before: Optional[torch.Tensor] = None
+    accuracy_after: Optional[torch.Tensor] = None
+
+    def summary(self) -> dict:
+        """Means over tasks as plain floats (for logging)."""
+        out = {}
+        for name, value in vars(self).items():
+            if value is not None:
+                out[name] = float(value.float().mean())
+        return out
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{k}={v:.4g}" for k, v in self.summary().items())
+        return f"MetaResult({items})"

@@ -1,0 +1,1 @@
+"""Meta-training jobs run by `fastmaml train <job>`."""
