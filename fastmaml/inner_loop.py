@@ -14,6 +14,7 @@ libraries); `meta_step` calls the sweeps directly.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -113,6 +114,32 @@ def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas
     return v.sum(0), d_shared, d_alphas
 
 
+def _top_hooks():
+    top = torch._C._autograd._top_saved_tensors_default_hooks
+    try:
+        return top(False)
+    except TypeError:  # older torch: no `ignore_is_tracing` argument
+        return top()
+
+
+@contextlib.contextmanager
+def suspended_saved_tensors_hooks():
+    """Lifts the user's `saved_tensors_hooks` (e.g. `save_on_cpu`) while the sweeps run.
+
+    torch.func.grad refuses to run under such hooks, and the sweeps put nothing into autograd's
+    graph: what InnerLoop keeps goes through `save_for_backward`, where the hooks do apply.
+    """
+    stack = []
+    while (top := _top_hooks()) is not None:
+        stack.append(top)
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(stack):
+            torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
 class InnerLoop(torch.autograd.Function):
     """φ_K = InnerLoop.apply(spec, theta_a, theta_s, *alphas) with an exact backward.
 
@@ -124,9 +151,10 @@ class InnerLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, theta_a, theta_s, *alphas):
         keep = any(a.requires_grad for a in alphas)
-        phi, tape, loss0 = forward_sweep(spec.program, spec.ops, theta_a.detach(), theta_s.detach(),
-                                         [a.detach() for a in alphas], spec.sx, spec.sy,
-                                         order=spec.order, keep_grads=keep, check_finite=spec.check_finite)
+        with suspended_saved_tensors_hooks():
+            phi, tape, loss0 = forward_sweep(spec.program, spec.ops, theta_a.detach(), theta_s.detach(),
+                                             [a.detach() for a in alphas], spec.sx, spec.sy, order=spec.order,
+                                             keep_grads=keep, check_finite=spec.check_finite)
         ctx.spec = spec
         ctx.layout = ([t is not None for t in tape.phis], [t is not None for t in tape.grads])
         ctx.save_for_backward(theta_s, *alphas, *[t for t in tape.tensors()])
@@ -150,9 +178,10 @@ class InnerLoop(torch.autograd.Function):
         needs = ctx.needs_input_grad
         shared_grad = needs[2] and theta_s.numel() > 0
         lr_grad = list(needs[3:3 + ctx.num_alphas])
-        d_a, d_s, d_alphas = reverse_sweep(spec.program, spec.ops, tape, v.contiguous(), theta_s, alphas,
-                                           spec.sx, spec.sy, shared_grad=shared_grad, lr_grad=lr_grad,
-                                           check_finite=spec.check_finite)
+        with suspended_saved_tensors_hooks():
+            d_a, d_s, d_alphas = reverse_sweep(spec.program, spec.ops, tape, v.contiguous(), theta_s, alphas,
+                                               spec.sx, spec.sy, shared_grad=shared_grad, lr_grad=lr_grad,
+                                               check_finite=spec.check_finite)
         return (None, d_a, d_s, *d_alphas)
 
 

@@ -52,3 +52,16 @@ def autograd_meta_grad(model, tasks, *, inner_lr, steps, order="second", loss_fn
     grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
     names = list(params)
     return meta_loss.detach(), dict(zip(names, grads[:len(names)])), grads[len(names):]
+
+
+def assert_grads_close(got: dict, ref: dict, tol: float) -> None:
+    """All gradients, concatenated, within `tol` relative error; each tensor within `tol` relative to
+    its own norm or, for tensors whose true gradient is ~0 (a conv bias before BatchNorm), to the total."""
+    assert set(got) == set(ref), (sorted(got), sorted(ref))
+    names = sorted(ref)
+    total = torch.cat([ref[n].reshape(-1) for n in names])
+    assert rel_err(torch.cat([got[n].reshape(-1) for n in names]), total) < tol
+    scale = float(total.double().norm())
+    for n in names:
+        err = float((got[n].double() - ref[n].double()).norm())
+        assert err <= tol * max(float(ref[n].double().norm()), 1e-6 * scale), (n, err)

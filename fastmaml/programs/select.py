@@ -15,7 +15,7 @@ _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary
 
 def structure_key(model: nn.Module, layout: ParamLayout, loss: Loss) -> tuple:
     params = tuple((n, tuple(p.shape), p.dtype) for n, p in model.named_parameters())
-    modules = tuple((n, type(m)) for n, m in model.named_modules())
+    modules = tuple((n, type(m), m.training) for n, m in model.named_modules())
     return (params, modules, layout.signature(), loss)
 
 
