@@ -1,5 +1,6 @@
 """fastmaml: fast, exact, task-batched meta-gradients for optimization-based meta-learning."""
 from .api import AdaptedModel, adapt, meta_step
+from .batchnorm import BN_MODES, add_per_step_stats
 from .errors import BackendUnavailable, NonFiniteError
 from .inner_loop import ORDERS, InnerLoop
 from .result import MetaResult
@@ -8,6 +9,6 @@ from .tasks import TaskBatch
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptedModel", "BackendUnavailable", "InnerLoop", "MetaResult", "NonFiniteError", "ORDERS",
+    "AdaptedModel", "BN_MODES", "BackendUnavailable", "add_per_step_stats", "InnerLoop", "MetaResult", "NonFiniteError", "ORDERS",
     "TaskBatch", "adapt", "meta_step", "__version__",
 ]

@@ -8,6 +8,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .batchnorm import NormPlan
 from .errors import NonFiniteError
 from .inner_loop import ORDERS, InnerLoop, InnerLoopSpec, forward_sweep, reverse_sweep
 from .inner_lr import expand_inner_lr, learnable_leaves
@@ -64,6 +65,7 @@ def meta_step(
     loss: LossLike = "mse",
     inner_params: InnerParams = None,
     backend: Optional[str] = "auto",
+    batch_norm: str = "batch",
     check_finite: bool = True,
 ) -> MetaResult:
     """One meta-gradient for a batch of T tasks, accumulated into `.grad` like `loss.backward()`.
@@ -78,6 +80,9 @@ def meta_step(
     `steps`), "first" (FOMAML). loss: "mse", "cross_entropy" or a per-task callable
     `(output [N, ...], target [N, ...]) -> scalar`. inner_params: names/prefixes or a predicate
     `(name, param) -> bool` of the parameters adapted in the inner loop (default: all).
+    batch_norm: "batch" (batch statistics, MAML), "frozen" (running statistics, fixed) or "per_step"
+    (MAML++ per-step running statistics), see fastmaml/batchnorm.py; running statistics are updated
+    only in "per_step" mode with `model.training`.
     """
     batch = as_task_batch(tasks)
     layout, loss_obj, program, ops = _setup(
@@ -85,6 +90,7 @@ def meta_step(
         steps=steps, order=order, loss=loss, inner_params=inner_params, backend=backend)
     loss_obj.check_targets(batch.support_y, "support_y")
     loss_obj.check_targets(batch.query_y, "query_y")
+    norm = NormPlan(model, batch_norm)
     sx, sy, qx, qy = batch
     T = batch.num_tasks
 
@@ -95,16 +101,18 @@ def meta_step(
     lr_grad = [a.requires_grad for a in alphas]
     shared_grad = any(layout.params[n].requires_grad for n in layout.shared.names)
 
+    recorded = [] if norm.record else None
     phi, tape, support_before = forward_sweep(program, ops, theta_a, theta_s, alphas_d, sx, sy,
                                               order=order, keep_grads=any(lr_grad),
-                                              check_finite=check_finite)
-    q = program.loss_grad(phi, theta_s, qx, qy, shared_grad=shared_grad)
+                                              check_finite=check_finite, norm=norm, recorded=recorded)
+    q = program.loss_grad(phi, theta_s, qx, qy, shared_grad=shared_grad, bn_stats=norm.stats(steps))
     meta_loss = q.loss.mean()
     if check_finite and not bool(torch.isfinite(meta_loss)):
         raise NonFiniteError(f"non-finite query loss after {steps} inner steps: {meta_loss.item()}",
                              where="query loss", step=steps)
     d_a, d_s, d_alphas = reverse_sweep(program, ops, tape, q.grad / T, theta_s, alphas_d, sx, sy,
-                                       shared_grad=shared_grad, lr_grad=lr_grad, check_finite=check_finite)
+                                       shared_grad=shared_grad, lr_grad=lr_grad, check_finite=check_finite,
+                                       norm=norm)
     if shared_grad:
         d_s = d_s + q.grad_shared.sum(0) / T
         if check_finite and not bool(torch.isfinite(d_s).all()):
@@ -115,11 +123,14 @@ def meta_step(
     _accumulate(layout, d_a, d_s)
     for leaf, g in lr_grads:
         leaf.grad = g if leaf.grad is None else leaf.grad + g
+    if recorded is not None:
+        for j, stats in enumerate(recorded + [program.batch_stats(phi, theta_s, qx)]):
+            norm.update(j, stats)
 
     if steps == 0:
         before_loss, before_out = q.loss, q.output
     else:
-        before_loss, before_out = program.evaluate(theta_a, theta_s, qx, qy)
+        before_loss, before_out = program.evaluate(theta_a, theta_s, qx, qy, bn_stats=norm.stats(0))
     result = MetaResult(meta_loss=meta_loss.detach(), query_loss_before=before_loss.detach(),
                         query_loss_after=q.loss.detach(),
                         support_loss_before=None if support_before is None else support_before.detach())
@@ -175,13 +186,18 @@ class AdaptedModel:
     params: {name: `[T, *shape]`} (adapted weights, and the shared ones broadcast over tasks).
     `adapted(x)` runs the model on `x [T, N, *in]` with each task's weights -> `[T, N, *out]`.
     support_loss_before: support loss at θ `[T]` (NaN when steps=0).
+    BatchNorm in `adapted(x)` follows the `batch_norm` mode of `adapt` as the query pass (step K); in
+    "per_step" mode with `model.training`, each call updates step K's running statistics.
     """
 
-    def __init__(self, program: Program, phi: torch.Tensor, theta_s: torch.Tensor, support_loss_before):
+    def __init__(self, program: Program, phi: torch.Tensor, theta_s: torch.Tensor, support_loss_before,
+                 norm: NormPlan, steps: int):
         self.program = program
         self.phi = phi
         self.theta_s = theta_s
         self.support_loss_before = support_loss_before
+        self.norm = norm
+        self.steps = steps
 
     @property
     def params(self) -> Dict[str, torch.Tensor]:
@@ -195,7 +211,9 @@ class AdaptedModel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[0] != self.phi.shape[0]:
             raise ValueError(f"x: expected [T={self.phi.shape[0]}, N, ...], got shape {tuple(x.shape)}")
-        return self.program.forward(self.phi, self.theta_s, x)
+        if self.norm.record:
+            self.norm.update(self.steps, self.program.batch_stats(self.phi.detach(), self.theta_s.detach(), x))
+        return self.program.forward(self.phi, self.theta_s, x, bn_stats=self.norm.stats(self.steps))
 
 
 def adapt(
@@ -209,13 +227,14 @@ def adapt(
     loss: LossLike = "mse",
     inner_params: InnerParams = None,
     backend: Optional[str] = "auto",
+    batch_norm: str = "batch",
     check_finite: bool = True,
 ) -> AdaptedModel:
     """Adapts `model` to every task's support set `[T, Ns, ...]`; returns an `AdaptedModel`.
 
     Put any outer loss on `adapted(query_x)` (or on `adapted.params`) and call `backward()`: the
     gradient reaches the model's parameters and learnable `inner_lr` through the exact reverse sweep
-    of `order` (no `create_graph`).
+    of `order` (no `create_graph`). Arguments as in `meta_step`.
     """
     validate(TaskBatch(support_x, support_y, support_x, support_y))
     layout, loss_obj, program, ops = _setup(model, [("support_x", support_x)], steps=steps, order=order,
@@ -223,6 +242,10 @@ def adapt(
     loss_obj.check_targets(support_y, "support_y")
     theta_a, theta_s = layout.theta()
     alphas = expand_inner_lr(inner_lr, steps, layout.adapted, like=theta_a)
-    spec = InnerLoopSpec(program, ops, support_x, support_y, order, check_finite)
+    norm = NormPlan(model, batch_norm)
+    recorded = [] if norm.record else None
+    spec = InnerLoopSpec(program, ops, support_x, support_y, order, check_finite, norm, recorded)
     phi, support_before = InnerLoop.apply(spec, theta_a, theta_s, *alphas)
-    return AdaptedModel(program, phi, theta_s, support_before)
+    for j, stats in enumerate(recorded or []):
+        norm.update(j, stats)
+    return AdaptedModel(program, phi, theta_s, support_before, norm, steps)

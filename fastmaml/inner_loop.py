@@ -21,6 +21,7 @@ from typing import List, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from .batchnorm import NormPlan
 from .errors import NonFiniteError
 from .ops import OpTable
 from .programs import Program
@@ -52,16 +53,22 @@ def _first_bad(flags: List[torch.Tensor]) -> Optional[int]:
 
 
 def forward_sweep(program: Program, ops: OpTable, theta_a, theta_s, alphas, sx, sy, *, order: str,
-                  keep_grads: bool, check_finite: bool):
+                  keep_grads: bool, check_finite: bool, norm: Optional[NormPlan] = None,
+                  recorded: Optional[list] = None):
     """Runs the K inner steps. Returns (φ_K `[T, Pa]`, tape, support loss at θ `[T]` or None).
 
-    keep_grads: keep g_j in "first" order (needed only for the α-gradient).
+    keep_grads: keep g_j in "first" order (needed only for the α-gradient). norm: which BatchNorm
+    statistics step j uses (None: batch statistics). recorded: if a list, gets each step's per-task
+    BatchNorm batch statistics (for per-step running statistics).
     """
     T = sx.shape[0]
     tape = Tape(order)
     phi, loss0, flags = theta_a, None, []
     for j, alpha in enumerate(alphas):
-        lg = program.loss_grad(phi, theta_s, sx, sy)
+        bn_stats = norm.stats(j) if norm is not None else None
+        lg = program.loss_grad(phi, theta_s, sx, sy, bn_stats=bn_stats)
+        if recorded is not None:
+            recorded.append(program.batch_stats(phi, theta_s, sx))
         if j == 0:
             loss0 = lg.loss
         if order != "first":
@@ -84,7 +91,7 @@ def forward_sweep(program: Program, ops: OpTable, theta_a, theta_s, alphas, sx, 
 
 
 def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas, sx, sy, *,
-                  shared_grad: bool, lr_grad: List[bool], check_finite: bool):
+                  shared_grad: bool, lr_grad: List[bool], check_finite: bool, norm: Optional[NormPlan] = None):
     """v `[T, Pa]` = ∂L/∂φ_K. Returns (∂L/∂θ `[Pa]`, ∂L/∂ψ `[Ps]` or None, [∂L/∂α_j or None])."""
     K = len(alphas)
     d_shared = theta_s.new_zeros(theta_s.shape) if shared_grad else None
@@ -95,7 +102,8 @@ def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas
         if tape.order == "first":
             v, d_alphas[j] = ops.adjoint_update(v, None, tape.grads[j], alpha, lr_grad[j])
         else:
-            h = program.hvp(tape.phis[j], theta_s, sx, sy, alpha * v, shared_grad=shared_grad)
+            h = program.hvp(tape.phis[j], theta_s, sx, sy, alpha * v, shared_grad=shared_grad,
+                            bn_stats=norm.stats(j) if norm is not None else None)
             g = tape.grads[j] if tape.grads[j] is not None else h.grad
             if shared_grad:
                 d_shared -= h.hu_shared.sum(0)
@@ -154,7 +162,8 @@ class InnerLoop(torch.autograd.Function):
         with suspended_saved_tensors_hooks():
             phi, tape, loss0 = forward_sweep(spec.program, spec.ops, theta_a.detach(), theta_s.detach(),
                                              [a.detach() for a in alphas], spec.sx, spec.sy, order=spec.order,
-                                             keep_grads=keep, check_finite=spec.check_finite)
+                                             keep_grads=keep, check_finite=spec.check_finite, norm=spec.norm,
+                                             recorded=spec.recorded)
         ctx.spec = spec
         ctx.layout = ([t is not None for t in tape.phis], [t is not None for t in tape.grads])
         ctx.save_for_backward(theta_s, *alphas, *[t for t in tape.tensors()])
@@ -181,7 +190,7 @@ class InnerLoop(torch.autograd.Function):
         with suspended_saved_tensors_hooks():
             d_a, d_s, d_alphas = reverse_sweep(spec.program, spec.ops, tape, v.contiguous(), theta_s, alphas,
                                                spec.sx, spec.sy, shared_grad=shared_grad, lr_grad=lr_grad,
-                                               check_finite=spec.check_finite)
+                                               check_finite=spec.check_finite, norm=spec.norm)
         return (None, d_a, d_s, *d_alphas)
 
 
@@ -195,3 +204,5 @@ class InnerLoopSpec:
     sy: torch.Tensor
     order: str
     check_finite: bool = True
+    norm: Optional[NormPlan] = None
+    recorded: Optional[list] = None  # gets each step's BatchNorm batch statistics when recording

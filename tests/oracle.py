@@ -24,13 +24,15 @@ def _lr(inner_lr, j, name):
 
 
 def autograd_meta_grad(model, tasks, *, inner_lr, steps, order="second", loss_fn, inner_params=None,
-                       extra=()):
+                       extra=(), train=True, before_forward=None):
     """Returns (meta_loss, {param name: grad}, [grads of `extra` tensors]).
 
-    Works on a deep copy of `model` in training mode (batch statistics for BatchNorm); `inner_lr` in
-    any form meta_step accepts (float, tensor, dict, per-step list), differentiable where it requires grad.
+    Works on a deep copy of `model`, in training mode (batch statistics for BatchNorm) unless
+    `train=False`; `inner_lr` in any form meta_step accepts (float, tensor, dict, per-step list),
+    differentiable where it requires grad. `before_forward(copy, t, j)` runs before task t's forward at
+    inner step j (j = steps: the query pass).
     """
-    model = copy.deepcopy(model).train()
+    model = copy.deepcopy(model).train(train)
     params = dict(model.named_parameters())
     adapted = [n for n in params if inner_params is None or n in inner_params]
     sx, sy, qx, qy = tasks
@@ -39,12 +41,16 @@ def autograd_meta_grad(model, tasks, *, inner_lr, steps, order="second", loss_fn
     for t in range(T):
         fast = dict(params)
         for j in range(steps):
+            if before_forward is not None:
+                before_forward(model, t, j)
             out = functional_call(model, fast, (sx[t],))
             L = loss_fn(out, sy[t])
             gs = torch.autograd.grad(L, [fast[n] for n in adapted], create_graph=(order != "first"))
             for n, g in zip(adapted, gs):
                 lr = _lr(inner_lr, j, n)
                 fast[n] = fast[n] - (lr if isinstance(lr, numbers.Real) else lr) * g
+        if before_forward is not None:
+            before_forward(model, t, steps)
         out = functional_call(model, fast, (qx[t],))
         meta_loss = meta_loss + loss_fn(out, qy[t]) / T
     wrt = list(params.values()) + list(extra)

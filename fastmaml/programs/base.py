@@ -4,6 +4,8 @@ program and the fused hand-derived engine are interchangeable.
 
 Shapes: fast weights `phi [T, Pa]` (or `[Pa]`, the same weights for every task), shared weights
 `shared [Ps]`, inputs `x [T, N, *in]`, targets `y [T, N, *out]`, tangents `u [T, Pa]`.
+`bn_stats`: None (BatchNorm on batch statistics) or fixed (mean [C], var [C]) per BatchNorm layer,
+in module order (see fastmaml/batchnorm.py).
 """
 from __future__ import annotations
 
@@ -40,20 +42,24 @@ class Program(abc.ABC):
         self.loss = loss
 
     @abc.abstractmethod
-    def loss_grad(self, phi, shared, x, y, *, shared_grad: bool = False) -> LossGrad:
+    def loss_grad(self, phi, shared, x, y, *, shared_grad: bool = False, bn_stats=None) -> LossGrad:
         """Per-task loss and its gradient w.r.t. φ (and ψ if `shared_grad`)."""
 
     @abc.abstractmethod
-    def hvp(self, phi, shared, x, y, u, *, shared_grad: bool = False) -> HVP:
+    def hvp(self, phi, shared, x, y, u, *, shared_grad: bool = False, bn_stats=None) -> HVP:
         """Exact Hessian-vector product of the per-task loss at φ along u (Pearlmutter R-op)."""
 
     @abc.abstractmethod
-    def forward(self, phi, shared, x) -> torch.Tensor:
+    def forward(self, phi, shared, x, *, bn_stats=None) -> torch.Tensor:
         """Model output per task `[T, N, *out]`; differentiable with ordinary autograd."""
 
-    def evaluate(self, phi, shared, x, y):
+    @abc.abstractmethod
+    def batch_stats(self, phi, shared, x):
+        """Per-task batch statistics of every BatchNorm layer's input: [(mean [T, C], var [T, C], count)]."""
+
+    def evaluate(self, phi, shared, x, y, *, bn_stats=None):
         """(loss `[T]`, output) without gradients."""
         with torch.no_grad():
-            out = self.forward(phi, shared, x)
+            out = self.forward(phi, shared, x, bn_stats=bn_stats)
             loss = torch.func.vmap(self.loss.fn)(out, y)
         return loss, out

@@ -4,13 +4,15 @@ functional_call runs the model with per-task weights, `vmap` maps over tasks, `g
 support gradient and forward-over-reverse `jvp(grad)` the exact Hessian-vector product. No
 `create_graph=True`: the HVP recomputes step j's forward with a tangent instead of keeping a graph.
 
-BatchNorm layers run on the batch statistics of the current support or query set (the MAML
-convention) through `BatchStatsNorm`, which normalizes and then applies `x̂ * w + b` as separate
-ops: PyTorch's vmap batching rule for the second derivative of affine `F.batch_norm` is wrong
-(see docs/architecture.md), and running statistics are never read or updated here.
+BatchNorm layers run through `BatchStatsNorm`: on the batch statistics of the current support or
+query set (the MAML convention) or on fixed statistics handed in per call (`bn_stats`, see
+fastmaml/batchnorm.py). It normalizes and then applies `x̂ * w + b` as separate ops: PyTorch's vmap
+batching rule for the second derivative of affine `F.batch_norm` is wrong (see
+docs/architecture.md). Running statistics are never updated here.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -23,7 +25,11 @@ from .base import HVP, LossGrad, Program
 
 
 class BatchStatsNorm(nn.Module):
-    """BatchNorm{1,2,3}d on batch statistics, vmap- and double-differentiation-safe. x `[N, C, *]`."""
+    """BatchNorm{1,2,3}d, vmap- and double-differentiation-safe. x `[N, C, *]`.
+
+    Normalizes with the batch statistics, or with `fixed = (mean [C], var [C])` when set; appends
+    (mean [C], var [C], count) to `capture` when that is a list.
+    """
 
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
         super().__init__()
@@ -34,19 +40,27 @@ class BatchStatsNorm(nn.Module):
             self.bias = bn.bias
         else:
             self.weight = self.bias = None
+        self.fixed = None
+        self.capture = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
             raise ValueError(
                 f"BatchNorm: expected input [N, {self.num_features}, ...], got {tuple(x.shape)}"
             )
-        dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dims, keepdim=True)
-        centered = x - mean
-        var = (centered * centered).mean(dims, keepdim=True)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if self.fixed is None:
+            dims = [0] + list(range(2, x.dim()))
+            mean = x.mean(dims, keepdim=True)
+            centered = x - mean
+            var = (centered * centered).mean(dims, keepdim=True)
+            if self.capture is not None:
+                self.capture.append((mean.reshape(-1), var.reshape(-1), x.numel() // x.shape[1]))
+        else:
+            mean, var = (t.view(shape) for t in self.fixed)
+            centered = x - mean
         y = centered * torch.rsqrt(var + self.eps)
         if self.weight is not None:
-            shape = [1, -1] + [1] * (x.dim() - 2)
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y
 
@@ -73,6 +87,21 @@ class TorchFuncProgram(Program):
         super().__init__(layout, loss)
         self.model = model
         self.module = stateless_copy(model)
+        self.norms = [m for m in self.module.modules() if isinstance(m, BatchStatsNorm)]
+
+    @contextlib.contextmanager
+    def _stats(self, bn_stats):
+        """BatchNorm layers normalize with `bn_stats` (None: batch statistics) inside the block."""
+        if bn_stats is not None and len(bn_stats) != len(self.norms):
+            raise ValueError(f"bn_stats: expected statistics for {len(self.norms)} BatchNorm layers, "
+                             f"got {len(bn_stats)}")
+        for i, m in enumerate(self.norms):
+            m.fixed = None if bn_stats is None else bn_stats[i]
+        try:
+            yield
+        finally:
+            for m in self.norms:
+                m.fixed = None
 
     # one task: pa [Pa], ps [Ps], x [N, *in]
     def _call(self, pa, ps, x):
@@ -99,24 +128,46 @@ class TorchFuncProgram(Program):
                 ) from e
             raise
 
-    def loss_grad(self, phi, shared, x, y, *, shared_grad=False) -> LossGrad:
+    def loss_grad(self, phi, shared, x, y, *, shared_grad=False, bn_stats=None) -> LossGrad:
         argnums = (0, 1) if shared_grad else 0
         f = grad_and_value(self._task_loss, argnums=argnums, has_aux=True)
-        grads, (loss, out) = self._run(f, phi, shared, x, y)
+        with self._stats(bn_stats):
+            grads, (loss, out) = self._run(f, phi, shared, x, y)
         ga, gs = grads if shared_grad else (grads, None)
         return LossGrad(loss, ga, gs, out)
 
-    def hvp(self, phi, shared, x, y, u, *, shared_grad=False) -> HVP:
+    def hvp(self, phi, shared, x, y, u, *, shared_grad=False, bn_stats=None) -> HVP:
         argnums = (0, 1) if shared_grad else 0
 
         def one(pa, ps, x1, y1, u1):
             g = grad(lambda a, s: self._task_loss(a, s, x1, y1)[0], argnums=argnums)
             return jvp(lambda a: g(a, ps), (pa,), (u1,))
 
-        primal, tangent = self._run(one, phi, shared, x, y, u)
+        with self._stats(bn_stats):
+            primal, tangent = self._run(one, phi, shared, x, y, u)
         if shared_grad:
             return HVP(primal[0], tangent[0], tangent[1])
         return HVP(primal, tangent, None)
 
-    def forward(self, phi, shared, x):
-        return self._run(lambda pa, ps, x1: self._call(pa, ps, x1), phi, shared, x)
+    def forward(self, phi, shared, x, *, bn_stats=None):
+        with self._stats(bn_stats):
+            return self._run(lambda pa, ps, x1: self._call(pa, ps, x1), phi, shared, x)
+
+    def batch_stats(self, phi, shared, x):
+        counts = []
+
+        def stats(pa, ps, x1):
+            captured = []
+            for m in self.norms:
+                m.capture = captured
+            try:
+                self._call(pa, ps, x1)
+            finally:
+                for m in self.norms:
+                    m.capture = None
+            counts[:] = [n for _, _, n in captured]
+            return tuple((mean, var) for mean, var, _ in captured)
+
+        with torch.no_grad():
+            mv = self._run(stats, phi, shared, x)
+        return [(mean, var, n) for (mean, var), n in zip(mv, counts)]

@@ -1,0 +1,60 @@
+"""BatchNorm1d/2d rule on batch statistics (the MAML convention) or on fixed statistics (`bn_stats`).
+
+Activations `[T, N, C, *spatial]` run as `[T, N, C, S]`; statistics per task and channel. The math
+(forward, backward, both tangents, by hand with per-channel sums) is in fastmaml/ops/layers.py.
+Running statistics are neither read nor updated.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .base import Rule
+
+
+class BatchNormRule(Rule):
+    param_names = ("weight", "bias")
+
+    def __init__(self, name: str, module: nn.modules.batchnorm._BatchNorm, index: int):
+        super().__init__(name, module)
+        self.eps = module.eps
+        self.num_features = module.num_features
+        self.index = index  # position among the model's BatchNorm layers (for bn_stats)
+
+    def _4d(self, x):
+        if x.dim() < 3 or x.shape[2] != self.num_features:
+            raise ValueError(f"model layer {self.describe()}: expected per-task inputs [T, N, {self.num_features}, "
+                             f"...], got shape {tuple(x.shape)}")
+        return x.reshape(x.shape[0], x.shape[1], self.num_features, -1)
+
+    @staticmethod
+    def _split(p):
+        w, b, stats = p
+        mean, var = stats if stats is not None else (None, None)
+        return w, b, mean, var
+
+    def forward(self, ops, x, p, save):
+        w, b, mean, var = self._split(p)
+        y, xhat, r = ops.batchnorm_fwd(self._4d(x), w, b, self.eps, mean, var)
+        return y.view(x.shape), (xhat, r, x.shape, mean is None) if save else None
+
+    def backward(self, ops, gy, saved, p, need_x, outs):
+        xhat, r, shape, batch = saved
+        gx = ops.batchnorm_bwd(gy.reshape(xhat.shape), xhat, r, p[0], batch, need_x, outs[0], outs[1])
+        return None if gx is None else gx.view(shape)
+
+    def tangent_forward(self, ops, x, xd, p, v):
+        w, b, mean, var = self._split(p)
+        x4 = self._4d(x)
+        batch = mean is None
+        y, xhat, r = ops.batchnorm_fwd(x4, w, b, self.eps, mean, var)
+        xd4 = None if xd is None else xd.reshape(x4.shape)
+        yd, xhd, a = ops.batchnorm_tangent_fwd(xd4, xhat, r, w, v[0], v[1], batch)
+        return y.view(x.shape), (None if yd is None else yd.reshape(x.shape)), (xhat, xhd, a, r, x.shape, batch)
+
+    def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
+        xhat, xhd, a, r, shape, batch = saved
+        gx, gxd = ops.batchnorm_tangent_bwd(gy.reshape(xhat.shape), gyd.reshape(xhat.shape), xhat, xhd, a, r,
+                                            p[0], v[0], batch, need_x, outs[0], touts[0], outs[1], touts[1])
+        if gx is None:
+            return None, None
+        return gx.view(shape), gxd.view(shape)

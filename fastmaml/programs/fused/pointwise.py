@@ -1,0 +1,130 @@
+"""Elementwise activations y = f(x): gx = f'(x) gy, ẏ = f'(x) ẋ, ġx = f'(x) ġy + f''(x) ẋ gy.
+
+`d1(g, x, y)` applies f' (PyTorch's own backward kernels), `d2(x, y)` gives f'' (None where it is 0:
+the piecewise-linear ReLU and LeakyReLU).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Rule
+
+aten = torch.ops.aten
+
+
+class PointwiseRule(Rule):
+    saves_input = False  # whether d1/d2 need x (else they use y only)
+
+    def f(self, x):
+        raise NotImplementedError
+
+    def d1(self, g, x, y):
+        raise NotImplementedError
+
+    def d2(self, x, y):
+        return None
+
+    def forward(self, ops, x, p, save):
+        y = self.f(x)
+        return y, ((x if self.saves_input else None), y) if save else None
+
+    def backward(self, ops, gy, saved, p, need_x, outs):
+        return self.d1(gy, *saved) if need_x else None
+
+    def tangent_forward(self, ops, x, xd, p, v):
+        y = self.f(x)
+        saved = ((x if self.saves_input else None), y, xd)
+        return y, (None if xd is None else self.d1(xd, x, y)), saved
+
+    def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
+        if not need_x:
+            return None, None
+        x, y, xd = saved
+        gx = self.d1(gy, x, y)
+        gxd = self.d1(gyd, x, y)
+        if xd is not None:
+            second = self.d2(x, y)
+            if second is not None:
+                gxd = gxd.addcmul_(second * xd, gy)
+        return gx, gxd
+
+
+class ReLURule(PointwiseRule):
+    def f(self, x):
+        return torch.relu(x)
+
+    def d1(self, g, x, y):
+        return aten.threshold_backward(g, y, 0)
+
+
+class LeakyReLURule(PointwiseRule):
+    saves_input = True
+
+    def __init__(self, name, module: nn.LeakyReLU):
+        super().__init__(name, module)
+        self.slope = module.negative_slope
+
+    def f(self, x):
+        return F.leaky_relu(x, self.slope)
+
+    def d1(self, g, x, y):
+        return aten.leaky_relu_backward(g, x, self.slope, False)
+
+
+class TanhRule(PointwiseRule):
+    def f(self, x):
+        return torch.tanh(x)
+
+    def d1(self, g, x, y):
+        return aten.tanh_backward(g, y)
+
+    def d2(self, x, y):
+        return (y * y - 1) * (2 * y)  # −2y(1 − y²)
+
+
+class SigmoidRule(PointwiseRule):
+    def f(self, x):
+        return torch.sigmoid(x)
+
+    def d1(self, g, x, y):
+        return aten.sigmoid_backward(g, y)
+
+    def d2(self, x, y):
+        return y * (1 - y) * (1 - 2 * y)
+
+
+class ELURule(PointwiseRule):
+    saves_input = True
+
+    def __init__(self, name, module: nn.ELU):
+        super().__init__(name, module)
+        self.alpha = module.alpha
+
+    def f(self, x):
+        return F.elu(x, self.alpha)
+
+    def d1(self, g, x, y):
+        return aten.elu_backward(g, self.alpha, 1, 1, False, x)
+
+    def d2(self, x, y):
+        return torch.where(x > 0, 0.0, y + self.alpha)  # α eˣ for x ≤ 0
+
+
+class GELURule(PointwiseRule):
+    """Exact (erf) GELU: f' = Φ(x) + x φ(x), f'' = φ(x) (2 − x²)."""
+
+    saves_input = True
+
+    def f(self, x):
+        return F.gelu(x)
+
+    def d1(self, g, x, y):
+        return aten.gelu_backward(g, x, approximate="none")
+
+    def d2(self, x, y):
+        phi = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2 * math.pi))
+        return phi * (2 - x * x)
