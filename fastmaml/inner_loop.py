@@ -123,10 +123,12 @@ def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas
 
 
 def _top_hooks():
-    top = torch._C._autograd._top_saved_tensors_default_hooks
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    if top is None:  # torch < 2.5 cannot read the hooks back: leave them (torch.func may then refuse)
+        return None
     try:
         return top(False)
-    except TypeError:  # older torch: no `ignore_is_tracing` argument
+    except TypeError:  # no `ignore_is_tracing` argument
         return top()
 
 
