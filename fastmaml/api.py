@@ -10,7 +10,7 @@ from torch import nn
 
 from .batchnorm import NormPlan
 from .errors import NonFiniteError
-from .inner_loop import ORDERS, InnerLoop, InnerLoopSpec, forward_sweep, reverse_sweep
+from .inner_loop import ORDERS, Implicit, InnerLoop, InnerLoopSpec, forward_sweep, reverse_sweep
 from .inner_lr import expand_inner_lr, learnable_leaves
 from .layout import InnerParams, ParamLayout
 from .losses import LossLike, accuracy, resolve_loss
@@ -29,6 +29,19 @@ def _check_common(model, steps, order):
         raise ValueError(f"steps: expected a non-negative number of inner steps, got {steps}")
     if order not in ORDERS:
         raise ValueError(f"order: unknown order {order!r}; expected one of {ORDERS}")
+
+
+def _implicit(order, implicit_lambda, cg_steps, inner_lr) -> Optional[Implicit]:
+    if order != "implicit":
+        return None
+    if isinstance(implicit_lambda, bool) or not isinstance(implicit_lambda, numbers.Real) or not implicit_lambda > 0:
+        raise ValueError(f"implicit_lambda: expected a positive float, got {implicit_lambda!r}")
+    if isinstance(cg_steps, bool) or not isinstance(cg_steps, numbers.Integral) or cg_steps < 1:
+        raise ValueError(f"cg_steps: expected a positive int, got {cg_steps!r}")
+    if learnable_leaves(inner_lr):
+        raise ValueError("inner_lr: order='implicit' gives no gradient for a learnable inner learning rate "
+                         "(the implicit gradient does not depend on the path to φ_K); pass a float")
+    return Implicit(float(implicit_lambda), int(cg_steps))
 
 
 def _check_inputs(layout: ParamLayout, x: torch.Tensor, field: str) -> None:
@@ -66,6 +79,8 @@ def meta_step(
     inner_params: InnerParams = None,
     backend: Optional[str] = "auto",
     batch_norm: str = "batch",
+    implicit_lambda: float = 1.0,
+    cg_steps: int = 5,
     check_finite: bool = True,
 ) -> MetaResult:
     """One meta-gradient for a batch of T tasks, accumulated into `.grad` like `loss.backward()`.
@@ -77,7 +92,9 @@ def meta_step(
 
     tasks: a `TaskBatch`, a 4-tuple `(support_x [T, Ns, ...], support_y, query_x [T, Nq, ...], query_y)`
     or a list of per-task 4-tuples. order: "second" (exact), "checkpoint" (exact, memory flat in
-    `steps`), "first" (FOMAML). loss: "mse", "cross_entropy" or a per-task callable
+    `steps`), "first" (FOMAML), "implicit" (iMAML: the inner steps minimize
+    L_s(φ) + implicit_lambda/2 ‖φ − θ‖² and the meta-gradient solves (I + H/λ) u = ∇L_q by `cg_steps`
+    of conjugate gradient; path-independent, memory flat in `steps`). loss: "mse", "cross_entropy" or a per-task callable
     `(output [N, ...], target [N, ...]) -> scalar`. inner_params: names/prefixes or a predicate
     `(name, param) -> bool` of the parameters adapted in the inner loop (default: all).
     batch_norm: "batch" (batch statistics, MAML), "frozen" (running statistics, fixed) or "per_step"
@@ -91,6 +108,7 @@ def meta_step(
     loss_obj.check_targets(batch.support_y, "support_y")
     loss_obj.check_targets(batch.query_y, "query_y")
     norm = NormPlan(model, batch_norm)
+    implicit = _implicit(order, implicit_lambda, cg_steps, inner_lr)
     sx, sy, qx, qy = batch
     T = batch.num_tasks
 
@@ -104,7 +122,8 @@ def meta_step(
     recorded = [] if norm.record else None
     phi, tape, support_before = forward_sweep(program, ops, theta_a, theta_s, alphas_d, sx, sy,
                                               order=order, keep_grads=any(lr_grad),
-                                              check_finite=check_finite, norm=norm, recorded=recorded)
+                                              check_finite=check_finite, norm=norm, recorded=recorded,
+                                              implicit=implicit)
     q = program.loss_grad(phi, theta_s, qx, qy, shared_grad=shared_grad, bn_stats=norm.stats(steps))
     meta_loss = q.loss.mean()
     if check_finite and not bool(torch.isfinite(meta_loss)):
@@ -228,6 +247,8 @@ def adapt(
     inner_params: InnerParams = None,
     backend: Optional[str] = "auto",
     batch_norm: str = "batch",
+    implicit_lambda: float = 1.0,
+    cg_steps: int = 5,
     check_finite: bool = True,
 ) -> AdaptedModel:
     """Adapts `model` to every task's support set `[T, Ns, ...]`; returns an `AdaptedModel`.
@@ -243,8 +264,9 @@ def adapt(
     theta_a, theta_s = layout.theta()
     alphas = expand_inner_lr(inner_lr, steps, layout.adapted, like=theta_a)
     norm = NormPlan(model, batch_norm)
+    implicit = _implicit(order, implicit_lambda, cg_steps, inner_lr)
     recorded = [] if norm.record else None
-    spec = InnerLoopSpec(program, ops, support_x, support_y, order, check_finite, norm, recorded)
+    spec = InnerLoopSpec(program, ops, support_x, support_y, order, check_finite, norm, recorded, implicit)
     phi, support_before = InnerLoop.apply(spec, theta_a, theta_s, *alphas)
     for j, stats in enumerate(recorded or []):
         norm.update(j, stats)

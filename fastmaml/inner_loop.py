@@ -7,7 +7,9 @@ sweep that turns v = ∂L/∂φ_K into ∂L/∂θ, ∂L/∂ψ (shared weights) a
 
 Orders: "second" keeps φ_j and g_j; "checkpoint" keeps only φ_j and gets g_j again from the HVP pass
 (forward-over-reverse yields both), so nothing but the fast weights grows with K; "first" keeps only
-what the α-gradient needs and lets v pass through unchanged.
+what the α-gradient needs and lets v pass through unchanged; "implicit" (iMAML) runs the K steps on
+the proximal objective L_s(φ) + λ/2 ‖φ − θ‖², keeps only φ_K, and solves (I + H/λ) u = v by
+conjugate gradient with the same Hessian-vector product: ∂L/∂θ = Σ_t u.
 
 `InnerLoop` wraps both sweeps as one autograd Function (the surface for `adapt` and for other
 libraries); `meta_step` calls the sweeps directly.
@@ -26,7 +28,15 @@ from .errors import NonFiniteError
 from .ops import OpTable
 from .programs import Program
 
-ORDERS = ("second", "checkpoint", "first")
+ORDERS = ("second", "checkpoint", "first", "implicit")
+
+
+@dataclass(frozen=True)
+class Implicit:
+    """Settings of the "implicit" order (iMAML): proximal weight λ and conjugate-gradient iterations."""
+
+    lam: float = 1.0
+    cg_steps: int = 5
 
 
 @dataclass
@@ -36,6 +46,7 @@ class Tape:
     order: str
     phis: List[torch.Tensor] = field(default_factory=list)
     grads: List[Optional[torch.Tensor]] = field(default_factory=list)
+    implicit: Optional[Implicit] = None
 
     def tensors(self) -> List[torch.Tensor]:
         return [t for t in self.phis + self.grads if t is not None]
@@ -54,15 +65,19 @@ def _first_bad(flags: List[torch.Tensor]) -> Optional[int]:
 
 def forward_sweep(program: Program, ops: OpTable, theta_a, theta_s, alphas, sx, sy, *, order: str,
                   keep_grads: bool, check_finite: bool, norm: Optional[NormPlan] = None,
-                  recorded: Optional[list] = None):
+                  recorded: Optional[list] = None, implicit: Optional[Implicit] = None):
     """Runs the K inner steps. Returns (φ_K `[T, Pa]`, tape, support loss at θ `[T]` or None).
 
     keep_grads: keep g_j in "first" order (needed only for the α-gradient). norm: which BatchNorm
     statistics step j uses (None: batch statistics). recorded: if a list, gets each step's per-task
-    BatchNorm batch statistics (for per-step running statistics).
+    BatchNorm batch statistics (for per-step running statistics). implicit: settings of the
+    "implicit" order (its step gradient is g_j + λ (φ_j − θ)).
     """
     T = sx.shape[0]
-    tape = Tape(order)
+    if order == "implicit" and implicit is None:
+        implicit = Implicit()
+    tape = Tape(order, implicit=implicit if order == "implicit" else None)
+    prox = tape.implicit.lam if tape.implicit is not None else 0.0
     phi, loss0, flags = theta_a, None, []
     for j, alpha in enumerate(alphas):
         bn_stats = norm.stats(j) if norm is not None else None
@@ -71,12 +86,13 @@ def forward_sweep(program: Program, ops: OpTable, theta_a, theta_s, alphas, sx, 
             recorded.append(program.batch_stats(phi, theta_s, sx))
         if j == 0:
             loss0 = lg.loss
-        if order != "first":
+        if order in ("second", "checkpoint"):
             tape.phis.append(phi)
         tape.grads.append(lg.grad if order == "second" or (order == "first" and keep_grads) else None)
         if check_finite:
             flags.append(torch.isfinite(lg.loss).all() & torch.isfinite(lg.grad).all())
-        phi = ops.inner_update(phi.expand_as(lg.grad), lg.grad, alpha)
+        g = lg.grad if not prox or j == 0 else torch.add(lg.grad, phi - theta_a, alpha=prox)
+        phi = ops.inner_update(phi.expand_as(g), g, alpha)
     if check_finite:
         bad = _first_bad(flags)
         if bad is not None:
@@ -87,13 +103,52 @@ def forward_sweep(program: Program, ops: OpTable, theta_a, theta_s, alphas, sx, 
             )
     if phi.dim() == 1:
         phi = phi.expand(T, -1)
+    if order == "implicit":
+        tape.phis.append(phi)
     return phi, tape, loss0
+
+
+def implicit_solve(program: Program, tape: Tape, v, theta_s, sx, sy, *, shared_grad: bool,
+                   check_finite: bool, bn_stats=None):
+    """iMAML's backward: u = (I + H/λ)⁻¹ v per task by `cg_steps` of conjugate gradient, H the support
+    Hessian at φ_K. Returns (∂L/∂θ = Σ_t u `[Pa]`, ∂L/∂ψ = −Σ_t H_sa u / λ `[Ps]` or None)."""
+    phi, lam = tape.phis[-1], tape.implicit.lam
+
+    def apply(p):
+        return p + program.hvp(phi, theta_s, sx, sy, p, bn_stats=bn_stats).hu / lam
+
+    u = torch.zeros_like(v)
+    r = v.clone()
+    p = r.clone()
+    rs = (r * r).sum(1)
+    tiny = torch.finfo(v.dtype).tiny
+    for _ in range(tape.implicit.cg_steps):  # per task in parallel; a converged task's step becomes 0
+        ap = apply(p)
+        curvature = (p * ap).sum(1)
+        step = torch.where(curvature > 0, rs / curvature.clamp_min(tiny), torch.zeros_like(rs))
+        u.addcmul_(step[:, None], p)
+        r.addcmul_(step[:, None], ap, value=-1.0)
+        rs_new = (r * r).sum(1)
+        beta = torch.where(rs > 0, rs_new / rs.clamp_min(tiny), torch.zeros_like(rs))
+        p = torch.addcmul(r, beta[:, None], p)
+        rs = rs_new
+    if check_finite and not bool(torch.isfinite(u).all()):
+        raise NonFiniteError("non-finite meta-gradient in the implicit (conjugate gradient) solve; "
+                             "raise implicit_lambda or check the inputs", where="implicit solve")
+    d_shared = None
+    if shared_grad:
+        d_shared = -program.hvp(phi, theta_s, sx, sy, u, shared_grad=True, bn_stats=bn_stats).hu_shared.sum(0) / lam
+    return u.sum(0), d_shared
 
 
 def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas, sx, sy, *,
                   shared_grad: bool, lr_grad: List[bool], check_finite: bool, norm: Optional[NormPlan] = None):
     """v `[T, Pa]` = ∂L/∂φ_K. Returns (∂L/∂θ `[Pa]`, ∂L/∂ψ `[Ps]` or None, [∂L/∂α_j or None])."""
     K = len(alphas)
+    if tape.order == "implicit":
+        d_a, d_s = implicit_solve(program, tape, v, theta_s, sx, sy, shared_grad=shared_grad,
+                                  check_finite=check_finite, bn_stats=norm.stats(K) if norm is not None else None)
+        return d_a, d_s, [None] * K
     d_shared = theta_s.new_zeros(theta_s.shape) if shared_grad else None
     d_alphas: List[Optional[torch.Tensor]] = [None] * K
     flags = []
@@ -165,7 +220,7 @@ class InnerLoop(torch.autograd.Function):
             phi, tape, loss0 = forward_sweep(spec.program, spec.ops, theta_a.detach(), theta_s.detach(),
                                              [a.detach() for a in alphas], spec.sx, spec.sy, order=spec.order,
                                              keep_grads=keep, check_finite=spec.check_finite, norm=spec.norm,
-                                             recorded=spec.recorded)
+                                             recorded=spec.recorded, implicit=spec.implicit)
         ctx.spec = spec
         ctx.layout = ([t is not None for t in tape.phis], [t is not None for t in tape.grads])
         ctx.save_for_backward(theta_s, *alphas, *[t for t in tape.tensors()])
@@ -183,7 +238,7 @@ class InnerLoop(torch.autograd.Function):
         theta_s, alphas = saved[0], list(saved[1:1 + ctx.num_alphas])
         rest = iter(saved[1 + ctx.num_alphas:])
         has_phi, has_grad = ctx.layout
-        tape = Tape(spec.order)
+        tape = Tape(spec.order, implicit=spec.implicit)
         tape.phis = [next(rest) for h in has_phi if h]
         tape.grads = [next(rest) if h else None for h in has_grad]
         needs = ctx.needs_input_grad
@@ -208,3 +263,4 @@ class InnerLoopSpec:
     check_finite: bool = True
     norm: Optional[NormPlan] = None
     recorded: Optional[list] = None  # gets each step's BatchNorm batch statistics when recording
+    implicit: Optional[Implicit] = None
