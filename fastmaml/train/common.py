@@ -2,6 +2,7 @@
 intervals, learning-curve plots, progress bars."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -34,6 +35,9 @@ def atomic_write_bytes(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -106,3 +110,46 @@ def plot_curves(history: Dict[str, Sequence[Tuple[int, float]]], path, *, title:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse names the option in its error)."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    return _int_at_least(text, 0, "a non-negative integer")
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _int_at_least(text: str, low: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def moving_average(values: Sequence[float], window: int, *, first_iteration: int = 1) -> list:
+    """[(iteration, mean of the last `window` values up to it), ...] for a per-iteration series."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return []
+    csum = np.concatenate([[0.0], np.cumsum(v)])
+    idx = np.arange(1, v.size + 1)
+    lo = np.maximum(idx - window, 0)
+    means = (csum[idx] - csum[lo]) / (idx - lo)
+    return [(int(i - 1 + first_iteration), float(m)) for i, m in zip(idx, means)]
