@@ -42,11 +42,14 @@ class FlatGroup:
         return torch.cat([t.reshape(-1) for t in tensors])
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """`[*batch, size]` -> {name: view `[*batch, *shape]`}."""
+        """`[*batch, size]` -> {name: view `[*batch, *shape]`}.
+
+        One `split` (not a slice per slot): autograd's backward of a split is a single concatenation,
+        while each slice's backward would fill a zero `[*batch, size]` buffer.
+        """
         batch = flat.shape[:-1]
-        return {
-            s.name: flat[..., s.offset:s.offset + s.numel].view(*batch, *s.shape) for s in self.slots
-        }
+        parts = torch.split(flat, [s.numel for s in self.slots], dim=-1)
+        return {s.name: part.view(*batch, *s.shape) for s, part in zip(self.slots, parts)}
 
 
 class ParamLayout:

@@ -1,0 +1,59 @@
+"""The ready-made few-shot networks: structure, output shapes, and an exact meta-gradient through them."""
+import pytest
+import torch
+from torch import nn
+
+import fastmaml
+from fastmaml.models import conv4, omniglot_mlp
+from oracle import autograd_meta_grad, rel_err
+
+
+@pytest.mark.parametrize("channels, size, hidden, features", [(1, 28, 64, 64), (3, 84, 32, 32 * 25), (1, 16, 8, 8)])
+def test_conv4_shapes_and_layers(channels, size, hidden, features):
+    model = conv4(channels, 5, hidden=hidden, image_size=size)
+    assert isinstance(model, nn.Sequential)
+    kinds = [type(m) for m in model]
+    assert kinds == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d] * 4 + [nn.Flatten, nn.Linear]
+    convs = [m for m in model if isinstance(m, nn.Conv2d)]
+    assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.out_channels == hidden for c in convs)
+    assert convs[0].in_channels == channels and model[-1].in_features == features
+    assert model(torch.rand(7, channels, size, size)).shape == (7, 5)
+
+
+def test_omniglot_mlp_shapes_and_layers():
+    model = omniglot_mlp(20)
+    linears = [m for m in model if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(784, 256), (256, 128), (128, 64), (64, 64), (64, 20)]
+    assert sum(isinstance(m, nn.BatchNorm1d) for m in model) == 4 and sum(isinstance(m, nn.ReLU) for m in model) == 4
+    assert model(torch.rand(3, 1, 28, 28)).shape == (3, 20)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="image_size"):
+        conv4(1, 5, image_size=12)
+    with pytest.raises(ValueError, match="num_classes"):
+        conv4(1, 0)
+    with pytest.raises(ValueError, match="hidden"):
+        conv4(1, 5, hidden=2.5)
+    with pytest.raises(ValueError, match="num_classes"):
+        omniglot_mlp(True)
+
+
+@pytest.mark.parametrize("make, shape", [
+    (lambda: conv4(1, 3, hidden=4, image_size=16), (1, 16, 16)),
+    (lambda: omniglot_mlp(3, in_features=36), (1, 6, 6)),
+])
+def test_meta_gradient_matches_autograd(make, shape):
+    torch.manual_seed(0)
+    model = make().double()
+    T, ways = 2, 3
+    y = torch.arange(ways).repeat(2).expand(T, -1).contiguous()
+    tasks = fastmaml.TaskBatch(torch.rand(T, 2 * ways, *shape, dtype=torch.float64), y,
+                               torch.rand(T, 2 * ways, *shape, dtype=torch.float64), y)
+    result = fastmaml.meta_step(model, tasks, inner_lr=0.3, steps=2, loss="cross_entropy")
+    loss, ref, _ = autograd_meta_grad(model, tasks, inner_lr=0.3, steps=2,
+                                      loss_fn=torch.nn.functional.cross_entropy)
+    assert abs(float(result.meta_loss) - float(loss)) < 1e-10
+    got = torch.cat([p.grad.reshape(-1) for _, p in model.named_parameters()])
+    want = torch.cat([ref[n].reshape(-1) for n, _ in model.named_parameters()])
+    assert rel_err(got, want) < 1e-8
