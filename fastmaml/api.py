@@ -14,7 +14,7 @@ from .inner_loop import ORDERS, Implicit, InnerLoop, InnerLoopSpec, forward_swee
 from .inner_lr import expand_inner_lr, learnable_leaves
 from .layout import InnerParams, ParamLayout
 from .losses import LossLike, accuracy, resolve_loss
-from .ops import resolve
+from .ops import mlp_kernel, resolve
 from .programs import Program, select_program
 from .result import MetaResult
 from .tasks import TaskBatch, TasksLike, as_task_batch, validate
@@ -118,6 +118,20 @@ def meta_step(
     alphas_d = [a.detach() for a in alphas]
     lr_grad = [a.requires_grad for a in alphas]
     shared_grad = any(layout.params[n].requires_grad for n in layout.shared.names)
+
+    fast = mlp_kernel.try_meta_step(model, layout, loss_obj, batch, alphas_d, order=order, backend=backend,
+                                    lr_grad=lr_grad)
+    if fast is not None and (not check_finite or bool(torch.isfinite(fast.grad).all()
+                                                      and torch.isfinite(fast.query_loss_after).all())):
+        # the whole-inner-loop MLP kernel (one op; non-finite results rerun the general path below,
+        # which says at which inner step they appear)
+        lr_grads = _inner_lr_grads(inner_lr, alphas, fast.d_alphas)
+        _accumulate(layout, fast.grad, None)
+        for leaf, g in lr_grads:
+            leaf.grad = g if leaf.grad is None else leaf.grad + g
+        return MetaResult(meta_loss=fast.query_loss_after.mean(), query_loss_before=fast.query_loss_before,
+                          query_loss_after=fast.query_loss_after,
+                          support_loss_before=fast.support_loss_before if steps else None)
 
     recorded = [] if norm.record else None
     phi, tape, support_before = forward_sweep(program, ops, theta_a, theta_s, alphas_d, sx, sy,

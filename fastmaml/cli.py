@@ -2,6 +2,8 @@
 
     fastmaml train <job> [options]     meta-train a job (see `fastmaml train --help`)
     fastmaml info                      versions, devices, which backend runs each op and why
+    fastmaml build [--verbose]         compile the C++/CUDA extension now (otherwise at first use)
+    fastmaml bench [--quick] [--out D] benchmark suite (see `fastmaml bench --help`)
 
 Train jobs live in `fastmaml.train.<module>`; each module defines `add_arguments(parser)` and
 `run(args) -> dict` (the final metrics) and is listed in `TRAIN_JOBS`.
@@ -16,6 +18,9 @@ from typing import List, Optional
 TRAIN_JOBS = {
     # job name: (module, one-line help)
     "sinusoid": ("fastmaml.train.sinusoid", "MAML on the sinusoid regression family (Finn et al. 2017)"),
+    "omniglot": ("fastmaml.train.fewshot", "MAML on Omniglot from a local folder (--data), 5-way 1-shot preset"),
+    "miniimagenet": ("fastmaml.train.fewshot", "MAML on mini-ImageNet from a local folder (--data), 5-way 1-shot preset"),
+    "fewshot-demo": ("fastmaml.train.fewshot", "MAML few-shot classification on the embedded glyph dataset (no download)"),
 }
 
 
@@ -40,6 +45,18 @@ def _info(args) -> int:
     return 0
 
 
+def _build(args) -> int:
+    from fastmaml import build
+
+    try:
+        path = build.build(verbose=args.verbose)
+    except build.BuildError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"built {path} (CUDA kernels: {'yes' if build.cuda_enabled() else 'no: no CUDA_HOME or a CPU build of torch'})")
+    return 0
+
+
 def _train_runner(module: str):
     def run(args) -> int:
         importlib.import_module(module).run(args)
@@ -59,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_train_runner(module))
     info = sub.add_parser("info", help="versions, devices and backends")
     info.set_defaults(func=_info)
+    prebuild = sub.add_parser("build", help="compile the C++/CUDA extension (cached; otherwise built at first use)")
+    prebuild.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
+    prebuild.set_defaults(func=_build)
+    bench = sub.add_parser("bench", help="benchmark meta-steps against autograd and peer libraries",
+                           description="Time, peak memory and gradient error per (implementation, workload); "
+                                       "writes results.md, results.json and PNG plots.")
+    importlib.import_module("fastmaml.bench.suite").add_arguments(bench)
+    bench.set_defaults(func=lambda args: importlib.import_module("fastmaml.bench.suite").run(args))
     return parser
 
 

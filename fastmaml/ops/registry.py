@@ -7,8 +7,8 @@
 
 Backends: "torch" (reference, always there), and faster ones ("triton", "cpp") that register
 themselves with an availability check. `"auto"` takes, per op, the first available backend in
-`AUTO_ORDER` for the device, else the reference; an explicitly named backend must provide every op
-or `BackendUnavailable` is raised saying which op and why. The environment variable
+`AUTO_ORDER` for the device, else the reference; an explicitly named backend that cannot run on the
+device raises `BackendUnavailable` saying why, and ops it does not implement run their reference. The environment variable
 `FASTMAML_BACKEND` replaces `"auto"` (an explicit argument still wins).
 """
 from __future__ import annotations
@@ -113,9 +113,8 @@ def _build(backend: str, device: torch.device) -> OpTable:
             ok, why = availability(backend, device)
             if not ok:
                 raise BackendUnavailable(f"backend={backend!r} cannot run on {device}: {why}")
-            if backend not in impls:
-                raise BackendUnavailable(
-                    f"backend={backend!r} has no implementation of op {name!r}; available: {sorted(impls)}"
-                )
-            chosen[name] = (backend, impls[backend], why)
+            if backend in impls:
+                chosen[name] = (backend, impls[backend], why)
+            else:  # a backend need not implement every op: the others run their reference
+                chosen[name] = ("torch", impls["torch"], f"no {backend} implementation of this op")
     return OpTable(chosen)

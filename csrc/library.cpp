@@ -1,0 +1,21 @@
+// The schemas of every fastmaml op (one place); implementations register per device with
+// TORCH_LIBRARY_IMPL(fastmaml, CPU|CUDA, m) in their own files.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastmaml, m) {
+  // phi [T, P] (row stride may be 0), g [T, P], alpha [] or [P] -> phi - alpha * g  [T, P]
+  m.def("inner_update(Tensor phi, Tensor g, Tensor alpha) -> Tensor");
+  // v, hu, g [T, P], alpha [] or [P] -> (v - hu [T, P], -sum_t g*v reduced to alpha's shape, or [0] if !lr_grad)
+  m.def("adjoint_update(Tensor v, Tensor hu, Tensor g, Tensor alpha, bool lr_grad) -> (Tensor, Tensor)");
+  // g, v [T, P], alpha [] or [P] -> -sum_t g*v reduced to alpha's shape (first-order reverse step)
+  m.def("alpha_grad(Tensor g, Tensor v, Tensor alpha) -> Tensor");
+  // Whole inner loop + reverse sweep of an MLP (Linear layers, ReLU or Tanh between), MSE loss.
+  // theta [P] in nn.Linear order, sizes [L+1], sx [T, Ns, d0], sy [T, Ns, dL], qx [T, Nq, d0],
+  // qy [T, Nq, dL], alpha [K, P], activation 0 = ReLU, 1 = Tanh.
+  // -> (query loss after [T], meta-gradient [P] (mean over tasks), alpha-gradient [K, P] or [0],
+  //     query loss before [T], support loss before [T])
+  m.def(
+      "mlp_meta_step(Tensor theta, int[] sizes, Tensor sx, Tensor sy, Tensor qx, Tensor qy, "
+      "Tensor alpha, bool second_order, bool lr_grad, int activation) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+}

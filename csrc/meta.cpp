@@ -1,0 +1,52 @@
+// Shape-only (Meta) implementations of every fastmaml op: what FakeTensor, torch.compile and
+// torch.library.opcheck use. They allocate outputs with the shapes the real kernels return.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+namespace fastmaml {
+namespace {
+
+at::Tensor alpha_shaped(const at::Tensor& alpha) {
+  return alpha.dim() == 0 ? at::empty({}, alpha.options()) : at::empty({alpha.size(0)}, alpha.options());
+}
+
+at::Tensor inner_update_meta(const at::Tensor& phi, const at::Tensor& g, const at::Tensor& alpha) {
+  TORCH_CHECK(phi.dim() == 2 && g.sizes() == phi.sizes(), "phi, g: expected equal [T, P] shapes, got ",
+              phi.sizes(), " and ", g.sizes());
+  return at::empty(phi.sizes(), phi.options());
+}
+
+std::tuple<at::Tensor, at::Tensor> adjoint_update_meta(const at::Tensor& v, const at::Tensor& hu,
+                                                       const at::Tensor& g, const at::Tensor& alpha,
+                                                       bool lr_grad) {
+  TORCH_CHECK(v.dim() == 2 && hu.sizes() == v.sizes() && g.sizes() == v.sizes(),
+              "v, hu, g: expected equal [T, P] shapes");
+  return {at::empty(v.sizes(), v.options()), lr_grad ? alpha_shaped(alpha) : at::empty({0}, v.options())};
+}
+
+at::Tensor alpha_grad_meta(const at::Tensor& g, const at::Tensor& v, const at::Tensor& alpha) {
+  TORCH_CHECK(g.dim() == 2 && v.sizes() == g.sizes(), "g, v: expected equal [T, P] shapes");
+  return alpha_shaped(alpha);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step_meta(
+    const at::Tensor& theta, at::IntArrayRef sizes, const at::Tensor& sx, const at::Tensor& sy,
+    const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& alpha, bool second_order, bool lr_grad,
+    int64_t activation) {
+  const int64_t T = sx.size(0);
+  auto per_task = at::empty({T}, theta.options());
+  return {per_task, at::empty(theta.sizes(), theta.options()),
+          lr_grad ? at::empty(alpha.sizes(), alpha.options()) : at::empty({0}, theta.options()),
+          at::empty({T}, theta.options()), at::empty({T}, theta.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmaml, Meta, m) {
+  m.impl("inner_update", &inner_update_meta);
+  m.impl("adjoint_update", &adjoint_update_meta);
+  m.impl("alpha_grad", &alpha_grad_meta);
+  m.impl("mlp_meta_step", &mlp_meta_step_meta);
+}
+
+}  // namespace fastmaml

@@ -1,0 +1,50 @@
+"""The "cpp" backend: C++ CPU (and, in a CUDA build, CUDA) kernels of the step ops from `csrc/`.
+
+The extension is compiled/loaded lazily by `fastmaml.build` the first time the backend's
+availability is asked for (e.g. by `resolve("auto", device)`); a failed build makes the backend
+unavailable with the reason, so `auto` falls back and `backend="cpp"` raises `BackendUnavailable`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .. import build
+from .registry import register, register_backend
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastmaml::{op}", key)
+
+
+def availability(device: torch.device) -> Tuple[bool, str]:
+    ok, why = build.load()
+    if not ok:
+        return False, why
+    if device.type == "cpu":
+        return True, why
+    if device.type == "cuda":
+        if _has_kernel("inner_update", "CUDA"):
+            return True, why + " with CUDA kernels"
+        return False, "the C++ extension was built without CUDA (no CUDA_HOME or a CPU build of torch)"
+    return False, f"no C++ kernels for device type {device.type!r}"
+
+
+register_backend("cpp", availability)
+
+
+@register("inner_update", "cpp")
+def inner_update(phi: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """φ − α ⊙ g `[T, P]` (φ may be a `[P]` vector expanded over tasks)."""
+    return torch.ops.fastmaml.inner_update(phi, g, alpha)
+
+
+@register("adjoint_update", "cpp")
+def adjoint_update(v: torch.Tensor, hu: Optional[torch.Tensor], g: torch.Tensor, alpha: torch.Tensor,
+                   lr_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(v − hu `[T, P]`, −Σ_t g ⊙ v reduced to α's shape or None); hu None: first order, v passes."""
+    if hu is None:
+        return v, (torch.ops.fastmaml.alpha_grad(g, v, alpha) if lr_grad else None)
+    out, d_alpha = torch.ops.fastmaml.adjoint_update(v, hu, g, alpha, lr_grad)
+    return out, (d_alpha if lr_grad else None)

@@ -1,0 +1,300 @@
+"""Task-batched layer ops of the fused engine: forward, backward, tangent forward (R-op) and tangent
+backward of each layer, plain-PyTorch references (backend "torch"; faster backends register the
+same names).
+
+Conventions: T tasks lead every tensor. A weight is per task (`[T, *shape]`, fast weights) or common
+to all tasks (`[*shape]`: step 0 or a shared, not adapted, parameter); its direction (`wd`, from the
+tangent u) is per task `[T, *shape]` or None (zero: a shared parameter). A tangent `xd` of None is
+zero (no adapted parameter upstream). Weight gradients are always per task `[T, *shape]`.
+Dotted names are tangents: `yd` = ẏ, `gyd` = ġy (the tangent of the gradient w.r.t. y).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .registry import register
+
+Tensor = torch.Tensor
+Opt = Optional[torch.Tensor]
+
+
+def _mm(x: Tensor, w: Tensor) -> Tensor:
+    """x `[T, N, I]` @ wᵀ with w `[T, O, I]` or `[O, I]` -> `[T, N, O]`."""
+    if w.dim() == 3:
+        return torch.bmm(x, w.transpose(1, 2))
+    return torch.matmul(x, w.t())
+
+
+def _addmm(bias: Tensor, x: Tensor, w: Tensor) -> Tensor:
+    """bias (`[T, O]` or `[O]`) + x wᵀ -> `[T, N, O]`, one fused GEMM."""
+    if w.dim() == 3:
+        b = bias.unsqueeze(1) if bias.dim() == 2 else bias.expand(x.shape[0], 1, -1)
+        return torch.baddbmm(b, x, w.transpose(1, 2))
+    if bias.dim() == 2:
+        return torch.baddbmm(bias.unsqueeze(1), x, w.t().expand(x.shape[0], -1, -1))
+    T, N, I = x.shape
+    return torch.addmm(bias, x.reshape(T * N, I), w.t()).view(T, N, -1)
+
+
+def _back(gy: Tensor, w: Tensor) -> Tensor:
+    """gy `[T, N, O]` @ w (`[T, O, I]` or `[O, I]`) -> `[T, N, I]`."""
+    return torch.bmm(gy, w) if w.dim() == 3 else torch.matmul(gy, w)
+
+
+# ---------------------------------------------------------------- linear: y = x wᵀ + b
+
+
+@register("linear_fwd", "torch")
+def linear_fwd(x: Tensor, w: Tensor, b: Opt) -> Tensor:
+    """x `[T, N, I]`, w `[T, O, I]`|`[O, I]`, b `[T, O]`|`[O]`|None -> y `[T, N, O]`."""
+    return _mm(x, w) if b is None else _addmm(b, x, w)
+
+
+@register("linear_tangent_fwd", "torch")
+def linear_tangent_fwd(x: Tensor, xd: Opt, w: Tensor, wd: Opt, bd: Opt) -> Opt:
+    """ẏ = ẋ wᵀ + x ẇᵀ + ḃ `[T, N, O]` (None when all three are zero)."""
+    yd = None
+    if wd is not None:
+        yd = _mm(x, wd) if bd is None else _addmm(bd, x, wd)
+    elif bd is not None:
+        yd = bd.unsqueeze(1).expand(x.shape[0], x.shape[1], -1)
+    if xd is not None:
+        yd = _mm(xd, w) if yd is None else yd + _mm(xd, w)
+    return yd
+
+
+@register("linear_bwd", "torch")
+def linear_bwd(gy: Tensor, x: Tensor, w: Tensor, need_x: bool, gw_out: Opt, gb_out: Opt) -> Opt:
+    """Writes ∂L/∂w = gyᵀ x into `gw_out [T, O, I]` and Σ_n gy into `gb_out [T, O]` (when given);
+    returns ∂L/∂x = gy w `[T, N, I]` if `need_x`, else None."""
+    if gw_out is not None:
+        torch.bmm(gy.transpose(1, 2), x, out=gw_out)
+    if gb_out is not None:
+        torch.sum(gy, 1, out=gb_out)
+    return _back(gy, w) if need_x else None
+
+
+@register("linear_tangent_bwd", "torch")
+def linear_tangent_bwd(gy: Tensor, gyd: Tensor, x: Tensor, xd: Opt, w: Tensor, wd: Opt, need_x: bool,
+                       gw_out: Opt, gwd_out: Opt, gb_out: Opt, gbd_out: Opt) -> Tuple[Opt, Opt]:
+    """Backward and its tangent: ġw = ġyᵀ x + gyᵀ ẋ, ġb = Σ ġy, ġx = ġy w + gy ẇ.
+
+    Writes gw/gb (as `linear_bwd`) and ġw/ġb into the given outputs; returns (gx, ġx) `[T, N, I]` if
+    `need_x`, else (None, None)."""
+    if gw_out is not None:
+        torch.bmm(gy.transpose(1, 2), x, out=gw_out)
+    if gb_out is not None:
+        torch.sum(gy, 1, out=gb_out)
+    if gwd_out is not None:
+        if xd is None:
+            torch.bmm(gyd.transpose(1, 2), x, out=gwd_out)
+        else:  # one GEMM over the concatenated examples: [ġy | gy]ᵀ [x ; ẋ]
+            torch.bmm(torch.cat([gyd, gy], 1).transpose(1, 2), torch.cat([x, xd], 1), out=gwd_out)
+    if gbd_out is not None:
+        torch.sum(gyd, 1, out=gbd_out)
+    if not need_x:
+        return None, None
+    gx = _back(gy, w)
+    gxd = _back(gyd, w)
+    if wd is not None:
+        gxd = gxd.baddbmm_(gy, wd)
+    return gx, gxd
+
+
+# ---------------------------------------------------------------- batch norm on batch statistics
+# x `[T, N, C, S]` (S: spatial positions, 1 for BatchNorm1d on [N, C]); statistics per task and
+# channel over (N, S); m = N·S values each. r = 1/sqrt(var + eps) `[T, 1, C, 1]`, x̂ = (x − μ) r.
+# P(z) = r (z − mean(z) − x̂ mean(x̂ z)) is the Jacobian of x̂ (symmetric), used both ways.
+
+_RED = (1, 3)
+
+
+def _channel(w: Opt) -> Opt:
+    """A per-channel vector `[T, C]` or `[C]` -> broadcastable `[T|1, 1, C, 1]`."""
+    if w is None:
+        return None
+    return w[:, None, :, None] if w.dim() == 2 else w[None, None, :, None]
+
+
+def _project(z: Tensor, xhat: Tensor, r: Tensor, own: bool) -> Tensor:
+    """P(z); `own`: z is a temporary of the caller and may be overwritten (saves a full-size buffer)."""
+    mz = z.mean(_RED, keepdim=True)
+    mxz = (xhat * z).mean(_RED, keepdim=True)
+    out = z.sub_(mz) if own else z - mz
+    return out.addcmul_(xhat, mxz, value=-1.0).mul_(r)
+
+
+@register("batchnorm_fwd", "torch")
+def batchnorm_fwd(x: Tensor, w: Opt, b: Opt, eps: float, mean: Opt = None, var: Opt = None):
+    """Returns (y, x̂, r) `[T, N, C, S]`, `[T, N, C, S]`, `[T|1, 1, C, 1]`.
+
+    Batch statistics per task when `mean`/`var` are None; otherwise fixed statistics `[C]` (BatchNorm
+    as an affine map)."""
+    if mean is None:
+        var, mu = torch.var_mean(x, _RED, correction=0, keepdim=True)
+    else:
+        mu, var = mean[None, None, :, None], var[None, None, :, None]
+    r = torch.rsqrt(var + eps)
+    xc = x - mu
+    xhat = xc * r if torch.is_grad_enabled() else xc.mul_(r)  # in place when no graph is recorded
+    if w is None:
+        return xhat, xhat, r
+    return torch.addcmul(_channel(b), xhat, _channel(w)), xhat, r
+
+
+def _task(v: Opt, t: int) -> Opt:
+    """Task t's slice of a per-channel vector `[T, C]`, or the common `[C]` itself."""
+    return v[t] if v is not None and v.dim() == 2 else v
+
+
+@register("batchnorm_train_fwd", "torch")
+def batchnorm_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Batch-statistics BatchNorm with PyTorch's fused kernel, one call per task (two passes instead of
+    four). x `[T, N, C, S]` -> (y `[T, N, C, S]`, mean `[T, C]`, r `[T, C]`); the backward needs x."""
+    if torch.is_grad_enabled():  # differentiable path (AdaptedModel): out= variants record no graph
+        ys = [torch.ops.aten.native_batch_norm(x[t], _task(w, t), _task(b, t), None, None, True, 0.0, eps)
+              for t in range(x.shape[0])]
+        return tuple(torch.stack(z) for z in zip(*ys))
+    T, C = x.shape[0], x.shape[2]
+    y, mean, r = torch.empty_like(x), x.new_empty(T, C), x.new_empty(T, C)
+    for t in range(T):
+        torch.ops.aten.native_batch_norm.out(x[t], _task(w, t), _task(b, t), None, None, True, 0.0, eps,
+                                             out=y[t], save_mean=mean[t], save_invstd=r[t])
+    return y, mean, r
+
+
+@register("batchnorm_train_bwd", "torch")
+def batchnorm_train_bwd(gy: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, eps: float, need_x: bool,
+                        gw_out: Opt, gb_out: Opt) -> Opt:
+    """Backward of `batchnorm_train_fwd` with PyTorch's fused kernel per task: writes gw `[T, C]`,
+    gb `[T, C]` into the given outputs, returns gx `[T, N, C, S]` if `need_x`."""
+    mask = [need_x, gw_out is not None, gb_out is not None]
+    gx = torch.empty_like(x) if need_x else None
+    gy = gy.contiguous()
+    for t in range(x.shape[0]):
+        args = (gy[t], x[t], _task(w, t), None, None, mean[t], r[t], True, eps, mask)
+        if all(mask):  # outputs written in place (aten's out= needs all three)
+            torch.ops.aten.native_batch_norm_backward.out(*args, out0=gx[t], out1=gw_out[t], out2=gb_out[t])
+            continue
+        gx_t, gw_t, gb_t = torch.ops.aten.native_batch_norm_backward(*args)
+        for out, value in ((gx, gx_t), (gw_out, gw_t), (gb_out, gb_t)):
+            if out is not None:
+                out[t] = value
+    return gx
+
+
+@register("batchnorm_bwd", "torch")
+def batchnorm_bwd(gy: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool,
+                  gw_out: Opt, gb_out: Opt) -> Opt:
+    """Writes Σ gy x̂ → `gw_out [T, C]`, Σ gy → `gb_out [T, C]`; returns gx `[T, N, C, S]` if `need_x`."""
+    if gw_out is not None:
+        torch.sum(gy * xhat, _RED, out=gw_out)
+    if gb_out is not None:
+        torch.sum(gy, _RED, out=gb_out)
+    if not need_x:
+        return None
+    gxh = gy if w is None else gy * _channel(w)
+    return _project(gxh, xhat, r, own=w is not None) if batch_stats else gxh * r
+
+
+@register("batchnorm_tangent_fwd", "torch")
+def batchnorm_tangent_fwd(xd: Opt, xhat: Tensor, r: Tensor, w: Opt, wd: Opt, bd: Opt, batch_stats: bool):
+    """Returns (ẏ, x̂̇, a): x̂̇ = P(ẋ) (batch statistics) or r ẋ (fixed), ẏ = x̂̇ w + x̂ ẇ + ḃ, and
+    a = mean(x̂ ẋ) `[T, 1, C, 1]` (ṙ = −r² a; None with fixed statistics). ẋ None: zero."""
+    xhd = a = None
+    yd = None
+    if xd is not None:
+        if batch_stats:
+            a = (xhat * xd).mean(_RED, keepdim=True)
+            xhd = (xd - xd.mean(_RED, keepdim=True) - xhat * a) * r
+        else:
+            xhd = xd * r
+        yd = xhd if w is None else xhd * _channel(w)
+    if wd is not None:
+        yd = xhat * _channel(wd) if yd is None else yd.addcmul_(xhat, _channel(wd))
+    if bd is not None:
+        yd = _channel(bd).expand_as(xhat) if yd is None else yd + _channel(bd)
+    return yd, xhd, a
+
+
+@register("batchnorm_tangent_bwd", "torch")
+def batchnorm_tangent_bwd(gy: Tensor, gyd: Tensor, xhat: Tensor, xhd: Opt, a: Opt, r: Tensor, w: Opt, wd: Opt,
+                          batch_stats: bool, need_x: bool, gw_out: Opt, gwd_out: Opt, gb_out: Opt,
+                          gbd_out: Opt) -> Tuple[Opt, Opt]:
+    """Backward and its tangent. ġw = Σ(ġy x̂ + gy x̂̇), ġb = Σ ġy; with gx̂ = gy w,
+    ġx̂ = ġy w + gy ẇ, m1 = mean(gx̂), m2 = mean(x̂ gx̂):
+    ġx = −r a · gx + r (ġx̂ − mean(ġx̂) − x̂̇ m2 − x̂ mean(x̂̇ gx̂ + x̂ ġx̂))   (batch statistics)
+    ġx = r ġx̂                                                           (fixed statistics).
+    Returns (gx, ġx) `[T, N, C, S]` if `need_x`, else (None, None)."""
+    if gw_out is not None:
+        torch.sum(gy * xhat, _RED, out=gw_out)
+    if gb_out is not None:
+        torch.sum(gy, _RED, out=gb_out)
+    if gwd_out is not None:
+        prod = gyd * xhat
+        if xhd is not None:
+            prod.addcmul_(gy, xhd)
+        torch.sum(prod, _RED, out=gwd_out)
+    if gbd_out is not None:
+        torch.sum(gyd, _RED, out=gbd_out)
+    if not need_x:
+        return None, None
+    gxh = gy if w is None else gy * _channel(w)
+    gxhd = gyd if w is None else gyd * _channel(w)
+    if wd is not None:
+        gxhd = gxhd.addcmul(gy, _channel(wd))
+    if not batch_stats:
+        return gxh * r, gxhd * r
+    m2 = (xhat * gxh).mean(_RED, keepdim=True)
+    gx = (gxh - gxh.mean(_RED, keepdim=True) - xhat * m2) * r
+    dot = xhat * gxhd
+    if xhd is not None:
+        dot.addcmul_(xhd, gxh)
+    inner = gxhd - gxhd.mean(_RED, keepdim=True) - xhat * dot.mean(_RED, keepdim=True)
+    if xhd is not None:
+        inner.addcmul_(xhd, m2, value=-1.0)
+    gxd = inner * r
+    if a is not None:
+        gxd.addcmul_(gx, r * a, value=-1.0)
+    return gx, gxd
+
+
+# ---------------------------------------------------------------- losses (per-task mean)
+
+
+@register("mse_grad", "torch")
+def mse_grad(out: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
+    """out, y `[T, N, *]` -> (loss `[T]` = mean (out − y)², ∂loss/∂out = 2 (out − y) / M)."""
+    T = out.shape[0]
+    diff = (out - y).view(T, -1)
+    M = diff.shape[1]
+    loss = torch.linalg.vecdot(diff, diff) / M
+    return loss, diff.mul_(2.0 / M).view_as(out)
+
+
+@register("mse_grad_tangent", "torch")
+def mse_grad_tangent(outd: Tensor) -> Tensor:
+    """ġ = 2 ȯut / M, M = elements per task."""
+    return outd * (2.0 * outd.shape[0] / outd.numel())
+
+
+@register("cross_entropy_grad", "torch")
+def cross_entropy_grad(z: Tensor, y: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Logits z `[T, N, C]`, classes y `[T, N]` int64 -> (loss `[T]`, ∂loss/∂z = (p − onehot)/N, p)."""
+    N = z.shape[1]
+    logp = torch.log_softmax(z, -1)
+    picked = logp.gather(-1, y.unsqueeze(-1))
+    loss = picked.sum((1, 2)).neg_().div_(N)
+    p = logp.exp_()
+    g = p.clone()
+    g.scatter_add_(-1, y.unsqueeze(-1), torch.full_like(picked, -1.0))
+    return loss, g.div_(N), p
+
+
+@register("cross_entropy_grad_tangent", "torch")
+def cross_entropy_grad_tangent(p: Tensor, zd: Tensor) -> Tensor:
+    """ġz = p ⊙ (ż − ⟨p, ż⟩) / N `[T, N, C]`."""
+    dot = (p * zd).sum(-1, keepdim=True)
+    return (zd - dot).mul_(p).div_(zd.shape[1])

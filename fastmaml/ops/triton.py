@@ -1,0 +1,108 @@
+"""The "triton" backend: Triton kernels of the step ops from `fastmaml.kernels`.
+
+Available on CUDA devices when triton imports; on CPU only under the Triton interpreter
+(`TRITON_INTERPRET=1`, for tests). The kernels are imported at the first availability check, so
+`import fastmaml` never imports triton.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .registry import register, register_backend
+
+_state: dict = {}
+
+
+def _import_kernels():
+    """`fastmaml.kernels` (installed from `kernels/`), or `kernels/` of the source tree when run from it."""
+    try:
+        return importlib.import_module("fastmaml.kernels")
+    except ModuleNotFoundError:
+        root = Path(__file__).resolve().parents[2] / "kernels"
+        if not (root / "__init__.py").exists():
+            raise
+        spec = importlib.util.spec_from_file_location("fastmaml.kernels", root / "__init__.py",
+                                                      submodule_search_locations=[str(root)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fastmaml.kernels"] = module
+        spec.loader.exec_module(module)
+        return module
+
+
+def _kernels():
+    """Imports `fastmaml.kernels` once; returns (ok, reason)."""
+    if "ok" not in _state:
+        try:
+            import triton
+
+            kernels = _import_kernels()
+            for name in ("inner_update", "adjoint_update", "cross_entropy", "mse"):
+                importlib.import_module(f"fastmaml.kernels.{name}")
+            _state.update(ok=True, why=f"triton {triton.__version__}", interpret=kernels.INTERPRET)
+        except Exception as exc:
+            _state.update(ok=False, why=f"triton kernels failed to import: {exc!r}", interpret=False)
+    return _state["ok"], _state["why"]
+
+
+def availability(device: torch.device) -> Tuple[bool, str]:
+    ok, why = _kernels()
+    if not ok:
+        return False, why
+    if device.type == "cuda":
+        return True, why
+    if device.type == "cpu":
+        if _state["interpret"]:
+            return True, why + " (CPU interpreter, TRITON_INTERPRET=1: for testing, slow)"
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            return False, "TRITON_INTERPRET=1 was set after the kernels were compiled for the GPU"
+        return False, "Triton runs on CPU only in the interpreter (set TRITON_INTERPRET=1 before use)"
+    return False, f"no Triton kernels for device type {device.type!r}"
+
+
+register_backend("triton", availability)
+
+
+@register("inner_update", "triton")
+def inner_update(phi: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """φ − α ⊙ g `[T, P]`."""
+    return torch.ops.fastmaml_triton.inner_update(phi, g, alpha)
+
+
+@register("adjoint_update", "triton")
+def adjoint_update(v: torch.Tensor, hu: Optional[torch.Tensor], g: torch.Tensor, alpha: torch.Tensor,
+                   lr_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(v − hu `[T, P]`, −Σ_t g ⊙ v reduced to α's shape or None); hu None: first order, v passes."""
+    if hu is None:
+        return v, (torch.ops.fastmaml_triton.alpha_grad(g, v, alpha) if lr_grad else None)
+    out, d_alpha = torch.ops.fastmaml_triton.adjoint_update(v, hu, g, alpha, lr_grad)
+    return out, (d_alpha if lr_grad else None)
+
+
+try:  # the loss ops of the fused engine (fastmaml/ops/layers.py): register only where they exist
+    from . import layers as _layers  # noqa: F401  (registers the torch references first)
+except ImportError:  # pragma: no cover
+    _layers = None
+
+if _layers is not None:
+
+    @register("cross_entropy_grad", "triton")
+    def cross_entropy_grad(z: torch.Tensor, y: torch.Tensor):
+        """Logits `[T, N, C]`, classes `[T, N]` -> (loss `[T]`, (p − onehot)/N, p); one pass per row."""
+        return torch.ops.fastmaml_triton.cross_entropy_grad(z, y)
+
+    @register("cross_entropy_grad_tangent", "triton")
+    def cross_entropy_grad_tangent(p: torch.Tensor, zd: torch.Tensor) -> torch.Tensor:
+        """ġz = p ⊙ (ż − ⟨p, ż⟩) / N `[T, N, C]`."""
+        return torch.ops.fastmaml_triton.cross_entropy_grad_tangent(p, zd)
+
+    @register("mse_grad", "triton")
+    def mse_grad(out: torch.Tensor, y: torch.Tensor):
+        """out, y `[T, N, *]` -> (loss `[T]`, 2 (out − y) / M)."""
+        return torch.ops.fastmaml_triton.mse_grad(out, y)

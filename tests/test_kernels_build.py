@@ -1,0 +1,66 @@
+"""Building and loading the C++ extension: the `fastmaml build` command, the cache location, and
+clear reasons (never a broken `import fastmaml`) when the build cannot happen."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastmaml import build, cli
+
+
+def test_build_command_prebuilds(capsys):
+    assert cli.main(["build"]) == 0
+    out = capsys.readouterr().out
+    assert "built" in out and "fastmaml_ext" in out
+    assert build.build_directory(build.cuda_enabled()).is_dir()
+
+
+def test_cache_location_follows_torch_extensions_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert build.build_directory(False).parent == tmp_path
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    assert build.build_directory(False).parts[-3:-1] == (".cache", "fastmaml")
+
+
+def test_no_build_mode_without_cache_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    with pytest.raises(build.BuildError, match="fastmaml build"):
+        build._load_cached()
+
+
+def test_compiler_error_becomes_build_error(monkeypatch, tmp_path):
+    broken = tmp_path / "csrc"
+    broken.mkdir()
+    (broken / "broken.cpp").write_text("this is not C++ {\n")
+    monkeypatch.setattr(build, "CSRC", broken)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    with pytest.raises(build.BuildError, match="building the fastmaml C\\+\\+ extension failed"):
+        build.build()
+
+
+def test_failed_build_keeps_import_working_and_info_says_why(tmp_path):
+    """In a fresh process whose sources are missing: import works, auto falls back, info explains."""
+    code = f"""
+import fastmaml.build as b
+from pathlib import Path
+b.CSRC = Path({str(tmp_path / 'nowhere')!r})
+import fastmaml, torch
+from fastmaml.ops import registry
+ok, why = registry.availability("cpp", torch.device("cpu"))
+assert not ok and "missing" in why, why
+assert registry.resolve("auto", "cpu").chosen["inner_update"][0] == "torch"
+try:
+    registry.resolve("cpp", "cpu")
+except fastmaml.BackendUnavailable as exc:
+    assert "missing" in str(exc)
+else:
+    raise AssertionError("backend='cpp' should raise")
+from fastmaml import cli
+cli.main(["info"])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "PATH": "/usr/bin:/bin",
+                               "PYTHONPATH": str(build.CSRC.parent), "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "backend cpp     unavailable" in proc.stdout and "missing" in proc.stdout
