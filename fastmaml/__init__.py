@@ -2,6 +2,7 @@
 from .api import AdaptedModel, adapt, meta_step
 from .batchnorm import BN_MODES, add_per_step_stats
 from .errors import BackendUnavailable, NonFiniteError
+from .explain import explain
 from .inner_loop import ORDERS, InnerLoop
 from .result import MetaResult
 from .tasks import TaskBatch
@@ -10,5 +11,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptedModel", "BN_MODES", "BackendUnavailable", "add_per_step_stats", "InnerLoop", "MetaResult", "NonFiniteError", "ORDERS",
-    "TaskBatch", "adapt", "meta_step", "__version__",
+    "TaskBatch", "adapt", "explain", "meta_step", "__version__",
 ]

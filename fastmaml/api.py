@@ -65,6 +65,7 @@ def _setup(model, inputs, *, steps, order, loss, inner_params, backend):
     loss_obj = resolve_loss(loss)
     program = select_program(model, layout, loss_obj)
     ops = resolve(backend, inputs[0][1].device)
+    program.backend = backend
     return layout, loss_obj, program, ops
 
 
@@ -81,6 +82,7 @@ def meta_step(
     batch_norm: str = "batch",
     implicit_lambda: float = 1.0,
     cg_steps: int = 5,
+    evaluate_before: bool = True,
     check_finite: bool = True,
 ) -> MetaResult:
     """One meta-gradient for a batch of T tasks, accumulated into `.grad` like `loss.backward()`.
@@ -99,7 +101,8 @@ def meta_step(
     `(name, param) -> bool` of the parameters adapted in the inner loop (default: all).
     batch_norm: "batch" (batch statistics, MAML), "frozen" (running statistics, fixed) or "per_step"
     (MAML++ per-step running statistics), see fastmaml/batchnorm.py; running statistics are updated
-    only in "per_step" mode with `model.training`.
+    only in "per_step" mode with `model.training`. evaluate_before: also run the query set at θ for
+    `query_loss_before` / `accuracy_before` (one extra query forward; off for the bare meta-gradient).
     """
     batch = as_task_batch(tasks)
     layout, loss_obj, program, ops = _setup(
@@ -129,7 +132,8 @@ def meta_step(
         _accumulate(layout, fast.grad, None)
         for leaf, g in lr_grads:
             leaf.grad = g if leaf.grad is None else leaf.grad + g
-        return MetaResult(meta_loss=fast.query_loss_after.mean(), query_loss_before=fast.query_loss_before,
+        return MetaResult(meta_loss=fast.query_loss_after.mean(),
+                          query_loss_before=fast.query_loss_before if evaluate_before else None,
                           query_loss_after=fast.query_loss_after,
                           support_loss_before=fast.support_loss_before if steps else None)
 
@@ -160,16 +164,18 @@ def meta_step(
         for j, stats in enumerate(recorded + [program.batch_stats(phi, theta_s, qx)]):
             norm.update(j, stats)
 
-    if steps == 0:
-        before_loss, before_out = q.loss, q.output
-    else:
-        before_loss, before_out = program.evaluate(theta_a, theta_s, qx, qy, bn_stats=norm.stats(0))
-    result = MetaResult(meta_loss=meta_loss.detach(), query_loss_before=before_loss.detach(),
-                        query_loss_after=q.loss.detach(),
+    result = MetaResult(meta_loss=meta_loss.detach(), query_loss_after=q.loss.detach(),
                         support_loss_before=None if support_before is None else support_before.detach())
     if loss_obj.classification:
-        result.accuracy_before = accuracy(before_out.detach(), qy)
         result.accuracy_after = accuracy(q.output.detach(), qy)
+    if evaluate_before:
+        if steps == 0:
+            before_loss, before_out = q.loss, q.output
+        else:
+            before_loss, before_out = program.evaluate(theta_a, theta_s, qx, qy, bn_stats=norm.stats(0))
+        result.query_loss_before = before_loss.detach()
+        if loss_obj.classification:
+            result.accuracy_before = accuracy(before_out.detach(), qy)
     return result
 
 

@@ -13,13 +13,14 @@ class MetaResult:
 
     meta_loss: mean over tasks of the query loss after adaptation (what was differentiated).
     support_loss_before: support loss at θ (None when steps=0).
-    query_loss_before / query_loss_after: query loss at θ and after adaptation.
+    query_loss_before / query_loss_after: query loss at θ (None with `evaluate_before=False`) and after
+    adaptation.
     accuracy_before / accuracy_after: query accuracy, for classification losses (else None).
     """
 
     meta_loss: torch.Tensor
-    query_loss_before: torch.Tensor
     query_loss_after: torch.Tensor
+    query_loss_before: Optional[torch.Tensor] = None
     support_loss_before: Optional[torch.Tensor] = None
     accuracy_before: Optional[torch.Tensor] = None
     accuracy_after: Optional[torch.Tensor] = None

@@ -159,6 +159,19 @@ def test_steps_zero_is_plain_query_loss():
     assert torch.equal(res.query_loss_before, res.query_loss_after)
 
 
+def test_evaluate_before_off_skips_only_the_before_fields():
+    torch.manual_seed(16)
+    model = small_cnn(channels=2)
+    tasks = classification_tasks()
+    res = fastmaml.meta_step(model, tasks, inner_lr=0.1, loss="cross_entropy", evaluate_before=False)
+    g = grads_of(model)
+    assert res.query_loss_before is None and res.accuracy_before is None and res.accuracy_after is not None
+    model.zero_grad()
+    res2 = fastmaml.meta_step(model, tasks, inner_lr=0.1, loss="cross_entropy")
+    assert torch.equal(res.meta_loss, res2.meta_loss) and res2.query_loss_before is not None
+    assert_grads_close(grads_of(model), g, 1e-12)
+
+
 def test_result_fields_regression():
     torch.manual_seed(12)
     res = fastmaml.meta_step(mlp((1, 8, 1)), regression_tasks(T=4), steps=2)

@@ -1,8 +1,7 @@
 """Programs: how a model computes per-task loss, gradient and HVPs for all tasks at once."""
 from .base import HVP, LossGrad, Program
+from .fused import FusedProgram
+from .select import select_program
 from .torchfunc import BatchStatsNorm, TorchFuncProgram
 
-__all__ = ["HVP", "LossGrad", "Program", "BatchStatsNorm", "TorchFuncProgram"]
-from .select import select_program  # noqa: E402
-
-__all__.append("select_program")
+__all__ = ["HVP", "LossGrad", "Program", "BatchStatsNorm", "FusedProgram", "TorchFuncProgram", "select_program"]

@@ -40,6 +40,7 @@ class Program(abc.ABC):
     def __init__(self, layout: ParamLayout, loss: Loss):
         self.layout = layout
         self.loss = loss
+        self.backend = "auto"  # the ops backend of the current call (set by meta_step / adapt)
 
     @abc.abstractmethod
     def loss_grad(self, phi, shared, x, y, *, shared_grad: bool = False, bn_stats=None) -> LossGrad:

@@ -26,6 +26,7 @@ class Rule:
     param_names: Tuple[str, ...] = ()
 
     def __init__(self, name: str, module: torch.nn.Module):
+        self.path = name  # module path in the model ("" for the model itself)
         self.name = name or "<model>"
         self.kind = type(module).__name__
 

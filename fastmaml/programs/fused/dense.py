@@ -18,33 +18,39 @@ class LinearRule(Rule):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"model layer {self.describe()}: expected inputs with {self.in_features} features "
                              f"in the last dim, got per-task shape {tuple(x.shape)}")
-        return x.reshape(x.shape[0], -1, self.in_features)
+        return x if x.dim() == 3 else x.reshape(x.shape[0], -1, self.in_features)
 
     def forward(self, ops, x, p, save):
         w, b = p
         x3 = self._rows(x)
         y = ops.linear_fwd(x3, w, b)
-        return y.view(*x.shape[:-1], y.shape[-1]), (x3, x.shape) if save else None
+        if x.dim() != 3:
+            y = y.view(*x.shape[:-1], y.shape[-1])
+        return y, (x3, x.shape) if save else None
 
     def backward(self, ops, gy, saved, p, need_x, outs):
         x3, shape = saved
-        gx = ops.linear_bwd(gy.reshape(x3.shape[0], x3.shape[1], -1), x3, p[0], need_x, outs[0], outs[1])
-        return None if gx is None else gx.view(shape)
+        if gy.dim() != 3:
+            gy = gy.reshape(x3.shape[0], x3.shape[1], -1)
+        gx = ops.linear_bwd(gy, x3, p[0], need_x, outs[0], outs[1])
+        return gx if gx is None or len(shape) == 3 else gx.view(shape)
 
     def tangent_forward(self, ops, x, xd, p, v):
         w, b = p
         x3 = self._rows(x)
-        xd3 = None if xd is None else xd.reshape(x3.shape)
+        xd3 = xd if xd is None or xd.dim() == 3 else xd.reshape(x3.shape)
         y = ops.linear_fwd(x3, w, b)
         yd = ops.linear_tangent_fwd(x3, xd3, w, v[0], v[1])
-        out_shape = (*x.shape[:-1], y.shape[-1])
-        return y.view(out_shape), (None if yd is None else yd.reshape(out_shape)), (x3, xd3, x.shape)
+        if x.dim() != 3:
+            out_shape = (*x.shape[:-1], y.shape[-1])
+            y, yd = y.view(out_shape), (None if yd is None else yd.reshape(out_shape))
+        return y, yd, (x3, xd3, x.shape)
 
     def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
         x3, xd3, shape = saved
-        T, M = x3.shape[:2]
-        gx, gxd = ops.linear_tangent_bwd(gy.reshape(T, M, -1), gyd.reshape(T, M, -1), x3, xd3, p[0], v[0],
-                                         need_x, outs[0], touts[0], outs[1], touts[1])
-        if gx is None:
-            return None, None
+        if gy.dim() != 3:
+            gy, gyd = gy.reshape(*x3.shape[:2], -1), gyd.reshape(*x3.shape[:2], -1)
+        gx, gxd = ops.linear_tangent_bwd(gy, gyd, x3, xd3, p[0], v[0], need_x, outs[0], touts[0], outs[1], touts[1])
+        if gx is None or len(shape) == 3:
+            return gx, gxd
         return gx.view(shape), gxd.view(shape)

@@ -20,7 +20,8 @@ class BatchNormRule(Rule):
         self.num_features = module.num_features
         self.index = index  # position among the model's BatchNorm layers (for bn_stats)
 
-    def _4d(self, x):
+    def as_channels(self, x):
+        """`[T, N, C, *spatial]` -> `[T, N, C, S]` (checked)."""
         if x.dim() < 3 or x.shape[2] != self.num_features:
             raise ValueError(f"model layer {self.describe()}: expected per-task inputs [T, N, {self.num_features}, "
                              f"...], got shape {tuple(x.shape)}")
@@ -34,17 +35,25 @@ class BatchNormRule(Rule):
 
     def forward(self, ops, x, p, save):
         w, b, mean, var = self._split(p)
-        y, xhat, r = ops.batchnorm_fwd(self._4d(x), w, b, self.eps, mean, var)
-        return y.view(x.shape), (xhat, r, x.shape, mean is None) if save else None
+        x4 = self.as_channels(x)
+        if mean is None:  # batch statistics: PyTorch's fused kernels per task; the backward needs x
+            y, mu, r = ops.batchnorm_train_fwd(x4, w, b, self.eps)
+            return y.view(x.shape), (x4, mu, r, x.shape) if save else None
+        y, xhat, r = ops.batchnorm_fwd(x4, w, b, self.eps, mean, var)
+        return y.view(x.shape), (xhat, r, x.shape) if save else None
 
     def backward(self, ops, gy, saved, p, need_x, outs):
-        xhat, r, shape, batch = saved
-        gx = ops.batchnorm_bwd(gy.reshape(xhat.shape), xhat, r, p[0], batch, need_x, outs[0], outs[1])
+        if len(saved) == 4:
+            x4, mu, r, shape = saved
+            gx = ops.batchnorm_train_bwd(gy.reshape(x4.shape), x4, mu, r, p[0], self.eps, need_x, outs[0], outs[1])
+        else:
+            xhat, r, shape = saved
+            gx = ops.batchnorm_bwd(gy.reshape(xhat.shape), xhat, r, p[0], False, need_x, outs[0], outs[1])
         return None if gx is None else gx.view(shape)
 
     def tangent_forward(self, ops, x, xd, p, v):
         w, b, mean, var = self._split(p)
-        x4 = self._4d(x)
+        x4 = self.as_channels(x)
         batch = mean is None
         y, xhat, r = ops.batchnorm_fwd(x4, w, b, self.eps, mean, var)
         xd4 = None if xd is None else xd.reshape(x4.shape)

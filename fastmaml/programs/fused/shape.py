@@ -15,12 +15,12 @@ class FlattenRule(LinearMapRule):
         self.end_dim = module.end_dim
 
     def apply(self, x, save):
-        start = self.start_dim + 1 if self.start_dim >= 0 else self.start_dim
-        end = self.end_dim + 1 if self.end_dim >= 0 else self.end_dim
+        start = self.start_dim + 1 if self.start_dim >= 0 else self.start_dim + x.dim()
+        end = self.end_dim + 1 if self.end_dim >= 0 else self.end_dim + x.dim()
+        if start < 2:
+            raise ValueError(f"model layer {self.describe()}: start_dim={self.start_dim} would merge the examples "
+                             f"of a task (per-task input shape {tuple(x.shape)})")
         return x.flatten(start, end), x.shape
 
     def transpose(self, gy, shape):
         return gy.reshape(shape)
-
-    def tangent(self, xd, shape):
-        return self.apply(xd, False)[0]

@@ -1,0 +1,95 @@
+"""Models or losses the fused engine does not know run on the torch.func program, and
+`fastmaml.explain` names the culprit."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmaml
+from fastmaml.layout import ParamLayout
+from fastmaml.models import conv4
+from fastmaml.losses import resolve_loss
+from fastmaml.programs import TorchFuncProgram, select_program
+from fastmaml.programs.fused import FusedProgram
+from models import regression_tasks
+from oracle import assert_grads_close, autograd_meta_grad
+
+
+class Scale(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+def program_of(model, loss="mse"):
+    return select_program(model, ParamLayout(model), resolve_loss(loss))
+
+
+@pytest.mark.parametrize("model, culprit, kind, why", [
+    (nn.Sequential(nn.Linear(1, 4), nn.Sequential(nn.ReLU(), Scale()), nn.Linear(4, 1)), "1.1", "Scale",
+     "not a layer the fused engine knows"),
+    (nn.Sequential(nn.Linear(1, 4), nn.Dropout(0.3), nn.Linear(4, 1)), "1", "Dropout", "training mode"),
+    (nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)), "0", "Conv2d", "groups=2"),
+    (nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")), "0", "Conv2d", "padding_mode"),
+    (nn.Sequential(nn.Linear(2, 2), nn.GELU(approximate="tanh")), "1", "GELU", "approximate"),
+    (nn.Sequential(nn.Linear(2, 2), nn.Flatten(0)), "1", "Flatten", "start_dim=0"),
+    (nn.LSTM(2, 3), "<model>", "LSTM", "not a layer the fused engine knows"),
+])
+def test_unsupported_module_falls_back_and_is_named(model, culprit, kind, why):
+    assert isinstance(program_of(model), TorchFuncProgram)
+    e = fastmaml.explain(model)
+    assert (e.program, e.module, e.kind) == ("torch.func", culprit, kind)
+    assert why in e.reason and culprit in str(e) and kind in str(e)
+
+
+def test_tied_weights_fall_back():
+    lin = nn.Linear(3, 3)
+    e = fastmaml.explain(nn.Sequential(lin, nn.Tanh(), lin))
+    assert e.program == "torch.func" and e.module == "2" and "twice" in e.reason
+
+
+def test_callable_loss_falls_back_and_explain_names_the_loss():
+    model = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1))
+
+    def l1(out, y):
+        return (out - y).abs().mean()
+
+    assert isinstance(program_of(model, l1), TorchFuncProgram)
+    e = fastmaml.explain(model, loss=l1)
+    assert e.program == "torch.func" and e.module == "" and "l1" in e.reason and "the loss" in str(e)
+
+
+def test_supported_model_explains_its_plan():
+    model = conv4(1, 5, hidden=4)
+    e = fastmaml.explain(model, loss="cross_entropy")
+    assert e.program == "fused" and e.module is None
+    assert e.layers[:4] == ("0 (Conv2d)", "1 (BatchNorm2d)", "2 (ReLU)", "3 (MaxPool2d)")
+    assert str(e).startswith("fused engine: 0 (Conv2d) -> 1 (BatchNorm2d)")
+    assert isinstance(program_of(model, "cross_entropy"), FusedProgram)
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        fastmaml.explain("not a model")
+
+
+def test_dropout_mode_switch_recompiles():
+    """The program cache keys on Dropout's mode: eval -> fused; back to train -> torch.func (which
+    rejects the random op with a clear error)."""
+    model = nn.Sequential(nn.Linear(1, 4), nn.Dropout(0.5), nn.Linear(4, 1)).double()
+    tasks = regression_tasks()
+    model.eval()
+    assert isinstance(program_of(model), FusedProgram)
+    fastmaml.meta_step(model, tasks)
+    model.train()
+    assert isinstance(program_of(model), TorchFuncProgram)
+    with pytest.raises(ValueError, match="Dropout in training mode"):
+        fastmaml.meta_step(model, tasks)
+
+
+def test_fallback_model_still_gets_the_exact_meta_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 5), Scale(), nn.Tanh(), nn.Linear(5, 1)).double()
+    tasks = regression_tasks(T=2)
+    model.zero_grad()
+    res = fastmaml.meta_step(model, tasks, inner_lr=0.05, steps=1)
+    ref_loss, ref_grads, _ = autograd_meta_grad(model, tasks, inner_lr=0.05, steps=1,
+                                                loss_fn=lambda o, y: F.mse_loss(o, y))
+    assert abs(float(res.meta_loss - ref_loss)) < 1e-12
+    assert_grads_close({n: p.grad for n, p in model.named_parameters()}, ref_grads, 1e-9)
