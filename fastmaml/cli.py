@@ -65,14 +65,22 @@ def _train_runner(module: str):
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
+BENCH = "fastmaml.bench.suite"
+
+
+def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    """The parser. Only the module of the command being run is imported (its options with it), so
+    one job's heavy or broken imports never get in the way of another command."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    wanted = tuple(a for a in argv if not a.startswith("-"))[:2]
     parser = argparse.ArgumentParser(prog="fastmaml", description="Fast, exact meta-gradients for MAML.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="meta-train a job")
     jobs = train.add_subparsers(dest="job", required=True)
     for name, (module, help_text) in TRAIN_JOBS.items():
         p = jobs.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
+        if wanted == ("train", name):
+            importlib.import_module(module).add_arguments(p)
         p.set_defaults(func=_train_runner(module))
     info = sub.add_parser("info", help="versions, devices and backends")
     info.set_defaults(func=_info)
@@ -82,13 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark meta-steps against autograd and peer libraries",
                            description="Time, peak memory and gradient error per (implementation, workload); "
                                        "writes results.md, results.json and PNG plots.")
-    importlib.import_module("fastmaml.bench.suite").add_arguments(bench)
-    bench.set_defaults(func=lambda args: importlib.import_module("fastmaml.bench.suite").run(args))
+    if wanted[:1] == ("bench",):
+        importlib.import_module(BENCH).add_arguments(bench)
+    bench.set_defaults(func=lambda args: importlib.import_module(BENCH).run(args))
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     return int(args.func(args) or 0)
 
 
