@@ -1,0 +1,221 @@
+"""The implementations compared: each builds, for one model and workload, a `step(tasks)` that
+accumulates the meta-gradient of the mean-over-tasks query loss into the model's `p.grad`.
+
+    autograd-loop        per-task loop, torch.autograd.grad(create_graph=True) (THE baseline)
+    autograd-loop-first  the same loop without create_graph (first-order MAML)
+    fastmaml[B,order]    fastmaml.meta_step with ops backend B (auto | torch | triton | cpp),
+                         order second | checkpoint | first
+    torch.func-vmap      vmap over tasks of grad(query loss ∘ K inner grad steps) (grad of grad)
+    learn2learn          l2l.algorithms.MAML(model, lr).clone().adapt(loss), per task
+    higher               higher.innerloop_ctx(model, SGD), per task
+    torchopt             torchopt.MetaSGD(model, lr) with extract/recover_state_dict, per task
+
+Peers and backends that cannot run report `available() -> (False, reason)` and become table rows
+with that reason.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .. import meta_step
+from ..ops import registry
+from . import peers
+from .workloads import Workload
+
+Step = Callable[[tuple], None]
+BASELINE = "autograd-loop"
+FASTMAML_ORDERS = ("second", "checkpoint", "first")
+
+
+@dataclass(frozen=True)
+class Impl:
+    """name: the row label; family: the library; order: "second" or "first" (the gradient computed;
+    "checkpoint" computes the second-order one); build(model, workload, device) -> step."""
+
+    name: str
+    family: str
+    order: str
+    build: Callable[[nn.Module, Workload, torch.device], Step]
+    available: Callable[[torch.device], Tuple[bool, str]]
+    mode: str = ""  # the library's own name for the mode (e.g. "checkpoint")
+
+
+def _always(device) -> Tuple[bool, str]:
+    return True, ""
+
+
+def _autograd_loop(create_graph: bool):
+    def build(model: nn.Module, w: Workload, device) -> Step:
+        names = [n for n, _ in model.named_parameters()]
+
+        def step(tasks):
+            sx, sy, qx, qy = tasks
+            T = sx.shape[0]
+            params = dict(model.named_parameters())
+            for t in range(T):
+                fast = params
+                for _ in range(w.steps):
+                    loss = w.loss_fn(functional_call(model, fast, (sx[t],)), sy[t])
+                    grads = torch.autograd.grad(loss, [fast[n] for n in names], create_graph=create_graph)
+                    fast = {n: fast[n] - w.inner_lr * g for n, g in zip(names, grads)}
+                (w.loss_fn(functional_call(model, fast, (qx[t],)), qy[t]) / T).backward()
+
+        return step
+
+    return build
+
+
+def _fastmaml(backend: str, order: str):
+    def build(model: nn.Module, w: Workload, device) -> Step:
+        def step(tasks):
+            meta_step(model, tasks, inner_lr=w.inner_lr, steps=w.steps, order=order, loss=w.loss,
+                      backend=backend)
+
+        return step
+
+    def available(device) -> Tuple[bool, str]:
+        """(ok, reason); for "auto", the reason says which backend runs how many ops."""
+        if backend != "auto":
+            ok, why = registry.availability(backend, device)
+            if not ok:
+                return False, f"fastmaml backend {backend!r}: {why}"
+        try:
+            table = registry.resolve(backend, device)
+        except Exception as e:
+            return False, f"fastmaml backend {backend!r}: {e}"
+        used = [b for b, _, _ in table.chosen.values()]
+        return True, "ops: " + ", ".join(f"{b} {used.count(b)}" for b in registry.BACKENDS[1:] if b in used)
+
+    return build, available
+
+
+def _torch_func(model: nn.Module, w: Workload, device) -> Step:
+    from torch.func import grad, replace_all_batch_norm_modules_, vmap
+
+    replace_all_batch_norm_modules_(model)  # batch statistics, no running-stat updates under vmap
+    params = dict(model.named_parameters())
+
+    def support_loss(p, x, y):
+        return w.loss_fn(functional_call(model, p, (x,)), y)
+
+    def task_loss(p, sx, sy, qx, qy):
+        fast = p
+        for _ in range(w.steps):
+            g = grad(support_loss)(fast, sx, sy)
+            fast = {n: fast[n] - w.inner_lr * g[n] for n in fast}
+        return w.loss_fn(functional_call(model, fast, (qx,)), qy)
+
+    per_task = vmap(grad(task_loss), in_dims=(None, 0, 0, 0, 0))
+
+    def step(tasks):
+        grads = per_task({n: p.detach() for n, p in params.items()}, *tasks)
+        for n, p in params.items():
+            g = grads[n].mean(0)
+            p.grad = g if p.grad is None else p.grad + g
+
+    return step
+
+
+def _quiet_load(name: str):
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return peers.load(name)
+
+
+def _peer_available(name: str):
+    def available(device) -> Tuple[bool, str]:
+        module, info = _quiet_load(name)
+        return (module is not None), info
+
+    return available
+
+
+def _learn2learn(model: nn.Module, w: Workload, device) -> Step:
+    l2l, _ = _quiet_load("learn2learn")
+    maml = l2l.algorithms.MAML(model, lr=w.inner_lr, first_order=False)
+
+    def step(tasks):
+        sx, sy, qx, qy = tasks
+        T = sx.shape[0]
+        for t in range(T):
+            learner = maml.clone()
+            for _ in range(w.steps):
+                learner.adapt(w.loss_fn(learner(sx[t]), sy[t]))
+            (w.loss_fn(learner(qx[t]), qy[t]) / T).backward()
+
+    return step
+
+
+def _higher(model: nn.Module, w: Workload, device) -> Step:
+    higher, _ = _quiet_load("higher")
+    inner_opt = torch.optim.SGD(model.parameters(), lr=w.inner_lr)
+
+    def step(tasks):
+        sx, sy, qx, qy = tasks
+        T = sx.shape[0]
+        for t in range(T):
+            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+                for _ in range(w.steps):
+                    diffopt.step(w.loss_fn(fmodel(sx[t]), sy[t]))
+                (w.loss_fn(fmodel(qx[t]), qy[t]) / T).backward()
+
+    return step
+
+
+def _torchopt(model: nn.Module, w: Workload, device) -> Step:
+    torchopt, _ = _quiet_load("torchopt")
+    inner_opt = torchopt.MetaSGD(model, lr=w.inner_lr)
+    net_state = torchopt.extract_state_dict(model, by="reference", detach_buffers=True)
+    opt_state = torchopt.extract_state_dict(inner_opt, by="reference")
+
+    def step(tasks):
+        sx, sy, qx, qy = tasks
+        T = sx.shape[0]
+        for t in range(T):
+            for _ in range(w.steps):
+                inner_opt.step(w.loss_fn(model(sx[t]), sy[t]))
+            (w.loss_fn(model(qx[t]), qy[t]) / T).backward()
+            torchopt.recover_state_dict(model, net_state)
+            torchopt.recover_state_dict(inner_opt, opt_state)
+
+    return step
+
+
+def implementations() -> List[Impl]:
+    """Every implementation, in table order (the baseline first)."""
+    out = [
+        Impl(BASELINE, "autograd", "second", _autograd_loop(True), _always),
+        Impl("autograd-loop-first", "autograd", "first", _autograd_loop(False), _always),
+    ]
+    for backend in registry.BACKENDS:  # "auto" (what users get), then each backend alone
+        for order in FASTMAML_ORDERS:
+            build, available = _fastmaml(backend, order)
+            out.append(Impl(f"fastmaml[{backend},{order}]", "fastmaml", "first" if order == "first" else "second",
+                            build, available, mode=order))
+    out.append(Impl("torch.func-vmap", "torch.func", "second", _torch_func, _always))
+    for name, build in (("learn2learn", _learn2learn), ("higher", _higher), ("torchopt", _torchopt)):
+        out.append(Impl(name, name, "second", build, _peer_available(name)))
+    return out
+
+
+def select(names: Optional[List[str]]) -> List[Impl]:
+    """The implementations named (all when None); a name may be a prefix ("fastmaml" selects all its
+    rows). The autograd loops (both orders) are always included: ratios are taken against them."""
+    table = implementations()
+    if not names:
+        return table
+    chosen = [i for i in table if i.family == "autograd"]
+    for name in names:
+        exact = [i for i in table if i.name == name]
+        hits = exact or [i for i in table if i.name.startswith(name)]
+        if not hits:
+            raise ValueError(f"--impls: unknown implementation {name!r}; expected one of "
+                             f"{[i.name for i in table]} or a prefix")
+        chosen += [i for i in hits if i not in chosen]
+    return chosen

@@ -1,0 +1,216 @@
+"""The benchmark suite end to end on its quick workloads: fastmaml rows agree with the float64
+autograd loop, the files are written, peers that cannot be imported are reported with the reason,
+a wrong gradient is flagged. Timing is never asserted."""
+import json
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from fastmaml.bench import flops, impls, peers, report, workloads
+from fastmaml.bench.suite import run_suite, verdict
+
+QUICK_WORKLOADS = ["sinusoid-K5", "conv28-1shot-K1"]
+QUICK_IMPLS = ["fastmaml[auto", "fastmaml[torch", "torch.func", "learn2learn", "higher", "torchopt"]
+SWEEP = ["sweep28-K1", "sweep28-K2"]
+MEMORY_ROWS = ["autograd-loop", "fastmaml[torch,first]"]
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    """Every quick implementation on the sinusoid (all fastmaml orders); fastmaml second and first
+    order on the BatchNorm conv net; a two-point memory sweep for MEMORY_ROWS. One report."""
+    out = tmp_path_factory.mktemp("bench")
+    quiet = dict(quick=True, repeats=1, warmup=0, plots=False, log=lambda *a: None)
+    fastmaml_rows = ["fastmaml[torch,second]", "fastmaml[torch,first]"]
+    runs = [run_suite(out=out, workload_names=QUICK_WORKLOADS[:1], impl_names=QUICK_IMPLS, measure_memory=False,
+                      **quiet),
+            run_suite(out=out, workload_names=QUICK_WORKLOADS[1:], impl_names=fastmaml_rows, measure_memory=False,
+                      **quiet),
+            run_suite(out=out, workload_names=SWEEP, impl_names=fastmaml_rows, measure_memory=MEMORY_ROWS, **quiet)]
+    results = runs[0]
+    for run in runs[1:]:
+        results["rows"] += run["rows"]
+        results["workloads"].update(run["workloads"])
+    report.write(results, out)
+    return out, results
+
+
+def _rows(results, **match):
+    return [r for r in results["rows"] if all(r.get(k) == v for k, v in match.items())]
+
+
+def test_files_written(quick_results):
+    out, results = quick_results
+    for name in ("results.md", "results.json", "speedup.png", "memory_vs_K.png"):
+        assert (out / name).stat().st_size > 0, name
+    loaded = json.loads((out / "results.json").read_text())
+    assert {r["workload"] for r in loaded["rows"]} == set(QUICK_WORKLOADS + SWEEP)
+    text = (out / "results.md").read_text()
+    assert "| autograd-loop | second |" in text and "conv28-1shot-K1" in text
+
+
+@pytest.mark.parametrize("workload", ["sinusoid-K5", "conv28-1shot-K1"])
+def test_fastmaml_rows_match_float64_oracle(quick_results, workload):
+    _, results = quick_results
+    baseline = _rows(results, workload=workload, impl="autograd-loop")[0]
+    assert baseline["speedup"] == pytest.approx(1.0) and baseline["rel_err"] < 1e-4
+    ok = _rows(results, workload=workload, family="fastmaml", status="ok")
+    expected = {"second", "checkpoint", "first"} if workload.startswith("sinusoid") else {"second", "first"}
+    assert {r["mode"] for r in ok} == expected, "the torch backend always runs"
+    for r in ok:
+        assert r["rel_err"] < 1e-4, (r["impl"], r["rel_err"])
+        assert r["verdict"] != "WRONG" and r["speedup"] > 0 and r["flops_per_s"] > 0
+    for r in _rows(results, workload=workload, family="fastmaml"):
+        assert r["status"] == "ok" or r["reason"], r
+
+
+def test_every_peer_runs_or_says_why(quick_results):
+    _, results = quick_results
+    for peer in peers.PEERS:
+        rows = _rows(results, workload="sinusoid-K5", impl=peer)
+        assert len(rows) == 1
+        row = rows[0]
+        assert row["status"] in ("ok", "unavailable", "failed")
+        if row["status"] == "ok":
+            assert row["rel_err"] < 1e-4, (peer, row["rel_err"])
+        else:
+            assert row["reason"]
+
+
+def test_memory_measured_in_subprocess(quick_results):
+    _, results = quick_results
+    for workload in SWEEP:
+        for impl in MEMORY_ROWS:
+            row = _rows(results, workload=workload, impl=impl)[0]
+            assert "memory_error" not in row, row.get("memory_error")
+            assert row["rss_peak_bytes"] > 1 << 20, (workload, impl, row["rss_peak_bytes"])
+    assert "rss_peak_bytes" not in _rows(results, workload="sweep28-K1", impl="fastmaml[torch,second]")[0]
+
+
+def test_missing_peer_reported_with_reason(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "higher", None)  # `import higher` now raises ImportError
+    peers.reset()
+    try:
+        results = run_suite(out=tmp_path, quick=True, workload_names=["sinusoid-K1"], impl_names=["higher"],
+                            repeats=1, warmup=0, measure_memory=False, plots=False, log=lambda *a: None)
+    finally:
+        peers.reset()
+    row = _rows(results, impl="higher")[0]
+    assert row["status"] == "unavailable"
+    assert "cannot import higher" in row["reason"] and "ModuleNotFoundError" in row["reason"]
+    assert "cannot import higher" in (tmp_path / "results.md").read_text()
+
+
+def _scaled_loop(scale):
+    loop = impls.implementations()[0]
+
+    def build(model, w, device):
+        step = loop.build(model, w, device)
+
+        def scaled(tasks):
+            step(tasks)
+            for p in model.parameters():
+                p.grad.mul_(scale)
+
+        return scaled
+
+    return impls.Impl(f"loop-x{scale}", "test", "second", build, lambda device: (True, ""))
+
+
+def test_wrong_gradient_flagged_without_speedup(tmp_path, monkeypatch):
+    table = impls.implementations() + [_scaled_loop(1.01)]
+    monkeypatch.setattr(impls, "implementations", lambda: table)
+    results = run_suite(out=tmp_path, quick=True, workload_names=["sinusoid-K1"], impl_names=["loop-x"],
+                        repeats=1, warmup=0, measure_memory=False, plots=False, log=lambda *a: None)
+    row = _rows(results, impl="loop-x1.01")[0]
+    assert row["rel_err"] == pytest.approx(0.01, rel=1e-3)
+    assert row["verdict"] == "WRONG" and row["speedup"] is None
+    assert "**WRONG**" in (tmp_path / "results.md").read_text()
+
+
+def test_verdict_rule():
+    assert verdict(1e-2, 1e-4) == "WRONG"
+    assert verdict(5e-5, 1e-6) == ""  # 50× worse but below the 1e-4 floor
+    assert verdict(2e-4, 1e-4) == ""
+    assert verdict(1e-6, 1e-5) == "more accurate"
+
+
+def _counted_forward_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """2 × multiply-adds of every Linear/Conv2d, counted from the real modules with hooks."""
+    total = [0]
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Linear):
+            total[0] += 2 * output.numel() * module.in_features
+        else:
+            k = module.kernel_size[0] * module.kernel_size[1]
+            total[0] += 2 * output.numel() * module.in_channels * k
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    model(x)
+    for h in handles:
+        h.remove()
+    return total[0]
+
+
+@pytest.mark.parametrize("name", ["sinusoid-K1", "conv28-5shot-K5", "conv84-1shot-K5"])
+def test_flop_count_matches_the_model(name):
+    w = workloads.workloads(quick=True)[name]
+    x = w.make_tasks().support_x[0]
+    assert flops.forward_flops(w, x.shape[0]) == _counted_forward_flops(w.make_model(), x)
+
+
+def test_flop_formula_by_hand():
+    w = workloads.workloads()["sinusoid-K1"]  # T=25, K=1, 10+10 shots
+    per_example = 2 * (1 * 40 + 40 * 40 + 40 * 1)
+    assert flops.meta_step_flops(w, "second") == 25 * (9 * 10 * per_example + 3 * 10 * per_example)
+    assert flops.meta_step_flops(w, "first") == 25 * (3 * 10 * per_example + 3 * 10 * per_example)
+
+
+def test_workloads_as_specified():
+    full = workloads.workloads()
+    assert [full[f"sweep28-K{k}"].steps for k in (1, 2, 5, 10, 20)] == [1, 2, 5, 10, 20]
+    w = full["conv28-5shot-K5"]
+    sx, sy, qx, qy = w.make_tasks()
+    assert sx.shape == (32, 25, 1, 28, 28) and qx.shape == (32, 75, 1, 28, 28) and qy.dtype == torch.long
+    w = full["conv84-1shot-K5"]
+    assert w.tasks == 4 and w.steps == 5 and w.make_model()[0].out_channels == 32
+    sx, sy, qx, qy = full["sinusoid-K5"].make_tasks()
+    assert sx.shape == (25, 10, 1) and sy.shape == (25, 10, 1)
+
+
+def test_bad_selection_names_the_argument():
+    with pytest.raises(ValueError, match="--workloads"):
+        workloads.select(["nope"])
+    with pytest.raises(ValueError, match="--impls"):
+        impls.select(["nope"])
+
+
+def _failing_on_second_step():
+    loop = impls.implementations()[0]
+
+    def build(model, w, device):
+        step, calls = loop.build(model, w, device), []
+
+        def flaky(tasks):
+            calls.append(1)
+            if len(calls) > 1:
+                raise RuntimeError("boom on step 2")
+            step(tasks)
+
+        return flaky
+
+    return impls.Impl("flaky", "test", "second", build, lambda device: (True, ""))
+
+
+def test_failing_row_reported_and_others_go_on(tmp_path, monkeypatch):
+    table = impls.implementations() + [_failing_on_second_step()]
+    monkeypatch.setattr(impls, "implementations", lambda: table)
+    results = run_suite(out=tmp_path, quick=True, workload_names=["sinusoid-K1"], impl_names=["flaky"],
+                        repeats=2, warmup=0, measure_memory=False, plots=False, log=lambda *a: None)
+    row = _rows(results, impl="flaky")[0]
+    assert row["status"] == "failed" and "boom on step 2" in row["reason"] and "grad" not in row
+    assert _rows(results, impl="autograd-loop")[0]["repeats"] == 2
+    assert "failed: RuntimeError: boom on step 2" in (tmp_path / "results.md").read_text()
