@@ -16,7 +16,7 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/fastmaml_torch_extensi
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 unset TRITON_INTERPRET
 START=$(date +%s)
-BUDGET=460 # seconds for everything (< 8 minutes), the report included
+BUDGET="${GPU_CHECK_BUDGET:-460}" # seconds for everything (< 8 minutes), the report included
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 # step_timeout WANTED: the smaller of WANTED and the time left minus 20 s for the report
@@ -71,8 +71,20 @@ else
   echo "== benchmark skipped: no time left" | tee "$OUT/bench.log"
 fi
 
+# the engine end to end on CUDA: sinusoid and conv workloads against the autograd loop (no peers,
+# no memory subprocesses: time and gradient error only)
+t=$(step_timeout 150)
+if [ "$t" -gt 20 ]; then
+  echo "== bench suite on cuda (limit ${t}s)"
+  timeout "$t" "$PY" -m fastmaml bench --device cuda --out "$OUT/bench" --no-memory --repeats 5 --budget 20 \
+    --workloads sinusoid-K1 sinusoid-K5 conv28-1shot-K1 conv28-1shot-K5 > "$OUT/bench_suite.log" 2>&1
+  echo "   exit $?"
+  tail -3 "$OUT/bench_suite.log"
+fi
+
 run_tests loss_kernels 40 tests/test_kernels_losses.py
 run_tests build 30 tests/test_kernels_build.py
+
 
 "$PY" benchmarks/gpu_check_report.py --out "$OUT" > /dev/null 2> "$OUT/report.err"
 echo "== wrote $OUT/gpu_check.md after $(($(date +%s) - START)) s"

@@ -19,7 +19,7 @@ from ._common import acc_dtype, check_device
 
 
 @triton.jit
-def _ce_grad_kernel(z_ptr, y_ptr, g_ptr, p_ptr, row_loss_ptr, C, inv_n,
+def _ce_grad_kernel(z_ptr, y_ptr, g_ptr, p_ptr, row_loss_ptr, C, N,
                     ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
@@ -32,20 +32,20 @@ def _ce_grad_kernel(z_ptr, y_ptr, g_ptr, p_ptr, row_loss_ptr, C, inv_n,
     y = tl.load(y_ptr + row)
     onehot = tl.where(cols == y, 1.0, 0.0).to(ACC)
     z_y = tl.sum(tl.where(cols == y, z, 0.0), axis=0)
-    tl.store(row_loss_ptr + row, ((zmax + tl.log(s) - z_y) * inv_n).to(row_loss_ptr.dtype.element_ty))
+    tl.store(row_loss_ptr + row, ((zmax + tl.log(s) - z_y) / N).to(row_loss_ptr.dtype.element_ty))
     tl.store(p_ptr + row * C + cols, p.to(p_ptr.dtype.element_ty), mask=mask)
-    tl.store(g_ptr + row * C + cols, ((p - onehot) * inv_n).to(g_ptr.dtype.element_ty), mask=mask)
+    tl.store(g_ptr + row * C + cols, ((p - onehot) / N).to(g_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _ce_tangent_kernel(p_ptr, zd_ptr, out_ptr, C, inv_n, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+def _ce_tangent_kernel(p_ptr, zd_ptr, out_ptr, C, N, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
     p = tl.load(p_ptr + row * C + cols, mask=mask, other=0).to(ACC)
     zd = tl.load(zd_ptr + row * C + cols, mask=mask, other=0).to(ACC)
     dot = tl.sum(p * zd, axis=0)
-    tl.store(out_ptr + row * C + cols, (p * (zd - dot) * inv_n).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * C + cols, (p * (zd - dot) / N).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_logits(z: torch.Tensor, name: str) -> None:
@@ -66,7 +66,7 @@ def cross_entropy_grad(z: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, 
     g, p = torch.empty_like(z), torch.empty_like(z)
     row_loss = torch.empty(T, N, dtype=z.dtype, device=z.device)
     if T * N:
-        _ce_grad_kernel[(T * N,)](z, y, g, p, row_loss, C, 1.0 / N, ACC=acc_dtype(z.dtype),
+        _ce_grad_kernel[(T * N,)](z, y, g, p, row_loss, C, N, ACC=acc_dtype(z.dtype),
                                   BLOCK_C=triton.next_power_of_2(C))
     return row_loss.sum(1), g, p
 
@@ -86,7 +86,7 @@ def cross_entropy_grad_tangent(p: torch.Tensor, zd: torch.Tensor) -> torch.Tenso
     p, zd = p.contiguous(), zd.contiguous()
     out = torch.empty_like(p)
     if T * N:
-        _ce_tangent_kernel[(T * N,)](p, zd, out, C, 1.0 / N, ACC=acc_dtype(p.dtype), BLOCK_C=triton.next_power_of_2(C))
+        _ce_tangent_kernel[(T * N,)](p, zd, out, C, N, ACC=acc_dtype(p.dtype), BLOCK_C=triton.next_power_of_2(C))
     return out
 
 
