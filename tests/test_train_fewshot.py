@@ -79,3 +79,33 @@ def test_bad_option_values_name_the_option(tmp_path):
         train(tmp_path, "--ways", "0")
     with pytest.raises(ValueError, match="--inner-lr"):
         train(tmp_path, "--inner-lr", "-1")
+
+
+def test_miniimagenet_job_runs_on_a_folder_in_the_published_layout(tmp_path):
+    """The real-data job end to end: train.csv / val.csv / test.csv + images/, 2-way episodes."""
+    import csv
+
+    from PIL import Image
+
+    data = tmp_path / "mini"
+    (data / "images").mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for split, n_classes in (("train", 3), ("val", 2), ("test", 2)):
+        with open(data / f"{split}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["filename", "label"])
+            for c in range(n_classes):
+                label = f"n{split}{c:05d}"
+                for k in range(3):
+                    pixels = torch.randint(0, 256, (24, 24, 3), generator=g, dtype=torch.uint8).numpy()
+                    name = f"{label}{k + 1:08d}.jpg"
+                    Image.fromarray(pixels).save(data / "images" / name)
+                    w.writerow([name, label])
+    out = tmp_path / "run"
+    assert cli.main(["train", "miniimagenet", "--data", str(data), "--out", str(out), "--ways", "2",
+                     "--shots", "1", "--query", "1", "--meta-batch", "2", "--iterations", "2", "--steps", "1",
+                     "--eval-steps", "2", "--hidden", "4", "--val-every", "2", "--val-episodes", "2",
+                     "--test-episodes", "2", "--eval-batch", "2", "--no-progress"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["job"] == "miniimagenet" and m["config"]["inner_lr"] == pytest.approx(0.01)
+    assert 0 <= m["test"]["accuracy"] <= 1 and m["test"]["episodes"] == 2
