@@ -93,11 +93,11 @@ def meta_step(
     (with `check_finite`), `NonFiniteError` says at which inner step and no `.grad` is touched.
 
     tasks: a `TaskBatch`, a 4-tuple `(support_x [T, Ns, ...], support_y, query_x [T, Nq, ...], query_y)`
-    or a list of per-task 4-tuples. order: "second" (exact), "checkpoint" (exact, memory flat in
-    `steps`), "first" (FOMAML), "implicit" (iMAML: the inner steps minimize
+    or a list of per-task 4-tuples. order: "second" (exact), "checkpoint" (exact; keeps only the
+    fast weights of each step, no activations), "first" (FOMAML), "implicit" (iMAML: the inner steps minimize
     L_s(φ) + implicit_lambda/2 ‖φ − θ‖² and the meta-gradient solves (I + H/λ) u = ∇L_q by `cg_steps`
-    of conjugate gradient; path-independent, memory flat in `steps`). loss: "mse", "cross_entropy" or a per-task callable
-    `(output [N, ...], target [N, ...]) -> scalar`. inner_params: names/prefixes or a predicate
+    of conjugate gradient; path-independent, memory flat in `steps`). loss: "mse", "cross_entropy" or
+    a per-task callable `(output [N, ...], target [N, ...]) -> scalar`. inner_params: names/prefixes or a predicate
     `(name, param) -> bool` of the parameters adapted in the inner loop (default: all).
     batch_norm: "batch" (batch statistics, MAML), "frozen" (running statistics, fixed) or "per_step"
     (MAML++ per-step running statistics), see fastmaml/batchnorm.py; running statistics are updated
