@@ -103,7 +103,7 @@ def methods(w, device) -> Dict[str, Optional[Callable[[], object]]]:
         if not ok:
             return None
         return lambda: fastmaml.meta_step(w["model"], w["tasks"], inner_lr=w["inner_lr"], steps=w["steps"],
-                                          loss=w["loss"], backend=backend)
+                                          loss=w["loss"], backend=backend, evaluate_before=False)
 
     out = {"autograd loop": lambda: autograd_loop(w), BASELINE: meta("torch"), "meta_step cpp": meta("cpp"),
            "meta_step triton": meta("triton") if device.type == "cuda" else None}

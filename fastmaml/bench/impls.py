@@ -75,8 +75,9 @@ def _autograd_loop(create_graph: bool):
 def _fastmaml(backend: str, order: str):
     def build(model: nn.Module, w: Workload, device) -> Step:
         def step(tasks):
+            # the meta-gradient only, like every other row (no extra query pass at θ for the result)
             meta_step(model, tasks, inner_lr=w.inner_lr, steps=w.steps, order=order, loss=w.loss,
-                      backend=backend)
+                      backend=backend, evaluate_before=False)
 
         return step
 
