@@ -9,6 +9,7 @@ from models import classification_tasks, small_cnn
 from oracle import assert_grads_close, autograd_meta_grad
 
 TOL = 1e-9
+pytestmark = pytest.mark.usefixtures("engine")  # every test on both engines
 
 
 def grads_of(model):

@@ -9,6 +9,7 @@ from models import classification_tasks, mlp, regression_tasks, small_cnn
 from oracle import assert_grads_close, autograd_meta_grad, rel_err
 
 TOL = 1e-9
+pytestmark = pytest.mark.usefixtures("engine")  # every test on both engines
 ORDERS = ["second", "checkpoint", "first"]
 
 
@@ -224,3 +225,13 @@ def test_float32_close_to_float64_oracle():
     m32 = model.float()
     fastmaml.meta_step(m32, tuple(t.float() for t in tasks), inner_lr=0.01, steps=5)
     assert_grads_close(grads_of(m32), ref, 1e-4)
+
+
+def test_engine_fixture_selects_the_program(engine):
+    from fastmaml.layout import ParamLayout
+    from fastmaml.losses import resolve_loss
+    from fastmaml.programs import FusedProgram, TorchFuncProgram, select_program
+
+    model = small_cnn(channels=2)
+    program = select_program(model, ParamLayout(model), resolve_loss("cross_entropy"))
+    assert isinstance(program, TorchFuncProgram if engine == "torch.func" else FusedProgram)

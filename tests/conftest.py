@@ -1,0 +1,22 @@
+"""Shared fixtures."""
+import weakref
+
+import pytest
+
+from fastmaml.ops import mlp_kernel
+from fastmaml.programs import fused, select
+
+
+def _torch_func_only(model, layout, loss):
+    raise fused.Unsupported("", "", "test: run every model on the torch.func program")
+
+
+@pytest.fixture(params=["auto", "torch.func"])
+def engine(request, monkeypatch):
+    """Runs a test twice: with the engine meta_step picks (MLP kernel / fused / torch.func), and with
+    the torch.func program forced for every model (no fused engine, no MLP kernel)."""
+    if request.param == "torch.func":
+        monkeypatch.setattr(select, "_CACHE", weakref.WeakKeyDictionary())
+        monkeypatch.setattr(select.fused, "build", _torch_func_only)
+        monkeypatch.setattr(mlp_kernel, "try_meta_step", lambda *args, **kwargs: None)
+    return request.param
