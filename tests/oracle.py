@@ -71,3 +71,27 @@ def assert_grads_close(got: dict, ref: dict, tol: float) -> None:
     for n in names:
         err = float((got[n].double() - ref[n].double()).norm())
         assert err <= tol * max(float(ref[n].double().norm()), 1e-6 * scale), (n, err)
+
+
+def check_meta_step(model, tasks, *, loss, loss_fn, inner_lr=0.05, steps=1, order="second", inner_params=None,
+                    lr_leaves=(), tol=1e-9):
+    """Runs `fastmaml.meta_step` and asserts its meta-loss, `.grad` of every parameter and of
+    `lr_leaves` match `autograd_meta_grad` within `tol`. Returns the MetaResult."""
+    import fastmaml
+
+    model.zero_grad()
+    for leaf in lr_leaves:
+        leaf.grad = None
+    res = fastmaml.meta_step(model, tasks, inner_lr=inner_lr, steps=steps, order=order, loss=loss,
+                             inner_params=inner_params)
+    adapted = None if inner_params is None else [
+        n for n, _ in model.named_parameters() if any(n == w or n.startswith(w + ".") for w in inner_params)]
+    ref_loss, ref_grads, ref_extra = autograd_meta_grad(model, tasks, inner_lr=inner_lr, steps=steps,
+                                                        order=order, loss_fn=loss_fn, inner_params=adapted,
+                                                        extra=lr_leaves)
+    assert rel_err(res.meta_loss, ref_loss) < tol
+    assert_grads_close({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, ref_grads, tol)
+    if lr_leaves:
+        assert all(leaf.grad is not None for leaf in lr_leaves)
+        assert_grads_close({i: leaf.grad for i, leaf in enumerate(lr_leaves)}, dict(enumerate(ref_extra)), tol)
+    return res

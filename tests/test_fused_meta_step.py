@@ -14,7 +14,7 @@ from fastmaml.programs import select_program
 from fastmaml.programs.fused import FusedProgram
 from fastmaml.programs.fused import conv
 from models import classification_tasks, mlp, regression_tasks
-from oracle import assert_grads_close, autograd_meta_grad, rel_err
+from oracle import assert_grads_close, autograd_meta_grad, check_meta_step, rel_err
 
 TOL = 1e-9
 ORDERS = ["second", "checkpoint", "first"]
@@ -24,23 +24,10 @@ def mse(out, y):
     return F.mse_loss(out, y)
 
 
-def check(model, tasks, *, loss, loss_fn, inner_lr=0.05, steps=1, order="second", inner_params=None,
-          lr_leaves=()):
+def check(model, tasks, *, loss, inner_params=None, **kwargs):
+    """The fused engine runs `model`, and meta_step matches the autograd oracle."""
     assert isinstance(select_program(model, ParamLayout(model, inner_params), resolve_loss(loss)), FusedProgram)
-    model.zero_grad()
-    for leaf in lr_leaves:
-        leaf.grad = None
-    res = fastmaml.meta_step(model, tasks, inner_lr=inner_lr, steps=steps, order=order, loss=loss,
-                             inner_params=inner_params)
-    adapted = None if inner_params is None else [
-        n for n, _ in model.named_parameters() if any(n == w or n.startswith(w + ".") for w in inner_params)]
-    ref_loss, ref_grads, ref_extra = autograd_meta_grad(model, tasks, inner_lr=inner_lr, steps=steps, order=order,
-                                                        loss_fn=loss_fn, inner_params=adapted, extra=lr_leaves)
-    assert rel_err(res.meta_loss, ref_loss) < TOL
-    assert_grads_close({n: p.grad for n, p in model.named_parameters()}, ref_grads, TOL)
-    if lr_leaves:
-        assert_grads_close({i: leaf.grad for i, leaf in enumerate(lr_leaves)}, dict(enumerate(ref_extra)), TOL)
-    return res
+    return check_meta_step(model, tasks, loss=loss, inner_params=inner_params, tol=TOL, **kwargs)
 
 
 def conv_net(size, hidden=4, ways=5):
