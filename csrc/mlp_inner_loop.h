@@ -9,85 +9,31 @@
 //   reverse:  v = grad L_q(phi_K) / T; for j = K-1..0: dalpha_j = -g_j * v; v -= H_j (alpha_j * v)
 // Hessian-vector products are forward-over-reverse (Pearlmutter): a forward pass carrying the
 // tangent of the activations, then a backward pass carrying the tangent of the gradients.
+//
+// The compute templates live in namespace FASTMAML_MLP_NS (default fastmaml_mlp): the CPU op compiles
+// them a second time for AVX2 + FMA in its own namespace (mlp_meta_step_avx2.cpp), so that the linker
+// can never pick an AVX2 copy of an inline function for the baseline path.
 #pragma once
 #include <cmath>
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FM_HD __host__ __device__
-#else
-#define FM_HD
+#include "mlp_shape.h"
+
+#ifndef FASTMAML_MLP_NS
+#define FASTMAML_MLP_NS fastmaml_mlp
 #endif
 
-namespace fastmaml_mlp {
+namespace FASTMAML_MLP_NS {
 
-constexpr int kMaxLayers = 8;
-enum Activation : int { kReLU = 0, kTanh = 1 };
+using namespace fastmaml_mlp;
 
-struct MlpShape {
-  int layers = 0;                     // L
-  int64_t dims[kMaxLayers + 1] = {};  // d0 .. dL
-  int64_t w_off[kMaxLayers] = {};     // offset of W_l in the flat parameters
-  int64_t b_off[kMaxLayers] = {};     // offset of b_l
-  int64_t params = 0;                 // P
-  int64_t max_width = 0;              // max(d1 .. dL)
-  int64_t act_elems_per_row = 0;      // d1 + ... + dL
-  int activation = kReLU;
+// The CPU Exec: one thread runs a task (tasks are spread over threads by at::parallel_for).
+struct SerialExec {
+  static constexpr bool kSerial = true;
+  int64_t tid() const { return 0; }
+  int64_t nthreads() const { return 1; }
+  void sync() const {}
 };
-
-// Fills offsets from the sizes; returns false if the shape is not supported.
-inline bool make_shape(const int64_t* sizes, int count, int activation, MlpShape* s) {
-  if (count < 2 || count - 1 > kMaxLayers) return false;
-  s->layers = count - 1;
-  s->activation = activation;
-  int64_t off = 0;
-  s->max_width = 0;
-  s->act_elems_per_row = 0;
-  for (int l = 0; l <= s->layers; ++l) {
-    if (sizes[l] < 1) return false;
-    s->dims[l] = sizes[l];
-  }
-  for (int l = 0; l < s->layers; ++l) {
-    s->w_off[l] = off;
-    off += s->dims[l + 1] * s->dims[l];
-    s->b_off[l] = off;
-    off += s->dims[l + 1];
-    s->max_width = s->dims[l + 1] > s->max_width ? s->dims[l + 1] : s->max_width;
-    s->act_elems_per_row += s->dims[l + 1];
-  }
-  s->params = off;
-  return true;
-}
-
-// Scratch of one task for one loss/gradient/HVP pass, N rows at most.
-template <typename S>
-struct PassScratch {
-  S* acts;    // [N, d1 + .. + dL]: post-activation of every layer (the last is the output)
-  S* tacts;   // same layout: their tangents
-  S* gz;      // [N, max_width] gradient w.r.t. the current layer's pre-activation
-  S* tgz;     // its tangent
-  S* ga;      // [N, max_width] gradient w.r.t. the layer's input
-  S* tga;     // its tangent
-  S* scalar;  // [1] the loss, shared between threads
-};
-
-template <typename S>
-FM_HD inline int64_t pass_scratch_elems(const MlpShape& s, int64_t n) {
-  return 2 * n * s.act_elems_per_row + 4 * n * s.max_width + 1;
-}
-
-template <typename S>
-FM_HD inline PassScratch<S> carve_pass_scratch(const MlpShape& s, int64_t n, S* base) {
-  PassScratch<S> w;
-  w.acts = base;
-  w.tacts = w.acts + n * s.act_elems_per_row;
-  w.gz = w.tacts + n * s.act_elems_per_row;
-  w.tgz = w.gz + n * s.max_width;
-  w.ga = w.tgz + n * s.max_width;
-  w.tga = w.ga + n * s.max_width;
-  w.scalar = w.tga + n * s.max_width;
-  return w;
-}
 
 template <typename S> FM_HD inline S fm_tanh(S x);
 template <> FM_HD inline float fm_tanh<float>(float x) { return ::tanhf(x); }
@@ -150,6 +96,55 @@ inline void serial_weight_grads(const MlpShape& s, int l, int64_t N, const S* gz
   }
 }
 
+// Dot product with 8 independent partial sums (a fixed order the compiler vectorizes without
+// reassociating one running sum, i.e. without -ffast-math).
+template <typename S>
+inline S serial_dot(const S* a, const S* b, int64_t n) {
+  constexpr int kLanes = 8;
+  S acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] += a[i + k] * b[i + k];
+  S tail = 0;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  return (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))) + tail;
+}
+
+// CPU form of one layer's forward with tangent: z = b + W a, tz = ub + U a + W ta per row, then the
+// activation (none on the last layer).
+template <typename S>
+inline void serial_forward(const MlpShape& s, int l, int64_t N, const S* a_in, const S* ta_in, const S* W,
+                           const S* b, const S* U, const S* ub, bool last, S* a_out, S* ta_out) {
+  const int64_t din = s.dims[l], dout = s.dims[l + 1];
+  for (int64_t n = 0; n < N; ++n) {
+    const S* arow = a_in + n * din;
+    const S* tarow = ta_in ? ta_in + n * din : nullptr;
+    S* zrow = a_out + n * dout;
+    S* tzrow = ta_out + n * dout;
+    for (int64_t o = 0; o < dout; ++o) {
+      const S* wrow = W + o * din;
+      zrow[o] = b[o] + serial_dot(arow, wrow, din);
+      if (U) tzrow[o] = ub[o] + serial_dot(arow, U + o * din, din) + (tarow ? serial_dot(tarow, wrow, din) : S(0));
+    }
+    if (last) {
+      if (!U)
+        for (int64_t o = 0; o < dout; ++o) tzrow[o] = S(0);
+      continue;
+    }
+    for (int64_t o = 0; o < dout; ++o) {
+      const S z = zrow[o], tz = U ? tzrow[o] : S(0);
+      if (s.activation == kReLU) {
+        zrow[o] = z > S(0) ? z : S(0);
+        tzrow[o] = z > S(0) ? tz : S(0);
+      } else {
+        const S act = fm_tanh(z);
+        zrow[o] = act;
+        tzrow[o] = (S(1) - act * act) * tz;
+      }
+    }
+  }
+}
+
 template <typename S>
 inline void serial_input_grads(const MlpShape& s, int l, int64_t N, const S* gz, const S* tgz, const S* a,
                                const S* ta, const S* W, const S* U, bool tangent, S* ga, S* tga) {
@@ -199,33 +194,37 @@ FM_HD S mlp_pass(const Exec& ex, const MlpShape& s, const S* phi, const S* u, co
     S* a_out = w.acts + N * act_off;
     S* ta_out = w.tacts + N * act_off;
     const bool last = l == L - 1;
-    for (int64_t idx = tid; idx < N * dout; idx += nth) {
-      const int64_t n = idx / dout, o = idx - n * dout;
-      const S* arow = a_in + n * din;
-      const S* wrow = W + o * din;
-      S z = b[o];
-      for (int64_t i = 0; i < din; ++i) z += arow[i] * wrow[i];
-      S tz = 0;
-      if (tangent) {
-        const S* urow = U + o * din;
-        tz = ub[o];
-        for (int64_t i = 0; i < din; ++i) tz += arow[i] * urow[i];
-        if (ta_in) {
-          const S* tarow = ta_in + n * din;
-          for (int64_t i = 0; i < din; ++i) tz += tarow[i] * wrow[i];
+    if constexpr (Exec::kSerial) {
+      serial_forward(s, l, N, a_in, ta_in, W, b, U, ub, last, a_out, ta_out);
+    } else {
+      for (int64_t idx = tid; idx < N * dout; idx += nth) {
+        const int64_t n = idx / dout, o = idx - n * dout;
+        const S* arow = a_in + n * din;
+        const S* wrow = W + o * din;
+        S z = b[o];
+        for (int64_t i = 0; i < din; ++i) z += arow[i] * wrow[i];
+        S tz = 0;
+        if (tangent) {
+          const S* urow = U + o * din;
+          tz = ub[o];
+          for (int64_t i = 0; i < din; ++i) tz += arow[i] * urow[i];
+          if (ta_in) {
+            const S* tarow = ta_in + n * din;
+            for (int64_t i = 0; i < din; ++i) tz += tarow[i] * wrow[i];
+          }
         }
-      }
-      if (last) {
-        a_out[idx] = z;
-        ta_out[idx] = tz;
-      } else if (s.activation == kReLU) {
-        const bool on = z > S(0);
-        a_out[idx] = on ? z : S(0);
-        ta_out[idx] = on ? tz : S(0);
-      } else {
-        const S a = fm_tanh(z);
-        a_out[idx] = a;
-        ta_out[idx] = (S(1) - a * a) * tz;
+        if (last) {
+          a_out[idx] = z;
+          ta_out[idx] = tz;
+        } else if (s.activation == kReLU) {
+          const bool on = z > S(0);
+          a_out[idx] = on ? z : S(0);
+          ta_out[idx] = on ? tz : S(0);
+        } else {
+          const S a = fm_tanh(z);
+          a_out[idx] = a;
+          ta_out[idx] = (S(1) - a * a) * tz;
+        }
       }
     }
     ex.sync();
@@ -320,26 +319,6 @@ FM_HD S mlp_pass(const Exec& ex, const MlpShape& s, const S* phi, const S* u, co
   ex.sync();
   return loss;
 }
-
-// Buffers of one task for `mlp_task_meta_step`. phi, u, vec: [P] working vectors (shared memory
-// on CUDA when they fit); phis, grads: [K, P] the tape; v: [P] the task's meta-gradient (output);
-// dalpha: [K, P] the task's alpha-gradient (output, may be null).
-template <typename S>
-struct TaskBuffers {
-  S* phi;
-  S* u;
-  S* vec;
-  S* phis;
-  S* grads;
-  S* v;
-  S* dalpha;
-  PassScratch<S> scratch;
-};
-
-struct TaskLosses {
-  double support_before, query_before, query_after;
-};
-
 template <typename S, typename Exec>
 FM_HD TaskLosses mlp_task_meta_step(const Exec& ex, const MlpShape& s, const S* theta, const S* sx, const S* sy,
                                     int64_t ns, const S* qx, const S* qy, int64_t nq, const S* alpha, int K,
@@ -392,11 +371,4 @@ FM_HD TaskLosses mlp_task_meta_step(const Exec& ex, const MlpShape& s, const S* 
   return out;
 }
 
-}  // namespace fastmaml_mlp
-
-namespace fastmaml_mlp {
-
-// Per-task elements of the tape and the [P] working vectors: phis, grads [K, P]; phi, u, vec [P].
-FM_HD inline int64_t tape_elems(const MlpShape& s, int K) { return (2 * int64_t(K) + 3) * s.params; }
-
-}  // namespace fastmaml_mlp
+}  // namespace FASTMAML_MLP_NS

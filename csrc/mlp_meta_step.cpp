@@ -6,21 +6,26 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
+#include "mlp_inner_loop.h"
 #include "mlp_meta_step.h"
+#include "mlp_meta_step_avx2.h"
 
 namespace fastmaml {
 namespace {
 
 using fastmaml_mlp::MlpShape;
 
-struct SerialExec {
-  static constexpr bool kSerial = true;
-  int64_t tid() const { return 0; }
-  int64_t nthreads() const { return 1; }
-  void sync() const {}
-};
+// The AVX2 + FMA build of the per-task loop where the CPU has it, unless $FASTMAML_CPU_ISA is
+// "baseline" (read per call: the tests run both builds).
+bool use_avx2() {
+  const char* isa = std::getenv("FASTMAML_CPU_ISA");
+  if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
+  return fastmaml_mlp_avx2::usable();
+}
 
 void check_task_tensor(const at::Tensor& t, const char* name, const at::Tensor& theta, int64_t T, int64_t width) {
   TORCH_CHECK(t.dim() == 3, name, ": expected a [T, N, features] tensor, got shape ", t.sizes());
@@ -86,6 +91,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_
     const int64_t scratch = fastmaml_mlp::pass_scratch_elems<S>(shape, n_max);
     const int64_t per_task = 3 * P + 2 * K * P + scratch;
     const S inv_tasks = S(1) / S(T);
+    const bool avx2 = use_avx2();
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
       std::vector<S> work(static_cast<size_t>(per_task));
       for (int64_t t = begin; t < end; ++t) {
@@ -98,11 +104,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_
         b.scratch = fastmaml_mlp::carve_pass_scratch<S>(shape, n_max, b.grads + K * P);
         b.v = task_grads.data_ptr<S>() + t * P;
         b.dalpha = lr_grad ? task_dalpha.data_ptr<S>() + t * K * P : nullptr;
-        const auto losses = fastmaml_mlp::mlp_task_meta_step<S>(
-            SerialExec{}, shape, theta.const_data_ptr<S>(), sx.const_data_ptr<S>() + t * ns * shape.dims[0],
-            sy.const_data_ptr<S>() + t * ns * shape.dims[shape.layers], ns,
-            qx.const_data_ptr<S>() + t * nq * shape.dims[0], qy.const_data_ptr<S>() + t * nq * shape.dims[shape.layers],
-            nq, alpha.const_data_ptr<S>(), static_cast<int>(K), second_order, inv_tasks, b);
+        const S* tsx = sx.const_data_ptr<S>() + t * ns * shape.dims[0];
+        const S* tsy = sy.const_data_ptr<S>() + t * ns * shape.dims[shape.layers];
+        const S* tqx = qx.const_data_ptr<S>() + t * nq * shape.dims[0];
+        const S* tqy = qy.const_data_ptr<S>() + t * nq * shape.dims[shape.layers];
+        const auto losses =
+            avx2 ? fastmaml_mlp_avx2::task_meta_step<S>(shape, theta.const_data_ptr<S>(), tsx, tsy, ns, tqx, tqy, nq,
+                                                        alpha.const_data_ptr<S>(), static_cast<int>(K), second_order,
+                                                        inv_tasks, b)
+                 : fastmaml_mlp::mlp_task_meta_step<S>(fastmaml_mlp::SerialExec{}, shape, theta.const_data_ptr<S>(),
+                                                       tsx, tsy, ns, tqx, tqy, nq, alpha.const_data_ptr<S>(),
+                                                       static_cast<int>(K), second_order, inv_tasks, b);
         q_after.data_ptr<S>()[t] = S(losses.query_after);
         q_before.data_ptr<S>()[t] = S(losses.query_before);
         s_before.data_ptr<S>()[t] = S(losses.support_before);

@@ -2,7 +2,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
-#include "mlp_inner_loop.h"
+#include "mlp_shape.h"
 
 namespace fastmaml {
 

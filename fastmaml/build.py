@@ -89,7 +89,9 @@ def build(verbose: bool = False) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     # the C++ standard is torch's choice (C++17 up to 2.12, C++20 after); the headers' digest is a
     # define so that editing a header alone also triggers a rebuild (load() hashes only sources)
-    cflags = ["-O3", f"-DFASTMAML_HEADERS_DIGEST={headers_digest()}"]
+    # -fopenmp: at::parallel_for is an inline template that runs serially unless the extension itself
+    # is compiled with OpenMP (the runtime symbols resolve to the libgomp torch already loaded)
+    cflags = ["-O3", "-fopenmp", f"-DFASTMAML_HEADERS_DIGEST={headers_digest()}"]
     try:
         cpp_extension.load(
             name=NAME, sources=sources(with_cuda), extra_cflags=cflags,

@@ -5,8 +5,9 @@ sweep that turns v = ∂L/∂φ_K into ∂L/∂θ, ∂L/∂ψ (shared weights) a
     reverse:  ∂L/∂α_j = −Σ_t g_j ⊙ v;  ∂L/∂ψ −= Σ_t H_sa,j (α_j ⊙ v);  v ← v − H_aa,j (α_j ⊙ v)
               ∂L/∂θ = Σ_t v
 
-Orders: "second" keeps φ_j and g_j; "checkpoint" keeps only φ_j and gets g_j again from the HVP pass
-(forward-over-reverse yields both), so nothing but the fast weights grows with K; "first" keeps only
+Orders: "second" keeps φ_j and g_j; "checkpoint" keeps at most CHECKPOINT_SLOTS fast weights whatever
+K (memory flat in K) and replays the inner steps between them in the reverse sweep (`replay_phis`),
+getting g_j again from the HVP pass (forward-over-reverse yields both); "first" keeps only
 what the α-gradient needs and lets v pass through unchanged; "implicit" (iMAML) runs the K steps on
 the proximal objective L_s(φ) + λ/2 ‖φ − θ‖², keeps only φ_K, and solves (I + H/λ) u = v by
 conjugate gradient with the same Hessian-vector product: ∂L/∂θ = Σ_t u.
@@ -29,6 +30,7 @@ from .ops import OpTable
 from .programs import Program
 
 ORDERS = ("second", "checkpoint", "first", "implicit")
+CHECKPOINT_SLOTS = 2  # fast weights `[T, Pa]` that "checkpoint" keeps besides θ, for any number of steps
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,8 @@ class Implicit:
 
 @dataclass
 class Tape:
-    """What the forward sweep keeps for the reverse sweep. φ_0 is θ `[Pa]`; later φ_j are `[T, Pa]`."""
+    """What the forward sweep keeps for the reverse sweep. φ_0 is θ `[Pa]`; later φ_j are `[T, Pa]`.
+    phis[j] is None for a step whose fast weights are replayed ("checkpoint")."""
 
     order: str
     phis: List[torch.Tensor] = field(default_factory=list)
@@ -53,6 +56,52 @@ class Tape:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def _mid(a: int, b: int) -> int:
+    return (a + b + 1) // 2
+
+
+def checkpoint_steps(K: int, slots: int = CHECKPOINT_SLOTS) -> List[int]:
+    """The steps j whose φ_j the forward sweep keeps in "checkpoint" order: 0 (θ) and the first
+    snapshots `replay_phis` asks for (bisection of [0, K), at most `slots` of them)."""
+    keep, a, left = [0], 0, slots
+    while K - a > 1 and left > 0:
+        a = _mid(a, K)
+        keep.append(a)
+        left -= 1
+    return keep
+
+
+def replay_phis(phis: List[Optional[torch.Tensor]], advance, slots: int = CHECKPOINT_SLOTS):
+    """Yields (j, φ_j) for j = K−1, …, 0 from the kept snapshots (`phis[j]` or None; taken out of the
+    list as they are used, so that each is freed once done with), recomputing the others with
+    `advance(φ_a, a, b) -> φ_b` (b − a inner steps). Bisection with at most `slots` snapshots besides θ
+    alive at once, plus the φ_j in hand: memory flat in K. For K = 5 / 10 / 20 with 2 slots it
+    replays 3 / 11 / 36 inner steps (each one support gradient, a third of a Hessian-vector product)."""
+
+    def take(j):
+        phi, phis[j] = phis[j], None
+        return phi
+
+    def segment(a, phi_a, b, left):
+        if b - a == 1:
+            yield a, phi_a
+            return
+        if left == 0:
+            for j in range(b - 1, a, -1):
+                yield j, advance(phi_a, a, j)
+            yield a, phi_a
+            return
+        m = _mid(a, b)
+        phi_m = take(m)
+        if phi_m is None:
+            phi_m = advance(phi_a, a, m)
+        yield from segment(m, phi_m, b, left - 1)
+        del phi_m
+        yield from segment(a, phi_a, m, left)
+
+    yield from segment(0, take(0), len(phis), slots)
 
 
 def _first_bad(flags: List[torch.Tensor]) -> Optional[int]:
@@ -79,6 +128,7 @@ def forward_sweep(program: Program, ops: OpTable, theta_a, theta_s, alphas, sx, 
     tape = Tape(order, implicit=implicit if order == "implicit" else None)
     prox = tape.implicit.lam if tape.implicit is not None else 0.0
     phi, loss0, flags = theta_a, None, []
+    kept = set(checkpoint_steps(len(alphas))) if order == "checkpoint" else None
     for j, alpha in enumerate(alphas):
         bn_stats = norm.stats(j) if norm is not None else None
         lg = program.loss_grad(phi, theta_s, sx, sy, bn_stats=bn_stats)
@@ -86,8 +136,10 @@ def forward_sweep(program: Program, ops: OpTable, theta_a, theta_s, alphas, sx, 
             recorded.append(program.batch_stats(phi, theta_s, sx))
         if j == 0:
             loss0 = lg.loss
-        if order in ("second", "checkpoint"):
+        if order == "second":
             tape.phis.append(phi)
+        elif order == "checkpoint":
+            tape.phis.append(phi if j in kept else None)
         tape.grads.append(lg.grad if order == "second" or (order == "first" and keep_grads) else None)
         if check_finite:
             flags.append(torch.isfinite(lg.loss).all() & torch.isfinite(lg.grad).all())
@@ -152,13 +204,28 @@ def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas
     d_shared = theta_s.new_zeros(theta_s.shape) if shared_grad else None
     d_alphas: List[Optional[torch.Tensor]] = [None] * K
     flags = []
-    for j in reversed(range(K)):
+
+    def stats(j):
+        return norm.stats(j) if norm is not None else None
+
+    def advance(phi, a, b):
+        for j in range(a, b):
+            phi = ops.inner_update(phi.expand(sx.shape[0], -1),
+                                   program.loss_grad(phi, theta_s, sx, sy, bn_stats=stats(j)).grad, alphas[j])
+        return phi
+
+    if tape.order == "first":
+        steps = ((j, None) for j in reversed(range(K)))
+    elif tape.order == "checkpoint":
+        steps = replay_phis(tape.phis, advance)
+    else:
+        steps = ((j, tape.phis[j]) for j in reversed(range(K)))
+    for j, phi in steps:
         alpha = alphas[j]
         if tape.order == "first":
             v, d_alphas[j] = ops.adjoint_update(v, None, tape.grads[j], alpha, lr_grad[j])
         else:
-            h = program.hvp(tape.phis[j], theta_s, sx, sy, alpha * v, shared_grad=shared_grad,
-                            bn_stats=norm.stats(j) if norm is not None else None)
+            h = program.hvp(phi, theta_s, sx, sy, alpha * v, shared_grad=shared_grad, bn_stats=stats(j))
             g = tape.grads[j] if tape.grads[j] is not None else h.grad
             if shared_grad:
                 d_shared -= h.hu_shared.sum(0)
@@ -239,7 +306,7 @@ class InnerLoop(torch.autograd.Function):
         rest = iter(saved[1 + ctx.num_alphas:])
         has_phi, has_grad = ctx.layout
         tape = Tape(spec.order, implicit=spec.implicit)
-        tape.phis = [next(rest) for h in has_phi if h]
+        tape.phis = [next(rest) if h else None for h in has_phi]
         tape.grads = [next(rest) if h else None for h in has_grad]
         needs = ctx.needs_input_grad
         shared_grad = needs[2] and theta_s.numel() > 0

@@ -48,8 +48,8 @@ def use_step_stats(model, t, j):
         m.running_var = m.step_running_var[min(j, S - 1)].clone()
 
 
-@pytest.mark.parametrize("steps", [1, 3])
-def test_per_step_statistics_eval_more_steps_than_trained(steps):
+@pytest.mark.parametrize("order,steps", [("second", 1), ("second", 3), ("checkpoint", 5)])
+def test_per_step_statistics_eval_more_steps_than_trained(order, steps):
     torch.manual_seed(1)
     g = torch.Generator().manual_seed(1)
     model = fastmaml.add_per_step_stats(small_cnn(channels=3), steps=1)  # trained with 1 step: rows 0, 1
@@ -57,7 +57,8 @@ def test_per_step_statistics_eval_more_steps_than_trained(steps):
     model.eval()
     tasks = classification_tasks()
     before = [b.clone() for b in model.buffers()]
-    fastmaml.meta_step(model, tasks, inner_lr=0.1, steps=steps, loss="cross_entropy", batch_norm="per_step")
+    fastmaml.meta_step(model, tasks, inner_lr=0.1, steps=steps, order=order, loss="cross_entropy",
+                       batch_norm="per_step")
     _, ref, _ = autograd_meta_grad(model, tasks, inner_lr=0.1, steps=steps, loss_fn=F.cross_entropy, train=False,
                                    before_forward=use_step_stats)
     assert_grads_close(grads_of(model), ref, TOL)

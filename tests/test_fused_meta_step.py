@@ -10,6 +10,7 @@ import fastmaml
 from fastmaml.layout import ParamLayout
 from fastmaml.losses import resolve_loss
 from fastmaml.models import conv4
+from fastmaml.ops import mlp_kernel
 from fastmaml.programs import select_program
 from fastmaml.programs.fused import FusedProgram
 from fastmaml.programs.fused import conv
@@ -18,6 +19,13 @@ from oracle import assert_grads_close, autograd_meta_grad, check_meta_step, rel_
 
 TOL = 1e-9
 ORDERS = ["second", "checkpoint", "first"]
+
+
+@pytest.fixture(autouse=True)
+def no_mlp_kernel(monkeypatch):
+    """MLPs under MSE would take the whole-inner-loop kernel (tests/test_kernels_mlp.py): test the
+    fused engine here."""
+    monkeypatch.setattr(mlp_kernel, "try_meta_step", lambda *args, **kwargs: None)
 
 
 def mse(out, y):
@@ -59,6 +67,20 @@ def test_conv4_28(order, steps, monkeypatch):
 def test_conv4_84_three_steps(order):
     check(conv_net(84, hidden=3), conv_tasks(2, 84, ways=3), loss="cross_entropy", loss_fn=F.cross_entropy,
           inner_lr=0.4, steps=3, order=order)
+
+
+@pytest.mark.parametrize("model_kind,steps", [("mlp", 7), ("mlp", 10), ("conv", 6)])
+def test_checkpoint_replays_long_unrolls(model_kind, steps):
+    """"checkpoint" keeps two snapshots and replays the other inner steps in the reverse sweep; a
+    learned per-step learning rate makes every replayed step's α and g_j show in the result."""
+    lrs = [torch.tensor(0.01 + 0.003 * j if model_kind == "mlp" else 0.1 + 0.02 * j, dtype=torch.float64,
+                        requires_grad=True) for j in range(steps)]
+    if model_kind == "mlp":
+        torch.manual_seed(0)
+        model, tasks, loss, loss_fn = mlp((1, 40, 40, 1)), regression_tasks(T=3, ns=10, nq=10), "mse", mse
+    else:
+        model, tasks, loss, loss_fn = conv_net(28), conv_tasks(2, 28), "cross_entropy", F.cross_entropy
+    check(model, tasks, loss=loss, loss_fn=loss_fn, inner_lr=lrs, steps=steps, order="checkpoint", lr_leaves=lrs)
 
 
 @pytest.mark.parametrize("form", ["learned-scalar", "meta-sgd", "per-step-list"])

@@ -23,6 +23,14 @@ def extension():
     assert ok, f"the C++ extension must build on this machine: {why}"
 
 
+@pytest.fixture(autouse=True, params=["auto", "baseline"])
+def cpu_isa(request, monkeypatch):
+    """Every test runs with both CPU builds of the per-task loop: AVX2 + FMA where the CPU has it
+    ("auto") and the baseline instruction set ($FASTMAML_CPU_ISA, read by the op per call)."""
+    monkeypatch.setenv("FASTMAML_CPU_ISA", request.param)
+    return request.param
+
+
 def flat(grads, layout):
     return torch.cat([grads[n].reshape(-1) for n in layout.adapted.names])
 

@@ -1,5 +1,6 @@
-"""order="checkpoint" keeps nothing for backward that grows with `steps` beyond the fast weights
-(counted deterministically with saved_tensors_hooks and the tape's own byte count)."""
+"""order="checkpoint" keeps at most CHECKPOINT_SLOTS fast weights for backward whatever `steps`, and
+"second" grows only by the fast weights and gradients (counted deterministically with
+saved_tensors_hooks and the tape's own byte count)."""
 import contextlib
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastmaml
-from fastmaml.inner_loop import forward_sweep
+from fastmaml.inner_loop import CHECKPOINT_SLOTS, checkpoint_steps, forward_sweep, replay_phis
 from fastmaml.layout import ParamLayout
 from fastmaml.losses import resolve_loss
 from fastmaml.ops import resolve
@@ -38,19 +39,55 @@ def saved_bytes(model, tasks, steps, order):
     return inner + nbytes(outer)
 
 
-@pytest.mark.parametrize("order,per_step", [("checkpoint", 1), ("second", 2)])
-def test_saved_bytes_grow_only_by_fast_weights(order, per_step):
+@pytest.mark.parametrize("order,extra_buffers", [("checkpoint", lambda K: CHECKPOINT_SLOTS),
+                                                  ("second", lambda K: 2 * (K - 1))])
+def test_saved_bytes_grow_only_by_fast_weights(order, extra_buffers):
     torch.manual_seed(0)
     model = small_cnn(channels=4)
     tasks = classification_tasks(T=3)
     T, P = 3, sum(p.numel() for p in model.parameters())
     fast_weights = T * P * 8  # one [T, P] float64 buffer
     b1 = saved_bytes(model, tasks, 1, order)
-    b6 = saved_bytes(model, tasks, 6, order)
     # what the forward sweep keeps (φ_0 = θ at least) and the query pass's activations, once
     assert b1 > (fast_weights if HOOKS_AROUND_TORCH_FUNC else fast_weights / T)
     alpha = 8  # each step's α (a float64 scalar here) is an input of InnerLoop, saved too
-    assert b6 - b1 <= 5 * (per_step * fast_weights + alpha)
+    for K in (6, 12):
+        assert saved_bytes(model, tasks, K, order) - b1 <= extra_buffers(K) * fast_weights + (K - 1) * alpha
+
+
+@pytest.mark.parametrize("K", [1, 2, 3, 4, 5, 7, 10, 20])
+@pytest.mark.parametrize("slots", [0, 1, 2, 3])
+def test_replay_visits_every_step_in_reverse_with_bounded_snapshots(K, slots):
+    """replay_phis yields φ_K−1 … φ_0, each advanced from the right snapshot, with never more than θ,
+    `slots` snapshots and the φ_j in hand alive at once."""
+    keep = checkpoint_steps(K, slots)
+    alive = set()
+
+    class Phi:
+        def __init__(self, j):
+            self.j = j
+            alive.add(id(self))
+
+        def __del__(self):
+            alive.discard(id(self))
+
+    kept = [Phi(j) if j in keep else None for j in range(K)]
+    replayed = []
+
+    def advance(phi, a, b):
+        assert phi.j == a and b > a
+        replayed.append(b - a)
+        return Phi(b)
+
+    seen = []
+    for j, phi in replay_phis(kept, advance, slots):
+        assert phi.j == j
+        seen.append(j)
+        assert len(alive) <= slots + 2  # θ, ≤ slots snapshots, the φ_j in hand
+        del phi
+    assert seen == list(range(K - 1, -1, -1))
+    assert kept == [None] * K  # the tape's snapshots were handed over (and freed after use)
+    assert len(keep) <= slots + 1
 
 
 @pytest.mark.parametrize("order,expected", [("checkpoint", ["phi"]), ("second", ["phi", "grad"]),
@@ -68,7 +105,8 @@ def test_tape_contents(order, expected):
         _, tape, _ = forward_sweep(program, resolve("torch", "cpu"), theta_a, theta_s, alphas, sx, sy,
                                    order=order, keep_grads=False, check_finite=True)
         # φ_0 is θ itself ([P], shared by the tasks); later fast weights are [T, P]
-        phis = (P + (steps - 1) * T * P) * 8 if "phi" in expected else 0
+        kept = steps if order == "second" else len(checkpoint_steps(steps))
+        phis = (P + (kept - 1) * T * P) * 8 if "phi" in expected else 0
         grads = steps * T * P * 8 if "grad" in expected else 0
         assert tape.nbytes() == phis + grads
 

@@ -3,6 +3,7 @@
 // the CPU op; here its loops are spread over the block's threads with __syncthreads between phases.
 #include <cuda_runtime.h>
 
+#include "../mlp_inner_loop.h"
 #include "mlp_kernel.h"
 
 namespace fastmaml_cuda {

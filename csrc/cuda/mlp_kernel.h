@@ -3,7 +3,7 @@
 #include <cuda_runtime_api.h>
 #include <cstdint>
 
-#include "../mlp_inner_loop.h"
+#include "../mlp_shape.h"
 
 namespace fastmaml_cuda {
 

@@ -8,6 +8,7 @@ except Exception as _exc:  # pragma: no cover - reported by `fastmaml info`
     register_backend("cpp", lambda device, _why=f"fastmaml.ops.cpp failed to import: {_exc!r}": (False, _why))
 try:
     from . import triton  # noqa: F401
+    from . import triton_norm  # noqa: F401  (BatchNorm ops; kernels imported at first use)
 except Exception as _exc:  # pragma: no cover
     register_backend("triton", lambda device, _why=f"fastmaml.ops.triton failed to import: {_exc!r}": (False, _why))
 

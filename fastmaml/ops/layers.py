@@ -52,8 +52,7 @@ def linear_fwd(x: Tensor, w: Tensor, b: Opt) -> Tensor:
     return _mm(x, w) if b is None else _addmm(b, x, w)
 
 
-@register("linear_tangent_fwd", "torch")
-def linear_tangent_fwd(x: Tensor, xd: Opt, w: Tensor, wd: Opt, bd: Opt) -> Opt:
+def _linear_tangent(x: Tensor, xd: Opt, w: Tensor, wd: Opt, bd: Opt) -> Opt:
     """ẏ = ẋ wᵀ + x ẇᵀ + ḃ `[T, N, O]` (None when all three are zero)."""
     yd = None
     if wd is not None:
@@ -63,6 +62,12 @@ def linear_tangent_fwd(x: Tensor, xd: Opt, w: Tensor, wd: Opt, bd: Opt) -> Opt:
     if xd is not None:
         yd = _mm(xd, w) if yd is None else yd + _mm(xd, w)
     return yd
+
+
+@register("linear_value_tangent_fwd", "torch")
+def linear_value_tangent_fwd(x: Tensor, xd: Opt, w: Tensor, b: Opt, wd: Opt, bd: Opt) -> Tuple[Tensor, Opt]:
+    """(y, ẏ): y = x wᵀ + b `[T, N, O]` and its tangent ẏ `[T, N, O]` (or None), in one op."""
+    return linear_fwd(x, w, b), _linear_tangent(x, xd, w, wd, bd)
 
 
 @register("linear_bwd", "torch")

@@ -43,7 +43,7 @@ def _kernels():
             import triton
 
             kernels = _import_kernels()
-            for name in ("inner_update", "adjoint_update", "cross_entropy", "mse"):
+            for name in ("inner_update", "adjoint_update", "cross_entropy", "mse", "linear"):
                 importlib.import_module(f"fastmaml.kernels.{name}")
             _state.update(ok=True, why=f"triton {triton.__version__}", interpret=kernels.INTERPRET)
         except Exception as exc:
@@ -85,7 +85,7 @@ def adjoint_update(v: torch.Tensor, hu: Optional[torch.Tensor], g: torch.Tensor,
     return out, (d_alpha if lr_grad else None)
 
 
-try:  # the loss ops of the fused engine (fastmaml/ops/layers.py): register only where they exist
+try:  # the layer and loss ops of the fused engine (fastmaml/ops/layers.py): register only where they exist
     from . import layers as _layers  # noqa: F401  (registers the torch references first)
 except ImportError:  # pragma: no cover
     _layers = None
@@ -106,3 +106,49 @@ if _layers is not None:
     def mse_grad(out: torch.Tensor, y: torch.Tensor):
         """out, y `[T, N, *]` -> (loss `[T]`, 2 (out − y) / M)."""
         return torch.ops.fastmaml_triton.mse_grad(out, y)
+
+    # Linear layers: every op is `linear_gemm` (kernels/linear.py) on (transposed) views, c = a bᵀ and
+    # its tangent cd = ad bᵀ + a bdᵀ in one kernel; outputs are written in place through their strides.
+
+    def _gemm(a, ad, b, bd, bias, bias_d, c, cd, ra, rad) -> None:
+        torch.ops.fastmaml_triton.linear_gemm(a, ad, b, bd, bias, bias_d, c, cd, ra, rad)
+
+    def _mT(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.transpose(-1, -2)
+
+    @register("linear_fwd", "triton")
+    def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        """y = x wᵀ + b `[T, N, O]`."""
+        y = x.new_empty(x.shape[0], x.shape[1], w.shape[-2])
+        _gemm(x, None, w, None, b, None, y, None, None, None)
+        return y
+
+    @register("linear_value_tangent_fwd", "triton")
+    def linear_value_tangent_fwd(x, xd, w, b, wd, bd):
+        """(y, ẏ) `[T, N, O]` in one kernel sharing the loads of x and w: [ẋ | x] @ [w ; ẇ]ᵀ."""
+        y = x.new_empty(x.shape[0], x.shape[1], w.shape[-2])
+        yd = None if xd is None and wd is None and bd is None else torch.empty_like(y)
+        _gemm(x, xd, w, wd, b, bd, y, yd, None, None)
+        return y, yd
+
+    @register("linear_bwd", "triton")
+    def linear_bwd(gy, x, w, need_x: bool, gw_out, gb_out):
+        """gw = gyᵀ x into `gw_out`, gb = Σ_n gy into `gb_out`; returns gx = gy w `[T, N, I]` or None."""
+        _gemm(_mT(gy), None, _mT(x), None, None, None, gw_out, None, gb_out, None)
+        if not need_x:
+            return None
+        gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        _gemm(gy, None, _mT(w), None, None, None, gx, None, None, None)
+        return gx
+
+    @register("linear_tangent_bwd", "triton")
+    def linear_tangent_bwd(gy, gyd, x, xd, w, wd, need_x: bool, gw_out, gwd_out, gb_out, gbd_out):
+        """gw, ġw = ġyᵀ x + gyᵀ ẋ, gb, ġb in one kernel; returns (gx, ġx = ġy w + gy ẇ) in a second one
+        (or (None, None) without `need_x`)."""
+        _gemm(_mT(gy), _mT(gyd), _mT(x), _mT(xd), None, None, gw_out, gwd_out, gb_out, gbd_out)
+        if not need_x:
+            return None, None
+        gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        gxd = torch.empty_like(gx)
+        _gemm(gy, gyd, _mT(w), _mT(wd), None, None, gx, gxd, None, None)
+        return gx, gxd

@@ -39,8 +39,7 @@ class LinearRule(Rule):
         w, b = p
         x3 = self._rows(x)
         xd3 = xd if xd is None or xd.dim() == 3 else xd.reshape(x3.shape)
-        y = ops.linear_fwd(x3, w, b)
-        yd = ops.linear_tangent_fwd(x3, xd3, w, v[0], v[1])
+        y, yd = ops.linear_value_tangent_fwd(x3, xd3, w, b, v[0], v[1])
         if x.dim() != 3:
             out_shape = (*x.shape[:-1], y.shape[-1])
             y, yd = y.view(out_shape), (None if yd is None else yd.reshape(out_shape))

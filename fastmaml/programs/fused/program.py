@@ -44,7 +44,7 @@ class FusedProgram(Program):
         self.first_param = min((i for g in "as" for i, _, _ in self.slots[g]), default=len(rules))
         self.norms = [(i, r) for i, r in enumerate(rules) if isinstance(r, BatchNormRule)]
         self._tables = {}
-        self._chunk_sizes = {}
+        self._task_bytes = {}  # activation bytes of one task, per (kind, input shape)
 
     # ------------------------------------------------------------------ binding
     def _ops(self, device: torch.device, differentiable: bool = False):
@@ -82,19 +82,19 @@ class FusedProgram(Program):
 
     # ------------------------------------------------------------------ task chunks
     def _chunked(self, kind: str, x, run) -> None:
-        """Runs `run(tasks: slice) -> activation bytes` over chunks of tasks: task 0 alone, whose
-        activations size the later chunks to `chunk_bytes` (all remaining tasks at once for small
-        activations, e.g. MLPs; one task at a time for large conv activations, where it keeps peak
-        memory and cache working set to one chunk). The chunks depend only on the shapes, never on
-        what ran before, so a computation is bitwise the same whenever it runs (resumed training)."""
+        """Runs `run(tasks: slice) -> activation bytes` over chunks of tasks sized to `chunk_bytes` of
+        activations (all tasks at once for small activations, e.g. MLPs; one task at a time for large
+        conv activations, where it keeps peak memory and cache working set to one chunk). The size per
+        task is measured once per input shape by running task 0 alone (then run again in its chunk), so
+        the chunks depend only on the shapes: a computation is bitwise the same whenever it runs."""
         T = x.shape[0]
         key = (kind, tuple(x.shape[1:]), x.dtype, x.device)
-        used = run(slice(0, 1))
-        size = self._chunk_sizes.setdefault(key, max(1, min(T, self.chunk_bytes // max(used, 1))))
-        start = 1
-        while start < T:
+        per_task = self._task_bytes.get(key)
+        if per_task is None:
+            per_task = self._task_bytes[key] = max(run(slice(0, 1)), 1)
+        size = max(1, self.chunk_bytes // per_task)
+        for start in range(0, T, size):
             run(slice(start, min(T, start + size)))
-            start += size
 
     @staticmethod
     def _rows(t, sl):

@@ -1,0 +1,234 @@
+"""Triton BatchNorm kernels (kernels/batchnorm.py via fastmaml/ops/triton_norm.py) against the torch
+references (fastmaml/ops/layers.py), on CUDA or under the Triton interpreter on CPU; and meta_step
+with backend="triton" on a conv net with BatchNorm against the autograd oracle (float64)."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastmaml  # noqa: E402
+from fastmaml.ops import registry, triton_norm  # noqa: E402
+from models import classification_tasks, small_cnn  # noqa: E402
+from oracle import assert_grads_close, autograd_meta_grad, rel_err  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+DTYPES = [torch.float32, torch.float64]
+# (T, N, C, S, weights): N·S = 1 (degenerate batch statistics), odd C and S, two blocks of 1024 values
+CASES = [(1, 1, 3, 1, "common"), (3, 1, 3, 5, "task"), (2, 2, 3, 5, None), (1, 2, 7, 49, "task"),
+         (1, 3, 2, 345, "common")]
+IDS = [f"T{t}N{n}C{c}S{s}-{w}" for t, n, c, s, w in CASES]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_backend():
+    ok, why = registry.availability("triton", DEVICE)
+    assert ok, why
+
+
+def impls(name):
+    return registry._IMPLS[name]["torch"], registry._IMPLS[name]["triton"]
+
+
+def assert_close(got, want, dtype, what):
+    assert (got is None) == (want is None), what
+    if want is None:
+        return
+    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape)
+    err = float((got.double() - want.double()).norm())
+    assert err <= TOL[dtype] * max(float(want.double().norm()), 1.0), (what, err)
+
+
+class Case:
+    """Random inputs of one case: activations `[T, N, C, S]`, per-channel weights as views into a flat
+    `[T, P]` buffer (per task), `[C]` (common) or None, and NaN-filled strided gradient outputs."""
+
+    def __init__(self, T, N, C, S, weights, dtype, seed=0):
+        self.g = torch.Generator().manual_seed(seed + T + N + C + S)
+        self.T, self.C, self.dtype, self.shape = T, C, dtype, (T, N, C, S)
+        self.weights = weights
+        self.x = self.act() * 2 + 3  # a mean far from 0 (the variance's shift)
+
+    def randn(self, *shape):
+        return torch.randn(*shape, generator=self.g, dtype=torch.float64).to(DEVICE, self.dtype)
+
+    def act(self):
+        return self.randn(*self.shape)
+
+    def channel(self, per_task=None):
+        """A per-channel vector in this case's weights form (or `per_task`: True -> `[T, C]` view)."""
+        form = self.weights if per_task is None else ("task" if per_task else None)
+        if form == "task":
+            return self.randn(self.T, 2 * self.C + 1)[:, 1::2]  # non-contiguous view of a flat buffer
+        return self.randn(self.C) + 1 if form == "common" else None
+
+    def outs(self, k):
+        """k (output, reference output) pairs `[T, C]`, NaN-filled: even ones are column blocks of a flat
+        `[T, P]` buffer (returned too), odd ones transposed `[C, T]` tensors."""
+        T, C = self.T, self.C
+        flat = torch.full((T, k * (C + 1) + 1), float("nan"), dtype=self.dtype, device=DEVICE)
+        views = [flat[:, 1 + i * (C + 1):1 + i * (C + 1) + C] if i % 2 == 0 else
+                 torch.full((C, T), float("nan"), dtype=self.dtype, device=DEVICE).t() for i in range(k)]
+        return [(v, v.clone()) for v in views], flat
+
+    def stats(self, batch):
+        return (None, None) if batch else (self.randn(self.C) * 2 + 3, self.randn(self.C).abs() + 0.5)
+
+
+def check_outs(pairs, flat, dtype):
+    """Each given output as its reference, and nothing written into `flat` outside them."""
+    for i, (got, want) in enumerate(pairs):
+        if got is not None:
+            assert_close(got, want, dtype, f"out {i}")
+            got.fill_(float("nan"))
+    assert torch.isnan(flat).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,N,C,S,weights", CASES, ids=IDS)
+def test_forward(T, N, C, S, weights, dtype):
+    case = Case(T, N, C, S, weights, dtype)
+    w, b = case.channel(), case.channel()
+    for batch in (True, False):
+        ref, tri = impls("batchnorm_fwd")
+        stats = case.stats(batch)
+        want = ref(case.x.clone(), w, b, 1e-5, *stats)
+        got = tri(case.x, w, b, 1e-5, *stats)
+        for name, u, v in zip(("y", "xhat", "r"), got, want):
+            assert_close(u, v, dtype, (batch, name))
+        assert (got[0] is got[1]) == (w is None)
+    ref, tri = impls("batchnorm_train_fwd")
+    for name, u, v in zip(("y", "mean", "r"), tri(case.x, w, b, 1e-3), ref(case.x, w, b, 1e-3)):
+        assert_close(u, v, dtype, ("train", name))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,N,C,S,weights", CASES, ids=IDS)
+def test_backward(T, N, C, S, weights, dtype):
+    case = Case(T, N, C, S, weights, dtype)
+    w = case.channel()
+    gy = torch.cat([case.act(), case.act()], dim=-1)[..., ::2]  # a non-contiguous gradient
+    _, xhat, r = impls("batchnorm_fwd")[0](case.x, w, case.channel(), 1e-5)
+    _, mean, r_train = impls("batchnorm_train_fwd")[0](case.x, w, case.channel(), 1e-5)
+    for need_x, n_outs in ((True, 2), (False, 1), (True, 0)):
+        for batch in (True, False):
+            pairs, flat = case.outs(2)
+            gw, gb = pairs[:n_outs] + [(None, None)] * (2 - n_outs)
+            ref, tri = impls("batchnorm_bwd")
+            want = ref(gy, xhat, r, w, batch, need_x, gw[1], gb[1])
+            got = tri(gy, xhat, r, w, batch, need_x, gw[0], gb[0])
+            assert_close(got, want, dtype, ("gx", batch, need_x))
+            check_outs([gw, gb], flat, dtype)
+        (gw, gb), flat = case.outs(2)
+        ref, tri = impls("batchnorm_train_bwd")
+        want = ref(gy, case.x, mean, r_train, w, 1e-5, need_x, gw[1], gb[1])
+        got = tri(gy, case.x, mean, r_train, w, 1e-5, need_x, gw[0], gb[0])
+        assert_close(got, want, dtype, ("train gx", need_x))
+        check_outs([gw, gb], flat, dtype)
+
+
+def directions(case, w, i):
+    """ẋ, ẇ, ḃ for variant i: all given, no ẋ (no adapted parameter upstream), only ẋ (shared affine)."""
+    xd = None if i == 1 else case.act()
+    if i == 2 or w is None:
+        return xd, None, None
+    return xd, case.channel(per_task=True), case.channel(per_task=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,N,C,S,weights", CASES, ids=IDS)
+def test_tangent_forward(T, N, C, S, weights, dtype):
+    case = Case(T, N, C, S, weights, dtype)
+    w = case.channel()
+    ref, tri = impls("batchnorm_tangent_fwd")
+    for batch in (True, False):
+        _, xhat, r = impls("batchnorm_fwd")[0](case.x, w, case.channel(), 1e-5, *case.stats(batch))
+        for i in range(3):
+            xd, wd, bd = directions(case, w, i)
+            want = ref(xd, xhat, r, w, wd, bd, batch)
+            got = tri(xd, xhat, r, w, wd, bd, batch)
+            for name, u, v in zip(("yd", "xhd", "a"), got, want):
+                assert_close(u, v, dtype, (batch, i, name))
+    assert tri(None, xhat, r, w, None, None, True) == (None, None, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T,N,C,S,weights", CASES, ids=IDS)
+def test_tangent_backward(T, N, C, S, weights, dtype):
+    case = Case(T, N, C, S, weights, dtype)
+    w = case.channel()
+    gy, gyd = case.act(), case.act()
+    ref, tri = impls("batchnorm_tangent_bwd")
+    for batch in (True, False):
+        _, xhat, r = impls("batchnorm_fwd")[0](case.x, w, case.channel(), 1e-5, *case.stats(batch))
+        for i in range(3):
+            xd, wd, bd = directions(case, w, i)
+            _, xhd, a = impls("batchnorm_tangent_fwd")[0](xd, xhat, r, w, wd, bd, batch)
+            for need_x in (True, False) if i == 0 else (True,):
+                outs, flat = case.outs(4)
+                if i == 2:  # a shared affine part: no gw, ġw outputs
+                    outs[0] = outs[1] = (None, None)
+                want = ref(gy, gyd, xhat, xhd, a, r, w, wd, batch, need_x, *(o[1] for o in outs))
+                got = tri(gy, gyd, xhat, xhd, a, r, w, wd, batch, need_x, *(o[0] for o in outs))
+                for name, u, v in zip(("gx", "gxd"), got, want):
+                    assert_close(u, v, dtype, (batch, i, need_x, name))
+                check_outs(outs, flat, dtype)
+
+
+def test_opcheck():
+    """Schemas, fake implementations and declared mutations of the custom ops."""
+    triton_norm._bn()  # imports kernels/batchnorm.py
+    lib = torch.ops.fastmaml_triton
+    case = Case(2, 2, 3, 5, "task", torch.float64)
+    x, w, b = case.x, case.channel(), case.channel(per_task=False)
+    (gw, _), (gb, _) = case.outs(2)[0]
+    torch.library.opcheck(lib.batchnorm_fwd.default, (x, w, b, None, None, 1e-5, True))
+    torch.library.opcheck(lib.batchnorm_fwd.default, (x, None, None, *case.stats(False), 1e-5, False))
+    _, xhat, mean, r = lib.batchnorm_fwd(x, w, b, None, None, 1e-5, True)
+    torch.library.opcheck(lib.batchnorm_bwd.default, (x, xhat, None, r, w, True, True, gw, gb))
+    torch.library.opcheck(lib.batchnorm_bwd.default, (x, x, mean, r, None, True, False, None, gb))
+    torch.library.opcheck(lib.batchnorm_tangent_fwd.default, (x, xhat, r, w, w, w, True))
+    torch.library.opcheck(lib.batchnorm_tangent_fwd.default, (x, xhat, r, None, None, None, True))
+    _, xhd, a = lib.batchnorm_tangent_fwd(x, xhat, r, w, w, w, True)
+    torch.library.opcheck(lib.batchnorm_tangent_bwd.default, (x, x, xhat, xhd, a, r, w, w, True, True, gw, None,
+                                                              gb, None))
+    torch.library.opcheck(lib.batchnorm_tangent_bwd.default, (x, x, xhat, None, None, r, None, None, False, False,
+                                                              None, gw, None, gb))
+
+
+def test_bad_inputs_name_the_argument():
+    x = torch.randn(2, 3, 4, 5, device=DEVICE)
+    _, tri = impls("batchnorm_fwd")
+    with pytest.raises(ValueError, match="w: expected a per-channel tensor"):
+        tri(x, torch.ones(3, device=DEVICE), None, 1e-5)
+    with pytest.raises(ValueError, match="x: expected a floating-point"):
+        tri(x[0], None, None, 1e-5)
+    _, xhat, r = tri(x, None, None, 1e-5)
+    with pytest.raises(ValueError, match="gw_out: expected a torch.float32 output of shape"):
+        impls("batchnorm_bwd")[1](xhat, xhat, r, None, True, True, torch.empty(4, 2, device=DEVICE), None)
+    with pytest.raises(ValueError, match="gy: expected"):
+        impls("batchnorm_bwd")[1](xhat.double(), xhat, r, None, True, True, None, None)
+
+
+@pytest.mark.parametrize("batch_norm,steps", [("batch", 1), ("batch", 2), ("frozen", 2)])
+def test_meta_step_conv_bn_matches_oracle(batch_norm, steps):
+    torch.manual_seed(0)
+    model = small_cnn(channels=2, ways=3, size=4).to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(0.3 * torch.randn(2, generator=g, dtype=torch.float64))
+            m.running_var.copy_(0.5 + torch.rand(2, generator=g, dtype=torch.float64))
+    tasks = [t.to(DEVICE) for t in classification_tasks(T=2, ways=3, size=4)]
+    model.zero_grad()
+    res = fastmaml.meta_step(model, tasks, inner_lr=0.1, steps=steps, loss="cross_entropy", batch_norm=batch_norm,
+                             backend="triton")
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    ref_loss, ref_grads, _ = autograd_meta_grad(model, tasks, inner_lr=0.1, steps=steps, loss_fn=F.cross_entropy,
+                                                train=batch_norm == "batch")
+    assert rel_err(res.meta_loss, ref_loss) < 1e-9
+    assert_grads_close(grads, ref_grads, 1e-9)
