@@ -16,6 +16,10 @@ as empty tensors. The math and the torch references are in `fastmaml/ops/layers.
 Reductions: each program sums over its channel in blocks of BLOCK lanes (per-lane partial sums,
 reduced once at the end), then a second pass writes the elementwise outputs. Batch variance uses
 sums shifted by the channel's first value (one pass, no cancellation for large means).
+
+The forward, backward and tangent backward kernels take a RELU flag for BatchNorm followed by ReLU
+(kernels/batchnorm_relu.py, which launches them through `launch_fwd`, `launch_bwd`,
+`launch_tangent_bwd`): the forward stores max(y, 0), the backwards mask the incoming gradients by z > 0.
 """
 from __future__ import annotations
 
@@ -39,10 +43,20 @@ def _chunk(start, base, N, C, S, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _grad(g_ptr, z_ptr, offs, mask, RELU: tl.constexpr, ACC: tl.constexpr):
+    """A block of a gradient w.r.t. the output; with RELU, the gradient w.r.t. the ReLU output z masked
+    by z > 0 (the gradient w.r.t. BatchNorm's output)."""
+    g = tl.load(g_ptr + offs, mask=mask, other=0).to(ACC)
+    if RELU:
+        g = tl.where(tl.load(z_ptr + offs, mask=mask, other=0) > 0, g, 0.0)
+    return g
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, y_ptr, xh_ptr, mu_out_ptr, r_out_ptr, w_ptr, b_ptr, mu_ptr, var_ptr,
                 N, C, S, eps_hi, eps_lo, w_st, w_sc, b_st, b_sc, mu_st, mu_sc, var_st, var_sc,
                 BATCH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, SAVE_XHAT: tl.constexpr,
-                ACC: tl.constexpr, BLOCK: tl.constexpr):
+                RELU: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = (pid // C).to(tl.int64)
     c = (pid % C).to(tl.int64)
@@ -79,15 +93,18 @@ def _fwd_kernel(x_ptr, y_ptr, xh_ptr, mu_out_ptr, r_out_ptr, w_ptr, b_ptr, mu_pt
         xh = (tl.load(x_ptr + offs, mask=mask, other=0).to(ACC) - mean) * r
         if SAVE_XHAT:
             tl.store(xh_ptr + offs, xh.to(xh_ptr.dtype.element_ty), mask=mask)
-        tl.store(y_ptr + offs, (xh * w + b).to(y_ptr.dtype.element_ty), mask=mask)
+        y = xh * w + b
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bwd_kernel(gy_ptr, xin_ptr, mu_ptr, r_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr,
+def _bwd_kernel(gy_ptr, z_ptr, xin_ptr, mu_ptr, r_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr,
                 N, C, S, mu_st, mu_sc, r_st, r_sc, w_st, w_sc, gw_st, gw_sc, gb_st, gb_sc,
                 FROM_X: tl.constexpr, BATCH: tl.constexpr, HAS_W: tl.constexpr, NEED_X: tl.constexpr,
-                HAS_GW: tl.constexpr, HAS_GB: tl.constexpr, REDUCE: tl.constexpr, ACC: tl.constexpr,
-                BLOCK: tl.constexpr):
+                HAS_GW: tl.constexpr, HAS_GB: tl.constexpr, REDUCE: tl.constexpr, RELU: tl.constexpr,
+                ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = (pid // C).to(tl.int64)
     c = (pid % C).to(tl.int64)
@@ -104,7 +121,7 @@ def _bwd_kernel(gy_ptr, xin_ptr, mu_ptr, r_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr,
         s_gyx = tl.zeros([BLOCK], ACC)
         for start in range(0, N * S, BLOCK):
             offs, mask = _chunk(start, base, N, C, S, BLOCK)
-            gy = tl.load(gy_ptr + offs, mask=mask, other=0).to(ACC)
+            gy = _grad(gy_ptr, z_ptr, offs, mask, RELU, ACC)
             xh = tl.load(xin_ptr + offs, mask=mask, other=0).to(ACC)
             if FROM_X:
                 xh = tl.where(mask, (xh - mean) * r, 0.0)
@@ -122,7 +139,7 @@ def _bwd_kernel(gy_ptr, xin_ptr, mu_ptr, r_ptr, w_ptr, gx_ptr, gw_ptr, gb_ptr,
             m2 = w * sum_gyx / (N * S)
         for start in range(0, N * S, BLOCK):
             offs, mask = _chunk(start, base, N, C, S, BLOCK)
-            gxh = tl.load(gy_ptr + offs, mask=mask, other=0).to(ACC) * w
+            gxh = _grad(gy_ptr, z_ptr, offs, mask, RELU, ACC) * w
             if BATCH:
                 xh = tl.load(xin_ptr + offs, mask=mask, other=0).to(ACC)
                 if FROM_X:
@@ -184,13 +201,13 @@ def _tangent_fwd_kernel(xd_ptr, xh_ptr, r_ptr, w_ptr, wd_ptr, bd_ptr, yd_ptr, xh
 
 
 @triton.jit
-def _tangent_bwd_kernel(gy_ptr, gyd_ptr, xh_ptr, xhd_ptr, a_ptr, r_ptr, w_ptr, wd_ptr, gx_ptr, gxd_ptr,
+def _tangent_bwd_kernel(gy_ptr, gyd_ptr, z_ptr, xh_ptr, xhd_ptr, a_ptr, r_ptr, w_ptr, wd_ptr, gx_ptr, gxd_ptr,
                         gw_ptr, gwd_ptr, gb_ptr, gbd_ptr, N, C, S, a_st, a_sc, r_st, r_sc, w_st, w_sc,
                         wd_st, wd_sc, gw_st, gw_sc, gwd_st, gwd_sc, gb_st, gb_sc, gbd_st, gbd_sc,
                         HAS_XHD: tl.constexpr, HAS_A: tl.constexpr, BATCH: tl.constexpr, HAS_W: tl.constexpr,
                         HAS_WD: tl.constexpr, NEED_X: tl.constexpr, HAS_GW: tl.constexpr, HAS_GWD: tl.constexpr,
-                        HAS_GB: tl.constexpr, HAS_GBD: tl.constexpr, REDUCE: tl.constexpr, ACC: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        HAS_GB: tl.constexpr, HAS_GBD: tl.constexpr, REDUCE: tl.constexpr, RELU: tl.constexpr,
+                        ACC: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = (pid // C).to(tl.int64)
     c = (pid % C).to(tl.int64)
@@ -213,8 +230,8 @@ def _tangent_bwd_kernel(gy_ptr, gyd_ptr, xh_ptr, xhd_ptr, a_ptr, r_ptr, w_ptr, w
         s_gyxd = tl.zeros([BLOCK], ACC)    # Σ gy x̂̇
         for start in range(0, N * S, BLOCK):
             offs, mask = _chunk(start, base, N, C, S, BLOCK)
-            gy = tl.load(gy_ptr + offs, mask=mask, other=0).to(ACC)
-            gyd = tl.load(gyd_ptr + offs, mask=mask, other=0).to(ACC)
+            gy = _grad(gy_ptr, z_ptr, offs, mask, RELU, ACC)
+            gyd = _grad(gyd_ptr, z_ptr, offs, mask, RELU, ACC)
             xh = tl.load(xh_ptr + offs, mask=mask, other=0).to(ACC)
             s_gy += gy
             s_gyx += gy * xh
@@ -243,9 +260,9 @@ def _tangent_bwd_kernel(gy_ptr, gyd_ptr, xh_ptr, xhd_ptr, a_ptr, r_ptr, w_ptr, w
             m2d = (w * (sum_gydx + sum_gyxd) + wd * sum_gyx) / (N * S)
         for start in range(0, N * S, BLOCK):
             offs, mask = _chunk(start, base, N, C, S, BLOCK)
-            gy = tl.load(gy_ptr + offs, mask=mask, other=0).to(ACC)
+            gy = _grad(gy_ptr, z_ptr, offs, mask, RELU, ACC)
             gxh = gy * w
-            gxhd = tl.load(gyd_ptr + offs, mask=mask, other=0).to(ACC) * w + gy * wd
+            gxhd = _grad(gyd_ptr, z_ptr, offs, mask, RELU, ACC) * w + gy * wd
             if BATCH:
                 xh = tl.load(xh_ptr + offs, mask=mask, other=0).to(ACC)
                 gx = (gxh - m1 - xh * m2) * r
@@ -319,16 +336,17 @@ def _empty(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
 
-# ---------------------------------------------------------------- ops
+# ---------------------------------------------------------------- launches (shared with kernels/batchnorm_relu.py)
 
 
-@torch.library.custom_op("fastmaml_triton::batchnorm_fwd", mutates_args=())
-def batchnorm_fwd(x: torch.Tensor, w: Optional[torch.Tensor], b: Optional[torch.Tensor], mean: Optional[torch.Tensor],
-                  var: Optional[torch.Tensor], eps: float, save_xhat: bool
-                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x `[T, N, C, S]` -> (y = x̂ w + b, x̂ (if `save_xhat`), μ `[T, C]` (batch statistics), r `[T, C]`).
+def _eps_split(eps: float) -> Tuple[float, float]:
+    """eps as two float32 halves (hi, lo), hi + lo exact in float64."""
+    hi = float(torch.tensor(eps, dtype=torch.float32))
+    return hi, eps - hi
 
-    Batch statistics when `mean`/`var` are None, else fixed statistics (r is then `[1, C]`)."""
+
+def launch_fwd(x, w, b, mean, var, eps: float, save_xhat: bool, relu: bool):
+    """(y, x̂, μ, r) of `batchnorm_fwd`; y = max(x̂ w + b, 0) when `relu`."""
     x = _act(x, "x")
     if (mean is None) != (var is None):
         raise ValueError("mean, var: give both (fixed statistics) or neither (batch statistics)")
@@ -340,20 +358,90 @@ def batchnorm_fwd(x: torch.Tensor, w: Optional[torch.Tensor], b: Optional[torch.
     xhat = torch.empty_like(x) if save_xhat else _empty(x)
     mu = x.new_empty(T, C) if batch else _empty(x)
     r = x.new_empty(T if batch else 1, C)
-    eps_hi = float(torch.tensor(eps, dtype=torch.float32))  # eps in two float32 halves (float64-exact)
     if x.numel():
         grid, cfg = _launch(x)
-        _fwd_kernel[grid](x, y, xhat, mu, r, w_[0], b_[0], mu_[0], var_[0], N, C, S, eps_hi, eps - eps_hi,
+        _fwd_kernel[grid](x, y, xhat, mu, r, w_[0], b_[0], mu_[0], var_[0], N, C, S, *_eps_split(eps),
                           *w_[1:], *b_[1:], *mu_[1:], *var_[1:], BATCH=batch, HAS_W=w is not None,
-                          HAS_B=b is not None, SAVE_XHAT=save_xhat, **cfg)
+                          HAS_B=b is not None, SAVE_XHAT=save_xhat, RELU=relu, **cfg)
     return y, xhat, mu, r
+
+
+def fake_fwd(x, mean, save_xhat):
+    T, _, C, _ = x.shape
+    return (torch.empty_like(x), torch.empty_like(x) if save_xhat else _empty(x),
+            x.new_empty(T, C) if mean is None else _empty(x), x.new_empty(T if mean is None else 1, C))
+
+
+def launch_bwd(gy, z, xin, mean, r, w, batch: bool, need_x: bool, gw_out, gb_out) -> torch.Tensor:
+    """gx of `batchnorm_bwd`; with z (the ReLU output), gy is the gradient w.r.t. z, masked by z > 0."""
+    xin = _act(xin, "xin")
+    gy = _act(gy, "gy", xin)
+    if z is not None:
+        z = _act(z, "z", xin)
+    T, N, C, S = xin.shape
+    mu_, r_, w_ = _chan_arg(mean, "mean", xin), _chan_arg(r, "r", xin), _chan_arg(w, "w", xin)
+    gw_, gb_ = _out_arg(gw_out, "gw_out", xin), _out_arg(gb_out, "gb_out", xin)
+    gx = torch.empty_like(xin) if need_x else _empty(xin)
+    reduce = gw_out is not None or gb_out is not None or (batch and need_x)
+    if xin.numel():
+        grid, cfg = _launch(xin)
+        _bwd_kernel[grid](gy, gy if z is None else z, xin, mu_[0], r_[0], w_[0], gx, gw_[0], gb_[0], N, C, S,
+                          *mu_[1:], *r_[1:], *w_[1:], *gw_[1:], *gb_[1:], FROM_X=mean is not None, BATCH=batch,
+                          HAS_W=w is not None, NEED_X=need_x, HAS_GW=gw_out is not None, HAS_GB=gb_out is not None,
+                          REDUCE=reduce, RELU=z is not None, **cfg)
+    return gx
+
+
+def launch_tangent_bwd(gy, gyd, z, xhat, xhd, a, r, w, wd, batch: bool, need_x: bool, gw_out, gwd_out, gb_out,
+                       gbd_out) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(gx, ġx) of `batchnorm_tangent_bwd`; with z (the ReLU output), gy and ġy are w.r.t. z, masked by z > 0."""
+    xhat = _act(xhat, "xhat")
+    gy, gyd = _act(gy, "gy", xhat), _act(gyd, "gyd", xhat)
+    if z is not None:
+        z = _act(z, "z", xhat)
+    if xhd is not None:
+        xhd = _act(xhd, "xhd", xhat)
+    T, N, C, S = xhat.shape
+    a_, r_ = _chan_arg(a, "a", xhat), _chan_arg(r, "r", xhat)
+    w_, wd_ = _chan_arg(w, "w", xhat), _chan_arg(wd, "wd", xhat)
+    named = {"gw_out": gw_out, "gwd_out": gwd_out, "gb_out": gb_out, "gbd_out": gbd_out}
+    outs = [_out_arg(o, n, xhat) for n, o in named.items()]
+    gx = torch.empty_like(xhat) if need_x else _empty(xhat)
+    gxd = torch.empty_like(xhat) if need_x else _empty(xhat)
+    reduce = any(o is not None for o in named.values()) or (batch and need_x)
+    if xhat.numel():
+        grid, cfg = _launch(xhat)
+        _tangent_bwd_kernel[grid](
+            gy, gyd, xhat if z is None else z, xhat, xhat if xhd is None else xhd, a_[0], r_[0], w_[0], wd_[0], gx,
+            gxd, *(o[0] for o in outs), N, C, S, *a_[1:], *r_[1:], *w_[1:], *wd_[1:],
+            *(s for o in outs for s in o[1:]), HAS_XHD=xhd is not None, HAS_A=a is not None, BATCH=batch,
+            HAS_W=w is not None, HAS_WD=wd is not None, NEED_X=need_x, HAS_GW=gw_out is not None,
+            HAS_GWD=gwd_out is not None, HAS_GB=gb_out is not None, HAS_GBD=gbd_out is not None, REDUCE=reduce,
+            RELU=z is not None, **cfg)
+    return gx, gxd
+
+
+def fake_grads(xhat, need_x: bool, k: int) -> tuple:
+    """k gradients like `xhat` (empty unless `need_x`)."""
+    return tuple(torch.empty_like(xhat) if need_x else _empty(xhat) for _ in range(k))
+
+
+# ---------------------------------------------------------------- ops
+
+
+@torch.library.custom_op("fastmaml_triton::batchnorm_fwd", mutates_args=())
+def batchnorm_fwd(x: torch.Tensor, w: Optional[torch.Tensor], b: Optional[torch.Tensor], mean: Optional[torch.Tensor],
+                  var: Optional[torch.Tensor], eps: float, save_xhat: bool
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x `[T, N, C, S]` -> (y = x̂ w + b, x̂ (if `save_xhat`), μ `[T, C]` (batch statistics), r `[T, C]`).
+
+    Batch statistics when `mean`/`var` are None, else fixed statistics (r is then `[1, C]`)."""
+    return launch_fwd(x, w, b, mean, var, eps, save_xhat, False)
 
 
 @batchnorm_fwd.register_fake
 def _(x, w, b, mean, var, eps, save_xhat):
-    T, _, C, _ = x.shape
-    return (torch.empty_like(x), torch.empty_like(x) if save_xhat else _empty(x),
-            x.new_empty(T, C) if mean is None else _empty(x), x.new_empty(T if mean is None else 1, C))
+    return fake_fwd(x, mean, save_xhat)
 
 
 @torch.library.custom_op("fastmaml_triton::batchnorm_bwd", mutates_args=("gw_out", "gb_out"))
@@ -362,24 +450,12 @@ def batchnorm_bwd(gy: torch.Tensor, xin: torch.Tensor, mean: Optional[torch.Tens
                   gb_out: Optional[torch.Tensor]) -> torch.Tensor:
     """gy `[T, N, C, S]`; xin is x̂, or x when `mean` (`[T, C]`, with r) is given. Writes Σ gy x̂ into
     `gw_out`, Σ gy into `gb_out` `[T, C]`; returns gx `[T, N, C, S]` (empty unless `need_x`)."""
-    xin = _act(xin, "xin")
-    gy = _act(gy, "gy", xin)
-    T, N, C, S = xin.shape
-    mu_, r_, w_ = _chan_arg(mean, "mean", xin), _chan_arg(r, "r", xin), _chan_arg(w, "w", xin)
-    gw_, gb_ = _out_arg(gw_out, "gw_out", xin), _out_arg(gb_out, "gb_out", xin)
-    gx = torch.empty_like(xin) if need_x else _empty(xin)
-    reduce = gw_out is not None or gb_out is not None or (batch and need_x)
-    if xin.numel():
-        grid, cfg = _launch(xin)
-        _bwd_kernel[grid](gy, xin, mu_[0], r_[0], w_[0], gx, gw_[0], gb_[0], N, C, S, *mu_[1:], *r_[1:], *w_[1:],
-                          *gw_[1:], *gb_[1:], FROM_X=mean is not None, BATCH=batch, HAS_W=w is not None,
-                          NEED_X=need_x, HAS_GW=gw_out is not None, HAS_GB=gb_out is not None, REDUCE=reduce, **cfg)
-    return gx
+    return launch_bwd(gy, None, xin, mean, r, w, batch, need_x, gw_out, gb_out)
 
 
 @batchnorm_bwd.register_fake
 def _(gy, xin, mean, r, w, batch, need_x, gw_out, gb_out):
-    return torch.empty_like(xin) if need_x else _empty(xin)
+    return fake_grads(xin, need_x, 1)[0]
 
 
 def _yd_is_xhd(xd, w, wd, bd) -> bool:
@@ -432,29 +508,9 @@ def batchnorm_tangent_bwd(gy: torch.Tensor, gyd: torch.Tensor, xhat: torch.Tenso
                           gbd_out: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Writes Σ gy x̂, Σ(ġy x̂ + gy x̂̇), Σ gy, Σ ġy into the given `[T, C]` outputs; returns (gx, ġx)
     `[T, N, C, S]` (empty unless `need_x`)."""
-    xhat = _act(xhat, "xhat")
-    gy, gyd = _act(gy, "gy", xhat), _act(gyd, "gyd", xhat)
-    if xhd is not None:
-        xhd = _act(xhd, "xhd", xhat)
-    T, N, C, S = xhat.shape
-    a_, r_ = _chan_arg(a, "a", xhat), _chan_arg(r, "r", xhat)
-    w_, wd_ = _chan_arg(w, "w", xhat), _chan_arg(wd, "wd", xhat)
-    named = {"gw_out": gw_out, "gwd_out": gwd_out, "gb_out": gb_out, "gbd_out": gbd_out}
-    outs = [_out_arg(o, n, xhat) for n, o in named.items()]
-    gx = torch.empty_like(xhat) if need_x else _empty(xhat)
-    gxd = torch.empty_like(xhat) if need_x else _empty(xhat)
-    reduce = any(o is not None for o in named.values()) or (batch and need_x)
-    if xhat.numel():
-        grid, cfg = _launch(xhat)
-        _tangent_bwd_kernel[grid](
-            gy, gyd, xhat, xhat if xhd is None else xhd, a_[0], r_[0], w_[0], wd_[0], gx, gxd, *(o[0] for o in outs),
-            N, C, S, *a_[1:], *r_[1:], *w_[1:], *wd_[1:], *(s for o in outs for s in o[1:]),
-            HAS_XHD=xhd is not None, HAS_A=a is not None, BATCH=batch, HAS_W=w is not None, HAS_WD=wd is not None,
-            NEED_X=need_x, HAS_GW=gw_out is not None, HAS_GWD=gwd_out is not None, HAS_GB=gb_out is not None,
-            HAS_GBD=gbd_out is not None, REDUCE=reduce, **cfg)
-    return gx, gxd
+    return launch_tangent_bwd(gy, gyd, None, xhat, xhd, a, r, w, wd, batch, need_x, gw_out, gwd_out, gb_out, gbd_out)
 
 
 @batchnorm_tangent_bwd.register_fake
 def _(gy, gyd, xhat, xhd, a, r, w, wd, batch, need_x, gw_out, gwd_out, gb_out, gbd_out):
-    return (torch.empty_like(xhat), torch.empty_like(xhat)) if need_x else (_empty(xhat), _empty(xhat))
+    return fake_grads(xhat, need_x, 2)

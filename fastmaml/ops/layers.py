@@ -266,6 +266,75 @@ def batchnorm_tangent_bwd(gy: Tensor, gyd: Tensor, xhat: Tensor, xhd: Opt, a: Op
     return gx, gxd
 
 
+# ---------------------------------------------------------------- batch norm followed by ReLU
+# z = max(y, 0) with y the BatchNorm output above; the mask z > 0 gates gradients and tangents:
+# gy = [z > 0] gz, ż = [z > 0] ẏ, and (ReLU's second derivative being 0) ġy = [z > 0] ġz.
+# Compositions of the BatchNorm references; the backwards take z (the forward's output, which the
+# next layer keeps anyway) instead of y.
+
+
+def _relu(y: Tensor, own: bool) -> Tensor:
+    """max(y, 0); in place when `own` (y is a temporary) and no graph is recorded."""
+    return y.relu_() if own and not torch.is_grad_enabled() else torch.relu(y)
+
+
+def _relu_mask(g: Opt, z: Tensor) -> Opt:
+    """[z > 0] g (PyTorch's ReLU backward kernel); None stays None."""
+    return None if g is None else torch.ops.aten.threshold_backward(g, z, 0)
+
+
+@register("batchnorm_relu_train_fwd", "torch")
+def batchnorm_relu_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """x `[T, N, C, S]` -> (z `[T, N, C, S]`, mean `[T, C]`, r `[T, C]`), batch statistics; the backward
+    needs x and z."""
+    y, mean, r = batchnorm_train_fwd(x, w, b, eps)
+    return _relu(y, True), mean, r
+
+
+@register("batchnorm_relu_fwd", "torch")
+def batchnorm_relu_fwd(x: Tensor, w: Opt, b: Opt, eps: float, mean: Opt = None, var: Opt = None):
+    """Returns (z, x̂, r) `[T, N, C, S]`, `[T, N, C, S]`, `[T|1, 1, C, 1]`; batch statistics unless
+    `mean`/`var` `[C]` are given."""
+    y, xhat, r = batchnorm_fwd(x, w, b, eps, mean, var)
+    return _relu(y, w is not None), xhat, r  # without w, y is x̂ itself
+
+
+@register("batchnorm_relu_train_bwd", "torch")
+def batchnorm_relu_train_bwd(gz: Tensor, z: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, eps: float,
+                             need_x: bool, gw_out: Opt, gb_out: Opt) -> Opt:
+    """Backward of `batchnorm_relu_train_fwd`: writes gw, gb `[T, C]` into the given outputs, returns gx
+    `[T, N, C, S]` if `need_x`."""
+    return batchnorm_train_bwd(_relu_mask(gz, z), x, mean, r, w, eps, need_x, gw_out, gb_out)
+
+
+@register("batchnorm_relu_bwd", "torch")
+def batchnorm_relu_bwd(gz: Tensor, z: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool,
+                       gw_out: Opt, gb_out: Opt) -> Opt:
+    """With gy = [z > 0] gz: writes Σ gy x̂ → `gw_out`, Σ gy → `gb_out` `[T, C]`; returns gx if `need_x`."""
+    return batchnorm_bwd(_relu_mask(gz, z), xhat, r, w, batch_stats, need_x, gw_out, gb_out)
+
+
+@register("batchnorm_relu_value_tangent_fwd", "torch")
+def batchnorm_relu_value_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd: Opt, eps: float,
+                                     mean: Opt = None, var: Opt = None):
+    """(z, ż, x̂, x̂̇, a, r): the forward (`batchnorm_relu_fwd`) and its tangent ż = [z > 0] ẏ, with ẏ, x̂̇, a
+    as `batchnorm_tangent_fwd` (ż None when ẋ, ẇ, ḃ are all None)."""
+    y, xhat, r = batchnorm_fwd(x, w, b, eps, mean, var)
+    yd, xhd, a = batchnorm_tangent_fwd(xd, xhat, r, w, wd, bd, mean is None)
+    z = _relu(y, w is not None)
+    return z, _relu_mask(yd, z), xhat, xhd, a, r
+
+
+@register("batchnorm_relu_tangent_bwd", "torch")
+def batchnorm_relu_tangent_bwd(gz: Tensor, gzd: Tensor, z: Tensor, xhat: Tensor, xhd: Opt, a: Opt, r: Tensor,
+                               w: Opt, wd: Opt, batch_stats: bool, need_x: bool, gw_out: Opt, gwd_out: Opt,
+                               gb_out: Opt, gbd_out: Opt) -> Tuple[Opt, Opt]:
+    """`batchnorm_tangent_bwd` of gy = [z > 0] gz, ġy = [z > 0] ġz: writes gw, ġw, gb, ġb into the given
+    outputs; returns (gx, ġx) `[T, N, C, S]` if `need_x`, else (None, None)."""
+    return batchnorm_tangent_bwd(_relu_mask(gz, z), _relu_mask(gzd, z), xhat, xhd, a, r, w, wd, batch_stats,
+                                 need_x, gw_out, gwd_out, gb_out, gbd_out)
+
+
 # ---------------------------------------------------------------- losses (per-task mean)
 
 

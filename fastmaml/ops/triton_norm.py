@@ -1,6 +1,7 @@
-"""The "triton" backend of the BatchNorm ops (`fastmaml/ops/layers.py`): kernels/batchnorm.py.
+"""The "triton" backend of the BatchNorm ops (`fastmaml/ops/layers.py`): kernels/batchnorm.py, and of
+the BatchNorm + ReLU ops: kernels/batchnorm_relu.py.
 
-Same signatures and results as the torch references. The kernel module is imported at the first call
+Same signatures and results as the torch references. The kernel modules are imported at the first call
 (the backend's availability check in `fastmaml.ops.triton` has imported triton by then), so
 `import fastmaml` never imports triton.
 """
@@ -21,15 +22,25 @@ Opt = Optional[torch.Tensor]
 _state: dict = {}
 
 
-def _bn():
-    """`fastmaml.kernels.batchnorm` (its custom ops), imported once."""
-    if "module" not in _state:
+def _kernel_module(name: str):
+    """`fastmaml.kernels.<name>` (its custom ops), imported once."""
+    if name not in _state:
         try:
             _import_kernels()
-            _state["module"] = importlib.import_module("fastmaml.kernels.batchnorm")
+            _state[name] = importlib.import_module(f"fastmaml.kernels.{name}")
         except Exception as exc:
-            raise BackendUnavailable(f"backend='triton': kernels/batchnorm.py failed to import: {exc!r}") from exc
-    return _state["module"]
+            raise BackendUnavailable(f"backend='triton': kernels/{name}.py failed to import: {exc!r}") from exc
+    return _state[name]
+
+
+def _bn():
+    """kernels/batchnorm.py."""
+    return _kernel_module("batchnorm")
+
+
+def _bn_relu():
+    """kernels/batchnorm_relu.py."""
+    return _kernel_module("batchnorm_relu")
 
 
 def _channels4(v: Tensor) -> Tensor:
@@ -87,4 +98,58 @@ def batchnorm_tangent_bwd(gy: Tensor, gyd: Tensor, xhat: Tensor, xhd: Opt, a: Op
     """Writes gw, ġw, gb, ġb `[T, C]` into the given outputs; returns (gx, ġx) if `need_x`."""
     gx, gxd = _bn().batchnorm_tangent_bwd(gy, gyd, xhat, xhd, a, r, w, wd, batch_stats, need_x, gw_out, gwd_out,
                                           gb_out, gbd_out)
+    return (gx, gxd) if need_x else (None, None)
+
+
+# ---------------------------------------------------------------- BatchNorm followed by ReLU
+
+
+@register("batchnorm_relu_train_fwd", "triton")
+def batchnorm_relu_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """x `[T, N, C, S]` -> (z, mean `[T, C]`, r `[T, C]`), batch statistics, one kernel."""
+    z, _, mean, r = _bn_relu().batchnorm_relu_fwd(x, w, b, None, None, eps, False)
+    return z, mean, r
+
+
+@register("batchnorm_relu_fwd", "triton")
+def batchnorm_relu_fwd(x: Tensor, w: Opt, b: Opt, eps: float, mean: Opt = None, var: Opt = None):
+    """x `[T, N, C, S]` -> (z, x̂, r `[T|1, 1, C, 1]`); batch statistics unless `mean`/`var` `[C]` are given."""
+    z, xhat, _, r = _bn_relu().batchnorm_relu_fwd(x, w, None if w is None else b, mean, var, eps, True)
+    return z, xhat, _channels4(r)
+
+
+@register("batchnorm_relu_train_bwd", "triton")
+def batchnorm_relu_train_bwd(gz: Tensor, z: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, eps: float,
+                             need_x: bool, gw_out: Opt, gb_out: Opt) -> Opt:
+    """Writes gw, gb `[T, C]` into the given outputs; returns gx `[T, N, C, S]` if `need_x` (x̂ from x)."""
+    gx = _bn_relu().batchnorm_relu_bwd(gz, z, x, mean, r, w, True, need_x, gw_out, gb_out)
+    return gx if need_x else None
+
+
+@register("batchnorm_relu_bwd", "triton")
+def batchnorm_relu_bwd(gz: Tensor, z: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool,
+                       gw_out: Opt, gb_out: Opt) -> Opt:
+    """With gy = [z > 0] gz: writes Σ gy x̂, Σ gy `[T, C]` into the given outputs; returns gx if `need_x`."""
+    gx = _bn_relu().batchnorm_relu_bwd(gz, z, xhat, None, r, w, batch_stats, need_x, gw_out, gb_out)
+    return gx if need_x else None
+
+
+@register("batchnorm_relu_value_tangent_fwd", "triton")
+def batchnorm_relu_value_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd: Opt, eps: float,
+                                     mean: Opt = None, var: Opt = None):
+    """(z, ż, x̂, x̂̇, a `[T, 1, C, 1]`, r `[T|1, 1, C, 1]`) in one kernel; None where the reference gives None."""
+    z, zd, xhat, xhd, a, r = _bn_relu().batchnorm_relu_value_tangent_fwd(x, xd, w, None if w is None else b, wd, bd,
+                                                                         mean, var, eps)
+    has_xd = xd is not None
+    return (z, (zd if has_xd or wd is not None or bd is not None else None), xhat, (xhd if has_xd else None),
+            (_channels4(a) if has_xd and mean is None else None), _channels4(r))
+
+
+@register("batchnorm_relu_tangent_bwd", "triton")
+def batchnorm_relu_tangent_bwd(gz: Tensor, gzd: Tensor, z: Tensor, xhat: Tensor, xhd: Opt, a: Opt, r: Tensor,
+                               w: Opt, wd: Opt, batch_stats: bool, need_x: bool, gw_out: Opt, gwd_out: Opt,
+                               gb_out: Opt, gbd_out: Opt) -> Tuple[Opt, Opt]:
+    """Writes gw, ġw, gb, ġb `[T, C]` into the given outputs; returns (gx, ġx) if `need_x`."""
+    gx, gxd = _bn_relu().batchnorm_relu_tangent_bwd(gz, gzd, z, xhat, xhd, a, r, w, wd, batch_stats, need_x, gw_out,
+                                                    gwd_out, gb_out, gbd_out)
     return (gx, gxd) if need_x else (None, None)

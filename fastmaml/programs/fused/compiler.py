@@ -4,6 +4,9 @@ Supported: `nn.Sequential` (nested too) or a single supported layer, built of Li
 (groups=1, zero padding), BatchNorm1d/2d, ReLU, LeakyReLU, Tanh, Sigmoid, ELU, GELU (exact),
 MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten (start_dim >= 1), Identity, Dropout in eval mode
 (or p=0). Every module object must appear once (no tied weights).
+
+A BatchNorm immediately followed by a ReLU in execution order (Identity and inactive Dropout between
+them are dropped) compiles into one BatchNormReLURule (norm_act.py): one kernel per pass instead of two.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ from .base import Rule
 from .conv import ConvRule
 from .dense import LinearRule
 from .norm import BatchNormRule
+from .norm_act import BatchNormReLURule
 from .pointwise import ELURule, GELURule, LeakyReLURule, ReLURule, SigmoidRule, TanhRule
 from .pooling import AdaptiveAvgPool2dRule, AvgPool2dRule, MaxPool2dRule
 from .shape import FlattenRule
@@ -36,14 +40,27 @@ class Unsupported(Exception):
 
 
 def compile_model(model: nn.Module) -> List[Rule]:
-    """The rules of `model` in execution order (Identity and inactive Dropout dropped)."""
+    """The rules of `model` in execution order (Identity and inactive Dropout dropped, BatchNorm + ReLU
+    pairs fused)."""
     rules: List[Rule] = []
     seen: set = set()
     _walk(model, "", rules, seen)
+    rules = _fuse(rules)
     norms = [r for r in rules if isinstance(r, BatchNormRule)]
     for i, r in enumerate(norms):
         r.index = i
     return rules
+
+
+def _fuse(rules: List[Rule]) -> List[Rule]:
+    """`rules` with every BatchNorm directly followed by a ReLU merged into a BatchNormReLURule."""
+    fused: List[Rule] = []
+    for rule in rules:
+        if type(rule) is ReLURule and fused and type(fused[-1]) is BatchNormRule:
+            fused[-1] = BatchNormReLURule(fused[-1], rule)
+        else:
+            fused.append(rule)
+    return fused
 
 
 def _walk(module: nn.Module, name: str, rules: List[Rule], seen: set) -> None:
