@@ -104,10 +104,11 @@ COLORS = {"n01532829": (255, 0, 0), "n01558993": (0, 255, 0), "n01704323": (0, 0
 SPLIT_LABELS = {"train": list(COLORS)[:3], "val": list(COLORS)[3:5], "test": list(COLORS)[5:]}
 
 
-def write_miniimagenet(root, per_class=3):
-    """JPEGs of assorted sizes, one flat color per class, named like the Ravi & Larochelle files."""
+def write_miniimagenet(root, per_class=3, split_labels=SPLIT_LABELS):
+    """JPEGs of assorted sizes, one flat color per class, named like the Ravi & Larochelle files.
+    split_labels: {split: [WordNet-like labels]}; labels not in COLORS get a color from their hash."""
     (root / "images").mkdir(parents=True)
-    for split, labels in SPLIT_LABELS.items():
+    for split, labels in split_labels.items():
         with open(root / f"{split}.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["filename", "label"])
@@ -115,7 +116,9 @@ def write_miniimagenet(root, per_class=3):
                 for k in range(per_class):
                     name = f"{label}{k + 1:08d}.jpg"
                     size = (120 + 7 * k, 90 + 5 * k)
-                    Image.new("RGB", size, COLORS[label]).save(root / "images" / name, quality=95)
+                    color = COLORS.get(label) or tuple(int(v) for v in np.random.default_rng(
+                        int(label[1:])).integers(0, 256, 3))
+                    Image.new("RGB", size, color).save(root / "images" / name, quality=95)
                     w.writerow([name, label])
 
 

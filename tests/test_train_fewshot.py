@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+from test_data_readers import write_miniimagenet, write_omniglot
+
 from fastmaml import cli
 from fastmaml.train import fewshot
 
@@ -80,33 +82,77 @@ def test_bad_option_values_name_the_option(tmp_path):
         train(tmp_path, "--ways", "0")
     with pytest.raises(ValueError, match="--inner-lr"):
         train(tmp_path, "--inner-lr", "-1")
+    with pytest.raises(ValueError, match="--val-classes: expected a positive integer"):
+        train(tmp_path, "--val-classes", "0")
+    with pytest.raises(ValueError, match=r"--train-classes, --val-classes: 500 \+ 100 .* 600 demo classes"):
+        train(tmp_path, "--train-classes", "500")
 
 
-def test_miniimagenet_job_runs_on_a_folder_in_the_published_layout(tmp_path):
-    """The real-data job end to end: train.csv / val.csv / test.csv + images/, 2-way episodes."""
-    import csv
+# The real-data jobs on folders generated in the published layouts (the readers' tests' generators):
+# 2-way 1-shot, 1 query, 4 filters, validation every 2 iterations.
+REAL_TINY = ["--ways", "2", "--shots", "1", "--query", "1", "--meta-batch", "2", "--hidden", "4", "--steps", "1",
+             "--eval-steps", "2", "--val-every", "2", "--val-episodes", "2", "--eval-batch", "2", "--no-progress"]
 
-    from PIL import Image
 
-    data = tmp_path / "mini"
-    (data / "images").mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    for split, n_classes in (("train", 3), ("val", 2), ("test", 2)):
-        with open(data / f"{split}.csv", "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["filename", "label"])
-            for c in range(n_classes):
-                label = f"n{split}{c:05d}"
-                for k in range(3):
-                    pixels = torch.randint(0, 256, (24, 24, 3), generator=g, dtype=torch.uint8).numpy()
-                    name = f"{label}{k + 1:08d}.jpg"
-                    Image.fromarray(pixels).save(data / "images" / name)
-                    w.writerow([name, label])
-    out = tmp_path / "run"
-    assert cli.main(["train", "miniimagenet", "--data", str(data), "--out", str(out), "--ways", "2",
-                     "--shots", "1", "--query", "1", "--meta-batch", "2", "--iterations", "2", "--steps", "1",
-                     "--eval-steps", "2", "--hidden", "4", "--val-every", "2", "--val-episodes", "2",
-                     "--test-episodes", "2", "--eval-batch", "2", "--no-progress"]) == 0
+def train_real(job, data, out, *extra):
+    return cli.main(["train", job, "--data", str(data), "--out", str(out), *REAL_TINY, *extra])
+
+
+def check_run(out, job, iterations, test_episodes):
+    """Trained `iterations`, validated every 2, kept checkpoints, tested, wrote metrics and curves."""
+    for name in ("loss.png", "accuracy.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     m = json.loads((out / "metrics.json").read_text())
-    assert m["config"]["job"] == "miniimagenet" and m["config"]["inner_lr"] == pytest.approx(0.01)
-    assert 0 <= m["test"]["accuracy"] <= 1 and m["test"]["episodes"] == 2
+    assert m["config"]["job"] == job and m["iterations_done"] == iterations
+    assert [it for it, _ in m["history"]["query_loss_after"]] == list(range(1, iterations + 1))
+    assert [it for it, _ in m["history"]["val_accuracy"]] == list(range(2, iterations + 1, 2))
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["iteration"] == iterations
+    best = torch.load(out / "best.pt", weights_only=False)
+    assert best["iteration"] == m["best"]["iteration"] and best["val_accuracy"] == m["best"]["val_accuracy"]
+    for key in ("test", "random_init_baseline"):
+        assert 0 <= m[key]["accuracy"] <= 1 and m[key]["ci95"] >= 0 and m[key]["episodes"] == test_episodes
+    return m
+
+
+def test_omniglot_job_end_to_end_with_split_options_and_resume(tmp_path, capsys):
+    """images_background/ + images_evaluation/ (8 characters of 4 PNGs): the preset split needs 1623
+    characters and says which options to lower; --train-classes / --val-classes make it fit; --resume
+    from iteration 2 to 4 gives bit for bit the uninterrupted run."""
+    data = tmp_path / "omniglot"
+    assert write_omniglot(data) == 8
+    with pytest.raises(ValueError, match=r"--train-classes, --val-classes: 1100 \+ 100 .* the 8 characters"):
+        train_real("omniglot", data, tmp_path / "refused")
+    with pytest.raises(ValueError, match="validation split has 1; lower --ways or raise --val-classes"):
+        train_real("omniglot", data, tmp_path / "refused", "--train-classes", "5", "--val-classes", "1")
+    split = ["--train-classes", "4", "--val-classes", "2", "--test-episodes", "4"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_real("omniglot", data, straight, "--iterations", "4", *split) == 0
+    m = check_run(straight, "omniglot", 4, 4)
+    assert (m["config"]["train_classes"], m["config"]["val_classes"], m["config"]["inner_lr"]) == (4, 2, 0.4)
+    assert "omniglot: 2-way 1-shot test accuracy" in capsys.readouterr().out
+
+    train_real("omniglot", data, resumed, "--iterations", "2", *split)
+    assert torch.load(resumed / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    with pytest.raises(ValueError, match="--resume.*train_classes: checkpoint 4, now 3"):
+        train_real("omniglot", data, resumed, "--iterations", "4", *split, "--train-classes", "3", "--resume")
+    assert train_real("omniglot", data, resumed, "--iterations", "4", *split, "--resume") == 0
+    r = check_run(resumed, "omniglot", 4, 4)
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (straight, resumed))
+    assert a["model"].keys() == b["model"].keys()
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    assert a["history"] == b["history"] and (r["best"], r["test"]) == (m["best"], m["test"])
+
+
+def test_miniimagenet_job_end_to_end(tmp_path):
+    """train.csv / val.csv / test.csv + images/ (3 / 2 / 2 classes of 3 JPEGs); the split options are refused."""
+    data = tmp_path / "mini"
+    labels = iter(f"n{c:08d}" for c in range(7))
+    write_miniimagenet(data, split_labels={split: [next(labels) for _ in range(n)]
+                                           for split, n in (("train", 3), ("val", 2), ("test", 2))})
+    with pytest.raises(ValueError, match="--val-classes: the miniimagenet split is fixed by the dataset's train.csv"):
+        train_real("miniimagenet", data, tmp_path / "refused", "--val-classes", "1")
+    out = tmp_path / "run"
+    assert train_real("miniimagenet", data, out, "--iterations", "2", "--test-episodes", "3") == 0
+    m = check_run(out, "miniimagenet", 2, 3)
+    assert m["config"]["inner_lr"] == pytest.approx(0.01) and "train_classes" not in m["config"]

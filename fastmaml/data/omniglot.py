@@ -120,6 +120,12 @@ def omniglot_splits(root, *, image_size: int = 28, train_characters: int = 1100,
     """The MAML split: characters shuffled with `seed`; `train_characters` for meta-training, the next
     `val_characters` for validation, the rest (423 of the 1623) for the meta-test."""
     data = load_omniglot(root, image_size=image_size, cache_dir=cache_dir)
+    return split_omniglot(data, train_characters=train_characters, val_characters=val_characters, seed=seed)
+
+
+def split_omniglot(data: ClassDataset, *, train_characters: int = 1100, val_characters: int = 100,
+                   seed: int = 1) -> Splits:
+    """`omniglot_splits` on an already loaded `load_omniglot(...)` dataset."""
     n = data.num_classes
     if train_characters < 1 or val_characters < 1 or train_characters + val_characters >= n:
         raise ValueError(

@@ -13,6 +13,12 @@ weights are evaluated on `--test-episodes` fixed meta-test episodes (mean accura
 next to the same network adapted from a random initialization as a baseline. Writes metrics.json,
 loss.png and accuracy.png to `--out`.
 
+Class splits: Omniglot's characters are shuffled with a fixed seed and cut into `--train-classes`
+(preset 1100, each with its 3 rotations as new classes) and `--val-classes` (preset 100) characters,
+the rest (423 of the 1623) being the meta-test classes (Finn et al.'s split); the demo's 600 glyph
+classes likewise (preset 400 / 100 / the rest). Lower them to run on a smaller folder. mini-ImageNet's
+split is the one its train.csv / val.csv / test.csv define.
+
 BatchNorm: `--bn batch` (default, MAML: batch statistics of each support/query set), `frozen`
 (running statistics, fixed) or `per_step` (MAML++ per-step running statistics, updated in meta-training;
 evaluation may run more steps than training), passed to `meta_step`/`adapt` as `batch_norm=`.
@@ -27,34 +33,39 @@ from typing import Dict, Optional
 import torch
 
 import fastmaml
-from fastmaml.data import EpisodeSampler, Episodes, Splits, glyph_splits, miniimagenet_splits, omniglot_splits
+from fastmaml.data import EpisodeSampler, Episodes, Splits, glyph_splits, load_omniglot, miniimagenet_splits, \
+    split_omniglot
 from fastmaml.models import conv4, omniglot_mlp
 from fastmaml.train import common
 
 # The protocol of each job; every entry can be overridden by the option of the same name.
 PRESETS: Dict[str, Dict] = {
-    # Finn et al. 2017, Omniglot 5-way 1-shot: meta-batch 32, α = 0.4, 1 step in training, 3 at test
+    # Finn et al. 2017, Omniglot 5-way 1-shot: meta-batch 32, α = 0.4, 1 step in training, 3 at test;
+    # characters: 1100 meta-train (+ rotations), 100 validation, the other 423 meta-test
     "omniglot": dict(ways=5, shots=1, query=15, meta_batch=32, inner_lr=0.4, steps=1, eval_steps=3,
                      iterations=60000, meta_lr=1e-3, model="conv4", hidden=64, val_every=1000,
-                     val_episodes=300, test_episodes=600, eval_batch=50),
-    # Finn et al. 2017, mini-ImageNet 5-way 1-shot: meta-batch 4, α = 0.01, 5 steps, 10 at test, 32 filters
+                     val_episodes=300, test_episodes=600, eval_batch=50, train_classes=1100, val_classes=100),
+    # Finn et al. 2017, mini-ImageNet 5-way 1-shot: meta-batch 4, α = 0.01, 5 steps, 10 at test, 32 filters;
+    # classes: those of train.csv / val.csv / test.csv (64 / 16 / 20)
     "miniimagenet": dict(ways=5, shots=1, query=15, meta_batch=4, inner_lr=0.01, steps=5, eval_steps=10,
                          iterations=60000, meta_lr=1e-3, model="conv4", hidden=32, val_every=1000,
                          val_episodes=300, test_episodes=600, eval_batch=20),
     # the embedded glyphs: the Omniglot recipe on a budget that runs in minutes on 2 CPU cores
     "fewshot-demo": dict(ways=5, shots=1, query=5, meta_batch=8, inner_lr=0.4, steps=1, eval_steps=3,
                          iterations=200, meta_lr=3e-3, model="conv4", hidden=32, val_every=50,
-                         val_episodes=100, test_episodes=600, eval_batch=50),
+                         val_episodes=100, test_episodes=600, eval_batch=50, train_classes=400, val_classes=100),
 }
+SPLIT_FILES = ("train.csv", "val.csv", "test.csv")  # mini-ImageNet
+DEMO_CLASSES = 600  # glyph classes of the demo dataset
 EVAL_SEED = 0  # validation and test episodes are the same for every run (and every --seed)
 # options that define the training run: --resume refuses a checkpoint made with different ones
 RUN_KEYS = ("job", "ways", "shots", "query", "meta_batch", "inner_lr", "steps", "order", "bn", "meta_lr",
-            "model", "hidden", "seed", "val_every", "val_episodes", "eval_steps")
+            "model", "hidden", "seed", "val_every", "val_episodes", "eval_steps", "train_classes", "val_classes")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     def preset_help(key: str, text: str) -> str:
-        values = ", ".join(f"{job} {p[key]}" for job, p in PRESETS.items())
+        values = ", ".join(f"{job} {p[key]}" for job, p in PRESETS.items() if key in p)
         return f"{text} (preset: {values})"
 
     parser.add_argument("--data", type=Path, default=None,
@@ -76,6 +87,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first-order", action="store_true", help="same as --order first")
     parser.add_argument("--bn", choices=list(fastmaml.BN_MODES), default="batch",
                         help="BatchNorm statistics in the inner loop: batch (MAML, default), frozen, per_step (MAML++)")
+    parser.add_argument("--train-classes", type=int,
+                        help=preset_help("train_classes", "meta-training classes (Omniglot: characters, each also "
+                                         "rotated by 90°, 180°, 270°); the classes left after --val-classes are "
+                                         "the meta-test's; miniimagenet: fixed by train.csv"))
+    parser.add_argument("--val-classes", type=int,
+                        help=preset_help("val_classes", "meta-validation classes; miniimagenet: fixed by val.csv"))
     parser.add_argument("--val-every", type=int, help=preset_help("val_every", "iterations between validations"))
     parser.add_argument("--val-episodes", type=int, help=preset_help("val_episodes", "validation episodes"))
     parser.add_argument("--test-episodes", type=int,
@@ -105,9 +122,13 @@ def resolve_config(args: argparse.Namespace) -> Dict:
     cfg["order"] = "first" if args.first_order else args.order
     cfg["bn"] = args.bn
     cfg["seed"] = args.seed
+    for key in ("train_classes", "val_classes"):
+        if getattr(args, key, None) is not None and key not in cfg:
+            raise ValueError(f"--{key.replace('_', '-')}: the {args.job} split is fixed by the dataset's "
+                             "train.csv / val.csv / test.csv; edit those files to change it")
     for key in ("ways", "shots", "query", "meta_batch", "iterations", "hidden", "val_every", "val_episodes",
-                "eval_batch"):
-        if cfg[key] < 1:
+                "eval_batch", "train_classes", "val_classes"):
+        if key in cfg and cfg[key] < 1:
             raise ValueError(f"--{key.replace('_', '-')}: expected a positive integer, got {cfg[key]}")
     for key in ("steps", "eval_steps", "test_episodes"):
         if cfg[key] < 0:
@@ -122,12 +143,47 @@ def resolve_config(args: argparse.Namespace) -> Dict:
     return cfg
 
 
-def load_splits(job: str, data: Optional[Path], cache_dir: Optional[Path]) -> Splits:
-    if job == "omniglot":
-        return omniglot_splits(data, cache_dir=cache_dir)
+def load_splits(cfg: Dict, data: Optional[Path], cache_dir: Optional[Path]) -> Splits:
+    """The job's meta-train / validation / test classes, checked against the episode shape."""
+    job = cfg["job"]
     if job == "miniimagenet":
-        return miniimagenet_splits(data, cache_dir=cache_dir)
-    return glyph_splits()
+        splits = miniimagenet_splits(data, cache_dir=cache_dir)
+    else:
+        if job == "omniglot":
+            dataset = load_omniglot(data, cache_dir=cache_dir)
+            available, what = dataset.num_classes, f"the {dataset.num_classes} characters in {data}"
+        else:
+            available, what = DEMO_CLASSES, f"the {DEMO_CLASSES} demo classes"
+        n_train, n_val = cfg["train_classes"], cfg["val_classes"]
+        if n_train + n_val >= available:
+            preset = PRESETS[job]
+            raise ValueError(
+                f"--train-classes, --val-classes: {n_train} + {n_val} classes leave none of {what} for the "
+                f"meta-test; pass smaller values (the preset is {preset['train_classes']} + "
+                f"{preset['val_classes']}" + (", the MAML split of Omniglot's 1623 characters)" if job == "omniglot"
+                                              else ")"))
+        if job == "omniglot":
+            splits = split_omniglot(dataset, train_characters=n_train, val_characters=n_val)
+        else:
+            splits = glyph_splits(num_classes=DEMO_CLASSES, val_classes=n_val,
+                                  test_classes=DEMO_CLASSES - n_train - n_val)
+    _check_split_sizes(cfg, splits)
+    return splits
+
+
+def _check_split_sizes(cfg: Dict, splits: Splits) -> None:
+    """Every split must hold `--ways` classes (an error naming the option to change, not the sampler's)."""
+    ways, job = cfg["ways"], cfg["job"]
+    fixes = ("raise --train-classes", "raise --val-classes",
+             "lower --train-classes or --val-classes (the meta-test gets the rest)")
+    for i, (name, split) in enumerate(zip(("meta-training", "validation", "meta-test"), splits)):
+        rotated = job == "omniglot" and i == 0
+        classes = split.num_classes * (4 if rotated else 1)
+        if classes >= ways:
+            continue
+        hint = f"add classes to {SPLIT_FILES[i]}" if job == "miniimagenet" else fixes[i]
+        raise ValueError(f"--ways: {ways}-way episodes need {ways} classes but the {name} split has "
+                         f"{classes}{' (rotations included)' if rotated else ''}; lower --ways or {hint}")
 
 
 def build_model(cfg: Dict, example_shape) -> torch.nn.Module:
@@ -166,7 +222,10 @@ def evaluate(model, sampler: EpisodeSampler, episodes: Episodes, cfg: Dict, devi
 
 
 def _check_resume(saved: Dict, cfg: Dict) -> None:
-    diff = {k: (saved.get(k), cfg[k]) for k in RUN_KEYS if saved.get(k) != cfg[k]}
+    preset = PRESETS[cfg["job"]]
+    # a checkpoint from before a key existed ran with the preset's value
+    diff = {k: (saved.get(k, preset.get(k)), cfg.get(k)) for k in RUN_KEYS
+            if saved.get(k, preset.get(k)) != cfg.get(k)}
     if diff:
         raise ValueError(
             "--resume: the checkpoint was made with other settings "
@@ -183,7 +242,7 @@ def run(args: argparse.Namespace) -> Dict:
     out = Path(args.out) if args.out is not None else Path("runs") / cfg["job"]
     out.mkdir(parents=True, exist_ok=True)
 
-    splits = load_splits(cfg["job"], args.data, args.cache_dir)
+    splits = load_splits(cfg, args.data, args.cache_dir)
     train_set, val_set, test_set = (s.to(device) for s in splits)
     shape = (cfg["ways"], cfg["shots"], cfg["query"])
     train = EpisodeSampler(train_set, *shape, rotations=cfg["job"] == "omniglot")
