@@ -83,6 +83,7 @@ if [ "$t" -gt 20 ]; then
 fi
 
 run_tests loss_kernels 40 tests/test_kernels_losses.py
+run_tests layer_kernels 60 tests/test_kernels_linear.py tests/test_kernels_batchnorm.py tests/test_kernels_batchnorm_relu.py
 run_tests build 30 tests/test_kernels_build.py
 
 

@@ -167,7 +167,7 @@ def implicit_solve(program: Program, tape: Tape, v, theta_s, sx, sy, *, shared_g
     phi, lam = tape.phis[-1], tape.implicit.lam
 
     def apply(p):
-        return p + program.hvp(phi, theta_s, sx, sy, p, bn_stats=bn_stats).hu / lam
+        return p + program.hvp(phi, theta_s, sx, sy, p, need_grad=False, bn_stats=bn_stats).hu / lam
 
     u = torch.zeros_like(v)
     r = v.clone()
@@ -189,7 +189,8 @@ def implicit_solve(program: Program, tape: Tape, v, theta_s, sx, sy, *, shared_g
                              "raise implicit_lambda or check the inputs", where="implicit solve")
     d_shared = None
     if shared_grad:
-        d_shared = -program.hvp(phi, theta_s, sx, sy, u, shared_grad=True, bn_stats=bn_stats).hu_shared.sum(0) / lam
+        d_shared = -program.hvp(phi, theta_s, sx, sy, u, shared_grad=True, need_grad=False,
+                                bn_stats=bn_stats).hu_shared.sum(0) / lam
     return u.sum(0), d_shared
 
 
@@ -225,7 +226,8 @@ def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas
         if tape.order == "first":
             v, d_alphas[j] = ops.adjoint_update(v, None, tape.grads[j], alpha, lr_grad[j])
         else:
-            h = program.hvp(phi, theta_s, sx, sy, alpha * v, shared_grad=shared_grad, bn_stats=stats(j))
+            h = program.hvp(phi, theta_s, sx, sy, alpha * v, shared_grad=shared_grad,
+                            need_grad=tape.grads[j] is None, bn_stats=stats(j))
             g = tape.grads[j] if tape.grads[j] is not None else h.grad
             if shared_grad:
                 d_shared -= h.hu_shared.sum(0)

@@ -162,3 +162,17 @@ def test_meta_step_mlp_matches_oracle():
     ref_loss, ref_grads, _ = autograd_meta_grad(model, tasks, inner_lr=0.01, steps=2, loss_fn=F.mse_loss)
     assert rel_err(res.meta_loss, ref_loss) < 1e-9
     assert_grads_close(grads, ref_grads, 1e-9)
+
+
+def test_opcheck():
+    """Schema, fake implementation and declared mutations of `fastmaml_triton::linear_gemm`."""
+    gen = torch.Generator().manual_seed(7)
+    T, M, N, K = 2, 3, 5, 4
+    a, ad = randn(gen, torch.float64, T, M, K), randn(gen, torch.float64, T, M, K)
+    b, bd = randn(gen, torch.float64, N, K), randn(gen, torch.float64, T, N, K)
+    bias, bias_d = randn(gen, torch.float64, N), randn(gen, torch.float64, T, N)
+    c, cd = (torch.empty(T, M, N, dtype=torch.float64, device=DEVICE) for _ in range(2))
+    ra, rad = (torch.empty(T, M, dtype=torch.float64, device=DEVICE) for _ in range(2))
+    lib = torch.ops.fastmaml_triton
+    torch.library.opcheck(lib.linear_gemm.default, (a, ad, b, bd, bias, bias_d, c, cd, ra, rad))
+    torch.library.opcheck(lib.linear_gemm.default, (a, None, b, None, None, None, c, None, None, None))

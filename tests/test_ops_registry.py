@@ -48,6 +48,18 @@ def test_backend_without_an_op_runs_its_reference(monkeypatch):
     assert (backend, fn, why) == ("torch", inner_update, "no cpp implementation of this op")
 
 
+def test_explicit_only_kernels_are_not_chosen_by_auto(monkeypatch):
+    """An implementation registered with auto=False runs only when its backend is asked for."""
+    monkeypatch.setitem(registry._AVAILABILITY, "cpp", lambda d: (True, "test"))
+    monkeypatch.setitem(registry._IMPLS, "test_op", {})
+    monkeypatch.setattr(registry, "_EXPLICIT_ONLY", {})
+    registry.register("test_op", "torch")(lambda: "reference")
+    registry.register("test_op", "cpp", auto=False, why_not_auto="not measured yet")(lambda: "kernel")
+    auto = registry.resolve("auto", "cpu")
+    assert auto.test_op() == "reference" and "cpp: not measured yet" in auto.describe()["test_op"]
+    assert registry.resolve("cpp", "cpu").test_op() == "kernel"
+
+
 def test_reference_ops_semantics():
     g = torch.Generator().manual_seed(0)
     T, P = 3, 7

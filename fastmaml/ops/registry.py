@@ -7,7 +7,8 @@
 
 Backends: "torch" (reference, always there), and faster ones ("triton", "cpp") that register
 themselves with an availability check. `"auto"` takes, per op, the first available backend in
-`AUTO_ORDER` for the device, else the reference; an explicitly named backend that cannot run on the
+`AUTO_ORDER` for the device whose implementation is not registered with `auto=False` (kernels that
+are tested but not yet measured faster than the reference), else the reference; an explicitly named backend that cannot run on the
 device raises `BackendUnavailable` saying why, and ops it does not implement run their reference. The environment variable
 `FASTMAML_BACKEND` replaces `"auto"` (an explicit argument still wins).
 """
@@ -25,18 +26,22 @@ AUTO_ORDER = {"cuda": ("cpp", "triton", "torch"), "cpu": ("cpp", "torch")}
 ENV_VAR = "FASTMAML_BACKEND"
 
 _IMPLS: Dict[str, Dict[str, Callable]] = {}
+_EXPLICIT_ONLY: Dict[Tuple[str, str], str] = {}  # (op, backend) -> why "auto" does not pick it
 _AVAILABILITY: Dict[str, Callable[[torch.device], Tuple[bool, str]]] = {
     "torch": lambda device: (True, "plain PyTorch reference"),
 }
 
 
-def register(name: str, backend: str):
-    """Decorator: `fn` implements op `name` for `backend`."""
+def register(name: str, backend: str, *, auto: bool = True, why_not_auto: str = ""):
+    """Decorator: `fn` implements op `name` for `backend`; with `auto=False` only an explicitly
+    requested `backend` uses it (`why_not_auto` says why, in `fastmaml info`)."""
     if backend not in BACKENDS or backend == "auto":
         raise ValueError(f"backend: unknown backend {backend!r}; expected one of {BACKENDS[1:]}")
 
     def deco(fn):
         _IMPLS.setdefault(name, {})[backend] = fn
+        if not auto:
+            _EXPLICIT_ONLY[(name, backend)] = why_not_auto or "not chosen by auto"
         return fn
 
     return deco
@@ -104,6 +109,9 @@ def _build(backend: str, device: torch.device) -> OpTable:
         if backend == "auto":
             reasons = []
             for b in AUTO_ORDER.get(device.type, ("torch",)):
+                if (name, b) in _EXPLICIT_ONLY:
+                    reasons.append(f"{b}: {_EXPLICIT_ONLY[(name, b)]}")
+                    continue
                 ok, why = availability(b, device)
                 if b in impls and ok:
                     chosen[name] = (b, impls[b], why if not reasons else f"{why}; " + "; ".join(reasons))

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import BackendUnavailable
 from .registry import register
+from .triton import EXPLICIT_ONLY as _EXPLICIT
 from .triton import _import_kernels
 
 Tensor = torch.Tensor
@@ -48,21 +49,21 @@ def _channels4(v: Tensor) -> Tensor:
     return v.view(v.shape[0], 1, v.shape[1], 1)
 
 
-@register("batchnorm_fwd", "triton")
+@register("batchnorm_fwd", "triton", **_EXPLICIT)
 def batchnorm_fwd(x: Tensor, w: Opt, b: Opt, eps: float, mean: Opt = None, var: Opt = None):
     """x `[T, N, C, S]` -> (y, x̂, r `[T|1, 1, C, 1]`); batch statistics unless `mean`/`var` `[C]` are given."""
     y, xhat, _, r = _bn().batchnorm_fwd(x, w, None if w is None else b, mean, var, eps, w is not None)
     return y, (y if w is None else xhat), _channels4(r)
 
 
-@register("batchnorm_train_fwd", "triton")
+@register("batchnorm_train_fwd", "triton", **_EXPLICIT)
 def batchnorm_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """x `[T, N, C, S]` -> (y, mean `[T, C]`, r `[T, C]`), batch statistics, one kernel."""
     y, _, mean, r = _bn().batchnorm_fwd(x, w, b, None, None, eps, False)
     return y, mean, r
 
 
-@register("batchnorm_train_bwd", "triton")
+@register("batchnorm_train_bwd", "triton", **_EXPLICIT)
 def batchnorm_train_bwd(gy: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, eps: float, need_x: bool,
                         gw_out: Opt, gb_out: Opt) -> Opt:
     """Writes gw, gb `[T, C]` into the given outputs; returns gx `[T, N, C, S]` if `need_x` (x̂ from x)."""
@@ -70,7 +71,7 @@ def batchnorm_train_bwd(gy: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, 
     return gx if need_x else None
 
 
-@register("batchnorm_bwd", "triton")
+@register("batchnorm_bwd", "triton", **_EXPLICIT)
 def batchnorm_bwd(gy: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool,
                   gw_out: Opt, gb_out: Opt) -> Opt:
     """Writes Σ gy x̂ → `gw_out`, Σ gy → `gb_out` `[T, C]`; returns gx `[T, N, C, S]` if `need_x`."""
@@ -78,7 +79,7 @@ def batchnorm_bwd(gy: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool
     return gx if need_x else None
 
 
-@register("batchnorm_tangent_fwd", "triton")
+@register("batchnorm_tangent_fwd", "triton", **_EXPLICIT)
 def batchnorm_tangent_fwd(xd: Opt, xhat: Tensor, r: Tensor, w: Opt, wd: Opt, bd: Opt, batch_stats: bool):
     """(ẏ, x̂̇, a `[T, 1, C, 1]`) as the reference; None where it gives None."""
     if xd is None and wd is None and bd is None:
@@ -91,7 +92,7 @@ def batchnorm_tangent_fwd(xd: Opt, xhat: Tensor, r: Tensor, w: Opt, wd: Opt, bd:
     return yd, xhd, (_channels4(a) if batch_stats else None)
 
 
-@register("batchnorm_tangent_bwd", "triton")
+@register("batchnorm_tangent_bwd", "triton", **_EXPLICIT)
 def batchnorm_tangent_bwd(gy: Tensor, gyd: Tensor, xhat: Tensor, xhd: Opt, a: Opt, r: Tensor, w: Opt, wd: Opt,
                           batch_stats: bool, need_x: bool, gw_out: Opt, gwd_out: Opt, gb_out: Opt,
                           gbd_out: Opt) -> Tuple[Opt, Opt]:
@@ -104,21 +105,21 @@ def batchnorm_tangent_bwd(gy: Tensor, gyd: Tensor, xhat: Tensor, xhd: Opt, a: Op
 # ---------------------------------------------------------------- BatchNorm followed by ReLU
 
 
-@register("batchnorm_relu_train_fwd", "triton")
+@register("batchnorm_relu_train_fwd", "triton", **_EXPLICIT)
 def batchnorm_relu_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """x `[T, N, C, S]` -> (z, mean `[T, C]`, r `[T, C]`), batch statistics, one kernel."""
     z, _, mean, r = _bn_relu().batchnorm_relu_fwd(x, w, b, None, None, eps, False)
     return z, mean, r
 
 
-@register("batchnorm_relu_fwd", "triton")
+@register("batchnorm_relu_fwd", "triton", **_EXPLICIT)
 def batchnorm_relu_fwd(x: Tensor, w: Opt, b: Opt, eps: float, mean: Opt = None, var: Opt = None):
     """x `[T, N, C, S]` -> (z, x̂, r `[T|1, 1, C, 1]`); batch statistics unless `mean`/`var` `[C]` are given."""
     z, xhat, _, r = _bn_relu().batchnorm_relu_fwd(x, w, None if w is None else b, mean, var, eps, True)
     return z, xhat, _channels4(r)
 
 
-@register("batchnorm_relu_train_bwd", "triton")
+@register("batchnorm_relu_train_bwd", "triton", **_EXPLICIT)
 def batchnorm_relu_train_bwd(gz: Tensor, z: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, eps: float,
                              need_x: bool, gw_out: Opt, gb_out: Opt) -> Opt:
     """Writes gw, gb `[T, C]` into the given outputs; returns gx `[T, N, C, S]` if `need_x` (x̂ from x)."""
@@ -126,7 +127,7 @@ def batchnorm_relu_train_bwd(gz: Tensor, z: Tensor, x: Tensor, mean: Tensor, r: 
     return gx if need_x else None
 
 
-@register("batchnorm_relu_bwd", "triton")
+@register("batchnorm_relu_bwd", "triton", **_EXPLICIT)
 def batchnorm_relu_bwd(gz: Tensor, z: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool,
                        gw_out: Opt, gb_out: Opt) -> Opt:
     """With gy = [z > 0] gz: writes Σ gy x̂, Σ gy `[T, C]` into the given outputs; returns gx if `need_x`."""
@@ -134,7 +135,7 @@ def batchnorm_relu_bwd(gz: Tensor, z: Tensor, xhat: Tensor, r: Tensor, w: Opt, b
     return gx if need_x else None
 
 
-@register("batchnorm_relu_value_tangent_fwd", "triton")
+@register("batchnorm_relu_value_tangent_fwd", "triton", **_EXPLICIT)
 def batchnorm_relu_value_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd: Opt, eps: float,
                                      mean: Opt = None, var: Opt = None):
     """(z, ż, x̂, x̂̇, a `[T, 1, C, 1]`, r `[T|1, 1, C, 1]`) in one kernel; None where the reference gives None."""
@@ -145,7 +146,7 @@ def batchnorm_relu_value_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt
             (_channels4(a) if has_xd and mean is None else None), _channels4(r))
 
 
-@register("batchnorm_relu_tangent_bwd", "triton")
+@register("batchnorm_relu_tangent_bwd", "triton", **_EXPLICIT)
 def batchnorm_relu_tangent_bwd(gz: Tensor, gzd: Tensor, z: Tensor, xhat: Tensor, xhd: Opt, a: Opt, r: Tensor,
                                w: Opt, wd: Opt, batch_stats: bool, need_x: bool, gw_out: Opt, gwd_out: Opt,
                                gb_out: Opt, gbd_out: Opt) -> Tuple[Opt, Opt]:

@@ -27,7 +27,7 @@ class LossGrad(NamedTuple):
 
 
 class HVP(NamedTuple):
-    grad: torch.Tensor  # [T, Pa] the gradient at φ (a by-product of forward-over-reverse)
+    grad: Optional[torch.Tensor]  # [T, Pa] the gradient at φ (a by-product of forward-over-reverse), if asked
     hu: torch.Tensor  # [T, Pa] H_aa u
     hu_shared: Optional[torch.Tensor]  # [T, Ps] H_sa u (mixed block), when asked for
 
@@ -47,8 +47,9 @@ class Program(abc.ABC):
         """Per-task loss and its gradient w.r.t. φ (and ψ if `shared_grad`)."""
 
     @abc.abstractmethod
-    def hvp(self, phi, shared, x, y, u, *, shared_grad: bool = False, bn_stats=None) -> HVP:
-        """Exact Hessian-vector product of the per-task loss at φ along u (Pearlmutter R-op)."""
+    def hvp(self, phi, shared, x, y, u, *, shared_grad: bool = False, need_grad: bool = True, bn_stats=None) -> HVP:
+        """Exact Hessian-vector product of the per-task loss at φ along u (Pearlmutter R-op).
+        `need_grad=False`: the gradient at φ may be left out (`grad` None), saving its weight-gradient work."""
 
     @abc.abstractmethod
     def forward(self, phi, shared, x, *, bn_stats=None) -> torch.Tensor:

@@ -136,7 +136,7 @@ class TorchFuncProgram(Program):
         ga, gs = grads if shared_grad else (grads, None)
         return LossGrad(loss, ga, gs, out)
 
-    def hvp(self, phi, shared, x, y, u, *, shared_grad=False, bn_stats=None) -> HVP:
+    def hvp(self, phi, shared, x, y, u, *, shared_grad=False, need_grad=True, bn_stats=None) -> HVP:
         argnums = (0, 1) if shared_grad else 0
 
         def one(pa, ps, x1, y1, u1):

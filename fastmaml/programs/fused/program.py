@@ -26,7 +26,7 @@ from .norm import BatchNormRule
 
 class FusedProgram(Program):
     name = "fused"
-    chunk_bytes = 64 << 20  # activations per chunk of tasks (see `_chunked`)
+    chunk_bytes = 16 << 20  # activations per chunk of tasks (see `_chunked`)
 
     def __init__(self, layout: ParamLayout, loss: Loss, rules: List[Rule], loss_rule):
         super().__init__(layout, loss)
@@ -129,13 +129,15 @@ class FusedProgram(Program):
             self._chunked("loss_grad", x, run)
         return LossGrad(loss, grad, grad_s, result["output"])
 
-    def hvp(self, phi, shared, x, y, u, *, shared_grad=False, bn_stats=None) -> HVP:
+    def hvp(self, phi, shared, x, y, u, *, shared_grad=False, need_grad=True, bn_stats=None) -> HVP:
         T = x.shape[0]
         ops = self._ops(x.device)
         stop = self._stop(shared_grad)
         Pa, Ps = self.layout.adapted.size, self.layout.shared.size
-        grad, hu = phi.new_empty(T, Pa), phi.new_empty(T, Pa)
-        grad_s, hu_s = (phi.new_empty(T, Ps), phi.new_empty(T, Ps)) if shared_grad else (None, None)
+        grad = phi.new_empty(T, Pa) if need_grad else None  # None: no weight gradients, only their tangents
+        hu = phi.new_empty(T, Pa)
+        grad_s = phi.new_empty(T, Ps) if shared_grad and need_grad else None
+        hu_s = phi.new_empty(T, Ps) if shared_grad else None
 
         def run(sl):
             params = self._params(self._rows(phi, sl), shared, bn_stats)
@@ -150,7 +152,7 @@ class FusedProgram(Program):
                 nbytes += 2 * h.numel() * h.element_size()
             _, g, ls = self.loss_rule.grad(ops, h, y[sl])
             gd = self.loss_rule.grad_tangent(ops, ls, hd) if hd is not None else torch.zeros_like(g)
-            outs = self._bind({"a": grad[sl], "s": self._rows(grad_s, sl)})
+            outs = self._bind({"a": self._rows(grad, sl), "s": self._rows(grad_s, sl)})
             touts = self._bind({"a": hu[sl], "s": self._rows(hu_s, sl)})
             for i in range(len(self.rules) - 1, stop - 1, -1):
                 g, gd = self.rules[i].tangent_backward(ops, g, gd, saved[i], params[i], dirs[i], i > stop,
