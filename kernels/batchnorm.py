@@ -149,6 +149,28 @@ def _bwd_kernel(gy_ptr, z_ptr, xin_ptr, mu_ptr, r_ptr, w_ptr, gx_ptr, gw_ptr, gb
 
 
 @triton.jit
+def _tangent_block(xh, xd_ptr, xhd_ptr, offs, mask, mean_xd, a, r, w, wd, bd, HAS_XD: tl.constexpr,
+                   BATCH: tl.constexpr, HAS_WD: tl.constexpr, HAS_BD: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """ẏ = x̂̇ w + x̂ ẇ + ḃ of one block, storing x̂̇ = (ẋ − mean ẋ − x̂ a) r (batch statistics) or ẋ r."""
+    if HAS_XD:
+        xd = tl.load(xd_ptr + offs, mask=mask, other=0).to(ACC)
+        if BATCH:
+            xhd = (xd - mean_xd - xh * a) * r
+        else:
+            xhd = xd * r
+        tl.store(xhd_ptr + offs, xhd.to(xhd_ptr.dtype.element_ty), mask=mask)
+        yd = xhd * w
+    else:
+        yd = tl.zeros([BLOCK], ACC)
+    if HAS_WD:
+        yd += xh * wd
+    if HAS_BD:
+        yd += bd
+    return yd
+
+
+@triton.jit
 def _tangent_fwd_kernel(xd_ptr, xh_ptr, r_ptr, w_ptr, wd_ptr, bd_ptr, yd_ptr, xhd_ptr, a_ptr,
                         N, C, S, r_st, r_sc, w_st, w_sc, wd_st, wd_sc, bd_st, bd_sc,
                         HAS_XD: tl.constexpr, BATCH: tl.constexpr, HAS_W: tl.constexpr, HAS_WD: tl.constexpr,
@@ -168,6 +190,8 @@ def _tangent_fwd_kernel(xd_ptr, xh_ptr, r_ptr, w_ptr, wd_ptr, bd_ptr, yd_ptr, xh
     bd = 0.0
     if HAS_BD:
         bd = tl.load(bd_ptr + t * bd_st + c * bd_sc).to(ACC)
+    mean_xd = 0.0
+    a = 0.0
     if STATS:
         s_xd = tl.zeros([BLOCK], ACC)
         s_xxd = tl.zeros([BLOCK], ACC)
@@ -182,20 +206,8 @@ def _tangent_fwd_kernel(xd_ptr, xh_ptr, r_ptr, w_ptr, wd_ptr, bd_ptr, yd_ptr, xh
     for start in range(0, N * S, BLOCK):
         offs, mask = _chunk(start, base, N, C, S, BLOCK)
         xh = tl.load(xh_ptr + offs, mask=mask, other=0).to(ACC)
-        if HAS_XD:
-            xd = tl.load(xd_ptr + offs, mask=mask, other=0).to(ACC)
-            if BATCH:
-                xhd = (xd - mean_xd - xh * a) * r
-            else:
-                xhd = xd * r
-            tl.store(xhd_ptr + offs, xhd.to(xhd_ptr.dtype.element_ty), mask=mask)
-            yd = xhd * w
-        else:
-            yd = tl.zeros([BLOCK], ACC)
-        if HAS_WD:
-            yd += xh * wd
-        if HAS_BD:
-            yd += bd
+        yd = _tangent_block(xh, xd_ptr, xhd_ptr, offs, mask, mean_xd, a, r, w, wd, bd, HAS_XD, BATCH, HAS_WD, HAS_BD,
+                            ACC, BLOCK)
         if WRITE_YD:
             tl.store(yd_ptr + offs, yd.to(yd_ptr.dtype.element_ty), mask=mask)
 

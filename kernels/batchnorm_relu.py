@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .batchnorm import (_act, _chan_arg, _chunk, _empty, _eps_split, _launch, fake_fwd, fake_grads, launch_bwd,
-                        launch_fwd, launch_tangent_bwd)
+from .batchnorm import (_act, _chan_arg, _chunk, _empty, _eps_split, _launch, _tangent_block, fake_fwd, fake_grads,
+                        launch_bwd, launch_fwd, launch_tangent_bwd)
 
 
 @triton.jit
@@ -63,6 +63,8 @@ def _value_tangent_fwd_kernel(x_ptr, xd_ptr, z_ptr, zd_ptr, xh_ptr, xhd_ptr, a_p
         tl.store(r_ptr + t * C + c, r.to(r_ptr.dtype.element_ty))
     else:  # fixed statistics: r `[1, C]`, written by the first task's programs
         tl.store(r_ptr + c, r.to(r_ptr.dtype.element_ty), mask=t == 0)
+    mean_xd = 0.0
+    a = 0.0
     if STATS:
         mean_xd = tl.sum(s_xd, axis=0) / (N * S)
         a = (tl.sum(s_dxd, axis=0) / (N * S) - m1 * mean_xd) * r
@@ -85,20 +87,8 @@ def _value_tangent_fwd_kernel(x_ptr, xd_ptr, z_ptr, zd_ptr, xh_ptr, xhd_ptr, a_p
         tl.store(xh_ptr + offs, xh.to(xh_ptr.dtype.element_ty), mask=mask)
         y = xh * w + b
         tl.store(z_ptr + offs, tl.maximum(y, 0.0).to(z_ptr.dtype.element_ty), mask=mask)
-        if HAS_XD:
-            xd = tl.load(xd_ptr + offs, mask=mask, other=0).to(ACC)
-            if BATCH:
-                xhd = (xd - mean_xd - xh * a) * r
-            else:
-                xhd = xd * r
-            tl.store(xhd_ptr + offs, xhd.to(xhd_ptr.dtype.element_ty), mask=mask)
-            yd = xhd * w
-        else:
-            yd = tl.zeros([BLOCK], ACC)
-        if HAS_WD:
-            yd += xh * wd
-        if HAS_BD:
-            yd += bd
+        yd = _tangent_block(xh, xd_ptr, xhd_ptr, offs, mask, mean_xd, a, r, w, wd, bd, HAS_XD, BATCH, HAS_WD, HAS_BD,
+                            ACC, BLOCK)
         if WRITE_ZD:
             tl.store(zd_ptr + offs, tl.where(y > 0, yd, 0.0).to(zd_ptr.dtype.element_ty), mask=mask)
 
