@@ -18,4 +18,13 @@ TORCH_LIBRARY(fastmaml, m) {
       "mlp_meta_step(Tensor theta, int[] sizes, Tensor sx, Tensor sy, Tensor qx, Tensor qy, "
       "Tensor alpha, bool second_order, bool lr_grad, int activation) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // BatchNorm (batch statistics per task) + ReLU + k x k max-pooling (stride k), fused (CPU).
+  // x [T, N, C, H, W], w, b [T, C] -> (z [T, N, C, H/k, W/k], idx int64 (PyTorch's max-pool indices),
+  //                                   mean [T, C], invstd [T, C])
+  m.def("bn_relu_maxpool_fwd(Tensor x, Tensor w, Tensor b, float eps, int k) -> (Tensor, Tensor, Tensor, Tensor)");
+  // gz, z, idx [T, N, C, Ho, Wo], x [T, N, C, H, W], mean, invstd, w [T, C]
+  // -> (gx [T, N, C, H, W] or [0] if !need_x, gw [T, C], gb [T, C])
+  m.def(
+      "bn_relu_maxpool_bwd(Tensor gz, Tensor z, Tensor idx, Tensor x, Tensor mean, Tensor invstd, Tensor w, "
+      "bool need_x) -> (Tensor, Tensor, Tensor)");
 }

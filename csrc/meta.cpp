@@ -3,6 +3,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <vector>
+
 namespace fastmaml {
 namespace {
 
@@ -40,9 +42,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_
           at::empty({T}, theta.options()), at::empty({T}, theta.options())};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_fwd_meta(
+    const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, double eps, int64_t k) {
+  TORCH_CHECK(x.dim() == 5 && k >= 1, "x: expected activations [T, N, C, H, W] and k >= 1");
+  const int64_t T = x.size(0), N = x.size(1), C = x.size(2);
+  std::vector<int64_t> pooled{T, N, C, x.size(3) / k, x.size(4) / k};
+  return {at::empty(pooled, x.options()), at::empty(pooled, x.options().dtype(at::kLong)),
+          at::empty({T, C}, x.options()), at::empty({T, C}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_bwd_meta(
+    const at::Tensor& gz, const at::Tensor& z, const at::Tensor& idx, const at::Tensor& x, const at::Tensor& mean,
+    const at::Tensor& invstd, const at::Tensor& w, bool need_x) {
+  TORCH_CHECK(x.dim() == 5, "x: expected activations [T, N, C, H, W]");
+  const int64_t T = x.size(0), C = x.size(2);
+  return {need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options()),
+          at::empty({T, C}, x.options()), at::empty({T, C}, x.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmaml, Meta, m) {
+  m.impl("bn_relu_maxpool_fwd", &bn_relu_maxpool_fwd_meta);
+  m.impl("bn_relu_maxpool_bwd", &bn_relu_maxpool_bwd_meta);
   m.impl("inner_update", &inner_update_meta);
   m.impl("adjoint_update", &adjoint_update_meta);
   m.impl("alpha_grad", &alpha_grad_meta);

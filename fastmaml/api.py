@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import numbers
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .batchnorm import NormPlan
 from .errors import NonFiniteError
-from .inner_loop import ORDERS, Implicit, InnerLoop, InnerLoopSpec, forward_sweep, reverse_sweep
+from .inner_loop import (ORDERS, TASK_STATE_BYTES, Implicit, InnerLoop, InnerLoopSpec, forward_sweep,
+                         reverse_sweep, state_buffers, task_chunks)
 from .inner_lr import expand_inner_lr, learnable_leaves
 from .layout import InnerParams, ParamLayout
 from .losses import LossLike, accuracy, resolve_loss
@@ -84,6 +85,7 @@ def meta_step(
     cg_steps: int = 5,
     evaluate_before: bool = True,
     check_finite: bool = True,
+    task_chunk: Optional[int] = None,
 ) -> MetaResult:
     """One meta-gradient for a batch of T tasks, accumulated into `.grad` like `loss.backward()`.
 
@@ -103,7 +105,15 @@ def meta_step(
     (MAML++ per-step running statistics), see fastmaml/batchnorm.py; running statistics are updated
     only in "per_step" mode with `model.training`. evaluate_before: also run the query set at θ for
     `query_loss_before` / `accuracy_before` (one extra query forward; off for the bare meta-gradient).
+    task_chunk: tasks per chunk (None: chunks sized so that each chunk's per-task state, the fast
+    weights, gradients and adjoints `[Tc, P]` of the kept steps, stays under
+    `inner_loop.TASK_STATE_BYTES` of the device type: 32 MB on CPU, 2 GB on CUDA). Chunks run one
+    after the other and sum to the same meta-gradient; smaller chunks save memory, larger ones
+    batch more work per call.
     """
+    if task_chunk is not None and (isinstance(task_chunk, bool) or not isinstance(task_chunk, numbers.Integral)
+                                   or task_chunk < 1):
+        raise ValueError(f"task_chunk: expected None or a positive int (tasks per chunk), got {task_chunk!r}")
     batch = as_task_batch(tasks)
     layout, loss_obj, program, ops = _setup(
         model, [("tasks.support_x", batch.support_x), ("tasks.query_x", batch.query_x)],
@@ -112,7 +122,7 @@ def meta_step(
     loss_obj.check_targets(batch.query_y, "query_y")
     norm = NormPlan(model, batch_norm)
     implicit = _implicit(order, implicit_lambda, cg_steps, inner_lr)
-    sx, sy, qx, qy = batch
+    qx, qy = batch.query_x, batch.query_y
     T = batch.num_tasks
 
     with torch.no_grad():
@@ -137,46 +147,94 @@ def meta_step(
                           query_loss_after=fast.query_loss_after,
                           support_loss_before=fast.support_loss_before if steps else None)
 
-    recorded = [] if norm.record else None
-    phi, tape, support_before = forward_sweep(program, ops, theta_a, theta_s, alphas_d, sx, sy,
-                                              order=order, keep_grads=any(lr_grad),
-                                              check_finite=check_finite, norm=norm, recorded=recorded,
-                                              implicit=implicit)
-    q = program.loss_grad(phi, theta_s, qx, qy, shared_grad=shared_grad, bn_stats=norm.stats(steps))
-    meta_loss = q.loss.mean()
-    if check_finite and not bool(torch.isfinite(meta_loss)):
-        raise NonFiniteError(f"non-finite query loss after {steps} inner steps: {meta_loss.item()}",
-                             where="query loss", step=steps)
-    d_a, d_s, d_alphas = reverse_sweep(program, ops, tape, q.grad / T, theta_s, alphas_d, sx, sy,
-                                       shared_grad=shared_grad, lr_grad=lr_grad, check_finite=check_finite,
-                                       norm=norm)
-    if shared_grad:
-        d_s = d_s + q.grad_shared.sum(0) / T
-        if check_finite and not bool(torch.isfinite(d_s).all()):
-            raise NonFiniteError("non-finite meta-gradient of the shared (non-adapted) parameters",
-                                 where="shared meta-gradient")
+    state = layout.adapted.size * theta_a.element_size() * state_buffers(order, steps, any(lr_grad))
+    chunks = task_chunks(T, state, TASK_STATE_BYTES.get(theta_a.device.type, TASK_STATE_BYTES["cpu"]),
+                         task_chunk)
+    parts = [_chunk_meta_grad(program, ops, batch, sl, T, theta_a, theta_s, alphas_d, order=order,
+                              shared_grad=shared_grad, lr_grad=lr_grad, check_finite=check_finite, norm=norm,
+                              implicit=implicit, classification=loss_obj.classification)
+             for sl in chunks]
+    d_a = _sum(p.d_a for p in parts)
+    d_s = _sum(p.d_s for p in parts) if shared_grad else None
+    if check_finite and d_s is not None and not bool(torch.isfinite(d_s).all()):
+        raise NonFiniteError("non-finite meta-gradient of the shared (non-adapted) parameters",
+                             where="shared meta-gradient")
+    d_alphas = [_sum(p.d_alphas[j] for p in parts) if lr_grad[j] else None for j in range(steps)]
 
     lr_grads = _inner_lr_grads(inner_lr, alphas, d_alphas)
     _accumulate(layout, d_a, d_s)
     for leaf, g in lr_grads:
         leaf.grad = g if leaf.grad is None else leaf.grad + g
-    if recorded is not None:
-        for j, stats in enumerate(recorded + [program.batch_stats(phi, theta_s, qx)]):
-            norm.update(j, stats)
+    if norm.record:
+        for j in range(steps + 1):
+            norm.update(j, _cat_stats([p.recorded[j] for p in parts]))
 
-    result = MetaResult(meta_loss=meta_loss.detach(), query_loss_after=q.loss.detach(),
-                        support_loss_before=None if support_before is None else support_before.detach())
+    query_after = torch.cat([p.query_loss for p in parts])
+    result = MetaResult(meta_loss=query_after.mean(), query_loss_after=query_after,
+                        support_loss_before=torch.cat([p.support_before for p in parts]) if steps else None)
     if loss_obj.classification:
-        result.accuracy_after = accuracy(q.output.detach(), qy)
+        result.accuracy_after = torch.cat([p.accuracy for p in parts])
     if evaluate_before:
         if steps == 0:
-            before_loss, before_out = q.loss, q.output
+            result.query_loss_before, result.accuracy_before = result.query_loss_after, result.accuracy_after
         else:
             before_loss, before_out = program.evaluate(theta_a, theta_s, qx, qy, bn_stats=norm.stats(0))
-        result.query_loss_before = before_loss.detach()
-        if loss_obj.classification:
-            result.accuracy_before = accuracy(before_out.detach(), qy)
+            result.query_loss_before = before_loss.detach()
+            if loss_obj.classification:
+                result.accuracy_before = accuracy(before_out.detach(), qy)
     return result
+
+
+class _ChunkGrad(NamedTuple):
+    """One chunk's share of the meta-gradient (already divided by the whole batch's T) and of the result."""
+
+    d_a: torch.Tensor  # [Pa]
+    d_s: Optional[torch.Tensor]  # [Ps]
+    d_alphas: List[Optional[torch.Tensor]]  # per step
+    query_loss: torch.Tensor  # [Tc]
+    accuracy: Optional[torch.Tensor]  # [Tc]
+    support_before: Optional[torch.Tensor]  # [Tc]
+    recorded: Optional[list]  # per step 0..K, the chunk's BatchNorm batch statistics
+
+
+def _chunk_meta_grad(program, ops, batch: TaskBatch, sl: slice, T: int, theta_a, theta_s, alphas, *, order,
+                     shared_grad, lr_grad, check_finite, norm, implicit, classification) -> _ChunkGrad:
+    """Forward sweep, query loss and gradient, reverse sweep for the tasks `sl` of the batch."""
+    sx, sy, qx, qy = (t[sl] for t in batch)
+    steps = len(alphas)
+    recorded = [] if norm.record else None
+    phi, tape, support_before = forward_sweep(program, ops, theta_a, theta_s, alphas, sx, sy, order=order,
+                                              keep_grads=any(lr_grad), check_finite=check_finite, norm=norm,
+                                              recorded=recorded, implicit=implicit)
+    q = program.loss_grad(phi, theta_s, qx, qy, shared_grad=shared_grad, bn_stats=norm.stats(steps))
+    if check_finite and not bool(torch.isfinite(q.loss).all()):
+        raise NonFiniteError(f"non-finite query loss after {steps} inner steps: {q.loss.mean().item()}",
+                             where="query loss", step=steps)
+    d_a, d_s, d_alphas = reverse_sweep(program, ops, tape, q.grad / T, theta_s, alphas, sx, sy,
+                                       shared_grad=shared_grad, lr_grad=lr_grad, check_finite=check_finite,
+                                       norm=norm)
+    if shared_grad:
+        d_s = d_s + q.grad_shared.sum(0) / T
+    if recorded is not None:
+        recorded.append(program.batch_stats(phi, theta_s, qx))
+    return _ChunkGrad(d_a, d_s, d_alphas, q.loss.detach(),
+                      accuracy(q.output.detach(), qy) if classification else None,
+                      None if support_before is None else support_before.detach(), recorded)
+
+
+def _sum(tensors):
+    """The sum of an iterable of tensors (chunks of tasks), without an extra copy for one chunk."""
+    total = None
+    for t in tensors:
+        total = t if total is None else total + t
+    return total
+
+
+def _cat_stats(chunks):
+    """Per-chunk BatchNorm statistics [[(mean [Tc, C], var [Tc, C], count)] per layer] -> one list over
+    all tasks."""
+    return [(torch.cat([c[i][0] for c in chunks]), torch.cat([c[i][1] for c in chunks]), chunks[0][i][2])
+            for i in range(len(chunks[0]))]
 
 
 def _inner_lr_grads(inner_lr, alphas, d_alphas):

@@ -31,6 +31,8 @@ from .programs import Program
 
 ORDERS = ("second", "checkpoint", "first", "implicit")
 CHECKPOINT_SLOTS = 2  # fast weights `[T, Pa]` that "checkpoint" keeps besides θ, for any number of steps
+# per-task state budget of one chunk of tasks in `meta_step` (see `task_chunks`), per device type
+TASK_STATE_BYTES = {"cpu": 32 << 20, "cuda": 2 << 30}
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,23 @@ def replay_phis(phis: List[Optional[torch.Tensor]], advance, slots: int = CHECKP
         yield from segment(a, phi_a, m, left)
 
     yield from segment(0, take(0), len(phis), slots)
+
+
+def state_buffers(order: str, steps: int, keep_grads: bool) -> int:
+    """How many `[Pa]` buffers per task one meta-step holds at its peak: the tape (what `forward_sweep`
+    keeps) plus about six working ones (φ_K, the query gradient, v, H u, α ⊙ v, the next v)."""
+    tape = {"second": 2 * steps, "checkpoint": CHECKPOINT_SLOTS,
+            "first": steps if keep_grads else 0, "implicit": 4}[order]  # implicit: CG's u, r, p, Ap
+    return tape + 6
+
+
+def task_chunks(T: int, per_task_bytes: int, budget_bytes: int, size: Optional[int] = None) -> List[slice]:
+    """Slices of the T tasks, each a chunk whose per-task state fits `budget_bytes` (at least one task),
+    or of `size` tasks when given. Tasks are independent, so a meta-step over chunks sums to the
+    same meta-gradient with the state of one chunk alive at a time."""
+    if size is None:
+        size = max(1, budget_bytes // max(per_task_bytes, 1))
+    return [slice(start, min(T, start + size)) for start in range(0, T, size)]
 
 
 def _first_bad(flags: List[torch.Tensor]) -> Optional[int]:

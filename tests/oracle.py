@@ -74,16 +74,17 @@ def assert_grads_close(got: dict, ref: dict, tol: float) -> None:
 
 
 def check_meta_step(model, tasks, *, loss, loss_fn, inner_lr=0.05, steps=1, order="second", inner_params=None,
-                    lr_leaves=(), tol=1e-9):
-    """Runs `fastmaml.meta_step` and asserts its meta-loss, `.grad` of every parameter and of
-    `lr_leaves` match `autograd_meta_grad` within `tol`. Returns the MetaResult."""
+                    lr_leaves=(), tol=1e-9, **step_kwargs):
+    """Runs `fastmaml.meta_step` (with `step_kwargs` besides the arguments named here) and asserts its
+    meta-loss, `.grad` of every parameter and of `lr_leaves` match `autograd_meta_grad` within `tol`.
+    Returns the MetaResult."""
     import fastmaml
 
     model.zero_grad()
     for leaf in lr_leaves:
         leaf.grad = None
     res = fastmaml.meta_step(model, tasks, inner_lr=inner_lr, steps=steps, order=order, loss=loss,
-                             inner_params=inner_params)
+                             inner_params=inner_params, **step_kwargs)
     adapted = None if inner_params is None else [
         n for n, _ in model.named_parameters() if any(n == w or n.startswith(w + ".") for w in inner_params)]
     ref_loss, ref_grads, ref_extra = autograd_meta_grad(model, tasks, inner_lr=inner_lr, steps=steps,

@@ -48,3 +48,30 @@ def adjoint_update(v: torch.Tensor, hu: Optional[torch.Tensor], g: torch.Tensor,
         return v, (torch.ops.fastmaml.alpha_grad(g, v, alpha) if lr_grad else None)
     out, d_alpha = torch.ops.fastmaml.adjoint_update(v, hu, g, alpha, lr_grad)
     return out, (d_alpha if lr_grad else None)
+
+
+def _per_task(v: Optional[torch.Tensor], T: int, like: torch.Tensor, fill: float) -> torch.Tensor:
+    """A per-channel vector `[T, C]`, `[C]` or None (`fill`) as a contiguous `[T, C]`."""
+    C = like.shape[2]
+    if v is None:
+        return like.new_full((T, C), fill)
+    return v.expand(T, C).contiguous()
+
+
+@register("bn_relu_maxpool_train_fwd", "cpp", devices=("cpu",))
+def bn_relu_maxpool_train_fwd(x, w, b, eps: float, k: int):
+    """BatchNorm (batch statistics) + ReLU + k×k max-pool in one pass, as the reference in ops/layers.py."""
+    T = x.shape[0]
+    return torch.ops.fastmaml.bn_relu_maxpool_fwd(x, _per_task(w, T, x, 1.0), _per_task(b, T, x, 0.0), eps, k)
+
+
+@register("bn_relu_maxpool_train_bwd", "cpp", devices=("cpu",))
+def bn_relu_maxpool_train_bwd(gz, z, idx, x, mean, r, w, eps: float, k: int, need_x: bool, gw_out, gb_out):
+    """Backward of `bn_relu_maxpool_train_fwd`, as the reference in ops/layers.py."""
+    gx, gw, gb = torch.ops.fastmaml.bn_relu_maxpool_bwd(gz, z, idx, x, mean, r, _per_task(w, x.shape[0], x, 1.0),
+                                                        need_x)
+    if gw_out is not None:
+        gw_out.copy_(gw)
+    if gb_out is not None:
+        gb_out.copy_(gb)
+    return gx if need_x else None

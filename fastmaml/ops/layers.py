@@ -335,6 +335,40 @@ def batchnorm_relu_tangent_bwd(gz: Tensor, gzd: Tensor, z: Tensor, xhat: Tensor,
                                  need_x, gw_out, gwd_out, gb_out, gbd_out)
 
 
+# ---------------------------------------------------------------- batch norm + ReLU + max-pool
+# The conv nets' block tail z = maxpool_k(relu(BN(x))), k×k windows at stride k, no padding, floor;
+# batch statistics. idx are PyTorch's max-pool indices (h·W + w in each [H, W] plane). In the backward
+# the gradient reaches the chosen element only where z > 0 (ReLU's mask there). Forward and backward
+# only: the tangent passes compose the BatchNorm+ReLU and max-pool rules.
+
+
+def _pool_args(k: int):
+    return [k, k], [k, k], [0, 0], [1, 1], False
+
+
+@register("bn_relu_maxpool_train_fwd", "torch")
+def bn_relu_maxpool_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float, k: int):
+    """x `[T, N, C, H, W]` -> (z `[T, N, C, H/k, W/k]`, idx int64 like z, mean `[T, C]`, r `[T, C]`)."""
+    T, N, C, H, W = x.shape
+    y, mean, r = batchnorm_relu_train_fwd(x.reshape(T, N, C, H * W), w, b, eps)
+    z, idx = torch.ops.aten.max_pool2d_with_indices(y.view(T * N, C, H, W), *_pool_args(k))
+    return z.view(T, N, *z.shape[1:]), idx.view(T, N, *idx.shape[1:]), mean, r
+
+
+@register("bn_relu_maxpool_train_bwd", "torch")
+def bn_relu_maxpool_train_bwd(gz: Tensor, z: Tensor, idx: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt,
+                              eps: float, k: int, need_x: bool, gw_out: Opt, gb_out: Opt) -> Opt:
+    """Backward of `bn_relu_maxpool_train_fwd`: writes gw, gb `[T, C]` into the given outputs; returns gx
+    `[T, N, C, H, W]` if `need_x`."""
+    T, N, C, H, W = x.shape
+    gz = _relu_mask(gz, z).reshape(T * N, C, *z.shape[3:])
+    gy = torch.ops.aten.max_pool2d_with_indices_backward(gz, x.view(T * N, C, H, W), *_pool_args(k),
+                                                        idx.view(T * N, C, *idx.shape[3:]))
+    x4 = x.view(T, N, C, H * W)
+    gx = batchnorm_train_bwd(gy.view(x4.shape), x4, mean, r, w, eps, need_x, gw_out, gb_out)
+    return None if gx is None else gx.view(x.shape)
+
+
 # ---------------------------------------------------------------- losses (per-task mean)
 
 

@@ -27,14 +27,17 @@ ENV_VAR = "FASTMAML_BACKEND"
 
 _IMPLS: Dict[str, Dict[str, Callable]] = {}
 _EXPLICIT_ONLY: Dict[Tuple[str, str], str] = {}  # (op, backend) -> why "auto" does not pick it
+_DEVICES: Dict[Tuple[str, str], Tuple[str, ...]] = {}  # (op, backend) -> the only device types it runs on
 _AVAILABILITY: Dict[str, Callable[[torch.device], Tuple[bool, str]]] = {
     "torch": lambda device: (True, "plain PyTorch reference"),
 }
 
 
-def register(name: str, backend: str, *, auto: bool = True, why_not_auto: str = ""):
+def register(name: str, backend: str, *, auto: bool = True, why_not_auto: str = "",
+             devices: Optional[Tuple[str, ...]] = None):
     """Decorator: `fn` implements op `name` for `backend`; with `auto=False` only an explicitly
-    requested `backend` uses it (`why_not_auto` says why, in `fastmaml info`)."""
+    requested `backend` uses it (`why_not_auto` says why, in `fastmaml info`); `devices`: the device
+    types it has kernels for (None: every device the backend runs on; elsewhere the reference runs)."""
     if backend not in BACKENDS or backend == "auto":
         raise ValueError(f"backend: unknown backend {backend!r}; expected one of {BACKENDS[1:]}")
 
@@ -42,6 +45,8 @@ def register(name: str, backend: str, *, auto: bool = True, why_not_auto: str = 
         _IMPLS.setdefault(name, {})[backend] = fn
         if not auto:
             _EXPLICIT_ONLY[(name, backend)] = why_not_auto or "not chosen by auto"
+        if devices is not None:
+            _DEVICES[(name, backend)] = tuple(devices)
         return fn
 
     return deco
@@ -105,7 +110,8 @@ def resolve(backend: Optional[str], device) -> OpTable:
 
 def _build(backend: str, device: torch.device) -> OpTable:
     chosen = {}
-    for name, impls in _IMPLS.items():
+    for name, all_impls in _IMPLS.items():
+        impls = {b: fn for b, fn in all_impls.items() if device.type in _DEVICES.get((name, b), (device.type,))}
         if backend == "auto":
             reasons = []
             for b in AUTO_ORDER.get(device.type, ("torch",)):
@@ -116,7 +122,8 @@ def _build(backend: str, device: torch.device) -> OpTable:
                 if b in impls and ok:
                     chosen[name] = (b, impls[b], why if not reasons else f"{why}; " + "; ".join(reasons))
                     break
-                reasons.append(f"{b}: {why if not ok else 'no implementation of this op'}")
+                missing = "no implementation of this op" if b not in all_impls else f"no {device.type} kernel of this op"
+                reasons.append(f"{b}: {why if not ok else missing}")
         else:
             ok, why = availability(backend, device)
             if not ok:
@@ -124,5 +131,6 @@ def _build(backend: str, device: torch.device) -> OpTable:
             if backend in impls:
                 chosen[name] = (backend, impls[backend], why)
             else:  # a backend need not implement every op: the others run their reference
-                chosen[name] = ("torch", impls["torch"], f"no {backend} implementation of this op")
+                where = "" if backend not in all_impls else f" for {device.type}"
+                chosen[name] = ("torch", impls["torch"], f"no {backend} implementation of this op{where}")
     return OpTable(chosen)

@@ -6,7 +6,9 @@ MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten (start_dim >= 1), Identity, Dro
 (or p=0). Every module object must appear once (no tied weights).
 
 A BatchNorm immediately followed by a ReLU in execution order (Identity and inactive Dropout between
-them are dropped) compiles into one BatchNormReLURule (norm_act.py): one kernel per pass instead of two.
+them are dropped) compiles into one BatchNormReLURule (norm_act.py): one kernel per pass instead of two;
+a BatchNorm2d + ReLU followed by a MaxPool2d with non-overlapping windows (the conv nets' block tail)
+into one BatchNormReLUMaxPoolRule.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from .base import Rule
 from .conv import ConvRule
 from .dense import LinearRule
 from .norm import BatchNormRule
-from .norm_act import BatchNormReLURule
+from .norm_act import BatchNormReLUMaxPoolRule, BatchNormReLURule
 from .pointwise import ELURule, GELURule, LeakyReLURule, ReLURule, SigmoidRule, TanhRule
 from .pooling import AdaptiveAvgPool2dRule, AvgPool2dRule, MaxPool2dRule
 from .shape import FlattenRule
@@ -53,11 +55,16 @@ def compile_model(model: nn.Module) -> List[Rule]:
 
 
 def _fuse(rules: List[Rule]) -> List[Rule]:
-    """`rules` with every BatchNorm directly followed by a ReLU merged into a BatchNormReLURule."""
+    """`rules` with every BatchNorm directly followed by a ReLU merged into a BatchNormReLURule, and
+    such a pair directly followed by a non-overlapping MaxPool2d into a BatchNormReLUMaxPoolRule."""
     fused: List[Rule] = []
     for rule in rules:
-        if type(rule) is ReLURule and fused and type(fused[-1]) is BatchNormRule:
-            fused[-1] = BatchNormReLURule(fused[-1], rule)
+        last = fused[-1] if fused else None
+        if type(rule) is ReLURule and type(last) is BatchNormRule:
+            fused[-1] = BatchNormReLURule(last, rule)
+        elif (type(rule) is MaxPool2dRule and type(last) is BatchNormReLURule
+              and BatchNormReLUMaxPoolRule.fusable(last, rule)):
+            fused[-1] = BatchNormReLUMaxPoolRule(last, rule)
         else:
             fused.append(rule)
     return fused

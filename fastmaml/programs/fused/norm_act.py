@@ -1,4 +1,5 @@
-"""BatchNorm1d/2d immediately followed by ReLU, as one rule: z = max(BN(x), 0).
+"""BatchNorm1d/2d immediately followed by ReLU, as one rule: z = max(BN(x), 0); and BatchNorm2d + ReLU
++ MaxPool2d (non-overlapping windows), the tail of every conv-net block, as one rule.
 
 The compiler fuses the pair (`compile_model`). It is a BatchNormRule (same parameters, owned by the
 BatchNorm module's path; same `index` into `bn_stats`; same `as_channels` of its input), whose ops
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from .norm import BatchNormRule
 from .pointwise import ReLURule
+from .pooling import MaxPool2dRule
 
 
 class BatchNormReLURule(BatchNormRule):
@@ -54,3 +56,57 @@ class BatchNormReLURule(BatchNormRule):
         if gx is None:
             return None, None
         return gx.view(shape), gxd.view(shape)
+
+
+class BatchNormReLUMaxPoolRule(BatchNormRule):
+    """z = maxpool_k(relu(BatchNorm2d(x))) with k×k windows at stride k (`fusable`), as one rule.
+
+    On batch statistics the forward and backward are one op each (`bn_relu_maxpool_train_fwd/bwd`):
+    the forward writes only the pooled z and the max-pool indices (not BatchNorm's or ReLU's full-size
+    outputs), the backward reads x and the pooled gradient and writes gx once. With fixed statistics,
+    and in the tangent passes (the support set's Hessian-vector products), the BatchNorm+ReLU rule and
+    the max-pool rule run in turn.
+    """
+
+    def __init__(self, norm_relu: BatchNormReLURule, pool: MaxPool2dRule):
+        self.path = norm_relu.path
+        self.name = f"{norm_relu.name}+{pool.name}"
+        self.kind = f"{norm_relu.kind}+{pool.kind}"
+        self.eps, self.num_features, self.index = norm_relu.eps, norm_relu.num_features, norm_relu.index
+        self.norm_relu, self.pool = norm_relu, pool
+        self.k = pool.kernel[0]
+
+    @staticmethod
+    def fusable(norm_relu: BatchNormReLURule, pool: MaxPool2dRule) -> bool:
+        """BatchNorm2d, and square windows at stride = window, no padding or dilation, floor mode."""
+        k = pool.kernel[0]
+        return (norm_relu.kind.startswith("BatchNorm2d") and pool.kernel == [k, k] and pool.stride == [k, k]
+                and pool.padding == [0, 0] and pool.dilation == [1, 1] and not pool.ceil_mode)
+
+    def forward(self, ops, x, p, save):
+        w, b, mean, var = self._split(p)
+        if mean is not None:  # fixed statistics
+            z, s1 = self.norm_relu.forward(ops, x, p, save)
+            y, s2 = self.pool.forward(ops, z, (), save)
+            return y, ("composed", s1, s2) if save else None
+        x = self.as_channels(x).view(x.shape).contiguous()  # checks [T, N, C, ...]
+        self.pool._check(x)
+        z, idx, mu, r = ops.bn_relu_maxpool_train_fwd(x, w, b, self.eps, self.k)
+        return z, ("fused", z, idx, x, mu, r) if save else None
+
+    def backward(self, ops, gy, saved, p, need_x, outs):
+        if saved[0] == "composed":
+            _, s1, s2 = saved
+            return self.norm_relu.backward(ops, self.pool.backward(ops, gy, s2, (), True, ()), s1, p, need_x, outs)
+        _, z, idx, x, mu, r = saved
+        return ops.bn_relu_maxpool_train_bwd(gy, z, idx, x, mu, r, p[0], self.eps, self.k, need_x, outs[0], outs[1])
+
+    def tangent_forward(self, ops, x, xd, p, v):
+        z, zd, s1 = self.norm_relu.tangent_forward(ops, x, xd, p, v)
+        y, yd, s2 = self.pool.tangent_forward(ops, z, zd, (), ())
+        return y, yd, (s1, s2)
+
+    def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
+        s1, s2 = saved
+        g, gd = self.pool.tangent_backward(ops, gy, gyd, s2, (), (), True, (), ())
+        return self.norm_relu.tangent_backward(ops, g, gd, s1, p, v, need_x, outs, touts)

@@ -1,0 +1,157 @@
+"""BatchNorm2d + ReLU + MaxPool2d as one rule: the C++ CPU kernels (csrc/bn_relu_maxpool.cpp) against
+the torch references (fastmaml/ops/layers.py) on odd shapes, float32 and float64; opcheck; the
+compiler's fusion; meta_step through the fused rule against the autograd oracle (float64)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmaml
+from fastmaml.ops import registry
+from fastmaml.programs.fused import compile_model
+from fastmaml.programs.fused.norm_act import BatchNormReLUMaxPoolRule
+from models import classification_tasks, small_cnn
+from oracle import check_meta_step
+
+DEVICE = torch.device("cpu")
+# (T, N, C, H, W, k): T = 1, one image, one channel, odd H and W (a remainder the windows skip but the
+# statistics count), k = 3, a 28×28 plane
+CASES = [(1, 1, 1, 2, 2, 2), (3, 2, 3, 5, 7, 2), (2, 5, 4, 9, 10, 3), (1, 3, 2, 28, 28, 2), (2, 1, 3, 4, 4, 1)]
+IDS = ["T{}N{}C{}H{}W{}k{}".format(*c) for c in CASES]
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+@pytest.fixture(scope="module")
+def cpp():
+    ok, why = registry.availability("cpp", DEVICE)
+    assert ok, f"the C++ extension must build here: {why}"
+    return registry._IMPLS["bn_relu_maxpool_train_fwd"]["cpp"], registry._IMPLS["bn_relu_maxpool_train_bwd"]["cpp"]
+
+
+def reference():
+    return (registry.reference("bn_relu_maxpool_train_fwd"), registry.reference("bn_relu_maxpool_train_bwd"))
+
+
+def inputs(case, weights, dtype, seed=0):
+    T, N, C, H, W, k = case
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    x = r(T, N, C, H, W) * 2 + 0.5
+    w = {"task": r(T, C), "common": r(C), None: None}[weights]
+    b = {"task": r(T, C), "common": r(C), None: None}[weights]
+    return x, w, b, r
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weights", ["task", "common", None])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_forward_matches_reference(cpp, case, weights, dtype):
+    x, w, b, _ = inputs(case, weights, dtype)
+    k = case[-1]
+    z, idx, mean, r = cpp[0](x, w, b, 1e-5, k)
+    z_ref, idx_ref, mean_ref, r_ref = reference()[0](x, w, b, 1e-5, k)
+    assert z.shape == z_ref.shape and idx.dtype == torch.int64
+    assert torch.equal(idx, idx_ref)
+    for got, ref in ((z, z_ref), (mean, mean_ref), (r, r_ref)):
+        assert rel(got, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weights", ["task", "common", None])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_backward_matches_reference(cpp, case, weights, dtype):
+    x, w, b, r = inputs(case, weights, dtype)
+    k = case[-1]
+    z, idx, mean, invstd = reference()[0](x, w, b, 1e-5, k)
+    gz = r(*z.shape)
+    T, C = x.shape[0], x.shape[2]
+    outs = {}
+    for name, (_, bwd) in (("cpp", cpp), ("ref", reference())):
+        gw, gb = x.new_full((T, C), float("nan")), x.new_full((T, C), float("nan"))
+        gx = bwd(gz, z, idx, x, mean, invstd, w, 1e-5, k, True, gw, gb)
+        outs[name] = (gx, gw, gb)
+    for got, ref in zip(outs["cpp"], outs["ref"]):
+        assert rel(got, ref) < TOL[dtype]
+    # no input gradient asked: None, and the parameter gradients still written
+    gw, gb = x.new_zeros(T, C), x.new_zeros(T, C)
+    assert cpp[1](gz, z, idx, x, mean, invstd, w, 1e-5, k, False, gw, gb) is None
+    assert rel(gw, outs["ref"][1]) < TOL[dtype] and rel(gb, outs["ref"][2]) < TOL[dtype]
+
+
+def test_non_finite_input_propagates(cpp):
+    x, w, b, _ = inputs(CASES[1], "task", torch.float64)
+    x[1, 0, 2, 3, 3] = float("nan")
+    z, _, mean, _ = cpp[0](x, w, b, 1e-5, 2)
+    assert torch.isnan(mean[1, 2]) and torch.isnan(z[1, :, 2]).all() and torch.isfinite(z[0]).all()
+
+
+def test_opcheck(cpp):
+    x, w, b, r = inputs(CASES[1], "task", torch.float64)
+    lib = torch.ops.fastmaml
+    torch.library.opcheck(lib.bn_relu_maxpool_fwd.default, (x, w, b, 1e-5, 2))
+    z, idx, mean, invstd = lib.bn_relu_maxpool_fwd(x, w, b, 1e-5, 2)
+    gz = r(*z.shape)
+    torch.library.opcheck(lib.bn_relu_maxpool_bwd.default, (gz, z, idx, x, mean, invstd, w, True))
+    torch.library.opcheck(lib.bn_relu_maxpool_bwd.default, (gz, z, idx, x, mean, invstd, w, False))
+
+
+def test_bad_arguments_name_the_argument(cpp):
+    x, w, b, _ = inputs(CASES[1], "task", torch.float64)
+    lib = torch.ops.fastmaml
+    with pytest.raises(RuntimeError, match=r"w: expected per-task channel values \[3, 3\]"):
+        lib.bn_relu_maxpool_fwd(x, w[:, :2], b, 1e-5, 2)
+    with pytest.raises(RuntimeError, match="b: expected dtype Double"):
+        lib.bn_relu_maxpool_fwd(x, w, b.float(), 1e-5, 2)
+    with pytest.raises(RuntimeError, match=r"x: expected activations \[T, N, C, H, W\]"):
+        lib.bn_relu_maxpool_fwd(x[0], w, b, 1e-5, 2)
+    with pytest.raises(RuntimeError, match="k: expected a pooling window"):
+        lib.bn_relu_maxpool_fwd(x, w, b, 1e-5, 6)
+
+
+def test_kernels_only_for_cpu():
+    """The C++ block kernel has no CUDA implementation: on CUDA the reference runs."""
+    assert registry._DEVICES[("bn_relu_maxpool_train_fwd", "cpp")] == ("cpu",)
+    assert registry._DEVICES[("bn_relu_maxpool_train_bwd", "cpp")] == ("cpu",)
+
+
+def kinds(model):
+    return [r.describe() for r in compile_model(model)]
+
+
+def test_compiler_fuses_non_overlapping_pools_only():
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2),                       # fused
+        nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(3),                                           # fused
+        nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(3, stride=2),                                 # overlapping
+        nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2, padding=1),                                # padding
+        nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),                           # ceil mode
+        nn.BatchNorm2d(2), nn.MaxPool2d(2),                                                      # no ReLU
+        nn.Flatten())
+    assert kinds(model) == [
+        "0 (Conv2d)", "1+2+3 (BatchNorm2d+ReLU+MaxPool2d)", "4+5+6 (BatchNorm2d+ReLU+MaxPool2d)",
+        "7+8 (BatchNorm2d+ReLU)", "9 (MaxPool2d)", "10+11 (BatchNorm2d+ReLU)", "12 (MaxPool2d)",
+        "13+14 (BatchNorm2d+ReLU)", "15 (MaxPool2d)", "16 (BatchNorm2d)", "17 (MaxPool2d)", "18 (Flatten)"]
+    rules = compile_model(model)
+    assert isinstance(rules[1], BatchNormReLUMaxPoolRule) and rules[1].k == 2 and rules[2].k == 3
+    assert [r.index for r in rules if hasattr(r, "index")] == [0, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("order", ["second", "checkpoint", "first"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_meta_step_matches_oracle(backend, order, monkeypatch):
+    """Conv → BN → ReLU → MaxPool ×2 (both tails fused) through meta_step, float64, ops of `backend`."""
+    monkeypatch.setenv(registry.ENV_VAR, backend)
+    torch.manual_seed(0)
+    model = small_cnn(channels=3, size=10)
+    assert sum(isinstance(r, BatchNormReLUMaxPoolRule) for r in compile_model(model)) == 2
+    check_meta_step(model, classification_tasks(T=3, size=10, seed=2), loss="cross_entropy", loss_fn=F.cross_entropy,
+                    inner_lr=0.3, steps=2, order=order, tol=1e-9)
+
+
+def test_explain_names_the_fused_tail():
+    e = fastmaml.explain(small_cnn(channels=3), loss="cross_entropy")
+    assert e.layers[:2] == ("0 (Conv2d)", "1+2+3 (BatchNorm2d+ReLU+MaxPool2d)")
