@@ -27,4 +27,14 @@ TORCH_LIBRARY(fastmaml, m) {
   m.def(
       "bn_relu_maxpool_bwd(Tensor gz, Tensor z, Tensor idx, Tensor x, Tensor mean, Tensor invstd, Tensor w, "
       "bool need_x) -> (Tensor, Tensor, Tensor)");
+  // The same block with its tangent (R-op) along (xd, wd, bd), all [T, ...] like x, w, b:
+  // -> (z, zd, idx, mean, invstd, a = mean(xhat xd) [T, C], dmean = mean(xd) [T, C])
+  m.def(
+      "bn_relu_maxpool_tangent_fwd(Tensor x, Tensor xd, Tensor w, Tensor b, Tensor wd, Tensor bd, float eps, int k) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The backward and its tangent -> (gx, gxd ([0] if !need_x), gw, gwd, gb, gbd [T, C])
+  m.def(
+      "bn_relu_maxpool_tangent_bwd(Tensor gz, Tensor gzd, Tensor z, Tensor idx, Tensor x, Tensor xd, Tensor mean, "
+      "Tensor invstd, Tensor a, Tensor dmean, Tensor w, Tensor wd, bool need_x) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

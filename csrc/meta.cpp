@@ -60,9 +60,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_bwd_meta(
           at::empty({T, C}, x.options()), at::empty({T, C}, x.options())};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+bn_relu_maxpool_tangent_fwd_meta(const at::Tensor& x, const at::Tensor& xd, const at::Tensor& w, const at::Tensor& b,
+                                 const at::Tensor& wd, const at::Tensor& bd, double eps, int64_t k) {
+  auto [z, idx, mean, invstd] = bn_relu_maxpool_fwd_meta(x, w, b, eps, k);
+  return {z, at::empty(z.sizes(), z.options()), idx, mean, invstd, at::empty(mean.sizes(), mean.options()),
+          at::empty(mean.sizes(), mean.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_tangent_bwd_meta(
+    const at::Tensor& gz, const at::Tensor& gzd, const at::Tensor& z, const at::Tensor& idx, const at::Tensor& x,
+    const at::Tensor& xd, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& a,
+    const at::Tensor& dmean, const at::Tensor& w, const at::Tensor& wd, bool need_x) {
+  auto [gx, gw, gb] = bn_relu_maxpool_bwd_meta(gz, z, idx, x, mean, invstd, w, need_x);
+  return {gx, at::empty(gx.sizes(), gx.options()), gw, at::empty(gw.sizes(), gw.options()), gb,
+          at::empty(gb.sizes(), gb.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmaml, Meta, m) {
+  m.impl("bn_relu_maxpool_tangent_fwd", &bn_relu_maxpool_tangent_fwd_meta);
+  m.impl("bn_relu_maxpool_tangent_bwd", &bn_relu_maxpool_tangent_bwd_meta);
   m.impl("bn_relu_maxpool_fwd", &bn_relu_maxpool_fwd_meta);
   m.impl("bn_relu_maxpool_bwd", &bn_relu_maxpool_bwd_meta);
   m.impl("inner_update", &inner_update_meta);

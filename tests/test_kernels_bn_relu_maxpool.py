@@ -1,6 +1,7 @@
-"""BatchNorm2d + ReLU + MaxPool2d as one rule: the C++ CPU kernels (csrc/bn_relu_maxpool.cpp) against
-the torch references (fastmaml/ops/layers.py) on odd shapes, float32 and float64; opcheck; the
-compiler's fusion; meta_step through the fused rule against the autograd oracle (float64)."""
+"""BatchNorm2d + ReLU + MaxPool2d as one rule: the C++ CPU kernels (csrc/bn_relu_maxpool.cpp: forward,
+backward, and both with tangents) against the torch references (fastmaml/ops/layers.py) on odd shapes,
+float32 and float64; opcheck; the compiler's fusion; meta_step through the fused rule against the
+autograd oracle (float64)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,48 @@ def test_backward_matches_reference(cpp, case, weights, dtype):
     assert rel(gw, outs["ref"][1]) < TOL[dtype] and rel(gb, outs["ref"][2]) < TOL[dtype]
 
 
+def tangent_ops(backend):
+    return (registry._IMPLS["bn_relu_maxpool_tangent_fwd"][backend], registry._IMPLS["bn_relu_maxpool_tangent_bwd"][backend])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("weights", ["task", "common", None])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_tangent_forward_and_backward_match_reference(cpp, case, weights, dtype):
+    x, w, b, r = inputs(case, weights, dtype)
+    T, C, k = x.shape[0], x.shape[2], case[-1]
+    xd, wd, bd = r(*x.shape), r(T, C), r(T, C) if weights is not None else None
+    got = tangent_ops("cpp")[0](x, xd, w, b, wd, bd, 1e-5, k)
+    ref = tangent_ops("torch")[0](x, xd, w, b, wd, bd, 1e-5, k)
+    assert torch.equal(got[2], ref[2])  # idx
+    for g, f in zip(got[:2] + got[3:], ref[:2] + ref[3:]):  # z, ż, mean, r, a, mean(ẋ)
+        assert rel(g, f) < TOL[dtype]
+    z, _, idx, mean, invstd, a, dmean = ref
+    gz, gzd = r(*z.shape), r(*z.shape)
+    outs = {}
+    for backend in ("cpp", "torch"):
+        bufs = [x.new_full((T, C), float("nan")) for _ in range(4)]
+        gx, gxd = tangent_ops(backend)[1](gz, gzd, z, idx, x, xd, mean, invstd, a, dmean, w, wd, k, True, *bufs)
+        outs[backend] = (gx, gxd, *bufs)
+    for g, f in zip(outs["cpp"], outs["torch"]):
+        assert rel(g, f) < TOL[dtype]
+    bufs = [x.new_zeros(T, C) for _ in range(4)]
+    assert tangent_ops("cpp")[1](gz, gzd, z, idx, x, xd, mean, invstd, a, dmean, w, wd, k, False, *bufs) == (None, None)
+    for g, f in zip(bufs, outs["torch"][2:]):
+        assert rel(g, f) < TOL[dtype]
+
+
+def test_tangent_without_input_or_weight_directions_runs_the_reference(cpp):
+    """ẋ or ẇ zero (None): the C++ wrappers run the reference, with the same results and saved state."""
+    x, w, b, r = inputs(CASES[1], "task", torch.float64)
+    T, C = x.shape[0], x.shape[2]
+    for xd, wd in ((None, r(T, C)), (r(*x.shape), None), (None, None)):
+        got = tangent_ops("cpp")[0](x, xd, w, b, wd, None, 1e-5, 2)
+        ref = tangent_ops("torch")[0](x, xd, w, b, wd, None, 1e-5, 2)
+        for g, f in zip(got, ref):
+            assert (g is None and f is None) or torch.equal(g, f)
+
+
 def test_non_finite_input_propagates(cpp):
     x, w, b, _ = inputs(CASES[1], "task", torch.float64)
     x[1, 0, 2, 3, 3] = float("nan")
@@ -97,6 +140,12 @@ def test_opcheck(cpp):
     gz = r(*z.shape)
     torch.library.opcheck(lib.bn_relu_maxpool_bwd.default, (gz, z, idx, x, mean, invstd, w, True))
     torch.library.opcheck(lib.bn_relu_maxpool_bwd.default, (gz, z, idx, x, mean, invstd, w, False))
+    xd, wd, bd = r(*x.shape), r(*w.shape), r(*b.shape)
+    torch.library.opcheck(lib.bn_relu_maxpool_tangent_fwd.default, (x, xd, w, b, wd, bd, 1e-5, 2))
+    z, zd, idx, mean, invstd, a, dmean = lib.bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, bd, 1e-5, 2)
+    for need_x in (True, False):
+        torch.library.opcheck(lib.bn_relu_maxpool_tangent_bwd.default,
+                              (gz, r(*z.shape), z, idx, x, xd, mean, invstd, a, dmean, w, wd, need_x))
 
 
 def test_bad_arguments_name_the_argument(cpp):
@@ -110,12 +159,16 @@ def test_bad_arguments_name_the_argument(cpp):
         lib.bn_relu_maxpool_fwd(x[0], w, b, 1e-5, 2)
     with pytest.raises(RuntimeError, match="k: expected a pooling window"):
         lib.bn_relu_maxpool_fwd(x, w, b, 1e-5, 6)
+    with pytest.raises(RuntimeError, match="xd: expected the shape"):
+        lib.bn_relu_maxpool_tangent_fwd(x, x[:, :1], w, b, w, b, 1e-5, 2)
+    with pytest.raises(RuntimeError, match=r"wd: expected per-task channel values"):
+        lib.bn_relu_maxpool_tangent_fwd(x, x, w, b, w[0], b, 1e-5, 2)
 
 
 def test_kernels_only_for_cpu():
     """The C++ block kernel has no CUDA implementation: on CUDA the reference runs."""
-    assert registry._DEVICES[("bn_relu_maxpool_train_fwd", "cpp")] == ("cpu",)
-    assert registry._DEVICES[("bn_relu_maxpool_train_bwd", "cpp")] == ("cpu",)
+    for op in ("train_fwd", "train_bwd", "tangent_fwd", "tangent_bwd"):
+        assert registry._DEVICES[(f"bn_relu_maxpool_{op}", "cpp")] == ("cpu",)
 
 
 def kinds(model):

@@ -11,6 +11,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import build
+from . import layers
 from .registry import register, register_backend
 
 
@@ -75,3 +76,29 @@ def bn_relu_maxpool_train_bwd(gz, z, idx, x, mean, r, w, eps: float, k: int, nee
     if gb_out is not None:
         gb_out.copy_(gb)
     return gx if need_x else None
+
+
+@register("bn_relu_maxpool_tangent_fwd", "cpp", devices=("cpu",))
+def bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, bd, eps: float, k: int):
+    """The forward and its tangent in one pass, as the reference in ops/layers.py (which runs when ẋ or ẇ
+    is zero, e.g. the first adapted layer or shared BatchNorm weights)."""
+    if xd is None or wd is None:
+        return layers.bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, bd, eps, k)
+    T = x.shape[0]
+    return torch.ops.fastmaml.bn_relu_maxpool_tangent_fwd(
+        x, xd, _per_task(w, T, x, 1.0), _per_task(b, T, x, 0.0), wd, _per_task(bd, T, x, 0.0), eps, k)
+
+
+@register("bn_relu_maxpool_tangent_bwd", "cpp", devices=("cpu",))
+def bn_relu_maxpool_tangent_bwd(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd, k: int, need_x: bool, gw_out,
+                                gwd_out, gb_out, gbd_out):
+    """The backward and its tangent in two passes, as the reference in ops/layers.py."""
+    if xd is None or wd is None:
+        return layers.bn_relu_maxpool_tangent_bwd(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd, k, need_x,
+                                                  gw_out, gwd_out, gb_out, gbd_out)
+    gx, gxd, gw, gwd, gb, gbd = torch.ops.fastmaml.bn_relu_maxpool_tangent_bwd(
+        gz, gzd, z, idx, x, xd, mean, r, a, dmean, _per_task(w, x.shape[0], x, 1.0), wd, need_x)
+    for out, value in ((gw_out, gw), (gwd_out, gwd), (gb_out, gb), (gbd_out, gbd)):
+        if out is not None:
+            out.copy_(value)
+    return (gx, gxd) if need_x else (None, None)

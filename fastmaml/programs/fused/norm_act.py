@@ -61,11 +61,11 @@ class BatchNormReLURule(BatchNormRule):
 class BatchNormReLUMaxPoolRule(BatchNormRule):
     """z = maxpool_k(relu(BatchNorm2d(x))) with k×k windows at stride k (`fusable`), as one rule.
 
-    On batch statistics the forward and backward are one op each (`bn_relu_maxpool_train_fwd/bwd`):
-    the forward writes only the pooled z and the max-pool indices (not BatchNorm's or ReLU's full-size
-    outputs), the backward reads x and the pooled gradient and writes gx once. With fixed statistics,
-    and in the tangent passes (the support set's Hessian-vector products), the BatchNorm+ReLU rule and
-    the max-pool rule run in turn.
+    On batch statistics each pass is one op (`bn_relu_maxpool_train_fwd/bwd`, and with tangents
+    `bn_relu_maxpool_tangent_fwd/bwd`): the forwards write only the pooled z (and ż), the max-pool
+    indices and per-channel statistics, not BatchNorm's or ReLU's full-size outputs; the backwards
+    read x (and ẋ) and the pooled gradients and write gx (and ġx) once. With fixed statistics the
+    BatchNorm+ReLU rule and the max-pool rule run in turn.
     """
 
     def __init__(self, norm_relu: BatchNormReLURule, pool: MaxPool2dRule):
@@ -102,11 +102,22 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
         return ops.bn_relu_maxpool_train_bwd(gy, z, idx, x, mu, r, p[0], self.eps, self.k, need_x, outs[0], outs[1])
 
     def tangent_forward(self, ops, x, xd, p, v):
-        z, zd, s1 = self.norm_relu.tangent_forward(ops, x, xd, p, v)
-        y, yd, s2 = self.pool.tangent_forward(ops, z, zd, (), ())
-        return y, yd, (s1, s2)
+        w, b, mean, var = self._split(p)
+        if mean is not None:  # fixed statistics
+            z, zd, s1 = self.norm_relu.tangent_forward(ops, x, xd, p, v)
+            y, yd, s2 = self.pool.tangent_forward(ops, z, zd, (), ())
+            return y, yd, ("composed", s1, s2)
+        x = self.as_channels(x).view(x.shape).contiguous()
+        self.pool._check(x)
+        xd = None if xd is None else xd.contiguous()
+        z, zd, idx, mu, r, a, dmean = ops.bn_relu_maxpool_tangent_fwd(x, xd, w, b, v[0], v[1], self.eps, self.k)
+        return z, zd, ("fused", z, idx, x, xd, mu, r, a, dmean)
 
     def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
-        s1, s2 = saved
-        g, gd = self.pool.tangent_backward(ops, gy, gyd, s2, (), (), True, (), ())
-        return self.norm_relu.tangent_backward(ops, g, gd, s1, p, v, need_x, outs, touts)
+        if saved[0] == "composed":
+            _, s1, s2 = saved
+            g, gd = self.pool.tangent_backward(ops, gy, gyd, s2, (), (), True, (), ())
+            return self.norm_relu.tangent_backward(ops, g, gd, s1, p, v, need_x, outs, touts)
+        _, z, idx, x, xd, mu, r, a, dmean = saved
+        return ops.bn_relu_maxpool_tangent_bwd(gy, gyd, z, idx, x, xd, mu, r, a, dmean, p[0], v[0], self.k, need_x,
+                                               outs[0], touts[0], outs[1], touts[1])
