@@ -63,9 +63,13 @@ def headers_digest() -> str:
 
 
 def build_directory(with_cuda: bool) -> Path:
+    """One folder per torch installation (version and path): two environments with the same torch
+    version (a virtual environment and the system Python) compile with different include paths, and
+    sharing a folder would make each rebuild the other's extension."""
     base = os.environ.get("TORCH_EXTENSIONS_DIR")
     root = Path(base) if base else Path.home() / ".cache" / "fastmaml"
-    tag = f"torch{torch.__version__}".replace("+", "_")
+    where = hashlib.sha256(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:8]
+    tag = f"torch{torch.__version__}".replace("+", "_") + f"-{where}"
     return root / f"{NAME}-{tag}-{'cuda' if with_cuda else 'cpu'}"
 
 
