@@ -84,7 +84,7 @@ def test_backward_matches_reference(cpp, case, weights, dtype):
 
 
 def tangent_ops(backend):
-    return (registry._IMPLS["bn_relu_maxpool_tangent_fwd"][backend], registry._IMPLS["bn_relu_maxpool_tangent_bwd"][backend])
+    return tuple(registry._IMPLS[f"bn_relu_maxpool_tangent_{op}"][backend] for op in ("fwd", "bwd"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

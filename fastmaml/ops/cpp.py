@@ -12,6 +12,7 @@ import torch
 
 from .. import build
 from . import layers
+from .layers import per_task_channels
 from .registry import register, register_backend
 
 
@@ -51,26 +52,18 @@ def adjoint_update(v: torch.Tensor, hu: Optional[torch.Tensor], g: torch.Tensor,
     return out, (d_alpha if lr_grad else None)
 
 
-def _per_task(v: Optional[torch.Tensor], T: int, like: torch.Tensor, fill: float) -> torch.Tensor:
-    """A per-channel vector `[T, C]`, `[C]` or None (`fill`) as a contiguous `[T, C]`."""
-    C = like.shape[2]
-    if v is None:
-        return like.new_full((T, C), fill)
-    return v.expand(T, C).contiguous()
-
-
 @register("bn_relu_maxpool_train_fwd", "cpp", devices=("cpu",))
 def bn_relu_maxpool_train_fwd(x, w, b, eps: float, k: int):
     """BatchNorm (batch statistics) + ReLU + k×k max-pool in one pass, as the reference in ops/layers.py."""
-    T = x.shape[0]
-    return torch.ops.fastmaml.bn_relu_maxpool_fwd(x, _per_task(w, T, x, 1.0), _per_task(b, T, x, 0.0), eps, k)
+    return torch.ops.fastmaml.bn_relu_maxpool_fwd(x, per_task_channels(w, "w", x, 1.0),
+                                                  per_task_channels(b, "b", x, 0.0), eps, k)
 
 
 @register("bn_relu_maxpool_train_bwd", "cpp", devices=("cpu",))
 def bn_relu_maxpool_train_bwd(gz, z, idx, x, mean, r, w, eps: float, k: int, need_x: bool, gw_out, gb_out):
     """Backward of `bn_relu_maxpool_train_fwd`, as the reference in ops/layers.py."""
-    gx, gw, gb = torch.ops.fastmaml.bn_relu_maxpool_bwd(gz, z, idx, x, mean, r, _per_task(w, x.shape[0], x, 1.0),
-                                                        need_x)
+    w = per_task_channels(w, "w", x, 1.0)
+    gx, gw, gb = torch.ops.fastmaml.bn_relu_maxpool_bwd(gz, z, idx, x, mean, r, w, need_x)
     if gw_out is not None:
         gw_out.copy_(gw)
     if gb_out is not None:
@@ -84,9 +77,9 @@ def bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, bd, eps: float, k: int):
     is zero, e.g. the first adapted layer or shared BatchNorm weights)."""
     if xd is None or wd is None:
         return layers.bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, bd, eps, k)
-    T = x.shape[0]
-    return torch.ops.fastmaml.bn_relu_maxpool_tangent_fwd(
-        x, xd, _per_task(w, T, x, 1.0), _per_task(b, T, x, 0.0), wd, _per_task(bd, T, x, 0.0), eps, k)
+    w, b, bd = (per_task_channels(v, name, x, fill)
+                for v, name, fill in ((w, "w", 1.0), (b, "b", 0.0), (bd, "bd", 0.0)))
+    return torch.ops.fastmaml.bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, bd, eps, k)
 
 
 @register("bn_relu_maxpool_tangent_bwd", "cpp", devices=("cpu",))
@@ -96,8 +89,9 @@ def bn_relu_maxpool_tangent_bwd(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd
     if xd is None or wd is None:
         return layers.bn_relu_maxpool_tangent_bwd(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd, k, need_x,
                                                   gw_out, gwd_out, gb_out, gbd_out)
-    gx, gxd, gw, gwd, gb, gbd = torch.ops.fastmaml.bn_relu_maxpool_tangent_bwd(
-        gz, gzd, z, idx, x, xd, mean, r, a, dmean, _per_task(w, x.shape[0], x, 1.0), wd, need_x)
+    w = per_task_channels(w, "w", x, 1.0)
+    gx, gxd, gw, gwd, gb, gbd = torch.ops.fastmaml.bn_relu_maxpool_tangent_bwd(gz, gzd, z, idx, x, xd, mean, r, a,
+                                                                               dmean, w, wd, need_x)
     for out, value in ((gw_out, gw), (gwd_out, gwd), (gb_out, gb), (gbd_out, gbd)):
         if out is not None:
             out.copy_(value)

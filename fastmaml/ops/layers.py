@@ -352,6 +352,17 @@ def batchnorm_relu_tangent_bwd(gz: Tensor, gzd: Tensor, z: Tensor, xhat: Tensor,
 # recompute x̂ and x̂̇ in the backward, instead of keeping full-size x̂, x̂̇ and relu(y).
 
 
+def per_task_channels(v: Opt, name: str, like: Tensor, fill: float) -> Tensor:
+    """The per-channel argument `name` of the block kernels, `[T, C]`, `[C]` or None (all `fill`), as a
+    contiguous `[T, C]` (T, C = like's dims 0 and 2)."""
+    T, C = like.shape[0], like.shape[2]
+    if v is None:
+        return like.new_full((T, C), fill)
+    if tuple(v.shape) not in ((C,), (T, C)):
+        raise ValueError(f"{name}: expected per-channel values [{C}] or [{T}, {C}], got shape {tuple(v.shape)}")
+    return v.expand(T, C).contiguous()
+
+
 def _pool_args(k: int):
     return [k, k], [k, k], [0, 0], [1, 1], False
 

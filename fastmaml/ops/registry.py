@@ -122,7 +122,8 @@ def _build(backend: str, device: torch.device) -> OpTable:
                 if b in impls and ok:
                     chosen[name] = (b, impls[b], why if not reasons else f"{why}; " + "; ".join(reasons))
                     break
-                missing = "no implementation of this op" if b not in all_impls else f"no {device.type} kernel of this op"
+                missing = ("no implementation of this op" if b not in all_impls
+                           else f"no {device.type} kernel of this op")
                 reasons.append(f"{b}: {why if not ok else missing}")
         else:
             ok, why = availability(backend, device)

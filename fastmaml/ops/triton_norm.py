@@ -1,5 +1,6 @@
-"""The "triton" backend of the BatchNorm ops (`fastmaml/ops/layers.py`): kernels/batchnorm.py, and of
-the BatchNorm + ReLU ops: kernels/batchnorm_relu.py.
+"""The "triton" backend of the BatchNorm ops (`fastmaml/ops/layers.py`): kernels/batchnorm.py, of the
+BatchNorm + ReLU ops: kernels/batchnorm_relu.py, and of the BatchNorm + ReLU + MaxPool ops:
+kernels/bn_relu_maxpool.py.
 
 Same signatures and results as the torch references. The kernel modules are imported at the first call
 (the backend's availability check in `fastmaml.ops.triton` has imported triton by then), so
@@ -13,6 +14,8 @@ from typing import Optional, Tuple
 import torch
 
 from ..errors import BackendUnavailable
+from . import layers
+from .layers import per_task_channels
 from .registry import register
 from .triton import EXPLICIT_ONLY as _EXPLICIT
 from .triton import _import_kernels
@@ -42,6 +45,11 @@ def _bn():
 def _bn_relu():
     """kernels/batchnorm_relu.py."""
     return _kernel_module("batchnorm_relu")
+
+
+def _bn_relu_pool():
+    """kernels/bn_relu_maxpool.py."""
+    return _kernel_module("bn_relu_maxpool")
 
 
 def _channels4(v: Tensor) -> Tensor:
@@ -153,4 +161,54 @@ def batchnorm_relu_tangent_bwd(gz: Tensor, gzd: Tensor, z: Tensor, xhat: Tensor,
     """Writes gw, ġw, gb, ġb `[T, C]` into the given outputs; returns (gx, ġx) if `need_x`."""
     gx, gxd = _bn_relu().batchnorm_relu_tangent_bwd(gz, gzd, z, xhat, xhd, a, r, w, wd, batch_stats, need_x, gw_out,
                                                     gwd_out, gb_out, gbd_out)
+    return (gx, gxd) if need_x else (None, None)
+
+
+def _copy_outs(pairs) -> None:
+    for out, value in pairs:
+        if out is not None:
+            out.copy_(value)
+
+
+@register("bn_relu_maxpool_train_fwd", "triton", **_EXPLICIT)
+def bn_relu_maxpool_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float, k: int):
+    """x `[T, N, C, H, W]` -> (z, idx `[T, N, C, H/k, W/k]`, mean `[T, C]`, r `[T, C]`), one kernel."""
+    w, b = per_task_channels(w, "w", x, 1.0), per_task_channels(b, "b", x, 0.0)
+    z, _, idx, mean, r, _, _ = _bn_relu_pool().bn_relu_maxpool_fwd(x, None, w, b, None, None, eps, k)
+    return z, idx, mean, r
+
+
+@register("bn_relu_maxpool_train_bwd", "triton", **_EXPLICIT)
+def bn_relu_maxpool_train_bwd(gz: Tensor, z: Tensor, idx: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt,
+                              eps: float, k: int, need_x: bool, gw_out: Opt, gb_out: Opt) -> Opt:
+    """Writes gw, gb `[T, C]` into the given outputs; returns gx `[T, N, C, H, W]` if `need_x`."""
+    w = per_task_channels(w, "w", x, 1.0)
+    gx, _, gw, _, gb, _ = _bn_relu_pool().bn_relu_maxpool_bwd(gz, None, z, idx, x, None, mean, r, None, None, w,
+                                                              None, k, need_x)
+    _copy_outs(((gw_out, gw), (gb_out, gb)))
+    return gx if need_x else None
+
+
+@register("bn_relu_maxpool_tangent_fwd", "triton", **_EXPLICIT)
+def bn_relu_maxpool_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd: Opt, eps: float, k: int):
+    """The forward and its tangent in one kernel (the reference when ẋ or ẇ is zero)."""
+    if xd is None or wd is None:
+        return layers.bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, bd, eps, k)
+    w, b, bd = (per_task_channels(v, name, x, fill)
+                for v, name, fill in ((w, "w", 1.0), (b, "b", 0.0), (bd, "bd", 0.0)))
+    return _bn_relu_pool().bn_relu_maxpool_fwd(x, xd, w, b, wd.contiguous(), bd, eps, k)
+
+
+@register("bn_relu_maxpool_tangent_bwd", "triton", **_EXPLICIT)
+def bn_relu_maxpool_tangent_bwd(gz: Tensor, gzd: Tensor, z: Tensor, idx: Tensor, x: Tensor, xd: Opt, mean: Tensor,
+                                r: Tensor, a: Tensor, dmean: Tensor, w: Opt, wd: Opt, k: int, need_x: bool,
+                                gw_out: Opt, gwd_out: Opt, gb_out: Opt, gbd_out: Opt) -> Tuple[Opt, Opt]:
+    """The backward and its tangent in one kernel (the reference when ẋ or ẇ is zero)."""
+    if xd is None or wd is None:
+        return layers.bn_relu_maxpool_tangent_bwd(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd, k, need_x,
+                                                  gw_out, gwd_out, gb_out, gbd_out)
+    w = per_task_channels(w, "w", x, 1.0)
+    gx, gxd, gw, gwd, gb, gbd = _bn_relu_pool().bn_relu_maxpool_bwd(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w,
+                                                                    wd.contiguous(), k, need_x)
+    _copy_outs(((gw_out, gw), (gwd_out, gwd), (gb_out, gb), (gbd_out, gbd)))
     return (gx, gxd) if need_x else (None, None)
