@@ -83,7 +83,8 @@ if [ "$t" -gt 20 ]; then
 fi
 
 run_tests loss_kernels 40 tests/test_kernels_losses.py
-run_tests layer_kernels 60 tests/test_kernels_linear.py tests/test_kernels_batchnorm.py tests/test_kernels_batchnorm_relu.py
+run_tests layer_kernels 70 tests/test_kernels_linear.py tests/test_kernels_batchnorm.py tests/test_kernels_batchnorm_relu.py \
+    tests/test_kernels_bn_relu_maxpool_triton.py
 run_tests build 30 tests/test_kernels_build.py
 
 
