@@ -14,8 +14,8 @@ as empty tensors. The math and the torch references are in `fastmaml/ops/layers.
 (x̂ = (x − μ) r, r = 1/sqrt(var + eps); statistics per task and channel over (N, S)).
 
 Reductions: each program sums over its channel in blocks of BLOCK lanes (per-lane partial sums,
-reduced once at the end), then a second pass writes the elementwise outputs. Batch variance uses
-sums shifted by the channel's first value (one pass, no cancellation for large means).
+reduced once at the end), then a second pass writes the elementwise outputs. Batch statistics use
+sums shifted by the channel's first value (`_moments`: one pass, no cancellation for large means).
 
 The forward, backward and tangent backward kernels take a RELU flag for BatchNorm followed by ReLU
 (kernels/batchnorm_relu.py, which launches them through `launch_fwd`, `launch_bwd`,
@@ -43,6 +43,31 @@ def _chunk(start, base, N, C, S, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _moments(x_ptr, xd_ptr, base, N, C, S, TANGENT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """(mean, biased variance) of the (task, channel) whose first value is at base, from sums shifted by
+    that value (one pass, no cancellation for large means); with TANGENT also (mean ẋ, mean((x − mean) ẋ)),
+    else zeros."""
+    shift = tl.load(x_ptr + base).to(ACC)
+    s1 = tl.zeros([BLOCK], ACC)     # Σ d, d = x − shift
+    s2 = tl.zeros([BLOCK], ACC)     # Σ d²
+    s_xd = tl.zeros([BLOCK], ACC)   # Σ ẋ
+    s_dxd = tl.zeros([BLOCK], ACC)  # Σ d ẋ
+    for start in range(0, N * S, BLOCK):
+        offs, mask = _chunk(start, base, N, C, S, BLOCK)
+        d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0).to(ACC) - shift, 0.0)
+        s1 += d
+        s2 += d * d
+        if TANGENT:
+            xd = tl.load(xd_ptr + offs, mask=mask, other=0).to(ACC)
+            s_xd += xd
+            s_dxd += d * xd
+    m1 = tl.sum(s1, axis=0) / (N * S)
+    var = tl.maximum(tl.sum(s2, axis=0) / (N * S) - m1 * m1, 0.0)
+    mean_xd = tl.sum(s_xd, axis=0) / (N * S)
+    return shift + m1, var, mean_xd, tl.sum(s_dxd, axis=0) / (N * S) - m1 * mean_xd
+
+
+@triton.jit
 def _grad(g_ptr, z_ptr, offs, mask, RELU: tl.constexpr, ACC: tl.constexpr):
     """A block of a gradient w.r.t. the output; with RELU, the gradient w.r.t. the ReLU output z masked
     by z > 0 (the gradient w.r.t. BatchNorm's output)."""
@@ -62,17 +87,7 @@ def _fwd_kernel(x_ptr, y_ptr, xh_ptr, mu_out_ptr, r_out_ptr, w_ptr, b_ptr, mu_pt
     c = (pid % C).to(tl.int64)
     base = t * N * C * S + c * S
     if BATCH:
-        shift = tl.load(x_ptr + base).to(ACC)
-        s1 = tl.zeros([BLOCK], ACC)
-        s2 = tl.zeros([BLOCK], ACC)
-        for start in range(0, N * S, BLOCK):
-            offs, mask = _chunk(start, base, N, C, S, BLOCK)
-            d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0).to(ACC) - shift, 0.0)
-            s1 += d
-            s2 += d * d
-        m1 = tl.sum(s1, axis=0) / (N * S)
-        mean = shift + m1
-        var = tl.maximum(tl.sum(s2, axis=0) / (N * S) - m1 * m1, 0.0)
+        mean, var, _, _ = _moments(x_ptr, x_ptr, base, N, C, S, False, ACC, BLOCK)
     else:
         mean = tl.load(mu_ptr + t * mu_st + c * mu_sc).to(ACC)
         var = tl.load(var_ptr + t * var_st + c * var_sc).to(ACC)

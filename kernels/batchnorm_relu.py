@@ -11,8 +11,8 @@ Conventions, grid and reductions as kernels/batchnorm.py (one program per (task,
 over its m = N·S values in blocks). The forward and both backwards are that module's kernels with
 RELU set: the ReLU is applied on the store, and gradients w.r.t. z are masked by z > 0 as they are
 loaded (ReLU's second derivative is 0, so ġz is only masked too). The value-and-tangent forward is
-its own kernel: one pass of shifted sums (Σd, Σd², Σẋ, Σd ẋ with d = x − x₀) gives μ, r and
-a = mean(x̂ ẋ) = r (mean(d ẋ) − mean(d) mean(ẋ)); a second pass writes z, ż = [y > 0] ẏ, x̂, x̂̇.
+its own kernel: one pass of shifted sums (`_moments`) gives μ, r and a = mean(x̂ ẋ) = r mean((x − μ) ẋ);
+a second pass writes z, ż = [y > 0] ẏ, x̂, x̂̇.
 """
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .batchnorm import (_act, _chan_arg, _chunk, _empty, _eps_split, _launch, _tangent_block, fake_fwd, fake_grads,
-                        launch_bwd, launch_fwd, launch_tangent_bwd)
+from .batchnorm import (_act, _chan_arg, _chunk, _empty, _eps_split, _launch, _moments, _tangent_block, fake_fwd,
+                        fake_grads, launch_bwd, launch_fwd, launch_tangent_bwd)
 
 
 @triton.jit
@@ -37,24 +37,10 @@ def _value_tangent_fwd_kernel(x_ptr, xd_ptr, z_ptr, zd_ptr, xh_ptr, xhd_ptr, a_p
     t = (pid // C).to(tl.int64)
     c = (pid % C).to(tl.int64)
     base = t * N * C * S + c * S
+    mean_xd = 0.0
+    cov = 0.0
     if BATCH:
-        shift = tl.load(x_ptr + base).to(ACC)
-        s1 = tl.zeros([BLOCK], ACC)    # Σ d
-        s2 = tl.zeros([BLOCK], ACC)    # Σ d²
-        s_xd = tl.zeros([BLOCK], ACC)  # Σ ẋ
-        s_dxd = tl.zeros([BLOCK], ACC)  # Σ d ẋ
-        for start in range(0, N * S, BLOCK):
-            offs, mask = _chunk(start, base, N, C, S, BLOCK)
-            d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0).to(ACC) - shift, 0.0)
-            s1 += d
-            s2 += d * d
-            if STATS:
-                xd = tl.load(xd_ptr + offs, mask=mask, other=0).to(ACC)
-                s_xd += xd
-                s_dxd += d * xd
-        m1 = tl.sum(s1, axis=0) / (N * S)
-        mean = shift + m1
-        var = tl.maximum(tl.sum(s2, axis=0) / (N * S) - m1 * m1, 0.0)
+        mean, var, mean_xd, cov = _moments(x_ptr, xd_ptr, base, N, C, S, STATS, ACC, BLOCK)
     else:
         mean = tl.load(mu_ptr + t * mu_st + c * mu_sc).to(ACC)
         var = tl.load(var_ptr + t * var_st + c * var_sc).to(ACC)
@@ -63,11 +49,9 @@ def _value_tangent_fwd_kernel(x_ptr, xd_ptr, z_ptr, zd_ptr, xh_ptr, xhd_ptr, a_p
         tl.store(r_ptr + t * C + c, r.to(r_ptr.dtype.element_ty))
     else:  # fixed statistics: r `[1, C]`, written by the first task's programs
         tl.store(r_ptr + c, r.to(r_ptr.dtype.element_ty), mask=t == 0)
-    mean_xd = 0.0
     a = 0.0
     if STATS:
-        mean_xd = tl.sum(s_xd, axis=0) / (N * S)
-        a = (tl.sum(s_dxd, axis=0) / (N * S) - m1 * mean_xd) * r
+        a = cov * r
         tl.store(a_ptr + t * C + c, a.to(a_ptr.dtype.element_ty))
     w = 1.0
     if HAS_W:

@@ -8,7 +8,7 @@ x `[T, N, C, H, W]` (contiguous); per-channel tensors `[T, C]` (contiguous); poo
 `[T, N, C, H/k, W/k]`; idx are PyTorch's max-pool indices (h·W + w). Without a tangent (xd None) the
 outputs ż, a, mean ẋ and ġx, ġw, ġb come back empty. The math is in fastmaml/ops/layers.py.
 
-One program per (task, channel): shifted sums over its N·H·W values (kernels/batchnorm.py), then the
+One program per (task, channel): shifted sums over its N·H·W values (`_moments` of kernels/batchnorm.py), then the
 forward walks the pooled outputs in blocks, each lane reading its k×k window (a static loop) and
 picking as PyTorch does (first maximum; NaN wins). The backward sums over the picked elements where
 z > 0, then writes gx densely: each element loads its window's pick and takes the routed gradient if
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, check_device
-from .batchnorm import MAX_BLOCK, _chunk, _empty, _eps_split
+from .batchnorm import MAX_BLOCK, _chunk, _empty, _eps_split, _moments
 
 
 @triton.jit
@@ -35,32 +35,14 @@ def _fwd_kernel(x_ptr, xd_ptr, w_ptr, b_ptr, wd_ptr, bd_ptr, z_ptr, zd_ptr, idx_
     c = (pid % C).to(tl.int64)
     S = H * W
     base = t * N * C * S + c * S
-    shift = tl.load(x_ptr + base).to(ACC)
-    s1 = tl.zeros([BLOCK], ACC)
-    s2 = tl.zeros([BLOCK], ACC)
-    s_xd = tl.zeros([BLOCK], ACC)
-    s_dxd = tl.zeros([BLOCK], ACC)
-    for start in range(0, N * S, BLOCK):
-        offs, mask = _chunk(start, base, N, C, S, BLOCK)
-        d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0).to(ACC) - shift, 0.0)
-        s1 += d
-        s2 += d * d
-        if TANGENT:
-            xd = tl.load(xd_ptr + offs, mask=mask, other=0).to(ACC)
-            s_xd += xd
-            s_dxd += d * xd
-    m1 = tl.sum(s1, axis=0) / (N * S)
-    mean = shift + m1
-    r = 1.0 / tl.sqrt((tl.maximum(tl.sum(s2, axis=0) / (N * S) - m1 * m1, 0.0) + eps_hi) + eps_lo)
+    mean, var, dm, cov = _moments(x_ptr, xd_ptr, base, N, C, S, TANGENT, ACC, BLOCK)
+    r = 1.0 / tl.sqrt((var + eps_hi) + eps_lo)
     tl.store(mu_ptr + t * C + c, mean.to(mu_ptr.dtype.element_ty))
     tl.store(r_ptr + t * C + c, r.to(r_ptr.dtype.element_ty))
-    dm = 0.0
-    a = 0.0
+    a = cov * r
     wd = 0.0
     bd = 0.0
     if TANGENT:
-        dm = tl.sum(s_xd, axis=0) / (N * S)
-        a = (tl.sum(s_dxd, axis=0) / (N * S) - m1 * dm) * r
         tl.store(a_ptr + t * C + c, a.to(a_ptr.dtype.element_ty))
         tl.store(dm_ptr + t * C + c, dm.to(dm_ptr.dtype.element_ty))
         wd = tl.load(wd_ptr + t * C + c).to(ACC)
