@@ -150,16 +150,17 @@ def meta_step(
     state = layout.adapted.size * theta_a.element_size() * state_buffers(order, steps, any(lr_grad))
     chunks = task_chunks(T, state, TASK_STATE_BYTES.get(theta_a.device.type, TASK_STATE_BYTES["cpu"]),
                          task_chunk)
-    parts = [_chunk_meta_grad(program, ops, batch, sl, T, theta_a, theta_s, alphas_d, order=order,
-                              shared_grad=shared_grad, lr_grad=lr_grad, check_finite=check_finite, norm=norm,
-                              implicit=implicit, classification=loss_obj.classification)
-             for sl in chunks]
-    d_a = _sum(p.d_a for p in parts)
-    d_s = _sum(p.d_s for p in parts) if shared_grad else None
+    parts, d_a, d_s, d_alphas = [], None, None, [None] * steps
+    for sl in chunks:  # the meta-gradients are summed as the chunks go: one chunk's state alive at a time
+        part = _chunk_meta_grad(program, ops, batch, sl, T, theta_a, theta_s, alphas_d, order=order,
+                                shared_grad=shared_grad, lr_grad=lr_grad, check_finite=check_finite, norm=norm,
+                                implicit=implicit, classification=loss_obj.classification)
+        d_a, d_s = _add(d_a, part.d_a), _add(d_s, part.d_s)
+        d_alphas = [_add(total, d) for total, d in zip(d_alphas, part.d_alphas)]
+        parts.append(part._replace(d_a=None, d_s=None, d_alphas=None))
     if check_finite and d_s is not None and not bool(torch.isfinite(d_s).all()):
         raise NonFiniteError("non-finite meta-gradient of the shared (non-adapted) parameters",
                              where="shared meta-gradient")
-    d_alphas = [_sum(p.d_alphas[j] for p in parts) if lr_grad[j] else None for j in range(steps)]
 
     lr_grads = _inner_lr_grads(inner_lr, alphas, d_alphas)
     _accumulate(layout, d_a, d_s)
@@ -188,9 +189,9 @@ def meta_step(
 class _ChunkGrad(NamedTuple):
     """One chunk's share of the meta-gradient (already divided by the whole batch's T) and of the result."""
 
-    d_a: torch.Tensor  # [Pa]
+    d_a: Optional[torch.Tensor]  # [Pa]
     d_s: Optional[torch.Tensor]  # [Ps]
-    d_alphas: List[Optional[torch.Tensor]]  # per step
+    d_alphas: Optional[List[Optional[torch.Tensor]]]  # per step
     query_loss: torch.Tensor  # [Tc]
     accuracy: Optional[torch.Tensor]  # [Tc]
     support_before: Optional[torch.Tensor]  # [Tc]
@@ -222,12 +223,11 @@ def _chunk_meta_grad(program, ops, batch: TaskBatch, sl: slice, T: int, theta_a,
                       None if support_before is None else support_before.detach(), recorded)
 
 
-def _sum(tensors):
-    """The sum of an iterable of tensors (chunks of tasks), without an extra copy for one chunk."""
-    total = None
-    for t in tensors:
-        total = t if total is None else total + t
-    return total
+def _add(total: Optional[torch.Tensor], t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """total + t, where None is nothing yet (or nothing at all: a gradient not asked for)."""
+    if t is None:
+        return total
+    return t if total is None else total.add_(t)
 
 
 def _cat_stats(chunks):
