@@ -1,4 +1,5 @@
-"""The "cpp" backend: C++ CPU (and, in a CUDA build, CUDA) kernels of the step ops from `csrc/`.
+"""The "cpp" backend: C++ CPU (and, in a CUDA build, CUDA) kernels of the step ops from `csrc/`, and the
+C++ CPU kernels of the conv-net block tail (BatchNorm + ReLU + max-pool; CPU only).
 
 The extension is compiled/loaded lazily by `fastmaml.build` the first time the backend's
 availability is asked for (e.g. by `resolve("auto", device)`); a failed build makes the backend

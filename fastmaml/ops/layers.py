@@ -376,6 +376,16 @@ def bn_relu_maxpool_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float, k: int):
     return z.view(T, N, *z.shape[1:]), idx.view(T, N, *idx.shape[1:]), mean, r
 
 
+def _route(gz: Tensor, z: Tensor, idx: Tensor, x: Tensor, k: int) -> Tensor:
+    """The pooled gradient `[T, N, C, Ho, Wo]` at the chosen elements where z > 0 -> `[T, N, C, H, W]` (x's
+    shape)."""
+    T, N, C, H, W = x.shape
+    g = _relu_mask(gz, z).reshape(T * N, C, *z.shape[3:])
+    gy = torch.ops.aten.max_pool2d_with_indices_backward(g, x.reshape(T * N, C, H, W), *_pool_args(k),
+                                                        idx.view(T * N, C, *idx.shape[3:]))
+    return gy.view(x.shape)
+
+
 @register("bn_relu_maxpool_train_bwd", "torch")
 def bn_relu_maxpool_train_bwd(gz: Tensor, z: Tensor, idx: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt,
                               eps: float, k: int, need_x: bool, gw_out: Opt, gb_out: Opt) -> Opt:
@@ -385,16 +395,6 @@ def bn_relu_maxpool_train_bwd(gz: Tensor, z: Tensor, idx: Tensor, x: Tensor, mea
     x4 = x.view(T, N, C, H * W)
     gx = batchnorm_train_bwd(_route(gz, z, idx, x, k).view(x4.shape), x4, mean, r, w, eps, need_x, gw_out, gb_out)
     return None if gx is None else gx.view(x.shape)
-
-
-def _route(gz: Tensor, z: Tensor, idx: Tensor, x: Tensor, k: int) -> Tensor:
-    """The pooled gradient `[T, N, C, Ho, Wo]` at the chosen elements where z > 0 -> `[T, N, C, H, W]` (x's
-    shape)."""
-    T, N, C, H, W = x.shape
-    g = _relu_mask(gz, z).reshape(T * N, C, *z.shape[3:])
-    gy = torch.ops.aten.max_pool2d_with_indices_backward(g, x.reshape(T * N, C, H, W), *_pool_args(k),
-                                                        idx.view(T * N, C, *idx.shape[3:]))
-    return gy.view(x.shape)
 
 
 @register("bn_relu_maxpool_tangent_fwd", "torch")

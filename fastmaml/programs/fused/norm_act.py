@@ -83,14 +83,19 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
         return (norm_relu.kind.startswith("BatchNorm2d") and pool.kernel == [k, k] and pool.stride == [k, k]
                 and pool.padding == [0, 0] and pool.dilation == [1, 1] and not pool.ceil_mode)
 
+    def _checked(self, x):
+        """x `[T, N, C, H, W]` (checked: C channels, 5 dims), contiguous for the kernels."""
+        self.as_channels(x)
+        self.pool._check(x)
+        return x.contiguous()
+
     def forward(self, ops, x, p, save):
         w, b, mean, var = self._split(p)
         if mean is not None:  # fixed statistics
             z, s1 = self.norm_relu.forward(ops, x, p, save)
             y, s2 = self.pool.forward(ops, z, (), save)
             return y, ("composed", s1, s2) if save else None
-        x = self.as_channels(x).view(x.shape).contiguous()  # checks [T, N, C, ...]
-        self.pool._check(x)
+        x = self._checked(x)
         z, idx, mu, r = ops.bn_relu_maxpool_train_fwd(x, w, b, self.eps, self.k)
         return z, ("fused", z, idx, x, mu, r) if save else None
 
@@ -107,8 +112,7 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
             z, zd, s1 = self.norm_relu.tangent_forward(ops, x, xd, p, v)
             y, yd, s2 = self.pool.tangent_forward(ops, z, zd, (), ())
             return y, yd, ("composed", s1, s2)
-        x = self.as_channels(x).view(x.shape).contiguous()
-        self.pool._check(x)
+        x = self._checked(x)
         xd = None if xd is None else xd.contiguous()
         z, zd, idx, mu, r, a, dmean = ops.bn_relu_maxpool_tangent_fwd(x, xd, w, b, v[0], v[1], self.eps, self.k)
         return z, zd, ("fused", z, idx, x, xd, mu, r, a, dmean)
