@@ -4,26 +4,53 @@
 #     pip install --no-deps --no-build-isolation -e .
 # as
 #     OUT=/some/dir bash benchmarks/gpu_check.sh
-# It builds the C++/CUDA extension, runs the kernel tests on CUDA (every backend against the
-# reference, fp32, fp64 and bf16 with fp32 accumulation; the MLP kernel against the autograd oracle),
-# runs a short benchmark, and writes $OUT/gpu_check.md (plus logs, junit files, kernel_bench.json).
+# Steps, each under its own time limit inside the total budget:
+#   build      the C++/CUDA extension
+#   tests      the kernel tests on CUDA (every backend against the reference: fp32, fp64, bf16 with
+#              fp32 accumulation; the MLP kernel against the autograd oracle; Triton layer kernels)
+#   ops        benchmarks/op_bench.py: every backend of every op on the arguments of real meta-steps
+#   conv       benchmarks/conv_batching.py: loop / grouped / unfold convolutions, per layer and per meta-step
+#   suite      fastmaml bench on CUDA (sinusoid and 28×28 conv workloads, time and gradient error)
+#   crash      the bad-input tests of the C++ ops, each file in its own process, and a backtrace of the
+#              first one that crashes (cuda-gdb), with the toolchain facts that bear on it
+# Writes $OUT/gpu_check.md (the report) and $OUT/gpu_check.tar.gz (every log, junit file and table).
 set -u -o pipefail
 
 OUT="${OUT:-$PWD/gpu_check_out}"
-mkdir -p "$OUT"
+WORK="${GPU_CHECK_WORK:-$(mktemp -d /tmp/gpu_check.XXXXXX)}"
+mkdir -p "$OUT" "$WORK"
 PY="${PYTHON:-python}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/fastmaml_torch_extensions}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
 START=$(date +%s)
-BUDGET="${GPU_CHECK_BUDGET:-460}" # seconds for everything (< 8 minutes), the report included
+BUDGET="${GPU_CHECK_BUDGET:-470}" # seconds for everything (< 8 minutes), the report included
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
-# step_timeout WANTED: the smaller of WANTED and the time left minus 20 s for the report
+# step_timeout WANTED: the smaller of WANTED and the time left minus 15 s for the report
 step_timeout() {
   local l
-  l=$(($(left) - 20))
+  l=$(($(left) - 15))
   if [ "$l" -lt "$1" ]; then echo "$l"; else echo "$1"; fi
+}
+# step NAME WANTED COMMAND...: runs COMMAND under its limit, logs to $WORK/NAME.log, records the
+# exit status and seconds in $WORK/steps.txt (a step with under 10 s left is skipped, and says so)
+step() {
+  local name=$1 wanted=$2 t t0 rc
+  shift 2
+  t=$(step_timeout "$wanted")
+  if [ "$t" -lt 10 ]; then
+    echo "$name skipped: no time left" | tee -a "$WORK/steps.txt"
+    return
+  fi
+  echo "== $name (limit ${t}s, $(left) s left)"
+  t0=$(date +%s)
+  # SIGINT first: pytest then still writes its junit file for the tests that ran
+  timeout -s INT -k 15 "$t" "$@" > "$WORK/$name.log" 2>&1
+  rc=$?
+  echo "$name exit $rc after $(($(date +%s) - t0)) s (limit ${t}s)" | tee -a "$WORK/steps.txt"
+  tail -2 "$WORK/$name.log"
 }
 
 {
@@ -32,62 +59,33 @@ step_timeout() {
   "$PY" -c "import platform, torch; print('python', platform.python_version(), '| torch', torch.__version__, '| CUDA', torch.version.cuda, '| device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NONE')" 2>&1
   "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1 || echo "triton missing"
   (nvcc --version 2>&1 | tail -1) || echo "nvcc missing"
-} > "$OUT/env.txt"
-cat "$OUT/env.txt"
+  echo "cores: $(nproc)"
+} > "$WORK/env.txt"
+cat "$WORK/env.txt"
 
-echo "== build ($(left) s left)"
 # (what `fastmaml build --verbose` does, without importing the CLI's other commands)
-timeout "$(step_timeout 200)" "$PY" -c "from fastmaml import build; print('built', build.build(verbose=True), 'cuda', build.cuda_enabled())" \
-  > "$OUT/build.log" 2>&1
-echo $? > "$OUT/build.rc"
-tail -3 "$OUT/build.log"
+step build 200 "$PY" -c "from fastmaml import build; print('built', build.build(verbose=True), 'cuda', build.cuda_enabled())"
 
-run_tests() { # group, wanted seconds, test files...
-  local group=$1 wanted=$2
-  shift 2
-  local t
-  t=$(step_timeout "$wanted")
-  if [ "$t" -le 5 ]; then
-    echo "== tests $group skipped: no time left" | tee -a "$OUT/tests.log"
-    return
-  fi
-  echo "== tests $group (limit ${t}s)" | tee -a "$OUT/tests.log"
-  timeout "$t" "$PY" -m pytest "$@" -q -p no:cacheprovider --junitxml="$OUT/junit-$group.xml" \
-    >> "$OUT/tests.log" 2>&1
-  echo "   exit $?" | tee -a "$OUT/tests.log"
-  tail -2 "$OUT/tests.log"
-}
+# the C++ ops' bad-input tests are run apart, in the crash step: a crash there must not end this run
+XDIST=()
+if "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
+step tests 170 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider --junitxml="$WORK/junit-tests.xml" \
+  tests/test_kernels_step.py tests/test_kernels_mlp.py tests/test_kernels_end_to_end.py tests/test_kernels_losses.py \
+  tests/test_kernels_linear.py tests/test_kernels_batchnorm.py tests/test_kernels_batchnorm_relu.py \
+  tests/test_kernels_bn_relu_maxpool_triton.py tests/test_kernels_bn_relu_maxpool.py tests/test_kernels_build.py \
+  --deselect tests/test_kernels_step.py::test_bad_inputs_name_the_argument \
+  --deselect tests/test_kernels_mlp.py::test_bad_arguments_name_the_argument \
+  --deselect tests/test_kernels_bn_relu_maxpool.py::test_bad_arguments_name_the_argument
 
-run_tests step_kernels 80 tests/test_kernels_step.py
-run_tests mlp_kernel 80 tests/test_kernels_mlp.py
-run_tests end_to_end 80 tests/test_kernels_end_to_end.py
+step ops 80 "$PY" benchmarks/op_bench.py --device cuda --out "$WORK" \
+  --workloads sinusoid-K1 conv28-1shot-K1
+step conv 60 "$PY" benchmarks/conv_batching.py --device cuda --out "$WORK"
+step suite 130 "$PY" -m fastmaml bench --device cuda --out "$WORK/suite" --no-memory --repeats 5 --budget 20 \
+  --workloads sinusoid-K5 conv28-1shot-K1 conv28-1shot-K5
+step crash 70 bash benchmarks/crash_check.sh "$WORK/crash"
 
-t=$(step_timeout 90)
-if [ "$t" -gt 10 ]; then
-  echo "== benchmark (limit ${t}s)"
-  timeout "$t" "$PY" benchmarks/kernel_bench.py --device cuda --repeats 10 --out "$OUT" > "$OUT/bench.log" 2>&1
-  echo "   exit $?"
-else
-  echo "== benchmark skipped: no time left" | tee "$OUT/bench.log"
-fi
-
-# the engine end to end on CUDA: sinusoid and conv workloads against the autograd loop (no peers,
-# no memory subprocesses: time and gradient error only)
-t=$(step_timeout 150)
-if [ "$t" -gt 20 ]; then
-  echo "== bench suite on cuda (limit ${t}s)"
-  timeout "$t" "$PY" -m fastmaml bench --device cuda --out "$OUT/bench" --no-memory --repeats 5 --budget 20 \
-    --workloads sinusoid-K1 sinusoid-K5 conv28-1shot-K1 conv28-1shot-K5 > "$OUT/bench_suite.log" 2>&1
-  echo "   exit $?"
-  tail -3 "$OUT/bench_suite.log"
-fi
-
-run_tests loss_kernels 40 tests/test_kernels_losses.py
-run_tests layer_kernels 70 tests/test_kernels_linear.py tests/test_kernels_batchnorm.py tests/test_kernels_batchnorm_relu.py \
-    tests/test_kernels_bn_relu_maxpool_triton.py
-run_tests build 30 tests/test_kernels_build.py
-
-
-"$PY" benchmarks/gpu_check_report.py --out "$OUT" > /dev/null 2> "$OUT/report.err"
+"$PY" benchmarks/gpu_check_report.py --out "$WORK" > /dev/null 2> "$WORK/report.err"
+cp "$WORK/gpu_check.md" "$OUT/" 2>/dev/null
+tar czf "$OUT/gpu_check.tar.gz" -C "$WORK" . 2>/dev/null
 echo "== wrote $OUT/gpu_check.md after $(($(date +%s) - START)) s"
-cat "$OUT/gpu_check.md" 2>/dev/null || cat "$OUT/report.err"
+cat "$WORK/gpu_check.md" 2>/dev/null || cat "$WORK/report.err"

@@ -1,81 +1,90 @@
-"""Writes `gpu_check.md` from what benchmarks/gpu_check.sh left in its output folder:
-env.txt (device and versions), build.rc + build.log (the extension build), junit-*.xml (pytest
-results per test group) and kernel_bench.json (benchmarks/kernel_bench.py). Missing pieces are
+"""Writes `gpu_check.md` from what benchmarks/gpu_check.sh left in its work folder:
+env.txt (device and versions), steps.txt (exit status and seconds of each step), build.log,
+junit-*.xml (pytest results, summarized per test file), op_bench.md, conv_batching.md,
+suite/results.md (`fastmaml bench`) and crash/ (benchmarks/crash_check.sh). Missing pieces are
 reported as missing, never invented.
 
-    python benchmarks/gpu_check_report.py --out $OUT
+    python benchmarks/gpu_check_report.py --out $WORK
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import xml.etree.ElementTree as ET
+from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List
 
-try:
-    from kernel_bench import markdown as bench_markdown
-except ModuleNotFoundError:  # imported as a module from elsewhere
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from kernel_bench import markdown as bench_markdown
 
-
-def junit_summary(path: Path) -> Dict:
-    """Counts and the failing test ids of one pytest --junitxml file."""
+def junit_summary(path: Path) -> Dict[str, Dict]:
+    """Per test file (the module of each case's classname): counts, failing and skipped test ids."""
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
-    failed: List[str] = []
-    skipped: List[str] = []
+    files: Dict[str, Dict] = defaultdict(lambda: {"passed": 0, "failures": 0, "errors": 0, "skipped": 0,
+                                                  "failed": [], "skipped_ids": []})
     for suite in suites:
         for case in suite.iter("testcase"):
-            counts["tests"] += 1
+            module = case.get("classname", "").split(".")
+            module = ".".join(module[:2]) if module[:1] == ["tests"] else ".".join(module[:1])
+            s = files[module or "(no file name: the run was interrupted)"]
             name = f"{case.get('classname', '')}::{case.get('name', '')}"
             if case.find("failure") is not None:
-                counts["failures"] += 1
-                failed.append(name)
+                s["failures"] += 1
+                s["failed"].append(name)
             elif case.find("error") is not None:
-                counts["errors"] += 1
-                failed.append(name)
+                s["errors"] += 1
+                s["failed"].append(name)
             elif case.find("skipped") is not None:
-                counts["skipped"] += 1
-                reason = case.find("skipped").get("message", "")
-                skipped.append(f"{name}: {reason}")
-    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    return {"counts": counts, "failed": failed, "skipped": skipped}
+                s["skipped"] += 1
+                s["skipped_ids"].append(f"{name}: {case.find('skipped').get('message', '')}")
+            else:
+                s["passed"] += 1
+    return dict(files)
+
+
+def _section(title: str, path: Path, what: str) -> List[str]:
+    body = path.read_text().strip() if path.exists() else f"{path.name} missing: {what} did not finish"
+    return [f"## {title}", "", body, ""]
+
+
+def _code(path: Path, head: int = 0) -> List[str]:
+    if not path.exists():
+        return [f"{path.name} missing", ""]
+    text = path.read_text().strip().splitlines()
+    return ["```", *(text[:head] if head else text), "```", ""]
 
 
 def report(out: Path) -> str:
-    lines = ["# GPU check", ""]
-    env = out / "env.txt"
-    lines += ["## Machine", "", "```", env.read_text().strip() if env.exists() else "env.txt missing", "```", ""]
-    rc_file = out / "build.rc"
-    rc = rc_file.read_text().strip() if rc_file.exists() else "missing"
-    lines += ["## Extension build", "", f"extension build exit status: {rc}" + (" (ok)" if rc == "0" else ""), ""]
-    if rc != "0" and (out / "build.log").exists():
-        tail = (out / "build.log").read_text().strip().splitlines()[-30:]
-        lines += ["```", *tail, "```", ""]
-    lines += ["## Tests", "", "| group | passed | failed | errors | skipped |", "|---|---:|---:|---:|---:|"]
+    lines = ["# GPU check", "", "## Machine", ""] + _code(out / "env.txt")
+    lines += ["## Steps", ""] + _code(out / "steps.txt")
+    build = out / "steps.txt"
+    if build.exists() and "build exit 0 " not in build.read_text() and (out / "build.log").exists():
+        lines += ["Build log (end):", "", "```", *(out / "build.log").read_text().strip().splitlines()[-30:],
+                  "```", ""]
+    lines += ["## Tests", "", "| test file | passed | failed | errors | skipped |", "|---|---:|---:|---:|---:|"]
     details: List[str] = []
     groups = sorted(out.glob("junit-*.xml"))
     for xml in groups:
-        group = xml.stem[len("junit-"):]
         try:
-            s = junit_summary(xml)
+            files = junit_summary(xml)
         except ET.ParseError as exc:
-            lines.append(f"| {group} | unreadable junit file: {exc} | | | |")
+            lines.append(f"| {xml.name}: unreadable junit file: {exc} | | | | |")
             continue
-        c = s["counts"]
-        lines.append(f"| {group} | {c['passed']} | {c['failures']} | {c['errors']} | {c['skipped']} |")
-        details += [f"- FAILED {group}: {name}" for name in s["failed"]]
-        details += [f"- skipped {group}: {name}" for name in s["skipped"]]
+        for module, s in sorted(files.items()):
+            lines.append(f"| {module} | {s['passed']} | {s['failures']} | {s['errors']} | {s['skipped']} |")
+            details += [f"- FAILED {name}" for name in s["failed"]]
+            details += [f"- skipped {name}" for name in s["skipped_ids"]]
     if not groups:
         lines.append("| (no junit files: the tests did not run) | | | | |")
     lines += [""] + details + ([""] if details else [])
-    bench = out / "kernel_bench.json"
-    lines += ["## Benchmark", ""]
-    lines += [bench_markdown(json.loads(bench.read_text())) if bench.exists() else "kernel_bench.json missing"]
+    lines += _section("Ops: every backend on the arguments of real meta-steps", out / "op_bench.md", "the op bench")
+    lines += _section("Convolution batching", out / "conv_batching.md", "the conv batching bench")
+    lines += _section("Benchmark suite (fastmaml bench)", out / "suite" / "results.md", "the suite")
+    lines += ["## C++ argument checks (crash check)", ""] + _code(out / "crash" / "repro.txt")
+    lines += _code(out / "crash" / "facts.txt", head=20)
+    if (out / "crash" / "gdb.txt").exists():
+        gdb = [ln for ln in (out / "crash" / "gdb.txt").read_text().splitlines() if ln.startswith("#")]
+        lines += ["cuda-gdb backtrace:", "", "```", *gdb[:40], "```", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

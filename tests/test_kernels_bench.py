@@ -1,5 +1,5 @@
-"""The CPU-runnable pieces of benchmarks/gpu_check.sh: the script parses, the kernel benchmark runs
-and writes its table, and the report writer summarizes junit files, the build and the benchmark."""
+"""The CPU-runnable pieces of benchmarks/gpu_check.sh: the scripts parse, the op and convolution
+benchmarks run and write their tables, and the report writer summarizes what the steps left."""
 import json
 import shutil
 import subprocess
@@ -7,34 +7,77 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import gpu_check_report  # noqa: E402
-import kernel_bench  # noqa: E402
+import conv_batching  # noqa: E402
+import op_bench  # noqa: E402
 
 
-def test_gpu_check_script_parses():
-    proc = subprocess.run(["bash", "-n", str(BENCH / "gpu_check.sh")], capture_output=True, text=True)
+SCRIPTS = ["gpu_check.sh", "crash_check.sh"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_parse(script):
+    proc = subprocess.run(["bash", "-n", str(BENCH / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
-def test_gpu_check_script_lints():
-    proc = subprocess.run(["shellcheck", str(BENCH / "gpu_check.sh")], capture_output=True, text=True)
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_scripts_lint(script):
+    proc = subprocess.run(["shellcheck", str(BENCH / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
 
 
-def test_kernel_bench_writes_table(tmp_path):
-    assert kernel_bench.main(["--device", "cpu", "--repeats", "1", "--only", "sinusoid-K1",
-                              "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "kernel_bench.json").read_text())
-    rows = results["workloads"]["sinusoid-K1"]
-    assert rows[kernel_bench.BASELINE] > 0 and rows["meta_step cpp"] > 0 and rows["mlp kernel"] > 0
-    assert rows["meta_step triton"] is None  # not run on CPU
-    table = (tmp_path / "kernel_bench.md").read_text()
-    assert "| sinusoid-K1 | meta_step torch |" in table and "1.00×" in table and "CPU" in table
+def test_op_bench_compares_every_backend(tmp_path):
+    assert op_bench.main(["--device", "cpu", "--quick", "--repeats", "1", "--workloads", "sinusoid-K1",
+                          "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "op_bench.json").read_text())["rows"]
+    ops = {r["op"] for r in rows}
+    assert {"inner_update", "adjoint_update", "linear_fwd", "linear_bwd", "mse_grad"} <= ops
+    assert not [r for r in rows if "failed" in r]
+    assert all(r["error"] < 1e-5 for r in rows)  # float32 kernels against the float32 reference
+    assert {r["backend"] for r in rows if r["op"] == "linear_fwd"} == {"torch", "triton"}
+    assert sum(r["auto"] for r in rows if r["op"] == "inner_update" and r["args"] == rows[0]["args"]) <= 1
+    table = (tmp_path / "op_bench.md").read_text()
+    assert "| sinusoid-K1 | linear_fwd |" in table and "1.00×" in table
+
+
+def test_op_bench_flags_a_wrong_kernel():
+    ref = [torch.ones(3), torch.arange(3)]
+    assert op_bench.discrepancy([torch.ones(3), torch.arange(3)], ref) == 0.0
+    assert op_bench.discrepancy([torch.tensor([1.0, 1.0, 1.5]), torch.arange(3)], ref) == 0.5
+    assert op_bench.discrepancy([torch.ones(3), torch.tensor([0, 2, 1])], ref) == float("inf")
+    assert op_bench.discrepancy([torch.tensor([1.0, float("nan"), 1.0]), torch.arange(3)], ref) == float("inf")
+    assert op_bench.discrepancy([torch.ones(3)], ref) == float("inf")
+
+
+def test_conv_batching_strategies_agree(tmp_path):
+    x = torch.randn(3, 2, 4, 7, 7)
+    w, b, gy = torch.randn(3, 5, 4, 3, 3), torch.randn(3, 5), torch.randn(3, 2, 5, 7, 7)
+    outs = {s: conv_batching.layer_pass(s, x, w, b, gy)() for s in ("loop", "grouped", "unfold")}
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    y = torch.stack([torch.nn.functional.conv2d(xr[t], wr[t], br[t], padding=1) for t in range(3)])
+    gx, gw, gb = torch.autograd.grad(y, (xr, wr, br), gy)
+    for s in ("loop", "grouped"):
+        torch.testing.assert_close(outs[s], gx)
+    for got, want in zip(outs["unfold"], (gx, gw, gb)):
+        torch.testing.assert_close(got, want)
+    y_unfold, _ = conv_batching.unfold_forward(x, w, b)
+    torch.testing.assert_close(y_unfold, y.detach())
+
+
+def test_conv_batching_writes_tables(tmp_path):
+    assert conv_batching.main(["--device", "cpu", "--tasks", "1", "--repeats", "1", "--quick",
+                               "--workloads", "conv28-1shot-K1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "conv_batching.json").read_text())
+    assert len(results["layers"]) == 24 and all(r["error"] < 1e-5 for r in results["layers"])
+    table = (tmp_path / "conv_batching.md").read_text()
+    assert "| conv28 | 1 | 5 | 1→64 | 28×28 | 3920 |" in table and "| conv28-1shot-K1 |" in table
 
 
 JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="4">
@@ -47,24 +90,27 @@ JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="py
 
 def test_report_summarizes_everything(tmp_path):
     (tmp_path / "env.txt").write_text("NVIDIA H100 80GB HBM3, 550.0, 81559 MiB\n")
-    (tmp_path / "build.rc").write_text("0\n")
-    (tmp_path / "junit-step_kernels.xml").write_text(JUNIT)
-    results = {"device": "NVIDIA H100", "torch": "2.11", "note": "n",
-               "workloads": {"sinusoid-K1": {"autograd loop": 0.2, "meta_step torch": 0.02, "mlp kernel": 0.001,
-                                             "meta_step triton": None}}}
-    (tmp_path / "kernel_bench.json").write_text(json.dumps(results))
+    (tmp_path / "steps.txt").write_text("build exit 0 after 50 s (limit 200s)\nops exit 0 after 9 s (limit 80s)\n")
+    (tmp_path / "junit-tests.xml").write_text(JUNIT)
+    (tmp_path / "op_bench.md").write_text("| sinusoid-K1 | linear_fwd | `1x10x1` | triton | | 5.0 | 2.00× | 1.0e-07 |\n")
+    (tmp_path / "suite").mkdir()
+    (tmp_path / "suite" / "results.md").write_text("| sinusoid K=1 | autograd loop | 1.00× |\n")
+    (tmp_path / "crash").mkdir()
+    (tmp_path / "crash" / "repro.txt").write_text("repro on cuda: exit 139\n")
+    (tmp_path / "crash" / "gdb.txt").write_text("noise\n#0  0x1 in c10::Error::what() from libc10.so\n")
     assert gpu_check_report.main(["--out", str(tmp_path)]) == 0
     md = (tmp_path / "gpu_check.md").read_text()
-    assert "NVIDIA H100 80GB HBM3" in md and "exit status: 0 (ok)" in md
-    assert "| step_kernels | 2 | 1 | 0 | 1 |" in md
-    assert "FAILED step_kernels: tests.test_a::test_bad" in md and "no nvcc" in md
-    assert "| sinusoid-K1 | mlp kernel | 1.00 | 20.00× | 200.00× |" in md
-    assert "| sinusoid-K1 | meta_step triton | n/a | | |" in md
+    assert "NVIDIA H100 80GB HBM3" in md and "build exit 0" in md and "Build log" not in md
+    assert "| tests.test_a | 2 | 1 | 0 | 1 |" in md
+    assert "FAILED tests.test_a::test_bad" in md and "no nvcc" in md
+    assert "| sinusoid-K1 | linear_fwd |" in md and "| sinusoid K=1 | autograd loop |" in md
+    assert "exit 139" in md and "#0  0x1 in c10::Error::what()" in md and "noise" not in md
+    assert "conv_batching.md missing: the conv batching bench did not finish" in md
 
 
 def test_report_says_what_is_missing(tmp_path):
-    (tmp_path / "build.rc").write_text("1\n")
+    (tmp_path / "steps.txt").write_text("build exit 1 after 5 s (limit 200s)\n")
     (tmp_path / "build.log").write_text("nvcc fatal: something\n")
     md = gpu_check_report.report(tmp_path)
-    assert "env.txt missing" in md and "exit status: 1" in md and "nvcc fatal" in md
-    assert "no junit files" in md and "kernel_bench.json missing" in md
+    assert "env.txt missing" in md and "build exit 1" in md and "nvcc fatal" in md
+    assert "no junit files" in md and "op_bench.md missing" in md and "repro.txt missing" in md
