@@ -24,7 +24,11 @@ lib = str(build.build_directory(build.cuda_enabled()) / f"{build.NAME}.so")
 print("library:", lib, os.path.exists(lib))
 EOF
   lib=$(find "${TORCH_EXTENSIONS_DIR:-/tmp}" -name 'fastmaml_ext.so' 2>/dev/null | head -1)
-  [ -n "$lib" ] && ldd "$lib" 2>&1 | grep -E "stdc\+\+|gcc_s|gomp|c10|libtorch\.so|python"
+  if [ -n "$lib" ]; then
+    ldd "$lib" 2>&1 | grep -E "stdc\+\+|gcc_s|gomp|c10|libtorch\.so|python"
+    # a libstdc++ linked in statically must not be exported (build.py links with --exclude-libs,ALL)
+    echo "std::ostream symbols the extension exports: $(nm -D --defined-only "$lib" 2>/dev/null | grep -c _ZNSo)"
+  fi
 } > "$DIR/facts.txt" 2>&1
 
 for t in tests/test_kernels_step.py::test_bad_inputs_name_the_argument \

@@ -9,6 +9,7 @@
 #   tests      the kernel tests on CUDA (every backend against the reference: fp32, fp64, bf16 with
 #              fp32 accumulation; the MLP kernel against the autograd oracle; Triton layer kernels)
 #   ops        benchmarks/op_bench.py: every backend of every op on the arguments of real meta-steps
+#   ops_lr     the same with a learned inner learning rate (the adjoint update's α-gradient reduction)
 #   conv       benchmarks/conv_batching.py: loop / grouped / unfold convolutions, per layer and per meta-step
 #   suite      fastmaml bench on CUDA (sinusoid and 28×28 conv workloads, time and gradient error)
 #   crash      the bad-input tests of the C++ ops, each file in its own process, and a backtrace of the
@@ -79,9 +80,10 @@ step tests 170 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider --junitxml="
 
 step ops 80 "$PY" benchmarks/op_bench.py --device cuda --out "$WORK" \
   --workloads sinusoid-K1 conv28-1shot-K1
+step ops_lr 40 "$PY" benchmarks/op_bench.py --device cuda --out "$WORK" --learned-lr --workloads conv28-1shot-K1
 step conv 60 "$PY" benchmarks/conv_batching.py --device cuda --out "$WORK"
-step suite 130 "$PY" -m fastmaml bench --device cuda --out "$WORK/suite" --no-memory --repeats 5 --budget 20 \
-  --workloads sinusoid-K5 conv28-1shot-K1 conv28-1shot-K5
+step suite 150 "$PY" -m fastmaml bench --device cuda --out "$WORK/suite" --no-memory --repeats 5 --budget 20 \
+  --workloads sinusoid-K5 conv28-1shot-K1 conv28-1shot-K5 conv28-5shot-K1
 step crash 70 bash benchmarks/crash_check.sh "$WORK/crash"
 
 "$PY" benchmarks/gpu_check_report.py --out "$WORK" > /dev/null 2> "$WORK/report.err"

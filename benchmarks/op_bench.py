@@ -6,11 +6,13 @@ wrapped so that the first call of each distinct argument signature (shapes, dtyp
 recorded (tensors cloned). Each recorded call is then replayed on every backend that implements
 the op on the device (the `auto=False` ones included), on fresh clones of the arguments:
     - the outputs (returned tensors and tensors written in place) against the reference's:
-      max |a - b| / max |ref| (integer outputs, e.g. max-pool indices: exact or not);
+      max |a - b| / max |ref| over the floating-point outputs, and the fraction of integer outputs
+      (max-pool indices) that differ: a rounding-level tie in a pooling window (two values within
+      an ulp, or ReLU's zeros) may pick another index, which changes no gradient beyond rounding;
     - the time: median of `triton.testing.do_bench` on CUDA, of repeated calls on the CPU.
 
     python benchmarks/op_bench.py --device cuda --workloads sinusoid-K1 conv28-1shot-K1 --out /tmp/ops
-writes `op_bench.json` and `op_bench.md` into --out.
+writes `op_bench.json` and `op_bench.md` (`op_bench_learned_lr.*` with --learned-lr) into --out.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
@@ -62,8 +64,9 @@ def signature(args, kwargs) -> str:
     return ", ".join([one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()])
 
 
-def record_calls(workload, device) -> Dict[str, Dict[str, tuple]]:
-    """{op: {signature: (args, kwargs)}} of one second-order meta-step on the reference ops."""
+def record_calls(workload, device, learned_lr: bool) -> Dict[str, Dict[str, tuple]]:
+    """{op: {signature: (args, kwargs)}} of one second-order meta-step on the reference ops (with a
+    learned scalar inner learning rate when `learned_lr`: the adjoint update then reduces its gradient)."""
     calls: Dict[str, Dict[str, tuple]] = {}
     saved = {name: impls["torch"] for name, impls in registry._IMPLS.items()}
 
@@ -82,7 +85,8 @@ def record_calls(workload, device) -> Dict[str, Dict[str, tuple]]:
         registry._CACHE.clear()
         model = workload.make_model().to(device)
         tasks = workload.make_tasks().to(device)
-        fastmaml.meta_step(model, tasks, inner_lr=workload.inner_lr, steps=workload.steps, loss=workload.loss,
+        lr = torch.tensor(workload.inner_lr, device=device, requires_grad=True) if learned_lr else workload.inner_lr
+        fastmaml.meta_step(model, tasks, inner_lr=lr, steps=workload.steps, loss=workload.loss,
                            backend="torch", evaluate_before=False)
     finally:
         for name, fn in saved.items():
@@ -109,25 +113,27 @@ def run_once(fn, args, kwargs):
     return _tensors(result) + _tensors(args) + _tensors(kwargs)
 
 
-def discrepancy(outs, refs) -> float:
-    """Largest relative difference over the outputs; inf where shapes differ or a value is not finite
-    where the reference's is."""
+def discrepancy(outs, refs) -> Tuple[float, float]:
+    """(largest relative difference over the floating-point outputs, fraction of integer output
+    elements that differ); the first is inf where shapes differ or a value is not finite where the
+    reference's is."""
     if len(outs) != len(refs):
-        return float("inf")
-    worst = 0.0
+        return float("inf"), 0.0
+    worst, differ, count = 0.0, 0, 0
     for a, b in zip(outs, refs):
         if a.shape != b.shape:
-            return float("inf")
+            return float("inf"), 0.0
         if not a.is_floating_point():
-            worst = max(worst, 0.0 if torch.equal(a, b) else float("inf"))
+            differ += int((a != b).sum())
+            count += a.numel()
             continue
         a, b = a.double(), b.double()
         if not torch.equal(torch.isfinite(a), torch.isfinite(b)):
-            return float("inf")
+            return float("inf"), 0.0
         scale = b[torch.isfinite(b)].abs().max().item() if b.numel() else 0.0
         diff = (a - b)[torch.isfinite(b)].abs().max().item() if b.numel() else 0.0
         worst = max(worst, diff / scale if scale > 0 else diff)
-    return worst
+    return worst, differ / max(count, 1)
 
 
 def time_call(fn, args, kwargs, device, repeats: int) -> float:
@@ -146,11 +152,11 @@ def time_call(fn, args, kwargs, device, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench(workloads, device, repeats: int) -> dict:
+def bench(workloads, device, repeats: int, learned_lr: bool = False) -> dict:
     auto = registry.resolve("auto", device).chosen
     rows = []
     for w in workloads:
-        for name, sigs in sorted(record_calls(w, device).items()):
+        for name, sigs in sorted(record_calls(w, device, learned_lr).items()):
             impls = implementations(name, device)
             for sig, (args, kwargs) in sigs.items():
                 refs = run_once(impls["torch"], args, kwargs)
@@ -158,7 +164,8 @@ def bench(workloads, device, repeats: int) -> dict:
                 for backend, fn in impls.items():
                     row = dict(workload=w.name, op=name, args=sig, backend=backend, auto=auto[name][0] == backend)
                     try:
-                        row["error"] = 0.0 if backend == "torch" else discrepancy(run_once(fn, args, kwargs), refs)
+                        row["error"], row["index_mismatch"] = (
+                            (0.0, 0.0) if backend == "torch" else discrepancy(run_once(fn, args, kwargs), refs))
                         row["seconds"] = time_call(fn, args, kwargs, device, repeats)
                     except Exception as exc:  # reported in the table, not hidden
                         row["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -174,16 +181,18 @@ def bench(workloads, device, repeats: int) -> dict:
 
 def markdown(results: dict) -> str:
     lines = [f"Device: {results['device']}; torch {results['torch']}; float32; median per call; "
-             "error: max |out - ref| / max |ref| over every output", "",
-             "| workload | op | arguments | backend | auto now | µs | vs torch | error |",
-             "|---|---|---|---|---|---:|---:|---:|"]
+             "error: max |out - ref| / max |ref| over the floating-point outputs; index mismatch: fraction "
+             "of integer outputs (max-pool indices) that differ", "",
+             "| workload | op | arguments | backend | auto now | µs | vs torch | error | index mismatch |",
+             "|---|---|---|---|---|---:|---:|---:|---:|"]
     for r in results["rows"]:
         args = r["args"] if len(r["args"]) <= 60 else r["args"][:57] + "..."
         if "failed" in r:
-            lines.append(f"| {r['workload']} | {r['op']} | {args} | {r['backend']} | | FAILED: {r['failed']} | | |")
+            lines.append(f"| {r['workload']} | {r['op']} | {args} | {r['backend']} | | FAILED: {r['failed']} | | | |")
             continue
         lines.append(f"| {r['workload']} | {r['op']} | `{args}` | {r['backend']} | {'yes' if r['auto'] else ''} | "
-                     f"{r['seconds'] * 1e6:.1f} | {r.get('speedup', 0):.2f}× | {r['error']:.1e} |")
+                     f"{r['seconds'] * 1e6:.1f} | {r.get('speedup', 0):.2f}× | {r['error']:.1e} | "
+                     f"{r['index_mismatch']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
@@ -193,13 +202,16 @@ def main(argv=None) -> int:
     p.add_argument("--workloads", nargs="*", default=["sinusoid-K1", "conv28-1shot-K1"])
     p.add_argument("--quick", action="store_true", help="the CI-sized workloads (fewer tasks)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per row on the CPU")
+    p.add_argument("--learned-lr", action="store_true", help="a learned scalar inner learning rate")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    results = bench(select(args.workloads, args.quick), device, args.repeats)
+    results = bench(select(args.workloads, args.quick), device, args.repeats, args.learned_lr)
+    results["learned_lr"] = args.learned_lr
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "op_bench.json").write_text(json.dumps(results, indent=2))
-    (args.out / "op_bench.md").write_text(markdown(results))
+    stem = "op_bench_learned_lr" if args.learned_lr else "op_bench"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (args.out / f"{stem}.md").write_text(markdown(results))
     print(markdown(results))
     return 0
 

@@ -29,6 +29,13 @@ CSRC = _find_csrc()
 NAME = "fastmaml_ext"
 BUILD_ENV = "FASTMAML_BUILD"
 
+# --exclude-libs,ALL: a compiler that links libstdc++ statically (the GPU machine's /opt/gcc g++ does)
+# would otherwise export that copy's symbols, and the loader binds some of them to the process's own
+# libstdc++ (its locale facet ids, for one): every TORCH_CHECK message that formats a number then
+# crashed the process there (and was cut short here). Hidden, the private copy is self-consistent;
+# with a shared libstdc++ (the usual case) the flag changes nothing.
+LINK_FLAGS = ["-Wl,--exclude-libs,ALL"]
+
 _lock = threading.Lock()
 _state: Optional[Tuple[bool, str]] = None  # (loaded, reason) once load() was attempted
 
@@ -100,7 +107,7 @@ def build(verbose: bool = False) -> Path:
         cpp_extension.load(
             name=NAME, sources=sources(with_cuda), extra_cflags=cflags,
             extra_cuda_cflags=["-O3", f"-DFASTMAML_HEADERS_DIGEST={headers_digest()}"] if with_cuda else None,
-            extra_ldflags=None, build_directory=str(directory), with_cuda=with_cuda,
+            extra_ldflags=LINK_FLAGS, build_directory=str(directory), with_cuda=with_cuda,
             is_python_module=False, verbose=verbose)
     except Exception as exc:  # compiler errors arrive as RuntimeError / CalledProcessError
         raise BuildError(f"building the fastmaml C++ extension failed in {directory}: {exc}") from exc

@@ -148,6 +148,6 @@ def test_adapt_outer_loss_through_fused_program():
 
 def test_one_task_per_chunk_gives_the_same_meta_gradient(monkeypatch):
     """Large activations run in chunks of tasks (FusedProgram.chunk_bytes); here one task per chunk."""
-    monkeypatch.setattr(FusedProgram, "chunk_bytes", 1)
+    monkeypatch.setattr(FusedProgram, "chunk_bytes", {"cpu": 1, "cuda": 1})
     check(conv_net(28), conv_tasks(3, 28), loss="cross_entropy", loss_fn=F.cross_entropy, inner_lr=0.4,
           steps=2, order="second")

@@ -40,7 +40,7 @@ def test_op_bench_compares_every_backend(tmp_path):
     ops = {r["op"] for r in rows}
     assert {"inner_update", "adjoint_update", "linear_fwd", "linear_bwd", "mse_grad"} <= ops
     assert not [r for r in rows if "failed" in r]
-    assert all(r["error"] < 1e-5 for r in rows)  # float32 kernels against the float32 reference
+    assert all(r["error"] < 1e-5 and r["index_mismatch"] == 0 for r in rows)  # against the float32 reference
     assert {r["backend"] for r in rows if r["op"] == "linear_fwd"} == {"torch", "triton"}
     assert sum(r["auto"] for r in rows if r["op"] == "inner_update" and r["args"] == rows[0]["args"]) <= 1
     table = (tmp_path / "op_bench.md").read_text()
@@ -48,12 +48,20 @@ def test_op_bench_compares_every_backend(tmp_path):
 
 
 def test_op_bench_flags_a_wrong_kernel():
-    ref = [torch.ones(3), torch.arange(3)]
-    assert op_bench.discrepancy([torch.ones(3), torch.arange(3)], ref) == 0.0
-    assert op_bench.discrepancy([torch.tensor([1.0, 1.0, 1.5]), torch.arange(3)], ref) == 0.5
-    assert op_bench.discrepancy([torch.ones(3), torch.tensor([0, 2, 1])], ref) == float("inf")
-    assert op_bench.discrepancy([torch.tensor([1.0, float("nan"), 1.0]), torch.arange(3)], ref) == float("inf")
-    assert op_bench.discrepancy([torch.ones(3)], ref) == float("inf")
+    ref = [torch.ones(3), torch.arange(4)]
+    assert op_bench.discrepancy([torch.ones(3), torch.arange(4)], ref) == (0.0, 0.0)
+    assert op_bench.discrepancy([torch.tensor([1.0, 1.0, 1.5]), torch.arange(4)], ref) == (0.5, 0.0)
+    assert op_bench.discrepancy([torch.ones(3), torch.tensor([0, 2, 1, 3])], ref) == (0.0, 0.5)
+    assert op_bench.discrepancy([torch.tensor([1.0, float("nan"), 1.0]), torch.arange(4)], ref)[0] == float("inf")
+    assert op_bench.discrepancy([torch.ones(3)], ref)[0] == float("inf")
+
+
+def test_op_bench_learned_rate_reaches_the_alpha_gradient(tmp_path):
+    assert op_bench.main(["--device", "cpu", "--quick", "--repeats", "1", "--workloads", "sinusoid-K1",
+                          "--learned-lr", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "op_bench_learned_lr.json").read_text())["rows"]
+    assert any(r["op"] == "adjoint_update" and r["args"].endswith("True") for r in rows)
+    assert all(r["error"] < 1e-5 and r["index_mismatch"] == 0 for r in rows)
 
 
 def test_conv_batching_strategies_agree(tmp_path):
@@ -92,7 +100,7 @@ def test_report_summarizes_everything(tmp_path):
     (tmp_path / "env.txt").write_text("NVIDIA H100 80GB HBM3, 550.0, 81559 MiB\n")
     (tmp_path / "steps.txt").write_text("build exit 0 after 50 s (limit 200s)\nops exit 0 after 9 s (limit 80s)\n")
     (tmp_path / "junit-tests.xml").write_text(JUNIT)
-    (tmp_path / "op_bench.md").write_text("| sinusoid-K1 | linear_fwd | `1x10x1` | triton | | 5.0 | 2.00× | 1.0e-07 |\n")
+    (tmp_path / "op_bench.md").write_text("| sinusoid-K1 | linear_fwd | `1x10x1` | triton | | 5.0 | 2.00× | 1.0e-07 | 0 |\n")
     (tmp_path / "suite").mkdir()
     (tmp_path / "suite" / "results.md").write_text("| sinusoid K=1 | autograd loop | 1.00× |\n")
     (tmp_path / "crash").mkdir()

@@ -64,3 +64,37 @@ cli.main(["info"])
                                "PYTHONPATH": str(build.CSRC.parent), "HOME": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     assert "backend cpp     unavailable" in proc.stdout and "missing" in proc.stdout
+
+
+CHECKED_OP = r"""
+#include <ATen/ATen.h>
+#include <torch/library.h>
+at::Tensor checked(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.sizes() == b.sizes(), "b: expected shape ", a.sizes(), ", got ", b.sizes());
+  return a + b;
+}
+TORCH_LIBRARY(fastmaml_link_test, m) { m.def("checked(Tensor a, Tensor b) -> Tensor"); }
+TORCH_LIBRARY_IMPL(fastmaml_link_test, CPU, m) { m.impl("checked", &checked); }
+"""
+
+
+def test_error_messages_survive_a_statically_linked_libstdcxx(tmp_path):
+    """With a compiler that links libstdc++ statically (as the GPU machine's does), the extension's
+    link flags keep its TORCH_CHECK messages whole: without them the number formatting in a message
+    broke (cut short at the first number on this CPU machine, a crash on the GPU machine)."""
+    (tmp_path / "checked.cpp").write_text(CHECKED_OP)
+    code = f"""
+import torch
+from torch.utils import cpp_extension
+cpp_extension.load(name="fastmaml_link_test", sources=[{str(tmp_path / 'checked.cpp')!r}],
+                   extra_ldflags={build.LINK_FLAGS + ['-static-libstdc++']!r}, is_python_module=False,
+                   build_directory={str(tmp_path)!r})
+try:
+    torch.ops.fastmaml_link_test.checked(torch.ones(2, 3), torch.ones(2, 2))
+except RuntimeError as exc:
+    print(str(exc).splitlines()[0])
+"""
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "b: expected shape [2, 3], got [2, 2]", proc.stdout

@@ -184,6 +184,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 def test_cpp_on_cuda_needs_a_cuda_build():
     from fastmaml.ops import cpp as cpp_backend
 
+    assert registry.availability("cpp", torch.device("cpu"))[0]  # loads the extension
     if cpp_backend._has_kernel("inner_update", "CUDA"):
         assert registry.availability("cpp", torch.device("cuda"))[0]
     else:

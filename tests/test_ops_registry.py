@@ -60,6 +60,21 @@ def test_explicit_only_kernels_are_not_chosen_by_auto(monkeypatch):
     assert registry.resolve("cpp", "cpu").test_op() == "kernel"
 
 
+def test_kernels_chosen_by_auto_on_some_devices_only(monkeypatch):
+    """auto=("meta",): "auto" picks the kernel on that device type, the reference elsewhere."""
+    monkeypatch.setitem(registry._AVAILABILITY, "cpp", lambda d: (True, "test"))
+    monkeypatch.setitem(registry.AUTO_ORDER, "meta", ("cpp", "torch"))
+    monkeypatch.setitem(registry._IMPLS, "test_op", {})
+    monkeypatch.setattr(registry, "_EXPLICIT_ONLY", {})
+    monkeypatch.setattr(registry, "_CACHE", {})
+    registry.register("test_op", "torch")(lambda: "reference")
+    registry.register("test_op", "cpp", auto=("meta",), why_not_auto="slower on the CPU")(lambda: "kernel")
+    on_cpu = registry.resolve("auto", "cpu")
+    assert on_cpu.test_op() == "reference" and "cpp: slower on the CPU" in on_cpu.describe()["test_op"]
+    assert registry.resolve("auto", "meta").test_op() == "kernel"
+    assert registry.resolve("cpp", "cpu").test_op() == "kernel"
+
+
 def test_reference_ops_semantics():
     g = torch.Generator().manual_seed(0)
     T, P = 3, 7

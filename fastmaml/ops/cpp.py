@@ -37,13 +37,18 @@ def availability(device: torch.device) -> Tuple[bool, str]:
 register_backend("cpp", availability)
 
 
-@register("inner_update", "cpp")
+# on CUDA the reference's elementwise ops were faster (H200, op bench: 0.32–0.94×): "auto" uses
+# these kernels on the CPU only (an explicit backend="cpp" still runs them on CUDA)
+_CPU_AUTO = dict(auto=("cpu",), why_not_auto="slower than the reference's elementwise ops on an H200 (0.32–0.94×)")
+
+
+@register("inner_update", "cpp", **_CPU_AUTO)
 def inner_update(phi: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """φ − α ⊙ g `[T, P]` (φ may be a `[P]` vector expanded over tasks)."""
     return torch.ops.fastmaml.inner_update(phi, g, alpha)
 
 
-@register("adjoint_update", "cpp")
+@register("adjoint_update", "cpp", **_CPU_AUTO)
 def adjoint_update(v: torch.Tensor, hu: Optional[torch.Tensor], g: torch.Tensor, alpha: torch.Tensor,
                    lr_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(v − hu `[T, P]`, −Σ_t g ⊙ v reduced to α's shape or None); hu None: first order, v passes."""

@@ -187,8 +187,10 @@ def batchnorm_train_bwd(gy: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, 
     mask = [need_x, gw_out is not None, gb_out is not None]
     gx = torch.empty_like(x) if need_x else None
     gy = gy.contiguous()
+    # without affine weights, unit ones: CUDA's kernel sizes gw like the weight (and fails on None)
+    ones = x.new_ones(x.shape[2]) if w is None else None
     for t in range(x.shape[0]):
-        args = (gy[t], x[t], _task(w, t), None, None, mean[t], r[t], True, eps, mask)
+        args = (gy[t], x[t], ones if w is None else _task(w, t), None, None, mean[t], r[t], True, eps, mask)
         if all(mask):  # outputs written in place (aten's out= needs all three)
             torch.ops.aten.native_batch_norm_backward.out(*args, out0=gx[t], out1=gw_out[t], out2=gb_out[t])
             continue

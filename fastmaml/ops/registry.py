@@ -7,15 +7,16 @@
 
 Backends: "torch" (reference, always there), and faster ones ("triton", "cpp") that register
 themselves with an availability check. `"auto"` takes, per op, the first available backend in
-`AUTO_ORDER` for the device whose implementation is not registered with `auto=False` (kernels that
-are tested but not yet measured faster than the reference), else the reference; an explicitly named backend that cannot run on the
+`AUTO_ORDER` for the device whose implementation `auto` may pick there (`auto=False`: kernels that
+are tested but not measured faster than the reference; `auto=("cpu",)`: measured faster on those
+device types only), else the reference; an explicitly named backend that cannot run on the
 device raises `BackendUnavailable` saying why, and ops it does not implement run their reference. The environment variable
 `FASTMAML_BACKEND` replaces `"auto"` (an explicit argument still wins).
 """
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -26,25 +27,27 @@ AUTO_ORDER = {"cuda": ("cpp", "triton", "torch"), "cpu": ("cpp", "torch")}
 ENV_VAR = "FASTMAML_BACKEND"
 
 _IMPLS: Dict[str, Dict[str, Callable]] = {}
-_EXPLICIT_ONLY: Dict[Tuple[str, str], str] = {}  # (op, backend) -> why "auto" does not pick it
+# (op, backend) -> (the device types where "auto" may pick it, why not elsewhere)
+_EXPLICIT_ONLY: Dict[Tuple[str, str], Tuple[Tuple[str, ...], str]] = {}
 _DEVICES: Dict[Tuple[str, str], Tuple[str, ...]] = {}  # (op, backend) -> the only device types it runs on
 _AVAILABILITY: Dict[str, Callable[[torch.device], Tuple[bool, str]]] = {
     "torch": lambda device: (True, "plain PyTorch reference"),
 }
 
 
-def register(name: str, backend: str, *, auto: bool = True, why_not_auto: str = "",
+def register(name: str, backend: str, *, auto: Union[bool, Tuple[str, ...]] = True, why_not_auto: str = "",
              devices: Optional[Tuple[str, ...]] = None):
-    """Decorator: `fn` implements op `name` for `backend`; with `auto=False` only an explicitly
-    requested `backend` uses it (`why_not_auto` says why, in `fastmaml info`); `devices`: the device
-    types it has kernels for (None: every device the backend runs on; elsewhere the reference runs)."""
+    """Decorator: `fn` implements op `name` for `backend`. `auto`: True, or the device types where
+    "auto" may pick it (False: none; elsewhere only an explicitly requested `backend` uses it, and
+    `why_not_auto` says why in `fastmaml info`); `devices`: the device types it has kernels for
+    (None: every device the backend runs on; elsewhere the reference runs)."""
     if backend not in BACKENDS or backend == "auto":
         raise ValueError(f"backend: unknown backend {backend!r}; expected one of {BACKENDS[1:]}")
 
     def deco(fn):
         _IMPLS.setdefault(name, {})[backend] = fn
-        if not auto:
-            _EXPLICIT_ONLY[(name, backend)] = why_not_auto or "not chosen by auto"
+        if auto is not True:
+            _EXPLICIT_ONLY[(name, backend)] = (tuple(auto or ()), why_not_auto or "not chosen by auto")
         if devices is not None:
             _DEVICES[(name, backend)] = tuple(devices)
         return fn
@@ -115,8 +118,9 @@ def _build(backend: str, device: torch.device) -> OpTable:
         if backend == "auto":
             reasons = []
             for b in AUTO_ORDER.get(device.type, ("torch",)):
-                if (name, b) in _EXPLICIT_ONLY:
-                    reasons.append(f"{b}: {_EXPLICIT_ONLY[(name, b)]}")
+                allowed, why_not = _EXPLICIT_ONLY.get((name, b), ((device.type,), ""))
+                if device.type not in allowed:
+                    reasons.append(f"{b}: {why_not}")
                     continue
                 ok, why = availability(b, device)
                 if b in impls and ok:

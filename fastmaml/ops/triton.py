@@ -18,9 +18,12 @@ import torch
 from .registry import register, register_backend
 
 _state: dict = {}
-# Layer kernels that pass their tests (interpreter) but have not been timed on a GPU yet: only
-# backend="triton" uses them, "auto" keeps the PyTorch reference (cuBLAS / cuDNN) for these ops.
+# Kernels that "auto" leaves to the reference; only backend="triton" uses them. Timings: the op
+# bench of benchmarks/gpu_check.sh on an H200 (benchmarks/RESULTS.md), on the arguments of real
+# meta-steps, where every launch is small and Triton's launch cost (~50 µs) decides.
 EXPLICIT_ONLY = dict(auto=False, why_not_auto="tested, not yet measured faster than the reference on a GPU")
+_SLOWER_STEP = dict(auto=False, why_not_auto="slower than the reference's elementwise ops on an H200 (0.05–1.04×)")
+_SLOWER_LINEAR = dict(auto=False, why_not_auto="slower than cuBLAS on an H200 at meta-learning sizes (0.04–0.61×)")
 
 
 def _import_kernels():
@@ -72,13 +75,13 @@ def availability(device: torch.device) -> Tuple[bool, str]:
 register_backend("triton", availability)
 
 
-@register("inner_update", "triton")
+@register("inner_update", "triton", **_SLOWER_STEP)
 def inner_update(phi: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """φ − α ⊙ g `[T, P]`."""
     return torch.ops.fastmaml_triton.inner_update(phi, g, alpha)
 
 
-@register("adjoint_update", "triton")
+@register("adjoint_update", "triton", **_SLOWER_STEP)
 def adjoint_update(v: torch.Tensor, hu: Optional[torch.Tensor], g: torch.Tensor, alpha: torch.Tensor,
                    lr_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(v − hu `[T, P]`, −Σ_t g ⊙ v reduced to α's shape or None); hu None: first order, v passes."""
@@ -119,14 +122,14 @@ if _layers is not None:
     def _mT(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if t is None else t.transpose(-1, -2)
 
-    @register("linear_fwd", "triton", **EXPLICIT_ONLY)
+    @register("linear_fwd", "triton", **_SLOWER_LINEAR)
     def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
         """y = x wᵀ + b `[T, N, O]`."""
         y = x.new_empty(x.shape[0], x.shape[1], w.shape[-2])
         _gemm(x, None, w, None, b, None, y, None, None, None)
         return y
 
-    @register("linear_value_tangent_fwd", "triton", **EXPLICIT_ONLY)
+    @register("linear_value_tangent_fwd", "triton", **_SLOWER_LINEAR)
     def linear_value_tangent_fwd(x, xd, w, b, wd, bd):
         """(y, ẏ) `[T, N, O]` in one kernel sharing the loads of x and w: [ẋ | x] @ [w ; ẇ]ᵀ."""
         y = x.new_empty(x.shape[0], x.shape[1], w.shape[-2])
@@ -134,7 +137,7 @@ if _layers is not None:
         _gemm(x, xd, w, wd, b, bd, y, yd, None, None)
         return y, yd
 
-    @register("linear_bwd", "triton", **EXPLICIT_ONLY)
+    @register("linear_bwd", "triton", **_SLOWER_LINEAR)
     def linear_bwd(gy, x, w, need_x: bool, gw_out, gb_out):
         """gw = gyᵀ x into `gw_out`, gb = Σ_n gy into `gb_out`; returns gx = gy w `[T, N, I]` or None."""
         _gemm(_mT(gy), None, _mT(x), None, None, None, gw_out, None, gb_out, None)
@@ -144,7 +147,7 @@ if _layers is not None:
         _gemm(gy, None, _mT(w), None, None, None, gx, None, None, None)
         return gx
 
-    @register("linear_tangent_bwd", "triton", **EXPLICIT_ONLY)
+    @register("linear_tangent_bwd", "triton", **_SLOWER_LINEAR)
     def linear_tangent_bwd(gy, gyd, x, xd, w, wd, need_x: bool, gw_out, gwd_out, gb_out, gbd_out):
         """gw, ġw = ġyᵀ x + gyᵀ ẋ, gb, ġb in one kernel; returns (gx, ġx = ġy w + gy ẇ) in a second one
         (or (None, None) without `need_x`)."""
