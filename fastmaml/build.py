@@ -103,11 +103,13 @@ def build(verbose: bool = False) -> Path:
     # -fopenmp: at::parallel_for is an inline template that runs serially unless the extension itself
     # is compiled with OpenMP (the runtime symbols resolve to the libgomp torch already loaded)
     cflags = ["-O3", "-fopenmp", f"-DFASTMAML_HEADERS_DIGEST={headers_digest()}"]
+    # (copies of the flag lists: load() appends to extra_ldflags, and changed flags would make a second
+    # build() in the process load a second copy of the library under a new version name)
     try:
         cpp_extension.load(
             name=NAME, sources=sources(with_cuda), extra_cflags=cflags,
             extra_cuda_cflags=["-O3", f"-DFASTMAML_HEADERS_DIGEST={headers_digest()}"] if with_cuda else None,
-            extra_ldflags=LINK_FLAGS, build_directory=str(directory), with_cuda=with_cuda,
+            extra_ldflags=list(LINK_FLAGS), build_directory=str(directory), with_cuda=with_cuda,
             is_python_module=False, verbose=verbose)
     except Exception as exc:  # compiler errors arrive as RuntimeError / CalledProcessError
         raise BuildError(f"building the fastmaml C++ extension failed in {directory}: {exc}") from exc

@@ -16,6 +16,14 @@ def test_build_command_prebuilds(capsys):
     assert build.build_directory(build.cuda_enabled()).is_dir()
 
 
+def test_building_twice_loads_one_library():
+    """A second build() in the process finds the same flags and library (no `_v1` copy to load)."""
+    flags = list(build.LINK_FLAGS)
+    first, second = build.build(), build.build()
+    assert first == second and build.LINK_FLAGS == flags
+    assert not list(first.parent.glob(f"{build.NAME}_v*.so"))
+
+
 def test_cache_location_follows_torch_extensions_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     assert build.build_directory(False).parent == tmp_path
@@ -34,6 +42,9 @@ def test_compiler_error_becomes_build_error(monkeypatch, tmp_path):
     broken.mkdir()
     (broken / "broken.cpp").write_text("this is not C++ {\n")
     monkeypatch.setattr(build, "CSRC", broken)
+    # its own name: cpp_extension counts versions per name in the process, and a later build of the
+    # real sources under the same name would load a second copy of the library
+    monkeypatch.setattr(build, "NAME", "fastmaml_ext_broken_test")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     with pytest.raises(build.BuildError, match="building the fastmaml C\\+\\+ extension failed"):
         build.build()
