@@ -169,8 +169,8 @@ def markdown(results: dict) -> str:
     for r in results["layers"]:
         t = {s: r[f"{s}_s"] for s in ("loop", "grouped", "unfold")}
         best = min(t, key=t.get)
-        lines.append(f"| {r['net']} | {r['T']} | {r['N']} | {r['C']}→{r['O']} | {r['H']}×{r['H']} | {r['positions']} | "
-                     + " | ".join(f"{t[s] * 1e3:.2f}" for s in t) + f" | {best} | {r['auto']} | {r['error']:.1e} |")
+        lines.append(f"| {r['net']} | {r['T']} | {r['N']} | {r['C']}→{r['O']} | {r['H']}×{r['H']} | "
+                     f"{r['positions']} | " + " | ".join(f"{t[s] * 1e3:.2f}" for s in t) + f" | {best} | {r['auto']} | {r['error']:.1e} |")
     lines += ["", "Whole second-order meta-steps (`auto` ops), ms, by `conv.STRATEGY`", "",
               "| workload | loop | grouped | auto | loop / grouped |", "|---|---:|---:|---:|---:|"]
     for r in results["meta_steps"]:

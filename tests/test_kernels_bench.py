@@ -100,7 +100,8 @@ def test_report_summarizes_everything(tmp_path):
     (tmp_path / "env.txt").write_text("NVIDIA H100 80GB HBM3, 550.0, 81559 MiB\n")
     (tmp_path / "steps.txt").write_text("build exit 0 after 50 s (limit 200s)\nops exit 0 after 9 s (limit 80s)\n")
     (tmp_path / "junit-tests.xml").write_text(JUNIT)
-    (tmp_path / "op_bench.md").write_text("| sinusoid-K1 | linear_fwd | `1x10x1` | triton | | 5.0 | 2.00× | 1.0e-07 | 0 |\n")
+    row = "| sinusoid-K1 | linear_fwd | `1x10x1` | triton | | 5.0 | 2.00× | 1.0e-07 | 0 |\n"
+    (tmp_path / "op_bench.md").write_text(row)
     (tmp_path / "suite").mkdir()
     (tmp_path / "suite" / "results.md").write_text("| sinusoid K=1 | autograd loop | 1.00× |\n")
     (tmp_path / "crash").mkdir()

@@ -9,9 +9,9 @@ Backends: "torch" (reference, always there), and faster ones ("triton", "cpp") t
 themselves with an availability check. `"auto"` takes, per op, the first available backend in
 `AUTO_ORDER` for the device whose implementation `auto` may pick there (`auto=False`: kernels that
 are tested but not measured faster than the reference; `auto=("cpu",)`: measured faster on those
-device types only), else the reference; an explicitly named backend that cannot run on the
-device raises `BackendUnavailable` saying why, and ops it does not implement run their reference. The environment variable
-`FASTMAML_BACKEND` replaces `"auto"` (an explicit argument still wins).
+device types only), else the reference; an explicitly named backend that cannot run on the device
+raises `BackendUnavailable` saying why, and ops it does not implement run their reference. The
+environment variable `FASTMAML_BACKEND` replaces `"auto"` (an explicit argument still wins).
 """
 from __future__ import annotations
 
