@@ -58,8 +58,8 @@ def _code(path: Path, head: int = 0) -> List[str]:
 def report(out: Path) -> str:
     lines = ["# GPU check", "", "## Machine", ""] + _code(out / "env.txt")
     lines += ["## Steps", ""] + _code(out / "steps.txt")
-    build = out / "steps.txt"
-    if build.exists() and "build exit 0 " not in build.read_text() and (out / "build.log").exists():
+    steps = out / "steps.txt"
+    if steps.exists() and "build exit 0 " not in steps.read_text() and (out / "build.log").exists():
         lines += ["Build log (end):", "", "```", *(out / "build.log").read_text().strip().splitlines()[-30:],
                   "```", ""]
     lines += ["## Tests", "", "| test file | passed | failed | errors | skipped |", "|---|---:|---:|---:|---:|"]
