@@ -1,10 +1,11 @@
 """Per-op benchmark of every backend of the fused engine's ops, on the arguments a real meta-step
 passes them (speed and agreement with the reference; the decision data for `auto`).
 
-For each workload, one second-order `meta_step` with backend "torch" runs with every reference op
-wrapped so that the first call of each distinct argument signature (shapes, dtypes, flags) is
-recorded (tensors cloned). Each recorded call is then replayed on every backend that implements
-the op on the device (the `auto=False` ones included), on fresh clones of the arguments:
+For each workload, one second-order `meta_step` with backend "torch" (and one more without the whole-loop
+MLP op, for the fused engine's ops) runs with every reference op wrapped so that the first call of each
+distinct argument signature (shapes, dtypes, flags) is recorded (tensors cloned). Each recorded call is
+then replayed on every backend that implements the op on the device (the `auto=False` ones included), on
+fresh clones of the arguments:
     - the outputs (returned tensors and tensors written in place) against the reference's:
       max |a - b| / max |ref| over the floating-point outputs, and the fraction of integer outputs
       (max-pool indices) that differ: a rounding-level tie in a pooling window (two values within
@@ -33,13 +34,15 @@ except ModuleNotFoundError:  # run from a source checkout without installing
     import fastmaml
 
 from fastmaml.bench.workloads import select
-from fastmaml.ops import registry
+from fastmaml.ops import mlp_step, registry
 
 
 def _map(obj, fn):
     """fn applied to every tensor inside nested tuples/lists/dicts."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple result
+        return type(obj)(*(_map(o, fn) for o in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(_map(o, fn) for o in obj)
     if isinstance(obj, dict):
@@ -69,6 +72,7 @@ def record_calls(workload, device, learned_lr: bool) -> Dict[str, Dict[str, tupl
     learned scalar inner learning rate when `learned_lr`: the adjoint update then reduces its gradient)."""
     calls: Dict[str, Dict[str, tuple]] = {}
     saved = {name: impls["torch"] for name, impls in registry._IMPLS.items()}
+    try_whole_loop = mlp_step.try_meta_step
 
     def wrap(name, fn):
         def recording(*args, **kwargs):
@@ -86,9 +90,13 @@ def record_calls(workload, device, learned_lr: bool) -> Dict[str, Dict[str, tupl
         model = workload.make_model().to(device)
         tasks = workload.make_tasks().to(device)
         lr = torch.tensor(workload.inner_lr, device=device, requires_grad=True) if learned_lr else workload.inner_lr
-        fastmaml.meta_step(model, tasks, inner_lr=lr, steps=workload.steps, loss=workload.loss,
-                           backend="torch", evaluate_before=False)
+        for whole_loop_op in (True, False):  # an MLP runs as one op (mlp_meta_step); record the fused ops too
+            if not whole_loop_op:
+                mlp_step.try_meta_step = lambda *args, **kwargs: None
+            fastmaml.meta_step(model, tasks, inner_lr=lr, steps=workload.steps, loss=workload.loss,
+                               backend="torch", evaluate_before=False)
     finally:
+        mlp_step.try_meta_step = try_whole_loop
         for name, fn in saved.items():
             registry._IMPLS[name]["torch"] = fn
         registry._CACHE.clear()

@@ -2,6 +2,7 @@
 (adapted weights per task that are differentiable through the fused reverse sweep)."""
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Dict, List, NamedTuple, Optional
 
@@ -15,7 +16,7 @@ from .inner_loop import (ORDERS, TASK_STATE_BYTES, Implicit, InnerLoop, InnerLoo
 from .inner_lr import expand_inner_lr, learnable_leaves
 from .layout import InnerParams, ParamLayout
 from .losses import LossLike, accuracy, resolve_loss
-from .ops import mlp_kernel, resolve
+from .ops import mlp_step, resolve
 from .programs import Program, select_program
 from .result import MetaResult
 from .tasks import TaskBatch, TasksLike, as_task_batch, validate
@@ -64,10 +65,14 @@ def _setup(model, inputs, *, steps, order, loss, inner_params, backend):
     for field, x in inputs:
         _check_inputs(layout, x, field)
     loss_obj = resolve_loss(loss)
-    program = select_program(model, layout, loss_obj)
     ops = resolve(backend, inputs[0][1].device)
+    return layout, loss_obj, ops
+
+
+def _program(model, layout: ParamLayout, loss_obj, backend) -> Program:
+    program = select_program(model, layout, loss_obj)
     program.backend = backend
-    return layout, loss_obj, program, ops
+    return program
 
 
 def meta_step(
@@ -115,7 +120,7 @@ def meta_step(
                                    or task_chunk < 1):
         raise ValueError(f"task_chunk: expected None or a positive int (tasks per chunk), got {task_chunk!r}")
     batch = as_task_batch(tasks)
-    layout, loss_obj, program, ops = _setup(
+    layout, loss_obj, ops = _setup(
         model, [("tasks.support_x", batch.support_x), ("tasks.query_x", batch.query_x)],
         steps=steps, order=order, loss=loss, inner_params=inner_params, backend=backend)
     loss_obj.check_targets(batch.support_y, "support_y")
@@ -132,12 +137,12 @@ def meta_step(
     lr_grad = [a.requires_grad for a in alphas]
     shared_grad = any(layout.params[n].requires_grad for n in layout.shared.names)
 
-    fast = mlp_kernel.try_meta_step(model, layout, loss_obj, batch, alphas_d, order=order, backend=backend,
-                                    lr_grad=lr_grad)
-    if fast is not None and (not check_finite or bool(torch.isfinite(fast.grad).all()
-                                                      and torch.isfinite(fast.query_loss_after).all())):
-        # the whole-inner-loop MLP kernel (one op; non-finite results rerun the general path below,
-        # which says at which inner step they appear)
+    fast = mlp_step.try_meta_step(model, layout, loss_obj, batch, theta_a, alphas_d, order=order, backend=backend,
+                                  lr_grad=lr_grad, need_before=evaluate_before, task_chunk=task_chunk)
+    # (a sum is non-finite if any term is, or, rarely, if it overflows: then the general path reruns for nothing)
+    if fast is not None and (not check_finite or math.isfinite(float(fast.grad.sum() + fast.query_loss_after.sum()))):
+        # the whole-inner-loop MLP op (non-finite results rerun the general path below, which says at which
+        # inner step they appear)
         lr_grads = _inner_lr_grads(inner_lr, alphas, fast.d_alphas)
         _accumulate(layout, fast.grad, None)
         for leaf, g in lr_grads:
@@ -147,6 +152,7 @@ def meta_step(
                           query_loss_after=fast.query_loss_after,
                           support_loss_before=fast.support_loss_before if steps else None)
 
+    program = _program(model, layout, loss_obj, backend)
     state = layout.adapted.size * theta_a.element_size() * state_buffers(order, steps, any(lr_grad))
     chunks = task_chunks(T, state, TASK_STATE_BYTES.get(theta_a.device.type, TASK_STATE_BYTES["cpu"]),
                          task_chunk)
@@ -263,18 +269,23 @@ def _inner_lr_grads(inner_lr, alphas, d_alphas):
 
 
 def _accumulate(layout: ParamLayout, d_a: torch.Tensor, d_s: Optional[torch.Tensor]) -> None:
+    """Adds the flat meta-gradients (`[Pa]`, `[Ps]`, no autograd history) into `p.grad`; a parameter
+    without a gradient yet gets a view of them (they are this call's own buffers)."""
     grads = layout.adapted.unflatten(d_a)
     if d_s is not None:
         grads.update(layout.shared.unflatten(d_s))
+    into, add = [], []
     for name, g in grads.items():
         p = layout.params[name]
         if not p.requires_grad:
             continue
-        g = g.detach()
         if p.grad is None:
-            p.grad = g.clone()
+            p.grad = g
         else:
-            p.grad.add_(g)
+            into.append(p.grad)
+            add.append(g)
+    if into:
+        torch._foreach_add_(into, add)
 
 
 class AdaptedModel:
@@ -336,8 +347,9 @@ def adapt(
     of `order` (no `create_graph`). Arguments as in `meta_step`.
     """
     validate(TaskBatch(support_x, support_y, support_x, support_y))
-    layout, loss_obj, program, ops = _setup(model, [("support_x", support_x)], steps=steps, order=order,
-                                            loss=loss, inner_params=inner_params, backend=backend)
+    layout, loss_obj, ops = _setup(model, [("support_x", support_x)], steps=steps, order=order,
+                                   loss=loss, inner_params=inner_params, backend=backend)
+    program = _program(model, layout, loss_obj, backend)
     loss_obj.check_targets(support_y, "support_y")
     theta_a, theta_s = layout.theta()
     alphas = expand_inner_lr(inner_lr, steps, layout.adapted, like=theta_a)

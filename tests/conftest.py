@@ -3,7 +3,7 @@ import weakref
 
 import pytest
 
-from fastmaml.ops import mlp_kernel
+from fastmaml.ops import mlp_step
 from fastmaml.programs import fused, select
 
 
@@ -13,10 +13,10 @@ def _torch_func_only(model, layout, loss):
 
 @pytest.fixture(params=["auto", "torch.func"])
 def engine(request, monkeypatch):
-    """Runs a test twice: with the engine meta_step picks (MLP kernel / fused / torch.func), and with
-    the torch.func program forced for every model (no fused engine, no MLP kernel)."""
+    """Runs a test twice: with the engine meta_step picks (MLP op / fused / torch.func), and with
+    the torch.func program forced for every model (no fused engine, no MLP op)."""
     if request.param == "torch.func":
         monkeypatch.setattr(select, "_CACHE", weakref.WeakKeyDictionary())
         monkeypatch.setattr(select.fused, "build", _torch_func_only)
-        monkeypatch.setattr(mlp_kernel, "try_meta_step", lambda *args, **kwargs: None)
+        monkeypatch.setattr(mlp_step, "try_meta_step", lambda *args, **kwargs: None)
     return request.param

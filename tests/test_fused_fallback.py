@@ -61,7 +61,7 @@ def test_callable_loss_falls_back_and_explain_names_the_loss():
 def test_supported_model_explains_its_plan():
     model = conv4(1, 5, hidden=4)
     e = fastmaml.explain(model, loss="cross_entropy")
-    assert e.program == "fused" and e.module is None
+    assert e.program == "fused" and e.module is None and not e.mlp_op
     assert e.layers[:2] == ("0 (Conv2d)", "1+2+3 (BatchNorm2d+ReLU+MaxPool2d)")
     assert str(e).startswith("fused engine: 0 (Conv2d) -> 1+2+3 (BatchNorm2d+ReLU+MaxPool2d)")
     assert isinstance(program_of(model, "cross_entropy"), FusedProgram)
@@ -93,3 +93,10 @@ def test_fallback_model_still_gets_the_exact_meta_gradient():
                                                 loss_fn=lambda o, y: F.mse_loss(o, y))
     assert abs(float(res.meta_loss - ref_loss)) < 1e-12
     assert_grads_close({n: p.grad for n, p in model.named_parameters()}, ref_grads, 1e-9)
+
+
+def test_mlp_explains_the_whole_inner_loop_op():
+    model = nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1))
+    e = fastmaml.explain(model)
+    assert e.program == "fused" and e.mlp_op and "whole-inner-loop MLP op" in str(e)
+    assert not fastmaml.explain(model, loss="cross_entropy").mlp_op  # the op is MSE only

@@ -10,7 +10,7 @@ import fastmaml
 from fastmaml.layout import ParamLayout
 from fastmaml.losses import resolve_loss
 from fastmaml.models import conv4
-from fastmaml.ops import mlp_kernel
+from fastmaml.ops import mlp_step
 from fastmaml.programs import select_program
 from fastmaml.programs.fused import FusedProgram
 from fastmaml.programs.fused import conv
@@ -22,10 +22,10 @@ ORDERS = ["second", "checkpoint", "first"]
 
 
 @pytest.fixture(autouse=True)
-def no_mlp_kernel(monkeypatch):
-    """MLPs under MSE would take the whole-inner-loop kernel (tests/test_kernels_mlp.py): test the
+def no_mlp_op(monkeypatch):
+    """MLPs under MSE would take the whole-inner-loop MLP op (tests/test_kernels_mlp.py): test the
     fused engine here."""
-    monkeypatch.setattr(mlp_kernel, "try_meta_step", lambda *args, **kwargs: None)
+    monkeypatch.setattr(mlp_step, "try_meta_step", lambda *args, **kwargs: None)
 
 
 def mse(out, y):

@@ -1,6 +1,7 @@
-"""The whole-inner-loop MLP kernel (`fastmaml::mlp_meta_step`) against the autograd oracle: float64
-rel. error < 1e-9; float32 no worse than 4x the float32 autograd loop's own error (both measured
-against the float64 oracle). On CPU here; on CUDA too when there is a GPU (gpu_check.sh)."""
+"""The whole-inner-loop MLP op (`mlp_meta_step`: the C++/CUDA kernel `fastmaml::mlp_meta_step` and its
+plain-PyTorch reference) against the autograd oracle: float64 rel. error < 1e-9; float32 no worse than 4x
+the float32 autograd loop's own error (both measured against the float64 oracle). On CPU here; on CUDA too
+when there is a GPU (gpu_check.sh)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,12 +10,19 @@ from torch import nn
 from fastmaml import build
 from fastmaml.layout import ParamLayout
 from fastmaml.losses import resolve_loss
-from fastmaml.ops.mlp_kernel import mlp_meta_step, mlp_plan, supports_device, why_not
+from fastmaml.ops import mlp_step
+from fastmaml.ops.mlp_step import kernel_runs, mlp_meta_step, mlp_plan, why_not
 from models import mlp, regression_tasks
 from oracle import autograd_meta_grad, rel_err
 
 DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 MSE = resolve_loss("mse")
+ORDERS = ["second", "checkpoint", "first"]
+
+
+def exact(order):
+    """The oracle's order: "checkpoint" computes the exact ("second") meta-gradient."""
+    return "second" if order == "checkpoint" else order
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -23,68 +31,69 @@ def extension():
     assert ok, f"the C++ extension must build on this machine: {why}"
 
 
-@pytest.fixture(autouse=True, params=["auto", "baseline"])
-def cpu_isa(request, monkeypatch):
-    """Every test runs with both CPU builds of the per-task loop: AVX2 + FMA where the CPU has it
-    ("auto") and the baseline instruction set ($FASTMAML_CPU_ISA, read by the op per call)."""
+@pytest.fixture(params=["cpp", "cpp-baseline", "torch"])
+def backend(request, monkeypatch):
+    """The op's backend: the C++ kernel with both CPU builds of its per-task loop (AVX2 + FMA where the CPU
+    has it, and the baseline instruction set: $FASTMAML_CPU_ISA, read by the op per call), and the
+    plain-PyTorch reference."""
     device = getattr(request.node, "callspec", None) and request.node.callspec.params.get("device")
-    if request.param == "baseline" and device is not None and device.type == "cuda":
-        pytest.skip("the instruction-set choice applies to the CPU op only (the CUDA case runs under 'auto')")
-    monkeypatch.setenv("FASTMAML_CPU_ISA", request.param)
-    return request.param
+    if request.param == "cpp-baseline" and device is not None and device.type == "cuda":
+        pytest.skip("the instruction-set choice applies to the CPU op only (the CUDA case runs under 'cpp')")
+    monkeypatch.setenv("FASTMAML_CPU_ISA", "baseline" if request.param == "cpp-baseline" else "auto")
+    return request.param.split("-")[0]
 
 
 def flat(grads, layout):
     return torch.cat([grads[n].reshape(-1) for n in layout.adapted.names])
 
 
-def run_kernel(model, tasks, inner_lr, steps, order, device):
+def run_op(model, tasks, inner_lr, steps, order, device, backend):
     layout = ParamLayout(model)
     plan = mlp_plan(model, layout, MSE)
     assert plan is not None, why_not(model, layout, MSE)
-    ok, why = supports_device(plan, device)
-    assert ok, why
     theta, _ = layout.theta()
+    if backend == "cpp":
+        assert kernel_runs(plan, theta.to(device)), mlp_step.supports_device(plan, device)[1]
     lrs = inner_lr if isinstance(inner_lr, list) else [inner_lr] * steps
     alphas = [(lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=theta.dtype)).to(device)
               for lr in lrs]
     lr_grad = [a.requires_grad for a in alphas]
     out = mlp_meta_step(plan, theta.detach().to(device), *[t.to(device) for t in tasks], alphas,
-                        order=order, lr_grad=lr_grad)
+                        order=order, lr_grad=lr_grad, backend=backend)
     return layout, out
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
-@pytest.mark.parametrize("order", ["second", "first"])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("widths,T,steps", [
     ((1, 40, 40, 1), 4, 1), ((1, 40, 40, 1), 3, 5), ((1, 13, 7, 1), 1, 2), ((3, 5, 2), 2, 3),
-    ((2, 1), 3, 4), ((4, 9, 11, 6, 3), 2, 2),
+    ((2, 1), 3, 4), ((4, 9, 11, 6, 3), 2, 2), ((2, 5, 3), 2, 0),
 ])
-def test_float64_matches_oracle(device, act, order, widths, T, steps):
+def test_float64_matches_oracle(device, backend, act, order, widths, T, steps):
     torch.manual_seed(sum(widths) + T + steps)
     model = mlp(widths, act=act)
     tasks = regression_tasks(T=T, ns=7, nq=5, din=widths[0], dout=widths[-1], seed=steps)
-    layout, out = run_kernel(model, tasks, 0.07, steps, order, device)
-    ref_loss, ref, _ = autograd_meta_grad(model, tasks, inner_lr=0.07, steps=steps, order=order,
+    layout, out = run_op(model, tasks, 0.07, steps, order, device, backend)
+    ref_loss, ref, _ = autograd_meta_grad(model, tasks, inner_lr=0.07, steps=steps, order=exact(order),
                                           loss_fn=F.mse_loss)
     assert rel_err(out.grad.cpu(), flat(ref, layout)) < 1e-9
     assert rel_err(out.query_loss_after.mean().cpu(), ref_loss) < 1e-12
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)
-@pytest.mark.parametrize("order", ["second", "first"])
-def test_learned_and_per_parameter_learning_rates(device, order):
+@pytest.mark.parametrize("order", ORDERS)
+def test_learned_and_per_parameter_learning_rates(device, backend, order):
     model = mlp((1, 11, 6, 1))
     tasks = regression_tasks(T=3, ns=6, nq=4)
     P = sum(p.numel() for p in model.parameters())
     scalar = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
     vector = (torch.rand(P, dtype=torch.float64) * 0.1).requires_grad_()
-    layout, out = run_kernel(model, tasks, [scalar, vector, scalar], 3, order, device)
+    layout, out = run_op(model, tasks, [scalar, vector, scalar], 3, order, device, backend)
     # the oracle needs the per-parameter vector split like the parameters
     split = dict(zip(layout.adapted.names, layout.adapted.unflatten(vector).values()))
     ref_loss, ref, (d_scalar, d_vector) = autograd_meta_grad(
-        model, tasks, inner_lr=[scalar, split, scalar], steps=3, order=order, loss_fn=F.mse_loss,
+        model, tasks, inner_lr=[scalar, split, scalar], steps=3, order=exact(order), loss_fn=F.mse_loss,
         extra=(scalar, vector))
     assert rel_err(out.grad.cpu(), flat(ref, layout)) < 1e-9
     assert out.d_alphas[0].shape == () and out.d_alphas[1].shape == (P,)
@@ -93,11 +102,11 @@ def test_learned_and_per_parameter_learning_rates(device, order):
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)
-def test_losses_before_and_after(device):
+def test_losses_before_and_after(device, backend):
     model = mlp((1, 8, 1))
     tasks = regression_tasks(T=2)
     sx, sy, qx, qy = tasks
-    _, out = run_kernel(model, tasks, 0.1, 2, "second", device)
+    _, out = run_op(model, tasks, 0.1, 2, "second", device, backend)
     with torch.no_grad():
         q_before = ((model(qx) - qy) ** 2).mean(dim=(1, 2))
         s_before = ((model(sx) - sy) ** 2).mean(dim=(1, 2))
@@ -115,7 +124,7 @@ def test_losses_before_and_after(device):
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("steps", [1, 5])
-def test_float32_error_like_autograd_loop(device, steps):
+def test_float32_error_like_autograd_loop(device, backend, steps):
     model64 = mlp((1, 40, 40, 1))
     tasks64 = regression_tasks(T=25, ns=10, nq=10, seed=11)
     _, ref64, _ = autograd_meta_grad(model64, tasks64, inner_lr=0.01, steps=steps, loss_fn=F.mse_loss)
@@ -123,7 +132,7 @@ def test_float32_error_like_autograd_loop(device, steps):
     model32.load_state_dict({k: v.float() for k, v in model64.state_dict().items()})
     tasks32 = [t.float() for t in tasks64]
     _, loop32, _ = autograd_meta_grad(model32, tasks32, inner_lr=0.01, steps=steps, loss_fn=F.mse_loss)
-    layout, out = run_kernel(model32, tasks32, 0.01, steps, "second", device)
+    layout, out = run_op(model32, tasks32, 0.01, steps, "second", device, backend)
     want = flat(ref64, layout)
     loop_err = rel_err(flat(loop32, layout), want)
     assert rel_err(out.grad.cpu(), want) <= 4 * max(loop_err, 1e-7)
@@ -168,31 +177,52 @@ def test_opcheck():
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)
-def test_try_meta_step_agrees_with_the_general_path(device, monkeypatch):
-    """What meta_step gets from the kernel equals meta_step's own torch-backend result."""
+@pytest.mark.parametrize("requested", ["auto", "cpp", "torch"])
+@pytest.mark.parametrize("task_chunk", [None, 2])
+def test_try_meta_step_agrees_with_the_general_path(device, requested, task_chunk, monkeypatch):
+    """What meta_step gets from the op, from either backend and with the tasks in chunks or not, equals the
+    fused engine's result."""
     import fastmaml
     from fastmaml.inner_lr import expand_inner_lr
-    from fastmaml.ops import mlp_kernel
 
     model = mlp((1, 12, 9, 1)).to(device)
     tasks = [t.to(device) for t in regression_tasks(T=5, ns=6, nq=8)]
     lr = torch.tensor(0.03, dtype=torch.float64, device=device, requires_grad=True)
     model.zero_grad()
-    res = fastmaml.meta_step(model, tasks, inner_lr=lr, steps=3, backend="torch")
+    with monkeypatch.context() as m:
+        m.setattr(mlp_step, "try_meta_step", lambda *args, **kwargs: None)
+        res = fastmaml.meta_step(model, tasks, inner_lr=lr, steps=3, backend="torch")
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     layout = ParamLayout(model)
     theta, _ = layout.theta()
     alphas = expand_inner_lr(lr, 3, layout.adapted, like=theta)
-    out = mlp_kernel.try_meta_step(model, layout, MSE, tasks, alphas, order="second", backend="auto",
-                                   lr_grad=[True] * 3)
+    out = mlp_step.try_meta_step(model, layout, MSE, tasks, theta.detach(), alphas, order="second",
+                                 backend=requested, lr_grad=[True] * 3, task_chunk=task_chunk)
     assert out is not None
     assert rel_err(out.grad, flat(want, layout)) < 1e-9
     assert rel_err(sum(out.d_alphas), lr.grad) < 1e-9
     assert rel_err(out.query_loss_after, res.query_loss_after) < 1e-12
     assert rel_err(out.query_loss_before, res.query_loss_before) < 1e-12
     assert rel_err(out.support_loss_before, res.support_loss_before) < 1e-12
-    assert mlp_kernel.try_meta_step(model, layout, MSE, tasks, alphas, order="second", backend="torch",
-                                    lr_grad=[False] * 3) is None
-    monkeypatch.setenv("FASTMAML_BACKEND", "torch")
-    assert mlp_kernel.try_meta_step(model, layout, MSE, tasks, alphas, order="second", backend="auto",
-                                    lr_grad=[False] * 3) is None
+
+
+def test_the_reference_runs_where_the_kernel_does_not():
+    """Half precision and (on CUDA) layers wider than the kernel's limit run the plain-PyTorch reference;
+    meta_step's result in bfloat16 is near the float64 one."""
+    import fastmaml
+
+    model = mlp((1, 16, 1))
+    layout = ParamLayout(model)
+    plan = mlp_plan(model, layout, MSE)
+    theta, _ = layout.theta()
+    assert kernel_runs(plan, theta) and kernel_runs(plan, theta.float())
+    assert not kernel_runs(plan, theta.bfloat16())
+    tasks = regression_tasks(T=3, ns=8, nq=8)
+    model.zero_grad()
+    fastmaml.meta_step(model, tasks, inner_lr=0.05, steps=2)
+    want = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    low = mlp((1, 16, 1)).bfloat16()
+    low.load_state_dict({k: v.bfloat16() for k, v in model.state_dict().items()})
+    fastmaml.meta_step(low, [t.bfloat16() for t in tasks], inner_lr=0.05, steps=2, backend="cpp")
+    got = torch.cat([p.grad.reshape(-1) for p in low.parameters()]).double()
+    assert rel_err(got, want) < 0.05

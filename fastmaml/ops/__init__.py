@@ -1,5 +1,5 @@
 """Ops registry and the reference implementations (importing this registers them)."""
-from . import layers, reference  # noqa: F401  (register the "torch" reference of every op)
+from . import layers, mlp_reference, reference  # noqa: F401  (register the "torch" reference of every op)
 from .registry import BACKENDS, ENV_VAR, OpTable, op_names, register, register_backend, resolve
 
 try:  # optional fast backends register themselves; their build/load is lazy and never breaks import

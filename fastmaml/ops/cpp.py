@@ -1,5 +1,5 @@
-"""The "cpp" backend: C++ CPU (and, in a CUDA build, CUDA) kernels of the step ops from `csrc/`, and the
-C++ CPU kernels of the conv-net block tail (BatchNorm + ReLU + max-pool; CPU only).
+"""The "cpp" backend: C++ CPU (and, in a CUDA build, CUDA) kernels of the step ops and of the whole-inner-loop
+MLP op from `csrc/`, and the C++ CPU kernels of the conv-net block tail (BatchNorm + ReLU + max-pool; CPU only).
 
 The extension is compiled/loaded lazily by `fastmaml.build` the first time the backend's
 availability is asked for (e.g. by `resolve("auto", device)`); a failed build makes the backend
@@ -14,6 +14,7 @@ import torch
 from .. import build
 from . import layers
 from .layers import per_task_channels
+from .mlp_step import MlpStepResult
 from .registry import register, register_backend
 
 
@@ -103,3 +104,17 @@ def bn_relu_maxpool_tangent_bwd(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd
         if out is not None:
             out.copy_(value)
     return (gx, gxd) if need_x else (None, None)
+
+
+@register("mlp_meta_step", "cpp")
+def mlp_meta_step(plan, theta, sx, sy, qx, qy, alphas, order: str, lr_grad, need_before: bool):
+    """The whole-inner-loop MLP kernel (csrc/mlp_inner_loop.h), as the reference in ops/mlp_reference.py
+    (`ops/mlp_step.py` checks `kernel_runs` first). It computes the query loss at θ in any case; returned
+    only with `need_before`, like the reference's."""
+    K, P = len(alphas), theta.shape[-1]
+    alpha = torch.stack([a.expand(P) for a in alphas]) if K else theta.new_zeros(0, P)
+    q_after, grad, d_alpha, q_before, s_before = torch.ops.fastmaml.mlp_meta_step(
+        theta, list(plan.sizes), sx, sy, qx, qy, alpha, order != "first", any(lr_grad), plan.activation)
+    d_alphas = [None if not lr_grad[j] else d_alpha[j].sum() if a.dim() == 0 else d_alpha[j]
+                for j, a in enumerate(alphas)]
+    return MlpStepResult(q_after, grad, d_alphas, q_before if need_before else None, s_before if K else None)

@@ -1,0 +1,175 @@
+"""The whole-inner-loop MLP meta-step in plain PyTorch: backend "torch" of op `mlp_meta_step` (the C++/CUDA
+kernel is its "cpp" backend; `ops/mlp_step.py` says which models it runs and dispatches).
+
+All K inner steps, the query loss and the exact reverse sweep of an MLP (Linear, act, ..., Linear with ReLU
+or Tanh; MSE) for all T tasks at once: per layer one GEMM (θ, common to all tasks at step 0) or one batched
+GEMM (fast weights), hand-derived backward and Hessian-vector rules (forward-over-reverse), no autograd graph.
+Against the general fused engine it saves the per-layer dispatch and parameter binding, and "second" order
+keeps each step's activations instead of recomputing them in the Hessian-vector product: at sinusoid sizes
+those are most of the time.
+
+Shapes: x `[T, N, d0]`, y `[T, N, dL]`, θ `[P]` in nn.Linear order (W1 `[d1, d0]`, b1, ..., WL, bL), fast
+weights φ_j `[T, P]`, α_j 0-dim or `[P]`. A layer's weight is `[o, i]` (θ) or `[T, o, i]` (φ_j).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+
+from .registry import register
+
+Tensor = torch.Tensor
+
+
+class _Pass(NamedTuple):
+    """A forward (and backward) of the MLP at some weights."""
+
+    acts: List[Tensor]  # the Linear layers' inputs: a_0 = x, a_l = σ(h_{l−1}) `[T, N, d_l]`
+    slopes: List[Optional[Tensor]]  # σ'(h_{l−1}) beside each a_l: 1 − a_l² for Tanh, None for ReLU (a_l > 0)
+    gh: List[Tensor]  # ∂loss/∂h_l of each layer's output `[T, N, d_{l+1}]` (empty without backward)
+    loss: Optional[Tensor]  # [T]
+    grad: Optional[Tensor]  # ∂(scale · loss)/∂φ `[T, P]` (None without backward)
+
+
+@lru_cache(maxsize=None)
+def _numels(sizes: Tuple[int, ...]) -> Tuple[int, ...]:
+    return tuple(n for i, o in zip(sizes, sizes[1:]) for n in (o * i, o))
+
+
+def _weights(flat: Tensor, sizes: Tuple[int, ...]) -> List[Tuple[Tensor, Tensor]]:
+    """flat `[*B, P]` -> per layer (W `[*B, o, i]`, b `[*B, o]`), views."""
+    chunks = torch.split_with_sizes(flat, _numels(sizes), -1)
+    batch = flat.shape[:-1]
+    return [(chunks[2 * l].view(*batch, o, i), chunks[2 * l + 1]) for l, (i, o) in enumerate(zip(sizes, sizes[1:]))]
+
+
+def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+    """b + x wᵀ `[T, N, o]`."""
+    if w.dim() == 2:
+        T, N, i = x.shape
+        return torch.addmm(b, x.reshape(T * N, i), w.t()).view(T, N, -1)
+    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+
+def _back(g: Tensor, w: Tensor) -> Tensor:
+    """g `[T, N, o]` @ w -> `[T, N, i]`."""
+    return torch.matmul(g, w) if w.dim() == 2 else torch.bmm(g, w)
+
+
+def _slope(g: Tensor, a: Tensor, slope: Optional[Tensor]) -> Tensor:
+    """g ⊙ σ'(h), a = σ(h)."""
+    return g * slope if slope is not None else torch.ops.aten.threshold_backward(g, a, 0)
+
+
+def _pass(ws, x: Tensor, y: Tensor, tanh: bool, *, loss: bool = True, backward: bool = True,
+          scale: float = 1.0) -> _Pass:
+    """Forward, the MSE loss per task (mean over N·dL; None without `loss`) and, with `backward`, every
+    weight's gradient of `scale` × that loss."""
+    T, L = x.shape[0], len(ws)
+    acts, slopes, h = [x], [None], x
+    for l, (w, b) in enumerate(ws):
+        h = _linear(h, w, b)
+        if l < L - 1:
+            h = torch.tanh_(h) if tanh else torch.relu_(h)
+            acts.append(h)
+            slopes.append(1 - h * h if tanh else None)
+    diff = (h - y).view(T, -1)
+    M = diff.shape[1]
+    value = torch.linalg.vecdot(diff, diff).div_(M) if loss else None
+    if not backward:
+        return _Pass(acts, slopes, [], value, None)
+    g = diff.mul_(2.0 * scale / M).view(h.shape)
+    gh, pieces = [None] * L, [None] * (2 * L)
+    for l in range(L - 1, -1, -1):
+        gh[l] = g
+        pieces[2 * l] = torch.bmm(g.transpose(1, 2), acts[l]).view(T, -1)
+        pieces[2 * l + 1] = g.sum(1)
+        if l:
+            g = _slope(_back(g, ws[l][0]), acts[l], slopes[l])
+    return _Pass(acts, slopes, gh, value, torch.cat(pieces, 1))
+
+
+def _hvp(ws, p: _Pass, u: Tensor, sizes: Tuple[int, ...], tanh: bool) -> Tensor:
+    """H u `[T, P]`: the support loss's Hessian at the weights of pass `p`, direction u `[T, P]`."""
+    T, L = u.shape[0], len(ws)
+    us = _weights(u, sizes)
+    hds, ads, ad = [], [None], None  # ḣ_l; ȧ_l, the tangent of a_l (zero for x)
+    for l, ((w, _), (uw, ub)) in enumerate(zip(ws, us)):
+        hd = torch.baddbmm(ub.unsqueeze(1), p.acts[l], uw.transpose(1, 2))  # ḣ = ȧ wᵀ + a uᵀ + u_b
+        if ad is not None:
+            hd = hd.baddbmm_(ad, w.transpose(1, 2)) if w.dim() == 3 else hd.add_(torch.matmul(ad, w.t()))
+        hds.append(hd)
+        if l < L - 1:
+            ad = _slope(hd, p.acts[l + 1], p.slopes[l + 1])
+            ads.append(ad)
+    gd = hds[-1] * (2.0 / hds[-1][0].numel())  # the tangent of ∂loss/∂out
+    pieces = [None] * (2 * L)
+    for l in range(L - 1, -1, -1):
+        hw = torch.bmm(gd.transpose(1, 2), p.acts[l])  # ġW = ġhᵀ a + ghᵀ ȧ
+        if ads[l] is not None:
+            hw.baddbmm_(p.gh[l].transpose(1, 2), ads[l])
+        pieces[2 * l], pieces[2 * l + 1] = hw.view(T, -1), gd.sum(1)
+        if l:
+            gad = _back(gd, ws[l][0]).baddbmm_(p.gh[l], us[l][0])  # ġa = ġh W + gh U
+            gd = _slope(gad, p.acts[l], p.slopes[l])
+            if tanh:  # + σ''(h) ḣ ⊙ ∂loss/∂a, with σ'' = −2 a σ'
+                gd.addcmul_(p.acts[l] * hds[l - 1], p.gh[l - 1], value=-2.0)
+    return torch.cat(pieces, 1)
+
+
+@register("mlp_meta_step", "torch")
+def mlp_meta_step(plan, theta: Tensor, sx, sy, qx, qy, alphas: Sequence[Tensor], order: str,
+                  lr_grad: Sequence[bool], need_before: bool):
+    """The meta-step of the MLP `plan` (see ops/mlp_step.py) -> `MlpStepResult`: per-task losses, the
+    meta-gradient `[P]` of mean_t L_query_t and ∂/∂α_j (α_j's shape) where `lr_grad[j]`.
+
+    order "second" keeps each step's pass; "checkpoint" keeps φ_j of the steps `inner_loop.checkpoint_steps`
+    names and replays the others (memory flat in K); "first" keeps g_j where its α-gradient is asked for."""
+    from ..inner_loop import checkpoint_steps, replay_phis
+    from .mlp_step import MlpStepResult
+
+    sizes, tanh, K, T = plan.sizes, plan.activation == 1, len(alphas), sx.shape[0]
+    kept = set(checkpoint_steps(K)) if order == "checkpoint" else set()
+    phi, tape, support_before = theta, [], None
+    for j, alpha in enumerate(alphas):
+        ws = _weights(phi, sizes)
+        p = _pass(ws, sx, sy, tanh, loss=j == 0)
+        if j == 0:
+            support_before = p.loss
+        tape.append((ws, p) if order == "second" else phi if j in kept
+                    else p.grad if order == "first" and lr_grad[j] else None)
+        phi = torch.addcmul(phi, alpha, p.grad, value=-1.0)
+    q = _pass(_weights(phi, sizes), qx, qy, tanh, scale=1.0 / T)
+    v = q.grad  # ∂(mean_t L_query_t)/∂φ_K
+
+    def advance(phi, a, b):
+        for j in range(a, b):
+            phi = torch.addcmul(phi, alphas[j], _pass(_weights(phi, sizes), sx, sy, tanh, loss=False).grad,
+                                value=-1.0)
+        return phi
+
+    def replayed():
+        for j, phi_j in replay_phis(tape, advance):
+            ws = _weights(phi_j, sizes)
+            yield j, ws, _pass(ws, sx, sy, tanh, loss=False)
+
+    if order == "second":
+        steps = ((j, *tape[j]) for j in reversed(range(K)))
+    elif order == "checkpoint":
+        steps = replayed() if K else iter(())
+    else:
+        steps = ((j, None, tape[j]) for j in reversed(range(K)))
+    d_alphas: List[Optional[Tensor]] = [None] * K
+    for j, ws, p in steps:  # p: the pass at φ_j, or g_j (first order)
+        alpha = alphas[j]
+        if lr_grad[j]:
+            d = ((p if order == "first" else p.grad) * v).sum(0).neg_()  # −Σ_t g_j ⊙ v
+            d_alphas[j] = d.sum() if alpha.dim() == 0 else d
+        if order != "first":
+            v = v - _hvp(ws, p, v * alpha, sizes, tanh)
+    before = None
+    if need_before:
+        before = q.loss if K == 0 else _pass(_weights(theta, sizes), qx, qy, tanh, backward=False).loss
+    return MlpStepResult(q.loss, v.sum(0), d_alphas, before, support_before)
