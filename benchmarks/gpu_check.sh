@@ -7,7 +7,8 @@
 # Steps, each under its own time limit inside the total budget:
 #   build      the C++/CUDA extension
 #   tests      the kernel tests on CUDA (every backend against the reference: fp32, fp64, bf16 with
-#              fp32 accumulation; the MLP kernel against the autograd oracle; Triton layer kernels)
+#              fp32 accumulation; the MLP op, kernel and reference, against the autograd oracle; Triton
+#              layer kernels)
 #   ops        benchmarks/op_bench.py: every backend of every op on the arguments of real meta-steps
 #   ops_lr     the same with a learned inner learning rate (the adjoint update's α-gradient reduction)
 #   conv       benchmarks/conv_batching.py: loop / grouped / unfold convolutions, per layer and per meta-step
@@ -83,7 +84,7 @@ step ops 80 "$PY" benchmarks/op_bench.py --device cuda --out "$WORK" \
 step ops_lr 40 "$PY" benchmarks/op_bench.py --device cuda --out "$WORK" --learned-lr --workloads conv28-1shot-K1
 step conv 60 "$PY" benchmarks/conv_batching.py --device cuda --out "$WORK"
 step suite 150 "$PY" -m fastmaml bench --device cuda --out "$WORK/suite" --no-memory --repeats 5 --budget 20 \
-  --workloads sinusoid-K5 conv28-1shot-K1 conv28-1shot-K5 conv28-5shot-K1
+  --workloads sinusoid-K1 sinusoid-K5 conv28-1shot-K1 conv28-1shot-K5 conv28-5shot-K1
 step crash 70 bash benchmarks/crash_check.sh "$WORK/crash"
 
 "$PY" benchmarks/gpu_check_report.py --out "$WORK" > /dev/null 2> "$WORK/report.err"

@@ -16,6 +16,7 @@
 set -euo pipefail
 
 PY=${PYTHON:-python}
+if [[ "$PY" == */* ]]; then PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY"); fi  # the learn2learn build cds
 PEERS=${PEERS:-"higher torchopt learn2learn"}
 PIP=("$PY" -m pip install --no-deps)
 
@@ -31,8 +32,10 @@ for peer in $PEERS; do
       # (graphviz: the pure-Python package, imported by torchopt.visual at import time)
       "${PIP[@]}" "torchopt==0.7.3" "optree>=0.4.1" graphviz ;;
     learn2learn)
-      # gym: imported by learn2learn/__init__ (learn2learn.gym); the last gym release, pure Python
-      "${PIP[@]}" "cython>=3" "gym==0.26.2" gym-notices cloudpickle
+      # gym: imported by learn2learn/__init__ (learn2learn.gym); the last gym release, pure Python;
+      # requests and scipy: imported by learn2learn's data and vision modules at import time
+      "${PIP[@]}" "cython>=3" "gym==0.26.2" gym-notices cloudpickle requests charset-normalizer idna urllib3 \
+        certifi scipy
       # torchvision matching torch's minor version (torch 2.M -> torchvision 0.(M+15)); only imported
       MINOR=$(echo "$TORCH_VERSION" | cut -d. -f2)
       "${PIP[@]}" "torchvision==0.$((MINOR + 15)).*" || "${PIP[@]}" torchvision
