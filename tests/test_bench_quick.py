@@ -214,3 +214,33 @@ def test_failing_row_reported_and_others_go_on(tmp_path, monkeypatch):
     assert row["status"] == "failed" and "boom on step 2" in row["reason"] and "grad" not in row
     assert _rows(results, impl="autograd-loop")[0]["repeats"] == 2
     assert "failed: RuntimeError: boom on step 2" in (tmp_path / "results.md").read_text()
+
+
+def test_rounds_change_the_order_of_the_rows():
+    """Each timing round runs the rows in another order (the same for every run), so that no row always
+    follows the same one (a step right after the slow autograd loop runs slower)."""
+    from fastmaml.bench.measure import time_round_robin
+
+    calls = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def step(self):
+            calls.append(self.name)
+
+        def timed_step(self):
+            calls.append(self.name)
+            return 1.0
+
+    names = "abcdefgh"
+    times, errors = time_round_robin({n: Fake(n) for n in names}, warmup=1, repeats=6)
+    rounds = [calls[i:i + len(names)] for i in range(0, len(calls), len(names))]
+    assert len(rounds) == 7 and all(sorted(r) == list(names) for r in rounds) and errors == {}
+    assert times == {n: [1.0] * 6 for n in names}
+    after_a = {r[r.index("a") - 1] for r in rounds if r[0] != "a"}
+    assert len(after_a) > 1
+    calls.clear()
+    time_round_robin({n: Fake(n) for n in names}, warmup=1, repeats=6)
+    assert [calls[i:i + len(names)] for i in range(0, len(calls), len(names))] == rounds

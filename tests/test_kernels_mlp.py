@@ -31,16 +31,18 @@ def extension():
     assert ok, f"the C++ extension must build on this machine: {why}"
 
 
-@pytest.fixture(params=["cpp", "cpp-baseline", "torch"])
-def backend(request, monkeypatch):
-    """The op's backend: the C++ kernel with both CPU builds of its per-task loop (AVX2 + FMA where the CPU
-    has it, and the baseline instruction set: $FASTMAML_CPU_ISA, read by the op per call), and the
-    plain-PyTorch reference."""
-    device = getattr(request.node, "callspec", None) and request.node.callspec.params.get("device")
-    if request.param == "cpp-baseline" and device is not None and device.type == "cuda":
-        pytest.skip("the instruction-set choice applies to the CPU op only (the CUDA case runs under 'cpp')")
-    monkeypatch.setenv("FASTMAML_CPU_ISA", "baseline" if request.param == "cpp-baseline" else "auto")
-    return request.param.split("-")[0]
+# (device, backend) pairs: the C++ kernel with both CPU builds of its per-task loop (AVX2 + FMA where the CPU
+# has it, and the baseline instruction set: $FASTMAML_CPU_ISA, read by the op per call; CPU only), and the
+# plain-PyTorch reference
+CASES = [(d, b) for d in DEVICES for b in ("cpp", "cpp-baseline", "torch") if d.type == "cpu" or b != "cpp-baseline"]
+
+
+@pytest.fixture(params=CASES, ids=[f"{d}-{b}" for d, b in CASES])
+def case(request, monkeypatch):
+    """(device, backend) of the op under test."""
+    device, name = request.param
+    monkeypatch.setenv("FASTMAML_CPU_ISA", "baseline" if name == "cpp-baseline" else "auto")
+    return device, name.split("-")[0]
 
 
 def flat(grads, layout):
@@ -63,14 +65,14 @@ def run_op(model, tasks, inner_lr, steps, order, device, backend):
     return layout, out
 
 
-@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("widths,T,steps", [
     ((1, 40, 40, 1), 4, 1), ((1, 40, 40, 1), 3, 5), ((1, 13, 7, 1), 1, 2), ((3, 5, 2), 2, 3),
     ((2, 1), 3, 4), ((4, 9, 11, 6, 3), 2, 2), ((2, 5, 3), 2, 0),
 ])
-def test_float64_matches_oracle(device, backend, act, order, widths, T, steps):
+def test_float64_matches_oracle(case, act, order, widths, T, steps):
+    device, backend = case
     torch.manual_seed(sum(widths) + T + steps)
     model = mlp(widths, act=act)
     tasks = regression_tasks(T=T, ns=7, nq=5, din=widths[0], dout=widths[-1], seed=steps)
@@ -81,9 +83,9 @@ def test_float64_matches_oracle(device, backend, act, order, widths, T, steps):
     assert rel_err(out.query_loss_after.mean().cpu(), ref_loss) < 1e-12
 
 
-@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("order", ORDERS)
-def test_learned_and_per_parameter_learning_rates(device, backend, order):
+def test_learned_and_per_parameter_learning_rates(case, order):
+    device, backend = case
     model = mlp((1, 11, 6, 1))
     tasks = regression_tasks(T=3, ns=6, nq=4)
     P = sum(p.numel() for p in model.parameters())
@@ -101,8 +103,8 @@ def test_learned_and_per_parameter_learning_rates(device, backend, order):
     assert rel_err(out.d_alphas[1].cpu(), d_vector) < 1e-9
 
 
-@pytest.mark.parametrize("device", DEVICES, ids=str)
-def test_losses_before_and_after(device, backend):
+def test_losses_before_and_after(case):
+    device, backend = case
     model = mlp((1, 8, 1))
     tasks = regression_tasks(T=2)
     sx, sy, qx, qy = tasks
@@ -122,9 +124,9 @@ def test_losses_before_and_after(device, backend):
     assert rel_err(out.query_loss_after.cpu(), torch.stack(q_after)) < 1e-12
 
 
-@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("steps", [1, 5])
-def test_float32_error_like_autograd_loop(device, backend, steps):
+def test_float32_error_like_autograd_loop(case, steps):
+    device, backend = case
     model64 = mlp((1, 40, 40, 1))
     tasks64 = regression_tasks(T=25, ns=10, nq=10, seed=11)
     _, ref64, _ = autograd_meta_grad(model64, tasks64, inner_lr=0.01, steps=steps, loss_fn=F.mse_loss)

@@ -6,6 +6,7 @@ Every implementation starts from a deep copy of the same model and the same task
 from __future__ import annotations
 
 import copy
+import random
 import statistics
 import time
 from typing import Dict, List, Optional, Tuple
@@ -70,11 +71,16 @@ class Runner:
 def time_round_robin(runners: Dict[str, Runner], *, warmup: int, repeats: int,
                      budget_s: Optional[float] = None) -> Tuple[Dict[str, List[float]], Dict[str, str]]:
     """Times every runner `repeats` times after `warmup` untimed steps, interleaved (one step of each
-    per round) so that a change in background load hits every row alike. Stops early after the
-    round in which `budget_s` seconds were used (at least 2 rounds). Returns (seconds per runner,
-    {runner: error} for runners that raised, which are dropped from later rounds)."""
+    per round) so that a change in background load hits every row alike. Each round runs the rows in
+    a new order (a shuffle seeded by the round number: the same for every run): the step that follows
+    a slow row (the autograd loop, which leaves the CPU's caches full of its graph) runs measurably
+    slower, 0.2–0.5 ms on the sinusoid on this CPU and on the H200, and a fixed order charged that to
+    the same row every round. Stops early after the round in which `budget_s` seconds were used (at
+    least 2 rounds). Returns (seconds per runner, {runner: error} for runners that raised, which are
+    dropped from later rounds)."""
     times: Dict[str, List[float]] = {name: [] for name in runners}
     errors: Dict[str, str] = {}
+    names = list(runners)
 
     def attempt(name: str, fn) -> None:
         try:
@@ -82,15 +88,19 @@ def time_round_robin(runners: Dict[str, Runner], *, warmup: int, repeats: int,
         except Exception as e:  # reported as the row's failure, the other rows go on
             errors[name] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
 
-    for _ in range(warmup):
-        for name, r in runners.items():
-            if name not in errors:
-                attempt(name, r.step)
+    def round_order(i: int) -> List[str]:
+        order = list(names)
+        random.Random(i).shuffle(order)
+        return [n for n in order if n not in errors]
+
+    for i in range(warmup):
+        for name in round_order(i):
+            attempt(name, runners[name].step)
     start = time.perf_counter()
     for i in range(repeats):
-        for name, r in runners.items():
-            if name not in errors:
-                attempt(name, lambda: times[name].append(r.timed_step()))
+        for name in round_order(i):
+            r = runners[name]
+            attempt(name, lambda: times[name].append(r.timed_step()))
         if budget_s is not None and i >= 1 and time.perf_counter() - start > budget_s:
             break
     return times, errors
