@@ -39,7 +39,7 @@ class MlpStepResult(NamedTuple):
 def why_not(model: nn.Module, layout, loss) -> Optional[str]:
     """None if the op can run `model` with `loss`, else the reason it cannot."""
     if getattr(loss, "name", None) != "mse":
-        return f"loss {getattr(loss, 'name', loss)!r} (the MLP kernel does MSE only)"
+        return f"loss {getattr(loss, 'name', loss)!r} (the MLP op does MSE only)"
     if not isinstance(model, nn.Sequential) or len(model) == 0:
         return "the model is not an nn.Sequential"
     if layout.shared.size:
