@@ -4,6 +4,7 @@ from .batchnorm import BN_MODES, add_per_step_stats
 from .errors import BackendUnavailable, NonFiniteError
 from .explain import explain
 from .inner_loop import ORDERS, InnerLoop
+from .msl import msl_weights
 from .result import MetaResult
 from .tasks import TaskBatch
 
@@ -11,5 +12,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptedModel", "BN_MODES", "BackendUnavailable", "add_per_step_stats", "InnerLoop", "MetaResult", "NonFiniteError", "ORDERS",
-    "TaskBatch", "adapt", "explain", "meta_step", "__version__",
+    "TaskBatch", "adapt", "explain", "meta_step", "msl_weights", "__version__",
 ]

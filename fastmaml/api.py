@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
@@ -91,6 +91,7 @@ def meta_step(
     evaluate_before: bool = True,
     check_finite: bool = True,
     task_chunk: Optional[int] = None,
+    step_weights: Optional[Sequence[float]] = None,
 ) -> MetaResult:
     """One meta-gradient for a batch of T tasks, accumulated into `.grad` like `loss.backward()`.
 
@@ -114,11 +115,15 @@ def meta_step(
     weights, gradients and adjoints `[Tc, P]` of the kept steps, stays under
     `inner_loop.TASK_STATE_BYTES` of the device type: 32 MB on CPU, 2 GB on CUDA). Chunks run one
     after the other and sum to the same meta-gradient; smaller chunks save memory, larger ones
-    batch more work per call.
+    batch more work per call. step_weights: the multi-step loss of MAML++, K non-negative weights w_j:
+    meta-loss = Σ_j w_j mean_t L_query_t(φ_t,j), j = 1..K (None: only φ_K, weight 1; see
+    `fastmaml.msl_weights` for MAML++'s annealed schedule). Each nonzero w_j, j < K, adds a query pass
+    at φ_j to the reverse sweep; orders second, checkpoint and first ("first" then keeps every φ_j).
     """
     if task_chunk is not None and (isinstance(task_chunk, bool) or not isinstance(task_chunk, numbers.Integral)
                                    or task_chunk < 1):
         raise ValueError(f"task_chunk: expected None or a positive int (tasks per chunk), got {task_chunk!r}")
+    weights = _step_weights(step_weights, steps, order)
     batch = as_task_batch(tasks)
     layout, loss_obj, ops = _setup(
         model, [("tasks.support_x", batch.support_x), ("tasks.query_x", batch.query_x)],
@@ -137,8 +142,9 @@ def meta_step(
     lr_grad = [a.requires_grad for a in alphas]
     shared_grad = any(layout.params[n].requires_grad for n in layout.shared.names)
 
-    fast = mlp_step.try_meta_step(model, layout, loss_obj, batch, theta_a, alphas_d, order=order, backend=backend,
-                                  lr_grad=lr_grad, need_before=evaluate_before, task_chunk=task_chunk)
+    fast = None if weights is not None else mlp_step.try_meta_step(
+        model, layout, loss_obj, batch, theta_a, alphas_d, order=order, backend=backend, lr_grad=lr_grad,
+        need_before=evaluate_before, task_chunk=task_chunk)
     # (a sum is non-finite if any term is, or, rarely, if it overflows: then the general path reruns for nothing)
     if fast is not None and (not check_finite or math.isfinite(float(fast.grad.sum() + fast.query_loss_after.sum()))):
         # the whole-inner-loop MLP op (non-finite results rerun the general path below, which says at which
@@ -153,14 +159,15 @@ def meta_step(
                           support_loss_before=fast.support_loss_before if steps else None)
 
     program = _program(model, layout, loss_obj, backend)
-    state = layout.adapted.size * theta_a.element_size() * state_buffers(order, steps, any(lr_grad))
+    state = layout.adapted.size * theta_a.element_size() * state_buffers(order, steps, any(lr_grad),
+                                                                         weights is not None)
     chunks = task_chunks(T, state, TASK_STATE_BYTES.get(theta_a.device.type, TASK_STATE_BYTES["cpu"]),
                          task_chunk)
     parts, d_a, d_s, d_alphas = [], None, None, [None] * steps
     for sl in chunks:  # the meta-gradients are summed as the chunks go: one chunk's state alive at a time
         part = _chunk_meta_grad(program, ops, batch, sl, T, theta_a, theta_s, alphas_d, order=order,
                                 shared_grad=shared_grad, lr_grad=lr_grad, check_finite=check_finite, norm=norm,
-                                implicit=implicit, classification=loss_obj.classification)
+                                implicit=implicit, classification=loss_obj.classification, weights=weights)
         d_a, d_s = _add(d_a, part.d_a), _add(d_s, part.d_s)
         d_alphas = [_add(total, d) for total, d in zip(d_alphas, part.d_alphas)]
         parts.append(part._replace(d_a=None, d_s=None, d_alphas=None))
@@ -177,7 +184,8 @@ def meta_step(
             norm.update(j, _cat_stats([p.recorded[j] for p in parts]))
 
     query_after = torch.cat([p.query_loss for p in parts])
-    result = MetaResult(meta_loss=query_after.mean(), query_loss_after=query_after,
+    meta_loss = query_after.mean() if weights is None else torch.cat([p.weighted_loss for p in parts]).mean()
+    result = MetaResult(meta_loss=meta_loss, query_loss_after=query_after,
                         support_loss_before=torch.cat([p.support_before for p in parts]) if steps else None)
     if loss_obj.classification:
         result.accuracy_after = torch.cat([p.accuracy for p in parts])
@@ -202,31 +210,77 @@ class _ChunkGrad(NamedTuple):
     accuracy: Optional[torch.Tensor]  # [Tc]
     support_before: Optional[torch.Tensor]  # [Tc]
     recorded: Optional[list]  # per step 0..K, the chunk's BatchNorm batch statistics
+    weighted_loss: Optional[torch.Tensor]  # [Tc] Σ_j w_j L_query(φ_j) with step weights, else None
 
 
 def _chunk_meta_grad(program, ops, batch: TaskBatch, sl: slice, T: int, theta_a, theta_s, alphas, *, order,
-                     shared_grad, lr_grad, check_finite, norm, implicit, classification) -> _ChunkGrad:
-    """Forward sweep, query loss and gradient, reverse sweep for the tasks `sl` of the batch."""
+                     shared_grad, lr_grad, check_finite, norm, implicit, classification, weights=None) -> _ChunkGrad:
+    """Forward sweep, query loss and gradient, reverse sweep for the tasks `sl` of the batch; with step
+    `weights` w_1..w_K, the query loss after every step j with w_j > 0 (the multi-step loss)."""
     sx, sy, qx, qy = (t[sl] for t in batch)
     steps = len(alphas)
     recorded = [] if norm.record else None
     phi, tape, support_before = forward_sweep(program, ops, theta_a, theta_s, alphas, sx, sy, order=order,
                                               keep_grads=any(lr_grad), check_finite=check_finite, norm=norm,
-                                              recorded=recorded, implicit=implicit)
+                                              recorded=recorded, implicit=implicit, keep_phis=weights is not None)
     q = program.loss_grad(phi, theta_s, qx, qy, shared_grad=shared_grad, bn_stats=norm.stats(steps))
-    if check_finite and not bool(torch.isfinite(q.loss).all()):
-        raise NonFiniteError(f"non-finite query loss after {steps} inner steps: {q.loss.mean().item()}",
-                             where="query loss", step=steps)
-    d_a, d_s, d_alphas = reverse_sweep(program, ops, tape, q.grad / T, theta_s, alphas, sx, sy,
+    _check_query_loss(q.loss, steps, check_finite)
+    last = 1.0 if weights is None else weights[-1]
+    weighted = None if weights is None else q.loss.detach() * last
+    shared_terms = [q.grad_shared.sum(0) * (last / T)] if shared_grad else []
+
+    def step_loss_grad(j, phi_j):  # ∂/∂φ_j of w_j mean_t L_query_t(φ_j), and its loss and ψ-gradient
+        nonlocal weighted
+        w = weights[j - 1]
+        if w == 0:
+            return None
+        qj = program.loss_grad(phi_j, theta_s, qx, qy, shared_grad=shared_grad, bn_stats=norm.stats(j))
+        _check_query_loss(qj.loss, j, check_finite)
+        weighted = weighted + qj.loss.detach() * w
+        if shared_grad:
+            shared_terms.append(qj.grad_shared.sum(0) * (w / T))
+        return qj.grad * (w / T)
+
+    d_a, d_s, d_alphas = reverse_sweep(program, ops, tape, q.grad * (last / T), theta_s, alphas, sx, sy,
                                        shared_grad=shared_grad, lr_grad=lr_grad, check_finite=check_finite,
-                                       norm=norm)
+                                       norm=norm, step_loss_grad=step_loss_grad if weights is not None else None)
     if shared_grad:
-        d_s = d_s + q.grad_shared.sum(0) / T
+        d_s = d_s + sum(shared_terms)
     if recorded is not None:
         recorded.append(program.batch_stats(phi, theta_s, qx))
     return _ChunkGrad(d_a, d_s, d_alphas, q.loss.detach(),
                       accuracy(q.output.detach(), qy) if classification else None,
-                      None if support_before is None else support_before.detach(), recorded)
+                      None if support_before is None else support_before.detach(), recorded, weighted)
+
+
+def _check_query_loss(loss, step: int, check_finite: bool) -> None:
+    if check_finite and not bool(torch.isfinite(loss).all()):
+        raise NonFiniteError(f"non-finite query loss after {step} inner steps: {loss.mean().item()}",
+                             where="query loss", step=step)
+
+
+def _step_weights(step_weights, steps: int, order: str) -> Optional[List[float]]:
+    """The multi-step loss weights as K floats (validated), or None."""
+    if step_weights is None:
+        return None
+    if isinstance(step_weights, torch.Tensor):
+        step_weights = step_weights.detach().cpu().tolist()
+    try:
+        weights = [float(w) for w in step_weights]
+    except (TypeError, ValueError):
+        raise TypeError(f"step_weights: expected a sequence of {steps} floats (one per inner step), "
+                        f"got {step_weights!r}") from None
+    if len(weights) != steps:
+        raise ValueError(f"step_weights: expected {steps} weights (one per inner step, steps={steps}), "
+                         f"got {len(weights)}")
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise ValueError(f"step_weights: expected finite non-negative weights, got {weights}")
+    if not weights:  # steps=0: the query loss at θ is the only term
+        return None
+    if order == "implicit":
+        raise ValueError("step_weights: order='implicit' has no per-step query losses (its meta-gradient "
+                         "depends only on the adapted weights); use 'second', 'checkpoint' or 'first'")
+    return weights
 
 
 def _add(total: Optional[torch.Tensor], t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

@@ -106,11 +106,12 @@ def replay_phis(phis: List[Optional[torch.Tensor]], advance, slots: int = CHECKP
     yield from segment(0, take(0), len(phis), slots)
 
 
-def state_buffers(order: str, steps: int, keep_grads: bool) -> int:
+def state_buffers(order: str, steps: int, keep_grads: bool, keep_phis: bool = False) -> int:
     """How many `[Pa]` buffers per task one meta-step holds at its peak: the tape (what `forward_sweep`
     keeps) plus about six working ones (φ_K, the query gradient, v, H u, α ⊙ v, the next v)."""
     tape = {"second": 2 * steps, "checkpoint": CHECKPOINT_SLOTS,
-            "first": steps if keep_grads else 0, "implicit": 4}[order]  # implicit: CG's u, r, p, Ap
+            "first": (steps if keep_grads else 0) + (steps if keep_phis else 0),
+            "implicit": 4}[order]  # implicit: CG's u, r, p, Ap
     return tape + 6
 
 
@@ -133,10 +134,11 @@ def _first_bad(flags: List[torch.Tensor]) -> Optional[int]:
 
 def forward_sweep(program: Program, ops: OpTable, theta_a, theta_s, alphas, sx, sy, *, order: str,
                   keep_grads: bool, check_finite: bool, norm: Optional[NormPlan] = None,
-                  recorded: Optional[list] = None, implicit: Optional[Implicit] = None):
+                  recorded: Optional[list] = None, implicit: Optional[Implicit] = None, keep_phis: bool = False):
     """Runs the K inner steps. Returns (φ_K `[T, Pa]`, tape, support loss at θ `[T]` or None).
 
-    keep_grads: keep g_j in "first" order (needed only for the α-gradient). norm: which BatchNorm
+    keep_grads: keep g_j in "first" order (needed only for the α-gradient). keep_phis: keep φ_j in
+    "first" order too (the multi-step loss needs the query loss at each φ_j). norm: which BatchNorm
     statistics step j uses (None: batch statistics). recorded: if a list, gets each step's per-task
     BatchNorm batch statistics (for per-step running statistics). implicit: settings of the
     "implicit" order (its step gradient is g_j + λ (φ_j − θ)).
@@ -155,7 +157,7 @@ def forward_sweep(program: Program, ops: OpTable, theta_a, theta_s, alphas, sx, 
             recorded.append(program.batch_stats(phi, theta_s, sx))
         if j == 0:
             loss0 = lg.loss
-        if order == "second":
+        if order == "second" or (order == "first" and keep_phis):
             tape.phis.append(phi)
         elif order == "checkpoint":
             tape.phis.append(phi if j in kept else None)
@@ -214,8 +216,13 @@ def implicit_solve(program: Program, tape: Tape, v, theta_s, sx, sy, *, shared_g
 
 
 def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas, sx, sy, *,
-                  shared_grad: bool, lr_grad: List[bool], check_finite: bool, norm: Optional[NormPlan] = None):
-    """v `[T, Pa]` = ∂L/∂φ_K. Returns (∂L/∂θ `[Pa]`, ∂L/∂ψ `[Ps]` or None, [∂L/∂α_j or None])."""
+                  shared_grad: bool, lr_grad: List[bool], check_finite: bool, norm: Optional[NormPlan] = None,
+                  step_loss_grad=None):
+    """v `[T, Pa]` = ∂L/∂φ_K. Returns (∂L/∂θ `[Pa]`, ∂L/∂ψ `[Ps]` or None, [∂L/∂α_j or None]).
+
+    step_loss_grad(j, φ_j) -> `[T, Pa]` or None: ∂L/∂φ_j of a loss term on φ_j itself, 0 < j < K (the
+    multi-step loss: the weighted query loss after step j); added to v once step j's update is undone.
+    In "first" order it needs the tape's φ_j (`forward_sweep(keep_phis=True)`)."""
     K = len(alphas)
     if tape.order == "implicit":
         d_a, d_s = implicit_solve(program, tape, v, theta_s, sx, sy, shared_grad=shared_grad,
@@ -235,7 +242,7 @@ def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas
         return phi
 
     if tape.order == "first":
-        steps = ((j, None) for j in reversed(range(K)))
+        steps = ((j, tape.phis[j] if tape.phis else None) for j in reversed(range(K)))
     elif tape.order == "checkpoint":
         steps = replay_phis(tape.phis, advance)
     else:
@@ -251,6 +258,10 @@ def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas
             if shared_grad:
                 d_shared -= h.hu_shared.sum(0)
             v, d_alphas[j] = ops.adjoint_update(v, h.hu, g, alpha, lr_grad[j])
+        if step_loss_grad is not None and j > 0:
+            extra = step_loss_grad(j, phi)
+            if extra is not None:
+                v = v + extra
         if check_finite:
             flags.append(torch.isfinite(v).all())
     if check_finite:

@@ -11,7 +11,8 @@ import torch
 class MetaResult:
     """Per-task tensors are `[T]`, detached.
 
-    meta_loss: mean over tasks of the query loss after adaptation (what was differentiated).
+    meta_loss: mean over tasks of the query loss after adaptation (what was differentiated); with
+    `step_weights`, of Σ_j w_j × the query loss after step j.
     support_loss_before: support loss at θ (None when steps=0).
     query_loss_before / query_loss_after: query loss at θ (None with `evaluate_before=False`) and after
     adaptation.

@@ -24,8 +24,10 @@ def _lr(inner_lr, j, name):
 
 
 def autograd_meta_grad(model, tasks, *, inner_lr, steps, order="second", loss_fn, inner_params=None,
-                       extra=(), train=True, before_forward=None):
+                       extra=(), train=True, before_forward=None, step_weights=None):
     """Returns (meta_loss, {param name: grad}, [grads of `extra` tensors]).
+
+    step_weights: the multi-step loss, Σ_j w_j L_query(φ_j) over j = 1..K (None: L_query(φ_K)).
 
     Works on a deep copy of `model`, in training mode (batch statistics for BatchNorm) unless
     `train=False`; `inner_lr` in any form meta_step accepts (float, tensor, dict, per-step list),
@@ -49,10 +51,16 @@ def autograd_meta_grad(model, tasks, *, inner_lr, steps, order="second", loss_fn
             for n, g in zip(adapted, gs):
                 lr = _lr(inner_lr, j, n)
                 fast[n] = fast[n] - (lr if isinstance(lr, numbers.Real) else lr) * g
+            if step_weights is not None and j < steps - 1 and step_weights[j]:
+                if before_forward is not None:
+                    before_forward(model, t, j + 1)
+                out = functional_call(model, fast, (qx[t],))
+                meta_loss = meta_loss + step_weights[j] * loss_fn(out, qy[t]) / T
         if before_forward is not None:
             before_forward(model, t, steps)
         out = functional_call(model, fast, (qx[t],))
-        meta_loss = meta_loss + loss_fn(out, qy[t]) / T
+        last = 1.0 if step_weights is None or not steps else step_weights[-1]
+        meta_loss = meta_loss + last * loss_fn(out, qy[t]) / T
     wrt = list(params.values()) + list(extra)
     grads = torch.autograd.grad(meta_loss, wrt, allow_unused=True)
     grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
@@ -89,7 +97,7 @@ def check_meta_step(model, tasks, *, loss, loss_fn, inner_lr=0.05, steps=1, orde
         n for n, _ in model.named_parameters() if any(n == w or n.startswith(w + ".") for w in inner_params)]
     ref_loss, ref_grads, ref_extra = autograd_meta_grad(model, tasks, inner_lr=inner_lr, steps=steps,
                                                         order=order, loss_fn=loss_fn, inner_params=adapted,
-                                                        extra=lr_leaves)
+                                                        extra=lr_leaves, step_weights=step_kwargs.get("step_weights"))
     assert rel_err(res.meta_loss, ref_loss) < tol
     assert_grads_close({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, ref_grads, tol)
     if lr_leaves:

@@ -156,3 +156,34 @@ def test_miniimagenet_job_end_to_end(tmp_path):
     assert train_real("miniimagenet", data, out, "--iterations", "2", "--test-episodes", "3") == 0
     m = check_run(out, "miniimagenet", 2, 3)
     assert m["config"]["inner_lr"] == pytest.approx(0.01) and "train_classes" not in m["config"]
+
+
+def test_maml_plus_plus_schedule(tmp_path, monkeypatch):
+    """--msl anneals the multi-step loss weights (fastmaml.msl_weights) and --first-order-until runs
+    first-order meta-steps before that iteration; a checkpoint written before these options existed
+    resumes as a run without them."""
+    calls = []
+    real = fewshot.fastmaml.meta_step
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["order"], kwargs["step_weights"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fewshot.fastmaml, "meta_step", spy)
+    train(tmp_path, "--iterations", "3", "--test-episodes", "0", "--steps", "2", "--msl", "4",
+          "--first-order-until", "2")
+    assert [order for order, _ in calls] == ["first", "first", "second"]
+    assert [w for _, w in calls] == [pytest.approx(w) for w in ([0.5, 0.5], [0.375, 0.625], [0.25, 0.75])]
+    calls.clear()
+    old = tmp_path / "old"
+    train(old, "--iterations", "2", "--test-episodes", "0")
+    state = torch.load(old / "checkpoint.pt", weights_only=False)
+    for key in ("msl", "first_order_until"):
+        del state["config"][key]
+    torch.save(state, old / "checkpoint.pt")
+    assert train(old, "--iterations", "3", "--test-episodes", "0", "--resume") == 0
+    assert calls[-1] == ("second", None)
+    with pytest.raises(ValueError, match="--msl: expected a non-negative number of iterations"):
+        train(tmp_path, "--msl", "-1")
+    with pytest.raises(ValueError, match="--msl: the implicit order has no per-step query losses"):
+        train(tmp_path, "--msl", "5", "--order", "implicit")

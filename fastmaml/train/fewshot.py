@@ -22,6 +22,11 @@ split is the one its train.csv / val.csv / test.csv define.
 BatchNorm: `--bn batch` (default, MAML: batch statistics of each support/query set), `frozen`
 (running statistics, fixed) or `per_step` (MAML++ per-step running statistics, updated in meta-training;
 evaluation may run more steps than training), passed to `meta_step`/`adapt` as `batch_norm=`.
+
+MAML++ training schedule (off by default): `--msl N` trains on the multi-step loss, every inner step's
+query loss weighted by `fastmaml.msl_weights`, annealed to the last step over the first N iterations;
+`--first-order-until N` runs first-order meta-steps before iteration N, then `--order` (derivative-order
+annealing).
 """
 from __future__ import annotations
 
@@ -60,7 +65,10 @@ DEMO_CLASSES = 600  # glyph classes of the demo dataset
 EVAL_SEED = 0  # validation and test episodes are the same for every run (and every --seed)
 # options that define the training run: --resume refuses a checkpoint made with different ones
 RUN_KEYS = ("job", "ways", "shots", "query", "meta_batch", "inner_lr", "steps", "order", "bn", "meta_lr",
-            "model", "hidden", "seed", "val_every", "val_episodes", "eval_steps", "train_classes", "val_classes")
+            "model", "hidden", "seed", "val_every", "val_episodes", "eval_steps", "train_classes", "val_classes",
+            "msl", "first_order_until")
+# values of run keys added after a checkpoint format existed (what such a checkpoint ran with)
+LATER_KEYS = {"msl": 0, "first_order_until": 0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +93,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="meta-gradient (see fastmaml.meta_step): second = exact MAML (default), "
                              "checkpoint, first = FOMAML, implicit")
     parser.add_argument("--first-order", action="store_true", help="same as --order first")
+    parser.add_argument("--msl", type=int, default=0, metavar="N",
+                        help="MAML++ multi-step loss, annealed to the last step over the first N iterations "
+                             "(default 0: off, the last step's query loss only)")
+    parser.add_argument("--first-order-until", type=int, default=0, metavar="N",
+                        help="first-order meta-steps before iteration N, then --order (MAML++ derivative-order "
+                             "annealing; default 0: off)")
     parser.add_argument("--bn", choices=list(fastmaml.BN_MODES), default="batch",
                         help="BatchNorm statistics in the inner loop: batch (MAML, default), frozen, per_step (MAML++)")
     parser.add_argument("--train-classes", type=int,
@@ -122,6 +136,14 @@ def resolve_config(args: argparse.Namespace) -> Dict:
     cfg["order"] = "first" if args.first_order else args.order
     cfg["bn"] = args.bn
     cfg["seed"] = args.seed
+    cfg["msl"] = getattr(args, "msl", 0)
+    cfg["first_order_until"] = getattr(args, "first_order_until", 0)
+    for key in ("msl", "first_order_until"):
+        if cfg[key] < 0:
+            raise ValueError(f"--{key.replace('_', '-')}: expected a non-negative number of iterations, got {cfg[key]}")
+    if cfg["msl"] and cfg["order"] == "implicit":
+        raise ValueError("--msl: the implicit order has no per-step query losses; use --order second, "
+                         "checkpoint or first")
     for key in ("train_classes", "val_classes"):
         if getattr(args, key, None) is not None and key not in cfg:
             raise ValueError(f"--{key.replace('_', '-')}: the {args.job} split is fixed by the dataset's "
@@ -224,8 +246,8 @@ def evaluate(model, sampler: EpisodeSampler, episodes: Episodes, cfg: Dict, devi
 def _check_resume(saved: Dict, cfg: Dict) -> None:
     preset = PRESETS[cfg["job"]]
     # a checkpoint from before a key existed ran with the preset's value
-    diff = {k: (saved.get(k, preset.get(k)), cfg.get(k)) for k in RUN_KEYS
-            if saved.get(k, preset.get(k)) != cfg.get(k)}
+    diff = {k: (saved.get(k, preset.get(k, LATER_KEYS.get(k))), cfg.get(k)) for k in RUN_KEYS
+            if saved.get(k, preset.get(k, LATER_KEYS.get(k))) != cfg.get(k)}
     if diff:
         raise ValueError(
             "--resume: the checkpoint was made with other settings "
@@ -279,8 +301,10 @@ def run(args: argparse.Namespace) -> Dict:
         t0 = time.perf_counter()
         batch = train.sample(cfg["meta_batch"], episodes_rng)
         optimizer.zero_grad(set_to_none=True)
-        result = fastmaml.meta_step(model, batch, inner_lr=cfg["inner_lr"], steps=cfg["steps"], order=cfg["order"],
-                                    loss="cross_entropy", batch_norm=cfg["bn"])
+        order = "first" if it < cfg["first_order_until"] else cfg["order"]
+        weights = fastmaml.msl_weights(cfg["steps"], it, cfg["msl"]) if cfg["msl"] and cfg["steps"] else None
+        result = fastmaml.meta_step(model, batch, inner_lr=cfg["inner_lr"], steps=cfg["steps"], order=order,
+                                    loss="cross_entropy", batch_norm=cfg["bn"], step_weights=weights)
         optimizer.step()
         step_seconds.append(time.perf_counter() - t0)
         s = result.summary()
