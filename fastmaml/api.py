@@ -227,7 +227,11 @@ def _chunk_meta_grad(program, ops, batch: TaskBatch, sl: slice, T: int, theta_a,
     _check_query_loss(q.loss, steps, check_finite)
     last = 1.0 if weights is None else weights[-1]
     weighted = None if weights is None else q.loss.detach() * last
-    shared_terms = [q.grad_shared.sum(0) * (last / T)] if shared_grad else []
+
+    def batch_share(t, w):  # w × this chunk's share (a sum over its tasks) of the mean over all T tasks
+        return t / T if w == 1.0 else t * (w / T)
+
+    shared_terms = [batch_share(q.grad_shared.sum(0), last)] if shared_grad else []
 
     def step_loss_grad(j, phi_j):  # ∂/∂φ_j of w_j mean_t L_query_t(φ_j), and its loss and ψ-gradient
         nonlocal weighted
@@ -238,10 +242,10 @@ def _chunk_meta_grad(program, ops, batch: TaskBatch, sl: slice, T: int, theta_a,
         _check_query_loss(qj.loss, j, check_finite)
         weighted = weighted + qj.loss.detach() * w
         if shared_grad:
-            shared_terms.append(qj.grad_shared.sum(0) * (w / T))
-        return qj.grad * (w / T)
+            shared_terms.append(batch_share(qj.grad_shared.sum(0), w))
+        return batch_share(qj.grad, w)
 
-    d_a, d_s, d_alphas = reverse_sweep(program, ops, tape, q.grad * (last / T), theta_s, alphas, sx, sy,
+    d_a, d_s, d_alphas = reverse_sweep(program, ops, tape, batch_share(q.grad, last), theta_s, alphas, sx, sy,
                                        shared_grad=shared_grad, lr_grad=lr_grad, check_finite=check_finite,
                                        norm=norm, step_loss_grad=step_loss_grad if weights is not None else None)
     if shared_grad:
