@@ -18,6 +18,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
+from .layers import _addmm, _back, _relu_mask, mse_grad, mse_grad_tangent
 from .registry import register
 
 Tensor = torch.Tensor
@@ -29,7 +30,7 @@ class _Pass(NamedTuple):
     acts: List[Tensor]  # the Linear layers' inputs: a_0 = x, a_l = σ(h_{l−1}) `[T, N, d_l]`
     slopes: List[Optional[Tensor]]  # σ'(h_{l−1}) beside each a_l: 1 − a_l² for Tanh, None for ReLU (a_l > 0)
     gh: List[Tensor]  # ∂loss/∂h_l of each layer's output `[T, N, d_{l+1}]` (empty without backward)
-    loss: Optional[Tensor]  # [T]
+    loss: Tensor  # [T]
     grad: Optional[Tensor]  # ∂(scale · loss)/∂φ `[T, P]` (None without backward)
 
 
@@ -45,42 +46,27 @@ def _weights(flat: Tensor, sizes: Tuple[int, ...]) -> List[Tuple[Tensor, Tensor]
     return [(chunks[2 * l].view(*batch, o, i), chunks[2 * l + 1]) for l, (i, o) in enumerate(zip(sizes, sizes[1:]))]
 
 
-def _linear(x: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    """b + x wᵀ `[T, N, o]`."""
-    if w.dim() == 2:
-        T, N, i = x.shape
-        return torch.addmm(b, x.reshape(T * N, i), w.t()).view(T, N, -1)
-    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
-
-
-def _back(g: Tensor, w: Tensor) -> Tensor:
-    """g `[T, N, o]` @ w -> `[T, N, i]`."""
-    return torch.matmul(g, w) if w.dim() == 2 else torch.bmm(g, w)
-
-
 def _slope(g: Tensor, a: Tensor, slope: Optional[Tensor]) -> Tensor:
     """g ⊙ σ'(h), a = σ(h)."""
-    return g * slope if slope is not None else torch.ops.aten.threshold_backward(g, a, 0)
+    return g * slope if slope is not None else _relu_mask(g, a)
 
 
-def _pass(ws, x: Tensor, y: Tensor, tanh: bool, *, loss: bool = True, backward: bool = True,
-          scale: float = 1.0) -> _Pass:
-    """Forward, the MSE loss per task (mean over N·dL; None without `loss`) and, with `backward`, every
-    weight's gradient of `scale` × that loss."""
+def _pass(ws, x: Tensor, y: Tensor, tanh: bool, *, backward: bool = True, scale: float = 1.0) -> _Pass:
+    """Forward, the MSE loss per task (mean over N·dL) and, with `backward`, every weight's gradient of
+    `scale` × that loss."""
     T, L = x.shape[0], len(ws)
     acts, slopes, h = [x], [None], x
     for l, (w, b) in enumerate(ws):
-        h = _linear(h, w, b)
+        h = _addmm(b, h, w)
         if l < L - 1:
             h = torch.tanh_(h) if tanh else torch.relu_(h)
             acts.append(h)
             slopes.append(1 - h * h if tanh else None)
-    diff = (h - y).view(T, -1)
-    M = diff.shape[1]
-    value = torch.linalg.vecdot(diff, diff).div_(M) if loss else None
+    value, g = mse_grad(h, y)
     if not backward:
         return _Pass(acts, slopes, [], value, None)
-    g = diff.mul_(2.0 * scale / M).view(h.shape)
+    if scale != 1.0:
+        g = g.mul_(scale)
     gh, pieces = [None] * L, [None] * (2 * L)
     for l in range(L - 1, -1, -1):
         gh[l] = g
@@ -104,7 +90,7 @@ def _hvp(ws, p: _Pass, u: Tensor, sizes: Tuple[int, ...], tanh: bool) -> Tensor:
         if l < L - 1:
             ad = _slope(hd, p.acts[l + 1], p.slopes[l + 1])
             ads.append(ad)
-    gd = hds[-1] * (2.0 / hds[-1][0].numel())  # the tangent of ∂loss/∂out
+    gd = mse_grad_tangent(hds[-1])  # the tangent of ∂loss/∂out
     pieces = [None] * (2 * L)
     for l in range(L - 1, -1, -1):
         hw = torch.bmm(gd.transpose(1, 2), p.acts[l])  # ġW = ġhᵀ a + ghᵀ ȧ
@@ -135,7 +121,7 @@ def mlp_meta_step(plan, theta: Tensor, sx, sy, qx, qy, alphas: Sequence[Tensor],
     phi, tape, support_before = theta, [], None
     for j, alpha in enumerate(alphas):
         ws = _weights(phi, sizes)
-        p = _pass(ws, sx, sy, tanh, loss=j == 0)
+        p = _pass(ws, sx, sy, tanh)
         if j == 0:
             support_before = p.loss
         tape.append((ws, p) if order == "second" else phi if j in kept
@@ -146,14 +132,13 @@ def mlp_meta_step(plan, theta: Tensor, sx, sy, qx, qy, alphas: Sequence[Tensor],
 
     def advance(phi, a, b):
         for j in range(a, b):
-            phi = torch.addcmul(phi, alphas[j], _pass(_weights(phi, sizes), sx, sy, tanh, loss=False).grad,
-                                value=-1.0)
+            phi = torch.addcmul(phi, alphas[j], _pass(_weights(phi, sizes), sx, sy, tanh).grad, value=-1.0)
         return phi
 
     def replayed():
         for j, phi_j in replay_phis(tape, advance):
             ws = _weights(phi_j, sizes)
-            yield j, ws, _pass(ws, sx, sy, tanh, loss=False)
+            yield j, ws, _pass(ws, sx, sy, tanh)
 
     if order == "second":
         steps = ((j, *tape[j]) for j in reversed(range(K)))
