@@ -13,7 +13,11 @@ def test_build_command_prebuilds(capsys):
     assert cli.main(["build"]) == 0
     out = capsys.readouterr().out
     assert "built" in out and "fastmaml_ext" in out
-    assert build.build_directory(build.cuda_enabled()).is_dir()
+    directory = build.build_directory(build.cuda_enabled())
+    assert directory.is_dir()
+    # verified next time (tests/test_build_cache.py), and every op the Python side calls is there
+    assert build.verify(directory, build.cuda_enabled(), build.source_digests(build.cuda_enabled())).problem is None
+    assert build.missing_ops() == []
 
 
 def test_building_twice_loads_one_library():
