@@ -5,13 +5,20 @@
     fastmaml build [--verbose]         compile the C++/CUDA extension now (otherwise at first use)
     fastmaml bench [--quick] [--out D] benchmark suite (see `fastmaml bench --help`)
 
-Train jobs live in `fastmaml.train.<module>`; each module defines `add_arguments(parser)` and
-`run(args) -> dict` (the final metrics) and is listed in `TRAIN_JOBS`.
+Train jobs live in `fastmaml.train.<module>`; each module defines `add_arguments(parser, job)` (the
+options of that job: `fastmaml.train.common.add_shared_arguments` and its own) and `run(args) -> dict`
+(the final metrics) and is listed in `TRAIN_JOBS`.
+
+Errors: a bad option, and any `fastmaml.train.common.UserError` (a missing folder, an unwritable --out,
+a device that is not there, a bad checkpoint, a full disk...) is one line on stderr and exit status 2;
+an interruption before a job could checkpoint is one line and status 128 + the signal number; other
+exceptions keep their traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from typing import List, Optional
 
@@ -65,6 +72,14 @@ def _train_runner(module: str):
     return run
 
 
+class _Parser(argparse.ArgumentParser):
+    """Option errors as one line (the usage of a job lists dozens of options): what is wrong and where
+    the help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 BENCH = "fastmaml.bench.suite"
 
 
@@ -73,14 +88,14 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     one job's heavy or broken imports never get in the way of another command."""
     argv = sys.argv[1:] if argv is None else list(argv)
     wanted = tuple(a for a in argv if not a.startswith("-"))[:2]
-    parser = argparse.ArgumentParser(prog="fastmaml", description="Fast, exact meta-gradients for MAML.")
+    parser = _Parser(prog="fastmaml", description="Fast, exact meta-gradients for MAML.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="meta-train a job")
     jobs = train.add_subparsers(dest="job", required=True)
     for name, (module, help_text) in TRAIN_JOBS.items():
         p = jobs.add_parser(name, help=help_text, description=help_text)
         if wanted == ("train", name):
-            importlib.import_module(module).add_arguments(p)
+            importlib.import_module(module).add_arguments(p, name)
         p.set_defaults(func=_train_runner(module))
     info = sub.add_parser("info", help="versions, devices and backends")
     info.set_defaults(func=_info)
@@ -97,8 +112,33 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser(argv).parse_args(argv)
-    return int(args.func(args) or 0)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prog = "fastmaml"
+    try:
+        args = build_parser(argv).parse_args(argv)
+        prog = " ".join(["fastmaml", args.command] + ([args.job] if getattr(args, "job", None) else []))
+        args.argv = argv  # for the "resume with: ..." line of an interrupted job
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # a train job checkpoints on SIGINT once started; this is before (or another command)
+        starting = " before the job started (nothing to resume from this run)" if argv[:1] == ["train"] else ""
+        print(f"\n{prog}: interrupted{starting}", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as exc:
+        from fastmaml.train.common import UserError
+
+        if not isinstance(exc, UserError):
+            raise
+        message = " ".join(str(exc).split())
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except BaseException as exc:
+        from fastmaml.train.common import ForcedStop
+
+        if not isinstance(exc, ForcedStop):
+            raise
+        print(f"\n{prog}: stopped at once by a second {exc} without a new checkpoint (the last one is intact)",
+              file=sys.stderr)
+        return 128 + exc.signum
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """The Omniglot and mini-ImageNet readers on small folders laid out exactly as distributed."""
 import csv
+import os
+import re
 
 import numpy as np
 import pytest
@@ -60,6 +62,44 @@ def test_omniglot_cache_is_refreshed_when_files_change(tmp_path):
     extra.mkdir()
     Image.fromarray(np.zeros((105, 105), np.uint8)).save(extra / "0999_01.png")
     assert load_omniglot(tmp_path).num_classes == 9
+
+
+def test_omniglot_cache_is_refreshed_when_a_file_is_rewritten_or_touched(tmp_path, monkeypatch):
+    """The cache is keyed on every file's size and modification time, not only on names and counts."""
+    write_omniglot(tmp_path)
+    first = load_omniglot(tmp_path)
+    png = sorted((tmp_path / "images_background").rglob("*.png"))[0]  # class 0, example 0
+    Image.fromarray(np.zeros((105, 105), np.uint8)).convert("1").save(png)  # now all strokes: bright everywhere
+    again = load_omniglot(tmp_path)
+    assert float(again.images[0].float().mean()) > 250 > float(first.images[0].float().mean())
+    assert torch.equal(again.images[1:], first.images[1:])
+    decoded = []
+    real = imagefiles.decode_all
+    monkeypatch.setattr("fastmaml.data.omniglot.decode_all", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    load_omniglot(tmp_path)
+    assert decoded == []  # unchanged files: served from the cache
+    st = png.stat()
+    os.utime(png, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # same bytes, newer modification time
+    load_omniglot(tmp_path)
+    assert decoded == [1]
+
+
+@pytest.mark.parametrize("reader", ["omniglot", "miniimagenet"])
+def test_truncated_or_garbage_image_names_the_file(tmp_path, reader):
+    if reader == "omniglot":
+        write_omniglot(tmp_path)
+        files, load = sorted(tmp_path.rglob("*.png")), lambda: load_omniglot(tmp_path)
+    else:
+        write_miniimagenet(tmp_path)
+        files, load = sorted((tmp_path / "images").iterdir()), lambda: load_miniimagenet(tmp_path, "train")
+    broken = files[1]
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    with pytest.raises(imagefiles.ImageFileError, match=f"cannot decode the image {re.escape(str(broken))}: ") as err:
+        load()
+    assert isinstance(err.value, OSError) and isinstance(err.value, imagefiles.DatasetError)
+    broken.write_bytes(b"not an image at all")
+    with pytest.raises(imagefiles.ImageFileError, match=re.escape(str(broken))):
+        load()
 
 
 def test_omniglot_splits_and_rotations(tmp_path):

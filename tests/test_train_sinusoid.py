@@ -121,14 +121,25 @@ def test_resume_is_bit_identical_to_a_straight_run(tmp_path):
     assert metrics["eval"] == json.loads((straight / common.METRICS).read_text())["eval"]
 
 
-def test_resume_refuses_changed_options_and_fewer_iterations(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        cli(tmp_path, "--iterations", 3, "--resume")
-    cli(tmp_path, "--iterations", 3)
-    with pytest.raises(ValueError, match=r"--order 'first' \(checkpoint: 'second'\)"):
-        cli(tmp_path, "--iterations", 5, "--order", "first", "--resume")
-    with pytest.raises(ValueError, match=r"--iterations: 2 is below the checkpoint's iteration 3"):
-        cli(tmp_path, "--iterations", 2, "--resume")
+def error_line(capsys) -> str:
+    """The single line a user error prints on stderr."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+def test_resume_refuses_changed_options_and_fewer_iterations(tmp_path, capsys):
+    assert cli(tmp_path / "missing", "--iterations", 3, "--resume") == 2
+    line = error_line(capsys)
+    assert line.startswith("fastmaml train sinusoid: error: --resume: the folder") and "does not exist" in line
+    assert cli(tmp_path, "--iterations", 3, "--resume") == 2
+    assert f"--resume: no checkpoint in {tmp_path}" in error_line(capsys)
+    assert cli(tmp_path, "--iterations", 3) == 0
+    capsys.readouterr()
+    assert cli(tmp_path, "--iterations", 5, "--order", "first", "--resume") == 2
+    assert "--order first (checkpoint: second)" in error_line(capsys)
+    assert cli(tmp_path, "--iterations", 2, "--resume") == 2
+    assert "--iterations 2: below the 3 iterations of the checkpoint" in error_line(capsys)
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -2,10 +2,16 @@
 
 A cache is two files in the cache folder: `<stem>.npy` (uint8 `[total, C, H, W]`, classes stored
 one after the other) and `<stem>.json` (class names, examples per class, and a fingerprint of the
-source files: the second load checks the fingerprint and skips decoding when it matches).
+source files: their names, sizes and modification times, so that a file replaced or edited later is
+decoded again; the second load checks the fingerprint and skips decoding when it matches).
+
+Errors in the data a user points at (a layout that is not the expected one, a CSV without its header, a
+truncated or unreadable image file) are `DatasetError`s that name the file or folder; the training
+jobs print them as one line.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -17,7 +23,33 @@ import numpy as np
 
 from .episodes import ClassDataset
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the fingerprint covers file sizes and modification times
+
+
+class DatasetError(Exception):
+    """A problem with the dataset files the user pointed at; the message names the file or folder."""
+
+
+class DatasetLayoutError(DatasetError, FileNotFoundError):
+    """The folder is missing or not laid out as expected."""
+
+
+class DatasetFormatError(DatasetError, ValueError):
+    """A file has unexpected contents (a CSV without its header, a split with no images...)."""
+
+
+class ImageFileError(DatasetError, OSError):
+    """An image file cannot be decoded (truncated, not an image, unreadable)."""
+
+
+def files_fingerprint(paths: Sequence[Path], root: Path) -> str:
+    """SHA-256 of every file's path (relative to `root`), size and modification time (ns), in order:
+    it changes when a file is added, removed, renamed, rewritten or touched."""
+    digest = hashlib.sha256()
+    for path in paths:
+        st = os.stat(path)
+        digest.update(f"{Path(path).relative_to(root).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 def require_pil():
@@ -33,13 +65,21 @@ def require_pil():
 def decode_all(paths: Sequence[Path], decode: Callable[[Path], np.ndarray],
                workers: Optional[int] = None) -> np.ndarray:
     """Decodes every file with `decode(path) -> uint8 [C, H, W]` (threads) -> `[len(paths), C, H, W]`,
-    written straight into one preallocated array."""
-    first = decode(paths[0])
+    written straight into one preallocated array. A file that cannot be decoded raises `ImageFileError`
+    with its path."""
+    def decode_one(path: Path) -> np.ndarray:
+        try:
+            return decode(path)
+        except (OSError, ValueError, SyntaxError, EOFError) as exc:  # what Pillow raises for broken files
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ImageFileError(f"cannot decode the image {path}: {reason}") from exc
+
+    first = decode_one(paths[0])
     out = np.empty((len(paths), *first.shape), dtype=np.uint8)
     out[0] = first
 
     def fill(i: int) -> None:
-        out[i] = decode(paths[i])
+        out[i] = decode_one(paths[i])
 
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:

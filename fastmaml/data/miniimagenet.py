@@ -23,7 +23,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .episodes import ClassDataset, Splits
-from .imagefiles import decode_all, load_cached, require_pil, save_cached
+from .imagefiles import DatasetFormatError, DatasetLayoutError, decode_all, files_fingerprint, load_cached, \
+    require_pil, save_cached
 
 SOURCE = ("split CSVs: https://github.com/twitter-research/meta-learning-lstm (data/miniImagenet); images: "
           "the ILSVRC-12 training images they name, from image-net.org")
@@ -31,8 +32,8 @@ SPLITS = ("train", "val", "test")
 LAYOUT = "ROOT/train.csv, ROOT/val.csv, ROOT/test.csv (header filename,label) and ROOT/images/<filename>.jpg"
 
 
-def _layout_error(root: Path, problem: str) -> FileNotFoundError:
-    return FileNotFoundError(f"mini-ImageNet: {problem}. Expected {LAYOUT} in {root}. Data: {SOURCE}.")
+def _layout_error(root: Path, problem: str) -> DatasetLayoutError:
+    return DatasetLayoutError(f"mini-ImageNet: {problem}. Expected {LAYOUT} in {root}. Data: {SOURCE}.")
 
 
 def read_split(root, split: str) -> Dict[str, List[str]]:
@@ -51,14 +52,16 @@ def read_split(root, split: str) -> Dict[str, List[str]]:
         rows = list(csv.reader(f))
     if not rows or [c.strip() for c in rows[0]] != ["filename", "label"]:
         seen = ",".join(rows[0]) if rows else "an empty file"
-        raise ValueError(f"mini-ImageNet: {path} must start with the header 'filename,label', found {seen!r}")
+        raise DatasetFormatError(f"mini-ImageNet: {path} must start with the header 'filename,label', "
+                                 f"found {seen!r}")
     classes: Dict[str, List[str]] = {}
     for line, row in enumerate(rows[1:], start=2):
         if len(row) != 2:
-            raise ValueError(f"mini-ImageNet: {path} line {line}: expected 'filename,label', got {','.join(row)!r}")
+            raise DatasetFormatError(f"mini-ImageNet: {path} line {line}: expected 'filename,label', "
+                                     f"got {','.join(row)!r}")
         classes.setdefault(row[1].strip(), []).append(row[0].strip())
     if not classes:
-        raise ValueError(f"mini-ImageNet: {path} lists no images")
+        raise DatasetFormatError(f"mini-ImageNet: {path} lists no images")
     return {label: classes[label] for label in sorted(classes)}
 
 
@@ -86,7 +89,7 @@ def load_miniimagenet(root, split: str, *, image_size: int = 84, cache_dir=None,
         raise _layout_error(root, f"{len(missing)} image(s) listed in {split}.csv are missing from images/, "
                                   f"e.g. {missing[:3]}")
     fingerprint = {"image_size": image_size, "names": names, "counts": counts,
-                   "files": [p.name for p in paths]}
+                   "files": files_fingerprint(paths, root)}
     cache = Path(cache_dir) if cache_dir is not None else root / ".fastmaml_cache"
     stem = f"miniimagenet_{split}_{image_size}"
     cached = load_cached(cache, stem, fingerprint)
@@ -103,5 +106,5 @@ def miniimagenet_splits(root, *, image_size: int = 84, cache_dir=None) -> Splits
     overlap = set(loaded[0].names) & (set(loaded[1].names) | set(loaded[2].names)) | \
         (set(loaded[1].names) & set(loaded[2].names))
     if overlap:
-        raise ValueError(f"mini-ImageNet: classes {sorted(overlap)[:5]} appear in more than one split CSV")
+        raise DatasetFormatError(f"mini-ImageNet: classes {sorted(overlap)[:5]} appear in more than one split CSV")
     return Splits(*loaded)

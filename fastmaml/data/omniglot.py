@@ -29,7 +29,7 @@ from typing import List, Optional
 import numpy as np
 
 from .episodes import ClassDataset, Splits, split_classes
-from .imagefiles import decode_all, load_cached, require_pil, save_cached
+from .imagefiles import DatasetLayoutError, decode_all, files_fingerprint, load_cached, require_pil, save_cached
 
 SOURCE = ("https://github.com/brendenlake/omniglot (python/images_background.zip and "
           "python/images_evaluation.zip, unzipped into one folder)")
@@ -38,8 +38,8 @@ LAYOUT = "ROOT/images_background/Alphabet_of_the_Magi/character01/0709_01.png"
 NUM_CHARACTERS = 1623
 
 
-def _layout_error(root: Path, problem: str) -> FileNotFoundError:
-    return FileNotFoundError(
+def _layout_error(root: Path, problem: str) -> DatasetLayoutError:
+    return DatasetLayoutError(
         f"Omniglot: {problem}. Expected the folders {FOLDERS[0]}/ and {FOLDERS[1]}/ in {root}, laid out as "
         f"{LAYOUT} (alphabet / character / PNG files). Get the data from {SOURCE}."
     )
@@ -103,13 +103,14 @@ def load_omniglot(root, *, image_size: int = 28, cache_dir=None, workers: Option
     characters = list_characters(root)
     names = [name for name, _ in characters]
     counts = [len(pngs) for _, pngs in characters]
-    fingerprint = {"image_size": image_size, "names": names, "counts": counts}
+    paths = [p for _, pngs in characters for p in pngs]
+    fingerprint = {"image_size": image_size, "names": names, "counts": counts,
+                   "files": files_fingerprint(paths, root)}
     cache = Path(cache_dir) if cache_dir is not None else root / ".fastmaml_cache"
     stem = f"omniglot_{image_size}"
     cached = load_cached(cache, stem, fingerprint)
     if cached is not None:
         return cached
-    paths = [p for _, pngs in characters for p in pngs]
     images = decode_all(paths, _decoder(image_size), workers)
     save_cached(cache, stem, fingerprint, images, counts, names)
     return ClassDataset(images, counts, names)

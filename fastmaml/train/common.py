@@ -1,15 +1,40 @@
-"""Pieces every training job shares: atomic checkpoints, resume, metrics files, confidence
-intervals, learning-curve plots, progress bars."""
+"""The scaffolding every training job shares, defined once.
+
+- `add_shared_arguments`: the options every job has (names, types, checks, help), each job giving
+  only its default values.
+- `Job`: one run of a job: checks the device and the output folder before any work, sets the torch
+  thread count, turns SIGINT / SIGTERM into "checkpoint and stop", writes periodic checkpoints,
+  shows progress (a bar on a terminal, log lines otherwise) and says how to resume.
+- `TrainingState`: what a checkpoint holds (models, optimizers, samplers, generators, histories,
+  the global RNG states) with `capture()` / `restore()`, so that a resumed run is bit-identical to an
+  uninterrupted one.
+- Checkpoint files: atomic writes (temporary file, fsync, rename), a SHA-256 of the contents verified
+  on load, temporary files of killed writes removed at the next start, one-line errors (`UserError`)
+  for a missing, empty, unreadable, foreign or corrupted checkpoint, a full disk or an unwritable folder.
+- Metrics files, confidence intervals, moving averages and learning-curve plots.
+
+A `UserError` is a mistake the user can fix (an option, a folder, a file, the disk): the `fastmaml`
+command prints its message as one line and exits with status 2; anything else keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
+import hashlib
+import io
 import json
 import math
 import os
 import random
+import re
+import shlex
+import signal
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -17,100 +42,28 @@ import torch
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 METRICS = "metrics.json"
+CHECKSUM = "checksum"  # checkpoint key: {"sha256": digest of every other entry}
+LOG_EVERY = 30.0  # seconds between progress lines when the output is not a terminal (--log-every)
+WRITE_PROBE = ".fastmaml-write-test"
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+class UserError(Exception):
+    """A mistake the user can fix: the CLI prints the message (one line) and exits with status 2."""
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Calls `write(file_object)` on a temporary file in the same folder, then renames it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+class Interrupted(Exception):
+    """Raised at a safe point (between evaluation batches) after SIGINT / SIGTERM."""
 
 
-def save_checkpoint(path, state: Dict[str, Any]) -> None:
-    """Saves `state` (model/optimizer state dicts, iteration, RNG states, history...) atomically."""
-    atomic_write_bytes(Path(path), lambda f: torch.save(state, f))
+class ForcedStop(BaseException):
+    """A second SIGINT / SIGTERM: stop at once, without a checkpoint (the last one is intact)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
-def load_checkpoint(path) -> Dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}; run once without --resume first")
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def rng_state() -> Dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-
-
-def write_json(path, obj: Any) -> None:
-    text = json.dumps(obj, indent=2, sort_keys=True, default=float)
-    atomic_write_bytes(Path(path), lambda f: f.write(text.encode()))
-
-
-def mean_ci95(values: Iterable[float]) -> Tuple[float, float]:
-    """(mean, half-width of the 95% normal confidence interval: 1.96·std/√n)."""
-    v = np.asarray(list(values), dtype=np.float64)
-    if v.size == 0:
-        raise ValueError("mean_ci95: no values")
-    half = 1.96 * v.std(ddof=1) / math.sqrt(v.size) if v.size > 1 else float("nan")
-    return float(v.mean()), float(half)
-
-
-def progress(iterable, *, total: Optional[int] = None, desc: str = "", initial: int = 0, disable=None):
-    """A tqdm progress bar (disabled automatically when stderr is not a terminal and `disable` is None)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=desc, initial=initial, disable=disable, dynamic_ncols=True)
-
-
-def plot_curves(history: Dict[str, Sequence[Tuple[int, float]]], path, *, title: str = "",
-                ylabel: str = "") -> None:
-    """history: {series name: [(iteration, value), ...]} -> a PNG line plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, points in history.items():
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, label=name)
-    ax.set_xlabel("meta-iteration")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
+# ----------------------------------------------------------------------------------------- options
 
 def positive_int(text: str) -> int:
     """argparse type: an int >= 1 (argparse names the option in its error)."""
@@ -133,6 +86,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
 def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
@@ -141,6 +105,673 @@ def _int_at_least(text: str, low: int, what: str) -> int:
     if value < low:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def device_name(text: str) -> str:
+    """argparse type: the syntax of a torch device; whether it exists is checked when the job starts."""
+    try:
+        torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {text!r}") from None
+    return text
+
+
+# The options every job has: (flag, argparse keywords, help). A job passes its defaults (a value, or
+# its preset) and may reword a help text; names, types and checks are the same everywhere.
+def _order_choices():
+    import fastmaml
+
+    return list(fastmaml.ORDERS)
+
+
+SHARED_OPTIONS: Tuple[Tuple[str, Dict[str, Any], str], ...] = (
+    ("--iterations", dict(type=nonnegative_int), "meta-iterations in total (a resumed run continues up to it)"),
+    ("--meta-batch", dict(type=positive_int), "tasks per meta-iteration"),
+    ("--shots", dict(type=positive_int), "support examples per class/task (K)"),
+    ("--steps", dict(type=nonnegative_int), "inner SGD steps in meta-training"),
+    ("--order", dict(choices=None), "meta-gradient (see fastmaml.meta_step): second = exact MAML, checkpoint, "
+                                    "first = FOMAML, implicit"),
+    ("--inner-lr", dict(type=positive_float), "inner-loop learning rate α (training and evaluation)"),
+    ("--meta-lr", dict(type=positive_float), "Adam learning rate"),
+    ("--seed", dict(type=int), "seed of the initialization and the training tasks"),
+    ("--out", dict(type=Path), "output folder: checkpoint.pt, metrics.json, plots"),
+    ("--checkpoint-every", dict(type=positive_int, metavar="N"),
+     f"write <out>/{CHECKPOINT} every N iterations (atomically; also at the end and on SIGINT/SIGTERM)"),
+    ("--log-every", dict(type=nonnegative_float, metavar="SECONDS"),
+     "when the output is not a terminal (a log file), one progress line every SECONDS (0: every iteration)"),
+    ("--device", dict(type=device_name), "torch device: cpu, cuda, cuda:1, ..."),
+    ("--threads", dict(type=positive_int), "torch CPU threads while the job runs"),
+)
+
+
+def add_shared_arguments(parser: argparse.ArgumentParser, job: str, defaults: Dict[str, Any],
+                         helps: Optional[Dict[str, str]] = None) -> None:
+    """Adds the options every job shares (`SHARED_OPTIONS`, --resume, --quiet) with the job's `defaults`
+    {dest: value} over the common ones (seed 0, device cpu, out runs/<job>, threads None = torch's
+    choice) and `helps` {dest: help text replacing the shared one}."""
+    helps = helps or {}
+    parser = parser.add_argument_group("options of every training job")
+    defaults = {"order": "second", "seed": 0, "device": "cpu", "out": Path("runs") / job, "threads": None,
+                "log_every": LOG_EVERY, **defaults}
+    for flag, kwargs, text in SHARED_OPTIONS:
+        dest = flag[2:].replace("-", "_")
+        kwargs = dict(kwargs, choices=_order_choices()) if flag == "--order" else kwargs
+        default = defaults.get(dest)
+        shown = "torch's choice" if dest == "threads" and default is None else default
+        parser.add_argument(flag, default=default, help=f"{helps.get(dest, text)} (default: {shown})", **kwargs)
+    parser.add_argument("--resume", action="store_true",
+                        help=f"continue from <out>/{CHECKPOINT} (bit-identical to an uninterrupted run)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar or progress lines (the final summary is still printed)")
+    parser.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)  # old name
+
+
+# ------------------------------------------------------------------------------- devices and folders
+
+def resolve_device(text: str) -> torch.device:
+    """The torch device named by --device, or a `UserError` saying why it is not there."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {text}: expected a torch device such as cpu, cuda or cuda:1") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU build of torch" if torch.version.cuda is None else "no CUDA device or driver found"
+            raise UserError(f"--device {text}: CUDA is not available here (torch {torch.__version__}, {build}); "
+                            "use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise UserError(f"--device {text}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                            f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(1, device=dev)
+        except Exception as exc:  # the message of whichever backend refused
+            raise UserError(f"--device {text}: not available here ({_first_line(exc)})") from None
+    return dev
+
+
+def prepare_output_folder(out: Path) -> Path:
+    """Creates `out` if needed and checks that files can be written there (a file is created, synced and
+    deleted), so that an unwritable or full folder is reported at the start, not at the first checkpoint.
+    Removes the temporary files of killed writes. Raises `UserError`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: this is a file, not a folder; pass a folder (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        raise UserError(f"--out {out}: cannot create the folder: {blocker or out.parent} is a file, not a folder") \
+            from None
+    except OSError as exc:
+        raise _os_user_error(exc, out, "--out {path}: cannot create the folder ({reason})") from None
+    probe = None
+    try:
+        fd, probe = tempfile.mkstemp(dir=out, prefix=f"{WRITE_PROBE}.{os.getpid()}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"fastmaml")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise _os_user_error(exc, out, "--out {path}: cannot write files there ({reason})") from None
+    finally:
+        if probe is not None:
+            try:
+                os.unlink(probe)
+            except OSError:
+                pass
+    remove_stale_temporaries(out)
+    return out
+
+
+_TEMPORARY = re.compile(r"^\.(?P<name>.+?)(?:\.(?P<pid>\d+))?\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temporaries(folder: Path) -> List[Path]:
+    """Deletes the temporary files (`.NAME.PID.XXXXXXXX.tmp`, NAME a checkpoint, JSON or PNG file) that
+    writes interrupted by a kill left in `folder`, unless their writer process is still alive; returns
+    the deleted paths."""
+    removed = []
+    for path in Path(folder).glob(".*.tmp"):
+        match = _TEMPORARY.match(path.name)
+        if match is None or not (match.group("name").endswith((".pt", ".json", ".png"))
+                                 or match.group("name") == WRITE_PROBE[1:]):
+            continue
+        pid = match.group("pid")
+        if pid is not None and int(pid) != os.getpid() and _process_alive(int(pid)):
+            continue
+        try:
+            path.unlink()
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NOT_ALLOWED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.ENOENT, errno.EISDIR}
+
+
+def _os_user_error(exc: OSError, path: Path, template: str) -> Exception:
+    """A `UserError` for a full disk or a refused write, else the original error (kept with its traceback)."""
+    if exc.errno in _NO_SPACE:
+        return UserError(f"no space left on device: {path}")
+    if exc.errno in _NOT_ALLOWED or isinstance(exc, PermissionError):
+        return UserError(template.format(path=path, reason=exc.strerror or _first_line(exc)))
+    return exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines() or [type(exc).__name__])[0][:300]
+
+
+# ------------------------------------------------------------------------------------ atomic files
+
+def _write_file(f, data: bytes, path: Path) -> None:
+    """Writes `data` to the open temporary file `f` of `path` (a seam for fault-injection tests)."""
+    f.write(data)
+
+
+def atomic_write_bytes(path, data) -> None:
+    """Writes `data` (bytes, or a callable `write(file_object)`) to a temporary file in the same folder,
+    fsyncs it and renames it over `path`: a reader (or a kill -9 at any moment) sees the old file or the
+    new one, never a mix. A full disk or a refused write raises `UserError` naming the path, the
+    temporary file is removed and `path` keeps its previous content."""
+    path = Path(path)
+    if callable(data):
+        buffer = io.BytesIO()
+        data(buffer)
+        data = buffer.getvalue()
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            _write_file(f, data, path)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_folder(path.parent)
+    except OSError as exc:
+        error = _os_user_error(exc, path, "cannot write {path}: {reason}")
+        if error is exc:
+            raise
+        raise error from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Makes a rename durable (best effort: not every file system can sync a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_json(path, obj: Any) -> None:
+    text = json.dumps(obj, indent=2, sort_keys=True, default=float)
+    atomic_write_bytes(Path(path), text.encode())
+
+
+def save_figure(fig, path) -> None:
+    """Saves a matplotlib figure as a PNG, atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=fig.dpi)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+def state_digest(state: Any) -> str:
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, and every other value's
+    repr, walked in a fixed order (the same before saving and after loading)."""
+    digest = hashlib.sha256()
+    _feed(digest, state)
+    return digest.hexdigest()
+
+
+def _feed(digest, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        digest.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, np.ndarray):
+        digest.update(f"N{obj.dtype}{obj.shape}:".encode())
+        digest.update(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, dict):
+        digest.update(f"D{len(obj)}:".encode())
+        for key in sorted(obj, key=repr):
+            _feed(digest, key)
+            _feed(digest, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}:".encode())
+        for item in obj:
+            _feed(digest, item)
+    else:
+        digest.update(f"V{obj!r};".encode())
+
+
+def save_checkpoint(path, state: Dict[str, Any]) -> None:
+    """Saves `state` with its checksum (`state_digest`) atomically. The whole file is serialized in
+    memory first, so a full disk is reported as such (not as a serializer error)."""
+    state = {k: v for k, v in state.items() if k != CHECKSUM}
+    state[CHECKSUM] = {"sha256": state_digest(state)}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+def load_checkpoint(path, required: Sequence[str] = ("config", "iteration")) -> Dict[str, Any]:
+    """Loads a checkpoint and verifies its checksum; every problem is a one-line `UserError` with the
+    path (missing, empty, unreadable, not a training checkpoint, corrupted). Checkpoints written before
+    checksums existed load unverified."""
+    path = Path(path)
+    if not path.exists():
+        if path.name == CHECKPOINT:
+            raise UserError(f"--resume: no checkpoint in {path.parent} ({path.name} is missing); "
+                            "run once without --resume first")
+        raise UserError(f"missing file {path}")
+    if not path.is_file():
+        raise UserError(f"bad checkpoint {path}: not a file")
+    advice = "delete it (or pass another --out) to start over"
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise UserError(f"bad checkpoint {path}: the file is empty (0 bytes); {advice}")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except UserError:
+        raise
+    except Exception as exc:  # EOFError, UnpicklingError, zip errors...: all "this file is not readable"
+        raise UserError(f"bad checkpoint {path}: unreadable ({type(exc).__name__}: {_first_line(exc)}); "
+                        f"{advice}") from None
+    missing = [k for k in required if not isinstance(state, dict) or k not in state]
+    if missing:
+        what = "a plain state dict" if isinstance(state, dict) and all(
+            isinstance(v, torch.Tensor) for v in state.values()) else f"a {type(state).__name__}"
+        raise UserError(f"bad checkpoint {path}: not a fastmaml training checkpoint ({what} without "
+                        f"{', '.join(map(repr, missing))}); {advice}")
+    saved = state.pop(CHECKSUM, None)
+    if saved is not None:
+        if not isinstance(saved, dict) or saved.get("sha256") != state_digest(state):
+            raise UserError(f"bad checkpoint {path}: checksum mismatch, the file is corrupted; {advice} "
+                            "(or restore a copy)")
+    return state
+
+
+def rng_state() -> Dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def option_name(key: str) -> str:
+    return key if key == "job" else "--" + key.replace("_", "-")
+
+
+class TrainingState:
+    """What a checkpoint holds, for every job.
+
+    parts: {name: object} restored through `state_dict()` / `load_state_dict()` (models, optimizers,
+    samplers) or `get_state()` / `set_state()` (`torch.Generator`s); values: {name: plain data}
+    (histories, best scores...). Both become attributes (`state.model`, `state.history`). Also saved:
+    `config`, `iteration` and the global RNG states (Python, NumPy, torch).
+
+    run_keys: the config entries that define the training run; `restore` refuses a checkpoint made with
+    other values. legacy: the value a key had in checkpoints written before the key existed.
+    """
+
+    def __init__(self, config: Dict[str, Any], *, parts: Dict[str, Any], values: Dict[str, Any],
+                 run_keys: Sequence[str], legacy: Optional[Dict[str, Any]] = None):
+        self.config = config
+        self.run_keys = tuple(run_keys)
+        self.legacy = dict(legacy or {})
+        self.iteration = 0
+        self._parts = dict(parts)
+        self._values = tuple(values)
+        for name, value in {**parts, **values}.items():
+            setattr(self, name, value)
+
+    @property
+    def required(self) -> Tuple[str, ...]:
+        return ("config", "iteration", "rng", *self._parts)
+
+    def capture(self) -> Dict[str, Any]:
+        state = {"config": self.config, "iteration": self.iteration, "rng": rng_state()}
+        for name, part in self._parts.items():
+            state[name] = part.get_state() if isinstance(part, torch.Generator) else part.state_dict()
+        for name in self._values:
+            state[name] = getattr(self, name)
+        return state
+
+    def check(self, ckpt: Dict[str, Any], path: Path) -> None:
+        """`UserError` if the checkpoint was made with other run settings or is past --iterations."""
+        saved = ckpt.get("config", {})
+        diff = []
+        for key in self.run_keys:
+            old, new = saved.get(key, self.legacy.get(key)), self.config.get(key)
+            if old != new:
+                diff.append(f"{option_name(key)} {'none' if new is None else new} "
+                            f"(checkpoint: {'none' if old is None else old})")
+        if diff:
+            raise UserError(f"--resume: {path} was made with other settings: {', '.join(diff)}; rerun with the "
+                            "checkpoint's values, or pass another --out to start a new run")
+        done, total = ckpt["iteration"], self.config.get("iterations")
+        if total is not None and done > total:
+            raise UserError(f"--iterations {total}: below the {done} iterations of the checkpoint {path}; "
+                            f"pass at least {done}")
+
+    def restore(self, ckpt: Dict[str, Any], path: Path) -> None:
+        self.check(ckpt, path)
+        try:
+            for name, part in self._parts.items():
+                if isinstance(part, torch.Generator):
+                    part.set_state(ckpt[name])
+                else:
+                    part.load_state_dict(ckpt[name])
+            for name in self._values:
+                if name in ckpt:
+                    setattr(self, name, ckpt[name])
+            set_rng_state(ckpt["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise UserError(f"bad checkpoint {path}: does not fit this job's model and settings "
+                            f"({type(exc).__name__}: {_first_line(exc)})") from None
+        self.iteration = int(ckpt["iteration"])
+
+
+# ---------------------------------------------------------------------------------------- progress
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def _format_field(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class Progress:
+    """Progress of a loop of `total` steps.
+
+    mode "bar": a tqdm bar on stderr (a terminal); "log": a line on stdout every `log_every` seconds
+    (and at the end) with the count, the fields given to `update` (loss, accuracy...), the rate and the
+    ETA; "off": nothing. `check` is called at every update (it may raise `Interrupted`)."""
+
+    def __init__(self, desc: str, total: int, *, initial: int = 0, mode: str = "log",
+                 log_every: float = LOG_EVERY, unit: str = "it", leave: bool = True,
+                 check: Optional[Callable[[], None]] = None):
+        self.desc, self.total, self.initial, self.done = desc, total, initial, initial
+        self.mode, self.log_every, self.unit, self.check = mode, log_every, unit, check
+        self.fields: Dict[str, Any] = {}
+        self.start = self.last = time.monotonic()
+        self.logged_at = None
+        self.bar = None
+        if mode == "bar":
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, leave=leave, dynamic_ncols=True)
+
+    def update(self, n: int = 1, **fields) -> None:
+        self.done += n
+        self.fields.update(fields)
+        if self.bar is not None:
+            if fields:
+                self.bar.set_postfix({k: _format_field(v) for k, v in self.fields.items()}, refresh=False)
+            self.bar.update(n)
+        elif self.mode == "log":
+            now = time.monotonic()
+            if now - self.last >= self.log_every:
+                self.last = now
+                self.line()
+        if self.check is not None:
+            self.check()
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.start
+        return (self.done - self.initial) / elapsed if elapsed > 0 else float("nan")
+
+    def line(self) -> None:
+        rate = self.rate()
+        left = (self.total - self.done) / rate if rate > 0 else float("nan")
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        fields = "".join(f"  {k} {_format_field(v)}" for k, v in self.fields.items())
+        speed = f"{rate:.3g} {self.unit}/s" if math.isfinite(rate) else f"? {self.unit}/s"
+        print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%){fields}  {speed}  "
+              f"ETA {format_duration(left)}", flush=True)
+        self.logged_at = self.done
+
+    def flush(self) -> None:
+        """In log mode, a line now unless the last one is current (before a validation, at the end)."""
+        if self.mode == "log" and self.bar is None and self.logged_at != self.done and self.done > self.initial:
+            self.line()
+            self.last = time.monotonic()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        else:
+            self.flush()
+
+
+# ----------------------------------------------------------------------------------- a job's run
+
+class Job:
+    """One run of a training job, as a context manager:
+
+        with common.Job(args, "sinusoid", default_threads=1) as job:
+            ...  job.device, job.out, job.checkpoint(state), job.stop_requested, job.progress(...)
+
+    On entry: checks --device, then (with --resume) that the folder exists, then that --out can be
+    written; sets the torch thread count; makes SIGINT / SIGTERM request a stop (a second one stops at
+    once). On exit: restores the thread count and the signal handlers."""
+
+    def __init__(self, args, name: str, *, default_threads: Optional[int] = None):
+        self.args, self.name = args, name
+        self.out = Path(args.out) if getattr(args, "out", None) is not None else Path("runs") / name
+        self.checkpoint_path = self.out / CHECKPOINT
+        self.checkpoint_every = getattr(args, "checkpoint_every", None)
+        self.log_every = getattr(args, "log_every", LOG_EVERY)
+        self.quiet = bool(getattr(args, "quiet", False))
+        self.threads = getattr(args, "threads", None) or default_threads
+        self.saved_iteration: Optional[int] = None
+        self.signal: Optional[int] = None
+        self._handlers: Dict[int, Any] = {}
+        self._threads_before: Optional[int] = None
+
+    # -- setup
+    def __enter__(self) -> "Job":
+        self.device = resolve_device(str(getattr(self.args, "device", "cpu")))
+        if getattr(self.args, "resume", False):
+            if not self.out.is_dir():
+                raise UserError(f"--resume: the folder {self.out} does not exist (no run to continue); "
+                                "check --out, or run once without --resume")
+            if not self.checkpoint_path.exists():
+                raise UserError(f"--resume: no checkpoint in {self.out} ({CHECKPOINT} is missing); "
+                                "run once without --resume first")
+        prepare_output_folder(self.out)
+        if self.threads is not None:
+            self._threads_before = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._handlers[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers.clear()
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signal is not None:
+            raise ForcedStop(signum)
+        self.signal = signum
+        message = (f"{signal.Signals(signum).name} received: stopping at the next safe point with a "
+                   "checkpoint (send it again to stop at once)\n")
+        if getattr(sys.stderr, "isatty", lambda: False)():
+            message = "\n" + message  # below the progress bar
+        try:
+            os.write(sys.stderr.fileno(), message.encode())  # no buffered I/O inside a signal handler
+        except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+            pass
+
+    # -- interruption
+    @property
+    def stop_requested(self) -> bool:
+        return self.signal is not None
+
+    def check_interrupt(self) -> None:
+        """Raises `Interrupted` once a stop was requested (called between evaluation batches)."""
+        if self.signal is not None:
+            raise Interrupted(signal.Signals(self.signal).name)
+
+    def resume_command(self) -> str:
+        argv = getattr(self.args, "argv", None)
+        if argv:
+            argv = [a for a in argv if a != "--resume"]
+            return shlex.join(["fastmaml", *argv, "--resume"])
+        return f"the same command with --resume (and --out {self.out})"
+
+    def stopped(self, state: TrainingState, where: str = "") -> Dict[str, Any]:
+        """After a stop request: checkpoints `state` unless already saved, says how to resume; the job
+        returns this dict (the CLI exits 0)."""
+        if self.saved_iteration != state.iteration:
+            self.checkpoint(state)
+        name = signal.Signals(self.signal).name if self.signal is not None else "a stop request"
+        total = state.config.get("iterations")
+        print(f"{self.name}: stopped by {name}{where} at iteration {state.iteration} of {total}; checkpoint "
+              f"{self.checkpoint_path}. Resume with: {self.resume_command()}", flush=True)
+        return {"job": self.name, "interrupted": name, "iteration": state.iteration,
+                "checkpoint": str(self.checkpoint_path)}
+
+    # -- checkpoints
+    def load_checkpoint(self, state: TrainingState) -> Dict[str, Any]:
+        """The --resume checkpoint, verified and checked against the run settings (not yet restored)."""
+        ckpt = load_checkpoint(self.checkpoint_path, required=state.required)
+        state.check(ckpt, self.checkpoint_path)
+        return ckpt
+
+    def checkpoint_due(self, iteration: int, total: int) -> bool:
+        every = self.checkpoint_every
+        return iteration == total or (every is not None and iteration % every == 0)
+
+    def checkpoint(self, state: TrainingState) -> None:
+        save_checkpoint(self.checkpoint_path, state.capture())
+        self.saved_iteration = state.iteration
+
+    # -- output
+    def progress(self, desc: str, total: int, *, initial: int = 0, unit: str = "it", leave: bool = True,
+                 interruptible: bool = False) -> Progress:
+        if self.quiet:
+            mode = "off"
+        else:
+            stream = sys.stderr
+            mode = "bar" if getattr(stream, "isatty", lambda: False)() else "log"
+        return Progress(desc, total, initial=initial, mode=mode, log_every=self.log_every, unit=unit, leave=leave,
+                        check=self.check_interrupt if interruptible else None)
+
+    @property
+    def logging(self) -> bool:
+        """Whether progress goes to log lines (not quiet, not a terminal)."""
+        return not self.quiet and not getattr(sys.stderr, "isatty", lambda: False)()
+
+    def say(self, message: str) -> None:
+        """A progress message (not with --quiet; above the progress bars on a terminal)."""
+        if self.quiet:
+            return
+        if getattr(sys.stderr, "isatty", lambda: False)():
+            from tqdm.auto import tqdm
+
+            tqdm.write(message)
+        else:
+            print(message, flush=True)
+
+    def summary(self, headline: str, files: Dict[str, Path]) -> None:
+        """The final summary: a headline and where each file went."""
+        print(headline, flush=True)
+        width = max((len(k) for k in files), default=0)
+        for what, path in files.items():
+            print(f"  {what:<{width}}  {path}", flush=True)
+
+
+# -------------------------------------------------------------------------- statistics and plots
+
+def mean_ci95(values: Iterable[float]) -> Tuple[float, float]:
+    """(mean, half-width of the 95% normal confidence interval: 1.96·std/√n)."""
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0:
+        raise ValueError("mean_ci95: no values")
+    half = 1.96 * v.std(ddof=1) / math.sqrt(v.size) if v.size > 1 else float("nan")
+    return float(v.mean()), float(half)
+
+
+def plot_curves(history: Dict[str, Sequence[Tuple[int, float]]], path, *, title: str = "",
+                ylabel: str = "") -> None:
+    """history: {series name: [(iteration, value), ...]} -> a PNG line plot (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, points in history.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, label=name)
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if any(points for points in history.values()):
+        ax.legend()
+    fig.tight_layout()
+    try:
+        save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def moving_average(values: Sequence[float], window: int, *, first_iteration: int = 1) -> list:

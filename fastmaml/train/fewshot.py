@@ -8,10 +8,11 @@ Each job starts from a preset (the MAML paper's protocol for the real datasets; 
 finishes in minutes on 2 CPU cores for the demo) and every option overrides it. Meta-training uses
 `fastmaml.meta_step(..., loss="cross_entropy")` and Adam; every `--val-every` iterations the model is
 adapted (`fastmaml.adapt`, `--eval-steps` steps) on a fixed list of validation episodes, the best
-weights go to `best.pt` and the full state to `checkpoint.pt` (for `--resume`). At the end, the best
-weights are evaluated on `--test-episodes` fixed meta-test episodes (mean accuracy with a 95% CI),
-next to the same network adapted from a random initialization as a baseline. Writes metrics.json,
-loss.png and accuracy.png to `--out`.
+weights go to `best.pt`, the full state to `checkpoint.pt` (for `--resume`; also every
+`--checkpoint-every` iterations and on SIGINT/SIGTERM) and metrics.json, loss.png and accuracy.png are
+rewritten. At the end, the best weights are evaluated on `--test-episodes` fixed meta-test episodes
+(mean accuracy with a 95% CI), next to the same network adapted from a random initialization as a
+baseline. The options every job shares (and the run's scaffolding) are in `fastmaml.train.common`.
 
 Class splits: Omniglot's characters are shuffled with a fixed seed and cut into `--train-classes`
 (preset 1100, each with its 3 rotations as new classes) and `--val-classes` (preset 100) characters,
@@ -40,25 +41,29 @@ import torch
 import fastmaml
 from fastmaml.data import EpisodeSampler, Episodes, Splits, glyph_splits, load_omniglot, miniimagenet_splits, \
     split_omniglot
+from fastmaml.data.imagefiles import DatasetError
 from fastmaml.models import conv4, omniglot_mlp
 from fastmaml.train import common
 
 # The protocol of each job; every entry can be overridden by the option of the same name.
+# checkpoint_every: a few minutes of CPU work at the preset's sizes (seconds on a GPU).
 PRESETS: Dict[str, Dict] = {
     # Finn et al. 2017, Omniglot 5-way 1-shot: meta-batch 32, α = 0.4, 1 step in training, 3 at test;
     # characters: 1100 meta-train (+ rotations), 100 validation, the other 423 meta-test
     "omniglot": dict(ways=5, shots=1, query=15, meta_batch=32, inner_lr=0.4, steps=1, eval_steps=3,
                      iterations=60000, meta_lr=1e-3, model="conv4", hidden=64, val_every=1000,
-                     val_episodes=300, test_episodes=600, eval_batch=50, train_classes=1100, val_classes=100),
+                     val_episodes=300, test_episodes=600, eval_batch=50, train_classes=1100, val_classes=100,
+                     checkpoint_every=50),
     # Finn et al. 2017, mini-ImageNet 5-way 1-shot: meta-batch 4, α = 0.01, 5 steps, 10 at test, 32 filters;
     # classes: those of train.csv / val.csv / test.csv (64 / 16 / 20)
     "miniimagenet": dict(ways=5, shots=1, query=15, meta_batch=4, inner_lr=0.01, steps=5, eval_steps=10,
                          iterations=60000, meta_lr=1e-3, model="conv4", hidden=32, val_every=1000,
-                         val_episodes=300, test_episodes=600, eval_batch=20),
+                         val_episodes=300, test_episodes=600, eval_batch=20, checkpoint_every=50),
     # the embedded glyphs: the Omniglot recipe on a budget that runs in minutes on 2 CPU cores
     "fewshot-demo": dict(ways=5, shots=1, query=5, meta_batch=8, inner_lr=0.4, steps=1, eval_steps=3,
                          iterations=200, meta_lr=3e-3, model="conv4", hidden=32, val_every=50,
-                         val_episodes=100, test_episodes=600, eval_batch=50, train_classes=400, val_classes=100),
+                         val_episodes=100, test_episodes=600, eval_batch=50, train_classes=400, val_classes=100,
+                         checkpoint_every=25),
 }
 SPLIT_FILES = ("train.csv", "val.csv", "test.csv")  # mini-ImageNet
 DEMO_CLASSES = 600  # glyph classes of the demo dataset
@@ -69,99 +74,96 @@ RUN_KEYS = ("job", "ways", "shots", "query", "meta_batch", "inner_lr", "steps", 
             "msl", "first_order_until")
 # values of run keys added after a checkpoint format existed (what such a checkpoint ran with)
 LATER_KEYS = {"msl": 0, "first_order_until": 0}
+REAL_DATA = ("omniglot", "miniimagenet")
+LOSS_PLOT, ACCURACY_PLOT = "loss.png", "accuracy.png"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    def preset_help(key: str, text: str) -> str:
-        values = ", ".join(f"{job} {p[key]}" for job, p in PRESETS.items() if key in p)
-        return f"{text} (preset: {values})"
-
-    parser.add_argument("--data", type=Path, default=None,
-                        help="dataset folder (required for omniglot and miniimagenet; see the job's docs)")
-    parser.add_argument("--ways", type=int, help=preset_help("ways", "classes per task (N)"))
-    parser.add_argument("--shots", type=int, help=preset_help("shots", "support examples per class (K)"))
-    parser.add_argument("--query", type=int, help=preset_help("query", "query examples per class"))
-    parser.add_argument("--meta-batch", type=int, help=preset_help("meta_batch", "tasks per meta-step"))
-    parser.add_argument("--inner-lr", type=float, help=preset_help("inner_lr", "inner-loop learning rate α"))
-    parser.add_argument("--steps", type=int, help=preset_help("steps", "inner steps in meta-training"))
-    parser.add_argument("--eval-steps", type=int, help=preset_help("eval_steps", "inner steps at validation/test"))
-    parser.add_argument("--iterations", type=int, help=preset_help("iterations", "meta-training iterations"))
-    parser.add_argument("--meta-lr", type=float, help=preset_help("meta_lr", "Adam learning rate"))
-    parser.add_argument("--model", choices=["conv4", "mlp"], help=preset_help("model", "network"))
-    parser.add_argument("--hidden", type=int, help=preset_help("hidden", "conv4 filters per layer"))
-    parser.add_argument("--order", choices=list(fastmaml.ORDERS), default="second",
-                        help="meta-gradient (see fastmaml.meta_step): second = exact MAML (default), "
-                             "checkpoint, first = FOMAML, implicit")
-    parser.add_argument("--first-order", action="store_true", help="same as --order first")
-    parser.add_argument("--msl", type=int, default=0, metavar="N",
+def add_arguments(parser: argparse.ArgumentParser, job: str = "fewshot-demo") -> None:
+    """The options of `job` (only those that apply to it), its preset as the defaults."""
+    preset = PRESETS[job]
+    positive, nonnegative = common.positive_int, common.nonnegative_int
+    own = parser.add_argument_group(f"options of {job}")
+    if job in REAL_DATA:
+        own.add_argument("--data", type=Path, required=False, default=None,
+                            help=f"dataset folder (required; see fastmaml/data/{job}.py for the layout)")
+        own.add_argument("--cache-dir", type=Path, default=None,
+                            help="where decoded images are cached (default: <data>/.fastmaml_cache)")
+    common.add_shared_arguments(parser, job, {k: v for k, v in preset.items()}, helps={
+        "shots": "support examples per class (K)",
+        "order": "meta-gradient (see fastmaml.meta_step): second = exact MAML, checkpoint, first = FOMAML, "
+                 "implicit",
+    })
+    d = " (default: %(default)s)"
+    own.add_argument("--first-order", action="store_true", help="same as --order first")
+    own.add_argument("--ways", type=positive, default=preset["ways"], help="classes per task (N)" + d)
+    own.add_argument("--query", type=positive, default=preset["query"], help="query examples per class" + d)
+    own.add_argument("--eval-steps", type=nonnegative, default=preset["eval_steps"],
+                        help="inner steps at validation and test" + d)
+    own.add_argument("--model", choices=["conv4", "mlp"], default=preset["model"], help="network" + d)
+    own.add_argument("--hidden", type=positive, default=preset["hidden"], help="conv4 filters per layer" + d)
+    own.add_argument("--msl", type=nonnegative, default=0, metavar="N",
                         help="MAML++ multi-step loss, annealed to the last step over the first N iterations "
                              "(default 0: off, the last step's query loss only)")
-    parser.add_argument("--first-order-until", type=int, default=0, metavar="N",
+    own.add_argument("--first-order-until", type=nonnegative, default=0, metavar="N",
                         help="first-order meta-steps before iteration N, then --order (MAML++ derivative-order "
                              "annealing; default 0: off)")
-    parser.add_argument("--bn", choices=list(fastmaml.BN_MODES), default="batch",
+    own.add_argument("--bn", choices=list(fastmaml.BN_MODES), default="batch",
                         help="BatchNorm statistics in the inner loop: batch (MAML, default), frozen, per_step (MAML++)")
-    parser.add_argument("--train-classes", type=int,
-                        help=preset_help("train_classes", "meta-training classes (Omniglot: characters, each also "
-                                         "rotated by 90°, 180°, 270°); the classes left after --val-classes are "
-                                         "the meta-test's; miniimagenet: fixed by train.csv"))
-    parser.add_argument("--val-classes", type=int,
-                        help=preset_help("val_classes", "meta-validation classes; miniimagenet: fixed by val.csv"))
-    parser.add_argument("--val-every", type=int, help=preset_help("val_every", "iterations between validations"))
-    parser.add_argument("--val-episodes", type=int, help=preset_help("val_episodes", "validation episodes"))
-    parser.add_argument("--test-episodes", type=int,
-                        help=preset_help("test_episodes", "meta-test episodes at the end (0: no test)"))
-    parser.add_argument("--eval-batch", type=int,
-                        help=preset_help("eval_batch", "episodes adapted at once in evaluation"))
-    parser.add_argument("--seed", type=int, default=0, help="seed of the initialization and training episodes")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<job>)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="where decoded images are cached (default: <data>/.fastmaml_cache)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if "train_classes" in preset:
+        what = "characters, each also rotated by 90°, 180°, 270°" if job == "omniglot" else "classes"
+        own.add_argument("--train-classes", type=positive, default=preset["train_classes"],
+                            help=f"meta-training {what}; the classes left after --val-classes are the "
+                                 "meta-test's" + d)
+        own.add_argument("--val-classes", type=positive, default=preset["val_classes"],
+                            help="meta-validation classes" + d)
+    own.add_argument("--val-every", type=positive, default=preset["val_every"],
+                        help="iterations between validations (each also writes checkpoint.pt, best.pt when "
+                             "better, metrics.json and the plots)" + d)
+    own.add_argument("--val-episodes", type=positive, default=preset["val_episodes"],
+                        help="validation episodes" + d)
+    own.add_argument("--test-episodes", type=nonnegative, default=preset["test_episodes"],
+                        help="meta-test episodes at the end (0: no test)" + d)
+    own.add_argument("--eval-batch", type=positive, default=preset["eval_batch"],
+                        help="episodes adapted at once in evaluation" + d)
 
 
 def resolve_config(args: argparse.Namespace) -> Dict:
-    """The preset of `args.job` with every option the user gave on top; validated."""
+    """The preset of `args.job` with every option the user gave on top; validated (`common.UserError`)."""
     if args.job not in PRESETS:
-        raise ValueError(f"job: expected one of {sorted(PRESETS)}, got {args.job!r}")
+        raise common.UserError(f"job: expected one of {sorted(PRESETS)}, got {args.job!r}")
     cfg = dict(PRESETS[args.job])
     for key in cfg:
         value = getattr(args, key, None)
         if value is not None:
             cfg[key] = value
     cfg["job"] = args.job
-    cfg["order"] = "first" if args.first_order else args.order
-    cfg["bn"] = args.bn
-    cfg["seed"] = args.seed
+    cfg["order"] = "first" if getattr(args, "first_order", False) else (getattr(args, "order", None) or "second")
+    cfg["bn"] = getattr(args, "bn", "batch")
+    cfg["seed"] = getattr(args, "seed", 0)
     cfg["msl"] = getattr(args, "msl", 0)
     cfg["first_order_until"] = getattr(args, "first_order_until", 0)
     for key in ("msl", "first_order_until"):
         if cfg[key] < 0:
-            raise ValueError(f"--{key.replace('_', '-')}: expected a non-negative number of iterations, got {cfg[key]}")
+            raise common.UserError(f"--{key.replace('_', '-')}: expected a non-negative number of iterations, got {cfg[key]}")
     if cfg["msl"] and cfg["order"] == "implicit":
-        raise ValueError("--msl: the implicit order has no per-step query losses; use --order second, "
-                         "checkpoint or first")
+        raise common.UserError("--msl: the implicit order has no per-step query losses; use --order second, checkpoint or first")
     for key in ("train_classes", "val_classes"):
         if getattr(args, key, None) is not None and key not in cfg:
-            raise ValueError(f"--{key.replace('_', '-')}: the {args.job} split is fixed by the dataset's "
-                             "train.csv / val.csv / test.csv; edit those files to change it")
+            raise common.UserError(f"--{key.replace('_', '-')}: the {args.job} split is fixed by the dataset's "
+                       "train.csv / val.csv / test.csv; edit those files to change it")
     for key in ("ways", "shots", "query", "meta_batch", "iterations", "hidden", "val_every", "val_episodes",
-                "eval_batch", "train_classes", "val_classes"):
+                "eval_batch", "train_classes", "val_classes", "checkpoint_every"):
         if key in cfg and cfg[key] < 1:
-            raise ValueError(f"--{key.replace('_', '-')}: expected a positive integer, got {cfg[key]}")
+            raise common.UserError(f"--{key.replace('_', '-')}: expected a positive integer, got {cfg[key]}")
     for key in ("steps", "eval_steps", "test_episodes"):
         if cfg[key] < 0:
-            raise ValueError(f"--{key.replace('_', '-')}: expected a non-negative integer, got {cfg[key]}")
+            raise common.UserError(f"--{key.replace('_', '-')}: expected a non-negative integer, got {cfg[key]}")
     for key in ("inner_lr", "meta_lr"):
         if not cfg[key] > 0:
-            raise ValueError(f"--{key.replace('_', '-')}: expected a positive number, got {cfg[key]}")
-    if args.job in ("omniglot", "miniimagenet") and args.data is None:
-        raise ValueError(f"--data: the {args.job} job needs the dataset folder (see `fastmaml train {args.job} "
-                         "--help` and fastmaml/data/" + ("omniglot.py" if args.job == "omniglot" else "miniimagenet.py")
-                         + " for the layout and where to get it)")
+            raise common.UserError(f"--{key.replace('_', '-')}: expected a positive number, got {cfg[key]}")
+    if args.job in REAL_DATA and getattr(args, "data", None) is None:
+        raise common.UserError(f"--data: the {args.job} job needs the dataset folder (see `fastmaml train {args.job} --help` "
+                   f"and fastmaml/data/{args.job}.py for the layout and where to get it)")
     return cfg
 
 
@@ -179,7 +181,7 @@ def load_splits(cfg: Dict, data: Optional[Path], cache_dir: Optional[Path]) -> S
         n_train, n_val = cfg["train_classes"], cfg["val_classes"]
         if n_train + n_val >= available:
             preset = PRESETS[job]
-            raise ValueError(
+            raise common.UserError(
                 f"--train-classes, --val-classes: {n_train} + {n_val} classes leave none of {what} for the "
                 f"meta-test; pass smaller values (the preset is {preset['train_classes']} + "
                 f"{preset['val_classes']}" + (", the MAML split of Omniglot's 1623 characters)" if job == "omniglot"
@@ -204,7 +206,7 @@ def _check_split_sizes(cfg: Dict, splits: Splits) -> None:
         if classes >= ways:
             continue
         hint = f"add classes to {SPLIT_FILES[i]}" if job == "miniimagenet" else fixes[i]
-        raise ValueError(f"--ways: {ways}-way episodes need {ways} classes but the {name} split has "
+        raise common.UserError(f"--ways: {ways}-way episodes need {ways} classes but the {name} split has "
                          f"{classes}{' (rotations included)' if rotated else ''}; lower --ways or {hint}")
 
 
@@ -222,10 +224,11 @@ def build_model(cfg: Dict, example_shape) -> torch.nn.Module:
     return model
 
 
-def evaluate(model, sampler: EpisodeSampler, episodes: Episodes, cfg: Dict, device) -> torch.Tensor:
+def evaluate(model, sampler: EpisodeSampler, episodes: Episodes, cfg: Dict, device, progress=None) -> torch.Tensor:
     """Query accuracy after `eval_steps` inner steps on each episode's support set -> `[episodes]`.
 
-    Runs the model in eval mode (no running statistics are updated)."""
+    Runs the model in eval mode (no running statistics are updated). progress: a `common.Progress`
+    advanced by the episodes of each batch (it may raise `common.Interrupted`)."""
     accs = []
     was_training = model.training
     model.eval()
@@ -238,113 +241,184 @@ def evaluate(model, sampler: EpisodeSampler, episodes: Episodes, cfg: Dict, devi
                                          batch_norm=cfg["bn"])
                 logits = adapted(batch.query_x)
             accs.append((logits.argmax(-1) == batch.query_y).float().mean(-1).cpu())
+            if progress is not None:
+                progress.update(batch.num_tasks)
     finally:
         model.train(was_training)
     return torch.cat(accs)
 
 
-def _check_resume(saved: Dict, cfg: Dict) -> None:
-    preset = PRESETS[cfg["job"]]
-    # a checkpoint from before a key existed ran with the preset's value
-    diff = {k: (saved.get(k, preset.get(k, LATER_KEYS.get(k))), cfg.get(k)) for k in RUN_KEYS
-            if saved.get(k, preset.get(k, LATER_KEYS.get(k))) != cfg.get(k)}
-    if diff:
-        raise ValueError(
-            "--resume: the checkpoint was made with other settings "
-            + ", ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            + "; use the same options (only --iterations, --test-episodes, --eval-batch and --device may change)"
-        )
-
-
 def run(args: argparse.Namespace) -> Dict:
+    """Meta-trains (or resumes) `args.job`, validates, tests; writes checkpoint.pt, best.pt, metrics.json
+    and the plots into --out and returns the metrics (or, when stopped by SIGINT/SIGTERM, a dict with
+    "interrupted")."""
     cfg = resolve_config(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    out = Path(args.out) if args.out is not None else Path("runs") / cfg["job"]
-    out.mkdir(parents=True, exist_ok=True)
+    with common.Job(args, cfg["job"]) as job:
+        return _run(args, cfg, job)
 
-    splits = load_splits(cfg, args.data, args.cache_dir)
+
+def _new_state(cfg: Dict, example_shape, device) -> common.TrainingState:
+    common.seed_everything(cfg["seed"])
+    model = build_model(cfg, example_shape).to(device)
+    return common.TrainingState(
+        cfg, run_keys=RUN_KEYS, legacy={**LATER_KEYS, **PRESETS[cfg["job"]]},
+        parts={"model": model, "optimizer": torch.optim.Adam(model.parameters(), lr=cfg["meta_lr"]),
+               "episodes_rng": torch.Generator().manual_seed(cfg["seed"])},
+        values={"history": {"query_loss_before": [], "query_loss_after": [], "train_accuracy": [], "val_accuracy": []},
+                "best": {"val_accuracy": -1.0, "iteration": 0}, "best_model": None, "step_seconds": []})
+
+
+def _samplers(cfg: Dict, splits: Splits, device):
     train_set, val_set, test_set = (s.to(device) for s in splits)
     shape = (cfg["ways"], cfg["shots"], cfg["query"])
-    train = EpisodeSampler(train_set, *shape, rotations=cfg["job"] == "omniglot")
-    val = EpisodeSampler(val_set, *shape)
-    test = EpisodeSampler(test_set, *shape)
+    try:
+        return (EpisodeSampler(train_set, *shape, rotations=cfg["job"] == "omniglot"), EpisodeSampler(val_set, *shape),
+                EpisodeSampler(test_set, *shape))
+    except ValueError as exc:  # e.g. more shots + query than a class has examples
+        raise common.UserError(f"--shots, --query: {exc}") from None
+
+
+def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
+    device, out, name = job.device, job.out, cfg["job"]
+    files = {"checkpoint": job.checkpoint_path, "best weights": out / common.BEST, "metrics": out / common.METRICS,
+             "loss plot": out / LOSS_PLOT, "accuracy plot": out / ACCURACY_PLOT}
+    resume = None
+    if args.resume:  # read and checked before the data: a bad checkpoint is reported at once
+        spec = common.TrainingState(cfg, parts=dict.fromkeys(("model", "optimizer", "episodes_rng")), values={},
+                                    run_keys=RUN_KEYS, legacy={**LATER_KEYS, **PRESETS[name]})
+        resume = job.load_checkpoint(spec)
+    try:
+        splits = load_splits(cfg, getattr(args, "data", None), getattr(args, "cache_dir", None))
+    except DatasetError as exc:
+        raise common.UserError(str(exc).replace("\n", " ")) from None
+    train, val, test = _samplers(cfg, splits, device)
     val_episodes = val.fixed_episodes(cfg["val_episodes"], EVAL_SEED)
+    state = _new_state(cfg, splits.train.example_shape, device)
+    if resume is not None:
+        state.restore(resume, job.checkpoint_path)
+    start, total = state.iteration, cfg["iterations"]
 
-    common.seed_everything(cfg["seed"])
-    model = build_model(cfg, train_set.example_shape).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg["meta_lr"])
-    episodes_rng = torch.Generator().manual_seed(cfg["seed"])
-    history = {"query_loss_before": [], "query_loss_after": [], "train_accuracy": [], "val_accuracy": []}
-    best = {"val_accuracy": -1.0, "iteration": 0}
-    start, step_seconds = 0, []
+    def is_validation(iteration: int) -> bool:
+        return iteration > 0 and (iteration % cfg["val_every"] == 0 or iteration == total)
 
-    if args.resume:
-        state = common.load_checkpoint(out / common.CHECKPOINT)
-        _check_resume(state["config"], cfg)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        episodes_rng.set_state(state["episodes_rng"])
-        common.set_rng_state(state["rng"])
-        history, best, start, step_seconds = state["history"], state["best"], state["iteration"], state["step_seconds"]
-
-    def save_state(iteration: int) -> None:
-        common.save_checkpoint(out / common.CHECKPOINT, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration,
-            "episodes_rng": episodes_rng.get_state(), "rng": common.rng_state(), "history": history,
-            "best": best, "step_seconds": step_seconds, "config": cfg})
-
-    bar = common.progress(range(start, cfg["iterations"]), total=cfg["iterations"], initial=start,
-                          desc=cfg["job"], disable=True if args.no_progress else None)
-    for it in bar:
+    def validate() -> None:
+        """Validation at `state.iteration`: history, best.pt when better, checkpoint, metrics.json, plots.
+        Raises `common.Interrupted` (nothing recorded: the resumed run validates again)."""
+        it = state.iteration
+        job.say(f"{name}: validation at iteration {it} ({len(val_episodes)} episodes)")
         t0 = time.perf_counter()
-        batch = train.sample(cfg["meta_batch"], episodes_rng)
-        optimizer.zero_grad(set_to_none=True)
+        bar = job.progress(f"validation at iteration {it}", len(val_episodes), unit="episodes", leave=False,
+                           interruptible=True)
+        try:
+            acc = float(evaluate(state.model, val, val_episodes, cfg, device, progress=bar).mean())
+        finally:
+            bar.close()
+        state.history["val_accuracy"].append((it, acc))
+        improved = acc > state.best["val_accuracy"]
+        if improved:  # the checkpoint keeps the best weights too: best.pt is rewritten from them if need be
+            state.best = {"val_accuracy": acc, "iteration": it}
+            state.best_model = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+        job.checkpoint(state)
+        if improved:
+            write_best()
+        write_results({"status": "training"})
+        best = state.best
+        job.say(f"{name}: validation at iteration {it}: accuracy {100 * acc:.2f}% (best "
+                f"{100 * best['val_accuracy']:.2f}% at iteration {best['iteration']}), "
+                f"{time.perf_counter() - t0:.1f} s")
+
+    def write_best() -> None:
+        common.save_checkpoint(files["best weights"], {"model": state.best_model, "iteration": state.best["iteration"],
+                                                       "val_accuracy": state.best["val_accuracy"], "config": cfg})
+
+    def write_results(extra: Dict) -> Dict:
+        """metrics.json and the two plots, rewritten at every validation and at the end."""
+        history, steps = state.history, state.step_seconds
+        metrics = {"config": cfg, "chance": 1.0 / cfg["ways"], "iterations_done": state.iteration,
+                   "best": state.best, "seconds_per_meta_step": sum(steps) / max(len(steps), 1),
+                   "device": str(device), "history": history, "resumed_from": start if args.resume else None,
+                   **extra}
+        common.write_json(files["metrics"], metrics)
+        common.plot_curves({k: history[k] for k in ("query_loss_before", "query_loss_after")}, files["loss plot"],
+                           title=f"{name}: meta-training query loss", ylabel="cross-entropy")
+        common.plot_curves({"train (after adaptation)": history["train_accuracy"],
+                            "validation": history["val_accuracy"]}, files["accuracy plot"],
+                           title=f"{name}: query accuracy", ylabel="accuracy")
+        return metrics
+
+    job.say(f"{name}: {'resuming at' if args.resume else 'starting at'} iteration {start} of {total} on {device}; "
+            f"validation every {cfg['val_every']}, checkpoint every {cfg['checkpoint_every']} iterations to "
+            f"{job.checkpoint_path}")
+    def train_step() -> Dict:
+        """One meta-iteration: a meta-batch of episodes, `fastmaml.meta_step`, Adam; returns its summary."""
+        it = state.iteration
+        t0 = time.perf_counter()
+        batch = train.sample(cfg["meta_batch"], state.episodes_rng)
+        state.optimizer.zero_grad(set_to_none=True)
         order = "first" if it < cfg["first_order_until"] else cfg["order"]
         weights = fastmaml.msl_weights(cfg["steps"], it, cfg["msl"]) if cfg["msl"] and cfg["steps"] else None
-        result = fastmaml.meta_step(model, batch, inner_lr=cfg["inner_lr"], steps=cfg["steps"], order=order,
+        result = fastmaml.meta_step(state.model, batch, inner_lr=cfg["inner_lr"], steps=cfg["steps"], order=order,
                                     loss="cross_entropy", batch_norm=cfg["bn"], step_weights=weights)
-        optimizer.step()
-        step_seconds.append(time.perf_counter() - t0)
+        state.optimizer.step()
+        state.step_seconds.append(time.perf_counter() - t0)
         s = result.summary()
-        history["query_loss_before"].append((it + 1, s["query_loss_before"]))
-        history["query_loss_after"].append((it + 1, s["query_loss_after"]))
-        history["train_accuracy"].append((it + 1, s["accuracy_after"]))
-        if (it + 1) % cfg["val_every"] == 0 or it + 1 == cfg["iterations"]:
-            acc = float(evaluate(model, val, val_episodes, cfg, device).mean())
-            history["val_accuracy"].append((it + 1, acc))
-            if acc > best["val_accuracy"]:
-                best = {"val_accuracy": acc, "iteration": it + 1}
-                common.save_checkpoint(out / common.BEST, {"model": model.state_dict(), "iteration": it + 1,
-                                                           "val_accuracy": acc, "config": cfg})
-            save_state(it + 1)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{s['query_loss_after']:.3f}", acc=f"{s['accuracy_after']:.3f}",
-                            val=f"{best['val_accuracy']:.3f}")
+        state.iteration = it + 1
+        state.history["query_loss_before"].append((it + 1, s["query_loss_before"]))
+        state.history["query_loss_after"].append((it + 1, s["query_loss_after"]))
+        state.history["train_accuracy"].append((it + 1, s["accuracy_after"]))
+        return s
 
-    metrics = {
-        "config": cfg, "chance": 1.0 / cfg["ways"], "iterations_done": cfg["iterations"],
-        "best": best, "seconds_per_meta_step": sum(step_seconds) / max(len(step_seconds), 1),
-        "device": str(device), "history": history,
-    }
+    bar = job.progress(name, total, initial=start)
+    try:
+        if is_validation(state.iteration) and all(i != state.iteration for i, _ in state.history["val_accuracy"]):
+            validate()  # the checkpoint was written by a run stopped during this validation
+        while state.iteration < total and not job.stop_requested:
+            s = train_step()
+            shown = {"val": state.best["val_accuracy"]} if state.best["iteration"] else {}  # best validation so far
+            bar.update(1, loss=s["query_loss_after"], acc=s["accuracy_after"], **shown)
+            if is_validation(state.iteration):
+                bar.flush()
+                validate()
+            elif job.checkpoint_due(state.iteration, total):
+                job.checkpoint(state)
+    except common.Interrupted:
+        bar.close()
+        return job.stopped(state, " during the validation")
+    bar.close()
+    if job.saved_iteration != state.iteration:
+        job.checkpoint(state)  # stopped between checkpoints, or resumed with nothing left to train
+    if job.stop_requested:
+        return job.stopped(state)
+    if state.best_model is None:  # a checkpoint from before the best weights were kept in it
+        state.best_model = common.load_checkpoint(files["best weights"], required=("model",))["model"]
+    write_best()  # (a kill between checkpoint.pt and best.pt may have left an older best.pt)
+
+    extra: Dict = {"status": "done"}
     if cfg["test_episodes"] > 0:
         test_episodes = test.fixed_episodes(cfg["test_episodes"], EVAL_SEED + 1)
-        model.load_state_dict(common.load_checkpoint(out / common.BEST)["model"])
-        acc, ci = common.mean_ci95(evaluate(model, test, test_episodes, cfg, device).tolist())
+        state.model.load_state_dict(state.best_model)
         torch.manual_seed(cfg["seed"])
-        baseline = build_model(cfg, train_set.example_shape).to(device)
-        b_acc, b_ci = common.mean_ci95(evaluate(baseline, test, test_episodes, cfg, device).tolist())
-        metrics["test"] = {"accuracy": acc, "ci95": ci, "episodes": cfg["test_episodes"],
-                           "weights": f"best.pt (iteration {best['iteration']})"}
-        metrics["random_init_baseline"] = {"accuracy": b_acc, "ci95": b_ci, "episodes": cfg["test_episodes"]}
-        print(f"{cfg['job']}: {cfg['ways']}-way {cfg['shots']}-shot test accuracy {100 * acc:.2f} ± {100 * ci:.2f}% "
-              f"({cfg['test_episodes']} episodes, {cfg['eval_steps']} inner steps); random init "
-              f"{100 * b_acc:.2f} ± {100 * b_ci:.2f}%; chance {100 / cfg['ways']:.1f}%")
-    common.write_json(out / common.METRICS, metrics)
-    common.plot_curves({k: history[k] for k in ("query_loss_before", "query_loss_after")}, out / "loss.png",
-                       title=f"{cfg['job']}: meta-training query loss", ylabel="cross-entropy")
-    common.plot_curves({"train (after adaptation)": history["train_accuracy"],
-                        "validation": history["val_accuracy"]}, out / "accuracy.png",
-                       title=f"{cfg['job']}: query accuracy", ylabel="accuracy")
+        baseline = build_model(cfg, splits.train.example_shape).to(device)
+        job.say(f"{name}: test on {cfg['test_episodes']} episodes (best weights, iteration {state.best['iteration']}, "
+                "and the same network from a random initialization)")
+        bar = job.progress("test", 2 * cfg["test_episodes"], unit="episodes", leave=False, interruptible=True)
+        try:
+            acc, ci = common.mean_ci95(evaluate(state.model, test, test_episodes, cfg, device, bar).tolist())
+            b_acc, b_ci = common.mean_ci95(evaluate(baseline, test, test_episodes, cfg, device, bar).tolist())
+        except common.Interrupted:
+            bar.close()
+            return job.stopped(state, " during the test (training is complete)")
+        bar.close()
+        extra["test"] = {"accuracy": acc, "ci95": ci, "episodes": cfg["test_episodes"],
+                         "weights": f"best.pt (iteration {state.best['iteration']})"}
+        extra["random_init_baseline"] = {"accuracy": b_acc, "ci95": b_ci, "episodes": cfg["test_episodes"]}
+        headline = (f"{name}: {cfg['ways']}-way {cfg['shots']}-shot test accuracy {100 * acc:.2f} ± {100 * ci:.2f}% "
+                    f"({cfg['test_episodes']} episodes, {cfg['eval_steps']} inner steps); random init "
+                    f"{100 * b_acc:.2f} ± {100 * b_ci:.2f}%; chance {100 / cfg['ways']:.1f}%")
+    else:
+        headline = (f"{name}: {state.iteration} iterations, best validation accuracy "
+                    f"{100 * state.best['val_accuracy']:.2f}% at iteration {state.best['iteration']} (no test: "
+                    "--test-episodes 0)")
+    metrics = write_results(extra)
+    job.summary(headline + "; files:", files)
     return metrics

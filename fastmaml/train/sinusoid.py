@@ -15,7 +15,7 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, NamedTuple, Sequence
+from typing import Dict, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -118,13 +118,17 @@ def adapted_predictions(model: nn.Module, support_x, support_y, x, *, inner_lr: 
     return adapted(x)
 
 
-def evaluate(model: nn.Module, tasks: EvalSet, *, inner_lr: float, eval_steps: Sequence[int]) -> Dict[str, list]:
-    """{"after_k": per-task query MSE `[T]` as a list} for each k in eval_steps ("before" for k=0)."""
+def evaluate(model: nn.Module, tasks: EvalSet, *, inner_lr: float, eval_steps: Sequence[int],
+             progress=None) -> Dict[str, list]:
+    """{"after_k": per-task query MSE `[T]` as a list} for each k in eval_steps ("before" for k=0).
+    progress: a `common.Progress` advanced by one per k (it may raise `common.Interrupted`)."""
     sx, sy, qx, qy = tasks.batch
     out = {}
     for k in sorted({0, *eval_steps}):
         pred = adapted_predictions(model, sx, sy, qx, inner_lr=inner_lr, steps=k)
         out[_step_key(k)] = per_task_mse(pred, qy).tolist()
+        if progress is not None:
+            progress.update(1)
     return out
 
 
@@ -167,7 +171,7 @@ def plot_tasks(path: Path, models: Dict[str, nn.Module], tasks: EvalSet, *, inne
     grid = torch.linspace(*X_RANGE, 200, dtype=sx.dtype).view(1, -1, 1).expand(n, -1, -1).contiguous()
     truth = sinusoid(grid, tasks.amplitude[:n].cpu(), tasks.phase[:n].cpu())
     steps = sorted({0, *eval_steps})
-    fig, axes = plt.subplots(len(models), n, figsize=(4.2 * n, 3.2 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), n, figsize=(4.2 * n, 3.2 * len(models)), squeeze=False, dpi=110)
     for row, (name, model) in enumerate(models.items()):
         preds = {k: adapted_predictions(model, sx, sy, grid.to(device), inner_lr=inner_lr, steps=k).cpu()
                  for k in steps}
@@ -185,19 +189,10 @@ def plot_tasks(path: Path, models: Dict[str, nn.Module], tasks: EvalSet, *, inne
             if col == 0:
                 ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _device(text: str) -> str:
     try:
-        dev = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected a torch device such as 'cpu' or 'cuda', got {text!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"device {text!r} requested but CUDA is not available here")
-    return text
+        common.save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def _at_least_two(text: str) -> int:
@@ -207,34 +202,26 @@ def _at_least_two(text: str) -> int:
     return value
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+# every job's options (common.SHARED_OPTIONS) with this job's defaults
+DEFAULTS = dict(iterations=10000, steps=1, order="second", inner_lr=0.01, meta_lr=1e-3, meta_batch=25, shots=10,
+                # a checkpoint is a few kB: every 1000 of the default 10,000 iterations costs nothing
+                checkpoint_every=1000, threads=1)
+
+
+def add_arguments(parser: argparse.ArgumentParser, job: str = "sinusoid") -> None:
+    common.add_shared_arguments(parser, job, DEFAULTS, helps={
+        "shots": "support points per task (K); training also uses K query points",
+        "seed": "model initialization and task stream",
+        "threads": "torch CPU threads while the job runs (the 1-40-40-1 MLP is too small to gain from more)",
+    })
+    parser = parser.add_argument_group("options of sinusoid")
     d = " (default: %(default)s)"
-    parser.add_argument("--iterations", type=common.nonnegative_int, default=10000,
-                        help="meta-iterations in total (a resumed run continues up to this number)" + d)
-    parser.add_argument("--steps", type=common.nonnegative_int, default=1, help="inner SGD steps in training" + d)
-    parser.add_argument("--order", choices=fastmaml.ORDERS, default="second", help="meta-gradient mode" + d)
-    parser.add_argument("--inner-lr", type=common.positive_float, default=0.01,
-                        help="inner SGD learning rate (training and evaluation)" + d)
-    parser.add_argument("--meta-lr", type=common.positive_float, default=1e-3, help="Adam learning rate" + d)
-    parser.add_argument("--meta-batch", type=common.positive_int, default=25, help="tasks per meta-iteration" + d)
-    parser.add_argument("--shots", type=common.positive_int, default=10,
-                        help="support points per task (K); training also uses K query points" + d)
-    parser.add_argument("--seed", type=int, default=0, help="model initialization and task stream" + d)
-    parser.add_argument("--out", type=Path, default=Path("runs/sinusoid"), help="output folder" + d)
     parser.add_argument("--eval-tasks", type=_at_least_two, default=600,
                         help=f"held-out tasks (fixed seed {EVAL_SEED}) for the final evaluation, at least 2" + d)
     parser.add_argument("--eval-query", type=common.positive_int, default=100,
                         help="query points per held-out task" + d)
     parser.add_argument("--eval-steps", type=common.nonnegative_int, nargs="+", default=[1, 10],
                         help="inner steps at which the held-out query MSE is reported" + d)
-    parser.add_argument("--checkpoint-every", type=common.positive_int, default=500,
-                        help="write out/checkpoint.pt every this many iterations and at the end" + d)
-    parser.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
-    parser.add_argument("--device", type=_device, default="cpu", help="torch device (cpu, cuda, cuda:1, ...)" + d)
-    parser.add_argument("--threads", type=common.positive_int, default=1,
-                        help="torch CPU threads while the job runs (the 1-40-40-1 MLP is too small to gain "
-                             "from more)" + d)
-    parser.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 
 
 def _config(args) -> dict:
@@ -248,52 +235,22 @@ def _config(args) -> dict:
     }
 
 
-class _State:
-    """Everything a checkpoint holds; `capture()` / `restore()` make resumed runs bit-identical."""
-
-    def __init__(self, args, device):
-        torch.manual_seed(args.seed)
-        self.model = sinusoid_mlp().to(device)
-        self.baseline = copy.deepcopy(self.model)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.meta_lr)
-        self.baseline_optimizer = torch.optim.Adam(self.baseline.parameters(), lr=args.meta_lr)
-        self.sampler = SinusoidSampler(stream_seed(args.seed, 0))
-        self.baseline_sampler = SinusoidSampler(stream_seed(args.seed, 1))
-        self.iteration = 0
-        self.history: Dict[str, List[float]] = {"meta_loss": [], "query_loss_before": [], "baseline_loss": []}
-
-    def capture(self, config: dict) -> dict:
-        return {
-            "config": config, "iteration": self.iteration, "history": copy.deepcopy(self.history),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "baseline": self.baseline.state_dict(), "baseline_optimizer": self.baseline_optimizer.state_dict(),
-            "sampler": self.sampler.state_dict(), "baseline_sampler": self.baseline_sampler.state_dict(),
-            "rng": common.rng_state(),
-        }
-
-    def restore(self, ckpt: dict, config: dict, iterations: int, path: Path) -> None:
-        saved = ckpt["config"]
-        diff = {k: (saved.get(k), config[k]) for k in TRAJECTORY_OPTIONS if saved.get(k) != config[k]}
-        if diff:
-            raise ValueError(
-                "--resume: options differ from the checkpoint's "
-                + ", ".join(f"--{k.replace('_', '-')} {new!r} (checkpoint: {old!r})" for k, (old, new) in diff.items())
-                + f"; rerun with the checkpoint's values or without --resume ({path})")
-        if ckpt["iteration"] > iterations:
-            raise ValueError(f"--iterations: {iterations} is below the checkpoint's iteration {ckpt['iteration']} "
-                             f"({path}); expected at least {ckpt['iteration']}")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.baseline.load_state_dict(ckpt["baseline"])
-        self.baseline_optimizer.load_state_dict(ckpt["baseline_optimizer"])
-        self.sampler.load_state_dict(ckpt["sampler"])
-        self.baseline_sampler.load_state_dict(ckpt["baseline_sampler"])
-        common.set_rng_state(ckpt["rng"])
-        self.iteration = ckpt["iteration"]
-        self.history = ckpt["history"]
+def new_state(args, device) -> common.TrainingState:
+    """The state at iteration 0: both networks (same initialization), their optimizers, the two task
+    streams and empty per-iteration histories."""
+    common.seed_everything(args.seed)
+    model = sinusoid_mlp().to(device)
+    baseline = copy.deepcopy(model)
+    return common.TrainingState(
+        _config(args), run_keys=TRAJECTORY_OPTIONS,
+        parts={"model": model, "optimizer": torch.optim.Adam(model.parameters(), lr=args.meta_lr),
+               "baseline": baseline, "baseline_optimizer": torch.optim.Adam(baseline.parameters(), lr=args.meta_lr),
+               "sampler": SinusoidSampler(stream_seed(args.seed, 0)),
+               "baseline_sampler": SinusoidSampler(stream_seed(args.seed, 1))},
+        values={"history": {"meta_loss": [], "query_loss_before": [], "baseline_loss": []}})
 
 
-def _train_iteration(state: _State, args, device) -> None:
+def _train_iteration(state: common.TrainingState, args, device) -> None:
     batch = state.sampler.sample(args.meta_batch, args.shots, args.shots).to(device)
     state.optimizer.zero_grad(set_to_none=True)
     result = fastmaml.meta_step(state.model, batch, inner_lr=args.inner_lr, steps=args.steps, order=args.order,
@@ -316,67 +273,90 @@ def _train_iteration(state: _State, args, device) -> None:
 
 def run(args) -> dict:
     """Meta-trains (or resumes), evaluates both models, writes metrics.json, the figures and the
-    checkpoint into `args.out`; returns the metrics dict. Runs with `args.threads` torch threads and
-    restores the previous setting afterwards."""
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return _run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
+    checkpoint into `args.out`; returns the metrics dict (or, when stopped by SIGINT/SIGTERM, a dict
+    with "interrupted"). Runs with `args.threads` torch threads and restores the previous setting after."""
+    with common.Job(args, "sinusoid", default_threads=DEFAULTS["threads"]) as job:
+        return _run(args, job)
 
 
-def _run(args) -> dict:
-    device = torch.device(args.device)
-    out = Path(args.out)
-    ckpt_path = out / common.CHECKPOINT
-    config = _config(args)
-    state = _State(args, device)
-    if args.resume:
-        state.restore(common.load_checkpoint(ckpt_path), config, args.iterations, ckpt_path)
-
-    start, started = state.iteration, time.perf_counter()
-    bar = common.progress(range(start, args.iterations), total=args.iterations, initial=start, desc="sinusoid",
-                          disable=True if args.quiet else None)
-    for _ in bar:
-        _train_iteration(state, args, device)
-        if state.iteration % 10 == 0 or state.iteration == args.iterations:
-            bar.set_postfix(meta_loss=f"{np.mean(state.history['meta_loss'][-100:]):.3f}",
-                            pretrained=f"{np.mean(state.history['baseline_loss'][-100:]):.3f}")
-        if state.iteration % args.checkpoint_every == 0 and state.iteration != args.iterations:
-            common.save_checkpoint(ckpt_path, state.capture(config))
-    train_seconds = time.perf_counter() - started
-    common.save_checkpoint(ckpt_path, state.capture(config))
-
-    tasks = eval_set(args.eval_tasks, args.shots, args.eval_query)
-    tasks = EvalSet(tasks.batch.to(device), tasks.amplitude, tasks.phase)
-    models = {"MAML": state.model, "pretrained": state.baseline}
-    per_task = {name: evaluate(m, tasks, inner_lr=args.inner_lr, eval_steps=args.eval_steps)
-                for name, m in models.items()}
-    table = {name: summarize(values) for name, values in per_task.items()}
-
-    plot_tasks(out / FIGURE, models, tasks, inner_lr=args.inner_lr, eval_steps=args.eval_steps)
+def _learning_curve(state: common.TrainingState, path: Path) -> None:
     window = max(1, min(100, state.iteration // 20))
     common.plot_curves({
         "MAML query MSE after adaptation (meta-loss)": common.moving_average(state.history["meta_loss"], window),
         "MAML query MSE before adaptation": common.moving_average(state.history["query_loss_before"], window),
         "pretrained training MSE": common.moving_average(state.history["baseline_loss"], window),
-    }, out / LEARNING_CURVE, title=f"sinusoid, moving average over {window} iterations", ylabel="MSE")
+    }, path, title=f"sinusoid, moving average over {window} iterations", ylabel="MSE")
 
+
+def _history(state: common.TrainingState) -> dict:
+    return {k: [float(f"{v:.6g}") for v in vs] for k, vs in state.history.items()}  # per iteration
+
+
+def _run(args, job: common.Job) -> dict:
+    device, out = job.device, job.out
+    state = new_state(args, device)
+    if args.resume:
+        state.restore(job.load_checkpoint(state), job.checkpoint_path)
+    start = state.iteration
+    files = {"checkpoint": job.checkpoint_path, "metrics": out / common.METRICS,
+             "learning curve": out / LEARNING_CURVE}
+
+    def write_progress_files() -> None:
+        """metrics.json (history so far, no evaluation yet) and the learning curve, with each checkpoint."""
+        common.write_json(files["metrics"], {
+            "job": "sinusoid", "status": "training", "config": state.config, "iteration": state.iteration,
+            "resumed_from": start if args.resume else None, "history": _history(state)})
+        _learning_curve(state, files["learning curve"])
+
+    job.say(f"sinusoid: {'resuming at' if args.resume else 'starting at'} iteration {start} of {args.iterations} "
+            f"on {device}; checkpoint every {job.checkpoint_every} iterations to {job.checkpoint_path}")
+    started = time.perf_counter()
+    bar = job.progress("sinusoid", args.iterations, initial=start)
+    while state.iteration < args.iterations and not job.stop_requested:
+        _train_iteration(state, args, device)
+        bar.update(1, loss=float(np.mean(state.history["meta_loss"][-100:])),
+                   pretrained=float(np.mean(state.history["baseline_loss"][-100:])))
+        if job.checkpoint_due(state.iteration, args.iterations):
+            job.checkpoint(state)
+            write_progress_files()
+    bar.close()
+    train_seconds = time.perf_counter() - started
+    if job.saved_iteration != state.iteration:
+        job.checkpoint(state)  # stopped between checkpoints, or resumed with nothing left to train
+    if job.stop_requested:
+        return job.stopped(state)
+
+    tasks = eval_set(args.eval_tasks, args.shots, args.eval_query)
+    tasks = EvalSet(tasks.batch.to(device), tasks.amplitude, tasks.phase)
+    models = {"MAML": state.model, "pretrained": state.baseline}
+    job.say(f"sinusoid: evaluating both networks on {args.eval_tasks} held-out tasks")
+    evaluating = job.progress("evaluation", len(models) * len(set([0, *args.eval_steps])), unit="evaluations",
+                              leave=False, interruptible=True)
+    try:
+        per_task = {name: evaluate(m, tasks, inner_lr=args.inner_lr, eval_steps=args.eval_steps,
+                                   progress=evaluating) for name, m in models.items()}
+    except common.Interrupted:
+        evaluating.close()
+        return job.stopped(state, " during the evaluation (training is complete)")
+    evaluating.close()
+    table = {name: summarize(values) for name, values in per_task.items()}
+
+    files["figure"] = out / FIGURE
+    plot_tasks(files["figure"], models, tasks, inner_lr=args.inner_lr, eval_steps=args.eval_steps)
+    _learning_curve(state, files["learning curve"])
     metrics = {
-        "job": "sinusoid", "config": config, "iteration": state.iteration,
+        "job": "sinusoid", "status": "done", "config": state.config, "iteration": state.iteration,
         "resumed_from": start if args.resume else None,
         "train_seconds_this_run": train_seconds,
         "eval": table,
         "eval_description": (f"query MSE on {args.eval_tasks} held-out tasks ({args.eval_query} query points each, "
                              f"{args.shots} support points), mean and 95% CI half-width, before adaptation "
                              f"and after k SGD steps at inner lr {args.inner_lr}"),
-        "history": {k: [float(f"{v:.6g}") for v in vs] for k, vs in state.history.items()},  # per iteration
+        "history": _history(state),
         "files": {"figure": FIGURE, "learning_curve": LEARNING_CURVE, "checkpoint": common.CHECKPOINT},
     }
-    common.write_json(out / common.METRICS, metrics)
-    if not args.quiet:
-        print(f"\nsinusoid, {state.iteration} iterations, {metrics['eval_description']}:")
-        print(format_table(table, args.eval_steps))
-        print(f"wrote {out / common.METRICS}, {out / FIGURE}, {out / LEARNING_CURVE}, {ckpt_path}")
+    common.write_json(files["metrics"], metrics)
+    print(f"\nsinusoid, {state.iteration} iterations, {metrics['eval_description']}:")
+    print(format_table(table, args.eval_steps))
+    job.summary("files:", files)
     return metrics
