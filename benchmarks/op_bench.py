@@ -34,7 +34,8 @@ except ModuleNotFoundError:  # run from a source checkout without installing
     import fastmaml
 
 from fastmaml.bench.workloads import select
-from fastmaml.ops import mlp_step, registry
+import fastmaml.engine
+from fastmaml.ops import registry
 
 
 def _map(obj, fn):
@@ -72,7 +73,7 @@ def record_calls(workload, device, learned_lr: bool) -> Dict[str, Dict[str, tupl
     learned scalar inner learning rate when `learned_lr`: the adjoint update then reduces its gradient)."""
     calls: Dict[str, Dict[str, tuple]] = {}
     saved = {name: impls["torch"] for name, impls in registry._IMPLS.items()}
-    try_whole_loop = mlp_step.try_meta_step
+    mlp_plan = fastmaml.engine.mlp_plan
 
     def wrap(name, fn):
         def recording(*args, **kwargs):
@@ -92,11 +93,11 @@ def record_calls(workload, device, learned_lr: bool) -> Dict[str, Dict[str, tupl
         lr = torch.tensor(workload.inner_lr, device=device, requires_grad=True) if learned_lr else workload.inner_lr
         for whole_loop_op in (True, False):  # an MLP runs as one op (mlp_meta_step); record the fused ops too
             if not whole_loop_op:
-                mlp_step.try_meta_step = lambda *args, **kwargs: None
+                fastmaml.engine.mlp_plan = lambda program, loss: (None, "recording the fused ops")
             fastmaml.meta_step(model, tasks, inner_lr=lr, steps=workload.steps, loss=workload.loss,
                                backend="torch", evaluate_before=False)
     finally:
-        mlp_step.try_meta_step = try_whole_loop
+        fastmaml.engine.mlp_plan = mlp_plan
         for name, fn in saved.items():
             registry._IMPLS[name]["torch"] = fn
         registry._CACHE.clear()
@@ -107,7 +108,7 @@ def implementations(name: str, device) -> Dict[str, Callable]:
     """Every backend's implementation of op `name` that runs on `device` (reference first)."""
     out = {}
     for backend, fn in registry._IMPLS[name].items():
-        if device.type not in registry._DEVICES.get((name, backend), (device.type,)):
+        if not registry.spec(name, backend).runs_on(device.type):
             continue
         if registry.availability(backend, device)[0]:
             out[backend] = fn
@@ -170,6 +171,9 @@ def bench(workloads, device, repeats: int, learned_lr: bool = False) -> dict:
                 refs = run_once(impls["torch"], args, kwargs)
                 base = None
                 for backend, fn in impls.items():
+                    supports = registry.spec(name, backend).supports
+                    if supports is not None and supports(*args, **kwargs) is not None:
+                        continue  # the registry gives these arguments the reference
                     row = dict(workload=w.name, op=name, args=sig, backend=backend, auto=auto[name][0] == backend)
                     try:
                         row["error"], row["index_mismatch"] = (

@@ -3,7 +3,7 @@ from .api import AdaptedModel, adapt, meta_step
 from .batchnorm import BN_MODES, add_per_step_stats
 from .errors import BackendUnavailable, NonFiniteError
 from .explain import explain
-from .inner_loop import ORDERS, InnerLoop
+from .engine import ORDERS, InnerLoop
 from .msl import msl_weights
 from .result import MetaResult
 from .tasks import TaskBatch

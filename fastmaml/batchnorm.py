@@ -22,7 +22,8 @@ from torch import nn
 
 BN_MODES = ("batch", "frozen", "per_step")
 Stats = List[Tuple[torch.Tensor, torch.Tensor]]  # per BatchNorm layer: (mean [C], biased var [C])
-BatchStats = List[Tuple[torch.Tensor, torch.Tensor, int]]  # per layer: (mean [T, C], biased var [T, C], count)
+# per layer: (mean [T, C], biased var [T, C], count), or None for a layer the forward does not call
+BatchStats = List[Optional[Tuple[torch.Tensor, torch.Tensor, int]]]
 
 
 def bn_layers(model: nn.Module) -> List[Tuple[str, nn.modules.batchnorm._BatchNorm]]:
@@ -87,8 +88,11 @@ class NormPlan:
     def update(self, j: int, batch_stats: BatchStats) -> None:
         """Momentum update of step j's statistics from per-task batch statistics (see `BatchStats`;
         count: values per channel per task, for the unbiased variance that nn.BatchNorm keeps).
-        A layer with momentum=None uses 0.1."""
-        for m, (mean, var, n) in zip(self.layers, batch_stats):
+        A layer with momentum=None uses 0.1; a layer the forward does not call (None) is left as it is."""
+        for m, stats in zip(self.layers, batch_stats):
+            if stats is None:
+                continue
+            mean, var, n = stats
             if j >= len(m.step_running_mean):
                 raise ValueError(
                     f"batch_norm='per_step': training ran inner step {j} but the layers keep statistics "

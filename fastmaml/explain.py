@@ -1,4 +1,4 @@
-"""`fastmaml.explain(model, loss)`: which Program a model runs on, and why."""
+"""`fastmaml.explain(model, loss)`: which engine runs a model, its graph of rules, or why it falls back."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,46 +6,70 @@ from typing import Optional
 
 from torch import nn
 
-from .layout import ParamLayout
+from .engine import mlp_plan
+from .layout import InnerParams, ParamLayout
 from .losses import LossLike, resolve_loss
-from .ops import mlp_step
 from .programs import fused
+from .programs.base import MODEL_CALL_LOCK
 
 
 @dataclass(frozen=True)
 class Explanation:
-    """program: "fused" or "torch.func"; for a fallback, `module` / `kind` name the culprit
-    (module "" when the loss is the reason) and `reason` says why. `layers`: the fused plan.
-    mlp_op: `meta_step` runs the model as one whole-inner-loop MLP op (ops/mlp_step.py) when all its
-    parameters adapt and the order is "second", "checkpoint" or "first"."""
+    """What runs a model.
+
+    Attributes:
+        program: "fused" or "torch.func".
+        module, kind: for a fallback, the culprit: a module path and type, or an fx node name and its
+            operation ("" module when the loss is the reason).
+        reason: why the fused engine cannot run it.
+        source: the line of the model's code ("file:line: code") where fx knows it.
+        layers: the fused graph, one line per node (`v3 = layer1.0 (Conv2d)(v2)`).
+        mlp_op: `meta_step` runs the model as one whole-inner-loop MLP op (orders second, checkpoint and
+            first, no step weights).
+    """
 
     program: str
     module: Optional[str] = None
     kind: Optional[str] = None
     reason: Optional[str] = None
+    source: str = ""
     layers: tuple = ()
     mlp_op: bool = False
 
     def __str__(self) -> str:
         if self.program == "fused":
-            plan = "fused engine: " + " -> ".join(self.layers)
+            head = "fused engine"
             if self.mlp_op:
-                plan += ("; meta_step with every parameter adapted runs it as the whole-inner-loop MLP op "
-                         "(orders second, checkpoint, first)")
-            return plan
-        culprit = f"module {self.module!r} ({self.kind})" if self.module else "the loss"
-        return f"torch.func fallback: {culprit}: {self.reason}"
+                head += ("; meta_step runs it as the whole-inner-loop MLP op (orders second, checkpoint, first, "
+                         "without step weights)")
+            return head + ":\n  " + "\n  ".join(self.layers)
+        culprit = f"{self.module!r} ({self.kind})" if self.module else "the loss"
+        where = f"\n  at {self.source}" if self.source else ""
+        return f"torch.func fallback: {culprit}: {self.reason}{where}"
 
 
-def explain(model: nn.Module, loss: LossLike = "mse") -> Explanation:
-    """Says whether `meta_step`/`adapt` run `model` with `loss` on the fused engine or fall back to the
-    torch.func program, naming the module (path and type) that causes a fallback."""
+def explain(model: nn.Module, loss: LossLike = "mse", inner_params: InnerParams = None) -> Explanation:
+    """Says whether `meta_step`/`adapt` run `model` with `loss` on the fused engine (and how) or fall back to
+    the torch.func program, naming the module or traced operation (with its source line) that causes a
+    fallback.
+
+    Args:
+        model: the model as passed to `meta_step`.
+        loss: the loss as passed to `meta_step`.
+        inner_params: as passed to `meta_step` (decides whether the MLP op applies).
+
+    Returns:
+        An `Explanation`; `print` it for a readable summary.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    layout = ParamLayout(model, inner_params)
+    loss_obj = resolve_loss(loss)
     try:
-        fused.check_loss(resolve_loss(loss))
-        rules = fused.compile_model(model)
+        fused.check_loss(loss_obj)
+        with MODEL_CALL_LOCK:
+            graph = fused.compile_model(model, layout)
     except fused.Unsupported as e:
-        return Explanation("torch.func", e.module, e.kind, e.reason)
-    mlp_op = mlp_step.why_not(model, ParamLayout(model), resolve_loss(loss)) is None
-    return Explanation("fused", layers=tuple(r.describe() for r in rules), mlp_op=mlp_op)
+        return Explanation("torch.func", e.module, e.kind, e.reason, e.source)
+    program = fused.FusedProgram(layout, loss_obj, graph, fused.check_loss(loss_obj))
+    return Explanation("fused", layers=tuple(program.describe()), mlp_op=mlp_plan(program, loss_obj)[0] is not None)

@@ -13,6 +13,7 @@ the reverse sweep flows back to whatever the user learns.
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Mapping, Sequence, Union
 
@@ -53,8 +54,8 @@ def _one(lr, group: FlatGroup, like: torch.Tensor, where: str) -> torch.Tensor:
     if isinstance(lr, bool):
         raise TypeError(f"{where}: expected a float, a tensor or a dict of tensors, got a bool")
     if isinstance(lr, numbers.Real):
-        if not lr > 0:
-            raise ValueError(f"{where}: the learning rate must be positive, got {lr}")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"{where}: the learning rate must be positive and finite, got {lr}")
         return torch.tensor(float(lr), dtype=like.dtype, device=like.device)
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1:
@@ -98,6 +99,9 @@ def _per_parameter(lr: Mapping, group: FlatGroup, like: torch.Tensor, where: str
                 f"got shape {tuple(t.shape)}"
             )
         _check_tensor(t, key)
+        if not t.requires_grad and not bool((t > 0).all()):
+            raise ValueError(f"{key}: the learning rate must be positive, got {t.min().item()} (a rate of 0 "
+                             "freezes a parameter: leave it out of inner_params instead)")
         t = t.to(dtype=like.dtype, device=like.device)
         parts.append(t.reshape(-1).expand(slot.numel) if t.numel() == 1 else t.reshape(-1))
     return torch.cat(parts)

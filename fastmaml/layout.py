@@ -113,4 +113,7 @@ def _select(named, inner_params: InnerParams) -> set[str]:
                 f"the model's parameters are {names}"
             )
         chosen |= hits
+    if not chosen:
+        raise ValueError("inner_params: an empty list adapts nothing; pass None to adapt every parameter, or "
+                         f"names among {names}")
     return chosen

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +38,27 @@ class Loss:
     fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     classification: bool
 
-    def check_targets(self, y: torch.Tensor, field: str) -> None:
-        if self.name == "cross_entropy" and y.dtype != torch.long:
-            raise TypeError(f"tasks.{field}: loss='cross_entropy' needs int64 class indices, got {y.dtype}")
-        if self.name == "mse" and not y.is_floating_point():
-            raise TypeError(f"tasks.{field}: loss='mse' needs floating-point targets, got {y.dtype}")
+    @property
+    def builtin(self) -> bool:
+        """Whether this is one of the named losses (which the fused engine differentiates by hand)."""
+        named = _NAMED.get(self.name)
+        return named is not None and named.fn is self.fn
+
+    def check_targets(self, y: torch.Tensor, field: str, like: Optional[torch.Tensor] = None) -> None:
+        """Targets the named losses take: int64 class indices >= 0 (cross-entropy; the upper bound is checked
+        once the model's outputs are known), floating point of the inputs' dtype (MSE). `like`: the inputs."""
+        if self.name == "cross_entropy" and self.builtin:
+            if y.dtype != torch.long:
+                raise TypeError(f"{field}: loss='cross_entropy' needs int64 class indices, got {y.dtype}")
+            if y.numel() and y.device.type != "meta" and int(y.min()) < 0:
+                raise ValueError(f"{field}: class indices must be >= 0, got {int(y.min())} (fastmaml has no "
+                                 "ignore_index: drop those examples instead)")
+        if self.name == "mse" and self.builtin:
+            if not y.is_floating_point():
+                raise TypeError(f"{field}: loss='mse' needs floating-point targets, got {y.dtype}")
+            if like is not None and y.dtype != like.dtype:
+                raise TypeError(f"{field}: dtype {y.dtype} differs from the inputs' {like.dtype}; convert the "
+                                "targets (e.g. y.to(x.dtype))")
 
 
 _NAMED = {"mse": Loss("mse", mse, False), "cross_entropy": Loss("cross_entropy", cross_entropy, True)}

@@ -1,12 +1,15 @@
-"""Ready-made few-shot classification networks from the MAML paper (Finn et al. 2017), as plain
-`nn.Sequential`s of standard layers (so any Program, fused or torch.func, can run them).
+"""Ready-made few-shot classification networks: the conv4 and fully connected nets of the MAML paper
+(Finn et al. 2017), as `nn.Sequential`s of standard layers, and ResNet-12 (Lee et al. 2019, the
+MetaOptNet / learn2learn layout), written as classes with a `forward` as users write models.
 
-Both take images `[N, C, H, W]` and return logits `[N, num_classes]`.
+All take images `[N, C, H, W]` and return logits `[N, num_classes]`.
 """
 from __future__ import annotations
 
 import numbers
+from typing import Sequence
 
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -60,3 +63,65 @@ def omniglot_mlp(num_classes: int, in_features: int = 784) -> nn.Sequential:
         width = out
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
+
+
+class ResNet12Block(nn.Module):
+    """Three conv3×3 (no bias) + BatchNorm2d, LeakyReLU(0.1) after the first two; a conv1×1 + BatchNorm2d
+    shortcut; `out += shortcut`, LeakyReLU(0.1), MaxPool2d(2). `[N, cin, H, W]` -> `[N, cout, H/2, W/2]`."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv3 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.LeakyReLU(0.1)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.maxpool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += self.downsample(x)
+        return self.maxpool(self.relu(out))
+
+
+class ResNet12(nn.Module):
+    """ResNet-12: four `ResNet12Block`s of `widths` channels, a global average pool and a Linear head
+    (`self.classifier`, the part ANIL adapts: `inner_params=["classifier"]`). DropBlock is left out: it is
+    random, and exact meta-gradients need a deterministic model.
+
+    Input `[N, in_channels, H, W]` (84×84 for mini-ImageNet: 84 → 42 → 21 → 10 → 5), output `[N, num_classes]`.
+    """
+
+    def __init__(self, num_classes: int, widths: Sequence[int] = (64, 160, 320, 640), in_channels: int = 3):
+        super().__init__()
+        num_classes = _positive_int(num_classes, "num_classes")
+        in_channels = _positive_int(in_channels, "in_channels")
+        widths = tuple(widths)
+        if len(widths) != 4:
+            raise ValueError(f"widths: expected 4 block widths, got {widths!r}")
+        widths = tuple(_positive_int(w, "widths") for w in widths)
+        blocks, cin = [], in_channels
+        for w in widths:
+            blocks.append(ResNet12Block(cin, w))
+            cin = w
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Linear(widths[-1], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+
+    def forward(self, x):
+        x = self.features(x)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return self.classifier(x)
+
+
+def resnet12(num_classes: int, widths: Sequence[int] = (64, 160, 320, 640), in_channels: int = 3) -> ResNet12:
+    """ResNet-12 with block widths `widths` (MetaOptNet / learn2learn: 64-160-320-640; a small one for CPUs:
+    16-32-64-128)."""
+    return ResNet12(num_classes, widths, in_channels)

@@ -73,7 +73,7 @@ def test_bad_steps(model, tasks, steps, exc, msg):
 
 @pytest.mark.parametrize("lr", [0.0, -0.1])
 def test_non_positive_lr(model, tasks, lr):
-    with pytest.raises(ValueError, match=f"inner_lr: the learning rate must be positive, got {lr}"):
+    with pytest.raises(ValueError, match=f"inner_lr: the learning rate must be positive and finite, got {lr}"):
         fastmaml.meta_step(model, tasks, inner_lr=lr)
     with pytest.raises(ValueError, match="inner_lr: the learning rate must be positive"):
         fastmaml.meta_step(model, tasks, inner_lr=torch.tensor(lr, dtype=torch.float64))
@@ -169,3 +169,86 @@ def test_nan_in_query_is_reported(model, tasks):
     # check_finite=False lets it through (user's choice)
     res = fastmaml.meta_step(model, (sx, sy, qx, qy), check_finite=False)
     assert not torch.isfinite(res.meta_loss)
+
+
+def _ce_tasks(T=2):
+    from models import classification_tasks
+
+    return classification_tasks(T=T)
+
+
+@pytest.mark.parametrize("bad_label, match", [(5, r"tasks.support_y: class index 5 is out of range for the model's 5"),
+                                              (-1, r"tasks.support_y: class indices must be >= 0, got -1"),
+                                              (-100, r"no ignore_index")])
+@pytest.mark.parametrize("fused", [True, False])
+def test_class_labels_out_of_range(bad_label, match, fused):
+    from models import small_cnn
+
+    model = small_cnn(channels=2)
+    if not fused:
+        model = nn.Sequential(model, nn.Softsign())  # no rule for Softsign: the torch.func program
+    sx, sy, qx, qy = _ce_tasks()
+    sy = sy.clone()
+    sy[1, 0] = bad_label
+    with pytest.raises(ValueError, match=match):
+        fastmaml.meta_step(model, (sx, sy, qx, qy), loss="cross_entropy")
+    with pytest.raises(ValueError, match=match.replace("tasks.", "")):
+        fastmaml.adapt(model, sx, sy, loss="cross_entropy")
+    qy = qy.clone()
+    qy[0, 1] = 7
+    with pytest.raises(ValueError, match="tasks.query_y: class index 7"):
+        fastmaml.meta_step(model, (sx, _ce_tasks()[1], qx, qy), loss="cross_entropy")
+
+
+def test_target_dtype_must_match_inputs(model, tasks):
+    sx, sy, qx, qy = tasks
+    with pytest.raises(TypeError, match=r"tasks.support_y: dtype torch.float32 differs from the inputs' torch.float64"):
+        fastmaml.meta_step(model, (sx, sy.float(), qx, qy.float()))
+
+
+def test_meta_device(tasks):
+    with pytest.raises(ValueError, match="tasks.support_x: on the meta device"):
+        fastmaml.meta_step(mlp((1, 6, 1)), tuple(t.to("meta") for t in tasks))
+    with pytest.raises(ValueError, match="model: on the meta device"):
+        fastmaml.meta_step(mlp((1, 6, 1)).to("meta"), tasks)
+
+
+@pytest.mark.parametrize("lr, match", [(float("inf"), "inner_lr: the learning rate must be positive and finite"),
+                                       (0.0, "inner_lr: the learning rate must be positive"),
+                                       ({"0.weight": 0.0, "0.bias": 0.1, "2.weight": 0.1, "2.bias": 0.1},
+                                        r"inner_lr\['0.weight'\]: the learning rate must be positive"),
+                                       ({"0.weight": -0.1, "0.bias": 0.1, "2.weight": 0.1, "2.bias": 0.1},
+                                        r"inner_lr\['0.weight'\]: the learning rate must be positive")])
+def test_bad_learning_rates(model, tasks, lr, match):
+    with pytest.raises(ValueError, match=match):
+        fastmaml.meta_step(model, tasks, inner_lr=lr)
+
+
+def test_empty_inner_params(model, tasks):
+    with pytest.raises(ValueError, match="inner_params: an empty list adapts nothing"):
+        fastmaml.meta_step(model, tasks, inner_params=[])
+
+
+def test_model_returning_a_tuple(tasks):
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(1, 1)
+
+        def forward(self, x):
+            return self.lin(x), x
+
+    e = fastmaml.explain(Pair())
+    assert e.program == "torch.func" and "returns a tuple" in e.reason
+    with pytest.raises(TypeError, match="model: forward returned tuple"):
+        fastmaml.meta_step(Pair().double(), tasks)
+
+
+def test_huge_steps_fail_up_front_naming_steps(model, tasks):
+    """The memory a call needs is checked before anything is allocated."""
+    with pytest.raises(MemoryError, match=r"steps: 10000000000 inner steps with order='second' need about"):
+        fastmaml.meta_step(model, tasks, steps=10**10)
+    with pytest.raises(MemoryError, match=r"steps: .*order='checkpoint' \(memory grows as log K\)"):
+        fastmaml.meta_step(nn.Sequential(nn.Linear(1, 4000), nn.Tanh(), nn.Linear(4000, 1)).double(), tasks,
+                           steps=10**10, order="first", inner_lr=torch.tensor(0.01, dtype=torch.float64,
+                                                                           requires_grad=True))

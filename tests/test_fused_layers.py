@@ -10,12 +10,14 @@ from torch.func import functional_call
 
 from fastmaml.layout import ParamLayout
 from fastmaml.losses import resolve_loss
+from fastmaml.ops import resolve
 from fastmaml.programs import fused
 from fastmaml.programs.fused import conv
 from oracle import rel_err
 
 TOL = 1e-9
 D = torch.float64
+OPS = resolve("torch", "cpu")
 
 
 def per_task_oracle(model, layout, loss_fn, phi, shared, x, y, u, bn_stats=None):
@@ -59,11 +61,11 @@ def check_program(model, x, y, *, loss="mse", inner_params=None, bn_stats=None, 
     shared_grad = theta_s.numel() > 0
     for weights in (phi, theta_a):  # per-task fast weights, and θ common to all tasks (step 0)
         ref = per_task_oracle(model, layout, loss_obj.fn, weights, theta_s, x, y, u, bn_stats)
-        lg = program.loss_grad(weights, theta_s, x, y, shared_grad=shared_grad, bn_stats=bn_stats)
+        lg = program.loss_grad(OPS, weights, theta_s, x, y, shared_grad=shared_grad, bn_stats=bn_stats)
         assert rel_err(lg.loss, ref["loss"]) < TOL
         assert rel_err(lg.output, ref["out"]) < TOL
         assert rel_err(lg.grad, ref["ga"]) < TOL
-        h = program.hvp(weights, theta_s, x, y, u, shared_grad=shared_grad, bn_stats=bn_stats)
+        h = program.hvp(OPS, weights, theta_s, x, y, u, shared_grad=shared_grad, bn_stats=bn_stats)
         assert rel_err(h.grad, ref["ga"]) < TOL
         assert rel_err(h.hu, ref["ha"]) < TOL
         if shared_grad:
@@ -72,11 +74,11 @@ def check_program(model, x, y, *, loss="mse", inner_params=None, bn_stats=None, 
         else:
             assert lg.grad_shared is None and h.hu_shared is None
         # the same rules without a shared gradient stop earlier in the backward sweep
-        h2 = program.hvp(weights, theta_s, x, y, u, bn_stats=bn_stats)
+        h2 = program.hvp(OPS, weights, theta_s, x, y, u, bn_stats=bn_stats)
         assert rel_err(h2.hu, ref["ha"]) < TOL
         # forward is differentiable by ordinary autograd (AdaptedModel): its loss gradient matches
         w = weights.clone().requires_grad_(True)
-        out = program.forward(w, theta_s, x, bn_stats=bn_stats)
+        out = program.forward(OPS, w, theta_s, x, bn_stats=bn_stats)
         assert rel_err(out, ref["out"]) < TOL
         (gw,) = torch.autograd.grad(sum(loss_obj.fn(out[t], y[t]) for t in range(T)), w)
         assert rel_err(gw, ref["ga"] if weights.dim() == 2 else ref["ga"].sum(0)) < TOL
@@ -118,7 +120,7 @@ def test_linear_on_extra_dims_and_mse_shape_error():
     program = check_program(model, x, y)
     theta_a, theta_s = ParamLayout(model).theta()
     with pytest.raises(ValueError, match="loss='mse'"):
-        program.loss_grad(theta_a.detach(), theta_s, x, y[..., :1])
+        program.loss_grad(OPS, theta_a.detach(), theta_s, x, y[..., :1])
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["adapted", "shared-body"])
@@ -175,7 +177,7 @@ def test_identity_and_eval_dropout_are_skipped():
     model = model.double()
     model[2].eval()
     program = check_program(model, *vec_data(2, 4, 3, 1))
-    assert [r.kind for r in program.rules] == ["Linear", "ReLU", "Linear"]
+    assert [n.rule.kind for n in program.nodes] == ["Linear", "ReLU", "Linear"]
 
 
 def test_batch_stats_match_the_layer_inputs():
@@ -184,7 +186,7 @@ def test_batch_stats_match_the_layer_inputs():
     layout = ParamLayout(model)
     program = fused.build(model, layout, resolve_loss("mse"))
     theta_a, theta_s = (t.detach() for t in layout.theta())
-    [(mean, var, count)] = program.batch_stats(theta_a, theta_s, x)
+    [(mean, var, count)] = program.batch_stats(OPS, theta_a, theta_s, x)
     h = model[0](x)
     assert count == 5
     assert rel_err(mean, h.mean(1)) < TOL and rel_err(var, h.var(1, unbiased=False)) < TOL
@@ -196,14 +198,14 @@ def test_input_shape_errors_name_the_layer():
     program = fused.build(model, layout, resolve_loss("mse"))
     theta_a, theta_s = (t.detach() for t in layout.theta())
     with pytest.raises(ValueError, match=r"model layer 0 \(Conv2d\): expected per-task inputs \[T, N, 2"):
-        program.loss_grad(theta_a, theta_s, torch.randn(2, 3, 1, 3, 3, dtype=D), torch.randn(2, 3, 1, dtype=D))
+        program.loss_grad(OPS, theta_a, theta_s, torch.randn(2, 3, 1, 3, 3, dtype=D), torch.randn(2, 3, 1, dtype=D))
     with pytest.raises(ValueError, match=r"model layer 2 \(Linear\): expected inputs with 3 features"):
-        program.loss_grad(theta_a, theta_s, torch.randn(2, 3, 2, 4, 4, dtype=D), torch.randn(2, 3, 1, dtype=D))
+        program.loss_grad(OPS, theta_a, theta_s, torch.randn(2, 3, 2, 4, 4, dtype=D), torch.randn(2, 3, 1, dtype=D))
 
 
 def test_batchnorm_ops_batch_statistics_formulas():
     """The by-hand batch-statistics BatchNorm ops (reference for kernels) against autograd."""
-    from fastmaml.ops import layers
+    from fastmaml.ops.reference import batchnorm as layers
 
     g = torch.Generator().manual_seed(7)
     T, N, C, S = 2, 5, 3, 4

@@ -10,7 +10,8 @@ import fastmaml
 from fastmaml.layout import ParamLayout
 from fastmaml.losses import resolve_loss
 from fastmaml.models import conv4
-from fastmaml.ops import mlp_step
+import fastmaml.engine
+import conftest
 from fastmaml.programs import select_program
 from fastmaml.programs.fused import FusedProgram
 from fastmaml.programs.fused import conv
@@ -22,10 +23,10 @@ ORDERS = ["second", "checkpoint", "first"]
 
 
 @pytest.fixture(autouse=True)
-def no_mlp_op(monkeypatch):
+def fused_engine_only(monkeypatch):
     """MLPs under MSE would take the whole-inner-loop MLP op (tests/test_kernels_mlp.py): test the
     fused engine here."""
-    monkeypatch.setattr(mlp_step, "try_meta_step", lambda *args, **kwargs: None)
+    monkeypatch.setattr(fastmaml.engine, "mlp_plan", conftest.no_mlp_op)
 
 
 def mse(out, y):

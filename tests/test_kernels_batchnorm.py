@@ -1,5 +1,5 @@
-"""Triton BatchNorm kernels (kernels/batchnorm.py via fastmaml/ops/triton_norm.py) against the torch
-references (fastmaml/ops/layers.py), on CUDA or under the Triton interpreter on CPU; and meta_step
+"""Triton BatchNorm kernels (kernels/batchnorm.py via fastmaml/ops/backends/triton_norm.py) against the torch
+references (fastmaml/ops/reference/), on CUDA or under the Triton interpreter on CPU; and meta_step
 with backend="triton" on a conv net with BatchNorm against the autograd oracle (float64)."""
 import os
 
@@ -11,7 +11,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import fastmaml  # noqa: E402
-from fastmaml.ops import registry, triton_norm  # noqa: E402
+from fastmaml.ops import registry  # noqa: E402
+from fastmaml.ops.backends import triton_norm  # noqa: E402
 from models import classification_tasks, small_cnn  # noqa: E402
 from oracle import assert_grads_close, autograd_meta_grad, rel_err  # noqa: E402
 
@@ -31,7 +32,7 @@ def triton_backend():
 
 
 def impls(name):
-    return registry._IMPLS[name]["torch"], registry._IMPLS[name]["triton"]
+    return registry.implementation(name, "torch"), registry.implementation(name, "triton")
 
 
 def assert_close(got, want, dtype, what, scale=1.0):

@@ -1,5 +1,5 @@
 """BatchNorm followed by ReLU as one rule: the Triton kernels (kernels/batchnorm_relu.py via
-fastmaml/ops/triton_norm.py) against the torch references (fastmaml/ops/layers.py), on CUDA or under
+fastmaml/ops/backends/triton_norm.py) against the torch references (fastmaml/ops/reference/), on CUDA or under
 the Triton interpreter on CPU; the compiler's fusion; meta_step through the fused rule against the
 autograd oracle (float64), backends torch and triton."""
 import os
@@ -16,7 +16,8 @@ import fastmaml  # noqa: E402
 from fastmaml.layout import ParamLayout  # noqa: E402
 from fastmaml.losses import resolve_loss  # noqa: E402
 from fastmaml.models import conv4  # noqa: E402
-from fastmaml.ops import registry, triton_norm  # noqa: E402
+from fastmaml.ops import registry  # noqa: E402
+from fastmaml.ops.backends import triton_norm  # noqa: E402
 from fastmaml.programs import select_program  # noqa: E402
 from fastmaml.programs.fused import FusedProgram, build, compile_model  # noqa: E402
 from fastmaml.programs.fused.norm import BatchNormRule  # noqa: E402
@@ -38,7 +39,7 @@ def triton_backend():
 
 
 def impls(name):
-    return registry._IMPLS[name]["torch"], registry._IMPLS[name]["triton"]
+    return registry.implementation(name, "torch"), registry.implementation(name, "triton")
 
 
 def relu_case(T, N, C, S, weights, dtype):
@@ -163,7 +164,7 @@ def test_bad_inputs_name_the_argument():
 
 
 def kinds(model):
-    return [(type(r).__name__, r.describe()) for r in compile_model(model)]
+    return [(type(r).__name__, r.describe()) for r in compile_model(model).chain_rules()]
 
 
 def test_compiler_fuses_batchnorm_relu_pairs_only():
@@ -175,11 +176,13 @@ def test_compiler_fuses_batchnorm_relu_pairs_only():
         ("BatchNormRule", "2 (BatchNorm2d)"), ("TanhRule", "3 (Tanh)"), ("ReLURule", "4 (ReLU)"),
         ("BatchNormReLURule", "5+7 (BatchNorm2d+ReLU)"), ("BatchNormRule", "8 (BatchNorm2d)"),
         ("FlattenRule", "9 (Flatten)"), ("LinearRule", "10 (Linear)"), ("BatchNormRule", "11 (BatchNorm1d)")]
-    rules = compile_model(model)
+    rules = compile_model(model).chain_rules()
     assert [r.index for r in rules if isinstance(r, BatchNormRule)] == [0, 1, 2, 3, 4]
     # the parameters still belong to the BatchNorm modules' paths
     program = build(model.double(), ParamLayout(model), resolve_loss("cross_entropy"))
-    assert [r.path for _, r in program.norms] == ["0.1", "2", "5", "8", "11"]
+    names = program.layout.adapted.names
+    assert [names[program.nodes[i].params[0].index] for i, _ in program.norms] == [
+        "0.1.weight", "2.weight", "5.weight", "8.weight", "11.weight"]
     assert isinstance(program.norms[0][1], BatchNormReLURule)
 
 
@@ -193,7 +196,7 @@ def test_meta_step_conv4_matches_oracle(backend, order, monkeypatch):
     model = conv4(1, 2, hidden=2, image_size=16).double().to(DEVICE)
     program = select_program(model, ParamLayout(model), resolve_loss("cross_entropy"))
     assert isinstance(program, FusedProgram)
-    assert sum(isinstance(r, BatchNormReLUMaxPoolRule) for r in program.rules) == 4
+    assert sum(isinstance(r, BatchNormReLUMaxPoolRule) for r in program.graph.chain_rules()) == 4
     table = registry.resolve(backend, DEVICE)
     assert {table.chosen[n][0] for n in table.chosen if n.startswith("batchnorm_relu")} == {backend}
     tasks = [t.to(DEVICE) for t in classification_tasks(T=2, ways=2, shots=1, query=1, size=16)]

@@ -1,5 +1,5 @@
 """Triton linear-layer kernels (kernels/linear.py) against the fused engine's torch references
-(fastmaml/ops/layers.py), on CUDA or under the Triton interpreter on CPU; and meta_step with them."""
+(fastmaml/ops/reference/), on CUDA or under the Triton interpreter on CPU; and meta_step with them."""
 import os
 
 import pytest
@@ -27,7 +27,7 @@ def triton_backend():
 
 
 def both(name):
-    return registry._IMPLS[name]["triton"], registry._IMPLS[name]["torch"]
+    return registry.implementation(name, "triton"), registry.implementation(name, "torch")
 
 
 def randn(gen, dtype, *shape):

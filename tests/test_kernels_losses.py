@@ -1,5 +1,5 @@
 """Triton loss kernels (kernels/cross_entropy.py, kernels/mse.py) against the fused engine's torch
-references (fastmaml/ops/layers.py), on CUDA or under the Triton interpreter on CPU."""
+references (fastmaml/ops/reference/), on CUDA or under the Triton interpreter on CPU."""
 import os
 
 import pytest
@@ -22,7 +22,7 @@ def triton_backend():
 
 
 def impl(name, backend):
-    return registry._IMPLS[name][backend]
+    return registry.implementation(name, backend)
 
 
 def rel(a, b):

@@ -7,11 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fastmaml.engine
+from conftest import no_mlp_op
 from fastmaml import build
+from fastmaml.engine.mlp import MlpEngine
 from fastmaml.layout import ParamLayout
 from fastmaml.losses import resolve_loss
-from fastmaml.ops import mlp_step
-from fastmaml.ops.mlp_step import kernel_runs, mlp_meta_step, mlp_plan, why_not
+from fastmaml.ops import registry, resolve
+from fastmaml.programs import select_program
 from models import mlp, regression_tasks
 from oracle import autograd_meta_grad, rel_err
 
@@ -37,42 +40,74 @@ def extension():
 CASES = [(d, b) for d in DEVICES for b in ("cpp", "cpp-baseline", "torch") if d.type == "cpu" or b != "cpp-baseline"]
 
 
+# with the orders each runs: the C++ kernel keeps every step, so "checkpoint" (memory growing as log K) runs
+# the reference
+CASE_ORDERS = [(d, b, o) for d, b in CASES for o in ORDERS if not (b.startswith("cpp") and o == "checkpoint")]
+
+
+def _select(request, monkeypatch, device, name):
+    monkeypatch.setenv("FASTMAML_CPU_ISA", "baseline" if name == "cpp-baseline" else "auto")
+    return device, name.split("-")[0]
+
+
 @pytest.fixture(params=CASES, ids=[f"{d}-{b}" for d, b in CASES])
 def case(request, monkeypatch):
     """(device, backend) of the op under test."""
-    device, name = request.param
-    monkeypatch.setenv("FASTMAML_CPU_ISA", "baseline" if name == "cpp-baseline" else "auto")
-    return device, name.split("-")[0]
+    return _select(request, monkeypatch, *request.param)
+
+
+@pytest.fixture(params=CASE_ORDERS, ids=[f"{d}-{b}-{o}" for d, b, o in CASE_ORDERS])
+def case_order(request, monkeypatch):
+    """(device, backend, order) of the op under test."""
+    device, name, order = request.param
+    return (*_select(request, monkeypatch, device, name), order)
 
 
 def flat(grads, layout):
     return torch.cat([grads[n].reshape(-1) for n in layout.adapted.names])
 
 
+def why_not(model, layout, loss=MSE):
+    """The MLP engine's reason for not running `model` ("" when it does)."""
+    return fastmaml.engine.mlp_plan(select_program(model, layout, loss), loss)[1]
+
+
+def plan_of(model, layout):
+    plan, why = fastmaml.engine.mlp_plan(select_program(model, layout, MSE), MSE)
+    assert plan is not None, why
+    return plan
+
+
+def kernel_takes(plan, theta, order="second"):
+    """Whether the C++ implementation takes these arguments (else the registry runs the reference)."""
+    return registry.spec("mlp_meta_step", "cpp").supports(plan, theta, None, None, None, None, [], order) is None
+
+
 def run_op(model, tasks, inner_lr, steps, order, device, backend):
+    """The op's `backend` implementation itself (no fallback) on `model`."""
     layout = ParamLayout(model)
-    plan = mlp_plan(model, layout, MSE)
-    assert plan is not None, why_not(model, layout, MSE)
+    plan = plan_of(model, layout)
     theta, _ = layout.theta()
     if backend == "cpp":
-        assert kernel_runs(plan, theta.to(device)), mlp_step.supports_device(plan, device)[1]
+        assert kernel_takes(plan, theta.to(device), order)
     lrs = inner_lr if isinstance(inner_lr, list) else [inner_lr] * steps
     alphas = [(lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=theta.dtype)).to(device)
               for lr in lrs]
     lr_grad = [a.requires_grad for a in alphas]
-    out = mlp_meta_step(plan, theta.detach().to(device), *[t.to(device) for t in tasks], alphas,
-                        order=order, lr_grad=lr_grad, backend=backend)
+    op = registry.implementation("mlp_meta_step", backend)
+    out = op(plan, theta.detach().to(device), *[t.to(device) for t in tasks], [a.detach() for a in alphas], order,
+             lr_grad, True)
     return layout, out
 
 
+
 @pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
-@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("widths,T,steps", [
     ((1, 40, 40, 1), 4, 1), ((1, 40, 40, 1), 3, 5), ((1, 13, 7, 1), 1, 2), ((3, 5, 2), 2, 3),
     ((2, 1), 3, 4), ((4, 9, 11, 6, 3), 2, 2), ((2, 5, 3), 2, 0),
 ])
-def test_float64_matches_oracle(case, act, order, widths, T, steps):
-    device, backend = case
+def test_float64_matches_oracle(case_order, act, widths, T, steps):
+    device, backend, order = case_order
     torch.manual_seed(sum(widths) + T + steps)
     model = mlp(widths, act=act)
     tasks = regression_tasks(T=T, ns=7, nq=5, din=widths[0], dout=widths[-1], seed=steps)
@@ -83,9 +118,8 @@ def test_float64_matches_oracle(case, act, order, widths, T, steps):
     assert rel_err(out.query_loss_after.mean().cpu(), ref_loss) < 1e-12
 
 
-@pytest.mark.parametrize("order", ORDERS)
-def test_learned_and_per_parameter_learning_rates(case, order):
-    device, backend = case
+def test_learned_and_per_parameter_learning_rates(case_order):
+    device, backend, order = case_order
     model = mlp((1, 11, 6, 1))
     tasks = regression_tasks(T=3, ns=6, nq=4)
     P = sum(p.numel() for p in model.parameters())
@@ -141,14 +175,27 @@ def test_float32_error_like_autograd_loop(case, steps):
 
 
 def test_why_not_names_the_reason():
-    assert why_not(nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)).double(),
-                   ParamLayout(nn.Sequential(nn.Linear(2, 3))), resolve_loss("cross_entropy")).startswith("loss")
-    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Linear(2, 1))
-    assert "nn.Linear" in why_not(conv, ParamLayout(conv), MSE)
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)).double()
+    assert "MSE only" in why_not(model, ParamLayout(model), resolve_loss("cross_entropy"))
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2, 1))
+    assert "chain Linear, act" in why_not(conv, ParamLayout(conv))
     mixed = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1))
-    assert "one activation" in why_not(mixed, ParamLayout(mixed), MSE)
+    assert "one activation" in why_not(mixed, ParamLayout(mixed))
     anil = mlp((1, 4, 1))
-    assert "not adapted" in why_not(anil, ParamLayout(anil, ["2"]), MSE)
+    assert "not adapted" in why_not(anil, ParamLayout(anil, ["2"]))
+    no_bias = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1, bias=False))
+    assert "with a bias" in why_not(no_bias, ParamLayout(no_bias))
+
+    class AsClass(nn.Module):  # an MLP written as a class takes the op too
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.out = nn.Linear(1, 8), nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.hidden(x)))
+
+    as_class = AsClass()
+    assert why_not(as_class, ParamLayout(as_class)) == ""
 
 
 @pytest.mark.parametrize("mutate, match", [
@@ -181,27 +228,32 @@ def test_opcheck():
 @pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("requested", ["auto", "cpp", "torch"])
 @pytest.mark.parametrize("task_chunk", [None, 2])
-def test_try_meta_step_agrees_with_the_general_path(device, requested, task_chunk, monkeypatch):
-    """What meta_step gets from the op, from either backend and with the tasks in chunks or not, equals the
-    fused engine's result."""
+def test_mlp_engine_agrees_with_the_general_engine(device, requested, task_chunk, monkeypatch):
+    """What meta_step gets from the MLP engine, from either backend and with the tasks in chunks or not, equals
+    the fused engine's result."""
     import fastmaml
+    from fastmaml.batchnorm import NormPlan
+    from fastmaml.engine import MetaStepRequest
     from fastmaml.inner_lr import expand_inner_lr
+    from fastmaml.tasks import TaskBatch
 
     model = mlp((1, 12, 9, 1)).to(device)
     tasks = [t.to(device) for t in regression_tasks(T=5, ns=6, nq=8)]
     lr = torch.tensor(0.03, dtype=torch.float64, device=device, requires_grad=True)
     model.zero_grad()
     with monkeypatch.context() as m:
-        m.setattr(mlp_step, "try_meta_step", lambda *args, **kwargs: None)
+        m.setattr(fastmaml.engine, "mlp_plan", no_mlp_op)
         res = fastmaml.meta_step(model, tasks, inner_lr=lr, steps=3, backend="torch")
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     layout = ParamLayout(model)
-    theta, _ = layout.theta()
-    alphas = expand_inner_lr(lr, 3, layout.adapted, like=theta)
-    out = mlp_step.try_meta_step(model, layout, MSE, tasks, theta.detach(), alphas, order="second",
-                                 backend=requested, lr_grad=[True] * 3, task_chunk=task_chunk)
+    theta, theta_s = (t.detach() for t in layout.theta())
+    alphas = [a.detach() for a in expand_inner_lr(lr, 3, layout.adapted, like=theta)]
+    req = MetaStepRequest(model=model, layout=layout, loss=MSE, batch=TaskBatch(*tasks), theta_a=theta,
+                          theta_s=theta_s, alphas=alphas, lr_grad=[True] * 3, order="second",
+                          ops=resolve(requested, device), norm=NormPlan(model, "batch"), task_chunk=task_chunk)
+    out = MlpEngine(plan_of(model, layout)).run(req)
     assert out is not None
-    assert rel_err(out.grad, flat(want, layout)) < 1e-9
+    assert rel_err(out.d_a, flat(want, layout)) < 1e-9
     assert rel_err(sum(out.d_alphas), lr.grad) < 1e-9
     assert rel_err(out.query_loss_after, res.query_loss_after) < 1e-12
     assert rel_err(out.query_loss_before, res.query_loss_before) < 1e-12
@@ -215,10 +267,10 @@ def test_the_reference_runs_where_the_kernel_does_not():
 
     model = mlp((1, 16, 1))
     layout = ParamLayout(model)
-    plan = mlp_plan(model, layout, MSE)
+    plan = plan_of(model, layout)
     theta, _ = layout.theta()
-    assert kernel_runs(plan, theta) and kernel_runs(plan, theta.float())
-    assert not kernel_runs(plan, theta.bfloat16())
+    assert kernel_takes(plan, theta) and kernel_takes(plan, theta.float())
+    assert not kernel_takes(plan, theta.bfloat16()) and not kernel_takes(plan, theta, "checkpoint")
     tasks = regression_tasks(T=3, ns=8, nq=8)
     model.zero_grad()
     fastmaml.meta_step(model, tasks, inner_lr=0.05, steps=2)

@@ -1,4 +1,4 @@
-"""order="checkpoint" keeps at most CHECKPOINT_SLOTS fast weights for backward whatever `steps`, and
+"""order="checkpoint" keeps at most `checkpoint_slots(K)` (max(2, ⌈log2 K⌉)) fast weights for backward, and
 "second" grows only by the fast weights and gradients (counted deterministically with
 saved_tensors_hooks and the tape's own byte count)."""
 import contextlib
@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import fastmaml
-from fastmaml.inner_loop import CHECKPOINT_SLOTS, checkpoint_steps, forward_sweep, replay_phis
+from fastmaml.engine.sweeps import forward_sweep
+from fastmaml.schedule import checkpoint_slots, checkpoint_steps, replay_phis
 from fastmaml.layout import ParamLayout
 from fastmaml.losses import resolve_loss
 from fastmaml.ops import resolve
@@ -39,7 +40,7 @@ def saved_bytes(model, tasks, steps, order):
     return inner + nbytes(outer)
 
 
-@pytest.mark.parametrize("order,extra_buffers", [("checkpoint", lambda K: CHECKPOINT_SLOTS),
+@pytest.mark.parametrize("order,extra_buffers", [("checkpoint", checkpoint_slots),
                                                   ("second", lambda K: 2 * (K - 1))])
 def test_saved_bytes_grow_only_by_fast_weights(order, extra_buffers):
     torch.manual_seed(0)
@@ -124,3 +125,20 @@ def test_adapt_under_save_on_cpu_hooks():
         loss = torch.stack([F.cross_entropy(logits[t], qy[t]) for t in range(3)]).mean()
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("K", [5, 10, 20, 200, 800, 3000])
+def test_checkpoint_replay_is_near_linear_in_steps(K):
+    """With the default `checkpoint_slots(K)` snapshots the replay costs at most (K/2)·⌈log2 K⌉ + K inner
+    steps (the bisection never runs out of slots on a long segment), not K²."""
+    replayed = []
+
+    def advance(phi, a, b):
+        replayed.append(b - a)
+        return b
+
+    keep = checkpoint_steps(K)
+    order = [j for j, _ in replay_phis([j if j in keep else None for j in range(K)], advance)]
+    assert order == list(reversed(range(K)))
+    assert len(keep) <= checkpoint_slots(K) + 1
+    assert sum(replayed) <= K // 2 * checkpoint_slots(K) + K

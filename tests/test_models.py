@@ -57,3 +57,31 @@ def test_meta_gradient_matches_autograd(make, shape):
     got = torch.cat([p.grad.reshape(-1) for _, p in model.named_parameters()])
     want = torch.cat([ref[n].reshape(-1) for n, _ in model.named_parameters()])
     assert rel_err(got, want) < 1e-8
+
+
+def test_resnet12_shapes_and_fused_graph():
+    from fastmaml.models import resnet12
+
+    model = resnet12(5, widths=(4, 5, 6, 7))
+    assert model(torch.rand(2, 3, 84, 84)).shape == (2, 5)
+    assert model(torch.rand(2, 3, 16, 16)).shape == (2, 5)
+    e = fastmaml.explain(model, "cross_entropy")
+    assert e.program == "fused"
+    assert sum("BatchNorm2d+LeakyReLU" in line for line in e.layers) == 8  # two per block
+    assert sum("(add)" in line for line in e.layers) == 4
+    with pytest.raises(ValueError, match="widths: expected 4"):
+        resnet12(5, widths=(4, 5))
+
+
+def test_resnet12_meta_gradient_matches_the_oracle():
+    from fastmaml.models import resnet12
+    from models import classification_tasks
+
+    torch.manual_seed(0)
+    model = resnet12(3, widths=(2, 3, 2, 3), in_channels=1).double()
+    tasks = classification_tasks(T=2, ways=3, shots=2, query=1, size=16)
+    model.zero_grad()
+    fastmaml.meta_step(model, tasks, inner_lr=0.1, steps=1, loss="cross_entropy")
+    _, ref, _ = autograd_meta_grad(model, tasks, inner_lr=0.1, steps=1, loss_fn=torch.nn.functional.cross_entropy)
+    got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+    assert rel_err(got, torch.cat([ref[n].reshape(-1) for n, _ in model.named_parameters()])) < 1e-9

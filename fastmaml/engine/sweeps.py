@@ -5,8 +5,9 @@ sweep that turns v = ∂L/∂φ_K into ∂L/∂θ, ∂L/∂ψ (shared weights) a
     reverse:  ∂L/∂α_j = −Σ_t g_j ⊙ v;  ∂L/∂ψ −= Σ_t H_sa,j (α_j ⊙ v);  v ← v − H_aa,j (α_j ⊙ v)
               ∂L/∂θ = Σ_t v
 
-Orders: "second" keeps φ_j and g_j; "checkpoint" keeps at most CHECKPOINT_SLOTS fast weights whatever
-K (memory flat in K) and replays the inner steps between them in the reverse sweep (`replay_phis`),
+Orders: "second" keeps φ_j and g_j; "checkpoint" keeps θ and `schedule.checkpoint_slots(K)` fast weights
+(max(2, ⌈log2 K⌉): memory grows as log K) and replays the inner steps between them in the reverse sweep
+(`schedule.replay_phis`, about (K/2)·log2 K replayed steps),
 getting g_j again from the HVP pass (forward-over-reverse yields both); "first" keeps only
 what the α-gradient needs and lets v pass through unchanged; "implicit" (iMAML) runs the K steps on
 the proximal objective L_s(φ) + λ/2 ‖φ − θ‖², keeps only φ_K, and solves (I + H/λ) u = v by
@@ -24,15 +25,13 @@ from typing import List, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from .batchnorm import NormPlan
-from .errors import NonFiniteError
-from .ops import OpTable
-from .programs import Program
+from ..batchnorm import NormPlan
+from ..errors import NonFiniteError
+from ..ops import OpTable
+from ..programs import Program
+from ..schedule import checkpoint_steps, replay_phis
 
 ORDERS = ("second", "checkpoint", "first", "implicit")
-CHECKPOINT_SLOTS = 2  # fast weights `[T, Pa]` that "checkpoint" keeps besides θ, for any number of steps
-# per-task state budget of one chunk of tasks in `meta_step` (see `task_chunks`), per device type
-TASK_STATE_BYTES = {"cpu": 32 << 20, "cuda": 2 << 30}
 
 
 @dataclass(frozen=True)
@@ -58,70 +57,6 @@ class Tape:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
-
-
-def _mid(a: int, b: int) -> int:
-    return (a + b + 1) // 2
-
-
-def checkpoint_steps(K: int, slots: int = CHECKPOINT_SLOTS) -> List[int]:
-    """The steps j whose φ_j the forward sweep keeps in "checkpoint" order: 0 (θ) and the first
-    snapshots `replay_phis` asks for (bisection of [0, K), at most `slots` of them)."""
-    keep, a, left = [0], 0, slots
-    while K - a > 1 and left > 0:
-        a = _mid(a, K)
-        keep.append(a)
-        left -= 1
-    return keep
-
-
-def replay_phis(phis: List[Optional[torch.Tensor]], advance, slots: int = CHECKPOINT_SLOTS):
-    """Yields (j, φ_j) for j = K−1, …, 0 from the kept snapshots (`phis[j]` or None; taken out of the
-    list as they are used, so that each is freed once done with), recomputing the others with
-    `advance(φ_a, a, b) -> φ_b` (b − a inner steps). Bisection with at most `slots` snapshots besides θ
-    alive at once, plus the φ_j in hand: memory flat in K. For K = 5 / 10 / 20 with 2 slots it
-    replays 3 / 11 / 36 inner steps (each one support gradient, a third of a Hessian-vector product)."""
-
-    def take(j):
-        phi, phis[j] = phis[j], None
-        return phi
-
-    def segment(a, phi_a, b, left):
-        if b - a == 1:
-            yield a, phi_a
-            return
-        if left == 0:
-            for j in range(b - 1, a, -1):
-                yield j, advance(phi_a, a, j)
-            yield a, phi_a
-            return
-        m = _mid(a, b)
-        phi_m = take(m)
-        if phi_m is None:
-            phi_m = advance(phi_a, a, m)
-        yield from segment(m, phi_m, b, left - 1)
-        del phi_m
-        yield from segment(a, phi_a, m, left)
-
-    yield from segment(0, take(0), len(phis), slots)
-
-
-def state_buffers(order: str, steps: int, keep_grads: bool, keep_phis: bool = False) -> int:
-    """How many `[Pa]` buffers per task one meta-step holds at its peak: the tape (what `forward_sweep`
-    keeps) plus about six working ones (φ_K, the query gradient, v, H u, α ⊙ v, the next v)."""
-    tape = {"second": 2 * steps, "checkpoint": CHECKPOINT_SLOTS,
-            "first": (steps if keep_grads else 0) + (steps if keep_phis else 0),
-            "implicit": 4}[order]  # implicit: CG's u, r, p, Ap
-    return tape + 6
-
-
-def task_chunks(T: int, per_task_bytes: int, budget_bytes: int, size: Optional[int] = None) -> List[slice]:
-    """Slices of the T tasks, each a chunk whose per-task state fits `budget_bytes` (at least one task),
-    or of `size` tasks when given. Tasks are independent, so a meta-step over chunks sums to the
-    same meta-gradient with the state of one chunk alive at a time."""
-    if size is None:
-        size = max(1, budget_bytes // max(per_task_bytes, 1))
-    return [slice(start, min(T, start + size)) for start in range(0, T, size)]
 
 
 def _first_bad(flags: List[torch.Tensor]) -> Optional[int]:
@@ -152,9 +87,9 @@ def forward_sweep(program: Program, ops: OpTable, theta_a, theta_s, alphas, sx, 
     kept = set(checkpoint_steps(len(alphas))) if order == "checkpoint" else None
     for j, alpha in enumerate(alphas):
         bn_stats = norm.stats(j) if norm is not None else None
-        lg = program.loss_grad(phi, theta_s, sx, sy, bn_stats=bn_stats)
+        lg = program.loss_grad(ops, phi, theta_s, sx, sy, bn_stats=bn_stats)
         if recorded is not None:
-            recorded.append(program.batch_stats(phi, theta_s, sx))
+            recorded.append(program.batch_stats(ops, phi, theta_s, sx))
         if j == 0:
             loss0 = lg.loss
         if order == "second" or (order == "first" and keep_phis):
@@ -181,14 +116,14 @@ def forward_sweep(program: Program, ops: OpTable, theta_a, theta_s, alphas, sx, 
     return phi, tape, loss0
 
 
-def implicit_solve(program: Program, tape: Tape, v, theta_s, sx, sy, *, shared_grad: bool,
+def implicit_solve(program: Program, ops: OpTable, tape: Tape, v, theta_s, sx, sy, *, shared_grad: bool,
                    check_finite: bool, bn_stats=None):
     """iMAML's backward: u = (I + H/λ)⁻¹ v per task by `cg_steps` of conjugate gradient, H the support
     Hessian at φ_K. Returns (∂L/∂θ = Σ_t u `[Pa]`, ∂L/∂ψ = −Σ_t H_sa u / λ `[Ps]` or None)."""
     phi, lam = tape.phis[-1], tape.implicit.lam
 
     def apply(p):
-        return p + program.hvp(phi, theta_s, sx, sy, p, need_grad=False, bn_stats=bn_stats).hu / lam
+        return p + program.hvp(ops, phi, theta_s, sx, sy, p, need_grad=False, bn_stats=bn_stats).hu / lam
 
     u = torch.zeros_like(v)
     r = v.clone()
@@ -210,7 +145,7 @@ def implicit_solve(program: Program, tape: Tape, v, theta_s, sx, sy, *, shared_g
                              "raise implicit_lambda or check the inputs", where="implicit solve")
     d_shared = None
     if shared_grad:
-        d_shared = -program.hvp(phi, theta_s, sx, sy, u, shared_grad=True, need_grad=False,
+        d_shared = -program.hvp(ops, phi, theta_s, sx, sy, u, shared_grad=True, need_grad=False,
                                 bn_stats=bn_stats).hu_shared.sum(0) / lam
     return u.sum(0), d_shared
 
@@ -225,7 +160,7 @@ def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas
     In "first" order it needs the tape's φ_j (`forward_sweep(keep_phis=True)`)."""
     K = len(alphas)
     if tape.order == "implicit":
-        d_a, d_s = implicit_solve(program, tape, v, theta_s, sx, sy, shared_grad=shared_grad,
+        d_a, d_s = implicit_solve(program, ops, tape, v, theta_s, sx, sy, shared_grad=shared_grad,
                                   check_finite=check_finite, bn_stats=norm.stats(K) if norm is not None else None)
         return d_a, d_s, [None] * K
     d_shared = theta_s.new_zeros(theta_s.shape) if shared_grad else None
@@ -238,7 +173,7 @@ def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas
     def advance(phi, a, b):
         for j in range(a, b):
             phi = ops.inner_update(phi.expand(sx.shape[0], -1),
-                                   program.loss_grad(phi, theta_s, sx, sy, bn_stats=stats(j)).grad, alphas[j])
+                                   program.loss_grad(ops, phi, theta_s, sx, sy, bn_stats=stats(j)).grad, alphas[j])
         return phi
 
     if tape.order == "first":
@@ -252,7 +187,7 @@ def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas
         if tape.order == "first":
             v, d_alphas[j] = ops.adjoint_update(v, None, tape.grads[j], alpha, lr_grad[j])
         else:
-            h = program.hvp(phi, theta_s, sx, sy, alpha * v, shared_grad=shared_grad,
+            h = program.hvp(ops, phi, theta_s, sx, sy, alpha * v, shared_grad=shared_grad,
                             need_grad=tape.grads[j] is None, bn_stats=stats(j))
             g = tape.grads[j] if tape.grads[j] is not None else h.grad
             if shared_grad:

@@ -1,15 +1,16 @@
-"""Ops registry and the reference implementations (importing this registers them)."""
-from . import layers, mlp_reference, reference  # noqa: F401  (register the "torch" reference of every op)
-from .registry import BACKENDS, ENV_VAR, OpTable, op_names, register, register_backend, resolve
+"""Ops: named computations with a plain-PyTorch reference (`reference/`) and faster backends (`backends/`),
+chosen per device by the registry (see README.md in this folder). Importing this registers them all."""
+from . import reference  # noqa: F401  (the "torch" reference of every op)
+from .registry import BACKENDS, ENV_VAR, OpTable, implementation, op_names, register, register_backend, resolve
 
 try:  # optional fast backends register themselves; their build/load is lazy and never breaks import
-    from . import cpp  # noqa: F401
+    from .backends import cpp  # noqa: F401
 except Exception as _exc:  # pragma: no cover - reported by `fastmaml info`
-    register_backend("cpp", lambda device, _why=f"fastmaml.ops.cpp failed to import: {_exc!r}": (False, _why))
+    register_backend("cpp", lambda device, _why=f"fastmaml.ops.backends.cpp failed to import: {_exc!r}": (False, _why))
 try:
-    from . import triton  # noqa: F401
-    from . import triton_norm  # noqa: F401  (BatchNorm ops; kernels imported at first use)
+    from .backends import triton, triton_norm  # noqa: F401  (kernels imported at first use)
 except Exception as _exc:  # pragma: no cover
-    register_backend("triton", lambda device, _why=f"fastmaml.ops.triton failed to import: {_exc!r}": (False, _why))
+    register_backend("triton",
+                     lambda device, _why=f"fastmaml.ops.backends.triton failed to import: {_exc!r}": (False, _why))
 
-__all__ = ["BACKENDS", "ENV_VAR", "OpTable", "op_names", "register", "register_backend", "resolve"]
+__all__ = ["BACKENDS", "ENV_VAR", "OpTable", "implementation", "op_names", "register", "register_backend", "resolve"]

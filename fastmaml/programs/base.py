@@ -5,11 +5,14 @@ program and the fused hand-derived engine are interchangeable.
 Shapes: fast weights `phi [T, Pa]` (or `[Pa]`, the same weights for every task), shared weights
 `shared [Ps]`, inputs `x [T, N, *in]`, targets `y [T, N, *out]`, tangents `u [T, Pa]`.
 `bn_stats`: None (BatchNorm on batch statistics) or fixed (mean [C], var [C]) per BatchNorm layer,
-in module order (see fastmaml/batchnorm.py).
+in module order (see fastmaml/batchnorm.py). `ops`: the op table of the call
+(`fastmaml.ops.resolve(backend, device)`): the backend is an argument of every call, never state of a
+Program (a Program is cached per model and shared by calls with different backends).
 """
 from __future__ import annotations
 
 import abc
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -17,6 +20,12 @@ import torch.func
 
 from ..layout import ParamLayout
 from ..losses import Loss
+
+
+# Held while fastmaml runs a model's own modules: tracing (torch.fx patches nn.Module.__call__ for the whole
+# process while it traces) and the torch.func program (torch.func.jvp keeps its forward-AD levels per
+# process). Calls from several threads are serialized rather than failing.
+MODEL_CALL_LOCK = threading.RLock()
 
 
 class LossGrad(NamedTuple):
@@ -40,28 +49,30 @@ class Program(abc.ABC):
     def __init__(self, layout: ParamLayout, loss: Loss):
         self.layout = layout
         self.loss = loss
-        self.backend = "auto"  # the ops backend of the current call (set by meta_step / adapt)
+        self.output_sizes = {}  # (example shape, dtype, device) -> size of the output's last dim, once measured
 
     @abc.abstractmethod
-    def loss_grad(self, phi, shared, x, y, *, shared_grad: bool = False, bn_stats=None) -> LossGrad:
+    def loss_grad(self, ops, phi, shared, x, y, *, shared_grad: bool = False, bn_stats=None) -> LossGrad:
         """Per-task loss and its gradient w.r.t. φ (and ψ if `shared_grad`)."""
 
     @abc.abstractmethod
-    def hvp(self, phi, shared, x, y, u, *, shared_grad: bool = False, need_grad: bool = True, bn_stats=None) -> HVP:
+    def hvp(self, ops, phi, shared, x, y, u, *, shared_grad: bool = False, need_grad: bool = True,
+            bn_stats=None) -> HVP:
         """Exact Hessian-vector product of the per-task loss at φ along u (Pearlmutter R-op).
         `need_grad=False`: the gradient at φ may be left out (`grad` None), saving its weight-gradient work."""
 
     @abc.abstractmethod
-    def forward(self, phi, shared, x, *, bn_stats=None) -> torch.Tensor:
+    def forward(self, ops, phi, shared, x, *, bn_stats=None) -> torch.Tensor:
         """Model output per task `[T, N, *out]`; differentiable with ordinary autograd."""
 
     @abc.abstractmethod
-    def batch_stats(self, phi, shared, x):
-        """Per-task batch statistics of every BatchNorm layer's input: [(mean [T, C], var [T, C], count)]."""
+    def batch_stats(self, ops, phi, shared, x):
+        """Per-task batch statistics of every BatchNorm layer's input, in `NormPlan` order:
+        [(mean [T, C], var [T, C], count) or None for a layer the forward does not call]."""
 
-    def evaluate(self, phi, shared, x, y, *, bn_stats=None):
+    def evaluate(self, ops, phi, shared, x, y, *, bn_stats=None):
         """(loss `[T]`, output) without gradients."""
         with torch.no_grad():
-            out = self.forward(phi, shared, x, bn_stats=bn_stats)
+            out = self.forward(ops, phi, shared, x, bn_stats=bn_stats)
             loss = torch.func.vmap(self.loss.fn)(out, y)
         return loss, out

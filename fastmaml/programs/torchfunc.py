@@ -1,7 +1,8 @@
 """TorchFuncProgram: any `nn.Module`, through torch.func.
 
-functional_call runs the model with per-task weights, `vmap` maps over tasks, `grad` gives the
-support gradient and forward-over-reverse `jvp(grad)` the exact Hessian-vector product. No
+functional_call runs the model with per-task weights, `vmap` maps over tasks (a loop over tasks for a
+model whose control flow depends on tensor values), `grad` gives the support gradient and
+forward-over-reverse `jvp(grad)` the exact Hessian-vector product. No
 `create_graph=True`: the HVP recomputes step j's forward with a tangent instead of keeping a graph.
 
 BatchNorm layers run through `BatchStatsNorm`: on the batch statistics of the current support or
@@ -9,30 +10,39 @@ query set (the MAML convention) or on fixed statistics handed in per call (`bn_s
 fastmaml/batchnorm.py). It normalizes and then applies `x̂ * w + b` as separate ops: PyTorch's vmap
 batching rule for the second derivative of affine `F.batch_norm` is wrong (see
 docs/architecture.md). Running statistics are never updated here.
+
+Threads: `torch.func.jvp` keeps its forward-AD levels per process, so two threads inside it at once
+fail; calls of this program are serialized by `MODEL_CALL_LOCK` (one runs at a time).
+
+The program holds the model weakly (its buffers are read at every call), so the program cache does not
+keep models alive; tied parameters (one tensor under two names) are passed under every name.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..layout import ParamLayout
 from ..losses import Loss
-from .base import HVP, LossGrad, Program
+from .base import HVP, MODEL_CALL_LOCK, LossGrad, Program
 
 
 class BatchStatsNorm(nn.Module):
     """BatchNorm{1,2,3}d, vmap- and double-differentiation-safe. x `[N, C, *]`.
 
-    Normalizes with the batch statistics, or with `fixed = (mean [C], var [C])` when set; appends
-    (mean [C], var [C], count) to `capture` when that is a list.
+    Normalizes with the batch statistics, or with `fixed = (mean [C], var [C])` when set; stores
+    (mean [C], var [C], count) in `capture[index]` when `capture` is a dict (the first call only).
     """
 
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, index: int):
         super().__init__()
+        self.index = index  # position among the model's BatchNorm layers (NormPlan order)
         self.eps = bn.eps
         self.num_features = bn.num_features
         if bn.affine:
@@ -54,8 +64,8 @@ class BatchStatsNorm(nn.Module):
             mean = x.mean(dims, keepdim=True)
             centered = x - mean
             var = (centered * centered).mean(dims, keepdim=True)
-            if self.capture is not None:
-                self.capture.append((mean.reshape(-1), var.reshape(-1), x.numel() // x.shape[1]))
+            if self.capture is not None and self.index not in self.capture:
+                self.capture[self.index] = (mean.reshape(-1), var.reshape(-1), x.numel() // x.shape[1])
         else:
             mean, var = (t.view(shape) for t in self.fixed)
             centered = x - mean
@@ -68,9 +78,11 @@ class BatchStatsNorm(nn.Module):
 def stateless_copy(model: nn.Module) -> nn.Module:
     """A copy of `model` on the meta device with BatchNorm replaced by BatchStatsNorm (same names)."""
     clone = copy.deepcopy(model)
+    index = 0
     for name, module in list(clone.named_modules()):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            replacement = BatchStatsNorm(module)
+            replacement = BatchStatsNorm(module, index)
+            index += 1
             if name == "":
                 clone = replacement
             else:
@@ -85,9 +97,22 @@ class TorchFuncProgram(Program):
 
     def __init__(self, model: nn.Module, layout: ParamLayout, loss: Loss):
         super().__init__(layout, loss)
-        self.model = model
+        self._model = weakref.ref(model)
         self.module = stateless_copy(model)
         self.norms = [m for m in self.module.modules() if isinstance(m, BatchStatsNorm)]
+        self.per_task = False  # set when the model's control flow depends on tensor values (no vmap)
+        first = {}  # every name of a tied parameter -> its canonical (first) name
+        self.aliases = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            canonical = first.setdefault(id(p), name)
+            if canonical != name:
+                self.aliases[name] = canonical
+
+    def _buffers(self):
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model of this program was freed; fastmaml holds models weakly")
+        return dict(model.named_buffers())
 
     @contextlib.contextmanager
     def _stats(self, bn_stats):
@@ -107,28 +132,50 @@ class TorchFuncProgram(Program):
     def _call(self, pa, ps, x):
         params = self.layout.adapted.unflatten(pa)
         params.update(self.layout.shared.unflatten(ps))
-        params.update(dict(self.model.named_buffers()))
-        return functional_call(self.module, params, (x,))
+        for name, canonical in self.aliases.items():
+            params[name] = params[canonical]
+        params.update(self._buffers())
+        out = functional_call(self.module, params, (x,), tie_weights=False)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"model: forward returned {type(out).__name__}; fastmaml needs one tensor [N, ...]")
+        return out
 
     def _task_loss(self, pa, ps, x, y):
         out = self._call(pa, ps, x)
         return self.loss.fn(out, y), out
 
     def _run(self, fn, phi, shared, *batched):
-        """vmap `fn(pa, ps, *batched)` over tasks; phi `[Pa]` (same weights for all tasks) is not mapped."""
+        """vmap `fn(pa, ps, *batched)` over tasks; phi `[Pa]` (same weights for all tasks) is not mapped. A
+        model whose control flow depends on tensor values cannot run under vmap: it runs task by task."""
+        if self.per_task:
+            return self._loop(fn, phi, shared, *batched)
         in_dims = (0 if phi.dim() == 2 else None, None) + (0,) * len(batched)
         mapped = vmap(fn, in_dims=in_dims, randomness="error")
         try:
-            return mapped(phi, shared, *batched)
+            with MODEL_CALL_LOCK:
+                return mapped(phi, shared, *batched)
         except RuntimeError as e:
             if "randomness" in str(e):
                 raise ValueError(
                     "model: it calls a random op (e.g. Dropout in training mode) inside the inner loop; "
                     "exact meta-gradients need a deterministic model: call .eval() on those modules"
                 ) from e
-            raise
+            if "data-dependent control flow" not in str(e):
+                raise
+        self.per_task = True
+        return self._loop(fn, phi, shared, *batched)
 
-    def loss_grad(self, phi, shared, x, y, *, shared_grad=False, bn_stats=None) -> LossGrad:
+    def _loop(self, fn, phi, shared, *batched):
+        """`fn` per task, results stacked (what vmap would return)."""
+        outs = []
+        with MODEL_CALL_LOCK:
+            for t in range(batched[0].shape[0]):
+                outs.append(fn(phi[t] if phi.dim() == 2 else phi, shared, *(b[t] for b in batched)))
+        flat = [tree_flatten(o) for o in outs]
+        spec = flat[0][1]
+        return tree_unflatten([torch.stack(xs) for xs in zip(*(leaves for leaves, _ in flat))], spec)
+
+    def loss_grad(self, ops, phi, shared, x, y, *, shared_grad=False, bn_stats=None) -> LossGrad:
         argnums = (0, 1) if shared_grad else 0
         f = grad_and_value(self._task_loss, argnums=argnums, has_aux=True)
         with self._stats(bn_stats):
@@ -136,7 +183,7 @@ class TorchFuncProgram(Program):
         ga, gs = grads if shared_grad else (grads, None)
         return LossGrad(loss, ga, gs, out)
 
-    def hvp(self, phi, shared, x, y, u, *, shared_grad=False, need_grad=True, bn_stats=None) -> HVP:
+    def hvp(self, ops, phi, shared, x, y, u, *, shared_grad=False, need_grad=True, bn_stats=None) -> HVP:
         argnums = (0, 1) if shared_grad else 0
 
         def one(pa, ps, x1, y1, u1):
@@ -149,15 +196,15 @@ class TorchFuncProgram(Program):
             return HVP(primal[0], tangent[0], tangent[1])
         return HVP(primal, tangent, None)
 
-    def forward(self, phi, shared, x, *, bn_stats=None):
+    def forward(self, ops, phi, shared, x, *, bn_stats=None):
         with self._stats(bn_stats):
             return self._run(lambda pa, ps, x1: self._call(pa, ps, x1), phi, shared, x)
 
-    def batch_stats(self, phi, shared, x):
-        counts = []
+    def batch_stats(self, ops, phi, shared, x):
+        counts = {}
 
         def stats(pa, ps, x1):
-            captured = []
+            captured = {}
             for m in self.norms:
                 m.capture = captured
             try:
@@ -165,9 +212,10 @@ class TorchFuncProgram(Program):
             finally:
                 for m in self.norms:
                     m.capture = None
-            counts[:] = [n for _, _, n in captured]
-            return tuple((mean, var) for mean, var, _ in captured)
+            counts.clear()
+            counts.update({i: n for i, (_, _, n) in captured.items()})
+            return {i: (mean, var) for i, (mean, var, _) in captured.items()}
 
         with torch.no_grad():
             mv = self._run(stats, phi, shared, x)
-        return [(mean, var, n) for (mean, var), n in zip(mv, counts)]
+        return [(mv[i][0], mv[i][1], counts[i]) if i in mv else None for i in range(len(self.norms))]

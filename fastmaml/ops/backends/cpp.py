@@ -1,5 +1,7 @@
 """The "cpp" backend: C++ CPU (and, in a CUDA build, CUDA) kernels of the step ops and of the whole-inner-loop
 MLP op from `csrc/`, and the C++ CPU kernels of the conv-net block tail (BatchNorm + ReLU + max-pool; CPU only).
+Each registration declares where it runs (devices, dtypes, a `supports` predicate over its arguments); the
+registry runs the reference wherever a kernel does not apply.
 
 The extension is compiled/loaded lazily by `fastmaml.build` the first time the backend's
 availability is asked for (e.g. by `resolve("auto", device)`); a failed build makes the backend
@@ -11,11 +13,13 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import build
-from . import layers
-from .layers import per_task_channels
-from .mlp_step import MlpStepResult
-from .registry import register, register_backend
+from ... import build
+from ..mlp import MAX_CUDA_WIDTH, MlpStepResult
+from ..reference.block_tail import per_task_channels, with_tangents, with_tangents_bwd
+from ..registry import register, register_backend
+
+KERNEL_DTYPES = (torch.float32, torch.float64)
+STEP_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -38,10 +42,10 @@ def availability(device: torch.device) -> Tuple[bool, str]:
 register_backend("cpp", availability)
 
 
-# on CUDA the reference's elementwise ops were faster (H200, op bench: 0.32–1.07×): "auto" uses
-# these kernels on the CPU only (an explicit backend="cpp" still runs them on CUDA)
-_CPU_AUTO = dict(auto=("cpu",),
-                 why_not_auto="mostly slower than the reference's elementwise ops on an H200 (0.32–1.07×)")
+# "auto" uses the step kernels on the CPU only: on CUDA the reference's elementwise ops measured faster
+# (the op bench of benchmarks/gpu_check.sh; numbers in benchmarks/RESULTS.md). backend="cpp" still runs them.
+_CPU_AUTO = dict(auto=("cpu",), dtypes=STEP_DTYPES,
+                 why_not_auto="slower than the reference's elementwise ops on a GPU (benchmarks/RESULTS.md)")
 
 
 @register("inner_update", "cpp", **_CPU_AUTO)
@@ -60,16 +64,17 @@ def adjoint_update(v: torch.Tensor, hu: Optional[torch.Tensor], g: torch.Tensor,
     return out, (d_alpha if lr_grad else None)
 
 
-@register("bn_relu_maxpool_train_fwd", "cpp", devices=("cpu",))
+@register("bn_relu_maxpool_train_fwd", "cpp", devices=("cpu",), dtypes=KERNEL_DTYPES)
 def bn_relu_maxpool_train_fwd(x, w, b, eps: float, k: int):
-    """BatchNorm (batch statistics) + ReLU + k×k max-pool in one pass, as the reference in ops/layers.py."""
+    """BatchNorm (batch statistics) + ReLU + k×k max-pool in one pass, as the reference in
+    ops/reference/block_tail.py."""
     return torch.ops.fastmaml.bn_relu_maxpool_fwd(x, per_task_channels(w, "w", x, 1.0),
                                                   per_task_channels(b, "b", x, 0.0), eps, k)
 
 
-@register("bn_relu_maxpool_train_bwd", "cpp", devices=("cpu",))
+@register("bn_relu_maxpool_train_bwd", "cpp", devices=("cpu",), dtypes=KERNEL_DTYPES)
 def bn_relu_maxpool_train_bwd(gz, z, idx, x, mean, r, w, eps: float, k: int, need_x: bool, gw_out, gb_out):
-    """Backward of `bn_relu_maxpool_train_fwd`, as the reference in ops/layers.py."""
+    """Backward of `bn_relu_maxpool_train_fwd`, as the reference in ops/reference/block_tail.py."""
     w = per_task_channels(w, "w", x, 1.0)
     gx, gw, gb = torch.ops.fastmaml.bn_relu_maxpool_bwd(gz, z, idx, x, mean, r, w, need_x)
     if gw_out is not None:
@@ -79,24 +84,20 @@ def bn_relu_maxpool_train_bwd(gz, z, idx, x, mean, r, w, eps: float, k: int, nee
     return gx if need_x else None
 
 
-@register("bn_relu_maxpool_tangent_fwd", "cpp", devices=("cpu",))
+@register("bn_relu_maxpool_tangent_fwd", "cpp", devices=("cpu",), dtypes=KERNEL_DTYPES, supports=with_tangents,
+          limits="float32/float64 with both tangents")
 def bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, bd, eps: float, k: int):
-    """The forward and its tangent in one pass, as the reference in ops/layers.py (which runs when ẋ or ẇ
-    is zero, e.g. the first adapted layer or shared BatchNorm weights)."""
-    if xd is None or wd is None:
-        return layers.bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, bd, eps, k)
+    """The forward and its tangent in one pass, as the reference in ops/reference/block_tail.py."""
     w, b, bd = (per_task_channels(v, name, x, fill)
                 for v, name, fill in ((w, "w", 1.0), (b, "b", 0.0), (bd, "bd", 0.0)))
     return torch.ops.fastmaml.bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, bd, eps, k)
 
 
-@register("bn_relu_maxpool_tangent_bwd", "cpp", devices=("cpu",))
+@register("bn_relu_maxpool_tangent_bwd", "cpp", devices=("cpu",), dtypes=KERNEL_DTYPES,
+          supports=with_tangents_bwd, limits="float32/float64 with both tangents")
 def bn_relu_maxpool_tangent_bwd(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd, k: int, need_x: bool, gw_out,
                                 gwd_out, gb_out, gbd_out):
-    """The backward and its tangent in two passes, as the reference in ops/layers.py."""
-    if xd is None or wd is None:
-        return layers.bn_relu_maxpool_tangent_bwd(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd, k, need_x,
-                                                  gw_out, gwd_out, gb_out, gbd_out)
+    """The backward and its tangent in two passes, as the reference in ops/reference/block_tail.py."""
     w = per_task_channels(w, "w", x, 1.0)
     gx, gxd, gw, gwd, gb, gbd = torch.ops.fastmaml.bn_relu_maxpool_tangent_bwd(gz, gzd, z, idx, x, xd, mean, r, a,
                                                                                dmean, w, wd, need_x)
@@ -106,11 +107,26 @@ def bn_relu_maxpool_tangent_bwd(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd
     return (gx, gxd) if need_x else (None, None)
 
 
-@register("mlp_meta_step", "cpp")
+def _mlp_kernel_takes(plan, theta, sx, sy, qx, qy, alphas, order, *rest):
+    """The kernel keeps every step per task, so "checkpoint" (memory flat in K) runs the reference; on
+    CUDA one thread block holds a layer, up to `MAX_CUDA_WIDTH` wide."""
+    if theta.dtype not in KERNEL_DTYPES:
+        return f"dtype {theta.dtype}"
+    if order == "checkpoint":
+        return "order='checkpoint'"
+    if theta.device.type == "cuda":
+        if not _has_kernel("mlp_meta_step", "CUDA"):
+            return "the extension has no CUDA MLP kernel"
+        if max(plan.sizes[1:]) > MAX_CUDA_WIDTH:
+            return f"a layer wider than {MAX_CUDA_WIDTH}"
+    return None
+
+
+@register("mlp_meta_step", "cpp", supports=_mlp_kernel_takes,
+          limits=f"float32/float64, orders second and first, CUDA layers up to {MAX_CUDA_WIDTH} wide")
 def mlp_meta_step(plan, theta, sx, sy, qx, qy, alphas, order: str, lr_grad, need_before: bool):
-    """The whole-inner-loop MLP kernel (csrc/mlp_inner_loop.h), as the reference in ops/mlp_reference.py
-    (`ops/mlp_step.py` checks `kernel_runs` first). It computes the query loss at θ in any case; returned
-    only with `need_before`, like the reference's."""
+    """The whole-inner-loop MLP kernel (csrc/mlp_inner_loop.h), as the reference in ops/reference/mlp.py.
+    It computes the query loss at θ in any case; returned only with `need_before`, like the reference's."""
     K, P = len(alphas), theta.shape[-1]
     alpha = torch.stack([a.expand(P) for a in alphas]) if K else theta.new_zeros(0, P)
     q_after, grad, d_alpha, q_before, s_before = torch.ops.fastmaml.mlp_meta_step(

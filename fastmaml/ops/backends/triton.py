@@ -15,17 +15,20 @@ from typing import Optional, Tuple
 
 import torch
 
-from .registry import register, register_backend
+from ..reference import loss as _loss_refs  # noqa: F401  (the torch references register first)
+from ..registry import register, register_backend
 
 _state: dict = {}
-# Kernels that "auto" leaves to the reference; only backend="triton" uses them. Timings: the op
-# bench of benchmarks/gpu_check.sh on an H200 (benchmarks/RESULTS.md), on the arguments of real
-# meta-steps, where every launch is small and Triton's launch cost (~50 µs) decides.
+# Kernels that "auto" leaves to the reference; only backend="triton" uses them. The decisions come from
+# the op bench of benchmarks/gpu_check.sh on the arguments of real meta-steps, where every launch is small
+# and Triton's launch cost decides; the measurements are in benchmarks/RESULTS.md.
+KERNEL_DTYPES = (torch.float32, torch.float64)  # what the kernel tests cover
+STEP_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 EXPLICIT_ONLY = dict(auto=False, why_not_auto="tested, not yet measured faster than the reference on a GPU")
-_SLOWER_STEP = dict(auto=False,
-                    why_not_auto="slower than the reference's elementwise ops on an H200 (0.05–1.04×)")
-_SLOWER_LINEAR = dict(auto=False,
-                      why_not_auto="mostly slower than cuBLAS on an H200 at meta-learning sizes (0.04–1.2×)")
+_SLOWER_STEP = dict(auto=False, dtypes=STEP_DTYPES, why_not_auto="slower than the reference's elementwise ops on a GPU "
+                                             "(benchmarks/RESULTS.md, op bench)")
+_SLOWER_LINEAR = dict(auto=False, dtypes=KERNEL_DTYPES, why_not_auto="mostly slower than cuBLAS at meta-learning sizes "
+                                               "(benchmarks/RESULTS.md, op bench)")
 
 
 def _import_kernels():
@@ -33,7 +36,7 @@ def _import_kernels():
     try:
         return importlib.import_module("fastmaml.kernels")
     except ModuleNotFoundError:
-        root = Path(__file__).resolve().parents[2] / "kernels"
+        root = Path(__file__).resolve().parents[3] / "kernels"
         if not (root / "__init__.py").exists():
             raise
         spec = importlib.util.spec_from_file_location("fastmaml.kernels", root / "__init__.py",
@@ -93,70 +96,65 @@ def adjoint_update(v: torch.Tensor, hu: Optional[torch.Tensor], g: torch.Tensor,
     return out, (d_alpha if lr_grad else None)
 
 
-try:  # the layer and loss ops of the fused engine (fastmaml/ops/layers.py): register only where they exist
-    from . import layers as _layers  # noqa: F401  (registers the torch references first)
-except ImportError:  # pragma: no cover
-    _layers = None
+# the layer and loss ops of the fused engine
 
-if _layers is not None:
+@register("cross_entropy_grad", "triton", dtypes=KERNEL_DTYPES)
+def cross_entropy_grad(z: torch.Tensor, y: torch.Tensor):
+    """Logits `[T, N, C]`, classes `[T, N]` -> (loss `[T]`, (p − onehot)/N, p); one pass per row."""
+    return torch.ops.fastmaml_triton.cross_entropy_grad(z, y)
 
-    @register("cross_entropy_grad", "triton")
-    def cross_entropy_grad(z: torch.Tensor, y: torch.Tensor):
-        """Logits `[T, N, C]`, classes `[T, N]` -> (loss `[T]`, (p − onehot)/N, p); one pass per row."""
-        return torch.ops.fastmaml_triton.cross_entropy_grad(z, y)
+@register("cross_entropy_grad_tangent", "triton", dtypes=KERNEL_DTYPES)
+def cross_entropy_grad_tangent(p: torch.Tensor, zd: torch.Tensor) -> torch.Tensor:
+    """ġz = p ⊙ (ż − ⟨p, ż⟩) / N `[T, N, C]`."""
+    return torch.ops.fastmaml_triton.cross_entropy_grad_tangent(p, zd)
 
-    @register("cross_entropy_grad_tangent", "triton")
-    def cross_entropy_grad_tangent(p: torch.Tensor, zd: torch.Tensor) -> torch.Tensor:
-        """ġz = p ⊙ (ż − ⟨p, ż⟩) / N `[T, N, C]`."""
-        return torch.ops.fastmaml_triton.cross_entropy_grad_tangent(p, zd)
+@register("mse_grad", "triton", dtypes=KERNEL_DTYPES)
+def mse_grad(out: torch.Tensor, y: torch.Tensor):
+    """out, y `[T, N, *]` -> (loss `[T]`, 2 (out − y) / M)."""
+    return torch.ops.fastmaml_triton.mse_grad(out, y)
 
-    @register("mse_grad", "triton")
-    def mse_grad(out: torch.Tensor, y: torch.Tensor):
-        """out, y `[T, N, *]` -> (loss `[T]`, 2 (out − y) / M)."""
-        return torch.ops.fastmaml_triton.mse_grad(out, y)
+# Linear layers: every op is `linear_gemm` (kernels/linear.py) on (transposed) views, c = a bᵀ and
+# its tangent cd = ad bᵀ + a bdᵀ in one kernel; outputs are written in place through their strides.
 
-    # Linear layers: every op is `linear_gemm` (kernels/linear.py) on (transposed) views, c = a bᵀ and
-    # its tangent cd = ad bᵀ + a bdᵀ in one kernel; outputs are written in place through their strides.
+def _gemm(a, ad, b, bd, bias, bias_d, c, cd, ra, rad) -> None:
+    torch.ops.fastmaml_triton.linear_gemm(a, ad, b, bd, bias, bias_d, c, cd, ra, rad)
 
-    def _gemm(a, ad, b, bd, bias, bias_d, c, cd, ra, rad) -> None:
-        torch.ops.fastmaml_triton.linear_gemm(a, ad, b, bd, bias, bias_d, c, cd, ra, rad)
+def _mT(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.transpose(-1, -2)
 
-    def _mT(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None if t is None else t.transpose(-1, -2)
+@register("linear_fwd", "triton", **_SLOWER_LINEAR)
+def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = x wᵀ + b `[T, N, O]`."""
+    y = x.new_empty(x.shape[0], x.shape[1], w.shape[-2])
+    _gemm(x, None, w, None, b, None, y, None, None, None)
+    return y
 
-    @register("linear_fwd", "triton", **_SLOWER_LINEAR)
-    def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
-        """y = x wᵀ + b `[T, N, O]`."""
-        y = x.new_empty(x.shape[0], x.shape[1], w.shape[-2])
-        _gemm(x, None, w, None, b, None, y, None, None, None)
-        return y
+@register("linear_value_tangent_fwd", "triton", **_SLOWER_LINEAR)
+def linear_value_tangent_fwd(x, xd, w, b, wd, bd):
+    """(y, ẏ) `[T, N, O]` in one kernel sharing the loads of x and w: [ẋ | x] @ [w ; ẇ]ᵀ."""
+    y = x.new_empty(x.shape[0], x.shape[1], w.shape[-2])
+    yd = None if xd is None and wd is None and bd is None else torch.empty_like(y)
+    _gemm(x, xd, w, wd, b, bd, y, yd, None, None)
+    return y, yd
 
-    @register("linear_value_tangent_fwd", "triton", **_SLOWER_LINEAR)
-    def linear_value_tangent_fwd(x, xd, w, b, wd, bd):
-        """(y, ẏ) `[T, N, O]` in one kernel sharing the loads of x and w: [ẋ | x] @ [w ; ẇ]ᵀ."""
-        y = x.new_empty(x.shape[0], x.shape[1], w.shape[-2])
-        yd = None if xd is None and wd is None and bd is None else torch.empty_like(y)
-        _gemm(x, xd, w, wd, b, bd, y, yd, None, None)
-        return y, yd
+@register("linear_bwd", "triton", **_SLOWER_LINEAR)
+def linear_bwd(gy, x, w, need_x: bool, gw_out, gb_out):
+    """gw = gyᵀ x into `gw_out`, gb = Σ_n gy into `gb_out`; returns gx = gy w `[T, N, I]` or None."""
+    _gemm(_mT(gy), None, _mT(x), None, None, None, gw_out, None, gb_out, None)
+    if not need_x:
+        return None
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _gemm(gy, None, _mT(w), None, None, None, gx, None, None, None)
+    return gx
 
-    @register("linear_bwd", "triton", **_SLOWER_LINEAR)
-    def linear_bwd(gy, x, w, need_x: bool, gw_out, gb_out):
-        """gw = gyᵀ x into `gw_out`, gb = Σ_n gy into `gb_out`; returns gx = gy w `[T, N, I]` or None."""
-        _gemm(_mT(gy), None, _mT(x), None, None, None, gw_out, None, gb_out, None)
-        if not need_x:
-            return None
-        gx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        _gemm(gy, None, _mT(w), None, None, None, gx, None, None, None)
-        return gx
-
-    @register("linear_tangent_bwd", "triton", **_SLOWER_LINEAR)
-    def linear_tangent_bwd(gy, gyd, x, xd, w, wd, need_x: bool, gw_out, gwd_out, gb_out, gbd_out):
-        """gw, ġw = ġyᵀ x + gyᵀ ẋ, gb, ġb in one kernel; returns (gx, ġx = ġy w + gy ẇ) in a second one
-        (or (None, None) without `need_x`)."""
-        _gemm(_mT(gy), _mT(gyd), _mT(x), _mT(xd), None, None, gw_out, gwd_out, gb_out, gbd_out)
-        if not need_x:
-            return None, None
-        gx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        gxd = torch.empty_like(gx)
-        _gemm(gy, gyd, _mT(w), _mT(wd), None, None, gx, gxd, None, None)
-        return gx, gxd
+@register("linear_tangent_bwd", "triton", **_SLOWER_LINEAR)
+def linear_tangent_bwd(gy, gyd, x, xd, w, wd, need_x: bool, gw_out, gwd_out, gb_out, gbd_out):
+    """gw, ġw = ġyᵀ x + gyᵀ ẋ, gb, ġb in one kernel; returns (gx, ġx = ġy w + gy ẇ) in a second one
+    (or (None, None) without `need_x`)."""
+    _gemm(_mT(gy), _mT(gyd), _mT(x), _mT(xd), None, None, gw_out, gwd_out, gb_out, gbd_out)
+    if not need_x:
+        return None, None
+    gx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    gxd = torch.empty_like(gx)
+    _gemm(gy, gyd, _mT(w), _mT(wd), None, None, gx, gxd, None, None)
+    return gx, gxd

@@ -1,4 +1,4 @@
-"""The "triton" backend of the BatchNorm ops (`fastmaml/ops/layers.py`): kernels/batchnorm.py, of the
+"""The "triton" backend of the BatchNorm ops (`fastmaml/ops/reference/batchnorm.py`, `block_tail.py`): kernels/batchnorm.py, of the
 BatchNorm + ReLU ops: kernels/batchnorm_relu.py, and of the BatchNorm + ReLU + MaxPool ops:
 kernels/bn_relu_maxpool.py.
 
@@ -13,15 +13,15 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..errors import BackendUnavailable
-from . import layers
-from .layers import per_task_channels
-from .registry import register
-from .triton import EXPLICIT_ONLY as _EXPLICIT
+from ...errors import BackendUnavailable
+from ..reference.block_tail import per_task_channels, with_tangents, with_tangents_bwd
+from ..registry import register
+from .triton import EXPLICIT_ONLY, KERNEL_DTYPES
 from .triton import _import_kernels
 
 Tensor = torch.Tensor
 Opt = Optional[torch.Tensor]
+_EXPLICIT = dict(EXPLICIT_ONLY, dtypes=KERNEL_DTYPES)
 
 _state: dict = {}
 
@@ -171,7 +171,7 @@ def _copy_outs(pairs) -> None:
 
 
 # the block tail is chosen by "auto": 2–19× the reference on an H200 (op bench, 32-task chunks)
-@register("bn_relu_maxpool_train_fwd", "triton")
+@register("bn_relu_maxpool_train_fwd", "triton", dtypes=KERNEL_DTYPES)
 def bn_relu_maxpool_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float, k: int):
     """x `[T, N, C, H, W]` -> (z, idx `[T, N, C, H/k, W/k]`, mean `[T, C]`, r `[T, C]`), one kernel."""
     w, b = per_task_channels(w, "w", x, 1.0), per_task_channels(b, "b", x, 0.0)
@@ -179,7 +179,7 @@ def bn_relu_maxpool_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float, k: int):
     return z, idx, mean, r
 
 
-@register("bn_relu_maxpool_train_bwd", "triton")
+@register("bn_relu_maxpool_train_bwd", "triton", dtypes=KERNEL_DTYPES)
 def bn_relu_maxpool_train_bwd(gz: Tensor, z: Tensor, idx: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt,
                               eps: float, k: int, need_x: bool, gw_out: Opt, gb_out: Opt) -> Opt:
     """Writes gw, gb `[T, C]` into the given outputs; returns gx `[T, N, C, H, W]` if `need_x`."""
@@ -190,24 +190,22 @@ def bn_relu_maxpool_train_bwd(gz: Tensor, z: Tensor, idx: Tensor, x: Tensor, mea
     return gx if need_x else None
 
 
-@register("bn_relu_maxpool_tangent_fwd", "triton")
+_TANGENT = dict(dtypes=KERNEL_DTYPES, limits="float32/float64 with both tangents")
+
+
+@register("bn_relu_maxpool_tangent_fwd", "triton", supports=with_tangents, **_TANGENT)
 def bn_relu_maxpool_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd: Opt, eps: float, k: int):
-    """The forward and its tangent in one kernel (the reference when ẋ or ẇ is zero)."""
-    if xd is None or wd is None:
-        return layers.bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, bd, eps, k)
+    """The forward and its tangent in one kernel."""
     w, b, bd = (per_task_channels(v, name, x, fill)
                 for v, name, fill in ((w, "w", 1.0), (b, "b", 0.0), (bd, "bd", 0.0)))
     return _bn_relu_pool().bn_relu_maxpool_fwd(x, xd, w, b, wd.contiguous(), bd, eps, k)
 
 
-@register("bn_relu_maxpool_tangent_bwd", "triton")
+@register("bn_relu_maxpool_tangent_bwd", "triton", supports=with_tangents_bwd, **_TANGENT)
 def bn_relu_maxpool_tangent_bwd(gz: Tensor, gzd: Tensor, z: Tensor, idx: Tensor, x: Tensor, xd: Opt, mean: Tensor,
                                 r: Tensor, a: Tensor, dmean: Tensor, w: Opt, wd: Opt, k: int, need_x: bool,
                                 gw_out: Opt, gwd_out: Opt, gb_out: Opt, gbd_out: Opt) -> Tuple[Opt, Opt]:
-    """The backward and its tangent in one kernel (the reference when ẋ or ẇ is zero)."""
-    if xd is None or wd is None:
-        return layers.bn_relu_maxpool_tangent_bwd(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd, k, need_x,
-                                                  gw_out, gwd_out, gb_out, gbd_out)
+    """The backward and its tangent in one kernel."""
     w = per_task_channels(w, "w", x, 1.0)
     gx, gxd, gw, gwd, gb, gbd = _bn_relu_pool().bn_relu_maxpool_bwd(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w,
                                                                     wd.contiguous(), k, need_x)

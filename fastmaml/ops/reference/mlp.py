@@ -1,5 +1,5 @@
-"""The whole-inner-loop MLP meta-step in plain PyTorch: backend "torch" of op `mlp_meta_step` (the C++/CUDA
-kernel is its "cpp" backend; `ops/mlp_step.py` says which models it runs and dispatches).
+"""The whole-inner-loop MLP meta-step in plain PyTorch: backend "torch" of op `mlp_meta_step` (contract in
+ops/mlp.py; the C++/CUDA kernel is its "cpp" backend).
 
 All K inner steps, the query loss and the exact reverse sweep of an MLP (Linear, act, ..., Linear with ReLU
 or Tanh; MSE) for all T tasks at once: per layer one GEMM (θ, common to all tasks at step 0) or one batched
@@ -18,8 +18,12 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .layers import _addmm, _back, _relu_mask, mse_grad, mse_grad_tangent
-from .registry import register
+from ...schedule import checkpoint_steps, replay_phis
+from ..mlp import MlpStepResult
+from ..registry import register
+from .batchnorm import _relu_mask
+from .linear import _addmm, _back
+from .loss import mse_grad, mse_grad_tangent
 
 Tensor = torch.Tensor
 
@@ -108,14 +112,11 @@ def _hvp(ws, p: _Pass, u: Tensor, sizes: Tuple[int, ...], tanh: bool) -> Tensor:
 @register("mlp_meta_step", "torch")
 def mlp_meta_step(plan, theta: Tensor, sx, sy, qx, qy, alphas: Sequence[Tensor], order: str,
                   lr_grad: Sequence[bool], need_before: bool):
-    """The meta-step of the MLP `plan` (see ops/mlp_step.py) -> `MlpStepResult`: per-task losses, the
+    """The meta-step of the MLP `plan` (see ops/mlp.py) -> `MlpStepResult`: per-task losses, the
     meta-gradient `[P]` of mean_t L_query_t and ∂/∂α_j (α_j's shape) where `lr_grad[j]`.
 
-    order "second" keeps each step's pass; "checkpoint" keeps φ_j of the steps `inner_loop.checkpoint_steps`
-    names and replays the others (memory flat in K); "first" keeps g_j where its α-gradient is asked for."""
-    from ..inner_loop import checkpoint_steps, replay_phis
-    from .mlp_step import MlpStepResult
-
+    order "second" keeps each step's pass; "checkpoint" keeps φ_j of the steps `schedule.checkpoint_steps`
+    names and replays the others (memory grows as log K); "first" keeps g_j where its α-gradient is asked for."""
     sizes, tanh, K, T = plan.sizes, plan.activation == 1, len(alphas), sx.shape[0]
     kept = set(checkpoint_steps(K)) if order == "checkpoint" else set()
     phi, tape, support_before = theta, [], None

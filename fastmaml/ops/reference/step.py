@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .registry import register
+from ..registry import register
 
 
 @register("inner_update", "torch")

@@ -1,4 +1,4 @@
-"""The fused task-batched engine: models built of standard layers compiled into hand-derived rules."""
+"""The fused task-batched engine: a model's `forward` traced into a graph of hand-derived rules."""
 from .compiler import Unsupported, compile_model
 from .loss_rules import loss_rule
 from .program import FusedProgram
@@ -17,4 +17,5 @@ def check_loss(loss):
 
 def build(model, layout, loss) -> FusedProgram:
     """A FusedProgram for `model` and `loss`; raises `Unsupported` naming the culprit otherwise."""
-    return FusedProgram(layout, loss, compile_model(model), check_loss(loss))
+    rule = check_loss(loss)
+    return FusedProgram(layout, loss, compile_model(model, layout), rule)

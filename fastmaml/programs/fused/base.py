@@ -1,18 +1,21 @@
-"""The layer-rule interface of the fused engine.
+"""The rule interface of the fused engine.
 
-A rule is one layer's hand-derived forward, backward, tangent forward (R-op) and tangent backward,
-all tasks at once. Activations flow as `[T, N, *features]`. Per call the program binds:
-- `p`: the layer's parameters in `param_names` order, each per task `[T, *shape]`, common `[*shape]`
-  or None (absent, e.g. no bias);
+A rule is one node's hand-derived forward, backward, tangent forward (R-op) and tangent backward, all
+tasks at once. Values flow as `[T, N, *features]`. Per call the program binds:
+- `p`: the node's parameters in `param_names` order, each per task `[T, *shape]`, common `[*shape]`
+  or None (absent, e.g. no bias); BatchNorm rules get their statistics appended;
 - `v`: their directions from the tangent u, per task `[T, *shape]`, or None (a shared parameter);
 - `outs` / `touts`: where the gradient / its tangent of each parameter go (`[T, *shape]` views into
   the flat `[T, P]` buffers), or None when not needed.
-`need_x` says whether the gradient w.r.t. the layer's input is needed (False for the first layer
-whose parameters need a gradient). A tangent `xd` of None is zero.
+`need_x` says whether the gradient w.r.t. the input is needed. A tangent `xd` of None is zero.
+
+Most rules read one value (`Rule`); joins read several (`JoinRule`: residual adds, concatenation). A
+rule keeps no reference to the model: what it needs from a module (eps, slopes, geometry) is copied
+when it is built, and the program cache keys on those attributes (programs/select.py).
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 
@@ -21,14 +24,15 @@ Opt = Optional[torch.Tensor]
 
 
 class Rule:
-    """A layer without parameters that is the identity on tangents' structure; subclasses override."""
+    """One-input rule. `name`: where it comes from in the model (module path or fx node name);
+    `kind`: the module type or function it implements."""
 
     param_names: Tuple[str, ...] = ()
+    arity = 1
 
-    def __init__(self, name: str, module: torch.nn.Module):
-        self.path = name  # module path in the model ("" for the model itself)
+    def __init__(self, name: str, kind: str):
         self.name = name or "<model>"
-        self.kind = type(module).__name__
+        self.kind = kind
 
     def describe(self) -> str:
         return f"{self.name} ({self.kind})"
@@ -48,9 +52,9 @@ class Rule:
 
 
 class LinearMapRule(Rule):
-    """A parameter-free linear map A (pooling, reshapes): ẏ = A ẋ, ġx = Aᵀ ġy.
+    """A parameter-free linear map A (pooling, reshapes, scaling): ẏ = A ẋ, ġx = Aᵀ ġy.
 
-    Subclasses give `apply(x) -> (y, saved)` and `transpose(gy, saved) -> gx`."""
+    Subclasses give `apply(x, save) -> (y, saved)` and `transpose(gy, saved) -> gx`."""
 
     def apply(self, x: Tensor, save: bool) -> Tuple[Tensor, Any]:
         raise NotImplementedError
@@ -75,3 +79,38 @@ class LinearMapRule(Rule):
         if not need_x:
             return None, None
         return self.transpose(gy, saved), self.transpose(gyd, saved)
+
+
+class JoinRule(Rule):
+    """A parameter-free rule over several values (`arity` of them) that is linear in each: y = f(x_1, …).
+
+    Subclasses give `apply(xs) -> (y, saved)` (any `xs[i]` may be None only in `tangent`, meaning zero)
+    and `transpose(gy, saved) -> (gx_1, …)`; the tangent is f applied to the tangents (linear maps)."""
+
+    def __init__(self, name: str, kind: str, arity: int):
+        super().__init__(name, kind)
+        self.arity = arity
+
+    def apply(self, xs: Sequence[Tensor]) -> Tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def tangent(self, xds: Sequence[Opt], saved: Any) -> Opt:
+        raise NotImplementedError
+
+    def transpose(self, gy: Tensor, saved: Any) -> Tuple[Tensor, ...]:
+        raise NotImplementedError
+
+    def forward(self, ops, xs, p, save):
+        return self.apply(xs)
+
+    def backward(self, ops, gy, saved, p, need, outs):
+        gxs = self.transpose(gy, saved)
+        return tuple(g if n else None for g, n in zip(gxs, need))
+
+    def tangent_forward(self, ops, xs, xds, p, v):
+        y, saved = self.apply(xs)
+        return y, (None if all(d is None for d in xds) else self.tangent(xds, saved)), saved
+
+    def tangent_backward(self, ops, gy, gyd, saved, p, v, need, outs, touts):
+        gxs, gxds = self.transpose(gy, saved), self.transpose(gyd, saved)
+        return tuple((g, gd) if n else (None, None) for g, gd, n in zip(gxs, gxds, need))

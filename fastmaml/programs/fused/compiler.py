@@ -1,120 +1,685 @@
-"""Compiles a model into a list of layer rules, or says which module keeps it off the fused engine.
+"""Compiles a model into a graph of rules by tracing its `forward` with torch.fx, or says which node keeps
+it off the fused engine.
 
-Supported: `nn.Sequential` (nested too) or a single supported layer, built of Linear, Conv2d
-(groups=1, zero padding), BatchNorm1d/2d, ReLU, LeakyReLU, Tanh, Sigmoid, ELU, GELU (exact),
-MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten (start_dim >= 1), Identity, Dropout in eval mode
-(or p=0). Every module object must appear once (no tied weights).
+Layers with rules stay leaf modules: Linear, Conv2d (groups=1, zero padding), BatchNorm1d/2d, ReLU,
+LeakyReLU, Tanh, Sigmoid, ELU, GELU (exact), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten
+(start_dim >= 1), Identity, Dropout in eval mode (or p=0). Everything else a model does is traced into
+nodes, which map to rules:
+- the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `torch.tanh`, `torch.sigmoid`,
+  `F.max_pool2d`, `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `F.dropout` (inactive), `F.linear`,
+  `F.conv2d` and `F.batch_norm` on the model's own parameters;
+- `x.mean(dims)` over per-example dims; `torch.flatten`, `x.flatten`, `x.view`, `x.reshape` that keep the
+  examples apart (sizes may come from the model's own arithmetic on `x.size()` / `x.shape`);
+- joins: `+`, `torch.add`, `-` (residual branches), `torch.cat` along a feature dim; constants:
+  multiplication or division by a number or a buffer, adding a constant, negation.
+A value several nodes read has its gradients summed (graph.py). BatchNorm + ReLU (+ MaxPool2d) and
+BatchNorm + LeakyReLU are fused (`graph.fuse`).
 
-A BatchNorm immediately followed by a ReLU in execution order (Identity and inactive Dropout between
-them are dropped) compiles into one BatchNormReLURule (norm_act.py): one kernel per pass instead of two;
-a BatchNorm2d + ReLU followed by a MaxPool2d with non-overlapping windows (the conv nets' block tail)
-into one BatchNormReLUMaxPoolRule.
+`Unsupported` names the culprit: the module path and type, or the fx node's op and target, with the line
+of the model's code where fx knows it. Tracing fails on data-dependent control flow (`if x.sum() > 0`).
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import inspect
+import operator
+import re
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
+from ... import batchnorm
+from ...layout import ParamLayout
 from .base import Rule
-from .conv import ConvRule
+from .conv import ConvRule, Geometry
 from .dense import LinearRule
+from .graph import Graph, Node, Ref, fuse
+from .joins import AddRule, AffineRule, CatRule
 from .norm import BatchNormRule
-from .norm_act import BatchNormReLUMaxPoolRule, BatchNormReLURule
 from .pointwise import ELURule, GELURule, LeakyReLURule, ReLURule, SigmoidRule, TanhRule
 from .pooling import AdaptiveAvgPool2dRule, AvgPool2dRule, MaxPool2dRule
-from .shape import FlattenRule
+from .shape import FlattenRule, MeanRule, ReshapeRule
 
-_SIMPLE = {
-    nn.Linear: LinearRule, nn.ReLU: ReLURule, nn.LeakyReLU: LeakyReLURule, nn.Tanh: TanhRule,
-    nn.Sigmoid: SigmoidRule, nn.ELU: ELURule, nn.MaxPool2d: MaxPool2dRule, nn.AvgPool2d: AvgPool2dRule,
-    nn.AdaptiveAvgPool2d: AdaptiveAvgPool2dRule, nn.Flatten: FlattenRule,
-}
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
 class Unsupported(Exception):
-    """The model cannot run on the fused engine; `module` / `kind` name the culprit ("" for the loss)."""
+    """The model cannot run on the fused engine; `module` / `kind` name the culprit ("" for the loss),
+    `source` the line of the model's code where known."""
 
-    def __init__(self, module: str, kind: str, reason: str):
-        super().__init__(f"{module} ({kind}): {reason}" if module else reason)
-        self.module, self.kind, self.reason = module, kind, reason
-
-
-def compile_model(model: nn.Module) -> List[Rule]:
-    """The rules of `model` in execution order (Identity and inactive Dropout dropped, BatchNorm + ReLU
-    pairs fused)."""
-    rules: List[Rule] = []
-    seen: set = set()
-    _walk(model, "", rules, seen)
-    rules = _fuse(rules)
-    norms = [r for r in rules if isinstance(r, BatchNormRule)]
-    for i, r in enumerate(norms):
-        r.index = i
-    return rules
+    def __init__(self, module: str, kind: str, reason: str, source: str = ""):
+        where = f" at {source}" if source else ""
+        super().__init__(f"{module} ({kind}){where}: {reason}" if module else reason)
+        self.module, self.kind, self.reason, self.source = module, kind, reason, source
+        self.volatile: Dict[str, frozenset] = {}  # attributes the trace of forward changed (restored)
 
 
-def _fuse(rules: List[Rule]) -> List[Rule]:
-    """`rules` with every BatchNorm directly followed by a ReLU merged into a BatchNormReLURule, and
-    such a pair directly followed by a non-overlapping MaxPool2d into a BatchNormReLUMaxPoolRule."""
-    fused: List[Rule] = []
-    for rule in rules:
-        last = fused[-1] if fused else None
-        if type(rule) is ReLURule and type(last) is BatchNormRule:
-            fused[-1] = BatchNormReLURule(last, rule)
-        elif (type(rule) is MaxPool2dRule and type(last) is BatchNormReLURule
-              and BatchNormReLUMaxPoolRule.fusable(last, rule)):
-            fused[-1] = BatchNormReLUMaxPoolRule(last, rule)
+# ---------------------------------------------------------------------------------------------- tracing
+
+def _frame(text: str) -> str:
+    """The last `File "...", line N` frame of a stack trace as "file:line: code"."""
+    found = [f for f in re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', text or "")
+             if "/torch/" not in f[0] and "fastmaml/programs" not in f[0]]
+    if not found:
+        return ""
+    path, line, code = found[-1]
+    return f"{path}:{line}: {code.strip()}"
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost frame of `exc`'s traceback outside torch (the model's code)."""
+    tb, frame = exc.__traceback__, ""
+    while tb is not None:
+        path = tb.tb_frame.f_code.co_filename
+        if "/torch/" not in path and "fastmaml/programs" not in path:
+            code = inspect.getframeinfo(tb.tb_frame).code_context
+            frame = f"{path}:{tb.tb_lineno}: {code[0].strip() if code else ''}"
+        tb = tb.tb_next
+    return frame
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self):
+        super().__init__()
+        self.record_stack_traces = True
+
+
+class _Root(nn.Module):
+    """Holds a model that is itself one layer (e.g. a bare nn.Linear), so that it traces as a leaf."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+ROOT = "layer"  # the path of the wrapped layer in `_Root`, reported as "<model>"
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """The fx graph of `model.forward` (one tensor input; other arguments at their defaults). A model that
+    is itself a leaf layer (a torch.nn module other than a container) is traced as one call of it."""
+    if "forward" in model.__dict__:
+        raise Unsupported("<model>", type(model).__name__, "forward is replaced on the instance (fx traces the "
+                                                           "class's forward)")
+    tracer = _Tracer()
+    if tracer.is_leaf_module(model, ""):
+        root = _Root(model)
+        return fx.GraphModule(root, tracer.trace(root))
+    params = list(inspect.signature(model.forward).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not positional:
+        raise Unsupported("<model>", type(model).__name__, "forward takes no positional input")
+    concrete = {}
+    for p in params[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise Unsupported("<model>", type(model).__name__,
+                              f"forward takes a second input {p.name!r}; meta_step calls model(x)")
+        concrete[p.name] = p.default
+    try:
+        graph = tracer.trace(model, concrete_args=concrete or None)
+    except Exception as exc:  # data-dependent control flow, calls fx cannot follow
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise Unsupported("<model>", type(model).__name__, f"tracing forward with torch.fx failed: {first}",
+                          _user_frame(exc)) from None
+    return fx.GraphModule(tracer.root, graph)
+
+
+# ---------------------------------------------------------------------------------------------- lowering
+
+_REQUIRED = object()
+
+
+def _bind(spec: Tuple[Tuple[str, Any], ...], args, kwargs, what: str) -> Dict[str, Any]:
+    """fx call arguments -> {name: value} by `spec`, (name, default) pairs (`_REQUIRED`: no default)."""
+    names = [name for name, _ in spec]
+    if len(args) > len(names) or set(kwargs) - set(names):
+        raise TypeError(f"{what}: arguments the fused engine does not know")
+    out = dict(zip(names, args))
+    out.update(kwargs)
+    for name, default in spec:
+        if name not in out:
+            if default is _REQUIRED:
+                raise TypeError(f"{what}: missing argument {name!r}")
+            out[name] = default
+    return out
+
+
+def _spec(*entries) -> Tuple[Tuple[str, Any], ...]:
+    """("input", ("inplace", False), ...) -> ((name, default), ...)."""
+    return tuple(e if isinstance(e, tuple) else (e, _REQUIRED) for e in entries)
+
+
+_FUNC_NAMES = {
+    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
+    F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu", F.elu: "elu", F.elu_: "elu", F.gelu: "gelu",
+    torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
+    F.max_pool2d: "max_pool2d", torch.max_pool2d: "max_pool2d", F.avg_pool2d: "avg_pool2d",
+    F.adaptive_avg_pool2d: "adaptive_avg_pool2d", torch.mean: "mean", torch.flatten: "flatten",
+    torch.reshape: "reshape", F.linear: "linear", F.conv2d: "conv2d", F.batch_norm: "batch_norm",
+    F.dropout: "dropout", torch.cat: "cat", torch.concat: "cat",
+    operator.add: "add", operator.iadd: "add", torch.add: "add", operator.sub: "sub", operator.isub: "sub",
+    torch.sub: "sub", operator.mul: "mul", operator.imul: "mul", torch.mul: "mul", operator.truediv: "div",
+    operator.itruediv: "div", torch.div: "div", operator.neg: "neg", torch.neg: "neg",
+}
+for _name in ("_max_pool2d", "max_pool2d_with_indices"):
+    if hasattr(F, _name):
+        _FUNC_NAMES[getattr(F, _name)] = "max_pool2d"
+if hasattr(torch, "concatenate"):
+    _FUNC_NAMES[torch.concatenate] = "cat"
+_INPLACE_FUNCS = {torch.relu_, F.relu_, F.leaky_relu_, F.elu_, operator.iadd, operator.isub, operator.imul,
+                  operator.itruediv}
+_METHOD_NAMES = {
+    "relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
+    "mean": "mean", "flatten": "flatten", "view": "view", "reshape": "view", "add": "add", "add_": "add",
+    "sub": "sub", "sub_": "sub", "mul": "mul", "mul_": "mul", "div": "div", "div_": "div", "neg": "neg",
+    "contiguous": "alias", "clone": "alias",
+}
+_SPECS = {
+    "relu": _spec("input", ("inplace", False)), "tanh": _spec("input"), "sigmoid": _spec("input"),
+    "leaky_relu": _spec("input", ("negative_slope", 0.01), ("inplace", False)),
+    "elu": _spec("input", ("alpha", 1.0), ("inplace", False)), "gelu": _spec("input", ("approximate", "none")),
+    "max_pool2d": _spec("input", "kernel_size", ("stride", None), ("padding", 0), ("dilation", 1),
+                        ("ceil_mode", False), ("return_indices", False)),
+    "avg_pool2d": _spec("input", "kernel_size", ("stride", None), ("padding", 0), ("ceil_mode", False),
+                        ("count_include_pad", True), ("divisor_override", None)),
+    "adaptive_avg_pool2d": _spec("input", "output_size"),
+    "mean": _spec("input", ("dim", None), ("keepdim", False), ("dtype", None)),
+    "flatten": _spec("input", ("start_dim", 0), ("end_dim", -1)), "reshape": _spec("input", "shape"),
+    "linear": _spec("input", "weight", ("bias", None)),
+    "conv2d": _spec("input", "weight", ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
+                    ("groups", 1)),
+    "batch_norm": _spec("input", "running_mean", "running_var", ("weight", None), ("bias", None),
+                        ("training", False), ("momentum", 0.1), ("eps", 1e-5)),
+    "dropout": _spec("input", ("p", 0.5), ("training", True), ("inplace", False)),
+    "cat": _spec("tensors", ("dim", 0)), "add": _spec("input", "other", ("alpha", 1)),
+    "sub": _spec("input", "other", ("alpha", 1)), "mul": _spec("input", "other"),
+    "div": _spec("input", "other", ("rounding_mode", None)), "neg": _spec("input"),
+    "alias": _spec("input", ("memory_format", None)),
+}
+_HOST_BINOPS = {operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
+                operator.floordiv: operator.floordiv, operator.truediv: operator.truediv, operator.mod: operator.mod}
+
+
+class _Value:
+    """A tensor value of the graph (value id)."""
+
+    def __init__(self, vid: int):
+        self.vid = vid
+
+
+class _Host:
+    """A Python value the model computes from tensor sizes: `fn(values) -> value`, reading `reads`."""
+
+    def __init__(self, fn: Callable[[list], Any], reads: Tuple[int, ...]):
+        self.fn, self.reads = fn, reads
+
+
+class _Lowering:
+    """Maps the fx nodes of one traced model to graph nodes."""
+
+    def __init__(self, gm: fx.GraphModule, layout, bn_index: Dict[int, int], root_wrapped: bool):
+        self.gm = gm
+        self.root_wrapped = root_wrapped
+        self.layout_groups = {"a": layout.adapted, "s": layout.shared}
+        self.slot = {}  # id(parameter) -> Ref
+        for g, group in self.layout_groups.items():
+            for k, name in enumerate(group.names):
+                self.slot[id(layout.params[name])] = Ref(g, k)
+        self.bn_index = bn_index
+        self.env: Dict[fx.Node, Any] = {}
+        self.nodes: List[Node] = []
+        self.num_values = 1
+        self.fx_node: Optional[fx.Node] = None
+
+    # -------------------------------------------------------------- helpers
+    def fail(self, reason: str):
+        n = self.fx_node
+        target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", repr(n.target))
+        if n.op == "call_module":
+            kind = type(self.gm.get_submodule(n.target)).__name__
+            raise Unsupported(self.name() or "<model>", kind, reason, _frame(n.stack_trace))
+        raise Unsupported(n.name, f"{n.op} {target}", reason, _frame(n.stack_trace))
+
+    def arg(self, a):
+        """An fx argument -> _Value, _Host, Ref (parameter/constant), or a Python value (lists mapped)."""
+        if isinstance(a, fx.Node):
+            return self.env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.arg(x) for x in a)
+        if isinstance(a, slice):
+            return slice(self.arg(a.start), self.arg(a.stop), self.arg(a.step))
+        return a
+
+    def host_value(self, a) -> _Host:
+        """A Python value (possibly computed from sizes at run time) as a _Host."""
+        if isinstance(a, _Host):
+            return a
+        if isinstance(a, (_Value, Ref)):
+            self.fail("a tensor is used where a size or number is expected")
+        if isinstance(a, (list, tuple)):
+            parts = [self.host_value(x) for x in a]
+            kind = type(a)
+            return _Host(lambda env: kind(p.fn(env) for p in parts), tuple(v for p in parts for v in p.reads))
+        return _Host(lambda env: a, ())
+
+    def emit(self, rule: Rule, inputs, params=(), stats=None, host: Optional[_Host] = None,
+             inplace: bool = False) -> _Value:
+        out = self.num_values
+        self.num_values += 1
+        self.nodes.append(Node(rule, tuple(v.vid for v in inputs), out, tuple(params), stats,
+                               host.fn if host is not None else None, host.reads if host is not None else (),
+                               inplace, _frame(self.fx_node.stack_trace)))
+        return _Value(out)
+
+    def value(self, a, what: str = "input") -> _Value:
+        if not isinstance(a, _Value):
+            self.fail(f"its {what} is not a tensor computed from the model's input")
+        return a
+
+    def param(self, a, what: str) -> Optional[Ref]:
+        """A parameter or constant operand of F.linear / F.conv2d / F.batch_norm."""
+        if a is None or isinstance(a, Ref):
+            return a
+        self.fail(f"its {what} is not one of the model's parameters or buffers")
+
+    def name(self) -> str:
+        """The module path of a layer ("" for a model that is one layer), else the fx node's name."""
+        n = self.fx_node
+        if n.op == "call_module":
+            return "" if self.root_wrapped and n.target == ROOT else n.target
+        return n.name
+
+    # -------------------------------------------------------------- fx node kinds
+    def run(self) -> Graph:
+        out = None
+        for n in self.gm.graph.nodes:
+            self.fx_node = n
+            if n.op == "placeholder":
+                self.env[n] = _Value(0) if not self.env else n.args[0] if n.args else None
+            elif n.op == "get_attr":
+                self.env[n] = self.get_attr(n.target)
+            elif n.op == "call_module":
+                self.env[n] = self.call_module(n)
+            elif n.op in ("call_function", "call_method"):
+                self.env[n] = self.call(n)
+            elif n.op == "output":
+                out = self.arg(n.args[0])
+                if not isinstance(out, _Value):
+                    self.fail("the model returns " + ("a tuple or dict" if isinstance(out, (tuple, list, dict))
+                                                      else "something that is not a tensor computed from its input")
+                              + "; fastmaml needs forward(x) to return one tensor [N, ...]")
+        return self.finish(out)
+
+    def get_attr(self, target: str):
+        obj = self.gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, nn.Parameter):
+            ref = self.slot.get(id(obj))
+            if ref is None:
+                self.fail(f"parameter {target!r} is not among the model's parameters")
+            return ref
+        if isinstance(obj, torch.Tensor):
+            return Ref("c", const=obj)
+        return obj
+
+    def module_params(self, m: nn.Module, names) -> Tuple[Optional[Ref], ...]:
+        refs = []
+        for pn in names:
+            p = getattr(m, pn, None)
+            if p is None:
+                refs.append(None)
+            elif isinstance(p, nn.Parameter):
+                refs.append(self.slot[id(p)])
+            else:  # a plain tensor attribute (e.g. a frozen weight): a constant
+                refs.append(Ref("c", const=p))
+        return tuple(refs)
+
+    def call_module(self, n: fx.Node):
+        m = self.gm.get_submodule(n.target)
+        x = self.arg(n.args[0]) if n.args else self.arg(next(iter(n.kwargs.values()), None))
+        if len(n.args) + len(n.kwargs) != 1:
+            self.fail("a layer called with more than one argument")
+        x = self.value(x)
+        name, kind = self.name(), type(m).__name__
+        inplace = bool(getattr(m, "inplace", False))
+        if type(m) is nn.Identity:
+            return x
+        if type(m) in _DROPOUTS:
+            if m.training and m.p > 0:
+                self.fail("dropout in training mode is random; exact meta-gradients need it off (call .eval() on it)")
+            return x
+        if type(m) is nn.Linear:
+            return self.emit(LinearRule(name, kind, m.in_features), [x], self.module_params(m, ("weight", "bias")))
+        if type(m) is nn.Conv2d:
+            self.check_conv(m.groups, m.padding_mode, m.padding, m.kernel_size, m.dilation)
+            rule = ConvRule(name, kind, Geometry(m.kernel_size, m.stride, m.padding, m.dilation), m.in_channels)
+            return self.emit(rule, [x], self.module_params(m, ("weight", "bias")))
+        if type(m) in _NORMS:
+            rule = BatchNormRule(name, kind, m.eps, m.num_features, self.bn_index[id(m)])
+            return self.emit(rule, [x], self.module_params(m, ("weight", "bias")))
+        if type(m) is nn.ReLU:
+            return self.emit(ReLURule(name, kind), [x], inplace=inplace)
+        if type(m) is nn.LeakyReLU:
+            return self.emit(LeakyReLURule(name, kind, m.negative_slope), [x], inplace=inplace)
+        if type(m) is nn.ELU:
+            return self.emit(ELURule(name, kind, m.alpha), [x], inplace=inplace)
+        if type(m) is nn.GELU:
+            if m.approximate != "none":
+                self.fail(f"approximate={m.approximate!r}; the fused engine supports 'none'")
+            return self.emit(GELURule(name, kind), [x])
+        if type(m) is nn.Tanh:
+            return self.emit(TanhRule(name, kind), [x])
+        if type(m) is nn.Sigmoid:
+            return self.emit(SigmoidRule(name, kind), [x])
+        if type(m) is nn.MaxPool2d:
+            if m.return_indices:
+                self.fail("return_indices=True (the output is a tuple)")
+            return self.emit(MaxPool2dRule(name, kind, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode),
+                             [x])
+        if type(m) is nn.AvgPool2d:
+            return self.emit(AvgPool2dRule(name, kind, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                           m.count_include_pad, m.divisor_override), [x])
+        if type(m) is nn.AdaptiveAvgPool2d:
+            return self.emit(AdaptiveAvgPool2dRule(name, kind, m.output_size), [x])
+        if type(m) is nn.Flatten:
+            if m.start_dim == 0:
+                self.fail("start_dim=0 would merge the examples of a task")
+            return self.emit(FlattenRule(name, kind, m.start_dim, m.end_dim), [x])
+        self.fail("not a layer the fused engine knows (see fastmaml.explain for what compiles)")
+
+    def check_conv(self, groups, padding_mode, padding, kernel_size, dilation):
+        if groups != 1:
+            self.fail(f"groups={groups}; the fused engine supports groups=1")
+        if padding_mode != "zeros":
+            self.fail(f"padding_mode={padding_mode!r}; the fused engine supports 'zeros'")
+        if padding == "same" and Geometry.same_is_asymmetric(kernel_size, dilation):
+            self.fail("padding='same' with an even effective kernel (asymmetric padding)")
+
+    def call(self, n: fx.Node):
+        target = n.target
+        if n.op == "call_method":
+            if target in ("size", "dim") or (target == "__getattribute__"):
+                return self.host_call(n)
+            op = _METHOD_NAMES.get(target)
+            inplace = target.endswith("_")
         else:
-            fused.append(rule)
-    return fused
+            if target is getattr or target is operator.getitem or target in _HOST_BINOPS and not any(
+                    isinstance(self.arg(a), _Value) for a in n.args):
+                return self.host_call(n)
+            op = _FUNC_NAMES.get(target)
+            inplace = target in _INPLACE_FUNCS
+            if getattr(target, "__name__", "") == "_assert_is_none":  # fx's guard of a None default argument
+                return None
+        if op is None:
+            self.fail("no rule for this operation in the fused engine")
+        if op == "view":
+            x = self.value(self.arg(n.args[0]))
+            shape = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
+            shape = self.arg(shape if "shape" not in n.kwargs else n.kwargs["shape"])
+            return self.reshape(x, shape)
+        try:
+            a = _bind(_SPECS[op], [self.arg(x) for x in n.args], {k: self.arg(v) for k, v in n.kwargs.items()},
+                      op)
+        except TypeError as e:
+            self.fail(str(e))
+        inplace = inplace or bool(a.get("inplace", False))
+        return getattr(self, f"op_{op}")(a, inplace)
+
+    def host_call(self, n: fx.Node) -> _Host:
+        args = [self.arg(a) for a in n.args]
+        target = n.target
+        if n.op == "call_method" and target in ("size", "dim"):
+            x = self.value(args[0])
+            v = x.vid
+            if target == "dim":
+                return _Host(lambda env: env[v].dim() - 1, (v,))
+            if len(args) > 1 or "dim" in n.kwargs:
+                d = self.host_value(args[1] if len(args) > 1 else self.arg(n.kwargs["dim"]))
+                return _Host(lambda env: env[v].shape[1:][d.fn(env)], (v,) + d.reads)
+            return _Host(lambda env: env[v].shape[1:], (v,))
+        if target is getattr:
+            obj, attr = args
+            if isinstance(obj, _Value) and attr == "shape":
+                v = obj.vid
+                return _Host(lambda env: env[v].shape[1:], (v,))
+            self.fail(f"attribute {attr!r} of a traced value")
+        if target is operator.getitem:
+            obj, idx = self.host_value(args[0]), self.host_value(args[1])
+            return _Host(lambda env: obj.fn(env)[idx.fn(env)], obj.reads + idx.reads)
+        if target in _HOST_BINOPS:
+            a, b = self.host_value(args[0]), self.host_value(args[1])
+            f = _HOST_BINOPS[target]
+            return _Host(lambda env: f(a.fn(env), b.fn(env)), a.reads + b.reads)
+        self.fail("no rule for this operation in the fused engine")
+
+    def reshape(self, x: _Value, shape) -> _Value:
+        shape = shape if isinstance(shape, (list, tuple)) else (shape,)
+        if shape and isinstance(shape[0], int) and shape[0] != -1:
+            self.fail(f"reshape to {tuple(shape)} fixes the number of examples; use x.view(x.size(0), ...)")
+        host = self.host_value(tuple(shape))
+        return self.emit(ReshapeRule(self.name(), "reshape"), [x], host=host)
+
+    # -------------------------------------------------------------- operations (a: bound arguments)
+    def op_alias(self, a, inplace):
+        return self.value(a["input"])
+
+    def op_relu(self, a, inplace):
+        return self.emit(ReLURule(self.name(), "relu"), [self.value(a["input"])], inplace=inplace)
+
+    def op_tanh(self, a, inplace):
+        return self.emit(TanhRule(self.name(), "tanh"), [self.value(a["input"])], inplace=inplace)
+
+    def op_sigmoid(self, a, inplace):
+        return self.emit(SigmoidRule(self.name(), "sigmoid"), [self.value(a["input"])], inplace=inplace)
+
+    def op_leaky_relu(self, a, inplace):
+        return self.emit(LeakyReLURule(self.name(), "leaky_relu", float(a["negative_slope"])),
+                         [self.value(a["input"])], inplace=inplace)
+
+    def op_elu(self, a, inplace):
+        return self.emit(ELURule(self.name(), "elu", float(a["alpha"])), [self.value(a["input"])], inplace=inplace)
+
+    def op_gelu(self, a, inplace):
+        if a["approximate"] != "none":
+            self.fail(f"approximate={a['approximate']!r}; the fused engine supports 'none'")
+        return self.emit(GELURule(self.name(), "gelu"), [self.value(a["input"])])
+
+    def op_max_pool2d(self, a, inplace):
+        if a["return_indices"]:
+            self.fail("return_indices=True (the output is a tuple)")
+        rule = MaxPool2dRule(self.name(), "max_pool2d", a["kernel_size"], a["stride"], a["padding"], a["dilation"],
+                             a["ceil_mode"])
+        return self.emit(rule, [self.value(a["input"])])
+
+    def op_avg_pool2d(self, a, inplace):
+        rule = AvgPool2dRule(self.name(), "avg_pool2d", a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
+                             a["count_include_pad"], a["divisor_override"])
+        return self.emit(rule, [self.value(a["input"])])
+
+    def op_adaptive_avg_pool2d(self, a, inplace):
+        return self.emit(AdaptiveAvgPool2dRule(self.name(), "adaptive_avg_pool2d", a["output_size"]),
+                         [self.value(a["input"])])
+
+    def op_mean(self, a, inplace):
+        dims = a["dim"]
+        if dims is None or a["dtype"] is not None:
+            self.fail("a mean over all dimensions (or with a dtype) mixes the examples; give per-example dims")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims)
+        if not all(isinstance(d, int) for d in dims) or 0 in dims:
+            self.fail(f"mean over dims {dims} includes the examples' dim 0")
+        return self.emit(MeanRule(self.name(), "mean", dims, bool(a["keepdim"])), [self.value(a["input"])])
+
+    def op_flatten(self, a, inplace):
+        if a["start_dim"] == 0:
+            self.fail("flatten from dim 0 merges the examples; use start_dim=1 (torch.flatten(x, 1))")
+        return self.emit(FlattenRule(self.name(), "flatten", a["start_dim"], a["end_dim"]), [self.value(a["input"])])
+
+    def op_reshape(self, a, inplace):
+        return self.reshape(self.value(a["input"]), a["shape"] if "shape" in a else a["input"])
+
+    def op_dropout(self, a, inplace):
+        if a["training"] and a["p"] > 0:
+            self.fail("dropout in training mode is random; exact meta-gradients need it off")
+        return self.value(a["input"])
+
+    def op_linear(self, a, inplace):
+        w = self.param(a["weight"], "weight")
+        if w is None or (w.group == "c" and w.const.dim() != 2):
+            self.fail("F.linear needs a weight [out, in]")
+        in_features = self.shape_of(w)[1]
+        rule = LinearRule(self.name(), "linear", in_features)
+        return self.emit(rule, [self.value(a["input"])], (w, self.param(a["bias"], "bias")))
+
+    def op_conv2d(self, a, inplace):
+        w = self.param(a["weight"], "weight")
+        shape = self.shape_of(w)
+        if len(shape) != 4:
+            self.fail("F.conv2d needs a weight [out, in, kh, kw]")
+        self.check_conv(a["groups"], "zeros", a["padding"], shape[2:], a["dilation"])
+        rule = ConvRule(self.name(), "conv2d", Geometry(shape[2:], a["stride"], a["padding"], a["dilation"]),
+                        shape[1])
+        return self.emit(rule, [self.value(a["input"])], (w, self.param(a["bias"], "bias")))
+
+    def op_batch_norm(self, a, inplace):
+        w, b = self.param(a["weight"], "weight"), self.param(a["bias"], "bias")
+        if a["training"]:
+            stats = None
+        else:
+            mean, var = self.param(a["running_mean"], "running_mean"), self.param(a["running_var"], "running_var")
+            if mean is None or var is None or mean.group != "c" or var.group != "c":
+                self.fail("F.batch_norm with training=False needs running statistics that are buffers")
+            stats = (mean, var)
+        ref = next((r for r in (w, b) if r is not None), None) or (stats[0] if stats else None)
+        if ref is None:
+            self.fail("F.batch_norm with batch statistics and no weight: the number of channels is unknown")
+        rule = BatchNormRule(self.name(), "batch_norm", float(a["eps"]), self.shape_of(ref)[0])
+        return self.emit(rule, [self.value(a["input"])], (w, b), stats)
+
+    def shape_of(self, ref: Ref) -> Tuple[int, ...]:
+        if ref.group == "c":
+            return tuple(ref.const.shape)
+        layout_group = self.layout_groups[ref.group]
+        return tuple(layout_group.slots[ref.index].shape)
+
+    def constant(self, c) -> Any:
+        """A Python number or a constant tensor operand (None if it is neither)."""
+        if isinstance(c, Ref):
+            if c.group != "c":
+                self.fail("a parameter used directly in arithmetic (the fused engine takes parameters through "
+                          "layers, F.linear, F.conv2d and F.batch_norm)")
+            return c.const
+        if isinstance(c, bool) or not isinstance(c, (int, float)):
+            return None
+        return float(c)
+
+    def op_add(self, a, inplace, sign: float = 1.0):
+        x, y = a["input"], a["other"]
+        alpha = float(a["alpha"]) * sign
+        if isinstance(x, _Value) and isinstance(y, _Value):
+            return self.emit(AddRule(self.name(), "add" if alpha == 1.0 else "sub" if alpha == -1.0 else "add",
+                                     alpha), [x, y], inplace=inplace)
+        if isinstance(x, _Value) and self.constant(y) is not None:
+            return self.emit(AffineRule(self.name(), "add", 1.0, self.constant(y) * alpha), [x], inplace=inplace)
+        if isinstance(y, _Value) and self.constant(x) is not None:
+            return self.emit(AffineRule(self.name(), "add", alpha, self.constant(x)), [y])
+        self.fail("an addition the fused engine cannot follow")
+
+    def op_sub(self, a, inplace):
+        return self.op_add(a, inplace, -1.0)
+
+    def op_mul(self, a, inplace):
+        x, y = a["input"], a["other"]
+        if isinstance(y, _Value) and not isinstance(x, _Value):
+            x, y = y, x
+        if isinstance(x, _Value) and isinstance(y, _Value):
+            self.fail("the product of two values computed from the input (only products with constants compile)")
+        c = self.constant(y)
+        if not isinstance(x, _Value) or c is None:
+            self.fail("a multiplication the fused engine cannot follow")
+        return self.emit(AffineRule(self.name(), "mul", c), [x], inplace=inplace)
+
+    def op_div(self, a, inplace):
+        x, c = a["input"], self.constant(a["other"])
+        if a["rounding_mode"] is not None or not isinstance(x, _Value) or c is None:
+            self.fail("only division of a value by a constant compiles")
+        return self.emit(AffineRule(self.name(), "div", 1.0 / c if isinstance(c, float) else c.reciprocal()), [x],
+                         inplace=inplace)
+
+    def op_neg(self, a, inplace):
+        return self.emit(AffineRule(self.name(), "neg", -1.0), [self.value(a["input"])])
+
+    def op_cat(self, a, inplace):
+        xs = a["tensors"]
+        if not isinstance(xs, (list, tuple)) or not xs or not all(isinstance(x, _Value) for x in xs):
+            self.fail("torch.cat of values that are not all computed from the input")
+        d = a["dim"]
+        if not isinstance(d, int) or d == 0:
+            self.fail(f"concatenation along dim {d}, the examples' dim; concatenate along a feature dim")
+        return self.emit(CatRule(self.name(), "cat", len(xs), d), list(xs))
+
+    # -------------------------------------------------------------- finish
+    def finish(self, out: _Value) -> Graph:
+        """Dead nodes dropped, in-place writes checked, unused parameters listed, fusions applied."""
+        live, needed = [], {out.vid}
+        for node in reversed(self.nodes):
+            if node.output in needed:
+                live.append(node)
+                needed.update(node.inputs)
+                needed.update(node.keeps)
+        live.reverse()
+        for i, node in enumerate(live):
+            if node.inplace and node.inputs:
+                v = node.inputs[0]
+                if v == 0 or any(v in later.inputs or v in later.keeps for later in live[i + 1:]):
+                    raise Unsupported(node.rule.name, node.rule.kind, "an in-place operation overwrites a value that "
+                                      "is read again (or the input); write it out of place", node.source)
+        used = {(ref.group, ref.index) for node in live for ref in node.params if ref is not None}
+        unused = tuple(Ref(g, k) for g, group in self.layout_groups.items() for k in range(len(group.slots))
+                       if (g, k) not in used)
+        return fuse(Graph(live, self.num_values, out.vid, unused))
 
 
-def _walk(module: nn.Module, name: str, rules: List[Rule], seen: set) -> None:
-    label = name or "<model>"
-    if id(module) in seen:
-        raise Unsupported(label, type(module).__name__, "the same module object appears twice (tied weights)")
-    seen.add(id(module))
-    if type(module) is nn.Sequential:
-        for child_name, child in module._modules.items():  # all entries, repeats included (as forward runs them)
-            if child is None:
-                continue
-            _walk(child, f"{name}.{child_name}" if name else child_name, rules, seen)
-        return
-    rule = _leaf(module, name)
-    if rule is not None:
-        rules.append(rule)
+def compile_model(model: nn.Module, layout=None, bn_layers=None) -> Graph:
+    """The graph of rules of `model` for the parameter `layout` (default: every parameter adapted;
+    `bn_layers`: the model's BatchNorm modules in `NormPlan` order, by default `batchnorm.bn_layers`).
+    Raises `Unsupported` naming the culprit."""
+    if layout is None:
+        layout = ParamLayout(model)
+    if bn_layers is None:
+        bn_layers = [m for _, m in batchnorm.bn_layers(model)]
+    for name, m in model.named_modules():
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
+            raise Unsupported(name or "<model>", type(m).__name__,
+                              "the module has forward or backward hooks, which the fused engine would skip")
+    wrapped = _Tracer().is_leaf_module(model, "")
+    before = {n: dict(m.__dict__) for n, m in model.named_modules()}
+    try:
+        graph = _Lowering(trace(model), layout, {id(m): i for i, m in enumerate(bn_layers)}, wrapped).run()
+    except Unsupported as exc:
+        exc.volatile = _restore(model, before)
+        raise
+    graph.volatile = _restore(model, before)
+    return graph
 
 
-def _leaf(m: nn.Module, name: str) -> Optional[Rule]:
-    label, kind = name or "<model>", type(m).__name__
-    if type(m) is nn.Identity:
-        return None
-    if type(m) in _DROPOUTS:
-        if m.training and m.p > 0:
-            raise Unsupported(label, kind, "dropout in training mode is random; exact meta-gradients need it "
-                                           "off (call .eval() on it)")
-        return None
-    if type(m) is nn.Conv2d:
-        if m.groups != 1:
-            raise Unsupported(label, kind, f"groups={m.groups}; the fused engine supports groups=1")
-        if m.padding_mode != "zeros":
-            raise Unsupported(label, kind, f"padding_mode={m.padding_mode!r}; the fused engine supports 'zeros'")
-        if m.padding == "same" and any(d * (k - 1) % 2 for d, k in zip(m.dilation, m.kernel_size)):
-            raise Unsupported(label, kind, "padding='same' with an even effective kernel (asymmetric padding)")
-        return ConvRule(name, m)
-    if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d):
-        return BatchNormRule(name, m, index=-1)  # index set by compile_model
-    if type(m) is nn.GELU:
-        if m.approximate != "none":
-            raise Unsupported(label, kind, f"approximate={m.approximate!r}; the fused engine supports 'none'")
-        return GELURule(name, m)
-    if type(m) is nn.MaxPool2d and m.return_indices:
-        raise Unsupported(label, kind, "return_indices=True (the output is a tuple)")
-    if type(m) is nn.Flatten and m.start_dim == 0:
-        raise Unsupported(label, kind, "start_dim=0 would merge the examples of a task")
-    cls = _SIMPLE.get(type(m))
-    if cls is None:
-        raise Unsupported(label, kind, "not a layer the fused engine knows (only nn.Sequential of standard "
-                                       "layers compile; see fastmaml.explain)")
-    return cls(name, m)
+def _restore(model: nn.Module, before: Dict[str, dict]) -> Dict[str, frozenset]:
+    """Puts back the plain attributes that tracing `forward` changed (a call counter, say); returns
+    {module name: those attribute names}."""
+    changed = {}
+    for n, m in model.named_modules():
+        old = before.get(n, {})
+        keys = frozenset(k for k, v in m.__dict__.items() if not k.startswith("_") and k in old and old[k] is not v)
+        for k in keys:
+            m.__dict__[k] = old[k]
+        if keys:
+            changed[n] = keys
+    return changed

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .base import Rule
 
@@ -41,15 +40,22 @@ def _pair(v):
 
 
 class Geometry:
-    def __init__(self, module: nn.Conv2d):
-        self.stride = _pair(module.stride)
-        self.dilation = _pair(module.dilation)
-        if isinstance(module.padding, str):  # "valid" or "same" (symmetric only; checked by the compiler)
-            k = _pair(module.kernel_size)
+    """Stride, padding and dilation of a 2-d convolution (padding "valid" or "same", symmetric only: the
+    compiler rejects an even effective kernel with "same")."""
+
+    def __init__(self, kernel_size, stride=1, padding=0, dilation=1):
+        self.stride = _pair(stride)
+        self.dilation = _pair(dilation)
+        if isinstance(padding, str):
+            k = _pair(kernel_size)
             same = [d * (kk - 1) // 2 for d, kk in zip(self.dilation, k)]
-            self.padding = [0, 0] if module.padding == "valid" else same
+            self.padding = [0, 0] if padding == "valid" else same
         else:
-            self.padding = _pair(module.padding)
+            self.padding = _pair(padding)
+
+    @staticmethod
+    def same_is_asymmetric(kernel_size, dilation) -> bool:
+        return any(d * (k - 1) % 2 for d, k in zip(_pair(dilation), _pair(kernel_size)))
 
 
 def conv_forward(x, w, b, g: Geometry, strategy: str):
@@ -135,10 +141,10 @@ def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb
 class ConvRule(Rule):
     param_names = ("weight", "bias")
 
-    def __init__(self, name: str, module: nn.Conv2d):
-        super().__init__(name, module)
-        self.geometry = Geometry(module)
-        self.in_channels = module.in_channels
+    def __init__(self, name: str, kind: str, geometry: Geometry, in_channels: int):
+        super().__init__(name, kind)
+        self.geometry = geometry
+        self.in_channels = in_channels
         self.strategy = None  # None: STRATEGY[device type]
 
     def _strategy(self, x):

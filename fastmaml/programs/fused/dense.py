@@ -1,17 +1,15 @@
 """Linear rule: y = x wᵀ + b over the last feature dim, per-task weights as batched GEMMs."""
 from __future__ import annotations
 
-from torch import nn
-
 from .base import Rule
 
 
 class LinearRule(Rule):
     param_names = ("weight", "bias")
 
-    def __init__(self, name: str, module: nn.Linear):
-        super().__init__(name, module)
-        self.in_features = module.in_features
+    def __init__(self, name: str, kind: str, in_features: int):
+        super().__init__(name, kind)
+        self.in_features = in_features
 
     def _rows(self, x):
         """`[T, N, *mid, I]` -> `[T, N·mid, I]` (a view when contiguous)."""

@@ -1,24 +1,26 @@
 """BatchNorm1d/2d rule on batch statistics (the MAML convention) or on fixed statistics (`bn_stats`).
 
 Activations `[T, N, C, *spatial]` run as `[T, N, C, S]`; statistics per task and channel. The math
-(forward, backward, both tangents, by hand with per-channel sums) is in fastmaml/ops/layers.py.
-Running statistics are neither read nor updated.
+(forward, backward, both tangents, by hand with per-channel sums) is in fastmaml/ops/reference/batchnorm.py.
+Running statistics are read only as fixed statistics and never updated.
 """
 from __future__ import annotations
-
-from torch import nn
 
 from .base import Rule
 
 
 class BatchNormRule(Rule):
+    """p = (weight, bias, statistics): statistics None (batch statistics) or fixed (mean [C], var [C]),
+    from `bn_stats[index]` for a BatchNorm module (`index`: its position among the model's BatchNorm
+    layers, None for `F.batch_norm`, whose statistics the node binds itself)."""
+
     param_names = ("weight", "bias")
 
-    def __init__(self, name: str, module: nn.modules.batchnorm._BatchNorm, index: int):
-        super().__init__(name, module)
-        self.eps = module.eps
-        self.num_features = module.num_features
-        self.index = index  # position among the model's BatchNorm layers (for bn_stats)
+    def __init__(self, name: str, kind: str, eps: float, num_features: int, index=None):
+        super().__init__(name, kind)
+        self.eps = eps
+        self.num_features = num_features
+        self.index = index
 
     def as_channels(self, x):
         """`[T, N, C, *spatial]` -> `[T, N, C, S]` (checked)."""

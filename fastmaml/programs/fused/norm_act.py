@@ -1,26 +1,29 @@
-"""BatchNorm1d/2d immediately followed by ReLU, as one rule: z = max(BN(x), 0); and BatchNorm2d + ReLU
-+ MaxPool2d (non-overlapping windows), the tail of every conv-net block, as one rule.
+"""BatchNorm followed by its activation as one rule: BatchNorm1d/2d + ReLU (z = max(BN(x), 0)), BatchNorm +
+LeakyReLU (ResNet-12's block), and BatchNorm2d + ReLU + MaxPool2d with non-overlapping windows (the tail of
+every conv-net block).
 
-The compiler fuses the pair (`compile_model`). It is a BatchNormRule (same parameters, owned by the
-BatchNorm module's path; same `index` into `bn_stats`; same `as_channels` of its input), whose ops
-also apply the ReLU: the forward writes z only (not BatchNorm's output y), the backwards mask the
-incoming gradient and its tangent by z > 0, and the tangent forward computes (z, ż) and what the
-tangent backward needs in one op. z is what the next layer keeps anyway, so the pair saves no more
-than BatchNorm alone did. The math is in fastmaml/ops/layers.py ("batch norm followed by ReLU").
+The compiler fuses them where the intermediate value has no other reader (`graph.fuse`). Each is a
+BatchNormRule (the BatchNorm's parameters and `index` into `bn_stats`, the same `as_channels` of its
+input) whose passes also apply the activation: the forward writes z only (not BatchNorm's output y), the
+backwards mask the incoming gradient and its tangent, and the tangent forward computes (z, ż) and what the
+tangent backward needs in one op. z is what the next layer keeps anyway, so the pair saves no more than
+BatchNorm alone did. The math is in fastmaml/ops/reference/batchnorm.py ("batch norm followed by ReLU").
 """
 from __future__ import annotations
 
+import torch
+
 from .norm import BatchNormRule
-from .pointwise import ReLURule
+from .pointwise import LeakyReLURule, ReLURule
 from .pooling import MaxPool2dRule
+
+aten = torch.ops.aten
 
 
 class BatchNormReLURule(BatchNormRule):
     def __init__(self, norm: BatchNormRule, relu: ReLURule):
-        self.path = norm.path  # the parameters belong to the BatchNorm module
-        self.name = f"{norm.name}+{relu.name}"
-        self.kind = f"{norm.kind}+{relu.kind}"
-        self.eps, self.num_features, self.index = norm.eps, norm.num_features, norm.index
+        super().__init__(f"{norm.name}+{relu.name}", f"{norm.kind}+{relu.kind}", norm.eps, norm.num_features,
+                         norm.index)
 
     def forward(self, ops, x, p, save):
         w, b, mean, var = self._split(p)
@@ -69,19 +72,18 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
     """
 
     def __init__(self, norm_relu: BatchNormReLURule, pool: MaxPool2dRule):
-        self.path = norm_relu.path
-        self.name = f"{norm_relu.name}+{pool.name}"
-        self.kind = f"{norm_relu.kind}+{pool.kind}"
-        self.eps, self.num_features, self.index = norm_relu.eps, norm_relu.num_features, norm_relu.index
+        super().__init__(f"{norm_relu.name}+{pool.name}", f"{norm_relu.kind}+{pool.kind}", norm_relu.eps,
+                         norm_relu.num_features, norm_relu.index)
         self.norm_relu, self.pool = norm_relu, pool
         self.k = pool.kernel[0]
 
     @staticmethod
     def fusable(norm_relu: BatchNormReLURule, pool: MaxPool2dRule) -> bool:
-        """BatchNorm2d, and square windows at stride = window, no padding or dilation, floor mode."""
+        """Square windows at stride = window, no padding or dilation, floor mode (the pool makes the input a
+        BatchNorm2d's `[N, C, H, W]`)."""
         k = pool.kernel[0]
-        return (norm_relu.kind.startswith("BatchNorm2d") and pool.kernel == [k, k] and pool.stride == [k, k]
-                and pool.padding == [0, 0] and pool.dilation == [1, 1] and not pool.ceil_mode)
+        return (pool.kernel == [k, k] and pool.stride == [k, k] and pool.padding == [0, 0]
+                and pool.dilation == [1, 1] and not pool.ceil_mode)
 
     def _checked(self, x):
         """x `[T, N, C, H, W]` (checked: C channels, 5 dims), contiguous for the kernels."""
@@ -125,3 +127,65 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
         _, z, idx, x, xd, mu, r, a, dmean = saved
         return ops.bn_relu_maxpool_tangent_bwd(gy, gyd, z, idx, x, xd, mu, r, a, dmean, p[0], v[0], self.k, need_x,
                                                outs[0], touts[0], outs[1], touts[1])
+
+
+class BatchNormLeakyReLURule(BatchNormRule):
+    """z = leaky_relu(BatchNorm(x), slope) as one rule (ResNet-12's block): BatchNorm's own output is not
+    kept. The rule composes the BatchNorm ops with the slope in place: z keeps y's sign (slope > 0), so
+    [z > 0] gives the mask, gy = gz · (1 or slope), ż = ẏ · (1 or slope) and, the second derivative
+    being 0, ġy = ġz · (1 or slope)."""
+
+    def __init__(self, norm: BatchNormRule, act: LeakyReLURule):
+        super().__init__(f"{norm.name}+{act.name}", f"{norm.kind}+{act.kind}", norm.eps, norm.num_features,
+                         norm.index)
+        self.slope = act.slope
+
+    def _act(self, y, own: bool):
+        if own and not torch.is_grad_enabled():
+            return torch.nn.functional.leaky_relu_(y, self.slope)
+        return torch.nn.functional.leaky_relu(y, self.slope)
+
+    def _mask(self, g, z):
+        return None if g is None else aten.leaky_relu_backward(g, z, self.slope, True)
+
+    def forward(self, ops, x, p, save):
+        w, b, mean, var = self._split(p)
+        x4 = self.as_channels(x)
+        if mean is None:  # batch statistics: the backward needs x
+            y, mu, r = ops.batchnorm_train_fwd(x4, w, b, self.eps)
+            z = self._act(y, True)
+            return z.view(x.shape), (z, x4, mu, r, x.shape) if save else None
+        y, xhat, r = ops.batchnorm_fwd(x4, w, b, self.eps, mean, var)
+        z = self._act(y, w is not None)  # without w, y is x̂ itself (kept)
+        return z.view(x.shape), (z, xhat, r, x.shape) if save else None
+
+    def backward(self, ops, gy, saved, p, need_x, outs):
+        if len(saved) == 5:
+            z, x4, mu, r, shape = saved
+            gx = ops.batchnorm_train_bwd(self._mask(gy.reshape(x4.shape), z), x4, mu, r, p[0], self.eps, need_x,
+                                         outs[0], outs[1])
+        else:
+            z, xhat, r, shape = saved
+            gx = ops.batchnorm_bwd(self._mask(gy.reshape(xhat.shape), z), xhat, r, p[0], False, need_x, outs[0],
+                                   outs[1])
+        return None if gx is None else gx.view(shape)
+
+    def tangent_forward(self, ops, x, xd, p, v):
+        w, b, mean, var = self._split(p)
+        x4 = self.as_channels(x)
+        y, xhat, r = ops.batchnorm_fwd(x4, w, b, self.eps, mean, var)
+        xd4 = None if xd is None else xd.reshape(x4.shape)
+        yd, xhd, a = ops.batchnorm_tangent_fwd(xd4, xhat, r, w, v[0], v[1], mean is None)
+        z = self._act(y, w is not None)
+        zd = self._mask(yd, z)
+        return (z.view(x.shape), (None if zd is None else zd.reshape(x.shape)),
+                (z, xhat, xhd, a, r, x.shape, mean is None))
+
+    def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
+        z, xhat, xhd, a, r, shape, batch = saved
+        gx, gxd = ops.batchnorm_tangent_bwd(self._mask(gy.reshape(xhat.shape), z), self._mask(gyd.reshape(xhat.shape), z),
+                                            xhat, xhd, a, r, p[0], v[0], batch, need_x, outs[0], touts[0], outs[1],
+                                            touts[1])
+        if gx is None:
+            return None, None
+        return gx.view(shape), gxd.view(shape)

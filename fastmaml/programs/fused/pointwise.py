@@ -9,7 +9,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .base import Rule
 
@@ -64,9 +63,9 @@ class ReLURule(PointwiseRule):
 class LeakyReLURule(PointwiseRule):
     saves_input = True
 
-    def __init__(self, name, module: nn.LeakyReLU):
-        super().__init__(name, module)
-        self.slope = module.negative_slope
+    def __init__(self, name, kind, slope: float):
+        super().__init__(name, kind)
+        self.slope = slope
 
     def f(self, x):
         return F.leaky_relu(x, self.slope)
@@ -100,9 +99,9 @@ class SigmoidRule(PointwiseRule):
 class ELURule(PointwiseRule):
     saves_input = True
 
-    def __init__(self, name, module: nn.ELU):
-        super().__init__(name, module)
-        self.alpha = module.alpha
+    def __init__(self, name, kind, alpha: float):
+        super().__init__(name, kind)
+        self.alpha = alpha
 
     def f(self, x):
         return F.elu(x, self.alpha)

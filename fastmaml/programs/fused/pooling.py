@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .base import LinearMapRule
 
@@ -24,13 +23,13 @@ def _merge(x):
 
 
 class MaxPool2dRule(LinearMapRule):
-    def __init__(self, name: str, module: nn.MaxPool2d):
-        super().__init__(name, module)
-        self.kernel = _pair(module.kernel_size)
-        self.stride = _pair(module.stride if module.stride is not None else module.kernel_size)
-        self.padding = _pair(module.padding)
-        self.dilation = _pair(module.dilation)
-        self.ceil_mode = module.ceil_mode
+    def __init__(self, name: str, kind: str, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+        super().__init__(name, kind)
+        self.kernel = _pair(kernel_size)
+        self.stride = _pair(stride if stride else kernel_size)  # None or [] (F.max_pool2d): the kernel size
+        self.padding = _pair(padding)
+        self.dilation = _pair(dilation)
+        self.ceil_mode = ceil_mode
 
     def _check(self, x):
         if x.dim() != 5:
@@ -62,14 +61,15 @@ class MaxPool2dRule(LinearMapRule):
 
 
 class AvgPool2dRule(LinearMapRule):
-    def __init__(self, name: str, module: nn.AvgPool2d):
-        super().__init__(name, module)
-        self.kernel = _pair(module.kernel_size)
-        self.stride = _pair(module.stride if module.stride is not None else module.kernel_size)
-        self.padding = _pair(module.padding)
-        self.ceil_mode = module.ceil_mode
-        self.count_include_pad = module.count_include_pad
-        self.divisor_override = module.divisor_override
+    def __init__(self, name: str, kind: str, kernel_size, stride=None, padding=0, ceil_mode=False,
+                 count_include_pad=True, divisor_override=None):
+        super().__init__(name, kind)
+        self.kernel = _pair(kernel_size)
+        self.stride = _pair(stride if stride else kernel_size)
+        self.padding = _pair(padding)
+        self.ceil_mode = ceil_mode
+        self.count_include_pad = count_include_pad
+        self.divisor_override = divisor_override
 
     def apply(self, x, save):
         if x.dim() != 5:
@@ -88,9 +88,9 @@ class AvgPool2dRule(LinearMapRule):
 
 
 class AdaptiveAvgPool2dRule(LinearMapRule):
-    def __init__(self, name: str, module: nn.AdaptiveAvgPool2d):
-        super().__init__(name, module)
-        self.output_size = module.output_size
+    def __init__(self, name: str, kind: str, output_size):
+        super().__init__(name, kind)
+        self.output_size = output_size
 
     def apply(self, x, save):
         if x.dim() != 5:

@@ -1,96 +1,156 @@
-"""FusedProgram: a compiled model's loss, gradient and exact Hessian-vector products for all T
-tasks at once, from hand-derived layer rules, with no autograd graph.
+"""FusedProgram: a compiled model's loss, gradient and exact Hessian-vector products for all T tasks at
+once, from hand-derived rules over its graph (graph.py), with no autograd graph.
 
-loss_grad: one forward sweep (saving what the backward needs), the loss rule, one backward sweep
-writing every layer's per-task weight gradient into one flat `[T, Pa]` buffer (and `[T, Ps]` for
-shared weights when asked). hvp: one forward sweep carrying the tangent (x, ẋ) with weight
-directions from u, then one backward sweep carrying (g, ġ); ġ of every weight is H u.
-Sweeps stop at the first layer whose weights need a gradient; tangents are None (zero) until the
-first adapted layer. Tasks run in chunks sized by their activations (`_chunked`): all at once for
-MLPs, one at a time for large conv activations (cache locality, and peak memory of one chunk).
-`forward` uses the same rules with ordinary differentiable ops (for `adapt`).
+loss_grad: the forward sweep in topological order (each node saving what its backward needs), the loss
+rule, then the backward sweep in reverse order, writing every parameter's per-task gradient into one
+flat `[T, Pa]` buffer (and `[T, Ps]` for shared weights when asked). hvp: a forward sweep carrying the
+tangent (x, ẋ), with weight directions from u, then a backward sweep carrying (g, ġ); ġ of every weight
+is H u. A value read by several nodes gets the sum of their gradients (and tangents); a weight read by
+several nodes (tied) gets the sum of their weight gradients. Only nodes downstream of a parameter that
+needs a gradient run backward; tangents are None (zero) until the first adapted parameter. A value is
+dropped once its last reader has run, a node's saved tensors once its backward has. Tasks run in chunks
+sized by their activations (`_chunked`). `forward` uses the same rules with differentiable reference ops
+(for `adapt`).
+
+Every method takes the op table of the call (`ops`: `fastmaml.ops.resolve(backend, device)`); the program
+holds no backend and no reference to the model.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from ...layout import ParamLayout
 from ...losses import Loss
-from ...ops import layers as _layer_ops  # noqa: F401  (registers the layer ops)
 from ...ops import registry
 from ..base import HVP, LossGrad, Program
-from .base import Rule
+from .graph import Graph
 from .norm import BatchNormRule
+
+
+class _Plan:
+    """Which nodes run backward when the parameter groups `groups` need gradients: `active[i]`, and per
+    node which of its inputs need a gradient (`need[i]`)."""
+
+    def __init__(self, graph: Graph, groups: Tuple[str, ...]):
+        needs = [False] * graph.num_values
+        self.active: List[bool] = []
+        self.need: List[tuple] = []
+        for node in graph.nodes:
+            own = any(r is not None and r.group in groups for r in node.params)
+            need = tuple(needs[v] for v in node.inputs)
+            self.active.append(own or any(need))
+            self.need.append(need)
+            needs[node.output] = self.active[-1]
+
 
 class FusedProgram(Program):
     name = "fused"
-    # activations per chunk of tasks, per device type (see `_chunked`): on the CPU a chunk that stays
-    # in cache; on a GPU large enough to fill it (on an H200, 16 MB chunks of the 28×28 conv net ran
-    # 1–10 tasks per launch and left the engine launch-bound)
+    # activations per chunk of tasks, per device type (see `_chunked`): on the CPU a chunk that stays in
+    # cache; on a GPU large enough to fill it (small chunks left the engine launch-bound on a GPU)
     chunk_bytes = {"cpu": 16 << 20, "cuda": 1 << 30}
 
-    def __init__(self, layout: ParamLayout, loss: Loss, rules: List[Rule], loss_rule):
+    def __init__(self, layout: ParamLayout, loss: Loss, graph: Graph, loss_rule):
         super().__init__(layout, loss)
-        self.rules = rules
+        self.graph = graph
+        self.nodes = graph.nodes
         self.loss_rule = loss_rule
-        owner = {}  # full parameter name -> (rule index, position in rule.param_names)
-        for i, rule in enumerate(rules):
-            for k, pn in enumerate(rule.param_names):
-                owner[f"{rule.path}.{pn}" if rule.path else pn] = (i, k)
-        # per flat group, in slot order: (rule index, position, shape), and the slot sizes for split
-        self.slots = {g: [(*owner[s.name], tuple(s.shape)) for s in group.slots]
-                      for g, group in (("a", layout.adapted), ("s", layout.shared))}
-        self.sizes = {g: [s.numel for s in group.slots] for g, group in (("a", layout.adapted), ("s", layout.shared))}
-        self.first_adapted = min((i for i, _, _ in self.slots["a"]), default=len(rules))
-        self.first_param = min((i for g in "as" for i, _, _ in self.slots[g]), default=len(rules))
-        self.norms = [(i, r) for i, r in enumerate(rules) if isinstance(r, BatchNormRule)]
-        self._tables = {}
-        self._task_bytes = {}  # activation bytes of one task, per (kind, input shape)
+        self.groups = {"a": layout.adapted, "s": layout.shared}
+        self.sizes = {g: [s.numel for s in group.slots] for g, group in self.groups.items()}
+        self.shapes = {g: [tuple(s.shape) for s in group.slots] for g, group in self.groups.items()}
+        self.readers = graph.readers()
+        self.plans = {False: _Plan(graph, ("a",)), True: _Plan(graph, ("a", "s"))}
+        self.norms = [(i, n.rule) for i, n in enumerate(self.nodes) if isinstance(n.rule, BatchNormRule)]
+        # the first node reading a parameter slot writes its gradient in place; later readers (tied weights)
+        # write into their own buffers, added afterwards
+        first, self.extra = set(), []
+        for i, node in enumerate(self.nodes):
+            for k, ref in enumerate(node.params):
+                if ref is not None and ref.group != "c":
+                    key = (ref.group, ref.index)
+                    if key in first:
+                        self.extra.append((i, k, ref))
+                    first.add(key)
+        self._task_bytes: Dict[tuple, int] = {}
+
+    def chain(self):
+        """The rules in order if the model compiled to a chain (e.g. an `nn.Sequential`), else None."""
+        return self.graph.chain_rules()
+
+    def describe(self) -> List[str]:
+        """One line per node: `out <- rule(inputs)`."""
+        lines = []
+        for node in self.nodes:
+            args = ", ".join("x" if v == 0 else f"v{v}" for v in node.inputs)
+            lines.append(f"v{node.output} = {node.describe()}({args})")
+        return lines
 
     # ------------------------------------------------------------------ binding
-    def _ops(self, device: torch.device, differentiable: bool = False):
-        backend = "torch" if differentiable else self.backend
-        key = (device.type, backend)
-        table = self._tables.get(key)
-        if table is None:
-            table = registry.resolve(backend, device)
-            self._tables[key] = table
-        return table
+    def _views(self, flat: Optional[torch.Tensor], g: str) -> Optional[list]:
+        """flat `[*batch, P_g]` -> one view `[*batch, *shape]` per slot of group g (None: no flat)."""
+        if flat is None or not self.sizes[g]:
+            return None
+        batch = flat.shape[:-1]
+        return [c.view(*batch, *s) for c, s in zip(flat.split(self.sizes[g], -1), self.shapes[g])]
 
-    def _bind(self, flats: dict) -> List[list]:
-        """{group: flat `[*batch, P_group]` or None} -> per rule, a list of parameter views
-        `[*batch, *shape]` in `param_names` order (None: absent or its group's flat is None)."""
-        bound = [[None] * len(r.param_names) for r in self.rules]
-        for g, flat in flats.items():
-            if flat is None or not self.slots[g]:
-                continue
-            batch = flat.shape[:-1]
-            for (i, k, shape), chunk in zip(self.slots[g], flat.split(self.sizes[g], -1)):
-                bound[i][k] = chunk.view(*batch, *shape)
-        return bound
+    def _params(self, phi, shared, bn_stats) -> List[tuple]:
+        """Per node, its parameters (views of φ / ψ rows, constants, None), BatchNorm statistics appended."""
+        if bn_stats is not None and any(rule.index is not None and rule.index >= len(bn_stats)
+                                        for _, rule in self.norms):
+            raise ValueError(f"bn_stats: got statistics for {len(bn_stats)} BatchNorm layers, fewer than the "
+                             "model has")
+        views = {"a": self._views(phi, "a"), "s": self._views(shared, "s"), "c": None}
+        out = []
+        for node in self.nodes:
+            p = tuple(None if r is None else r.const if r.group == "c" else views[r.group][r.index]
+                      for r in node.params)
+            if isinstance(node.rule, BatchNormRule):
+                if node.rule.index is not None:
+                    stats = None if bn_stats is None else bn_stats[node.rule.index]
+                else:
+                    stats = None if node.stats is None else tuple(r.const for r in node.stats)
+                p = p + (stats,)
+            out.append(p)
+        return out
 
-    def _params(self, phi, shared, bn_stats) -> List[list]:
-        if bn_stats is not None and len(bn_stats) != len(self.norms):
-            raise ValueError(f"bn_stats: expected statistics for {len(self.norms)} BatchNorm layers, "
-                             f"got {len(bn_stats)}")
-        params = self._bind({"a": phi, "s": shared})
-        for i, rule in self.norms:
-            params[i].append(None if bn_stats is None else bn_stats[rule.index])
-        return params
+    def _outs(self, flats: dict) -> Tuple[List[tuple], list]:
+        """Per node, where each parameter's gradient goes (views of `flats[g]` `[Tc, P_g]` or None), and the
+        (own buffer, slot view) pairs of the later readers of tied slots, to add once the sweep is done."""
+        views = {g: self._views(f, g) for g, f in flats.items()}
+        outs = [tuple(None if r is None or r.group == "c" or views.get(r.group) is None else views[r.group][r.index]
+                      for r in node.params) for node in self.nodes]
+        pending = []
+        for i, k, ref in self.extra:
+            slot = views.get(ref.group)
+            if slot is not None:
+                own = torch.empty_like(slot[ref.index])
+                outs[i] = outs[i][:k] + (own,) + outs[i][k + 1:]
+                pending.append((own, slot[ref.index]))
+        for ref in self.graph.unused:
+            slot = views.get(ref.group)
+            if slot is not None:
+                slot[ref.index].zero_()
+        return outs, pending
 
-    def _stop(self, shared_grad: bool) -> int:
-        return self.first_param if shared_grad else self.first_adapted
+    def _dirs(self, u) -> List[tuple]:
+        views = self._views(u, "a")
+        return [tuple(views[r.index] if r is not None and r.group == "a" else None for r in node.params)
+                for node in self.nodes]
+
+    @staticmethod
+    def _rows(t, sl):
+        """Tasks `sl` of a per-task tensor `[T, ...]`; a common `[P]` (or None) stays as it is."""
+        return t if t is None or t.dim() == 1 else t[sl]
 
     # ------------------------------------------------------------------ task chunks
     def _chunked(self, kind: str, x, run) -> None:
         """Runs `run(tasks: slice) -> activation bytes` over chunks of tasks sized to `chunk_bytes` of
         activations for the device type (on the CPU all tasks at once for small activations, e.g. MLPs,
-        and one task at a time for large conv activations, which keeps peak memory and the cache
-        working set to one chunk). The size per
-        task is measured once per input shape by running task 0 alone (then run again in its chunk), so
-        the chunks depend only on the shapes: a computation is bitwise the same whenever it runs."""
+        and one task at a time for large conv activations, which keeps peak memory and the cache working
+        set to one chunk). The size per task is measured once per input shape by running task 0 alone
+        (then run again in its chunk), so the chunks depend only on the shapes: a computation is bitwise
+        the same whenever it runs."""
         T = x.shape[0]
         key = (kind, tuple(x.shape[1:]), x.dtype, x.device)
         per_task = self._task_bytes.get(key)
@@ -101,16 +161,50 @@ class FusedProgram(Program):
         for start in range(0, T, size):
             run(slice(start, min(T, start + size)))
 
-    @staticmethod
-    def _rows(t, sl):
-        """Tasks `sl` of a per-task tensor `[T, ...]`; a common `[P]` (or None) stays as it is."""
-        return t if t is None or t.dim() == 1 else t[sl]
+    # ------------------------------------------------------------------ sweeps
+    def _forward(self, ops, x, params, active, tangents=None, dirs=None, watch=None):
+        """Forward sweep from x; with `tangents` (a list, filled per value), the tangent sweep too; `watch`
+        {value id: None} gets those values. Returns (output, its tangent, saved per node, host arguments
+        per node, activation bytes)."""
+        nodes, readers, out_v = self.nodes, self.readers, self.graph.output
+        env: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
+        env[0] = x
+        if watch is not None and 0 in watch:
+            watch[0] = x
+        left = list(readers)
+        saved, hosts, nbytes = [None] * len(nodes), [None] * len(nodes), 0
+        for i, node in enumerate(nodes):
+            rule = node.rule
+            p = params[i] if node.host is None else (node.host(env),)
+            hosts[i] = p
+            xs = env[node.inputs[0]] if rule.arity == 1 else [env[v] for v in node.inputs]
+            if tangents is not None and active[i]:
+                xds = tangents[node.inputs[0]] if rule.arity == 1 else [tangents[v] for v in node.inputs]
+                y, yd, saved[i] = rule.tangent_forward(ops, xs, xds, p, dirs[i])
+                tangents[node.output] = yd
+            else:
+                y, saved[i] = rule.forward(ops, xs, p, active[i])
+            env[node.output] = y
+            if watch is not None and node.output in watch:
+                watch[node.output] = y
+            nbytes += y.numel() * y.element_size()
+            for v in set(node.inputs) | set(node.keeps):
+                left[v] -= 1
+                if left[v] == 0 and v != out_v:
+                    env[v] = None
+                    if tangents is not None:
+                        tangents[v] = None
+        yd = None if tangents is None else tangents[out_v]
+        return env[out_v], yd, saved, hosts, nbytes
 
-    # ------------------------------------------------------------------ Program
-    def loss_grad(self, phi, shared, x, y, *, shared_grad=False, bn_stats=None) -> LossGrad:
+    @staticmethod
+    def _add(slots, v, g):
+        if g is not None:
+            slots[v] = g if slots[v] is None else slots[v] + g
+
+    def loss_grad(self, ops, phi, shared, x, y, *, shared_grad=False, bn_stats=None) -> LossGrad:
         T = x.shape[0]
-        ops = self._ops(x.device)
-        stop = self._stop(shared_grad)
+        plan = self.plans[bool(shared_grad)]
         loss = phi.new_empty(T)
         grad = phi.new_empty(T, self.layout.adapted.size)
         grad_s = phi.new_empty(T, self.layout.shared.size) if shared_grad else None
@@ -118,26 +212,36 @@ class FusedProgram(Program):
 
         def run(sl):
             params = self._params(self._rows(phi, sl), shared, bn_stats)
-            h, saved, nbytes = x[sl], [], 0
-            for i, (rule, p) in enumerate(zip(self.rules, params)):
-                h, s = rule.forward(ops, h, p, i >= stop)
-                saved.append(s)
-                nbytes += h.numel() * h.element_size()
-            loss[sl], g, _ = self.loss_rule.grad(ops, h, y[sl])
-            self._store(result, "output", h, sl, T)
-            outs = self._bind({"a": grad[sl], "s": self._rows(grad_s, sl)})
-            for i in range(len(self.rules) - 1, stop - 1, -1):
-                g = self.rules[i].backward(ops, g, saved[i], params[i], i > stop, outs[i])
+            out, _, saved, hosts, nbytes = self._forward(ops, x[sl], params, plan.active)
+            loss[sl], g, _ = self.loss_rule.grad(ops, out, y[sl])
+            self._store(result, "output", out, sl, T)
+            outs, pending = self._outs({"a": grad[sl], "s": self._rows(grad_s, sl)})
+            grads: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
+            grads[self.graph.output] = g
+            for i in range(len(self.nodes) - 1, -1, -1):
+                if not plan.active[i]:
+                    continue
+                node = self.nodes[i]
+                gy, grads[node.output] = grads[node.output], None
+                p = params[i] if node.host is None else hosts[i]
+                if node.rule.arity == 1:
+                    self._add(grads, node.inputs[0],
+                              node.rule.backward(ops, gy, saved[i], p, plan.need[i][0], outs[i]))
+                else:
+                    for v, gx in zip(node.inputs, node.rule.backward(ops, gy, saved[i], p, plan.need[i], outs[i])):
+                        self._add(grads, v, gx)
+                saved[i] = None
+            for own, slot in pending:
+                slot.add_(own)
             return nbytes
 
         with torch.no_grad():
             self._chunked("loss_grad", x, run)
         return LossGrad(loss, grad, grad_s, result["output"])
 
-    def hvp(self, phi, shared, x, y, u, *, shared_grad=False, need_grad=True, bn_stats=None) -> HVP:
+    def hvp(self, ops, phi, shared, x, y, u, *, shared_grad=False, need_grad=True, bn_stats=None) -> HVP:
         T = x.shape[0]
-        ops = self._ops(x.device)
-        stop = self._stop(shared_grad)
+        plan = self.plans[bool(shared_grad)]
         Pa, Ps = self.layout.adapted.size, self.layout.shared.size
         grad = phi.new_empty(T, Pa) if need_grad else None  # None: no weight gradients, only their tangents
         hu = phi.new_empty(T, Pa)
@@ -146,23 +250,38 @@ class FusedProgram(Program):
 
         def run(sl):
             params = self._params(self._rows(phi, sl), shared, bn_stats)
-            dirs = self._bind({"a": u[sl]})
-            h, hd, saved, nbytes = x[sl], None, [], 0
-            for i, (rule, p) in enumerate(zip(self.rules, params)):
-                if i < stop:
-                    h, s = rule.forward(ops, h, p, False)
+            dirs = self._dirs(u[sl])
+            tangents: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
+            out, outd, saved, hosts, nbytes = self._forward(ops, x[sl], params, plan.active, tangents, dirs)
+            _, g, ls = self.loss_rule.grad(ops, out, y[sl])
+            gd = self.loss_rule.grad_tangent(ops, ls, outd) if outd is not None else torch.zeros_like(g)
+            outs, pending = self._outs({"a": self._rows(grad, sl), "s": self._rows(grad_s, sl)})
+            touts, tpending = self._outs({"a": hu[sl], "s": self._rows(hu_s, sl)})
+            grads: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
+            tgrads: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
+            grads[self.graph.output], tgrads[self.graph.output] = g, gd
+            for i in range(len(self.nodes) - 1, -1, -1):
+                if not plan.active[i]:
+                    continue
+                node = self.nodes[i]
+                gy, grads[node.output] = grads[node.output], None
+                gyd, tgrads[node.output] = tgrads[node.output], None
+                p = params[i] if node.host is None else hosts[i]
+                if node.rule.arity == 1:
+                    gx, gxd = node.rule.tangent_backward(ops, gy, gyd, saved[i], p, dirs[i], plan.need[i][0],
+                                                         outs[i], touts[i])
+                    self._add(grads, node.inputs[0], gx)
+                    self._add(tgrads, node.inputs[0], gxd)
                 else:
-                    h, hd, s = rule.tangent_forward(ops, h, hd, p, dirs[i])
-                saved.append(s)
-                nbytes += 2 * h.numel() * h.element_size()
-            _, g, ls = self.loss_rule.grad(ops, h, y[sl])
-            gd = self.loss_rule.grad_tangent(ops, ls, hd) if hd is not None else torch.zeros_like(g)
-            outs = self._bind({"a": self._rows(grad, sl), "s": self._rows(grad_s, sl)})
-            touts = self._bind({"a": hu[sl], "s": self._rows(hu_s, sl)})
-            for i in range(len(self.rules) - 1, stop - 1, -1):
-                g, gd = self.rules[i].tangent_backward(ops, g, gd, saved[i], params[i], dirs[i], i > stop,
-                                                       outs[i], touts[i])
-            return nbytes
+                    pairs = node.rule.tangent_backward(ops, gy, gyd, saved[i], p, dirs[i], plan.need[i], outs[i],
+                                                       touts[i])
+                    for v, (gx, gxd) in zip(node.inputs, pairs):
+                        self._add(grads, v, gx)
+                        self._add(tgrads, v, gxd)
+                saved[i] = None
+            for own, slot in pending + tpending:
+                slot.add_(own)
+            return nbytes * 2
 
         with torch.no_grad():
             self._chunked("hvp", x, run)
@@ -178,39 +297,42 @@ class FusedProgram(Program):
             result[name] = value.new_empty(T, *value.shape[1:])
         result[name][sl] = value
 
-    def forward(self, phi, shared, x, *, bn_stats=None):
+    def forward(self, ops, phi, shared, x, *, bn_stats=None):
         differentiable = torch.is_grad_enabled() and (phi.requires_grad or shared.requires_grad or x.requires_grad)
-        ops = self._ops(x.device, differentiable)
-        h = x
-        for rule, p in zip(self.rules, self._params(phi, shared, bn_stats)):
-            h, _ = rule.forward(ops, h, p, False)
-        return h
+        if differentiable:
+            ops = registry.resolve("torch", x.device)
+        inactive = [False] * len(self.nodes)
+        return self._forward(ops, x, self._params(phi, shared, bn_stats), inactive)[0]
 
-    def batch_stats(self, phi, shared, x):
-        ops = self._ops(x.device)
-        stats = []
+    def batch_stats(self, ops, phi, shared, x):
+        """Per BatchNorm module (in `NormPlan` order), the per-task batch statistics of its input at its
+        first call (None for a module the forward never calls)."""
+        stats = [None] * (1 + max((r.index for _, r in self.norms if r.index is not None), default=-1))
+        inputs = {i: node.inputs[0] for i, node in enumerate(self.nodes)
+                  if isinstance(node.rule, BatchNormRule) and node.rule.index is not None}
+        if not inputs:
+            return stats
         with torch.no_grad():
-            h = x
-            for rule, p in zip(self.rules, self._params(phi, shared, None)):
-                if isinstance(rule, BatchNormRule):
-                    x4 = rule.as_channels(h)
+            seen = {v: None for v in inputs.values()}
+            self._forward(ops, x, self._params(phi, shared, None), [False] * len(self.nodes), watch=seen)
+            for i, v in inputs.items():
+                rule = self.nodes[i].rule
+                if stats[rule.index] is None:
+                    x4 = rule.as_channels(seen[v])
                     var, mean = torch.var_mean(x4, (1, 3), correction=0)
-                    stats.append((mean, var, x4.shape[1] * x4.shape[3]))
-                h, _ = rule.forward(ops, h, p, False)
+                    stats[rule.index] = (mean, var, x4.shape[1] * x4.shape[3])
         return stats
 
-    def evaluate(self, phi, shared, x, y, *, bn_stats=None):
+    def evaluate(self, ops, phi, shared, x, y, *, bn_stats=None):
         """(loss `[T]`, output) without gradients, in chunks of tasks like `loss_grad`."""
         T = x.shape[0]
-        ops = self._ops(x.device)
         result = {}
+        inactive = [False] * len(self.nodes)
 
         def run(sl):
-            h, nbytes = x[sl], 0
-            for rule, p in zip(self.rules, self._params(self._rows(phi, sl), shared, bn_stats)):
-                h, _ = rule.forward(ops, h, p, False)
-                nbytes += h.numel() * h.element_size()
-            self._store(result, "output", h, sl, T)
+            out, _, _, _, nbytes = self._forward(ops, x[sl], self._params(self._rows(phi, sl), shared, bn_stats),
+                                                 inactive)
+            self._store(result, "output", out, sl, T)
             return nbytes
 
         with torch.no_grad():

@@ -1,18 +1,17 @@
-"""Flatten: a reshape per example, `[T, N, *feat]` -> `[T, N, flattened]`."""
+"""Reshapes of the examples' features: Flatten, view/reshape that keep the batch dimension, means over
+per-example dims. `[T, N, *feat]` in and out."""
 from __future__ import annotations
 
-from torch import nn
-
-from .base import LinearMapRule
+from .base import LinearMapRule, Rule
 
 
 class FlattenRule(LinearMapRule):
-    """nn.Flatten(start_dim >= 1): per-example dims start_dim..end_dim merged (task dim shifts them by 1)."""
+    """Flatten of per-example dims start_dim..end_dim (start_dim >= 1; the task dim shifts them by 1)."""
 
-    def __init__(self, name: str, module: nn.Flatten):
-        super().__init__(name, module)
-        self.start_dim = module.start_dim
-        self.end_dim = module.end_dim
+    def __init__(self, name: str, kind: str, start_dim: int = 1, end_dim: int = -1):
+        super().__init__(name, kind)
+        self.start_dim = start_dim
+        self.end_dim = end_dim
 
     def apply(self, x, save):
         start = self.start_dim + 1 if self.start_dim >= 0 else self.start_dim + x.dim()
@@ -24,3 +23,58 @@ class FlattenRule(LinearMapRule):
 
     def transpose(self, gy, shape):
         return gy.reshape(shape)
+
+
+class ReshapeRule(Rule):
+    """`x.view(shape)` / `x.reshape(shape)` with a per-example `shape` that keeps the examples apart: the
+    node binds p = (shape,), evaluated on every pass from the model's own size arithmetic (e.g.
+    `x.view(x.size(0), -1)`, where `x.size(0)` is the number of examples N)."""
+
+    def forward(self, ops, x, p, save):
+        y = self._reshape(x, p[0])
+        return y, x.shape if save else None
+
+    def _reshape(self, x, shape):
+        y = x.reshape(x.shape[0], *shape)
+        if y.dim() < 2 or y.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"model: {self.describe()} reshapes the per-task input {tuple(x.shape[1:])} to {tuple(y.shape[1:])}, "
+                f"which mixes the {x.shape[1]} examples; fastmaml needs the first (batch) dimension kept, e.g. "
+                "x.view(x.size(0), -1)")
+        return y
+
+    def backward(self, ops, gy, shape, p, need_x, outs):
+        return gy.reshape(shape) if need_x else None
+
+    def tangent_forward(self, ops, x, xd, p, v):
+        y = self._reshape(x, p[0])
+        return y, (None if xd is None else xd.reshape(y.shape)), x.shape
+
+    def tangent_backward(self, ops, gy, gyd, shape, p, v, need_x, outs, touts):
+        return (gy.reshape(shape), gyd.reshape(shape)) if need_x else (None, None)
+
+
+class MeanRule(LinearMapRule):
+    """Mean over per-example dims (`x.mean((2, 3))` over a conv map: dims counted without the task dim)."""
+
+    def __init__(self, name: str, kind: str, dims, keepdim: bool = False):
+        super().__init__(name, kind)
+        self.dims = tuple(dims)
+        self.keepdim = keepdim
+
+    def _dims(self, x):
+        return sorted(d + 1 if d >= 0 else d + x.dim() for d in self.dims)
+
+    def apply(self, x, save):
+        dims = self._dims(x)
+        return x.mean(dims, keepdim=self.keepdim), (x.shape, dims)
+
+    def transpose(self, gy, saved):
+        shape, dims = saved
+        if not self.keepdim:
+            for d in dims:
+                gy = gy.unsqueeze(d)
+        count = 1
+        for d in dims:
+            count *= shape[d]
+        return (gy / count).expand(shape)

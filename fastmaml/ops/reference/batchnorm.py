@@ -1,0 +1,249 @@
+"""BatchNorm on batch or fixed statistics, alone and followed by ReLU: forward, backward, tangent
+forward, tangent backward, task-batched.
+
+Conventions (every reference): T tasks lead every tensor. A weight is per task (`[T, *shape]`, fast
+weights) or common to all tasks (`[*shape]`: step 0 or a shared, not adapted, parameter); its direction
+(`wd`, from the tangent u) is per task `[T, *shape]` or None (zero: a shared parameter). A tangent `xd` of
+None is zero. Weight gradients are always per task `[T, *shape]`. Dotted names are tangents: `yd` = ẏ,
+`gyd` = ġy (the tangent of the gradient w.r.t. y).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..registry import register
+
+Tensor = torch.Tensor
+Opt = Optional[torch.Tensor]
+
+
+# ---------------------------------------------------------------- batch norm on batch statistics
+# x `[T, N, C, S]` (S: spatial positions, 1 for BatchNorm1d on [N, C]); statistics per task and
+# channel over (N, S); m = N·S values each. r = 1/sqrt(var + eps) `[T, 1, C, 1]`, x̂ = (x − μ) r.
+# P(z) = r (z − mean(z) − x̂ mean(x̂ z)) is the Jacobian of x̂ (symmetric), used both ways.
+
+_RED = (1, 3)
+
+
+def _channel(w: Opt) -> Opt:
+    """A per-channel vector `[T, C]` or `[C]` -> broadcastable `[T|1, 1, C, 1]`."""
+    if w is None:
+        return None
+    return w[:, None, :, None] if w.dim() == 2 else w[None, None, :, None]
+
+
+def _project(z: Tensor, xhat: Tensor, r: Tensor, own: bool) -> Tensor:
+    """P(z); `own`: z is a temporary of the caller and may be overwritten (saves a full-size buffer)."""
+    mz = z.mean(_RED, keepdim=True)
+    mxz = (xhat * z).mean(_RED, keepdim=True)
+    out = z.sub_(mz) if own else z - mz
+    return out.addcmul_(xhat, mxz, value=-1.0).mul_(r)
+
+
+@register("batchnorm_fwd", "torch")
+def batchnorm_fwd(x: Tensor, w: Opt, b: Opt, eps: float, mean: Opt = None, var: Opt = None):
+    """Returns (y, x̂, r) `[T, N, C, S]`, `[T, N, C, S]`, `[T|1, 1, C, 1]`.
+
+    Batch statistics per task when `mean`/`var` are None; otherwise fixed statistics `[C]` (BatchNorm
+    as an affine map)."""
+    if mean is None:
+        var, mu = torch.var_mean(x, _RED, correction=0, keepdim=True)
+    else:
+        mu, var = mean[None, None, :, None], var[None, None, :, None]
+    r = torch.rsqrt(var + eps)
+    xc = x - mu
+    xhat = xc * r if torch.is_grad_enabled() else xc.mul_(r)  # in place when no graph is recorded
+    if w is None:
+        return xhat, xhat, r
+    return torch.addcmul(_channel(b), xhat, _channel(w)), xhat, r
+
+
+def _task(v: Opt, t: int) -> Opt:
+    """Task t's slice of a per-channel vector `[T, C]`, or the common `[C]` itself."""
+    return v[t] if v is not None and v.dim() == 2 else v
+
+
+@register("batchnorm_train_fwd", "torch")
+def batchnorm_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Batch-statistics BatchNorm with PyTorch's fused kernel, one call per task (two passes instead of
+    four). x `[T, N, C, S]` -> (y `[T, N, C, S]`, mean `[T, C]`, r `[T, C]`); the backward needs x."""
+    if torch.is_grad_enabled():  # differentiable path (AdaptedModel): out= variants record no graph
+        ys = [torch.ops.aten.native_batch_norm(x[t], _task(w, t), _task(b, t), None, None, True, 0.0, eps)
+              for t in range(x.shape[0])]
+        return tuple(torch.stack(z) for z in zip(*ys))
+    T, C = x.shape[0], x.shape[2]
+    y, mean, r = torch.empty_like(x), x.new_empty(T, C), x.new_empty(T, C)
+    for t in range(T):
+        torch.ops.aten.native_batch_norm.out(x[t], _task(w, t), _task(b, t), None, None, True, 0.0, eps,
+                                             out=y[t], save_mean=mean[t], save_invstd=r[t])
+    return y, mean, r
+
+
+@register("batchnorm_train_bwd", "torch")
+def batchnorm_train_bwd(gy: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, eps: float, need_x: bool,
+                        gw_out: Opt, gb_out: Opt) -> Opt:
+    """Backward of `batchnorm_train_fwd` with PyTorch's fused kernel per task: writes gw `[T, C]`,
+    gb `[T, C]` into the given outputs, returns gx `[T, N, C, S]` if `need_x`."""
+    mask = [need_x, gw_out is not None, gb_out is not None]
+    gx = torch.empty_like(x) if need_x else None
+    gy = gy.contiguous()
+    # without affine weights, unit ones: CUDA's kernel sizes gw like the weight (and fails on None)
+    ones = x.new_ones(x.shape[2]) if w is None else None
+    for t in range(x.shape[0]):
+        args = (gy[t], x[t], ones if w is None else _task(w, t), None, None, mean[t], r[t], True, eps, mask)
+        if all(mask):  # outputs written in place (aten's out= needs all three)
+            torch.ops.aten.native_batch_norm_backward.out(*args, out0=gx[t], out1=gw_out[t], out2=gb_out[t])
+            continue
+        gx_t, gw_t, gb_t = torch.ops.aten.native_batch_norm_backward(*args)
+        for out, value in ((gx, gx_t), (gw_out, gw_t), (gb_out, gb_t)):
+            if out is not None:
+                out[t] = value
+    return gx
+
+
+@register("batchnorm_bwd", "torch")
+def batchnorm_bwd(gy: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool,
+                  gw_out: Opt, gb_out: Opt) -> Opt:
+    """Writes Σ gy x̂ → `gw_out [T, C]`, Σ gy → `gb_out [T, C]`; returns gx `[T, N, C, S]` if `need_x`."""
+    if gw_out is not None:
+        torch.sum(gy * xhat, _RED, out=gw_out)
+    if gb_out is not None:
+        torch.sum(gy, _RED, out=gb_out)
+    if not need_x:
+        return None
+    gxh = gy if w is None else gy * _channel(w)
+    return _project(gxh, xhat, r, own=w is not None) if batch_stats else gxh * r
+
+
+@register("batchnorm_tangent_fwd", "torch")
+def batchnorm_tangent_fwd(xd: Opt, xhat: Tensor, r: Tensor, w: Opt, wd: Opt, bd: Opt, batch_stats: bool):
+    """Returns (ẏ, x̂̇, a): x̂̇ = P(ẋ) (batch statistics) or r ẋ (fixed), ẏ = x̂̇ w + x̂ ẇ + ḃ, and
+    a = mean(x̂ ẋ) `[T, 1, C, 1]` (ṙ = −r² a; None with fixed statistics). ẋ None: zero."""
+    xhd = a = None
+    yd = None
+    if xd is not None:
+        if batch_stats:
+            a = (xhat * xd).mean(_RED, keepdim=True)
+            xhd = (xd - xd.mean(_RED, keepdim=True) - xhat * a) * r
+        else:
+            xhd = xd * r
+        yd = xhd if w is None else xhd * _channel(w)
+    if wd is not None:
+        yd = xhat * _channel(wd) if yd is None else yd.addcmul_(xhat, _channel(wd))
+    if bd is not None:
+        yd = _channel(bd).expand_as(xhat) if yd is None else yd + _channel(bd)
+    return yd, xhd, a
+
+
+@register("batchnorm_tangent_bwd", "torch")
+def batchnorm_tangent_bwd(gy: Tensor, gyd: Tensor, xhat: Tensor, xhd: Opt, a: Opt, r: Tensor, w: Opt, wd: Opt,
+                          batch_stats: bool, need_x: bool, gw_out: Opt, gwd_out: Opt, gb_out: Opt,
+                          gbd_out: Opt) -> Tuple[Opt, Opt]:
+    """Backward and its tangent. ġw = Σ(ġy x̂ + gy x̂̇), ġb = Σ ġy; with gx̂ = gy w,
+    ġx̂ = ġy w + gy ẇ, m1 = mean(gx̂), m2 = mean(x̂ gx̂):
+    ġx = −r a · gx + r (ġx̂ − mean(ġx̂) − x̂̇ m2 − x̂ mean(x̂̇ gx̂ + x̂ ġx̂))   (batch statistics)
+    ġx = r ġx̂                                                           (fixed statistics).
+    Returns (gx, ġx) `[T, N, C, S]` if `need_x`, else (None, None)."""
+    if gw_out is not None:
+        torch.sum(gy * xhat, _RED, out=gw_out)
+    if gb_out is not None:
+        torch.sum(gy, _RED, out=gb_out)
+    if gwd_out is not None:
+        prod = gyd * xhat
+        if xhd is not None:
+            prod.addcmul_(gy, xhd)
+        torch.sum(prod, _RED, out=gwd_out)
+    if gbd_out is not None:
+        torch.sum(gyd, _RED, out=gbd_out)
+    if not need_x:
+        return None, None
+    gxh = gy if w is None else gy * _channel(w)
+    gxhd = gyd if w is None else gyd * _channel(w)
+    if wd is not None:
+        gxhd = gxhd.addcmul(gy, _channel(wd))
+    if not batch_stats:
+        return gxh * r, gxhd * r
+    m2 = (xhat * gxh).mean(_RED, keepdim=True)
+    gx = (gxh - gxh.mean(_RED, keepdim=True) - xhat * m2) * r
+    dot = xhat * gxhd
+    if xhd is not None:
+        dot.addcmul_(xhd, gxh)
+    inner = gxhd - gxhd.mean(_RED, keepdim=True) - xhat * dot.mean(_RED, keepdim=True)
+    if xhd is not None:
+        inner.addcmul_(xhd, m2, value=-1.0)
+    gxd = inner * r
+    if a is not None:
+        gxd.addcmul_(gx, r * a, value=-1.0)
+    return gx, gxd
+
+
+# ---------------------------------------------------------------- batch norm followed by ReLU
+# z = max(y, 0) with y the BatchNorm output above; the mask z > 0 gates gradients and tangents:
+# gy = [z > 0] gz, ż = [z > 0] ẏ, and (ReLU's second derivative being 0) ġy = [z > 0] ġz.
+# Compositions of the BatchNorm references; the backwards take z (the forward's output, which the
+# next layer keeps anyway) instead of y.
+
+
+def _relu(y: Tensor, own: bool) -> Tensor:
+    """max(y, 0); in place when `own` (y is a temporary) and no graph is recorded."""
+    return y.relu_() if own and not torch.is_grad_enabled() else torch.relu(y)
+
+
+def _relu_mask(g: Opt, z: Tensor) -> Opt:
+    """[z > 0] g (PyTorch's ReLU backward kernel); None stays None."""
+    return None if g is None else torch.ops.aten.threshold_backward(g, z, 0)
+
+
+@register("batchnorm_relu_train_fwd", "torch")
+def batchnorm_relu_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """x `[T, N, C, S]` -> (z `[T, N, C, S]`, mean `[T, C]`, r `[T, C]`), batch statistics; the backward
+    needs x and z."""
+    y, mean, r = batchnorm_train_fwd(x, w, b, eps)
+    return _relu(y, True), mean, r
+
+
+@register("batchnorm_relu_fwd", "torch")
+def batchnorm_relu_fwd(x: Tensor, w: Opt, b: Opt, eps: float, mean: Opt = None, var: Opt = None):
+    """Returns (z, x̂, r) `[T, N, C, S]`, `[T, N, C, S]`, `[T|1, 1, C, 1]`; batch statistics unless
+    `mean`/`var` `[C]` are given."""
+    y, xhat, r = batchnorm_fwd(x, w, b, eps, mean, var)
+    return _relu(y, w is not None), xhat, r  # without w, y is x̂ itself
+
+
+@register("batchnorm_relu_train_bwd", "torch")
+def batchnorm_relu_train_bwd(gz: Tensor, z: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, eps: float,
+                             need_x: bool, gw_out: Opt, gb_out: Opt) -> Opt:
+    """Backward of `batchnorm_relu_train_fwd`: writes gw, gb `[T, C]` into the given outputs, returns gx
+    `[T, N, C, S]` if `need_x`."""
+    return batchnorm_train_bwd(_relu_mask(gz, z), x, mean, r, w, eps, need_x, gw_out, gb_out)
+
+
+@register("batchnorm_relu_bwd", "torch")
+def batchnorm_relu_bwd(gz: Tensor, z: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool,
+                       gw_out: Opt, gb_out: Opt) -> Opt:
+    """With gy = [z > 0] gz: writes Σ gy x̂ → `gw_out`, Σ gy → `gb_out` `[T, C]`; returns gx if `need_x`."""
+    return batchnorm_bwd(_relu_mask(gz, z), xhat, r, w, batch_stats, need_x, gw_out, gb_out)
+
+
+@register("batchnorm_relu_value_tangent_fwd", "torch")
+def batchnorm_relu_value_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd: Opt, eps: float,
+                                     mean: Opt = None, var: Opt = None):
+    """(z, ż, x̂, x̂̇, a, r): the forward (`batchnorm_relu_fwd`) and its tangent ż = [z > 0] ẏ, with ẏ, x̂̇, a
+    as `batchnorm_tangent_fwd` (ż None when ẋ, ẇ, ḃ are all None)."""
+    y, xhat, r = batchnorm_fwd(x, w, b, eps, mean, var)
+    yd, xhd, a = batchnorm_tangent_fwd(xd, xhat, r, w, wd, bd, mean is None)
+    z = _relu(y, w is not None)
+    return z, _relu_mask(yd, z), xhat, xhd, a, r
+
+
+@register("batchnorm_relu_tangent_bwd", "torch")
+def batchnorm_relu_tangent_bwd(gz: Tensor, gzd: Tensor, z: Tensor, xhat: Tensor, xhd: Opt, a: Opt, r: Tensor,
+                               w: Opt, wd: Opt, batch_stats: bool, need_x: bool, gw_out: Opt, gwd_out: Opt,
+                               gb_out: Opt, gbd_out: Opt) -> Tuple[Opt, Opt]:
+    """`batchnorm_tangent_bwd` of gy = [z > 0] gz, ġy = [z > 0] ġz: writes gw, ġw, gb, ġb into the given
+    outputs; returns (gx, ġx) `[T, N, C, S]` if `need_x`, else (None, None)."""
+    return batchnorm_tangent_bwd(_relu_mask(gz, z), _relu_mask(gzd, z), xhat, xhd, a, r, w, wd, batch_stats,
+                                 need_x, gw_out, gwd_out, gb_out, gbd_out)
+

@@ -1,0 +1,124 @@
+"""The conv-net block tail BatchNorm2d + ReLU + MaxPool2d (k×k windows at stride k) as one op per pass.
+
+Conventions (every reference): T tasks lead every tensor. A weight is per task (`[T, *shape]`, fast
+weights) or common to all tasks (`[*shape]`: step 0 or a shared, not adapted, parameter); its direction
+(`wd`, from the tangent u) is per task `[T, *shape]` or None (zero: a shared parameter). A tangent `xd` of
+None is zero. Weight gradients are always per task `[T, *shape]`. Dotted names are tangents: `yd` = ẏ,
+`gyd` = ġy (the tangent of the gradient w.r.t. y).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..registry import register
+from .batchnorm import (_RED, _relu, _relu_mask, batchnorm_fwd, batchnorm_relu_train_fwd, batchnorm_tangent_bwd,
+                        batchnorm_tangent_fwd, batchnorm_train_bwd)
+
+Tensor = torch.Tensor
+Opt = Optional[torch.Tensor]
+
+
+# ---------------------------------------------------------------- batch norm + ReLU + max-pool
+# The conv nets' block tail z = maxpool_k(relu(BN(x))), k×k windows at stride k, no padding, floor;
+# batch statistics. idx are PyTorch's max-pool indices (h·W + w in each [H, W] plane). In the backward
+# the gradient reaches the chosen element only where z > 0 (ReLU's mask there). The tangent versions
+# keep x and ẋ and per-channel statistics (mean, r, a = mean(x̂ ẋ), mean(ẋ), each `[T, C]`) and
+# recompute x̂ and x̂̇ in the backward, instead of keeping full-size x̂, x̂̇ and relu(y).
+
+
+def per_task_channels(v: Opt, name: str, like: Tensor, fill: float) -> Tensor:
+    """The per-channel argument `name` of the block kernels, `[T, C]`, `[C]` or None (all `fill`), as a
+    contiguous `[T, C]` (T, C = like's dims 0 and 2)."""
+    T, C = like.shape[0], like.shape[2]
+    if v is None:
+        return like.new_full((T, C), fill)
+    if tuple(v.shape) not in ((C,), (T, C)):
+        raise ValueError(f"{name}: expected per-channel values [{C}] or [{T}, {C}], got shape {tuple(v.shape)}")
+    return v.expand(T, C).contiguous()
+
+
+def with_tangents(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, *rest) -> Optional[str]:
+    """`supports` of the fused tangent kernels (arguments of `bn_relu_maxpool_tangent_fwd`): they take both
+    ẋ and ẇ (the first adapted layer and shared weights have neither; the reference covers those)."""
+    return None if xd is not None and wd is not None else "a zero tangent or weight direction"
+
+
+def with_tangents_bwd(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd, *rest) -> Optional[str]:
+    """`with_tangents` for the arguments of `bn_relu_maxpool_tangent_bwd`."""
+    return with_tangents(x, xd, w, None, wd)
+
+
+def _pool_args(k: int):
+    return [k, k], [k, k], [0, 0], [1, 1], False
+
+
+@register("bn_relu_maxpool_train_fwd", "torch")
+def bn_relu_maxpool_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float, k: int):
+    """x `[T, N, C, H, W]` -> (z `[T, N, C, H/k, W/k]`, idx int64 like z, mean `[T, C]`, r `[T, C]`)."""
+    T, N, C, H, W = x.shape
+    y, mean, r = batchnorm_relu_train_fwd(x.reshape(T, N, C, H * W), w, b, eps)
+    z, idx = torch.ops.aten.max_pool2d_with_indices(y.view(T * N, C, H, W), *_pool_args(k))
+    return z.view(T, N, *z.shape[1:]), idx.view(T, N, *idx.shape[1:]), mean, r
+
+
+def _route(gz: Tensor, z: Tensor, idx: Tensor, x: Tensor, k: int) -> Tensor:
+    """The pooled gradient `[T, N, C, Ho, Wo]` at the chosen elements where z > 0 -> `[T, N, C, H, W]` (x's
+    shape)."""
+    T, N, C, H, W = x.shape
+    g = _relu_mask(gz, z).reshape(T * N, C, *z.shape[3:])
+    gy = torch.ops.aten.max_pool2d_with_indices_backward(g, x.reshape(T * N, C, H, W), *_pool_args(k),
+                                                        idx.view(T * N, C, *idx.shape[3:]))
+    return gy.view(x.shape)
+
+
+@register("bn_relu_maxpool_train_bwd", "torch")
+def bn_relu_maxpool_train_bwd(gz: Tensor, z: Tensor, idx: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt,
+                              eps: float, k: int, need_x: bool, gw_out: Opt, gb_out: Opt) -> Opt:
+    """Backward of `bn_relu_maxpool_train_fwd`: writes gw, gb `[T, C]` into the given outputs; returns gx
+    `[T, N, C, H, W]` if `need_x`."""
+    T, N, C, H, W = x.shape
+    x4 = x.view(T, N, C, H * W)
+    gx = batchnorm_train_bwd(_route(gz, z, idx, x, k).view(x4.shape), x4, mean, r, w, eps, need_x, gw_out, gb_out)
+    return None if gx is None else gx.view(x.shape)
+
+
+@register("bn_relu_maxpool_tangent_fwd", "torch")
+def bn_relu_maxpool_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd: Opt, eps: float, k: int):
+    """(z, ż, idx, mean, r, a, mean(ẋ)): the forward of `bn_relu_maxpool_train_fwd` and its tangent along
+    (ẋ, ẇ, ḃ) (None: zero; ż None when all three are); per-channel values `[T, C]` (a, mean(ẋ) zero
+    without ẋ)."""
+    T, N, C, H, W = x.shape
+    x4 = x.reshape(T, N, C, H * W)
+    xd4 = None if xd is None else xd.reshape(x4.shape)
+    y, xhat, r = batchnorm_fwd(x4, w, b, eps)
+    yd, _, a = batchnorm_tangent_fwd(xd4, xhat, r, w, wd, bd, True)
+    z = _relu(y, w is not None)
+    z, idx = torch.ops.aten.max_pool2d_with_indices(z.view(T * N, C, H, W), *_pool_args(k))
+    zd = None
+    if yd is not None:
+        zd = yd.reshape(T * N, C, H * W).gather(2, idx.flatten(2)).view(z.shape)
+        zd = _relu_mask(zd, z).view(T, N, *z.shape[1:])
+    zeros = x.new_zeros(T, C)
+    return (z.view(T, N, *z.shape[1:]), zd, idx.view(T, N, *idx.shape[1:]), x4.mean(_RED), r.view(T, C),
+            zeros if a is None else a.view(T, C), zeros if xd is None else xd4.mean(_RED))
+
+
+@register("bn_relu_maxpool_tangent_bwd", "torch")
+def bn_relu_maxpool_tangent_bwd(gz: Tensor, gzd: Tensor, z: Tensor, idx: Tensor, x: Tensor, xd: Opt, mean: Tensor,
+                                r: Tensor, a: Tensor, dmean: Tensor, w: Opt, wd: Opt, k: int, need_x: bool, gw_out: Opt,
+                                gwd_out: Opt, gb_out: Opt, gbd_out: Opt) -> Tuple[Opt, Opt]:
+    """Backward of `bn_relu_maxpool_tangent_fwd` and its tangent (`batchnorm_tangent_bwd` of the routed
+    gradients): writes gw, ġw, gb, ġb `[T, C]` into the given outputs; returns (gx, ġx) `[T, N, C, H, W]`
+    if `need_x`, else (None, None)."""
+    T, N, C, H, W = x.shape
+    x4 = x.reshape(T, N, C, H * W)
+    col = lambda v: v[:, None, :, None]  # noqa: E731  [T, C] -> [T, 1, C, 1]
+    xhat = (x4 - col(mean)).mul_(col(r))
+    xhd = None if xd is None else (xd.reshape(x4.shape) - col(dmean)).addcmul_(xhat, col(a), value=-1.0).mul_(col(r))
+    gy, gyd = (_route(g, z, idx, x, k).view(x4.shape) for g in (gz, gzd))
+    gx, gxd = batchnorm_tangent_bwd(gy, gyd, xhat, xhd, None if xd is None else col(a), col(r), w, wd, True, need_x,
+                                    gw_out, gwd_out, gb_out, gbd_out)
+    return (None, None) if gx is None else (gx.view(x.shape), gxd.view(x.shape))
+

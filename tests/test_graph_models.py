@@ -1,0 +1,264 @@
+"""The fused engine on models written as classes (traced with torch.fx into a graph of rules): each
+against the per-task `create_graph` oracle in float64, every order, Meta-SGD rates, K = 0–3, the
+BatchNorm modes, ANIL; fallbacks that name their cause."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmaml
+from class_models import (Concat, ConvClassNet, MiniImagenetCNN, OmniglotCNN, OmniglotFC, ReadsTwice, ResNet12)
+from fastmaml.layout import ParamLayout
+from fastmaml.losses import resolve_loss
+from fastmaml.programs import FusedProgram, TorchFuncProgram, select_program
+from models import classification_tasks, regression_tasks
+from oracle import assert_grads_close, autograd_meta_grad, check_meta_step
+
+TOL = 1e-9
+ORDERS = ["second", "checkpoint", "first"]
+
+
+def tasks_for(shape, T=2, ways=5, shots=1, query=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ns, nq = ways * shots, ways * query
+    sx = torch.randn(T, ns, *shape, generator=g, dtype=torch.float64)
+    qx = torch.randn(T, nq, *shape, generator=g, dtype=torch.float64)
+    sy = torch.arange(ways).repeat_interleave(shots).expand(T, ns).clone()
+    qy = torch.arange(ways).repeat_interleave(query).expand(T, nq).clone()
+    return sx, sy, qx, qy
+
+
+def on_fused(model, loss="cross_entropy", inner_params=None):
+    program = select_program(model, ParamLayout(model, inner_params), resolve_loss(loss))
+    assert isinstance(program, FusedProgram), fastmaml.explain(model, loss)
+    return program
+
+
+def check_ce(model, tasks, **kwargs):
+    on_fused(model, inner_params=kwargs.get("inner_params"))
+    return check_meta_step(model, tasks, loss="cross_entropy", loss_fn=F.cross_entropy, tol=TOL, **kwargs)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("steps", [0, 1, 3])
+def test_omniglot_cnn(order, steps):
+    torch.manual_seed(0)
+    check_ce(OmniglotCNN(hidden_size=3, layers=3).double(), tasks_for((1, 28, 28)), inner_lr=0.3, steps=steps,
+             order=order)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_miniimagenet_cnn(order):
+    torch.manual_seed(1)
+    check_ce(MiniImagenetCNN(hidden_size=3, side=1).double(), tasks_for((3, 18, 18)), inner_lr=0.3, steps=2,
+             order=order)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_omniglot_fc(order):
+    torch.manual_seed(2)
+    check_ce(OmniglotFC().double(), tasks_for((1, 4, 4), shots=2), inner_lr=0.3, steps=2, order=order)
+
+
+@pytest.mark.parametrize("order", ORDERS + ["implicit"])
+def test_class_conv_net_with_view(order):
+    torch.manual_seed(3)
+    model = ConvClassNet(hidden=3, side=2).double()
+    program = on_fused(model)
+    assert [n.rule.kind for n in program.nodes].count("reshape") == 1
+    kwargs = dict(implicit_lambda=2.0, cg_steps=4) if order == "implicit" else {}
+    if order == "implicit":
+        fastmaml.meta_step(model, tasks_for((1, 8, 8)), inner_lr=0.1, steps=2, order=order, loss="cross_entropy",
+                           **kwargs)  # runs; its oracle is tests/test_implicit.py's
+        return
+    check_ce(model, tasks_for((1, 8, 8)), inner_lr=0.3, steps=2, order=order)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_resnet12_fully_adapted(order):
+    torch.manual_seed(4)
+    model = ResNet12(widths=(3, 4, 3, 4)).double()
+    program = on_fused(model)
+    kinds = [n.rule.kind for n in program.nodes]
+    assert "BatchNorm2d+LeakyReLU" in kinds and "add" in kinds
+    check_ce(model, tasks_for((3, 16, 16), ways=3), inner_lr=0.2, steps=2, order=order)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_resnet12_anil(order):
+    """Only the head adapts; the body gets the exact mixed second-order term."""
+    torch.manual_seed(5)
+    model = ResNet12(widths=(3, 4, 3, 4)).double()
+    check_ce(model, tasks_for((3, 16, 16), ways=3), inner_lr=0.5, steps=3, order=order,
+             inner_params=["classifier"])
+
+
+def test_resnet12_counter_is_restored_and_does_not_recompile():
+    """learn2learn's blocks count their calls in forward: tracing restores the counter, and the program
+    cache does not key on it (one program, reused)."""
+    model = ResNet12(widths=(3, 3, 3, 3)).double()
+    first = on_fused(model)
+    assert all(b.num_batches_tracked == 0 for b in model.features)
+    fastmaml.meta_step(model, tasks_for((3, 16, 16), ways=3), loss="cross_entropy")
+    assert on_fused(model) is first
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_reads_a_value_twice(order):
+    torch.manual_seed(6)
+    model = ReadsTwice().double()
+    on_fused(model, "mse")
+    check_meta_step(model, regression_tasks(din=3, dout=2), loss="mse", loss_fn=F.mse_loss, inner_lr=0.2, steps=2,
+                    order=order, tol=TOL)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_concatenation_and_flatten(order):
+    torch.manual_seed(7)
+    model = Concat().double()
+    check_ce(model, tasks_for((1, 8, 8), ways=3), inner_lr=0.3, steps=2, order=order)
+
+
+def test_meta_sgd_rates_and_learned_scalar():
+    torch.manual_seed(8)
+    model = ResNet12(widths=(3, 3, 3, 3)).double()
+    rates = {n: torch.full_like(p, 0.1).requires_grad_() for n, p in model.named_parameters()}
+    check_ce(model, tasks_for((3, 16, 16), ways=3), inner_lr=rates, steps=2, lr_leaves=list(rates.values()))
+    lr = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (0.2, 0.1)]
+    check_ce(ConvClassNet(hidden=3, side=2).double(), tasks_for((1, 8, 8)), inner_lr=lr, steps=2, lr_leaves=lr)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "per_step"])
+def test_batchnorm_modes_on_a_class_model(mode):
+    """Fixed statistics from the layers (frozen) or from per-step buffers (per_step, eval): BatchNorm is an
+    affine map, which the oracle reproduces in eval mode."""
+    torch.manual_seed(9)
+    model = ConvClassNet(hidden=3, side=2).double()
+    if mode == "per_step":
+        fastmaml.add_per_step_stats(model, steps=2)
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.3, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+            if mode == "per_step":
+                m.step_running_mean.copy_(m.running_mean)
+                m.step_running_var.copy_(m.running_var)
+    model.eval()
+    on_fused(model)
+    tasks = tasks_for((1, 8, 8))
+    fastmaml.meta_step(model, tasks, inner_lr=0.3, steps=2, loss="cross_entropy", batch_norm=mode)
+    _, ref, _ = autograd_meta_grad(model, tasks, inner_lr=0.3, steps=2, loss_fn=F.cross_entropy, train=False)
+    assert_grads_close({n: p.grad for n, p in model.named_parameters()}, ref, TOL)
+
+
+def test_functional_layers_with_own_parameters():
+    """F.linear / F.conv2d / F.batch_norm on the model's own parameters, and a buffer as a constant."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w1 = nn.Parameter(torch.randn(3, 1, 3, 3) * 0.5)
+            self.b1 = nn.Parameter(torch.randn(3) * 0.1)
+            self.gamma = nn.Parameter(torch.rand(3) + 0.5)
+            self.beta = nn.Parameter(torch.randn(3) * 0.1)
+            self.w2 = nn.Parameter(torch.randn(4, 3 * 4 * 4) * 0.2)
+            self.register_buffer("shift", torch.randn(3, 1, 1))
+
+        def forward(self, x):
+            x = F.conv2d(x, self.w1, self.b1, padding=1)
+            x = F.batch_norm(x, None, None, self.gamma, self.beta, training=True)
+            x = F.leaky_relu(x - self.shift, 0.2)
+            x = F.max_pool2d(x, 2)
+            return F.linear(x.reshape(x.shape[0], -1), self.w2)
+
+    torch.manual_seed(10)
+    check_ce(Functional().double(), tasks_for((1, 8, 8), ways=4), inner_lr=0.3, steps=2)
+
+
+def test_tied_parameters():
+    """A bias shared by two layers, a weight shared by two nn.Linear, one layer called twice: the gradient
+    sums every use (fused engine). A decoder using the encoder's weight transposed runs on torch.func, also
+    exact."""
+    torch.manual_seed(11)
+    a, c = nn.Linear(3, 4), nn.Linear(4, 4)
+    c.bias = a.bias
+    tied_bias = nn.Sequential(a, nn.Tanh(), c).double()
+    first, second = nn.Linear(3, 3), nn.Linear(3, 3)
+    second.weight = first.weight
+    tied_weight = nn.Sequential(first, nn.Tanh(), second).double()
+    lin = nn.Linear(3, 3)
+    called_twice = nn.Sequential(lin, nn.Tanh(), lin).double()
+
+    class TransposedDecoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(3, 5)
+            self.dec_bias = nn.Parameter(torch.zeros(3))
+
+        def forward(self, x):
+            return F.linear(torch.tanh(self.enc(x)), self.enc.weight.t(), self.dec_bias)
+
+    cases = ((tied_bias, 4, FusedProgram), (tied_weight, 3, FusedProgram), (called_twice, 3, FusedProgram),
+             (TransposedDecoder().double(), 3, TorchFuncProgram))
+    for model, dout, kind in cases:
+        assert isinstance(select_program(model, ParamLayout(model), resolve_loss("mse")), kind)
+        for order in ORDERS:
+            check_meta_step(model, regression_tasks(din=3, dout=dout), loss="mse", loss_fn=F.mse_loss, inner_lr=0.2,
+                            steps=2, order=order, tol=TOL)
+
+
+class Sorts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return torch.sort(self.lin(x), dim=-1).values
+
+
+class Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            return self.lin(x)
+        return -self.lin(x)
+
+
+def test_unsupported_op_and_untraceable_model_fall_back_and_are_named():
+    e = fastmaml.explain(Sorts())
+    assert e.program == "torch.func" and "sort" in e.kind and "no rule" in e.reason
+    assert "test_graph_models.py" in e.source and "torch.sort" in e.source
+    e = fastmaml.explain(Branches())
+    assert e.program == "torch.func" and "tracing forward" in e.reason
+    assert "test_graph_models.py" in e.source and "x.sum() > 0" in e.source
+    for model in (Sorts().double(), Branches().double()):
+        assert isinstance(select_program(model, ParamLayout(model), resolve_loss("mse")), TorchFuncProgram)
+        check_meta_step(model, regression_tasks(din=3, dout=3), loss="mse", loss_fn=F.mse_loss, inner_lr=0.2,
+                        steps=1, tol=TOL)
+
+
+def test_explain_prints_the_graph():
+    text = str(fastmaml.explain(ResNet12(widths=(3, 3, 3, 3)), "cross_entropy"))
+    assert text.startswith("fused engine:")
+    assert "features.0.bn1+features.0.relu (BatchNorm2d+LeakyReLU)" in text
+    assert "(add)" in text and "classifier (Linear)" in text
+
+
+def test_class_conv_net_matches_its_sequential_twin():
+    """The class-written conv net and the same layers as an nn.Sequential compile to the same rules and give
+    bitwise the same meta-gradient."""
+    torch.manual_seed(13)
+    model = ConvClassNet(hidden=4, side=2).double()
+    seq = nn.Sequential(*model.features, nn.Flatten(), model.classifier)
+    tasks = tasks_for((1, 8, 8))
+    kinds = [n.rule.kind for n in on_fused(model).nodes]
+    assert [k for k in kinds if k != "reshape"] == [n.rule.kind for n in on_fused(seq).nodes if n.rule.kind != "Flatten"]
+    fastmaml.meta_step(model, tasks, inner_lr=0.3, steps=2, loss="cross_entropy")
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    fastmaml.meta_step(seq, tasks, inner_lr=0.3, steps=2, loss="cross_entropy")
+    assert all(torch.equal(a, p.grad) for a, p in zip(grads, seq.parameters()))
