@@ -1,5 +1,5 @@
 """BatchNorm2d + ReLU + MaxPool2d as one rule: the C++ CPU kernels (csrc/bn_relu_maxpool.cpp: forward,
-backward, and both with tangents) against the torch references (fastmaml/ops/layers.py) on odd shapes,
+backward, and both with tangents) against the torch references (fastmaml/ops/reference/block_tail.py) on odd shapes,
 float32 and float64; opcheck; the compiler's fusion; meta_step through the fused rule against the
 autograd oracle (float64)."""
 import pytest
@@ -26,7 +26,7 @@ TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 def cpp():
     ok, why = registry.availability("cpp", DEVICE)
     assert ok, f"the C++ extension must build here: {why}"
-    return registry._IMPLS["bn_relu_maxpool_train_fwd"]["cpp"], registry._IMPLS["bn_relu_maxpool_train_bwd"]["cpp"]
+    return registry.implementation("bn_relu_maxpool_train_fwd", "cpp"), registry.implementation("bn_relu_maxpool_train_bwd", "cpp")
 
 
 def reference():
@@ -84,7 +84,7 @@ def test_backward_matches_reference(cpp, case, weights, dtype):
 
 
 def tangent_ops(backend):
-    return tuple(registry._IMPLS[f"bn_relu_maxpool_tangent_{op}"][backend] for op in ("fwd", "bwd"))
+    return tuple(registry.implementation(f"bn_relu_maxpool_tangent_{op}", backend) for op in ("fwd", "bwd"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -115,11 +115,14 @@ def test_tangent_forward_and_backward_match_reference(cpp, case, weights, dtype)
 
 
 def test_tangent_without_input_or_weight_directions_runs_the_reference(cpp):
-    """ẋ or ẇ zero (None): the C++ wrappers run the reference, with the same results and saved state."""
+    """ẋ or ẇ zero (None): the kernel's `supports` declines the call and the cpp op table runs the reference,
+    with the same results and saved state."""
     x, w, b, r = inputs(CASES[1], "task", torch.float64)
     T, C = x.shape[0], x.shape[2]
+    table = registry.resolve("cpp", DEVICE)
     for xd, wd in ((None, r(T, C)), (r(*x.shape), None), (None, None)):
-        got = tangent_ops("cpp")[0](x, xd, w, b, wd, None, 1e-5, 2)
+        assert registry.spec("bn_relu_maxpool_tangent_fwd", "cpp").supports(x, xd, w, b, wd, None, 1e-5, 2)
+        got = table.bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, None, 1e-5, 2)
         ref = tangent_ops("torch")[0](x, xd, w, b, wd, None, 1e-5, 2)
         for g, f in zip(got, ref):
             assert (g is None and f is None) or torch.equal(g, f)
@@ -168,11 +171,11 @@ def test_bad_arguments_name_the_argument(cpp):
 def test_kernels_only_for_cpu():
     """The C++ block kernel has no CUDA implementation: on CUDA the reference runs."""
     for op in ("train_fwd", "train_bwd", "tangent_fwd", "tangent_bwd"):
-        assert registry._DEVICES[(f"bn_relu_maxpool_{op}", "cpp")] == ("cpu",)
+        assert registry.spec(f"bn_relu_maxpool_{op}", "cpp").devices == ("cpu",)
 
 
 def kinds(model):
-    return [r.describe() for r in compile_model(model)]
+    return [r.describe() for r in compile_model(model).chain_rules()]
 
 
 def test_compiler_fuses_non_overlapping_pools_only():
@@ -188,7 +191,7 @@ def test_compiler_fuses_non_overlapping_pools_only():
         "0 (Conv2d)", "1+2+3 (BatchNorm2d+ReLU+MaxPool2d)", "4+5+6 (BatchNorm2d+ReLU+MaxPool2d)",
         "7+8 (BatchNorm2d+ReLU)", "9 (MaxPool2d)", "10+11 (BatchNorm2d+ReLU)", "12 (MaxPool2d)",
         "13+14 (BatchNorm2d+ReLU)", "15 (MaxPool2d)", "16 (BatchNorm2d)", "17 (MaxPool2d)", "18 (Flatten)"]
-    rules = compile_model(model)
+    rules = compile_model(model).chain_rules()
     assert isinstance(rules[1], BatchNormReLUMaxPoolRule) and rules[1].k == 2 and rules[2].k == 3
     assert [r.index for r in rules if hasattr(r, "index")] == [0, 1, 2, 3, 4, 5]
 
@@ -200,11 +203,11 @@ def test_meta_step_matches_oracle(backend, order, monkeypatch):
     monkeypatch.setenv(registry.ENV_VAR, backend)
     torch.manual_seed(0)
     model = small_cnn(channels=3, size=10)
-    assert sum(isinstance(r, BatchNormReLUMaxPoolRule) for r in compile_model(model)) == 2
+    assert sum(isinstance(r, BatchNormReLUMaxPoolRule) for r in compile_model(model).chain_rules()) == 2
     check_meta_step(model, classification_tasks(T=3, size=10, seed=2), loss="cross_entropy", loss_fn=F.cross_entropy,
                     inner_lr=0.3, steps=2, order=order, tol=1e-9)
 
 
 def test_explain_names_the_fused_tail():
     e = fastmaml.explain(small_cnn(channels=3), loss="cross_entropy")
-    assert e.layers[:2] == ("0 (Conv2d)", "1+2+3 (BatchNorm2d+ReLU+MaxPool2d)")
+    assert e.layers[:2] == ("v1 = 0 (Conv2d)(x)", "v4 = 1+2+3 (BatchNorm2d+ReLU+MaxPool2d)(v1)")
