@@ -43,20 +43,20 @@ class _Geometry:  # 3×3, padding 1, stride 1: the conv4 layers
 def unfold_forward(x, w, b):
     """x `[T, N, C, H, W]`, w `[T, O, C, 3, 3]`, b `[T, O]` -> (y `[T, N, O, H, W]`, cols)."""
     T, N, C, H, W = x.shape
-    O = w.shape[1]
+    Cout = w.shape[1]
     cols = F.unfold(x.reshape(T * N, C, H, W), 3, padding=1)  # [T·N, C·9, H·W]
     cols = cols.view(T, N, C * 9, H * W).transpose(1, 2).reshape(T, C * 9, N * H * W)
-    y = torch.baddbmm(b[:, :, None], w.reshape(T, O, C * 9), cols)  # [T, O, N·H·W]
-    return y.view(T, O, N, H, W).transpose(1, 2).contiguous(), cols
+    y = torch.baddbmm(b[:, :, None], w.reshape(T, Cout, C * 9), cols)  # [T, O, N·H·W]
+    return y.view(T, Cout, N, H, W).transpose(1, 2).contiguous(), cols
 
 
 def unfold_backward(gy, cols, w, shape):
     """-> gx `[T, N, C, H, W]`, gw `[T, O, C, 3, 3]`, gb `[T, O]`."""
     T, N, C, H, W = shape
-    O = w.shape[1]
-    g = gy.transpose(1, 2).reshape(T, O, N * H * W)
+    Cout = w.shape[1]
+    g = gy.transpose(1, 2).reshape(T, Cout, N * H * W)
     gw = torch.bmm(g, cols.transpose(1, 2)).view_as(w)
-    gcols = torch.bmm(w.reshape(T, O, C * 9).transpose(1, 2), g)  # [T, C·9, N·H·W]
+    gcols = torch.bmm(w.reshape(T, Cout, C * 9).transpose(1, 2), g)  # [T, C·9, N·H·W]
     gcols = gcols.view(T, C * 9, N, H * W).transpose(1, 2).reshape(T * N, C * 9, H * W)
     gx = F.fold(gcols, (H, W), 3, padding=1).view(shape)
     return gx, gw, g.sum(2)
@@ -123,14 +123,14 @@ def layer_shapes(T: int):
 def part_layers(device, T: int, repeats: int) -> List[dict]:
     rows = []
     g = torch.Generator(device=device).manual_seed(0)
-    for net, T_, N, C, O, H in layer_shapes(T):
+    for net, T_, N, C, Cout, H in layer_shapes(T):
         x = torch.randn(T_, N, C, H, H, device=device, generator=g)
-        w = torch.randn(T_, O, C, 3, 3, device=device, generator=g) * 0.1
-        b = torch.randn(T_, O, device=device, generator=g)
-        gy = torch.randn(T_, N, O, H, H, device=device, generator=g)
+        w = torch.randn(T_, Cout, C, 3, 3, device=device, generator=g) * 0.1
+        b = torch.randn(T_, Cout, device=device, generator=g)
+        gy = torch.randn(T_, N, Cout, H, H, device=device, generator=g)
         fns = {s: layer_pass(s, x, w, b, gy) for s in ("loop", "grouped", "unfold")}
         times = median_times(fns, device, repeats)
-        row = dict(net=net, T=T_, N=N, C=C, O=O, H=H, positions=N * H * H, error=check_layer(x, w, b, gy),
+        row = dict(net=net, T=T_, N=N, C=C, O=Cout, H=H, positions=N * H * H, error=check_layer(x, w, b, gy),
                    auto=conv.choose("auto", x), **{f"{s}_s": t for s, t in times.items()})
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
@@ -170,7 +170,8 @@ def markdown(results: dict) -> str:
         t = {s: r[f"{s}_s"] for s in ("loop", "grouped", "unfold")}
         best = min(t, key=t.get)
         lines.append(f"| {r['net']} | {r['T']} | {r['N']} | {r['C']}→{r['O']} | {r['H']}×{r['H']} | "
-                     f"{r['positions']} | " + " | ".join(f"{t[s] * 1e3:.2f}" for s in t) + f" | {best} | {r['auto']} | {r['error']:.1e} |")
+                     f"{r['positions']} | " + " | ".join(f"{t[s] * 1e3:.2f}" for s in t)
+                     + f" | {best} | {r['auto']} | {r['error']:.1e} |")
     lines += ["", "Whole second-order meta-steps (`auto` ops), ms, by `conv.STRATEGY`", "",
               "| workload | loop | grouped | auto | loop / grouped |", "|---|---:|---:|---:|---:|"]
     for r in results["meta_steps"]:

@@ -33,8 +33,8 @@ except ModuleNotFoundError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import fastmaml
 
-from fastmaml.bench.workloads import select
 import fastmaml.engine
+from fastmaml.bench.workloads import select
 from fastmaml.ops import registry
 
 

@@ -1,9 +1,9 @@
 """fastmaml: fast, exact, task-batched meta-gradients for optimization-based meta-learning."""
 from .api import AdaptedModel, adapt, meta_step
 from .batchnorm import BN_MODES, add_per_step_stats
+from .engine import ORDERS, InnerLoop
 from .errors import BackendUnavailable, NonFiniteError
 from .explain import explain
-from .engine import ORDERS, InnerLoop
 from .msl import msl_weights
 from .result import MetaResult
 from .tasks import TaskBatch
@@ -11,6 +11,7 @@ from .tasks import TaskBatch
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptedModel", "BN_MODES", "BackendUnavailable", "add_per_step_stats", "InnerLoop", "MetaResult", "NonFiniteError", "ORDERS",
+    "AdaptedModel", "BN_MODES", "BackendUnavailable", "add_per_step_stats", "InnerLoop", "MetaResult",
+    "NonFiniteError", "ORDERS",
     "TaskBatch", "adapt", "explain", "meta_step", "msl_weights", "__version__",
 ]

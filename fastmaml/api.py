@@ -312,12 +312,13 @@ def adapt(
     reaches the model's parameters and learnable `inner_lr` through the exact reverse sweep of `order`
     (no `create_graph`).
 
+    The other arguments (`inner_lr`, `steps`, `order`, `loss`, `inner_params`, `backend`, `batch_norm`,
+    `implicit_lambda`, `cg_steps`, `check_finite`) are those of `meta_step`.
+
     Args:
         model: any `nn.Module` with `forward(x)`.
         support_x: `[T, Ns, *in]`.
         support_y: `[T, Ns, *out]` (class indices `[T, Ns]` for cross-entropy).
-        inner_lr, steps, order, loss, inner_params, backend, batch_norm, implicit_lambda, cg_steps,
-            check_finite: as in `meta_step`.
 
     Returns:
         An `AdaptedModel` holding φ_K `[T, Pa]`.

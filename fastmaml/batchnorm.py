@@ -31,9 +31,18 @@ def bn_layers(model: nn.Module) -> List[Tuple[str, nn.modules.batchnorm._BatchNo
 
 
 def add_per_step_stats(model: nn.Module, steps: int) -> nn.Module:
-    """Gives every BatchNorm layer per-step running statistics for `steps` inner steps (+ the query pass).
+    """Gives every BatchNorm layer per-step running statistics (MAML++ "BNRS", `batch_norm="per_step"`).
 
-    Adds buffers `step_running_mean` (zeros), `step_running_var` (ones) `[steps + 1, C]`; returns `model`.
+    Args:
+        model: a model with BatchNorm layers.
+        steps: the number of inner steps in training (one more row holds the query pass's statistics).
+
+    Returns:
+        `model`, each BatchNorm layer with buffers `step_running_mean` (zeros) and `step_running_var`
+        (ones) `[steps + 1, C]` (saved in its `state_dict`).
+
+    Raises:
+        ValueError: a bad `steps`, or a model without BatchNorm layers.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps: expected a non-negative int, got {steps!r}")

@@ -26,8 +26,10 @@ TRAIN_JOBS = {
     # job name: (module, one-line help)
     "sinusoid": ("fastmaml.train.sinusoid", "MAML on the sinusoid regression family (Finn et al. 2017)"),
     "omniglot": ("fastmaml.train.fewshot", "MAML on Omniglot from a local folder (--data), 5-way 1-shot preset"),
-    "miniimagenet": ("fastmaml.train.fewshot", "MAML on mini-ImageNet from a local folder (--data), 5-way 1-shot preset"),
-    "fewshot-demo": ("fastmaml.train.fewshot", "MAML few-shot classification on the embedded glyph dataset (no download)"),
+    "miniimagenet": ("fastmaml.train.fewshot",
+                     "MAML on mini-ImageNet from a local folder (--data), 5-way 1-shot preset"),
+    "fewshot-demo": ("fastmaml.train.fewshot",
+                     "MAML few-shot classification on the embedded glyph dataset (no download)"),
 }
 
 
@@ -60,7 +62,8 @@ def _build(args) -> int:
     except build.BuildError as exc:
         print(exc, file=sys.stderr)
         return 1
-    print(f"built {path} (CUDA kernels: {'yes' if build.cuda_enabled() else 'no: no CUDA_HOME or a CPU build of torch'})")
+    cuda = "yes" if build.cuda_enabled() else "no: no CUDA_HOME or a CPU build of torch"
+    print(f"built {path} (CUDA kernels: {cuda})")
     return 0
 
 

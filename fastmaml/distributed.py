@@ -11,8 +11,17 @@ from torch import nn
 
 
 def all_reduce_grads(model: nn.Module, extra: Iterable[torch.Tensor] = (), *, group=None) -> None:
-    """Averages `.grad` of `model`'s parameters (and of `extra`, e.g. learnable inner learning rates)
-    over the ranks of `group`. A parameter without a gradient on this rank counts as zero."""
+    """Averages the meta-gradients over the ranks, in one flat all-reduce.
+
+    Args:
+        model: the model whose parameters' `.grad` (written by `meta_step` on this rank's tasks) are
+            averaged; a parameter without a gradient on this rank counts as zero.
+        extra: more tensors whose `.grad` is averaged too (e.g. learnable inner learning rates).
+        group: the process group (default: the world).
+
+    Raises:
+        RuntimeError: torch.distributed is not initialized.
+    """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("all_reduce_grads: torch.distributed is not initialized; call "
                            "torch.distributed.init_process_group first")
@@ -31,7 +40,19 @@ def all_reduce_grads(model: nn.Module, extra: Iterable[torch.Tensor] = (), *, gr
 
 
 def shard(tasks, rank: Optional[int] = None, world_size: Optional[int] = None):
-    """This rank's contiguous share of a `TaskBatch` (or 4-tuple) `[T, ...]`; T must divide evenly."""
+    """This rank's contiguous share of a meta-batch.
+
+    Args:
+        tasks: a `TaskBatch` or a 4-tuple of `[T, ...]` tensors.
+        rank: this rank (default: `torch.distributed.get_rank()`).
+        world_size: the number of ranks (default: `torch.distributed.get_world_size()`).
+
+    Returns:
+        The same type, each tensor `[T / world_size, ...]`.
+
+    Raises:
+        ValueError: T does not divide evenly by the world size.
+    """
     rank = dist.get_rank() if rank is None else rank
     world_size = dist.get_world_size() if world_size is None else world_size
     T = tasks[0].shape[0]

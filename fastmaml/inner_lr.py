@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Union
 
 import torch
 

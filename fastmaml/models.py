@@ -20,11 +20,18 @@ def _positive_int(value, name: str) -> int:
 
 
 def conv4(in_channels: int, num_classes: int, hidden: int = 64, image_size: int = 28) -> nn.Sequential:
-    """The 4-block conv net: 4 × [Conv 3×3 (padding 1) → BatchNorm2d → ReLU → MaxPool 2×2], then
-    Flatten → Linear. 64 filters for Omniglot (28×28), 32 for mini-ImageNet (84×84).
+    """The 4-block conv net of the MAML paper: 4 × [Conv 3×3 (padding 1) → BatchNorm2d → ReLU → MaxPool
+    2×2], then Flatten → Linear.
 
-    image_size: the side of the square input; each pooling floors (84 → 42 → 21 → 10 → 5), so the
-    classifier sees `hidden · s²` features with s the side after four poolings (1 for 28, 5 for 84).
+    Args:
+        in_channels: input channels (1 for Omniglot, 3 for mini-ImageNet).
+        num_classes: output classes (ways).
+        hidden: filters per conv (64 for Omniglot, 32 for mini-ImageNet).
+        image_size: the side of the square input; each pooling floors (84 → 42 → 21 → 10 → 5), so the
+            classifier sees `hidden · s²` features, s the side after four poolings (1 for 28, 5 for 84).
+
+    Returns:
+        An `nn.Sequential`: `[N, in_channels, image_size, image_size]` -> `[N, num_classes]`.
     """
     in_channels = _positive_int(in_channels, "in_channels")
     num_classes = _positive_int(num_classes, "num_classes")
@@ -53,7 +60,15 @@ def conv4(in_channels: int, num_classes: int, hidden: int = 64, image_size: int 
 
 def omniglot_mlp(num_classes: int, in_features: int = 784) -> nn.Sequential:
     """The fully connected Omniglot net of the MAML paper: Flatten, then 784-256-128-64-64 with
-    BatchNorm1d and ReLU after each hidden Linear, then Linear → num_classes. Input `[N, 1, 28, 28]`."""
+    BatchNorm1d and ReLU after each hidden Linear, then Linear → num_classes.
+
+    Args:
+        num_classes: output classes (ways).
+        in_features: input features (784 for 28×28 images).
+
+    Returns:
+        An `nn.Sequential`: `[N, 1, 28, 28]` -> `[N, num_classes]`.
+    """
     num_classes = _positive_int(num_classes, "num_classes")
     in_features = _positive_int(in_features, "in_features")
     layers = [nn.Flatten()]
@@ -122,6 +137,15 @@ class ResNet12(nn.Module):
 
 
 def resnet12(num_classes: int, widths: Sequence[int] = (64, 160, 320, 640), in_channels: int = 3) -> ResNet12:
-    """ResNet-12 with block widths `widths` (MetaOptNet / learn2learn: 64-160-320-640; a small one for CPUs:
-    16-32-64-128)."""
+    """ResNet-12 (see `ResNet12`).
+
+    Args:
+        num_classes: output classes (ways).
+        widths: the four blocks' channels (MetaOptNet / learn2learn: 64-160-320-640; 16-32-64-128 is a
+            size for CPUs).
+        in_channels: input channels.
+
+    Returns:
+        A `ResNet12`: `[N, in_channels, H, W]` -> `[N, num_classes]`.
+    """
     return ResNet12(num_classes, widths, in_channels)

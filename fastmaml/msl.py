@@ -12,9 +12,22 @@ from typing import List
 
 
 def msl_weights(steps: int, progress: float, anneal: float) -> List[float]:
-    """[w_1, ..., w_K] after `progress` units of training with annealing over `anneal` units:
-    w_j = max((1 − p)/K, 0.03/K) for j < K and w_K = min((1 + p (K − 1))/K, 1 − 0.03 (K − 1)/K),
-    p = progress / anneal (the schedule of the MAML++ reference code, per epoch)."""
+    """MAML++'s multi-step loss weights after `progress` units of training.
+
+    w_j = max((1 − p)/K, 0.03/K) for j < K and w_K = min((1 + p (K − 1))/K, 1 − 0.03 (K − 1)/K), with
+    p = progress / anneal (the schedule of the MAML++ reference code, per epoch).
+
+    Args:
+        steps: K, the number of inner steps.
+        progress: how far training is (epochs, iterations: any unit).
+        anneal: after how many units of `progress` all weight is on the last step.
+
+    Returns:
+        [w_1, ..., w_K], summing to 1, for `meta_step(..., step_weights=...)`.
+
+    Raises:
+        ValueError: a bad argument (the message names it).
+    """
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
         raise ValueError(f"steps: expected a positive int, got {steps!r}")
     if not isinstance(progress, numbers.Real) or progress < 0:

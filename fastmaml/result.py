@@ -9,14 +9,16 @@ import torch
 
 @dataclass
 class MetaResult:
-    """Per-task tensors are `[T]`, detached.
+    """What one `meta_step` measured. Per-task tensors are `[T]`, detached.
 
-    meta_loss: mean over tasks of the query loss after adaptation (what was differentiated); with
-    `step_weights`, of Σ_j w_j × the query loss after step j.
-    support_loss_before: support loss at θ (None when steps=0).
-    query_loss_before / query_loss_after: query loss at θ (None with `evaluate_before=False`) and after
-    adaptation.
-    accuracy_before / accuracy_after: query accuracy, for classification losses (else None).
+    Attributes:
+        meta_loss: the mean over tasks of the query loss after adaptation (what was differentiated); with
+            `step_weights`, of Σ_j w_j × the query loss after step j.
+        query_loss_after: the query loss after adaptation `[T]`.
+        query_loss_before: the query loss at θ `[T]` (None with `evaluate_before=False`).
+        support_loss_before: the support loss at θ `[T]` (None when steps=0).
+        accuracy_before: the query accuracy at θ `[T]`, for classification losses (else None).
+        accuracy_after: the query accuracy after adaptation `[T]`, for classification losses (else None).
     """
 
     meta_loss: torch.Tensor

@@ -7,10 +7,13 @@ import torch
 
 
 class TaskBatch(NamedTuple):
-    """Tensors with the task dimension first.
+    """A meta-batch of T tasks, tensors with the task dimension first.
 
-    support_x `[T, Ns, *in]`, support_y `[T, Ns, *out]`, query_x `[T, Nq, *in]`, query_y `[T, Nq, *out]`
-    (class indices `[T, N]` for cross-entropy).
+    Attributes:
+        support_x: `[T, Ns, *in]`.
+        support_y: `[T, Ns, *out]` (class indices `[T, Ns]` for cross-entropy).
+        query_x: `[T, Nq, *in]`.
+        query_y: `[T, Nq, *out]` (class indices `[T, Nq]`).
     """
 
     support_x: torch.Tensor
@@ -23,7 +26,15 @@ class TaskBatch(NamedTuple):
         return self.support_x.shape[0]
 
     def to(self, *args, **kwargs) -> "TaskBatch":
-        return TaskBatch(*(t.to(*args, **kwargs) for t in self))
+        """The four tensors moved with `Tensor.to(*args, **kwargs)`; a dtype applies to the inputs and to
+        floating-point targets only (integer class indices keep int64)."""
+        def move(t):
+            if t.is_floating_point():
+                return t.to(*args, **kwargs)
+            dtype_free = [a for a in args if not isinstance(a, torch.dtype)]
+            return t.to(*dtype_free, **{k: v for k, v in kwargs.items() if k != "dtype"})
+
+        return TaskBatch(*(move(t) for t in self))
 
 
 TasksLike = Union[TaskBatch, Sequence[torch.Tensor], Sequence[Sequence[torch.Tensor]]]

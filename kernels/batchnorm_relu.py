@@ -22,8 +22,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .batchnorm import (_act, _chan_arg, _chunk, _empty, _eps_split, _launch, _moments, _tangent_block, fake_fwd,
-                        fake_grads, launch_bwd, launch_fwd, launch_tangent_bwd)
+from .batchnorm import (
+    _act,
+    _chan_arg,
+    _chunk,
+    _empty,
+    _eps_split,
+    _launch,
+    _moments,
+    _tangent_block,
+    fake_fwd,
+    fake_grads,
+    launch_bwd,
+    launch_fwd,
+    launch_tangent_bwd,
+)
 
 
 @triton.jit

@@ -7,8 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from fastmaml.data import EpisodeSampler, load_miniimagenet, load_omniglot, miniimagenet_splits, omniglot_splits
-from fastmaml.data import imagefiles
+from fastmaml.data import (
+    EpisodeSampler,
+    imagefiles,
+    load_miniimagenet,
+    load_omniglot,
+    miniimagenet_splits,
+    omniglot_splits,
+)
 
 Image = pytest.importorskip("PIL.Image")
 

@@ -1,10 +1,10 @@
 """Bad input gets a clear error naming the argument; non-finite values are caught and .grad is untouched."""
 import pytest
 import torch
+from models import mlp, regression_tasks
 from torch import nn
 
 import fastmaml
-from models import mlp, regression_tasks
 
 
 @pytest.fixture
@@ -86,7 +86,8 @@ def test_bad_lr_forms(model, tasks):
         fastmaml.meta_step(model, tasks, inner_lr={n: 0.1 for n in ["0.weight", "0.bias", "2.weight"]})
     with pytest.raises(ValueError, match=r"expected a scalar or a tensor shaped like the parameter \(6, 1\)"):
         fastmaml.meta_step(model, tasks, inner_lr={n: torch.ones(2) for n, _ in model.named_parameters()})
-    with pytest.raises(ValueError, match="a per-step list must have one entry per inner step; got 1 entries for steps=2"):
+    with pytest.raises(ValueError,
+                       match="a per-step list must have one entry per inner step; got 1 entries for steps=2"):
         fastmaml.meta_step(model, tasks, steps=2, inner_lr=[0.1])
     with pytest.raises(TypeError, match="inner_lr: expected a positive float"):
         fastmaml.meta_step(model, tasks, inner_lr="fast")
@@ -103,7 +104,8 @@ def test_wrong_target_types(model, tasks):
     sx, sy, qx, qy = tasks
     with pytest.raises(TypeError, match="support_y: loss='cross_entropy' needs int64 class indices"):
         fastmaml.meta_step(model, tasks, loss="cross_entropy")
-    with pytest.raises(ValueError, match=r"loss='mse': the model's output per task has shape \(6, 1\) but the target has \(6,\)"):
+    with pytest.raises(ValueError,
+                       match=r"loss='mse': the model's output per task has shape \(6, 1\) but the target has \(6,\)"):
         fastmaml.meta_step(model, (sx, sy[..., 0], qx, qy[..., 0]))
 
 
@@ -139,7 +141,8 @@ def test_nan_in_support_names_the_step_and_leaves_grads(model, tasks):
     params, grads = _snapshot(model)
     sy = sy.clone()
     sy[1, 2, 0] = float("nan")
-    with pytest.raises(fastmaml.NonFiniteError, match=r"non-finite support loss or gradient at inner step 0 \(of 3\)") as e:
+    with pytest.raises(fastmaml.NonFiniteError,
+                       match=r"non-finite support loss or gradient at inner step 0 \(of 3\)") as e:
         fastmaml.meta_step(model, (sx, sy, qx, qy), steps=3)
     assert e.value.step == 0 and e.value.where == "support loss/gradient"
     p2, g2 = _snapshot(model)

@@ -1,22 +1,21 @@
 """meta_step and adapt on the fused engine against the independent autograd oracle (float64,
 rel. error < 1e-9): the sinusoid MLP and the 4-block conv net, all orders, every inner_lr form,
 inner_params subsets, odd sizes."""
+import conftest
 import pytest
 import torch
 import torch.nn.functional as F
+from models import classification_tasks, mlp, regression_tasks
+from oracle import assert_grads_close, autograd_meta_grad, check_meta_step, rel_err
 from torch import nn
 
 import fastmaml
+import fastmaml.engine
 from fastmaml.layout import ParamLayout
 from fastmaml.losses import resolve_loss
 from fastmaml.models import conv4
-import fastmaml.engine
-import conftest
 from fastmaml.programs import select_program
-from fastmaml.programs.fused import FusedProgram
-from fastmaml.programs.fused import conv
-from models import classification_tasks, mlp, regression_tasks
-from oracle import assert_grads_close, autograd_meta_grad, check_meta_step, rel_err
+from fastmaml.programs.fused import FusedProgram, conv
 
 TOL = 1e-9
 ORDERS = ["second", "checkpoint", "first"]

@@ -2,12 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from models import mlp, regression_tasks
+from oracle import assert_grads_close, rel_err
 from torch import nn
 from torch.func import functional_call
 
 import fastmaml
-from models import mlp, regression_tasks
-from oracle import assert_grads_close, rel_err
 
 
 def implicit_oracle(model, tasks, *, lr, steps, lam, adapted):
@@ -44,7 +44,7 @@ def implicit_oracle(model, tasks, *, lr, steps, lam, adapted):
             phi = phi - lr * (g + lam * (phi - th_a))
         full = torch.cat([phi, th_s])
         Pa = phi.numel()
-        H = torch.autograd.functional.hessian(lambda z: loss(z[:Pa], z[Pa:], sx[t], sy[t]), full)
+        H = torch.autograd.functional.hessian(lambda z, Pa=Pa, t=t: loss(z[:Pa], z[Pa:], sx[t], sy[t]), full)
         z = full.clone().requires_grad_(True)
         gq, = torch.autograd.grad(loss(z[:Pa], z[Pa:], qx[t], qy[t]) / T, z)
         u = torch.linalg.solve(torch.eye(Pa, dtype=torch.float64) + H[:Pa, :Pa] / lam, gq[:Pa])

@@ -23,9 +23,7 @@ import torch
 
 import fastmaml
 from fastmaml.cli import main
-from fastmaml.train import common
-from fastmaml.train import fewshot
-from fastmaml.train import sinusoid
+from fastmaml.train import common, fewshot, sinusoid
 
 REPO = Path(fastmaml.__file__).resolve().parent.parent
 SINUSOID = ["train", "sinusoid", "--meta-batch", "4", "--shots", "5", "--eval-tasks", "4", "--eval-query", "8",
@@ -219,7 +217,7 @@ def test_many_sigkills_at_random_moments(tmp_path, wrapper, job):
     code, _, err = finish(launch(wrapper, [*every, "--out", out], kill_write="checkpoint.pt:3"))
     assert code == -signal.SIGKILL, err
     rng = random.Random(26)
-    for n in range(1, 6):
+    for _ in range(1, 6):
         code, _, _ = finish(launch(wrapper, [*every, "--out", out, "--resume"],
                                    kill_write=f"checkpoint.pt:{rng.randint(1, 3)}"))
         assert code in (0, -signal.SIGKILL)

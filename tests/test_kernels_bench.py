@@ -12,10 +12,9 @@ import torch
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
-import gpu_check_report  # noqa: E402
 import conv_batching  # noqa: E402
+import gpu_check_report  # noqa: E402
 import op_bench  # noqa: E402
-
 
 SCRIPTS = ["gpu_check.sh", "crash_check.sh"]
 

@@ -5,14 +5,14 @@ autograd oracle (float64)."""
 import pytest
 import torch
 import torch.nn.functional as F
+from models import classification_tasks, small_cnn
+from oracle import check_meta_step
 from torch import nn
 
 import fastmaml
 from fastmaml.ops import registry
 from fastmaml.programs.fused import compile_model
 from fastmaml.programs.fused.norm_act import BatchNormReLUMaxPoolRule
-from models import classification_tasks, small_cnn
-from oracle import check_meta_step
 
 DEVICE = torch.device("cpu")
 # (T, N, C, H, W, k): T = 1, one image, one channel, odd H and W (a remainder the windows skip but the
@@ -26,7 +26,7 @@ TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 def cpp():
     ok, why = registry.availability("cpp", DEVICE)
     assert ok, f"the C++ extension must build here: {why}"
-    return registry.implementation("bn_relu_maxpool_train_fwd", "cpp"), registry.implementation("bn_relu_maxpool_train_bwd", "cpp")
+    return tuple(registry.implementation(f"bn_relu_maxpool_train_{op}", "cpp") for op in ("fwd", "bwd"))
 
 
 def reference():

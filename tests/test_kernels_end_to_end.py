@@ -9,10 +9,11 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fastmaml  # noqa: E402
-from fastmaml.ops import registry  # noqa: E402
 from models import classification_tasks, mlp, regression_tasks, small_cnn  # noqa: E402
 from oracle import assert_grads_close, autograd_meta_grad, rel_err  # noqa: E402
+
+import fastmaml  # noqa: E402
+from fastmaml.ops import registry  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["cpp", "triton"]

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fastmaml.ops import registry  # noqa: E402
 from models import mlp, regression_tasks  # noqa: E402
 from oracle import assert_grads_close, autograd_meta_grad, rel_err  # noqa: E402
 from test_kernels_end_to_end import run  # noqa: E402
+
+from fastmaml.ops import registry  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float64]
@@ -41,28 +42,29 @@ def close(got, want, dtype):
         assert rel_err(got, want) < TOL[dtype]
 
 
-def inputs(T, N, I, O, dtype, common, seed=0):
+def inputs(T, N, n_in, n_out, dtype, common, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    w = randn(gen, dtype, *((O, I) if common else (T, O, I)))
-    b = randn(gen, dtype, *((O,) if common else (T, O)))
-    x, xd = randn(gen, dtype, T, N, I), randn(gen, dtype, T, N, I)
-    gy, gyd = randn(gen, dtype, T, N, O), randn(gen, dtype, T, N, O)
-    return dict(x=x, xd=xd, w=w, b=b, wd=randn(gen, dtype, T, O, I), bd=randn(gen, dtype, T, O), gy=gy, gyd=gyd)
+    w = randn(gen, dtype, *((n_out, n_in) if common else (T, n_out, n_in)))
+    b = randn(gen, dtype, *((n_out,) if common else (T, n_out)))
+    x, xd = randn(gen, dtype, T, N, n_in), randn(gen, dtype, T, N, n_in)
+    gy, gyd = randn(gen, dtype, T, N, n_out), randn(gen, dtype, T, N, n_out)
+    wd, bd = randn(gen, dtype, T, n_out, n_in), randn(gen, dtype, T, n_out)
+    return dict(x=x, xd=xd, w=w, b=b, wd=wd, bd=bd, gy=gy, gyd=gyd)
 
 
-def grad_views(T, O, I, dtype):
+def grad_views(T, n_out, n_in, dtype):
     """gw, ġw `[T, O, I]`, gb, ġb `[T, O]`: non-contiguous views into one NaN-filled `[T, P]` buffer, as
     the engine passes them (offset 1, and one spare column to catch stores past the end)."""
-    flat = torch.full((T, 1 + 2 * O * I + 2 * O + 1), float("nan"), dtype=dtype, device=DEVICE)
-    gw, gwd, gb, gbd, _ = flat[:, 1:].split([O * I, O * I, O, O, 1], 1)
-    return flat, [gw.view(T, O, I), gwd.view(T, O, I), gb, gbd]
+    flat = torch.full((T, 1 + 2 * n_out * n_in + 2 * n_out + 1), float("nan"), dtype=dtype, device=DEVICE)
+    gw, gwd, gb, gbd, _ = flat[:, 1:].split([n_out * n_in, n_out * n_in, n_out, n_out, 1], 1)
+    return flat, [gw.view(T, n_out, n_in), gwd.view(T, n_out, n_in), gb, gbd]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("common", [False, True])
-@pytest.mark.parametrize("T,N,I,O", SHAPES)
-def test_forward_value_and_tangent(T, N, I, O, common, dtype):
-    d = inputs(T, N, I, O, dtype, common)
+@pytest.mark.parametrize("T,N,n_in,n_out", SHAPES)
+def test_forward_value_and_tangent(T, N, n_in, n_out, common, dtype):
+    d = inputs(T, N, n_in, n_out, dtype, common)
     for name, args in [("linear_fwd", (d["x"], d["w"], d["b"])),
                        ("linear_value_tangent_fwd", (d["x"], d["xd"], d["w"], d["b"], d["wd"], d["bd"]))]:
         got, want = (f(*args) for f in both(name))
@@ -94,11 +96,11 @@ def test_strided_inputs(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("common", [False, True])
-@pytest.mark.parametrize("T,N,I,O", SHAPES)
-def test_tangent_backward(T, N, I, O, common, dtype):
-    d = inputs(T, N, I, O, dtype, common)
-    flat, outs = grad_views(T, O, I, dtype)
-    _, outs_ref = grad_views(T, O, I, dtype)
+@pytest.mark.parametrize("T,N,n_in,n_out", SHAPES)
+def test_tangent_backward(T, N, n_in, n_out, common, dtype):
+    d = inputs(T, N, n_in, n_out, dtype, common)
+    flat, outs = grad_views(T, n_out, n_in, dtype)
+    _, outs_ref = grad_views(T, n_out, n_in, dtype)
     args = (d["gy"], d["gyd"], d["x"], d["xd"], d["w"], d["wd"], True)
     tri, ref = both("linear_tangent_bwd")
     gx, gxd = tri(*args, outs[0], outs[1], outs[2], outs[3])
@@ -113,11 +115,11 @@ def test_tangent_backward(T, N, I, O, common, dtype):
                                            (("gw", "gwd"), True), (("gw", "gb"), False),
                                            (("gw", "gwd", "gbd"), False), (("gw", "gwd", "gb", "gbd"), True)])
 def test_tangent_backward_partial(absent, need_x, dtype):
-    T, N, I, O = 2, 4, 37, 40
-    d = inputs(T, N, I, O, dtype, common=False, seed=3)
+    T, N, n_in, n_out = 2, 4, 37, 40
+    d = inputs(T, N, n_in, n_out, dtype, common=False, seed=3)
     d.update({k: None for k in absent if k in d})
-    _, outs = grad_views(T, O, I, dtype)
-    _, outs_ref = grad_views(T, O, I, dtype)
+    _, outs = grad_views(T, n_out, n_in, dtype)
+    _, outs_ref = grad_views(T, n_out, n_in, dtype)
     keep = [k not in absent for k in ("gw", "gwd", "gb", "gbd")]
     outs, outs_ref = [o if k else None for o, k in zip(outs, keep)], [o if k else None for o, k in zip(outs_ref, keep)]
     args = (d["gy"], d["gyd"], d["x"], d["xd"], d["w"], d["wd"], need_x)
@@ -128,11 +130,11 @@ def test_tangent_backward_partial(absent, need_x, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,N,I,O", SHAPES)
-def test_backward(T, N, I, O, dtype):
-    d = inputs(T, N, I, O, dtype, common=True)
-    flat, (gw, _, gb, _) = grad_views(T, O, I, dtype)
-    _, (gw_ref, _, gb_ref, _) = grad_views(T, O, I, dtype)
+@pytest.mark.parametrize("T,N,n_in,n_out", SHAPES)
+def test_backward(T, N, n_in, n_out, dtype):
+    d = inputs(T, N, n_in, n_out, dtype, common=True)
+    flat, (gw, _, gb, _) = grad_views(T, n_out, n_in, dtype)
+    _, (gw_ref, _, gb_ref, _) = grad_views(T, n_out, n_in, dtype)
     tri, ref = both("linear_bwd")
     close(tri(d["gy"], d["x"], d["w"], True, gw, gb), ref(d["gy"], d["x"], d["w"], True, gw_ref, gb_ref), dtype)
     close(gw, gw_ref, dtype)

@@ -1,11 +1,11 @@
 """The ops registry: backend resolution, the environment override, clear errors."""
 import pytest
 import torch
+from models import mlp, regression_tasks
 
 import fastmaml
 from fastmaml.ops import registry
 from fastmaml.ops.reference.step import adjoint_update, inner_update
-from models import mlp, regression_tasks
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +42,8 @@ def test_op(monkeypatch):
 
 def test_unavailable_explicit_backend_raises_and_auto_falls_back(monkeypatch):
     monkeypatch.setitem(registry._AVAILABILITY, "triton", lambda d: (False, "triton is not installed"))
-    with pytest.raises(fastmaml.BackendUnavailable, match="backend='triton' cannot run on cpu: triton is not installed"):
+    with pytest.raises(fastmaml.BackendUnavailable,
+                       match="backend='triton' cannot run on cpu: triton is not installed"):
         registry.resolve("triton", "cpu")
     table = registry.resolve("auto", "cpu")
     assert table.chosen["inner_update"][0] != "triton"

@@ -4,7 +4,6 @@ import re
 
 import pytest
 import torch
-
 from test_data_readers import write_miniimagenet, write_omniglot
 
 from fastmaml import cli

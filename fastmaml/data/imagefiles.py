@@ -99,7 +99,7 @@ def load_cached(cache_dir: Path, stem: str, fingerprint) -> Optional[ClassDatase
         images = np.load(data_path)
         return ClassDataset(images, meta["counts"], meta["names"])
     except (OSError, ValueError, KeyError) as e:
-        warnings.warn(f"ignoring the unreadable cache {data_path} ({e}); decoding the images again")
+        warnings.warn(f"ignoring the unreadable cache {data_path} ({e}); decoding the images again", stacklevel=2)
         return None
 
 
@@ -118,4 +118,4 @@ def save_cached(cache_dir: Path, stem: str, fingerprint, images: np.ndarray, cou
         os.replace(tmp, cache_dir / f"{stem}.json")
     except OSError as e:
         warnings.warn(f"could not write the decoded-image cache in {cache_dir} ({e}); pass cache_dir= "
-                      "a writable folder to make the next load fast")
+                      "a writable folder to make the next load fast", stacklevel=2)

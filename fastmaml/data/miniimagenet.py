@@ -23,8 +23,15 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .episodes import ClassDataset, Splits
-from .imagefiles import DatasetFormatError, DatasetLayoutError, decode_all, files_fingerprint, load_cached, \
-    require_pil, save_cached
+from .imagefiles import (
+    DatasetFormatError,
+    DatasetLayoutError,
+    decode_all,
+    files_fingerprint,
+    load_cached,
+    require_pil,
+    save_cached,
+)
 
 SOURCE = ("split CSVs: https://github.com/twitter-research/meta-learning-lstm (data/miniImagenet); images: "
           "the ILSVRC-12 training images they name, from image-net.org")

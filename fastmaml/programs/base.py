@@ -21,7 +21,6 @@ import torch.func
 from ..layout import ParamLayout
 from ..losses import Loss
 
-
 # Held while fastmaml runs a model's own modules: tracing (torch.fx patches nn.Module.__call__ for the whole
 # process while it traces) and the torch.func program (torch.func.jvp keeps its forward-AD levels per
 # process). Calls from several threads are serialized rather than failing.

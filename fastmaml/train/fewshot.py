@@ -39,8 +39,15 @@ from typing import Dict, Optional
 import torch
 
 import fastmaml
-from fastmaml.data import EpisodeSampler, Episodes, Splits, glyph_splits, load_omniglot, miniimagenet_splits, \
-    split_omniglot
+from fastmaml.data import (
+    Episodes,
+    EpisodeSampler,
+    Splits,
+    glyph_splits,
+    load_omniglot,
+    miniimagenet_splits,
+    split_omniglot,
+)
 from fastmaml.data.imagefiles import DatasetError
 from fastmaml.models import conv4, omniglot_mlp
 from fastmaml.train import common
@@ -144,9 +151,11 @@ def resolve_config(args: argparse.Namespace) -> Dict:
     cfg["first_order_until"] = getattr(args, "first_order_until", 0)
     for key in ("msl", "first_order_until"):
         if cfg[key] < 0:
-            raise common.UserError(f"--{key.replace('_', '-')}: expected a non-negative number of iterations, got {cfg[key]}")
+            raise common.UserError(f"--{key.replace('_', '-')}: expected a non-negative number of iterations, "
+                                   f"got {cfg[key]}")
     if cfg["msl"] and cfg["order"] == "implicit":
-        raise common.UserError("--msl: the implicit order has no per-step query losses; use --order second, checkpoint or first")
+        raise common.UserError("--msl: the implicit order has no per-step query losses; use --order second, "
+                               "checkpoint or first")
     for key in ("train_classes", "val_classes"):
         if getattr(args, key, None) is not None and key not in cfg:
             raise common.UserError(f"--{key.replace('_', '-')}: the {args.job} split is fixed by the dataset's "
@@ -162,8 +171,8 @@ def resolve_config(args: argparse.Namespace) -> Dict:
         if not cfg[key] > 0:
             raise common.UserError(f"--{key.replace('_', '-')}: expected a positive number, got {cfg[key]}")
     if args.job in REAL_DATA and getattr(args, "data", None) is None:
-        raise common.UserError(f"--data: the {args.job} job needs the dataset folder (see `fastmaml train {args.job} --help` "
-                   f"and fastmaml/data/{args.job}.py for the layout and where to get it)")
+        raise common.UserError(f"--data: the {args.job} job needs the dataset folder (see `fastmaml train {args.job} "
+                               f"--help` and fastmaml/data/{args.job}.py for the layout and where to get it)")
     return cfg
 
 

@@ -1,4 +1,5 @@
-"""The "triton" backend of the BatchNorm ops (`fastmaml/ops/reference/batchnorm.py`, `block_tail.py`): kernels/batchnorm.py, of the
+"""The "triton" backend of the BatchNorm ops (`fastmaml/ops/reference/batchnorm.py`, `block_tail.py`):
+kernels/batchnorm.py, of the
 BatchNorm + ReLU ops: kernels/batchnorm_relu.py, and of the BatchNorm + ReLU + MaxPool ops:
 kernels/bn_relu_maxpool.py.
 
@@ -16,8 +17,7 @@ import torch
 from ...errors import BackendUnavailable
 from ..reference.block_tail import per_task_channels, with_tangents, with_tangents_bwd
 from ..registry import register
-from .triton import EXPLICIT_ONLY, KERNEL_DTYPES
-from .triton import _import_kernels
+from .triton import EXPLICIT_ONLY, KERNEL_DTYPES, _import_kernels
 
 Tensor = torch.Tensor
 Opt = Optional[torch.Tensor]

@@ -13,8 +13,16 @@ from typing import Optional, Tuple
 import torch
 
 from ..registry import register
-from .batchnorm import (_RED, _relu, _relu_mask, batchnorm_fwd, batchnorm_relu_train_fwd, batchnorm_tangent_bwd,
-                        batchnorm_tangent_fwd, batchnorm_train_bwd)
+from .batchnorm import (
+    _RED,
+    _relu,
+    _relu_mask,
+    batchnorm_fwd,
+    batchnorm_relu_train_fwd,
+    batchnorm_tangent_bwd,
+    batchnorm_tangent_fwd,
+    batchnorm_train_bwd,
+)
 
 Tensor = torch.Tensor
 Opt = Optional[torch.Tensor]

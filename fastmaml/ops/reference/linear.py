@@ -32,8 +32,8 @@ def _addmm(bias: Tensor, x: Tensor, w: Tensor) -> Tensor:
         return torch.baddbmm(b, x, w.transpose(1, 2))
     if bias.dim() == 2:
         return torch.baddbmm(bias.unsqueeze(1), x, w.t().expand(x.shape[0], -1, -1))
-    T, N, I = x.shape
-    return torch.addmm(bias, x.reshape(T * N, I), w.t()).view(T, N, -1)
+    T, N, n_in = x.shape
+    return torch.addmm(bias, x.reshape(T * N, n_in), w.t()).view(T, N, -1)
 
 
 def _bmm_into(out: Tensor, a: Tensor, b: Tensor) -> None:

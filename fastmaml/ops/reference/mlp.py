@@ -31,9 +31,9 @@ Tensor = torch.Tensor
 class _Pass(NamedTuple):
     """A forward (and backward) of the MLP at some weights."""
 
-    acts: List[Tensor]  # the Linear layers' inputs: a_0 = x, a_l = σ(h_{l−1}) `[T, N, d_l]`
-    slopes: List[Optional[Tensor]]  # σ'(h_{l−1}) beside each a_l: 1 − a_l² for Tanh, None for ReLU (a_l > 0)
-    gh: List[Tensor]  # ∂loss/∂h_l of each layer's output `[T, N, d_{l+1}]` (empty without backward)
+    acts: List[Tensor]  # the Linear layers' inputs: a_0 = x, a_k = σ(h_{k−1}) `[T, N, d_k]`
+    slopes: List[Optional[Tensor]]  # σ'(h_{k−1}) beside each a_k: 1 − a_k² for Tanh, None for ReLU (a_k > 0)
+    gh: List[Tensor]  # ∂loss/∂h_k of each layer's output `[T, N, d_{k+1}]` (empty without backward)
     loss: Tensor  # [T]
     grad: Optional[Tensor]  # ∂(scale · loss)/∂φ `[T, P]` (None without backward)
 
@@ -47,7 +47,7 @@ def _weights(flat: Tensor, sizes: Tuple[int, ...]) -> List[Tuple[Tensor, Tensor]
     """flat `[*B, P]` -> per layer (W `[*B, o, i]`, b `[*B, o]`), views."""
     chunks = torch.split_with_sizes(flat, _numels(sizes), -1)
     batch = flat.shape[:-1]
-    return [(chunks[2 * l].view(*batch, o, i), chunks[2 * l + 1]) for l, (i, o) in enumerate(zip(sizes, sizes[1:]))]
+    return [(chunks[2 * k].view(*batch, o, i), chunks[2 * k + 1]) for k, (i, o) in enumerate(zip(sizes, sizes[1:]))]
 
 
 def _slope(g: Tensor, a: Tensor, slope: Optional[Tensor]) -> Tensor:
@@ -60,9 +60,9 @@ def _pass(ws, x: Tensor, y: Tensor, tanh: bool, *, backward: bool = True, scale:
     `scale` × that loss."""
     T, L = x.shape[0], len(ws)
     acts, slopes, h = [x], [None], x
-    for l, (w, b) in enumerate(ws):
+    for k, (w, b) in enumerate(ws):
         h = _addmm(b, h, w)
-        if l < L - 1:
+        if k < L - 1:
             h = torch.tanh_(h) if tanh else torch.relu_(h)
             acts.append(h)
             slopes.append(1 - h * h if tanh else None)
@@ -72,12 +72,12 @@ def _pass(ws, x: Tensor, y: Tensor, tanh: bool, *, backward: bool = True, scale:
     if scale != 1.0:
         g = g.mul_(scale)
     gh, pieces = [None] * L, [None] * (2 * L)
-    for l in range(L - 1, -1, -1):
-        gh[l] = g
-        pieces[2 * l] = torch.bmm(g.transpose(1, 2), acts[l]).view(T, -1)
-        pieces[2 * l + 1] = g.sum(1)
-        if l:
-            g = _slope(_back(g, ws[l][0]), acts[l], slopes[l])
+    for k in range(L - 1, -1, -1):
+        gh[k] = g
+        pieces[2 * k] = torch.bmm(g.transpose(1, 2), acts[k]).view(T, -1)
+        pieces[2 * k + 1] = g.sum(1)
+        if k:
+            g = _slope(_back(g, ws[k][0]), acts[k], slopes[k])
     return _Pass(acts, slopes, gh, value, torch.cat(pieces, 1))
 
 
@@ -86,26 +86,26 @@ def _hvp(ws, p: _Pass, u: Tensor, sizes: Tuple[int, ...], tanh: bool) -> Tensor:
     T, L = u.shape[0], len(ws)
     us = _weights(u, sizes)
     hds, ads, ad = [], [None], None  # ḣ_l; ȧ_l, the tangent of a_l (zero for x)
-    for l, ((w, _), (uw, ub)) in enumerate(zip(ws, us)):
-        hd = torch.baddbmm(ub.unsqueeze(1), p.acts[l], uw.transpose(1, 2))  # ḣ = ȧ wᵀ + a uᵀ + u_b
+    for k, ((w, _), (uw, ub)) in enumerate(zip(ws, us)):
+        hd = torch.baddbmm(ub.unsqueeze(1), p.acts[k], uw.transpose(1, 2))  # ḣ = ȧ wᵀ + a uᵀ + u_b
         if ad is not None:
             hd = hd.baddbmm_(ad, w.transpose(1, 2)) if w.dim() == 3 else hd.add_(torch.matmul(ad, w.t()))
         hds.append(hd)
-        if l < L - 1:
-            ad = _slope(hd, p.acts[l + 1], p.slopes[l + 1])
+        if k < L - 1:
+            ad = _slope(hd, p.acts[k + 1], p.slopes[k + 1])
             ads.append(ad)
     gd = mse_grad_tangent(hds[-1])  # the tangent of ∂loss/∂out
     pieces = [None] * (2 * L)
-    for l in range(L - 1, -1, -1):
-        hw = torch.bmm(gd.transpose(1, 2), p.acts[l])  # ġW = ġhᵀ a + ghᵀ ȧ
-        if ads[l] is not None:
-            hw.baddbmm_(p.gh[l].transpose(1, 2), ads[l])
-        pieces[2 * l], pieces[2 * l + 1] = hw.view(T, -1), gd.sum(1)
-        if l:
-            gad = _back(gd, ws[l][0]).baddbmm_(p.gh[l], us[l][0])  # ġa = ġh W + gh U
-            gd = _slope(gad, p.acts[l], p.slopes[l])
+    for k in range(L - 1, -1, -1):
+        hw = torch.bmm(gd.transpose(1, 2), p.acts[k])  # ġW = ġhᵀ a + ghᵀ ȧ
+        if ads[k] is not None:
+            hw.baddbmm_(p.gh[k].transpose(1, 2), ads[k])
+        pieces[2 * k], pieces[2 * k + 1] = hw.view(T, -1), gd.sum(1)
+        if k:
+            gad = _back(gd, ws[k][0]).baddbmm_(p.gh[k], us[k][0])  # ġa = ġh W + gh U
+            gd = _slope(gad, p.acts[k], p.slopes[k])
             if tanh:  # + σ''(h) ḣ ⊙ ∂loss/∂a, with σ'' = −2 a σ'
-                gd.addcmul_(p.acts[l] * hds[l - 1], p.gh[l - 1], value=-2.0)
+                gd.addcmul_(p.acts[k] * hds[k - 1], p.gh[k - 1], value=-2.0)
     return torch.cat(pieces, 1)
 
 

@@ -82,11 +82,11 @@ def conv_forward(x, w, b, g: Geometry, strategy: str):
             aten.convolution.out(x[t], w[t], None if b is None else b[t], g.stride, g.padding, g.dilation, False,
                                  [0, 0], 1, out=y[t])
         return y
-    C, O = x.shape[2], w.shape[1]
+    C, Cout = x.shape[2], w.shape[1]
     xg = x.transpose(0, 1).reshape(N, T * C, *x.shape[3:])
-    y = F.conv2d(xg, w.reshape(T * O, *w.shape[2:]), None if b is None else b.reshape(T * O),
+    y = F.conv2d(xg, w.reshape(T * Cout, *w.shape[2:]), None if b is None else b.reshape(T * Cout),
                  g.stride, g.padding, g.dilation, T)
-    return y.view(N, T, O, *y.shape[2:]).transpose(0, 1).contiguous()
+    return y.view(N, T, Cout, *y.shape[2:]).transpose(0, 1).contiguous()
 
 
 def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb_out=None, accumulate=False):
@@ -125,10 +125,10 @@ def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb
             if need_b:
                 gb_out[t] = gb_t
         return gx
-    C, O = x.shape[2], w.shape[1]
+    C, Cout = x.shape[2], w.shape[1]
     xg = x.transpose(0, 1).reshape(N, T * C, *x.shape[3:])
-    gg = gy.transpose(0, 1).reshape(N, T * O, *gy.shape[3:])
-    gx, gw, _ = aten.convolution_backward(gg, xg, w.reshape(T * O, *w.shape[2:]), None, g.stride, g.padding,
+    gg = gy.transpose(0, 1).reshape(N, T * Cout, *gy.shape[3:])
+    gx, gw, _ = aten.convolution_backward(gg, xg, w.reshape(T * Cout, *w.shape[2:]), None, g.stride, g.padding,
                                           g.dilation, False, [0, 0], T, mask)
     if need_w:
         gw = gw.view(gw_out.shape)

@@ -183,9 +183,9 @@ class BatchNormLeakyReLURule(BatchNormRule):
 
     def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
         z, xhat, xhd, a, r, shape, batch = saved
-        gx, gxd = ops.batchnorm_tangent_bwd(self._mask(gy.reshape(xhat.shape), z), self._mask(gyd.reshape(xhat.shape), z),
-                                            xhat, xhd, a, r, p[0], v[0], batch, need_x, outs[0], touts[0], outs[1],
-                                            touts[1])
+        gy, gyd = self._mask(gy.reshape(xhat.shape), z), self._mask(gyd.reshape(xhat.shape), z)
+        gx, gxd = ops.batchnorm_tangent_bwd(gy, gyd, xhat, xhd, a, r, p[0], v[0], batch, need_x, outs[0], touts[0],
+                                            outs[1], touts[1])
         if gx is None:
             return None, None
         return gx.view(shape), gxd.view(shape)
