@@ -8,10 +8,11 @@ import re
 import sys
 
 import pytest
-from test_data_readers import write_omniglot
 
 from fastmaml import cli
 from fastmaml.train import common, fewshot, sinusoid
+
+from dataset_files import write_omniglot
 
 SINUSOID = ["train", "sinusoid", "--meta-batch", "4", "--shots", "5", "--eval-tasks", "4", "--eval-query", "8",
             "--eval-steps", "1"]

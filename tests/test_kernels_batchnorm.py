@@ -10,16 +10,14 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from models import classification_tasks, small_cnn  # noqa: E402
-from oracle import assert_grads_close, autograd_meta_grad, rel_err  # noqa: E402
-
 import fastmaml  # noqa: E402
 from fastmaml.ops import registry  # noqa: E402
 from fastmaml.ops.backends import triton_norm  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
-DTYPES = [torch.float32, torch.float64]
+from kernel_checks import DEVICE, DTYPES, Case, assert_close, check_outs, directions  # noqa: E402
+from models import classification_tasks, small_cnn  # noqa: E402
+from oracle import assert_grads_close, autograd_meta_grad, rel_err  # noqa: E402
+
 # (T, N, C, S, weights): N·S = 1 (degenerate batch statistics), odd C and S, two blocks of 1024 values
 CASES = [(1, 1, 3, 1, "common"), (3, 1, 3, 5, "task"), (2, 2, 3, 5, None), (1, 2, 7, 49, "task"),
          (1, 3, 2, 345, "common")]
@@ -34,62 +32,6 @@ def triton_backend():
 
 def impls(name):
     return registry.implementation(name, "torch"), registry.implementation(name, "triton")
-
-
-def assert_close(got, want, dtype, what, scale=1.0):
-    """‖got − want‖ within TOL of max(‖want‖, scale, 1); `scale` for gradients of the normalization:
-    r·‖gy‖, the size of the terms that cancel when a channel has one element (x̂ = 0, r = 1/√eps)."""
-    assert (got is None) == (want is None), what
-    if want is None:
-        return
-    assert got.shape == want.shape and got.dtype == want.dtype, (what, got.shape, want.shape)
-    err = float((got.double() - want.double()).norm())
-    assert err <= TOL[dtype] * max(float(want.double().norm()), scale, 1.0), (what, err)
-
-
-class Case:
-    """Random inputs of one case: activations `[T, N, C, S]`, per-channel weights as views into a flat
-    `[T, P]` buffer (per task), `[C]` (common) or None, and NaN-filled strided gradient outputs."""
-
-    def __init__(self, T, N, C, S, weights, dtype, seed=0):
-        self.g = torch.Generator().manual_seed(seed + T + N + C + S)
-        self.T, self.C, self.dtype, self.shape = T, C, dtype, (T, N, C, S)
-        self.weights = weights
-        self.x = self.act() * 2 + 3  # a mean far from 0 (the variance's shift)
-
-    def randn(self, *shape):
-        return torch.randn(*shape, generator=self.g, dtype=torch.float64).to(DEVICE, self.dtype)
-
-    def act(self):
-        return self.randn(*self.shape)
-
-    def channel(self, per_task=None):
-        """A per-channel vector in this case's weights form (or `per_task`: True -> `[T, C]` view)."""
-        form = self.weights if per_task is None else ("task" if per_task else None)
-        if form == "task":
-            return self.randn(self.T, 2 * self.C + 1)[:, 1::2]  # non-contiguous view of a flat buffer
-        return self.randn(self.C) + 1 if form == "common" else None
-
-    def outs(self, k):
-        """k (output, reference output) pairs `[T, C]`, NaN-filled: even ones are column blocks of a flat
-        `[T, P]` buffer (returned too), odd ones transposed `[C, T]` tensors."""
-        T, C = self.T, self.C
-        flat = torch.full((T, k * (C + 1) + 1), float("nan"), dtype=self.dtype, device=DEVICE)
-        views = [flat[:, 1 + i * (C + 1):1 + i * (C + 1) + C] if i % 2 == 0 else
-                 torch.full((C, T), float("nan"), dtype=self.dtype, device=DEVICE).t() for i in range(k)]
-        return [(v, v.clone()) for v in views], flat
-
-    def stats(self, batch):
-        return (None, None) if batch else (self.randn(self.C) * 2 + 3, self.randn(self.C).abs() + 0.5)
-
-
-def check_outs(pairs, flat, dtype):
-    """Each given output as its reference, and nothing written into `flat` outside them."""
-    for i, (got, want) in enumerate(pairs):
-        if got is not None:
-            assert_close(got, want, dtype, f"out {i}")
-            got.fill_(float("nan"))
-    assert torch.isnan(flat).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -133,14 +75,6 @@ def test_backward(T, N, C, S, weights, dtype):
         got = tri(gy, case.x, mean, r_train, w, 1e-5, need_x, gw[0], gb[0])
         assert_close(got, want, dtype, ("train gx", need_x))
         check_outs([gw, gb], flat, dtype)
-
-
-def directions(case, w, i):
-    """ẋ, ẇ, ḃ for variant i: all given, no ẋ (no adapted parameter upstream), only ẋ (shared affine)."""
-    xd = None if i == 1 else case.act()
-    if i == 2 or w is None:
-        return xd, None, None
-    return xd, case.channel(per_task=True), case.channel(per_task=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

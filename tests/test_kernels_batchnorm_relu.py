@@ -12,10 +12,6 @@ from torch import nn
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from models import classification_tasks  # noqa: E402
-from oracle import assert_grads_close, autograd_meta_grad, check_meta_step, rel_err  # noqa: E402
-from test_kernels_batchnorm import DEVICE, DTYPES, Case, assert_close, check_outs, directions  # noqa: E402
-
 import fastmaml  # noqa: E402
 from fastmaml.layout import ParamLayout  # noqa: E402
 from fastmaml.losses import resolve_loss  # noqa: E402
@@ -26,6 +22,10 @@ from fastmaml.programs import select_program  # noqa: E402
 from fastmaml.programs.fused import FusedProgram, build, compile_model  # noqa: E402
 from fastmaml.programs.fused.norm import BatchNormRule  # noqa: E402
 from fastmaml.programs.fused.norm_act import BatchNormReLUMaxPoolRule, BatchNormReLURule  # noqa: E402
+
+from kernel_checks import DEVICE, DTYPES, Case, assert_close, check_outs, directions  # noqa: E402
+from models import classification_tasks  # noqa: E402
+from oracle import assert_grads_close, autograd_meta_grad, check_meta_step, rel_err  # noqa: E402
 
 # (T, N, C, S, weights): N·S = 1 (degenerate batch statistics), odd C and S, T = 1 and 3, a channel
 # longer than one block of the interpreter-sized launches

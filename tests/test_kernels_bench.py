@@ -1,20 +1,28 @@
 """The CPU-runnable pieces of benchmarks/gpu_check.sh: the scripts parse, the op and convolution
 benchmarks run and write their tables, and the report writer summarizes what the steps left."""
+import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH))
 
-import conv_batching  # noqa: E402
-import gpu_check_report  # noqa: E402
-import op_bench  # noqa: E402
+
+def _script(name: str):
+    """benchmarks/<name>.py as a module (loaded from its path: benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+conv_batching = _script("conv_batching")
+gpu_check_report = _script("gpu_check_report")
+op_bench = _script("op_bench")
 
 SCRIPTS = ["gpu_check.sh", "crash_check.sh"]
 

@@ -9,25 +9,14 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from models import classification_tasks, mlp, regression_tasks, small_cnn  # noqa: E402
-from oracle import assert_grads_close, autograd_meta_grad, rel_err  # noqa: E402
-
 import fastmaml  # noqa: E402
 from fastmaml.ops import registry  # noqa: E402
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+from kernel_checks import DEVICE, grads_of, run  # noqa: E402
+from models import classification_tasks, mlp, regression_tasks, small_cnn  # noqa: E402
+from oracle import assert_grads_close, autograd_meta_grad, rel_err  # noqa: E402
+
 BACKENDS = ["cpp", "triton"]
-
-
-def grads_of(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def run(model, tasks, backend, *, loss, inner_lr, steps, order):
-    model.zero_grad()
-    res = fastmaml.meta_step(model, tasks, inner_lr=inner_lr, steps=steps, order=order, loss=loss,
-                             backend=backend)
-    return res, grads_of(model)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from fastmaml.ops import registry  # noqa: E402
+
+from kernel_checks import run  # noqa: E402
 from models import mlp, regression_tasks  # noqa: E402
 from oracle import assert_grads_close, autograd_meta_grad, rel_err  # noqa: E402
-from test_kernels_end_to_end import run  # noqa: E402
-
-from fastmaml.ops import registry  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float64]

@@ -4,10 +4,11 @@ import re
 
 import pytest
 import torch
-from test_data_readers import write_miniimagenet, write_omniglot
 
 from fastmaml import cli
 from fastmaml.train import fewshot
+
+from dataset_files import write_miniimagenet, write_omniglot
 
 TINY = ["--meta-batch", "2", "--hidden", "8", "--query", "2", "--val-every", "2", "--val-episodes", "4",
         "--eval-batch", "3", "--quiet"]
