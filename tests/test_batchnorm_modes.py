@@ -2,11 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from models import classification_tasks, small_cnn
-from oracle import assert_grads_close, autograd_meta_grad
 
 import fastmaml
 from fastmaml.batchnorm import bn_layers
+
+from models import classification_tasks, small_cnn
+from oracle import assert_grads_close, autograd_meta_grad
 
 TOL = 1e-9
 pytestmark = pytest.mark.usefixtures("engine")  # every test on both engines

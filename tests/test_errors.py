@@ -1,10 +1,11 @@
 """Bad input gets a clear error naming the argument; non-finite values are caught and .grad is untouched."""
 import pytest
 import torch
-from models import mlp, regression_tasks
 from torch import nn
 
 import fastmaml
+
+from models import mlp, regression_tasks
 
 
 @pytest.fixture

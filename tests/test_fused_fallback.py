@@ -3,8 +3,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from models import regression_tasks
-from oracle import assert_grads_close, autograd_meta_grad
 from torch import nn
 
 import fastmaml
@@ -13,6 +11,9 @@ from fastmaml.losses import resolve_loss
 from fastmaml.models import conv4
 from fastmaml.programs import TorchFuncProgram, select_program
 from fastmaml.programs.fused import FusedProgram
+
+from models import regression_tasks
+from oracle import assert_grads_close, autograd_meta_grad
 
 
 class Sort(nn.Module):

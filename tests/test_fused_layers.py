@@ -5,7 +5,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import rel_err
 from torch import nn
 from torch.func import functional_call
 
@@ -14,6 +13,8 @@ from fastmaml.losses import resolve_loss
 from fastmaml.ops import resolve
 from fastmaml.programs import fused
 from fastmaml.programs.fused import conv
+
+from oracle import rel_err
 
 TOL = 1e-9
 D = torch.float64

@@ -1,12 +1,9 @@
 """meta_step and adapt on the fused engine against the independent autograd oracle (float64,
 rel. error < 1e-9): the sinusoid MLP and the 4-block conv net, all orders, every inner_lr form,
 inner_params subsets, odd sizes."""
-import conftest
 import pytest
 import torch
 import torch.nn.functional as F
-from models import classification_tasks, mlp, regression_tasks
-from oracle import assert_grads_close, autograd_meta_grad, check_meta_step, rel_err
 from torch import nn
 
 import fastmaml
@@ -16,6 +13,10 @@ from fastmaml.losses import resolve_loss
 from fastmaml.models import conv4
 from fastmaml.programs import select_program
 from fastmaml.programs.fused import FusedProgram, conv
+
+import conftest
+from models import classification_tasks, mlp, regression_tasks
+from oracle import assert_grads_close, autograd_meta_grad, check_meta_step, rel_err
 
 TOL = 1e-9
 ORDERS = ["second", "checkpoint", "first"]

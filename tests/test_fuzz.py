@@ -12,10 +12,11 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import assert_grads_close, autograd_meta_grad, rel_err
 from torch import nn
 
 import fastmaml
+
+from oracle import assert_grads_close, autograd_meta_grad, rel_err
 
 CASES = int(os.environ.get("FASTMAML_FUZZ_CASES", "500"))
 SEED = int(os.environ.get("FASTMAML_FUZZ_SEED", "0"))

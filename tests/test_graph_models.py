@@ -4,15 +4,16 @@ BatchNorm modes, ANIL; fallbacks that name their cause."""
 import pytest
 import torch
 import torch.nn.functional as F
-from class_models import Concat, ConvClassNet, MiniImagenetCNN, OmniglotCNN, OmniglotFC, ReadsTwice, ResNet12
-from models import regression_tasks
-from oracle import assert_grads_close, autograd_meta_grad, check_meta_step
 from torch import nn
 
 import fastmaml
 from fastmaml.layout import ParamLayout
 from fastmaml.losses import resolve_loss
 from fastmaml.programs import FusedProgram, TorchFuncProgram, select_program
+
+from class_models import Concat, ConvClassNet, MiniImagenetCNN, OmniglotCNN, OmniglotFC, ReadsTwice, ResNet12
+from models import regression_tasks
+from oracle import assert_grads_close, autograd_meta_grad, check_meta_step
 
 TOL = 1e-9
 ORDERS = ["second", "checkpoint", "first"]

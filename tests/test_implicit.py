@@ -2,12 +2,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from models import mlp, regression_tasks
-from oracle import assert_grads_close, rel_err
 from torch import nn
 from torch.func import functional_call
 
 import fastmaml
+
+from models import mlp, regression_tasks
+from oracle import assert_grads_close, rel_err
 
 
 def implicit_oracle(model, tasks, *, lr, steps, lam, adapted):

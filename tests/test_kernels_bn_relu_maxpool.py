@@ -5,14 +5,15 @@ autograd oracle (float64)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from models import classification_tasks, small_cnn
-from oracle import check_meta_step
 from torch import nn
 
 import fastmaml
 from fastmaml.ops import registry
 from fastmaml.programs.fused import compile_model
 from fastmaml.programs.fused.norm_act import BatchNormReLUMaxPoolRule
+
+from models import classification_tasks, small_cnn
+from oracle import check_meta_step
 
 DEVICE = torch.device("cpu")
 # (T, N, C, H, W, k): T = 1, one image, one channel, odd H and W (a remainder the windows skip but the

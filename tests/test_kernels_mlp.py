@@ -5,9 +5,6 @@ when there is a GPU (gpu_check.sh)."""
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import no_mlp_op
-from models import mlp, regression_tasks
-from oracle import autograd_meta_grad, rel_err
 from torch import nn
 
 import fastmaml.engine
@@ -17,6 +14,10 @@ from fastmaml.layout import ParamLayout
 from fastmaml.losses import resolve_loss
 from fastmaml.ops import registry, resolve
 from fastmaml.programs import select_program
+
+from conftest import no_mlp_op
+from models import mlp, regression_tasks
+from oracle import autograd_meta_grad, rel_err
 
 DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
 MSE = resolve_loss("mse")

@@ -6,7 +6,6 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from models import classification_tasks, small_cnn
 
 import fastmaml
 from fastmaml.engine.sweeps import forward_sweep
@@ -15,6 +14,8 @@ from fastmaml.losses import resolve_loss
 from fastmaml.ops import resolve
 from fastmaml.programs import select_program
 from fastmaml.schedule import checkpoint_slots, checkpoint_steps, replay_phis
+
+from models import classification_tasks, small_cnn
 
 # torch < 2.5: torch.func transforms (vmap too) refuse to run under saved_tensors_hooks at all
 HOOKS_AROUND_TORCH_FUNC = hasattr(torch._C._autograd, "_top_saved_tensors_default_hooks")

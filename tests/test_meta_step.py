@@ -2,11 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from models import classification_tasks, mlp, regression_tasks, small_cnn
-from oracle import assert_grads_close, autograd_meta_grad, check_meta_step, rel_err
 from torch import nn
 
 import fastmaml
+
+from models import classification_tasks, mlp, regression_tasks, small_cnn
+from oracle import assert_grads_close, autograd_meta_grad, check_meta_step, rel_err
 
 TOL = 1e-9
 pytestmark = pytest.mark.usefixtures("engine")  # every test on both engines

@@ -1,11 +1,12 @@
 """The ready-made few-shot networks: structure, output shapes, and an exact meta-gradient through them."""
 import pytest
 import torch
-from oracle import autograd_meta_grad, rel_err
 from torch import nn
 
 import fastmaml
 from fastmaml.models import conv4, omniglot_mlp
+
+from oracle import autograd_meta_grad, rel_err
 
 
 @pytest.mark.parametrize("channels, size, hidden, features", [(1, 28, 64, 64), (3, 84, 32, 32 * 25), (1, 16, 8, 8)])
@@ -74,9 +75,9 @@ def test_resnet12_shapes_and_fused_graph():
 
 
 def test_resnet12_meta_gradient_matches_the_oracle():
-    from models import classification_tasks
-
     from fastmaml.models import resnet12
+
+    from models import classification_tasks
 
     torch.manual_seed(0)
     model = resnet12(3, widths=(2, 3, 2, 3), in_channels=1).double()

@@ -4,11 +4,12 @@ error < 1e-9): every order, the fused engine and the torch.func program, learned
 import pytest
 import torch
 import torch.nn.functional as F
-from models import classification_tasks, mlp, regression_tasks, small_cnn
-from oracle import check_meta_step
 from torch import nn
 
 import fastmaml
+
+from models import classification_tasks, mlp, regression_tasks, small_cnn
+from oracle import check_meta_step
 
 ORDERS = ["second", "checkpoint", "first"]
 

@@ -1,11 +1,12 @@
 """The ops registry: backend resolution, the environment override, clear errors."""
 import pytest
 import torch
-from models import mlp, regression_tasks
 
 import fastmaml
 from fastmaml.ops import registry
 from fastmaml.ops.reference.step import adjoint_update, inner_update
+
+from models import mlp, regression_tasks
 
 
 @pytest.fixture(autouse=True)

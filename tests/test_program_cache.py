@@ -9,14 +9,15 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from models import classification_tasks, regression_tasks
-from oracle import check_meta_step
 from torch import nn
 
 import fastmaml
 from fastmaml.layout import ParamLayout
 from fastmaml.losses import resolve_loss
 from fastmaml.programs import FusedProgram, TorchFuncProgram, select, select_program
+
+from models import classification_tasks, regression_tasks
+from oracle import check_meta_step
 
 TOL = 1e-9
 

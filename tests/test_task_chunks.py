@@ -6,14 +6,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from models import classification_tasks, small_cnn
-from oracle import check_meta_step
 
 import fastmaml
 from fastmaml import schedule
 from fastmaml.engine import general
 from fastmaml.errors import NonFiniteError
 from fastmaml.schedule import state_buffers, task_chunks
+
+from models import classification_tasks, small_cnn
+from oracle import check_meta_step
 
 TOL = 1e-9
 
