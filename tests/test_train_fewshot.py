@@ -219,3 +219,17 @@ def test_maml_plus_plus_schedule(tmp_path, monkeypatch, capsys):
     assert "argument --msl: expected a non-negative integer" in refused(capsys, train, tmp_path, "--msl", "-1")
     assert "--msl: the implicit order has no per-step query losses" in refused(
         capsys, train, tmp_path, "--msl", "5", "--order", "implicit")
+
+
+def test_resnet12_model_option(tmp_path, capsys):
+    """--model resnet12 trains ResNet-12 (on the fused engine) with the widths given, and resumes with them."""
+    out = tmp_path / "resnet"
+    args = ["--model", "resnet12", "--widths", "3,4,3,4", "--iterations", "2", "--test-episodes", "0"]
+    assert train(out, *args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["model"] == "resnet12" and m["config"]["widths"] == [3, 4, 3, 4]
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["model"]["features.3.conv3.weight"].shape[0] == 4
+    assert "other settings" in refused(capsys, train, out, "--model", "resnet12", "--widths", "4,4,4,4",
+                                       "--iterations", "3", "--test-episodes", "0", "--resume")
+    assert "--widths" in refused(capsys, train, tmp_path / "bad", "--model", "resnet12", "--widths", "3,4")

@@ -49,7 +49,7 @@ from fastmaml.data import (
     split_omniglot,
 )
 from fastmaml.data.imagefiles import DatasetError
-from fastmaml.models import conv4, omniglot_mlp
+from fastmaml.models import conv4, omniglot_mlp, resnet12
 from fastmaml.train import common
 
 # The protocol of each job; every entry can be overridden by the option of the same name.
@@ -77,10 +77,11 @@ DEMO_CLASSES = 600  # glyph classes of the demo dataset
 EVAL_SEED = 0  # validation and test episodes are the same for every run (and every --seed)
 # options that define the training run: --resume refuses a checkpoint made with different ones
 RUN_KEYS = ("job", "ways", "shots", "query", "meta_batch", "inner_lr", "steps", "order", "bn", "meta_lr",
-            "model", "hidden", "seed", "val_every", "val_episodes", "eval_steps", "train_classes", "val_classes",
-            "msl", "first_order_until")
+            "model", "hidden", "widths", "seed", "val_every", "val_episodes", "eval_steps", "train_classes",
+            "val_classes", "msl", "first_order_until")
+RESNET12_WIDTHS = (64, 160, 320, 640)  # MetaOptNet / learn2learn
 # values of run keys added after a checkpoint format existed (what such a checkpoint ran with)
-LATER_KEYS = {"msl": 0, "first_order_until": 0}
+LATER_KEYS = {"msl": 0, "first_order_until": 0, "widths": list(RESNET12_WIDTHS)}
 REAL_DATA = ("omniglot", "miniimagenet")
 LOSS_PLOT, ACCURACY_PLOT = "loss.png", "accuracy.png"
 
@@ -106,8 +107,11 @@ def add_arguments(parser: argparse.ArgumentParser, job: str = "fewshot-demo") ->
     own.add_argument("--query", type=positive, default=preset["query"], help="query examples per class" + d)
     own.add_argument("--eval-steps", type=nonnegative, default=preset["eval_steps"],
                         help="inner steps at validation and test" + d)
-    own.add_argument("--model", choices=["conv4", "mlp"], default=preset["model"], help="network" + d)
+    own.add_argument("--model", choices=["conv4", "resnet12", "mlp"], default=preset["model"],
+                     help="network: the MAML paper's conv4, ResNet-12 (fastmaml.models.resnet12) or its MLP" + d)
     own.add_argument("--hidden", type=positive, default=preset["hidden"], help="conv4 filters per layer" + d)
+    own.add_argument("--widths", type=widths_arg, default=RESNET12_WIDTHS, metavar="W1,W2,W3,W4",
+                     help="ResNet-12 block widths (default: 64,160,320,640; 16,32,64,128 fits a CPU)")
     own.add_argument("--msl", type=nonnegative, default=0, metavar="N",
                         help="MAML++ multi-step loss, annealed to the last step over the first N iterations "
                              "(default 0: off, the last step's query loss only)")
@@ -149,6 +153,7 @@ def resolve_config(args: argparse.Namespace) -> Dict:
     cfg["seed"] = getattr(args, "seed", 0)
     cfg["msl"] = getattr(args, "msl", 0)
     cfg["first_order_until"] = getattr(args, "first_order_until", 0)
+    cfg["widths"] = list(getattr(args, "widths", None) or RESNET12_WIDTHS)
     for key in ("msl", "first_order_until"):
         if cfg[key] < 0:
             raise common.UserError(f"--{key.replace('_', '-')}: expected a non-negative number of iterations, "
@@ -219,9 +224,23 @@ def _check_split_sizes(cfg: Dict, splits: Splits) -> None:
                          f"{classes}{' (rotations included)' if rotated else ''}; lower --ways or {hint}")
 
 
+def widths_arg(text: str):
+    """--widths: four positive ints, comma-separated."""
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        widths = ()
+    if len(widths) != 4 or min(widths) < 1:
+        raise argparse.ArgumentTypeError(f"expected four positive ints like 64,160,320,640, got {text!r}")
+    return widths
+
+
 def build_model(cfg: Dict, example_shape) -> torch.nn.Module:
-    """conv4 or the MLP for `example_shape` `[C, H, W]`, with per-step BatchNorm statistics for --bn per_step."""
-    if cfg["model"] == "mlp":
+    """conv4, ResNet-12 or the MLP for `example_shape` `[C, H, W]`, with per-step BatchNorm statistics for
+    --bn per_step."""
+    if cfg["model"] == "resnet12":
+        model = resnet12(cfg["ways"], widths=tuple(cfg["widths"]), in_channels=example_shape[0])
+    elif cfg["model"] == "mlp":
         flat = 1
         for s in example_shape:
             flat *= s
