@@ -38,7 +38,7 @@ def _addmm(bias: Tensor, x: Tensor, w: Tensor) -> Tensor:
 
 def _bmm_into(out: Tensor, a: Tensor, b: Tensor) -> None:
     """out `[T, O, I]` = a @ b. `out` is usually a view into a flat `[T, P]` buffer, whose batch stride is
-    P, not O·I; bmm's `out=` on such a view is ~5× slower than a contiguous product plus a copy (CPU)."""
+    P, not O·I; bmm's `out=` on such a view is slower on the CPU than a contiguous product plus a copy."""
     if out.is_contiguous():
         torch.bmm(a, b, out=out)
     else:

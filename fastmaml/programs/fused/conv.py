@@ -5,10 +5,9 @@ Per-task weights `[T, O, C, kh, kw]` make every task a different convolution. St
 - "grouped": tasks folded into channels, `[N, T·C, H, W]` with groups=T (one call, two transposes).
 A common weight `[O, C, kh, kw]` (step 0, or a shared layer) is one convolution over `[T·N, C, H, W]`.
 `STRATEGY` holds the choice per device type ("auto": by size, see `choose`); `ConvRule.strategy`
-overrides it per layer. Measured on the 2-core CPU (1 thread, T=32, 64 filters, 3×3, forward +
-backward of one layer): at N·H·W = 45 per task (3×3 maps, 5 images) grouped 15 ms vs loop 37 ms;
-at 245 even (84 vs 77); from 980 up the loop wins (N=5 at 14×14: 182 vs 217 ms; the query, N=75,
-at 28×28: 1.5 s vs 2.4 s). Gradients w.r.t. input and weight come from one
+overrides it per layer. The choice and its threshold come from `benchmarks/conv_batching.py` (grouped
+wins while a task's N·H·W is small, the per-task loop beyond; results in benchmarks/RESULTS.md).
+Gradients w.r.t. input and weight come from one
 `aten.convolution_backward` call.
 
 R-op: ẏ = conv(ẋ, w) + conv(x, ẇ) + ḃ (one convolution of [ẋ | x] with [w | ẇ] along input
