@@ -256,3 +256,9 @@ def test_huge_steps_fail_up_front_naming_steps(model, tasks):
         fastmaml.meta_step(nn.Sequential(nn.Linear(1, 4000), nn.Tanh(), nn.Linear(4000, 1)).double(), tasks,
                            steps=10**10, order="first", inner_lr=torch.tensor(0.01, dtype=torch.float64,
                                                                            requires_grad=True))
+
+
+def test_adapt_without_steps_has_no_support_loss(model, tasks):
+    sx, sy, _, _ = tasks
+    assert fastmaml.adapt(model, sx, sy, steps=0).support_loss_before is None
+    assert fastmaml.adapt(model, sx, sy, steps=1).support_loss_before.shape == (sx.shape[0],)
