@@ -16,6 +16,8 @@ import torch
 TASK_STATE_BYTES = {"cpu": 32 << 20, "cuda": 2 << 30}
 # the fewest fast-weight snapshots `checkpoint` keeps besides θ
 MIN_CHECKPOINT_SLOTS = 2
+# state below this size is not checked against the free memory (the check reads /proc/meminfo)
+ALWAYS_FITS_BYTES = 64 << 20
 
 
 def task_state_budget(device: torch.device) -> int:
@@ -134,8 +136,10 @@ def check_memory(per_task_bytes: int, chunk_tasks: int, device: torch.device, *,
                  chunk_given: bool) -> None:
     """Raises MemoryError, before anything is allocated, when one chunk's per-task state cannot fit the
     memory left on `device`, naming `steps` or `task_chunk` and the numbers."""
-    free = available_memory(device)
     need = per_task_bytes * chunk_tasks
+    if need <= ALWAYS_FITS_BYTES:  # not worth reading the free memory on every call
+        return
+    free = available_memory(device)
     if free is None or need <= free:
         return
     if chunk_given and chunk_tasks > 1 and per_task_bytes <= free:
