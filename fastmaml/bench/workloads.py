@@ -3,7 +3,10 @@ MAML hyper-parameters of one meta-step.
 
     sinusoid-K{1,5}        MLP 1-40-40-1, T=25 tasks, 10 support + 10 query points, MSE
     conv28-{1,5}shot-K{1,5}  4-block conv net, 64 filters, 28×28×1, 5-way, 15 query per class, T=32
+    class28-1shot-K{1,5}   the same conv net written as a class (features + classifier, x.view(x.size(0), -1))
     conv84-1shot-K5        4-block conv net, 32 filters, 84×84×3, 5-way 1-shot, 15 query, T=4
+    resnet12-84-K5         ResNet-12 16-32-64-128 (a CPU size), 84×84×3, 5-way 1-shot, 15 query, T=4
+    resnet12w-84-K5        ResNet-12 64-160-320-640 (MetaOptNet / learn2learn), the same episodes (a GPU size)
     sweep28-K{1,2,5,10,20} the 28×28 5-way 1-shot workload for the memory-against-K plot
 
 `quick=True` gives the CI-sized variant of each (fewer tasks; same model and shots).
@@ -18,7 +21,7 @@ import torch
 from torch import nn
 
 from ..losses import cross_entropy, mse
-from ..models import conv4
+from ..models import conv4, resnet12
 from ..tasks import TaskBatch
 
 SWEEP_STEPS = (1, 2, 5, 10, 20)
@@ -31,7 +34,7 @@ class Workload:
 
     name: str
     description: str
-    kind: str  # "sinusoid" | "conv"
+    kind: str  # "sinusoid" | "conv" | "conv-class" | "resnet12"
     tasks: int  # T
     steps: int  # K
     inner_lr: float
@@ -50,7 +53,10 @@ class Workload:
         if self.kind == "sinusoid":
             return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
         c = self.config
-        return conv4(c["channels"], c["ways"], hidden=c["filters"], image_size=c["size"])
+        if self.kind == "resnet12":
+            return resnet12(c["ways"], widths=c["widths"], in_channels=c["channels"])
+        net = conv4(c["channels"], c["ways"], hidden=c["filters"], image_size=c["size"])
+        return ConvClassNet(net) if self.kind == "conv-class" else net
 
     def make_tasks(self, seed: int = 1) -> TaskBatch:
         """The task batch, float32 on CPU: support_x `[T, Ns, ...]`, query_x `[T, Nq, ...]`."""
@@ -65,6 +71,14 @@ class Workload:
         if self.kind == "sinusoid":
             return [("linear", 1, 40), ("linear", 40, 40), ("linear", 40, 1)]
         c = self.config
+        if self.kind == "resnet12":
+            out, side, c_in = [], c["size"], c["channels"]
+            for width in c["widths"]:
+                out += [("conv", c_in, width, 3, side, side), ("conv", width, width, 3, side, side),
+                        ("conv", width, width, 3, side, side), ("conv", c_in, width, 1, side, side)]
+                side //= 2
+                c_in = width
+            return out + [("linear", c_in, c["ways"])]
         out, side, c_in = [], c["size"], c["channels"]
         for _ in range(4):
             out.append(("conv", c_in, c["filters"], 3, side, side))
@@ -72,6 +86,22 @@ class Workload:
             c_in = c["filters"]
         out.append(("linear", c["filters"] * side * side, c["ways"]))
         return out
+
+
+class ConvClassNet(nn.Module):
+    """The layers of a conv4 `nn.Sequential` written as users write them (learn2learn's OmniglotCNN, the models
+    of higher's and TorchOpt's examples): `self.features` (the blocks), `self.classifier`, and a forward with
+    `x.view(x.size(0), -1)`. Same parameters and initialization as the `nn.Sequential` it is built from."""
+
+    def __init__(self, sequential: nn.Sequential):
+        super().__init__()
+        self.features = nn.Sequential(*list(sequential)[:-2])
+        self.classifier = sequential[-1]
+
+    def forward(self, x):
+        x = self.features(x)
+        x = x.view(x.size(0), -1)
+        return self.classifier(x)
 
 
 def _sinusoid_tasks(g: torch.Generator, T: int, ns: int, nq: int) -> TaskBatch:
@@ -99,11 +129,13 @@ def _image_tasks(g: torch.Generator, T: int, ways: int, shots: int, query_per_cl
 
 
 def _conv(name: str, description: str, *, tasks: int, steps: int, shots: int, size: int, channels: int,
-          filters: int, inner_lr: float, sweep: bool = False) -> Workload:
+          filters: int, inner_lr: float, sweep: bool = False, kind: str = "conv", widths=None) -> Workload:
     ways, query_per_class = 5, 15
     config = dict(ways=ways, shots=shots, query_per_class=query_per_class, channels=channels, size=size,
                   filters=filters)
-    return Workload(name, description, "conv", tasks, steps, inner_lr, "cross_entropy", ways * shots,
+    if widths is not None:
+        config["widths"] = tuple(widths)
+    return Workload(name, description, kind, tasks, steps, inner_lr, "cross_entropy", ways * shots,
                     ways * query_per_class, config, sweep)
 
 
@@ -119,8 +151,17 @@ def workloads(quick: bool = False) -> Dict[str, Workload]:
             out.append(_conv(f"conv28-{shots}shot-K{k}",
                              f"conv4 64 filters, 28×28×1, 5-way {shots}-shot, 15 query/class, T={t_28}, K={k}",
                              tasks=t_28, steps=k, shots=shots, size=28, channels=1, filters=64, inner_lr=0.4))
+    for k in (1, 5):
+        out.append(_conv(f"class28-1shot-K{k}",
+                         f"conv4 64 filters written as a class, 28×28×1, 5-way 1-shot, 15 query/class, T={t_28}, "
+                         f"K={k}", tasks=t_28, steps=k, shots=1, size=28, channels=1, filters=64, inner_lr=0.4,
+                         kind="conv-class"))
     out.append(_conv("conv84-1shot-K5", f"conv4 32 filters, 84×84×3, 5-way 1-shot, 15 query/class, T={t_84}, K=5",
                      tasks=t_84, steps=5, shots=1, size=84, channels=3, filters=32, inner_lr=0.01))
+    for name, widths in (("resnet12-84-K5", (16, 32, 64, 128)), ("resnet12w-84-K5", (64, 160, 320, 640))):
+        out.append(_conv(name, f"ResNet-12 {'-'.join(map(str, widths))}, 84×84×3, 5-way 1-shot, 15 query/class, "
+                               f"T={t_84}, K=5", tasks=t_84, steps=5, shots=1, size=84, channels=3, filters=0,
+                         inner_lr=0.01, kind="resnet12", widths=widths))
     for k in SWEEP_STEPS:
         out.append(_conv(f"sweep28-K{k}", f"memory sweep: conv4 64 filters, 28×28×1, 5-way 1-shot, T={t_28}, K={k}",
                          tasks=t_28, steps=k, shots=1, size=28, channels=1, filters=64, inner_lr=0.4, sweep=True))

@@ -12,28 +12,20 @@ from .request import MetaGrad, MetaStepRequest
 from .sweeps import ORDERS, Implicit, InnerLoop, InnerLoopSpec
 
 __all__ = ["ORDERS", "Implicit", "InnerLoop", "InnerLoopSpec", "MetaGrad", "MetaStepRequest", "meta_grad",
-           "program_for", "engine_name"]
+           "program_for"]
 
 
-def program_for(req_or_model, layout=None, loss=None) -> Program:
-    """The cached Program of a model (see programs/select.py)."""
-    if isinstance(req_or_model, MetaStepRequest):
-        return select_program(req_or_model.model, req_or_model.layout, req_or_model.loss)
-    return select_program(req_or_model, layout, loss)
+def program_for(model, layout, loss) -> Program:
+    """The cached Program of `model` (see programs/select.py)."""
+    return select_program(model, layout, loss)
 
 
 def meta_grad(req: MetaStepRequest) -> MetaGrad:
     """The meta-gradient and losses of one meta-step, from the engine that runs the model."""
-    program = program_for(req)
+    program = select_program(req.model, req.layout, req.loss)
     plan, _ = mlp_plan(program, req.loss)
     if plan is not None:
         out = MlpEngine(plan).run(req)
         if out is not None:
             return out
     return SweepEngine(program).run(req)
-
-
-def engine_name(program: Program, loss) -> str:
-    """"mlp op", "fused" or "torch.func": what runs `meta_step` for this program (orders second, checkpoint
-    and first without step weights for the MLP op)."""
-    return "mlp op" if mlp_plan(program, loss)[0] is not None else program.name

@@ -74,10 +74,6 @@ class FusedProgram(Program):
                     first.add(key)
         self._task_bytes: Dict[tuple, int] = {}
 
-    def chain(self):
-        """The rules in order if the model compiled to a chain (e.g. an `nn.Sequential`), else None."""
-        return self.graph.chain_rules()
-
     def describe(self) -> List[str]:
         """One line per node: `out <- rule(inputs)`."""
         lines = []
