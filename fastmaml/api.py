@@ -24,9 +24,22 @@ from .schedule import check_memory, state_buffers
 from .tasks import TaskBatch, TasksLike, as_task_batch, validate
 
 
-def _check_common(model, steps, order):
+def unwrap_model(model) -> nn.Module:
+    """The user's own module inside a `torch.compile` wrapper (its parameter names and engine are the
+    uncompiled model's). A DistributedDataParallel wrapper is refused: its gradient hooks would not see the
+    meta-gradient, which fastmaml writes into `.grad` directly."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError("model: a DistributedDataParallel wrapper does not synchronize the gradients meta_step "
+                        "writes; pass model.module, each rank on fastmaml.distributed.shard(tasks), then call "
+                        "fastmaml.distributed.all_reduce_grads(model.module)")
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return model._orig_mod
+    return model
+
+
+def _check_common(model, steps, order):
     if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
         raise TypeError(f"steps: expected a non-negative int, got {steps!r}")
     if steps < 0:
@@ -142,6 +155,7 @@ def meta_step(
         NonFiniteError: a non-finite loss or meta-gradient (with `check_finite`).
         BackendUnavailable: an explicitly requested backend cannot run on the device.
     """
+    model = unwrap_model(model)
     _check_chunk(task_chunk)
     weights = _step_weights(step_weights, steps, order)
     batch = as_task_batch(tasks)
@@ -326,6 +340,7 @@ def adapt(
     Raises:
         ValueError, TypeError, NonFiniteError, BackendUnavailable: as `meta_step`.
     """
+    model = unwrap_model(model)
     validate(TaskBatch(support_x, support_y, support_x, support_y))
     layout, loss_obj, ops = _setup(model, [("support_x", support_x)], [("support_y", support_y)], steps=steps,
                                    order=order, loss=loss, inner_params=inner_params, backend=backend)

@@ -26,6 +26,8 @@ class Explanation:
         layers: the fused graph, one line per node (`v3 = layer1.0 (Conv2d)(v2)`).
         mlp_op: `meta_step` runs the model as one whole-inner-loop MLP op (orders second, checkpoint and
             first, no step weights).
+        frozen: the parameters with `requires_grad=False`: not adapted (unless `inner_params` names them one
+            by one) and given no meta-gradient.
     """
 
     program: str
@@ -35,17 +37,19 @@ class Explanation:
     source: str = ""
     layers: tuple = ()
     mlp_op: bool = False
+    frozen: tuple = ()
 
     def __str__(self) -> str:
+        frozen = f"\nfrozen (not adapted, no meta-gradient): {', '.join(self.frozen)}" if self.frozen else ""
         if self.program == "fused":
             head = "fused engine"
             if self.mlp_op:
                 head += ("; meta_step runs it as the whole-inner-loop MLP op (orders second, checkpoint, first, "
                          "without step weights)")
-            return head + ":\n  " + "\n  ".join(self.layers)
+            return head + ":\n  " + "\n  ".join(self.layers) + frozen
         culprit = f"{self.module!r} ({self.kind})" if self.module else "the loss"
         where = f"\n  at {self.source}" if self.source else ""
-        return f"torch.func fallback: {culprit}: {self.reason}{where}"
+        return f"torch.func fallback: {culprit}: {self.reason}{where}{frozen}"
 
 
 def explain(model: nn.Module, loss: LossLike = "mse", inner_params: InnerParams = None) -> Explanation:
@@ -63,13 +67,17 @@ def explain(model: nn.Module, loss: LossLike = "mse", inner_params: InnerParams 
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod  # torch.compile's wrapper: meta_step runs the module inside
     layout = ParamLayout(model, inner_params)
+    frozen = tuple(n for n, p in model.named_parameters() if not p.requires_grad)
     loss_obj = resolve_loss(loss)
     try:
         fused.check_loss(loss_obj)
         with MODEL_CALL_LOCK:
             graph = fused.compile_model(model, layout)
     except fused.Unsupported as e:
-        return Explanation("torch.func", e.module, e.kind, e.reason, e.source)
+        return Explanation("torch.func", e.module, e.kind, e.reason, e.source, frozen=frozen)
     program = fused.FusedProgram(layout, loss_obj, graph, fused.check_loss(loss_obj))
-    return Explanation("fused", layers=tuple(program.describe()), mlp_op=mlp_plan(program, loss_obj)[0] is not None)
+    return Explanation("fused", layers=tuple(program.describe()), mlp_op=mlp_plan(program, loss_obj)[0] is not None,
+                       frozen=frozen)

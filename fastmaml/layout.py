@@ -83,8 +83,11 @@ class ParamLayout:
 
 def _select(named, inner_params: InnerParams) -> set[str]:
     names = [n for n, _ in named]
-    if inner_params is None:
-        return set(names)
+    trainable = {n for n, p in named if p.requires_grad}
+    if inner_params is None:  # every parameter that trains; frozen ones (requires_grad=False) stay as they are
+        if not trainable:
+            raise ValueError("model: every parameter is frozen (requires_grad=False); nothing to meta-learn")
+        return trainable
     if isinstance(inner_params, str):
         inner_params = [inner_params]
     if callable(inner_params):
@@ -106,7 +109,10 @@ def _select(named, inner_params: InnerParams) -> set[str]:
     for w in wanted:
         if not isinstance(w, str):
             raise TypeError(f"inner_params: expected parameter names (str), got {w!r}")
-        hits = {n for n in names if n == w or n.startswith(w + ".")}
+        hits = {n for n in names if n == w or (n.startswith(w + ".") and n in trainable)}
+        if not hits and any(n.startswith(w + ".") for n in names):
+            raise ValueError(f"inner_params: {w!r} holds only frozen parameters (requires_grad=False); name them "
+                             "one by one to adapt them")
         if not hits:
             raise ValueError(
                 f"inner_params: {w!r} names no parameter or module of the model; "

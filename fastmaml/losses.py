@@ -64,15 +64,36 @@ class Loss:
 _NAMED = {"mse": Loss("mse", mse, False), "cross_entropy": Loss("cross_entropy", cross_entropy, True)}
 
 
+def _builtin_name(loss) -> Optional[str]:
+    """The named loss a PyTorch loss is with its default settings (what people pass), else None."""
+    if loss is F.cross_entropy:
+        return "cross_entropy"
+    if loss is F.mse_loss:
+        return "mse"
+    if type(loss) is torch.nn.CrossEntropyLoss and loss.weight is None and loss.reduction == "mean" \
+            and loss.label_smoothing == 0.0:
+        return "cross_entropy"
+    if type(loss) is torch.nn.MSELoss and loss.reduction == "mean":
+        return "mse"
+    return None
+
+
 def resolve_loss(loss: LossLike) -> Loss:
+    """The `Loss` of a name ("mse", "cross_entropy"), of `F.mse_loss` / `F.cross_entropy` / `nn.MSELoss()` /
+    `nn.CrossEntropyLoss()` with their default settings (the named losses, differentiated by hand and with
+    accuracy for classification), or of any other callable `(output, target) -> scalar` (the torch.func
+    program)."""
     if isinstance(loss, Loss):
         return loss
     if isinstance(loss, str):
         if loss not in _NAMED:
             raise ValueError(f"loss: unknown loss {loss!r}; expected one of {sorted(_NAMED)} or a callable")
         return _NAMED[loss]
+    name = _builtin_name(loss)
+    if name is not None:
+        return _NAMED[name]
     if callable(loss):
-        return Loss(getattr(loss, "__name__", "custom"), loss, False)
+        return Loss(getattr(loss, "__name__", type(loss).__name__), loss, False)
     raise TypeError(f"loss: expected a name {sorted(_NAMED)} or a callable (output, target) -> scalar, got {loss!r}")
 
 

@@ -37,6 +37,9 @@ def autograd_meta_grad(model, tasks, *, inner_lr, steps, order="second", loss_fn
     model = copy.deepcopy(model).train(train)
     params = dict(model.named_parameters())
     adapted = [n for n in params if inner_params is None or n in inner_params]
+    # a frozen parameter (requires_grad=False) that adapts: a differentiable copy for the inner steps; it gets
+    # no meta-gradient of its own
+    params.update({n: params[n].detach().requires_grad_() for n in adapted if not params[n].requires_grad})
     sx, sy, qx, qy = tasks
     T = sx.shape[0]
     meta_loss = 0.0
@@ -61,9 +64,10 @@ def autograd_meta_grad(model, tasks, *, inner_lr, steps, order="second", loss_fn
         out = functional_call(model, fast, (qx[t],))
         last = 1.0 if step_weights is None or not steps else step_weights[-1]
         meta_loss = meta_loss + last * loss_fn(out, qy[t]) / T
-    wrt = list(params.values()) + list(extra)
-    grads = torch.autograd.grad(meta_loss, wrt, allow_unused=True)
-    grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wrt, grads)]
+    wrt = [p for p in params.values() if p.requires_grad] + list(extra)
+    grads = iter(torch.autograd.grad(meta_loss, wrt, allow_unused=True))
+    grads = [next(grads) if w.requires_grad else None for w in list(params.values()) + list(extra)]
+    grads = [torch.zeros_like(w) if g is None else g for w, g in zip(list(params.values()) + list(extra), grads)]
     names = list(params)
     return meta_loss.detach(), dict(zip(names, grads[:len(names)])), grads[len(names):]
 
