@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmaml
+
 from class_models import ConvClassNet
 from models import classification_tasks, mlp, regression_tasks
 from oracle import assert_grads_close, autograd_meta_grad, check_meta_step
