@@ -225,3 +225,24 @@ def test_batchnorm_ops_batch_statistics_formulas():
     gx2 = layers.batchnorm_train_bwd(gy, x.detach(), *layers.batchnorm_train_fwd(x.detach(), w.detach(), b, 1e-5)[1:],
                                      w.detach(), 1e-5, True, None, None)
     assert rel_err(gx2, gx_ref) < TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affine", ["task", "common", None])
+def test_batchnorm_reference_tangent_forward_recomputes_the_forward_bit_for_bit(dtype, affine):
+    """The Hessian-vector product pass recomputes each step's forward through the value-and-tangent ops; with
+    batch statistics their outputs must be the forward ops' bit for bit, or a ReLU decision at a near-tie
+    could differ between a step's gradient and its Hessian (issue 13)."""
+    from fastmaml.ops.reference import batchnorm as ops
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(3, 5, 4, 49, generator=g, dtype=torch.float64) * 2 + 3).to(dtype)
+    w = {"task": torch.randn(3, 4, generator=g), "common": torch.randn(4, generator=g), None: None}[affine]
+    b = None if w is None else torch.randn(w.shape, generator=g)
+    w, b = (None if v is None else v.to(dtype) for v in (w, b))
+    y, mean, r = ops.batchnorm_train_fwd(x, w, b, 1e-5)
+    y2, _, r2 = ops.batchnorm_fwd(x, w, b, 1e-5)
+    assert torch.equal(y, y2) and torch.equal(r.view(r2.shape), r2)
+    z = ops.batchnorm_relu_train_fwd(x, w, b, 1e-5)[0]
+    z2 = ops.batchnorm_relu_value_tangent_fwd(x, torch.randn_like(x), w, b, None, None, 1e-5)[0]
+    assert torch.equal(z, z2)

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fastmaml.ops import registry  # noqa: E402
+
 from models import classification_tasks, small_cnn  # noqa: E402
 from oracle import check_meta_step  # noqa: E402
 
@@ -76,6 +77,24 @@ def test_matches_reference(triton_ops, case, weights, dtype):
             outs[name] += (*fn(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd, k, need_x, *bufs), *bufs)
         for a_, f in zip(outs["triton"], outs["torch"]):
             assert (a_ is None and f is None) or rel(a_, f) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tangent_forward_recomputes_the_forward_bit_for_bit(triton_ops, dtype):
+    """The Hessian-vector product pass recomputes each step's forward with the tangent forward: its z,
+    picks and statistics must be the forward's bit for bit (the TANGENT variant of the kernel may not
+    round differently), or a step's gradient and its Hessian may come from different linear pieces of
+    the loss (issue 13). Real sizes on a GPU, where the compiler may contract the two variants
+    differently."""
+    g = torch.Generator().manual_seed(4)
+    T, N, C, H, W = (2, 5, 4, 84, 84) if DEVICE.type == "cuda" else (2, 3, 2, 8, 6)
+    x = randn(g, T, N, C, H, W, dtype=dtype) * 2 + 0.5
+    w, b, wd, bd = (randn(g, T, C, dtype=dtype) for _ in range(4))
+    xd = randn(g, *x.shape, dtype=dtype)
+    fwd = triton_ops["train_fwd"](x, w, b, 1e-5, 2)
+    tan = triton_ops["tangent_fwd"](x, xd, w, b, wd, bd, 1e-5, 2)
+    for name, f, t in zip(("z", "idx", "mean", "invstd"), fwd, (tan[0], tan[2], tan[3], tan[4])):
+        assert torch.equal(f, t), name
 
 
 def test_opcheck(triton_ops):

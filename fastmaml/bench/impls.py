@@ -32,6 +32,9 @@ from .workloads import Workload
 Step = Callable[[tuple], None]
 BASELINE = "autograd-loop"
 FASTMAML_ORDERS = ("second", "checkpoint", "first")
+# the families that differentiate through PyTorch's own backward (autograd double backward): the
+# benchmark judges every row's error against the worst of these (suite.verdict)
+AUTOGRAD_BASED = frozenset({"autograd", "torch.func", "learn2learn", "higher", "torchopt"})
 
 
 @dataclass(frozen=True)

@@ -99,8 +99,7 @@ def time_round_robin(runners: Dict[str, Runner], *, warmup: int, repeats: int,
     start = time.perf_counter()
     for i in range(repeats):
         for name in round_order(i):
-            r = runners[name]
-            attempt(name, lambda: times[name].append(r.timed_step()))
+            attempt(name, lambda name=name: times[name].append(runners[name].timed_step()))
         if budget_s is not None and i >= 1 and time.perf_counter() - start > budget_s:
             break
     return times, errors

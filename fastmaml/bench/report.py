@@ -8,8 +8,14 @@ from typing import Dict, List, Optional
 
 from ..train.common import write_json
 from . import flops as flops_module
+from .verdicts import OUTLIER_FACTOR, SENSITIVITY_FACTOR
 
 MB = 2 ** 20
+
+
+def _factors():
+    """The verdict's OUTLIER_FACTOR and SENSITIVITY_FACTOR as text."""
+    return f"{OUTLIER_FACTOR:g}", f"{SENSITIVITY_FACTOR:g}"
 
 
 def _ms(s: Optional[float]) -> str:
@@ -28,15 +34,25 @@ def _memory(row: Dict) -> str:
     return _mb(peak)
 
 
+def _sens(row: Dict) -> str:
+    return "" if row.get("sensitivity") is None else f"{row['sensitivity']:.2e}"
+
+
 def _note(row: Dict) -> str:
     if row["status"] != "ok":
         return f"{row['status']}: {row['reason']}"
     notes = [row["info"]] if row.get("info") else []
     v = row.get("verdict", "")
     if v == "WRONG":
-        notes.append("**WRONG** gradient (error >10× the float32 autograd loop's): no speed-up given")
+        sens = row.get("sensitivity")
+        outlier, sens_factor = _factors()
+        notes.append(f"**WRONG** gradient (error above {outlier}× the worst autograd-based row's, "
+                     f"{row['worst_autograd']} {row['worst_autograd_err']:.2e}"
+                     + ("" if sens is None else f", and above {sens_factor}× the sensitivity {sens:.2e}")
+                     + "): no speed-up given")
     elif v == "more accurate":
-        notes.append(f"more accurate than the float32 autograd loop ({row['ref_err'] / row['rel_err']:.1f}× lower error)")
+        ratio = row["ref_err"] / row["rel_err"]
+        notes.append(f"more accurate than the float32 autograd loop ({ratio:.1f}× lower error)")
     if row["order"] == "first":
         notes.append("first-order (FOMAML)")
     if row.get("memory_error"):
@@ -57,11 +73,20 @@ def markdown(results: Dict) -> str:
                  f"{m['torch_threads']}; more means other processes shared the machine)")
     s = results["settings"]
     lines.append(f"- time: median over {s['repeats']} timed meta-steps (interleaved across rows) after "
-                 f"{s['warmup']} warm-up and one gradient-check step; min–max in brackets; whole run {m['wall_s']:.0f} s")
+                 f"{s['warmup']} warm-up and one gradient-check step; min–max in brackets; "
+                 f"whole run {m['wall_s']:.0f} s")
     lines += [
         "- error: ‖g − g*‖/‖g*‖ against the true meta-gradient g* (the autograd loop in float64, same "
         "weights and data; first-order rows against the float64 first-order gradient); the float32 "
         "autograd loop's own error is shown beside it",
+        (f"- sensitivity: the problem's own conditioning, ‖g*(θ') − g*(θ)‖/‖g*‖ with every weight "
+         f"multiplied by (1 + {s.get('sensitivity_noise', 1e-6):g}·n), n ~ N(0, 1), in float64 (mean of "
+         f"{s['sensitivity_draws']} draw(s)): float32 rounding perturbs every activation by 1e-7 "
+         f"relative and more, so an error up to this is what the problem lets float32 reach"
+         if s.get("sensitivity_draws") else "- sensitivity: not measured (`--sensitivity-draws 0`)"),
+        "- verdict: a row whose error is above both {}× the worst autograd-based row's (autograd loop, torch.func, "
+        "learn2learn, higher, TorchOpt; same order) and {}× the sensitivity is marked **WRONG** (no sensitivity "
+        "measured: the autograd-based rows alone decide)".format(*_factors()),
         "- speed-up: vs the autograd loop of the same order (`autograd-loop` for exact rows, "
         "`autograd-loop-first` for first-order rows); WRONG rows get none",
         "- memory: peak resident-set growth over one meta-step (CPU) or peak allocated bytes "
@@ -92,8 +117,8 @@ def markdown(results: Dict) -> str:
                      f"{w['flops_first'] / 1e9:.3g} G (first order)")
         lines.append("")
         lines.append("| implementation | order | time ms (min–max) | speed-up | error vs float64 "
-                     "| float32 autograd error | peak memory MB | GFLOP/s (% matmul) | note |")
-        lines.append("|---|---|---:|---:|---:|---:|---:|---:|---|")
+                     "| float32 autograd error | sensitivity | peak memory MB | GFLOP/s (% matmul) | note |")
+        lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
         said = set()
         for r in wrows:
             if "median_s" not in r:
@@ -103,12 +128,13 @@ def markdown(results: Dict) -> str:
                     if (name, r["reason"]) in said:
                         continue
                     said.add((name, r["reason"]))
-                lines.append(f"| {name} | {mode} | | | | | | | {_note(r)} |")
+                lines.append(f"| {name} | {mode} | | | | | | | | {_note(r)} |")
                 continue
             speed = "—" if r.get("speedup") is None else f"{r['speedup']:.2f}×"
             lines.append(
-                f"| {r['impl']} | {r['mode'] or r['order']} | {_ms(r['median_s'])} ({_ms(r['min_s'])}–{_ms(r['max_s'])}) "
-                f"| {speed} | {r['rel_err']:.2e} | {r.get('ref_err', float('nan')):.2e} | {_memory(r)} "
+                f"| {r['impl']} | {r['mode'] or r['order']} | {_ms(r['median_s'])} "
+                f"({_ms(r['min_s'])}–{_ms(r['max_s'])}) "
+                f"| {speed} | {r['rel_err']:.2e} | {r.get('ref_err', float('nan')):.2e} | {_sens(r)} | {_memory(r)} "
                 f"| {r['flops_per_s'] / 1e9:.3g} ({100 * r.get('matmul_fraction', 0):.2g}%) | {_note(r)} |")
         lines.append("")
     lines.append("FLOP counting rule (fastmaml/bench/flops.py):")

@@ -47,11 +47,16 @@ def batchnorm_fwd(x: Tensor, w: Opt, b: Opt, eps: float, mean: Opt = None, var: 
     """Returns (y, x̂, r) `[T, N, C, S]`, `[T, N, C, S]`, `[T|1, 1, C, 1]`.
 
     Batch statistics per task when `mean`/`var` are None; otherwise fixed statistics `[C]` (BatchNorm
-    as an affine map)."""
+    as an affine map). With batch statistics y, the mean and r are `batchnorm_train_fwd`'s, bit for bit:
+    the Hessian-vector product pass recomputes a step's forward with this op, and only the same ops
+    round alike (a ReLU or max-pool decision that differed at a near-tie would pair the step's gradient
+    with the Hessian of another linear piece of the loss)."""
     if mean is None:
-        var, mu = torch.var_mean(x, _RED, correction=0, keepdim=True)
-    else:
-        mu, var = mean[None, None, :, None], var[None, None, :, None]
+        y, mu, r = batchnorm_train_fwd(x, w, b, eps)
+        r = r[:, None, :, None]
+        xc = x - mu[:, None, :, None]
+        return y, (xc * r if torch.is_grad_enabled() else xc.mul_(r)), r
+    mu, var = mean[None, None, :, None], var[None, None, :, None]
     r = torch.rsqrt(var + eps)
     xc = x - mu
     xhat = xc * r if torch.is_grad_enabled() else xc.mul_(r)  # in place when no graph is recorded

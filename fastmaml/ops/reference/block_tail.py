@@ -15,9 +15,7 @@ import torch
 from ..registry import register
 from .batchnorm import (
     _RED,
-    _relu,
     _relu_mask,
-    batchnorm_fwd,
     batchnorm_relu_train_fwd,
     batchnorm_tangent_bwd,
     batchnorm_tangent_fwd,
@@ -96,21 +94,23 @@ def bn_relu_maxpool_train_bwd(gz: Tensor, z: Tensor, idx: Tensor, x: Tensor, mea
 def bn_relu_maxpool_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd: Opt, eps: float, k: int):
     """(z, ż, idx, mean, r, a, mean(ẋ)): the forward of `bn_relu_maxpool_train_fwd` and its tangent along
     (ẋ, ẇ, ḃ) (None: zero; ż None when all three are); per-channel values `[T, C]` (a, mean(ẋ) zero
-    without ẋ)."""
+    without ẋ). z, idx, mean and r come from `bn_relu_maxpool_train_fwd` itself: the Hessian-vector
+    product pass recomputes a step's forward, and only the same ops round alike and pick the same
+    elements (a pick that differed would pair the step's gradient with the Hessian of another linear
+    piece of the loss)."""
     T, N, C, H, W = x.shape
+    z, idx, mean, r = bn_relu_maxpool_train_fwd(x, w, b, eps, k)
+    zeros = x.new_zeros(T, C)
+    if xd is None and wd is None and bd is None:
+        return z, None, idx, mean, r, zeros, zeros
     x4 = x.reshape(T, N, C, H * W)
     xd4 = None if xd is None else xd.reshape(x4.shape)
-    y, xhat, r = batchnorm_fwd(x4, w, b, eps)
-    yd, _, a = batchnorm_tangent_fwd(xd4, xhat, r, w, wd, bd, True)
-    z = _relu(y, w is not None)
-    z, idx = torch.ops.aten.max_pool2d_with_indices(z.view(T * N, C, H, W), *_pool_args(k))
-    zd = None
-    if yd is not None:
-        zd = yd.reshape(T * N, C, H * W).gather(2, idx.flatten(2)).view(z.shape)
-        zd = _relu_mask(zd, z).view(T, N, *z.shape[1:])
-    zeros = x.new_zeros(T, C)
-    return (z.view(T, N, *z.shape[1:]), zd, idx.view(T, N, *idx.shape[1:]), x4.mean(_RED), r.view(T, C),
-            zeros if a is None else a.view(T, C), zeros if xd is None else xd4.mean(_RED))
+    col = lambda v: v[:, None, :, None]  # noqa: E731  [T, C] -> [T, 1, C, 1]
+    xhat = (x4 - col(mean)).mul_(col(r))
+    yd, _, a = batchnorm_tangent_fwd(xd4, xhat, col(r), w, wd, bd, True)
+    zd = yd.reshape(T * N, C, H * W).gather(2, idx.view(T * N, C, -1)).view(z.shape)
+    return (z, _relu_mask(zd, z), idx, mean, r, zeros if a is None else a.view(T, C),
+            zeros if xd is None else xd4.mean(_RED))
 
 
 @register("bn_relu_maxpool_tangent_bwd", "torch")
