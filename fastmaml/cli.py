@@ -13,11 +13,17 @@ Errors: a bad option, and any `fastmaml.train.common.UserError` (a missing folde
 a device that is not there, a bad checkpoint, a full disk...) is one line on stderr and exit status 2;
 an interruption before a job could checkpoint is one line and status 128 + the signal number; other
 exceptions keep their traceback.
+
+Under torchrun (`torchrun --nproc_per_node N -m fastmaml train <job> ...`) every rank runs this command;
+the jobs run data-parallel (`fastmaml.train.common.Ranks`). A mistake every rank finds the same way is
+printed by rank 0 only; when another rank died or raised, a rank stops with one line naming it
+(`RankFailure`, exit status 1).
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 from typing import List, Optional
@@ -80,7 +86,15 @@ class _Parser(argparse.ArgumentParser):
     the help is."""
 
     def error(self, message: str):
+        if _other_rank():  # under torchrun every rank parses the same command: rank 0 says what is wrong
+            self.exit(2)
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _other_rank() -> bool:
+    """Whether this process is a rank other than 0 of a torchrun launch (RANK set and not 0)."""
+    text = os.environ.get("RANK")
+    return text is not None and text.strip() not in ("", "0")
 
 
 BENCH = "fastmaml.bench.suite"
@@ -131,9 +145,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if not isinstance(exc, UserError):
             raise
-        message = " ".join(str(exc).split())
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
+        if not getattr(exc, "quiet", False):
+            message = " ".join(str(exc).split())
+            print(f"{prog}: error: {message}", file=sys.stderr)
+        return getattr(exc, "status", 2)
     except BaseException as exc:
         from fastmaml.train.common import ForcedStop
 

@@ -109,11 +109,11 @@ def save_cached(cache_dir: Path, stem: str, fingerprint, images: np.ndarray, cou
     meta = {"version": CACHE_VERSION, "fingerprint": fingerprint, "counts": counts, "names": names}
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".{stem}.npy.tmp"
+        tmp = cache_dir / f".{stem}.npy.{os.getpid()}.tmp"
         with open(tmp, "wb") as f:
             np.save(f, images)
         os.replace(tmp, cache_dir / f"{stem}.npy")
-        tmp = cache_dir / f".{stem}.json.tmp"
+        tmp = cache_dir / f".{stem}.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, cache_dir / f"{stem}.json")
     except OSError as e:

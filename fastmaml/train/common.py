@@ -12,6 +12,10 @@
   on load, temporary files of killed writes removed at the next start, one-line errors (`UserError`)
   for a missing, empty, unreadable, foreign or corrupted checkpoint, a full disk or an unwritable folder.
 - Metrics files, confidence intervals, moving averages and learning-curve plots.
+- `Ranks`: a job launched by torchrun runs data-parallel: `Job` joins the process group (gloo on CPU,
+  NCCL on the GPU of LOCAL_RANK) after checking the launch, rank 0 alone checks and writes --out, shows
+  progress and prints, sends the --resume checkpoint to the others, stop requests are agreed on at one
+  iteration, and a rank that dies or raises makes the others stop with a `RankFailure` naming it.
 
 A `UserError` is a mistake the user can fix (an option, a folder, a file, the disk): the `fastmaml`
 command prints its message as one line and exits with status 2; anything else keeps its traceback.
@@ -19,6 +23,7 @@ command prints its message as one line and exits with status 2; anything else ke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import hashlib
 import io
@@ -45,10 +50,27 @@ METRICS = "metrics.json"
 CHECKSUM = "checksum"  # checkpoint key: {"sha256": digest of every other entry}
 LOG_EVERY = 30.0  # seconds between progress lines when the output is not a terminal (--log-every)
 WRITE_PROBE = ".fastmaml-write-test"
+DIST_TIMEOUT = 300.0  # seconds a rank waits in a collective under torchrun (--dist-timeout)
 
 
 class UserError(Exception):
-    """A mistake the user can fix: the CLI prints the message (one line) and exits with status 2."""
+    """A mistake the user can fix: the CLI prints the message (one line) and exits with `status` (2).
+
+    quiet: the CLI prints nothing (under torchrun, an error every rank found the same way is printed by
+    rank 0 only)."""
+
+    status = 2
+
+    def __init__(self, message: str = "", *, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
+
+
+class RankFailure(UserError):
+    """Under torchrun: another rank died, raised or stopped answering; this rank stops too (exit status 1),
+    with one line naming the rank and what happened to it."""
+
+    status = 1
 
 
 class Interrupted(Exception):
@@ -142,6 +164,9 @@ SHARED_OPTIONS: Tuple[Tuple[str, Dict[str, Any], str], ...] = (
      "when the output is not a terminal (a log file), one progress line every SECONDS (0: every iteration)"),
     ("--device", dict(type=device_name), "torch device: cpu, cuda, cuda:1, ..."),
     ("--threads", dict(type=positive_int), "torch CPU threads while the job runs"),
+    ("--dist-timeout", dict(type=positive_float, metavar="SECONDS"),
+     "under torchrun: how long a rank waits for the others in a collective before it stops with an error "
+     "naming them (a rank that dies is noticed at once on CPU; the checkpoint writes of rank 0 must fit in it)"),
 )
 
 
@@ -153,7 +178,7 @@ def add_shared_arguments(parser: argparse.ArgumentParser, job: str, defaults: Di
     helps = helps or {}
     parser = parser.add_argument_group("options of every training job")
     defaults = {"order": "second", "seed": 0, "device": "cpu", "out": Path("runs") / job, "threads": None,
-                "log_every": LOG_EVERY, **defaults}
+                "log_every": LOG_EVERY, "dist_timeout": DIST_TIMEOUT, **defaults}
     for flag, kwargs, text in SHARED_OPTIONS:
         dest = flag[2:].replace("-", "_")
         kwargs = dict(kwargs, choices=_order_choices()) if flag == "--order" else kwargs
@@ -594,6 +619,306 @@ class Progress:
             self.flush()
 
 
+# ---------------------------------------------------------------------- ranks: runs under torchrun
+
+FAILED_KEY = "fastmaml/failed/{}"  # store key: rank r raised (value: its one-line error)
+LOST_KEY = "fastmaml/lost/{}"  # store key: rank r is alive but a collective with the others failed
+DONE_KEY = "fastmaml/turn/{}/{}"  # store key: rank r finished step `tag` (`Ranks.in_turn`)
+LOST_GRACE = 2.0  # seconds a rank that lost the others waits for them to say what happened to them
+
+
+def launched() -> bool:
+    """Whether this process is one rank of a launch: torchrun (or any launcher that sets RANK and WORLD_SIZE,
+    e.g. torch.multiprocessing with MASTER_ADDR / MASTER_PORT), or torch.distributed is already initialized."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return True
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def env_rank() -> int:
+    """This process's rank under a launcher (0 when there is none, or RANK is not a number)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _env_int(name: str, default: Optional[int] = None) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        if default is None:
+            raise UserError(f"{name} is not set: launch the job with torchrun (or set RANK, WORLD_SIZE, "
+                            "MASTER_ADDR and MASTER_PORT)")
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{name}={text!r}: expected an integer (set by torchrun)") from None
+
+
+class Ranks:
+    """The processes of one run: a single process (`active` False: rank 0 of 1), or the ranks of a torchrun
+    launch, each running the same job on its share of every meta-batch and evaluation set.
+
+    rank, size: this rank and the world size; local_rank, local_size: on this machine; device: this rank's
+    torch device (cuda:LOCAL_RANK on GPUs); comm_device: where the tensors of collectives live (the GPU for
+    NCCL, the CPU for gloo); advice: what the error of a failed collective ends with."""
+
+    def __init__(self, device: Optional[torch.device] = None):
+        self.rank, self.size, self.local_rank, self.local_size = 0, 1, 0, 1
+        self.active = self.owns = False
+        self.backend: Optional[str] = None
+        self.device = self.comm_device = device
+        self.timeout = DIST_TIMEOUT
+        self.advice = ""
+        self.signal: Callable[[], Optional[int]] = lambda: None
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: shows the progress and writes every file."""
+        return self.rank == 0
+
+    @classmethod
+    def join(cls, device: torch.device, *, timeout: float = DIST_TIMEOUT,
+             meta_batch: Optional[int] = None) -> "Ranks":
+        """Joins the process group of the launch (gloo on CPU, NCCL on CUDA with the GPU of LOCAL_RANK),
+        after checking the launch: a `UserError` for more processes per machine than GPUs, an explicit
+        --device cuda:N with several processes per machine, or a meta-batch smaller than the world size.
+        (An error every rank finds the same way is printed by rank 0 only.)"""
+        import datetime
+
+        import torch.distributed as dist
+
+        r = cls(device)
+        r.active, r.timeout = True, float(timeout)
+        if dist.is_initialized():  # a script that set up torch.distributed itself
+            r.rank, r.size = dist.get_rank(), dist.get_world_size()
+            r.local_rank = _env_int("LOCAL_RANK", r.rank)
+            r.local_size = _env_int("LOCAL_WORLD_SIZE", r.size)
+        else:
+            r.rank, r.size = _env_int("RANK"), _env_int("WORLD_SIZE")
+            r.local_rank = _env_int("LOCAL_RANK", r.rank)
+            r.local_size = _env_int("LOCAL_WORLD_SIZE", r.size)
+            if not (0 <= r.rank < r.size and 0 <= r.local_rank < r.local_size):
+                raise UserError(f"RANK={r.rank}, WORLD_SIZE={r.size}, LOCAL_RANK={r.local_rank}, LOCAL_WORLD_SIZE="
+                                f"{r.local_size}: not a valid launch (launch with torchrun)")
+        quiet = not r.main
+        if meta_batch is not None and meta_batch < r.size:
+            raise UserError(f"--meta-batch {meta_batch}: fewer tasks than the {r.size} processes (every rank needs "
+                            f"at least one task of each meta-batch); pass --meta-batch {r.size} or more, or launch "
+                            "fewer processes", quiet=quiet)
+        if device.type == "cuda":
+            count = torch.cuda.device_count()
+            if device.index is None:
+                if r.local_size > count:
+                    raise UserError(
+                        f"--nproc_per_node {r.local_size}: more processes than the {count} CUDA "
+                        f"device{'s' if count != 1 else ''} of this machine (each process uses the GPU of its "
+                        f"LOCAL_RANK); launch at most {count} per machine, or pass --device cpu", quiet=quiet)
+                device = torch.device("cuda", r.local_rank)
+            elif r.local_size > 1:
+                raise UserError(f"--device {device}: with {r.local_size} processes per machine each uses the GPU "
+                                "of its LOCAL_RANK; pass --device cuda", quiet=quiet)
+            torch.cuda.set_device(device)
+            r.backend = "nccl" if dist.is_nccl_available() else "gloo"
+        else:
+            r.backend = "gloo"
+        r.device = device
+        if dist.is_initialized():
+            r.backend = dist.get_backend()
+        else:
+            try:
+                dist.init_process_group(r.backend, timeout=datetime.timedelta(seconds=r.timeout))
+            except Exception as exc:
+                where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+                raise UserError(f"rank {r.rank} of {r.size}: cannot join the other processes at {where} "
+                                f"({type(exc).__name__}: {_first_line(exc)})") from None
+            r.owns = True
+        r.comm_device = device if r.backend == "nccl" else torch.device("cpu")
+        return r
+
+    # -- collectives
+    @contextlib.contextmanager
+    def collective(self, what: str):
+        """Runs collectives: any error in them (a rank died, raised or timed out) becomes a `RankFailure`
+        naming the rank and what happened to it."""
+        try:
+            yield
+        except (UserError, Interrupted):
+            raise
+        except Exception as exc:
+            raise RankFailure(self._diagnose(what, exc)) from None
+
+    def agree(self, error: Optional[UserError]) -> None:
+        """Rank 0's verdict on checks only it runs (the output folder, the checkpoint): every rank raises its
+        `UserError` (printed by rank 0) or none does."""
+        import torch.distributed as dist
+
+        box = [None if error is None else str(error)]
+        with self.collective("the start-up checks"):
+            dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise error if self.main and error is not None else UserError(box[0], quiet=True)
+
+    def share(self, obj: Any, what: str) -> Any:
+        """Rank 0's `obj` on every rank."""
+        import torch.distributed as dist
+
+        box = [obj if self.main else None]
+        with self.collective(what):
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any(self, flag: bool, what: str) -> bool:
+        """Whether `flag` is true on some rank."""
+        from fastmaml import distributed
+
+        with self.collective(what):
+            return distributed.any_rank(flag, device=self.comm_device)
+
+    def gather(self, values: torch.Tensor, total: int, what: str) -> torch.Tensor:
+        """The `[total]` values of every rank's share (`fastmaml.distributed.share_range`), on the CPU."""
+        from fastmaml import distributed
+
+        if not self.active or self.size == 1:
+            return values.cpu()
+        with self.collective(what):
+            return distributed.all_gather_shares(values.to(self.comm_device), total).cpu()
+
+    @contextlib.contextmanager
+    def in_turn(self, tag: str, what: str):
+        """Runs the block on rank 0 first, then on the first rank of each other machine, then on the rest
+        (e.g. decoding a dataset into a cache folder that ranks share: one writer at a time). A waiting rank
+        polls the rendezvous store, with no time limit (a first decoding can take long), and stops with a
+        `RankFailure` if the rank it waits for fails."""
+        if self.active and self.size > 1 and not self.main:
+            previous = 0 if self.local_rank == 0 else self.rank - self.local_rank
+            self._wait_for(DONE_KEY.format(tag, previous), previous, what)
+        yield
+        if self.active and self.size > 1:
+            store = _store()
+            if store is not None:
+                try:
+                    store.set(DONE_KEY.format(tag, self.rank), "1")
+                except Exception:
+                    pass
+
+    def _wait_for(self, key: str, rank: int, what: str) -> None:
+        store = _store()
+        if store is None:
+            return
+        while True:
+            try:
+                if store.check([key]):
+                    return
+                if store.check([FAILED_KEY.format(rank)]):
+                    message = store.get(FAILED_KEY.format(rank)).decode(errors="replace")
+                    raise RankFailure(f"rank {self.rank} of {self.size}: rank {rank} failed while it was {what}: "
+                                      f"{message}")
+            except RankFailure:
+                raise
+            except Exception as exc:
+                raise RankFailure(f"rank {self.rank} of {self.size}: lost rank {rank} while it was {what} (the "
+                                  f"rendezvous store stopped answering: {_first_line(exc)})") from None
+            signum = self.signal()
+            if signum is not None:
+                raise RankFailure(f"rank {self.rank} of {self.size}: stopped by {signal.Signals(signum).name} while "
+                                  f"waiting for rank {rank} ({what})")
+            time.sleep(0.2)
+
+    # -- failures
+    def report_failure(self, exc: BaseException) -> None:
+        """Leaves this rank's error in the rendezvous store, for the ranks that lose contact with it."""
+        store = _store()
+        if store is None:
+            return
+        text = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {_first_line(exc)}"
+        if isinstance(exc, ForcedStop):
+            text = f"stopped at once by a second {exc}"
+        try:
+            store.set(FAILED_KEY.format(self.rank), " ".join(text.split())[:400])
+        except Exception:
+            pass
+
+    def _diagnose(self, what: str, exc: BaseException) -> str:
+        """One line: which rank failed and how, from the rendezvous store (a rank that raised left its error
+        there; one that lost contact like this one says so; one that says nothing within `LOST_GRACE` seconds
+        died without a Python error)."""
+        others = [r for r in range(self.size) if r != self.rank]
+        failed: Dict[int, str] = {}
+        lost = set()
+        store = _store()
+        try:
+            if store is not None:
+                store.set(LOST_KEY.format(self.rank), "1")
+        except Exception:
+            store = None
+        deadline = time.monotonic() + LOST_GRACE
+        while store is not None:
+            try:
+                for r in others:
+                    if r in failed or r in lost:
+                        continue
+                    if store.check([FAILED_KEY.format(r)]):
+                        failed[r] = store.get(FAILED_KEY.format(r)).decode(errors="replace")
+                    elif store.check([LOST_KEY.format(r)]):
+                        lost.add(r)
+            except Exception:
+                store = None
+                break
+            if failed or len(lost) == len(others) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        text = str(exc).lower()
+        timed_out = "timed out" in text or "timeout" in text
+        silent = [r for r in others if r not in lost and r not in failed]
+        if failed:
+            r = min(failed)
+            cause = f"rank {r} failed: {failed[r]}"
+        elif store is None and not self.main:
+            cause = ("rank 0 stopped responding (its rendezvous store is gone too: it was killed or crashed; see its "
+                     "output)")
+        elif silent and timed_out:
+            cause = (f"rank{'s' if len(silent) > 1 else ''} {_ranks(silent)} did not answer within --dist-timeout "
+                     f"{self.timeout:g} s")
+        elif silent:
+            cause = (f"rank{'s' if len(silent) > 1 else ''} {_ranks(silent)} stopped responding (killed, out of "
+                     "memory, or crashed outside Python: see its output)")
+        else:
+            cause = f"the connection to the other ranks broke ({_first_line(exc)[:160]})"
+        advice = f"; {self.advice}" if self.advice else ""
+        return f"rank {self.rank} of {self.size} stopped in {what}: {cause}{advice}"
+
+    def close(self) -> None:
+        """Leaves the process group (after a run that ended well)."""
+        if self.owns:
+            import gc
+
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            # A reference cycle can keep the gloo process group alive past destroy_process_group; its worker
+            # threads then free the last collective's tensors while the interpreter shuts down, which needs the
+            # GIL and aborts the process ("terminate called without an active exception"). Collect it now.
+            gc.collect()
+            self.owns = False
+
+
+def _ranks(ranks: Sequence[int]) -> str:
+    return ", ".join(map(str, ranks))
+
+
+def _store():
+    """The rendezvous store of the default process group (None if there is none)."""
+    try:
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store()
+    except Exception:
+        return None
+
+
 # ----------------------------------------------------------------------------------- a job's run
 
 class Job:
@@ -604,9 +929,14 @@ class Job:
 
     On entry: checks --device, then (with --resume) that the folder exists, then that --out can be
     written; sets the torch thread count; makes SIGINT / SIGTERM request a stop (a second one stops at
-    once). On exit: restores the thread count and the signal handlers."""
+    once). On exit: restores the thread count and the signal handlers.
 
-    def __init__(self, args, name: str, *, default_threads: Optional[int] = None):
+    Under torchrun (`launched()`), `job.ranks` is this rank of the launch (`Ranks.join`): rank 0 alone checks
+    and writes --out, shows progress and prints; the others read nothing there (rank 0 sends them the
+    checkpoint). A stop request (a signal on any rank) is agreed on by all ranks at the same iteration
+    (`agree_stop`, `check_interrupt`), and an error on one rank makes the others stop with a `RankFailure`."""
+
+    def __init__(self, args, name: str, *, default_threads: Optional[int] = None, meta_batch: Optional[int] = None):
         self.args, self.name = args, name
         self.out = Path(args.out) if getattr(args, "out", None) is not None else Path("runs") / name
         self.checkpoint_path = self.out / CHECKPOINT
@@ -614,22 +944,37 @@ class Job:
         self.log_every = getattr(args, "log_every", LOG_EVERY)
         self.quiet = bool(getattr(args, "quiet", False))
         self.threads = getattr(args, "threads", None) or default_threads
+        self.meta_batch = meta_batch if meta_batch is not None else getattr(args, "meta_batch", None)
         self.saved_iteration: Optional[int] = None
         self.signal: Optional[int] = None
+        self.ranks = Ranks()
+        self._stop_all = False
         self._handlers: Dict[int, Any] = {}
         self._threads_before: Optional[int] = None
 
     # -- setup
     def __enter__(self) -> "Job":
-        self.device = resolve_device(str(getattr(self.args, "device", "cpu")))
-        if getattr(self.args, "resume", False):
-            if not self.out.is_dir():
-                raise UserError(f"--resume: the folder {self.out} does not exist (no run to continue); "
-                                "check --out, or run once without --resume")
-            if not self.checkpoint_path.exists():
-                raise UserError(f"--resume: no checkpoint in {self.out} ({CHECKPOINT} is missing); "
-                                "run once without --resume first")
-        prepare_output_folder(self.out)
+        device = resolve_device(str(getattr(self.args, "device", "cpu")))
+        if launched():
+            timeout = getattr(self.args, "dist_timeout", None) or DIST_TIMEOUT
+            self.ranks = Ranks.join(device, timeout=timeout, meta_batch=self.meta_batch)
+            self.ranks.signal = lambda: self.signal
+            self.ranks.advice = (f"the last checkpoint ({self.checkpoint_path}) is intact: resume with --resume, "
+                                 "on any number of processes")
+            device = self.ranks.device
+        else:
+            self.ranks = Ranks(device)
+        self.device = device
+        error = None
+        if self.ranks.main:
+            try:
+                self._check_output()
+            except UserError as exc:
+                error = exc
+        if self.ranks.active:
+            self.ranks.agree(error)
+        elif error is not None:
+            raise error
         if self.threads is not None:
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(self.threads)
@@ -638,19 +983,40 @@ class Job:
                 self._handlers[signum] = signal.signal(signum, self._on_signal)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def _check_output(self) -> None:
+        if getattr(self.args, "resume", False):
+            if not self.out.is_dir():
+                raise UserError(f"--resume: the folder {self.out} does not exist (no run to continue); "
+                                "check --out, or run once without --resume")
+            if not self.checkpoint_path.exists():
+                raise UserError(f"--resume: no checkpoint in {self.out} ({CHECKPOINT} is missing); "
+                                "run once without --resume first")
+        prepare_output_folder(self.out)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
         for signum, handler in self._handlers.items():
             signal.signal(signum, handler)
         self._handlers.clear()
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
+        if not self.ranks.active:
+            return
+        if exc is None:
+            self.ranks.close()
+        elif not isinstance(exc, RankFailure):  # this rank failed: tell the others (they name it)
+            self.ranks.report_failure(exc)
+            if isinstance(exc, UserError) and not self.ranks.main and not exc.quiet and exc.args:
+                exc.args = (f"rank {self.ranks.rank}: {exc.args[0]}", *exc.args[1:])
 
     def _on_signal(self, signum, frame) -> None:
         if self.signal is not None:
             raise ForcedStop(signum)
         self.signal = signum
+        every = " (all ranks stop after the same iteration)" if self.ranks.active else ""
         message = (f"{signal.Signals(signum).name} received: stopping at the next safe point with a "
-                   "checkpoint (send it again to stop at once)\n")
+                   f"checkpoint{every} (send it again to stop at once)\n")
+        if self.ranks.active:
+            message = f"rank {self.ranks.rank}: {message}"
         if getattr(sys.stderr, "isatty", lambda: False)():
             message = "\n" + message  # below the progress bar
         try:
@@ -658,21 +1024,56 @@ class Job:
         except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
             pass
 
+    # -- ranks
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the files and prints (rank 0, or the only process)."""
+        return self.ranks.main
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the run is data-parallel over the ranks of a launch (torchrun, any world size)."""
+        return self.ranks.active
+
     # -- interruption
     @property
     def stop_requested(self) -> bool:
-        return self.signal is not None
+        """A stop was requested: by a signal to this process; under torchrun, to any rank as of the last
+        `agree_stop` (the same answer on every rank)."""
+        return self._stop_all if self.ranks.active else self.signal is not None
+
+    @property
+    def stop_flag(self) -> float:
+        """1.0 when this rank received a stop signal, else 0.0 (reduced with each meta-gradient)."""
+        return 0.0 if self.signal is None else 1.0
+
+    def agree_stop(self, any_rank: bool) -> None:
+        """Records the reduced stop flag of an iteration: every rank stops after the same iteration."""
+        self._stop_all = self._stop_all or bool(any_rank)
+
+    def _stop_name(self) -> str:
+        if self.signal is not None:
+            return signal.Signals(self.signal).name
+        return "a stop request to another rank"
 
     def check_interrupt(self) -> None:
-        """Raises `Interrupted` once a stop was requested (called between evaluation batches)."""
-        if self.signal is not None:
+        """Raises `Interrupted` once a stop was requested (called between evaluation batches; under torchrun
+        every rank calls it equally often and they agree)."""
+        if self.ranks.active:
+            if self.ranks.any(self.signal is not None, "the stop check of an evaluation"):
+                self._stop_all = True
+                raise Interrupted(self._stop_name())
+        elif self.signal is not None:
             raise Interrupted(signal.Signals(self.signal).name)
 
     def resume_command(self) -> str:
         argv = getattr(self.args, "argv", None)
         if argv:
             argv = [a for a in argv if a != "--resume"]
-            return shlex.join(["fastmaml", *argv, "--resume"])
+            command = shlex.join(["fastmaml", *argv, "--resume"])
+            if self.ranks.active:
+                return f"torchrun <launch options, any number of processes> -m {command}"
+            return command
         return f"the same command with --resume (and --out {self.out})"
 
     def stopped(self, state: TrainingState, where: str = "") -> Dict[str, Any]:
@@ -680,32 +1081,49 @@ class Job:
         returns this dict (the CLI exits 0)."""
         if self.saved_iteration != state.iteration:
             self.checkpoint(state)
-        name = signal.Signals(self.signal).name if self.signal is not None else "a stop request"
+        if self.ranks.active:
+            name = self._stop_name()
+        else:
+            name = signal.Signals(self.signal).name if self.signal is not None else "a stop request"
         total = state.config.get("iterations")
-        print(f"{self.name}: stopped by {name}{where} at iteration {state.iteration} of {total}; checkpoint "
-              f"{self.checkpoint_path}. Resume with: {self.resume_command()}", flush=True)
+        if self.main:
+            print(f"{self.name}: stopped by {name}{where} at iteration {state.iteration} of {total}; checkpoint "
+                  f"{self.checkpoint_path}. Resume with: {self.resume_command()}", flush=True)
         return {"job": self.name, "interrupted": name, "iteration": state.iteration,
                 "checkpoint": str(self.checkpoint_path)}
 
     # -- checkpoints
     def load_checkpoint(self, state: TrainingState) -> Dict[str, Any]:
-        """The --resume checkpoint, verified and checked against the run settings (not yet restored)."""
-        ckpt = load_checkpoint(self.checkpoint_path, required=state.required)
-        state.check(ckpt, self.checkpoint_path)
-        return ckpt
+        """The --resume checkpoint, verified and checked against the run settings (not yet restored). Under
+        torchrun rank 0 reads it and sends it to the others (no shared file system needed)."""
+        if not self.ranks.active:
+            ckpt = load_checkpoint(self.checkpoint_path, required=state.required)
+            state.check(ckpt, self.checkpoint_path)
+            return ckpt
+        ckpt, error = None, None
+        if self.main:
+            try:
+                ckpt = load_checkpoint(self.checkpoint_path, required=state.required)
+                state.check(ckpt, self.checkpoint_path)
+            except UserError as exc:
+                error = exc
+        self.ranks.agree(error)
+        return self.ranks.share(ckpt, "the sending of the checkpoint to every rank")
 
     def checkpoint_due(self, iteration: int, total: int) -> bool:
         every = self.checkpoint_every
         return iteration == total or (every is not None and iteration % every == 0)
 
     def checkpoint(self, state: TrainingState) -> None:
-        save_checkpoint(self.checkpoint_path, state.capture())
+        """Writes the checkpoint (rank 0 only: every rank holds the same global state)."""
+        if self.main:
+            save_checkpoint(self.checkpoint_path, state.capture())
         self.saved_iteration = state.iteration
 
     # -- output
     def progress(self, desc: str, total: int, *, initial: int = 0, unit: str = "it", leave: bool = True,
                  interruptible: bool = False) -> Progress:
-        if self.quiet:
+        if self.quiet or not self.main:
             mode = "off"
         else:
             stream = sys.stderr
@@ -716,11 +1134,12 @@ class Job:
     @property
     def logging(self) -> bool:
         """Whether progress goes to log lines (not quiet, not a terminal)."""
-        return not self.quiet and not getattr(sys.stderr, "isatty", lambda: False)()
+        return self.main and not self.quiet and not getattr(sys.stderr, "isatty", lambda: False)()
 
     def say(self, message: str) -> None:
-        """A progress message (not with --quiet; above the progress bars on a terminal)."""
-        if self.quiet:
+        """A progress message (not with --quiet, nor on ranks other than 0; above the progress bars on a
+        terminal)."""
+        if self.quiet or not self.main:
             return
         if getattr(sys.stderr, "isatty", lambda: False)():
             from tqdm.auto import tqdm
@@ -730,7 +1149,9 @@ class Job:
             print(message, flush=True)
 
     def summary(self, headline: str, files: Dict[str, Path]) -> None:
-        """The final summary: a headline and where each file went."""
+        """The final summary: a headline and where each file went (rank 0 only)."""
+        if not self.main:
+            return
         print(headline, flush=True)
         width = max((len(k) for k in files), default=0)
         for what, path in files.items():

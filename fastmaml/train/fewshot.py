@@ -32,6 +32,7 @@ annealing).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -39,6 +40,7 @@ from typing import Dict, Optional
 import torch
 
 import fastmaml
+from fastmaml import distributed
 from fastmaml.data import (
     Episodes,
     EpisodeSampler,
@@ -281,7 +283,7 @@ def run(args: argparse.Namespace) -> Dict:
     and the plots into --out and returns the metrics (or, when stopped by SIGINT/SIGTERM, a dict with
     "interrupted")."""
     cfg = resolve_config(args)
-    with common.Job(args, cfg["job"]) as job:
+    with common.Job(args, cfg["job"], meta_batch=cfg["meta_batch"]) as job:
         return _run(args, cfg, job)
 
 
@@ -294,6 +296,53 @@ def _new_state(cfg: Dict, example_shape, device) -> common.TrainingState:
                "episodes_rng": torch.Generator().manual_seed(cfg["seed"])},
         values={"history": {"query_loss_before": [], "query_loss_after": [], "train_accuracy": [], "val_accuracy": []},
                 "best": {"val_accuracy": -1.0, "iteration": 0}, "best_model": None, "step_seconds": []})
+
+
+class _Counted:
+    """A progress that counts its updates (None: counts only)."""
+
+    def __init__(self, progress):
+        self.progress, self.calls = progress, 0
+
+    def update(self, n: int = 1, **fields) -> None:
+        self.calls += 1
+        if self.progress is not None:
+            self.progress.update(n, **fields)
+
+
+def _evaluate_all(model, sampler: EpisodeSampler, episodes: Episodes, cfg: Dict, device, job: common.Job,
+                  progress=None) -> torch.Tensor:
+    """`evaluate` on `episodes` -> `[episodes]` accuracies. Under torchrun each rank adapts its contiguous
+    share of the episodes and the accuracies are gathered: every rank holds those of the whole set (so the
+    mean and the CI are the whole set's). Every rank advances `progress` equally often (its stop checks are
+    collective): a rank with fewer batches than the others adds empty updates."""
+    if not job.distributed:
+        return evaluate(model, sampler, episodes, cfg, device, progress)
+    ranks, total = job.ranks, len(episodes)
+    start, stop = distributed.share_range(total, ranks.rank, ranks.size)
+    rounds = math.ceil(max(distributed.share_sizes(total, ranks.size)) / cfg["eval_batch"])
+    counted = _Counted(progress)
+    if stop > start:
+        accs = evaluate(model, sampler, Episodes(episodes.classes[start:stop], episodes.examples[start:stop]), cfg,
+                        device, counted)
+    else:
+        accs = torch.zeros(0)
+    for _ in range(rounds - counted.calls):
+        counted.update(0)
+    return ranks.gather(accs, total, "the gathering of the evaluation")
+
+
+def _shown(job: common.Job, episodes: int, desc: str):
+    """(progress total, description) of an evaluation of `episodes`: rank 0 shows its own share."""
+    if not job.distributed or job.ranks.size == 1:
+        return episodes, desc
+    mine = distributed.share_sizes(episodes, job.ranks.size)[0]
+    return mine, f"{desc} (rank 0: {mine} of {episodes} episodes)"
+
+
+def _per_step_stats(model) -> list:
+    """The MAML++ per-step BatchNorm statistics (`fastmaml.add_per_step_stats`) that meta_step updates."""
+    return [b for name, b in model.named_buffers() if name.endswith(("step_running_mean", "step_running_var"))]
 
 
 def _samplers(cfg: Dict, splits: Splits, device):
@@ -316,7 +365,11 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
                                     run_keys=RUN_KEYS, legacy={**LATER_KEYS, **PRESETS[name]})
         resume = job.load_checkpoint(spec)
     try:
-        splits = load_splits(cfg, getattr(args, "data", None), getattr(args, "cache_dir", None))
+        if name in REAL_DATA:  # the decoded-image cache is written by one rank at a time (rank 0 first)
+            with job.ranks.in_turn("data", "loading the dataset"):
+                splits = load_splits(cfg, getattr(args, "data", None), getattr(args, "cache_dir", None))
+        else:
+            splits = load_splits(cfg, getattr(args, "data", None), getattr(args, "cache_dir", None))
     except DatasetError as exc:
         raise common.UserError(str(exc).replace("\n", " ")) from None
     train, val, test = _samplers(cfg, splits, device)
@@ -335,10 +388,10 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
         it = state.iteration
         job.say(f"{name}: validation at iteration {it} ({len(val_episodes)} episodes)")
         t0 = time.perf_counter()
-        bar = job.progress(f"validation at iteration {it}", len(val_episodes), unit="episodes", leave=False,
-                           interruptible=True)
+        shown, desc = _shown(job, len(val_episodes), f"validation at iteration {it}")
+        bar = job.progress(desc, shown, unit="episodes", leave=False, interruptible=True)
         try:
-            acc = float(evaluate(state.model, val, val_episodes, cfg, device, progress=bar).mean())
+            acc = float(_evaluate_all(state.model, val, val_episodes, cfg, device, job, progress=bar).mean())
         finally:
             bar.close()
         state.history["val_accuracy"].append((it, acc))
@@ -356,6 +409,8 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
                 f"{time.perf_counter() - t0:.1f} s")
 
     def write_best() -> None:
+        if not job.main:
+            return
         common.save_checkpoint(files["best weights"], {"model": state.best_model, "iteration": state.best["iteration"],
                                                        "val_accuracy": state.best["val_accuracy"], "config": cfg})
 
@@ -364,8 +419,10 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
         history, steps = state.history, state.step_seconds
         metrics = {"config": cfg, "chance": 1.0 / cfg["ways"], "iterations_done": state.iteration,
                    "best": state.best, "seconds_per_meta_step": sum(steps) / max(len(steps), 1),
-                   "device": str(device), "history": history, "resumed_from": start if args.resume else None,
-                   **extra}
+                   "device": str(device), "processes": job.ranks.size, "history": history,
+                   "resumed_from": start if args.resume else None, **extra}
+        if not job.main:
+            return metrics
         common.write_json(files["metrics"], metrics)
         common.plot_curves({k: history[k] for k in ("query_loss_before", "query_loss_after")}, files["loss plot"],
                            title=f"{name}: meta-training query loss", ylabel="cross-entropy")
@@ -374,22 +431,44 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
                            title=f"{name}: query accuracy", ylabel="accuracy")
         return metrics
 
-    job.say(f"{name}: {'resuming at' if args.resume else 'starting at'} iteration {start} of {total} on {device}; "
+    where = str(device) if not job.distributed else (
+        f"{job.ranks.size} processes ({job.ranks.backend}; rank 0 on {device})")
+    job.say(f"{name}: {'resuming at' if args.resume else 'starting at'} iteration {start} of {total} on {where}; "
             f"validation every {cfg['val_every']}, checkpoint every {cfg['checkpoint_every']} iterations to "
             f"{job.checkpoint_path}")
     def train_step() -> Dict:
-        """One meta-iteration: a meta-batch of episodes, `fastmaml.meta_step`, Adam; returns its summary."""
+        """One meta-iteration: a meta-batch of episodes, `fastmaml.meta_step`, Adam; returns its summary.
+
+        Under torchrun every rank draws the whole meta-batch's episode indices from the same stream, builds
+        its share's images and runs `meta_step` on them; one all-reduce weighted by task count combines the
+        meta-gradients (with the per-step BatchNorm statistics, the logged means and the stop flag), and every
+        rank takes the same Adam step."""
         it = state.iteration
         t0 = time.perf_counter()
-        batch = train.sample(cfg["meta_batch"], state.episodes_rng)
+        if job.distributed:
+            episodes = train.sample_indices(cfg["meta_batch"], state.episodes_rng)
+            lo, hi = distributed.share_range(cfg["meta_batch"], job.ranks.rank, job.ranks.size)
+            batch = train.gather(Episodes(episodes.classes[lo:hi], episodes.examples[lo:hi]))
+        else:
+            batch = train.sample(cfg["meta_batch"], state.episodes_rng)
         state.optimizer.zero_grad(set_to_none=True)
         order = "first" if it < cfg["first_order_until"] else cfg["order"]
         weights = fastmaml.msl_weights(cfg["steps"], it, cfg["msl"]) if cfg["msl"] and cfg["steps"] else None
         result = fastmaml.meta_step(state.model, batch, inner_lr=cfg["inner_lr"], steps=cfg["steps"], order=order,
                                     loss="cross_entropy", batch_norm=cfg["bn"], step_weights=weights)
+        if job.distributed:
+            stats = _per_step_stats(state.model) if cfg["bn"] == "per_step" else []
+            with job.ranks.collective(f"the all-reduce of iteration {it + 1}"):
+                before, after, accuracy, stop = distributed.all_reduce_grads(
+                    state.model, num_tasks=batch.num_tasks, buffers=stats,
+                    values=[result.query_loss_before.float().mean(), result.query_loss_after.float().mean(),
+                            result.accuracy_after.float().mean(), job.stop_flag]).tolist()
+            job.agree_stop(stop > 0)
+            s = {"query_loss_before": before, "query_loss_after": after, "accuracy_after": accuracy}
         state.optimizer.step()
         state.step_seconds.append(time.perf_counter() - t0)
-        s = result.summary()
+        if not job.distributed:
+            s = result.summary()
         state.iteration = it + 1
         state.history["query_loss_before"].append((it + 1, s["query_loss_before"]))
         state.history["query_loss_after"].append((it + 1, s["query_loss_after"]))
@@ -418,7 +497,18 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
     if job.stop_requested:
         return job.stopped(state)
     if state.best_model is None:  # a checkpoint from before the best weights were kept in it
-        state.best_model = common.load_checkpoint(files["best weights"], required=("model",))["model"]
+        best, error = None, None
+        if job.main:
+            try:
+                best = common.load_checkpoint(files["best weights"], required=("model",))["model"]
+            except common.UserError as exc:
+                error = exc
+        if job.distributed:
+            job.ranks.agree(error)
+            best = job.ranks.share(best, "the sending of the best weights to every rank")
+        elif error is not None:
+            raise error
+        state.best_model = best
     write_best()  # (a kill between checkpoint.pt and best.pt may have left an older best.pt)
 
     extra: Dict = {"status": "done"}
@@ -429,10 +519,12 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
         baseline = build_model(cfg, splits.train.example_shape).to(device)
         job.say(f"{name}: test on {cfg['test_episodes']} episodes (best weights, iteration {state.best['iteration']}, "
                 "and the same network from a random initialization)")
-        bar = job.progress("test", 2 * cfg["test_episodes"], unit="episodes", leave=False, interruptible=True)
+        shown, desc = _shown(job, cfg["test_episodes"], "test")
+        bar = job.progress(desc, 2 * shown, unit="episodes", leave=False, interruptible=True)
         try:
-            acc, ci = common.mean_ci95(evaluate(state.model, test, test_episodes, cfg, device, bar).tolist())
-            b_acc, b_ci = common.mean_ci95(evaluate(baseline, test, test_episodes, cfg, device, bar).tolist())
+            acc, ci = common.mean_ci95(_evaluate_all(state.model, test, test_episodes, cfg, device, job, bar).tolist())
+            b_acc, b_ci = common.mean_ci95(_evaluate_all(baseline, test, test_episodes, cfg, device, job,
+                                                         bar).tolist())
         except common.Interrupted:
             bar.close()
             return job.stopped(state, " during the test (training is complete)")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmaml
+from fastmaml import distributed
 from fastmaml.train import common
 
 AMPLITUDE = (0.1, 5.0)
@@ -271,12 +272,72 @@ def _train_iteration(state: common.TrainingState, args, device) -> None:
     state.history["baseline_loss"].append(float(baseline_loss.detach()))
 
 
+def _train_iteration_ranks(state: common.TrainingState, args, device, job: common.Job) -> None:
+    """One meta-iteration on this rank's share of the meta-batch (under torchrun): every rank draws the
+    whole meta-batch from the same task stream and keeps its share; the meta-gradient, the baseline's
+    gradient, the logged losses and the stop flag are combined in one all-reduce weighted by task count,
+    so every rank takes the same Adam steps as one process would (up to float rounding)."""
+    rank, size = job.ranks.rank, job.ranks.size
+    batch = distributed.shard(state.sampler.sample(args.meta_batch, args.shots, args.shots), rank, size).to(device)
+    pooled = distributed.shard(state.baseline_sampler.sample(args.meta_batch, args.shots, args.shots), rank,
+                               size).to(device)
+    state.optimizer.zero_grad(set_to_none=True)
+    result = fastmaml.meta_step(state.model, batch, inner_lr=args.inner_lr, steps=args.steps, order=args.order,
+                                loss="mse")
+    x = torch.cat([pooled.support_x, pooled.query_x], 1).reshape(-1, 1)
+    y = torch.cat([pooled.support_y, pooled.query_y], 1).reshape(-1, 1)
+    state.baseline_optimizer.zero_grad(set_to_none=True)
+    baseline_loss = F.mse_loss(state.baseline(x), y)  # the mean over this rank's tasks' points (as many per task)
+    baseline_loss.backward()
+    with job.ranks.collective(f"the all-reduce of iteration {state.iteration + 1}"):
+        meta_loss, before, pretrained, stop = distributed.all_reduce_grads(
+            state.model, extra=state.baseline, num_tasks=distributed.task_count(batch),
+            values=[result.meta_loss, result.query_loss_before.mean(), baseline_loss.detach(), job.stop_flag]).tolist()
+    job.agree_stop(stop > 0)
+    state.optimizer.step()
+    state.baseline_optimizer.step()
+
+    state.iteration += 1
+    state.history["meta_loss"].append(meta_loss)
+    state.history["query_loss_before"].append(before)
+    state.history["baseline_loss"].append(pretrained)
+
+
+def _evaluate(model: nn.Module, tasks: EvalSet, args, job: common.Job, progress) -> Dict[str, list]:
+    """`evaluate` on the held-out tasks; under torchrun each rank evaluates its share of them and the
+    per-task values are gathered, so every rank holds those of all the tasks."""
+    if not job.distributed:
+        return evaluate(model, tasks, inner_lr=args.inner_lr, eval_steps=args.eval_steps, progress=progress)
+    total = tasks.batch.num_tasks
+    start, stop = distributed.share_range(total, job.ranks.rank, job.ranks.size)
+    keys = [_step_key(k) for k in sorted({0, *args.eval_steps})]
+    if stop > start:
+        share = EvalSet(fastmaml.TaskBatch(*(t[start:stop] for t in tasks.batch)), tasks.amplitude[start:stop],
+                        tasks.phase[start:stop])
+        mine = evaluate(model, share, inner_lr=args.inner_lr, eval_steps=args.eval_steps, progress=progress)
+    else:  # fewer held-out tasks than ranks: this one only takes part in the stop checks and the gathering
+        mine = {key: [] for key in keys}
+        for _ in keys:
+            if progress is not None:
+                progress.update(1)
+    return {key: job.ranks.gather(torch.tensor(mine[key], dtype=torch.float64), total,
+                                  "the gathering of the evaluation").tolist() for key in keys}
+
+
 def run(args) -> dict:
     """Meta-trains (or resumes), evaluates both models, writes metrics.json, the figures and the
     checkpoint into `args.out`; returns the metrics dict (or, when stopped by SIGINT/SIGTERM, a dict
     with "interrupted"). Runs with `args.threads` torch threads and restores the previous setting after."""
     with common.Job(args, "sinusoid", default_threads=DEFAULTS["threads"]) as job:
         return _run(args, job)
+
+
+def _where(job: common.Job) -> str:
+    """"cpu", or under torchrun "2 processes (gloo; rank 0 on cpu)"."""
+    if not job.distributed:
+        return str(job.device)
+    ranks = job.ranks
+    return f"{ranks.size} process{'es' if ranks.size > 1 else ''} ({ranks.backend}; rank 0 on {job.device})"
 
 
 def _learning_curve(state: common.TrainingState, path: Path) -> None:
@@ -303,17 +364,22 @@ def _run(args, job: common.Job) -> dict:
 
     def write_progress_files() -> None:
         """metrics.json (history so far, no evaluation yet) and the learning curve, with each checkpoint."""
+        if not job.main:
+            return
         common.write_json(files["metrics"], {
             "job": "sinusoid", "status": "training", "config": state.config, "iteration": state.iteration,
             "resumed_from": start if args.resume else None, "history": _history(state)})
         _learning_curve(state, files["learning curve"])
 
     job.say(f"sinusoid: {'resuming at' if args.resume else 'starting at'} iteration {start} of {args.iterations} "
-            f"on {device}; checkpoint every {job.checkpoint_every} iterations to {job.checkpoint_path}")
+            f"on {_where(job)}; checkpoint every {job.checkpoint_every} iterations to {job.checkpoint_path}")
     started = time.perf_counter()
     bar = job.progress("sinusoid", args.iterations, initial=start)
     while state.iteration < args.iterations and not job.stop_requested:
-        _train_iteration(state, args, device)
+        if job.distributed:
+            _train_iteration_ranks(state, args, device, job)
+        else:
+            _train_iteration(state, args, device)
         bar.update(1, loss=float(np.mean(state.history["meta_loss"][-100:])),
                    pretrained=float(np.mean(state.history["baseline_loss"][-100:])))
         if job.checkpoint_due(state.iteration, args.iterations):
@@ -333,8 +399,7 @@ def _run(args, job: common.Job) -> dict:
     evaluating = job.progress("evaluation", len(models) * len(set([0, *args.eval_steps])), unit="evaluations",
                               leave=False, interruptible=True)
     try:
-        per_task = {name: evaluate(m, tasks, inner_lr=args.inner_lr, eval_steps=args.eval_steps,
-                                   progress=evaluating) for name, m in models.items()}
+        per_task = {name: _evaluate(m, tasks, args, job, evaluating) for name, m in models.items()}
     except common.Interrupted:
         evaluating.close()
         return job.stopped(state, " during the evaluation (training is complete)")
@@ -342,12 +407,10 @@ def _run(args, job: common.Job) -> dict:
     table = {name: summarize(values) for name, values in per_task.items()}
 
     files["figure"] = out / FIGURE
-    plot_tasks(files["figure"], models, tasks, inner_lr=args.inner_lr, eval_steps=args.eval_steps)
-    _learning_curve(state, files["learning curve"])
     metrics = {
         "job": "sinusoid", "status": "done", "config": state.config, "iteration": state.iteration,
         "resumed_from": start if args.resume else None,
-        "train_seconds_this_run": train_seconds,
+        "train_seconds_this_run": train_seconds, "processes": job.ranks.size,
         "eval": table,
         "eval_description": (f"query MSE on {args.eval_tasks} held-out tasks ({args.eval_query} query points each, "
                              f"{args.shots} support points), mean and 95% CI half-width, before adaptation "
@@ -355,6 +418,10 @@ def _run(args, job: common.Job) -> dict:
         "history": _history(state),
         "files": {"figure": FIGURE, "learning_curve": LEARNING_CURVE, "checkpoint": common.CHECKPOINT},
     }
+    if not job.main:
+        return metrics
+    plot_tasks(files["figure"], models, tasks, inner_lr=args.inner_lr, eval_steps=args.eval_steps)
+    _learning_curve(state, files["learning curve"])
     common.write_json(files["metrics"], metrics)
     print(f"\nsinusoid, {state.iteration} iterations, {metrics['eval_description']}:")
     print(format_table(table, args.eval_steps))
