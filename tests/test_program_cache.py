@@ -120,6 +120,8 @@ def test_a_forward_hook_keeps_the_model_off_the_fused_engine():
 def test_programs_do_not_keep_models_alive(make):
     """200 fresh models in a loop (fused, MLP op, torch.func): none stays alive."""
     tasks = regression_tasks(din=3, dout=2)
+    gc.collect()
+    cached_before = len(select._CACHE)  # models other tests keep alive
     refs = []
     for _ in range(200):
         model = make()
@@ -128,7 +130,7 @@ def test_programs_do_not_keep_models_alive(make):
         del model
     gc.collect()
     assert sum(r() is not None for r in refs) == 0
-    assert len(select._CACHE) < 5
+    assert len(select._CACHE) <= cached_before
 
 
 def test_programs_per_model_are_bounded():
