@@ -12,10 +12,18 @@ Modes (`batch_norm=` of `meta_step` / `adapt`):
   statistics are updated (momentum as the layer's, mean over tasks of each task's batch statistics);
   in eval mode, step j normalizes with the statistics of step min(j, S − 1), so evaluation may run
   more inner steps than training did.
+
+Running statistics in "batch" mode (`update_running_stats=True` of `meta_step` / `adapt`, the default): the
+inner loop never reads them, but a user who calls `model.eval()` after meta-training normalizes with them.
+So each call gives every BatchNorm layer in training mode that tracks them one update from the support
+sets at θ, as a train-mode forward would (`NormPlan.update_running`): with T tasks, the mean over tasks of
+the statistics a train-mode forward of each task's support set would leave, starting from the same ones.
+The update is linear in the batch statistics, so task chunks and data-parallel shares (averaged weighted by
+task count) give the same result.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -58,14 +66,24 @@ def add_per_step_stats(model: nn.Module, steps: int) -> nn.Module:
     return model
 
 
-class NormPlan:
-    """For one meta_step/adapt call: the statistics of inner step j (j = steps is the query pass)."""
+STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked", "step_running_mean", "step_running_var")
 
-    def __init__(self, model: nn.Module, mode: str):
+
+class NormPlan:
+    """For one meta_step/adapt call: the statistics of inner step j (j = steps is the query pass).
+
+    buffers: {buffer name in `model`: tensor} replacing the layers' own statistics for this call
+    (fastmaml.func); names other than the BatchNorm statistics are ignored here."""
+
+    def __init__(self, model: nn.Module, mode: str, buffers: Optional[Mapping[str, torch.Tensor]] = None):
         if mode not in BN_MODES:
             raise ValueError(f"batch_norm: unknown mode {mode!r}; expected one of {BN_MODES}")
         self.mode = mode
-        self.layers = [m for _, m in bn_layers(model)]
+        named = bn_layers(model)
+        self.layers = [m for _, m in named]
+        buffers = buffers or {}
+        self._bound = [{k: buffers[f"{n}.{k}" if n else k] for k in STAT_BUFFERS if (f"{n}.{k}" if n else k) in buffers}
+                       for n, _ in named]
         self.record = mode == "per_step" and model.training
         if mode == "frozen":
             for name, m in bn_layers(model):
@@ -84,14 +102,44 @@ class NormPlan:
     def uses_batch_stats(self) -> bool:
         return self.mode == "batch" or self.record
 
+    def _buffer(self, i: int, name: str) -> torch.Tensor:
+        return self._bound[i].get(name, getattr(self.layers[i], name, None))
+
     def stats(self, j: int) -> Optional[Stats]:
         """None (batch statistics) or the fixed (mean, var) of every BatchNorm layer for step j."""
         if self.uses_batch_stats or not self.layers:
             return None
         if self.mode == "frozen":
-            return [(m.running_mean, m.running_var) for m in self.layers]
-        return [(m.step_running_mean[min(j, len(m.step_running_mean) - 1)],
-                 m.step_running_var[min(j, len(m.step_running_var) - 1)]) for m in self.layers]
+            return [(self._buffer(i, "running_mean"), self._buffer(i, "running_var")) for i in range(len(self.layers))]
+        out = []
+        for i in range(len(self.layers)):
+            mean, var = self._buffer(i, "step_running_mean"), self._buffer(i, "step_running_var")
+            out.append((mean[min(j, len(mean) - 1)], var[min(j, len(var) - 1)]))
+        return out
+
+    @property
+    def updates_running_stats(self) -> bool:
+        """Whether `update_running` changes anything: mode "batch" and a layer in training mode that tracks
+        running statistics."""
+        return self.mode == "batch" and any(m.training and m.running_mean is not None for m in self.layers)
+
+    @torch.no_grad()
+    def update_running(self, batch_stats: BatchStats) -> None:
+        """One train-mode update of the running statistics of every layer in training mode that tracks them,
+        from per-task batch statistics (see `BatchStats`): `num_batches_tracked` + 1, then with the layer's
+        momentum m (None: 1 / num_batches_tracked, a cumulative average) running ← (1 − m) running + m s, s the
+        mean over tasks of the batch mean and of the unbiased batch variance (what T train-mode forwards, each
+        on one task's batch from the same statistics, leave on average)."""
+        for m, stats in zip(self.layers, batch_stats):
+            if stats is None or not m.training or m.running_mean is None:
+                continue
+            mean, var, n = stats
+            if m.num_batches_tracked is not None:
+                m.num_batches_tracked.add_(1)
+            factor = m.momentum if m.momentum is not None else 1.0 / float(m.num_batches_tracked)
+            unbiased = var.mean(0) * (n / max(n - 1, 1))
+            m.running_mean.lerp_(mean.mean(0).to(m.running_mean.dtype), factor)
+            m.running_var.lerp_(unbiased.to(m.running_var.dtype), factor)
 
     @torch.no_grad()
     def update(self, j: int, batch_stats: BatchStats) -> None:

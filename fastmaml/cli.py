@@ -1,7 +1,9 @@
 """The `fastmaml` command (also `python -m fastmaml`).
 
     fastmaml train <job> [options]     meta-train a job (see `fastmaml train --help`)
+    fastmaml compare <job> [options]   every --method of a job side by side: one table, one figure
     fastmaml info                      versions, devices, which backend runs each op and why
+    fastmaml --version                 the version
     fastmaml build [--verbose]         compile the C++/CUDA extension now (otherwise at first use)
     fastmaml bench [--quick] [--out D] benchmark suite (see `fastmaml bench --help`)
 
@@ -98,6 +100,14 @@ def _other_rank() -> bool:
 
 
 BENCH = "fastmaml.bench.suite"
+COMPARE = "fastmaml.train.compare"
+COMPARE_JOBS = ("sinusoid", "fewshot-demo", "omniglot", "miniimagenet")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
@@ -106,6 +116,7 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     argv = sys.argv[1:] if argv is None else list(argv)
     wanted = tuple(a for a in argv if not a.startswith("-"))[:2]
     parser = _Parser(prog="fastmaml", description="Fast, exact meta-gradients for MAML.")
+    parser.add_argument("--version", action="version", version=f"fastmaml {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="meta-train a job")
     jobs = train.add_subparsers(dest="job", required=True)
@@ -114,6 +125,14 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
         if wanted == ("train", name):
             importlib.import_module(module).add_arguments(p, name)
         p.set_defaults(func=_train_runner(module))
+    compare = sub.add_parser("compare", help="train and evaluate the methods of --method side by side")
+    compared = compare.add_subparsers(dest="job", required=True)
+    for name in COMPARE_JOBS:
+        p = compared.add_parser(name, help=f"compare the methods on {name}", description=f"compare the methods on "
+                                f"{name}: one table and one figure of learning curves (fastmaml.train.compare)")
+        if wanted == ("compare", name):
+            importlib.import_module(COMPARE).add_arguments(p, name)
+        p.set_defaults(func=_train_runner(COMPARE))
     info = sub.add_parser("info", help="versions, devices and backends")
     info.set_defaults(func=_info)
     prebuild = sub.add_parser("build", help="compile the C++/CUDA extension (cached; otherwise built at first use)")
@@ -137,7 +156,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.argv = argv  # for the "resume with: ..." line of an interrupted job
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # a train job checkpoints on SIGINT once started; this is before (or another command)
-        starting = " before the job started (nothing to resume from this run)" if argv[:1] == ["train"] else ""
+        starting = (" before the job started (nothing to resume from this run)" if argv[:1] in (["train"], ["compare"])
+                    else "")
         print(f"\n{prog}: interrupted{starting}", file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as exc:

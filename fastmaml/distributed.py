@@ -11,8 +11,13 @@ meta-gradient of the whole meta-batch and takes the same optimizer step::
     opt.zero_grad()
     result = fastmaml.meta_step(model, mine, inner_lr=0.4, steps=1, loss="cross_entropy")
     loss, = fastmaml.distributed.all_reduce_grads(model, num_tasks=fastmaml.distributed.task_count(mine),
-                                                  values=[result.meta_loss])
+                                                  values=[result.meta_loss],
+                                                  buffers=fastmaml.distributed.batchnorm_statistics(model))
     opt.step()                                            # identical on every rank
+
+`buffers=batchnorm_statistics(model)` keeps the BatchNorm statistics that `meta_step` updates from this
+rank's tasks (running statistics; MAML++'s per-step ones) the same on every rank: those of the whole
+meta-batch. A model without BatchNorm has none, and the argument changes nothing.
 
 Why not `DistributedDataParallel`: DDP reduces gradients from autograd hooks while `backward()` runs, in
 buckets, to overlap communication with the backward pass. `meta_step` writes the whole meta-gradient
@@ -97,6 +102,18 @@ def shard(tasks, rank: Optional[int] = None, world_size: Optional[int] = None):
     return type(tasks)(*parts) if hasattr(tasks, "_fields") else type(tasks)(parts)
 
 
+STATISTICS = ("running_mean", "running_var", "step_running_mean", "step_running_var")
+
+
+def batchnorm_statistics(model: nn.Module) -> List[torch.Tensor]:
+    """The BatchNorm statistics that `meta_step` and `adapt` update in place, for `all_reduce_grads(buffers=...)`:
+    `running_mean` and `running_var` (`batch_norm="batch"`, `update_running_stats=True`) and MAML++'s
+    `step_running_mean` and `step_running_var` (`batch_norm="per_step"`). Each update moves them linearly
+    towards statistics of this rank's tasks from the same values on every rank, so the weighted mean over ranks
+    is the update of the whole meta-batch (`num_batches_tracked` advances alike on every rank)."""
+    return [b for name, b in model.named_buffers() if name.rpartition(".")[2] in STATISTICS]
+
+
 def _leaves(obj, out: List[torch.Tensor]) -> None:
     """The tensors of `obj`: a tensor, an `nn.Module` (its parameters), a dict or a sequence of them (the
     forms `meta_step`'s `inner_lr` takes: per-step lists of per-layer dicts)."""
@@ -135,10 +152,9 @@ def all_reduce_grads(model: Optional[nn.Module], extra: Any = (), *, num_tasks: 
         num_tasks: this rank's task count T_r (`task_count(share)`); None: equal weights.
         values: numbers each rank computed as a mean over its tasks (meta-loss, accuracy...), combined with
             the same weights in the same collective and returned.
-        buffers: tensors whose *values* are combined the same way, in place: the MAML++ per-step BatchNorm
-            statistics (`step_running_mean` / `step_running_var`) that `meta_step` moved towards this
-            rank's tasks' statistics (the update is linear in them, so the combination is the update of
-            the whole meta-batch).
+        buffers: tensors whose *values* are combined the same way, in place: the BatchNorm statistics
+            that `meta_step` moved towards this rank's tasks' statistics (`batchnorm_statistics(model)`: the
+            update is linear in them, so the combination is the update of the whole meta-batch).
         group: the process group (default: the world). Every tensor must be on a device its backend takes
             (CPU for gloo, this rank's GPU for NCCL).
 

@@ -2,7 +2,7 @@
 """Checks that fastmaml's imports point one way: no import cycle between its modules, and every import goes
 from a layer to the same layer or one below it:
 
-    api       fastmaml (package), api, explain, cli, __main__, distributed, train, bench
+    api       fastmaml (package), api, func, explain, cli, __main__, distributed, train, bench
     engine    fastmaml.engine              (meta-steps: the sweeps, the MLP engine, task chunks)
     programs  fastmaml.programs            (how a model computes loss, gradient, HVP for all tasks)
     ops       fastmaml.ops                 (named ops: references and backends)
@@ -25,11 +25,13 @@ PACKAGE = ROOT / "fastmaml"
 LAYERS = ["api", "engine", "programs", "ops", "kernels", "base"]  # top to bottom
 _LAYER_OF = {
     "fastmaml": "api", "fastmaml.api": "api", "fastmaml.explain": "api", "fastmaml.cli": "api",
-    "fastmaml.__main__": "api", "fastmaml.distributed": "api", "fastmaml.train": "api", "fastmaml.bench": "api",
+    "fastmaml.__main__": "api", "fastmaml.func": "api", "fastmaml.distributed": "api", "fastmaml.train": "api",
+    "fastmaml.bench": "api",
     "fastmaml.engine": "engine", "fastmaml.programs": "programs", "fastmaml.ops": "ops",
     "fastmaml.kernels": "kernels", "fastmaml.build": "kernels",
 }
-BASE = ("errors", "schedule", "layout", "losses", "tasks", "inner_lr", "batchnorm", "result", "msl", "models", "data")
+BASE = ("errors", "schedule", "layout", "losses", "tasks", "inner_lr", "batchnorm", "result", "msl", "models", "data",
+        "context", "blackbox")
 _LAYER_OF.update({f"fastmaml.{m}": "base" for m in BASE})
 
 

@@ -41,7 +41,8 @@ def test_sinusoid_progress_lines_off_a_terminal(tmp_path, capsys):
     lines = re.findall(rf"^sinusoid: (\d+)/5 it \(\d+%\)  loss {NUMBER}  pretrained {NUMBER}  {NUMBER} it/s  {ETA}$",
                        out, re.M)
     assert [int(i) for i in lines] == [1, 2, 3, 4, 5], out
-    assert "sinusoid: starting at iteration 0 of 5 on cpu; checkpoint every 1000 iterations" in out
+    assert re.search(r"^sinusoid: starting at iteration 0 of 5 on cpu \(MAML: .*\); checkpoint every 1000 iterations",
+                     out, re.M), out
     assert re.search(rf"^evaluation: 4/4 evaluations \(100%\)  {NUMBER} evaluations/s  {ETA}$", out, re.M), out
     for name in (common.CHECKPOINT, common.METRICS, sinusoid.FIGURE, sinusoid.LEARNING_CURVE):
         assert re.search(rf"^  \w[\w ]*  {re.escape(str(tmp_path / name))}$", out, re.M), name

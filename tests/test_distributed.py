@@ -18,6 +18,7 @@ from fastmaml.distributed import (
     all_gather_shares,
     all_reduce_grads,
     any_rank,
+    batchnorm_statistics,
     shard,
     share_range,
     share_sizes,
@@ -77,6 +78,8 @@ def _cases():
         "uneven_per_step_rates": (_model, _tasks(5), lambda m: {"inner_lr": _per_step_rates(m), "steps": 2}),
         "uneven_per_step_batchnorm": (_bn_model, _tasks(7, features=3, outputs=2),
                                       lambda m: {"inner_lr": 0.1, "steps": 2, "batch_norm": "per_step"}),
+        "uneven_batchnorm_running_statistics": (_bn_model, _tasks(5, features=3, outputs=2),
+                                                lambda m: {"inner_lr": 0.1, "steps": 1, "batch_norm": "batch"}),
         "unused_parameter": (_WithUnused, _tasks(3), lambda m: {"inner_lr": 0.05, "steps": 1}),
     }
 
@@ -110,7 +113,7 @@ def _worker(rank, port, out):
         mine = shard(tasks)
         weighted = name != "even"  # the even case also checks the default: equal weights
         result = _run(model, mine, kwargs)
-        stats = [b for n, b in model.named_buffers() if n.endswith(("step_running_mean", "step_running_var"))]
+        stats = batchnorm_statistics(model)
         values = all_reduce_grads(model, extra=kwargs["inner_lr"], num_tasks=task_count(mine) if weighted else None,
                                   values=[result.meta_loss, result.query_loss_after.mean()], buffers=stats)
         saved[name] = {**_state(model, kwargs), "values": values, "count": task_count(mine)}

@@ -122,9 +122,10 @@ def same(a, b, where="") -> None:
 
 def assert_same_run(reference: Path, run: Path, result_keys) -> None:
     """The checkpoints of two runs hold the same weights, optimizer states, samplers, RNG states and
-    histories (not the config: --checkpoint-every may differ; not timings), and so do their results."""
+    histories (not the config: --checkpoint-every may differ; not timings or measured memory), and so do their
+    results."""
     a, b = (common.load_checkpoint(d / common.CHECKPOINT) for d in (reference, run))
-    for key in sorted(set(a) - {"config", "step_seconds"}):
+    for key in sorted(set(a) - {"config", "step_seconds", "timing", "step_memory"}):  # measured
         same(a[key], b[key], key)
     ma, mb = (json.loads((d / common.METRICS).read_text()) for d in (reference, run))
     for key in result_keys:
@@ -286,10 +287,10 @@ def test_sigint_during_validation_resumes_with_that_validation(tmp_path, monkeyp
     assert main([*argv, "--out", str(straight)]) == 0
     real = fewshot.evaluate
 
-    def interrupting(model, sampler, episodes, cfg, device, progress=None):
+    def interrupting(model, sampler, episodes, cfg, device, progress=None, inner=None):
         if progress is not None and progress.desc == "validation at iteration 3":
             os.kill(os.getpid(), signal.SIGINT)
-        return real(model, sampler, episodes, cfg, device, progress)
+        return real(model, sampler, episodes, cfg, device, progress, inner)
 
     monkeypatch.setattr(fewshot, "evaluate", interrupting)
     capsys.readouterr()

@@ -19,11 +19,11 @@ libraries); `meta_step` calls the sweeps directly.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..batchnorm import NormPlan
 from ..errors import NonFiniteError
@@ -240,49 +240,193 @@ def suspended_saved_tensors_hooks():
 
 
 class InnerLoop(torch.autograd.Function):
-    """φ_K = InnerLoop.apply(spec, theta_a, theta_s, *alphas) with an exact backward.
+    """(φ_K, loss_0, *tape) = InnerLoop.apply(spec, theta_a, theta_s, support_x, support_y, *alphas), with an
+    exact backward.
 
-    spec: an `InnerLoopSpec` (program, ops, support set, order, flags). theta_a `[Pa]`,
-    theta_s `[Ps]`, alphas: K tensors (0-dim or `[Pa]`). Returns φ_K `[T, Pa]` and the support
-    loss at θ `[T]` (not differentiable).
+    spec: an `InnerLoopSpec` (program, ops, order, flags). theta_a `[Pa]`, theta_s `[Ps]`, support_x
+    `[T, Ns, *in]`, support_y `[T, Ns, *out]`, alphas: K tensors (0-dim or `[Pa]`). Returns φ_K `[T, Pa]`, the
+    support loss at θ `[T]` (not differentiable) and the tensors the reverse sweep needs (not differentiable;
+    drop them: autograd keeps them for backward).
+
+    Backward: the reverse sweep of `spec.order` (no autograd graph), for ∂L/∂θ, ∂L/∂ψ and ∂L/∂α_j. When the
+    backward itself must be differentiable (`create_graph=True`: double backward, hypergradients), the
+    support set needs a gradient, or the cotangent is batched by `vmap` (`torch.func.jacrev`), it runs the K
+    inner steps again unrolled over all tasks and takes the vector-Jacobian product with `torch.func.vjp`
+    (exact, orders "second" and "checkpoint" only; the memory of a create_graph loop).
+
+    torch.func: `setup_context` form, so `torch.func.grad` / `vjp` / `jacrev` compose with it; `vmap` runs
+    one inner loop per vmapped slice (`InnerLoop.vmap`). Forward-mode AD (`jvp`, `jacfwd`) is not supported.
     """
 
     @staticmethod
-    def forward(ctx, spec, theta_a, theta_s, *alphas):
-        keep = any(a.requires_grad for a in alphas)
+    def forward(spec, theta_a, theta_s, sx, sy, *alphas):
+        keep = spec.keep_grads if spec.keep_grads is not None else any(a.requires_grad for a in alphas)
+        theta = theta_a.detach()
         with suspended_saved_tensors_hooks():
-            phi, tape, loss0 = forward_sweep(spec.program, spec.ops, theta_a.detach(), theta_s.detach(),
-                                             [a.detach() for a in alphas], spec.sx, spec.sy, order=spec.order,
-                                             keep_grads=keep, check_finite=spec.check_finite, norm=spec.norm,
-                                             recorded=spec.recorded, implicit=spec.implicit)
-        ctx.spec = spec
-        ctx.layout = ([t is not None for t in tape.phis], [t is not None for t in tape.grads])
-        ctx.save_for_backward(theta_s, *alphas, *[t for t in tape.tensors()])
-        ctx.num_alphas = len(alphas)
+            phi, tape, loss0 = forward_sweep(spec.program, spec.ops, theta, theta_s.detach(),
+                                             [a.detach() for a in alphas], sx.detach(), sy.detach(),
+                                             order=spec.order, keep_grads=keep, check_finite=spec.check_finite,
+                                             norm=spec.norm, recorded=spec.recorded, implicit=spec.implicit)
         if loss0 is None:
-            loss0 = theta_a.new_full((spec.sx.shape[0],), float("nan"))
-        ctx.mark_non_differentiable(loss0)
-        return phi, loss0
+            loss0 = theta.new_full((sx.shape[0],), float("nan"))
+        slots, kept = [], []  # where each tape entry is found again in backward: θ, φ_K or a returned tensor
+        for t in tape.phis + tape.grads:
+            if t is None:
+                slots.append(None)
+            elif t is theta:
+                slots.append("theta")
+            elif t is phi:
+                slots.append("phi")
+            else:
+                slots.append(len(kept))
+                kept.append(t)
+        spec.tape_slots = (len(tape.phis), tuple(slots))
+        return (phi, loss0, *kept)
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, v, _unused):
-        spec = ctx.spec
+    def setup_context(ctx, inputs, output):
+        spec, theta_a, theta_s, sx, sy, *alphas = inputs
+        phi, loss0, *kept = output
+        ctx.spec = spec
+        ctx.num_alphas = len(alphas)
+        ctx.tape_slots = spec.tape_slots
+        ctx.saves_phi = "phi" in spec.tape_slots[1]
+        ctx.save_for_backward(theta_a, theta_s, sx, sy, *alphas, *([phi] if ctx.saves_phi else []), *kept)
+        ctx.mark_non_differentiable(loss0, *kept)
+
+    @staticmethod
+    def backward(ctx, v, *_unused):
+        spec, n = ctx.spec, ctx.num_alphas
         saved = ctx.saved_tensors
-        theta_s, alphas = saved[0], list(saved[1:1 + ctx.num_alphas])
-        rest = iter(saved[1 + ctx.num_alphas:])
-        has_phi, has_grad = ctx.layout
-        tape = Tape(spec.order, implicit=spec.implicit)
-        tape.phis = [next(rest) if h else None for h in has_phi]
-        tape.grads = [next(rest) if h else None for h in has_grad]
+        theta_a, theta_s, sx, sy = saved[:4]
+        alphas = list(saved[4:4 + n])
+        phi = saved[4 + n] if ctx.saves_phi else None
+        kept = saved[4 + n + (1 if ctx.saves_phi else 0):]
         needs = ctx.needs_input_grad
+        v, theta_a, theta_s, sx, sy, *alphas = [_live(t) for t in (v, theta_a, theta_s, sx, sy, *alphas)]
+        inputs = (theta_a, theta_s, sx, sy, *alphas)
+        if needs[3] or needs[4] or _differentiated_further((v, *inputs)):
+            return (None, *_unrolled_backward(spec, v, *inputs[:4], alphas, needs[1:]))
+        plain = [_plain(t) for t in (v, *inputs, *([phi] if phi is not None else []), *kept)]
+        if any(t is None for t in plain):  # batched by torch.func.vmap (jacrev): the sweep's ops take no batch dim
+            return (None, *_unrolled_backward(spec, v, *inputs[:4], alphas, needs[1:]))
+        v, theta_a, theta_s, sx, sy = plain[:5]
+        alphas, rest = plain[5:5 + n], plain[5 + n:]
+        phi = rest[0] if ctx.saves_phi else None
+        kept = rest[1:] if ctx.saves_phi else rest
+        num_phis, slots = ctx.tape_slots
+        entries = [None if s is None else theta_a if s == "theta" else phi if s == "phi" else kept[s] for s in slots]
+        tape = Tape(spec.order, implicit=spec.implicit)
+        tape.phis, tape.grads = entries[:num_phis], entries[num_phis:]
         shared_grad = needs[2] and theta_s.numel() > 0
-        lr_grad = list(needs[3:3 + ctx.num_alphas])
+        lr_grad = list(needs[5:5 + n])
         with suspended_saved_tensors_hooks():
-            d_a, d_s, d_alphas = reverse_sweep(spec.program, spec.ops, tape, v.contiguous(), theta_s, alphas,
-                                               spec.sx, spec.sy, shared_grad=shared_grad, lr_grad=lr_grad,
+            d_a, d_s, d_alphas = reverse_sweep(spec.program, spec.ops, tape, v.contiguous(), theta_s, alphas, sx, sy,
+                                               shared_grad=shared_grad, lr_grad=lr_grad,
                                                check_finite=spec.check_finite, norm=spec.norm)
-        return (None, d_a, d_s, *d_alphas)
+        return (None, d_a if needs[1] else None, d_s, None, None, *d_alphas)
+
+    @staticmethod
+    def vmap(info, in_dims, spec, *args):
+        """torch.func.vmap over any input: one inner loop per slice (the tasks of a slice stay batched).
+        Per-step BatchNorm statistics are not recorded under vmap."""
+        sub = dataclasses.replace(spec, recorded=None)
+        outs = []
+        for b in range(info.batch_size):
+            sliced = [a if d is None else a.select(d, b) for a, d in zip(args, in_dims[1:])]
+            outs.append(InnerLoop.apply(sub, *sliced))
+        spec.tape_slots = sub.tape_slots
+        stacked = tuple(torch.stack(parts) for parts in zip(*outs))
+        return stacked, (0,) * len(stacked)
+
+
+def _functorch():
+    return getattr(torch._C, "_functorch", None)
+
+
+def _live(t: torch.Tensor) -> torch.Tensor:
+    """`t` without the gradient-tracking wrappers of torch.func levels that have ended (a level's wrappers
+    outlive it in saved tensors: `torch.func.jacrev` runs the backward of `vjp`'s level under `vmap`, after the
+    level exited); such a wrapper tracks nothing."""
+    ft = _functorch()
+    while ft is not None and ft.is_gradtrackingtensor(t) and ft.maybe_get_level(t) < 0:
+        t = ft.get_unwrapped(t)
+    return t
+
+
+def _plain(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """The tensor under torch.func's gradient-tracking wrappers, detached; None when a vmap batch dimension is
+    under them."""
+    ft = _functorch()
+    if ft is not None:
+        while ft.is_gradtrackingtensor(t) or ft.is_functionaltensor(t):
+            t = ft.get_unwrapped(t)
+        if ft.is_batchedtensor(t):
+            return None
+    return t.detach()
+
+
+def _differentiated_further(tensors) -> bool:
+    """Whether the gradients a backward returns will be differentiated again: `create_graph=True` with an input
+    or the cotangent requiring grad, or (inside torch.func) a tensor tracked by a gradient transform below the
+    one running this backward (`torch.func.grad` of a gradient). torch.func runs every backward with grad mode
+    on, for its own level; that alone asks for nothing more."""
+    if not torch.is_grad_enabled():
+        return False
+    ft = _functorch()
+    level = ft.maybe_current_level() if ft is not None else None
+    for t in tensors:
+        while ft is not None and ft.is_functorch_wrapped_tensor(t):
+            own = ft.maybe_get_level(t)
+            if level is not None and own < level and ft.is_gradtrackingtensor(t) and t.requires_grad:
+                return True
+            t = ft.get_unwrapped(t)
+        if t.requires_grad:
+            return True
+    return False
+
+
+def _unrolled_backward(spec: "InnerLoopSpec", v, theta_a, theta_s, sx, sy, alphas, needs):
+    """The backward of `InnerLoop` as a differentiable computation: the K inner steps again, unrolled over all
+    tasks (`Program.forward` with plain PyTorch ops, each step's gradient by `torch.func.grad`), then the
+    vector-Jacobian product of φ_K with v (`torch.func.vjp`). Differentiable again (double backward) when grad
+    mode is on; also gives the support set's gradient. needs: whether θ, ψ, x_s, y_s and each α_j need a
+    gradient."""
+    if spec.order not in ("second", "checkpoint"):
+        what = "differentiable backward (create_graph=True, double backward, torch.func.grad of a gradient)" \
+            if not (needs[2] or needs[3]) else "gradient with respect to the support set"
+        raise NotImplementedError(
+            f"adapt(order={spec.order!r}) has no {what}: the {spec.order} meta-gradient is not the derivative "
+            "of the adapted weights; use order='second' or 'checkpoint'")
+    T = sx.shape[0]
+    inputs = [theta_a, theta_s, sx, sy, *alphas]
+    wanted = [i for i, t in enumerate(inputs) if needs[i] and t.is_floating_point()]
+
+    def unrolled(*diff):
+        """φ_K from the inputs in `wanted` (the others held fixed): one argument per input, so that an α used by
+        every step gets each step's share."""
+        args = list(inputs)
+        for i, t in zip(wanted, diff):
+            args[i] = t
+        theta, shared, x, y, *rates = args
+        phi = theta.expand(T, -1)
+        for j, alpha in enumerate(rates):
+            bn_stats = spec.norm.stats(j) if spec.norm is not None else None
+
+            def support_loss(p, j=j, bn_stats=bn_stats):
+                out = spec.program.forward(spec.ops, p, shared, x, bn_stats=bn_stats)
+                return sum(spec.program.loss.fn(out[t], y[t]) for t in range(T))
+
+            phi = phi - alpha * torch.func.grad(support_loss)(phi)
+        return phi
+
+    # torch.func's vjp: it composes with an outer autograd graph (double backward), with torch.func.grad of a
+    # gradient, and with a cotangent batched by vmap (torch.func.jacrev), where autograd.grad cannot make leaves
+    _, pullback = torch.func.vjp(unrolled, *[inputs[i] for i in wanted])
+    out = [None] * len(inputs)
+    for i, g in zip(wanted, pullback(v)):
+        out[i] = g
+    return out
 
 
 @dataclass
@@ -291,10 +435,10 @@ class InnerLoopSpec:
 
     program: Program
     ops: OpTable
-    sx: torch.Tensor
-    sy: torch.Tensor
     order: str
     check_finite: bool = True
     norm: Optional[NormPlan] = None
     recorded: Optional[list] = None  # gets each step's BatchNorm batch statistics when recording
     implicit: Optional[Implicit] = None
+    keep_grads: Optional[bool] = None  # keep g_j for the α-gradient (None: whether an α requires grad)
+    tape_slots: Optional[tuple] = None  # set by forward: where backward finds each tape entry

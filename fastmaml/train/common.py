@@ -147,6 +147,40 @@ def _order_choices():
     return list(fastmaml.ORDERS)
 
 
+EXPLICIT = "explicit_options"  # attribute of the parsed arguments: the dests the user gave on the command line
+
+
+class Explicit(argparse.Action):
+    """`store` that also records the option's dest in `args.explicit_options` (`given(args)`), so that a
+    `--method` preset changes only what the user did not set."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        _mark(namespace, self.dest)
+
+
+class ExplicitTrue(argparse.Action):
+    """`store_true` that records the option like `Explicit`."""
+
+    def __init__(self, option_strings, dest, default=False, required=False, help=None):
+        super().__init__(option_strings, dest, nargs=0, const=True, default=default, required=required, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, True)
+        _mark(namespace, self.dest)
+
+
+def _mark(namespace, dest: str) -> None:
+    marked = set(getattr(namespace, EXPLICIT, None) or ())
+    marked.add(dest)
+    setattr(namespace, EXPLICIT, marked)
+
+
+def given(args) -> set:
+    """The options (dests) given explicitly on the command line (those parsed with `Explicit` actions)."""
+    return set(getattr(args, EXPLICIT, None) or ())
+
+
 SHARED_OPTIONS: Tuple[Tuple[str, Dict[str, Any], str], ...] = (
     ("--iterations", dict(type=nonnegative_int), "meta-iterations in total (a resumed run continues up to it)"),
     ("--meta-batch", dict(type=positive_int), "tasks per meta-iteration"),
@@ -162,6 +196,19 @@ SHARED_OPTIONS: Tuple[Tuple[str, Dict[str, Any], str], ...] = (
      f"write <out>/{CHECKPOINT} every N iterations (atomically; also at the end and on SIGINT/SIGTERM)"),
     ("--log-every", dict(type=nonnegative_float, metavar="SECONDS"),
      "when the output is not a terminal (a log file), one progress line every SECONDS (0: every iteration)"),
+    ("--method", dict(choices=None), "the meta-learning method, a preset of the options below (explicit options "
+                                     "override it; see the README's Methods section): maml, fomaml, metasgd "
+                                     "(learned per-parameter rates), anil (head only), mamlpp (MAML++), imaml, "
+                                     "cavia (context parameters), blackbox (no inner loop)"),
+    ("--msl", dict(type=nonnegative_int, metavar="N"),
+     "MAML++ multi-step loss, annealed to the last step over the first N iterations (0: off, the last step's "
+     "query loss only)"),
+    ("--first-order-until", dict(type=nonnegative_int, metavar="N"),
+     "first-order meta-steps before iteration N, then --order (MAML++ derivative-order annealing; 0: off)"),
+    ("--implicit-lambda", dict(type=positive_float, metavar="LAMBDA"),
+     "λ of --order implicit (iMAML: the inner steps minimize L_s(φ) + λ/2 ‖φ − θ‖²)"),
+    ("--cg-steps", dict(type=positive_int, metavar="N"), "conjugate-gradient iterations of --order implicit"),
+    ("--context", dict(type=positive_int, metavar="N"), "context parameters of --method cavia"),
     ("--device", dict(type=device_name), "torch device: cpu, cuda, cuda:1, ..."),
     ("--threads", dict(type=positive_int), "torch CPU threads while the job runs"),
     ("--dist-timeout", dict(type=positive_float, metavar="SECONDS"),
@@ -171,20 +218,26 @@ SHARED_OPTIONS: Tuple[Tuple[str, Dict[str, Any], str], ...] = (
 
 
 def add_shared_arguments(parser: argparse.ArgumentParser, job: str, defaults: Dict[str, Any],
-                         helps: Optional[Dict[str, str]] = None) -> None:
+                         helps: Optional[Dict[str, str]] = None, method_choices: Sequence[str] = ("maml",)) -> None:
     """Adds the options every job shares (`SHARED_OPTIONS`, --resume, --quiet) with the job's `defaults`
     {dest: value} over the common ones (seed 0, device cpu, out runs/<job>, threads None = torch's
-    choice) and `helps` {dest: help text replacing the shared one}."""
+    choice), `helps` {dest: help text replacing the shared one} and the values --method takes
+    (`fastmaml.train.methods.METHODS`). Each option given on the command line is recorded (`given`)."""
     helps = helps or {}
     parser = parser.add_argument_group("options of every training job")
     defaults = {"order": "second", "seed": 0, "device": "cpu", "out": Path("runs") / job, "threads": None,
-                "log_every": LOG_EVERY, "dist_timeout": DIST_TIMEOUT, **defaults}
+                "log_every": LOG_EVERY, "dist_timeout": DIST_TIMEOUT, "method": "maml", "msl": 0,
+                "first_order_until": 0, "implicit_lambda": 1.0, "cg_steps": 5, **defaults}
     for flag, kwargs, text in SHARED_OPTIONS:
         dest = flag[2:].replace("-", "_")
-        kwargs = dict(kwargs, choices=_order_choices()) if flag == "--order" else kwargs
+        if flag == "--order":
+            kwargs = dict(kwargs, choices=_order_choices())
+        elif flag == "--method":
+            kwargs = dict(kwargs, choices=list(method_choices))
         default = defaults.get(dest)
         shown = "torch's choice" if dest == "threads" and default is None else default
-        parser.add_argument(flag, default=default, help=f"{helps.get(dest, text)} (default: {shown})", **kwargs)
+        parser.add_argument(flag, default=default, help=f"{helps.get(dest, text)} (default: {shown})",
+                            action=Explicit, **kwargs)
     parser.add_argument("--resume", action="store_true",
                         help=f"continue from <out>/{CHECKPOINT} (bit-identical to an uninterrupted run)")
     parser.add_argument("--quiet", action="store_true",
@@ -1205,3 +1258,66 @@ def moving_average(values: Sequence[float], window: int, *, first_iteration: int
     lo = np.maximum(idx - window, 0)
     means = (csum[idx] - csum[lo]) / (idx - lo)
     return [(int(i - 1 + first_iteration), float(m)) for i, m in zip(idx, means)]
+
+
+# ------------------------------------------------------------------------------- meta-step resources
+
+class StepMemory:
+    """Peak memory of one training step: on CUDA the growth of `torch.cuda.max_memory_allocated` over the step;
+    on CPU (Linux) the growth of the resident set's high-water mark (VmHWM, reset through
+    /proc/self/clear_refs after returning freed heap memory to the system). None where neither is available.
+
+        with StepMemory(device) as peak:
+            step()
+        peak.bytes
+    """
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.bytes: Optional[int] = None
+        self._before = None
+
+    @staticmethod
+    def _status(key: str) -> Optional[int]:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    name, _, value = line.partition(":")
+                    if name == key:
+                        return int(value.split()[0]) * 1024
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def __enter__(self) -> "StepMemory":
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+            return self
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
+        except OSError:
+            return self
+        self._before = self._status("VmRSS")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self._before is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.bytes = int(torch.cuda.max_memory_allocated(self.device) - self._before)
+        else:
+            peak = self._status("VmHWM")
+            self.bytes = None if peak is None else max(0, peak - self._before)

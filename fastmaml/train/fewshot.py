@@ -28,10 +28,18 @@ MAML++ training schedule (off by default): `--msl N` trains on the multi-step lo
 query loss weighted by `fastmaml.msl_weights`, annealed to the last step over the first N iterations;
 `--first-order-until N` runs first-order meta-steps before iteration N, then `--order` (derivative-order
 annealing).
+
+`--method` (fastmaml.train.methods) trains another member of the family on the same episodes, with the
+same validation and test: FOMAML, Meta-SGD, ANIL (the last Linear layer adapts), MAML++, iMAML, CAVIA
+(conv4 with FiLM on its third block, `fastmaml.context.context_conv4`, a context vector of `--context`
+numbers) or the black-box learner (`fastmaml.blackbox.SnailClassifier`: it classifies the query from the
+labelled support, no inner steps). Each adapts in evaluation with its own inner loop; the random-init
+baseline is the method's network from a fresh initialization, adapted the same way.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from pathlib import Path
@@ -41,6 +49,8 @@ import torch
 
 import fastmaml
 from fastmaml import distributed
+from fastmaml.blackbox import SnailClassifier
+from fastmaml.context import context_conv4
 from fastmaml.data import (
     Episodes,
     EpisodeSampler,
@@ -52,7 +62,7 @@ from fastmaml.data import (
 )
 from fastmaml.data.imagefiles import DatasetError
 from fastmaml.models import conv4, omniglot_mlp, resnet12
-from fastmaml.train import common
+from fastmaml.train import common, methods
 
 # The protocol of each job; every entry can be overridden by the option of the same name.
 # checkpoint_every: a few minutes of CPU work at the preset's sizes (seconds on a GPU).
@@ -80,10 +90,12 @@ EVAL_SEED = 0  # validation and test episodes are the same for every run (and ev
 # options that define the training run: --resume refuses a checkpoint made with different ones
 RUN_KEYS = ("job", "ways", "shots", "query", "meta_batch", "inner_lr", "steps", "order", "bn", "meta_lr",
             "model", "hidden", "widths", "seed", "val_every", "val_episodes", "eval_steps", "train_classes",
-            "val_classes", "msl", "first_order_until")
+            "val_classes", "msl", "first_order_until", "method", "implicit_lambda", "cg_steps", "context")
 RESNET12_WIDTHS = (64, 160, 320, 640)  # MetaOptNet / learn2learn
 # values of run keys added after a checkpoint format existed (what such a checkpoint ran with)
-LATER_KEYS = {"msl": 0, "first_order_until": 0, "widths": list(RESNET12_WIDTHS)}
+LATER_KEYS = {"msl": 0, "first_order_until": 0, "widths": list(RESNET12_WIDTHS), "method": "maml",
+              "implicit_lambda": 1.0, "cg_steps": 5, "context": 100}
+CAVIA_CONTEXT = 100  # CAVIA's context size for the conv net (Zintgraf et al. 2019)
 REAL_DATA = ("omniglot", "miniimagenet")
 LOSS_PLOT, ACCURACY_PLOT = "loss.png", "accuracy.png"
 
@@ -98,29 +110,24 @@ def add_arguments(parser: argparse.ArgumentParser, job: str = "fewshot-demo") ->
                             help=f"dataset folder (required; see fastmaml/data/{job}.py for the layout)")
         own.add_argument("--cache-dir", type=Path, default=None,
                             help="where decoded images are cached (default: <data>/.fastmaml_cache)")
-    common.add_shared_arguments(parser, job, {k: v for k, v in preset.items()}, helps={
+    common.add_shared_arguments(parser, job, {**preset, "context": CAVIA_CONTEXT}, helps={
         "shots": "support examples per class (K)",
+        "context": "context parameters of --method cavia, fed to FiLM on the third conv block (CAVIA: 100)",
         "order": "meta-gradient (see fastmaml.meta_step): second = exact MAML, checkpoint, first = FOMAML, "
                  "implicit",
-    })
+    }, method_choices=methods.METHODS)
     d = " (default: %(default)s)"
-    own.add_argument("--first-order", action="store_true", help="same as --order first")
+    own.add_argument("--first-order", action=common.ExplicitTrue, help="same as --order first")
     own.add_argument("--ways", type=positive, default=preset["ways"], help="classes per task (N)" + d)
     own.add_argument("--query", type=positive, default=preset["query"], help="query examples per class" + d)
-    own.add_argument("--eval-steps", type=nonnegative, default=preset["eval_steps"],
+    own.add_argument("--eval-steps", type=nonnegative, default=preset["eval_steps"], action=common.Explicit,
                         help="inner steps at validation and test" + d)
-    own.add_argument("--model", choices=["conv4", "resnet12", "mlp"], default=preset["model"],
+    own.add_argument("--model", choices=["conv4", "resnet12", "mlp"], default=preset["model"], action=common.Explicit,
                      help="network: the MAML paper's conv4, ResNet-12 (fastmaml.models.resnet12) or its MLP" + d)
     own.add_argument("--hidden", type=positive, default=preset["hidden"], help="conv4 filters per layer" + d)
     own.add_argument("--widths", type=widths_arg, default=RESNET12_WIDTHS, metavar="W1,W2,W3,W4",
                      help="ResNet-12 block widths (default: 64,160,320,640; 16,32,64,128 fits a CPU)")
-    own.add_argument("--msl", type=nonnegative, default=0, metavar="N",
-                        help="MAML++ multi-step loss, annealed to the last step over the first N iterations "
-                             "(default 0: off, the last step's query loss only)")
-    own.add_argument("--first-order-until", type=nonnegative, default=0, metavar="N",
-                        help="first-order meta-steps before iteration N, then --order (MAML++ derivative-order "
-                             "annealing; default 0: off)")
-    own.add_argument("--bn", choices=list(fastmaml.BN_MODES), default="batch",
+    own.add_argument("--bn", choices=list(fastmaml.BN_MODES), default="batch", action=common.Explicit,
                         help="BatchNorm statistics in the inner loop: batch (MAML, default), frozen, per_step (MAML++)")
     if "train_classes" in preset:
         what = "characters, each also rotated by 90°, 180°, 270°" if job == "omniglot" else "classes"
@@ -153,16 +160,17 @@ def resolve_config(args: argparse.Namespace) -> Dict:
     cfg["order"] = "first" if getattr(args, "first_order", False) else (getattr(args, "order", None) or "second")
     cfg["bn"] = getattr(args, "bn", "batch")
     cfg["seed"] = getattr(args, "seed", 0)
-    cfg["msl"] = getattr(args, "msl", 0)
-    cfg["first_order_until"] = getattr(args, "first_order_until", 0)
+    for key, default in (("msl", 0), ("first_order_until", 0), ("implicit_lambda", 1.0), ("cg_steps", 5),
+                         ("context", CAVIA_CONTEXT)):
+        value = getattr(args, key, None)
+        cfg[key] = default if value is None else value
     cfg["widths"] = list(getattr(args, "widths", None) or RESNET12_WIDTHS)
+    cfg = methods.apply(cfg, getattr(args, "method", None) or "maml", args.job, common.given(args),
+                        PRESETS[args.job]["iterations"])
     for key in ("msl", "first_order_until"):
         if cfg[key] < 0:
             raise common.UserError(f"--{key.replace('_', '-')}: expected a non-negative number of iterations, "
                                    f"got {cfg[key]}")
-    if cfg["msl"] and cfg["order"] == "implicit":
-        raise common.UserError("--msl: the implicit order has no per-step query losses; use --order second, "
-                               "checkpoint or first")
     for key in ("train_classes", "val_classes"):
         if getattr(args, key, None) is not None and key not in cfg:
             raise common.UserError(f"--{key.replace('_', '-')}: the {args.job} split is fixed by the dataset's "
@@ -238,9 +246,14 @@ def widths_arg(text: str):
 
 
 def build_model(cfg: Dict, example_shape) -> torch.nn.Module:
-    """conv4, ResNet-12 or the MLP for `example_shape` `[C, H, W]`, with per-step BatchNorm statistics for
-    --bn per_step."""
-    if cfg["model"] == "resnet12":
+    """The network of `cfg["method"]` for `example_shape` `[C, H, W]`: conv4, ResNet-12 or the MLP (CAVIA:
+    conv4 with FiLM; black-box: `SnailClassifier`), with per-step BatchNorm statistics for --bn per_step."""
+    if cfg.get("method") == "blackbox":
+        return SnailClassifier(example_shape[0], cfg["ways"], hidden=cfg["hidden"], image_size=example_shape[-1])
+    if cfg.get("method") == "cavia":
+        model = context_conv4(example_shape[0], cfg["ways"], hidden=cfg["hidden"], image_size=example_shape[-1],
+                              num_context=cfg["context"])
+    elif cfg["model"] == "resnet12":
         model = resnet12(cfg["ways"], widths=tuple(cfg["widths"]), in_channels=example_shape[0])
     elif cfg["model"] == "mlp":
         flat = 1
@@ -254,11 +267,26 @@ def build_model(cfg: Dict, example_shape) -> torch.nn.Module:
     return model
 
 
-def evaluate(model, sampler: EpisodeSampler, episodes: Episodes, cfg: Dict, device, progress=None) -> torch.Tensor:
+def learner(cfg: Dict, model: torch.nn.Module) -> Optional[methods.Learner]:
+    """The inner loop of `cfg["method"]` for `model` (None for the black-box learner)."""
+    return None if cfg["method"] == "blackbox" else methods.Learner(cfg, model, "cross_entropy")
+
+
+def query_logits(model, inner: Optional[methods.Learner], batch, steps: int) -> torch.Tensor:
+    """Query logits `[T, Nq, ways]` of a batch of episodes: after `steps` steps of `inner`'s inner loop on
+    the support sets, or the black-box learner's prediction from them (`inner` None)."""
+    if inner is None:
+        return model(batch.support_x, batch.support_y, batch.query_x)
+    return inner.adapt(model, batch.support_x, batch.support_y, steps)(batch.query_x)
+
+
+def evaluate(model, sampler: EpisodeSampler, episodes: Episodes, cfg: Dict, device, progress=None,
+             inner: Optional[methods.Learner] = None) -> torch.Tensor:
     """Query accuracy after `eval_steps` inner steps on each episode's support set -> `[episodes]`.
 
-    Runs the model in eval mode (no running statistics are updated). progress: a `common.Progress`
-    advanced by the episodes of each batch (it may raise `common.Interrupted`)."""
+    inner: the method's inner loop (`learner(cfg, model)`; None: the black-box learner, no steps). Runs
+    the model in eval mode (no running statistics are updated). progress: a `common.Progress` advanced by
+    the episodes of each batch (it may raise `common.Interrupted`)."""
     accs = []
     was_training = model.training
     model.eval()
@@ -266,10 +294,7 @@ def evaluate(model, sampler: EpisodeSampler, episodes: Episodes, cfg: Dict, devi
         for batch in sampler.batches(episodes, cfg["eval_batch"]):
             batch = batch.to(device)
             with torch.no_grad():
-                adapted = fastmaml.adapt(model, batch.support_x, batch.support_y, inner_lr=cfg["inner_lr"],
-                                         steps=cfg["eval_steps"], order="first", loss="cross_entropy",
-                                         batch_norm=cfg["bn"])
-                logits = adapted(batch.query_x)
+                logits = query_logits(model, inner, batch, cfg["eval_steps"])
             accs.append((logits.argmax(-1) == batch.query_y).float().mean(-1).cpu())
             if progress is not None:
                 progress.update(batch.num_tasks)
@@ -288,14 +313,23 @@ def run(args: argparse.Namespace) -> Dict:
 
 
 def _new_state(cfg: Dict, example_shape, device) -> common.TrainingState:
+    """The state at iteration 0: the method's network, its inner loop (`state.inner`; its learned rates
+    are trained by the same Adam and kept in the checkpoint), the episode stream, empty histories."""
     common.seed_everything(cfg["seed"])
     model = build_model(cfg, example_shape).to(device)
-    return common.TrainingState(
-        cfg, run_keys=RUN_KEYS, legacy={**LATER_KEYS, **PRESETS[cfg["job"]]},
-        parts={"model": model, "optimizer": torch.optim.Adam(model.parameters(), lr=cfg["meta_lr"]),
-               "episodes_rng": torch.Generator().manual_seed(cfg["seed"])},
+    inner = learner(cfg, model)
+    trainable = [p for p in model.parameters() if p.requires_grad] + ([] if inner is None else inner.parameters())
+    parts = {"model": model, "optimizer": torch.optim.Adam(trainable, lr=cfg["meta_lr"]),
+             "episodes_rng": torch.Generator().manual_seed(cfg["seed"])}
+    if inner is not None and inner.rates is not None:
+        parts["inner_rates"] = inner.rates
+    state = common.TrainingState(
+        cfg, run_keys=RUN_KEYS, legacy={**LATER_KEYS, **PRESETS[cfg["job"]]}, parts=parts,
         values={"history": {"query_loss_before": [], "query_loss_after": [], "train_accuracy": [], "val_accuracy": []},
-                "best": {"val_accuracy": -1.0, "iteration": 0}, "best_model": None, "step_seconds": []})
+                "best": {"val_accuracy": -1.0, "iteration": 0}, "best_model": None, "best_rates": None,
+                "step_seconds": [], "step_memory": None})
+    state.inner = inner
+    return state
 
 
 class _Counted:
@@ -311,20 +345,21 @@ class _Counted:
 
 
 def _evaluate_all(model, sampler: EpisodeSampler, episodes: Episodes, cfg: Dict, device, job: common.Job,
-                  progress=None) -> torch.Tensor:
-    """`evaluate` on `episodes` -> `[episodes]` accuracies. Under torchrun each rank adapts its contiguous
-    share of the episodes and the accuracies are gathered: every rank holds those of the whole set (so the
-    mean and the CI are the whole set's). Every rank advances `progress` equally often (its stop checks are
-    collective): a rank with fewer batches than the others adds empty updates."""
+                  progress=None, inner: Optional[methods.Learner] = None) -> torch.Tensor:
+    """`evaluate` (with the method's inner loop `inner`) on `episodes` -> `[episodes]` accuracies. Under
+    torchrun each rank adapts its contiguous share of the episodes and the accuracies are gathered: every
+    rank holds those of the whole set (so the mean and the CI are the whole set's). Every rank advances
+    `progress` equally often (its stop checks are collective): a rank with fewer batches than the others
+    adds empty updates."""
     if not job.distributed:
-        return evaluate(model, sampler, episodes, cfg, device, progress)
+        return evaluate(model, sampler, episodes, cfg, device, progress, inner)
     ranks, total = job.ranks, len(episodes)
     start, stop = distributed.share_range(total, ranks.rank, ranks.size)
     rounds = math.ceil(max(distributed.share_sizes(total, ranks.size)) / cfg["eval_batch"])
     counted = _Counted(progress)
     if stop > start:
         accs = evaluate(model, sampler, Episodes(episodes.classes[start:stop], episodes.examples[start:stop]), cfg,
-                        device, counted)
+                        device, counted, inner)
     else:
         accs = torch.zeros(0)
     for _ in range(rounds - counted.calls):
@@ -340,9 +375,19 @@ def _shown(job: common.Job, episodes: int, desc: str):
     return mine, f"{desc} (rank 0: {mine} of {episodes} episodes)"
 
 
-def _per_step_stats(model) -> list:
-    """The MAML++ per-step BatchNorm statistics (`fastmaml.add_per_step_stats`) that meta_step updates."""
-    return [b for name, b in model.named_buffers() if name.endswith(("step_running_mean", "step_running_var"))]
+def _method_step(state: common.TrainingState, batch, iteration: int) -> Dict[str, torch.Tensor]:
+    """The method's gradient on `batch` into `.grad` (not the optimizer step); its logged means over the
+    tasks: query loss (before and) after adaptation, query accuracy after."""
+    if state.inner is None:
+        logits = state.model(batch.support_x, batch.support_y, batch.query_x)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch.query_y.flatten())
+        loss.backward()
+        accuracy = (logits.detach().argmax(-1) == batch.query_y).float().mean()
+        return {"query_loss_after": loss.detach(), "accuracy_after": accuracy}
+    result = state.inner.meta_step(state.model, batch, iteration)
+    return {"query_loss_before": result.query_loss_before.float().mean(),
+            "query_loss_after": result.query_loss_after.float().mean(),
+            "accuracy_after": result.accuracy_after.float().mean()}
 
 
 def _samplers(cfg: Dict, splits: Splits, device):
@@ -391,7 +436,8 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
         shown, desc = _shown(job, len(val_episodes), f"validation at iteration {it}")
         bar = job.progress(desc, shown, unit="episodes", leave=False, interruptible=True)
         try:
-            acc = float(_evaluate_all(state.model, val, val_episodes, cfg, device, job, progress=bar).mean())
+            acc = float(_evaluate_all(state.model, val, val_episodes, cfg, device, job, progress=bar,
+                                      inner=state.inner).mean())
         finally:
             bar.close()
         state.history["val_accuracy"].append((it, acc))
@@ -399,6 +445,8 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
         if improved:  # the checkpoint keeps the best weights too: best.pt is rewritten from them if need be
             state.best = {"val_accuracy": acc, "iteration": it}
             state.best_model = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+            if state.inner is not None and state.inner.rates is not None:
+                state.best_rates = {k: v.detach().clone() for k, v in state.inner.rates.state_dict().items()}
         job.checkpoint(state)
         if improved:
             write_best()
@@ -411,20 +459,26 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
     def write_best() -> None:
         if not job.main:
             return
-        common.save_checkpoint(files["best weights"], {"model": state.best_model, "iteration": state.best["iteration"],
-                                                       "val_accuracy": state.best["val_accuracy"], "config": cfg})
+        best = {"model": state.best_model, "iteration": state.best["iteration"],
+                "val_accuracy": state.best["val_accuracy"], "config": cfg, "method": cfg["method"]}
+        if state.best_rates is not None:
+            best["inner_rates"] = state.best_rates
+        common.save_checkpoint(files["best weights"], best)
 
     def write_results(extra: Dict) -> Dict:
         """metrics.json and the two plots, rewritten at every validation and at the end."""
         history, steps = state.history, state.step_seconds
-        metrics = {"config": cfg, "chance": 1.0 / cfg["ways"], "iterations_done": state.iteration,
-                   "best": state.best, "seconds_per_meta_step": sum(steps) / max(len(steps), 1),
+        metrics = {"config": cfg, "method": cfg["method"], "label": methods.LABELS[cfg["method"]],
+                   "chance": 1.0 / cfg["ways"], "iterations_done": state.iteration,
+                   "best": state.best, "seconds_per_meta_step": sum(steps) / len(steps) if steps else None,
+                   "step_memory_bytes": state.step_memory,
                    "device": str(device), "processes": job.ranks.size, "history": history,
                    "resumed_from": start if args.resume else None, **extra}
         if not job.main:
             return metrics
         common.write_json(files["metrics"], metrics)
-        common.plot_curves({k: history[k] for k in ("query_loss_before", "query_loss_after")}, files["loss plot"],
+        common.plot_curves({k: history[k] for k in ("query_loss_before", "query_loss_after") if history[k]},
+                           files["loss plot"],
                            title=f"{name}: meta-training query loss", ylabel="cross-entropy")
         common.plot_curves({"train (after adaptation)": history["train_accuracy"],
                             "validation": history["val_accuracy"]}, files["accuracy plot"],
@@ -433,7 +487,10 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
 
     where = str(device) if not job.distributed else (
         f"{job.ranks.size} processes ({job.ranks.backend}; rank 0 on {device})")
-    job.say(f"{name}: {'resuming at' if args.resume else 'starting at'} iteration {start} of {total} on {where}; "
+    what = (f" ({state.inner.describe()})" if state.inner is not None else
+            " (black-box learner: SNAIL-style attention over the support, trained on cross-entropy)")
+    what = "" if cfg["method"] == "maml" else what
+    job.say(f"{name}: {'resuming at' if args.resume else 'starting at'} iteration {start} of {total} on {where}{what}; "
             f"validation every {cfg['val_every']}, checkpoint every {cfg['checkpoint_every']} iterations to "
             f"{job.checkpoint_path}")
     def train_step() -> Dict:
@@ -451,26 +508,31 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
             batch = train.gather(Episodes(episodes.classes[lo:hi], episodes.examples[lo:hi]))
         else:
             batch = train.sample(cfg["meta_batch"], state.episodes_rng)
-        state.optimizer.zero_grad(set_to_none=True)
-        order = "first" if it < cfg["first_order_until"] else cfg["order"]
-        weights = fastmaml.msl_weights(cfg["steps"], it, cfg["msl"]) if cfg["msl"] and cfg["steps"] else None
-        result = fastmaml.meta_step(state.model, batch, inner_lr=cfg["inner_lr"], steps=cfg["steps"], order=order,
-                                    loss="cross_entropy", batch_norm=cfg["bn"], step_weights=weights)
-        if job.distributed:
-            stats = _per_step_stats(state.model) if cfg["bn"] == "per_step" else []
-            with job.ranks.collective(f"the all-reduce of iteration {it + 1}"):
-                before, after, accuracy, stop = distributed.all_reduce_grads(
-                    state.model, num_tasks=batch.num_tasks, buffers=stats,
-                    values=[result.query_loss_before.float().mean(), result.query_loss_after.float().mean(),
-                            result.accuracy_after.float().mean(), job.stop_flag]).tolist()
-            job.agree_stop(stop > 0)
-            s = {"query_loss_before": before, "query_loss_after": after, "accuracy_after": accuracy}
-        state.optimizer.step()
-        state.step_seconds.append(time.perf_counter() - t0)
-        if not job.distributed:
-            s = result.summary()
+        warm = getattr(state, "warm", False)  # the first step of a process (tracing, allocations) is not timed
+        memory = common.StepMemory(device) if state.step_memory is None and warm else None
+        with memory or contextlib.nullcontext():
+            state.optimizer.zero_grad(set_to_none=True)
+            logged = _method_step(state, batch, it)
+            if job.distributed:
+                stats = distributed.batchnorm_statistics(state.model)  # running and MAML++ per-step statistics
+                keys = list(logged)
+                rates = None if state.inner is None else state.inner.rates
+                with job.ranks.collective(f"the all-reduce of iteration {it + 1}"):
+                    reduced = distributed.all_reduce_grads(
+                        state.model, extra=rates, num_tasks=batch.num_tasks, buffers=stats,
+                        values=[logged[k] for k in keys] + [job.stop_flag]).tolist()
+                job.agree_stop(reduced[-1] > 0)
+                logged = dict(zip(keys, reduced))
+            state.optimizer.step()
+        if memory is not None:
+            state.step_memory = memory.bytes
+        if warm:
+            state.step_seconds.append(time.perf_counter() - t0)
+        state.warm = True
+        s = {k: float(v) for k, v in logged.items()}
         state.iteration = it + 1
-        state.history["query_loss_before"].append((it + 1, s["query_loss_before"]))
+        if "query_loss_before" in s:
+            state.history["query_loss_before"].append((it + 1, s["query_loss_before"]))
         state.history["query_loss_after"].append((it + 1, s["query_loss_after"]))
         state.history["train_accuracy"].append((it + 1, s["accuracy_after"]))
         return s
@@ -515,6 +577,8 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
     if cfg["test_episodes"] > 0:
         test_episodes = test.fixed_episodes(cfg["test_episodes"], EVAL_SEED + 1)
         state.model.load_state_dict(state.best_model)
+        if state.best_rates is not None:
+            state.inner.rates.load_state_dict(state.best_rates)
         torch.manual_seed(cfg["seed"])
         baseline = build_model(cfg, splits.train.example_shape).to(device)
         job.say(f"{name}: test on {cfg['test_episodes']} episodes (best weights, iteration {state.best['iteration']}, "
@@ -522,9 +586,10 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
         shown, desc = _shown(job, cfg["test_episodes"], "test")
         bar = job.progress(desc, 2 * shown, unit="episodes", leave=False, interruptible=True)
         try:
-            acc, ci = common.mean_ci95(_evaluate_all(state.model, test, test_episodes, cfg, device, job, bar).tolist())
-            b_acc, b_ci = common.mean_ci95(_evaluate_all(baseline, test, test_episodes, cfg, device, job,
-                                                         bar).tolist())
+            acc, ci = common.mean_ci95(_evaluate_all(state.model, test, test_episodes, cfg, device, job, bar,
+                                                     inner=state.inner).tolist())
+            b_acc, b_ci = common.mean_ci95(_evaluate_all(baseline, test, test_episodes, cfg, device, job, bar,
+                                                         inner=learner(cfg, baseline)).tolist())
         except common.Interrupted:
             bar.close()
             return job.stopped(state, " during the test (training is complete)")

@@ -3,7 +3,8 @@ it off the fused engine.
 
 Layers with rules stay leaf modules: Linear, Conv2d (groups=1, zero padding), BatchNorm1d/2d, ReLU,
 LeakyReLU, Tanh, Sigmoid, ELU, GELU (exact), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten
-(start_dim >= 1), Identity, Dropout in eval mode (or p=0). Everything else a model does is traced into
+(start_dim >= 1), Identity, Dropout in eval mode (or p=0), and the context layers of `fastmaml.context`
+(ContextConcat, FiLM: CAVIA). Everything else a model does is traced into
 nodes, which map to rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `torch.tanh`, `torch.sigmoid`,
   `F.max_pool2d`, `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `F.dropout` (inactive), `F.linear`,
@@ -31,8 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import batchnorm
+from ...context import CONTEXT_LAYERS, ContextConcat, FiLM
 from ...layout import ParamLayout
 from .base import Rule
+from .context import ContextConcatRule, FiLMRule
 from .conv import ConvRule, Geometry
 from .dense import LinearRule
 from .graph import Graph, Node, Ref, fuse
@@ -85,6 +88,9 @@ class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return type(m) in CONTEXT_LAYERS or super().is_leaf_module(m, module_qualified_name)
 
 
 class _Root(nn.Module):
@@ -390,6 +396,11 @@ class _Lowering:
                                            m.count_include_pad, m.divisor_override), [x])
         if type(m) is nn.AdaptiveAvgPool2d:
             return self.emit(AdaptiveAvgPool2dRule(name, kind, m.output_size), [x])
+        if type(m) is ContextConcat:
+            return self.emit(ContextConcatRule(name, kind, m.num_context), [x], self.module_params(m, ("context",)))
+        if type(m) is FiLM:
+            return self.emit(FiLMRule(name, kind, m.num_channels, m.num_context), [x],
+                             self.module_params(m, FiLMRule.param_names))
         if type(m) is nn.Flatten:
             if m.start_dim == 0:
                 self.fail("start_dim=0 would merge the examples of a task")
