@@ -12,7 +12,7 @@
 #   ops        benchmarks/op_bench.py: every backend of every op on the arguments of real meta-steps
 #   ops_lr     the same with a learned inner learning rate (the adjoint update's α-gradient reduction)
 #   conv       benchmarks/conv_batching.py: loop / grouped / unfold convolutions, per layer and per meta-step
-#   suite      fastmaml bench on CUDA (sinusoid and 28×28 conv workloads, time and gradient error)
+#   suite      fastmaml bench on CUDA (sinusoid, 28×28 conv4 as Sequential and as a class, ResNet-12 64-640 84×84)
 #   crash      the bad-input tests of the C++ ops, each file in its own process, and a backtrace of the
 #              first one that crashes (cuda-gdb), with the toolchain facts that bear on it
 # Writes $OUT/gpu_check.md (the report) and $OUT/gpu_check.tar.gz (every log, junit file and table).
@@ -83,8 +83,8 @@ step ops 80 "$PY" benchmarks/op_bench.py --device cuda --out "$WORK" \
   --workloads sinusoid-K1 conv28-1shot-K1
 step ops_lr 40 "$PY" benchmarks/op_bench.py --device cuda --out "$WORK" --learned-lr --workloads conv28-1shot-K1
 step conv 60 "$PY" benchmarks/conv_batching.py --device cuda --out "$WORK"
-step suite 150 "$PY" -m fastmaml bench --device cuda --out "$WORK/suite" --no-memory --repeats 5 --budget 20 \
-  --workloads sinusoid-K1 sinusoid-K5 conv28-1shot-K1 conv28-1shot-K5 conv28-5shot-K1
+step suite 180 "$PY" -m fastmaml bench --device cuda --out "$WORK/suite" --no-memory --repeats 5 --budget 20 \
+  --workloads sinusoid-K1 sinusoid-K5 conv28-1shot-K1 conv28-1shot-K5 class28-1shot-K1 resnet12w-84-K5
 step crash 70 bash benchmarks/crash_check.sh "$WORK/crash"
 
 "$PY" benchmarks/gpu_check_report.py --out "$WORK" > /dev/null 2> "$WORK/report.err"
