@@ -5,6 +5,7 @@
     pytest benchmarks/ --benchmark-only --bench-quick        # the CI-sized variant
     pytest benchmarks/ --benchmark-only --bench-workloads conv28 --bench-impls fastmaml
 """
+
 import pytest
 
 
@@ -22,8 +23,11 @@ def pytest_generate_tests(metafunc):
         from fastmaml.bench import impls, workloads
 
         cfg = metafunc.config
-        ws = [w for w in workloads.select(cfg.getoption("--bench-workloads"), cfg.getoption("--bench-quick"))
-              if not w.sweep]
+        ws = [
+            w
+            for w in workloads.select(cfg.getoption("--bench-workloads"), cfg.getoption("--bench-quick"))
+            if not w.sweep
+        ]
         chosen = impls.select(cfg.getoption("--bench-impls"))
         metafunc.parametrize("workload", ws, ids=[w.name for w in ws], scope="module")
         metafunc.parametrize("impl", chosen, ids=[i.name for i in chosen])

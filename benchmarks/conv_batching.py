@@ -13,6 +13,7 @@ nets, at the support and query sizes. Part 2 times whole second-order meta-steps
     python benchmarks/conv_batching.py --device cuda --out /tmp/conv
 writes `conv_batching.json` and `conv_batching.md` into --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,15 +66,18 @@ def unfold_backward(gy, cols, w, shape):
 def layer_pass(strategy: str, x, w, b, gy) -> Callable[[], object]:
     """One layer's forward + backward (gx, gw, gb) with `strategy`."""
     if strategy == "unfold":
+
         def run():
             y, cols = unfold_forward(x, w, b)
             return unfold_backward(gy, cols, w, x.shape)
+
         return run
     gw, gb = torch.empty_like(w), torch.empty_like(b)
 
     def run():
         conv.conv_forward(x, w, b, _Geometry, strategy)
         return conv.conv_backward(gy, x, w, _Geometry, strategy, True, gw, gb)
+
     return run
 
 
@@ -130,8 +134,18 @@ def part_layers(device, T: int, repeats: int) -> List[dict]:
         gy = torch.randn(T_, N, Cout, H, H, device=device, generator=g)
         fns = {s: layer_pass(s, x, w, b, gy) for s in ("loop", "grouped", "unfold")}
         times = median_times(fns, device, repeats)
-        row = dict(net=net, T=T_, N=N, C=C, O=Cout, H=H, positions=N * H * H, error=check_layer(x, w, b, gy),
-                   auto=conv.choose("auto", x), **{f"{s}_s": t for s, t in times.items()})
+        row = dict(
+            net=net,
+            T=T_,
+            N=N,
+            C=C,
+            O=Cout,
+            H=H,
+            positions=N * H * H,
+            error=check_layer(x, w, b, gy),
+            auto=conv.choose("auto", x),
+            **{f"{s}_s": t for s, t in times.items()},
+        )
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
     return rows
@@ -147,8 +161,10 @@ def part_meta_steps(device, names: List[str], quick: bool, repeats: int) -> List
             def step(strategy, model=model, tasks=tasks, w=w):
                 def run():
                     conv.STRATEGY[device.type] = strategy
-                    fastmaml.meta_step(model, tasks, inner_lr=w.inner_lr, steps=w.steps, loss=w.loss,
-                                       evaluate_before=False)
+                    fastmaml.meta_step(
+                        model, tasks, inner_lr=w.inner_lr, steps=w.steps, loss=w.loss, evaluate_before=False
+                    )
+
                 return run
 
             times = median_times({s: step(s) for s in ("loop", "grouped", "auto")}, device, repeats)
@@ -161,22 +177,36 @@ def part_meta_steps(device, names: List[str], quick: bool, repeats: int) -> List
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Device: {results['device']}; torch {results['torch']}; float32; median of round-robin repeats",
-             "", "Forward + backward of one conv layer (3×3, padding 1), all T tasks, ms; "
-             "error: unfold/grouped gx against the loop's", "",
-             "| net | T | N | C→O | H×W | N·H·W | loop | grouped | unfold | fastest | auto picks | error |",
-             "|---|---:|---:|---|---|---:|---:|---:|---:|---|---|---:|"]
+    lines = [
+        f"Device: {results['device']}; torch {results['torch']}; float32; median of round-robin repeats",
+        "",
+        "Forward + backward of one conv layer (3×3, padding 1), all T tasks, ms; "
+        "error: unfold/grouped gx against the loop's",
+        "",
+        "| net | T | N | C→O | H×W | N·H·W | loop | grouped | unfold | fastest | auto picks | error |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---|---|---:|",
+    ]
     for r in results["layers"]:
         t = {s: r[f"{s}_s"] for s in ("loop", "grouped", "unfold")}
         best = min(t, key=t.get)
-        lines.append(f"| {r['net']} | {r['T']} | {r['N']} | {r['C']}→{r['O']} | {r['H']}×{r['H']} | "
-                     f"{r['positions']} | " + " | ".join(f"{t[s] * 1e3:.2f}" for s in t)
-                     + f" | {best} | {r['auto']} | {r['error']:.1e} |")
-    lines += ["", "Whole second-order meta-steps (`auto` ops), ms, by `conv.STRATEGY`", "",
-              "| workload | loop | grouped | auto | loop / grouped |", "|---|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {r['net']} | {r['T']} | {r['N']} | {r['C']}→{r['O']} | {r['H']}×{r['H']} | "
+            f"{r['positions']} | "
+            + " | ".join(f"{t[s] * 1e3:.2f}" for s in t)
+            + f" | {best} | {r['auto']} | {r['error']:.1e} |"
+        )
+    lines += [
+        "",
+        "Whole second-order meta-steps (`auto` ops), ms, by `conv.STRATEGY`",
+        "",
+        "| workload | loop | grouped | auto | loop / grouped |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in results["meta_steps"]:
-        lines.append(f"| {r['workload']} | {r['loop_s'] * 1e3:.1f} | {r['grouped_s'] * 1e3:.1f} | "
-                     f"{r['auto_s'] * 1e3:.1f} | {r['loop_s'] / r['grouped_s']:.2f} |")
+        lines.append(
+            f"| {r['workload']} | {r['loop_s'] * 1e3:.1f} | {r['grouped_s'] * 1e3:.1f} | "
+            f"{r['auto_s'] * 1e3:.1f} | {r['loop_s'] / r['grouped_s']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -191,8 +221,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    results = {"device": name, "torch": torch.__version__, "layers": part_layers(device, args.tasks, args.repeats),
-               "meta_steps": part_meta_steps(device, args.workloads, args.quick, args.repeats)}
+    results = {
+        "device": name,
+        "torch": torch.__version__,
+        "layers": part_layers(device, args.tasks, args.repeats),
+        "meta_steps": part_meta_steps(device, args.workloads, args.quick, args.repeats),
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "conv_batching.json").write_text(json.dumps(results, indent=2))
     (args.out / "conv_batching.md").write_text(markdown(results))

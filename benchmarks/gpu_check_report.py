@@ -7,6 +7,7 @@ reported as missing, never invented.
 
     python benchmarks/gpu_check_report.py --out $WORK
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,9 @@ def junit_summary(path: Path) -> Dict[str, Dict]:
     """Per test file (the module of each case's classname): counts, failing and skipped test ids."""
     root = ET.parse(path).getroot()
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    files: Dict[str, Dict] = defaultdict(lambda: {"passed": 0, "failures": 0, "errors": 0, "skipped": 0,
-                                                  "failed": [], "skipped_ids": []})
+    files: Dict[str, Dict] = defaultdict(
+        lambda: {"passed": 0, "failures": 0, "errors": 0, "skipped": 0, "failed": [], "skipped_ids": []}
+    )
     for suite in suites:
         for case in suite.iter("testcase"):
             module = case.get("classname", "").split(".")
@@ -60,8 +62,7 @@ def report(out: Path) -> str:
     lines += ["## Steps", ""] + _code(out / "steps.txt")
     steps = out / "steps.txt"
     if steps.exists() and "build exit 0 " not in steps.read_text() and (out / "build.log").exists():
-        lines += ["Build log (end):", "", "```", *(out / "build.log").read_text().strip().splitlines()[-30:],
-                  "```", ""]
+        lines += ["Build log (end):", "", "```", *(out / "build.log").read_text().strip().splitlines()[-30:], "```", ""]
     lines += ["## Tests", "", "| test file | passed | failed | errors | skipped |", "|---|---:|---:|---:|---:|"]
     details: List[str] = []
     groups = sorted(out.glob("junit-*.xml"))

@@ -27,6 +27,7 @@ Sections:
 Uses fastmaml internals to watch the block-tail ops (the op table of `fastmaml.ops.registry`, the
 chunk sizes of the fused program); the numbers are in benchmarks/RESULTS.md ("Issue 13").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,12 @@ def instance_model() -> nn.Sequential:
     torch.manual_seed(0)
     layers, c = [], 3
     for _ in range(4):
-        layers += [nn.Conv2d(c, 32, 3, padding=1), nn.BatchNorm2d(32, track_running_stats=False), nn.ReLU(),
-                   nn.MaxPool2d(2)]
+        layers += [
+            nn.Conv2d(c, 32, 3, padding=1),
+            nn.BatchNorm2d(32, track_running_stats=False),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
         c = 32
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(800, 5))
 
@@ -70,15 +75,19 @@ def instance_tasks(T: int) -> TaskBatch:
 
 def instance_workload(T: int, K: int) -> Workload:
     config = dict(ways=5, shots=1, query_per_class=15, channels=3, size=84, filters=32)
-    return Workload(f"issue13-K{K}", f"issue 13 instance, T={T}, K={K}", "conv", T, K, 0.01, "cross_entropy", 5, 75,
-                    config)
+    return Workload(
+        f"issue13-K{K}", f"issue 13 instance, T={T}, K={K}", "conv", T, K, 0.01, "cross_entropy", 5, 75, config
+    )
 
 
 def kept_mask(model: nn.Module) -> torch.Tensor:
     """True for every parameter entry but the biases of convolutions followed by a BatchNorm."""
     mods = list(model)
-    skip = {f"{i}.bias" for i, m in enumerate(mods[:-1]) if isinstance(m, nn.Conv2d)
-            and isinstance(mods[i + 1], nn.BatchNorm2d)}
+    skip = {
+        f"{i}.bias"
+        for i, m in enumerate(mods[:-1])
+        if isinstance(m, nn.Conv2d) and isinstance(mods[i + 1], nn.BatchNorm2d)
+    }
     return torch.cat([torch.full((p.numel(),), n not in skip) for n, p in model.named_parameters()])
 
 
@@ -123,8 +132,15 @@ def record_decisions(backend: str, model: nn.Module, w: Workload, tasks: TaskBat
     impl = {i.name: i for i in impls.implementations()}[f"fastmaml[{backend},second]"]
 
     def keep(kind, x, z, idx):
-        calls.append(dict(kind=kind, shape=tuple(x.shape), idx=idx.to(torch.int32), on=z > 0,
-                          x=x.clone() if x.shape[1] == w.support else None))
+        calls.append(
+            dict(
+                kind=kind,
+                shape=tuple(x.shape),
+                idx=idx.to(torch.int32),
+                on=z > 0,
+                x=x.clone() if x.shape[1] == w.support else None,
+            )
+        )
 
     def fwd_(x, wt, b, eps, k):
         out = fwd(x, wt, b, eps, k)
@@ -171,8 +187,12 @@ def sweep_vs_hvp(calls: List[Dict], w: Workload) -> List[str]:
     T, K = w.tasks, w.steps
     sweep = [c for c in calls if c["kind"] == "fwd" and c["shape"][1] == w.support]
     hvp = [c for c in calls if c["kind"] == "tan"]
-    if any(c["shape"][0] != T for c in sweep) or any(c["shape"][0] != 1 for c in hvp) or len(sweep) != 4 * K \
-            or len(hvp) != 4 * T * K:
+    if (
+        any(c["shape"][0] != T for c in sweep)
+        or any(c["shape"][0] != 1 for c in hvp)
+        or len(sweep) != 4 * K
+        or len(hvp) != 4 * T * K
+    ):
         return [f"(chunking not recognized: {len(sweep)} sweep calls, {len(hvp)} HVP calls; skipped)"]
     out, differ, triples, dx_max = [], 0, 0, 0.0
     for j in range(K):
@@ -187,8 +207,10 @@ def sweep_vs_hvp(calls: List[Dict], w: Workload) -> List[str]:
                 differ += dx > 0
                 dx_max = max(dx_max, dx)
                 if dp or dr:
-                    out.append(f"step {j} block {blk + 1} task {t}: picks differ {dp}, masks differ {dr} "
-                               f"(max |x_sweep − x_hvp| {dx:.1e})")
+                    out.append(
+                        f"step {j} block {blk + 1} task {t}: picks differ {dp}, masks differ {dr} "
+                        f"(max |x_sweep − x_hvp| {dx:.1e})"
+                    )
     if differ:
         out.insert(0, f"x differs in {differ} of {triples} (step, block, task) (max {dx_max:.1e})")
     return out
@@ -224,15 +246,18 @@ def dither(base: nn.Module, w: Workload, tasks: TaskBatch, mask: torch.Tensor, d
         print(f"    draw {d}: " + ", ".join(f"{r} {errs[r][-1]:.1e}" for r in rows), flush=True)
     for r in rows:
         v = sorted(errs[r])
-        print(f"    {r:24s} median {v[len(v) // 2]:.1e}, max {v[-1]:.1e}, above 1e-2 in "
-              f"{sum(e > 1e-2 for e in v)} of {len(v)}")
+        print(
+            f"    {r:24s} median {v[len(v) // 2]:.1e}, max {v[-1]:.1e}, above 1e-2 in "
+            f"{sum(e > 1e-2 for e in v)} of {len(v)}"
+        )
 
 
 def first_step0_support_flip(calls: List[Dict], truth: List[Dict], w: Workload):
     """(block, call index, position [task, n, c, oh, ow]) of the first pick at step 0 of the forward sweep that
     differs from float64, or None."""
-    sweep = [i for i, c in enumerate(calls)
-             if c["kind"] == "fwd" and c["shape"][1] == w.support and c["shape"][0] == w.tasks]
+    sweep = [
+        i for i, c in enumerate(calls) if c["kind"] == "fwd" and c["shape"][1] == w.support and c["shape"][0] == w.tasks
+    ]
     for blk, i in enumerate(sweep[:4]):
         c, t = calls[i], truth[i]
         bad = ((c["idx"] != t["idx"]) & t["on"]).nonzero()
@@ -243,13 +268,14 @@ def first_step0_support_flip(calls: List[Dict], truth: List[Dict], w: Workload):
 
 def window(x: torch.Tensor, pos, k: int = 2) -> torch.Tensor:
     t, n, c, oh, ow = pos
-    return x[t, n, c, k * oh:k * oh + k, k * ow:k * ow + k].reshape(-1)
+    return x[t, n, c, k * oh : k * oh + k, k * ow : k * ow + k].reshape(-1)
 
 
 def nudge_hook(block: int, task: int, pos_nchw, delta: float, K: int):
     """A hook installer: adds `delta` to one output element of the block's convolution in the autograd
     loop, on task `task`'s support pass at step 0 (the loop runs K support passes and one query pass
     per task)."""
+
     def install(model):
         state = {"calls": 0}
 
@@ -262,6 +288,7 @@ def nudge_hook(block: int, task: int, pos_nchw, delta: float, K: int):
                 return out + d
 
         model[4 * block].register_forward_hook(hook)
+
     return install
 
 
@@ -282,8 +309,13 @@ def main() -> None:
         start = time.time()
         truth = meta_grad("autograd-loop", base, w, tasks, torch.float64)
         print(f"\n== K={K} (float64 truth {time.time() - start:.0f} s)")
-        sens = {eps: [rel(meta_grad("autograd-loop", perturbed(base, eps, 100 + d), w, tasks, torch.float64),
-                          truth, mask) for d in range(2)] for eps in EPS_LIST}
+        sens = {
+            eps: [
+                rel(meta_grad("autograd-loop", perturbed(base, eps, 100 + d), w, tasks, torch.float64), truth, mask)
+                for d in range(2)
+            ]
+            for eps in EPS_LIST
+        }
         print("sensitivity (2 draws): " + "; ".join(f"ε={eps:.0e}: {s[0]:.2e}, {s[1]:.2e}" for eps, s in sens.items()))
         grads = {}
         for name in ROWS:
@@ -305,8 +337,10 @@ def main() -> None:
                 p, r = flips(c, t)
                 s = total.setdefault(phase(c, w), [0, 0, 0])
                 s[0], s[1], s[2] = s[0] + p, s[1] + r, s[2] + 1
-            print(f"  decisions, {backend} vs float64 (picks, masks, calls): "
-                  + "; ".join(f"{k}: {v[0]}, {v[1]}, {v[2]}" for k, v in total.items()))
+            print(
+                f"  decisions, {backend} vs float64 (picks, masks, calls): "
+                + "; ".join(f"{k}: {v[0]}, {v[1]}, {v[2]}" for k, v in total.items())
+            )
             lines = sweep_vs_hvp(calls, w)
             print(f"  {backend}: forward sweep vs HVP recomputation: " + ("identical" if not lines else ""))
             for line in lines:
@@ -339,20 +373,27 @@ def near_tie(hit, recs, ref, base, w, tasks, mask, truth, grads, K) -> None:
     margin = y(float(x64[tk, n, ch, e64[0], e64[1]])) - y(float(x64[tk, n, ch, e32[0], e32[1]]))
     xval = float(x64[tk, n, ch, e32[0], e32[1]])
     ulp = torch.finfo(torch.float32).eps * 2.0 ** math.floor(math.log2(abs(xval)))  # float32 spacing there
-    print(f"  first step-0 support pick that differs (C++ run): block {blk + 1}, task {tk}, image {n}, "
-          f"channel {ch}, window ({oh}, {ow}): float64 picks {e64}, C++ run {e32}")
+    print(
+        f"  first step-0 support pick that differs (C++ run): block {blk + 1}, task {tk}, image {n}, "
+        f"channel {ch}, window ({oh}, {ow}): float64 picks {e64}, C++ run {e32}"
+    )
     print(f"    conv output, {'float64:':11s} " + ", ".join(f"{v:.10f}" for v in window(x64, pos).tolist()))
     for backend in ("torch", "cpp"):
         xw = window(recs[backend][at]["x"], pos)
         print(f"    conv output, {backend + ' run:':11s} " + ", ".join(f"{v:.10f}" for v in xw.tolist()))
-    print(f"    margin in BN output {margin:.2e}; in conv output "
-          f"{abs(float(x64[tk, n, ch, e64[0], e64[1]]) - xval):.2e} ≈ "
-          f"{abs(float(x64[tk, n, ch, e64[0], e64[1]]) - xval) / ulp:.1f} float32 ulps")
+    print(
+        f"    margin in BN output {margin:.2e}; in conv output "
+        f"{abs(float(x64[tk, n, ch, e64[0], e64[1]]) - xval):.2e} ≈ "
+        f"{abs(float(x64[tk, n, ch, e64[0], e64[1]]) - xval) / ulp:.1f} float32 ulps"
+    )
     delta = 1.5 * margin / scale  # lifts the C++ run's pick above the true one
-    nudged = meta_grad("autograd-loop", base, w, tasks, torch.float64,
-                       hook=nudge_hook(blk, tk, (n, ch, e32[0], e32[1]), delta, K))
-    print(f"    neighbour problem: that conv output moved by {delta:+.2e}; its float64 meta-gradient is "
-          f"{rel(nudged, truth, mask):.2e} from g*")
+    nudged = meta_grad(
+        "autograd-loop", base, w, tasks, torch.float64, hook=nudge_hook(blk, tk, (n, ch, e32[0], e32[1]), delta, K)
+    )
+    print(
+        f"    neighbour problem: that conv output moved by {delta:+.2e}; its float64 meta-gradient is "
+        f"{rel(nudged, truth, mask):.2e} from g*"
+    )
     for name, g in grads.items():
         print(f"    {name:24s} vs g* {rel(g, truth, mask):.2e}   vs the neighbour's g* {rel(g, nudged, mask):.2e}")
 

@@ -15,6 +15,7 @@ fresh clones of the arguments:
     python benchmarks/op_bench.py --device cuda --workloads sinusoid-K1 conv28-1shot-K1 --out /tmp/ops
 writes `op_bench.json` and `op_bench.md` (`op_bench_learned_lr.*` with --learned-lr) into --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,6 +83,7 @@ def record_calls(workload, device, learned_lr: bool) -> Dict[str, Dict[str, tupl
             if sig not in seen:
                 seen[sig] = (_map(args, torch.Tensor.clone), _map(kwargs, torch.Tensor.clone))
             return fn(*args, **kwargs)
+
         return recording
 
     try:
@@ -94,8 +96,15 @@ def record_calls(workload, device, learned_lr: bool) -> Dict[str, Dict[str, tupl
         for whole_loop_op in (True, False):  # an MLP runs as one op (mlp_meta_step); record the fused ops too
             if not whole_loop_op:
                 fastmaml.engine.mlp_plan = lambda program, loss: (None, "recording the fused ops")
-            fastmaml.meta_step(model, tasks, inner_lr=lr, steps=workload.steps, loss=workload.loss,
-                               backend="torch", evaluate_before=False)
+            fastmaml.meta_step(
+                model,
+                tasks,
+                inner_lr=lr,
+                steps=workload.steps,
+                loss=workload.loss,
+                backend="torch",
+                evaluate_before=False,
+            )
     finally:
         fastmaml.engine.mlp_plan = mlp_plan
         for name, fn in saved.items():
@@ -177,7 +186,8 @@ def bench(workloads, device, repeats: int, learned_lr: bool = False) -> dict:
                     row = dict(workload=w.name, op=name, args=sig, backend=backend, auto=auto[name][0] == backend)
                     try:
                         row["error"], row["index_mismatch"] = (
-                            (0.0, 0.0) if backend == "torch" else discrepancy(run_once(fn, args, kwargs), refs))
+                            (0.0, 0.0) if backend == "torch" else discrepancy(run_once(fn, args, kwargs), refs)
+                        )
                         row["seconds"] = time_call(fn, args, kwargs, device, repeats)
                     except Exception as exc:  # reported in the table, not hidden
                         row["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
@@ -192,19 +202,24 @@ def bench(workloads, device, repeats: int, learned_lr: bool = False) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Device: {results['device']}; torch {results['torch']}; float32; median per call; "
-             "error: max |out - ref| / max |ref| over the floating-point outputs; index mismatch: fraction "
-             "of integer outputs (max-pool indices) that differ", "",
-             "| workload | op | arguments | backend | auto now | µs | vs torch | error | index mismatch |",
-             "|---|---|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        f"Device: {results['device']}; torch {results['torch']}; float32; median per call; "
+        "error: max |out - ref| / max |ref| over the floating-point outputs; index mismatch: fraction "
+        "of integer outputs (max-pool indices) that differ",
+        "",
+        "| workload | op | arguments | backend | auto now | µs | vs torch | error | index mismatch |",
+        "|---|---|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in results["rows"]:
         args = r["args"] if len(r["args"]) <= 60 else r["args"][:57] + "..."
         if "failed" in r:
             lines.append(f"| {r['workload']} | {r['op']} | {args} | {r['backend']} | | FAILED: {r['failed']} | | | |")
             continue
-        lines.append(f"| {r['workload']} | {r['op']} | `{args}` | {r['backend']} | {'yes' if r['auto'] else ''} | "
-                     f"{r['seconds'] * 1e6:.1f} | {r.get('speedup', 0):.2f}× | {r['error']:.1e} | "
-                     f"{r['index_mismatch']:.1e} |")
+        lines.append(
+            f"| {r['workload']} | {r['op']} | `{args}` | {r['backend']} | {'yes' if r['auto'] else ''} | "
+            f"{r['seconds'] * 1e6:.1f} | {r.get('speedup', 0):.2f}× | {r['error']:.1e} | "
+            f"{r['index_mismatch']:.1e} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,7 @@ the all-reduce. The full run (a quiet machine, ~10 minutes on 2 cores):
 writes ranks.json and ranks.md into --out and prints the table. A quick smoke run:
 `--steps 3 --warmup 1`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,12 +63,17 @@ def conv_workload():
     g = torch.Generator().manual_seed(1)
     T, ways, shots, query = 32, 5, 1, 15
     labels = torch.arange(ways)
-    tasks = fastmaml.TaskBatch(torch.rand(T, ways * shots, 1, 28, 28, generator=g),
-                               labels.repeat_interleave(shots).expand(T, -1).contiguous(),
-                               torch.rand(T, ways * query, 1, 28, 28, generator=g),
-                               labels.repeat_interleave(query).expand(T, -1).contiguous())
-    return conv4(1, ways, hidden=64, image_size=28), tasks, dict(inner_lr=0.4, steps=1, order="second",
-                                                                  loss="cross_entropy")
+    tasks = fastmaml.TaskBatch(
+        torch.rand(T, ways * shots, 1, 28, 28, generator=g),
+        labels.repeat_interleave(shots).expand(T, -1).contiguous(),
+        torch.rand(T, ways * query, 1, 28, 28, generator=g),
+        labels.repeat_interleave(query).expand(T, -1).contiguous(),
+    )
+    return (
+        conv4(1, ways, hidden=64, image_size=28),
+        tasks,
+        dict(inner_lr=0.4, steps=1, order="second", loss="cross_entropy"),
+    )
 
 
 WORKLOADS = {"sinusoid": sinusoid_workload, "conv": conv_workload}
@@ -110,11 +116,22 @@ def worker(args) -> None:
         dist.barrier()
     seconds = time.perf_counter() - started
     if rank == 0:
-        Path(args.json).write_text(json.dumps({
-            "workload": args.workload, "ranks": world, "threads": args.threads, "steps": args.steps,
-            "warmup": args.warmup, "tasks": tasks.num_tasks, "tasks_per_rank": mine.num_tasks,
-            "seconds": seconds, "steps_per_second": args.steps / seconds,
-            "allreduce_fraction": reducing[0] / seconds}))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "workload": args.workload,
+                    "ranks": world,
+                    "threads": args.threads,
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "tasks": tasks.num_tasks,
+                    "tasks_per_rank": mine.num_tasks,
+                    "seconds": seconds,
+                    "steps_per_second": args.steps / seconds,
+                    "allreduce_fraction": reducing[0] / seconds,
+                }
+            )
+        )
     if launched:
         dist.destroy_process_group()
         gc.collect()  # frees the gloo process group now, not during interpreter shutdown (which can abort)
@@ -123,13 +140,32 @@ def worker(args) -> None:
 def run_config(workload: str, ranks: int, threads: int, steps: int, warmup: int) -> Dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        worker_args = [str(Path(__file__).resolve()), "--worker", "--workload", workload, "--threads", str(threads),
-                       "--steps", str(steps), "--warmup", str(warmup), "--json", str(out)]
+        worker_args = [
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--workload",
+            workload,
+            "--threads",
+            str(threads),
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+            "--json",
+            str(out),
+        ]
         if ranks == 1:
             command = [sys.executable, *worker_args]
         else:
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-                       *worker_args]
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(ranks),
+                *worker_args,
+            ]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
         env["OMP_NUM_THREADS"] = str(threads)
@@ -156,8 +192,13 @@ def table(rows: List[Dict], configs) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="meta-steps per second on 1 and several CPU ranks")
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
-    parser.add_argument("--configs", nargs="+", default=["1x2", "2x1"], metavar="RANKSxTHREADS",
-                        help="configurations, ranks x threads per rank (default: 1x2 2x1)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["1x2", "2x1"],
+        metavar="RANKSxTHREADS",
+        help="configurations, ranks x threads per rank (default: 1x2 2x1)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default: sinusoid 300, conv 12)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 20, 2)")
     parser.add_argument("--out", type=Path, default=None, help="folder for ranks.json and ranks.md")
@@ -176,9 +217,12 @@ def main() -> None:
         warmup = args.warmup if args.warmup is not None else warmup
         for ranks, threads in configs:
             row = run_config(workload, ranks, threads, steps, warmup)
-            print(f"{workload}: {ranks} rank(s) x {threads} thread(s): {row['steps_per_second']:.3g} steps/s "
-                  f"({row['steps']} steps, {row['tasks_per_rank']} of {row['tasks']} tasks on rank 0, all-reduce "
-                  f"{100 * row['allreduce_fraction']:.1f}%)", flush=True)
+            print(
+                f"{workload}: {ranks} rank(s) x {threads} thread(s): {row['steps_per_second']:.3g} steps/s "
+                f"({row['steps']} steps, {row['tasks_per_rank']} of {row['tasks']} tasks on rank 0, all-reduce "
+                f"{100 * row['allreduce_fraction']:.1f}%)",
+                flush=True,
+            )
             rows.append(row)
     text = table(rows, configs)
     print("\n" + text)

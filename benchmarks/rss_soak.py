@@ -22,6 +22,7 @@ first sample interval (caches warm), at the end, and the growth in between per 1
 
 Run it on a quiet machine; the ms/step column is only indicative.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,8 +80,12 @@ class Net(nn.Module):
         super().__init__()
         blocks = []
         for i in range(4):
-            blocks += [nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1), nn.BatchNorm2d(hidden),
-                       nn.ReLU(), nn.MaxPool2d(2)]
+            blocks += [
+                nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, padding=1),
+                nn.BatchNorm2d(hidden),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
         self.features = nn.Sequential(*blocks)
         self.classifier = nn.Linear(hidden, num_classes)  # 28 → 14 → 7 → 3 → 1
 
@@ -102,8 +107,9 @@ def sinusoid_batches(count: int, T: int = 25, shots: int = 10, queries: int = 10
     return out
 
 
-def fewshot_batches(count: int, T: int = 4, ways: int = 5, shots: int = 1, queries: int = 15,
-                    size: int = 28) -> List[tuple]:
+def fewshot_batches(
+    count: int, T: int = 4, ways: int = 5, shots: int = 1, queries: int = 15, size: int = 28
+) -> List[tuple]:
     """`count` batches of random N-way K-shot image tasks (labels 0..ways-1, class-major)."""
     out = []
     for _ in range(count):
@@ -134,8 +140,14 @@ def soak(workload: str, mode: str, steps: int, backend: str, pool: int = 4) -> d
     def sample(step: int) -> None:
         gc.collect()
         rss, peak = rss_mb()
-        samples.append({"step": step, "rss_mb": round(rss, 2), "peak_mb": None if peak is None else round(peak, 2),
-                        "seconds": round(time.perf_counter() - start, 3)})
+        samples.append(
+            {
+                "step": step,
+                "rss_mb": round(rss, 2),
+                "peak_mb": None if peak is None else round(peak, 2),
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
 
     start = time.perf_counter()
     sample(0)
@@ -156,41 +168,64 @@ def soak(workload: str, mode: str, steps: int, backend: str, pool: int = 4) -> d
     last = samples[-1]
     span = max(1, last["step"] - warm["step"])
     growth = last["rss_mb"] - warm["rss_mb"]
-    return {"workload": workload, "mode": mode, "steps": steps, "sample_every": every,
-            "rss_start_mb": samples[0]["rss_mb"], "rss_warm_mb": warm["rss_mb"], "rss_end_mb": last["rss_mb"],
-            "peak_mb": last["peak_mb"], "growth_mb": round(growth, 2),
-            "growth_mb_per_1000_steps": round(growth * 1000 / span, 2),
-            "seconds_first_interval": warm["seconds"],
-            "seconds_per_step": round((last["seconds"] - warm["seconds"]) / span, 5) if last is not warm
-            else round(last["seconds"] / max(1, steps), 5), "samples": samples}
+    return {
+        "workload": workload,
+        "mode": mode,
+        "steps": steps,
+        "sample_every": every,
+        "rss_start_mb": samples[0]["rss_mb"],
+        "rss_warm_mb": warm["rss_mb"],
+        "rss_end_mb": last["rss_mb"],
+        "peak_mb": last["peak_mb"],
+        "growth_mb": round(growth, 2),
+        "growth_mb_per_1000_steps": round(growth * 1000 / span, 2),
+        "seconds_first_interval": warm["seconds"],
+        "seconds_per_step": round((last["seconds"] - warm["seconds"]) / span, 5)
+        if last is not warm
+        else round(last["seconds"] / max(1, steps), 5),
+        "samples": samples,
+    }
 
 
 def table(results: List[dict]) -> str:
-    head = (f"{'workload':12s} {'mode':5s} {'steps':>6s} {'start':>8s} {'warm':>8s} {'end':>8s} {'peak':>8s} "
-            f"{'growth':>8s} {'/1k steps':>10s} {'ms/step':>8s}")
+    head = (
+        f"{'workload':12s} {'mode':5s} {'steps':>6s} {'start':>8s} {'warm':>8s} {'end':>8s} {'peak':>8s} "
+        f"{'growth':>8s} {'/1k steps':>10s} {'ms/step':>8s}"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         peak = "-" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
-        lines.append(f"{r['workload']:12s} {r['mode']:5s} {r['steps']:6d} {r['rss_start_mb']:8.1f} "
-                     f"{r['rss_warm_mb']:8.1f} {r['rss_end_mb']:8.1f} {peak:>8s} {r['growth_mb']:+8.2f} "
-                     f"{r['growth_mb_per_1000_steps']:+10.2f} {1000 * r['seconds_per_step']:8.2f}")
-    lines.append("(MiB of RSS after gc.collect(); warm: after the first of 20 intervals; growth: end − warm; "
-                 "ms/step: after warm)")
+        lines.append(
+            f"{r['workload']:12s} {r['mode']:5s} {r['steps']:6d} {r['rss_start_mb']:8.1f} "
+            f"{r['rss_warm_mb']:8.1f} {r['rss_end_mb']:8.1f} {peak:>8s} {r['growth_mb']:+8.2f} "
+            f"{r['growth_mb_per_1000_steps']:+10.2f} {1000 * r['seconds_per_step']:8.2f}"
+        )
+    lines.append(
+        "(MiB of RSS after gc.collect(); warm: after the first of 20 intervals; growth: end − warm; "
+        "ms/step: after warm)"
+    )
     return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps-scale", type=float, default=1.0,
-                        help="multiply every workload's steps (e.g. 0.02 for a quick check; default 1)")
+    parser.add_argument(
+        "--steps-scale",
+        type=float,
+        default=1.0,
+        help="multiply every workload's steps (e.g. 0.02 for a quick check; default 1)",
+    )
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--backend", default="auto", help="meta_step's backend (default auto)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="write the results (with every sample) as JSON")
-    parser.add_argument("--in-process", action="store_true",
-                        help="run every case in this process (default: each in a fresh interpreter, so that one "
-                             "case's memory does not count in the next one's)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run every case in this process (default: each in a fresh interpreter, so that one "
+        "case's memory does not count in the next one's)",
+    )
     parser.add_argument("--case", nargs=3, metavar=("WORKLOAD", "MODE", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps_scale <= 0:
@@ -212,21 +247,35 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.in_process:
                 results.append(soak(workload, mode, steps, args.backend))
                 continue
-            command = [sys.executable, str(Path(__file__).resolve()), "--case", workload, mode, str(steps),
-                       "--backend", args.backend] + (["--threads", str(args.threads)] if args.threads else [])
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--case",
+                workload,
+                mode,
+                str(steps),
+                "--backend",
+                args.backend,
+            ] + (["--threads", str(args.threads)] if args.threads else [])
             proc = subprocess.run(command, stdout=subprocess.PIPE, text=True)
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 print(f"{workload} / {mode} failed (exit {proc.returncode})", file=sys.stderr)
                 return 1
-            results.append(json.loads(lines[-1][len("RESULT "):]))
+            results.append(json.loads(lines[-1][len("RESULT ") :]))
     print(table(results))
 
     cpp_ok, cpp_why = registry.availability("cpp", torch.device("cpu"))
-    report = {"python": platform.python_version(), "torch": torch.__version__,
-              "fastmaml": getattr(fastmaml, "__version__", "?"), "threads": torch.get_num_threads(),
-              "backend": args.backend, "cpp_extension": {"available": cpp_ok, "why": cpp_why},
-              "steps_scale": args.steps_scale, "results": results}
+    report = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fastmaml": getattr(fastmaml, "__version__", "?"),
+        "threads": torch.get_num_threads(),
+        "backend": args.backend,
+        "cpp_extension": {"available": cpp_ok, "why": cpp_why},
+        "steps_scale": args.steps_scale,
+        "results": results,
+    }
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=1))

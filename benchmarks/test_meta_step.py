@@ -1,6 +1,7 @@
 """Time per meta-step of every (workload, implementation) through pytest-benchmark, with the
 meta-gradient's error against the float64 autograd loop in `extra_info` (see conftest.py for options).
 A fastmaml row whose gradient is WRONG (see `fastmaml.bench.verdicts.verdict`) fails."""
+
 import pytest
 import torch
 
@@ -35,11 +36,17 @@ def test_meta_step(benchmark, workload, impl, bench_device, request):
     runner.step()
     truth, ref, sens = _truth(workload, impl.order, bench_device)
     err = rel_err(runner.flat_grad(), truth)
-    benchmark.extra_info.update(rel_err=err, autograd_fp32_err=ref, sensitivity=sens,
-                                verdict=verdict(err, ref, sensitivity=sens), workload=workload.description)
+    benchmark.extra_info.update(
+        rel_err=err,
+        autograd_fp32_err=ref,
+        sensitivity=sens,
+        verdict=verdict(err, ref, sensitivity=sens),
+        workload=workload.description,
+    )
     quick = request.config.getoption("--bench-quick")
     rounds = request.config.getoption("--bench-rounds") or (2 if quick else 5)
     benchmark.pedantic(runner.timed_step, rounds=rounds, warmup_rounds=0 if quick else 1, iterations=1)
     if impl.family == "fastmaml":
-        assert verdict(err, ref, sensitivity=sens) != "WRONG", \
+        assert verdict(err, ref, sensitivity=sens) != "WRONG", (
             f"{impl.name} on {workload.name}: error {err:.2e} vs autograd {ref:.2e}, sensitivity {sens:.2e}"
+        )

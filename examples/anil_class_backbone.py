@@ -9,6 +9,7 @@ Hessian block of the backbone and head; it does not hold T copies of the backbon
 `nn.Module` with its own `forward`: fastmaml traces it (torch.fx) and runs it on its fused engine;
 `fastmaml.explain` says which engine a model gets and why.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,8 @@ class Backbone(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(), nn.MaxPool2d(2))
-            for c in (1, hidden, hidden))
+            for c in (1, hidden, hidden)
+        )
 
     def forward(self, x):
         for block in self.blocks:
@@ -78,8 +80,11 @@ def main() -> None:
         result = fastmaml.meta_step(model, tasks, **hyper)
         optimizer.step()
         if iteration % 10 == 0 or iteration == args.iterations:
-            print(f"iteration {iteration}: query accuracy after adapting the head "
-                  f"{float(result.accuracy_after.mean()):.3f} ({time.perf_counter() - started:.1f} s)", flush=True)
+            print(
+                f"iteration {iteration}: query accuracy after adapting the head "
+                f"{float(result.accuracy_after.mean()):.3f} ({time.perf_counter() - started:.1f} s)",
+                flush=True,
+            )
     tasks = test.gather(test.sample_indices(args.meta_batch, generator))
     adapted = fastmaml.adapt(model, tasks.support_x, tasks.support_y, **hyper, update_running_stats=False)
     with torch.no_grad():

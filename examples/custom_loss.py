@@ -9,6 +9,7 @@ classification). Any other callable (here a Huber loss, robust to the outliers i
 the torch.func program: still exact second-order MAML, task-batched with `vmap`, but without the fused
 kernels. `fastmaml.explain` says which one a model and loss get, and why.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ except ModuleNotFoundError:  # run from a source checkout without installing
 def huber(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Huber loss with threshold 1, written out (any differentiable expression works)."""
     error = (prediction - target).abs()
-    return torch.where(error < 1, 0.5 * error ** 2, error - 0.5).mean()
+    return torch.where(error < 1, 0.5 * error**2, error - 0.5).mean()
 
 
 def noisy_sinusoids(generator: torch.Generator, num_tasks: int, shots: int):

@@ -18,6 +18,7 @@ Rank 0 alone prints (and would write checkpoints: every rank holds the same glob
 The task family is the MAML paper's sinusoids; the inner rates are MAML++'s learnable per-step,
 per-layer scalars, to show `extra=`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,8 +73,10 @@ def main() -> None:
 
     torch.manual_seed(args.seed)  # the same initialization on every rank
     model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)).to(device)
-    rates = [{name: nn.Parameter(torch.tensor(0.01, device=device)) for name, _ in model.named_parameters()}
-             for _ in range(args.steps)]  # MAML++: learnable per-step, per-layer inner rates
+    rates = [
+        {name: nn.Parameter(torch.tensor(0.01, device=device)) for name, _ in model.named_parameters()}
+        for _ in range(args.steps)
+    ]  # MAML++: learnable per-step, per-layer inner rates
     optimizer = torch.optim.Adam([*model.parameters(), *(r for step in rates for r in step.values())], lr=1e-3)
     tasks = torch.Generator().manual_seed(args.seed + 1)  # the global task stream: identical on every rank
 
@@ -83,13 +86,16 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         result = fastmaml.meta_step(model, mine, inner_lr=rates, steps=args.steps, loss="mse")
         if world > 1:
-            loss, = all_reduce_grads(model, extra=rates, num_tasks=task_count(mine), values=[result.meta_loss])
+            (loss,) = all_reduce_grads(model, extra=rates, num_tasks=task_count(mine), values=[result.meta_loss])
         else:
             loss = result.meta_loss
         optimizer.step()
         if rank == 0 and (it % 50 == 0 or it == args.iterations):
-            print(f"iteration {it}: meta-loss {float(loss):.4f} (all {args.meta_batch} tasks, {world} rank"
-                  f"{'s' if world > 1 else ''}), {it / (time.perf_counter() - started):.1f} it/s", flush=True)
+            print(
+                f"iteration {it}: meta-loss {float(loss):.4f} (all {args.meta_batch} tasks, {world} rank"
+                f"{'s' if world > 1 else ''}), {it / (time.perf_counter() - started):.1f} it/s",
+                flush=True,
+            )
     if launched:
         dist.destroy_process_group()
         gc.collect()  # frees the gloo process group now, not during interpreter shutdown (which can abort)

@@ -15,6 +15,7 @@ parameters and optimizer state are plain tensors passed around. Two calls do the
 Here Adam is written out on the dict, and every 100 iterations the meta-gradient is checked against
 `torch.func.grad` of a meta-loss written with `func.adapt` and `torch.func.functional_call`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,8 +79,11 @@ def main() -> None:
         if iteration % 100 == 0 or iteration == args.iterations:
             check = torch.func.grad(meta_loss)(params, tasks)
             error = max(float((check[n] - grads[n]).norm() / grads[n].norm().clamp_min(1e-30)) for n in grads)
-            print(f"iteration {iteration}: meta-loss {float(loss):.3f}; torch.func.grad through func.adapt agrees "
-                  f"to {error:.1e}", flush=True)
+            print(
+                f"iteration {iteration}: meta-loss {float(loss):.3f}; torch.func.grad through func.adapt agrees "
+                f"to {error:.1e}",
+                flush=True,
+            )
         params, state = adam(params, grads, state)
     assert all(p.grad is None for p in model.parameters())  # the module was never written to
 

@@ -19,6 +19,7 @@ gradient reaches the model's parameters through the exact second-order reverse s
     outer = F.mse_loss(adapted(x_qry), y_qry) + penalty(adapted.params)
     outer.backward()
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,7 +65,7 @@ def main() -> None:
         meta_opt.zero_grad()
         adapted = fastmaml.adapt(model, x_spt, y_spt, inner_lr=0.01, steps=args.steps)
         qry_loss = F.mse_loss(adapted(x_qry), y_qry)
-        size = sum((w ** 2).sum() for w in adapted.params.values()) / args.meta_batch
+        size = sum((w**2).sum() for w in adapted.params.values()) / args.meta_batch
         (qry_loss + args.penalty * size).backward()
         meta_opt.step()
         if iteration % 100 == 0 or iteration == args.iterations:

@@ -23,6 +23,7 @@ tasks, so learn2learn's `1 / meta_batch_size` scaling must go (kept, it would sc
 The model is learn2learn's `OmniglotCNN` (four conv blocks, BatchNorm in training mode, a linear head),
 the data the embedded glyph set (Omniglot-like 28x28 strokes) with 90-degree rotations as new classes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,12 @@ class OmniglotCNN(nn.Module):
         super().__init__()
         blocks, channels = [], 1
         for _ in range(layers):
-            blocks += [nn.Conv2d(channels, hidden_size, 3, padding=1), nn.BatchNorm2d(hidden_size), nn.ReLU(),
-                       nn.MaxPool2d(2)]
+            blocks += [
+                nn.Conv2d(channels, hidden_size, 3, padding=1),
+                nn.BatchNorm2d(hidden_size),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             channels = hidden_size
         self.features = nn.Sequential(*blocks)
         self.classifier = nn.Linear(hidden_size, output_size)
@@ -88,8 +93,11 @@ def main() -> None:
         result = fastmaml.meta_step(model, tasks, **hyper)  # .grad = gradient of the mean over tasks
         optimizer.step()
         if iteration % 10 == 0 or iteration == args.iterations:
-            print(f"iteration {iteration}: meta-train error {float(result.meta_loss):.3f}, accuracy "
-                  f"{float(result.accuracy_after.mean()):.3f} ({time.perf_counter() - started:.1f} s)", flush=True)
+            print(
+                f"iteration {iteration}: meta-train error {float(result.meta_loss):.3f}, accuracy "
+                f"{float(result.accuracy_after.mean()):.3f} ({time.perf_counter() - started:.1f} s)",
+                flush=True,
+            )
 
     # meta-test: adapt on new classes' support sets, score the query sets (no meta-gradient needed)
     tasks = test.gather(test.sample_indices(args.meta_batch, generator))

@@ -23,6 +23,7 @@ get their meta-gradient like any parameter::
     fastmaml.meta_step(net, (x_spt, y_spt, x_qry, y_qry), inner_lr=rates, steps=steps)
     meta_opt.step()
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,11 @@ def main() -> None:
         meta_opt.step()
         if iteration % 100 == 0 or iteration == args.iterations:
             mean_rate = torch.cat([r.detach().reshape(-1) for r in rates.values()]).mean()
-            print(f"iteration {iteration}: query loss before {float(result.query_loss_before.mean()):.3f}, after "
-                  f"{float(result.meta_loss):.3f}; mean inner rate {float(mean_rate):.4f}", flush=True)
+            print(
+                f"iteration {iteration}: query loss before {float(result.query_loss_before.mean()):.3f}, after "
+                f"{float(result.meta_loss):.3f}; mean inner rate {float(mean_rate):.4f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """fastmaml: fast, exact, task-batched meta-gradients for optimization-based meta-learning."""
+
 from . import func
 from .api import AdaptedModel, adapt, meta_step
 from .batchnorm import BN_MODES, add_per_step_stats
@@ -12,7 +13,19 @@ from .tasks import TaskBatch
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdaptedModel", "BN_MODES", "BackendUnavailable", "add_per_step_stats", "InnerLoop", "MetaResult",
-    "NonFiniteError", "ORDERS",
-    "TaskBatch", "adapt", "explain", "func", "meta_step", "msl_weights", "__version__",
+    "AdaptedModel",
+    "BN_MODES",
+    "BackendUnavailable",
+    "add_per_step_stats",
+    "InnerLoop",
+    "MetaResult",
+    "NonFiniteError",
+    "ORDERS",
+    "TaskBatch",
+    "adapt",
+    "explain",
+    "func",
+    "meta_step",
+    "msl_weights",
+    "__version__",
 ]

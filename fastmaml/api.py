@@ -5,6 +5,7 @@ same without side effects, on parameters held outside the module.
 
 Inside a `torch.compile`d function both run outside the graph (a graph break, `outside_compile`); under
 `torch.autocast` they refuse to run (`refuse_autocast`): the sweeps compute in the parameters' dtype."""
+
 from __future__ import annotations
 
 import functools
@@ -66,8 +67,10 @@ def outside_compile(reason: str) -> Callable[[F], F]:
     return wrap
 
 
-_COMPILE_REASON = ("fastmaml.{} runs its own sweeps and kernels outside torch.compile graphs (a graph break); "
-                   "with fullgraph=True, call it outside the compiled function")
+_COMPILE_REASON = (
+    "fastmaml.{} runs its own sweeps and kernels outside torch.compile graphs (a graph break); "
+    "with fullgraph=True, call it outside the compiled function"
+)
 
 
 def _autocast_on(device: torch.device):
@@ -98,7 +101,8 @@ def refuse_autocast(device: torch.device, what: str) -> None:
         "reverse sweep compute in the parameters' dtype. Either call it outside the autocast region (or inside "
         f"`with torch.autocast({device.type!r}, enabled=False):`), which computes in float32, or run the model "
         f"in {name}: `model.to(torch.{name})` and `tasks.to(torch.{name})` (keep a float32 copy of the weights "
-        "for the optimizer if you need one)")
+        "for the optimizer if you need one)"
+    )
 
 
 def unwrap_model(model) -> nn.Module:
@@ -108,9 +112,11 @@ def unwrap_model(model) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise TypeError("model: a DistributedDataParallel wrapper does not synchronize the gradients meta_step "
-                        "writes; pass model.module, each rank on fastmaml.distributed.shard(tasks), then call "
-                        "fastmaml.distributed.all_reduce_grads(model.module)")
+        raise TypeError(
+            "model: a DistributedDataParallel wrapper does not synchronize the gradients meta_step "
+            "writes; pass model.module, each rank on fastmaml.distributed.shard(tasks), then call "
+            "fastmaml.distributed.all_reduce_grads(model.module)"
+        )
     if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
         return model._orig_mod
     return model
@@ -128,14 +134,19 @@ def _check_common(model, steps, order):
 def _implicit(order, implicit_lambda, cg_steps, inner_lr) -> Optional[Implicit]:
     if order != "implicit":
         return None
-    if isinstance(implicit_lambda, bool) or not isinstance(implicit_lambda, numbers.Real) or not (
-            implicit_lambda > 0 and math.isfinite(implicit_lambda)):
+    if (
+        isinstance(implicit_lambda, bool)
+        or not isinstance(implicit_lambda, numbers.Real)
+        or not (implicit_lambda > 0 and math.isfinite(implicit_lambda))
+    ):
         raise ValueError(f"implicit_lambda: expected a positive float, got {implicit_lambda!r}")
     if isinstance(cg_steps, bool) or not isinstance(cg_steps, numbers.Integral) or cg_steps < 1:
         raise ValueError(f"cg_steps: expected a positive int, got {cg_steps!r}")
     if learnable_leaves(inner_lr):
-        raise ValueError("inner_lr: order='implicit' gives no gradient for a learnable inner learning rate "
-                         "(the implicit gradient does not depend on the path to φ_K); pass a float")
+        raise ValueError(
+            "inner_lr: order='implicit' gives no gradient for a learnable inner learning rate "
+            "(the implicit gradient does not depend on the path to φ_K); pass a float"
+        )
     return Implicit(float(implicit_lambda), int(cg_steps))
 
 
@@ -156,8 +167,9 @@ def _check_inputs(layout: ParamLayout, x: torch.Tensor, field: str) -> None:
 
 
 def _check_chunk(task_chunk) -> None:
-    if task_chunk is not None and (isinstance(task_chunk, bool) or not isinstance(task_chunk, numbers.Integral)
-                                   or task_chunk < 1):
+    if task_chunk is not None and (
+        isinstance(task_chunk, bool) or not isinstance(task_chunk, numbers.Integral) or task_chunk < 1
+    ):
         raise ValueError(f"task_chunk: expected None or a positive int (tasks per chunk), got {task_chunk!r}")
 
 
@@ -174,8 +186,15 @@ def _setup(model, inputs, targets, *, steps, order, loss, inner_params, backend,
     return layout, loss_obj, ops
 
 
-def update_bn_running_stats(model: nn.Module, layout: ParamLayout, loss_obj, ops: OpTable, norm: NormPlan,
-                         support_x: torch.Tensor, task_chunk: Optional[int] = None) -> None:
+def update_bn_running_stats(
+    model: nn.Module,
+    layout: ParamLayout,
+    loss_obj,
+    ops: OpTable,
+    norm: NormPlan,
+    support_x: torch.Tensor,
+    task_chunk: Optional[int] = None,
+) -> None:
     """The BatchNorm running statistics after one train-mode pass over every task's support set at θ (see
     `NormPlan.update_running`), for the layers in training mode that track them. Not differentiated: the
     meta-gradient does not depend on it."""
@@ -185,10 +204,16 @@ def update_bn_running_stats(model: nn.Module, layout: ParamLayout, loss_obj, ops
     with torch.no_grad():
         theta_a, theta_s = layout.theta()
         per_task = support_x[0].numel() * support_x.element_size() * _STATS_BLOWUP
-        parts = [program.batch_stats(ops, theta_a, theta_s, support_x[sl])
-                 for sl in task_budget_chunks(support_x.shape[0], per_task, support_x.device, task_chunk)]
-    norm.update_running([None if p[0] is None else (torch.cat([c[0] for c in p]), torch.cat([c[1] for c in p]),
-                                                   p[0][2]) for p in zip(*parts)])
+        parts = [
+            program.batch_stats(ops, theta_a, theta_s, support_x[sl])
+            for sl in task_budget_chunks(support_x.shape[0], per_task, support_x.device, task_chunk)
+        ]
+    norm.update_running(
+        [
+            None if p[0] is None else (torch.cat([c[0] for c in p]), torch.cat([c[1] for c in p]), p[0][2])
+            for p in zip(*parts)
+        ]
+    )
 
 
 @outside_compile(_COMPILE_REASON.format("meta_step"))
@@ -259,10 +284,25 @@ def meta_step(
     """
     model = unwrap_model(model)
     out, lr_grads, norm, ctx = run_meta_step(
-        model, None, tasks, inner_lr=inner_lr, steps=steps, order=order, loss=loss, inner_params=inner_params,
-        backend=backend, batch_norm=batch_norm, implicit_lambda=implicit_lambda, cg_steps=cg_steps,
-        evaluate_before=evaluate_before, check_finite=check_finite, task_chunk=task_chunk,
-        step_weights=step_weights, shared_grad=None, lr_grad=True)
+        model,
+        None,
+        tasks,
+        inner_lr=inner_lr,
+        steps=steps,
+        order=order,
+        loss=loss,
+        inner_params=inner_params,
+        backend=backend,
+        batch_norm=batch_norm,
+        implicit_lambda=implicit_lambda,
+        cg_steps=cg_steps,
+        evaluate_before=evaluate_before,
+        check_finite=check_finite,
+        task_chunk=task_chunk,
+        step_weights=step_weights,
+        shared_grad=None,
+        lr_grad=True,
+    )
     layout, loss_obj, ops, batch = ctx
     _accumulate(layout, out.d_a, out.d_s)
     for leaf, g in lr_grads:
@@ -277,14 +317,40 @@ def meta_step(
 
 def as_result(out) -> MetaResult:
     """The `MetaResult` of an engine's answer."""
-    return MetaResult(meta_loss=out.meta_loss, query_loss_after=out.query_loss_after,
-                      query_loss_before=out.query_loss_before, support_loss_before=out.support_loss_before,
-                      accuracy_before=out.accuracy_before, accuracy_after=out.accuracy_after)
+    return MetaResult(
+        meta_loss=out.meta_loss,
+        query_loss_after=out.query_loss_after,
+        query_loss_before=out.query_loss_before,
+        support_loss_before=out.support_loss_before,
+        accuracy_before=out.accuracy_before,
+        accuracy_after=out.accuracy_after,
+    )
 
 
-def run_meta_step(model, layout, tasks, *, inner_lr, steps, order, loss, inner_params, backend, batch_norm,
-                  implicit_lambda, cg_steps, evaluate_before, check_finite, task_chunk, step_weights, shared_grad,
-                  lr_grad: bool, norm_buffers=None, what: str = "meta_step", theta=None):
+def run_meta_step(
+    model,
+    layout,
+    tasks,
+    *,
+    inner_lr,
+    steps,
+    order,
+    loss,
+    inner_params,
+    backend,
+    batch_norm,
+    implicit_lambda,
+    cg_steps,
+    evaluate_before,
+    check_finite,
+    task_chunk,
+    step_weights,
+    shared_grad,
+    lr_grad: bool,
+    norm_buffers=None,
+    what: str = "meta_step",
+    theta=None,
+):
     """Validates a meta-step and runs the engine. layout: a `ParamLayout` of `model` (fastmaml.func) or None
     (built from `inner_params`); theta: None, or `() -> (theta_a, theta_s)` from other tensors than the
     module's parameters (fastmaml.func). shared_grad: whether the shared parameters need their meta-gradient
@@ -295,27 +361,54 @@ def run_meta_step(model, layout, tasks, *, inner_lr, steps, order, loss, inner_p
     weights = _step_weights(step_weights, steps, order)
     batch = as_task_batch(tasks)
     layout, loss_obj, ops = _setup(
-        model, [("tasks.support_x", batch.support_x), ("tasks.query_x", batch.query_x)],
+        model,
+        [("tasks.support_x", batch.support_x), ("tasks.query_x", batch.query_x)],
         [("tasks.support_y", batch.support_y), ("tasks.query_y", batch.query_y)],
-        steps=steps, order=order, loss=loss, inner_params=inner_params, backend=backend, layout=layout, what=what)
+        steps=steps,
+        order=order,
+        loss=loss,
+        inner_params=inner_params,
+        backend=backend,
+        layout=layout,
+        what=what,
+    )
     norm = NormPlan(model, batch_norm, buffers=norm_buffers)
     implicit = _implicit(order, implicit_lambda, cg_steps, inner_lr)
     with torch.no_grad():
         theta_a, theta_s = (layout.theta if theta is None else theta)()
     # one task's state (fast weights, gradients, adjoints of the kept steps) must fit before anything is built
     learnable = bool(learnable_leaves(inner_lr)) and lr_grad
-    check_memory(layout.adapted.size * theta_a.element_size() * state_buffers(
-        order, steps, learnable, weights is not None), 1, theta_a.device, steps=steps,
-        order=order, chunk_given=False)
+    check_memory(
+        layout.adapted.size * theta_a.element_size() * state_buffers(order, steps, learnable, weights is not None),
+        1,
+        theta_a.device,
+        steps=steps,
+        order=order,
+        chunk_given=False,
+    )
     with torch.enable_grad():  # the map from learnable rates to α_j is differentiated even under no_grad
         alphas = expand_inner_lr(inner_lr, steps, layout.adapted, like=theta_a)
     if shared_grad is None:
         shared_grad = any(layout.params[n].requires_grad for n in layout.shared.names)
     req = MetaStepRequest(
-        model=model, layout=layout, loss=loss_obj, batch=batch, theta_a=theta_a, theta_s=theta_s,
-        alphas=[a.detach() for a in alphas], lr_grad=[a.requires_grad and lr_grad for a in alphas], order=order,
-        ops=ops, norm=norm, implicit=implicit, weights=weights, shared_grad=shared_grad,
-        check_finite=check_finite, evaluate_before=evaluate_before, task_chunk=task_chunk)
+        model=model,
+        layout=layout,
+        loss=loss_obj,
+        batch=batch,
+        theta_a=theta_a,
+        theta_s=theta_s,
+        alphas=[a.detach() for a in alphas],
+        lr_grad=[a.requires_grad and lr_grad for a in alphas],
+        order=order,
+        ops=ops,
+        norm=norm,
+        implicit=implicit,
+        weights=weights,
+        shared_grad=shared_grad,
+        check_finite=check_finite,
+        evaluate_before=evaluate_before,
+        task_chunk=task_chunk,
+    )
     out = meta_grad(req)
     lr_grads = []
     if learnable:
@@ -333,18 +426,22 @@ def _step_weights(step_weights, steps: int, order: str) -> Optional[List[float]]
     try:
         weights = [float(w) for w in step_weights]
     except (TypeError, ValueError):
-        raise TypeError(f"step_weights: expected a sequence of {steps} floats (one per inner step), "
-                        f"got {step_weights!r}") from None
+        raise TypeError(
+            f"step_weights: expected a sequence of {steps} floats (one per inner step), got {step_weights!r}"
+        ) from None
     if len(weights) != steps:
-        raise ValueError(f"step_weights: expected {steps} weights (one per inner step, steps={steps}), "
-                         f"got {len(weights)}")
+        raise ValueError(
+            f"step_weights: expected {steps} weights (one per inner step, steps={steps}), got {len(weights)}"
+        )
     if not all(math.isfinite(w) and w >= 0 for w in weights):
         raise ValueError(f"step_weights: expected finite non-negative weights, got {weights}")
     if not weights:  # steps=0: the query loss at θ is the only term
         return None
     if order == "implicit":
-        raise ValueError("step_weights: order='implicit' has no per-step query losses (its meta-gradient "
-                         "depends only on the adapted weights); use 'second', 'checkpoint' or 'first'")
+        raise ValueError(
+            "step_weights: order='implicit' has no per-step query losses (its meta-gradient "
+            "depends only on the adapted weights); use 'second', 'checkpoint' or 'first'"
+        )
     return weights
 
 
@@ -409,8 +506,17 @@ class AdaptedModel(nn.Module):
     reverse sweep with the op table of the `adapt` call that made it.
     """
 
-    def __init__(self, program: Program, ops: OpTable, phi: torch.Tensor, theta_s: torch.Tensor,
-                 support_loss_before, norm: NormPlan, steps: int, bound: bool = False):
+    def __init__(
+        self,
+        program: Program,
+        ops: OpTable,
+        phi: torch.Tensor,
+        theta_s: torch.Tensor,
+        support_loss_before,
+        norm: NormPlan,
+        steps: int,
+        bound: bool = False,
+    ):
         super().__init__()
         self.program = program
         self.ops = ops
@@ -486,24 +592,64 @@ def adapt(
         ValueError, TypeError, RuntimeError, NonFiniteError, BackendUnavailable: as `meta_step`.
     """
     model = unwrap_model(model)
-    adapted, ctx = run_adapt(model, None, support_x, support_y, inner_lr=inner_lr, steps=steps, order=order,
-                             loss=loss, inner_params=inner_params, backend=backend, batch_norm=batch_norm,
-                             implicit_lambda=implicit_lambda, cg_steps=cg_steps, check_finite=check_finite)
+    adapted, ctx = run_adapt(
+        model,
+        None,
+        support_x,
+        support_y,
+        inner_lr=inner_lr,
+        steps=steps,
+        order=order,
+        loss=loss,
+        inner_params=inner_params,
+        backend=backend,
+        batch_norm=batch_norm,
+        implicit_lambda=implicit_lambda,
+        cg_steps=cg_steps,
+        check_finite=check_finite,
+    )
     if update_running_stats:
         layout, loss_obj, ops = ctx
         update_bn_running_stats(model, layout, loss_obj, ops, adapted.norm, support_x)
     return adapted
 
 
-def run_adapt(model, layout, support_x, support_y, *, inner_lr, steps, order, loss, inner_params, backend,
-              batch_norm, implicit_lambda, cg_steps, check_finite, norm_buffers=None, what="adapt", theta=None):
+def run_adapt(
+    model,
+    layout,
+    support_x,
+    support_y,
+    *,
+    inner_lr,
+    steps,
+    order,
+    loss,
+    inner_params,
+    backend,
+    batch_norm,
+    implicit_lambda,
+    cg_steps,
+    check_finite,
+    norm_buffers=None,
+    what="adapt",
+    theta=None,
+):
     """Validates an adaptation and runs `InnerLoop`. layout, theta: as `run_meta_step` (given: fastmaml.func,
     and nothing is written to the model). Returns (the `AdaptedModel`, (layout, loss, op table))."""
     bound = theta is not None
     validate(TaskBatch(support_x, support_y, support_x, support_y))
-    layout, loss_obj, ops = _setup(model, [("support_x", support_x)], [("support_y", support_y)], steps=steps,
-                                   order=order, loss=loss, inner_params=inner_params, backend=backend,
-                                   layout=layout, what=what)
+    layout, loss_obj, ops = _setup(
+        model,
+        [("support_x", support_x)],
+        [("support_y", support_y)],
+        steps=steps,
+        order=order,
+        loss=loss,
+        inner_params=inner_params,
+        backend=backend,
+        layout=layout,
+        what=what,
+    )
     program = program_for(model, layout, loss_obj)
     theta_a, theta_s = (layout.theta if theta is None else theta)()
     if loss_obj.classification:
@@ -512,8 +658,9 @@ def run_adapt(model, layout, support_x, support_y, *, inner_lr, steps, order, lo
     norm = NormPlan(model, batch_norm, buffers=norm_buffers)
     implicit = _implicit(order, implicit_lambda, cg_steps, inner_lr)
     recorded = [] if norm.record and not bound else None
-    spec = InnerLoopSpec(program, ops, order, check_finite, norm, recorded, implicit,
-                         keep_grads=any(a.requires_grad for a in alphas))
+    spec = InnerLoopSpec(
+        program, ops, order, check_finite, norm, recorded, implicit, keep_grads=any(a.requires_grad for a in alphas)
+    )
     phi, support_before, *_ = InnerLoop.apply(spec, theta_a, theta_s, support_x, support_y, *alphas)
     for j, stats in enumerate(recorded or []):
         norm.update(j, stats)

@@ -21,6 +21,7 @@ the statistics a train-mode forward of each task's support set would leave, star
 The update is linear in the batch statistics, so task chunks and data-parallel shares (averaged weighted by
 task count) give the same result.
 """
+
 from __future__ import annotations
 
 from typing import List, Mapping, Optional, Tuple
@@ -82,21 +83,25 @@ class NormPlan:
         named = bn_layers(model)
         self.layers = [m for _, m in named]
         buffers = buffers or {}
-        self._bound = [{k: buffers[f"{n}.{k}" if n else k] for k in STAT_BUFFERS if (f"{n}.{k}" if n else k) in buffers}
-                       for n, _ in named]
+        self._bound = [
+            {k: buffers[f"{n}.{k}" if n else k] for k in STAT_BUFFERS if (f"{n}.{k}" if n else k) in buffers}
+            for n, _ in named
+        ]
         self.record = mode == "per_step" and model.training
         if mode == "frozen":
             for name, m in bn_layers(model):
                 if m.running_mean is None:
                     raise ValueError(
                         f"batch_norm='frozen': layer {name!r} has no running statistics "
-                        "(track_running_stats=False); expected BatchNorm layers that track them")
+                        "(track_running_stats=False); expected BatchNorm layers that track them"
+                    )
         if mode == "per_step":
             for name, m in bn_layers(model):
                 if not hasattr(m, "step_running_mean"):
                     raise ValueError(
                         f"batch_norm='per_step': layer {name!r} has no per-step statistics; call "
-                        "fastmaml.add_per_step_stats(model, steps) once before training")
+                        "fastmaml.add_per_step_stats(model, steps) once before training"
+                    )
 
     @property
     def uses_batch_stats(self) -> bool:
@@ -154,7 +159,8 @@ class NormPlan:
                 raise ValueError(
                     f"batch_norm='per_step': training ran inner step {j} but the layers keep statistics "
                     f"for {len(m.step_running_mean) - 1} steps; call add_per_step_stats(model, steps) "
-                    "with the number of training steps")
+                    "with the number of training steps"
+                )
             momentum = 0.1 if m.momentum is None else m.momentum
             unbiased = var.mean(0) * (n / max(n - 1, 1))
             m.step_running_mean[j].lerp_(mean.mean(0).to(m.step_running_mean.dtype), momentum)

@@ -18,6 +18,7 @@ every optimization-based method (MAML and its relatives) is compared with.
 Both take whole meta-batches, tasks first: support `[T, Ns, ...]`, query `[T, Nq, ...]`, and are ordinary
 `nn.Module`s trained with autograd (no `meta_step`): dropout is off, so a training run is deterministic.
 """
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,9 @@ class NeuralProcess(nn.Module):
         self.attention = nn.MultiheadAttention(hidden, heads, batch_first=True)
         self.decoder = _mlp([self.x_dim + 2 * hidden, hidden, hidden, 2 * self.y_dim])
 
-    def forward(self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """The predictive distribution at the query points.
 
         Args:
@@ -126,8 +128,16 @@ class SnailClassifier(nn.Module):
         layers: self-attention blocks.
     """
 
-    def __init__(self, in_channels: int, ways: int, hidden: int = 32, image_size: int = 28, d_model: int = 64,
-                 heads: int = 4, layers: int = 2):
+    def __init__(
+        self,
+        in_channels: int,
+        ways: int,
+        hidden: int = 32,
+        image_size: int = 28,
+        d_model: int = 64,
+        heads: int = 4,
+        layers: int = 2,
+    ):
         super().__init__()
         self.ways = _positive_int(ways, "ways")
         hidden, d_model = _positive_int(hidden, "hidden"), _positive_int(d_model, "d_model")
@@ -139,8 +149,7 @@ class SnailClassifier(nn.Module):
             raise ValueError(f"d_model: expected a multiple of heads={heads}, got {d_model}")
         self.embedding = _conv_embedding(_positive_int(in_channels, "in_channels"), hidden)
         self.tokens = nn.Linear(hidden * side * side + self.ways, d_model)
-        block = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=2 * d_model, dropout=0.0,
-                                           batch_first=True)
+        block = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=2 * d_model, dropout=0.0, batch_first=True)
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.head = nn.Linear(d_model, self.ways)
 
@@ -158,8 +167,7 @@ class SnailClassifier(nn.Module):
         T, ns, nq = support_x.shape[0], support_x.shape[1], query_x.shape[1]
         images = torch.cat([support_x, query_x], 1)
         emb = self.embedding(images.reshape(T * (ns + nq), *images.shape[2:])).view(T, ns + nq, -1)
-        labels = torch.cat([F.one_hot(support_y, self.ways).to(emb.dtype),
-                            emb.new_zeros(T, nq, self.ways)], 1)
+        labels = torch.cat([F.one_hot(support_y, self.ways).to(emb.dtype), emb.new_zeros(T, nq, self.ways)], 1)
         h = self.blocks(self.tokens(torch.cat([emb, labels], -1)), mask=self._mask(ns, nq, emb.device))
         return self.head(h[:, ns:])
 

@@ -19,6 +19,7 @@ cache prints nothing.
 
 Environment: `FASTMAML_BUILD=0` never compiles (only a verified build already in the cache is loaded).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -54,8 +55,16 @@ MANIFEST_FORMAT = 1
 
 # every op the Python side calls (fastmaml/ops/backends/cpp.py); csrc/library.cpp defines them, and
 # tests/test_build_cache.py checks that the three lists agree
-REQUIRED_OPS = ("inner_update", "adjoint_update", "alpha_grad", "mlp_meta_step", "bn_relu_maxpool_fwd",
-                "bn_relu_maxpool_bwd", "bn_relu_maxpool_tangent_fwd", "bn_relu_maxpool_tangent_bwd")
+REQUIRED_OPS = (
+    "inner_update",
+    "adjoint_update",
+    "alpha_grad",
+    "mlp_meta_step",
+    "bn_relu_maxpool_fwd",
+    "bn_relu_maxpool_bwd",
+    "bn_relu_maxpool_tangent_fwd",
+    "bn_relu_maxpool_tangent_bwd",
+)
 
 # --exclude-libs,ALL: a compiler that links libstdc++ statically (the GPU machine's /opt/gcc g++ does)
 # would otherwise export that copy's symbols, and the loader binds some of them to the process's own
@@ -127,15 +136,22 @@ def _flags(with_cuda: bool) -> Dict[str, Optional[List[str]]]:
     # (fresh lists on each call: load() appends to extra_ldflags, and changed flags would make a second
     # build() in the process load a second copy of the library under a new version name)
     define = f"-DFASTMAML_HEADERS_DIGEST={headers_digest()}"
-    return {"cflags": ["-O3", "-fopenmp", define],
-            "cuda_cflags": ["-O3", define] if with_cuda else None,
-            "ldflags": list(LINK_FLAGS)}
+    return {
+        "cflags": ["-O3", "-fopenmp", define],
+        "cuda_cflags": ["-O3", define] if with_cuda else None,
+        "ldflags": list(LINK_FLAGS),
+    }
 
 
 def _config(with_cuda: bool) -> Dict[str, object]:
     """What the library depends on besides the sources; any change means a rebuild."""
-    return {"torch": torch.__version__, "torch_path": str(Path(torch.__file__).resolve().parent),
-            "torch_cuda": torch.version.cuda, "with_cuda": with_cuda, **_flags(with_cuda)}
+    return {
+        "torch": torch.__version__,
+        "torch_path": str(Path(torch.__file__).resolve().parent),
+        "torch_cuda": torch.version.cuda,
+        "with_cuda": with_cuda,
+        **_flags(with_cuda),
+    }
 
 
 def _sha256(path: Path) -> str:
@@ -157,6 +173,7 @@ class Verdict(NamedTuple):
     """Whether a cached library may be loaded. `problem` is None for a verified one, else a phrase
     ("is truncated (...)"); `recompile` names the sources whose objects are out of date (`["*"]`: all,
     `[]`: only the library itself has to be linked again)."""
+
     problem: Optional[str]
     recompile: List[str]
 
@@ -180,8 +197,7 @@ def verify(directory: Path, with_cuda: bool, digests: Optional[Dict[str, str]]) 
         if manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError(f"format {manifest.get('format')!r}")
     except FileNotFoundError:
-        return Verdict("has no build manifest (an interrupted build, a copy, or a build by an older fastmaml)",
-                       ["*"])
+        return Verdict("has no build manifest (an interrupted build, a copy, or a build by an older fastmaml)", ["*"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return Verdict(f"has an unreadable build manifest ({type(exc).__name__}: {exc})", ["*"])
     size = library.stat().st_size
@@ -201,8 +217,9 @@ def verify(directory: Path, with_cuda: bool, digests: Optional[Dict[str, str]]) 
         changed = sorted(k for k in set(digests) | set(built_sources) if digests.get(k) != built_sources.get(k))
         # a header can reach every source; a changed or new source only needs its own object
         everything = flags or any(not k.endswith((".cpp", ".cu")) for k in changed)
-        return Verdict(f"is stale (the sources changed since it was built: {_names(changed)})",
-                       ["*"] if everything else changed)
+        return Verdict(
+            f"is stale (the sources changed since it was built: {_names(changed)})", ["*"] if everything else changed
+        )
     if flags:
         return Verdict(f"is stale (built with another {_names(flags)})", ["*"])
     return Verdict(None, [])
@@ -211,9 +228,15 @@ def verify(directory: Path, with_cuda: bool, digests: Optional[Dict[str, str]]) 
 def _write_manifest(directory: Path, with_cuda: bool, digests: Dict[str, str]) -> None:
     """Records the freshly built library; written to a temporary file and renamed (atomic)."""
     library = directory / f"{NAME}.so"
-    manifest = {"format": MANIFEST_FORMAT, "library": library.name, "size": library.stat().st_size,
-                "sha256": _sha256(library), "sources": digests, "config": _config(with_cuda),
-                "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "library": library.name,
+        "size": library.stat().st_size,
+        "sha256": _sha256(library),
+        "sources": digests,
+        "config": _config(with_cuda),
+        "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{NAME}.manifest.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o644)  # (mkstemp makes it private; the library next to it is readable by all)
@@ -266,8 +289,11 @@ def _directory_lock(directory: Path) -> Iterator[None]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                print(f"fastmaml: waiting for another process building the C++ extension in {directory}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"fastmaml: waiting for another process building the C++ extension in {directory}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError:
                 pass  # a file system without locks: go on unlocked
@@ -282,8 +308,9 @@ def missing_ops() -> List[str]:
     missing = []
     for op in REQUIRED_OPS:
         name = f"fastmaml::{op}"
-        if not torch._C._jit_get_schemas_for_operator(name) or \
-                not torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU"):
+        if not torch._C._jit_get_schemas_for_operator(name) or not torch._C._dispatch_has_kernel_for_dispatch_key(
+            name, "CPU"
+        ):
             missing.append(op)
     return missing
 
@@ -296,8 +323,9 @@ def _ops_registered() -> bool:
 def _check_ops(what: str) -> None:
     missing = missing_ops()
     if missing:
-        raise BuildError(f"{what} lacks the ops {', '.join(missing)} (a library built from other sources); "
-                         f"run `fastmaml build`")
+        raise BuildError(
+            f"{what} lacks the ops {', '.join(missing)} (a library built from other sources); run `fastmaml build`"
+        )
 
 
 def _load_verified(path: Path) -> None:
@@ -341,8 +369,10 @@ def build(verbose: bool = False) -> Path:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise BuildError(f"cannot create the build directory {directory} ({exc}); set TORCH_EXTENSIONS_DIR "
-                         f"to a writable folder, or ${BUILD_ENV}=0 to run without the extension") from exc
+        raise BuildError(
+            f"cannot create the build directory {directory} ({exc}); set TORCH_EXTENSIONS_DIR "
+            f"to a writable folder, or ${BUILD_ENV}=0 to run without the extension"
+        ) from exc
     path = directory / f"{NAME}.so"
     with _directory_lock(directory):
         verdict = verify(directory, with_cuda, digests)
@@ -350,16 +380,25 @@ def build(verbose: bool = False) -> Path:
             _load_verified(path)
             return path
         if not os.access(directory, os.W_OK):
-            raise BuildError(f"the cached C++ extension {path} {verdict.problem}, and {directory} is not "
-                             f"writable to rebuild it; set TORCH_EXTENSIONS_DIR to a writable folder")
+            raise BuildError(
+                f"the cached C++ extension {path} {verdict.problem}, and {directory} is not "
+                f"writable to rebuild it; set TORCH_EXTENSIONS_DIR to a writable folder"
+            )
         _say(_announcement(directory, verdict))
         _invalidate(directory, with_cuda, verdict)
         flags = _flags(with_cuda)
         try:
             loaded = cpp_extension.load(
-                name=NAME, sources=sources(with_cuda), extra_cflags=flags["cflags"],
-                extra_cuda_cflags=flags["cuda_cflags"], extra_ldflags=flags["ldflags"],
-                build_directory=str(directory), with_cuda=with_cuda, is_python_module=False, verbose=verbose)
+                name=NAME,
+                sources=sources(with_cuda),
+                extra_cflags=flags["cflags"],
+                extra_cuda_cflags=flags["cuda_cflags"],
+                extra_ldflags=flags["ldflags"],
+                build_directory=str(directory),
+                with_cuda=with_cuda,
+                is_python_module=False,
+                verbose=verbose,
+            )
         except Exception as exc:  # compiler errors arrive as RuntimeError / CalledProcessError
             raise BuildError(f"building the fastmaml C++ extension failed in {directory}: {exc}") from exc
         # (a second build in one process with other flags loads `NAME_v1.so`: no manifest for that one)
@@ -382,8 +421,9 @@ def _load_cached() -> Path:
     with _directory_lock(path.parent):
         verdict = verify(path.parent, with_cuda, digests)
         if verdict.problem is not None:
-            raise BuildError(f"the cached C++ extension {path} {verdict.problem}; not loaded (${BUILD_ENV}=0): "
-                             f"run `fastmaml build`")
+            raise BuildError(
+                f"the cached C++ extension {path} {verdict.problem}; not loaded (${BUILD_ENV}=0): run `fastmaml build`"
+            )
         _load_verified(path)
     return path
 

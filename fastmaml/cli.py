@@ -21,6 +21,7 @@ the jobs run data-parallel (`fastmaml.train.common.Ranks`). A mistake every rank
 printed by rank 0 only; when another rank died or raised, a rank stops with one line naming it
 (`RankFailure`, exit status 1).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,10 +35,14 @@ TRAIN_JOBS = {
     # job name: (module, one-line help)
     "sinusoid": ("fastmaml.train.sinusoid", "MAML on the sinusoid regression family (Finn et al. 2017)"),
     "omniglot": ("fastmaml.train.fewshot", "MAML on Omniglot from a local folder (--data), 5-way 1-shot preset"),
-    "miniimagenet": ("fastmaml.train.fewshot",
-                     "MAML on mini-ImageNet from a local folder (--data), 5-way 1-shot preset"),
-    "fewshot-demo": ("fastmaml.train.fewshot",
-                     "MAML few-shot classification on the embedded glyph dataset (no download)"),
+    "miniimagenet": (
+        "fastmaml.train.fewshot",
+        "MAML on mini-ImageNet from a local folder (--data), 5-way 1-shot preset",
+    ),
+    "fewshot-demo": (
+        "fastmaml.train.fewshot",
+        "MAML few-shot classification on the embedded glyph dataset (no download)",
+    ),
 }
 
 
@@ -128,8 +133,12 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="train and evaluate the methods of --method side by side")
     compared = compare.add_subparsers(dest="job", required=True)
     for name in COMPARE_JOBS:
-        p = compared.add_parser(name, help=f"compare the methods on {name}", description=f"compare the methods on "
-                                f"{name}: one table and one figure of learning curves (fastmaml.train.compare)")
+        p = compared.add_parser(
+            name,
+            help=f"compare the methods on {name}",
+            description=f"compare the methods on "
+            f"{name}: one table and one figure of learning curves (fastmaml.train.compare)",
+        )
         if wanted == ("compare", name):
             importlib.import_module(COMPARE).add_arguments(p, name)
         p.set_defaults(func=_train_runner(COMPARE))
@@ -138,9 +147,12 @@ def build_parser(argv: Optional[List[str]] = None) -> argparse.ArgumentParser:
     prebuild = sub.add_parser("build", help="compile the C++/CUDA extension (cached; otherwise built at first use)")
     prebuild.add_argument("--verbose", action="store_true", help="show the compiler commands and output")
     prebuild.set_defaults(func=_build)
-    bench = sub.add_parser("bench", help="benchmark meta-steps against autograd and peer libraries",
-                           description="Time, peak memory and gradient error per (implementation, workload); "
-                                       "writes results.md, results.json and PNG plots.")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark meta-steps against autograd and peer libraries",
+        description="Time, peak memory and gradient error per (implementation, workload); "
+        "writes results.md, results.json and PNG plots.",
+    )
     if wanted[:1] == ("bench",):
         importlib.import_module(BENCH).add_arguments(bench)
     bench.set_defaults(func=lambda args: importlib.import_module(BENCH).run(args))
@@ -156,8 +168,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.argv = argv  # for the "resume with: ..." line of an interrupted job
         return int(args.func(args) or 0)
     except KeyboardInterrupt:  # a train job checkpoints on SIGINT once started; this is before (or another command)
-        starting = (" before the job started (nothing to resume from this run)" if argv[:1] in (["train"], ["compare"])
-                    else "")
+        starting = (
+            " before the job started (nothing to resume from this run)" if argv[:1] in (["train"], ["compare"]) else ""
+        )
         print(f"\n{prog}: interrupted{starting}", file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as exc:
@@ -174,8 +187,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         if not isinstance(exc, ForcedStop):
             raise
-        print(f"\n{prog}: stopped at once by a second {exc} without a new checkpoint (the last one is intact)",
-              file=sys.stderr)
+        print(
+            f"\n{prog}: stopped at once by a second {exc} without a new checkpoint (the last one is intact)",
+            file=sys.stderr,
+        )
         return 128 + exc.signum
 
 

@@ -21,6 +21,7 @@ Both layers have hand-derived rules in the fused engine (fastmaml/programs/fused
 models run there, all orders, `meta_step` and `adapt`. Two layers may share one context vector: assign
 the same parameter to both (`film2.context = film1.context`); it is then one adapted slot.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,8 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ContextConcat", "FiLM", "context_names", "context_layers", "reset_context", "context_mlp",
-           "context_conv4", "CONTEXT_LAYERS"]
+__all__ = [
+    "ContextConcat",
+    "FiLM",
+    "context_names",
+    "context_layers",
+    "reset_context",
+    "context_mlp",
+    "context_conv4",
+    "CONTEXT_LAYERS",
+]
 
 
 def _positive_int(value, name: str) -> int:
@@ -98,13 +107,13 @@ class FiLM(nn.Module):
         """W as `nn.Linear` initializes its weight; b: γ = 1, β = 0 (the identity at φ = 0)."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         with torch.no_grad():
-            self.bias[:self.num_channels] = 1.0
-            self.bias[self.num_channels:] = 0.0
+            self.bias[: self.num_channels] = 1.0
+            self.bias[self.num_channels :] = 0.0
 
     def forward(self, x):
         z = F.linear(self.context, self.weight, self.bias)
         shape = (1, self.num_channels) + (1,) * (x.dim() - 2)
-        return x * z[:self.num_channels].view(shape) + z[self.num_channels:].view(shape)
+        return x * z[: self.num_channels].view(shape) + z[self.num_channels :].view(shape)
 
     def extra_repr(self) -> str:
         return f"num_channels={self.num_channels}, num_context={self.num_context}"
@@ -172,8 +181,14 @@ def context_mlp(sizes: Sequence[int] = (1, 40, 40, 1), num_context: int = 5) -> 
     return nn.Sequential(*layers)
 
 
-def context_conv4(in_channels: int, num_classes: int, hidden: int = 32, image_size: int = 28,
-                  num_context: int = 100, film_block: int = 2) -> nn.Sequential:
+def context_conv4(
+    in_channels: int,
+    num_classes: int,
+    hidden: int = 32,
+    image_size: int = 28,
+    num_context: int = 100,
+    film_block: int = 2,
+) -> nn.Sequential:
     """CAVIA's conv net: the MAML paper's conv4 with a `FiLM` layer after the BatchNorm of one block.
 
     Blocks: Conv 3×3 (padding 1) → BatchNorm2d → [FiLM] → ReLU → MaxPool 2×2, four times, then Flatten →
@@ -196,8 +211,9 @@ def context_conv4(in_channels: int, num_classes: int, hidden: int = 32, image_si
     num_context = _positive_int(num_context, "num_context")
     side = _positive_int(image_size, "image_size") // 16
     if side < 1:
-        raise ValueError(f"image_size: four 2×2 max-poolings need an input side of at least 16 pixels, got "
-                         f"{image_size}")
+        raise ValueError(
+            f"image_size: four 2×2 max-poolings need an input side of at least 16 pixels, got {image_size}"
+        )
     if isinstance(film_block, bool) or film_block not in range(4):
         raise ValueError(f"film_block: expected a block index 0-3, got {film_block!r}")
     layers: List[nn.Module] = []

@@ -25,6 +25,7 @@ into `.grad` at the end of its reverse sweep (no autograd backward over the para
 never fire and there is nothing left to overlap: one flat all-reduce of the finished gradient is the
 fewest collectives and bytes, and needs no wrapper around the model (`meta_step` sees the plain module).
 """
+
 from __future__ import annotations
 
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -61,15 +62,21 @@ def task_count(tasks) -> int:
         return len(tasks)
     if isinstance(tasks, (tuple, list)) and len(tasks) == 4 and all(isinstance(t, torch.Tensor) for t in tasks):
         return int(tasks[0].shape[0])
-    raise TypeError("tasks: expected a TaskBatch, a 4-tuple of tensors [T, N, ...] or a non-empty list of "
-                    f"per-task 4-tuples; got {type(tasks).__name__}")
+    raise TypeError(
+        "tasks: expected a TaskBatch, a 4-tuple of tensors [T, N, ...] or a non-empty list of "
+        f"per-task 4-tuples; got {type(tasks).__name__}"
+    )
 
 
 def _is_task_list(tasks) -> bool:
     """A list (or tuple) of per-task 4-tuples, as `meta_step` takes (not a 4-tuple of `[T, ...]` tensors)."""
-    return (isinstance(tasks, (tuple, list)) and not hasattr(tasks, "_fields") and len(tasks) > 0
-            and not all(isinstance(t, torch.Tensor) for t in tasks)
-            and all(isinstance(t, (tuple, list)) for t in tasks))
+    return (
+        isinstance(tasks, (tuple, list))
+        and not hasattr(tasks, "_fields")
+        and len(tasks) > 0
+        and not all(isinstance(t, torch.Tensor) for t in tasks)
+        and all(isinstance(t, (tuple, list)) for t in tasks)
+    )
 
 
 def shard(tasks, rank: Optional[int] = None, world_size: Optional[int] = None):
@@ -93,8 +100,10 @@ def shard(tasks, rank: Optional[int] = None, world_size: Optional[int] = None):
     world_size = dist.get_world_size() if world_size is None else world_size
     T = task_count(tasks)
     if T < world_size:
-        raise ValueError(f"tasks: T={T} tasks cannot be shared by {world_size} ranks (every rank needs at least "
-                         "one task); use a meta-batch of at least the world size")
+        raise ValueError(
+            f"tasks: T={T} tasks cannot be shared by {world_size} ranks (every rank needs at least "
+            "one task); use a meta-batch of at least the world size"
+        )
     start, stop = share_range(T, rank, world_size)
     if _is_task_list(tasks):
         return tasks[start:stop]
@@ -131,9 +140,15 @@ def _leaves(obj, out: List[torch.Tensor]) -> None:
         raise TypeError(f"extra: expected tensors, modules, dicts or sequences of them, got {type(obj).__name__}")
 
 
-def all_reduce_grads(model: Optional[nn.Module], extra: Any = (), *, num_tasks: Optional[int] = None,
-                     values: Optional[Sequence] = None, buffers: Iterable[torch.Tensor] = (),
-                     group=None) -> Optional[torch.Tensor]:
+def all_reduce_grads(
+    model: Optional[nn.Module],
+    extra: Any = (),
+    *,
+    num_tasks: Optional[int] = None,
+    values: Optional[Sequence] = None,
+    buffers: Iterable[torch.Tensor] = (),
+    group=None,
+) -> Optional[torch.Tensor]:
     """Combines the meta-gradients of the ranks into the meta-gradient of the whole meta-batch, in one flat
     all-reduce (one per device and dtype when the tensors mix them).
 
@@ -166,8 +181,9 @@ def all_reduce_grads(model: Optional[nn.Module], extra: Any = (), *, num_tasks: 
         ValueError: `num_tasks` < 1.
     """
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("all_reduce_grads: torch.distributed is not initialized; call "
-                           "torch.distributed.init_process_group first")
+        raise RuntimeError(
+            "all_reduce_grads: torch.distributed is not initialized; call torch.distributed.init_process_group first"
+        )
     if num_tasks is not None and (isinstance(num_tasks, bool) or int(num_tasks) != num_tasks or num_tasks < 1):
         raise ValueError(f"num_tasks: expected this rank's task count (an int >= 1), got {num_tasks!r}")
     tensors: List[torch.Tensor] = []
@@ -205,8 +221,9 @@ def all_reduce_grads(model: Optional[nn.Module], extra: Any = (), *, num_tasks: 
         parts = []
         for kind, t in items:
             if kind == "grad":
-                parts.append(t.grad.reshape(-1) if t.grad is not None else torch.zeros(t.numel(), dtype=t.dtype,
-                                                                                       device=t.device))
+                parts.append(
+                    t.grad.reshape(-1) if t.grad is not None else torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
+                )
             else:
                 parts.append(t.detach().reshape(-1))
         n = sum(p.numel() for p in parts)
@@ -214,15 +231,16 @@ def all_reduce_grads(model: Optional[nn.Module], extra: Any = (), *, num_tasks: 
         if key == meta_key:
             if vals is not None:
                 meta.append(vals)
-            meta.append(torch.tensor([weight] + [float(t.grad is not None) for t in tensors], dtype=key[1],
-                                     device=key[0]))
+            meta.append(
+                torch.tensor([weight] + [float(t.grad is not None) for t in tensors], dtype=key[1], device=key[0])
+            )
         flat = torch.cat(parts + meta) if parts or meta else None
         if flat is None:
             continue
         if weight != 1.0:
             flat[:n].mul_(weight)
             if vals is not None and key == meta_key:
-                flat[n:n + vals.numel()].mul_(weight)
+                flat[n : n + vals.numel()].mul_(weight)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         if key == meta_key:
             reduced_meta = flat[n:].clone()
@@ -230,7 +248,7 @@ def all_reduce_grads(model: Optional[nn.Module], extra: Any = (), *, num_tasks: 
 
     nvals = 0 if vals is None else vals.numel()
     total = float(reduced_meta[nvals])  # sum of the weights: T, or the world size
-    present = reduced_meta[nvals + 1:]
+    present = reduced_meta[nvals + 1 :]
     index = {id(t): i for i, t in enumerate(tensors)}
     for packed in groups.values():
         if not isinstance(packed, tuple):
@@ -240,7 +258,7 @@ def all_reduce_grads(model: Optional[nn.Module], extra: Any = (), *, num_tasks: 
         offset = 0
         for kind, t in items:
             size = t.numel()
-            chunk = flat[offset:offset + size].view_as(t)
+            chunk = flat[offset : offset + size].view_as(t)
             offset += size
             if kind == "buffer":
                 with torch.no_grad():
@@ -259,8 +277,12 @@ def _as_values(values, tensors, buffers) -> torch.Tensor:
     """`values` (numbers or 0-d tensors) as one 1-D tensor."""
     if isinstance(values, torch.Tensor):
         return values.detach().reshape(-1).clone()
-    items = [v.detach().reshape(-1).to("cpu", torch.float64) if isinstance(v, torch.Tensor)
-             else torch.tensor([float(v)], dtype=torch.float64) for v in values]
+    items = [
+        v.detach().reshape(-1).to("cpu", torch.float64)
+        if isinstance(v, torch.Tensor)
+        else torch.tensor([float(v)], dtype=torch.float64)
+        for v in values
+    ]
     like = next((t for t in [*tensors, *buffers] if t.dtype in (torch.float32, torch.float64)), None)
     out = torch.cat(items) if items else torch.zeros(0, dtype=torch.float64)
     return out.to(torch.float32 if like is None else like.dtype)
@@ -284,8 +306,9 @@ def all_gather_shares(values: torch.Tensor, total: int, *, group=None) -> torch.
     rank = dist.get_rank(group)
     start, stop = share_range(total, rank, world)
     if values.shape[0] != stop - start:
-        raise ValueError(f"values: rank {rank} holds tasks {start}:{stop} of {total} ({stop - start}), got "
-                         f"{values.shape[0]} values")
+        raise ValueError(
+            f"values: rank {rank} holds tasks {start}:{stop} of {total} ({stop - start}), got {values.shape[0]} values"
+        )
     full = torch.zeros((total, *values.shape[1:]), dtype=values.dtype, device=values.device)
     full[start:stop] = values
     dist.all_reduce(full, op=dist.ReduceOp.SUM, group=group)
@@ -296,7 +319,6 @@ def any_rank(flag: bool, *, device=None, group=None) -> bool:
     """Whether `flag` is true on any rank (one small MAX all-reduce; `flag` itself with one rank)."""
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32,
-                     device=_default_device(group) if device is None else device)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_default_device(group) if device is None else device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())

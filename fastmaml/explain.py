@@ -1,4 +1,5 @@
 """`fastmaml.explain(model, loss)`: which engine runs a model, its graph of rules, or why it falls back."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -44,8 +45,10 @@ class Explanation:
         if self.program == "fused":
             head = "fused engine"
             if self.mlp_op:
-                head += ("; meta_step runs it as the whole-inner-loop MLP op (orders second, checkpoint, first, "
-                         "without step weights)")
+                head += (
+                    "; meta_step runs it as the whole-inner-loop MLP op (orders second, checkpoint, first, "
+                    "without step weights)"
+                )
             return head + ":\n  " + "\n  ".join(self.layers) + frozen
         culprit = f"{self.module!r} ({self.kind})" if self.module else "the loss"
         where = f"\n  at {self.source}" if self.source else ""
@@ -79,5 +82,6 @@ def explain(model: nn.Module, loss: LossLike = "mse", inner_params: InnerParams 
     except fused.Unsupported as e:
         return Explanation("torch.func", e.module, e.kind, e.reason, e.source, frozen=frozen)
     program = fused.FusedProgram(layout, loss_obj, graph, fused.check_loss(loss_obj))
-    return Explanation("fused", layers=tuple(program.describe()), mlp_op=mlp_plan(program, loss_obj)[0] is not None,
-                       frozen=frozen)
+    return Explanation(
+        "fused", layers=tuple(program.describe()), mlp_op=mlp_plan(program, loss_obj)[0] is not None, frozen=frozen
+    )

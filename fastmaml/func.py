@@ -11,6 +11,7 @@ its own).
 out are the module's own, held fixed: neither adapted nor differentiated) or a sequence of tensors in
 `model.parameters()` order (what `higher` and TorchOpt's functional modules hold).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -69,17 +70,23 @@ def _named(model: nn.Module, params: ParamsLike, strict: bool) -> _Named:
             raise ValueError(f"params: {unknown} are not parameters of the model; its parameters are {names}")
         missing = [n for n in names if n not in params]
         if strict and missing:
-            raise ValueError(f"params: no tensor for {missing} (strict=True); pass strict=False to keep the "
-                             "module's own tensors for them, fixed")
+            raise ValueError(
+                f"params: no tensor for {missing} (strict=True); pass strict=False to keep the "
+                "module's own tensors for them, fixed"
+            )
         named = _Named({n: params[n] for n in names if n in params})
     elif isinstance(params, (tuple, list)):
         if len(params) != len(names):
-            raise ValueError(f"params: a sequence must hold one tensor per parameter in model.parameters() order "
-                             f"({len(names)}: {names}), got {len(params)}")
+            raise ValueError(
+                f"params: a sequence must hold one tensor per parameter in model.parameters() order "
+                f"({len(names)}: {names}), got {len(params)}"
+            )
         named = _Named(dict(zip(names, params)), type(params))
     else:
-        raise TypeError(f"params: expected a dict {{name: tensor}} or a sequence of tensors in model.parameters() "
-                        f"order, got {type(params).__name__}")
+        raise TypeError(
+            f"params: expected a dict {{name: tensor}} or a sequence of tensors in model.parameters() "
+            f"order, got {type(params).__name__}"
+        )
     if not named.tensors:
         raise ValueError("params: empty; expected at least one of the model's parameters")
     own = dict(model.named_parameters())
@@ -87,13 +94,16 @@ def _named(model: nn.Module, params: ParamsLike, strict: bool) -> _Named:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"params[{n!r}]: expected a tensor, got {type(t).__name__}")
         if t.shape != own[n].shape:
-            raise ValueError(f"params[{n!r}]: shape {tuple(t.shape)} differs from the parameter's "
-                             f"{tuple(own[n].shape)}")
+            raise ValueError(
+                f"params[{n!r}]: shape {tuple(t.shape)} differs from the parameter's {tuple(own[n].shape)}"
+            )
         if not t.is_floating_point():
             raise TypeError(f"params[{n!r}]: expected a floating-point tensor, got {t.dtype}")
         if t.dtype != own[n].dtype or t.device != own[n].device:
-            raise ValueError(f"params[{n!r}]: {t.dtype} on {t.device}, but the model's parameter is "
-                             f"{own[n].dtype} on {own[n].device}; convert the model (model.to(...)) or the tensors")
+            raise ValueError(
+                f"params[{n!r}]: {t.dtype} on {t.device}, but the model's parameter is "
+                f"{own[n].dtype} on {own[n].device}; convert the model (model.to(...)) or the tensors"
+            )
     return named
 
 
@@ -152,9 +162,11 @@ def _norm_buffers(model: nn.Module, buffers: Optional[Mapping[str, torch.Tensor]
         if name.rpartition(".")[2] in STAT_BUFFERS:
             bound[name] = t.detach()
         elif t is not own[name] and not torch.equal(t.detach().to(own[name].device), own[name]):
-            raise ValueError(f"buffers[{name!r}]: differs from the module's buffer; fastmaml.func binds the "
-                             "BatchNorm statistics only (other buffers are constants of the compiled model): "
-                             f"update it in the module (model.get_buffer({name!r}).copy_(...))")
+            raise ValueError(
+                f"buffers[{name!r}]: differs from the module's buffer; fastmaml.func binds the "
+                "BatchNorm statistics only (other buffers are constants of the compiled model): "
+                f"update it in the module (model.get_buffer({name!r}).copy_(...))"
+            )
     return bound
 
 
@@ -236,11 +248,28 @@ def meta_grad(
     named = _named(model, params, strict)
     layout, theta = _bound_layout(model, named, inner_params)
     out, lr_grads, _, _ = run_meta_step(
-        model, layout, tasks, inner_lr=inner_lr, steps=steps, order=order, loss=loss, inner_params=None,
-        backend=backend, batch_norm=batch_norm, implicit_lambda=implicit_lambda, cg_steps=cg_steps,
-        evaluate_before=return_aux, check_finite=check_finite, task_chunk=task_chunk, step_weights=step_weights,
-        shared_grad=any(n in named.tensors for n in layout.shared.names), lr_grad=return_aux,
-        norm_buffers=_norm_buffers(model, buffers), what="fastmaml.func.meta_grad", theta=theta)
+        model,
+        layout,
+        tasks,
+        inner_lr=inner_lr,
+        steps=steps,
+        order=order,
+        loss=loss,
+        inner_params=None,
+        backend=backend,
+        batch_norm=batch_norm,
+        implicit_lambda=implicit_lambda,
+        cg_steps=cg_steps,
+        evaluate_before=return_aux,
+        check_finite=check_finite,
+        task_chunk=task_chunk,
+        step_weights=step_weights,
+        shared_grad=any(n in named.tensors for n in layout.shared.names),
+        lr_grad=return_aux,
+        norm_buffers=_norm_buffers(model, buffers),
+        what="fastmaml.func.meta_grad",
+        theta=theta,
+    )
     flat = dict(layout.adapted.unflatten(out.d_a))
     if out.d_s is not None:
         flat.update(layout.shared.unflatten(out.d_s))
@@ -305,10 +334,23 @@ def adapt(
     Raises:
         ValueError, TypeError, RuntimeError, NonFiniteError, BackendUnavailable: as `meta_grad`.
     """
-    return _adapted(model, params, support, buffers=buffers, inner_lr=inner_lr, steps=steps, order=order,
-                    loss=loss, inner_params=inner_params, backend=backend, batch_norm=batch_norm,
-                    implicit_lambda=implicit_lambda, cg_steps=cg_steps, check_finite=check_finite,
-                    strict=strict)[0]
+    return _adapted(
+        model,
+        params,
+        support,
+        buffers=buffers,
+        inner_lr=inner_lr,
+        steps=steps,
+        order=order,
+        loss=loss,
+        inner_params=inner_params,
+        backend=backend,
+        batch_norm=batch_norm,
+        implicit_lambda=implicit_lambda,
+        cg_steps=cg_steps,
+        check_finite=check_finite,
+        strict=strict,
+    )[0]
 
 
 def _adapted(model, params, support, *, buffers, inner_params, strict, **kwargs):
@@ -318,16 +360,33 @@ def _adapted(model, params, support, *, buffers, inner_params, strict, **kwargs)
     if not isinstance(support, (tuple, list)) or len(support) != 2:
         raise TypeError("support: expected a pair (support_x [T, Ns, *in], support_y [T, Ns, *out])")
     sx, sy = support
-    adapted, _ = run_adapt(model, layout, sx, sy, inner_params=None, norm_buffers=_norm_buffers(model, buffers),
-                           what="fastmaml.func.adapt", theta=theta, **kwargs)
+    adapted, _ = run_adapt(
+        model,
+        layout,
+        sx,
+        sy,
+        inner_params=None,
+        norm_buffers=_norm_buffers(model, buffers),
+        what="fastmaml.func.adapt",
+        theta=theta,
+        **kwargs,
+    )
     per_task = adapted.params
     return named.rebuild({n: per_task[n] for n in named.tensors}), adapted
 
 
 @outside_compile(_COMPILE_REASON.format("func.forward"))
-def forward(model: nn.Module, params: ParamsLike, x: torch.Tensor, *,
-            buffers: Optional[Mapping[str, torch.Tensor]] = None, batch_norm: str = "batch", step: int = 0,
-            backend: Optional[str] = "auto", strict: bool = False) -> torch.Tensor:
+def forward(
+    model: nn.Module,
+    params: ParamsLike,
+    x: torch.Tensor,
+    *,
+    buffers: Optional[Mapping[str, torch.Tensor]] = None,
+    batch_norm: str = "batch",
+    step: int = 0,
+    backend: Optional[str] = "auto",
+    strict: bool = False,
+) -> torch.Tensor:
     """The model on `x [T, N, *in]` with per-task parameters, BatchNorm as in the inner loop.
 
     Args:
@@ -355,8 +414,7 @@ def forward(model: nn.Module, params: ParamsLike, x: torch.Tensor, *,
     T = x.shape[0]
     own = dict(model.named_parameters())
     if isinstance(params, Mapping):
-        per_task = {n: t if t.dim() > own[n].dim() else t.expand(T, *t.shape) for n, t in params.items()
-                    if n in own}
+        per_task = {n: t if t.dim() > own[n].dim() else t.expand(T, *t.shape) for n, t in params.items() if n in own}
         heads = {n: t[0] for n, t in per_task.items()}
     elif isinstance(params, (tuple, list)):
         names = list(own)
@@ -376,5 +434,3 @@ def forward(model: nn.Module, params: ParamsLike, x: torch.Tensor, *,
     theta_s = torch.cat([t.reshape(-1) for t in shared]) if shared else phi.new_zeros(0)
     norm = NormPlan(model, batch_norm, buffers=_norm_buffers(model, buffers))
     return program.forward(resolve(backend, x.device), phi, theta_s, x, bn_stats=norm.stats(step))
-
-

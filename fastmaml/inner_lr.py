@@ -11,6 +11,7 @@ Each α_j is a 0-dim tensor (one global rate) or a flat `[Pa]` vector aligned wi
 parameters; it is built from the user's tensors with ordinary autograd ops, so the exact ∂L/∂α_j of
 the reverse sweep flows back to whatever the user learns.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,9 +79,7 @@ def _one(lr, group: FlatGroup, like: torch.Tensor, where: str) -> torch.Tensor:
 def _per_parameter(lr: Mapping, group: FlatGroup, like: torch.Tensor, where: str) -> torch.Tensor:
     unknown = sorted(set(lr) - set(group.names))
     if unknown:
-        raise ValueError(
-            f"{where}: keys {unknown} are not adapted parameters; expected keys among {list(group.names)}"
-        )
+        raise ValueError(f"{where}: keys {unknown} are not adapted parameters; expected keys among {list(group.names)}")
     missing = [n for n in group.names if n not in lr]
     if missing:
         raise ValueError(f"{where}: no learning rate for adapted parameters {missing}")
@@ -100,8 +99,10 @@ def _per_parameter(lr: Mapping, group: FlatGroup, like: torch.Tensor, where: str
             )
         _check_tensor(t, key)
         if not t.requires_grad and not bool((t > 0).all()):
-            raise ValueError(f"{key}: the learning rate must be positive, got {t.min().item()} (a rate of 0 "
-                             "freezes a parameter: leave it out of inner_params instead)")
+            raise ValueError(
+                f"{key}: the learning rate must be positive, got {t.min().item()} (a rate of 0 "
+                "freezes a parameter: leave it out of inner_params instead)"
+            )
         t = t.to(dtype=like.dtype, device=like.device)
         parts.append(t.reshape(-1).expand(slot.numel) if t.numel() == 1 else t.reshape(-1))
     return torch.cat(parts)

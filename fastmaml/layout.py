@@ -4,6 +4,7 @@ The adapted parameters are packed into one flat vector `theta_a [Pa]` (fast weig
 the shared ones (not adapted; ANIL's body) into `theta_s [Ps]`. Each parameter is a view
 `flat[..., offset:offset + numel].view(*batch, *shape)` of its buffer.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -93,10 +94,7 @@ def _select(named, inner_params: InnerParams) -> set[str]:
     if callable(inner_params):
         chosen = {n for n, p in named if inner_params(n, p)}
         if not chosen:
-            raise ValueError(
-                "inner_params: the predicate selected no parameter; "
-                f"the model's parameters are {names}"
-            )
+            raise ValueError(f"inner_params: the predicate selected no parameter; the model's parameters are {names}")
         return chosen
     try:
         wanted = list(inner_params)
@@ -111,15 +109,17 @@ def _select(named, inner_params: InnerParams) -> set[str]:
             raise TypeError(f"inner_params: expected parameter names (str), got {w!r}")
         hits = {n for n in names if n == w or (n.startswith(w + ".") and n in trainable)}
         if not hits and any(n.startswith(w + ".") for n in names):
-            raise ValueError(f"inner_params: {w!r} holds only frozen parameters (requires_grad=False); name them "
-                             "one by one to adapt them")
+            raise ValueError(
+                f"inner_params: {w!r} holds only frozen parameters (requires_grad=False); name them "
+                "one by one to adapt them"
+            )
         if not hits:
             raise ValueError(
-                f"inner_params: {w!r} names no parameter or module of the model; "
-                f"the model's parameters are {names}"
+                f"inner_params: {w!r} names no parameter or module of the model; the model's parameters are {names}"
             )
         chosen |= hits
     if not chosen:
-        raise ValueError("inner_params: an empty list adapts nothing; pass None to adapt every parameter, or "
-                         f"names among {names}")
+        raise ValueError(
+            f"inner_params: an empty list adapts nothing; pass None to adapt every parameter, or names among {names}"
+        )
     return chosen

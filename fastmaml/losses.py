@@ -1,4 +1,5 @@
 """Per-task losses: `loss(output [N, ...], target [N, ...]) -> scalar`, applied to every task."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -51,14 +52,18 @@ class Loss:
             if y.dtype != torch.long:
                 raise TypeError(f"{field}: loss='cross_entropy' needs int64 class indices, got {y.dtype}")
             if y.numel() and y.device.type != "meta" and int(y.min()) < 0:
-                raise ValueError(f"{field}: class indices must be >= 0, got {int(y.min())} (fastmaml has no "
-                                 "ignore_index: drop those examples instead)")
+                raise ValueError(
+                    f"{field}: class indices must be >= 0, got {int(y.min())} (fastmaml has no "
+                    "ignore_index: drop those examples instead)"
+                )
         if self.name == "mse" and self.builtin:
             if not y.is_floating_point():
                 raise TypeError(f"{field}: loss='mse' needs floating-point targets, got {y.dtype}")
             if like is not None and y.dtype != like.dtype:
-                raise TypeError(f"{field}: dtype {y.dtype} differs from the inputs' {like.dtype}; convert the "
-                                "targets (e.g. y.to(x.dtype))")
+                raise TypeError(
+                    f"{field}: dtype {y.dtype} differs from the inputs' {like.dtype}; convert the "
+                    "targets (e.g. y.to(x.dtype))"
+                )
 
 
 _NAMED = {"mse": Loss("mse", mse, False), "cross_entropy": Loss("cross_entropy", cross_entropy, True)}
@@ -70,8 +75,12 @@ def _builtin_name(loss) -> Optional[str]:
         return "cross_entropy"
     if loss is F.mse_loss:
         return "mse"
-    if type(loss) is torch.nn.CrossEntropyLoss and loss.weight is None and loss.reduction == "mean" \
-            and loss.label_smoothing == 0.0:
+    if (
+        type(loss) is torch.nn.CrossEntropyLoss
+        and loss.weight is None
+        and loss.reduction == "mean"
+        and loss.label_smoothing == 0.0
+    ):
         return "cross_entropy"
     if type(loss) is torch.nn.MSELoss and loss.reduction == "mean":
         return "mse"

@@ -4,6 +4,7 @@ MetaOptNet / learn2learn layout), written as classes with a `forward` as users w
 
 All take images `[N, C, H, W]` and return logits `[N, num_classes]`.
 """
+
 from __future__ import annotations
 
 import numbers

@@ -5,6 +5,7 @@ At the start of training every inner step's query loss counts equally (1/K each)
 (epochs, iterations: any unit of `progress`) the weight moves to the last step, the others keeping a
 floor of 0.03/K. The weights always sum to 1.
 """
+
 from __future__ import annotations
 
 import numbers

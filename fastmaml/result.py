@@ -1,4 +1,5 @@
 """`MetaResult`: what one meta-step measured."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -3,6 +3,7 @@ weights `checkpoint` keeps and how it replays the others, and the memory a call 
 
 A leaf module: it imports nothing from fastmaml, so engines and ops may both use it.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,9 @@ def checkpoint_steps(steps: int, slots: Optional[int] = None) -> List[int]:
     return keep
 
 
-def replay_phis(phis: List[Optional[torch.Tensor]], advance: Callable, slots: Optional[int] = None
-                ) -> Iterator[Tuple[int, torch.Tensor]]:
+def replay_phis(
+    phis: List[Optional[torch.Tensor]], advance: Callable, slots: Optional[int] = None
+) -> Iterator[Tuple[int, torch.Tensor]]:
     """Yields (j, φ_j) for j = K−1, …, 0 from the kept snapshots (`phis[j]` or None; taken out of the
     list as they are used, so that each is freed once done with), recomputing the others with
     `advance(φ_a, a, b) -> φ_b` (b − a inner steps). Bisection with at most `slots` snapshots besides θ
@@ -84,9 +86,12 @@ def replay_phis(phis: List[Optional[torch.Tensor]], advance: Callable, slots: Op
 def state_buffers(order: str, steps: int, keep_grads: bool, keep_phis: bool = False) -> int:
     """How many `[Pa]` buffers per task one meta-step holds at its peak: the tape (what the forward
     sweep keeps) plus about six working ones (φ_K, the query gradient, v, H u, α ⊙ v, the next v)."""
-    tape = {"second": 2 * steps, "checkpoint": checkpoint_slots(steps),
-            "first": (steps if keep_grads else 0) + (steps if keep_phis else 0),
-            "implicit": 4}[order]  # implicit: CG's u, r, p, Ap
+    tape = {
+        "second": 2 * steps,
+        "checkpoint": checkpoint_slots(steps),
+        "first": (steps if keep_grads else 0) + (steps if keep_phis else 0),
+        "implicit": 4,
+    }[order]  # implicit: CG's u, r, p, Ap
     return tape + 6
 
 
@@ -99,8 +104,7 @@ def task_chunks(T: int, per_task_bytes: int, budget_bytes: int, size: Optional[i
     return [slice(start, min(T, start + size)) for start in range(0, T, size)]
 
 
-def task_budget_chunks(T: int, per_task_bytes: int, device: torch.device, size: Optional[int] = None
-                       ) -> List[slice]:
+def task_budget_chunks(T: int, per_task_bytes: int, device: torch.device, size: Optional[int] = None) -> List[slice]:
     """`task_chunks` with the budget of `device`'s type (`TASK_STATE_BYTES`)."""
     return task_chunks(T, per_task_bytes, task_state_budget(device), size)
 
@@ -132,8 +136,9 @@ def _gb(n: float) -> str:
     return f"{n / 2**30:.3g} GB"
 
 
-def check_memory(per_task_bytes: int, chunk_tasks: int, device: torch.device, *, steps: int, order: str,
-                 chunk_given: bool) -> None:
+def check_memory(
+    per_task_bytes: int, chunk_tasks: int, device: torch.device, *, steps: int, order: str, chunk_given: bool
+) -> None:
     """Raises MemoryError, before anything is allocated, when one chunk's per-task state cannot fit the
     memory left on `device`, naming `steps` or `task_chunk` and the numbers."""
     need = per_task_bytes * chunk_tasks
@@ -146,8 +151,10 @@ def check_memory(per_task_bytes: int, chunk_tasks: int, device: torch.device, *,
         raise MemoryError(
             f"task_chunk: {chunk_tasks} tasks per chunk need about {_gb(need)} of fast weights, gradients and "
             f"adjoints on {device}, but about {_gb(free)} is free; pass a smaller task_chunk (at most "
-            f"{max(1, free // per_task_bytes)}) or leave it None")
+            f"{max(1, free // per_task_bytes)}) or leave it None"
+        )
     hint = " or order='checkpoint' (memory grows as log K)" if order in ("second", "first") else ""
     raise MemoryError(
         f"steps: {steps} inner steps with order={order!r} need about {_gb(per_task_bytes)} per task of fast "
-        f"weights, gradients and adjoints on {device}, but about {_gb(free)} is free; use fewer steps{hint}")
+        f"weights, gradients and adjoints on {device}, but about {_gb(free)} is free; use fewer steps{hint}"
+    )

@@ -1,4 +1,5 @@
 """`TaskBatch`: a meta-batch of T tasks, each with a support and a query set."""
+
 from __future__ import annotations
 
 from typing import NamedTuple, Sequence, Union
@@ -28,6 +29,7 @@ class TaskBatch(NamedTuple):
     def to(self, *args, **kwargs) -> "TaskBatch":
         """The four tensors moved with `Tensor.to(*args, **kwargs)`; a dtype applies to the inputs and to
         floating-point targets only (integer class indices keep int64)."""
+
         def move(t):
             if t.is_floating_point():
                 return t.to(*args, **kwargs)
@@ -47,9 +49,7 @@ def as_task_batch(tasks: TasksLike) -> TaskBatch:
         batch = tasks
     elif isinstance(tasks, (tuple, list)) and len(tasks) == 4 and all(isinstance(t, torch.Tensor) for t in tasks):
         batch = TaskBatch(*tasks)
-    elif isinstance(tasks, (tuple, list)) and len(tasks) > 0 and all(
-        isinstance(t, (tuple, list)) for t in tasks
-    ):
+    elif isinstance(tasks, (tuple, list)) and len(tasks) > 0 and all(isinstance(t, (tuple, list)) for t in tasks):
         for i, t in enumerate(tasks):
             if len(t) != 4 or not all(isinstance(x, torch.Tensor) for x in t):
                 raise TypeError(

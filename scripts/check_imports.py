@@ -13,6 +13,7 @@ from a layer to the same layer or one below it:
 Every import counts, at module level or inside a function. `python scripts/check_imports.py` prints the
 violations and exits 1 if there are any.
 """
+
 from __future__ import annotations
 
 import ast
@@ -24,14 +25,36 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "fastmaml"
 LAYERS = ["api", "engine", "programs", "ops", "kernels", "base"]  # top to bottom
 _LAYER_OF = {
-    "fastmaml": "api", "fastmaml.api": "api", "fastmaml.explain": "api", "fastmaml.cli": "api",
-    "fastmaml.__main__": "api", "fastmaml.func": "api", "fastmaml.distributed": "api", "fastmaml.train": "api",
+    "fastmaml": "api",
+    "fastmaml.api": "api",
+    "fastmaml.explain": "api",
+    "fastmaml.cli": "api",
+    "fastmaml.__main__": "api",
+    "fastmaml.func": "api",
+    "fastmaml.distributed": "api",
+    "fastmaml.train": "api",
     "fastmaml.bench": "api",
-    "fastmaml.engine": "engine", "fastmaml.programs": "programs", "fastmaml.ops": "ops",
-    "fastmaml.kernels": "kernels", "fastmaml.build": "kernels",
+    "fastmaml.engine": "engine",
+    "fastmaml.programs": "programs",
+    "fastmaml.ops": "ops",
+    "fastmaml.kernels": "kernels",
+    "fastmaml.build": "kernels",
 }
-BASE = ("errors", "schedule", "layout", "losses", "tasks", "inner_lr", "batchnorm", "result", "msl", "models", "data",
-        "context", "blackbox")
+BASE = (
+    "errors",
+    "schedule",
+    "layout",
+    "losses",
+    "tasks",
+    "inner_lr",
+    "batchnorm",
+    "result",
+    "msl",
+    "models",
+    "data",
+    "context",
+    "blackbox",
+)
 _LAYER_OF.update({f"fastmaml.{m}": "base" for m in BASE})
 
 
@@ -68,7 +91,7 @@ def imports(name: str, path: Path, known: Set[str]) -> List[Tuple[str, int]]:
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = name.split(".") if is_package else name.split(".")[:-1]
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -94,8 +117,9 @@ def check() -> List[str]:
             edges[name].add(target)
             src, dst = layer(name), layer(target)
             if LAYERS.index(dst) < LAYERS.index(src):
-                problems.append(f"{path.relative_to(ROOT)}:{line}: {name} ({src}) imports {target} ({dst}), "
-                                "a higher layer")
+                problems.append(
+                    f"{path.relative_to(ROOT)}:{line}: {name} ({src}) imports {target} ({dst}), a higher layer"
+                )
     problems += [f"import cycle: {' -> '.join(c)}" for c in _cycles(edges)]
     return problems
 

@@ -1,6 +1,7 @@
 """Models written the way users write them: classes with a `forward` (the shapes of learn2learn's
 OmniglotCNN, MiniImagenetCNN (CNN4), OmniglotFC and ResNet-12), plus small graphs with fan-out, concatenation
 and tied weights. float64, small sizes."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,8 +58,9 @@ class OmniglotCNN(nn.Module):
     def __init__(self, output_size=5, hidden_size=4, layers=4):
         super().__init__()
         self.base = ConvBase(hidden_size, 1, max_pool=False, layers=layers)
-        self.features = nn.Sequential(Lambda(lambda x: x.view(-1, 1, 28, 28)), self.base,
-                                      Lambda(lambda x: x.mean(dim=[2, 3])), Flatten())
+        self.features = nn.Sequential(
+            Lambda(lambda x: x.view(-1, 1, 28, 28)), self.base, Lambda(lambda x: x.mean(dim=[2, 3])), Flatten()
+        )
         self.classifier = nn.Linear(hidden_size, output_size, bias=True)
         self.classifier.weight.data.normal_()
         self.classifier.bias.data.mul_(0.0)

@@ -1,5 +1,6 @@
 """Writers of small synthetic datasets in the real on-disk layouts (Omniglot PNG folders, mini-ImageNet
 CSV splits and JPEGs), shared by the data, CLI and job tests."""
+
 import csv
 
 import numpy as np
@@ -21,15 +22,21 @@ def write_omniglot(root, per_character=4):
                 d.mkdir(parents=True)
                 for k in range(per_character):
                     img = np.full((105, 105), 255, np.uint8)
-                    img[10 * index:10 * index + 12, 20:80] = 0
-                    img[90:95, 5 * k:5 * k + 5] = 0
+                    img[10 * index : 10 * index + 12, 20:80] = 0
+                    img[90:95, 5 * k : 5 * k + 5] = 0
                     Image.fromarray(img).convert("1").save(d / f"{index + 1:04d}_{k + 1:02d}.png")
                 index += 1
     return index
 
 
-COLORS = {"n01532829": (255, 0, 0), "n01558993": (0, 255, 0), "n01704323": (0, 0, 255),
-          "n01749939": (255, 255, 0), "n01770081": (0, 255, 255), "n01843383": (255, 0, 255)}
+COLORS = {
+    "n01532829": (255, 0, 0),
+    "n01558993": (0, 255, 0),
+    "n01704323": (0, 0, 255),
+    "n01749939": (255, 255, 0),
+    "n01770081": (0, 255, 255),
+    "n01843383": (255, 0, 255),
+}
 SPLIT_LABELS = {"train": list(COLORS)[:3], "val": list(COLORS)[3:5], "test": list(COLORS)[5:]}
 
 
@@ -45,7 +52,8 @@ def write_miniimagenet(root, per_class=3, split_labels=SPLIT_LABELS):
                 for k in range(per_class):
                     name = f"{label}{k + 1:08d}.jpg"
                     size = (120 + 7 * k, 90 + 5 * k)
-                    color = COLORS.get(label) or tuple(int(v) for v in np.random.default_rng(
-                        int(label[1:])).integers(0, 256, 3))
+                    color = COLORS.get(label) or tuple(
+                        int(v) for v in np.random.default_rng(int(label[1:])).integers(0, 256, 3)
+                    )
                     Image.new("RGB", size, color).save(root / "images" / name, quality=95)
                     w.writerow([name, label])

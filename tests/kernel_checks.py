@@ -1,5 +1,6 @@
 """Helpers shared by the kernel tests: the device, tolerances, random BatchNorm cases with strided
 gradient outputs, and meta_step with a named backend."""
+
 import torch
 
 import fastmaml
@@ -48,8 +49,12 @@ class Case:
         `[T, P]` buffer (returned too), odd ones transposed `[C, T]` tensors."""
         T, C = self.T, self.C
         flat = torch.full((T, k * (C + 1) + 1), float("nan"), dtype=self.dtype, device=DEVICE)
-        views = [flat[:, 1 + i * (C + 1):1 + i * (C + 1) + C] if i % 2 == 0 else
-                 torch.full((C, T), float("nan"), dtype=self.dtype, device=DEVICE).t() for i in range(k)]
+        views = [
+            flat[:, 1 + i * (C + 1) : 1 + i * (C + 1) + C]
+            if i % 2 == 0
+            else torch.full((C, T), float("nan"), dtype=self.dtype, device=DEVICE).t()
+            for i in range(k)
+        ]
         return [(v, v.clone()) for v in views], flat
 
     def stats(self, batch):
@@ -79,8 +84,5 @@ def grads_of(model):
 
 def run(model, tasks, backend, *, loss, inner_lr, steps, order):
     model.zero_grad()
-    res = fastmaml.meta_step(model, tasks, inner_lr=inner_lr, steps=steps, order=order, loss=loss,
-                             backend=backend)
+    res = fastmaml.meta_step(model, tasks, inner_lr=inner_lr, steps=steps, order=order, loss=loss, backend=backend)
     return res, grads_of(model)
-
-

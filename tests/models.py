@@ -1,4 +1,5 @@
 """Small models shared by the tests (float64)."""
+
 import torch
 from torch import nn
 
@@ -15,11 +16,16 @@ def mlp(widths=(1, 40, 40, 1), act=nn.ReLU):
 def small_cnn(channels=3, ways=5, track_running_stats=True, size=8):
     """Conv → BatchNorm → ReLU → MaxPool ×2, Flatten, Linear; input [N, 1, size, size]."""
     return nn.Sequential(
-        nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels, track_running_stats=track_running_stats),
-        nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(1, channels, 3, padding=1),
+        nn.BatchNorm2d(channels, track_running_stats=track_running_stats),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
         nn.Conv2d(channels, channels, 3, padding=1),
-        nn.BatchNorm2d(channels, track_running_stats=track_running_stats), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(channels * (size // 4) ** 2, ways),
+        nn.BatchNorm2d(channels, track_running_stats=track_running_stats),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(channels * (size // 4) ** 2, ways),
     ).double()
 
 

@@ -1,5 +1,6 @@
 """The independent reference: a per-task loop of `torch.autograd.grad(create_graph=True)` through
 the model itself (PyTorch's own BatchNorm double-backward), summed into a meta-gradient."""
+
 from __future__ import annotations
 
 import copy
@@ -23,8 +24,20 @@ def _lr(inner_lr, j, name):
     return lr
 
 
-def autograd_meta_grad(model, tasks, *, inner_lr, steps, order="second", loss_fn, inner_params=None,
-                       extra=(), train=True, before_forward=None, step_weights=None):
+def autograd_meta_grad(
+    model,
+    tasks,
+    *,
+    inner_lr,
+    steps,
+    order="second",
+    loss_fn,
+    inner_params=None,
+    extra=(),
+    train=True,
+    before_forward=None,
+    step_weights=None,
+):
     """Returns (meta_loss, {param name: grad}, [grads of `extra` tensors]).
 
     step_weights: the multi-step loss, Σ_j w_j L_query(φ_j) over j = 1..K (None: L_query(φ_K)).
@@ -69,7 +82,7 @@ def autograd_meta_grad(model, tasks, *, inner_lr, steps, order="second", loss_fn
     grads = [next(grads) if w.requires_grad else None for w in list(params.values()) + list(extra)]
     grads = [torch.zeros_like(w) if g is None else g for w, g in zip(list(params.values()) + list(extra), grads)]
     names = list(params)
-    return meta_loss.detach(), dict(zip(names, grads[:len(names)])), grads[len(names):]
+    return meta_loss.detach(), dict(zip(names, grads[: len(names)])), grads[len(names) :]
 
 
 def assert_grads_close(got: dict, ref: dict, tol: float) -> None:
@@ -85,8 +98,20 @@ def assert_grads_close(got: dict, ref: dict, tol: float) -> None:
         assert err <= tol * max(float(ref[n].double().norm()), 1e-4 * scale), (n, err)
 
 
-def check_meta_step(model, tasks, *, loss, loss_fn, inner_lr=0.05, steps=1, order="second", inner_params=None,
-                    lr_leaves=(), tol=1e-9, **step_kwargs):
+def check_meta_step(
+    model,
+    tasks,
+    *,
+    loss,
+    loss_fn,
+    inner_lr=0.05,
+    steps=1,
+    order="second",
+    inner_params=None,
+    lr_leaves=(),
+    tol=1e-9,
+    **step_kwargs,
+):
     """Runs `fastmaml.meta_step` (with `step_kwargs` besides the arguments named here) and asserts its
     meta-loss, `.grad` of every parameter and of `lr_leaves` match `autograd_meta_grad` within `tol`.
     Returns the MetaResult."""
@@ -95,13 +120,25 @@ def check_meta_step(model, tasks, *, loss, loss_fn, inner_lr=0.05, steps=1, orde
     model.zero_grad()
     for leaf in lr_leaves:
         leaf.grad = None
-    res = fastmaml.meta_step(model, tasks, inner_lr=inner_lr, steps=steps, order=order, loss=loss,
-                             inner_params=inner_params, **step_kwargs)
-    adapted = None if inner_params is None else [
-        n for n, _ in model.named_parameters() if any(n == w or n.startswith(w + ".") for w in inner_params)]
-    ref_loss, ref_grads, ref_extra = autograd_meta_grad(model, tasks, inner_lr=inner_lr, steps=steps,
-                                                        order=order, loss_fn=loss_fn, inner_params=adapted,
-                                                        extra=lr_leaves, step_weights=step_kwargs.get("step_weights"))
+    res = fastmaml.meta_step(
+        model, tasks, inner_lr=inner_lr, steps=steps, order=order, loss=loss, inner_params=inner_params, **step_kwargs
+    )
+    adapted = (
+        None
+        if inner_params is None
+        else [n for n, _ in model.named_parameters() if any(n == w or n.startswith(w + ".") for w in inner_params)]
+    )
+    ref_loss, ref_grads, ref_extra = autograd_meta_grad(
+        model,
+        tasks,
+        inner_lr=inner_lr,
+        steps=steps,
+        order=order,
+        loss_fn=loss_fn,
+        inner_params=adapted,
+        extra=lr_leaves,
+        step_weights=step_kwargs.get("step_weights"),
+    )
     assert rel_err(res.meta_loss, ref_loss) < tol
     assert_grads_close({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, ref_grads, tol)
     if lr_leaves:

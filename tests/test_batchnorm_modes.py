@@ -1,4 +1,5 @@
 """BatchNorm modes ("batch", "frozen", "per_step") against the autograd oracle (float64)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,8 +36,9 @@ def test_frozen_statistics(order):
     before = [b.clone() for b in model.buffers()]
     tasks = classification_tasks()
     fastmaml.meta_step(model, tasks, inner_lr=0.1, steps=2, order=order, loss="cross_entropy", batch_norm="frozen")
-    _, ref, _ = autograd_meta_grad(model, tasks, inner_lr=0.1, steps=2, order=order, loss_fn=F.cross_entropy,
-                                   train=False)
+    _, ref, _ = autograd_meta_grad(
+        model, tasks, inner_lr=0.1, steps=2, order=order, loss_fn=F.cross_entropy, train=False
+    )
     assert_grads_close(grads_of(model), ref, TOL)
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
 
@@ -58,10 +60,12 @@ def test_per_step_statistics_eval_more_steps_than_trained(order, steps):
     model.eval()
     tasks = classification_tasks()
     before = [b.clone() for b in model.buffers()]
-    fastmaml.meta_step(model, tasks, inner_lr=0.1, steps=steps, order=order, loss="cross_entropy",
-                       batch_norm="per_step")
-    _, ref, _ = autograd_meta_grad(model, tasks, inner_lr=0.1, steps=steps, loss_fn=F.cross_entropy, train=False,
-                                   before_forward=use_step_stats)
+    fastmaml.meta_step(
+        model, tasks, inner_lr=0.1, steps=steps, order=order, loss="cross_entropy", batch_norm="per_step"
+    )
+    _, ref, _ = autograd_meta_grad(
+        model, tasks, inner_lr=0.1, steps=steps, loss_fn=F.cross_entropy, train=False, before_forward=use_step_stats
+    )
     assert_grads_close(grads_of(model), ref, TOL)
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
 
@@ -85,7 +89,9 @@ def test_per_step_statistics_training_updates_each_step():
             m._forward_pre_hooks.clear()
             m.register_forward_pre_hook(
                 lambda mod, inp, i=i, j=j: seen.setdefault((i, j), []).append(
-                    (inp[0].mean((0, 2, 3)), inp[0].var((0, 2, 3), unbiased=True))))
+                    (inp[0].mean((0, 2, 3)), inp[0].var((0, 2, 3), unbiased=True))
+                )
+            )
 
     autograd_meta_grad(model, tasks, inner_lr=0.1, steps=steps, loss_fn=F.cross_entropy, before_forward=capture)
     for i, (_, m) in enumerate(bn_layers(model)):
@@ -110,8 +116,9 @@ def test_bad_modes():
     with pytest.raises(ValueError, match=r"batch_norm: unknown mode 'running'"):
         fastmaml.meta_step(small_cnn(channels=2), tasks, loss="cross_entropy", batch_norm="running")
     with pytest.raises(ValueError, match="batch_norm='frozen': layer '1' has no running statistics"):
-        fastmaml.meta_step(small_cnn(channels=2, track_running_stats=False), tasks, loss="cross_entropy",
-                           batch_norm="frozen")
+        fastmaml.meta_step(
+            small_cnn(channels=2, track_running_stats=False), tasks, loss="cross_entropy", batch_norm="frozen"
+        )
 
 
 def test_adapt_per_step_eval_uses_query_row():
@@ -124,6 +131,13 @@ def test_adapt_per_step_eval_uses_query_row():
     adapted = fastmaml.adapt(model, sx, sy, inner_lr=0.1, steps=2, loss="cross_entropy", batch_norm="per_step")
     logits = adapted(qx)
     torch.stack([F.cross_entropy(logits[t], qy[t]) for t in range(3)]).mean().backward()
-    _, ref, _ = autograd_meta_grad(model, (sx, sy, qx, qy), inner_lr=0.1, steps=2, loss_fn=F.cross_entropy,
-                                   train=False, before_forward=use_step_stats)
+    _, ref, _ = autograd_meta_grad(
+        model,
+        (sx, sy, qx, qy),
+        inner_lr=0.1,
+        steps=2,
+        loss_fn=F.cross_entropy,
+        train=False,
+        before_forward=use_step_stats,
+    )
     assert_grads_close(grads_of(model), ref, TOL)

@@ -2,6 +2,7 @@
 autograd loop, the files are written, peers that cannot be imported are reported with the reason,
 a wrong gradient is flagged (judged against the problem's sensitivity and the autograd-based rows).
 Timing is never asserted."""
+
 import json
 import sys
 
@@ -25,11 +26,11 @@ def quick_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     quiet = dict(quick=True, repeats=1, warmup=0, plots=False, log=lambda *a: None)
     fastmaml_rows = ["fastmaml[torch,second]", "fastmaml[torch,first]"]
-    runs = [run_suite(out=out, workload_names=QUICK_WORKLOADS[:1], impl_names=QUICK_IMPLS, measure_memory=False,
-                      **quiet),
-            run_suite(out=out, workload_names=QUICK_WORKLOADS[1:], impl_names=fastmaml_rows, measure_memory=False,
-                      **quiet),
-            run_suite(out=out, workload_names=SWEEP, impl_names=fastmaml_rows, measure_memory=MEMORY_ROWS, **quiet)]
+    runs = [
+        run_suite(out=out, workload_names=QUICK_WORKLOADS[:1], impl_names=QUICK_IMPLS, measure_memory=False, **quiet),
+        run_suite(out=out, workload_names=QUICK_WORKLOADS[1:], impl_names=fastmaml_rows, measure_memory=False, **quiet),
+        run_suite(out=out, workload_names=SWEEP, impl_names=fastmaml_rows, measure_memory=MEMORY_ROWS, **quiet),
+    ]
     results = runs[0]
     for run in runs[1:]:
         results["rows"] += run["rows"]
@@ -100,8 +101,17 @@ def test_missing_peer_reported_with_reason(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "higher", None)  # `import higher` now raises ImportError
     peers.reset()
     try:
-        results = run_suite(out=tmp_path, quick=True, workload_names=["sinusoid-K1"], impl_names=["higher"],
-                            repeats=1, warmup=0, measure_memory=False, plots=False, log=lambda *a: None)
+        results = run_suite(
+            out=tmp_path,
+            quick=True,
+            workload_names=["sinusoid-K1"],
+            impl_names=["higher"],
+            repeats=1,
+            warmup=0,
+            measure_memory=False,
+            plots=False,
+            log=lambda *a: None,
+        )
     finally:
         peers.reset()
     row = _rows(results, impl="higher")[0]
@@ -123,15 +133,29 @@ def _scaled_loop(scale, family="test"):
 
         return scaled
 
-    return impls.Impl(f"loop-x{scale}" + ("" if family == "test" else f"-{family}"), family, "second", build,
-                      lambda device: (True, ""))
+    return impls.Impl(
+        f"loop-x{scale}" + ("" if family == "test" else f"-{family}"),
+        family,
+        "second",
+        build,
+        lambda device: (True, ""),
+    )
 
 
 def test_wrong_gradient_flagged_without_speedup(tmp_path, monkeypatch):
     table = impls.implementations() + [_scaled_loop(1.01)]
     monkeypatch.setattr(impls, "implementations", lambda: table)
-    results = run_suite(out=tmp_path, quick=True, workload_names=["sinusoid-K1"], impl_names=["loop-x"],
-                        repeats=1, warmup=0, measure_memory=False, plots=False, log=lambda *a: None)
+    results = run_suite(
+        out=tmp_path,
+        quick=True,
+        workload_names=["sinusoid-K1"],
+        impl_names=["loop-x"],
+        repeats=1,
+        warmup=0,
+        measure_memory=False,
+        plots=False,
+        log=lambda *a: None,
+    )
     row = _rows(results, impl="loop-x1.01")[0]
     assert row["rel_err"] == pytest.approx(0.01, rel=1e-3)
     assert row["verdict"] == "WRONG" and row["speedup"] is None
@@ -144,8 +168,17 @@ def test_sensitivity_excuses_an_ill_conditioned_problem(tmp_path, monkeypatch):
     table = impls.implementations() + [_scaled_loop(1.01)]
     monkeypatch.setattr(impls, "implementations", lambda: table)
     monkeypatch.setattr(suite, "SENSITIVITY_NOISE", 0.1)
-    results = run_suite(out=tmp_path, quick=True, workload_names=["sinusoid-K1"], impl_names=["loop-x"],
-                        repeats=1, warmup=0, measure_memory=False, plots=False, log=lambda *a: None)
+    results = run_suite(
+        out=tmp_path,
+        quick=True,
+        workload_names=["sinusoid-K1"],
+        impl_names=["loop-x"],
+        repeats=1,
+        warmup=0,
+        measure_memory=False,
+        plots=False,
+        log=lambda *a: None,
+    )
     row = _rows(results, impl="loop-x1.01")[0]
     assert row["sensitivity"] > 0.02 and row["rel_err"] == pytest.approx(0.01, rel=1e-3)
     assert row["verdict"] == "" and row["speedup"] > 0
@@ -156,8 +189,17 @@ def test_judged_against_the_worst_autograd_based_row(tmp_path, monkeypatch):
     one 5% off is marked; the float32 loop's own error (~1e-7) is not the bar."""
     table = impls.implementations() + [_scaled_loop(1.01, "torch.func"), _scaled_loop(1.02), _scaled_loop(1.05)]
     monkeypatch.setattr(impls, "implementations", lambda: table)
-    results = run_suite(out=tmp_path, quick=True, workload_names=["sinusoid-K1"], impl_names=["loop-x"],
-                        repeats=1, warmup=0, measure_memory=False, plots=False, log=lambda *a: None)
+    results = run_suite(
+        out=tmp_path,
+        quick=True,
+        workload_names=["sinusoid-K1"],
+        impl_names=["loop-x"],
+        repeats=1,
+        warmup=0,
+        measure_memory=False,
+        plots=False,
+        log=lambda *a: None,
+    )
     passed, marked = _rows(results, impl="loop-x1.02")[0], _rows(results, impl="loop-x1.05")[0]
     for row in (passed, marked):
         assert row["worst_autograd"] == "loop-x1.01-torch.func"
@@ -268,8 +310,17 @@ def _failing_on_second_step():
 def test_failing_row_reported_and_others_go_on(tmp_path, monkeypatch):
     table = impls.implementations() + [_failing_on_second_step()]
     monkeypatch.setattr(impls, "implementations", lambda: table)
-    results = run_suite(out=tmp_path, quick=True, workload_names=["sinusoid-K1"], impl_names=["flaky"],
-                        repeats=2, warmup=0, measure_memory=False, plots=False, log=lambda *a: None)
+    results = run_suite(
+        out=tmp_path,
+        quick=True,
+        workload_names=["sinusoid-K1"],
+        impl_names=["flaky"],
+        repeats=2,
+        warmup=0,
+        measure_memory=False,
+        plots=False,
+        log=lambda *a: None,
+    )
     row = _rows(results, impl="flaky")[0]
     assert row["status"] == "failed" and "boom on step 2" in row["reason"] and "grad" not in row
     assert _rows(results, impl="autograd-loop")[0]["repeats"] == 2
@@ -296,11 +347,11 @@ def test_rounds_change_the_order_of_the_rows():
 
     names = "abcdefgh"
     times, errors = time_round_robin({n: Fake(n) for n in names}, warmup=1, repeats=6)
-    rounds = [calls[i:i + len(names)] for i in range(0, len(calls), len(names))]
+    rounds = [calls[i : i + len(names)] for i in range(0, len(calls), len(names))]
     assert len(rounds) == 7 and all(sorted(r) == list(names) for r in rounds) and errors == {}
     assert times == {n: [1.0] * 6 for n in names}
     after_a = {r[r.index("a") - 1] for r in rounds if r[0] != "a"}
     assert len(after_a) > 1
     calls.clear()
     time_round_robin({n: Fake(n) for n in names}, warmup=1, repeats=6)
-    assert [calls[i:i + len(names)] for i in range(0, len(calls), len(names))] == rounds
+    assert [calls[i : i + len(names)] for i in range(0, len(calls), len(names))] == rounds

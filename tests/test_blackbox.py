@@ -1,5 +1,6 @@
 """The black-box meta-learners (fastmaml.blackbox): shapes, invariance to the order of the support set,
 independence of the queries from each other, clear errors, and learning on a tiny problem."""
+
 import math
 
 import pytest
@@ -44,13 +45,16 @@ def test_snail_shapes_support_order_and_query_independence():
     assert not torch.allclose(model(sx, swapped, qx), logits)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: NeuralProcess(hidden=10, heads=4), "hidden: expected a multiple of heads=4"),
-    (lambda: NeuralProcess(x_dim=0), "x_dim: expected a positive int"),
-    (lambda: SnailClassifier(1, 5, image_size=8), "image_size: four 2×2 max-poolings"),
-    (lambda: SnailClassifier(1, 5, d_model=10, heads=4), "d_model: expected a multiple of heads=4"),
-    (lambda: SnailClassifier(1, ways=True), "ways: expected a positive int"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: NeuralProcess(hidden=10, heads=4), "hidden: expected a multiple of heads=4"),
+        (lambda: NeuralProcess(x_dim=0), "x_dim: expected a positive int"),
+        (lambda: SnailClassifier(1, 5, image_size=8), "image_size: four 2×2 max-poolings"),
+        (lambda: SnailClassifier(1, 5, d_model=10, heads=4), "d_model: expected a multiple of heads=4"),
+        (lambda: SnailClassifier(1, ways=True), "ways: expected a positive int"),
+    ],
+)
 def test_bad_arguments_name_the_argument(make, message):
     with pytest.raises(ValueError, match=message):
         make()

@@ -6,6 +6,7 @@ TORCH_EXTENSIONS_DIR, never the shared cache; building and loading the real sour
 tests/test_kernels_build.py's. Whatever loads a library runs in a subprocess: a SIGBUS there fails one
 test instead of ending pytest.
 """
+
 import json
 import os
 import re
@@ -59,8 +60,14 @@ def _run(code: str, ext_root: Path, csrc: Path, *, ops=("inner_update",), no_bui
     if no_build:
         env[build.BUILD_ENV] = "0"
     script = PRELUDE.format(csrc=str(csrc), ops=tuple(ops)) + code
-    return subprocess.run([sys.executable, "-X", "faulthandler", "-c", script], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=str(ROOT),
+    )
 
 
 def _library_dir(ext_root: Path) -> Path:
@@ -222,8 +229,9 @@ def damaged(stand_in, tmp_path_factory):
 @pytest.mark.parametrize("case", list(DAMAGE))
 def test_a_damaged_cache_is_skipped_with_the_reason(damaged, case):
     proc = damaged["proc"]
-    assert proc.returncode == 0 and damaged["results"], \
+    assert proc.returncode == 0 and damaged["results"], (
         f"exit {proc.returncode} (135/-7: SIGBUS):\n{proc.stderr[-3000:]}"
+    )
     ok, why = damaged["results"][case]
     assert not ok, why
     library = _library_dir(Path(damaged["cases"][case][0])) / f"{build.NAME}.so"
@@ -292,6 +300,7 @@ print(why)
 
 
 # --- no loading below: in this process ---
+
 
 def _fake_build(directory: Path, with_cuda=False):
     """A cache as a build leaves it (library bytes are never loaded here), for the current build.CSRC."""

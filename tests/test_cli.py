@@ -2,6 +2,7 @@
 accuracy, rate and ETA; validation and test progress), metrics.json and plots rewritten as the run
 goes, a final summary naming every file, one-line errors with exit status 2 for user errors (and
 tracebacks for everything else), and one vocabulary of options for every job."""
+
 import argparse
 import json
 import re
@@ -14,10 +15,36 @@ from fastmaml.train import common, fewshot, sinusoid
 
 from dataset_files import write_omniglot
 
-SINUSOID = ["train", "sinusoid", "--meta-batch", "4", "--shots", "5", "--eval-tasks", "4", "--eval-query", "8",
-            "--eval-steps", "1"]
-DEMO = ["train", "fewshot-demo", "--meta-batch", "2", "--hidden", "4", "--query", "1", "--val-every", "2",
-        "--val-episodes", "2", "--eval-batch", "1"]
+SINUSOID = [
+    "train",
+    "sinusoid",
+    "--meta-batch",
+    "4",
+    "--shots",
+    "5",
+    "--eval-tasks",
+    "4",
+    "--eval-query",
+    "8",
+    "--eval-steps",
+    "1",
+]
+DEMO = [
+    "train",
+    "fewshot-demo",
+    "--meta-batch",
+    "2",
+    "--hidden",
+    "4",
+    "--query",
+    "1",
+    "--val-every",
+    "2",
+    "--val-episodes",
+    "2",
+    "--eval-batch",
+    "1",
+]
 NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 ETA = r"ETA \d+:\d\d:\d\d"
 
@@ -38,11 +65,13 @@ def test_sinusoid_progress_lines_off_a_terminal(tmp_path, capsys):
     """Captured output is not a terminal: log lines (here one per iteration) instead of a bar."""
     assert cli.main([*SINUSOID, "--iterations", "5", "--log-every", "0", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    lines = re.findall(rf"^sinusoid: (\d+)/5 it \(\d+%\)  loss {NUMBER}  pretrained {NUMBER}  {NUMBER} it/s  {ETA}$",
-                       out, re.M)
+    lines = re.findall(
+        rf"^sinusoid: (\d+)/5 it \(\d+%\)  loss {NUMBER}  pretrained {NUMBER}  {NUMBER} it/s  {ETA}$", out, re.M
+    )
     assert [int(i) for i in lines] == [1, 2, 3, 4, 5], out
-    assert re.search(r"^sinusoid: starting at iteration 0 of 5 on cpu \(MAML: .*\); checkpoint every 1000 iterations",
-                     out, re.M), out
+    assert re.search(
+        r"^sinusoid: starting at iteration 0 of 5 on cpu \(MAML: .*\); checkpoint every 1000 iterations", out, re.M
+    ), out
     assert re.search(rf"^evaluation: 4/4 evaluations \(100%\)  {NUMBER} evaluations/s  {ETA}$", out, re.M), out
     for name in (common.CHECKPOINT, common.METRICS, sinusoid.FIGURE, sinusoid.LEARNING_CURVE):
         assert re.search(rf"^  \w[\w ]*  {re.escape(str(tmp_path / name))}$", out, re.M), name
@@ -67,16 +96,22 @@ def test_progress_is_a_bar_on_a_terminal(tmp_path, capsys, monkeypatch):
 
 def test_fewshot_progress_validation_test_and_summary(tmp_path, capsys):
     out_dir = tmp_path / "run"
-    assert cli.main([*DEMO, "--iterations", "2", "--test-episodes", "2", "--log-every", "0",
-                     "--out", str(out_dir)]) == 0
+    assert (
+        cli.main([*DEMO, "--iterations", "2", "--test-episodes", "2", "--log-every", "0", "--out", str(out_dir)]) == 0
+    )
     out = capsys.readouterr().out
-    train_lines = re.findall(rf"^fewshot-demo: (\d)/2 it \(\d+%\)  loss {NUMBER}  acc {NUMBER}(?:  val {NUMBER})?  "
-                             rf"{NUMBER} it/s  {ETA}$", out, re.M)
+    train_lines = re.findall(
+        rf"^fewshot-demo: (\d)/2 it \(\d+%\)  loss {NUMBER}  acc {NUMBER}(?:  val {NUMBER})?  "
+        rf"{NUMBER} it/s  {ETA}$",
+        out,
+        re.M,
+    )
     assert train_lines == ["1", "2"], out
     assert "fewshot-demo: validation at iteration 2 (2 episodes)" in out
     assert re.search(rf"^validation at iteration 2: 2/2 episodes \(100%\)  {NUMBER} episodes/s  {ETA}$", out, re.M)
-    assert re.search(r"^fewshot-demo: validation at iteration 2: accuracy [\d.]+% \(best [\d.]+% at iteration 2\)",
-                     out, re.M)
+    assert re.search(
+        r"^fewshot-demo: validation at iteration 2: accuracy [\d.]+% \(best [\d.]+% at iteration 2\)", out, re.M
+    )
     assert re.search(rf"^test: 4/4 episodes \(100%\)  {NUMBER} episodes/s  {ETA}$", out, re.M), out
     assert "fewshot-demo: 5-way 1-shot test accuracy" in out
     for name in (common.CHECKPOINT, common.BEST, common.METRICS, fewshot.LOSS_PLOT, fewshot.ACCURACY_PLOT):
@@ -107,36 +142,67 @@ def test_metrics_and_plots_rewritten_at_every_validation(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "plot_curves", spy_plot)
     assert cli.main([*DEMO, "--iterations", "4", "--test-episodes", "0", "--quiet", "--out", str(tmp_path)]) == 0
     assert written == [
-        ("metrics", 2, "training", 1), ("loss.png", 2), ("accuracy.png", 2),
-        ("metrics", 4, "training", 2), ("loss.png", 4), ("accuracy.png", 4),
-        ("metrics", 4, "done", 2), ("loss.png", 4), ("accuracy.png", 4),
+        ("metrics", 2, "training", 1),
+        ("loss.png", 2),
+        ("accuracy.png", 2),
+        ("metrics", 4, "training", 2),
+        ("loss.png", 4),
+        ("accuracy.png", 4),
+        ("metrics", 4, "done", 2),
+        ("loss.png", 4),
+        ("accuracy.png", 4),
     ]
 
 
 def test_sinusoid_metrics_and_learning_curve_rewritten_with_each_checkpoint(tmp_path, monkeypatch):
     written = []
     real_json, real_plot = common.write_json, common.plot_curves
-    monkeypatch.setattr(common, "write_json", lambda path, obj: (written.append(
-        ("metrics", obj["iteration"], obj["status"])), real_json(path, obj)))
-    monkeypatch.setattr(common, "plot_curves", lambda history, path, **kw: (written.append(
-        (path.name, len(next(iter(history.values()))))), real_plot(history, path, **kw)))
-    assert cli.main([*SINUSOID, "--iterations", "4", "--checkpoint-every", "2", "--quiet",
-                     "--out", str(tmp_path)]) == 0
-    assert written == [("metrics", 2, "training"), (sinusoid.LEARNING_CURVE, 2),
-                       ("metrics", 4, "training"), (sinusoid.LEARNING_CURVE, 4),
-                       (sinusoid.LEARNING_CURVE, 4), ("metrics", 4, "done")]
+    monkeypatch.setattr(
+        common,
+        "write_json",
+        lambda path, obj: (written.append(("metrics", obj["iteration"], obj["status"])), real_json(path, obj)),
+    )
+    monkeypatch.setattr(
+        common,
+        "plot_curves",
+        lambda history, path, **kw: (
+            written.append((path.name, len(next(iter(history.values()))))),
+            real_plot(history, path, **kw),
+        ),
+    )
+    assert cli.main([*SINUSOID, "--iterations", "4", "--checkpoint-every", "2", "--quiet", "--out", str(tmp_path)]) == 0
+    assert written == [
+        ("metrics", 2, "training"),
+        (sinusoid.LEARNING_CURVE, 2),
+        ("metrics", 4, "training"),
+        (sinusoid.LEARNING_CURVE, 4),
+        (sinusoid.LEARNING_CURVE, 4),
+        ("metrics", 4, "done"),
+    ]
     assert json.loads((tmp_path / common.METRICS).read_text())["status"] == "done"
 
 
-@pytest.mark.parametrize("argv, expected", [
-    ([*SINUSOID, "--device", "cuda:99"], r"fastmaml train sinusoid: error: --device cuda:99: (CUDA is not available "
-                                         r"here|this machine has \d+ CUDA device)"),
-    ([*DEMO, "--device", "cuda:99"], r"fastmaml train fewshot-demo: error: --device cuda:99: "),
-    ([*SINUSOID, "--device", "gpu0"], r"fastmaml train sinusoid: error: argument --device: expected a torch device"),
-    ([*SINUSOID, "--meta-batch", "0"], r"error: argument --meta-batch: expected a positive integer, got '0' "
-                                       r"\(see fastmaml train sinusoid --help\)"),
-    ([*DEMO, "--data", "x"], r"error: unrecognized arguments: --data x"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            [*SINUSOID, "--device", "cuda:99"],
+            r"fastmaml train sinusoid: error: --device cuda:99: (CUDA is not available "
+            r"here|this machine has \d+ CUDA device)",
+        ),
+        ([*DEMO, "--device", "cuda:99"], r"fastmaml train fewshot-demo: error: --device cuda:99: "),
+        (
+            [*SINUSOID, "--device", "gpu0"],
+            r"fastmaml train sinusoid: error: argument --device: expected a torch device",
+        ),
+        (
+            [*SINUSOID, "--meta-batch", "0"],
+            r"error: argument --meta-batch: expected a positive integer, got '0' "
+            r"\(see fastmaml train sinusoid --help\)",
+        ),
+        ([*DEMO, "--data", "x"], r"error: unrecognized arguments: --data x"),
+    ],
+)
 def test_user_errors_are_one_line_with_status_2(tmp_path, capsys, argv, expected):
     assert re.search(expected, one_line_error(capsys, [*argv, "--out", str(tmp_path / "run")]))
     assert not (tmp_path / "run").exists()  # refused before creating anything
@@ -149,21 +215,38 @@ def test_resume_errors_are_one_line(tmp_path, capsys):
     assert f"--resume: no checkpoint in {tmp_path} (checkpoint.pt is missing)" in line
     assert cli.main([*SINUSOID, "--iterations", "2", "--quiet", "--out", str(tmp_path)]) == 0
     capsys.readouterr()
-    line = one_line_error(capsys, [*SINUSOID, "--iterations", "4", "--meta-lr", "0.01", "--resume",
-                                   "--out", str(tmp_path)])
+    line = one_line_error(
+        capsys, [*SINUSOID, "--iterations", "4", "--meta-lr", "0.01", "--resume", "--out", str(tmp_path)]
+    )
     assert "--meta-lr 0.01 (checkpoint: 0.001)" in line and "another --out" in line
 
 
 def test_dataset_errors_are_one_line_with_the_path(tmp_path, capsys):
-    line = one_line_error(capsys, ["train", "omniglot", "--data", str(tmp_path / "missing"), "--out",
-                                   str(tmp_path / "run")])
+    line = one_line_error(
+        capsys, ["train", "omniglot", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]
+    )
     assert f"the folder {tmp_path / 'missing'} does not exist" in line
     data = tmp_path / "omniglot"
     write_omniglot(data)
     broken = sorted(data.rglob("*.png"))[5]
     broken.write_bytes(broken.read_bytes()[:60])
-    line = one_line_error(capsys, ["train", "omniglot", "--data", str(data), "--train-classes", "4", "--val-classes",
-                                   "2", "--ways", "2", "--out", str(tmp_path / "run")])
+    line = one_line_error(
+        capsys,
+        [
+            "train",
+            "omniglot",
+            "--data",
+            str(data),
+            "--train-classes",
+            "4",
+            "--val-classes",
+            "2",
+            "--ways",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert f"cannot decode the image {broken}" in line
 
 

@@ -2,6 +2,7 @@
 a per-task autograd oracle, and CAVIA's meta-gradient (context adapted from zero, the network meta-learned,
 no gradient for the context itself) against the per-task `create_graph` oracle in float64, every order, for
 the regression MLP and the conv net with FiLM, through `meta_step` and `adapt`."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,10 +93,10 @@ def cavia_step(model, tasks, *, loss, loss_fn, inner_lr, steps, order):
     program = select_program(model, ParamLayout(model, names), resolve_loss(loss))
     assert isinstance(program, FusedProgram), fastmaml.explain(model, loss)
     model.zero_grad()
-    res = fastmaml.meta_step(model, tasks, inner_lr=inner_lr, steps=steps, order=order, loss=loss,
-                             inner_params=names)
-    ref_loss, ref, _ = autograd_meta_grad(model, tasks, inner_lr=inner_lr, steps=steps, order=order,
-                                          loss_fn=loss_fn, inner_params=names)
+    res = fastmaml.meta_step(model, tasks, inner_lr=inner_lr, steps=steps, order=order, loss=loss, inner_params=names)
+    ref_loss, ref, _ = autograd_meta_grad(
+        model, tasks, inner_lr=inner_lr, steps=steps, order=order, loss_fn=loss_fn, inner_params=names
+    )
     assert rel_err(res.meta_loss, ref_loss) < TOL
     for n in names:
         p = model.get_parameter(n)
@@ -111,8 +112,9 @@ def cavia_step(model, tasks, *, loss, loss_fn, inner_lr, steps, order):
 def test_cavia_mlp_meta_gradient(order, steps):
     torch.manual_seed(3)
     model = context_mlp((1, 9, 7, 1), num_context=3).double()
-    res = cavia_step(model, regression_tasks(T=4), loss="mse", loss_fn=F.mse_loss, inner_lr=0.7, steps=steps,
-                     order=order)
+    res = cavia_step(
+        model, regression_tasks(T=4), loss="mse", loss_fn=F.mse_loss, inner_lr=0.7, steps=steps, order=order
+    )
     assert (res.query_loss_after < res.query_loss_before).any()
 
 
@@ -120,8 +122,15 @@ def test_cavia_mlp_meta_gradient(order, steps):
 def test_cavia_conv_net_with_film_meta_gradient(order):
     torch.manual_seed(4)
     model = context_conv4(1, 5, hidden=3, image_size=16, num_context=4, film_block=2).double()
-    cavia_step(model, classification_tasks(T=2, size=16), loss="cross_entropy", loss_fn=F.cross_entropy,
-               inner_lr=0.9, steps=2, order=order)
+    cavia_step(
+        model,
+        classification_tasks(T=2, size=16),
+        loss="cross_entropy",
+        loss_fn=F.cross_entropy,
+        inner_lr=0.9,
+        steps=2,
+        order=order,
+    )
 
 
 def implicit_oracle(model, tasks, *, loss_fn, lr, steps, lam, adapted):
@@ -135,7 +144,7 @@ def implicit_oracle(model, tasks, *, loss_fn, lr, steps, lam, adapted):
     def unflat(vec, group):
         out, o = {}, 0
         for n in group:
-            out[n] = vec[o:o + shapes[n].numel()].view(shapes[n])
+            out[n] = vec[o : o + shapes[n].numel()].view(shapes[n])
             o += shapes[n].numel()
         return out
 
@@ -152,12 +161,12 @@ def implicit_oracle(model, tasks, *, loss_fn, lr, steps, lam, adapted):
         phi = th_a.clone()
         for _ in range(steps):
             a = torch.cat([phi, th_s]).requires_grad_(True)
-            g, = torch.autograd.grad(loss(a, Pa, sx[t], sy[t]), a)
+            (g,) = torch.autograd.grad(loss(a, Pa, sx[t], sy[t]), a)
             phi = phi - lr * (g[:Pa] + lam * (phi - th_a))
         full = torch.cat([phi, th_s])
         H = torch.autograd.functional.hessian(lambda z, t=t: loss(z, Pa, sx[t], sy[t]), full)
         z = full.clone().requires_grad_(True)
-        gq, = torch.autograd.grad(loss(z, Pa, qx[t], qy[t]) / T, z)
+        (gq,) = torch.autograd.grad(loss(z, Pa, qx[t], qy[t]) / T, z)
         u = torch.linalg.solve(torch.eye(Pa, dtype=torch.float64) + H[:Pa, :Pa] / lam, gq[:Pa])
         d[Pa:] += gq[Pa:] - H[Pa:, :Pa] @ u / lam
     return unflat(d[Pa:], shared)
@@ -174,8 +183,17 @@ def test_cavia_implicit_meta_gradient(kind):
         tasks, loss, loss_fn = classification_tasks(T=2, ways=3, size=16), "cross_entropy", F.cross_entropy
     names = context_names(model)
     model.zero_grad()
-    fastmaml.meta_step(model, tasks, inner_lr=0.5, steps=3, order="implicit", implicit_lambda=2.0, cg_steps=12,
-                       loss=loss, inner_params=names)
+    fastmaml.meta_step(
+        model,
+        tasks,
+        inner_lr=0.5,
+        steps=3,
+        order="implicit",
+        implicit_lambda=2.0,
+        cg_steps=12,
+        loss=loss,
+        inner_params=names,
+    )
     ref = implicit_oracle(model, tasks, loss_fn=loss_fn, lr=0.5, steps=3, lam=2.0, adapted=names)
     assert all(model.get_parameter(n).grad is None for n in names)
     assert_grads_close({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, ref, 1e-8)

@@ -1,6 +1,7 @@
 """The CUDA sources compile here without a GPU: every `csrc/cuda/*.cu` (CUDA headers only) with
 `nvcc -c -arch=sm_90`, and the torch-facing registration files `csrc/cuda/*.cpp` with a syntax-only
 host compile against torch's headers (the CPU wheel lacks one generated CUDA header, stubbed)."""
+
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,8 +17,9 @@ NVCC = shutil.which("nvcc")
 
 def cuda_include_dir():
     """The toolkit's include directory (asks nvcc itself: it may be a wrapper script)."""
-    proc = subprocess.run([NVCC, "--dryrun", "-c", "-x", "cu", "/dev/null", "-o", "/dev/null"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [NVCC, "--dryrun", "-c", "-x", "cu", "/dev/null", "-o", "/dev/null"], capture_output=True, text=True, timeout=60
+    )
     for line in proc.stderr.splitlines():
         if "INCLUDES=" in line:
             for part in line.split("INCLUDES=", 1)[1].replace('"', " ").split():

@@ -1,4 +1,5 @@
 """The episode sampler and the embedded glyph dataset."""
+
 import pytest
 import torch
 
@@ -146,6 +147,7 @@ def test_glyph_splits_disjoint_deterministic_and_structured():
     assert glyphs() is data  # kept in memory
     # same seed, same data (generated afresh, bypassing the in-memory cache)
     from fastmaml.data.glyphs import _make
+
     small = _make(30, 20, 28, 0)
     assert torch.equal(_make(30, 20, 28, 0), small)
     assert not torch.equal(_make(30, 20, 28, 1), small)

@@ -1,4 +1,5 @@
 """The Omniglot and mini-ImageNet readers on small folders laid out exactly as distributed."""
+
 import os
 import re
 
@@ -18,6 +19,7 @@ from fastmaml.data import (
 from dataset_files import COLORS, SPLIT_LABELS, write_miniimagenet, write_omniglot
 
 Image = pytest.importorskip("PIL.Image")
+
 
 def test_omniglot_reads_inverts_and_caches(tmp_path, monkeypatch):
     n = write_omniglot(tmp_path)
@@ -96,15 +98,22 @@ def test_omniglot_splits_and_rotations(tmp_path):
     assert sampler.sample(2, torch.Generator().manual_seed(0)).support_x.shape == (2, 20, 1, 28, 28)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda r: None, "does not exist"),
-    (lambda r: (r / "images_background").mkdir(parents=True), "no folder images_evaluation/"),
-    (lambda r: (r.mkdir(), (r / "images_background.zip").write_bytes(b"PK")), "unzip it"),
-    (lambda r: [(r / "python" / f).mkdir(parents=True) for f in ("images_background", "images_evaluation")],
-     "pass --data"),
-    (lambda r: [(r / f / f).mkdir(parents=True) for f in ("images_background", "images_evaluation")],
-     "one level too deep"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda r: None, "does not exist"),
+        (lambda r: (r / "images_background").mkdir(parents=True), "no folder images_evaluation/"),
+        (lambda r: (r.mkdir(), (r / "images_background.zip").write_bytes(b"PK")), "unzip it"),
+        (
+            lambda r: [(r / "python" / f).mkdir(parents=True) for f in ("images_background", "images_evaluation")],
+            "pass --data",
+        ),
+        (
+            lambda r: [(r / f / f).mkdir(parents=True) for f in ("images_background", "images_evaluation")],
+            "one level too deep",
+        ),
+    ],
+)
 def test_omniglot_layout_errors_say_what_was_expected(tmp_path, make, message):
     root = tmp_path / "omniglot"
     make(root)
@@ -129,10 +138,11 @@ def test_miniimagenet_reads_resizes_and_caches(tmp_path, monkeypatch):
     assert train.names == SPLIT_LABELS["train"] and train.counts.tolist() == [3, 3, 3]
     assert train.example_shape == (3, 84, 84) and train.images.dtype == torch.uint8
     for c, label in enumerate(train.names):
-        mean = train.images[3 * c:3 * c + 3].float().mean((0, 2, 3))
+        mean = train.images[3 * c : 3 * c + 3].float().mean((0, 2, 3))
         assert torch.allclose(mean, torch.tensor(COLORS[label], dtype=torch.float32), atol=6)
-    monkeypatch.setattr("fastmaml.data.miniimagenet.decode_all",
-                        lambda *a, **k: pytest.fail("the second load decoded the images again"))
+    monkeypatch.setattr(
+        "fastmaml.data.miniimagenet.decode_all", lambda *a, **k: pytest.fail("the second load decoded the images again")
+    )
     assert torch.equal(load_miniimagenet(tmp_path, "train").images, train.images)
 
 

@@ -3,6 +3,7 @@
 shares, learnable and MAML++ per-step rates, per-step BatchNorm statistics and the values logged with them.
 (atol 1e-13: the bias of the Linear in front of a BatchNorm has an exact gradient of 0, i.e. rounding noise.)
 (The training jobs under torchrun: tests/test_distributed_jobs.py.)"""
+
 import gc
 import os
 import socket
@@ -46,16 +47,23 @@ def _bn_model():
 
 def _tasks(T=4, features=1, outputs=1, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return fastmaml.TaskBatch(torch.randn(T, 5, features, generator=g, dtype=torch.float64),
-                              torch.randn(T, 5, outputs, generator=g, dtype=torch.float64),
-                              torch.randn(T, 6, features, generator=g, dtype=torch.float64),
-                              torch.randn(T, 6, outputs, generator=g, dtype=torch.float64))
+    return fastmaml.TaskBatch(
+        torch.randn(T, 5, features, generator=g, dtype=torch.float64),
+        torch.randn(T, 5, outputs, generator=g, dtype=torch.float64),
+        torch.randn(T, 6, features, generator=g, dtype=torch.float64),
+        torch.randn(T, 6, outputs, generator=g, dtype=torch.float64),
+    )
 
 
 def _per_step_rates(model):
     """MAML++: one dict of learnable per-layer scalars per inner step."""
-    return [{name: nn.Parameter(torch.tensor(0.05 + 0.01 * (i + j), dtype=torch.float64))
-             for i, (name, _) in enumerate(model.named_parameters())} for j in range(2)]
+    return [
+        {
+            name: nn.Parameter(torch.tensor(0.05 + 0.01 * (i + j), dtype=torch.float64))
+            for i, (name, _) in enumerate(model.named_parameters())
+        }
+        for j in range(2)
+    ]
 
 
 class _WithUnused(nn.Module):
@@ -73,13 +81,22 @@ class _WithUnused(nn.Module):
 def _cases():
     """{name: (model factory, tasks, meta_step keyword arguments for the model)}."""
     return {
-        "even": (_model, _tasks(4), lambda m: {"inner_lr": nn.Parameter(torch.tensor(0.05, dtype=torch.float64)),
-                                              "steps": 2}),
+        "even": (
+            _model,
+            _tasks(4),
+            lambda m: {"inner_lr": nn.Parameter(torch.tensor(0.05, dtype=torch.float64)), "steps": 2},
+        ),
         "uneven_per_step_rates": (_model, _tasks(5), lambda m: {"inner_lr": _per_step_rates(m), "steps": 2}),
-        "uneven_per_step_batchnorm": (_bn_model, _tasks(7, features=3, outputs=2),
-                                      lambda m: {"inner_lr": 0.1, "steps": 2, "batch_norm": "per_step"}),
-        "uneven_batchnorm_running_statistics": (_bn_model, _tasks(5, features=3, outputs=2),
-                                                lambda m: {"inner_lr": 0.1, "steps": 1, "batch_norm": "batch"}),
+        "uneven_per_step_batchnorm": (
+            _bn_model,
+            _tasks(7, features=3, outputs=2),
+            lambda m: {"inner_lr": 0.1, "steps": 2, "batch_norm": "per_step"},
+        ),
+        "uneven_batchnorm_running_statistics": (
+            _bn_model,
+            _tasks(5, features=3, outputs=2),
+            lambda m: {"inner_lr": 0.1, "steps": 1, "batch_norm": "batch"},
+        ),
         "unused_parameter": (_WithUnused, _tasks(3), lambda m: {"inner_lr": 0.05, "steps": 1}),
     }
 
@@ -97,9 +114,11 @@ def _learnable(inner_lr):
 
 
 def _state(model, kwargs):
-    return {"grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
-            "lr_grads": [t.grad.clone() for t in _learnable(kwargs["inner_lr"])],
-            "buffers": [b.clone() for _, b in model.named_buffers()]}
+    return {
+        "grads": [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+        "lr_grads": [t.grad.clone() for t in _learnable(kwargs["inner_lr"])],
+        "buffers": [b.clone() for _, b in model.named_buffers()],
+    }
 
 
 def _worker(rank, port, out):
@@ -114,8 +133,13 @@ def _worker(rank, port, out):
         weighted = name != "even"  # the even case also checks the default: equal weights
         result = _run(model, mine, kwargs)
         stats = batchnorm_statistics(model)
-        values = all_reduce_grads(model, extra=kwargs["inner_lr"], num_tasks=task_count(mine) if weighted else None,
-                                  values=[result.meta_loss, result.query_loss_after.mean()], buffers=stats)
+        values = all_reduce_grads(
+            model,
+            extra=kwargs["inner_lr"],
+            num_tasks=task_count(mine) if weighted else None,
+            values=[result.meta_loss, result.query_loss_after.mean()],
+            buffers=stats,
+        )
         saved[name] = {**_state(model, kwargs), "values": values, "count": task_count(mine)}
     start, stop = share_range(5, rank, 2)
     saved["gathered"] = all_gather_shares(torch.arange(start, stop, dtype=torch.float32) * 10, 5)
@@ -144,8 +168,9 @@ def test_two_ranks_match_one_process(tmp_path):
                         assert a is None, (name, key, "a tensor without a gradient anywhere keeps grad None")
                     else:
                         assert torch.allclose(a, b, rtol=1e-12, atol=1e-13), (name, key, rank)
-            before_after = torch.tensor([float(result.meta_loss), float(result.query_loss_after.mean())],
-                                        dtype=torch.float64)
+            before_after = torch.tensor(
+                [float(result.meta_loss), float(result.query_loss_after.mean())], dtype=torch.float64
+            )
             assert torch.allclose(have["values"], before_after, rtol=1e-12), name
     for rank in range(2):
         assert torch.equal(got[rank]["gathered"], torch.arange(5, dtype=torch.float32) * 10)

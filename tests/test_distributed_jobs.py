@@ -28,6 +28,7 @@ with 1 and one of 1 with 2, to the same end (same bound); resumed with the same 
 for bit the uninterrupted one (`slow`). A killed rank makes the other stop within 60 s, naming it. Longer
 variants (the same-world-size resume, one process under torchrun, an even meta-batch, a rank that raises,
 SIGINT to torchrun, torch.multiprocessing) are marked `slow`."""
+
 import json
 import os
 import shutil
@@ -49,17 +50,59 @@ REPO = Path(fastmaml.__file__).resolve().parent.parent
 WAIT = 300  # seconds: a generous bound for one launch on a busy 2-core machine
 RTOL, ATOL = 5e-6, 2e-7  # |θ₂ − θ₁| ≤ RTOL·|θ₁| + ATOL (module docstring)
 # meta-batch 5: shares of 3 and 2 tasks (uneven); 7 held-out tasks: 4 and 3
-SINUSOID = ["train", "sinusoid", "--meta-batch", "5", "--shots", "5", "--eval-tasks", "7", "--eval-query", "8",
-            "--eval-steps", "1", "--threads", "1", "--quiet"]
+SINUSOID = [
+    "train",
+    "sinusoid",
+    "--meta-batch",
+    "5",
+    "--shots",
+    "5",
+    "--eval-tasks",
+    "7",
+    "--eval-query",
+    "8",
+    "--eval-steps",
+    "1",
+    "--threads",
+    "1",
+    "--quiet",
+]
 # validation on 5 episodes (3 + 2) in batches of 2: rank 0 has 2 batches, rank 1 one
-DEMO = ["train", "fewshot-demo", "--meta-batch", "4", "--hidden", "4", "--query", "1", "--val-every", "3",
-        "--val-episodes", "5", "--eval-batch", "2", "--test-episodes", "5", "--threads", "1", "--quiet"]
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
-              "TORCHELASTIC_RUN_ID")
+DEMO = [
+    "train",
+    "fewshot-demo",
+    "--meta-batch",
+    "4",
+    "--hidden",
+    "4",
+    "--query",
+    "1",
+    "--val-every",
+    "3",
+    "--val-episodes",
+    "5",
+    "--eval-batch",
+    "2",
+    "--test-episodes",
+    "5",
+    "--threads",
+    "1",
+    "--quiet",
+]
+LAUNCH_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "GROUP_RANK",
+    "TORCHELASTIC_RUN_ID",
+)
 
 # Runs `fastmaml` with argv (as torchrun's script). FASTMAML_TEST_PIDS=PREFIX: each rank writes its pid to
 # PREFIX.<rank>; FASTMAML_TEST_RAISE="RANK:N": that rank raises a ValueError in its N-th meta_step.
-WRAPPER = '''
+WRAPPER = """
 import os, sys
 import fastmaml
 from fastmaml import cli
@@ -82,7 +125,7 @@ if fail and int(fail.split(":")[0]) == rank:
 
     fastmaml.meta_step = failing
 sys.exit(cli.main(sys.argv[1:]))
-'''
+"""
 
 
 def _env(extra=None):
@@ -95,9 +138,22 @@ def _env(extra=None):
 def torchrun(argv, *, nproc=2, script=None, env=None) -> subprocess.Popen:
     """Starts `torchrun --standalone --nproc_per_node N -m fastmaml ARGV` (or the script)."""
     target = ["-m", "fastmaml"] if script is None else [str(script)]
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                             str(nproc), *target, *map(str, argv)], env=_env(env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            *target,
+            *map(str, argv),
+        ],
+        env=_env(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc, timeout=WAIT):
@@ -291,8 +347,11 @@ def _fewshot_close(reference, run) -> None:
         dead = {f"{int(k.split('.')[0]) - 1}.bias" for k in dead}  # conv biases in front of a BatchNorm
         assert dead, "expected conv4's biases in front of its BatchNorm layers"
         dead |= {k for k in a[weights] if k.endswith("running_mean")}  # they track those biases' drift
-        close({k: v for k, v in a[weights].items() if k not in dead},
-              {k: v for k, v in b[weights].items() if k not in dead}, weights)
+        close(
+            {k: v for k, v in a[weights].items() if k not in dead},
+            {k: v for k, v in b[weights].items() if k not in dead},
+            weights,
+        )
         assert torch.allclose(_function(a[weights]), _function(b[weights]), rtol=1e-5, atol=1e-5), weights
     ma, mb = metrics(reference), metrics(run)
     for key in ("best", "test", "random_init_baseline", "history"):
@@ -331,8 +390,11 @@ def test_killed_rank_stops_the_other_within_60s(tmp_path):
     wrapper = tmp_path / "run_fastmaml.py"
     wrapper.write_text(WRAPPER)
     out, pids = tmp_path / "run", tmp_path / "pid"
-    proc = torchrun([*SINUSOID, "--iterations", "100000", "--checkpoint-every", "5", "--out", out],
-                    script=wrapper, env={"FASTMAML_TEST_PIDS": str(pids)})
+    proc = torchrun(
+        [*SINUSOID, "--iterations", "100000", "--checkpoint-every", "5", "--out", out],
+        script=wrapper,
+        env={"FASTMAML_TEST_PIDS": str(pids)},
+    )
     _wait_for(out / common.CHECKPOINT, proc)
     os.kill(int(Path(f"{pids}.1").read_text()), signal.SIGKILL)
     killed = time.monotonic()
@@ -349,32 +411,50 @@ def test_raising_rank_is_named_by_the_others(tmp_path):
     """Rank 1 raises in its 4th meta_step: its traceback, and rank 0 stops with its error message."""
     wrapper = tmp_path / "run_fastmaml.py"
     wrapper.write_text(WRAPPER)
-    code, _, err = finish(torchrun([*SINUSOID, "--iterations", "50", "--out", tmp_path / "run"], script=wrapper,
-                                   env={"FASTMAML_TEST_RAISE": "1:4"}), timeout=120)
+    code, _, err = finish(
+        torchrun(
+            [*SINUSOID, "--iterations", "50", "--out", tmp_path / "run"],
+            script=wrapper,
+            env={"FASTMAML_TEST_RAISE": "1:4"},
+        ),
+        timeout=120,
+    )
     assert code != 0
-    line = next(line for line in err.splitlines() if "error: rank 0 of 2 stopped in the all-reduce of iteration 4"
-                in line)
+    line = next(
+        line for line in err.splitlines() if "error: rank 0 of 2 stopped in the all-reduce of iteration 4" in line
+    )
     assert "rank 1 failed: ValueError: injected failure in meta_step call 4" in line, line
 
 
 def _fake_launch(monkeypatch, rank, size, local_size=None):
-    for key, value in dict(RANK=rank, WORLD_SIZE=size, LOCAL_RANK=rank, LOCAL_WORLD_SIZE=local_size or size,
-                           MASTER_ADDR="127.0.0.1", MASTER_PORT="1").items():
+    for key, value in dict(
+        RANK=rank,
+        WORLD_SIZE=size,
+        LOCAL_RANK=rank,
+        LOCAL_WORLD_SIZE=local_size or size,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="1",
+    ).items():
         monkeypatch.setenv(key, str(value))
 
 
 def test_bad_launches_are_one_line_printed_by_rank_0(tmp_path, monkeypatch, capsys):
     """A meta-batch smaller than the world size, more processes per machine than GPUs, an explicit GPU with
     several processes per machine: one line from rank 0, nothing from the others, before joining the group."""
-    monkeypatch.setattr(torch.distributed, "init_process_group",
-                        lambda *a, **k: pytest.fail("joined the group before checking the launch"))
+    monkeypatch.setattr(
+        torch.distributed,
+        "init_process_group",
+        lambda *a, **k: pytest.fail("joined the group before checking the launch"),
+    )
     argv = [*SINUSOID, "--iterations", "1", "--out", str(tmp_path / "run"), "--meta-batch", "2"]
     _fake_launch(monkeypatch, 0, 4)
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("fastmaml train sinusoid: error: --meta-batch 2: fewer tasks than the 4 processes (every rank "
-                   "needs at least one task of each meta-batch); pass --meta-batch 4 or more, or launch fewer "
-                   "processes")
+    assert err == (
+        "fastmaml train sinusoid: error: --meta-batch 2: fewer tasks than the 4 processes (every rank "
+        "needs at least one task of each meta-batch); pass --meta-batch 4 or more, or launch fewer "
+        "processes"
+    )
     _fake_launch(monkeypatch, 3, 4)
     assert main(argv) == 2 and capsys.readouterr().err == ""
     with pytest.raises(SystemExit) as stop:  # an option error: rank 0 says it
@@ -389,8 +469,10 @@ def test_bad_launches_are_one_line_printed_by_rank_0(tmp_path, monkeypatch, caps
     assert "--nproc_per_node 4: more processes than the 2 CUDA devices of this machine" in capsys.readouterr().err
     _fake_launch(monkeypatch, 0, 2, local_size=2)
     assert main([*argv, "--meta-batch", "8", "--device", "cuda:1"]) == 2
-    assert "--device cuda:1: with 2 processes per machine each uses the GPU of its LOCAL_RANK; pass --device cuda" \
+    assert (
+        "--device cuda:1: with 2 processes per machine each uses the GPU of its LOCAL_RANK; pass --device cuda"
         in capsys.readouterr().err
+    )
 
 
 @pytest.mark.slow
@@ -427,8 +509,14 @@ def test_sigint_to_torchrun_stops_every_rank_at_one_iteration_and_resumes_bit_id
 
 
 def _mp_rank(rank, argv, port, codes):
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE="2",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     codes[rank] = main(argv)
 
 

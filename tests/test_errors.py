@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the argument; non-finite values are caught and .grad is untouched."""
+
 import pytest
 import torch
 from torch import nn
@@ -64,9 +65,14 @@ def test_not_a_module(tasks):
         fastmaml.meta_step(lambda x: x, tasks)
 
 
-@pytest.mark.parametrize("steps,exc,msg", [(-1, ValueError, "steps: expected a non-negative"),
-                                           (1.5, TypeError, "steps: expected a non-negative int"),
-                                           (True, TypeError, "steps: expected a non-negative int")])
+@pytest.mark.parametrize(
+    "steps,exc,msg",
+    [
+        (-1, ValueError, "steps: expected a non-negative"),
+        (1.5, TypeError, "steps: expected a non-negative int"),
+        (True, TypeError, "steps: expected a non-negative int"),
+    ],
+)
 def test_bad_steps(model, tasks, steps, exc, msg):
     with pytest.raises(exc, match=msg):
         fastmaml.meta_step(model, tasks, steps=steps)
@@ -87,8 +93,9 @@ def test_bad_lr_forms(model, tasks):
         fastmaml.meta_step(model, tasks, inner_lr={n: 0.1 for n in ["0.weight", "0.bias", "2.weight"]})
     with pytest.raises(ValueError, match=r"expected a scalar or a tensor shaped like the parameter \(6, 1\)"):
         fastmaml.meta_step(model, tasks, inner_lr={n: torch.ones(2) for n, _ in model.named_parameters()})
-    with pytest.raises(ValueError,
-                       match="a per-step list must have one entry per inner step; got 1 entries for steps=2"):
+    with pytest.raises(
+        ValueError, match="a per-step list must have one entry per inner step; got 1 entries for steps=2"
+    ):
         fastmaml.meta_step(model, tasks, steps=2, inner_lr=[0.1])
     with pytest.raises(TypeError, match="inner_lr: expected a positive float"):
         fastmaml.meta_step(model, tasks, inner_lr="fast")
@@ -105,8 +112,9 @@ def test_wrong_target_types(model, tasks):
     sx, sy, qx, qy = tasks
     with pytest.raises(TypeError, match="support_y: loss='cross_entropy' needs int64 class indices"):
         fastmaml.meta_step(model, tasks, loss="cross_entropy")
-    with pytest.raises(ValueError,
-                       match=r"loss='mse': the model's output per task has shape \(6, 1\) but the target has \(6,\)"):
+    with pytest.raises(
+        ValueError, match=r"loss='mse': the model's output per task has shape \(6, 1\) but the target has \(6,\)"
+    ):
         fastmaml.meta_step(model, (sx, sy[..., 0], qx, qy[..., 0]))
 
 
@@ -131,8 +139,9 @@ def test_dropout_in_training_mode_is_refused(tasks):
 
 
 def _snapshot(model):
-    return [p.detach().clone() for p in model.parameters()], [None if p.grad is None else p.grad.clone()
-                                                              for p in model.parameters()]
+    return [p.detach().clone() for p in model.parameters()], [
+        None if p.grad is None else p.grad.clone() for p in model.parameters()
+    ]
 
 
 def test_nan_in_support_names_the_step_and_leaves_grads(model, tasks):
@@ -142,8 +151,9 @@ def test_nan_in_support_names_the_step_and_leaves_grads(model, tasks):
     params, grads = _snapshot(model)
     sy = sy.clone()
     sy[1, 2, 0] = float("nan")
-    with pytest.raises(fastmaml.NonFiniteError,
-                       match=r"non-finite support loss or gradient at inner step 0 \(of 3\)") as e:
+    with pytest.raises(
+        fastmaml.NonFiniteError, match=r"non-finite support loss or gradient at inner step 0 \(of 3\)"
+    ) as e:
         fastmaml.meta_step(model, (sx, sy, qx, qy), steps=3)
     assert e.value.step == 0 and e.value.where == "support loss/gradient"
     p2, g2 = _snapshot(model)
@@ -181,9 +191,14 @@ def _ce_tasks(T=2):
     return classification_tasks(T=T)
 
 
-@pytest.mark.parametrize("bad_label, match", [(5, r"tasks.support_y: class index 5 is out of range for the model's 5"),
-                                              (-1, r"tasks.support_y: class indices must be >= 0, got -1"),
-                                              (-100, r"no ignore_index")])
+@pytest.mark.parametrize(
+    "bad_label, match",
+    [
+        (5, r"tasks.support_y: class index 5 is out of range for the model's 5"),
+        (-1, r"tasks.support_y: class indices must be >= 0, got -1"),
+        (-100, r"no ignore_index"),
+    ],
+)
 @pytest.mark.parametrize("fused", [True, False])
 def test_class_labels_out_of_range(bad_label, match, fused):
     from models import small_cnn
@@ -217,12 +232,21 @@ def test_meta_device(tasks):
         fastmaml.meta_step(mlp((1, 6, 1)).to("meta"), tasks)
 
 
-@pytest.mark.parametrize("lr, match", [(float("inf"), "inner_lr: the learning rate must be positive and finite"),
-                                       (0.0, "inner_lr: the learning rate must be positive"),
-                                       ({"0.weight": 0.0, "0.bias": 0.1, "2.weight": 0.1, "2.bias": 0.1},
-                                        r"inner_lr\['0.weight'\]: the learning rate must be positive"),
-                                       ({"0.weight": -0.1, "0.bias": 0.1, "2.weight": 0.1, "2.bias": 0.1},
-                                        r"inner_lr\['0.weight'\]: the learning rate must be positive")])
+@pytest.mark.parametrize(
+    "lr, match",
+    [
+        (float("inf"), "inner_lr: the learning rate must be positive and finite"),
+        (0.0, "inner_lr: the learning rate must be positive"),
+        (
+            {"0.weight": 0.0, "0.bias": 0.1, "2.weight": 0.1, "2.bias": 0.1},
+            r"inner_lr\['0.weight'\]: the learning rate must be positive",
+        ),
+        (
+            {"0.weight": -0.1, "0.bias": 0.1, "2.weight": 0.1, "2.bias": 0.1},
+            r"inner_lr\['0.weight'\]: the learning rate must be positive",
+        ),
+    ],
+)
 def test_bad_learning_rates(model, tasks, lr, match):
     with pytest.raises(ValueError, match=match):
         fastmaml.meta_step(model, tasks, inner_lr=lr)
@@ -253,9 +277,13 @@ def test_huge_steps_fail_up_front_naming_steps(model, tasks):
     with pytest.raises(MemoryError, match=r"steps: 10000000000 inner steps with order='second' need about"):
         fastmaml.meta_step(model, tasks, steps=10**10)
     with pytest.raises(MemoryError, match=r"steps: .*order='checkpoint' \(memory grows as log K\)"):
-        fastmaml.meta_step(nn.Sequential(nn.Linear(1, 4000), nn.Tanh(), nn.Linear(4000, 1)).double(), tasks,
-                           steps=10**10, order="first", inner_lr=torch.tensor(0.01, dtype=torch.float64,
-                                                                           requires_grad=True))
+        fastmaml.meta_step(
+            nn.Sequential(nn.Linear(1, 4000), nn.Tanh(), nn.Linear(4000, 1)).double(),
+            tasks,
+            steps=10**10,
+            order="first",
+            inner_lr=torch.tensor(0.01, dtype=torch.float64, requires_grad=True),
+        )
 
 
 def test_adapt_without_steps_has_no_support_loss(model, tasks):

@@ -1,5 +1,6 @@
 """Every script in examples/ runs to the end (tiny settings through its own flags), in a fresh interpreter from
 the source tree. examples/distributed_maml.py also runs on two ranks in tests/test_distributed_jobs.py."""
+
 import os
 import subprocess
 import sys
@@ -29,7 +30,13 @@ def test_every_example_is_run():
 def test_example_runs(script):
     args, expected = RUNS[script]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    out = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
-                         timeout=300, env=env, cwd=EXAMPLES.parent)
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=EXAMPLES.parent,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert expected in out.stdout, out.stdout[-3000:]

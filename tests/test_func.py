@@ -1,6 +1,7 @@
 """fastmaml.func, the functional API: meta-gradients returned instead of written, adapted parameters that
 compose with autograd and torch.func (grad, vjp, vmap, a gradient of a gradient); each against the float64
 oracle (tests/oracle.py) or against a create_graph loop written here."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,9 @@ def test_meta_grad_equals_meta_step_and_the_oracle():
     lr = torch.tensor(LR, dtype=torch.float64, requires_grad=True)
     params = detached(model)
     buffers = [b.clone() for b in model.buffers()]
-    loss, grads, aux = func.meta_grad(model, params, tasks, inner_lr=lr, steps=K, loss="cross_entropy",
-                                      inner_params=["9"], return_aux=True)
+    loss, grads, aux = func.meta_grad(
+        model, params, tasks, inner_lr=lr, steps=K, loss="cross_entropy", inner_params=["9"], return_aux=True
+    )
     assert all(p.grad is None for p in model.parameters()) and lr.grad is None
     assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers()))
     assert list(grads) == list(params) and all(g._base is None for g in grads.values())
@@ -42,15 +44,17 @@ def test_meta_grad_equals_meta_step_and_the_oracle():
     _, again = func.meta_grad(model, params, tasks, inner_lr=LR, steps=K, loss="cross_entropy", inner_params=["9"])
     assert not storages(grads.values()) & storages(again.values())
 
-    res = fastmaml.meta_step(model, tasks, inner_lr=lr, steps=K, loss="cross_entropy", inner_params=["9"],
-                             update_running_stats=False)
+    res = fastmaml.meta_step(
+        model, tasks, inner_lr=lr, steps=K, loss="cross_entropy", inner_params=["9"], update_running_stats=False
+    )
     assert float(loss) == float(res.meta_loss)
     for n, p in model.named_parameters():
         assert torch.allclose(grads[n], p.grad, rtol=1e-12, atol=1e-15), n
     assert torch.allclose(aux.inner_lr_grads, lr.grad, rtol=1e-12, atol=1e-15)
     assert torch.equal(aux.result.accuracy_after, res.accuracy_after)
-    ref_loss, ref, (ref_lr,) = autograd_meta_grad(model, tasks, inner_lr=lr, steps=K, loss_fn=F.cross_entropy,
-                                                  inner_params=["9.weight", "9.bias"], extra=[lr])
+    ref_loss, ref, (ref_lr,) = autograd_meta_grad(
+        model, tasks, inner_lr=lr, steps=K, loss_fn=F.cross_entropy, inner_params=["9.weight", "9.bias"], extra=[lr]
+    )
     assert rel_err(loss, ref_loss) < TOL and rel_err(aux.inner_lr_grads, ref_lr) < TOL
     assert_grads_close(grads, ref, TOL)
 
@@ -74,8 +78,7 @@ def test_meta_grad_on_other_tensors_and_a_subset():
     frozen.load_state_dict(model.state_dict())
     for n, p in frozen.named_parameters():
         p.requires_grad_(n.startswith("4."))
-    _, ref, _ = autograd_meta_grad(frozen, tasks, inner_lr=LR, steps=K, loss_fn=F.mse_loss,
-                                   inner_params=list(head))
+    _, ref, _ = autograd_meta_grad(frozen, tasks, inner_lr=LR, steps=K, loss_fn=F.mse_loss, inner_params=list(head))
     assert set(grads) == set(head)
     assert_grads_close(grads, {n: ref[n] for n in head}, TOL)
 
@@ -92,8 +95,9 @@ def _oracle_loss(model, params, tasks, loss_fn):
     for t in range(sx.shape[0]):
         fast = dict(params)
         for _ in range(K):
-            gs = torch.autograd.grad(loss_fn(functional_call(model, fast, (sx[t],)), sy[t]), list(fast.values()),
-                                     create_graph=True)
+            gs = torch.autograd.grad(
+                loss_fn(functional_call(model, fast, (sx[t],)), sy[t]), list(fast.values()), create_graph=True
+            )
             fast = {n: w - LR * g for (n, w), g in zip(fast.items(), gs)}
         total = total + loss_fn(functional_call(model, fast, (qx[t],)), qy[t]) / sx.shape[0]
     return total
@@ -106,8 +110,7 @@ def test_adapt_under_torch_func_transforms(kind):
     if kind == "mlp":
         model, tasks, loss, loss_fn = mlp((1, 6, 4, 1)), regression_tasks(), "mse", F.mse_loss
     else:
-        model, tasks, loss, loss_fn = small_cnn(channels=2), classification_tasks(T=2), "cross_entropy", \
-            F.cross_entropy
+        model, tasks, loss, loss_fn = small_cnn(channels=2), classification_tasks(T=2), "cross_entropy", F.cross_entropy
     sx, sy, qx, qy = tasks
     params = detached(model)
 
@@ -231,11 +234,13 @@ def test_bound_batchnorm_statistics():
     meta-gradient as the module holding those statistics, and the module's own are untouched."""
     torch.manual_seed(6)
     model, tasks = small_cnn(channels=2), classification_tasks(T=2)
-    stats = {n: (b + 0.3 * torch.rand_like(b)) if b.is_floating_point() else b.clone()
-             for n, b in model.named_buffers()}
+    stats = {
+        n: (b + 0.3 * torch.rand_like(b)) if b.is_floating_point() else b.clone() for n, b in model.named_buffers()
+    }
     own = {n: b.clone() for n, b in model.named_buffers()}
-    _, grads = func.meta_grad(model, detached(model), tasks, buffers=stats, batch_norm="frozen", inner_lr=LR,
-                              steps=K, loss="cross_entropy")
+    _, grads = func.meta_grad(
+        model, detached(model), tasks, buffers=stats, batch_norm="frozen", inner_lr=LR, steps=K, loss="cross_entropy"
+    )
     assert all(torch.equal(b, own[n]) for n, b in model.named_buffers())
     holder = small_cnn(channels=2)
     holder.load_state_dict({**model.state_dict(), **stats})
@@ -261,8 +266,9 @@ def test_gradient_with_respect_to_the_support_set():
         return sum(F.mse_loss(out[t], qy[t]) for t in range(qx.shape[0])) / qx.shape[0]
 
     params = dict(model.named_parameters())
-    assert_grads_close(support_grads(fast),
-                       support_grads(lambda x, y: _oracle_loss(model, params, (x, y, qx, qy), F.mse_loss)), TOL)
+    assert_grads_close(
+        support_grads(fast), support_grads(lambda x, y: _oracle_loss(model, params, (x, y, qx, qy), F.mse_loss)), TOL
+    )
 
 
 def test_jacobian_of_the_adapted_weights():
@@ -280,8 +286,9 @@ def test_jacobian_of_the_adapted_weights():
         for t in range(sx.shape[0]):
             fast = dict(zip(params, values))
             for _ in range(K):
-                gs = torch.autograd.grad(F.mse_loss(functional_call(model, fast, (sx[t],)), sy[t]),
-                                         list(fast.values()), create_graph=True)
+                gs = torch.autograd.grad(
+                    F.mse_loss(functional_call(model, fast, (sx[t],)), sy[t]), list(fast.values()), create_graph=True
+                )
                 fast = {n: w - LR * g for (n, w), g in zip(fast.items(), gs)}
             outs.append(fast["2.bias"])
         return torch.stack(outs)

@@ -1,5 +1,6 @@
 """Models or losses the fused engine does not know run on the torch.func program, and
 `fastmaml.explain` names the culprit."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,16 +26,23 @@ def program_of(model, loss="mse"):
     return select_program(model, ParamLayout(model), resolve_loss(loss))
 
 
-@pytest.mark.parametrize("model, culprit, kind, why", [
-    (nn.Sequential(nn.Linear(1, 4), nn.Sequential(nn.ReLU(), Sort()), nn.Linear(4, 1)), "sort",
-     "call_function sort", "no rule for this operation"),
-    (nn.Sequential(nn.Linear(1, 4), nn.Dropout(0.3), nn.Linear(4, 1)), "1", "Dropout", "training mode"),
-    (nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)), "0", "Conv2d", "groups=2"),
-    (nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")), "0", "Conv2d", "padding_mode"),
-    (nn.Sequential(nn.Linear(2, 2), nn.GELU(approximate="tanh")), "1", "GELU", "approximate"),
-    (nn.Sequential(nn.Linear(2, 2), nn.Flatten(0)), "1", "Flatten", "start_dim=0"),
-    (nn.LSTM(2, 3), "<model>", "LSTM", "not a layer the fused engine knows"),
-])
+@pytest.mark.parametrize(
+    "model, culprit, kind, why",
+    [
+        (
+            nn.Sequential(nn.Linear(1, 4), nn.Sequential(nn.ReLU(), Sort()), nn.Linear(4, 1)),
+            "sort",
+            "call_function sort",
+            "no rule for this operation",
+        ),
+        (nn.Sequential(nn.Linear(1, 4), nn.Dropout(0.3), nn.Linear(4, 1)), "1", "Dropout", "training mode"),
+        (nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)), "0", "Conv2d", "groups=2"),
+        (nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")), "0", "Conv2d", "padding_mode"),
+        (nn.Sequential(nn.Linear(2, 2), nn.GELU(approximate="tanh")), "1", "GELU", "approximate"),
+        (nn.Sequential(nn.Linear(2, 2), nn.Flatten(0)), "1", "Flatten", "start_dim=0"),
+        (nn.LSTM(2, 3), "<model>", "LSTM", "not a layer the fused engine knows"),
+    ],
+)
 def test_unsupported_module_falls_back_and_is_named(model, culprit, kind, why):
     assert isinstance(program_of(model), TorchFuncProgram)
     e = fastmaml.explain(model)
@@ -84,8 +92,9 @@ def test_fallback_model_still_gets_the_exact_meta_gradient():
     tasks = regression_tasks(T=2)
     model.zero_grad()
     res = fastmaml.meta_step(model, tasks, inner_lr=0.05, steps=1)
-    ref_loss, ref_grads, _ = autograd_meta_grad(model, tasks, inner_lr=0.05, steps=1,
-                                                loss_fn=lambda o, y: F.mse_loss(o, y))
+    ref_loss, ref_grads, _ = autograd_meta_grad(
+        model, tasks, inner_lr=0.05, steps=1, loss_fn=lambda o, y: F.mse_loss(o, y)
+    )
     assert abs(float(res.meta_loss - ref_loss)) < 1e-12
     assert_grads_close({n: p.grad for n, p in model.named_parameters()}, ref_grads, 1e-9)
 

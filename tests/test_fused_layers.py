@@ -1,5 +1,6 @@
 """FusedProgram rules layer by layer against a per-task autograd oracle (create_graph double backward,
 float64): loss, gradient, Hessian-vector product (adapted and mixed shared block) and forward."""
+
 import copy
 
 import pytest
@@ -144,9 +145,16 @@ def strategy(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("geometry", [dict(kernel_size=3), dict(kernel_size=3, stride=2, padding=1),
-                                      dict(kernel_size=(2, 3), dilation=2, padding=(1, 0), bias=False),
-                                      dict(kernel_size=3, padding="same")], ids=str)
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        dict(kernel_size=3),
+        dict(kernel_size=3, stride=2, padding=1),
+        dict(kernel_size=(2, 3), dilation=2, padding=(1, 0), bias=False),
+        dict(kernel_size=3, padding="same"),
+    ],
+    ids=str,
+)
 def test_conv2d(geometry, strategy):
     model = nn.Sequential(nn.Conv2d(2, 3, **geometry), nn.Tanh(), nn.Flatten()).double()
     x, _ = img_data(3, 2, 2, 7, 6)
@@ -155,9 +163,17 @@ def test_conv2d(geometry, strategy):
     check_program(model, x, torch.randint(0, 3, (3, 2)), loss="cross_entropy")
 
 
-@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
-                                  nn.AvgPool2d(2), nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
-                                  nn.AdaptiveAvgPool2d((2, 3))], ids=str)
+@pytest.mark.parametrize(
+    "pool",
+    [
+        nn.MaxPool2d(2),
+        nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True),
+        nn.AvgPool2d(2),
+        nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
+        nn.AdaptiveAvgPool2d((2, 3)),
+    ],
+    ids=str,
+)
 def test_pooling(pool, strategy):
     model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), pool, nn.Flatten()).double()
     x, y = img_data(2, 5, 1, 7, 7)
@@ -167,8 +183,16 @@ def test_pooling(pool, strategy):
 
 def test_shared_conv_body_adapted_head(strategy):
     """ANIL-style: only the head adapts; the shared convolution and BatchNorm get the mixed block H_sa u."""
-    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3)).double()
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).double()
     check_program(model, *img_data(2, 3, 1, 6, 6), loss="cross_entropy", inner_params=["7"])
     check_program(model, *img_data(2, 3, 1, 6, 6), loss="cross_entropy", inner_params=["4", "7.bias"])
 
@@ -215,15 +239,30 @@ def test_batchnorm_ops_batch_statistics_formulas():
     b = torch.randn(T, C, generator=g, dtype=D)
     gy = torch.randn(T, N, C, S, generator=g, dtype=D)
     y, xhat, r = layers.batchnorm_fwd(x, w, b, 1e-5)
-    ref = torch.stack([F.batch_norm(x[t].transpose(0, 1).reshape(C, -1).t(), None, None, w[t], b[t], True,
-                                    0.0, 1e-5).t().reshape(C, N, S).transpose(0, 1) for t in range(T)])
+    ref = torch.stack(
+        [
+            F.batch_norm(x[t].transpose(0, 1).reshape(C, -1).t(), None, None, w[t], b[t], True, 0.0, 1e-5)
+            .t()
+            .reshape(C, N, S)
+            .transpose(0, 1)
+            for t in range(T)
+        ]
+    )
     assert rel_err(y, ref) < TOL
     gx_ref, gw_ref = torch.autograd.grad(ref, [x, w], gy)
     gw = torch.empty(T, C, dtype=D)
     gx = layers.batchnorm_bwd(gy, xhat.detach(), r.detach(), w.detach(), True, True, gw, None)
     assert rel_err(gx, gx_ref) < TOL and rel_err(gw, gw_ref) < TOL
-    gx2 = layers.batchnorm_train_bwd(gy, x.detach(), *layers.batchnorm_train_fwd(x.detach(), w.detach(), b, 1e-5)[1:],
-                                     w.detach(), 1e-5, True, None, None)
+    gx2 = layers.batchnorm_train_bwd(
+        gy,
+        x.detach(),
+        *layers.batchnorm_train_fwd(x.detach(), w.detach(), b, 1e-5)[1:],
+        w.detach(),
+        1e-5,
+        True,
+        None,
+        None,
+    )
     assert rel_err(gx2, gx_ref) < TOL
 
 

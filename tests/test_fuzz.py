@@ -5,6 +5,7 @@ argument's name) or in a meta-gradient equal to the float64 per-task autograd or
 500 cases per run (tiny models, seconds); FASTMAML_FUZZ_CASES changes the count, FASTMAML_FUZZ_SEED
 the seed.
 """
+
 import os
 import random
 import re
@@ -20,8 +21,24 @@ from oracle import assert_grads_close, autograd_meta_grad, rel_err
 
 CASES = int(os.environ.get("FASTMAML_FUZZ_CASES", "500"))
 SEED = int(os.environ.get("FASTMAML_FUZZ_SEED", "0"))
-ARGUMENTS = ("model", "tasks", "support_x", "support_y", "inner_lr", "steps", "order", "loss", "inner_params",
-             "backend", "batch_norm", "implicit_lambda", "cg_steps", "task_chunk", "step_weights", "x")
+ARGUMENTS = (
+    "model",
+    "tasks",
+    "support_x",
+    "support_y",
+    "inner_lr",
+    "steps",
+    "order",
+    "loss",
+    "inner_params",
+    "backend",
+    "batch_norm",
+    "implicit_lambda",
+    "cg_steps",
+    "task_chunk",
+    "step_weights",
+    "x",
+)
 D = torch.float64
 
 
@@ -92,8 +109,12 @@ def one_case(rng):
     tasks = make_tasks(rng, kind, T, din, dout, ways)
     classification = kind == "cnn"
     names = [n for n, _ in model.named_parameters()]
-    kw = dict(steps=rng.choice([0, 1, 2, 3]), order=rng.choice(["second", "checkpoint", "first"]),
-              loss="cross_entropy" if classification else "mse", inner_lr=rng.choice([0.05, 0.1, 0.3]))
+    kw = dict(
+        steps=rng.choice([0, 1, 2, 3]),
+        order=rng.choice(["second", "checkpoint", "first"]),
+        loss="cross_entropy" if classification else "mse",
+        inner_lr=rng.choice([0.05, 0.1, 0.3]),
+    )
     bad = None
     oracle = dict(train=True)
 
@@ -128,8 +149,10 @@ def one_case(rng):
     elif roll < 0.36:
         invalid("task_chunk", task_chunk=rng.choice([0, -2, 1.5, "1"]))
     elif roll < 0.40 and kw["steps"] > 0:
-        invalid("step_weights", step_weights=rng.choice([[1.0] * (kw["steps"] + 1), [-1.0] * kw["steps"],
-                                                         [float("nan")] * kw["steps"]]))
+        invalid(
+            "step_weights",
+            step_weights=rng.choice([[1.0] * (kw["steps"] + 1), [-1.0] * kw["steps"], [float("nan")] * kw["steps"]]),
+        )
     elif roll < 0.44:
         invalid("batch_norm", batch_norm=rng.choice(["running", "per_step"] if kind == "cnn" else ["running"]))
     elif roll < 0.48:
@@ -162,8 +185,9 @@ def one_case(rng):
             oracle["inner_params"] = [n for n in names if any(n == w or n.startswith(w + ".") for w in inner)]
         if rng.random() < 0.25:
             adapted = oracle.get("inner_params", names)
-            kw["inner_lr"] = {n: torch.full_like(dict(model.named_parameters())[n], rng.choice([0.02, 0.1]))
-                              for n in adapted}
+            kw["inner_lr"] = {
+                n: torch.full_like(dict(model.named_parameters())[n], rng.choice([0.02, 0.1])) for n in adapted
+            }
         if rng.random() < 0.2 and kw["steps"] > 0:
             kw["step_weights"] = [rng.choice([0.0, 0.5, 1.0]) for _ in range(kw["steps"])]
             oracle["step_weights"] = kw["step_weights"]
@@ -196,8 +220,9 @@ def run_case(i):
         return "error"
     assert bad is None, f"case {i}: invalid {bad!r} accepted ({kw})"
     lr = kw["inner_lr"]
-    ref_loss, ref, _ = autograd_meta_grad(model, tasks, inner_lr=lr, steps=kw["steps"], order=kw["order"],
-                                          loss_fn=loss_fn, **oracle)
+    ref_loss, ref, _ = autograd_meta_grad(
+        model, tasks, inner_lr=lr, steps=kw["steps"], order=kw["order"], loss_fn=loss_fn, **oracle
+    )
     got = {n: p.grad for n, p in model.named_parameters()}
     assert_grads_close(got, ref, 1e-8)
     if not use_adapt:

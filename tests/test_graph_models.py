@@ -1,6 +1,7 @@
 """The fused engine on models written as classes (traced with torch.fx into a graph of rules): each
 against the per-task `create_graph` oracle in float64, every order, Meta-SGD rates, K = 0–3, the
 BatchNorm modes, ANIL; fallbacks that name their cause."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -44,15 +45,17 @@ def check_ce(model, tasks, **kwargs):
 @pytest.mark.parametrize("steps", [0, 1, 3])
 def test_omniglot_cnn(order, steps):
     torch.manual_seed(0)
-    check_ce(OmniglotCNN(hidden_size=3, layers=3).double(), tasks_for((1, 28, 28)), inner_lr=0.3, steps=steps,
-             order=order)
+    check_ce(
+        OmniglotCNN(hidden_size=3, layers=3).double(), tasks_for((1, 28, 28)), inner_lr=0.3, steps=steps, order=order
+    )
 
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_miniimagenet_cnn(order):
     torch.manual_seed(1)
-    check_ce(MiniImagenetCNN(hidden_size=3, side=1).double(), tasks_for((3, 18, 18)), inner_lr=0.3, steps=2,
-             order=order)
+    check_ce(
+        MiniImagenetCNN(hidden_size=3, side=1).double(), tasks_for((3, 18, 18)), inner_lr=0.3, steps=2, order=order
+    )
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -69,8 +72,9 @@ def test_class_conv_net_with_view(order):
     assert [n.rule.kind for n in program.nodes].count("reshape") == 1
     kwargs = dict(implicit_lambda=2.0, cg_steps=4) if order == "implicit" else {}
     if order == "implicit":
-        fastmaml.meta_step(model, tasks_for((1, 8, 8)), inner_lr=0.1, steps=2, order=order, loss="cross_entropy",
-                           **kwargs)  # runs; its oracle is tests/test_implicit.py's
+        fastmaml.meta_step(
+            model, tasks_for((1, 8, 8)), inner_lr=0.1, steps=2, order=order, loss="cross_entropy", **kwargs
+        )  # runs; its oracle is tests/test_implicit.py's
         return
     check_ce(model, tasks_for((1, 8, 8)), inner_lr=0.3, steps=2, order=order)
 
@@ -90,8 +94,7 @@ def test_resnet12_anil(order):
     """Only the head adapts; the body gets the exact mixed second-order term."""
     torch.manual_seed(5)
     model = ResNet12(widths=(3, 4, 3, 4)).double()
-    check_ce(model, tasks_for((3, 16, 16), ways=3), inner_lr=0.5, steps=3, order=order,
-             inner_params=["classifier"])
+    check_ce(model, tasks_for((3, 16, 16), ways=3), inner_lr=0.5, steps=3, order=order, inner_params=["classifier"])
 
 
 def test_resnet12_counter_is_restored_and_does_not_recompile():
@@ -109,8 +112,16 @@ def test_reads_a_value_twice(order):
     torch.manual_seed(6)
     model = ReadsTwice().double()
     on_fused(model, "mse")
-    check_meta_step(model, regression_tasks(din=3, dout=2), loss="mse", loss_fn=F.mse_loss, inner_lr=0.2, steps=2,
-                    order=order, tol=TOL)
+    check_meta_step(
+        model,
+        regression_tasks(din=3, dout=2),
+        loss="mse",
+        loss_fn=F.mse_loss,
+        inner_lr=0.2,
+        steps=2,
+        order=order,
+        tol=TOL,
+    )
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -200,13 +211,25 @@ def test_tied_parameters():
         def forward(self, x):
             return F.linear(torch.tanh(self.enc(x)), self.enc.weight.t(), self.dec_bias)
 
-    cases = ((tied_bias, 4, FusedProgram), (tied_weight, 3, FusedProgram), (called_twice, 3, FusedProgram),
-             (TransposedDecoder().double(), 3, TorchFuncProgram))
+    cases = (
+        (tied_bias, 4, FusedProgram),
+        (tied_weight, 3, FusedProgram),
+        (called_twice, 3, FusedProgram),
+        (TransposedDecoder().double(), 3, TorchFuncProgram),
+    )
     for model, dout, kind in cases:
         assert isinstance(select_program(model, ParamLayout(model), resolve_loss("mse")), kind)
         for order in ORDERS:
-            check_meta_step(model, regression_tasks(din=3, dout=dout), loss="mse", loss_fn=F.mse_loss, inner_lr=0.2,
-                            steps=2, order=order, tol=TOL)
+            check_meta_step(
+                model,
+                regression_tasks(din=3, dout=dout),
+                loss="mse",
+                loss_fn=F.mse_loss,
+                inner_lr=0.2,
+                steps=2,
+                order=order,
+                tol=TOL,
+            )
 
 
 class Sorts(nn.Module):
@@ -238,8 +261,9 @@ def test_unsupported_op_and_untraceable_model_fall_back_and_are_named():
     assert "test_graph_models.py" in e.source and "x.sum() > 0" in e.source
     for model in (Sorts().double(), Branches().double()):
         assert isinstance(select_program(model, ParamLayout(model), resolve_loss("mse")), TorchFuncProgram)
-        check_meta_step(model, regression_tasks(din=3, dout=3), loss="mse", loss_fn=F.mse_loss, inner_lr=0.2,
-                        steps=1, tol=TOL)
+        check_meta_step(
+            model, regression_tasks(din=3, dout=3), loss="mse", loss_fn=F.mse_loss, inner_lr=0.2, steps=1, tol=TOL
+        )
 
 
 def test_explain_prints_the_graph():

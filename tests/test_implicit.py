@@ -1,4 +1,5 @@
 """order="implicit" (iMAML) against an exact implicit gradient built from the full Hessian (float64)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +23,7 @@ def implicit_oracle(model, tasks, *, lr, steps, lam, adapted):
         out, o = {}, 0
         for n in group:
             k = shapes[n].numel()
-            out[n] = vec[o:o + k].view(shapes[n])
+            out[n] = vec[o : o + k].view(shapes[n])
             o += k
         return out
 
@@ -41,13 +42,13 @@ def implicit_oracle(model, tasks, *, lr, steps, lam, adapted):
         phi = th_a.clone()
         for _ in range(steps):
             a = phi.clone().requires_grad_(True)
-            g, = torch.autograd.grad(loss(a, th_s, sx[t], sy[t]), a)
+            (g,) = torch.autograd.grad(loss(a, th_s, sx[t], sy[t]), a)
             phi = phi - lr * (g + lam * (phi - th_a))
         full = torch.cat([phi, th_s])
         Pa = phi.numel()
         H = torch.autograd.functional.hessian(lambda z, Pa=Pa, t=t: loss(z[:Pa], z[Pa:], sx[t], sy[t]), full)
         z = full.clone().requires_grad_(True)
-        gq, = torch.autograd.grad(loss(z[:Pa], z[Pa:], qx[t], qy[t]) / T, z)
+        (gq,) = torch.autograd.grad(loss(z[:Pa], z[Pa:], qx[t], qy[t]) / T, z)
         u = torch.linalg.solve(torch.eye(Pa, dtype=torch.float64) + H[:Pa, :Pa] / lam, gq[:Pa])
         d_a += u
         d_s += gq[Pa:] - H[Pa:, :Pa] @ u / lam
@@ -62,8 +63,16 @@ def test_implicit_matches_dense_solve(inner_params, lam):
     tasks = regression_tasks(T=3)
     P = sum(p.numel() for p in model.parameters())
     adapted = [n for n, _ in model.named_parameters() if inner_params is None or n.startswith("2.")]
-    fastmaml.meta_step(model, tasks, inner_lr=0.1, steps=4, order="implicit", implicit_lambda=lam,
-                       cg_steps=2 * P, inner_params=inner_params)
+    fastmaml.meta_step(
+        model,
+        tasks,
+        inner_lr=0.1,
+        steps=4,
+        order="implicit",
+        implicit_lambda=lam,
+        cg_steps=2 * P,
+        inner_params=inner_params,
+    )
     got = {n: p.grad for n, p in model.named_parameters()}
     ref = implicit_oracle(model, tasks, lr=0.1, steps=4, lam=lam, adapted=adapted)
     assert_grads_close(got, ref, 1e-8)
@@ -78,12 +87,17 @@ def test_implicit_through_adapt_and_few_cg_steps_converge():
     errors = []
     for cg in (1, 3, 10):
         model.zero_grad()
-        adapted = fastmaml.adapt(model, sx, sy, inner_lr=0.1, steps=3, order="implicit", implicit_lambda=2.0,
-                                 cg_steps=cg)
+        adapted = fastmaml.adapt(
+            model, sx, sy, inner_lr=0.1, steps=3, order="implicit", implicit_lambda=2.0, cg_steps=cg
+        )
         out = adapted(qx)
         ((out - qy) ** 2).mean(dim=(1, 2)).mean().backward()
-        errors.append(rel_err(torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
-                              torch.cat([ref[n].reshape(-1) for n, _ in model.named_parameters()])))
+        errors.append(
+            rel_err(
+                torch.cat([p.grad.reshape(-1) for p in model.parameters()]),
+                torch.cat([ref[n].reshape(-1) for n, _ in model.named_parameters()]),
+            )
+        )
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-6
 
 

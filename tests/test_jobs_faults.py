@@ -5,6 +5,7 @@ ends. Bad checkpoints, an unwritable or file --out and a full disk must each giv
 
 The kill tests run the jobs in subprocesses (through a small wrapper that can SIGKILL the process in
 the middle of its n-th write of a file) with tiny settings; `slow` marks the longer variants."""
+
 import errno
 import json
 import os
@@ -26,15 +27,49 @@ from fastmaml.cli import main
 from fastmaml.train import common, fewshot, sinusoid
 
 REPO = Path(fastmaml.__file__).resolve().parent.parent
-SINUSOID = ["train", "sinusoid", "--meta-batch", "4", "--shots", "5", "--eval-tasks", "4", "--eval-query", "8",
-            "--eval-steps", "1", "--threads", "1", "--quiet"]
-DEMO = ["train", "fewshot-demo", "--meta-batch", "2", "--hidden", "4", "--query", "1", "--val-every", "3",
-        "--val-episodes", "2", "--eval-batch", "2", "--test-episodes", "2", "--threads", "1", "--quiet"]
+SINUSOID = [
+    "train",
+    "sinusoid",
+    "--meta-batch",
+    "4",
+    "--shots",
+    "5",
+    "--eval-tasks",
+    "4",
+    "--eval-query",
+    "8",
+    "--eval-steps",
+    "1",
+    "--threads",
+    "1",
+    "--quiet",
+]
+DEMO = [
+    "train",
+    "fewshot-demo",
+    "--meta-batch",
+    "2",
+    "--hidden",
+    "4",
+    "--query",
+    "1",
+    "--val-every",
+    "3",
+    "--val-episodes",
+    "2",
+    "--eval-batch",
+    "2",
+    "--test-episodes",
+    "2",
+    "--threads",
+    "1",
+    "--quiet",
+]
 WAIT = 300  # seconds: a generous bound for one subprocess step on a busy machine
 
 # Runs `fastmaml` with argv; with FASTMAML_KILL_WRITE="NAME:N" it SIGKILLs itself halfway through its
 # N-th write of the file NAME (after half the bytes reached the temporary file, before the rename).
-WRAPPER = '''
+WRAPPER = """
 import os, signal, sys
 from fastmaml import cli
 from fastmaml.train import common
@@ -56,7 +91,7 @@ if target:
 
     common._write_file = write
 sys.exit(cli.main(sys.argv[1:]))
-'''
+"""
 
 
 @pytest.fixture
@@ -71,8 +106,13 @@ def launch(wrapper, argv, *, kill_write=None):
     env.pop("FASTMAML_KILL_WRITE", None)
     if kill_write:
         env["FASTMAML_KILL_WRITE"] = kill_write
-    return subprocess.Popen([sys.executable, str(wrapper), *map(str, argv)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(wrapper), *map(str, argv)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(proc, timeout=WAIT):
@@ -195,8 +235,7 @@ def test_fewshot_demo_sigkill_during_write_and_sigint_then_resume_bit_identical(
     argv = [*DEMO, "--iterations", "6"]
     reference, out = tmp_path / "reference", tmp_path / "run"
     assert main([*argv, "--out", str(reference)]) == 0
-    code, _, _ = finish(launch(wrapper, [*argv, "--out", out, "--checkpoint-every", "1"],
-                               kill_write="checkpoint.pt:2"))
+    code, _, _ = finish(launch(wrapper, [*argv, "--out", out, "--checkpoint-every", "1"], kill_write="checkpoint.pt:2"))
     assert code == -signal.SIGKILL
     assert common.load_checkpoint(out / common.CHECKPOINT)["iteration"] == 1
     assert sigint_then_resume_line(wrapper, [*argv, "--checkpoint-every", "1"], out)
@@ -219,8 +258,9 @@ def test_many_sigkills_at_random_moments(tmp_path, wrapper, job):
     assert code == -signal.SIGKILL, err
     rng = random.Random(26)
     for _ in range(1, 6):
-        code, _, _ = finish(launch(wrapper, [*every, "--out", out, "--resume"],
-                                   kill_write=f"checkpoint.pt:{rng.randint(1, 3)}"))
+        code, _, _ = finish(
+            launch(wrapper, [*every, "--out", out, "--resume"], kill_write=f"checkpoint.pt:{rng.randint(1, 3)}")
+        )
         assert code in (0, -signal.SIGKILL)
     kill_resume_cycle(wrapper, every, out, rng, kills=10 if job == "sinusoid" else 5, max_delay=1.0)
     code, _, err = finish(launch(wrapper, [*argv, "--out", out, "--resume"]))
@@ -230,6 +270,7 @@ def test_many_sigkills_at_random_moments(tmp_path, wrapper, job):
 
 
 # ----------------------------------------------------------------------------- in-process faults
+
 
 def sinusoid_cli(out, *options):
     return main([*SINUSOID, "--out", str(out), *map(str, options)])
@@ -268,8 +309,11 @@ def test_sigterm_in_process_checkpoints_and_resumes_bit_identical(tmp_path, monk
     assert sinusoid_cli(out, "--iterations", 6, "--resume") == 0
     assert_same_run(straight, out, ["eval", "history"])
 
-    monkeypatch.setattr(sinusoid, "_train_iteration",
-                        lambda s, a, d: signalling(s, a, d, when=(2,), signals=(signal.SIGINT, signal.SIGINT)))
+    monkeypatch.setattr(
+        sinusoid,
+        "_train_iteration",
+        lambda s, a, d: signalling(s, a, d, when=(2,), signals=(signal.SIGINT, signal.SIGINT)),
+    )
     forced = tmp_path / "forced"
     capsys.readouterr()
     assert sinusoid_cli(forced, "--iterations", 6, "--checkpoint-every", 1) == 128 + signal.SIGINT
@@ -324,21 +368,28 @@ def flip_a_weight_bit(path: Path) -> None:
         info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
     data = bytearray(path.read_bytes())
     header = info.header_offset
-    name_len, extra_len = int.from_bytes(data[header + 26:header + 28], "little"), \
-        int.from_bytes(data[header + 28:header + 30], "little")
+    name_len, extra_len = (
+        int.from_bytes(data[header + 26 : header + 28], "little"),
+        int.from_bytes(data[header + 28 : header + 30], "little"),
+    )
     start = header + 30 + name_len + extra_len
     data[start + info.file_size // 2] ^= 0x10
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: p.write_bytes(b""), "the file is empty"),
-    (lambda p: p.write_bytes(os.urandom(4096)), "unreadable"),
-    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "unreadable"),
-    (lambda p: torch.save(sinusoid.sinusoid_mlp().state_dict(), p),
-     "not a fastmaml training checkpoint (a plain state dict"),
-    (flip_a_weight_bit, "checksum mismatch, the file is corrupted"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_bytes(b""), "the file is empty"),
+        (lambda p: p.write_bytes(os.urandom(4096)), "unreadable"),
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "unreadable"),
+        (
+            lambda p: torch.save(sinusoid.sinusoid_mlp().state_dict(), p),
+            "not a fastmaml training checkpoint (a plain state dict",
+        ),
+        (flip_a_weight_bit, "checksum mismatch, the file is corrupted"),
+    ],
+)
 def test_bad_checkpoint_is_one_line_with_its_path_and_left_alone(good_run, capsys, damage, message):
     path = good_run / common.CHECKPOINT
     damage(path)
@@ -350,8 +401,12 @@ def test_bad_checkpoint_is_one_line_with_its_path_and_left_alone(good_run, capsy
 
 
 def test_checkpoint_checksum_covers_every_value():
-    state = {"model": {"w": torch.arange(6.0).view(2, 3)}, "iteration": 3, "rng": common.rng_state(),
-             "history": {"loss": [1.0, 0.5]}}
+    state = {
+        "model": {"w": torch.arange(6.0).view(2, 3)},
+        "iteration": 3,
+        "rng": common.rng_state(),
+        "history": {"loss": [1.0, 0.5]},
+    }
     digest = common.state_digest(state)
     assert digest == common.state_digest({k: state[k] for k in reversed(list(state))})  # key order does not matter
     state["model"]["w"].view(-1)[4] = float(np.nextafter(np.float32(4.0), np.float32(5.0)))
@@ -385,8 +440,10 @@ def test_read_only_out_fails_at_once_and_keeps_the_checkpoint(good_run, monkeypa
     good_run.chmod(0o555)
     try:
         if _writable(good_run):
-            pytest.skip("running as root: a read-only folder mode does not stop root (the /proc case below and "
-                        "the full-disk test cover the same error path)")
+            pytest.skip(
+                "running as root: a read-only folder mode does not stop root (the /proc case below and "
+                "the full-disk test cover the same error path)"
+            )
         monkeypatch.setattr(sinusoid.fastmaml, "meta_step", lambda *a, **k: pytest.fail("trained before the check"))
         for extra in ([], ["--resume"]):
             line = one_line(capsys, sinusoid_cli(good_run, "--iterations", 4, *extra))

@@ -1,6 +1,7 @@
 """Triton BatchNorm kernels (kernels/batchnorm.py via fastmaml/ops/backends/triton_norm.py) against the torch
 references (fastmaml/ops/reference/), on CUDA or under the Triton interpreter on CPU; and meta_step
 with backend="triton" on a conv net with BatchNorm against the autograd oracle (float64)."""
+
 import os
 
 import pytest
@@ -19,8 +20,13 @@ from models import classification_tasks, small_cnn  # noqa: E402
 from oracle import assert_grads_close, autograd_meta_grad, rel_err  # noqa: E402
 
 # (T, N, C, S, weights): N·S = 1 (degenerate batch statistics), odd C and S, two blocks of 1024 values
-CASES = [(1, 1, 3, 1, "common"), (3, 1, 3, 5, "task"), (2, 2, 3, 5, None), (1, 2, 7, 49, "task"),
-         (1, 3, 2, 345, "common")]
+CASES = [
+    (1, 1, 3, 1, "common"),
+    (3, 1, 3, 5, "task"),
+    (2, 2, 3, 5, None),
+    (1, 2, 7, 49, "task"),
+    (1, 3, 2, 345, "common"),
+]
 IDS = [f"T{t}N{n}C{c}S{s}-{w}" for t, n, c, s, w in CASES]
 
 
@@ -135,10 +141,12 @@ def test_opcheck():
     torch.library.opcheck(lib.batchnorm_tangent_fwd.default, (x, xhat, r, w, w, w, True))
     torch.library.opcheck(lib.batchnorm_tangent_fwd.default, (x, xhat, r, None, None, None, True))
     _, xhd, a = lib.batchnorm_tangent_fwd(x, xhat, r, w, w, w, True)
-    torch.library.opcheck(lib.batchnorm_tangent_bwd.default, (x, x, xhat, xhd, a, r, w, w, True, True, gw, None,
-                                                              gb, None))
-    torch.library.opcheck(lib.batchnorm_tangent_bwd.default, (x, x, xhat, None, None, r, None, None, False, False,
-                                                              None, gw, None, gb))
+    torch.library.opcheck(
+        lib.batchnorm_tangent_bwd.default, (x, x, xhat, xhd, a, r, w, w, True, True, gw, None, gb, None)
+    )
+    torch.library.opcheck(
+        lib.batchnorm_tangent_bwd.default, (x, x, xhat, None, None, r, None, None, False, False, None, gw, None, gb)
+    )
 
 
 def test_bad_inputs_name_the_argument():
@@ -166,10 +174,12 @@ def test_meta_step_conv_bn_matches_oracle(batch_norm, steps):
             m.running_var.copy_(0.5 + torch.rand(2, generator=g, dtype=torch.float64))
     tasks = [t.to(DEVICE) for t in classification_tasks(T=2, ways=3, size=4)]
     model.zero_grad()
-    res = fastmaml.meta_step(model, tasks, inner_lr=0.1, steps=steps, loss="cross_entropy", batch_norm=batch_norm,
-                             backend="triton")
+    res = fastmaml.meta_step(
+        model, tasks, inner_lr=0.1, steps=steps, loss="cross_entropy", batch_norm=batch_norm, backend="triton"
+    )
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    ref_loss, ref_grads, _ = autograd_meta_grad(model, tasks, inner_lr=0.1, steps=steps, loss_fn=F.cross_entropy,
-                                                train=batch_norm == "batch")
+    ref_loss, ref_grads, _ = autograd_meta_grad(
+        model, tasks, inner_lr=0.1, steps=steps, loss_fn=F.cross_entropy, train=batch_norm == "batch"
+    )
     assert rel_err(res.meta_loss, ref_loss) < 1e-9
     assert_grads_close(grads, ref_grads, 1e-9)

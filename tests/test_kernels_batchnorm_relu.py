@@ -2,6 +2,7 @@
 fastmaml/ops/backends/triton_norm.py) against the torch references (fastmaml/ops/reference/), on CUDA or under
 the Triton interpreter on CPU; the compiler's fusion; meta_step through the fused rule against the
 autograd oracle (float64), backends torch and triton."""
+
 import os
 
 import pytest
@@ -116,8 +117,7 @@ def test_tangent_backward(T, N, C, S, weights, dtype):
         stats = case.stats(batch)
         for i in range(3):
             xd, wd, bd = directions(case, w, i)
-            z, _, xhat, xhd, a, r = impls("batchnorm_relu_value_tangent_fwd")[0](case.x, xd, w, b, wd, bd, 1e-5,
-                                                                                  *stats)
+            z, _, xhat, xhd, a, r = impls("batchnorm_relu_value_tangent_fwd")[0](case.x, xd, w, b, wd, bd, 1e-5, *stats)
             for need_x in (True, False) if i == 0 else (True,):
                 outs, flat = case.outs(4)
                 if i == 2:  # a shared affine part: no gw, ġw outputs
@@ -142,11 +142,11 @@ def test_opcheck():
     z, xhat, mean, r = lib.batchnorm_relu_fwd(x, w, b, None, None, 1e-5, True)
     torch.library.opcheck(lib.batchnorm_relu_bwd.default, (x, z, x, mean, r, None, True, False, None, gb))
     torch.library.opcheck(lib.batchnorm_relu_value_tangent_fwd.default, (x, x, w, b, w, w, None, None, 1e-5))
-    torch.library.opcheck(lib.batchnorm_relu_value_tangent_fwd.default, (x, None, None, None, None, None, *stats,
-                                                                         1e-5))
+    torch.library.opcheck(lib.batchnorm_relu_value_tangent_fwd.default, (x, None, None, None, None, None, *stats, 1e-5))
     z, _, xhat, xhd, a, r = lib.batchnorm_relu_value_tangent_fwd(x, x, w, b, w, w, None, None, 1e-5)
-    torch.library.opcheck(lib.batchnorm_relu_tangent_bwd.default, (x, x, z, xhat, xhd, a, r, w, w, True, True, gw,
-                                                                   None, gb, None))
+    torch.library.opcheck(
+        lib.batchnorm_relu_tangent_bwd.default, (x, x, z, xhat, xhd, a, r, w, w, True, True, gw, None, gb, None)
+    )
 
 
 def test_bad_inputs_name_the_argument():
@@ -169,21 +169,44 @@ def kinds(model):
 
 
 def test_compiler_fuses_batchnorm_relu_pairs_only():
-    model = nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)), nn.Sequential(nn.ReLU(inplace=True)),
-                          nn.BatchNorm2d(2), nn.Tanh(), nn.ReLU(), nn.BatchNorm2d(2), nn.Identity(), nn.ReLU(),
-                          nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(50, 3), nn.BatchNorm1d(3))
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)),
+        nn.Sequential(nn.ReLU(inplace=True)),
+        nn.BatchNorm2d(2),
+        nn.Tanh(),
+        nn.ReLU(),
+        nn.BatchNorm2d(2),
+        nn.Identity(),
+        nn.ReLU(),
+        nn.BatchNorm2d(2),
+        nn.Flatten(),
+        nn.Linear(50, 3),
+        nn.BatchNorm1d(3),
+    )
     assert kinds(model) == [
-        ("ConvRule", "0.0 (Conv2d)"), ("BatchNormReLURule", "0.1+1.0 (BatchNorm2d+ReLU)"),
-        ("BatchNormRule", "2 (BatchNorm2d)"), ("TanhRule", "3 (Tanh)"), ("ReLURule", "4 (ReLU)"),
-        ("BatchNormReLURule", "5+7 (BatchNorm2d+ReLU)"), ("BatchNormRule", "8 (BatchNorm2d)"),
-        ("FlattenRule", "9 (Flatten)"), ("LinearRule", "10 (Linear)"), ("BatchNormRule", "11 (BatchNorm1d)")]
+        ("ConvRule", "0.0 (Conv2d)"),
+        ("BatchNormReLURule", "0.1+1.0 (BatchNorm2d+ReLU)"),
+        ("BatchNormRule", "2 (BatchNorm2d)"),
+        ("TanhRule", "3 (Tanh)"),
+        ("ReLURule", "4 (ReLU)"),
+        ("BatchNormReLURule", "5+7 (BatchNorm2d+ReLU)"),
+        ("BatchNormRule", "8 (BatchNorm2d)"),
+        ("FlattenRule", "9 (Flatten)"),
+        ("LinearRule", "10 (Linear)"),
+        ("BatchNormRule", "11 (BatchNorm1d)"),
+    ]
     rules = compile_model(model).chain_rules()
     assert [r.index for r in rules if isinstance(r, BatchNormRule)] == [0, 1, 2, 3, 4]
     # the parameters still belong to the BatchNorm modules' paths
     program = build(model.double(), ParamLayout(model), resolve_loss("cross_entropy"))
     names = program.layout.adapted.names
     assert [names[program.nodes[i].params[0].index] for i, _ in program.norms] == [
-        "0.1.weight", "2.weight", "5.weight", "8.weight", "11.weight"]
+        "0.1.weight",
+        "2.weight",
+        "5.weight",
+        "8.weight",
+        "11.weight",
+    ]
     assert isinstance(program.norms[0][1], BatchNormReLURule)
 
 
@@ -201,8 +224,16 @@ def test_meta_step_conv4_matches_oracle(backend, order, monkeypatch):
     table = registry.resolve(backend, DEVICE)
     assert {table.chosen[n][0] for n in table.chosen if n.startswith("batchnorm_relu")} == {backend}
     tasks = [t.to(DEVICE) for t in classification_tasks(T=2, ways=2, shots=1, query=1, size=16)]
-    check_meta_step(model, tasks, loss="cross_entropy", loss_fn=F.cross_entropy, inner_lr=0.4,
-                    steps=2 if order == "checkpoint" else 1, order=order, tol=1e-9)
+    check_meta_step(
+        model,
+        tasks,
+        loss="cross_entropy",
+        loss_fn=F.cross_entropy,
+        inner_lr=0.4,
+        steps=2 if order == "checkpoint" else 1,
+        order=order,
+        tol=1e-9,
+    )
 
 
 def test_meta_step_frozen_statistics_and_shared_body():
@@ -218,10 +249,19 @@ def test_meta_step_frozen_statistics_and_shared_body():
     tasks = [t.to(DEVICE) for t in classification_tasks(T=2, ways=3, shots=1, query=1, size=16)]
     inner = ["12", "17"]
     model.zero_grad()
-    res = fastmaml.meta_step(model, tasks, inner_lr=0.3, steps=2, loss="cross_entropy", batch_norm="frozen",
-                             inner_params=inner, backend="triton")
+    res = fastmaml.meta_step(
+        model,
+        tasks,
+        inner_lr=0.3,
+        steps=2,
+        loss="cross_entropy",
+        batch_norm="frozen",
+        inner_params=inner,
+        backend="triton",
+    )
     adapted = [n for n, _ in model.named_parameters() if n.split(".")[0] in inner]
-    ref_loss, ref_grads, _ = autograd_meta_grad(model, tasks, inner_lr=0.3, steps=2, loss_fn=F.cross_entropy,
-                                                inner_params=adapted, train=False)
+    ref_loss, ref_grads, _ = autograd_meta_grad(
+        model, tasks, inner_lr=0.3, steps=2, loss_fn=F.cross_entropy, inner_params=adapted, train=False
+    )
     assert rel_err(res.meta_loss, ref_loss) < 1e-9
     assert_grads_close({n: p.grad for n, p in model.named_parameters()}, ref_grads, 1e-9)

@@ -1,5 +1,6 @@
 """The CPU-runnable pieces of benchmarks/gpu_check.sh: the scripts parse, the op and convolution
 benchmarks run and write their tables, and the report writer summarizes what the steps left."""
+
 import importlib.util
 import json
 import shutil
@@ -41,8 +42,12 @@ def test_scripts_lint(script):
 
 
 def test_op_bench_compares_every_backend(tmp_path):
-    assert op_bench.main(["--device", "cpu", "--quick", "--repeats", "1", "--workloads", "sinusoid-K1",
-                          "--out", str(tmp_path)]) == 0
+    assert (
+        op_bench.main(
+            ["--device", "cpu", "--quick", "--repeats", "1", "--workloads", "sinusoid-K1", "--out", str(tmp_path)]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "op_bench.json").read_text())["rows"]
     ops = {r["op"] for r in rows}
     assert {"inner_update", "adjoint_update", "linear_fwd", "linear_bwd", "mse_grad"} <= ops
@@ -64,8 +69,23 @@ def test_op_bench_flags_a_wrong_kernel():
 
 
 def test_op_bench_learned_rate_reaches_the_alpha_gradient(tmp_path):
-    assert op_bench.main(["--device", "cpu", "--quick", "--repeats", "1", "--workloads", "sinusoid-K1",
-                          "--learned-lr", "--out", str(tmp_path)]) == 0
+    assert (
+        op_bench.main(
+            [
+                "--device",
+                "cpu",
+                "--quick",
+                "--repeats",
+                "1",
+                "--workloads",
+                "sinusoid-K1",
+                "--learned-lr",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "op_bench_learned_lr.json").read_text())["rows"]
     assert any(r["op"] == "adjoint_update" and r["args"].endswith("True") for r in rows)
     assert all(r["error"] < 1e-5 and r["index_mismatch"] == 0 for r in rows)
@@ -87,8 +107,24 @@ def test_conv_batching_strategies_agree(tmp_path):
 
 
 def test_conv_batching_writes_tables(tmp_path):
-    assert conv_batching.main(["--device", "cpu", "--tasks", "1", "--repeats", "1", "--quick",
-                               "--workloads", "conv28-1shot-K1", "--out", str(tmp_path)]) == 0
+    assert (
+        conv_batching.main(
+            [
+                "--device",
+                "cpu",
+                "--tasks",
+                "1",
+                "--repeats",
+                "1",
+                "--quick",
+                "--workloads",
+                "conv28-1shot-K1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "conv_batching.json").read_text())
     assert len(results["layers"]) == 24 and all(r["error"] < 1e-5 for r in results["layers"])
     table = (tmp_path / "conv_batching.md").read_text()

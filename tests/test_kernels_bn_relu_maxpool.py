@@ -2,6 +2,7 @@
 backward, and both with tangents) against the torch references (fastmaml/ops/reference/block_tail.py) on odd shapes,
 float32 and float64; opcheck; the compiler's fusion; meta_step through the fused rule against the
 autograd oracle (float64)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -148,8 +149,10 @@ def test_opcheck(cpp):
     torch.library.opcheck(lib.bn_relu_maxpool_tangent_fwd.default, (x, xd, w, b, wd, bd, 1e-5, 2))
     z, zd, idx, mean, invstd, a, dmean = lib.bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, bd, 1e-5, 2)
     for need_x in (True, False):
-        torch.library.opcheck(lib.bn_relu_maxpool_tangent_bwd.default,
-                              (gz, r(*z.shape), z, idx, x, xd, mean, invstd, a, dmean, w, wd, need_x))
+        torch.library.opcheck(
+            lib.bn_relu_maxpool_tangent_bwd.default,
+            (gz, r(*z.shape), z, idx, x, xd, mean, invstd, a, dmean, w, wd, need_x),
+        )
 
 
 def test_bad_arguments_name_the_argument(cpp):
@@ -181,17 +184,40 @@ def kinds(model):
 
 def test_compiler_fuses_non_overlapping_pools_only():
     model = nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2),                       # fused
-        nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(3),                                           # fused
-        nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(3, stride=2),                                 # overlapping
-        nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2, padding=1),                                # padding
-        nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),                           # ceil mode
-        nn.BatchNorm2d(2), nn.MaxPool2d(2),                                                      # no ReLU
-        nn.Flatten())
+        nn.Conv2d(1, 2, 3),
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),  # fused
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.MaxPool2d(3),  # fused
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, stride=2),  # overlapping
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.MaxPool2d(2, padding=1),  # padding
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.MaxPool2d(2, ceil_mode=True),  # ceil mode
+        nn.BatchNorm2d(2),
+        nn.MaxPool2d(2),  # no ReLU
+        nn.Flatten(),
+    )
     assert kinds(model) == [
-        "0 (Conv2d)", "1+2+3 (BatchNorm2d+ReLU+MaxPool2d)", "4+5+6 (BatchNorm2d+ReLU+MaxPool2d)",
-        "7+8 (BatchNorm2d+ReLU)", "9 (MaxPool2d)", "10+11 (BatchNorm2d+ReLU)", "12 (MaxPool2d)",
-        "13+14 (BatchNorm2d+ReLU)", "15 (MaxPool2d)", "16 (BatchNorm2d)", "17 (MaxPool2d)", "18 (Flatten)"]
+        "0 (Conv2d)",
+        "1+2+3 (BatchNorm2d+ReLU+MaxPool2d)",
+        "4+5+6 (BatchNorm2d+ReLU+MaxPool2d)",
+        "7+8 (BatchNorm2d+ReLU)",
+        "9 (MaxPool2d)",
+        "10+11 (BatchNorm2d+ReLU)",
+        "12 (MaxPool2d)",
+        "13+14 (BatchNorm2d+ReLU)",
+        "15 (MaxPool2d)",
+        "16 (BatchNorm2d)",
+        "17 (MaxPool2d)",
+        "18 (Flatten)",
+    ]
     rules = compile_model(model).chain_rules()
     assert isinstance(rules[1], BatchNormReLUMaxPoolRule) and rules[1].k == 2 and rules[2].k == 3
     assert [r.index for r in rules if hasattr(r, "index")] == [0, 1, 2, 3, 4, 5]
@@ -205,8 +231,16 @@ def test_meta_step_matches_oracle(backend, order, monkeypatch):
     torch.manual_seed(0)
     model = small_cnn(channels=3, size=10)
     assert sum(isinstance(r, BatchNormReLUMaxPoolRule) for r in compile_model(model).chain_rules()) == 2
-    check_meta_step(model, classification_tasks(T=3, size=10, seed=2), loss="cross_entropy", loss_fn=F.cross_entropy,
-                    inner_lr=0.3, steps=2, order=order, tol=1e-9)
+    check_meta_step(
+        model,
+        classification_tasks(T=3, size=10, seed=2),
+        loss="cross_entropy",
+        loss_fn=F.cross_entropy,
+        inner_lr=0.3,
+        steps=2,
+        order=order,
+        tol=1e-9,
+    )
 
 
 def test_explain_names_the_fused_tail():

@@ -8,6 +8,7 @@ The bound of every output is  err(C++) <= 2 · err(reference, float32) + 2⁻²�
 rounded float32 output), err = ‖a − b‖/‖b‖ against the float64 reference. The backwards get the
 float64 forward's picks, and statistics rounded to float32, so that they differ from the float64 run
 by their arithmetic only."""
+
 import pytest
 import torch
 
@@ -15,7 +16,7 @@ from fastmaml.ops import registry
 
 DEVICE = torch.device("cpu")
 OPS = ("train_fwd", "train_bwd", "tangent_fwd", "tangent_bwd")
-FLOOR = 2.0 ** -24
+FLOOR = 2.0**-24
 # (T, N, C): 84×84 maps; the support (5 images) and the query (75 images) of a 5-way task
 SIZES = [(2, 5, 3), (1, 75, 2)]
 # conv outputs centred near 0 (the usual case), and offset from 0 by 30 standard deviations (x − mean
@@ -60,8 +61,10 @@ def check_picks(idx, idx64, z64, y64):
     flat = y64.reshape(T, N, C, -1)
     chosen = flat.gather(3, idx.reshape(T, N, C, -1)).reshape(idx.shape)[bad]
     best = z64[bad]
-    assert torch.all(best - chosen <= 4 * torch.finfo(torch.float32).eps * best.abs()), (int(bad.sum()),
-                                                                                       (best - chosen).max())
+    assert torch.all(best - chosen <= 4 * torch.finfo(torch.float32).eps * best.abs()), (
+        int(bad.sum()),
+        (best - chosen).max(),
+    )
     return int(bad.sum())
 
 
@@ -106,8 +109,9 @@ def backward_inputs(impls, size, regime):
     rounded to float32."""
     x, xd, w, b, wd, bd, r = make(size, regime)
     d = lambda t: t.double()  # noqa: E731
-    z64, zd64, idx, mean, invstd, a, dmean = impls["torch"]["tangent_fwd"](d(x), d(xd), d(w), d(b), d(wd), d(bd),
-                                                                           EPS, K)
+    z64, zd64, idx, mean, invstd, a, dmean = impls["torch"]["tangent_fwd"](
+        d(x), d(xd), d(w), d(b), d(wd), d(bd), EPS, K
+    )
     gz, gzd = r(*z64.shape), r(*z64.shape)
     return dict(x=x, xd=xd, w=w, wd=wd, gz=gz, gzd=gzd, z=z64, idx=idx, mean=mean, invstd=invstd, a=a, dmean=dmean)
 
@@ -125,12 +129,14 @@ def test_backward_at_real_sizes(impls, size, regime):
     def run(backend, dtype):
         a = cast(inp, dtype)
         gw, gb = a["x"].new_empty(T, C), a["x"].new_empty(T, C)
-        gx = impls[backend]["train_bwd"](a["gz"], a["z"], a["idx"], a["x"], a["mean"], a["invstd"], a["w"], EPS, K,
-                                         True, gw, gb)
+        gx = impls[backend]["train_bwd"](
+            a["gz"], a["z"], a["idx"], a["x"], a["mean"], a["invstd"], a["w"], EPS, K, True, gw, gb
+        )
         return gx, gw, gb
 
-    check_bounded(run("cpp", torch.float32), run("torch", torch.float32), run("torch", torch.float64),
-                  ("gx", "gw", "gb"))
+    check_bounded(
+        run("cpp", torch.float32), run("torch", torch.float32), run("torch", torch.float64), ("gx", "gw", "gb")
+    )
 
 
 @pytest.mark.parametrize("regime", list(REGIMES))
@@ -142,12 +148,31 @@ def test_tangent_backward_at_real_sizes(impls, size, regime):
     def run(backend, dtype):
         a = cast(inp, dtype)
         bufs = [a["x"].new_empty(T, C) for _ in range(4)]  # gw, ġw, gb, ġb
-        gx, gxd = impls[backend]["tangent_bwd"](a["gz"], a["gzd"], a["z"], a["idx"], a["x"], a["xd"], a["mean"],
-                                                a["invstd"], a["a"], a["dmean"], a["w"], a["wd"], K, True, *bufs)
+        gx, gxd = impls[backend]["tangent_bwd"](
+            a["gz"],
+            a["gzd"],
+            a["z"],
+            a["idx"],
+            a["x"],
+            a["xd"],
+            a["mean"],
+            a["invstd"],
+            a["a"],
+            a["dmean"],
+            a["w"],
+            a["wd"],
+            K,
+            True,
+            *bufs,
+        )
         return (gx, gxd, *bufs)
 
-    check_bounded(run("cpp", torch.float32), run("torch", torch.float32), run("torch", torch.float64),
-                  ("gx", "gxd", "gw", "gwd", "gb", "gbd"))
+    check_bounded(
+        run("cpp", torch.float32),
+        run("torch", torch.float32),
+        run("torch", torch.float64),
+        ("gx", "gxd", "gw", "gwd", "gb", "gbd"),
+    )
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])

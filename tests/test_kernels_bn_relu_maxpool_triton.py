@@ -2,6 +2,7 @@
 fastmaml/ops/triton_norm.py) against the torch references (fastmaml/ops/layers.py): forward, backward
 and both with tangents, on CUDA or under the Triton interpreter on CPU; meta_step with backend="triton"
 against the autograd oracle (float64)."""
+
 import os
 
 import pytest
@@ -59,8 +60,10 @@ def test_matches_reference(triton_ops, case, weights, dtype):
     assert torch.equal(got[1], ref[1])  # idx
     for a, f in zip(got[:1] + got[2:], ref[:1] + ref[2:]):
         assert rel(a, f) < TOL[dtype]
-    got, ref = triton_ops["tangent_fwd"](x, xd, w, b, wd, bd, 1e-5, k), reference("tangent_fwd")(x, xd, w, b, wd, bd,
-                                                                                                  1e-5, k)
+    got, ref = (
+        triton_ops["tangent_fwd"](x, xd, w, b, wd, bd, 1e-5, k),
+        reference("tangent_fwd")(x, xd, w, b, wd, bd, 1e-5, k),
+    )
     assert torch.equal(got[2], ref[2])
     for a, f in zip(got[:2] + got[3:], ref[:2] + ref[3:]):
         assert rel(a, f) < TOL[dtype]
@@ -129,5 +132,6 @@ def test_meta_step_matches_oracle(order, monkeypatch):
     torch.manual_seed(0)
     model = small_cnn(channels=2, size=6).to(DEVICE)
     tasks = [t.to(DEVICE) for t in classification_tasks(T=2, ways=5, shots=1, query=1, size=6, seed=3)]
-    check_meta_step(model, tasks, loss="cross_entropy", loss_fn=F.cross_entropy, inner_lr=0.3, steps=2,
-                    order=order, tol=1e-9)
+    check_meta_step(
+        model, tasks, loss="cross_entropy", loss_fn=F.cross_entropy, inner_lr=0.3, steps=2, order=order, tol=1e-9
+    )

@@ -1,5 +1,6 @@
 """Building and loading the C++ extension: the `fastmaml build` command, the cache location, and
 clear reasons (never a broken `import fastmaml`) when the build cannot happen."""
+
 import subprocess
 import sys
 
@@ -58,7 +59,7 @@ def test_failed_build_keeps_import_working_and_info_says_why(tmp_path):
     code = f"""
 import fastmaml.build as b
 from pathlib import Path
-b.CSRC = Path({str(tmp_path / 'nowhere')!r})
+b.CSRC = Path({str(tmp_path / "nowhere")!r})
 import fastmaml, torch
 from fastmaml.ops import registry
 ok, why = registry.availability("cpp", torch.device("cpu"))
@@ -73,9 +74,18 @@ else:
 from fastmaml import cli
 cli.main(["info"])
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"), "PATH": "/usr/bin:/bin",
-                               "PYTHONPATH": str(build.CSRC.parent), "HOME": str(tmp_path)})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext"),
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(build.CSRC.parent),
+            "HOME": str(tmp_path),
+        },
+    )
     assert proc.returncode == 0, proc.stderr
     assert "backend cpp     unavailable" in proc.stdout and "missing" in proc.stdout
 
@@ -100,15 +110,16 @@ def test_error_messages_survive_a_statically_linked_libstdcxx(tmp_path):
     code = f"""
 import torch
 from torch.utils import cpp_extension
-cpp_extension.load(name="fastmaml_link_test", sources=[{str(tmp_path / 'checked.cpp')!r}],
-                   extra_ldflags={build.LINK_FLAGS + ['-static-libstdc++']!r}, is_python_module=False,
+cpp_extension.load(name="fastmaml_link_test", sources=[{str(tmp_path / "checked.cpp")!r}],
+                   extra_ldflags={build.LINK_FLAGS + ["-static-libstdc++"]!r}, is_python_module=False,
                    build_directory={str(tmp_path)!r})
 try:
     torch.ops.fastmaml_link_test.checked(torch.ones(2, 3), torch.ones(2, 2))
 except RuntimeError as exc:
     print(str(exc).splitlines()[0])
 """
-    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == "b: expected shape [2, 3], got [2, 2]", proc.stdout

@@ -1,5 +1,6 @@
 """meta_step / adapt with each fast backend of the step ops against the autograd oracle (float64,
 rel. error < 1e-9), and float32 no worse than the float32 autograd loop's own error (×4)."""
+
 import os
 
 import pytest
@@ -28,8 +29,9 @@ def test_mlp_matches_oracle(backend, order):
     scale = torch.tensor(0.05, dtype=torch.float64, device=DEVICE, requires_grad=True)
     res, grads = run(model, tasks, backend, loss="mse", inner_lr=scale, steps=3, order=order)
     scale_grad = scale.grad.clone()
-    ref_loss, ref_grads, (ref_scale,) = autograd_meta_grad(model, tasks, inner_lr=scale, steps=3, order=order,
-                                                           loss_fn=F.mse_loss, extra=(scale,))
+    ref_loss, ref_grads, (ref_scale,) = autograd_meta_grad(
+        model, tasks, inner_lr=scale, steps=3, order=order, loss_fn=F.mse_loss, extra=(scale,)
+    )
     assert rel_err(res.meta_loss, ref_loss) < 1e-9
     assert_grads_close(grads, ref_grads, 1e-9)
     assert rel_err(scale_grad, ref_scale) < 1e-9
@@ -43,8 +45,9 @@ def test_meta_sgd_cnn_matches_oracle(backend):
     lrs = {n: torch.full_like(p, 0.1, requires_grad=True) for n, p in model.named_parameters()}
     res, grads = run(model, tasks, backend, loss="cross_entropy", inner_lr=lrs, steps=2, order="second")
     lr_grads = {n: t.grad.clone() for n, t in lrs.items()}
-    ref_loss, ref_grads, ref_lr = autograd_meta_grad(model, tasks, inner_lr=lrs, steps=2, order="second",
-                                                     loss_fn=F.cross_entropy, extra=list(lrs.values()))
+    ref_loss, ref_grads, ref_lr = autograd_meta_grad(
+        model, tasks, inner_lr=lrs, steps=2, order="second", loss_fn=F.cross_entropy, extra=list(lrs.values())
+    )
     assert rel_err(res.meta_loss, ref_loss) < 1e-9
     assert_grads_close(grads, ref_grads, 1e-9)
     assert_grads_close(lr_grads, dict(zip(lrs, ref_lr)), 1e-9)

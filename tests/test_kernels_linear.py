@@ -1,5 +1,6 @@
 """Triton linear-layer kernels (kernels/linear.py) against the fused engine's torch references
 (fastmaml/ops/reference/), on CUDA or under the Triton interpreter on CPU; and meta_step with them."""
+
 import os
 
 import pytest
@@ -65,8 +66,10 @@ def grad_views(T, n_out, n_in, dtype):
 @pytest.mark.parametrize("T,N,n_in,n_out", SHAPES)
 def test_forward_value_and_tangent(T, N, n_in, n_out, common, dtype):
     d = inputs(T, N, n_in, n_out, dtype, common)
-    for name, args in [("linear_fwd", (d["x"], d["w"], d["b"])),
-                       ("linear_value_tangent_fwd", (d["x"], d["xd"], d["w"], d["b"], d["wd"], d["bd"]))]:
+    for name, args in [
+        ("linear_fwd", (d["x"], d["w"], d["b"])),
+        ("linear_value_tangent_fwd", (d["x"], d["xd"], d["w"], d["b"], d["wd"], d["bd"])),
+    ]:
         got, want = (f(*args) for f in both(name))
         for g, w in zip(got if isinstance(got, tuple) else [got], want if isinstance(want, tuple) else [want]):
             close(g, w, dtype)
@@ -111,9 +114,18 @@ def test_tangent_backward(T, N, n_in, n_out, common, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("absent,need_x", [(("xd",), True), (("wd",), True), (("xd", "wd"), False),
-                                           (("gw", "gwd"), True), (("gw", "gb"), False),
-                                           (("gw", "gwd", "gbd"), False), (("gw", "gwd", "gb", "gbd"), True)])
+@pytest.mark.parametrize(
+    "absent,need_x",
+    [
+        (("xd",), True),
+        (("wd",), True),
+        (("xd", "wd"), False),
+        (("gw", "gwd"), True),
+        (("gw", "gb"), False),
+        (("gw", "gwd", "gbd"), False),
+        (("gw", "gwd", "gb", "gbd"), True),
+    ],
+)
 def test_tangent_backward_partial(absent, need_x, dtype):
     T, N, n_in, n_out = 2, 4, 37, 40
     d = inputs(T, N, n_in, n_out, dtype, common=False, seed=3)

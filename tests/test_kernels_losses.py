@@ -1,5 +1,6 @@
 """Triton loss kernels (kernels/cross_entropy.py, kernels/mse.py) against the fused engine's torch
 references (fastmaml/ops/reference/), on CUDA or under the Triton interpreter on CPU."""
+
 import os
 
 import pytest

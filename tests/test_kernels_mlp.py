@@ -2,6 +2,7 @@
 plain-PyTorch reference) against the autograd oracle: float64 rel. error < 1e-9; float32 no worse than 4x
 the float32 autograd loop's own error (both measured against the float64 oracle). On CPU here; on CUDA too
 when there is a GPU (gpu_check.sh)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -92,29 +93,43 @@ def run_op(model, tasks, inner_lr, steps, order, device, backend):
     if backend == "cpp":
         assert kernel_takes(plan, theta.to(device), order)
     lrs = inner_lr if isinstance(inner_lr, list) else [inner_lr] * steps
-    alphas = [(lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=theta.dtype)).to(device)
-              for lr in lrs]
+    alphas = [(lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=theta.dtype)).to(device) for lr in lrs]
     lr_grad = [a.requires_grad for a in alphas]
     op = registry.implementation("mlp_meta_step", backend)
-    out = op(plan, theta.detach().to(device), *[t.to(device) for t in tasks], [a.detach() for a in alphas], order,
-             lr_grad, True)
+    out = op(
+        plan,
+        theta.detach().to(device),
+        *[t.to(device) for t in tasks],
+        [a.detach() for a in alphas],
+        order,
+        lr_grad,
+        True,
+    )
     return layout, out
 
 
-
 @pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh])
-@pytest.mark.parametrize("widths,T,steps", [
-    ((1, 40, 40, 1), 4, 1), ((1, 40, 40, 1), 3, 5), ((1, 13, 7, 1), 1, 2), ((3, 5, 2), 2, 3),
-    ((2, 1), 3, 4), ((4, 9, 11, 6, 3), 2, 2), ((2, 5, 3), 2, 0),
-])
+@pytest.mark.parametrize(
+    "widths,T,steps",
+    [
+        ((1, 40, 40, 1), 4, 1),
+        ((1, 40, 40, 1), 3, 5),
+        ((1, 13, 7, 1), 1, 2),
+        ((3, 5, 2), 2, 3),
+        ((2, 1), 3, 4),
+        ((4, 9, 11, 6, 3), 2, 2),
+        ((2, 5, 3), 2, 0),
+    ],
+)
 def test_float64_matches_oracle(case_order, act, widths, T, steps):
     device, backend, order = case_order
     torch.manual_seed(sum(widths) + T + steps)
     model = mlp(widths, act=act)
     tasks = regression_tasks(T=T, ns=7, nq=5, din=widths[0], dout=widths[-1], seed=steps)
     layout, out = run_op(model, tasks, 0.07, steps, order, device, backend)
-    ref_loss, ref, _ = autograd_meta_grad(model, tasks, inner_lr=0.07, steps=steps, order=exact(order),
-                                          loss_fn=F.mse_loss)
+    ref_loss, ref, _ = autograd_meta_grad(
+        model, tasks, inner_lr=0.07, steps=steps, order=exact(order), loss_fn=F.mse_loss
+    )
     assert rel_err(out.grad.cpu(), flat(ref, layout)) < 1e-9
     assert rel_err(out.query_loss_after.mean().cpu(), ref_loss) < 1e-12
 
@@ -130,8 +145,14 @@ def test_learned_and_per_parameter_learning_rates(case_order):
     # the oracle needs the per-parameter vector split like the parameters
     split = dict(zip(layout.adapted.names, layout.adapted.unflatten(vector).values()))
     ref_loss, ref, (d_scalar, d_vector) = autograd_meta_grad(
-        model, tasks, inner_lr=[scalar, split, scalar], steps=3, order=exact(order), loss_fn=F.mse_loss,
-        extra=(scalar, vector))
+        model,
+        tasks,
+        inner_lr=[scalar, split, scalar],
+        steps=3,
+        order=exact(order),
+        loss_fn=F.mse_loss,
+        extra=(scalar, vector),
+    )
     assert rel_err(out.grad.cpu(), flat(ref, layout)) < 1e-9
     assert out.d_alphas[0].shape == () and out.d_alphas[1].shape == (P,)
     assert rel_err((out.d_alphas[0] + out.d_alphas[2]).cpu(), d_scalar) < 1e-9
@@ -199,20 +220,32 @@ def test_why_not_names_the_reason():
     assert why_not(as_class, ParamLayout(as_class)) == ""
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda a: dict(a, theta=a["theta"][:-1]), "theta: sizes .* need 13 parameters"),
-    (lambda a: dict(a, sizes=[1, 4, 0]), "sizes: expected 2 to 9 positive layer widths"),
-    (lambda a: dict(a, sy=a["sy"][:, :3]), "sy: expected Ns=5"),
-    (lambda a: dict(a, qx=a["qx"][:1]), "qx: expected T=2 tasks"),
-    (lambda a: dict(a, qy=a["qy"].float()), "qy: expected dtype Double"),
-    (lambda a: dict(a, alpha=a["alpha"][:, :3]), "alpha: expected \\[K, P=13\\]"),
-    (lambda a: dict(a, activation=7), "activation: expected 0 \\(ReLU\\) or 1 \\(Tanh\\)"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda a: dict(a, theta=a["theta"][:-1]), "theta: sizes .* need 13 parameters"),
+        (lambda a: dict(a, sizes=[1, 4, 0]), "sizes: expected 2 to 9 positive layer widths"),
+        (lambda a: dict(a, sy=a["sy"][:, :3]), "sy: expected Ns=5"),
+        (lambda a: dict(a, qx=a["qx"][:1]), "qx: expected T=2 tasks"),
+        (lambda a: dict(a, qy=a["qy"].float()), "qy: expected dtype Double"),
+        (lambda a: dict(a, alpha=a["alpha"][:, :3]), "alpha: expected \\[K, P=13\\]"),
+        (lambda a: dict(a, activation=7), "activation: expected 0 \\(ReLU\\) or 1 \\(Tanh\\)"),
+    ],
+)
 def test_bad_arguments_name_the_argument(mutate, match):
     sx, sy, qx, qy = regression_tasks(T=2, ns=5, nq=4)
-    args = dict(theta=torch.zeros(13, dtype=torch.float64), sizes=[1, 4, 1], sx=sx, sy=sy, qx=qx, qy=qy,
-                alpha=torch.full((2, 13), 0.1, dtype=torch.float64), second_order=True, lr_grad=False,
-                activation=0)
+    args = dict(
+        theta=torch.zeros(13, dtype=torch.float64),
+        sizes=[1, 4, 1],
+        sx=sx,
+        sy=sy,
+        qx=qx,
+        qy=qy,
+        alpha=torch.full((2, 13), 0.1, dtype=torch.float64),
+        second_order=True,
+        lr_grad=False,
+        activation=0,
+    )
     with pytest.raises(RuntimeError, match=match):
         torch.ops.fastmaml.mlp_meta_step(**mutate(args))
 
@@ -222,8 +255,9 @@ def test_opcheck():
     theta = torch.randn(13, dtype=torch.float64)
     alpha = torch.full((2, 13), 0.1, dtype=torch.float64)
     for lr_grad in (True, False):
-        torch.library.opcheck(torch.ops.fastmaml.mlp_meta_step.default,
-                              (theta, [1, 4, 1], sx, sy, qx, qy, alpha, True, lr_grad, 0))
+        torch.library.opcheck(
+            torch.ops.fastmaml.mlp_meta_step.default, (theta, [1, 4, 1], sx, sy, qx, qy, alpha, True, lr_grad, 0)
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)
@@ -249,9 +283,20 @@ def test_mlp_engine_agrees_with_the_general_engine(device, requested, task_chunk
     layout = ParamLayout(model)
     theta, theta_s = (t.detach() for t in layout.theta())
     alphas = [a.detach() for a in expand_inner_lr(lr, 3, layout.adapted, like=theta)]
-    req = MetaStepRequest(model=model, layout=layout, loss=MSE, batch=TaskBatch(*tasks), theta_a=theta,
-                          theta_s=theta_s, alphas=alphas, lr_grad=[True] * 3, order="second",
-                          ops=resolve(requested, device), norm=NormPlan(model, "batch"), task_chunk=task_chunk)
+    req = MetaStepRequest(
+        model=model,
+        layout=layout,
+        loss=MSE,
+        batch=TaskBatch(*tasks),
+        theta_a=theta,
+        theta_s=theta_s,
+        alphas=alphas,
+        lr_grad=[True] * 3,
+        order="second",
+        ops=resolve(requested, device),
+        norm=NormPlan(model, "batch"),
+        task_chunk=task_chunk,
+    )
     out = MlpEngine(plan_of(model, layout)).run(req)
     assert out is not None
     assert rel_err(out.d_a, flat(want, layout)) < 1e-9

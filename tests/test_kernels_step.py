@@ -2,6 +2,7 @@
 references, on odd shapes (T = 1, P = 1, P not a multiple of any block), float32 and float64
 (and bfloat16 with fp32 accumulation on CUDA). Runs on CUDA when there is a GPU, otherwise on CPU
 with the Triton interpreter (TRITON_INTERPRET=1, set here before the kernels are imported)."""
+
 import os
 
 import pytest
@@ -47,8 +48,10 @@ def randn(gen, *shape, dtype):
 
 
 def alphas(P, dtype, gen):
-    return [torch.tensor(0.037, dtype=dtype, device=DEVICE),
-            (torch.rand(P, generator=gen, dtype=torch.float64) * 0.1).to(DEVICE, dtype)]
+    return [
+        torch.tensor(0.037, dtype=dtype, device=DEVICE),
+        (torch.rand(P, generator=gen, dtype=torch.float64) * 0.1).to(DEVICE, dtype),
+    ]
 
 
 def reference_in_fp32(fn, *args):

@@ -1,5 +1,6 @@
 """fastmaml inside other people's code: the losses people pass, a torch.compile'd model, a DDP wrapper, frozen
 parameters; each against the float64 oracle where a gradient is involved."""
+
 import subprocess
 import sys
 import textwrap
@@ -19,8 +20,9 @@ from oracle import assert_grads_close, autograd_meta_grad, check_meta_step, rel_
 TOL = 1e-9
 
 
-@pytest.mark.parametrize("loss, kind", [(nn.CrossEntropyLoss(), "ce"), (F.cross_entropy, "ce"),
-                                        (nn.MSELoss(), "mse"), (F.mse_loss, "mse")])
+@pytest.mark.parametrize(
+    "loss, kind", [(nn.CrossEntropyLoss(), "ce"), (F.cross_entropy, "ce"), (nn.MSELoss(), "mse"), (F.mse_loss, "mse")]
+)
 def test_pytorch_losses_are_the_builtin_ones(loss, kind):
     torch.manual_seed(0)
     if kind == "ce":
@@ -29,8 +31,9 @@ def test_pytorch_losses_are_the_builtin_ones(loss, kind):
         model, tasks = nn.Sequential(nn.Linear(1, 5), nn.Tanh(), nn.Linear(5, 1)).double(), regression_tasks()
     e = fastmaml.explain(model, loss)
     assert e.program == "fused" and (e.mlp_op or kind == "ce")
-    res = check_meta_step(model, tasks, loss=loss, loss_fn=F.cross_entropy if kind == "ce" else F.mse_loss,
-                          inner_lr=0.3, steps=2, tol=TOL)
+    res = check_meta_step(
+        model, tasks, loss=loss, loss_fn=F.cross_entropy if kind == "ce" else F.mse_loss, inner_lr=0.3, steps=2, tol=TOL
+    )
     assert (res.accuracy_after is not None) == (kind == "ce")
 
 
@@ -49,8 +52,14 @@ def test_compiled_model_runs_like_the_model():
     model.zero_grad()
     fastmaml.meta_step(compiled, tasks, inner_lr=0.3, steps=2, loss="cross_entropy", inner_params=["classifier"])
     got = {n: p.grad.clone() for n, p in model.named_parameters()}
-    _, ref, _ = autograd_meta_grad(model, tasks, inner_lr=0.3, steps=2, loss_fn=F.cross_entropy,
-                                   inner_params=["classifier.weight", "classifier.bias"])
+    _, ref, _ = autograd_meta_grad(
+        model,
+        tasks,
+        inner_lr=0.3,
+        steps=2,
+        loss_fn=F.cross_entropy,
+        inner_params=["classifier.weight", "classifier.bias"],
+    )
     assert_grads_close(got, ref, TOL)
     sx, sy, qx, qy = tasks
     adapted = fastmaml.adapt(compiled, sx, sy, inner_lr=0.3, loss="cross_entropy")
@@ -96,11 +105,13 @@ def test_frozen_parameters_neither_adapt_nor_get_a_meta_gradient():
     fastmaml.meta_step(model, tasks, inner_lr=0.2, steps=2, inner_params=names)
     _, ref, _ = autograd_meta_grad(model, tasks, inner_lr=0.2, steps=2, loss_fn=F.mse_loss)
     assert model[0].weight.grad is None
-    assert_grads_close({n: p.grad for n, p in model.named_parameters() if p.requires_grad},
-                       {n: ref[n] for n in trainable}, TOL)
+    assert_grads_close(
+        {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, {n: ref[n] for n in trainable}, TOL
+    )
     with pytest.raises(ValueError, match="inner_params: '0' holds only frozen parameters"):
-        fastmaml.meta_step(nn.Sequential(nn.Linear(1, 1).requires_grad_(False), nn.Linear(1, 1)).double(), tasks,
-                           inner_params=["0"])
+        fastmaml.meta_step(
+            nn.Sequential(nn.Linear(1, 1).requires_grad_(False), nn.Linear(1, 1)).double(), tasks, inner_params=["0"]
+        )
     with pytest.raises(ValueError, match="model: every parameter is frozen"):
         fastmaml.meta_step(mlp((1, 2, 1)).requires_grad_(False), tasks)
 
@@ -134,8 +145,9 @@ def test_meta_step_and_adapt_inside_a_compiled_function(backend):
     sx, sy, qx, qy = tasks
     if backend == "eager":  # meta_step (inductor: adapt only, to keep the test short)
         model.zero_grad()
-        step = _compiled(lambda scale: fastmaml.meta_step(model, tasks, inner_lr=0.2, steps=2).meta_loss * scale,
-                         backend=backend)
+        step = _compiled(
+            lambda scale: fastmaml.meta_step(model, tasks, inner_lr=0.2, steps=2).meta_loss * scale, backend=backend
+        )
         loss = step(torch.tensor(2.0, dtype=torch.float64))
         got = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
@@ -159,8 +171,11 @@ def test_meta_step_and_adapt_inside_a_compiled_function(backend):
 def test_fullgraph_compile_says_to_call_outside():
     model, tasks = mlp((1, 3, 1)), regression_tasks()
     step = _compiled(lambda x: fastmaml.meta_step(model, tasks).meta_loss + x, backend="eager", fullgraph=True)
-    with pytest.raises(Exception, match="fastmaml.meta_step runs its own sweeps and kernels outside torch.compile "
-                                        "graphs .* with fullgraph=True, call it outside the compiled function"):
+    with pytest.raises(
+        Exception,
+        match="fastmaml.meta_step runs its own sweeps and kernels outside torch.compile "
+        "graphs .* with fullgraph=True, call it outside the compiled function",
+    ):
         step(torch.zeros((), dtype=torch.float64))
 
 
@@ -169,13 +184,19 @@ def test_autocast_is_refused_with_what_to_do():
     sx, sy, qx, _ = tasks
     adapted = fastmaml.adapt(model, sx, sy)
     params = {n: p.detach() for n, p in model.named_parameters()}
-    calls = {"meta_step": lambda: fastmaml.meta_step(model, tasks), "adapt": lambda: fastmaml.adapt(model, sx, sy),
-             "AdaptedModel.forward": lambda: adapted(qx),
-             "fastmaml.func.meta_grad": lambda: fastmaml.func.meta_grad(model, params, tasks)}
+    calls = {
+        "meta_step": lambda: fastmaml.meta_step(model, tasks),
+        "adapt": lambda: fastmaml.adapt(model, sx, sy),
+        "AdaptedModel.forward": lambda: adapted(qx),
+        "fastmaml.func.meta_grad": lambda: fastmaml.func.meta_grad(model, params, tasks),
+    }
     for what, call in calls.items():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            with pytest.raises(RuntimeError, match=rf"{what} does not run under torch.autocast\('cpu', "
-                                                   r"dtype=torch.bfloat16\).*enabled=False.*model.to\(torch.bfloat16"):
+            with pytest.raises(
+                RuntimeError,
+                match=rf"{what} does not run under torch.autocast\('cpu', "
+                r"dtype=torch.bfloat16\).*enabled=False.*model.to\(torch.bfloat16",
+            ):
                 call()
             with torch.autocast("cpu", enabled=False):
                 call()
@@ -192,8 +213,9 @@ def test_bfloat16_model_under_auto_falls_back_per_op():
     low_tasks = fastmaml.TaskBatch(*classification_tasks()).to(torch.bfloat16)
     model = deepcopy(low).double()
     flat = lambda grads: torch.cat([grads[n].double().reshape(-1) for n, _ in model.named_parameters()])  # noqa: E731
-    _, ref, _ = autograd_meta_grad(model, tuple(low_tasks.to(torch.float64)), inner_lr=0.1, steps=1,
-                                   loss_fn=F.cross_entropy)
+    _, ref, _ = autograd_meta_grad(
+        model, tuple(low_tasks.to(torch.float64)), inner_lr=0.1, steps=1, loss_fn=F.cross_entropy
+    )
     _, loop, _ = autograd_meta_grad(low, tuple(low_tasks), inner_lr=0.1, steps=1, loss_fn=F.cross_entropy)
     bound = 3 * rel_err(flat(loop), flat(ref))
     grads = {}

@@ -1,6 +1,7 @@
 """order="checkpoint" keeps at most `checkpoint_slots(K)` (max(2, ⌈log2 K⌉)) fast weights for backward, and
 "second" grows only by the fast weights and gradients (counted deterministically with
 saved_tensors_hooks and the tape's own byte count)."""
+
 import contextlib
 
 import pytest
@@ -32,16 +33,18 @@ def saved_bytes(model, tasks, steps, order):
     adapted = fastmaml.adapt(model, sx, sy, inner_lr=0.1, steps=steps, order=order, loss="cross_entropy")
     inner = nbytes(adapted.phi.grad_fn.saved_tensors)
     outer = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: outer.append(t) or t, lambda t: t) \
-            if HOOKS_AROUND_TORCH_FUNC else contextlib.nullcontext():
+    with (
+        torch.autograd.graph.saved_tensors_hooks(lambda t: outer.append(t) or t, lambda t: t)
+        if HOOKS_AROUND_TORCH_FUNC
+        else contextlib.nullcontext()
+    ):
         logits = adapted(qx)
         loss = torch.stack([F.cross_entropy(logits[t], qy[t]) for t in range(logits.shape[0])]).mean()
     loss.backward()
     return inner + nbytes(outer)
 
 
-@pytest.mark.parametrize("order,extra_buffers", [("checkpoint", checkpoint_slots),
-                                                  ("second", lambda K: 2 * (K - 1))])
+@pytest.mark.parametrize("order,extra_buffers", [("checkpoint", checkpoint_slots), ("second", lambda K: 2 * (K - 1))])
 def test_saved_bytes_grow_only_by_fast_weights(order, extra_buffers):
     torch.manual_seed(0)
     model = small_cnn(channels=4)
@@ -91,8 +94,7 @@ def test_replay_visits_every_step_in_reverse_with_bounded_snapshots(K, slots):
     assert len(keep) <= slots + 1
 
 
-@pytest.mark.parametrize("order,expected", [("checkpoint", ["phi"]), ("second", ["phi", "grad"]),
-                                            ("first", [])])
+@pytest.mark.parametrize("order,expected", [("checkpoint", ["phi"]), ("second", ["phi", "grad"]), ("first", [])])
 def test_tape_contents(order, expected):
     torch.manual_seed(1)
     model = small_cnn(channels=4)
@@ -103,8 +105,18 @@ def test_tape_contents(order, expected):
     T, P = 3, theta_a.numel()
     for steps in (1, 4, 8):
         alphas = [torch.tensor(0.1, dtype=torch.float64)] * steps
-        _, tape, _ = forward_sweep(program, resolve("torch", "cpu"), theta_a, theta_s, alphas, sx, sy,
-                                   order=order, keep_grads=False, check_finite=True)
+        _, tape, _ = forward_sweep(
+            program,
+            resolve("torch", "cpu"),
+            theta_a,
+            theta_s,
+            alphas,
+            sx,
+            sy,
+            order=order,
+            keep_grads=False,
+            check_finite=True,
+        )
         # φ_0 is θ itself ([P], shared by the tasks); later fast weights are [T, P]
         kept = steps if order == "second" else len(checkpoint_steps(steps))
         phis = (P + (kept - 1) * T * P) * 8 if "phi" in expected else 0
@@ -112,8 +124,9 @@ def test_tape_contents(order, expected):
         assert tape.nbytes() == phis + grads
 
 
-@pytest.mark.skipif(not HOOKS_AROUND_TORCH_FUNC,
-                    reason="lifting saved_tensors_hooks around torch.func needs torch >= 2.5")
+@pytest.mark.skipif(
+    not HOOKS_AROUND_TORCH_FUNC, reason="lifting saved_tensors_hooks around torch.func needs torch >= 2.5"
+)
 def test_adapt_under_save_on_cpu_hooks():
     """A user's saved_tensors_hooks (here save_on_cpu) around adapt do not break torch.func inside."""
     torch.manual_seed(2)

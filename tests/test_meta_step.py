@@ -1,4 +1,5 @@
 """meta_step and adapt against the independent autograd oracle (float64, rel. error < 1e-9)."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,9 @@ def check_against_oracle(model, tasks, **kwargs):
 @pytest.mark.parametrize("steps", [1, 3])
 def test_mlp_float(order, steps):
     torch.manual_seed(0)
-    check_against_oracle(mlp((1, 13, 7, 1)), regression_tasks(), loss="mse", loss_fn=F.mse_loss,
-                         steps=steps, order=order)
+    check_against_oracle(
+        mlp((1, 13, 7, 1)), regression_tasks(), loss="mse", loss_fn=F.mse_loss, steps=steps, order=order
+    )
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -37,8 +39,16 @@ def test_cnn_batchnorm_maxpool(order, steps, track):
     torch.manual_seed(1)
     model = small_cnn(track_running_stats=track)
     before = [b.clone() for b in model.buffers()]
-    res = check_against_oracle(model, classification_tasks(), loss="cross_entropy", loss_fn=F.cross_entropy,
-                               inner_lr=0.1, steps=steps, order=order, update_running_stats=False)
+    res = check_against_oracle(
+        model,
+        classification_tasks(),
+        loss="cross_entropy",
+        loss_fn=F.cross_entropy,
+        inner_lr=0.1,
+        steps=steps,
+        order=order,
+        update_running_stats=False,
+    )
     assert res.accuracy_before.shape == (3,) and res.accuracy_after.shape == (3,)
     for b0, b1 in zip(before, model.buffers()):  # running statistics are not updated (opted out)
         assert torch.equal(b0, b1)
@@ -48,8 +58,16 @@ def test_cnn_batchnorm_maxpool(order, steps, track):
 def test_learnable_scalar_lr(order):
     torch.manual_seed(2)
     lr = nn.Parameter(torch.tensor(0.07, dtype=torch.float64))
-    check_against_oracle(mlp((1, 9, 1)), regression_tasks(), loss="mse", loss_fn=F.mse_loss, inner_lr=lr,
-                         steps=3, order=order, lr_leaves=[lr])
+    check_against_oracle(
+        mlp((1, 9, 1)),
+        regression_tasks(),
+        loss="mse",
+        loss_fn=F.mse_loss,
+        inner_lr=lr,
+        steps=3,
+        order=order,
+        lr_leaves=[lr],
+    )
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -57,19 +75,36 @@ def test_meta_sgd_per_parameter_lr(order):
     torch.manual_seed(3)
     model = mlp((1, 9, 5, 1))
     lrs = {n: nn.Parameter(0.02 + 0.05 * torch.rand_like(p)) for n, p in model.named_parameters()}
-    check_against_oracle(model, regression_tasks(), loss="mse", loss_fn=F.mse_loss, inner_lr=lrs, steps=3,
-                         order=order, lr_leaves=list(lrs.values()))
+    check_against_oracle(
+        model,
+        regression_tasks(),
+        loss="mse",
+        loss_fn=F.mse_loss,
+        inner_lr=lrs,
+        steps=3,
+        order=order,
+        lr_leaves=list(lrs.values()),
+    )
 
 
 def test_per_step_per_layer_lr_cnn():
     """MAML++ style: one dict of per-tensor learnable scalars per step."""
     torch.manual_seed(4)
     model = small_cnn(channels=2)
-    per_step = [{n: nn.Parameter(torch.tensor(0.05 + 0.01 * j, dtype=torch.float64))
-                 for n, _ in model.named_parameters()} for j in range(2)]
+    per_step = [
+        {n: nn.Parameter(torch.tensor(0.05 + 0.01 * j, dtype=torch.float64)) for n, _ in model.named_parameters()}
+        for j in range(2)
+    ]
     leaves = [p for d in per_step for p in d.values()]
-    check_against_oracle(model, classification_tasks(), loss="cross_entropy", loss_fn=F.cross_entropy,
-                         inner_lr=per_step, steps=2, lr_leaves=leaves)
+    check_against_oracle(
+        model,
+        classification_tasks(),
+        loss="cross_entropy",
+        loss_fn=F.cross_entropy,
+        inner_lr=per_step,
+        steps=2,
+        lr_leaves=leaves,
+    )
 
 
 @pytest.mark.parametrize("order", ORDERS)
@@ -77,8 +112,9 @@ def test_inner_params_subset_mlp(order):
     """ANIL: adapt only the head; the body's meta-gradient includes the mixed second-order term."""
     torch.manual_seed(5)
     model = mlp((1, 11, 6, 1))
-    check_against_oracle(model, regression_tasks(), loss="mse", loss_fn=F.mse_loss, steps=3, order=order,
-                         inner_params=["4"])
+    check_against_oracle(
+        model, regression_tasks(), loss="mse", loss_fn=F.mse_loss, steps=3, order=order, inner_params=["4"]
+    )
 
 
 def test_inner_params_subset_cnn_predicate():
@@ -86,11 +122,11 @@ def test_inner_params_subset_cnn_predicate():
     model = small_cnn(channels=2)
     pred = lambda name, p: name.startswith("9.") or name.startswith("1.")  # noqa: E731  head + first BN
     model.zero_grad()
-    fastmaml.meta_step(model, classification_tasks(), inner_lr=0.1, steps=2, loss="cross_entropy",
-                       inner_params=pred)
+    fastmaml.meta_step(model, classification_tasks(), inner_lr=0.1, steps=2, loss="cross_entropy", inner_params=pred)
     adapted = [n for n, p in model.named_parameters() if pred(n, p)]
-    _, ref, _ = autograd_meta_grad(model, classification_tasks(), inner_lr=0.1, steps=2,
-                                   loss_fn=F.cross_entropy, inner_params=adapted)
+    _, ref, _ = autograd_meta_grad(
+        model, classification_tasks(), inner_lr=0.1, steps=2, loss_fn=F.cross_entropy, inner_params=adapted
+    )
     assert_grads_close(grads_of(model), ref, TOL)
 
 
@@ -179,8 +215,9 @@ def test_adapt_outer_loss_matches_oracle(order):
     assert logits.shape == (3, 10, 5)
     loss = torch.stack([F.cross_entropy(logits[t], qy[t]) for t in range(3)]).mean()
     loss.backward()
-    _, ref, (ref_lr,) = autograd_meta_grad(model, (sx, sy, qx, qy), inner_lr=lr, steps=2, order=order,
-                                           loss_fn=F.cross_entropy, extra=[lr])
+    _, ref, (ref_lr,) = autograd_meta_grad(
+        model, (sx, sy, qx, qy), inner_lr=lr, steps=2, order=order, loss_fn=F.cross_entropy, extra=[lr]
+    )
     assert_grads_close(grads_of(model), ref, TOL)
     assert rel_err(lr.grad, ref_lr) < TOL
 
@@ -197,8 +234,9 @@ def test_adapt_params_and_anil_shared_gradient():
     # outer loss on the adapted parameters directly (a user-defined functional forward)
     out = torch.func.vmap(lambda p, x: torch.func.functional_call(model, p, (x,)))(params, qx)
     ((out - qy) ** 2).mean(dim=(1, 2)).mean().backward()
-    _, ref, _ = autograd_meta_grad(model, (sx, sy, qx, qy), inner_lr=0.05, steps=2,
-                                   loss_fn=F.mse_loss, inner_params=["4.weight", "4.bias"])
+    _, ref, _ = autograd_meta_grad(
+        model, (sx, sy, qx, qy), inner_lr=0.05, steps=2, loss_fn=F.mse_loss, inner_params=["4.weight", "4.bias"]
+    )
     assert_grads_close(grads_of(model), ref, TOL)
 
 

@@ -1,6 +1,7 @@
 """`--method` in the training jobs and `fastmaml compare`: every method runs end to end on tiny settings,
 resumes bit for bit, records itself in the checkpoint; its preset yields to explicit options; a
 combination that contradicts it is a one-line error."""
+
 import json
 
 import pytest
@@ -10,8 +11,23 @@ from fastmaml.cli import main
 from fastmaml.train import common, methods
 
 SINUSOID = ["--eval-tasks", "3", "--eval-query", "4", "--meta-batch", "3", "--shots", "4", "--quiet"]
-FEWSHOT = ["--meta-batch", "2", "--hidden", "8", "--query", "1", "--val-every", "2", "--val-episodes", "2",
-           "--eval-batch", "2", "--test-episodes", "2", "--quiet"]
+FEWSHOT = [
+    "--meta-batch",
+    "2",
+    "--hidden",
+    "8",
+    "--query",
+    "1",
+    "--val-every",
+    "2",
+    "--val-episodes",
+    "2",
+    "--eval-batch",
+    "2",
+    "--test-episodes",
+    "2",
+    "--quiet",
+]
 PARAMETRIZED = {"metasgd", "mamlpp"}  # methods whose learned inner rates are part of the checkpoint
 
 
@@ -91,19 +107,26 @@ def error_line(capsys) -> str:
     return err.strip()
 
 
-@pytest.mark.parametrize("run, options, message", [
-    (sinusoid, ["--method", "blackbox", "--order", "implicit"], "--method blackbox --order implicit: the black-box"),
-    (sinusoid, ["--method", "blackbox", "--steps", "3"], "--method blackbox --steps 3"),
-    (sinusoid, ["--method", "fomaml", "--order", "second"], "--method fomaml --order second"),
-    (sinusoid, ["--method", "imaml", "--order", "first"], "--method imaml --order first"),
-    (sinusoid, ["--method", "metasgd", "--order", "implicit"], "--method metasgd --order implicit"),
-    (sinusoid, ["--context", "4"], "--context: context parameters belong to --method cavia"),
-    (sinusoid, ["--cg-steps", "4"], "--cg-steps: applies to --order implicit"),
-    (sinusoid, ["--method", "imaml", "--msl", "3"], "--msl: the implicit order has no per-step query losses"),
-    (fewshot, ["--method", "blackbox", "--bn", "per_step"], "--method blackbox --bn per_step"),
-    (fewshot, ["--method", "cavia", "--model", "resnet12"], "--method cavia --model resnet12"),
-    (fewshot, ["--method", "bogus"], "argument --method: invalid choice: 'bogus'"),
-])
+@pytest.mark.parametrize(
+    "run, options, message",
+    [
+        (
+            sinusoid,
+            ["--method", "blackbox", "--order", "implicit"],
+            "--method blackbox --order implicit: the black-box",
+        ),
+        (sinusoid, ["--method", "blackbox", "--steps", "3"], "--method blackbox --steps 3"),
+        (sinusoid, ["--method", "fomaml", "--order", "second"], "--method fomaml --order second"),
+        (sinusoid, ["--method", "imaml", "--order", "first"], "--method imaml --order first"),
+        (sinusoid, ["--method", "metasgd", "--order", "implicit"], "--method metasgd --order implicit"),
+        (sinusoid, ["--context", "4"], "--context: context parameters belong to --method cavia"),
+        (sinusoid, ["--cg-steps", "4"], "--cg-steps: applies to --order implicit"),
+        (sinusoid, ["--method", "imaml", "--msl", "3"], "--msl: the implicit order has no per-step query losses"),
+        (fewshot, ["--method", "blackbox", "--bn", "per_step"], "--method blackbox --bn per_step"),
+        (fewshot, ["--method", "cavia", "--model", "resnet12"], "--method cavia --model resnet12"),
+        (fewshot, ["--method", "bogus"], "argument --method: invalid choice: 'bogus'"),
+    ],
+)
 def test_contradicting_combinations_are_one_line_errors(tmp_path, capsys, run, options, message):
     try:
         code = run(tmp_path, "--iterations", 1, *options)
@@ -116,16 +139,32 @@ def test_contradicting_combinations_are_one_line_errors(tmp_path, capsys, run, o
 
 def test_compare_sinusoid_writes_one_table_and_one_figure(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "sinusoid", "--methods", "maml,cavia,blackbox", "--iterations", "3", "--out", str(out),
-                 *SINUSOID]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                "sinusoid",
+                "--methods",
+                "maml,cavia,blackbox",
+                "--iterations",
+                "3",
+                "--out",
+                str(out),
+                *SINUSOID,
+            ]
+        )
+        == 0
+    )
     summary = json.loads((out / "comparison.json").read_text())
     assert [r["name"] for r in summary["rows"]] == ["MAML", "CAVIA", "black-box", "pretrained"]
     assert summary["columns"] == ["after_1", "after_10"]
     for row, method in zip(summary["rows"], ("maml", "cavia", "blackbox")):
         metrics = json.loads((out / method / common.METRICS).read_text())
         label = methods.LABELS[method]
-        assert row["cells"]["after_1"] == [metrics["eval"][label]["after_1"]["mean"],
-                                           metrics["eval"][label]["after_1"]["ci95"]]
+        assert row["cells"]["after_1"] == [
+            metrics["eval"][label]["after_1"]["mean"],
+            metrics["eval"][label]["after_1"]["ci95"],
+        ]
         assert row["seconds_per_meta_step"] == metrics["seconds_per_meta_step"] > 0
     table = (out / "comparison.md").read_text()
     assert table.startswith("| method | MSE after 1 step | MSE after 10 steps | time / meta-step")
@@ -136,8 +175,12 @@ def test_compare_sinusoid_writes_one_table_and_one_figure(tmp_path, capsys):
 
 def test_compare_fewshot_and_refusals(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", "fewshot-demo", "--methods", "anil,blackbox", "--iterations", "2", "--out", str(out),
-                 *FEWSHOT]) == 0
+    assert (
+        main(
+            ["compare", "fewshot-demo", "--methods", "anil,blackbox", "--iterations", "2", "--out", str(out), *FEWSHOT]
+        )
+        == 0
+    )
     summary = json.loads((out / "comparison.json").read_text())
     assert [r["name"] for r in summary["rows"]] == ["ANIL", "black-box"]
     assert all(0 <= r["cells"]["test_accuracy"][0] <= 1 for r in summary["rows"])
@@ -145,13 +188,14 @@ def test_compare_fewshot_and_refusals(tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", "sinusoid", "--method", "maml", "--out", str(out)]) == 2
     assert "list them with --methods" in error_line(capsys)
-    assert main(["compare", "sinusoid", "--methods", "fomaml,imaml", "--order", "second", "--out",
-                 str(tmp_path / "x")]) == 2
+    assert (
+        main(["compare", "sinusoid", "--methods", "fomaml,imaml", "--order", "second", "--out", str(tmp_path / "x")])
+        == 2
+    )
     assert "--method fomaml --order second" in error_line(capsys)
     assert not (tmp_path / "x").exists(), "every combination is checked before anything runs"
     with pytest.raises(SystemExit):
         main(["compare", "sinusoid", "--methods", "maml,maml"])
-
 
 
 def test_learned_rates_under_torchrun_end_like_one_process(tmp_path):

@@ -1,4 +1,5 @@
 """The ready-made few-shot networks: structure, output shapes, and an exact meta-gradient through them."""
+
 import pytest
 import torch
 from torch import nn
@@ -40,20 +41,23 @@ def test_bad_arguments():
         omniglot_mlp(True)
 
 
-@pytest.mark.parametrize("make, shape", [
-    (lambda: conv4(1, 3, hidden=4, image_size=16), (1, 16, 16)),
-    (lambda: omniglot_mlp(3, in_features=36), (1, 6, 6)),
-])
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: conv4(1, 3, hidden=4, image_size=16), (1, 16, 16)),
+        (lambda: omniglot_mlp(3, in_features=36), (1, 6, 6)),
+    ],
+)
 def test_meta_gradient_matches_autograd(make, shape):
     torch.manual_seed(0)
     model = make().double()
     T, ways = 2, 3
     y = torch.arange(ways).repeat(2).expand(T, -1).contiguous()
-    tasks = fastmaml.TaskBatch(torch.rand(T, 2 * ways, *shape, dtype=torch.float64), y,
-                               torch.rand(T, 2 * ways, *shape, dtype=torch.float64), y)
+    tasks = fastmaml.TaskBatch(
+        torch.rand(T, 2 * ways, *shape, dtype=torch.float64), y, torch.rand(T, 2 * ways, *shape, dtype=torch.float64), y
+    )
     result = fastmaml.meta_step(model, tasks, inner_lr=0.3, steps=2, loss="cross_entropy")
-    loss, ref, _ = autograd_meta_grad(model, tasks, inner_lr=0.3, steps=2,
-                                      loss_fn=torch.nn.functional.cross_entropy)
+    loss, ref, _ = autograd_meta_grad(model, tasks, inner_lr=0.3, steps=2, loss_fn=torch.nn.functional.cross_entropy)
     assert abs(float(result.meta_loss) - float(loss)) < 1e-10
     got = torch.cat([p.grad.reshape(-1) for _, p in model.named_parameters()])
     want = torch.cat([ref[n].reshape(-1) for n, _ in model.named_parameters()])

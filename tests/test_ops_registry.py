@@ -1,4 +1,5 @@
 """The ops registry: backend resolution, the environment override, clear errors."""
+
 import pytest
 import torch
 
@@ -43,8 +44,9 @@ def test_op(monkeypatch):
 
 def test_unavailable_explicit_backend_raises_and_auto_falls_back(monkeypatch):
     monkeypatch.setitem(registry._AVAILABILITY, "triton", lambda d: (False, "triton is not installed"))
-    with pytest.raises(fastmaml.BackendUnavailable,
-                       match="backend='triton' cannot run on cpu: triton is not installed"):
+    with pytest.raises(
+        fastmaml.BackendUnavailable, match="backend='triton' cannot run on cpu: triton is not installed"
+    ):
         registry.resolve("triton", "cpu")
     table = registry.resolve("auto", "cpu")
     assert table.chosen["inner_update"][0] != "triton"
@@ -86,8 +88,9 @@ def test_devices_limit_where_a_kernel_runs(test_op, monkeypatch):
 def test_dtypes_and_supports_run_the_reference_per_call(test_op):
     """One mechanism: a call the kernel does not take (dtype, or its own predicate) runs the reference, in
     "auto" and with the backend named."""
-    registry.register("test_op", "cpp", dtypes=(torch.float32,),
-                      supports=lambda x, flag: None if flag else "flag off")(lambda x, flag: "kernel")
+    registry.register("test_op", "cpp", dtypes=(torch.float32,), supports=lambda x, flag: None if flag else "flag off")(
+        lambda x, flag: "kernel"
+    )
     for backend in ("auto", "cpp"):
         table = registry.resolve(backend, "cpu")
         assert table.test_op(torch.zeros(1), True) == "kernel"

@@ -1,6 +1,7 @@
 """The compiled-program cache is correct by construction: a changed module attribute (a slope, eps, a custom
 module's constant, dropout p) compiles a new program (checked against the float64 oracle after the change),
 replaced parameters are noticed, models are held weakly, and the torch.func path is safe from threads."""
+
 import gc
 import threading
 import types
@@ -57,8 +58,14 @@ def test_custom_attribute_change_recompiles():
 
 def test_leaky_slope_and_batchnorm_eps_changes_recompile():
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.LeakyReLU(0.01), nn.MaxPool2d(2),
-                          nn.Flatten(), nn.Linear(3 * 16, 5)).double()
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.LeakyReLU(0.01),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(3 * 16, 5),
+    ).double()
     tasks = classification_tasks(size=8)
 
     def check():
@@ -114,9 +121,14 @@ def test_a_forward_hook_keeps_the_model_off_the_fused_engine():
     assert isinstance(program(model), FusedProgram)
 
 
-@pytest.mark.parametrize("make", [lambda: Tempered().double(),
-                                  lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double(),
-                                  lambda: nn.Sequential(nn.Linear(3, 4), nn.Softsign(), nn.Linear(4, 2)).double()])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Tempered().double(),
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double(),
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.Softsign(), nn.Linear(4, 2)).double(),
+    ],
+)
 def test_programs_do_not_keep_models_alive(make):
     """200 fresh models in a loop (fused, MLP op, torch.func): none stays alive."""
     tasks = regression_tasks(din=3, dout=2)

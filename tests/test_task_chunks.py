@@ -1,6 +1,7 @@
 """meta_step over chunks of tasks (`task_chunk`, or sized by `TASK_STATE_BYTES`): the same meta-gradient
 as the autograd oracle (float64, rel. error < 1e-9) and the same results as one chunk, for every order,
 learnable per-step learning rates, shared (non-adapted) weights and per-step BatchNorm statistics."""
+
 import copy
 
 import pytest
@@ -21,8 +22,10 @@ TOL = 1e-9
 
 def lr_leaves(model, steps):
     """Per-step, per-parameter learnable learning rates (MAML++ / Meta-SGD style)."""
-    return [{n: torch.tensor(0.1 + 0.01 * j, dtype=torch.float64, requires_grad=True)
-             for n, _ in model.named_parameters()} for j in range(steps)]
+    return [
+        {n: torch.tensor(0.1 + 0.01 * j, dtype=torch.float64, requires_grad=True) for n, _ in model.named_parameters()}
+        for j in range(steps)
+    ]
 
 
 @pytest.mark.parametrize("order", ["second", "checkpoint", "first"])
@@ -33,8 +36,18 @@ def test_chunked_meta_step_matches_the_oracle(order, chunk):
     steps = 2
     lrs = lr_leaves(model, steps)
     leaves = [t for d in lrs for t in d.values()]
-    check_meta_step(model, classification_tasks(T=5, seed=3), loss="cross_entropy", loss_fn=F.cross_entropy,
-                    inner_lr=lrs, steps=steps, order=order, lr_leaves=leaves, tol=TOL, task_chunk=chunk)
+    check_meta_step(
+        model,
+        classification_tasks(T=5, seed=3),
+        loss="cross_entropy",
+        loss_fn=F.cross_entropy,
+        inner_lr=lrs,
+        steps=steps,
+        order=order,
+        lr_leaves=leaves,
+        tol=TOL,
+        task_chunk=chunk,
+    )
 
 
 @pytest.mark.parametrize("order", ["second", "first", "implicit"])
@@ -51,8 +64,14 @@ def test_chunks_with_shared_weights_give_the_same_result(order):
     parts = fastmaml.meta_step(model, tasks, task_chunk=2, **kwargs)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=TOL, atol=1e-14)
-    for field in ("meta_loss", "query_loss_after", "query_loss_before", "support_loss_before", "accuracy_after",
-                  "accuracy_before"):
+    for field in (
+        "meta_loss",
+        "query_loss_after",
+        "query_loss_before",
+        "support_loss_before",
+        "accuracy_after",
+        "accuracy_before",
+    ):
         torch.testing.assert_close(getattr(parts, field), getattr(whole, field), rtol=TOL, atol=0)
 
 
@@ -61,8 +80,7 @@ def test_chunks_update_per_step_statistics_like_one_chunk():
     tasks = classification_tasks(T=5, seed=5)
     chunked = copy.deepcopy(model)
     fastmaml.meta_step(model, tasks, inner_lr=0.1, steps=2, loss="cross_entropy", batch_norm="per_step")
-    fastmaml.meta_step(chunked, tasks, inner_lr=0.1, steps=2, loss="cross_entropy", batch_norm="per_step",
-                       task_chunk=2)
+    fastmaml.meta_step(chunked, tasks, inner_lr=0.1, steps=2, loss="cross_entropy", batch_norm="per_step", task_chunk=2)
     for (name, a), (_, b) in zip(model.named_buffers(), chunked.named_buffers()):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14, msg=name)
     for a, b in zip(model.parameters(), chunked.parameters()):
@@ -79,8 +97,15 @@ def test_state_budget_sizes_the_chunks(monkeypatch):
     calls = []
     real = general.task_budget_chunks
     monkeypatch.setattr(general, "task_budget_chunks", lambda *a: calls.append(real(*a)) or calls[-1])
-    check_meta_step(model, classification_tasks(T=3, seed=6), loss="cross_entropy", loss_fn=F.cross_entropy,
-                    inner_lr=0.1, steps=steps, tol=TOL)
+    check_meta_step(
+        model,
+        classification_tasks(T=3, seed=6),
+        loss="cross_entropy",
+        loss_fn=F.cross_entropy,
+        inner_lr=0.1,
+        steps=steps,
+        tol=TOL,
+    )
     assert calls == [[slice(0, 1), slice(1, 2), slice(2, 3)]]
 
 

@@ -1,4 +1,5 @@
 """The few-shot training jobs end to end through the CLI, on a tiny budget."""
+
 import json
 import re
 
@@ -10,8 +11,21 @@ from fastmaml.train import fewshot
 
 from dataset_files import write_miniimagenet, write_omniglot
 
-TINY = ["--meta-batch", "2", "--hidden", "8", "--query", "2", "--val-every", "2", "--val-episodes", "4",
-        "--eval-batch", "3", "--quiet"]
+TINY = [
+    "--meta-batch",
+    "2",
+    "--hidden",
+    "8",
+    "--query",
+    "2",
+    "--val-every",
+    "2",
+    "--val-episodes",
+    "4",
+    "--eval-batch",
+    "3",
+    "--quiet",
+]
 
 
 def train(out, *extra):
@@ -71,8 +85,9 @@ def test_resume_refuses_other_settings_and_missing_checkpoint(tmp_path, capsys):
     assert "--resume: the folder" in refused(capsys, train, tmp_path / "empty", "--iterations", "2", "--resume")
     train(tmp_path, "--iterations", "2", "--test-episodes", "0")
     capsys.readouterr()
-    line = refused(capsys, train, tmp_path, "--iterations", "4", "--test-episodes", "0", "--inner-lr", "0.1",
-                   "--resume")
+    line = refused(
+        capsys, train, tmp_path, "--iterations", "4", "--test-episodes", "0", "--inner-lr", "0.1", "--resume"
+    )
     assert "--resume:" in line and "--inner-lr 0.1 (checkpoint: 0.4)" in line
 
 
@@ -87,9 +102,11 @@ def test_per_step_batch_norm_evaluates_more_steps_than_training(tmp_path):
 
 def test_real_dataset_jobs_need_data_and_presets_follow_the_paper(tmp_path, capsys):
     assert "--data: the omniglot job needs the dataset folder" in refused(
-        capsys, cli.main, ["train", "omniglot", "--out", str(tmp_path)])
+        capsys, cli.main, ["train", "omniglot", "--out", str(tmp_path)]
+    )
     assert "images_background" in refused(
-        capsys, cli.main, ["train", "omniglot", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)])
+        capsys, cli.main, ["train", "omniglot", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]
+    )
     o, mi = fewshot.PRESETS["omniglot"], fewshot.PRESETS["miniimagenet"]
     assert (o["meta_batch"], o["inner_lr"], o["steps"], o["eval_steps"], o["hidden"]) == (32, 0.4, 1, 3, 64)
     assert (mi["meta_batch"], mi["inner_lr"], mi["steps"], mi["eval_steps"], mi["hidden"]) == (4, 0.01, 5, 10, 32)
@@ -100,14 +117,20 @@ def test_bad_option_values_name_the_option(tmp_path, capsys):
     assert "argument --ways: expected a positive integer, got '0'" in refused(capsys, train, tmp_path, "--ways", "0")
     assert "argument --inner-lr: expected a positive number" in refused(capsys, train, tmp_path, "--inner-lr", "-1")
     assert "argument --val-classes: expected a positive integer" in refused(
-        capsys, train, tmp_path, "--val-classes", "0")
-    assert re.search(r"--train-classes, --val-classes: 500 \+ 100 .* 600 demo classes",
-                     refused(capsys, train, tmp_path, "--train-classes", "500"))
+        capsys, train, tmp_path, "--val-classes", "0"
+    )
+    assert re.search(
+        r"--train-classes, --val-classes: 500 \+ 100 .* 600 demo classes",
+        refused(capsys, train, tmp_path, "--train-classes", "500"),
+    )
 
 
 def test_help_lists_only_the_options_of_the_job(capsys):
-    for job, has_data, has_classes in (("fewshot-demo", False, True), ("omniglot", True, True),
-                                       ("miniimagenet", True, False)):
+    for job, has_data, has_classes in (
+        ("fewshot-demo", False, True),
+        ("omniglot", True, True),
+        ("miniimagenet", True, False),
+    ):
         with pytest.raises(SystemExit):
             cli.main(["train", job, "--help"])
         text = capsys.readouterr().out
@@ -120,8 +143,29 @@ def test_help_lists_only_the_options_of_the_job(capsys):
 
 # The real-data jobs on folders generated in the published layouts (the readers' tests' generators):
 # 2-way 1-shot, 1 query, 4 filters, validation every 2 iterations.
-REAL_TINY = ["--ways", "2", "--shots", "1", "--query", "1", "--meta-batch", "2", "--hidden", "4", "--steps", "1",
-             "--eval-steps", "2", "--val-every", "2", "--val-episodes", "2", "--eval-batch", "2", "--quiet"]
+REAL_TINY = [
+    "--ways",
+    "2",
+    "--shots",
+    "1",
+    "--query",
+    "1",
+    "--meta-batch",
+    "2",
+    "--hidden",
+    "4",
+    "--steps",
+    "1",
+    "--eval-steps",
+    "2",
+    "--val-every",
+    "2",
+    "--val-episodes",
+    "2",
+    "--eval-batch",
+    "2",
+    "--quiet",
+]
 
 
 def train_real(job, data, out, *extra):
@@ -150,10 +194,13 @@ def test_omniglot_job_end_to_end_with_split_options_and_resume(tmp_path, capsys)
     from iteration 2 to 4 gives bit for bit the uninterrupted run."""
     data = tmp_path / "omniglot"
     assert write_omniglot(data) == 8
-    assert re.search(r"--train-classes, --val-classes: 1100 \+ 100 .* the 8 characters",
-                     refused(capsys, train_real, "omniglot", data, tmp_path / "refused"))
+    assert re.search(
+        r"--train-classes, --val-classes: 1100 \+ 100 .* the 8 characters",
+        refused(capsys, train_real, "omniglot", data, tmp_path / "refused"),
+    )
     assert "validation split has 1; lower --ways or raise --val-classes" in refused(
-        capsys, train_real, "omniglot", data, tmp_path / "refused", "--train-classes", "5", "--val-classes", "1")
+        capsys, train_real, "omniglot", data, tmp_path / "refused", "--train-classes", "5", "--val-classes", "1"
+    )
     split = ["--train-classes", "4", "--val-classes", "2", "--test-episodes", "4"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train_real("omniglot", data, straight, "--iterations", "4", *split) == 0
@@ -165,7 +212,8 @@ def test_omniglot_job_end_to_end_with_split_options_and_resume(tmp_path, capsys)
     assert torch.load(resumed / "checkpoint.pt", weights_only=False)["iteration"] == 2
     capsys.readouterr()
     assert "--train-classes 3 (checkpoint: 4)" in refused(
-        capsys, train_real, "omniglot", data, resumed, "--iterations", "4", *split, "--train-classes", "3", "--resume")
+        capsys, train_real, "omniglot", data, resumed, "--iterations", "4", *split, "--train-classes", "3", "--resume"
+    )
     assert train_real("omniglot", data, resumed, "--iterations", "4", *split, "--resume") == 0
     r = check_run(resumed, "omniglot", 4, 4)
     a, b = (torch.load(d / "checkpoint.pt", weights_only=False) for d in (straight, resumed))
@@ -179,10 +227,13 @@ def test_miniimagenet_job_end_to_end(tmp_path, capsys):
     """train.csv / val.csv / test.csv + images/ (3 / 2 / 2 classes of 3 JPEGs); the split options do not exist."""
     data = tmp_path / "mini"
     labels = iter(f"n{c:08d}" for c in range(7))
-    write_miniimagenet(data, split_labels={split: [next(labels) for _ in range(n)]
-                                           for split, n in (("train", 3), ("val", 2), ("test", 2))})
+    write_miniimagenet(
+        data,
+        split_labels={split: [next(labels) for _ in range(n)] for split, n in (("train", 3), ("val", 2), ("test", 2))},
+    )
     assert "unrecognized arguments: --val-classes 1" in refused(
-        capsys, train_real, "miniimagenet", data, tmp_path / "refused", "--val-classes", "1")
+        capsys, train_real, "miniimagenet", data, tmp_path / "refused", "--val-classes", "1"
+    )
     out = tmp_path / "run"
     assert train_real("miniimagenet", data, out, "--iterations", "2", "--test-episodes", "3") == 0
     m = check_run(out, "miniimagenet", 2, 3)
@@ -201,8 +252,9 @@ def test_maml_plus_plus_schedule(tmp_path, monkeypatch, capsys):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fewshot.fastmaml, "meta_step", spy)
-    train(tmp_path, "--iterations", "3", "--test-episodes", "0", "--steps", "2", "--msl", "4",
-          "--first-order-until", "2")
+    train(
+        tmp_path, "--iterations", "3", "--test-episodes", "0", "--steps", "2", "--msl", "4", "--first-order-until", "2"
+    )
     assert [order for order, _ in calls] == ["first", "first", "second"]
     assert [w for _, w in calls] == [pytest.approx(w) for w in ([0.5, 0.5], [0.375, 0.625], [0.25, 0.75])]
     calls.clear()
@@ -218,7 +270,8 @@ def test_maml_plus_plus_schedule(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert "argument --msl: expected a non-negative integer" in refused(capsys, train, tmp_path, "--msl", "-1")
     assert "--msl: the implicit order has no per-step query losses" in refused(
-        capsys, train, tmp_path, "--msl", "5", "--order", "implicit")
+        capsys, train, tmp_path, "--msl", "5", "--order", "implicit"
+    )
 
 
 def test_resnet12_model_option(tmp_path, capsys):
@@ -230,6 +283,18 @@ def test_resnet12_model_option(tmp_path, capsys):
     assert m["config"]["model"] == "resnet12" and m["config"]["widths"] == [3, 4, 3, 4]
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     assert state["model"]["features.3.conv3.weight"].shape[0] == 4
-    assert "other settings" in refused(capsys, train, out, "--model", "resnet12", "--widths", "4,4,4,4",
-                                       "--iterations", "3", "--test-episodes", "0", "--resume")
+    assert "other settings" in refused(
+        capsys,
+        train,
+        out,
+        "--model",
+        "resnet12",
+        "--widths",
+        "4,4,4,4",
+        "--iterations",
+        "3",
+        "--test-episodes",
+        "0",
+        "--resume",
+    )
     assert "--widths" in refused(capsys, train, tmp_path / "bad", "--model", "resnet12", "--widths", "3,4")

@@ -1,5 +1,6 @@
 """`fastmaml train sinusoid`: the task sampler, the evaluation against a plain autograd SGD loop,
 an end-to-end CLI run, bit-identical `--resume`, and clear errors for bad options."""
+
 import json
 import math
 
@@ -142,16 +143,19 @@ def test_resume_refuses_changed_options_and_fewer_iterations(tmp_path, capsys):
     assert "--iterations 2: below the 3 iterations of the checkpoint" in error_line(capsys)
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--inner-lr", "-0.1", "expected a positive number, got '-0.1'"),
-    ("--meta-lr", "nan", "expected a positive number, got 'nan'"),
-    ("--iterations", "-3", "expected a non-negative integer, got '-3'"),
-    ("--meta-batch", "0", "expected a positive integer, got '0'"),
-    ("--shots", "ten", "expected a positive integer, got 'ten'"),
-    ("--eval-tasks", "1", "expected at least 2 tasks"),
-    ("--order", "third", "invalid choice: 'third'"),
-    ("--device", "gpu0", "expected a torch device"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--inner-lr", "-0.1", "expected a positive number, got '-0.1'"),
+        ("--meta-lr", "nan", "expected a positive number, got 'nan'"),
+        ("--iterations", "-3", "expected a non-negative integer, got '-3'"),
+        ("--meta-batch", "0", "expected a positive integer, got '0'"),
+        ("--shots", "ten", "expected a positive integer, got 'ten'"),
+        ("--eval-tasks", "1", "expected at least 2 tasks"),
+        ("--order", "third", "invalid choice: 'third'"),
+        ("--device", "gpu0", "expected a torch device"),
+    ],
+)
 def test_bad_options_name_the_option(tmp_path, capsys, option, value, message):
     with pytest.raises(SystemExit) as exc:
         main(["train", "sinusoid", "--out", str(tmp_path), option, value])

@@ -10,6 +10,7 @@ Counting rule (the work any exact implementation must do; elementwise ops not co
   T·(K·(3 + 6)·F_s + 3·F_q)  (K support forward+backward, query forward+backward, K HVPs).
   First-order: T·(3K·F_s + 3·F_q). BatchNorm, ReLU, pooling, the loss and the updates are not counted.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -57,6 +58,10 @@ def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 10) -> Dict[
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-    flops = 2.0 * n ** 3
-    return {"n": n, "median_s": statistics.median(times), "flops_per_s": flops / statistics.median(times),
-            "best_flops_per_s": flops / min(times)}
+    flops = 2.0 * n**3
+    return {
+        "n": n,
+        "median_s": statistics.median(times),
+        "flops_per_s": flops / statistics.median(times),
+        "best_flops_per_s": flops / min(times),
+    }

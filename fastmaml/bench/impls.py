@@ -13,6 +13,7 @@ accumulates the meta-gradient of the mean-over-tasks query loss into the model's
 Peers and backends that cannot run report `available() -> (False, reason)` and become table rows
 with that reason.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -79,8 +80,16 @@ def _fastmaml(backend: str, order: str):
     def build(model: nn.Module, w: Workload, device) -> Step:
         def step(tasks):
             # the meta-gradient only, like every other row (no extra query pass at θ for the result)
-            meta_step(model, tasks, inner_lr=w.inner_lr, steps=w.steps, order=order, loss=w.loss,
-                      backend=backend, evaluate_before=False)
+            meta_step(
+                model,
+                tasks,
+                inner_lr=w.inner_lr,
+                steps=w.steps,
+                order=order,
+                loss=w.loss,
+                backend=backend,
+                evaluate_before=False,
+            )
 
         return step
 
@@ -200,8 +209,16 @@ def implementations() -> List[Impl]:
     for backend in registry.BACKENDS:  # "auto" (what users get), then each backend alone
         for order in FASTMAML_ORDERS:
             build, available = _fastmaml(backend, order)
-            out.append(Impl(f"fastmaml[{backend},{order}]", "fastmaml", "first" if order == "first" else "second",
-                            build, available, mode=order))
+            out.append(
+                Impl(
+                    f"fastmaml[{backend},{order}]",
+                    "fastmaml",
+                    "first" if order == "first" else "second",
+                    build,
+                    available,
+                    mode=order,
+                )
+            )
     out.append(Impl("torch.func-vmap", "torch.func", "second", _torch_func, _always))
     for name, build in (("learn2learn", _learn2learn), ("higher", _higher), ("torchopt", _torchopt)):
         out.append(Impl(name, name, "second", build, _peer_available(name)))
@@ -219,7 +236,8 @@ def select(names: Optional[List[str]]) -> List[Impl]:
         exact = [i for i in table if i.name == name]
         hits = exact or [i for i in table if i.name.startswith(name)]
         if not hits:
-            raise ValueError(f"--impls: unknown implementation {name!r}; expected one of "
-                             f"{[i.name for i in table]} or a prefix")
+            raise ValueError(
+                f"--impls: unknown implementation {name!r}; expected one of {[i.name for i in table]} or a prefix"
+            )
         chosen += [i for i in hits if i not in chosen]
     return chosen

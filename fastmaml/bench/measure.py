@@ -3,6 +3,7 @@
 
 Every implementation starts from a deep copy of the same model and the same task batch.
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,8 +29,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def to_device(tasks: TaskBatch, device, dtype=torch.float32) -> TaskBatch:
     """Moves the batch; floating-point tensors (inputs, MSE targets) get `dtype`, labels stay int64."""
-    return TaskBatch(*(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
-                       for t in tasks))
+    return TaskBatch(*(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in tasks))
 
 
 def sync(device: torch.device) -> None:
@@ -41,8 +41,15 @@ class Runner:
     """An implementation bound to its own copy of the model: `step()` runs one meta-step with
     `.grad` cleared first; `flat_grad()` is the meta-gradient `[P]` (parameters in module order)."""
 
-    def __init__(self, impl: Impl, base: nn.Module, workload: Workload, tasks: TaskBatch,
-                 device: torch.device, dtype=torch.float32):
+    def __init__(
+        self,
+        impl: Impl,
+        base: nn.Module,
+        workload: Workload,
+        tasks: TaskBatch,
+        device: torch.device,
+        dtype=torch.float32,
+    ):
         self.device = device
         self.model = copy.deepcopy(base).to(device=device, dtype=dtype).train()
         self.tasks = to_device(tasks, device, dtype)
@@ -54,8 +61,9 @@ class Runner:
         self._step(self.tasks)
 
     def flat_grad(self) -> torch.Tensor:
-        return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1)
-                          for p in self.model.parameters()]).detach()
+        return torch.cat(
+            [(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in self.model.parameters()]
+        ).detach()
 
     def timed_step(self) -> float:
         """Seconds for one meta-step (device synchronized before and after)."""
@@ -68,8 +76,9 @@ class Runner:
         return time.perf_counter() - start
 
 
-def time_round_robin(runners: Dict[str, Runner], *, warmup: int, repeats: int,
-                     budget_s: Optional[float] = None) -> Tuple[Dict[str, List[float]], Dict[str, str]]:
+def time_round_robin(
+    runners: Dict[str, Runner], *, warmup: int, repeats: int, budget_s: Optional[float] = None
+) -> Tuple[Dict[str, List[float]], Dict[str, str]]:
     """Times every runner `repeats` times after `warmup` untimed steps, interleaved (one step of each
     per round) so that a change in background load hits every row alike. Each round runs the rows in
     a new order (a shuffle seeded by the round number: the same for every run): the step that follows
@@ -106,5 +115,4 @@ def time_round_robin(runners: Dict[str, Runner], *, warmup: int, repeats: int,
 
 
 def summarize(times: List[float]) -> Dict[str, float]:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "repeats": len(times)}
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": len(times)}

@@ -8,6 +8,7 @@ prints one JSON line: `rss_peak_bytes` (CPU: growth of the resident set over the
 statistics). One untimed warm-up step runs first; freed heap memory is then returned to the system
 (glibc malloc_trim) so that the measured step's growth is not hidden by memory kept from the warm-up.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,14 +83,24 @@ def measure(workload_name: str, impl_name: str, *, quick: bool, device: str) -> 
     return result
 
 
-def measure_in_subprocess(workload_name: str, impl_name: str, *, quick: bool, device: str,
-                          timeout_s: float = 900) -> Dict:
+def measure_in_subprocess(
+    workload_name: str, impl_name: str, *, quick: bool, device: str, timeout_s: float = 900
+) -> Dict:
     """Runs `measure` in a fresh interpreter; returns its dict, or {"memory_error": reason}."""
     root = str(Path(__file__).resolve().parents[2])
     env = dict(os.environ)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "fastmaml.bench.memory", "--workload", workload_name, "--impl", impl_name,
-           "--device", device] + (["--quick"] if quick else [])
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastmaml.bench.memory",
+        "--workload",
+        workload_name,
+        "--impl",
+        impl_name,
+        "--device",
+        device,
+    ] + (["--quick"] if quick else [])
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s)
     except subprocess.TimeoutExpired:

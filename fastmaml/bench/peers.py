@@ -6,6 +6,7 @@ installed torch fails at import with `operator torchvision::nms does not exist` 
 registrations for `nms`/`qnms` run even when its C++ library did not load). MAML never calls those
 ops, so placeholder schemas are registered for them first when torchvision's own are missing.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -29,6 +30,7 @@ def _torchvision_placeholders() -> None:
         return
     try:
         import torchvision  # noqa: F401
+
         return
     except RuntimeError as e:
         if "torchvision::" not in str(e):

@@ -1,6 +1,7 @@
 """Writes a results folder: results.json, results.md (Markdown tables) and PNG plots
 (speedup.png: speed-up per workload vs the autograd loop; memory_vs_K.png: peak memory against the
 number of inner steps, per implementation and order)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,7 @@ from ..train.common import write_json
 from . import flops as flops_module
 from .verdicts import OUTLIER_FACTOR, SENSITIVITY_FACTOR
 
-MB = 2 ** 20
+MB = 2**20
 
 
 def _factors():
@@ -46,10 +47,12 @@ def _note(row: Dict) -> str:
     if v == "WRONG":
         sens = row.get("sensitivity")
         outlier, sens_factor = _factors()
-        notes.append(f"**WRONG** gradient (error above {outlier}× the worst autograd-based row's, "
-                     f"{row['worst_autograd']} {row['worst_autograd_err']:.2e}"
-                     + ("" if sens is None else f", and above {sens_factor}× the sensitivity {sens:.2e}")
-                     + "): no speed-up given")
+        notes.append(
+            f"**WRONG** gradient (error above {outlier}× the worst autograd-based row's, "
+            f"{row['worst_autograd']} {row['worst_autograd_err']:.2e}"
+            + ("" if sens is None else f", and above {sens_factor}× the sensitivity {sens:.2e}")
+            + "): no speed-up given"
+        )
     elif v == "more accurate":
         ratio = row["ref_err"] / row["rel_err"]
         notes.append(f"more accurate than the float32 autograd loop ({ratio:.1f}× lower error)")
@@ -64,26 +67,36 @@ def markdown(results: Dict) -> str:
     m = results["machine"]
     mm = m["matmul"]
     lines = ["# fastmaml benchmark" + (" (quick)" if results["quick"] else ""), ""]
-    lines.append(f"- machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads)"
-                 + (f", GPU {m['gpu']}" if "gpu" in m else "") + f"; device `{m['device']}`")
+    lines.append(
+        f"- machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads)"
+        + (f", GPU {m['gpu']}" if "gpu" in m else "")
+        + f"; device `{m['device']}`"
+    )
     lines.append(f"- torch {m['torch']}, Python {m['python']}")
     lines.append(f"- matmul rate ({mm['n']}² float32 GEMM, median): {mm['flops_per_s'] / 1e9:.1f} GFLOP/s")
-    lines.append(f"- load average (1 min) at start / end: {m['load_average_start']:.2f} / "
-                 f"{m['load_average_end']:.2f} on {m['cores']} cores (this run itself adds up to "
-                 f"{m['torch_threads']}; more means other processes shared the machine)")
+    lines.append(
+        f"- load average (1 min) at start / end: {m['load_average_start']:.2f} / "
+        f"{m['load_average_end']:.2f} on {m['cores']} cores (this run itself adds up to "
+        f"{m['torch_threads']}; more means other processes shared the machine)"
+    )
     s = results["settings"]
-    lines.append(f"- time: median over {s['repeats']} timed meta-steps (interleaved across rows) after "
-                 f"{s['warmup']} warm-up and one gradient-check step; min–max in brackets; "
-                 f"whole run {m['wall_s']:.0f} s")
+    lines.append(
+        f"- time: median over {s['repeats']} timed meta-steps (interleaved across rows) after "
+        f"{s['warmup']} warm-up and one gradient-check step; min–max in brackets; "
+        f"whole run {m['wall_s']:.0f} s"
+    )
     lines += [
         "- error: ‖g − g*‖/‖g*‖ against the true meta-gradient g* (the autograd loop in float64, same "
         "weights and data; first-order rows against the float64 first-order gradient); the float32 "
         "autograd loop's own error is shown beside it",
-        (f"- sensitivity: the problem's own conditioning, ‖g*(θ') − g*(θ)‖/‖g*‖ with every weight "
-         f"multiplied by (1 + {s.get('sensitivity_noise', 1e-6):g}·n), n ~ N(0, 1), in float64 (mean of "
-         f"{s['sensitivity_draws']} draw(s)): float32 rounding perturbs every activation by 1e-7 "
-         f"relative and more, so an error up to this is what the problem lets float32 reach"
-         if s.get("sensitivity_draws") else "- sensitivity: not measured (`--sensitivity-draws 0`)"),
+        (
+            f"- sensitivity: the problem's own conditioning, ‖g*(θ') − g*(θ)‖/‖g*‖ with every weight "
+            f"multiplied by (1 + {s.get('sensitivity_noise', 1e-6):g}·n), n ~ N(0, 1), in float64 (mean of "
+            f"{s['sensitivity_draws']} draw(s)): float32 rounding perturbs every activation by 1e-7 "
+            f"relative and more, so an error up to this is what the problem lets float32 reach"
+            if s.get("sensitivity_draws")
+            else "- sensitivity: not measured (`--sensitivity-draws 0`)"
+        ),
         "- verdict: a row whose error is above both {}× the worst autograd-based row's (autograd loop, torch.func, "
         "learn2learn, higher, TorchOpt; same order) and {}× the sensitivity is marked **WRONG** (no sensitivity "
         "measured: the autograd-based rows alone decide)".format(*_factors()),
@@ -106,18 +119,24 @@ def markdown(results: Dict) -> str:
             prev_reason = None
             for r in wrows:
                 if r["status"] == "ok":
-                    lines.append(f"| {r['impl']} | {r['mode'] or r['order']} | {_memory(r) or 'not measured'} | "
-                                 f"{r.get('memory_error', '')} |")
+                    lines.append(
+                        f"| {r['impl']} | {r['mode'] or r['order']} | {_memory(r) or 'not measured'} | "
+                        f"{r.get('memory_error', '')} |"
+                    )
                 elif r["impl"] == wrows[0]["impl"] or r["reason"] != prev_reason:
                     lines.append(f"| {r['impl']} | {r['mode'] or r['order']} | | {_note(r)} |")
                 prev_reason = r["reason"]
             lines.append("")
             continue
-        lines.append(f"FLOPs per meta-step: {w['flops_second'] / 1e9:.3g} G (second order), "
-                     f"{w['flops_first'] / 1e9:.3g} G (first order)")
+        lines.append(
+            f"FLOPs per meta-step: {w['flops_second'] / 1e9:.3g} G (second order), "
+            f"{w['flops_first'] / 1e9:.3g} G (first order)"
+        )
         lines.append("")
-        lines.append("| implementation | order | time ms (min–max) | speed-up | error vs float64 "
-                     "| float32 autograd error | sensitivity | peak memory MB | GFLOP/s (% matmul) | note |")
+        lines.append(
+            "| implementation | order | time ms (min–max) | speed-up | error vs float64 "
+            "| float32 autograd error | sensitivity | peak memory MB | GFLOP/s (% matmul) | note |"
+        )
         lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
         said = set()
         for r in wrows:
@@ -135,7 +154,8 @@ def markdown(results: Dict) -> str:
                 f"| {r['impl']} | {r['mode'] or r['order']} | {_ms(r['median_s'])} "
                 f"({_ms(r['min_s'])}–{_ms(r['max_s'])}) "
                 f"| {speed} | {r['rel_err']:.2e} | {r.get('ref_err', float('nan')):.2e} | {_sens(r)} | {_memory(r)} "
-                f"| {r['flops_per_s'] / 1e9:.3g} ({100 * r.get('matmul_fraction', 0):.2g}%) | {_note(r)} |")
+                f"| {r['flops_per_s'] / 1e9:.3g} ({100 * r.get('matmul_fraction', 0):.2g}%) | {_note(r)} |"
+            )
         lines.append("")
     lines.append("FLOP counting rule (fastmaml/bench/flops.py):")
     lines.append("")
@@ -152,23 +172,31 @@ def _plot_speedups(results: Dict, path: Path) -> bool:
     names = [n for n, w in results["workloads"].items() if not w["sweep"]]
     if not names:
         return False
-    heights = [0.25 * sum(1 for r in results["rows"] if r["workload"] == n and "median_s" in r) + 0.9
-               for n in names]
-    fig, axes = plt.subplots(len(names), 1, figsize=(8, sum(heights)), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+    heights = [0.25 * sum(1 for r in results["rows"] if r["workload"] == n and "median_s" in r) + 0.9 for n in names]
+    fig, axes = plt.subplots(
+        len(names), 1, figsize=(8, sum(heights)), squeeze=False, gridspec_kw={"height_ratios": heights}
+    )
     for ax, name in zip(axes[:, 0], names):
         rows = [r for r in results["rows"] if r["workload"] == name and "median_s" in r]
         labels = [r["impl"] for r in rows]
         values = [r.get("speedup") or 0.0 for r in rows]
-        colors = ["#999999" if r["family"] == "autograd" else "#1f77b4" if r["family"] == "fastmaml"
-                  else "#ff7f0e" for r in rows]
+        colors = [
+            "#999999" if r["family"] == "autograd" else "#1f77b4" if r["family"] == "fastmaml" else "#ff7f0e"
+            for r in rows
+        ]
         ax.set_xscale("log")
         # bars grow from 1× (the autograd loop): right = faster, left = slower
         ax.barh(range(len(rows)), [v - 1.0 if v else 0.0 for v in values], left=1.0, color=colors)
         for i, (r, v) in enumerate(zip(rows, values)):
             label = " WRONG gradient" if r.get("verdict") == "WRONG" else f" {v:.2f}×"
-            ax.text(max(v, 1.0) if v else 1.0, i, label, va="center", fontsize=7,
-                    color="red" if r.get("verdict") == "WRONG" else "black")
+            ax.text(
+                max(v, 1.0) if v else 1.0,
+                i,
+                label,
+                va="center",
+                fontsize=7,
+                color="red" if r.get("verdict") == "WRONG" else "black",
+            )
         shown = [v for v in values if v] + [1.0]
         ax.set_xlim(min(shown) / 1.5, max(shown) * 2.0)
         ax.axvline(1.0, color="black", lw=0.8)

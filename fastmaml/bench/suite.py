@@ -16,6 +16,7 @@ and then a row's error equals the sensitivity up to its own rounding, on either 
 
 Sweep workloads (sweep28-K*) measure peak memory only, for fastmaml and the autograd loop.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,9 +49,15 @@ def machine_info(device: torch.device) -> Dict:
                     break
     except OSError:
         pass
-    info = {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
-            "load_average_start": os.getloadavg()[0]}
+    info = {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "load_average_start": os.getloadavg()[0],
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -80,8 +87,15 @@ def perturbed(base, noise: float, seed: int):
     return model
 
 
-def sensitivities(w: workloads.Workload, base, tasks, device, truths: Dict[str, torch.Tensor],
-                  draws: int = SENSITIVITY_DRAWS, noise: Optional[float] = None) -> Dict[str, List[float]]:
+def sensitivities(
+    w: workloads.Workload,
+    base,
+    tasks,
+    device,
+    truths: Dict[str, torch.Tensor],
+    draws: int = SENSITIVITY_DRAWS,
+    noise: Optional[float] = None,
+) -> Dict[str, List[float]]:
     """Per order, ‖g*(θ ⊙ (1 + noise·n)) − g*(θ)‖/‖g*(θ)‖ for each of `draws` noise draws, in float64
     (noise None: SENSITIVITY_NOISE): how far the problem itself moves under a relative perturbation of
     its weights. Float32 rounding perturbs every activation by ~1e-7 relative and more; an
@@ -95,10 +109,20 @@ def sensitivities(w: workloads.Workload, base, tasks, device, truths: Dict[str, 
     return out
 
 
-def run_workload(w: workloads.Workload, chosen: List[impls.Impl], *, device: torch.device, quick: bool,
-                 warmup: int, repeats: int, budget_s: Optional[float],
-                 measure_memory: Union[bool, Sequence[str]], sensitivity_draws: int = SENSITIVITY_DRAWS,
-                 log=print, stats: Optional[Dict] = None) -> List[Dict]:
+def run_workload(
+    w: workloads.Workload,
+    chosen: List[impls.Impl],
+    *,
+    device: torch.device,
+    quick: bool,
+    warmup: int,
+    repeats: int,
+    budget_s: Optional[float],
+    measure_memory: Union[bool, Sequence[str]],
+    sensitivity_draws: int = SENSITIVITY_DRAWS,
+    log=print,
+    stats: Optional[Dict] = None,
+) -> List[Dict]:
     """All rows of one workload; `stats` (a dict), when given, receives the sensitivity draws per order."""
     base, tasks = w.make_model(), w.make_tasks()
     if w.sweep:
@@ -106,8 +130,15 @@ def run_workload(w: workloads.Workload, chosen: List[impls.Impl], *, device: tor
     rows: Dict[str, Dict] = {}
     runners: Dict[str, Runner] = {}
     for impl in chosen:
-        row = {"workload": w.name, "impl": impl.name, "family": impl.family, "order": impl.order,
-               "mode": impl.mode, "status": "ok", "reason": ""}
+        row = {
+            "workload": w.name,
+            "impl": impl.name,
+            "family": impl.family,
+            "order": impl.order,
+            "mode": impl.mode,
+            "status": "ok",
+            "reason": "",
+        }
         rows[impl.name] = row
         ok, why = impl.available(device)
         if not ok:
@@ -174,17 +205,30 @@ def _compare(rows: Dict[str, Dict]) -> None:
         row["worst_autograd"] = worst[row["order"]]["impl"]
         row["worst_autograd_err"] = worst[row["order"]]["rel_err"]
         row["tolerance"] = tolerance(row["worst_autograd_err"], row.get("sensitivity"))
-        row["verdict"] = "" if row is ref else verdict(row["rel_err"], ref["rel_err"], row["worst_autograd_err"],
-                                                        row.get("sensitivity"))
+        row["verdict"] = (
+            ""
+            if row is ref
+            else verdict(row["rel_err"], ref["rel_err"], row["worst_autograd_err"], row.get("sensitivity"))
+        )
         row["baseline"] = ref["impl"]
         row["speedup"] = None if row["verdict"] == "WRONG" else ref["median_s"] / row["median_s"]
 
 
-def run_suite(*, out: Path, quick: bool = False, workload_names: Optional[List[str]] = None,
-              impl_names: Optional[List[str]] = None, device: str = "cpu", warmup: Optional[int] = None,
-              repeats: Optional[int] = None, budget_s: Optional[float] = None,
-              measure_memory: Union[bool, Sequence[str]] = True, plots: bool = True,
-              sensitivity_draws: Optional[int] = None, log=print) -> Dict:
+def run_suite(
+    *,
+    out: Path,
+    quick: bool = False,
+    workload_names: Optional[List[str]] = None,
+    impl_names: Optional[List[str]] = None,
+    device: str = "cpu",
+    warmup: Optional[int] = None,
+    repeats: Optional[int] = None,
+    budget_s: Optional[float] = None,
+    measure_memory: Union[bool, Sequence[str]] = True,
+    plots: bool = True,
+    sensitivity_draws: Optional[int] = None,
+    log=print,
+) -> Dict:
     """Runs the suite and writes results.md, results.json and the PNG plots into `out`; returns the
     results dict. measure_memory: True (every row), False, or the implementation names to measure;
     sensitivity_draws: noise draws of the sensitivity (default SENSITIVITY_DRAWS, quick 1; 0: not
@@ -202,27 +246,50 @@ def run_suite(*, out: Path, quick: bool = False, workload_names: Optional[List[s
     log(f"fastmaml bench on {info['cpu']} ({info['cores']} cores), torch {info['torch']}, device {dev}")
     info["matmul"] = flops.matmul_rate(dev)
     start = time.time()
-    results = {"machine": info, "quick": quick, "settings": {"warmup": warmup, "repeats": repeats,
-                                                             "budget_s": budget_s,
-                                                             "sensitivity_draws": sensitivity_draws,
-                                                             "sensitivity_noise": SENSITIVITY_NOISE,
-                                                             "sensitivity_factor": SENSITIVITY_FACTOR,
-                                                             "outlier_factor": OUTLIER_FACTOR},
-               "workloads": {}, "rows": []}
+    results = {
+        "machine": info,
+        "quick": quick,
+        "settings": {
+            "warmup": warmup,
+            "repeats": repeats,
+            "budget_s": budget_s,
+            "sensitivity_draws": sensitivity_draws,
+            "sensitivity_noise": SENSITIVITY_NOISE,
+            "sensitivity_factor": SENSITIVITY_FACTOR,
+            "outlier_factor": OUTLIER_FACTOR,
+        },
+        "workloads": {},
+        "rows": [],
+    }
     for w in chosen_w:
         log(f"workload {w.name}: {w.description}")
         stats: Dict = {}
-        rows = run_workload(w, chosen_i, device=dev, quick=quick, warmup=warmup, repeats=repeats,
-                            budget_s=budget_s, measure_memory=measure_memory,
-                            sensitivity_draws=sensitivity_draws, log=log, stats=stats)
+        rows = run_workload(
+            w,
+            chosen_i,
+            device=dev,
+            quick=quick,
+            warmup=warmup,
+            repeats=repeats,
+            budget_s=budget_s,
+            measure_memory=measure_memory,
+            sensitivity_draws=sensitivity_draws,
+            log=log,
+            stats=stats,
+        )
         for row in rows:
             if "flops_per_s" in row:
                 row["matmul_fraction"] = row["flops_per_s"] / info["matmul"]["flops_per_s"]
         results["rows"] += rows
         results["workloads"][w.name] = {
-            "description": w.description, "tasks": w.tasks, "steps": w.steps, "sweep": w.sweep,
-            "flops_second": flops.meta_step_flops(w, "second"), "flops_first": flops.meta_step_flops(w, "first"),
-            **stats}
+            "description": w.description,
+            "tasks": w.tasks,
+            "steps": w.steps,
+            "sweep": w.sweep,
+            "flops_second": flops.meta_step_flops(w, "second"),
+            "flops_first": flops.meta_step_flops(w, "first"),
+            **stats,
+        }
         info["load_average_end"] = os.getloadavg()[0]
         info["wall_s"] = time.time() - start
         report.write(results, Path(out), plots=plots)  # after every workload: an interrupted run keeps its rows
@@ -233,25 +300,50 @@ def run_suite(*, out: Path, quick: bool = False, workload_names: Optional[List[s
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="CI-sized variant: fewer tasks, fewer repeats")
     parser.add_argument("--out", default="bench_results", help="results folder (default: bench_results)")
-    parser.add_argument("--workloads", nargs="+", metavar="NAME",
-                        help="workloads or name prefixes (default: all): " + ", ".join(workloads.workloads()))
-    parser.add_argument("--impls", nargs="+", metavar="NAME",
-                        help="implementations or name prefixes (default: all; the autograd loop always runs): "
-                             + ", ".join(i.name for i in impls.implementations()))
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        metavar="NAME",
+        help="workloads or name prefixes (default: all): " + ", ".join(workloads.workloads()),
+    )
+    parser.add_argument(
+        "--impls",
+        nargs="+",
+        metavar="NAME",
+        help="implementations or name prefixes (default: all; the autograd loop always runs): "
+        + ", ".join(i.name for i in impls.implementations()),
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--repeats", type=int, help="timed meta-steps per row (default 5, quick 2)")
-    parser.add_argument("--warmup", type=int, help="untimed meta-steps per row after the gradient check "
-                                                   "(default 1, quick 0)")
-    parser.add_argument("--budget", type=float, help="seconds of timing per workload before stopping early "
-                                                     "(default 120; at least 2 repeats)")
+    parser.add_argument(
+        "--warmup", type=int, help="untimed meta-steps per row after the gradient check (default 1, quick 0)"
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        help="seconds of timing per workload before stopping early (default 120; at least 2 repeats)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--sensitivity-draws", type=int, metavar="N",
-                        help=f"noise draws of the sensitivity, each one more float64 meta-gradient per order "
-                             f"(default {SENSITIVITY_DRAWS}, quick 1; 0: not measured)")
+    parser.add_argument(
+        "--sensitivity-draws",
+        type=int,
+        metavar="N",
+        help=f"noise draws of the sensitivity, each one more float64 meta-gradient per order "
+        f"(default {SENSITIVITY_DRAWS}, quick 1; 0: not measured)",
+    )
 
 
 def run(args) -> int:
-    run_suite(out=Path(args.out), quick=args.quick, workload_names=args.workloads, impl_names=args.impls,
-              device=args.device, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget,
-              measure_memory=not args.no_memory, sensitivity_draws=args.sensitivity_draws)
+    run_suite(
+        out=Path(args.out),
+        quick=args.quick,
+        workload_names=args.workloads,
+        impl_names=args.impls,
+        device=args.device,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        budget_s=args.budget,
+        measure_memory=not args.no_memory,
+        sensitivity_draws=args.sensitivity_draws,
+    )
     return 0

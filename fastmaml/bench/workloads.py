@@ -11,6 +11,7 @@ MAML hyper-parameters of one meta-step.
 
 `quick=True` gives the CI-sized variant of each (fewer tasks; same model and shots).
 """
+
 from __future__ import annotations
 
 import math
@@ -74,8 +75,12 @@ class Workload:
         if self.kind == "resnet12":
             out, side, c_in = [], c["size"], c["channels"]
             for width in c["widths"]:
-                out += [("conv", c_in, width, 3, side, side), ("conv", width, width, 3, side, side),
-                        ("conv", width, width, 3, side, side), ("conv", c_in, width, 1, side, side)]
+                out += [
+                    ("conv", c_in, width, 3, side, side),
+                    ("conv", width, width, 3, side, side),
+                    ("conv", width, width, 3, side, side),
+                    ("conv", c_in, width, 1, side, side),
+                ]
                 side //= 2
                 c_in = width
             return out + [("linear", c_in, c["ways"])]
@@ -113,8 +118,9 @@ def _sinusoid_tasks(g: torch.Generator, T: int, ns: int, nq: int) -> TaskBatch:
     return TaskBatch(x[:, :ns], y[:, :ns], x[:, ns:], y[:, ns:])
 
 
-def _image_tasks(g: torch.Generator, T: int, ways: int, shots: int, query_per_class: int, channels: int,
-                 size: int) -> TaskBatch:
+def _image_tasks(
+    g: torch.Generator, T: int, ways: int, shots: int, query_per_class: int, channels: int, size: int
+) -> TaskBatch:
     """N-way tasks of noisy class prototypes: x `[T, ways·n, C, H, W]`, y `[T, ways·n]` int64."""
     protos = torch.randn(T, ways, channels, size, size, generator=g)
 
@@ -128,15 +134,40 @@ def _image_tasks(g: torch.Generator, T: int, ways: int, shots: int, query_per_cl
     return TaskBatch(sx, sy, qx, qy)
 
 
-def _conv(name: str, description: str, *, tasks: int, steps: int, shots: int, size: int, channels: int,
-          filters: int, inner_lr: float, sweep: bool = False, kind: str = "conv", widths=None) -> Workload:
+def _conv(
+    name: str,
+    description: str,
+    *,
+    tasks: int,
+    steps: int,
+    shots: int,
+    size: int,
+    channels: int,
+    filters: int,
+    inner_lr: float,
+    sweep: bool = False,
+    kind: str = "conv",
+    widths=None,
+) -> Workload:
     ways, query_per_class = 5, 15
-    config = dict(ways=ways, shots=shots, query_per_class=query_per_class, channels=channels, size=size,
-                  filters=filters)
+    config = dict(
+        ways=ways, shots=shots, query_per_class=query_per_class, channels=channels, size=size, filters=filters
+    )
     if widths is not None:
         config["widths"] = tuple(widths)
-    return Workload(name, description, kind, tasks, steps, inner_lr, "cross_entropy", ways * shots,
-                    ways * query_per_class, config, sweep)
+    return Workload(
+        name,
+        description,
+        kind,
+        tasks,
+        steps,
+        inner_lr,
+        "cross_entropy",
+        ways * shots,
+        ways * query_per_class,
+        config,
+        sweep,
+    )
 
 
 def workloads(quick: bool = False) -> Dict[str, Workload]:
@@ -144,27 +175,93 @@ def workloads(quick: bool = False) -> Dict[str, Workload]:
     t_sin, t_28, t_84 = (4, 2, 1) if quick else (25, 32, 4)
     out: List[Workload] = []
     for k in (1, 5):
-        out.append(Workload(f"sinusoid-K{k}", f"sinusoid MLP 1-40-40-1, T={t_sin}, 10+10 shots, K={k}, MSE",
-                            "sinusoid", t_sin, k, 0.01, "mse", 10, 10))
+        out.append(
+            Workload(
+                f"sinusoid-K{k}",
+                f"sinusoid MLP 1-40-40-1, T={t_sin}, 10+10 shots, K={k}, MSE",
+                "sinusoid",
+                t_sin,
+                k,
+                0.01,
+                "mse",
+                10,
+                10,
+            )
+        )
     for shots in (1, 5):
         for k in (1, 5):
-            out.append(_conv(f"conv28-{shots}shot-K{k}",
-                             f"conv4 64 filters, 28×28×1, 5-way {shots}-shot, 15 query/class, T={t_28}, K={k}",
-                             tasks=t_28, steps=k, shots=shots, size=28, channels=1, filters=64, inner_lr=0.4))
+            out.append(
+                _conv(
+                    f"conv28-{shots}shot-K{k}",
+                    f"conv4 64 filters, 28×28×1, 5-way {shots}-shot, 15 query/class, T={t_28}, K={k}",
+                    tasks=t_28,
+                    steps=k,
+                    shots=shots,
+                    size=28,
+                    channels=1,
+                    filters=64,
+                    inner_lr=0.4,
+                )
+            )
     for k in (1, 5):
-        out.append(_conv(f"class28-1shot-K{k}",
-                         f"conv4 64 filters written as a class, 28×28×1, 5-way 1-shot, 15 query/class, T={t_28}, "
-                         f"K={k}", tasks=t_28, steps=k, shots=1, size=28, channels=1, filters=64, inner_lr=0.4,
-                         kind="conv-class"))
-    out.append(_conv("conv84-1shot-K5", f"conv4 32 filters, 84×84×3, 5-way 1-shot, 15 query/class, T={t_84}, K=5",
-                     tasks=t_84, steps=5, shots=1, size=84, channels=3, filters=32, inner_lr=0.01))
+        out.append(
+            _conv(
+                f"class28-1shot-K{k}",
+                f"conv4 64 filters written as a class, 28×28×1, 5-way 1-shot, 15 query/class, T={t_28}, K={k}",
+                tasks=t_28,
+                steps=k,
+                shots=1,
+                size=28,
+                channels=1,
+                filters=64,
+                inner_lr=0.4,
+                kind="conv-class",
+            )
+        )
+    out.append(
+        _conv(
+            "conv84-1shot-K5",
+            f"conv4 32 filters, 84×84×3, 5-way 1-shot, 15 query/class, T={t_84}, K=5",
+            tasks=t_84,
+            steps=5,
+            shots=1,
+            size=84,
+            channels=3,
+            filters=32,
+            inner_lr=0.01,
+        )
+    )
     for name, widths in (("resnet12-84-K5", (16, 32, 64, 128)), ("resnet12w-84-K5", (64, 160, 320, 640))):
-        out.append(_conv(name, f"ResNet-12 {'-'.join(map(str, widths))}, 84×84×3, 5-way 1-shot, 15 query/class, "
-                               f"T={t_84}, K=5", tasks=t_84, steps=5, shots=1, size=84, channels=3, filters=0,
-                         inner_lr=0.01, kind="resnet12", widths=widths))
+        out.append(
+            _conv(
+                name,
+                f"ResNet-12 {'-'.join(map(str, widths))}, 84×84×3, 5-way 1-shot, 15 query/class, T={t_84}, K=5",
+                tasks=t_84,
+                steps=5,
+                shots=1,
+                size=84,
+                channels=3,
+                filters=0,
+                inner_lr=0.01,
+                kind="resnet12",
+                widths=widths,
+            )
+        )
     for k in SWEEP_STEPS:
-        out.append(_conv(f"sweep28-K{k}", f"memory sweep: conv4 64 filters, 28×28×1, 5-way 1-shot, T={t_28}, K={k}",
-                         tasks=t_28, steps=k, shots=1, size=28, channels=1, filters=64, inner_lr=0.4, sweep=True))
+        out.append(
+            _conv(
+                f"sweep28-K{k}",
+                f"memory sweep: conv4 64 filters, 28×28×1, 5-way 1-shot, T={t_28}, K={k}",
+                tasks=t_28,
+                steps=k,
+                shots=1,
+                size=28,
+                channels=1,
+                filters=64,
+                inner_lr=0.4,
+                sweep=True,
+            )
+        )
     return {w.name: w for w in out}
 
 

@@ -14,6 +14,7 @@ three new classes (Finn et al. 2017, Omniglot meta-training): virtual class v is
 rotated by (v % 4) · 90°. Sampling is driven by a `torch.Generator`, so it is reproducible;
 `fixed_episodes(count, seed)` gives the same evaluation episodes on every run.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -60,9 +61,7 @@ class ClassDataset:
                 f"counts: expected at least one class and >= 1 example per class, got {counts.tolist()[:10]}"
             )
         if int(counts.sum()) != images.shape[0]:
-            raise ValueError(
-                f"counts: they sum to {int(counts.sum())} examples but images has {images.shape[0]} rows"
-            )
+            raise ValueError(f"counts: they sum to {int(counts.sum())} examples but images has {images.shape[0]} rows")
         if names is not None and len(names) != counts.numel():
             raise ValueError(f"names: expected one name per class ({counts.numel()}), got {len(names)}")
         self.images = images
@@ -75,9 +74,7 @@ class ClassDataset:
         """data `[num_classes, examples_per_class, C, H, W]` (uint8 or float)."""
         data = _as_tensor(data, "data")
         if data.dim() < 3:
-            raise ValueError(
-                f"data: expected [num_classes, examples_per_class, C, H, W], got {tuple(data.shape)}"
-            )
+            raise ValueError(f"data: expected [num_classes, examples_per_class, C, H, W], got {tuple(data.shape)}")
         counts = torch.full((data.shape[0],), data.shape[1], dtype=torch.long)
         return cls(data.reshape(-1, *data.shape[2:]), counts, names)
 
@@ -110,11 +107,14 @@ class ClassDataset:
         if classes.numel() == 0:
             raise ValueError("classes: expected at least one class index")
         if int(classes.min()) < 0 or int(classes.max()) >= self.num_classes:
-            raise ValueError(f"classes: indices must lie in 0..{self.num_classes - 1}, got "
-                             f"{int(classes.min())}..{int(classes.max())}")
+            raise ValueError(
+                f"classes: indices must lie in 0..{self.num_classes - 1}, got "
+                f"{int(classes.min())}..{int(classes.max())}"
+            )
         counts = self.counts[classes.to(self.counts.device)]
-        rows = torch.cat([torch.arange(int(o), int(o) + int(c))
-                          for o, c in zip(self.offsets[classes].tolist(), counts.tolist())])
+        rows = torch.cat(
+            [torch.arange(int(o), int(o) + int(c)) for o, c in zip(self.offsets[classes].tolist(), counts.tolist())]
+        )
         names = [self.names[i] for i in classes.tolist()] if self.names is not None else None
         return ClassDataset(self.images[rows.to(self.images.device)], counts, names)
 
@@ -127,8 +127,10 @@ class ClassDataset:
         return moved
 
     def __repr__(self) -> str:
-        return (f"ClassDataset({self.num_classes} classes, {self.images.shape[0]} examples of "
-                f"{self.example_shape}, {self.images.dtype})")
+        return (
+            f"ClassDataset({self.num_classes} classes, {self.images.shape[0]} examples of "
+            f"{self.example_shape}, {self.images.dtype})"
+        )
 
 
 def as_class_dataset(data) -> ClassDataset:
@@ -176,7 +178,7 @@ class Episodes(NamedTuple):
     def chunks(self, size: int) -> Iterator["Episodes"]:
         size = _positive_int(size, "size")
         for start in range(0, len(self), size):
-            yield Episodes(self.classes[start:start + size], self.examples[start:start + size])
+            yield Episodes(self.classes[start : start + size], self.examples[start : start + size])
 
 
 class EpisodeSampler:
@@ -186,8 +188,9 @@ class EpisodeSampler:
     dtype: the dtype of the images handed out; uint8 datasets are scaled to [0, 1].
     """
 
-    def __init__(self, dataset, ways: int, shots: int, query: int, *, rotations: bool = False,
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self, dataset, ways: int, shots: int, query: int, *, rotations: bool = False, dtype: torch.dtype = torch.float32
+    ):
         self.dataset = as_class_dataset(dataset)
         self.ways = _positive_int(ways, "ways")
         self.shots = _positive_int(shots, "shots")
@@ -235,8 +238,12 @@ class EpisodeSampler:
         else:
             rows = ds.offsets[classes][..., None] + examples
         K = self.shots
-        return TaskBatch(self._images(rows[..., :K]), self._labels(rows.shape[0], K),
-                         self._images(rows[..., K:]), self._labels(rows.shape[0], self.query))
+        return TaskBatch(
+            self._images(rows[..., :K]),
+            self._labels(rows.shape[0], K),
+            self._images(rows[..., K:]),
+            self._labels(rows.shape[0], self.query),
+        )
 
     def _images(self, rows: torch.Tensor) -> torch.Tensor:
         """rows `[T, N, M]` -> images `[T, N*M, C, H, W]` of `self.dtype` (uint8 scaled to [0, 1])."""

@@ -11,6 +11,7 @@ Everything is drawn from one `torch.Generator` seed with plain CPU tensor ops: t
 same dataset (a few seconds on 2 CPU cores; kept in memory after the first call). Nothing is stored in
 the package, so there is no package data to ship.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,16 +30,16 @@ def _bezier(ctrl: torch.Tensor) -> torch.Tensor:
     """ctrl `[..., 3, 2]` -> points `[..., CURVE_POINTS, 2]` on the quadratic Bézier curve."""
     t = torch.linspace(0, 1, CURVE_POINTS)[:, None]
     p0, p1, p2 = ctrl[..., 0:1, :], ctrl[..., 1:2, :], ctrl[..., 2:3, :]
-    return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
+    return (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t**2 * p2
 
 
 def _dilate(mask: torch.Tensor, r: int) -> torch.Tensor:
     """Binary dilation of `[B, H, W]` by a (2r+1)×(2r+1) square (separable shifts)."""
     H, W = mask.shape[1:]
     p = F.pad(mask, (r, r, 0, 0))
-    rows = functools.reduce(torch.logical_or, [p[:, :, i:i + W] for i in range(2 * r + 1)])
+    rows = functools.reduce(torch.logical_or, [p[:, :, i : i + W] for i in range(2 * r + 1)])
     p = F.pad(rows, (0, 0, r, r))
-    return functools.reduce(torch.logical_or, [p[:, i:i + H] for i in range(2 * r + 1)])
+    return functools.reduce(torch.logical_or, [p[:, i : i + H] for i in range(2 * r + 1)])
 
 
 def _render(points: torch.Tensor, active: torch.Tensor, thick: torch.Tensor, size: int) -> torch.Tensor:
@@ -98,8 +99,14 @@ def glyphs(num_classes: int = 600, examples: int = 20, size: int = 28, seed: int
     return _cached(num_classes, examples, size, seed)
 
 
-def glyph_splits(num_classes: int = 600, examples: int = 20, size: int = 28, seed: int = 0,
-                 val_classes: int = 100, test_classes: int = 100) -> Splits:
+def glyph_splits(
+    num_classes: int = 600,
+    examples: int = 20,
+    size: int = 28,
+    seed: int = 0,
+    val_classes: int = 100,
+    test_classes: int = 100,
+) -> Splits:
     """Disjoint class splits of `glyphs(...)`: the rest / `val_classes` / `test_classes`."""
     data = glyphs(num_classes, examples, size, seed)
     train_classes = num_classes - val_classes - test_classes

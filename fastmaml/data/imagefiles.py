@@ -9,6 +9,7 @@ Errors in the data a user points at (a layout that is not the expected one, a CS
 truncated or unreadable image file) are `DatasetError`s that name the file or folder; the training
 jobs print them as one line.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,17 +57,17 @@ def require_pil():
     try:
         from PIL import Image
     except ImportError as e:  # pragma: no cover - Pillow is present wherever the readers are tested
-        raise ImportError(
-            "reading Omniglot / mini-ImageNet image files needs Pillow: pip install pillow"
-        ) from e
+        raise ImportError("reading Omniglot / mini-ImageNet image files needs Pillow: pip install pillow") from e
     return Image
 
 
-def decode_all(paths: Sequence[Path], decode: Callable[[Path], np.ndarray],
-               workers: Optional[int] = None) -> np.ndarray:
+def decode_all(
+    paths: Sequence[Path], decode: Callable[[Path], np.ndarray], workers: Optional[int] = None
+) -> np.ndarray:
     """Decodes every file with `decode(path) -> uint8 [C, H, W]` (threads) -> `[len(paths), C, H, W]`,
     written straight into one preallocated array. A file that cannot be decoded raises `ImageFileError`
     with its path."""
+
     def decode_one(path: Path) -> np.ndarray:
         try:
             return decode(path)
@@ -103,8 +104,9 @@ def load_cached(cache_dir: Path, stem: str, fingerprint) -> Optional[ClassDatase
         return None
 
 
-def save_cached(cache_dir: Path, stem: str, fingerprint, images: np.ndarray, counts: List[int],
-                names: List[str]) -> None:
+def save_cached(
+    cache_dir: Path, stem: str, fingerprint, images: np.ndarray, counts: List[int], names: List[str]
+) -> None:
     """Writes the cache atomically; a read-only folder only costs a warning (the next load decodes again)."""
     meta = {"version": CACHE_VERSION, "fingerprint": fingerprint, "counts": counts, "names": names}
     try:
@@ -117,5 +119,8 @@ def save_cached(cache_dir: Path, stem: str, fingerprint, images: np.ndarray, cou
         tmp.write_text(json.dumps(meta))
         os.replace(tmp, cache_dir / f"{stem}.json")
     except OSError as e:
-        warnings.warn(f"could not write the decoded-image cache in {cache_dir} ({e}); pass cache_dir= "
-                      "a writable folder to make the next load fast", stacklevel=2)
+        warnings.warn(
+            f"could not write the decoded-image cache in {cache_dir} ({e}); pass cache_dir= "
+            "a writable folder to make the next load fast",
+            stacklevel=2,
+        )

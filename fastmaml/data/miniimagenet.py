@@ -14,6 +14,7 @@ images that are already 84×84), values scaled to [0, 1] with no mean/std normal
 decoded array (uint8 `[images, 3, 84, 84]`; 813 MB for train) is cached in `ROOT/.fastmaml_cache`
 (or `cache_dir`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -33,8 +34,10 @@ from .imagefiles import (
     save_cached,
 )
 
-SOURCE = ("split CSVs: https://github.com/twitter-research/meta-learning-lstm (data/miniImagenet); images: "
-          "the ILSVRC-12 training images they name, from image-net.org")
+SOURCE = (
+    "split CSVs: https://github.com/twitter-research/meta-learning-lstm (data/miniImagenet); images: "
+    "the ILSVRC-12 training images they name, from image-net.org"
+)
 SPLITS = ("train", "val", "test")
 LAYOUT = "ROOT/train.csv, ROOT/val.csv, ROOT/test.csv (header filename,label) and ROOT/images/<filename>.jpg"
 
@@ -59,13 +62,13 @@ def read_split(root, split: str) -> Dict[str, List[str]]:
         rows = list(csv.reader(f))
     if not rows or [c.strip() for c in rows[0]] != ["filename", "label"]:
         seen = ",".join(rows[0]) if rows else "an empty file"
-        raise DatasetFormatError(f"mini-ImageNet: {path} must start with the header 'filename,label', "
-                                 f"found {seen!r}")
+        raise DatasetFormatError(f"mini-ImageNet: {path} must start with the header 'filename,label', found {seen!r}")
     classes: Dict[str, List[str]] = {}
     for line, row in enumerate(rows[1:], start=2):
         if len(row) != 2:
-            raise DatasetFormatError(f"mini-ImageNet: {path} line {line}: expected 'filename,label', "
-                                     f"got {','.join(row)!r}")
+            raise DatasetFormatError(
+                f"mini-ImageNet: {path} line {line}: expected 'filename,label', got {','.join(row)!r}"
+            )
         classes.setdefault(row[1].strip(), []).append(row[0].strip())
     if not classes:
         raise DatasetFormatError(f"mini-ImageNet: {path} lists no images")
@@ -83,8 +86,9 @@ def _decoder(size: int):
     return decode
 
 
-def load_miniimagenet(root, split: str, *, image_size: int = 84, cache_dir=None,
-                      workers: Optional[int] = None) -> ClassDataset:
+def load_miniimagenet(
+    root, split: str, *, image_size: int = 84, cache_dir=None, workers: Optional[int] = None
+) -> ClassDataset:
     """One split as a `ClassDataset` (uint8 `[3, image_size, image_size]`, one class per WordNet label)."""
     root = Path(root).expanduser()
     classes = read_split(root, split)
@@ -93,10 +97,10 @@ def load_miniimagenet(root, split: str, *, image_size: int = 84, cache_dir=None,
     paths = [root / "images" / name for files in classes.values() for name in files]
     missing = [p.name for p in paths if not p.is_file()]
     if missing:
-        raise _layout_error(root, f"{len(missing)} image(s) listed in {split}.csv are missing from images/, "
-                                  f"e.g. {missing[:3]}")
-    fingerprint = {"image_size": image_size, "names": names, "counts": counts,
-                   "files": files_fingerprint(paths, root)}
+        raise _layout_error(
+            root, f"{len(missing)} image(s) listed in {split}.csv are missing from images/, e.g. {missing[:3]}"
+        )
+    fingerprint = {"image_size": image_size, "names": names, "counts": counts, "files": files_fingerprint(paths, root)}
     cache = Path(cache_dir) if cache_dir is not None else root / ".fastmaml_cache"
     stem = f"miniimagenet_{split}_{image_size}"
     cached = load_cached(cache, stem, fingerprint)
@@ -110,8 +114,9 @@ def load_miniimagenet(root, split: str, *, image_size: int = 84, cache_dir=None,
 def miniimagenet_splits(root, *, image_size: int = 84, cache_dir=None) -> Splits:
     """The Ravi & Larochelle split: 64 meta-train, 16 meta-validation, 20 meta-test classes."""
     loaded = [load_miniimagenet(root, s, image_size=image_size, cache_dir=cache_dir) for s in SPLITS]
-    overlap = set(loaded[0].names) & (set(loaded[1].names) | set(loaded[2].names)) | \
-        (set(loaded[1].names) & set(loaded[2].names))
+    overlap = set(loaded[0].names) & (set(loaded[1].names) | set(loaded[2].names)) | (
+        set(loaded[1].names) & set(loaded[2].names)
+    )
     if overlap:
         raise DatasetFormatError(f"mini-ImageNet: classes {sorted(overlap)[:5]} appear in more than one split CSV")
     return Splits(*loaded)

@@ -21,6 +21,7 @@ meta-training and meta-validation (1100 + 100) and the remaining 423 for meta-te
 The decoded array (uint8 `[1623 · 20, 1, 28, 28]`, 25 MB) is cached in `ROOT/.fastmaml_cache` (or
 `cache_dir`), so the second load takes well under a second.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,8 +32,10 @@ import numpy as np
 from .episodes import ClassDataset, Splits, split_classes
 from .imagefiles import DatasetLayoutError, decode_all, files_fingerprint, load_cached, require_pil, save_cached
 
-SOURCE = ("https://github.com/brendenlake/omniglot (python/images_background.zip and "
-          "python/images_evaluation.zip, unzipped into one folder)")
+SOURCE = (
+    "https://github.com/brendenlake/omniglot (python/images_background.zip and "
+    "python/images_evaluation.zip, unzipped into one folder)"
+)
 FOLDERS = ("images_background", "images_evaluation")
 LAYOUT = "ROOT/images_background/Alphabet_of_the_Magi/character01/0709_01.png"
 NUM_CHARACTERS = 1623
@@ -104,8 +107,7 @@ def load_omniglot(root, *, image_size: int = 28, cache_dir=None, workers: Option
     names = [name for name, _ in characters]
     counts = [len(pngs) for _, pngs in characters]
     paths = [p for _, pngs in characters for p in pngs]
-    fingerprint = {"image_size": image_size, "names": names, "counts": counts,
-                   "files": files_fingerprint(paths, root)}
+    fingerprint = {"image_size": image_size, "names": names, "counts": counts, "files": files_fingerprint(paths, root)}
     cache = Path(cache_dir) if cache_dir is not None else root / ".fastmaml_cache"
     stem = f"omniglot_{image_size}"
     cached = load_cached(cache, stem, fingerprint)
@@ -116,16 +118,24 @@ def load_omniglot(root, *, image_size: int = 28, cache_dir=None, workers: Option
     return ClassDataset(images, counts, names)
 
 
-def omniglot_splits(root, *, image_size: int = 28, train_characters: int = 1100, val_characters: int = 100,
-                    seed: int = 1, cache_dir=None) -> Splits:
+def omniglot_splits(
+    root,
+    *,
+    image_size: int = 28,
+    train_characters: int = 1100,
+    val_characters: int = 100,
+    seed: int = 1,
+    cache_dir=None,
+) -> Splits:
     """The MAML split: characters shuffled with `seed`; `train_characters` for meta-training, the next
     `val_characters` for validation, the rest (423 of the 1623) for the meta-test."""
     data = load_omniglot(root, image_size=image_size, cache_dir=cache_dir)
     return split_omniglot(data, train_characters=train_characters, val_characters=val_characters, seed=seed)
 
 
-def split_omniglot(data: ClassDataset, *, train_characters: int = 1100, val_characters: int = 100,
-                   seed: int = 1) -> Splits:
+def split_omniglot(
+    data: ClassDataset, *, train_characters: int = 1100, val_characters: int = 100, seed: int = 1
+) -> Splits:
     """`omniglot_splits` on an already loaded `load_omniglot(...)` dataset."""
     n = data.num_classes
     if train_characters < 1 or val_characters < 1 or train_characters + val_characters >= n:

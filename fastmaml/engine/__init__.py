@@ -3,6 +3,7 @@
 - the sweep engine (engine/general.py) over the model's Program (the fused graph, or torch.func) otherwise.
 `InnerLoop` (engine/sweeps.py) wraps the sweeps as one autograd Function for `adapt`.
 """
+
 from __future__ import annotations
 
 from ..programs import Program, select_program
@@ -11,8 +12,16 @@ from .mlp import MlpEngine, mlp_plan
 from .request import MetaGrad, MetaStepRequest
 from .sweeps import ORDERS, Implicit, InnerLoop, InnerLoopSpec
 
-__all__ = ["ORDERS", "Implicit", "InnerLoop", "InnerLoopSpec", "MetaGrad", "MetaStepRequest", "meta_grad",
-           "program_for"]
+__all__ = [
+    "ORDERS",
+    "Implicit",
+    "InnerLoop",
+    "InnerLoopSpec",
+    "MetaGrad",
+    "MetaStepRequest",
+    "meta_grad",
+    "program_for",
+]
 
 
 def program_for(model, layout, loss) -> Program:

@@ -5,6 +5,7 @@ chunks' meta-gradients are summed as they go, so one chunk's state is alive at a
 comes from the per-task state (`schedule.state_buffers`) and the device's budget, or `task_chunk`; the
 memory a chunk needs is checked before anything is allocated.
 """
+
 from __future__ import annotations
 
 from typing import List, NamedTuple, Optional
@@ -42,15 +43,19 @@ def _add(total: Optional[torch.Tensor], t: Optional[torch.Tensor]) -> Optional[t
 def _cat_stats(chunks):
     """Per-chunk BatchNorm statistics [[(mean [Tc, C], var [Tc, C], count) or None per layer]] -> one list
     over all tasks."""
-    return [None if chunks[0][i] is None else
-            (torch.cat([c[i][0] for c in chunks]), torch.cat([c[i][1] for c in chunks]), chunks[0][i][2])
-            for i in range(len(chunks[0]))]
+    return [
+        None
+        if chunks[0][i] is None
+        else (torch.cat([c[i][0] for c in chunks]), torch.cat([c[i][1] for c in chunks]), chunks[0][i][2])
+        for i in range(len(chunks[0]))
+    ]
 
 
 def check_query_loss(loss, step: int, check_finite: bool) -> None:
     if check_finite and not bool(torch.isfinite(loss).all()):
-        raise NonFiniteError(f"non-finite query loss after {step} inner steps: {loss.mean().item()}",
-                             where="query loss", step=step)
+        raise NonFiniteError(
+            f"non-finite query loss after {step} inner steps: {loss.mean().item()}", where="query loss", step=step
+        )
 
 
 def check_labels(program: Program, ops, theta_a, theta_s, x, fields) -> None:
@@ -65,8 +70,10 @@ def check_labels(program: Program, ops, theta_a, theta_s, x, fields) -> None:
     for field, y in fields:
         top = int(y.max())
         if top >= classes:
-            raise ValueError(f"{field}: class index {top} is out of range for the model's {classes} outputs "
-                             f"(expected indices in [0, {classes - 1}])")
+            raise ValueError(
+                f"{field}: class index {top} is out of range for the model's {classes} outputs "
+                f"(expected indices in [0, {classes - 1}])"
+            )
 
 
 class SweepEngine:
@@ -79,14 +86,29 @@ class SweepEngine:
     def run(self, req: MetaStepRequest) -> MetaGrad:
         program, T, K = self.program, req.batch.num_tasks, req.steps
         theta_a = req.theta_a
-        per_task = req.layout.adapted.size * theta_a.element_size() * state_buffers(
-            req.order, K, any(req.lr_grad), req.weights is not None)
+        per_task = (
+            req.layout.adapted.size
+            * theta_a.element_size()
+            * state_buffers(req.order, K, any(req.lr_grad), req.weights is not None)
+        )
         if req.loss.classification:
-            check_labels(program, req.ops, theta_a, req.theta_s, req.batch.support_x,
-                         [("tasks.support_y", req.batch.support_y), ("tasks.query_y", req.batch.query_y)])
+            check_labels(
+                program,
+                req.ops,
+                theta_a,
+                req.theta_s,
+                req.batch.support_x,
+                [("tasks.support_y", req.batch.support_y), ("tasks.query_y", req.batch.query_y)],
+            )
         chunks = task_budget_chunks(T, per_task, theta_a.device, req.task_chunk)
-        check_memory(per_task, chunks[0].stop - chunks[0].start, theta_a.device, steps=K, order=req.order,
-                     chunk_given=req.task_chunk is not None)
+        check_memory(
+            per_task,
+            chunks[0].stop - chunks[0].start,
+            theta_a.device,
+            steps=K,
+            order=req.order,
+            chunk_given=req.task_chunk is not None,
+        )
         parts, d_a, d_s, d_alphas = [], None, None, [None] * K
         for sl in chunks:  # the meta-gradients are summed as the chunks go: one chunk's state alive at a time
             part = self._chunk(req, sl, T)
@@ -94,8 +116,9 @@ class SweepEngine:
             d_alphas = [_add(total, d) for total, d in zip(d_alphas, part.d_alphas)]
             parts.append(part._replace(d_a=None, d_s=None, d_alphas=None))
         if req.check_finite and d_s is not None and not bool(torch.isfinite(d_s).all()):
-            raise NonFiniteError("non-finite meta-gradient of the shared (non-adapted) parameters",
-                                 where="shared meta-gradient")
+            raise NonFiniteError(
+                "non-finite meta-gradient of the shared (non-adapted) parameters", where="shared meta-gradient"
+            )
         query_after = torch.cat([p.query_loss for p in parts])
         meta_loss = query_after.mean() if req.weights is None else torch.cat([p.weighted_loss for p in parts]).mean()
         recorded = None
@@ -112,8 +135,9 @@ class SweepEngine:
                 before_loss = loss.detach()
                 before_acc = accuracy(out.detach(), qy) if req.loss.classification else None
         support_before = torch.cat([p.support_before for p in parts]) if K else None
-        return MetaGrad(d_a, d_s, d_alphas, meta_loss, query_after, support_before, before_loss, acc_after,
-                        before_acc, recorded)
+        return MetaGrad(
+            d_a, d_s, d_alphas, meta_loss, query_after, support_before, before_loss, acc_after, before_acc, recorded
+        )
 
     def _chunk(self, req: MetaStepRequest, sl: slice, T: int) -> _ChunkGrad:
         """Forward sweep, query loss and gradient, reverse sweep for the tasks `sl` of the batch; with step
@@ -123,10 +147,22 @@ class SweepEngine:
         theta_s, alphas, K = req.theta_s, req.alphas, req.steps
         shared_grad, check_finite = req.shared_grad, req.check_finite
         recorded = [] if norm.record else None
-        phi, tape, support_before = forward_sweep(program, ops, req.theta_a, theta_s, alphas, sx, sy,
-                                                  order=req.order, keep_grads=any(req.lr_grad),
-                                                  check_finite=check_finite, norm=norm, recorded=recorded,
-                                                  implicit=req.implicit, keep_phis=weights is not None)
+        phi, tape, support_before = forward_sweep(
+            program,
+            ops,
+            req.theta_a,
+            theta_s,
+            alphas,
+            sx,
+            sy,
+            order=req.order,
+            keep_grads=any(req.lr_grad),
+            check_finite=check_finite,
+            norm=norm,
+            recorded=recorded,
+            implicit=req.implicit,
+            keep_phis=weights is not None,
+        )
         q = program.loss_grad(ops, phi, theta_s, qx, qy, shared_grad=shared_grad, bn_stats=norm.stats(K))
         check_query_loss(q.loss, K, check_finite)
         last = 1.0 if weights is None else weights[-1]
@@ -149,13 +185,32 @@ class SweepEngine:
                 shared_terms.append(batch_share(qj.grad_shared.sum(0), w))
             return batch_share(qj.grad, w)
 
-        d_a, d_s, d_alphas = reverse_sweep(program, ops, tape, batch_share(q.grad, last), theta_s, alphas, sx, sy,
-                                           shared_grad=shared_grad, lr_grad=req.lr_grad, check_finite=check_finite,
-                                           norm=norm, step_loss_grad=step_loss_grad if weights is not None else None)
+        d_a, d_s, d_alphas = reverse_sweep(
+            program,
+            ops,
+            tape,
+            batch_share(q.grad, last),
+            theta_s,
+            alphas,
+            sx,
+            sy,
+            shared_grad=shared_grad,
+            lr_grad=req.lr_grad,
+            check_finite=check_finite,
+            norm=norm,
+            step_loss_grad=step_loss_grad if weights is not None else None,
+        )
         if shared_grad:
             d_s = d_s + sum(shared_terms)
         if recorded is not None:
             recorded.append(program.batch_stats(ops, phi, theta_s, qx))
-        return _ChunkGrad(d_a, d_s, d_alphas, q.loss.detach(),
-                          accuracy(q.output.detach(), qy) if req.loss.classification else None,
-                          None if support_before is None else support_before.detach(), recorded, weighted)
+        return _ChunkGrad(
+            d_a,
+            d_s,
+            d_alphas,
+            q.loss.detach(),
+            accuracy(q.output.detach(), qy) if req.loss.classification else None,
+            None if support_before is None else support_before.detach(),
+            recorded,
+            weighted,
+        )

@@ -5,6 +5,7 @@ Tanh, every Linear with a bias, every parameter adapted) under MSE runs its whol
 It covers orders "second", "checkpoint" and "first" without step weights and returns None otherwise, or
 when the result is not finite (the general engine then reruns the step and says at which inner step).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -39,8 +40,11 @@ def mlp_plan(program: Program, loss) -> Tuple[Optional[MlpPlan], str]:
     if len(kinds) > 1 or not kinds <= set(_ACTS):
         return None, "expected one activation type (ReLU or Tanh) between the Linear layers"
     refs = [r for n in linears for r in n.params]
-    if any(r is None or r.group != "a" for r in refs) or [r.index for r in refs] != list(range(len(refs))) \
-            or len(refs) != len(program.layout.adapted.slots):
+    if (
+        any(r is None or r.group != "a" for r in refs)
+        or [r.index for r in refs] != list(range(len(refs)))
+        or len(refs) != len(program.layout.adapted.slots)
+    ):
         return None, "expected every Linear with a bias, its parameters adapted in layer order"
     shapes = [program.layout.adapted.slots[r.index].shape for r in refs[0::2]]
     if any(a[0] != b[1] for a, b in zip(shapes, shapes[1:])):
@@ -64,31 +68,47 @@ class MlpEngine:
             return None  # the general engine raises the precise error
         theta, T, K = req.theta_a, req.batch.num_tasks, req.steps
         # per task: φ_j and g_j of every step, and the activations of every step's support pass and the query's
-        per_task = theta.element_size() * (2 * (K + 1) * theta.numel()
-                                           + 2 * (K * sx.shape[1] + qx.shape[1]) * sum(self.plan.sizes))
+        per_task = theta.element_size() * (
+            2 * (K + 1) * theta.numel() + 2 * (K * sx.shape[1] + qx.shape[1]) * sum(self.plan.sizes)
+        )
         chunks = task_budget_chunks(T, per_task, theta.device, req.task_chunk)
-        check_memory(per_task, chunks[0].stop - chunks[0].start, theta.device, steps=K, order=req.order,
-                     chunk_given=req.task_chunk is not None)
+        check_memory(
+            per_task,
+            chunks[0].stop - chunks[0].start,
+            theta.device,
+            steps=K,
+            order=req.order,
+            chunk_given=req.task_chunk is not None,
+        )
         parts = [self._op(req, *(t[sl] for t in req.batch)) for sl in chunks]
         if len(parts) == 1:
             out = parts[0]
         else:
             weights = [(sl.stop - sl.start) / T for sl in chunks]  # each part is a mean over its own tasks
-            out = MlpStepResult(torch.cat([p.query_loss_after for p in parts]),
-                                sum(p.grad * w for p, w in zip(parts, weights)),
-                                [None if d[0] is None else sum(x * w for x, w in zip(d, weights))
-                                 for d in zip(*(p.d_alphas for p in parts))],
-                                None if parts[0].query_loss_before is None else
-                                torch.cat([p.query_loss_before for p in parts]),
-                                None if parts[0].support_loss_before is None else
-                                torch.cat([p.support_loss_before for p in parts]))
+            out = MlpStepResult(
+                torch.cat([p.query_loss_after for p in parts]),
+                sum(p.grad * w for p, w in zip(parts, weights)),
+                [
+                    None if d[0] is None else sum(x * w for x, w in zip(d, weights))
+                    for d in zip(*(p.d_alphas for p in parts))
+                ],
+                None if parts[0].query_loss_before is None else torch.cat([p.query_loss_before for p in parts]),
+                None if parts[0].support_loss_before is None else torch.cat([p.support_loss_before for p in parts]),
+            )
         # (a sum is non-finite if any term is, or, rarely, if it overflows: then the general path reruns for nothing)
         if req.check_finite and not torch.isfinite(out.grad.sum() + out.query_loss_after.sum()):
             return None
-        return MetaGrad(out.grad, None, out.d_alphas, out.query_loss_after.mean(), out.query_loss_after,
-                        out.support_loss_before if K else None,
-                        out.query_loss_before if req.evaluate_before else None)
+        return MetaGrad(
+            out.grad,
+            None,
+            out.d_alphas,
+            out.query_loss_after.mean(),
+            out.query_loss_after,
+            out.support_loss_before if K else None,
+            out.query_loss_before if req.evaluate_before else None,
+        )
 
     def _op(self, req: MetaStepRequest, sx, sy, qx, qy) -> MlpStepResult:
-        return req.ops.mlp_meta_step(self.plan, req.theta_a, sx, sy, qx, qy, req.alphas, req.order, req.lr_grad,
-                                     req.evaluate_before)
+        return req.ops.mlp_meta_step(
+            self.plan, req.theta_a, sx, sy, qx, qy, req.alphas, req.order, req.lr_grad, req.evaluate_before
+        )

@@ -1,4 +1,5 @@
 """What an engine is asked (`MetaStepRequest`, validated by the API) and what it returns (`MetaGrad`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -16,6 +16,7 @@ conjugate gradient with the same Hessian-vector product: ∂L/∂θ = Σ_t u.
 `InnerLoop` wraps both sweeps as one autograd Function (the surface for `adapt` and for other
 libraries); `meta_step` calls the sweeps directly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,9 +68,23 @@ def _first_bad(flags: List[torch.Tensor]) -> Optional[int]:
     return int(bad[0]) if len(bad) else None
 
 
-def forward_sweep(program: Program, ops: OpTable, theta_a, theta_s, alphas, sx, sy, *, order: str,
-                  keep_grads: bool, check_finite: bool, norm: Optional[NormPlan] = None,
-                  recorded: Optional[list] = None, implicit: Optional[Implicit] = None, keep_phis: bool = False):
+def forward_sweep(
+    program: Program,
+    ops: OpTable,
+    theta_a,
+    theta_s,
+    alphas,
+    sx,
+    sy,
+    *,
+    order: str,
+    keep_grads: bool,
+    check_finite: bool,
+    norm: Optional[NormPlan] = None,
+    recorded: Optional[list] = None,
+    implicit: Optional[Implicit] = None,
+    keep_phis: bool = False,
+):
     """Runs the K inner steps. Returns (φ_K `[T, Pa]`, tape, support loss at θ `[T]` or None).
 
     keep_grads: keep g_j in "first" order (needed only for the α-gradient). keep_phis: keep φ_j in
@@ -107,7 +122,8 @@ def forward_sweep(program: Program, ops: OpTable, theta_a, theta_s, alphas, sx, 
             raise NonFiniteError(
                 f"non-finite support loss or gradient at inner step {bad} (of {len(alphas)}); "
                 "lower inner_lr or check the inputs",
-                where="support loss/gradient", step=bad,
+                where="support loss/gradient",
+                step=bad,
             )
     if phi.dim() == 1:
         phi = phi.expand(T, -1)
@@ -116,8 +132,19 @@ def forward_sweep(program: Program, ops: OpTable, theta_a, theta_s, alphas, sx, 
     return phi, tape, loss0
 
 
-def implicit_solve(program: Program, ops: OpTable, tape: Tape, v, theta_s, sx, sy, *, shared_grad: bool,
-                   check_finite: bool, bn_stats=None):
+def implicit_solve(
+    program: Program,
+    ops: OpTable,
+    tape: Tape,
+    v,
+    theta_s,
+    sx,
+    sy,
+    *,
+    shared_grad: bool,
+    check_finite: bool,
+    bn_stats=None,
+):
     """iMAML's backward: u = (I + H/λ)⁻¹ v per task by `cg_steps` of conjugate gradient, H the support
     Hessian at φ_K. Returns (∂L/∂θ = Σ_t u `[Pa]`, ∂L/∂ψ = −Σ_t H_sa u / λ `[Ps]` or None)."""
     phi, lam = tape.phis[-1], tape.implicit.lam
@@ -141,18 +168,38 @@ def implicit_solve(program: Program, ops: OpTable, tape: Tape, v, theta_s, sx, s
         p = torch.addcmul(r, beta[:, None], p)
         rs = rs_new
     if check_finite and not bool(torch.isfinite(u).all()):
-        raise NonFiniteError("non-finite meta-gradient in the implicit (conjugate gradient) solve; "
-                             "raise implicit_lambda or check the inputs", where="implicit solve")
+        raise NonFiniteError(
+            "non-finite meta-gradient in the implicit (conjugate gradient) solve; "
+            "raise implicit_lambda or check the inputs",
+            where="implicit solve",
+        )
     d_shared = None
     if shared_grad:
-        d_shared = -program.hvp(ops, phi, theta_s, sx, sy, u, shared_grad=True, need_grad=False,
-                                bn_stats=bn_stats).hu_shared.sum(0) / lam
+        d_shared = (
+            -program.hvp(
+                ops, phi, theta_s, sx, sy, u, shared_grad=True, need_grad=False, bn_stats=bn_stats
+            ).hu_shared.sum(0)
+            / lam
+        )
     return u.sum(0), d_shared
 
 
-def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas, sx, sy, *,
-                  shared_grad: bool, lr_grad: List[bool], check_finite: bool, norm: Optional[NormPlan] = None,
-                  step_loss_grad=None):
+def reverse_sweep(
+    program: Program,
+    ops: OpTable,
+    tape: Tape,
+    v,
+    theta_s,
+    alphas,
+    sx,
+    sy,
+    *,
+    shared_grad: bool,
+    lr_grad: List[bool],
+    check_finite: bool,
+    norm: Optional[NormPlan] = None,
+    step_loss_grad=None,
+):
     """v `[T, Pa]` = ∂L/∂φ_K. Returns (∂L/∂θ `[Pa]`, ∂L/∂ψ `[Ps]` or None, [∂L/∂α_j or None]).
 
     step_loss_grad(j, φ_j) -> `[T, Pa]` or None: ∂L/∂φ_j of a loss term on φ_j itself, 0 < j < K (the
@@ -160,8 +207,18 @@ def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas
     In "first" order it needs the tape's φ_j (`forward_sweep(keep_phis=True)`)."""
     K = len(alphas)
     if tape.order == "implicit":
-        d_a, d_s = implicit_solve(program, ops, tape, v, theta_s, sx, sy, shared_grad=shared_grad,
-                                  check_finite=check_finite, bn_stats=norm.stats(K) if norm is not None else None)
+        d_a, d_s = implicit_solve(
+            program,
+            ops,
+            tape,
+            v,
+            theta_s,
+            sx,
+            sy,
+            shared_grad=shared_grad,
+            check_finite=check_finite,
+            bn_stats=norm.stats(K) if norm is not None else None,
+        )
         return d_a, d_s, [None] * K
     d_shared = theta_s.new_zeros(theta_s.shape) if shared_grad else None
     d_alphas: List[Optional[torch.Tensor]] = [None] * K
@@ -172,8 +229,11 @@ def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas
 
     def advance(phi, a, b):
         for j in range(a, b):
-            phi = ops.inner_update(phi.expand(sx.shape[0], -1),
-                                   program.loss_grad(ops, phi, theta_s, sx, sy, bn_stats=stats(j)).grad, alphas[j])
+            phi = ops.inner_update(
+                phi.expand(sx.shape[0], -1),
+                program.loss_grad(ops, phi, theta_s, sx, sy, bn_stats=stats(j)).grad,
+                alphas[j],
+            )
         return phi
 
     if tape.order == "first":
@@ -187,8 +247,17 @@ def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas
         if tape.order == "first":
             v, d_alphas[j] = ops.adjoint_update(v, None, tape.grads[j], alpha, lr_grad[j])
         else:
-            h = program.hvp(ops, phi, theta_s, sx, sy, alpha * v, shared_grad=shared_grad,
-                            need_grad=tape.grads[j] is None, bn_stats=stats(j))
+            h = program.hvp(
+                ops,
+                phi,
+                theta_s,
+                sx,
+                sy,
+                alpha * v,
+                shared_grad=shared_grad,
+                need_grad=tape.grads[j] is None,
+                bn_stats=stats(j),
+            )
             g = tape.grads[j] if tape.grads[j] is not None else h.grad
             if shared_grad:
                 d_shared -= h.hu_shared.sum(0)
@@ -206,7 +275,8 @@ def reverse_sweep(program: Program, ops: OpTable, tape: Tape, v, theta_s, alphas
             raise NonFiniteError(
                 f"non-finite meta-gradient in the reverse sweep at inner step {step} (of {K}): the "
                 "Hessian-vector product overflowed or produced NaN; lower inner_lr or check the inputs",
-                where="reverse sweep", step=step,
+                where="reverse sweep",
+                step=step,
             )
     return v.sum(0), d_shared, d_alphas
 
@@ -263,10 +333,21 @@ class InnerLoop(torch.autograd.Function):
         keep = spec.keep_grads if spec.keep_grads is not None else any(a.requires_grad for a in alphas)
         theta = theta_a.detach()
         with suspended_saved_tensors_hooks():
-            phi, tape, loss0 = forward_sweep(spec.program, spec.ops, theta, theta_s.detach(),
-                                             [a.detach() for a in alphas], sx.detach(), sy.detach(),
-                                             order=spec.order, keep_grads=keep, check_finite=spec.check_finite,
-                                             norm=spec.norm, recorded=spec.recorded, implicit=spec.implicit)
+            phi, tape, loss0 = forward_sweep(
+                spec.program,
+                spec.ops,
+                theta,
+                theta_s.detach(),
+                [a.detach() for a in alphas],
+                sx.detach(),
+                sy.detach(),
+                order=spec.order,
+                keep_grads=keep,
+                check_finite=spec.check_finite,
+                norm=spec.norm,
+                recorded=spec.recorded,
+                implicit=spec.implicit,
+            )
         if loss0 is None:
             loss0 = theta.new_full((sx.shape[0],), float("nan"))
         slots, kept = [], []  # where each tape entry is found again in backward: θ, φ_K or a returned tensor
@@ -299,9 +380,9 @@ class InnerLoop(torch.autograd.Function):
         spec, n = ctx.spec, ctx.num_alphas
         saved = ctx.saved_tensors
         theta_a, theta_s, sx, sy = saved[:4]
-        alphas = list(saved[4:4 + n])
+        alphas = list(saved[4 : 4 + n])
         phi = saved[4 + n] if ctx.saves_phi else None
-        kept = saved[4 + n + (1 if ctx.saves_phi else 0):]
+        kept = saved[4 + n + (1 if ctx.saves_phi else 0) :]
         needs = ctx.needs_input_grad
         v, theta_a, theta_s, sx, sy, *alphas = [_live(t) for t in (v, theta_a, theta_s, sx, sy, *alphas)]
         inputs = (theta_a, theta_s, sx, sy, *alphas)
@@ -311,7 +392,7 @@ class InnerLoop(torch.autograd.Function):
         if any(t is None for t in plain):  # batched by torch.func.vmap (jacrev): the sweep's ops take no batch dim
             return (None, *_unrolled_backward(spec, v, *inputs[:4], alphas, needs[1:]))
         v, theta_a, theta_s, sx, sy = plain[:5]
-        alphas, rest = plain[5:5 + n], plain[5 + n:]
+        alphas, rest = plain[5 : 5 + n], plain[5 + n :]
         phi = rest[0] if ctx.saves_phi else None
         kept = rest[1:] if ctx.saves_phi else rest
         num_phis, slots = ctx.tape_slots
@@ -319,11 +400,22 @@ class InnerLoop(torch.autograd.Function):
         tape = Tape(spec.order, implicit=spec.implicit)
         tape.phis, tape.grads = entries[:num_phis], entries[num_phis:]
         shared_grad = needs[2] and theta_s.numel() > 0
-        lr_grad = list(needs[5:5 + n])
+        lr_grad = list(needs[5 : 5 + n])
         with suspended_saved_tensors_hooks():
-            d_a, d_s, d_alphas = reverse_sweep(spec.program, spec.ops, tape, v.contiguous(), theta_s, alphas, sx, sy,
-                                               shared_grad=shared_grad, lr_grad=lr_grad,
-                                               check_finite=spec.check_finite, norm=spec.norm)
+            d_a, d_s, d_alphas = reverse_sweep(
+                spec.program,
+                spec.ops,
+                tape,
+                v.contiguous(),
+                theta_s,
+                alphas,
+                sx,
+                sy,
+                shared_grad=shared_grad,
+                lr_grad=lr_grad,
+                check_finite=spec.check_finite,
+                norm=spec.norm,
+            )
         return (None, d_a if needs[1] else None, d_s, None, None, *d_alphas)
 
     @staticmethod
@@ -393,11 +485,15 @@ def _unrolled_backward(spec: "InnerLoopSpec", v, theta_a, theta_s, sx, sy, alpha
     mode is on; also gives the support set's gradient. needs: whether θ, ψ, x_s, y_s and each α_j need a
     gradient."""
     if spec.order not in ("second", "checkpoint"):
-        what = "differentiable backward (create_graph=True, double backward, torch.func.grad of a gradient)" \
-            if not (needs[2] or needs[3]) else "gradient with respect to the support set"
+        what = (
+            "differentiable backward (create_graph=True, double backward, torch.func.grad of a gradient)"
+            if not (needs[2] or needs[3])
+            else "gradient with respect to the support set"
+        )
         raise NotImplementedError(
             f"adapt(order={spec.order!r}) has no {what}: the {spec.order} meta-gradient is not the derivative "
-            "of the adapted weights; use order='second' or 'checkpoint'")
+            "of the adapted weights; use order='second' or 'checkpoint'"
+        )
     T = sx.shape[0]
     inputs = [theta_a, theta_s, sx, sy, *alphas]
     wanted = [i for i, t in enumerate(inputs) if needs[i] and t.is_floating_point()]

@@ -1,5 +1,6 @@
 """Ops: named computations with a plain-PyTorch reference (`reference/`) and faster backends (`backends/`),
 chosen per device by the registry (see README.md in this folder). Importing this registers them all."""
+
 from . import reference  # noqa: F401  (the "torch" reference of every op)
 from .registry import BACKENDS, ENV_VAR, OpTable, implementation, op_names, register, register_backend, resolve
 
@@ -10,7 +11,8 @@ except Exception as _exc:  # pragma: no cover - reported by `fastmaml info`
 try:
     from .backends import triton, triton_norm  # noqa: F401  (kernels imported at first use)
 except Exception as _exc:  # pragma: no cover
-    register_backend("triton",
-                     lambda device, _why=f"fastmaml.ops.backends.triton failed to import: {_exc!r}": (False, _why))
+    register_backend(
+        "triton", lambda device, _why=f"fastmaml.ops.backends.triton failed to import: {_exc!r}": (False, _why)
+    )
 
 __all__ = ["BACKENDS", "ENV_VAR", "OpTable", "implementation", "op_names", "register", "register_backend", "resolve"]

@@ -10,6 +10,7 @@ qy likewise; alphas: K tensors (0-dim or `[P]`); order "second", "checkpoint" or
 (∂/∂α_j wanted); need_before: also the query loss at θ. Which models it runs is the engine's business
 (fastmaml/engine/mlp.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -18,6 +18,7 @@ there, else the reference. An explicitly named backend that cannot run on the de
 `BackendUnavailable` saying why; the ops it does not implement run their reference. The environment
 variable `FASTMAML_BACKEND` replaces `"auto"` (an explicit argument still wins).
 """
+
 from __future__ import annotations
 
 import os
@@ -85,9 +86,17 @@ def _both(a: Optional[Supports], b: Optional[Supports]) -> Optional[Supports]:
     return check
 
 
-def register(name: str, backend: str, *, devices: Optional[Sequence[str]] = None,
-             dtypes: Optional[Sequence[torch.dtype]] = None, supports: Optional[Supports] = None,
-             limits: str = "", auto: Union[bool, Sequence[str]] = True, why_not_auto: str = ""):
+def register(
+    name: str,
+    backend: str,
+    *,
+    devices: Optional[Sequence[str]] = None,
+    dtypes: Optional[Sequence[torch.dtype]] = None,
+    supports: Optional[Supports] = None,
+    limits: str = "",
+    auto: Union[bool, Sequence[str]] = True,
+    why_not_auto: str = "",
+):
     """Decorator: `fn` implements op `name` for `backend`.
 
     Args:
@@ -107,8 +116,12 @@ def register(name: str, backend: str, *, devices: Optional[Sequence[str]] = None
     def deco(fn):
         _IMPLS.setdefault(name, {})[backend] = fn
         _SPECS[(name, backend)] = Spec(
-            None if devices is None else tuple(devices), auto if isinstance(auto, bool) else tuple(auto),
-            why_not_auto or ("" if auto is True else "not chosen by auto"), check, limits)
+            None if devices is None else tuple(devices),
+            auto if isinstance(auto, bool) else tuple(auto),
+            why_not_auto or ("" if auto is True else "not chosen by auto"),
+            check,
+            limits,
+        )
         return fn
 
     return deco

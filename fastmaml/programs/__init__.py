@@ -1,4 +1,5 @@
 """Programs: how a model computes per-task loss, gradient and HVPs for all tasks at once."""
+
 from .base import HVP, LossGrad, Program
 from .fused import FusedProgram
 from .select import select_program

@@ -9,6 +9,7 @@ in module order (see fastmaml/batchnorm.py). `ops`: the op table of the call
 (`fastmaml.ops.resolve(backend, device)`): the backend is an argument of every call, never state of a
 Program (a Program is cached per model and shared by calls with different backends).
 """
+
 from __future__ import annotations
 
 import abc
@@ -55,8 +56,9 @@ class Program(abc.ABC):
         """Per-task loss and its gradient w.r.t. φ (and ψ if `shared_grad`)."""
 
     @abc.abstractmethod
-    def hvp(self, ops, phi, shared, x, y, u, *, shared_grad: bool = False, need_grad: bool = True,
-            bn_stats=None) -> HVP:
+    def hvp(
+        self, ops, phi, shared, x, y, u, *, shared_grad: bool = False, need_grad: bool = True, bn_stats=None
+    ) -> HVP:
         """Exact Hessian-vector product of the per-task loss at φ along u (Pearlmutter R-op).
         `need_grad=False`: the gradient at φ may be left out (`grad` None), saving its weight-gradient work."""
 

@@ -9,6 +9,7 @@ itself changes (a call counter, as learn2learn's ResNet-12 blocks keep) is resto
 out of the key: the compiled program does not replay such side effects. The cache holds models weakly: a
 program keeps no reference to its model.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -50,8 +51,9 @@ def module_state(m: nn.Module, skip=()) -> tuple:
 
 def structure_key(model: nn.Module, layout: ParamLayout, loss: Loss, volatile=None) -> tuple:
     volatile = volatile or {}
-    params = tuple((n, id(p), tuple(p.shape), p.dtype, p.device)
-                   for n, p in model.named_parameters(remove_duplicate=False))
+    params = tuple(
+        (n, id(p), tuple(p.shape), p.dtype, p.device) for n, p in model.named_parameters(remove_duplicate=False)
+    )
     buffers = tuple((n, id(b)) for n, b in model.named_buffers())
     modules = tuple((n, module_state(m, volatile.get(n, ()))) for n, m in model.named_modules())
     return (params, buffers, modules, layout.signature(), loss)

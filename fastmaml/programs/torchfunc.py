@@ -17,6 +17,7 @@ fail; calls of this program are serialized by `MODEL_CALL_LOCK` (one runs at a t
 The program holds the model weakly (its buffers are read at every call), so the program cache does not
 keep models alive; tied parameters (one tensor under two names) are passed under every name.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,9 +56,7 @@ class BatchStatsNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
-            raise ValueError(
-                f"BatchNorm: expected input [N, {self.num_features}, ...], got {tuple(x.shape)}"
-            )
+            raise ValueError(f"BatchNorm: expected input [N, {self.num_features}, ...], got {tuple(x.shape)}")
         shape = [1, -1] + [1] * (x.dim() - 2)
         if self.fixed is None:
             dims = [0] + list(range(2, x.dim()))
@@ -118,8 +117,9 @@ class TorchFuncProgram(Program):
     def _stats(self, bn_stats):
         """BatchNorm layers normalize with `bn_stats` (None: batch statistics) inside the block."""
         if bn_stats is not None and len(bn_stats) != len(self.norms):
-            raise ValueError(f"bn_stats: expected statistics for {len(self.norms)} BatchNorm layers, "
-                             f"got {len(bn_stats)}")
+            raise ValueError(
+                f"bn_stats: expected statistics for {len(self.norms)} BatchNorm layers, got {len(bn_stats)}"
+            )
         for i, m in enumerate(self.norms):
             m.fixed = None if bn_stats is None else bn_stats[i]
         try:

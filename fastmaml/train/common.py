@@ -20,6 +20,7 @@
 A `UserError` is a mistake the user can fix (an option, a folder, a file, the disk): the `fastmaml`
 command prints its message as one line and exits with status 2; anything else keeps its traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -87,6 +88,7 @@ class ForcedStop(BaseException):
 
 # ----------------------------------------------------------------------------------------- options
 
+
 def positive_int(text: str) -> int:
     """argparse type: an int >= 1 (argparse names the option in its error)."""
     return _int_at_least(text, 1, "a positive integer")
@@ -135,7 +137,8 @@ def device_name(text: str) -> str:
         torch.device(text)
     except (RuntimeError, ValueError):
         raise argparse.ArgumentTypeError(
-            f"expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {text!r}") from None
+            f"expected a torch device such as 'cpu', 'cuda' or 'cuda:1', got {text!r}"
+        ) from None
     return text
 
 
@@ -186,48 +189,90 @@ SHARED_OPTIONS: Tuple[Tuple[str, Dict[str, Any], str], ...] = (
     ("--meta-batch", dict(type=positive_int), "tasks per meta-iteration"),
     ("--shots", dict(type=positive_int), "support examples per class/task (K)"),
     ("--steps", dict(type=nonnegative_int), "inner SGD steps in meta-training"),
-    ("--order", dict(choices=None), "meta-gradient (see fastmaml.meta_step): second = exact MAML, checkpoint, "
-                                    "first = FOMAML, implicit"),
+    (
+        "--order",
+        dict(choices=None),
+        "meta-gradient (see fastmaml.meta_step): second = exact MAML, checkpoint, first = FOMAML, implicit",
+    ),
     ("--inner-lr", dict(type=positive_float), "inner-loop learning rate α (training and evaluation)"),
     ("--meta-lr", dict(type=positive_float), "Adam learning rate"),
     ("--seed", dict(type=int), "seed of the initialization and the training tasks"),
     ("--out", dict(type=Path), "output folder: checkpoint.pt, metrics.json, plots"),
-    ("--checkpoint-every", dict(type=positive_int, metavar="N"),
-     f"write <out>/{CHECKPOINT} every N iterations (atomically; also at the end and on SIGINT/SIGTERM)"),
-    ("--log-every", dict(type=nonnegative_float, metavar="SECONDS"),
-     "when the output is not a terminal (a log file), one progress line every SECONDS (0: every iteration)"),
-    ("--method", dict(choices=None), "the meta-learning method, a preset of the options below (explicit options "
-                                     "override it; see the README's Methods section): maml, fomaml, metasgd "
-                                     "(learned per-parameter rates), anil (head only), mamlpp (MAML++), imaml, "
-                                     "cavia (context parameters), blackbox (no inner loop)"),
-    ("--msl", dict(type=nonnegative_int, metavar="N"),
-     "MAML++ multi-step loss, annealed to the last step over the first N iterations (0: off, the last step's "
-     "query loss only)"),
-    ("--first-order-until", dict(type=nonnegative_int, metavar="N"),
-     "first-order meta-steps before iteration N, then --order (MAML++ derivative-order annealing; 0: off)"),
-    ("--implicit-lambda", dict(type=positive_float, metavar="LAMBDA"),
-     "λ of --order implicit (iMAML: the inner steps minimize L_s(φ) + λ/2 ‖φ − θ‖²)"),
+    (
+        "--checkpoint-every",
+        dict(type=positive_int, metavar="N"),
+        f"write <out>/{CHECKPOINT} every N iterations (atomically; also at the end and on SIGINT/SIGTERM)",
+    ),
+    (
+        "--log-every",
+        dict(type=nonnegative_float, metavar="SECONDS"),
+        "when the output is not a terminal (a log file), one progress line every SECONDS (0: every iteration)",
+    ),
+    (
+        "--method",
+        dict(choices=None),
+        "the meta-learning method, a preset of the options below (explicit options "
+        "override it; see the README's Methods section): maml, fomaml, metasgd "
+        "(learned per-parameter rates), anil (head only), mamlpp (MAML++), imaml, "
+        "cavia (context parameters), blackbox (no inner loop)",
+    ),
+    (
+        "--msl",
+        dict(type=nonnegative_int, metavar="N"),
+        "MAML++ multi-step loss, annealed to the last step over the first N iterations (0: off, the last step's "
+        "query loss only)",
+    ),
+    (
+        "--first-order-until",
+        dict(type=nonnegative_int, metavar="N"),
+        "first-order meta-steps before iteration N, then --order (MAML++ derivative-order annealing; 0: off)",
+    ),
+    (
+        "--implicit-lambda",
+        dict(type=positive_float, metavar="LAMBDA"),
+        "λ of --order implicit (iMAML: the inner steps minimize L_s(φ) + λ/2 ‖φ − θ‖²)",
+    ),
     ("--cg-steps", dict(type=positive_int, metavar="N"), "conjugate-gradient iterations of --order implicit"),
     ("--context", dict(type=positive_int, metavar="N"), "context parameters of --method cavia"),
     ("--device", dict(type=device_name), "torch device: cpu, cuda, cuda:1, ..."),
     ("--threads", dict(type=positive_int), "torch CPU threads while the job runs"),
-    ("--dist-timeout", dict(type=positive_float, metavar="SECONDS"),
-     "under torchrun: how long a rank waits for the others in a collective before it stops with an error "
-     "naming them (a rank that dies is noticed at once on CPU; the checkpoint writes of rank 0 must fit in it)"),
+    (
+        "--dist-timeout",
+        dict(type=positive_float, metavar="SECONDS"),
+        "under torchrun: how long a rank waits for the others in a collective before it stops with an error "
+        "naming them (a rank that dies is noticed at once on CPU; the checkpoint writes of rank 0 must fit in it)",
+    ),
 )
 
 
-def add_shared_arguments(parser: argparse.ArgumentParser, job: str, defaults: Dict[str, Any],
-                         helps: Optional[Dict[str, str]] = None, method_choices: Sequence[str] = ("maml",)) -> None:
+def add_shared_arguments(
+    parser: argparse.ArgumentParser,
+    job: str,
+    defaults: Dict[str, Any],
+    helps: Optional[Dict[str, str]] = None,
+    method_choices: Sequence[str] = ("maml",),
+) -> None:
     """Adds the options every job shares (`SHARED_OPTIONS`, --resume, --quiet) with the job's `defaults`
     {dest: value} over the common ones (seed 0, device cpu, out runs/<job>, threads None = torch's
     choice), `helps` {dest: help text replacing the shared one} and the values --method takes
     (`fastmaml.train.methods.METHODS`). Each option given on the command line is recorded (`given`)."""
     helps = helps or {}
     parser = parser.add_argument_group("options of every training job")
-    defaults = {"order": "second", "seed": 0, "device": "cpu", "out": Path("runs") / job, "threads": None,
-                "log_every": LOG_EVERY, "dist_timeout": DIST_TIMEOUT, "method": "maml", "msl": 0,
-                "first_order_until": 0, "implicit_lambda": 1.0, "cg_steps": 5, **defaults}
+    defaults = {
+        "order": "second",
+        "seed": 0,
+        "device": "cpu",
+        "out": Path("runs") / job,
+        "threads": None,
+        "log_every": LOG_EVERY,
+        "dist_timeout": DIST_TIMEOUT,
+        "method": "maml",
+        "msl": 0,
+        "first_order_until": 0,
+        "implicit_lambda": 1.0,
+        "cg_steps": 5,
+        **defaults,
+    }
     for flag, kwargs, text in SHARED_OPTIONS:
         dest = flag[2:].replace("-", "_")
         if flag == "--order":
@@ -236,16 +281,22 @@ def add_shared_arguments(parser: argparse.ArgumentParser, job: str, defaults: Di
             kwargs = dict(kwargs, choices=list(method_choices))
         default = defaults.get(dest)
         shown = "torch's choice" if dest == "threads" and default is None else default
-        parser.add_argument(flag, default=default, help=f"{helps.get(dest, text)} (default: {shown})",
-                            action=Explicit, **kwargs)
-    parser.add_argument("--resume", action="store_true",
-                        help=f"continue from <out>/{CHECKPOINT} (bit-identical to an uninterrupted run)")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress bar or progress lines (the final summary is still printed)")
+        parser.add_argument(
+            flag, default=default, help=f"{helps.get(dest, text)} (default: {shown})", action=Explicit, **kwargs
+        )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue from <out>/{CHECKPOINT} (bit-identical to an uninterrupted run)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bar or progress lines (the final summary is still printed)"
+    )
     parser.add_argument("--no-progress", dest="quiet", action="store_true", help=argparse.SUPPRESS)  # old name
 
 
 # ------------------------------------------------------------------------------- devices and folders
+
 
 def resolve_device(text: str) -> torch.device:
     """The torch device named by --device, or a `UserError` saying why it is not there."""
@@ -256,12 +307,15 @@ def resolve_device(text: str) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             build = "a CPU build of torch" if torch.version.cuda is None else "no CUDA device or driver found"
-            raise UserError(f"--device {text}: CUDA is not available here (torch {torch.__version__}, {build}); "
-                            "use --device cpu")
+            raise UserError(
+                f"--device {text}: CUDA is not available here (torch {torch.__version__}, {build}); use --device cpu"
+            )
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
-            raise UserError(f"--device {text}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
-                            f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+            raise UserError(
+                f"--device {text}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})"
+            )
     elif dev.type != "cpu":
         try:
             torch.empty(1, device=dev)
@@ -281,8 +335,9 @@ def prepare_output_folder(out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-        raise UserError(f"--out {out}: cannot create the folder: {blocker or out.parent} is a file, not a folder") \
-            from None
+        raise UserError(
+            f"--out {out}: cannot create the folder: {blocker or out.parent} is a file, not a folder"
+        ) from None
     except OSError as exc:
         raise _os_user_error(exc, out, "--out {path}: cannot create the folder ({reason})") from None
     probe = None
@@ -314,8 +369,9 @@ def remove_stale_temporaries(folder: Path) -> List[Path]:
     removed = []
     for path in Path(folder).glob(".*.tmp"):
         match = _TEMPORARY.match(path.name)
-        if match is None or not (match.group("name").endswith((".pt", ".json", ".png"))
-                                 or match.group("name") == WRITE_PROBE[1:]):
+        if match is None or not (
+            match.group("name").endswith((".pt", ".json", ".png")) or match.group("name") == WRITE_PROBE[1:]
+        ):
             continue
         pid = match.group("pid")
         if pid is not None and int(pid) != os.getpid() and _process_alive(int(pid)):
@@ -357,6 +413,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------ atomic files
+
 
 def _write_file(f, data: bytes, path: Path) -> None:
     """Writes `data` to the open temporary file `f` of `path` (a seam for fault-injection tests)."""
@@ -428,6 +485,7 @@ def save_figure(fig, path) -> None:
 
 # ------------------------------------------------------------------------------------- checkpoints
 
+
 def state_digest(state: Any) -> str:
     """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, and every other value's
     repr, walked in a fixed order (the same before saving and after loading)."""
@@ -474,8 +532,9 @@ def load_checkpoint(path, required: Sequence[str] = ("config", "iteration")) -> 
     path = Path(path)
     if not path.exists():
         if path.name == CHECKPOINT:
-            raise UserError(f"--resume: no checkpoint in {path.parent} ({path.name} is missing); "
-                            "run once without --resume first")
+            raise UserError(
+                f"--resume: no checkpoint in {path.parent} ({path.name} is missing); run once without --resume first"
+            )
         raise UserError(f"missing file {path}")
     if not path.is_file():
         raise UserError(f"bad checkpoint {path}: not a file")
@@ -488,19 +547,26 @@ def load_checkpoint(path, required: Sequence[str] = ("config", "iteration")) -> 
     except UserError:
         raise
     except Exception as exc:  # EOFError, UnpicklingError, zip errors...: all "this file is not readable"
-        raise UserError(f"bad checkpoint {path}: unreadable ({type(exc).__name__}: {_first_line(exc)}); "
-                        f"{advice}") from None
+        raise UserError(
+            f"bad checkpoint {path}: unreadable ({type(exc).__name__}: {_first_line(exc)}); {advice}"
+        ) from None
     missing = [k for k in required if not isinstance(state, dict) or k not in state]
     if missing:
-        what = "a plain state dict" if isinstance(state, dict) and all(
-            isinstance(v, torch.Tensor) for v in state.values()) else f"a {type(state).__name__}"
-        raise UserError(f"bad checkpoint {path}: not a fastmaml training checkpoint ({what} without "
-                        f"{', '.join(map(repr, missing))}); {advice}")
+        what = (
+            "a plain state dict"
+            if isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+            else f"a {type(state).__name__}"
+        )
+        raise UserError(
+            f"bad checkpoint {path}: not a fastmaml training checkpoint ({what} without "
+            f"{', '.join(map(repr, missing))}); {advice}"
+        )
     saved = state.pop(CHECKSUM, None)
     if saved is not None:
         if not isinstance(saved, dict) or saved.get("sha256") != state_digest(state):
-            raise UserError(f"bad checkpoint {path}: checksum mismatch, the file is corrupted; {advice} "
-                            "(or restore a copy)")
+            raise UserError(
+                f"bad checkpoint {path}: checksum mismatch, the file is corrupted; {advice} (or restore a copy)"
+            )
     return state
 
 
@@ -536,8 +602,15 @@ class TrainingState:
     other values. legacy: the value a key had in checkpoints written before the key existed.
     """
 
-    def __init__(self, config: Dict[str, Any], *, parts: Dict[str, Any], values: Dict[str, Any],
-                 run_keys: Sequence[str], legacy: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self,
+        config: Dict[str, Any],
+        *,
+        parts: Dict[str, Any],
+        values: Dict[str, Any],
+        run_keys: Sequence[str],
+        legacy: Optional[Dict[str, Any]] = None,
+    ):
         self.config = config
         self.run_keys = tuple(run_keys)
         self.legacy = dict(legacy or {})
@@ -566,15 +639,20 @@ class TrainingState:
         for key in self.run_keys:
             old, new = saved.get(key, self.legacy.get(key)), self.config.get(key)
             if old != new:
-                diff.append(f"{option_name(key)} {'none' if new is None else new} "
-                            f"(checkpoint: {'none' if old is None else old})")
+                diff.append(
+                    f"{option_name(key)} {'none' if new is None else new} "
+                    f"(checkpoint: {'none' if old is None else old})"
+                )
         if diff:
-            raise UserError(f"--resume: {path} was made with other settings: {', '.join(diff)}; rerun with the "
-                            "checkpoint's values, or pass another --out to start a new run")
+            raise UserError(
+                f"--resume: {path} was made with other settings: {', '.join(diff)}; rerun with the "
+                "checkpoint's values, or pass another --out to start a new run"
+            )
         done, total = ckpt["iteration"], self.config.get("iterations")
         if total is not None and done > total:
-            raise UserError(f"--iterations {total}: below the {done} iterations of the checkpoint {path}; "
-                            f"pass at least {done}")
+            raise UserError(
+                f"--iterations {total}: below the {done} iterations of the checkpoint {path}; pass at least {done}"
+            )
 
     def restore(self, ckpt: Dict[str, Any], path: Path) -> None:
         self.check(ckpt, path)
@@ -589,12 +667,15 @@ class TrainingState:
                     setattr(self, name, ckpt[name])
             set_rng_state(ckpt["rng"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            raise UserError(f"bad checkpoint {path}: does not fit this job's model and settings "
-                            f"({type(exc).__name__}: {_first_line(exc)})") from None
+            raise UserError(
+                f"bad checkpoint {path}: does not fit this job's model and settings "
+                f"({type(exc).__name__}: {_first_line(exc)})"
+            ) from None
         self.iteration = int(ckpt["iteration"])
 
 
 # ---------------------------------------------------------------------------------------- progress
+
 
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -616,9 +697,18 @@ class Progress:
     (and at the end) with the count, the fields given to `update` (loss, accuracy...), the rate and the
     ETA; "off": nothing. `check` is called at every update (it may raise `Interrupted`)."""
 
-    def __init__(self, desc: str, total: int, *, initial: int = 0, mode: str = "log",
-                 log_every: float = LOG_EVERY, unit: str = "it", leave: bool = True,
-                 check: Optional[Callable[[], None]] = None):
+    def __init__(
+        self,
+        desc: str,
+        total: int,
+        *,
+        initial: int = 0,
+        mode: str = "log",
+        log_every: float = LOG_EVERY,
+        unit: str = "it",
+        leave: bool = True,
+        check: Optional[Callable[[], None]] = None,
+    ):
         self.desc, self.total, self.initial, self.done = desc, total, initial, initial
         self.mode, self.log_every, self.unit, self.check = mode, log_every, unit, check
         self.fields: Dict[str, Any] = {}
@@ -655,8 +745,11 @@ class Progress:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         fields = "".join(f"  {k} {_format_field(v)}" for k, v in self.fields.items())
         speed = f"{rate:.3g} {self.unit}/s" if math.isfinite(rate) else f"? {self.unit}/s"
-        print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%){fields}  {speed}  "
-              f"ETA {format_duration(left)}", flush=True)
+        print(
+            f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%){fields}  {speed}  "
+            f"ETA {format_duration(left)}",
+            flush=True,
+        )
         self.logged_at = self.done
 
     def flush(self) -> None:
@@ -700,8 +793,10 @@ def _env_int(name: str, default: Optional[int] = None) -> int:
     text = os.environ.get(name)
     if text is None:
         if default is None:
-            raise UserError(f"{name} is not set: launch the job with torchrun (or set RANK, WORLD_SIZE, "
-                            "MASTER_ADDR and MASTER_PORT)")
+            raise UserError(
+                f"{name} is not set: launch the job with torchrun (or set RANK, WORLD_SIZE, "
+                "MASTER_ADDR and MASTER_PORT)"
+            )
         return default
     try:
         return int(text)
@@ -732,8 +827,7 @@ class Ranks:
         return self.rank == 0
 
     @classmethod
-    def join(cls, device: torch.device, *, timeout: float = DIST_TIMEOUT,
-             meta_batch: Optional[int] = None) -> "Ranks":
+    def join(cls, device: torch.device, *, timeout: float = DIST_TIMEOUT, meta_batch: Optional[int] = None) -> "Ranks":
         """Joins the process group of the launch (gloo on CPU, NCCL on CUDA with the GPU of LOCAL_RANK),
         after checking the launch: a `UserError` for more processes per machine than GPUs, an explicit
         --device cuda:N with several processes per machine, or a meta-batch smaller than the world size.
@@ -753,13 +847,18 @@ class Ranks:
             r.local_rank = _env_int("LOCAL_RANK", r.rank)
             r.local_size = _env_int("LOCAL_WORLD_SIZE", r.size)
             if not (0 <= r.rank < r.size and 0 <= r.local_rank < r.local_size):
-                raise UserError(f"RANK={r.rank}, WORLD_SIZE={r.size}, LOCAL_RANK={r.local_rank}, LOCAL_WORLD_SIZE="
-                                f"{r.local_size}: not a valid launch (launch with torchrun)")
+                raise UserError(
+                    f"RANK={r.rank}, WORLD_SIZE={r.size}, LOCAL_RANK={r.local_rank}, LOCAL_WORLD_SIZE="
+                    f"{r.local_size}: not a valid launch (launch with torchrun)"
+                )
         quiet = not r.main
         if meta_batch is not None and meta_batch < r.size:
-            raise UserError(f"--meta-batch {meta_batch}: fewer tasks than the {r.size} processes (every rank needs "
-                            f"at least one task of each meta-batch); pass --meta-batch {r.size} or more, or launch "
-                            "fewer processes", quiet=quiet)
+            raise UserError(
+                f"--meta-batch {meta_batch}: fewer tasks than the {r.size} processes (every rank needs "
+                f"at least one task of each meta-batch); pass --meta-batch {r.size} or more, or launch "
+                "fewer processes",
+                quiet=quiet,
+            )
         if device.type == "cuda":
             count = torch.cuda.device_count()
             if device.index is None:
@@ -767,11 +866,16 @@ class Ranks:
                     raise UserError(
                         f"--nproc_per_node {r.local_size}: more processes than the {count} CUDA "
                         f"device{'s' if count != 1 else ''} of this machine (each process uses the GPU of its "
-                        f"LOCAL_RANK); launch at most {count} per machine, or pass --device cpu", quiet=quiet)
+                        f"LOCAL_RANK); launch at most {count} per machine, or pass --device cpu",
+                        quiet=quiet,
+                    )
                 device = torch.device("cuda", r.local_rank)
             elif r.local_size > 1:
-                raise UserError(f"--device {device}: with {r.local_size} processes per machine each uses the GPU "
-                                "of its LOCAL_RANK; pass --device cuda", quiet=quiet)
+                raise UserError(
+                    f"--device {device}: with {r.local_size} processes per machine each uses the GPU "
+                    "of its LOCAL_RANK; pass --device cuda",
+                    quiet=quiet,
+                )
             torch.cuda.set_device(device)
             r.backend = "nccl" if dist.is_nccl_available() else "gloo"
         else:
@@ -784,8 +888,10 @@ class Ranks:
                 dist.init_process_group(r.backend, timeout=datetime.timedelta(seconds=r.timeout))
             except Exception as exc:
                 where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-                raise UserError(f"rank {r.rank} of {r.size}: cannot join the other processes at {where} "
-                                f"({type(exc).__name__}: {_first_line(exc)})") from None
+                raise UserError(
+                    f"rank {r.rank} of {r.size}: cannot join the other processes at {where} "
+                    f"({type(exc).__name__}: {_first_line(exc)})"
+                ) from None
             r.owns = True
         r.comm_device = device if r.backend == "nccl" else torch.device("cpu")
         return r
@@ -866,17 +972,22 @@ class Ranks:
                     return
                 if store.check([FAILED_KEY.format(rank)]):
                     message = store.get(FAILED_KEY.format(rank)).decode(errors="replace")
-                    raise RankFailure(f"rank {self.rank} of {self.size}: rank {rank} failed while it was {what}: "
-                                      f"{message}")
+                    raise RankFailure(
+                        f"rank {self.rank} of {self.size}: rank {rank} failed while it was {what}: {message}"
+                    )
             except RankFailure:
                 raise
             except Exception as exc:
-                raise RankFailure(f"rank {self.rank} of {self.size}: lost rank {rank} while it was {what} (the "
-                                  f"rendezvous store stopped answering: {_first_line(exc)})") from None
+                raise RankFailure(
+                    f"rank {self.rank} of {self.size}: lost rank {rank} while it was {what} (the "
+                    f"rendezvous store stopped answering: {_first_line(exc)})"
+                ) from None
             signum = self.signal()
             if signum is not None:
-                raise RankFailure(f"rank {self.rank} of {self.size}: stopped by {signal.Signals(signum).name} while "
-                                  f"waiting for rank {rank} ({what})")
+                raise RankFailure(
+                    f"rank {self.rank} of {self.size}: stopped by {signal.Signals(signum).name} while "
+                    f"waiting for rank {rank} ({what})"
+                )
             time.sleep(0.2)
 
     # -- failures
@@ -929,14 +1040,19 @@ class Ranks:
             r = min(failed)
             cause = f"rank {r} failed: {failed[r]}"
         elif store is None and not self.main:
-            cause = ("rank 0 stopped responding (its rendezvous store is gone too: it was killed or crashed; see its "
-                     "output)")
+            cause = (
+                "rank 0 stopped responding (its rendezvous store is gone too: it was killed or crashed; see its output)"
+            )
         elif silent and timed_out:
-            cause = (f"rank{'s' if len(silent) > 1 else ''} {_ranks(silent)} did not answer within --dist-timeout "
-                     f"{self.timeout:g} s")
+            cause = (
+                f"rank{'s' if len(silent) > 1 else ''} {_ranks(silent)} did not answer within --dist-timeout "
+                f"{self.timeout:g} s"
+            )
         elif silent:
-            cause = (f"rank{'s' if len(silent) > 1 else ''} {_ranks(silent)} stopped responding (killed, out of "
-                     "memory, or crashed outside Python: see its output)")
+            cause = (
+                f"rank{'s' if len(silent) > 1 else ''} {_ranks(silent)} stopped responding (killed, out of "
+                "memory, or crashed outside Python: see its output)"
+            )
         else:
             cause = f"the connection to the other ranks broke ({_first_line(exc)[:160]})"
         advice = f"; {self.advice}" if self.advice else ""
@@ -973,6 +1089,7 @@ def _store():
 
 
 # ----------------------------------------------------------------------------------- a job's run
+
 
 class Job:
     """One run of a training job, as a context manager:
@@ -1012,8 +1129,10 @@ class Job:
             timeout = getattr(self.args, "dist_timeout", None) or DIST_TIMEOUT
             self.ranks = Ranks.join(device, timeout=timeout, meta_batch=self.meta_batch)
             self.ranks.signal = lambda: self.signal
-            self.ranks.advice = (f"the last checkpoint ({self.checkpoint_path}) is intact: resume with --resume, "
-                                 "on any number of processes")
+            self.ranks.advice = (
+                f"the last checkpoint ({self.checkpoint_path}) is intact: resume with --resume, "
+                "on any number of processes"
+            )
             device = self.ranks.device
         else:
             self.ranks = Ranks(device)
@@ -1039,11 +1158,14 @@ class Job:
     def _check_output(self) -> None:
         if getattr(self.args, "resume", False):
             if not self.out.is_dir():
-                raise UserError(f"--resume: the folder {self.out} does not exist (no run to continue); "
-                                "check --out, or run once without --resume")
+                raise UserError(
+                    f"--resume: the folder {self.out} does not exist (no run to continue); "
+                    "check --out, or run once without --resume"
+                )
             if not self.checkpoint_path.exists():
-                raise UserError(f"--resume: no checkpoint in {self.out} ({CHECKPOINT} is missing); "
-                                "run once without --resume first")
+                raise UserError(
+                    f"--resume: no checkpoint in {self.out} ({CHECKPOINT} is missing); run once without --resume first"
+                )
         prepare_output_folder(self.out)
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -1066,8 +1188,10 @@ class Job:
             raise ForcedStop(signum)
         self.signal = signum
         every = " (all ranks stop after the same iteration)" if self.ranks.active else ""
-        message = (f"{signal.Signals(signum).name} received: stopping at the next safe point with a "
-                   f"checkpoint{every} (send it again to stop at once)\n")
+        message = (
+            f"{signal.Signals(signum).name} received: stopping at the next safe point with a "
+            f"checkpoint{every} (send it again to stop at once)\n"
+        )
         if self.ranks.active:
             message = f"rank {self.ranks.rank}: {message}"
         if getattr(sys.stderr, "isatty", lambda: False)():
@@ -1140,10 +1264,17 @@ class Job:
             name = signal.Signals(self.signal).name if self.signal is not None else "a stop request"
         total = state.config.get("iterations")
         if self.main:
-            print(f"{self.name}: stopped by {name}{where} at iteration {state.iteration} of {total}; checkpoint "
-                  f"{self.checkpoint_path}. Resume with: {self.resume_command()}", flush=True)
-        return {"job": self.name, "interrupted": name, "iteration": state.iteration,
-                "checkpoint": str(self.checkpoint_path)}
+            print(
+                f"{self.name}: stopped by {name}{where} at iteration {state.iteration} of {total}; checkpoint "
+                f"{self.checkpoint_path}. Resume with: {self.resume_command()}",
+                flush=True,
+            )
+        return {
+            "job": self.name,
+            "interrupted": name,
+            "iteration": state.iteration,
+            "checkpoint": str(self.checkpoint_path),
+        }
 
     # -- checkpoints
     def load_checkpoint(self, state: TrainingState) -> Dict[str, Any]:
@@ -1174,15 +1305,31 @@ class Job:
         self.saved_iteration = state.iteration
 
     # -- output
-    def progress(self, desc: str, total: int, *, initial: int = 0, unit: str = "it", leave: bool = True,
-                 interruptible: bool = False) -> Progress:
+    def progress(
+        self,
+        desc: str,
+        total: int,
+        *,
+        initial: int = 0,
+        unit: str = "it",
+        leave: bool = True,
+        interruptible: bool = False,
+    ) -> Progress:
         if self.quiet or not self.main:
             mode = "off"
         else:
             stream = sys.stderr
             mode = "bar" if getattr(stream, "isatty", lambda: False)() else "log"
-        return Progress(desc, total, initial=initial, mode=mode, log_every=self.log_every, unit=unit, leave=leave,
-                        check=self.check_interrupt if interruptible else None)
+        return Progress(
+            desc,
+            total,
+            initial=initial,
+            mode=mode,
+            log_every=self.log_every,
+            unit=unit,
+            leave=leave,
+            check=self.check_interrupt if interruptible else None,
+        )
 
     @property
     def logging(self) -> bool:
@@ -1213,6 +1360,7 @@ class Job:
 
 # -------------------------------------------------------------------------- statistics and plots
 
+
 def mean_ci95(values: Iterable[float]) -> Tuple[float, float]:
     """(mean, half-width of the 95% normal confidence interval: 1.96·std/√n)."""
     v = np.asarray(list(values), dtype=np.float64)
@@ -1222,8 +1370,7 @@ def mean_ci95(values: Iterable[float]) -> Tuple[float, float]:
     return float(v.mean()), float(half)
 
 
-def plot_curves(history: Dict[str, Sequence[Tuple[int, float]]], path, *, title: str = "",
-                ylabel: str = "") -> None:
+def plot_curves(history: Dict[str, Sequence[Tuple[int, float]]], path, *, title: str = "", ylabel: str = "") -> None:
     """history: {series name: [(iteration, value), ...]} -> a PNG line plot (written atomically)."""
     import matplotlib
 
@@ -1261,6 +1408,7 @@ def moving_average(values: Sequence[float], window: int, *, first_iteration: int
 
 
 # ------------------------------------------------------------------------------- meta-step resources
+
 
 class StepMemory:
     """Peak memory of one training step: on CUDA the growth of `torch.cuda.max_memory_allocated` over the step;

@@ -16,6 +16,7 @@ so, and the others still run. Then, in `<out>`:
 - `learning_curves.png`: every method's meta-training curve on one figure (sinusoid: the query MSE after
   adaptation, moving average; few-shot: the training query loss and the validation accuracy).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,12 @@ from typing import Dict, List
 from fastmaml.errors import NonFiniteError
 from fastmaml.train import common, methods
 
-JOBS = {"sinusoid": "fastmaml.train.sinusoid", "fewshot-demo": "fastmaml.train.fewshot",
-        "omniglot": "fastmaml.train.fewshot", "miniimagenet": "fastmaml.train.fewshot"}
+JOBS = {
+    "sinusoid": "fastmaml.train.sinusoid",
+    "fewshot-demo": "fastmaml.train.fewshot",
+    "omniglot": "fastmaml.train.fewshot",
+    "miniimagenet": "fastmaml.train.fewshot",
+}
 TABLE, SUMMARY, CURVES = "comparison.md", "comparison.json", "learning_curves.png"
 
 
@@ -45,8 +50,12 @@ def method_list(text: str) -> List[str]:
 def add_arguments(parser: argparse.ArgumentParser, job: str) -> None:
     """The options of `fastmaml train <job>` (applied to every method) and --methods."""
     importlib.import_module(JOBS[job]).add_arguments(parser, job)
-    parser.add_argument("--methods", type=method_list, default=list(methods.METHODS),
-                        help=f"the methods to compare, comma-separated (default: {','.join(methods.METHODS)})")
+    parser.add_argument(
+        "--methods",
+        type=method_list,
+        default=list(methods.METHODS),
+        help=f"the methods to compare, comma-separated (default: {','.join(methods.METHODS)})",
+    )
     parser.set_defaults(out=Path("runs") / f"compare-{job}")
 
 
@@ -64,8 +73,10 @@ def run(args) -> Dict:
     if "method" in common.given(args):
         raise common.UserError("--method: `fastmaml compare` runs several methods; list them with --methods")
     if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
-        raise common.UserError("fastmaml compare: runs in one process; under torchrun run `fastmaml train "
-                               f"{args.job} --method <m>` for each method")
+        raise common.UserError(
+            "fastmaml compare: runs in one process; under torchrun run `fastmaml train "
+            f"{args.job} --method <m>` for each method"
+        )
     module = importlib.import_module(JOBS[args.job])
     runs = {}
     for name in args.methods:  # every combination is checked before anything runs
@@ -99,8 +110,10 @@ def run(args) -> Dict:
 
 
 def _resources(metrics: Dict) -> Dict:
-    return {"seconds_per_meta_step": metrics.get("seconds_per_meta_step"),
-            "step_memory_bytes": metrics.get("step_memory_bytes")}
+    return {
+        "seconds_per_meta_step": metrics.get("seconds_per_meta_step"),
+        "step_memory_bytes": metrics.get("step_memory_bytes"),
+    }
 
 
 def summarize(job: str, results: Dict[str, Dict], failed: Dict[str, str] = None) -> Dict:
@@ -114,26 +127,50 @@ def summarize(job: str, results: Dict[str, Dict], failed: Dict[str, str] = None)
         columns = [f"after_{k}" for k in steps]
         for m in results.values():
             own = m["eval"][m["label"]]
-            rows.append({"name": m["label"], "cells": {c: (own[c]["mean"], own[c]["ci95"]) for c in columns},
-                         **_resources(m)})
+            rows.append(
+                {"name": m["label"], "cells": {c: (own[c]["mean"], own[c]["ci95"]) for c in columns}, **_resources(m)}
+            )
         rows += failed_rows
         base = first["eval"]["pretrained"]
-        rows.append({"name": "pretrained", "cells": {c: (base[c]["mean"], base[c]["ci95"]) for c in columns},
-                     "seconds_per_meta_step": None, "step_memory_bytes": None})
-        return {"job": job, "metric": "query MSE", "columns": columns, "rows": rows,
-                "description": first["eval_description"]}
+        rows.append(
+            {
+                "name": "pretrained",
+                "cells": {c: (base[c]["mean"], base[c]["ci95"]) for c in columns},
+                "seconds_per_meta_step": None,
+                "step_memory_bytes": None,
+            }
+        )
+        return {
+            "job": job,
+            "metric": "query MSE",
+            "columns": columns,
+            "rows": rows,
+            "description": first["eval_description"],
+        }
     columns = ["test_accuracy"]
     first = next(iter(results.values()))
     for m in results.values():
         test = m.get("test")
         cells = {"test_accuracy": (test["accuracy"], test["ci95"])} if test else {}
         base = m.get("random_init_baseline")
-        rows.append({"name": m["label"], "cells": cells, "best_val_accuracy": m["best"]["val_accuracy"],
-                     "random_init": None if base is None else (base["accuracy"], base["ci95"]), **_resources(m)})
+        rows.append(
+            {
+                "name": m["label"],
+                "cells": cells,
+                "best_val_accuracy": m["best"]["val_accuracy"],
+                "random_init": None if base is None else (base["accuracy"], base["ci95"]),
+                **_resources(m),
+            }
+        )
     cfg = first["config"]
-    return {"job": job, "metric": "accuracy", "columns": columns, "rows": rows + failed_rows,
-            "description": f"{cfg['ways']}-way {cfg['shots']}-shot accuracy on {cfg.get('test_episodes')} test "
-                           f"episodes after {cfg['eval_steps']} inner steps (95% CI), best validation weights"}
+    return {
+        "job": job,
+        "metric": "accuracy",
+        "columns": columns,
+        "rows": rows + failed_rows,
+        "description": f"{cfg['ways']}-way {cfg['shots']}-shot accuracy on {cfg.get('test_episodes')} test "
+        f"episodes after {cfg['eval_steps']} inner steps (95% CI), best validation weights",
+    }
 
 
 def _cell(value, percent: bool) -> str:
@@ -152,7 +189,7 @@ def _seconds(row: Dict) -> str:
 
 def _memory(row: Dict) -> str:
     b = row.get("step_memory_bytes")
-    return "" if b is None else f"{b / 2 ** 20:.1f} MB"
+    return "" if b is None else f"{b / 2**20:.1f} MB"
 
 
 def format_table(summary: Dict) -> str:
@@ -161,16 +198,22 @@ def format_table(summary: Dict) -> str:
     if few_shot:
         head = ["method", "test accuracy", "random init", "best validation", "time / meta-step", "peak memory / step"]
     else:
-        head = ["method"] + [f"MSE after {c.split('_')[1]} step{'s' if c != 'after_1' else ''}"
-                             for c in summary["columns"]] + ["time / meta-step", "peak memory / step"]
+        head = (
+            ["method"]
+            + [f"MSE after {c.split('_')[1]} step{'s' if c != 'after_1' else ''}" for c in summary["columns"]]
+            + ["time / meta-step", "peak memory / step"]
+        )
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for row in summary["rows"]:
         if "failed" in row:
             lines.append(f"| {row['name']} | {row['failed']} |" + " |" * (len(head) - 2))
             continue
         if few_shot:
-            cells = [_cell(row["cells"].get("test_accuracy"), True), _cell(row["random_init"], True),
-                     f"{100 * row['best_val_accuracy']:.1f}%"]
+            cells = [
+                _cell(row["cells"].get("test_accuracy"), True),
+                _cell(row["random_init"], True),
+                f"{100 * row['best_val_accuracy']:.1f}%",
+            ]
         else:
             cells = [_cell(row["cells"][c], False) for c in summary["columns"]]
         lines.append("| " + " | ".join([row["name"], *cells, _seconds(row), _memory(row)]) + " |")
@@ -192,8 +235,7 @@ def plot(job: str, results: Dict[str, Dict], path: Path) -> None:
         if job == "sinusoid":
             values = [v for v in history["query_loss_after"]]
             window = max(1, min(100, len(values) // 20))
-            points = [(i, v) for i, v in common.moving_average(values, window, first_iteration=1)
-                      if math.isfinite(v)]
+            points = [(i, v) for i, v in common.moving_average(values, window, first_iteration=1) if math.isfinite(v)]
             if points:
                 axes[0].plot(*zip(*points), label=m["label"])
         else:
@@ -205,11 +247,18 @@ def plot(job: str, results: Dict[str, Dict], path: Path) -> None:
             if history["val_accuracy"]:
                 axes[1].plot(*zip(*history["val_accuracy"]), marker="o", ms=3, label=m["label"])
     if job == "sinusoid":
-        axes[0].set(title="sinusoid: query MSE after adaptation (moving average)", xlabel="meta-iteration",
-                    ylabel="MSE", yscale="log")
+        axes[0].set(
+            title="sinusoid: query MSE after adaptation (moving average)",
+            xlabel="meta-iteration",
+            ylabel="MSE",
+            yscale="log",
+        )
     else:
-        axes[0].set(title=f"{job}: query loss after adaptation (moving average)", xlabel="meta-iteration",
-                    ylabel="cross-entropy")
+        axes[0].set(
+            title=f"{job}: query loss after adaptation (moving average)",
+            xlabel="meta-iteration",
+            ylabel="cross-entropy",
+        )
         axes[1].set(title=f"{job}: validation accuracy", xlabel="meta-iteration", ylabel="accuracy")
     for ax in axes:
         ax.grid(alpha=0.3)

@@ -36,6 +36,7 @@ numbers) or the black-box learner (`fastmaml.blackbox.SnailClassifier`: it class
 labelled support, no inner steps). Each adapts in evaluation with its own inner loop; the random-init
 baseline is the method's network from a fresh initialization, adapted the same way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,32 +70,110 @@ from fastmaml.train import common, methods
 PRESETS: Dict[str, Dict] = {
     # Finn et al. 2017, Omniglot 5-way 1-shot: meta-batch 32, α = 0.4, 1 step in training, 3 at test;
     # characters: 1100 meta-train (+ rotations), 100 validation, the other 423 meta-test
-    "omniglot": dict(ways=5, shots=1, query=15, meta_batch=32, inner_lr=0.4, steps=1, eval_steps=3,
-                     iterations=60000, meta_lr=1e-3, model="conv4", hidden=64, val_every=1000,
-                     val_episodes=300, test_episodes=600, eval_batch=50, train_classes=1100, val_classes=100,
-                     checkpoint_every=50),
+    "omniglot": dict(
+        ways=5,
+        shots=1,
+        query=15,
+        meta_batch=32,
+        inner_lr=0.4,
+        steps=1,
+        eval_steps=3,
+        iterations=60000,
+        meta_lr=1e-3,
+        model="conv4",
+        hidden=64,
+        val_every=1000,
+        val_episodes=300,
+        test_episodes=600,
+        eval_batch=50,
+        train_classes=1100,
+        val_classes=100,
+        checkpoint_every=50,
+    ),
     # Finn et al. 2017, mini-ImageNet 5-way 1-shot: meta-batch 4, α = 0.01, 5 steps, 10 at test, 32 filters;
     # classes: those of train.csv / val.csv / test.csv (64 / 16 / 20)
-    "miniimagenet": dict(ways=5, shots=1, query=15, meta_batch=4, inner_lr=0.01, steps=5, eval_steps=10,
-                         iterations=60000, meta_lr=1e-3, model="conv4", hidden=32, val_every=1000,
-                         val_episodes=300, test_episodes=600, eval_batch=20, checkpoint_every=50),
+    "miniimagenet": dict(
+        ways=5,
+        shots=1,
+        query=15,
+        meta_batch=4,
+        inner_lr=0.01,
+        steps=5,
+        eval_steps=10,
+        iterations=60000,
+        meta_lr=1e-3,
+        model="conv4",
+        hidden=32,
+        val_every=1000,
+        val_episodes=300,
+        test_episodes=600,
+        eval_batch=20,
+        checkpoint_every=50,
+    ),
     # the embedded glyphs: the Omniglot recipe on a budget that runs in minutes on 2 CPU cores
-    "fewshot-demo": dict(ways=5, shots=1, query=5, meta_batch=8, inner_lr=0.4, steps=1, eval_steps=3,
-                         iterations=200, meta_lr=3e-3, model="conv4", hidden=32, val_every=50,
-                         val_episodes=100, test_episodes=600, eval_batch=50, train_classes=400, val_classes=100,
-                         checkpoint_every=25),
+    "fewshot-demo": dict(
+        ways=5,
+        shots=1,
+        query=5,
+        meta_batch=8,
+        inner_lr=0.4,
+        steps=1,
+        eval_steps=3,
+        iterations=200,
+        meta_lr=3e-3,
+        model="conv4",
+        hidden=32,
+        val_every=50,
+        val_episodes=100,
+        test_episodes=600,
+        eval_batch=50,
+        train_classes=400,
+        val_classes=100,
+        checkpoint_every=25,
+    ),
 }
 SPLIT_FILES = ("train.csv", "val.csv", "test.csv")  # mini-ImageNet
 DEMO_CLASSES = 600  # glyph classes of the demo dataset
 EVAL_SEED = 0  # validation and test episodes are the same for every run (and every --seed)
 # options that define the training run: --resume refuses a checkpoint made with different ones
-RUN_KEYS = ("job", "ways", "shots", "query", "meta_batch", "inner_lr", "steps", "order", "bn", "meta_lr",
-            "model", "hidden", "widths", "seed", "val_every", "val_episodes", "eval_steps", "train_classes",
-            "val_classes", "msl", "first_order_until", "method", "implicit_lambda", "cg_steps", "context")
+RUN_KEYS = (
+    "job",
+    "ways",
+    "shots",
+    "query",
+    "meta_batch",
+    "inner_lr",
+    "steps",
+    "order",
+    "bn",
+    "meta_lr",
+    "model",
+    "hidden",
+    "widths",
+    "seed",
+    "val_every",
+    "val_episodes",
+    "eval_steps",
+    "train_classes",
+    "val_classes",
+    "msl",
+    "first_order_until",
+    "method",
+    "implicit_lambda",
+    "cg_steps",
+    "context",
+)
 RESNET12_WIDTHS = (64, 160, 320, 640)  # MetaOptNet / learn2learn
 # values of run keys added after a checkpoint format existed (what such a checkpoint ran with)
-LATER_KEYS = {"msl": 0, "first_order_until": 0, "widths": list(RESNET12_WIDTHS), "method": "maml",
-              "implicit_lambda": 1.0, "cg_steps": 5, "context": 100}
+LATER_KEYS = {
+    "msl": 0,
+    "first_order_until": 0,
+    "widths": list(RESNET12_WIDTHS),
+    "method": "maml",
+    "implicit_lambda": 1.0,
+    "cg_steps": 5,
+    "context": 100,
+}
 CAVIA_CONTEXT = 100  # CAVIA's context size for the conv net (Zintgraf et al. 2019)
 REAL_DATA = ("omniglot", "miniimagenet")
 LOSS_PLOT, ACCURACY_PLOT = "loss.png", "accuracy.png"
@@ -106,45 +185,92 @@ def add_arguments(parser: argparse.ArgumentParser, job: str = "fewshot-demo") ->
     positive, nonnegative = common.positive_int, common.nonnegative_int
     own = parser.add_argument_group(f"options of {job}")
     if job in REAL_DATA:
-        own.add_argument("--data", type=Path, required=False, default=None,
-                            help=f"dataset folder (required; see fastmaml/data/{job}.py for the layout)")
-        own.add_argument("--cache-dir", type=Path, default=None,
-                            help="where decoded images are cached (default: <data>/.fastmaml_cache)")
-    common.add_shared_arguments(parser, job, {**preset, "context": CAVIA_CONTEXT}, helps={
-        "shots": "support examples per class (K)",
-        "context": "context parameters of --method cavia, fed to FiLM on the third conv block (CAVIA: 100)",
-        "order": "meta-gradient (see fastmaml.meta_step): second = exact MAML, checkpoint, first = FOMAML, "
-                 "implicit",
-    }, method_choices=methods.METHODS)
+        own.add_argument(
+            "--data",
+            type=Path,
+            required=False,
+            default=None,
+            help=f"dataset folder (required; see fastmaml/data/{job}.py for the layout)",
+        )
+        own.add_argument(
+            "--cache-dir",
+            type=Path,
+            default=None,
+            help="where decoded images are cached (default: <data>/.fastmaml_cache)",
+        )
+    common.add_shared_arguments(
+        parser,
+        job,
+        {**preset, "context": CAVIA_CONTEXT},
+        helps={
+            "shots": "support examples per class (K)",
+            "context": "context parameters of --method cavia, fed to FiLM on the third conv block (CAVIA: 100)",
+            "order": "meta-gradient (see fastmaml.meta_step): second = exact MAML, checkpoint, first = FOMAML, "
+            "implicit",
+        },
+        method_choices=methods.METHODS,
+    )
     d = " (default: %(default)s)"
     own.add_argument("--first-order", action=common.ExplicitTrue, help="same as --order first")
     own.add_argument("--ways", type=positive, default=preset["ways"], help="classes per task (N)" + d)
     own.add_argument("--query", type=positive, default=preset["query"], help="query examples per class" + d)
-    own.add_argument("--eval-steps", type=nonnegative, default=preset["eval_steps"], action=common.Explicit,
-                        help="inner steps at validation and test" + d)
-    own.add_argument("--model", choices=["conv4", "resnet12", "mlp"], default=preset["model"], action=common.Explicit,
-                     help="network: the MAML paper's conv4, ResNet-12 (fastmaml.models.resnet12) or its MLP" + d)
+    own.add_argument(
+        "--eval-steps",
+        type=nonnegative,
+        default=preset["eval_steps"],
+        action=common.Explicit,
+        help="inner steps at validation and test" + d,
+    )
+    own.add_argument(
+        "--model",
+        choices=["conv4", "resnet12", "mlp"],
+        default=preset["model"],
+        action=common.Explicit,
+        help="network: the MAML paper's conv4, ResNet-12 (fastmaml.models.resnet12) or its MLP" + d,
+    )
     own.add_argument("--hidden", type=positive, default=preset["hidden"], help="conv4 filters per layer" + d)
-    own.add_argument("--widths", type=widths_arg, default=RESNET12_WIDTHS, metavar="W1,W2,W3,W4",
-                     help="ResNet-12 block widths (default: 64,160,320,640; 16,32,64,128 fits a CPU)")
-    own.add_argument("--bn", choices=list(fastmaml.BN_MODES), default="batch", action=common.Explicit,
-                        help="BatchNorm statistics in the inner loop: batch (MAML, default), frozen, per_step (MAML++)")
+    own.add_argument(
+        "--widths",
+        type=widths_arg,
+        default=RESNET12_WIDTHS,
+        metavar="W1,W2,W3,W4",
+        help="ResNet-12 block widths (default: 64,160,320,640; 16,32,64,128 fits a CPU)",
+    )
+    own.add_argument(
+        "--bn",
+        choices=list(fastmaml.BN_MODES),
+        default="batch",
+        action=common.Explicit,
+        help="BatchNorm statistics in the inner loop: batch (MAML, default), frozen, per_step (MAML++)",
+    )
     if "train_classes" in preset:
         what = "characters, each also rotated by 90°, 180°, 270°" if job == "omniglot" else "classes"
-        own.add_argument("--train-classes", type=positive, default=preset["train_classes"],
-                            help=f"meta-training {what}; the classes left after --val-classes are the "
-                                 "meta-test's" + d)
-        own.add_argument("--val-classes", type=positive, default=preset["val_classes"],
-                            help="meta-validation classes" + d)
-    own.add_argument("--val-every", type=positive, default=preset["val_every"],
-                        help="iterations between validations (each also writes checkpoint.pt, best.pt when "
-                             "better, metrics.json and the plots)" + d)
-    own.add_argument("--val-episodes", type=positive, default=preset["val_episodes"],
-                        help="validation episodes" + d)
-    own.add_argument("--test-episodes", type=nonnegative, default=preset["test_episodes"],
-                        help="meta-test episodes at the end (0: no test)" + d)
-    own.add_argument("--eval-batch", type=positive, default=preset["eval_batch"],
-                        help="episodes adapted at once in evaluation" + d)
+        own.add_argument(
+            "--train-classes",
+            type=positive,
+            default=preset["train_classes"],
+            help=f"meta-training {what}; the classes left after --val-classes are the meta-test's" + d,
+        )
+        own.add_argument(
+            "--val-classes", type=positive, default=preset["val_classes"], help="meta-validation classes" + d
+        )
+    own.add_argument(
+        "--val-every",
+        type=positive,
+        default=preset["val_every"],
+        help="iterations between validations (each also writes checkpoint.pt, best.pt when "
+        "better, metrics.json and the plots)" + d,
+    )
+    own.add_argument("--val-episodes", type=positive, default=preset["val_episodes"], help="validation episodes" + d)
+    own.add_argument(
+        "--test-episodes",
+        type=nonnegative,
+        default=preset["test_episodes"],
+        help="meta-test episodes at the end (0: no test)" + d,
+    )
+    own.add_argument(
+        "--eval-batch", type=positive, default=preset["eval_batch"], help="episodes adapted at once in evaluation" + d
+    )
 
 
 def resolve_config(args: argparse.Namespace) -> Dict:
@@ -160,23 +286,44 @@ def resolve_config(args: argparse.Namespace) -> Dict:
     cfg["order"] = "first" if getattr(args, "first_order", False) else (getattr(args, "order", None) or "second")
     cfg["bn"] = getattr(args, "bn", "batch")
     cfg["seed"] = getattr(args, "seed", 0)
-    for key, default in (("msl", 0), ("first_order_until", 0), ("implicit_lambda", 1.0), ("cg_steps", 5),
-                         ("context", CAVIA_CONTEXT)):
+    for key, default in (
+        ("msl", 0),
+        ("first_order_until", 0),
+        ("implicit_lambda", 1.0),
+        ("cg_steps", 5),
+        ("context", CAVIA_CONTEXT),
+    ):
         value = getattr(args, key, None)
         cfg[key] = default if value is None else value
     cfg["widths"] = list(getattr(args, "widths", None) or RESNET12_WIDTHS)
-    cfg = methods.apply(cfg, getattr(args, "method", None) or "maml", args.job, common.given(args),
-                        PRESETS[args.job]["iterations"])
+    cfg = methods.apply(
+        cfg, getattr(args, "method", None) or "maml", args.job, common.given(args), PRESETS[args.job]["iterations"]
+    )
     for key in ("msl", "first_order_until"):
         if cfg[key] < 0:
-            raise common.UserError(f"--{key.replace('_', '-')}: expected a non-negative number of iterations, "
-                                   f"got {cfg[key]}")
+            raise common.UserError(
+                f"--{key.replace('_', '-')}: expected a non-negative number of iterations, got {cfg[key]}"
+            )
     for key in ("train_classes", "val_classes"):
         if getattr(args, key, None) is not None and key not in cfg:
-            raise common.UserError(f"--{key.replace('_', '-')}: the {args.job} split is fixed by the dataset's "
-                       "train.csv / val.csv / test.csv; edit those files to change it")
-    for key in ("ways", "shots", "query", "meta_batch", "iterations", "hidden", "val_every", "val_episodes",
-                "eval_batch", "train_classes", "val_classes", "checkpoint_every"):
+            raise common.UserError(
+                f"--{key.replace('_', '-')}: the {args.job} split is fixed by the dataset's "
+                "train.csv / val.csv / test.csv; edit those files to change it"
+            )
+    for key in (
+        "ways",
+        "shots",
+        "query",
+        "meta_batch",
+        "iterations",
+        "hidden",
+        "val_every",
+        "val_episodes",
+        "eval_batch",
+        "train_classes",
+        "val_classes",
+        "checkpoint_every",
+    ):
         if key in cfg and cfg[key] < 1:
             raise common.UserError(f"--{key.replace('_', '-')}: expected a positive integer, got {cfg[key]}")
     for key in ("steps", "eval_steps", "test_episodes"):
@@ -186,8 +333,10 @@ def resolve_config(args: argparse.Namespace) -> Dict:
         if not cfg[key] > 0:
             raise common.UserError(f"--{key.replace('_', '-')}: expected a positive number, got {cfg[key]}")
     if args.job in REAL_DATA and getattr(args, "data", None) is None:
-        raise common.UserError(f"--data: the {args.job} job needs the dataset folder (see `fastmaml train {args.job} "
-                               f"--help` and fastmaml/data/{args.job}.py for the layout and where to get it)")
+        raise common.UserError(
+            f"--data: the {args.job} job needs the dataset folder (see `fastmaml train {args.job} "
+            f"--help` and fastmaml/data/{args.job}.py for the layout and where to get it)"
+        )
     return cfg
 
 
@@ -208,13 +357,15 @@ def load_splits(cfg: Dict, data: Optional[Path], cache_dir: Optional[Path]) -> S
             raise common.UserError(
                 f"--train-classes, --val-classes: {n_train} + {n_val} classes leave none of {what} for the "
                 f"meta-test; pass smaller values (the preset is {preset['train_classes']} + "
-                f"{preset['val_classes']}" + (", the MAML split of Omniglot's 1623 characters)" if job == "omniglot"
-                                              else ")"))
+                f"{preset['val_classes']}"
+                + (", the MAML split of Omniglot's 1623 characters)" if job == "omniglot" else ")")
+            )
         if job == "omniglot":
             splits = split_omniglot(dataset, train_characters=n_train, val_characters=n_val)
         else:
-            splits = glyph_splits(num_classes=DEMO_CLASSES, val_classes=n_val,
-                                  test_classes=DEMO_CLASSES - n_train - n_val)
+            splits = glyph_splits(
+                num_classes=DEMO_CLASSES, val_classes=n_val, test_classes=DEMO_CLASSES - n_train - n_val
+            )
     _check_split_sizes(cfg, splits)
     return splits
 
@@ -222,16 +373,21 @@ def load_splits(cfg: Dict, data: Optional[Path], cache_dir: Optional[Path]) -> S
 def _check_split_sizes(cfg: Dict, splits: Splits) -> None:
     """Every split must hold `--ways` classes (an error naming the option to change, not the sampler's)."""
     ways, job = cfg["ways"], cfg["job"]
-    fixes = ("raise --train-classes", "raise --val-classes",
-             "lower --train-classes or --val-classes (the meta-test gets the rest)")
+    fixes = (
+        "raise --train-classes",
+        "raise --val-classes",
+        "lower --train-classes or --val-classes (the meta-test gets the rest)",
+    )
     for i, (name, split) in enumerate(zip(("meta-training", "validation", "meta-test"), splits)):
         rotated = job == "omniglot" and i == 0
         classes = split.num_classes * (4 if rotated else 1)
         if classes >= ways:
             continue
         hint = f"add classes to {SPLIT_FILES[i]}" if job == "miniimagenet" else fixes[i]
-        raise common.UserError(f"--ways: {ways}-way episodes need {ways} classes but the {name} split has "
-                         f"{classes}{' (rotations included)' if rotated else ''}; lower --ways or {hint}")
+        raise common.UserError(
+            f"--ways: {ways}-way episodes need {ways} classes but the {name} split has "
+            f"{classes}{' (rotations included)' if rotated else ''}; lower --ways or {hint}"
+        )
 
 
 def widths_arg(text: str):
@@ -251,8 +407,13 @@ def build_model(cfg: Dict, example_shape) -> torch.nn.Module:
     if cfg.get("method") == "blackbox":
         return SnailClassifier(example_shape[0], cfg["ways"], hidden=cfg["hidden"], image_size=example_shape[-1])
     if cfg.get("method") == "cavia":
-        model = context_conv4(example_shape[0], cfg["ways"], hidden=cfg["hidden"], image_size=example_shape[-1],
-                              num_context=cfg["context"])
+        model = context_conv4(
+            example_shape[0],
+            cfg["ways"],
+            hidden=cfg["hidden"],
+            image_size=example_shape[-1],
+            num_context=cfg["context"],
+        )
     elif cfg["model"] == "resnet12":
         model = resnet12(cfg["ways"], widths=tuple(cfg["widths"]), in_channels=example_shape[0])
     elif cfg["model"] == "mlp":
@@ -280,8 +441,15 @@ def query_logits(model, inner: Optional[methods.Learner], batch, steps: int) -> 
     return inner.adapt(model, batch.support_x, batch.support_y, steps)(batch.query_x)
 
 
-def evaluate(model, sampler: EpisodeSampler, episodes: Episodes, cfg: Dict, device, progress=None,
-             inner: Optional[methods.Learner] = None) -> torch.Tensor:
+def evaluate(
+    model,
+    sampler: EpisodeSampler,
+    episodes: Episodes,
+    cfg: Dict,
+    device,
+    progress=None,
+    inner: Optional[methods.Learner] = None,
+) -> torch.Tensor:
     """Query accuracy after `eval_steps` inner steps on each episode's support set -> `[episodes]`.
 
     inner: the method's inner loop (`learner(cfg, model)`; None: the black-box learner, no steps). Runs
@@ -319,15 +487,27 @@ def _new_state(cfg: Dict, example_shape, device) -> common.TrainingState:
     model = build_model(cfg, example_shape).to(device)
     inner = learner(cfg, model)
     trainable = [p for p in model.parameters() if p.requires_grad] + ([] if inner is None else inner.parameters())
-    parts = {"model": model, "optimizer": torch.optim.Adam(trainable, lr=cfg["meta_lr"]),
-             "episodes_rng": torch.Generator().manual_seed(cfg["seed"])}
+    parts = {
+        "model": model,
+        "optimizer": torch.optim.Adam(trainable, lr=cfg["meta_lr"]),
+        "episodes_rng": torch.Generator().manual_seed(cfg["seed"]),
+    }
     if inner is not None and inner.rates is not None:
         parts["inner_rates"] = inner.rates
     state = common.TrainingState(
-        cfg, run_keys=RUN_KEYS, legacy={**LATER_KEYS, **PRESETS[cfg["job"]]}, parts=parts,
-        values={"history": {"query_loss_before": [], "query_loss_after": [], "train_accuracy": [], "val_accuracy": []},
-                "best": {"val_accuracy": -1.0, "iteration": 0}, "best_model": None, "best_rates": None,
-                "step_seconds": [], "step_memory": None})
+        cfg,
+        run_keys=RUN_KEYS,
+        legacy={**LATER_KEYS, **PRESETS[cfg["job"]]},
+        parts=parts,
+        values={
+            "history": {"query_loss_before": [], "query_loss_after": [], "train_accuracy": [], "val_accuracy": []},
+            "best": {"val_accuracy": -1.0, "iteration": 0},
+            "best_model": None,
+            "best_rates": None,
+            "step_seconds": [],
+            "step_memory": None,
+        },
+    )
     state.inner = inner
     return state
 
@@ -344,8 +524,16 @@ class _Counted:
             self.progress.update(n, **fields)
 
 
-def _evaluate_all(model, sampler: EpisodeSampler, episodes: Episodes, cfg: Dict, device, job: common.Job,
-                  progress=None, inner: Optional[methods.Learner] = None) -> torch.Tensor:
+def _evaluate_all(
+    model,
+    sampler: EpisodeSampler,
+    episodes: Episodes,
+    cfg: Dict,
+    device,
+    job: common.Job,
+    progress=None,
+    inner: Optional[methods.Learner] = None,
+) -> torch.Tensor:
     """`evaluate` (with the method's inner loop `inner`) on `episodes` -> `[episodes]` accuracies. Under
     torchrun each rank adapts its contiguous share of the episodes and the accuracies are gathered: every
     rank holds those of the whole set (so the mean and the CI are the whole set's). Every rank advances
@@ -358,8 +546,15 @@ def _evaluate_all(model, sampler: EpisodeSampler, episodes: Episodes, cfg: Dict,
     rounds = math.ceil(max(distributed.share_sizes(total, ranks.size)) / cfg["eval_batch"])
     counted = _Counted(progress)
     if stop > start:
-        accs = evaluate(model, sampler, Episodes(episodes.classes[start:stop], episodes.examples[start:stop]), cfg,
-                        device, counted, inner)
+        accs = evaluate(
+            model,
+            sampler,
+            Episodes(episodes.classes[start:stop], episodes.examples[start:stop]),
+            cfg,
+            device,
+            counted,
+            inner,
+        )
     else:
         accs = torch.zeros(0)
     for _ in range(rounds - counted.calls):
@@ -385,29 +580,44 @@ def _method_step(state: common.TrainingState, batch, iteration: int) -> Dict[str
         accuracy = (logits.detach().argmax(-1) == batch.query_y).float().mean()
         return {"query_loss_after": loss.detach(), "accuracy_after": accuracy}
     result = state.inner.meta_step(state.model, batch, iteration)
-    return {"query_loss_before": result.query_loss_before.float().mean(),
-            "query_loss_after": result.query_loss_after.float().mean(),
-            "accuracy_after": result.accuracy_after.float().mean()}
+    return {
+        "query_loss_before": result.query_loss_before.float().mean(),
+        "query_loss_after": result.query_loss_after.float().mean(),
+        "accuracy_after": result.accuracy_after.float().mean(),
+    }
 
 
 def _samplers(cfg: Dict, splits: Splits, device):
     train_set, val_set, test_set = (s.to(device) for s in splits)
     shape = (cfg["ways"], cfg["shots"], cfg["query"])
     try:
-        return (EpisodeSampler(train_set, *shape, rotations=cfg["job"] == "omniglot"), EpisodeSampler(val_set, *shape),
-                EpisodeSampler(test_set, *shape))
+        return (
+            EpisodeSampler(train_set, *shape, rotations=cfg["job"] == "omniglot"),
+            EpisodeSampler(val_set, *shape),
+            EpisodeSampler(test_set, *shape),
+        )
     except ValueError as exc:  # e.g. more shots + query than a class has examples
         raise common.UserError(f"--shots, --query: {exc}") from None
 
 
 def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
     device, out, name = job.device, job.out, cfg["job"]
-    files = {"checkpoint": job.checkpoint_path, "best weights": out / common.BEST, "metrics": out / common.METRICS,
-             "loss plot": out / LOSS_PLOT, "accuracy plot": out / ACCURACY_PLOT}
+    files = {
+        "checkpoint": job.checkpoint_path,
+        "best weights": out / common.BEST,
+        "metrics": out / common.METRICS,
+        "loss plot": out / LOSS_PLOT,
+        "accuracy plot": out / ACCURACY_PLOT,
+    }
     resume = None
     if args.resume:  # read and checked before the data: a bad checkpoint is reported at once
-        spec = common.TrainingState(cfg, parts=dict.fromkeys(("model", "optimizer", "episodes_rng")), values={},
-                                    run_keys=RUN_KEYS, legacy={**LATER_KEYS, **PRESETS[name]})
+        spec = common.TrainingState(
+            cfg,
+            parts=dict.fromkeys(("model", "optimizer", "episodes_rng")),
+            values={},
+            run_keys=RUN_KEYS,
+            legacy={**LATER_KEYS, **PRESETS[name]},
+        )
         resume = job.load_checkpoint(spec)
     try:
         if name in REAL_DATA:  # the decoded-image cache is written by one rank at a time (rank 0 first)
@@ -436,8 +646,9 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
         shown, desc = _shown(job, len(val_episodes), f"validation at iteration {it}")
         bar = job.progress(desc, shown, unit="episodes", leave=False, interruptible=True)
         try:
-            acc = float(_evaluate_all(state.model, val, val_episodes, cfg, device, job, progress=bar,
-                                      inner=state.inner).mean())
+            acc = float(
+                _evaluate_all(state.model, val, val_episodes, cfg, device, job, progress=bar, inner=state.inner).mean()
+            )
         finally:
             bar.close()
         state.history["val_accuracy"].append((it, acc))
@@ -452,15 +663,22 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
             write_best()
         write_results({"status": "training"})
         best = state.best
-        job.say(f"{name}: validation at iteration {it}: accuracy {100 * acc:.2f}% (best "
-                f"{100 * best['val_accuracy']:.2f}% at iteration {best['iteration']}), "
-                f"{time.perf_counter() - t0:.1f} s")
+        job.say(
+            f"{name}: validation at iteration {it}: accuracy {100 * acc:.2f}% (best "
+            f"{100 * best['val_accuracy']:.2f}% at iteration {best['iteration']}), "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
 
     def write_best() -> None:
         if not job.main:
             return
-        best = {"model": state.best_model, "iteration": state.best["iteration"],
-                "val_accuracy": state.best["val_accuracy"], "config": cfg, "method": cfg["method"]}
+        best = {
+            "model": state.best_model,
+            "iteration": state.best["iteration"],
+            "val_accuracy": state.best["val_accuracy"],
+            "config": cfg,
+            "method": cfg["method"],
+        }
         if state.best_rates is not None:
             best["inner_rates"] = state.best_rates
         common.save_checkpoint(files["best weights"], best)
@@ -468,31 +686,55 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
     def write_results(extra: Dict) -> Dict:
         """metrics.json and the two plots, rewritten at every validation and at the end."""
         history, steps = state.history, state.step_seconds
-        metrics = {"config": cfg, "method": cfg["method"], "label": methods.LABELS[cfg["method"]],
-                   "chance": 1.0 / cfg["ways"], "iterations_done": state.iteration,
-                   "best": state.best, "seconds_per_meta_step": sum(steps) / len(steps) if steps else None,
-                   "step_memory_bytes": state.step_memory,
-                   "device": str(device), "processes": job.ranks.size, "history": history,
-                   "resumed_from": start if args.resume else None, **extra}
+        metrics = {
+            "config": cfg,
+            "method": cfg["method"],
+            "label": methods.LABELS[cfg["method"]],
+            "chance": 1.0 / cfg["ways"],
+            "iterations_done": state.iteration,
+            "best": state.best,
+            "seconds_per_meta_step": sum(steps) / len(steps) if steps else None,
+            "step_memory_bytes": state.step_memory,
+            "device": str(device),
+            "processes": job.ranks.size,
+            "history": history,
+            "resumed_from": start if args.resume else None,
+            **extra,
+        }
         if not job.main:
             return metrics
         common.write_json(files["metrics"], metrics)
-        common.plot_curves({k: history[k] for k in ("query_loss_before", "query_loss_after") if history[k]},
-                           files["loss plot"],
-                           title=f"{name}: meta-training query loss", ylabel="cross-entropy")
-        common.plot_curves({"train (after adaptation)": history["train_accuracy"],
-                            "validation": history["val_accuracy"]}, files["accuracy plot"],
-                           title=f"{name}: query accuracy", ylabel="accuracy")
+        common.plot_curves(
+            {k: history[k] for k in ("query_loss_before", "query_loss_after") if history[k]},
+            files["loss plot"],
+            title=f"{name}: meta-training query loss",
+            ylabel="cross-entropy",
+        )
+        common.plot_curves(
+            {"train (after adaptation)": history["train_accuracy"], "validation": history["val_accuracy"]},
+            files["accuracy plot"],
+            title=f"{name}: query accuracy",
+            ylabel="accuracy",
+        )
         return metrics
 
-    where = str(device) if not job.distributed else (
-        f"{job.ranks.size} processes ({job.ranks.backend}; rank 0 on {device})")
-    what = (f" ({state.inner.describe()})" if state.inner is not None else
-            " (black-box learner: SNAIL-style attention over the support, trained on cross-entropy)")
+    where = (
+        str(device)
+        if not job.distributed
+        else (f"{job.ranks.size} processes ({job.ranks.backend}; rank 0 on {device})")
+    )
+    what = (
+        f" ({state.inner.describe()})"
+        if state.inner is not None
+        else " (black-box learner: SNAIL-style attention over the support, trained on cross-entropy)"
+    )
     what = "" if cfg["method"] == "maml" else what
-    job.say(f"{name}: {'resuming at' if args.resume else 'starting at'} iteration {start} of {total} on {where}{what}; "
-            f"validation every {cfg['val_every']}, checkpoint every {cfg['checkpoint_every']} iterations to "
-            f"{job.checkpoint_path}")
+    job.say(
+        f"{name}: {'resuming at' if args.resume else 'starting at'} iteration {start} of {total} on {where}{what}; "
+        f"validation every {cfg['val_every']}, checkpoint every {cfg['checkpoint_every']} iterations to "
+        f"{job.checkpoint_path}"
+    )
+
     def train_step() -> Dict:
         """One meta-iteration: a meta-batch of episodes, `fastmaml.meta_step`, Adam; returns its summary.
 
@@ -519,8 +761,12 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
                 rates = None if state.inner is None else state.inner.rates
                 with job.ranks.collective(f"the all-reduce of iteration {it + 1}"):
                     reduced = distributed.all_reduce_grads(
-                        state.model, extra=rates, num_tasks=batch.num_tasks, buffers=stats,
-                        values=[logged[k] for k in keys] + [job.stop_flag]).tolist()
+                        state.model,
+                        extra=rates,
+                        num_tasks=batch.num_tasks,
+                        buffers=stats,
+                        values=[logged[k] for k in keys] + [job.stop_flag],
+                    ).tolist()
                 job.agree_stop(reduced[-1] > 0)
                 logged = dict(zip(keys, reduced))
             state.optimizer.step()
@@ -581,29 +827,43 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
             state.inner.rates.load_state_dict(state.best_rates)
         torch.manual_seed(cfg["seed"])
         baseline = build_model(cfg, splits.train.example_shape).to(device)
-        job.say(f"{name}: test on {cfg['test_episodes']} episodes (best weights, iteration {state.best['iteration']}, "
-                "and the same network from a random initialization)")
+        job.say(
+            f"{name}: test on {cfg['test_episodes']} episodes (best weights, iteration {state.best['iteration']}, "
+            "and the same network from a random initialization)"
+        )
         shown, desc = _shown(job, cfg["test_episodes"], "test")
         bar = job.progress(desc, 2 * shown, unit="episodes", leave=False, interruptible=True)
         try:
-            acc, ci = common.mean_ci95(_evaluate_all(state.model, test, test_episodes, cfg, device, job, bar,
-                                                     inner=state.inner).tolist())
-            b_acc, b_ci = common.mean_ci95(_evaluate_all(baseline, test, test_episodes, cfg, device, job, bar,
-                                                         inner=learner(cfg, baseline)).tolist())
+            acc, ci = common.mean_ci95(
+                _evaluate_all(state.model, test, test_episodes, cfg, device, job, bar, inner=state.inner).tolist()
+            )
+            b_acc, b_ci = common.mean_ci95(
+                _evaluate_all(
+                    baseline, test, test_episodes, cfg, device, job, bar, inner=learner(cfg, baseline)
+                ).tolist()
+            )
         except common.Interrupted:
             bar.close()
             return job.stopped(state, " during the test (training is complete)")
         bar.close()
-        extra["test"] = {"accuracy": acc, "ci95": ci, "episodes": cfg["test_episodes"],
-                         "weights": f"best.pt (iteration {state.best['iteration']})"}
+        extra["test"] = {
+            "accuracy": acc,
+            "ci95": ci,
+            "episodes": cfg["test_episodes"],
+            "weights": f"best.pt (iteration {state.best['iteration']})",
+        }
         extra["random_init_baseline"] = {"accuracy": b_acc, "ci95": b_ci, "episodes": cfg["test_episodes"]}
-        headline = (f"{name}: {cfg['ways']}-way {cfg['shots']}-shot test accuracy {100 * acc:.2f} ± {100 * ci:.2f}% "
-                    f"({cfg['test_episodes']} episodes, {cfg['eval_steps']} inner steps); random init "
-                    f"{100 * b_acc:.2f} ± {100 * b_ci:.2f}%; chance {100 / cfg['ways']:.1f}%")
+        headline = (
+            f"{name}: {cfg['ways']}-way {cfg['shots']}-shot test accuracy {100 * acc:.2f} ± {100 * ci:.2f}% "
+            f"({cfg['test_episodes']} episodes, {cfg['eval_steps']} inner steps); random init "
+            f"{100 * b_acc:.2f} ± {100 * b_ci:.2f}%; chance {100 / cfg['ways']:.1f}%"
+        )
     else:
-        headline = (f"{name}: {state.iteration} iterations, best validation accuracy "
-                    f"{100 * state.best['val_accuracy']:.2f}% at iteration {state.best['iteration']} (no test: "
-                    "--test-episodes 0)")
+        headline = (
+            f"{name}: {state.iteration} iterations, best validation accuracy "
+            f"{100 * state.best['val_accuracy']:.2f}% at iteration {state.best['iteration']} (no test: "
+            "--test-episodes 0)"
+        )
     metrics = write_results(extra)
     job.summary(headline + "; files:", files)
     return metrics

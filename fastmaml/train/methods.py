@@ -24,6 +24,7 @@ combination is a one-line `UserError`. `Learner` runs a method's inner loop in m
 and in evaluation (`adapt`), with the learned rates (`InnerRates`) that Meta-SGD and MAML++ add to the
 optimizer and to the checkpoint.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -36,15 +37,34 @@ from fastmaml import context as ctx
 from fastmaml.train.common import UserError, option_name
 
 METHODS = ("maml", "fomaml", "metasgd", "anil", "mamlpp", "imaml", "cavia", "blackbox")
-LABELS = {"maml": "MAML", "fomaml": "FOMAML", "metasgd": "Meta-SGD", "anil": "ANIL", "mamlpp": "MAML++",
-          "imaml": "iMAML", "cavia": "CAVIA", "blackbox": "black-box"}
+LABELS = {
+    "maml": "MAML",
+    "fomaml": "FOMAML",
+    "metasgd": "Meta-SGD",
+    "anil": "ANIL",
+    "mamlpp": "MAML++",
+    "imaml": "iMAML",
+    "cavia": "CAVIA",
+    "blackbox": "black-box",
+}
 LEARNED_RATES = {"metasgd": "per_parameter", "mamlpp": "per_step_layer"}
 MAMLPP_STEPS = 5
 IMAML_STEPS = 5
 CAVIA_INNER_LR = 1.0  # CAVIA's inner rate for the context (Zintgraf et al. 2019, regression and classification)
 # the options of the inner loop: none applies to the black-box learner
-INNER_LOOP_OPTIONS = ("order", "steps", "inner_lr", "msl", "first_order_until", "implicit_lambda", "cg_steps", "bn",
-                      "first_order", "context", "eval_steps")
+INNER_LOOP_OPTIONS = (
+    "order",
+    "steps",
+    "inner_lr",
+    "msl",
+    "first_order_until",
+    "implicit_lambda",
+    "cg_steps",
+    "bn",
+    "first_order",
+    "context",
+    "eval_steps",
+)
 
 
 def preset(method: str, job: str, default_iterations: int) -> Dict:
@@ -55,8 +75,11 @@ def preset(method: str, job: str, default_iterations: int) -> Dict:
     if method == "imaml":
         return {"order": "implicit", "steps": IMAML_STEPS}
     if method == "mamlpp":
-        out = {"steps": MAMLPP_STEPS, "msl": max(1, default_iterations // 10),
-               "first_order_until": default_iterations // 3}
+        out = {
+            "steps": MAMLPP_STEPS,
+            "msl": max(1, default_iterations // 10),
+            "first_order_until": default_iterations // 3,
+        }
         if few_shot:
             out.update(bn="per_step", eval_steps=MAMLPP_STEPS)
         return out
@@ -93,36 +116,48 @@ def check(cfg: Dict, given: Iterable[str], job: str) -> None:
     if method == "blackbox":
         clash = [k for k in INNER_LOOP_OPTIONS if k in given and not (job == "sinusoid" and k == "eval_steps")]
         if clash:
-            raise UserError(f"--method blackbox {_flag(clash[0], cfg)}: the black-box learner reads the support set "
-                            "and has no inner loop (no inner steps, rates or meta-gradient order); drop "
-                            f"{option_name(clash[0]) if clash[0] != 'first_order' else '--first-order'}")
+            raise UserError(
+                f"--method blackbox {_flag(clash[0], cfg)}: the black-box learner reads the support set "
+                "and has no inner loop (no inner steps, rates or meta-gradient order); drop "
+                f"{option_name(clash[0]) if clash[0] != 'first_order' else '--first-order'}"
+            )
     if "context" in given and method != "cavia":
         raise UserError(f"--context: context parameters belong to --method cavia (got --method {method})")
     if method == "fomaml" and order != "first":
-        raise UserError(f"--method fomaml --order {order}: FOMAML is the first-order meta-gradient (--order "
-                        f"{order} is --method maml with that order)")
+        raise UserError(
+            f"--method fomaml --order {order}: FOMAML is the first-order meta-gradient (--order "
+            f"{order} is --method maml with that order)"
+        )
     if method == "imaml" and order != "implicit":
         raise UserError(f"--method imaml --order {order}: iMAML is the implicit meta-gradient (--order implicit)")
     if method in LEARNED_RATES and order == "implicit":
-        raise UserError(f"--method {method} --order implicit: the implicit meta-gradient does not depend on the "
-                        "path to φ_K, so learned inner rates get no gradient; use --order second, checkpoint or "
-                        "first")
+        raise UserError(
+            f"--method {method} --order implicit: the implicit meta-gradient does not depend on the "
+            "path to φ_K, so learned inner rates get no gradient; use --order second, checkpoint or "
+            "first"
+        )
     if method == "mamlpp" and cfg.get("steps", 1) < 1:
         raise UserError("--method mamlpp --steps 0: MAML++ learns a rate per inner step; give at least one step")
     if order == "implicit":
         if cfg.get("msl"):
-            raise UserError("--msl: the implicit order has no per-step query losses; use --order second, "
-                            "checkpoint or first")
+            raise UserError(
+                "--msl: the implicit order has no per-step query losses; use --order second, checkpoint or first"
+            )
         if cfg.get("first_order_until"):
-            raise UserError("--first-order-until: the implicit order has no first-order phase to anneal from; drop "
-                            "it or use --order second")
+            raise UserError(
+                "--first-order-until: the implicit order has no first-order phase to anneal from; drop "
+                "it or use --order second"
+            )
     elif method != "blackbox":
         for key in ("implicit_lambda", "cg_steps"):
             if key in given:
                 raise UserError(f"{option_name(key)}: applies to --order implicit (iMAML), not --order {order}")
     if job != "sinusoid" and method in ("cavia", "blackbox") and cfg.get("model") != "conv4":
-        what = "CAVIA's conv net is conv4 with FiLM" if method == "cavia" else \
-            "the black-box learner embeds images with conv4"
+        what = (
+            "CAVIA's conv net is conv4 with FiLM"
+            if method == "cavia"
+            else "the black-box learner embeds images with conv4"
+        )
         raise UserError(f"--method {method} --model {cfg.get('model')}: {what}; use --model conv4")
 
 
@@ -150,8 +185,13 @@ class InnerRates(nn.Module):
             self.rates = nn.ParameterList([nn.Parameter(torch.full_like(p.detach(), init)) for _, p in named])
         elif kind == "per_step_layer":
             self.steps = steps
-            self.rates = nn.ParameterList([nn.Parameter(torch.full((), init, dtype=p.dtype, device=p.device))
-                                           for _ in range(steps) for _, p in named])
+            self.rates = nn.ParameterList(
+                [
+                    nn.Parameter(torch.full((), init, dtype=p.dtype, device=p.device))
+                    for _ in range(steps)
+                    for _, p in named
+                ]
+            )
         else:
             raise ValueError(f"kind: expected 'per_parameter' or 'per_step_layer', got {kind!r}")
 
@@ -160,8 +200,10 @@ class InnerRates(nn.Module):
         if self.kind == "per_parameter":
             return dict(zip(self.names, self.rates))
         n = len(self.names)
-        return [{name: self.rates[min(j, self.steps - 1) * n + i] for i, name in enumerate(self.names)}
-                for j in range(steps)]
+        return [
+            {name: self.rates[min(j, self.steps - 1) * n + i] for i, name in enumerate(self.names)}
+            for j in range(steps)
+        ]
 
     def summary(self) -> Dict[str, float]:
         """The mean rate (per step for MAML++), for the metrics."""
@@ -170,8 +212,10 @@ class InnerRates(nn.Module):
                 total = sum(float(r.sum()) for r in self.rates)
                 return {"mean": total / sum(r.numel() for r in self.rates)}
             n = len(self.names)
-            return {f"step_{j + 1}": float(torch.stack(list(self.rates[j * n:(j + 1) * n])).mean())
-                    for j in range(self.steps)}
+            return {
+                f"step_{j + 1}": float(torch.stack(list(self.rates[j * n : (j + 1) * n])).mean())
+                for j in range(self.steps)
+            }
 
 
 class Learner:
@@ -205,8 +249,13 @@ class Learner:
 
     def _common(self) -> Dict:
         cfg = self.cfg
-        return dict(loss=self.loss, inner_params=self.inner_params, batch_norm=cfg.get("bn", "batch"),
-                    implicit_lambda=cfg.get("implicit_lambda", 1.0), cg_steps=cfg.get("cg_steps", 5))
+        return dict(
+            loss=self.loss,
+            inner_params=self.inner_params,
+            batch_norm=cfg.get("bn", "batch"),
+            implicit_lambda=cfg.get("implicit_lambda", 1.0),
+            cg_steps=cfg.get("cg_steps", 5),
+        )
 
     def order_at(self, iteration: int) -> str:
         """The meta-gradient order of meta-iteration `iteration` (0-based): first-order before
@@ -218,8 +267,15 @@ class Learner:
         the model and of the learned rates."""
         steps, msl = self.cfg["steps"], self.cfg.get("msl", 0)
         weights = fastmaml.msl_weights(steps, iteration, msl) if msl and steps else None
-        return fastmaml.meta_step(model, batch, inner_lr=self.inner_lr(steps), steps=steps,
-                                  order=self.order_at(iteration), step_weights=weights, **self._common())
+        return fastmaml.meta_step(
+            model,
+            batch,
+            inner_lr=self.inner_lr(steps),
+            steps=steps,
+            order=self.order_at(iteration),
+            step_weights=weights,
+            **self._common(),
+        )
 
     def adapt(self, model: nn.Module, support_x, support_y, steps: int) -> "fastmaml.AdaptedModel":
         """The method's own inner loop for evaluation, without a graph: plain inner steps ("first"), or the
@@ -227,14 +283,24 @@ class Learner:
         instead of an error."""
         order = "implicit" if self.cfg["order"] == "implicit" else "first"
         with torch.no_grad():
-            return fastmaml.adapt(model, support_x, support_y, inner_lr=self.inner_lr(steps), steps=steps,
-                                  order=order, check_finite=False, **self._common())
+            return fastmaml.adapt(
+                model,
+                support_x,
+                support_y,
+                inner_lr=self.inner_lr(steps),
+                steps=steps,
+                order=order,
+                check_finite=False,
+                **self._common(),
+            )
 
     def describe(self) -> str:
         """One line: what the inner loop runs."""
         cfg = self.cfg
-        rate = {"per_parameter": "learned per-parameter rates", "per_step_layer": "learned per-step per-layer "
-                "rates"}.get(self.rates.kind if self.rates is not None else "", f"inner lr {cfg['inner_lr']:g}")
+        rate = {
+            "per_parameter": "learned per-parameter rates",
+            "per_step_layer": "learned per-step per-layer rates",
+        }.get(self.rates.kind if self.rates is not None else "", f"inner lr {cfg['inner_lr']:g}")
         adapted = "all parameters" if self.inner_params is None else ", ".join(self.inner_params)
         extra = ""
         if cfg.get("msl"):
@@ -243,5 +309,7 @@ class Learner:
             extra += f", first-order before iteration {cfg['first_order_until']}"
         if cfg["order"] == "implicit":
             extra += f", λ {cfg.get('implicit_lambda', 1.0):g}, {cfg.get('cg_steps', 5)} CG steps"
-        return (f"{LABELS[self.method]}: {cfg['steps']} inner step(s), {rate}, order {cfg['order']}, adapting "
-                f"{adapted}{extra}")
+        return (
+            f"{LABELS[self.method]}: {cfg['steps']} inner step(s), {rate}, order {cfg['order']}, adapting "
+            f"{adapted}{extra}"
+        )

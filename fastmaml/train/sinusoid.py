@@ -15,6 +15,7 @@ black-box learner (`fastmaml.blackbox.NeuralProcess`: it predicts from the suppo
 Each adapts in evaluation with its own inner loop (its learned rates, its adapted parameters, iMAML's
 proximal steps); the pretrained baseline always adapts all its weights by SGD at `--inner-lr`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,11 +44,23 @@ EVAL_SEED = 2017
 FIGURE = "sinusoid.png"
 LEARNING_CURVE = "learning_curve.png"
 # options that define the training trajectory: a resumed run must use the same values
-TRAJECTORY_OPTIONS = ("steps", "order", "inner_lr", "meta_lr", "meta_batch", "shots", "seed", "method", "msl",
-                      "first_order_until", "implicit_lambda", "cg_steps", "context")
+TRAJECTORY_OPTIONS = (
+    "steps",
+    "order",
+    "inner_lr",
+    "meta_lr",
+    "meta_batch",
+    "shots",
+    "seed",
+    "method",
+    "msl",
+    "first_order_until",
+    "implicit_lambda",
+    "cg_steps",
+    "context",
+)
 # values of trajectory options added later (what a checkpoint written before them ran with)
-LATER_KEYS = {"method": "maml", "msl": 0, "first_order_until": 0, "implicit_lambda": 1.0, "cg_steps": 5,
-              "context": 5}
+LATER_KEYS = {"method": "maml", "msl": 0, "first_order_until": 0, "implicit_lambda": 1.0, "cg_steps": 5, "context": 5}
 
 
 def sinusoid(x: torch.Tensor, amplitude: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
@@ -128,8 +141,9 @@ def adapted_predictions(model: nn.Module, support_x, support_y, x, *, inner_lr: 
     """The model after `steps` SGD steps on each task's support set, evaluated at x `[T, N, 1]`."""
     if steps == 0:
         return model(x)
-    adapted = fastmaml.adapt(model, support_x, support_y, inner_lr=inner_lr, steps=steps, order="first",
-                             loss="mse", check_finite=False)
+    adapted = fastmaml.adapt(
+        model, support_x, support_y, inner_lr=inner_lr, steps=steps, order="first", loss="mse", check_finite=False
+    )
     return adapted(x)
 
 
@@ -146,8 +160,9 @@ def predictor(model: nn.Module, *, inner_lr: float = 0.01, learner=None):
     return lambda sx, sy, x, k: model(x) if k == 0 else learner.adapt(model, sx, sy, k)(x)
 
 
-def evaluate(model: nn.Module, tasks: EvalSet, *, inner_lr: float, eval_steps: Sequence[int],
-             progress=None, predict=None) -> Dict[str, list]:
+def evaluate(
+    model: nn.Module, tasks: EvalSet, *, inner_lr: float, eval_steps: Sequence[int], progress=None, predict=None
+) -> Dict[str, list]:
     """{"after_k": per-task query MSE `[T]` as a list} for each k in eval_steps ("before" for k=0, left out
     for a model without a prediction there). predict: `predictor(...)` (default: SGD at inner_lr on all
     weights). progress: a `common.Progress` advanced by one per k (it may raise `common.Interrupted`)."""
@@ -183,14 +198,25 @@ def format_table(table: Dict[str, Dict[str, Dict[str, float]]], eval_steps: Sequ
     headers = ["before" if k == 0 else f"after {k} step" + ("s" if k > 1 else "") for k in steps]
     lines = ["model       " + "".join(f"{h:>20s}" for h in headers)]
     for name, row in table.items():
-        cells = "".join(f"{row[_step_key(k)]['mean']:>11.3f} ± {row[_step_key(k)]['ci95']:<6.3f}"
-                        if _step_key(k) in row else f"{'n/a':>20s}" for k in steps)
+        cells = "".join(
+            f"{row[_step_key(k)]['mean']:>11.3f} ± {row[_step_key(k)]['ci95']:<6.3f}"
+            if _step_key(k) in row
+            else f"{'n/a':>20s}"
+            for k in steps
+        )
         lines.append(f"{name:12s}{cells}")
     return "\n".join(lines)
 
 
-def plot_tasks(path: Path, models: Dict[str, nn.Module], tasks: EvalSet, *, inner_lr: float,
-               eval_steps: Sequence[int], num_tasks: int = 3) -> None:
+def plot_tasks(
+    path: Path,
+    models: Dict[str, nn.Module],
+    tasks: EvalSet,
+    *,
+    inner_lr: float,
+    eval_steps: Sequence[int],
+    num_tasks: int = 3,
+) -> None:
     """The MAML paper's sinusoid figure: one row per model, one column per held-out task; true curve,
     support points, and the prediction before adaptation and after each k in eval_steps. `models` values
     are modules (SGD at inner_lr) or `predictor` functions."""
@@ -217,12 +243,30 @@ def plot_tasks(path: Path, models: Dict[str, nn.Module], tasks: EvalSet, *, inne
             for i, k in enumerate(steps):
                 if k not in preds or (k > min(preds) and isinstance(model, NeuralProcess)):
                     continue
-                label = ("pre-update" if k == 0 else "prediction from the support" if isinstance(model, NeuralProcess)
-                         else f"{k} grad step" + ("s" if k > 1 else ""))
-                ax.plot(grid[col, :, 0], preds[k][col, :, 0], ls=":" if k == 0 else "--",
-                        color=plt.cm.Greens(0.4 + 0.6 * i / max(1, len(steps) - 1)), lw=1.8, label=label)
-            ax.scatter(sx[col, :, 0].cpu(), sy[col, :, 0].cpu(), marker="^", color="tab:purple", s=40, zorder=3,
-                       label="used for grad")
+                label = (
+                    "pre-update"
+                    if k == 0
+                    else "prediction from the support"
+                    if isinstance(model, NeuralProcess)
+                    else f"{k} grad step" + ("s" if k > 1 else "")
+                )
+                ax.plot(
+                    grid[col, :, 0],
+                    preds[k][col, :, 0],
+                    ls=":" if k == 0 else "--",
+                    color=plt.cm.Greens(0.4 + 0.6 * i / max(1, len(steps) - 1)),
+                    lw=1.8,
+                    label=label,
+                )
+            ax.scatter(
+                sx[col, :, 0].cpu(),
+                sy[col, :, 0].cpu(),
+                marker="^",
+                color="tab:purple",
+                s=40,
+                zorder=3,
+                label="used for grad",
+            )
             ax.set_xlim(*X_RANGE)
             ax.set_title(f"{name}, task {col + 1}")
             if col == 0:
@@ -243,28 +287,54 @@ def _at_least_two(text: str) -> int:
 
 # every job's options (common.SHARED_OPTIONS) with this job's defaults
 # every job's options (common.SHARED_OPTIONS) with this job's defaults
-DEFAULTS = dict(iterations=10000, steps=1, order="second", inner_lr=0.01, meta_lr=1e-3, meta_batch=25, shots=10,
-                # a checkpoint is a few kB: every 1000 of the default 10,000 iterations costs nothing
-                checkpoint_every=1000, threads=1, context=5)
+DEFAULTS = dict(
+    iterations=10000,
+    steps=1,
+    order="second",
+    inner_lr=0.01,
+    meta_lr=1e-3,
+    meta_batch=25,
+    shots=10,
+    # a checkpoint is a few kB: every 1000 of the default 10,000 iterations costs nothing
+    checkpoint_every=1000,
+    threads=1,
+    context=5,
+)
 # the options a --method preset may set (their values come from the method unless given)
 METHOD_KEYS = ("steps", "order", "inner_lr", "msl", "first_order_until", "implicit_lambda", "cg_steps", "context")
 
 
 def add_arguments(parser: argparse.ArgumentParser, job: str = "sinusoid") -> None:
-    common.add_shared_arguments(parser, job, DEFAULTS, helps={
-        "shots": "support points per task (K); training also uses K query points",
-        "seed": "model initialization and task stream",
-        "threads": "torch CPU threads while the job runs (the 1-40-40-1 MLP is too small to gain from more)",
-        "context": "context parameters concatenated to the input by --method cavia (CAVIA: 5)",
-    }, method_choices=methods.METHODS)
+    common.add_shared_arguments(
+        parser,
+        job,
+        DEFAULTS,
+        helps={
+            "shots": "support points per task (K); training also uses K query points",
+            "seed": "model initialization and task stream",
+            "threads": "torch CPU threads while the job runs (the 1-40-40-1 MLP is too small to gain from more)",
+            "context": "context parameters concatenated to the input by --method cavia (CAVIA: 5)",
+        },
+        method_choices=methods.METHODS,
+    )
     parser = parser.add_argument_group("options of sinusoid")
     d = " (default: %(default)s)"
-    parser.add_argument("--eval-tasks", type=_at_least_two, default=600,
-                        help=f"held-out tasks (fixed seed {EVAL_SEED}) for the final evaluation, at least 2" + d)
-    parser.add_argument("--eval-query", type=common.positive_int, default=100,
-                        help="query points per held-out task" + d)
-    parser.add_argument("--eval-steps", type=common.nonnegative_int, nargs="+", default=[1, 10],
-                        help="inner steps at which the held-out query MSE is reported" + d)
+    parser.add_argument(
+        "--eval-tasks",
+        type=_at_least_two,
+        default=600,
+        help=f"held-out tasks (fixed seed {EVAL_SEED}) for the final evaluation, at least 2" + d,
+    )
+    parser.add_argument(
+        "--eval-query", type=common.positive_int, default=100, help="query points per held-out task" + d
+    )
+    parser.add_argument(
+        "--eval-steps",
+        type=common.nonnegative_int,
+        nargs="+",
+        default=[1, 10],
+        help="inner steps at which the held-out query MSE is reported" + d,
+    )
 
 
 def resolve(args) -> argparse.Namespace:
@@ -272,8 +342,13 @@ def resolve(args) -> argparse.Namespace:
     `common.UserError` for a combination that contradicts the method)."""
     method = getattr(args, "method", None) or "maml"
     cfg = {k: getattr(args, k, None) for k in METHOD_KEYS}
-    for key, default in (("msl", 0), ("first_order_until", 0), ("implicit_lambda", 1.0), ("cg_steps", 5),
-                         ("context", DEFAULTS["context"])):
+    for key, default in (
+        ("msl", 0),
+        ("first_order_until", 0),
+        ("implicit_lambda", 1.0),
+        ("cg_steps", 5),
+        ("context", DEFAULTS["context"]),
+    ):
         if cfg[key] is None:
             cfg[key] = default
     baseline_lr = cfg["inner_lr"]  # the pretrained baseline adapts at the rate given, or the job's default
@@ -284,15 +359,31 @@ def resolve(args) -> argparse.Namespace:
 def _config(args) -> dict:
     method = args.method
     return {
-        "iterations": args.iterations, "steps": args.steps, "order": args.order, "inner_lr": args.inner_lr,
-        "meta_lr": args.meta_lr, "meta_batch": args.meta_batch, "shots": args.shots, "seed": args.seed,
-        "method": method, "msl": args.msl, "first_order_until": args.first_order_until,
-        "implicit_lambda": args.implicit_lambda, "cg_steps": args.cg_steps, "context": args.context,
-        "eval_tasks": args.eval_tasks, "eval_query": args.eval_query, "eval_steps": list(args.eval_steps),
-        "eval_seed": EVAL_SEED, "checkpoint_every": args.checkpoint_every, "device": str(args.device),
+        "iterations": args.iterations,
+        "steps": args.steps,
+        "order": args.order,
+        "inner_lr": args.inner_lr,
+        "meta_lr": args.meta_lr,
+        "meta_batch": args.meta_batch,
+        "shots": args.shots,
+        "seed": args.seed,
+        "method": method,
+        "msl": args.msl,
+        "first_order_until": args.first_order_until,
+        "implicit_lambda": args.implicit_lambda,
+        "cg_steps": args.cg_steps,
+        "context": args.context,
+        "eval_tasks": args.eval_tasks,
+        "eval_query": args.eval_query,
+        "eval_steps": list(args.eval_steps),
+        "eval_seed": EVAL_SEED,
+        "checkpoint_every": args.checkpoint_every,
+        "device": str(args.device),
         "threads": args.threads,
-        "model": {"cavia": f"MLP [x, context {args.context}]-40-40-1 ReLU",
-                  "blackbox": "NeuralProcess (attentive CNP, hidden 64)"}.get(method, "MLP 1-40-40-1 ReLU"),
+        "model": {
+            "cavia": f"MLP [x, context {args.context}]-40-40-1 ReLU",
+            "blackbox": "NeuralProcess (attentive CNP, hidden 64)",
+        }.get(method, "MLP 1-40-40-1 ReLU"),
         "baseline": "same MLP, Adam on pooled points of meta_batch tasks",
     }
 
@@ -319,17 +410,28 @@ def new_state(args, device) -> common.TrainingState:
     model, baseline = model.to(device), baseline.to(device)
     learner = None if args.method == "blackbox" else methods.Learner(vars(args), model, "mse")
     trainable = [p for p in model.parameters() if p.requires_grad] + (learner.parameters() if learner else [])
-    parts = {"model": model, "optimizer": torch.optim.Adam(trainable, lr=args.meta_lr),
-             "baseline": baseline, "baseline_optimizer": torch.optim.Adam(baseline.parameters(), lr=args.meta_lr),
-             "sampler": SinusoidSampler(stream_seed(args.seed, 0)),
-             "baseline_sampler": SinusoidSampler(stream_seed(args.seed, 1))}
+    parts = {
+        "model": model,
+        "optimizer": torch.optim.Adam(trainable, lr=args.meta_lr),
+        "baseline": baseline,
+        "baseline_optimizer": torch.optim.Adam(baseline.parameters(), lr=args.meta_lr),
+        "sampler": SinusoidSampler(stream_seed(args.seed, 0)),
+        "baseline_sampler": SinusoidSampler(stream_seed(args.seed, 1)),
+    }
     if learner is not None and learner.rates is not None:
         parts["inner_rates"] = learner.rates
-    keys = ("meta_loss", "query_loss_after", "baseline_loss") if args.method == "blackbox" else (
-        "meta_loss", "query_loss_before", "query_loss_after", "baseline_loss")
+    keys = (
+        ("meta_loss", "query_loss_after", "baseline_loss")
+        if args.method == "blackbox"
+        else ("meta_loss", "query_loss_before", "query_loss_after", "baseline_loss")
+    )
     state = common.TrainingState(
-        _config(args), run_keys=TRAJECTORY_OPTIONS, legacy=LATER_KEYS, parts=parts,
-        values={"history": {k: [] for k in keys}, "timing": {"seconds": 0.0, "steps": 0}, "step_memory": None})
+        _config(args),
+        run_keys=TRAJECTORY_OPTIONS,
+        legacy=LATER_KEYS,
+        parts=parts,
+        values={"history": {k: [] for k in keys}, "timing": {"seconds": 0.0, "steps": 0}, "step_memory": None},
+    )
     state.learner = learner
     return state
 
@@ -340,7 +442,7 @@ def _blackbox_loss(model: NeuralProcess, batch):
     x, y = torch.cat([sx, qx], 1), torch.cat([sy, qy], 1)
     mean, std = model(sx, sy, x)
     nll = (torch.log(std) + 0.5 * ((y - mean) / std) ** 2).mean() + 0.5 * math.log(2 * math.pi)
-    return nll, ((mean[:, sx.shape[1]:] - qy) ** 2).mean().detach()
+    return nll, ((mean[:, sx.shape[1] :] - qy) ** 2).mean().detach()
 
 
 def _method_step(state: common.TrainingState, batch) -> Dict[str, torch.Tensor]:
@@ -350,8 +452,11 @@ def _method_step(state: common.TrainingState, batch) -> Dict[str, torch.Tensor]:
         nll.backward()
         return {"meta_loss": nll.detach(), "query_loss_after": mse}
     result = state.learner.meta_step(state.model, batch, state.iteration)
-    return {"meta_loss": result.meta_loss, "query_loss_before": result.query_loss_before.mean(),
-            "query_loss_after": result.query_loss_after.mean()}
+    return {
+        "meta_loss": result.meta_loss,
+        "query_loss_before": result.query_loss_before.mean(),
+        "query_loss_after": result.query_loss_after.mean(),
+    }
 
 
 def _timed(state: common.TrainingState, device, step) -> Dict[str, torch.Tensor]:
@@ -365,8 +470,10 @@ def _timed(state: common.TrainingState, device, step) -> Dict[str, torch.Tensor]
     with memory:
         logged = step()
     if warm:
-        state.timing = {"seconds": state.timing["seconds"] + time.perf_counter() - started,
-                        "steps": state.timing["steps"] + 1}
+        state.timing = {
+            "seconds": state.timing["seconds"] + time.perf_counter() - started,
+            "steps": state.timing["steps"] + 1,
+        }
     if measure:
         state.step_memory = memory.bytes
     state._warm = True
@@ -407,8 +514,9 @@ def _train_iteration_ranks(state: common.TrainingState, args, device, job: commo
     float rounding)."""
     rank, size = job.ranks.rank, job.ranks.size
     batch = distributed.shard(state.sampler.sample(args.meta_batch, args.shots, args.shots), rank, size).to(device)
-    pooled = distributed.shard(state.baseline_sampler.sample(args.meta_batch, args.shots, args.shots), rank,
-                               size).to(device)
+    pooled = distributed.shard(state.baseline_sampler.sample(args.meta_batch, args.shots, args.shots), rank, size).to(
+        device
+    )
     state.optimizer.zero_grad(set_to_none=True)
     logged = _method_step(state, batch)
     x = torch.cat([pooled.support_x, pooled.query_x], 1).reshape(-1, 1)
@@ -420,8 +528,11 @@ def _train_iteration_ranks(state: common.TrainingState, args, device, job: commo
     rates = None if state.learner is None else state.learner.rates
     with job.ranks.collective(f"the all-reduce of iteration {state.iteration + 1}"):
         reduced = distributed.all_reduce_grads(
-            state.model, extra=[state.baseline, rates], num_tasks=distributed.task_count(batch),
-            values=[logged[k] for k in keys] + [baseline_loss.detach(), job.stop_flag]).tolist()
+            state.model,
+            extra=[state.baseline, rates],
+            num_tasks=distributed.task_count(batch),
+            values=[logged[k] for k in keys] + [baseline_loss.detach(), job.stop_flag],
+        ).tolist()
     job.agree_stop(reduced[-1] > 0)
     state.optimizer.step()
     state.baseline_optimizer.step()
@@ -432,25 +543,34 @@ def _evaluate(model: nn.Module, tasks: EvalSet, args, job: common.Job, progress,
     """`evaluate` on the held-out tasks; under torchrun each rank evaluates its share of them and the
     per-task values are gathered, so every rank holds those of all the tasks."""
     if not job.distributed:
-        return evaluate(model, tasks, inner_lr=args.inner_lr, eval_steps=args.eval_steps, progress=progress,
-                        predict=predict)
+        return evaluate(
+            model, tasks, inner_lr=args.inner_lr, eval_steps=args.eval_steps, progress=progress, predict=predict
+        )
     total = tasks.batch.num_tasks
     start, stop = distributed.share_range(total, job.ranks.rank, job.ranks.size)
     keys = [_step_key(k) for k in sorted({0, *args.eval_steps})]
     if isinstance(model, NeuralProcess):
         keys = [k for k in keys if k != "before"]
     if stop > start:
-        share = EvalSet(fastmaml.TaskBatch(*(t[start:stop] for t in tasks.batch)), tasks.amplitude[start:stop],
-                        tasks.phase[start:stop])
-        mine = evaluate(model, share, inner_lr=args.inner_lr, eval_steps=args.eval_steps, progress=progress,
-                        predict=predict)
+        share = EvalSet(
+            fastmaml.TaskBatch(*(t[start:stop] for t in tasks.batch)),
+            tasks.amplitude[start:stop],
+            tasks.phase[start:stop],
+        )
+        mine = evaluate(
+            model, share, inner_lr=args.inner_lr, eval_steps=args.eval_steps, progress=progress, predict=predict
+        )
     else:  # fewer held-out tasks than ranks: this one only takes part in the stop checks and the gathering
         mine = {key: [] for key in keys}
         for _ in sorted({0, *args.eval_steps}):
             if progress is not None:
                 progress.update(1)
-    return {key: job.ranks.gather(torch.tensor(mine[key], dtype=torch.float64), total,
-                                  "the gathering of the evaluation").tolist() for key in keys}
+    return {
+        key: job.ranks.gather(
+            torch.tensor(mine[key], dtype=torch.float64), total, "the gathering of the evaluation"
+        ).tolist()
+        for key in keys
+    }
 
 
 def run(args) -> dict:
@@ -463,7 +583,7 @@ def run(args) -> dict:
 
 
 def _where(job: common.Job) -> str:
-    """"cpu", or under torchrun "2 processes (gloo; rank 0 on cpu)"."""
+    """ "cpu", or under torchrun "2 processes (gloo; rank 0 on cpu)"."""
     if not job.distributed:
         return str(job.device)
     ranks = job.ranks
@@ -478,11 +598,14 @@ def _learning_curve(state: common.TrainingState, path: Path, label: str = "MAML"
     window = max(1, min(100, state.iteration // 20))
     h = state.history
     if "query_loss_before" in h:
-        curves = {f"{label} query MSE after adaptation": common.moving_average(h["query_loss_after"], window),
-                  f"{label} query MSE before adaptation": common.moving_average(h["query_loss_before"], window)}
+        curves = {
+            f"{label} query MSE after adaptation": common.moving_average(h["query_loss_after"], window),
+            f"{label} query MSE before adaptation": common.moving_average(h["query_loss_before"], window),
+        }
     else:
-        curves = {f"{label} query MSE (prediction from the support)": common.moving_average(h["query_loss_after"],
-                                                                                           window)}
+        curves = {
+            f"{label} query MSE (prediction from the support)": common.moving_average(h["query_loss_after"], window)
+        }
     curves["pretrained training MSE"] = common.moving_average(h["baseline_loss"], window)
     common.plot_curves(curves, path, title=f"sinusoid, moving average over {window} iterations", ylabel="MSE")
 
@@ -495,8 +618,11 @@ def _resources(state: common.TrainingState) -> dict:
     """Time per meta-step (the method's gradient and optimizer step, averaged over the steps this run timed)
     and the peak memory of one."""
     t = state.timing
-    return {"seconds_per_meta_step": t["seconds"] / t["steps"] if t["steps"] else None,
-            "timed_steps": t["steps"], "step_memory_bytes": state.step_memory}
+    return {
+        "seconds_per_meta_step": t["seconds"] / t["steps"] if t["steps"] else None,
+        "timed_steps": t["steps"],
+        "step_memory_bytes": state.step_memory,
+    }
 
 
 def _run(args, job: common.Job) -> dict:
@@ -509,23 +635,39 @@ def _run(args, job: common.Job) -> dict:
             values[:0] = [math.nan] * (done - len(values))
     start = state.iteration
     label = _label(args)
-    files = {"checkpoint": job.checkpoint_path, "metrics": out / common.METRICS,
-             "learning curve": out / LEARNING_CURVE}
+    files = {"checkpoint": job.checkpoint_path, "metrics": out / common.METRICS, "learning curve": out / LEARNING_CURVE}
 
     def write_progress_files() -> None:
         """metrics.json (history so far, no evaluation yet) and the learning curve, with each checkpoint."""
         if not job.main:
             return
-        common.write_json(files["metrics"], {
-            "job": "sinusoid", "status": "training", "config": state.config, "iteration": state.iteration,
-            "resumed_from": start if args.resume else None, "history": _history(state), **_resources(state)})
+        common.write_json(
+            files["metrics"],
+            {
+                "job": "sinusoid",
+                "status": "training",
+                "config": state.config,
+                "iteration": state.iteration,
+                "resumed_from": start if args.resume else None,
+                "history": _history(state),
+                **_resources(state),
+            },
+        )
         _learning_curve(state, files["learning curve"], label)
 
-    what = "" if state.learner is None and args.method == "maml" else (
-        f" ({state.learner.describe()})" if state.learner is not None else
-        " (black-box learner: a neural process, trained by maximum likelihood)")
-    job.say(f"sinusoid: {'resuming at' if args.resume else 'starting at'} iteration {start} of {args.iterations} "
-            f"on {_where(job)}{what}; checkpoint every {job.checkpoint_every} iterations to {job.checkpoint_path}")
+    what = (
+        ""
+        if state.learner is None and args.method == "maml"
+        else (
+            f" ({state.learner.describe()})"
+            if state.learner is not None
+            else " (black-box learner: a neural process, trained by maximum likelihood)"
+        )
+    )
+    job.say(
+        f"sinusoid: {'resuming at' if args.resume else 'starting at'} iteration {start} of {args.iterations} "
+        f"on {_where(job)}{what}; checkpoint every {job.checkpoint_every} iterations to {job.checkpoint_path}"
+    )
     started = time.perf_counter()
     bar = job.progress("sinusoid", args.iterations, initial=start)
     while state.iteration < args.iterations and not job.stop_requested:
@@ -533,8 +675,11 @@ def _run(args, job: common.Job) -> dict:
             _train_iteration_ranks(state, args, device, job)
         else:
             _train_iteration(state, args, device)
-        bar.update(1, loss=float(np.mean(state.history["meta_loss"][-100:])),
-                   pretrained=float(np.mean(state.history["baseline_loss"][-100:])))
+        bar.update(
+            1,
+            loss=float(np.mean(state.history["meta_loss"][-100:])),
+            pretrained=float(np.mean(state.history["baseline_loss"][-100:])),
+        )
         if job.checkpoint_due(state.iteration, args.iterations):
             job.checkpoint(state)
             write_progress_files()
@@ -547,12 +692,15 @@ def _run(args, job: common.Job) -> dict:
 
     tasks = eval_set(args.eval_tasks, args.shots, args.eval_query)
     tasks = EvalSet(tasks.batch.to(device), tasks.amplitude, tasks.phase)
-    predictors = {label: predictor(state.model, inner_lr=args.inner_lr, learner=state.learner),
-                  "pretrained": predictor(state.baseline, inner_lr=args.baseline_lr)}
+    predictors = {
+        label: predictor(state.model, inner_lr=args.inner_lr, learner=state.learner),
+        "pretrained": predictor(state.baseline, inner_lr=args.baseline_lr),
+    }
     models = {label: state.model, "pretrained": state.baseline}
     job.say(f"sinusoid: evaluating both networks on {args.eval_tasks} held-out tasks")
-    evaluating = job.progress("evaluation", len(models) * len(set([0, *args.eval_steps])), unit="evaluations",
-                              leave=False, interruptible=True)
+    evaluating = job.progress(
+        "evaluation", len(models) * len(set([0, *args.eval_steps])), unit="evaluations", leave=False, interruptible=True
+    )
     try:
         per_task = {name: _evaluate(m, tasks, args, job, evaluating, predictors[name]) for name, m in models.items()}
     except common.Interrupted:
@@ -562,18 +710,30 @@ def _run(args, job: common.Job) -> dict:
     table = {name: summarize(values) for name, values in per_task.items()}
 
     files["figure"] = out / FIGURE
-    adapt_text = ("the black-box learner's prediction from the support points (it has no inner steps: the same "
-                  "for every k), the pretrained network " if args.method == "blackbox" else "")
+    adapt_text = (
+        "the black-box learner's prediction from the support points (it has no inner steps: the same "
+        "for every k), the pretrained network "
+        if args.method == "blackbox"
+        else ""
+    )
     metrics = {
-        "job": "sinusoid", "status": "done", "config": state.config, "iteration": state.iteration,
-        "method": args.method, "label": label,
+        "job": "sinusoid",
+        "status": "done",
+        "config": state.config,
+        "iteration": state.iteration,
+        "method": args.method,
+        "label": label,
         "resumed_from": start if args.resume else None,
-        "train_seconds_this_run": train_seconds, "processes": job.ranks.size, **_resources(state),
+        "train_seconds_this_run": train_seconds,
+        "processes": job.ranks.size,
+        **_resources(state),
         "eval": table,
-        "eval_description": (f"query MSE on {args.eval_tasks} held-out tasks ({args.eval_query} query points each, "
-                             f"{args.shots} support points), mean and 95% CI half-width, before adaptation "
-                             f"and after k {adapt_text}SGD steps at inner lr {args.baseline_lr}"
-                             + ("" if args.method in ("maml", "blackbox") else f" ({label}: its own inner loop)")),
+        "eval_description": (
+            f"query MSE on {args.eval_tasks} held-out tasks ({args.eval_query} query points each, "
+            f"{args.shots} support points), mean and 95% CI half-width, before adaptation "
+            f"and after k {adapt_text}SGD steps at inner lr {args.baseline_lr}"
+            + ("" if args.method in ("maml", "blackbox") else f" ({label}: its own inner loop)")
+        ),
         "history": _history(state),
         "files": {"figure": FIGURE, "learning_curve": LEARNING_CURVE, "checkpoint": common.CHECKPOINT},
     }
@@ -581,8 +741,7 @@ def _run(args, job: common.Job) -> dict:
         metrics["learned_inner_lr"] = state.learner.rates.summary()
     if not job.main:
         return metrics
-    plot_models = {label: state.model if args.method == "blackbox" else predictors[label],
-                   "pretrained": state.baseline}
+    plot_models = {label: state.model if args.method == "blackbox" else predictors[label], "pretrained": state.baseline}
     plot_tasks(files["figure"], plot_models, tasks, inner_lr=args.baseline_lr, eval_steps=args.eval_steps)
     _learning_curve(state, files["learning curve"], label)
     common.write_json(files["metrics"], metrics)

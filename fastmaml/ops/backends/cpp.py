@@ -7,6 +7,7 @@ The extension is compiled/loaded lazily by `fastmaml.build` the first time the b
 availability is asked for (e.g. by `resolve("auto", device)`); a failed build makes the backend
 unavailable with the reason, so `auto` falls back and `backend="cpp"` raises `BackendUnavailable`.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -44,8 +45,11 @@ register_backend("cpp", availability)
 
 # "auto" uses the step kernels on the CPU only: on CUDA the reference's elementwise ops measured faster
 # (the op bench of benchmarks/gpu_check.sh; numbers in benchmarks/RESULTS.md). backend="cpp" still runs them.
-_CPU_AUTO = dict(auto=("cpu",), dtypes=STEP_DTYPES,
-                 why_not_auto="slower than the reference's elementwise ops on a GPU (benchmarks/RESULTS.md)")
+_CPU_AUTO = dict(
+    auto=("cpu",),
+    dtypes=STEP_DTYPES,
+    why_not_auto="slower than the reference's elementwise ops on a GPU (benchmarks/RESULTS.md)",
+)
 
 
 @register("inner_update", "cpp", **_CPU_AUTO)
@@ -55,8 +59,9 @@ def inner_update(phi: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor) -> tor
 
 
 @register("adjoint_update", "cpp", **_CPU_AUTO)
-def adjoint_update(v: torch.Tensor, hu: Optional[torch.Tensor], g: torch.Tensor, alpha: torch.Tensor,
-                   lr_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def adjoint_update(
+    v: torch.Tensor, hu: Optional[torch.Tensor], g: torch.Tensor, alpha: torch.Tensor, lr_grad: bool
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(v − hu `[T, P]`, −Σ_t g ⊙ v reduced to α's shape or None); hu None: first order, v passes."""
     if hu is None:
         return v, (torch.ops.fastmaml.alpha_grad(g, v, alpha) if lr_grad else None)
@@ -68,8 +73,9 @@ def adjoint_update(v: torch.Tensor, hu: Optional[torch.Tensor], g: torch.Tensor,
 def bn_relu_maxpool_train_fwd(x, w, b, eps: float, k: int):
     """BatchNorm (batch statistics) + ReLU + k×k max-pool in one pass, as the reference in
     ops/reference/block_tail.py."""
-    return torch.ops.fastmaml.bn_relu_maxpool_fwd(x, per_task_channels(w, "w", x, 1.0),
-                                                  per_task_channels(b, "b", x, 0.0), eps, k)
+    return torch.ops.fastmaml.bn_relu_maxpool_fwd(
+        x, per_task_channels(w, "w", x, 1.0), per_task_channels(b, "b", x, 0.0), eps, k
+    )
 
 
 @register("bn_relu_maxpool_train_bwd", "cpp", devices=("cpu",), dtypes=KERNEL_DTYPES)
@@ -84,23 +90,38 @@ def bn_relu_maxpool_train_bwd(gz, z, idx, x, mean, r, w, eps: float, k: int, nee
     return gx if need_x else None
 
 
-@register("bn_relu_maxpool_tangent_fwd", "cpp", devices=("cpu",), dtypes=KERNEL_DTYPES, supports=with_tangents,
-          limits="float32/float64 with both tangents")
+@register(
+    "bn_relu_maxpool_tangent_fwd",
+    "cpp",
+    devices=("cpu",),
+    dtypes=KERNEL_DTYPES,
+    supports=with_tangents,
+    limits="float32/float64 with both tangents",
+)
 def bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, bd, eps: float, k: int):
     """The forward and its tangent in one pass, as the reference in ops/reference/block_tail.py."""
-    w, b, bd = (per_task_channels(v, name, x, fill)
-                for v, name, fill in ((w, "w", 1.0), (b, "b", 0.0), (bd, "bd", 0.0)))
+    w, b, bd = (
+        per_task_channels(v, name, x, fill) for v, name, fill in ((w, "w", 1.0), (b, "b", 0.0), (bd, "bd", 0.0))
+    )
     return torch.ops.fastmaml.bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, bd, eps, k)
 
 
-@register("bn_relu_maxpool_tangent_bwd", "cpp", devices=("cpu",), dtypes=KERNEL_DTYPES,
-          supports=with_tangents_bwd, limits="float32/float64 with both tangents")
-def bn_relu_maxpool_tangent_bwd(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd, k: int, need_x: bool, gw_out,
-                                gwd_out, gb_out, gbd_out):
+@register(
+    "bn_relu_maxpool_tangent_bwd",
+    "cpp",
+    devices=("cpu",),
+    dtypes=KERNEL_DTYPES,
+    supports=with_tangents_bwd,
+    limits="float32/float64 with both tangents",
+)
+def bn_relu_maxpool_tangent_bwd(
+    gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd, k: int, need_x: bool, gw_out, gwd_out, gb_out, gbd_out
+):
     """The backward and its tangent in two passes, as the reference in ops/reference/block_tail.py."""
     w = per_task_channels(w, "w", x, 1.0)
-    gx, gxd, gw, gwd, gb, gbd = torch.ops.fastmaml.bn_relu_maxpool_tangent_bwd(gz, gzd, z, idx, x, xd, mean, r, a,
-                                                                               dmean, w, wd, need_x)
+    gx, gxd, gw, gwd, gb, gbd = torch.ops.fastmaml.bn_relu_maxpool_tangent_bwd(
+        gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd, need_x
+    )
     for out, value in ((gw_out, gw), (gwd_out, gwd), (gb_out, gb), (gbd_out, gbd)):
         if out is not None:
             out.copy_(value)
@@ -122,15 +143,21 @@ def _mlp_kernel_takes(plan, theta, sx, sy, qx, qy, alphas, order, *rest):
     return None
 
 
-@register("mlp_meta_step", "cpp", supports=_mlp_kernel_takes,
-          limits=f"float32/float64, orders second and first, CUDA layers up to {MAX_CUDA_WIDTH} wide")
+@register(
+    "mlp_meta_step",
+    "cpp",
+    supports=_mlp_kernel_takes,
+    limits=f"float32/float64, orders second and first, CUDA layers up to {MAX_CUDA_WIDTH} wide",
+)
 def mlp_meta_step(plan, theta, sx, sy, qx, qy, alphas, order: str, lr_grad, need_before: bool):
     """The whole-inner-loop MLP kernel (csrc/mlp_inner_loop.h), as the reference in ops/reference/mlp.py.
     It computes the query loss at θ in any case; returned only with `need_before`, like the reference's."""
     K, P = len(alphas), theta.shape[-1]
     alpha = torch.stack([a.expand(P) for a in alphas]) if K else theta.new_zeros(0, P)
     q_after, grad, d_alpha, q_before, s_before = torch.ops.fastmaml.mlp_meta_step(
-        theta, list(plan.sizes), sx, sy, qx, qy, alpha, order != "first", any(lr_grad), plan.activation)
-    d_alphas = [None if not lr_grad[j] else d_alpha[j].sum() if a.dim() == 0 else d_alpha[j]
-                for j, a in enumerate(alphas)]
+        theta, list(plan.sizes), sx, sy, qx, qy, alpha, order != "first", any(lr_grad), plan.activation
+    )
+    d_alphas = [
+        None if not lr_grad[j] else d_alpha[j].sum() if a.dim() == 0 else d_alpha[j] for j, a in enumerate(alphas)
+    ]
     return MlpStepResult(q_after, grad, d_alphas, q_before if need_before else None, s_before if K else None)

@@ -4,6 +4,7 @@ Available on CUDA devices when triton imports; on CPU only under the Triton inte
 (`TRITON_INTERPRET=1`, for tests). The kernels are imported at the first availability check, so
 `import fastmaml` never imports triton.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -25,10 +26,16 @@ _state: dict = {}
 KERNEL_DTYPES = (torch.float32, torch.float64)  # what the kernel tests cover
 STEP_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 EXPLICIT_ONLY = dict(auto=False, why_not_auto="tested, not yet measured faster than the reference on a GPU")
-_SLOWER_STEP = dict(auto=False, dtypes=STEP_DTYPES, why_not_auto="slower than the reference's elementwise ops on a GPU "
-                                             "(benchmarks/RESULTS.md, op bench)")
-_SLOWER_LINEAR = dict(auto=False, dtypes=KERNEL_DTYPES, why_not_auto="mostly slower than cuBLAS at meta-learning sizes "
-                                               "(benchmarks/RESULTS.md, op bench)")
+_SLOWER_STEP = dict(
+    auto=False,
+    dtypes=STEP_DTYPES,
+    why_not_auto="slower than the reference's elementwise ops on a GPU (benchmarks/RESULTS.md, op bench)",
+)
+_SLOWER_LINEAR = dict(
+    auto=False,
+    dtypes=KERNEL_DTYPES,
+    why_not_auto="mostly slower than cuBLAS at meta-learning sizes (benchmarks/RESULTS.md, op bench)",
+)
 
 
 def _import_kernels():
@@ -39,8 +46,9 @@ def _import_kernels():
         root = Path(__file__).resolve().parents[3] / "kernels"
         if not (root / "__init__.py").exists():
             raise
-        spec = importlib.util.spec_from_file_location("fastmaml.kernels", root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
+        spec = importlib.util.spec_from_file_location(
+            "fastmaml.kernels", root / "__init__.py", submodule_search_locations=[str(root)]
+        )
         module = importlib.util.module_from_spec(spec)
         sys.modules["fastmaml.kernels"] = module
         spec.loader.exec_module(module)
@@ -87,8 +95,9 @@ def inner_update(phi: torch.Tensor, g: torch.Tensor, alpha: torch.Tensor) -> tor
 
 
 @register("adjoint_update", "triton", **_SLOWER_STEP)
-def adjoint_update(v: torch.Tensor, hu: Optional[torch.Tensor], g: torch.Tensor, alpha: torch.Tensor,
-                   lr_grad: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def adjoint_update(
+    v: torch.Tensor, hu: Optional[torch.Tensor], g: torch.Tensor, alpha: torch.Tensor, lr_grad: bool
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(v − hu `[T, P]`, −Σ_t g ⊙ v reduced to α's shape or None); hu None: first order, v passes."""
     if hu is None:
         return v, (torch.ops.fastmaml_triton.alpha_grad(g, v, alpha) if lr_grad else None)
@@ -98,29 +107,36 @@ def adjoint_update(v: torch.Tensor, hu: Optional[torch.Tensor], g: torch.Tensor,
 
 # the layer and loss ops of the fused engine
 
+
 @register("cross_entropy_grad", "triton", dtypes=KERNEL_DTYPES)
 def cross_entropy_grad(z: torch.Tensor, y: torch.Tensor):
     """Logits `[T, N, C]`, classes `[T, N]` -> (loss `[T]`, (p − onehot)/N, p); one pass per row."""
     return torch.ops.fastmaml_triton.cross_entropy_grad(z, y)
+
 
 @register("cross_entropy_grad_tangent", "triton", dtypes=KERNEL_DTYPES)
 def cross_entropy_grad_tangent(p: torch.Tensor, zd: torch.Tensor) -> torch.Tensor:
     """ġz = p ⊙ (ż − ⟨p, ż⟩) / N `[T, N, C]`."""
     return torch.ops.fastmaml_triton.cross_entropy_grad_tangent(p, zd)
 
+
 @register("mse_grad", "triton", dtypes=KERNEL_DTYPES)
 def mse_grad(out: torch.Tensor, y: torch.Tensor):
     """out, y `[T, N, *]` -> (loss `[T]`, 2 (out − y) / M)."""
     return torch.ops.fastmaml_triton.mse_grad(out, y)
 
+
 # Linear layers: every op is `linear_gemm` (kernels/linear.py) on (transposed) views, c = a bᵀ and
 # its tangent cd = ad bᵀ + a bdᵀ in one kernel; outputs are written in place through their strides.
+
 
 def _gemm(a, ad, b, bd, bias, bias_d, c, cd, ra, rad) -> None:
     torch.ops.fastmaml_triton.linear_gemm(a, ad, b, bd, bias, bias_d, c, cd, ra, rad)
 
+
 def _mT(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.transpose(-1, -2)
+
 
 @register("linear_fwd", "triton", **_SLOWER_LINEAR)
 def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
@@ -129,6 +145,7 @@ def linear_fwd(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> t
     _gemm(x, None, w, None, b, None, y, None, None, None)
     return y
 
+
 @register("linear_value_tangent_fwd", "triton", **_SLOWER_LINEAR)
 def linear_value_tangent_fwd(x, xd, w, b, wd, bd):
     """(y, ẏ) `[T, N, O]` in one kernel sharing the loads of x and w: [ẋ | x] @ [w ; ẇ]ᵀ."""
@@ -136,6 +153,7 @@ def linear_value_tangent_fwd(x, xd, w, b, wd, bd):
     yd = None if xd is None and wd is None and bd is None else torch.empty_like(y)
     _gemm(x, xd, w, wd, b, bd, y, yd, None, None)
     return y, yd
+
 
 @register("linear_bwd", "triton", **_SLOWER_LINEAR)
 def linear_bwd(gy, x, w, need_x: bool, gw_out, gb_out):
@@ -146,6 +164,7 @@ def linear_bwd(gy, x, w, need_x: bool, gw_out, gb_out):
     gx = torch.empty_like(x, memory_format=torch.contiguous_format)
     _gemm(gy, None, _mT(w), None, None, None, gx, None, None, None)
     return gx
+
 
 @register("linear_tangent_bwd", "triton", **_SLOWER_LINEAR)
 def linear_tangent_bwd(gy, gyd, x, xd, w, wd, need_x: bool, gw_out, gwd_out, gb_out, gbd_out):

@@ -7,6 +7,7 @@ Same signatures and results as the torch references. The kernel modules are impo
 (the backend's availability check in `fastmaml.ops.triton` has imported triton by then), so
 `import fastmaml` never imports triton.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -72,16 +73,18 @@ def batchnorm_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float) -> Tuple[Tensor, 
 
 
 @register("batchnorm_train_bwd", "triton", **_EXPLICIT)
-def batchnorm_train_bwd(gy: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, eps: float, need_x: bool,
-                        gw_out: Opt, gb_out: Opt) -> Opt:
+def batchnorm_train_bwd(
+    gy: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, eps: float, need_x: bool, gw_out: Opt, gb_out: Opt
+) -> Opt:
     """Writes gw, gb `[T, C]` into the given outputs; returns gx `[T, N, C, S]` if `need_x` (x̂ from x)."""
     gx = _bn().batchnorm_bwd(gy, x, mean, r, w, True, need_x, gw_out, gb_out)
     return gx if need_x else None
 
 
 @register("batchnorm_bwd", "triton", **_EXPLICIT)
-def batchnorm_bwd(gy: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool,
-                  gw_out: Opt, gb_out: Opt) -> Opt:
+def batchnorm_bwd(
+    gy: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool, gw_out: Opt, gb_out: Opt
+) -> Opt:
     """Writes Σ gy x̂ → `gw_out`, Σ gy → `gb_out` `[T, C]`; returns gx `[T, N, C, S]` if `need_x`."""
     gx = _bn().batchnorm_bwd(gy, xhat, None, r, w, batch_stats, need_x, gw_out, gb_out)
     return gx if need_x else None
@@ -101,12 +104,26 @@ def batchnorm_tangent_fwd(xd: Opt, xhat: Tensor, r: Tensor, w: Opt, wd: Opt, bd:
 
 
 @register("batchnorm_tangent_bwd", "triton", **_EXPLICIT)
-def batchnorm_tangent_bwd(gy: Tensor, gyd: Tensor, xhat: Tensor, xhd: Opt, a: Opt, r: Tensor, w: Opt, wd: Opt,
-                          batch_stats: bool, need_x: bool, gw_out: Opt, gwd_out: Opt, gb_out: Opt,
-                          gbd_out: Opt) -> Tuple[Opt, Opt]:
+def batchnorm_tangent_bwd(
+    gy: Tensor,
+    gyd: Tensor,
+    xhat: Tensor,
+    xhd: Opt,
+    a: Opt,
+    r: Tensor,
+    w: Opt,
+    wd: Opt,
+    batch_stats: bool,
+    need_x: bool,
+    gw_out: Opt,
+    gwd_out: Opt,
+    gb_out: Opt,
+    gbd_out: Opt,
+) -> Tuple[Opt, Opt]:
     """Writes gw, ġw, gb, ġb `[T, C]` into the given outputs; returns (gx, ġx) if `need_x`."""
-    gx, gxd = _bn().batchnorm_tangent_bwd(gy, gyd, xhat, xhd, a, r, w, wd, batch_stats, need_x, gw_out, gwd_out,
-                                          gb_out, gbd_out)
+    gx, gxd = _bn().batchnorm_tangent_bwd(
+        gy, gyd, xhat, xhd, a, r, w, wd, batch_stats, need_x, gw_out, gwd_out, gb_out, gbd_out
+    )
     return (gx, gxd) if need_x else (None, None)
 
 
@@ -128,39 +145,73 @@ def batchnorm_relu_fwd(x: Tensor, w: Opt, b: Opt, eps: float, mean: Opt = None, 
 
 
 @register("batchnorm_relu_train_bwd", "triton", **_EXPLICIT)
-def batchnorm_relu_train_bwd(gz: Tensor, z: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, eps: float,
-                             need_x: bool, gw_out: Opt, gb_out: Opt) -> Opt:
+def batchnorm_relu_train_bwd(
+    gz: Tensor,
+    z: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    r: Tensor,
+    w: Opt,
+    eps: float,
+    need_x: bool,
+    gw_out: Opt,
+    gb_out: Opt,
+) -> Opt:
     """Writes gw, gb `[T, C]` into the given outputs; returns gx `[T, N, C, S]` if `need_x` (x̂ from x)."""
     gx = _bn_relu().batchnorm_relu_bwd(gz, z, x, mean, r, w, True, need_x, gw_out, gb_out)
     return gx if need_x else None
 
 
 @register("batchnorm_relu_bwd", "triton", **_EXPLICIT)
-def batchnorm_relu_bwd(gz: Tensor, z: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool,
-                       gw_out: Opt, gb_out: Opt) -> Opt:
+def batchnorm_relu_bwd(
+    gz: Tensor, z: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool, gw_out: Opt, gb_out: Opt
+) -> Opt:
     """With gy = [z > 0] gz: writes Σ gy x̂, Σ gy `[T, C]` into the given outputs; returns gx if `need_x`."""
     gx = _bn_relu().batchnorm_relu_bwd(gz, z, xhat, None, r, w, batch_stats, need_x, gw_out, gb_out)
     return gx if need_x else None
 
 
 @register("batchnorm_relu_value_tangent_fwd", "triton", **_EXPLICIT)
-def batchnorm_relu_value_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd: Opt, eps: float,
-                                     mean: Opt = None, var: Opt = None):
+def batchnorm_relu_value_tangent_fwd(
+    x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd: Opt, eps: float, mean: Opt = None, var: Opt = None
+):
     """(z, ż, x̂, x̂̇, a `[T, 1, C, 1]`, r `[T|1, 1, C, 1]`) in one kernel; None where the reference gives None."""
-    z, zd, xhat, xhd, a, r = _bn_relu().batchnorm_relu_value_tangent_fwd(x, xd, w, None if w is None else b, wd, bd,
-                                                                         mean, var, eps)
+    z, zd, xhat, xhd, a, r = _bn_relu().batchnorm_relu_value_tangent_fwd(
+        x, xd, w, None if w is None else b, wd, bd, mean, var, eps
+    )
     has_xd = xd is not None
-    return (z, (zd if has_xd or wd is not None or bd is not None else None), xhat, (xhd if has_xd else None),
-            (_channels4(a) if has_xd and mean is None else None), _channels4(r))
+    return (
+        z,
+        (zd if has_xd or wd is not None or bd is not None else None),
+        xhat,
+        (xhd if has_xd else None),
+        (_channels4(a) if has_xd and mean is None else None),
+        _channels4(r),
+    )
 
 
 @register("batchnorm_relu_tangent_bwd", "triton", **_EXPLICIT)
-def batchnorm_relu_tangent_bwd(gz: Tensor, gzd: Tensor, z: Tensor, xhat: Tensor, xhd: Opt, a: Opt, r: Tensor,
-                               w: Opt, wd: Opt, batch_stats: bool, need_x: bool, gw_out: Opt, gwd_out: Opt,
-                               gb_out: Opt, gbd_out: Opt) -> Tuple[Opt, Opt]:
+def batchnorm_relu_tangent_bwd(
+    gz: Tensor,
+    gzd: Tensor,
+    z: Tensor,
+    xhat: Tensor,
+    xhd: Opt,
+    a: Opt,
+    r: Tensor,
+    w: Opt,
+    wd: Opt,
+    batch_stats: bool,
+    need_x: bool,
+    gw_out: Opt,
+    gwd_out: Opt,
+    gb_out: Opt,
+    gbd_out: Opt,
+) -> Tuple[Opt, Opt]:
     """Writes gw, ġw, gb, ġb `[T, C]` into the given outputs; returns (gx, ġx) if `need_x`."""
-    gx, gxd = _bn_relu().batchnorm_relu_tangent_bwd(gz, gzd, z, xhat, xhd, a, r, w, wd, batch_stats, need_x, gw_out,
-                                                    gwd_out, gb_out, gbd_out)
+    gx, gxd = _bn_relu().batchnorm_relu_tangent_bwd(
+        gz, gzd, z, xhat, xhd, a, r, w, wd, batch_stats, need_x, gw_out, gwd_out, gb_out, gbd_out
+    )
     return (gx, gxd) if need_x else (None, None)
 
 
@@ -180,12 +231,25 @@ def bn_relu_maxpool_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float, k: int):
 
 
 @register("bn_relu_maxpool_train_bwd", "triton", dtypes=KERNEL_DTYPES)
-def bn_relu_maxpool_train_bwd(gz: Tensor, z: Tensor, idx: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt,
-                              eps: float, k: int, need_x: bool, gw_out: Opt, gb_out: Opt) -> Opt:
+def bn_relu_maxpool_train_bwd(
+    gz: Tensor,
+    z: Tensor,
+    idx: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    r: Tensor,
+    w: Opt,
+    eps: float,
+    k: int,
+    need_x: bool,
+    gw_out: Opt,
+    gb_out: Opt,
+) -> Opt:
     """Writes gw, gb `[T, C]` into the given outputs; returns gx `[T, N, C, H, W]` if `need_x`."""
     w = per_task_channels(w, "w", x, 1.0)
-    gx, _, gw, _, gb, _ = _bn_relu_pool().bn_relu_maxpool_bwd(gz, None, z, idx, x, None, mean, r, None, None, w,
-                                                              None, k, need_x)
+    gx, _, gw, _, gb, _ = _bn_relu_pool().bn_relu_maxpool_bwd(
+        gz, None, z, idx, x, None, mean, r, None, None, w, None, k, need_x
+    )
     _copy_outs(((gw_out, gw), (gb_out, gb)))
     return gx if need_x else None
 
@@ -196,18 +260,37 @@ _TANGENT = dict(dtypes=KERNEL_DTYPES, limits="float32/float64 with both tangents
 @register("bn_relu_maxpool_tangent_fwd", "triton", supports=with_tangents, **_TANGENT)
 def bn_relu_maxpool_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd: Opt, eps: float, k: int):
     """The forward and its tangent in one kernel."""
-    w, b, bd = (per_task_channels(v, name, x, fill)
-                for v, name, fill in ((w, "w", 1.0), (b, "b", 0.0), (bd, "bd", 0.0)))
+    w, b, bd = (
+        per_task_channels(v, name, x, fill) for v, name, fill in ((w, "w", 1.0), (b, "b", 0.0), (bd, "bd", 0.0))
+    )
     return _bn_relu_pool().bn_relu_maxpool_fwd(x, xd, w, b, wd.contiguous(), bd, eps, k)
 
 
 @register("bn_relu_maxpool_tangent_bwd", "triton", supports=with_tangents_bwd, **_TANGENT)
-def bn_relu_maxpool_tangent_bwd(gz: Tensor, gzd: Tensor, z: Tensor, idx: Tensor, x: Tensor, xd: Opt, mean: Tensor,
-                                r: Tensor, a: Tensor, dmean: Tensor, w: Opt, wd: Opt, k: int, need_x: bool,
-                                gw_out: Opt, gwd_out: Opt, gb_out: Opt, gbd_out: Opt) -> Tuple[Opt, Opt]:
+def bn_relu_maxpool_tangent_bwd(
+    gz: Tensor,
+    gzd: Tensor,
+    z: Tensor,
+    idx: Tensor,
+    x: Tensor,
+    xd: Opt,
+    mean: Tensor,
+    r: Tensor,
+    a: Tensor,
+    dmean: Tensor,
+    w: Opt,
+    wd: Opt,
+    k: int,
+    need_x: bool,
+    gw_out: Opt,
+    gwd_out: Opt,
+    gb_out: Opt,
+    gbd_out: Opt,
+) -> Tuple[Opt, Opt]:
     """The backward and its tangent in one kernel."""
     w = per_task_channels(w, "w", x, 1.0)
-    gx, gxd, gw, gwd, gb, gbd = _bn_relu_pool().bn_relu_maxpool_bwd(gz, gzd, z, idx, x, xd, mean, r, a, dmean, w,
-                                                                    wd.contiguous(), k, need_x)
+    gx, gxd, gw, gwd, gb, gbd = _bn_relu_pool().bn_relu_maxpool_bwd(
+        gz, gzd, z, idx, x, xd, mean, r, a, dmean, w, wd.contiguous(), k, need_x
+    )
     _copy_outs(((gw_out, gw), (gwd_out, gwd), (gb_out, gb), (gbd_out, gbd)))
     return (gx, gxd) if need_x else (None, None)

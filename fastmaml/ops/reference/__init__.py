@@ -8,4 +8,5 @@ oracle. One module per op family; each function has the name of the op it regist
     loss.py        mse_grad, mse_grad_tangent, cross_entropy_grad, cross_entropy_grad_tangent
     mlp.py         mlp_meta_step (the whole inner loop of an MLP)
 """
+
 from . import batchnorm, block_tail, linear, loss, mlp, step  # noqa: F401  (register the references)

@@ -7,6 +7,7 @@ weights) or common to all tasks (`[*shape]`: step 0 or a shared, not adapted, pa
 None is zero. Weight gradients are always per task `[T, *shape]`. Dotted names are tangents: `yd` = ẏ,
 `gyd` = ġy (the tangent of the gradient w.r.t. y).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -75,20 +76,24 @@ def batchnorm_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float) -> Tuple[Tensor, 
     """Batch-statistics BatchNorm with PyTorch's fused kernel, one call per task (two passes instead of
     four). x `[T, N, C, S]` -> (y `[T, N, C, S]`, mean `[T, C]`, r `[T, C]`); the backward needs x."""
     if torch.is_grad_enabled():  # differentiable path (AdaptedModel): out= variants record no graph
-        ys = [torch.ops.aten.native_batch_norm(x[t], _task(w, t), _task(b, t), None, None, True, 0.0, eps)
-              for t in range(x.shape[0])]
+        ys = [
+            torch.ops.aten.native_batch_norm(x[t], _task(w, t), _task(b, t), None, None, True, 0.0, eps)
+            for t in range(x.shape[0])
+        ]
         return tuple(torch.stack(z) for z in zip(*ys))
     T, C = x.shape[0], x.shape[2]
     y, mean, r = torch.empty_like(x), x.new_empty(T, C), x.new_empty(T, C)
     for t in range(T):
-        torch.ops.aten.native_batch_norm.out(x[t], _task(w, t), _task(b, t), None, None, True, 0.0, eps,
-                                             out=y[t], save_mean=mean[t], save_invstd=r[t])
+        torch.ops.aten.native_batch_norm.out(
+            x[t], _task(w, t), _task(b, t), None, None, True, 0.0, eps, out=y[t], save_mean=mean[t], save_invstd=r[t]
+        )
     return y, mean, r
 
 
 @register("batchnorm_train_bwd", "torch")
-def batchnorm_train_bwd(gy: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, eps: float, need_x: bool,
-                        gw_out: Opt, gb_out: Opt) -> Opt:
+def batchnorm_train_bwd(
+    gy: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, eps: float, need_x: bool, gw_out: Opt, gb_out: Opt
+) -> Opt:
     """Backward of `batchnorm_train_fwd` with PyTorch's fused kernel per task: writes gw `[T, C]`,
     gb `[T, C]` into the given outputs, returns gx `[T, N, C, S]` if `need_x`."""
     mask = [need_x, gw_out is not None, gb_out is not None]
@@ -109,8 +114,9 @@ def batchnorm_train_bwd(gy: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, 
 
 
 @register("batchnorm_bwd", "torch")
-def batchnorm_bwd(gy: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool,
-                  gw_out: Opt, gb_out: Opt) -> Opt:
+def batchnorm_bwd(
+    gy: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool, gw_out: Opt, gb_out: Opt
+) -> Opt:
     """Writes Σ gy x̂ → `gw_out [T, C]`, Σ gy → `gb_out [T, C]`; returns gx `[T, N, C, S]` if `need_x`."""
     if gw_out is not None:
         torch.sum(gy * xhat, _RED, out=gw_out)
@@ -143,9 +149,22 @@ def batchnorm_tangent_fwd(xd: Opt, xhat: Tensor, r: Tensor, w: Opt, wd: Opt, bd:
 
 
 @register("batchnorm_tangent_bwd", "torch")
-def batchnorm_tangent_bwd(gy: Tensor, gyd: Tensor, xhat: Tensor, xhd: Opt, a: Opt, r: Tensor, w: Opt, wd: Opt,
-                          batch_stats: bool, need_x: bool, gw_out: Opt, gwd_out: Opt, gb_out: Opt,
-                          gbd_out: Opt) -> Tuple[Opt, Opt]:
+def batchnorm_tangent_bwd(
+    gy: Tensor,
+    gyd: Tensor,
+    xhat: Tensor,
+    xhd: Opt,
+    a: Opt,
+    r: Tensor,
+    w: Opt,
+    wd: Opt,
+    batch_stats: bool,
+    need_x: bool,
+    gw_out: Opt,
+    gwd_out: Opt,
+    gb_out: Opt,
+    gbd_out: Opt,
+) -> Tuple[Opt, Opt]:
     """Backward and its tangent. ġw = Σ(ġy x̂ + gy x̂̇), ġb = Σ ġy; with gx̂ = gy w,
     ġx̂ = ġy w + gy ẇ, m1 = mean(gx̂), m2 = mean(x̂ gx̂):
     ġx = −r a · gx + r (ġx̂ − mean(ġx̂) − x̂̇ m2 − x̂ mean(x̂̇ gx̂ + x̂ ġx̂))   (batch statistics)
@@ -218,23 +237,35 @@ def batchnorm_relu_fwd(x: Tensor, w: Opt, b: Opt, eps: float, mean: Opt = None, 
 
 
 @register("batchnorm_relu_train_bwd", "torch")
-def batchnorm_relu_train_bwd(gz: Tensor, z: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, eps: float,
-                             need_x: bool, gw_out: Opt, gb_out: Opt) -> Opt:
+def batchnorm_relu_train_bwd(
+    gz: Tensor,
+    z: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    r: Tensor,
+    w: Opt,
+    eps: float,
+    need_x: bool,
+    gw_out: Opt,
+    gb_out: Opt,
+) -> Opt:
     """Backward of `batchnorm_relu_train_fwd`: writes gw, gb `[T, C]` into the given outputs, returns gx
     `[T, N, C, S]` if `need_x`."""
     return batchnorm_train_bwd(_relu_mask(gz, z), x, mean, r, w, eps, need_x, gw_out, gb_out)
 
 
 @register("batchnorm_relu_bwd", "torch")
-def batchnorm_relu_bwd(gz: Tensor, z: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool,
-                       gw_out: Opt, gb_out: Opt) -> Opt:
+def batchnorm_relu_bwd(
+    gz: Tensor, z: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool, gw_out: Opt, gb_out: Opt
+) -> Opt:
     """With gy = [z > 0] gz: writes Σ gy x̂ → `gw_out`, Σ gy → `gb_out` `[T, C]`; returns gx if `need_x`."""
     return batchnorm_bwd(_relu_mask(gz, z), xhat, r, w, batch_stats, need_x, gw_out, gb_out)
 
 
 @register("batchnorm_relu_value_tangent_fwd", "torch")
-def batchnorm_relu_value_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd: Opt, eps: float,
-                                     mean: Opt = None, var: Opt = None):
+def batchnorm_relu_value_tangent_fwd(
+    x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd: Opt, eps: float, mean: Opt = None, var: Opt = None
+):
     """(z, ż, x̂, x̂̇, a, r): the forward (`batchnorm_relu_fwd`) and its tangent ż = [z > 0] ẏ, with ẏ, x̂̇, a
     as `batchnorm_tangent_fwd` (ż None when ẋ, ẇ, ḃ are all None)."""
     y, xhat, r = batchnorm_fwd(x, w, b, eps, mean, var)
@@ -244,11 +275,38 @@ def batchnorm_relu_value_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt
 
 
 @register("batchnorm_relu_tangent_bwd", "torch")
-def batchnorm_relu_tangent_bwd(gz: Tensor, gzd: Tensor, z: Tensor, xhat: Tensor, xhd: Opt, a: Opt, r: Tensor,
-                               w: Opt, wd: Opt, batch_stats: bool, need_x: bool, gw_out: Opt, gwd_out: Opt,
-                               gb_out: Opt, gbd_out: Opt) -> Tuple[Opt, Opt]:
+def batchnorm_relu_tangent_bwd(
+    gz: Tensor,
+    gzd: Tensor,
+    z: Tensor,
+    xhat: Tensor,
+    xhd: Opt,
+    a: Opt,
+    r: Tensor,
+    w: Opt,
+    wd: Opt,
+    batch_stats: bool,
+    need_x: bool,
+    gw_out: Opt,
+    gwd_out: Opt,
+    gb_out: Opt,
+    gbd_out: Opt,
+) -> Tuple[Opt, Opt]:
     """`batchnorm_tangent_bwd` of gy = [z > 0] gz, ġy = [z > 0] ġz: writes gw, ġw, gb, ġb into the given
     outputs; returns (gx, ġx) `[T, N, C, S]` if `need_x`, else (None, None)."""
-    return batchnorm_tangent_bwd(_relu_mask(gz, z), _relu_mask(gzd, z), xhat, xhd, a, r, w, wd, batch_stats,
-                                 need_x, gw_out, gwd_out, gb_out, gbd_out)
-
+    return batchnorm_tangent_bwd(
+        _relu_mask(gz, z),
+        _relu_mask(gzd, z),
+        xhat,
+        xhd,
+        a,
+        r,
+        w,
+        wd,
+        batch_stats,
+        need_x,
+        gw_out,
+        gwd_out,
+        gb_out,
+        gbd_out,
+    )

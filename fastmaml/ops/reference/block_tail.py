@@ -6,6 +6,7 @@ weights) or common to all tasks (`[*shape]`: step 0 or a shared, not adapted, pa
 None is zero. Weight gradients are always per task `[T, *shape]`. Dotted names are tangents: `yd` = ẏ,
 `gyd` = ġy (the tangent of the gradient w.r.t. y).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -74,14 +75,27 @@ def _route(gz: Tensor, z: Tensor, idx: Tensor, x: Tensor, k: int) -> Tensor:
     shape)."""
     T, N, C, H, W = x.shape
     g = _relu_mask(gz, z).reshape(T * N, C, *z.shape[3:])
-    gy = torch.ops.aten.max_pool2d_with_indices_backward(g, x.reshape(T * N, C, H, W), *_pool_args(k),
-                                                        idx.view(T * N, C, *idx.shape[3:]))
+    gy = torch.ops.aten.max_pool2d_with_indices_backward(
+        g, x.reshape(T * N, C, H, W), *_pool_args(k), idx.view(T * N, C, *idx.shape[3:])
+    )
     return gy.view(x.shape)
 
 
 @register("bn_relu_maxpool_train_bwd", "torch")
-def bn_relu_maxpool_train_bwd(gz: Tensor, z: Tensor, idx: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt,
-                              eps: float, k: int, need_x: bool, gw_out: Opt, gb_out: Opt) -> Opt:
+def bn_relu_maxpool_train_bwd(
+    gz: Tensor,
+    z: Tensor,
+    idx: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    r: Tensor,
+    w: Opt,
+    eps: float,
+    k: int,
+    need_x: bool,
+    gw_out: Opt,
+    gb_out: Opt,
+) -> Opt:
     """Backward of `bn_relu_maxpool_train_fwd`: writes gw, gb `[T, C]` into the given outputs; returns gx
     `[T, N, C, H, W]` if `need_x`."""
     T, N, C, H, W = x.shape
@@ -109,14 +123,38 @@ def bn_relu_maxpool_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd:
     xhat = (x4 - col(mean)).mul_(col(r))
     yd, _, a = batchnorm_tangent_fwd(xd4, xhat, col(r), w, wd, bd, True)
     zd = yd.reshape(T * N, C, H * W).gather(2, idx.view(T * N, C, -1)).view(z.shape)
-    return (z, _relu_mask(zd, z), idx, mean, r, zeros if a is None else a.view(T, C),
-            zeros if xd is None else xd4.mean(_RED))
+    return (
+        z,
+        _relu_mask(zd, z),
+        idx,
+        mean,
+        r,
+        zeros if a is None else a.view(T, C),
+        zeros if xd is None else xd4.mean(_RED),
+    )
 
 
 @register("bn_relu_maxpool_tangent_bwd", "torch")
-def bn_relu_maxpool_tangent_bwd(gz: Tensor, gzd: Tensor, z: Tensor, idx: Tensor, x: Tensor, xd: Opt, mean: Tensor,
-                                r: Tensor, a: Tensor, dmean: Tensor, w: Opt, wd: Opt, k: int, need_x: bool, gw_out: Opt,
-                                gwd_out: Opt, gb_out: Opt, gbd_out: Opt) -> Tuple[Opt, Opt]:
+def bn_relu_maxpool_tangent_bwd(
+    gz: Tensor,
+    gzd: Tensor,
+    z: Tensor,
+    idx: Tensor,
+    x: Tensor,
+    xd: Opt,
+    mean: Tensor,
+    r: Tensor,
+    a: Tensor,
+    dmean: Tensor,
+    w: Opt,
+    wd: Opt,
+    k: int,
+    need_x: bool,
+    gw_out: Opt,
+    gwd_out: Opt,
+    gb_out: Opt,
+    gbd_out: Opt,
+) -> Tuple[Opt, Opt]:
     """Backward of `bn_relu_maxpool_tangent_fwd` and its tangent (`batchnorm_tangent_bwd` of the routed
     gradients): writes gw, ġw, gb, ġb `[T, C]` into the given outputs; returns (gx, ġx) `[T, N, C, H, W]`
     if `need_x`, else (None, None)."""
@@ -126,7 +164,20 @@ def bn_relu_maxpool_tangent_bwd(gz: Tensor, gzd: Tensor, z: Tensor, idx: Tensor,
     xhat = (x4 - col(mean)).mul_(col(r))
     xhd = None if xd is None else (xd.reshape(x4.shape) - col(dmean)).addcmul_(xhat, col(a), value=-1.0).mul_(col(r))
     gy, gyd = (_route(g, z, idx, x, k).view(x4.shape) for g in (gz, gzd))
-    gx, gxd = batchnorm_tangent_bwd(gy, gyd, xhat, xhd, None if xd is None else col(a), col(r), w, wd, True, need_x,
-                                    gw_out, gwd_out, gb_out, gbd_out)
+    gx, gxd = batchnorm_tangent_bwd(
+        gy,
+        gyd,
+        xhat,
+        xhd,
+        None if xd is None else col(a),
+        col(r),
+        w,
+        wd,
+        True,
+        need_x,
+        gw_out,
+        gwd_out,
+        gb_out,
+        gbd_out,
+    )
     return (None, None) if gx is None else (gx.view(x.shape), gxd.view(x.shape))
-

@@ -6,6 +6,7 @@ weights) or common to all tasks (`[*shape]`: step 0 or a shared, not adapted, pa
 None is zero. Weight gradients are always per task `[T, *shape]`. Dotted names are tangents: `yd` = ẏ,
 `gyd` = ġy (the tangent of the gradient w.r.t. y).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -89,8 +90,19 @@ def linear_bwd(gy: Tensor, x: Tensor, w: Tensor, need_x: bool, gw_out: Opt, gb_o
 
 
 @register("linear_tangent_bwd", "torch")
-def linear_tangent_bwd(gy: Tensor, gyd: Tensor, x: Tensor, xd: Opt, w: Tensor, wd: Opt, need_x: bool,
-                       gw_out: Opt, gwd_out: Opt, gb_out: Opt, gbd_out: Opt) -> Tuple[Opt, Opt]:
+def linear_tangent_bwd(
+    gy: Tensor,
+    gyd: Tensor,
+    x: Tensor,
+    xd: Opt,
+    w: Tensor,
+    wd: Opt,
+    need_x: bool,
+    gw_out: Opt,
+    gwd_out: Opt,
+    gb_out: Opt,
+    gbd_out: Opt,
+) -> Tuple[Opt, Opt]:
     """Backward and its tangent: ġw = ġyᵀ x + gyᵀ ẋ, ġb = Σ ġy, ġx = ġy w + gy ẇ.
 
     Writes gw/gb (as `linear_bwd`) and ġw/ġb into the given outputs; returns (gx, ġx) `[T, N, I]` if
@@ -113,4 +125,3 @@ def linear_tangent_bwd(gy: Tensor, gyd: Tensor, x: Tensor, xd: Opt, w: Tensor, w
     if wd is not None:
         gxd = gxd.baddbmm_(gy, wd)
     return gx, gxd
-

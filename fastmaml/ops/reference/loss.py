@@ -6,6 +6,7 @@ weights) or common to all tasks (`[*shape]`: step 0 or a shared, not adapted, pa
 None is zero. Weight gradients are always per task `[T, *shape]`. Dotted names are tangents: `yd` = ẏ,
 `gyd` = ġy (the tangent of the gradient w.r.t. y).
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple

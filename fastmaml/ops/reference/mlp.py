@@ -11,6 +11,7 @@ those are most of the time.
 Shapes: x `[T, N, d0]`, y `[T, N, dL]`, θ `[P]` in nn.Linear order (W1 `[d1, d0]`, b1, ..., WL, bL), fast
 weights φ_j `[T, P]`, α_j 0-dim or `[P]`. A layer's weight is `[o, i]` (θ) or `[T, o, i]` (φ_j).
 """
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -110,8 +111,18 @@ def _hvp(ws, p: _Pass, u: Tensor, sizes: Tuple[int, ...], tanh: bool) -> Tensor:
 
 
 @register("mlp_meta_step", "torch")
-def mlp_meta_step(plan, theta: Tensor, sx, sy, qx, qy, alphas: Sequence[Tensor], order: str,
-                  lr_grad: Sequence[bool], need_before: bool):
+def mlp_meta_step(
+    plan,
+    theta: Tensor,
+    sx,
+    sy,
+    qx,
+    qy,
+    alphas: Sequence[Tensor],
+    order: str,
+    lr_grad: Sequence[bool],
+    need_before: bool,
+):
     """The meta-step of the MLP `plan` (see ops/mlp.py) -> `MlpStepResult`: per-task losses, the
     meta-gradient `[P]` of mean_t L_query_t and ∂/∂α_j (α_j's shape) where `lr_grad[j]`.
 
@@ -125,8 +136,9 @@ def mlp_meta_step(plan, theta: Tensor, sx, sy, qx, qy, alphas: Sequence[Tensor],
         p = _pass(ws, sx, sy, tanh)
         if j == 0:
             support_before = p.loss
-        tape.append((ws, p) if order == "second" else phi if j in kept
-                    else p.grad if order == "first" and lr_grad[j] else None)
+        tape.append(
+            (ws, p) if order == "second" else phi if j in kept else p.grad if order == "first" and lr_grad[j] else None
+        )
         phi = torch.addcmul(phi, alpha, p.grad, value=-1.0)
     q = _pass(_weights(phi, sizes), qx, qy, tanh, scale=1.0 / T)
     v = q.grad  # ∂(mean_t L_query_t)/∂φ_K

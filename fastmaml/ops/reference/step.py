@@ -2,6 +2,7 @@
 
 Shapes: fast weights / gradients / adjoints `[T, P]`; α a 0-dim tensor or `[P]`.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple

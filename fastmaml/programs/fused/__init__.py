@@ -1,4 +1,5 @@
 """The fused task-batched engine: a model's `forward` traced into a graph of hand-derived rules."""
+
 from .compiler import Unsupported, compile_model
 from .loss_rules import loss_rule
 from .program import FusedProgram
@@ -10,8 +11,9 @@ def check_loss(loss):
     """The loss rule for `loss` (a resolved `Loss`); raises `Unsupported` for a custom callable."""
     rule = loss_rule(loss)
     if rule is None:
-        raise Unsupported("", "loss", f"loss {loss.name!r} is a custom callable; the fused engine knows "
-                                      "'mse' and 'cross_entropy'")
+        raise Unsupported(
+            "", "loss", f"loss {loss.name!r} is a custom callable; the fused engine knows 'mse' and 'cross_entropy'"
+        )
     return rule
 
 

@@ -13,6 +13,7 @@ Most rules read one value (`Rule`); joins read several (`JoinRule`: residual add
 rule keeps no reference to the model: what it needs from a module (eps, slopes, geometry) is copied
 when it is built, and the program cache keys on those attributes (programs/select.py).
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Tuple
@@ -46,8 +47,9 @@ class Rule:
     def tangent_forward(self, ops, x: Tensor, xd: Opt, p: tuple, v: tuple) -> Tuple[Tensor, Opt, Any]:
         raise NotImplementedError
 
-    def tangent_backward(self, ops, gy: Tensor, gyd: Tensor, saved: Any, p: tuple, v: tuple, need_x: bool,
-                         outs: tuple, touts: tuple) -> Tuple[Opt, Opt]:
+    def tangent_backward(
+        self, ops, gy: Tensor, gyd: Tensor, saved: Any, p: tuple, v: tuple, need_x: bool, outs: tuple, touts: tuple
+    ) -> Tuple[Opt, Opt]:
         raise NotImplementedError
 
 

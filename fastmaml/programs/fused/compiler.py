@@ -19,6 +19,7 @@ BatchNorm + LeakyReLU are fused (`graph.fuse`).
 `Unsupported` names the culprit: the module path and type, or the fx node's op and target, with the line
 of the model's code where fx knows it. Tracing fails on data-dependent control flow (`if x.sum() > 0`).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -62,10 +63,14 @@ class Unsupported(Exception):
 
 # ---------------------------------------------------------------------------------------------- tracing
 
+
 def _frame(text: str) -> str:
     """The last `File "...", line N` frame of a stack trace as "file:line: code"."""
-    found = [f for f in re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', text or "")
-             if "/torch/" not in f[0] and "fastmaml/programs" not in f[0]]
+    found = [
+        f
+        for f in re.findall(r'File "([^"]+)", line (\d+), in \S+\n\s*(.*)', text or "")
+        if "/torch/" not in f[0] and "fastmaml/programs" not in f[0]
+    ]
     if not found:
         return ""
     path, line, code = found[-1]
@@ -111,8 +116,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """The fx graph of `model.forward` (one tensor input; other arguments at their defaults). A model that
     is itself a leaf layer (a torch.nn module other than a container) is traced as one call of it."""
     if "forward" in model.__dict__:
-        raise Unsupported("<model>", type(model).__name__, "forward is replaced on the instance (fx traces the "
-                                                           "class's forward)")
+        raise Unsupported(
+            "<model>", type(model).__name__, "forward is replaced on the instance (fx traces the class's forward)"
+        )
     tracer = _Tracer()
     if tracer.is_leaf_module(model, ""):
         root = _Root(model)
@@ -126,15 +132,17 @@ def trace(model: nn.Module) -> fx.GraphModule:
         if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
             continue
         if p.default is inspect.Parameter.empty:
-            raise Unsupported("<model>", type(model).__name__,
-                              f"forward takes a second input {p.name!r}; meta_step calls model(x)")
+            raise Unsupported(
+                "<model>", type(model).__name__, f"forward takes a second input {p.name!r}; meta_step calls model(x)"
+            )
         concrete[p.name] = p.default
     try:
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as exc:  # data-dependent control flow, calls fx cannot follow
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise Unsupported("<model>", type(model).__name__, f"tracing forward with torch.fx failed: {first}",
-                          _user_frame(exc)) from None
+        raise Unsupported(
+            "<model>", type(model).__name__, f"tracing forward with torch.fx failed: {first}", _user_frame(exc)
+        ) from None
     return fx.GraphModule(tracer.root, graph)
 
 
@@ -164,54 +172,143 @@ def _spec(*entries) -> Tuple[Tuple[str, Any], ...]:
 
 
 _FUNC_NAMES = {
-    F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu",
-    F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu", F.elu: "elu", F.elu_: "elu", F.gelu: "gelu",
-    torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid",
-    F.max_pool2d: "max_pool2d", torch.max_pool2d: "max_pool2d", F.avg_pool2d: "avg_pool2d",
-    F.adaptive_avg_pool2d: "adaptive_avg_pool2d", torch.mean: "mean", torch.flatten: "flatten",
-    torch.reshape: "reshape", F.linear: "linear", F.conv2d: "conv2d", F.batch_norm: "batch_norm",
-    F.dropout: "dropout", torch.cat: "cat", torch.concat: "cat",
-    operator.add: "add", operator.iadd: "add", torch.add: "add", operator.sub: "sub", operator.isub: "sub",
-    torch.sub: "sub", operator.mul: "mul", operator.imul: "mul", torch.mul: "mul", operator.truediv: "div",
-    operator.itruediv: "div", torch.div: "div", operator.neg: "neg", torch.neg: "neg",
+    F.relu: "relu",
+    torch.relu: "relu",
+    torch.relu_: "relu",
+    F.relu_: "relu",
+    F.leaky_relu: "leaky_relu",
+    F.leaky_relu_: "leaky_relu",
+    F.elu: "elu",
+    F.elu_: "elu",
+    F.gelu: "gelu",
+    torch.tanh: "tanh",
+    F.tanh: "tanh",
+    torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid",
+    F.max_pool2d: "max_pool2d",
+    torch.max_pool2d: "max_pool2d",
+    F.avg_pool2d: "avg_pool2d",
+    F.adaptive_avg_pool2d: "adaptive_avg_pool2d",
+    torch.mean: "mean",
+    torch.flatten: "flatten",
+    torch.reshape: "reshape",
+    F.linear: "linear",
+    F.conv2d: "conv2d",
+    F.batch_norm: "batch_norm",
+    F.dropout: "dropout",
+    torch.cat: "cat",
+    torch.concat: "cat",
+    operator.add: "add",
+    operator.iadd: "add",
+    torch.add: "add",
+    operator.sub: "sub",
+    operator.isub: "sub",
+    torch.sub: "sub",
+    operator.mul: "mul",
+    operator.imul: "mul",
+    torch.mul: "mul",
+    operator.truediv: "div",
+    operator.itruediv: "div",
+    torch.div: "div",
+    operator.neg: "neg",
+    torch.neg: "neg",
 }
 for _name in ("_max_pool2d", "max_pool2d_with_indices"):
     if hasattr(F, _name):
         _FUNC_NAMES[getattr(F, _name)] = "max_pool2d"
 if hasattr(torch, "concatenate"):
     _FUNC_NAMES[torch.concatenate] = "cat"
-_INPLACE_FUNCS = {torch.relu_, F.relu_, F.leaky_relu_, F.elu_, operator.iadd, operator.isub, operator.imul,
-                  operator.itruediv}
+_INPLACE_FUNCS = {
+    torch.relu_,
+    F.relu_,
+    F.leaky_relu_,
+    F.elu_,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+}
 _METHOD_NAMES = {
-    "relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
-    "mean": "mean", "flatten": "flatten", "view": "view", "reshape": "view", "add": "add", "add_": "add",
-    "sub": "sub", "sub_": "sub", "mul": "mul", "mul_": "mul", "div": "div", "div_": "div", "neg": "neg",
-    "contiguous": "alias", "clone": "alias",
+    "relu": "relu",
+    "relu_": "relu",
+    "tanh": "tanh",
+    "tanh_": "tanh",
+    "sigmoid": "sigmoid",
+    "sigmoid_": "sigmoid",
+    "mean": "mean",
+    "flatten": "flatten",
+    "view": "view",
+    "reshape": "view",
+    "add": "add",
+    "add_": "add",
+    "sub": "sub",
+    "sub_": "sub",
+    "mul": "mul",
+    "mul_": "mul",
+    "div": "div",
+    "div_": "div",
+    "neg": "neg",
+    "contiguous": "alias",
+    "clone": "alias",
 }
 _SPECS = {
-    "relu": _spec("input", ("inplace", False)), "tanh": _spec("input"), "sigmoid": _spec("input"),
+    "relu": _spec("input", ("inplace", False)),
+    "tanh": _spec("input"),
+    "sigmoid": _spec("input"),
     "leaky_relu": _spec("input", ("negative_slope", 0.01), ("inplace", False)),
-    "elu": _spec("input", ("alpha", 1.0), ("inplace", False)), "gelu": _spec("input", ("approximate", "none")),
-    "max_pool2d": _spec("input", "kernel_size", ("stride", None), ("padding", 0), ("dilation", 1),
-                        ("ceil_mode", False), ("return_indices", False)),
-    "avg_pool2d": _spec("input", "kernel_size", ("stride", None), ("padding", 0), ("ceil_mode", False),
-                        ("count_include_pad", True), ("divisor_override", None)),
+    "elu": _spec("input", ("alpha", 1.0), ("inplace", False)),
+    "gelu": _spec("input", ("approximate", "none")),
+    "max_pool2d": _spec(
+        "input",
+        "kernel_size",
+        ("stride", None),
+        ("padding", 0),
+        ("dilation", 1),
+        ("ceil_mode", False),
+        ("return_indices", False),
+    ),
+    "avg_pool2d": _spec(
+        "input",
+        "kernel_size",
+        ("stride", None),
+        ("padding", 0),
+        ("ceil_mode", False),
+        ("count_include_pad", True),
+        ("divisor_override", None),
+    ),
     "adaptive_avg_pool2d": _spec("input", "output_size"),
     "mean": _spec("input", ("dim", None), ("keepdim", False), ("dtype", None)),
-    "flatten": _spec("input", ("start_dim", 0), ("end_dim", -1)), "reshape": _spec("input", "shape"),
+    "flatten": _spec("input", ("start_dim", 0), ("end_dim", -1)),
+    "reshape": _spec("input", "shape"),
     "linear": _spec("input", "weight", ("bias", None)),
-    "conv2d": _spec("input", "weight", ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1),
-                    ("groups", 1)),
-    "batch_norm": _spec("input", "running_mean", "running_var", ("weight", None), ("bias", None),
-                        ("training", False), ("momentum", 0.1), ("eps", 1e-5)),
+    "conv2d": _spec("input", "weight", ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)),
+    "batch_norm": _spec(
+        "input",
+        "running_mean",
+        "running_var",
+        ("weight", None),
+        ("bias", None),
+        ("training", False),
+        ("momentum", 0.1),
+        ("eps", 1e-5),
+    ),
     "dropout": _spec("input", ("p", 0.5), ("training", True), ("inplace", False)),
-    "cat": _spec("tensors", ("dim", 0)), "add": _spec("input", "other", ("alpha", 1)),
-    "sub": _spec("input", "other", ("alpha", 1)), "mul": _spec("input", "other"),
-    "div": _spec("input", "other", ("rounding_mode", None)), "neg": _spec("input"),
+    "cat": _spec("tensors", ("dim", 0)),
+    "add": _spec("input", "other", ("alpha", 1)),
+    "sub": _spec("input", "other", ("alpha", 1)),
+    "mul": _spec("input", "other"),
+    "div": _spec("input", "other", ("rounding_mode", None)),
+    "neg": _spec("input"),
     "alias": _spec("input", ("memory_format", None)),
 }
-_HOST_BINOPS = {operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
-                operator.floordiv: operator.floordiv, operator.truediv: operator.truediv, operator.mod: operator.mod}
+_HOST_BINOPS = {
+    operator.add: operator.add,
+    operator.sub: operator.sub,
+    operator.mul: operator.mul,
+    operator.floordiv: operator.floordiv,
+    operator.truediv: operator.truediv,
+    operator.mod: operator.mod,
+}
 
 
 class _Value:
@@ -276,13 +373,24 @@ class _Lowering:
             return _Host(lambda env: kind(p.fn(env) for p in parts), tuple(v for p in parts for v in p.reads))
         return _Host(lambda env: a, ())
 
-    def emit(self, rule: Rule, inputs, params=(), stats=None, host: Optional[_Host] = None,
-             inplace: bool = False) -> _Value:
+    def emit(
+        self, rule: Rule, inputs, params=(), stats=None, host: Optional[_Host] = None, inplace: bool = False
+    ) -> _Value:
         out = self.num_values
         self.num_values += 1
-        self.nodes.append(Node(rule, tuple(v.vid for v in inputs), out, tuple(params), stats,
-                               host.fn if host is not None else None, host.reads if host is not None else (),
-                               inplace, _frame(self.fx_node.stack_trace)))
+        self.nodes.append(
+            Node(
+                rule,
+                tuple(v.vid for v in inputs),
+                out,
+                tuple(params),
+                stats,
+                host.fn if host is not None else None,
+                host.reads if host is not None else (),
+                inplace,
+                _frame(self.fx_node.stack_trace),
+            )
+        )
         return _Value(out)
 
     def value(self, a, what: str = "input") -> _Value:
@@ -319,9 +427,15 @@ class _Lowering:
             elif n.op == "output":
                 out = self.arg(n.args[0])
                 if not isinstance(out, _Value):
-                    self.fail("the model returns " + ("a tuple or dict" if isinstance(out, (tuple, list, dict))
-                                                      else "something that is not a tensor computed from its input")
-                              + "; fastmaml needs forward(x) to return one tensor [N, ...]")
+                    self.fail(
+                        "the model returns "
+                        + (
+                            "a tuple or dict"
+                            if isinstance(out, (tuple, list, dict))
+                            else "something that is not a tensor computed from its input"
+                        )
+                        + "; fastmaml needs forward(x) to return one tensor [N, ...]"
+                    )
         return self.finish(out)
 
     def get_attr(self, target: str):
@@ -389,18 +503,24 @@ class _Lowering:
         if type(m) is nn.MaxPool2d:
             if m.return_indices:
                 self.fail("return_indices=True (the output is a tuple)")
-            return self.emit(MaxPool2dRule(name, kind, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode),
-                             [x])
+            return self.emit(
+                MaxPool2dRule(name, kind, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode), [x]
+            )
         if type(m) is nn.AvgPool2d:
-            return self.emit(AvgPool2dRule(name, kind, m.kernel_size, m.stride, m.padding, m.ceil_mode,
-                                           m.count_include_pad, m.divisor_override), [x])
+            return self.emit(
+                AvgPool2dRule(
+                    name, kind, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override
+                ),
+                [x],
+            )
         if type(m) is nn.AdaptiveAvgPool2d:
             return self.emit(AdaptiveAvgPool2dRule(name, kind, m.output_size), [x])
         if type(m) is ContextConcat:
             return self.emit(ContextConcatRule(name, kind, m.num_context), [x], self.module_params(m, ("context",)))
         if type(m) is FiLM:
-            return self.emit(FiLMRule(name, kind, m.num_channels, m.num_context), [x],
-                             self.module_params(m, FiLMRule.param_names))
+            return self.emit(
+                FiLMRule(name, kind, m.num_channels, m.num_context), [x], self.module_params(m, FiLMRule.param_names)
+            )
         if type(m) is nn.Flatten:
             if m.start_dim == 0:
                 self.fail("start_dim=0 would merge the examples of a task")
@@ -423,8 +543,12 @@ class _Lowering:
             op = _METHOD_NAMES.get(target)
             inplace = target.endswith("_")
         else:
-            if target is getattr or target is operator.getitem or target in _HOST_BINOPS and not any(
-                    isinstance(self.arg(a), _Value) for a in n.args):
+            if (
+                target is getattr
+                or target is operator.getitem
+                or target in _HOST_BINOPS
+                and not any(isinstance(self.arg(a), _Value) for a in n.args)
+            ):
                 return self.host_call(n)
             op = _FUNC_NAMES.get(target)
             inplace = target in _INPLACE_FUNCS
@@ -438,8 +562,7 @@ class _Lowering:
             shape = self.arg(shape if "shape" not in n.kwargs else n.kwargs["shape"])
             return self.reshape(x, shape)
         try:
-            a = _bind(_SPECS[op], [self.arg(x) for x in n.args], {k: self.arg(v) for k, v in n.kwargs.items()},
-                      op)
+            a = _bind(_SPECS[op], [self.arg(x) for x in n.args], {k: self.arg(v) for k, v in n.kwargs.items()}, op)
         except TypeError as e:
             self.fail(str(e))
         inplace = inplace or bool(a.get("inplace", False))
@@ -493,8 +616,11 @@ class _Lowering:
         return self.emit(SigmoidRule(self.name(), "sigmoid"), [self.value(a["input"])], inplace=inplace)
 
     def op_leaky_relu(self, a, inplace):
-        return self.emit(LeakyReLURule(self.name(), "leaky_relu", float(a["negative_slope"])),
-                         [self.value(a["input"])], inplace=inplace)
+        return self.emit(
+            LeakyReLURule(self.name(), "leaky_relu", float(a["negative_slope"])),
+            [self.value(a["input"])],
+            inplace=inplace,
+        )
 
     def op_elu(self, a, inplace):
         return self.emit(ELURule(self.name(), "elu", float(a["alpha"])), [self.value(a["input"])], inplace=inplace)
@@ -507,18 +633,28 @@ class _Lowering:
     def op_max_pool2d(self, a, inplace):
         if a["return_indices"]:
             self.fail("return_indices=True (the output is a tuple)")
-        rule = MaxPool2dRule(self.name(), "max_pool2d", a["kernel_size"], a["stride"], a["padding"], a["dilation"],
-                             a["ceil_mode"])
+        rule = MaxPool2dRule(
+            self.name(), "max_pool2d", a["kernel_size"], a["stride"], a["padding"], a["dilation"], a["ceil_mode"]
+        )
         return self.emit(rule, [self.value(a["input"])])
 
     def op_avg_pool2d(self, a, inplace):
-        rule = AvgPool2dRule(self.name(), "avg_pool2d", a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"],
-                             a["count_include_pad"], a["divisor_override"])
+        rule = AvgPool2dRule(
+            self.name(),
+            "avg_pool2d",
+            a["kernel_size"],
+            a["stride"],
+            a["padding"],
+            a["ceil_mode"],
+            a["count_include_pad"],
+            a["divisor_override"],
+        )
         return self.emit(rule, [self.value(a["input"])])
 
     def op_adaptive_avg_pool2d(self, a, inplace):
-        return self.emit(AdaptiveAvgPool2dRule(self.name(), "adaptive_avg_pool2d", a["output_size"]),
-                         [self.value(a["input"])])
+        return self.emit(
+            AdaptiveAvgPool2dRule(self.name(), "adaptive_avg_pool2d", a["output_size"]), [self.value(a["input"])]
+        )
 
     def op_mean(self, a, inplace):
         dims = a["dim"]
@@ -556,8 +692,7 @@ class _Lowering:
         if len(shape) != 4:
             self.fail("F.conv2d needs a weight [out, in, kh, kw]")
         self.check_conv(a["groups"], "zeros", a["padding"], shape[2:], a["dilation"])
-        rule = ConvRule(self.name(), "conv2d", Geometry(shape[2:], a["stride"], a["padding"], a["dilation"]),
-                        shape[1])
+        rule = ConvRule(self.name(), "conv2d", Geometry(shape[2:], a["stride"], a["padding"], a["dilation"]), shape[1])
         return self.emit(rule, [self.value(a["input"])], (w, self.param(a["bias"], "bias")))
 
     def op_batch_norm(self, a, inplace):
@@ -585,8 +720,10 @@ class _Lowering:
         """A Python number or a constant tensor operand (None if it is neither)."""
         if isinstance(c, Ref):
             if c.group != "c":
-                self.fail("a parameter used directly in arithmetic (the fused engine takes parameters through "
-                          "layers, F.linear, F.conv2d and F.batch_norm)")
+                self.fail(
+                    "a parameter used directly in arithmetic (the fused engine takes parameters through "
+                    "layers, F.linear, F.conv2d and F.batch_norm)"
+                )
             return c.const
         if isinstance(c, bool) or not isinstance(c, (int, float)):
             return None
@@ -596,8 +733,11 @@ class _Lowering:
         x, y = a["input"], a["other"]
         alpha = float(a["alpha"]) * sign
         if isinstance(x, _Value) and isinstance(y, _Value):
-            return self.emit(AddRule(self.name(), "add" if alpha == 1.0 else "sub" if alpha == -1.0 else "add",
-                                     alpha), [x, y], inplace=inplace)
+            return self.emit(
+                AddRule(self.name(), "add" if alpha == 1.0 else "sub" if alpha == -1.0 else "add", alpha),
+                [x, y],
+                inplace=inplace,
+            )
         if isinstance(x, _Value) and self.constant(y) is not None:
             return self.emit(AffineRule(self.name(), "add", 1.0, self.constant(y) * alpha), [x], inplace=inplace)
         if isinstance(y, _Value) and self.constant(x) is not None:
@@ -622,8 +762,9 @@ class _Lowering:
         x, c = a["input"], self.constant(a["other"])
         if a["rounding_mode"] is not None or not isinstance(x, _Value) or c is None:
             self.fail("only division of a value by a constant compiles")
-        return self.emit(AffineRule(self.name(), "div", 1.0 / c if isinstance(c, float) else c.reciprocal()), [x],
-                         inplace=inplace)
+        return self.emit(
+            AffineRule(self.name(), "div", 1.0 / c if isinstance(c, float) else c.reciprocal()), [x], inplace=inplace
+        )
 
     def op_neg(self, a, inplace):
         return self.emit(AffineRule(self.name(), "neg", -1.0), [self.value(a["input"])])
@@ -650,12 +791,18 @@ class _Lowering:
         for i, node in enumerate(live):
             if node.inplace and node.inputs:
                 v = node.inputs[0]
-                if v == 0 or any(v in later.inputs or v in later.keeps for later in live[i + 1:]):
-                    raise Unsupported(node.rule.name, node.rule.kind, "an in-place operation overwrites a value that "
-                                      "is read again (or the input); write it out of place", node.source)
+                if v == 0 or any(v in later.inputs or v in later.keeps for later in live[i + 1 :]):
+                    raise Unsupported(
+                        node.rule.name,
+                        node.rule.kind,
+                        "an in-place operation overwrites a value that "
+                        "is read again (or the input); write it out of place",
+                        node.source,
+                    )
         used = {(ref.group, ref.index) for node in live for ref in node.params if ref is not None}
-        unused = tuple(Ref(g, k) for g, group in self.layout_groups.items() for k in range(len(group.slots))
-                       if (g, k) not in used)
+        unused = tuple(
+            Ref(g, k) for g, group in self.layout_groups.items() for k in range(len(group.slots)) if (g, k) not in used
+        )
         return fuse(Graph(live, self.num_values, out.vid, unused))
 
 
@@ -669,8 +816,11 @@ def compile_model(model: nn.Module, layout=None, bn_layers=None) -> Graph:
         bn_layers = [m for _, m in batchnorm.bn_layers(model)]
     for name, m in model.named_modules():
         if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
-            raise Unsupported(name or "<model>", type(m).__name__,
-                              "the module has forward or backward hooks, which the fused engine would skip")
+            raise Unsupported(
+                name or "<model>",
+                type(m).__name__,
+                "the module has forward or backward hooks, which the fused engine would skip",
+            )
     wrapped = _Tracer().is_leaf_module(model, "")
     before = {n: dict(m.__dict__) for n, m in model.named_modules()}
     try:

@@ -16,6 +16,7 @@ FiLM, y = γ ⊙ h + β with z = [γ; β] = W φ + b, per channel c, summed over
     tangent     ġγ = Σ (ġy h + gy ḣ),  ġβ = Σ ġy;  ġh = ġy γ + gy γ̇
     backward    ġb = ġz,  ġW = ġz φᵀ + gz φ̇ᵀ,  ġφ = Wᵀ ġz + Ẇᵀ gz
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -56,8 +57,10 @@ class ContextConcatRule(Rule):
 
     def forward(self, ops, x, p, save):
         if x.dim() < 3:
-            raise ValueError(f"model layer {self.describe()}: expected per-task inputs [T, N, ..., features], got "
-                             f"shape {tuple(x.shape)}")
+            raise ValueError(
+                f"model layer {self.describe()}: expected per-task inputs [T, N, ..., features], got "
+                f"shape {tuple(x.shape)}"
+            )
         return torch.cat([x, self._spread(p[0], x)], -1), (x.shape[-1] if save else None)
 
     def backward(self, ops, gy, saved, p, need_x, outs):
@@ -98,8 +101,10 @@ class FiLMRule(Rule):
     def _channels(self, x: torch.Tensor) -> torch.Tensor:
         """`[T, N, C, *spatial]` -> `[T, N, C, S]` (checked)."""
         if x.dim() < 3 or x.shape[2] != self.num_channels:
-            raise ValueError(f"model layer {self.describe()}: expected per-task inputs [T, N, {self.num_channels}, "
-                             f"...], got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"model layer {self.describe()}: expected per-task inputs [T, N, {self.num_channels}, "
+                f"...], got shape {tuple(x.shape)}"
+            )
         return x.reshape(x.shape[0], x.shape[1], self.num_channels, -1)
 
     @staticmethod

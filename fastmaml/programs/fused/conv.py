@@ -13,6 +13,7 @@ Gradients w.r.t. input and weight come from one
 R-op: ẏ = conv(ẋ, w) + conv(x, ẇ) + ḃ (one convolution of [ẋ | x] with [w | ẇ] along input
 channels); backward tangent: ġw = ∂w(x, ġy) + ∂w(ẋ, gy), ġx = ∂x(ġy, w) + ∂x(gy, ẇ).
 """
+
 from __future__ import annotations
 
 import torch
@@ -71,20 +72,29 @@ def conv_forward(x, w, b, g: Geometry, strategy: str):
     if b is not None and b.dim() == 1:
         b = b.expand(T, -1)
     if strategy == "loop" and torch.is_grad_enabled():  # differentiable path (AdaptedModel)
-        return torch.stack([F.conv2d(x[t], w[t], None if b is None else b[t], g.stride, g.padding, g.dilation)
-                            for t in range(T)])
+        return torch.stack(
+            [F.conv2d(x[t], w[t], None if b is None else b[t], g.stride, g.padding, g.dilation) for t in range(T)]
+        )
     if strategy == "loop":  # each task's output written in place into one [T, N, O, H', W'] buffer
         y0 = F.conv2d(x[0], w[0], None if b is None else b[0], g.stride, g.padding, g.dilation)
         y = y0.new_empty(T, *y0.shape)
         y[0] = y0
         for t in range(1, T):
-            aten.convolution.out(x[t], w[t], None if b is None else b[t], g.stride, g.padding, g.dilation, False,
-                                 [0, 0], 1, out=y[t])
+            aten.convolution.out(
+                x[t], w[t], None if b is None else b[t], g.stride, g.padding, g.dilation, False, [0, 0], 1, out=y[t]
+            )
         return y
     C, Cout = x.shape[2], w.shape[1]
     xg = x.transpose(0, 1).reshape(N, T * C, *x.shape[3:])
-    y = F.conv2d(xg, w.reshape(T * Cout, *w.shape[2:]), None if b is None else b.reshape(T * Cout),
-                 g.stride, g.padding, g.dilation, T)
+    y = F.conv2d(
+        xg,
+        w.reshape(T * Cout, *w.shape[2:]),
+        None if b is None else b.reshape(T * Cout),
+        g.stride,
+        g.padding,
+        g.dilation,
+        T,
+    )
     return y.view(N, T, Cout, *y.shape[2:]).transpose(0, 1).contiguous()
 
 
@@ -100,9 +110,19 @@ def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb
         torch.sum(gy, (1, 3, 4), out=gb_out)
         need_b = False
     if w.dim() == 4 and not need_w:
-        gx = aten.convolution_backward(gy.reshape(T * N, *gy.shape[2:]), x.reshape(T * N, *x.shape[2:]), w,
-                                       None, g.stride, g.padding, g.dilation, False, [0, 0], 1,
-                                       [True, False, False])[0]
+        gx = aten.convolution_backward(
+            gy.reshape(T * N, *gy.shape[2:]),
+            x.reshape(T * N, *x.shape[2:]),
+            w,
+            None,
+            g.stride,
+            g.padding,
+            g.dilation,
+            False,
+            [0, 0],
+            1,
+            [True, False, False],
+        )[0]
         return gx.view(T, N, *gx.shape[1:])
     if w.dim() == 4:
         w = w.expand(T, *w.shape)
@@ -112,11 +132,26 @@ def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb
         bias = [w.shape[1]] if need_b else None
         for t in range(T):
             if all(mask) and not accumulate:  # outputs written in place (aten's out= needs all three)
-                aten.convolution_backward.out(gy[t], x[t], w[t], bias, g.stride, g.padding, g.dilation, False,
-                                              [0, 0], 1, mask, out0=gx[t], out1=gw_out[t], out2=gb_out[t])
+                aten.convolution_backward.out(
+                    gy[t],
+                    x[t],
+                    w[t],
+                    bias,
+                    g.stride,
+                    g.padding,
+                    g.dilation,
+                    False,
+                    [0, 0],
+                    1,
+                    mask,
+                    out0=gx[t],
+                    out1=gw_out[t],
+                    out2=gb_out[t],
+                )
                 continue
-            gx_t, gw_t, gb_t = aten.convolution_backward(gy[t], x[t], w[t], bias, g.stride, g.padding,
-                                                         g.dilation, False, [0, 0], 1, mask)
+            gx_t, gw_t, gb_t = aten.convolution_backward(
+                gy[t], x[t], w[t], bias, g.stride, g.padding, g.dilation, False, [0, 0], 1, mask
+            )
             if need_x:
                 gx[t] = gx_t
             if need_w:
@@ -127,8 +162,9 @@ def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb
     C, Cout = x.shape[2], w.shape[1]
     xg = x.transpose(0, 1).reshape(N, T * C, *x.shape[3:])
     gg = gy.transpose(0, 1).reshape(N, T * Cout, *gy.shape[3:])
-    gx, gw, _ = aten.convolution_backward(gg, xg, w.reshape(T * Cout, *w.shape[2:]), None, g.stride, g.padding,
-                                          g.dilation, False, [0, 0], T, mask)
+    gx, gw, _ = aten.convolution_backward(
+        gg, xg, w.reshape(T * Cout, *w.shape[2:]), None, g.stride, g.padding, g.dilation, False, [0, 0], T, mask
+    )
     if need_w:
         gw = gw.view(gw_out.shape)
         gw_out.add_(gw) if accumulate else gw_out.copy_(gw)
@@ -151,8 +187,10 @@ class ConvRule(Rule):
 
     def _check(self, x):
         if x.dim() != 5 or x.shape[2] != self.in_channels:
-            raise ValueError(f"model layer {self.describe()}: expected per-task inputs [T, N, {self.in_channels}, "
-                             f"H, W], got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"model layer {self.describe()}: expected per-task inputs [T, N, {self.in_channels}, "
+                f"H, W], got shape {tuple(x.shape)}"
+            )
         return x.contiguous()
 
     def forward(self, ops, x, p, save):
@@ -190,9 +228,16 @@ class ConvRule(Rule):
         gxd = conv_backward(gyd, x, w, g, s, need_x, touts[0], touts[1])
         if xd is not None or (wd is not None and need_x):
             # ∂x(gy, ẇ) and ∂w(ẋ, gy) in one call; a missing operand only gives its shape
-            extra = conv_backward(gy, x if xd is None else xd.contiguous(), w if wd is None else wd, g, s,
-                                  need_x and wd is not None, touts[0] if xd is not None else None,
-                                  accumulate=True)
+            extra = conv_backward(
+                gy,
+                x if xd is None else xd.contiguous(),
+                w if wd is None else wd,
+                g,
+                s,
+                need_x and wd is not None,
+                touts[0] if xd is not None else None,
+                accumulate=True,
+            )
             if extra is not None:
                 gxd = gxd + extra
         return gx, gxd

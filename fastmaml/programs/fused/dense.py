@@ -1,4 +1,5 @@
 """Linear rule: y = x wᵀ + b over the last feature dim, per-task weights as batched GEMMs."""
+
 from __future__ import annotations
 
 from .base import Rule
@@ -14,8 +15,10 @@ class LinearRule(Rule):
     def _rows(self, x):
         """`[T, N, *mid, I]` -> `[T, N·mid, I]` (a view when contiguous)."""
         if x.shape[-1] != self.in_features:
-            raise ValueError(f"model layer {self.describe()}: expected inputs with {self.in_features} features "
-                             f"in the last dim, got per-task shape {tuple(x.shape)}")
+            raise ValueError(
+                f"model layer {self.describe()}: expected inputs with {self.in_features} features "
+                f"in the last dim, got per-task shape {tuple(x.shape)}"
+            )
         return x if x.dim() == 3 else x.reshape(x.shape[0], -1, self.in_features)
 
     def forward(self, ops, x, p, save):

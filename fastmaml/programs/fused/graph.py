@@ -8,6 +8,7 @@ Parameters are referenced, not held: `Ref("a", k)` / `Ref("s", k)` is slot k of 
 flat group (`ParamLayout`), so a weight used by two nodes (tied weights, a layer called twice) is one
 slot read twice, and its gradient is the sum of both uses. `Ref("c", tensor)` is a constant (a buffer).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -100,8 +101,7 @@ def fuse(graph: Graph) -> Graph:
         return None
 
     def merge(i: int, j: int, rule: Rule) -> None:
-        nodes[i] = Node(rule, nodes[i].inputs, nodes[j].output, nodes[i].params, nodes[i].stats,
-                        source=nodes[i].source)
+        nodes[i] = Node(rule, nodes[i].inputs, nodes[j].output, nodes[i].params, nodes[i].stats, source=nodes[i].source)
         gone.add(j)
 
     for i, node in enumerate(nodes):
@@ -114,8 +114,11 @@ def fuse(graph: Graph) -> Graph:
         if type(act) is ReLURule:
             merge(i, j, BatchNormReLURule(node.rule, act))
             k = sole_reader(i)
-            if k is not None and type(nodes[k].rule) is MaxPool2dRule and BatchNormReLUMaxPoolRule.fusable(
-                    nodes[i].rule, nodes[k].rule):
+            if (
+                k is not None
+                and type(nodes[k].rule) is MaxPool2dRule
+                and BatchNormReLUMaxPoolRule.fusable(nodes[i].rule, nodes[k].rule)
+            ):
                 merge(i, k, BatchNormReLUMaxPoolRule(nodes[i].rule, nodes[k].rule))
         elif type(act) is LeakyReLURule and act.slope > 0:
             merge(i, j, BatchNormLeakyReLURule(node.rule, act))

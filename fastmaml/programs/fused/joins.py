@@ -5,6 +5,7 @@ Python numbers or constant tensors such as buffers).
 A value read by several nodes (fan-out) needs nothing here: the program adds the gradients (and their
 tangents) that its readers send back.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -30,8 +31,10 @@ class AddRule(JoinRule):
     def apply(self, xs):
         a, b = xs
         if a.dim() != b.dim():
-            raise ValueError(f"model: {self.describe()} adds values of per-task shapes {tuple(a.shape[1:])} and "
-                             f"{tuple(b.shape[1:])}; the fused engine needs equal ranks (size-1 dims broadcast)")
+            raise ValueError(
+                f"model: {self.describe()} adds values of per-task shapes {tuple(a.shape[1:])} and "
+                f"{tuple(b.shape[1:])}; the fused engine needs equal ranks (size-1 dims broadcast)"
+            )
         y = a + b if self.alpha == 1.0 else torch.add(a, b, alpha=self.alpha)
         return y, (a.shape, b.shape, y.shape)
 

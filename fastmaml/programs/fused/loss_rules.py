@@ -1,5 +1,6 @@
 """Loss rules of the fused engine (per-task mean loss): value, gradient w.r.t. the output, and the
 gradient's tangent (MSE: ġ = 2ẏ/M; softmax cross-entropy: ġz = p ⊙ (ż − ⟨p, ż⟩)/N)."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F
@@ -14,7 +15,8 @@ class MSERule:
         if out.shape != y.shape:
             raise ValueError(
                 f"loss='mse': the model's output per task has shape {tuple(out.shape[1:])} but the target has "
-                f"{tuple(y.shape[1:])}; expected equal shapes (e.g. y as [T, N, 1] for a 1-output model)")
+                f"{tuple(y.shape[1:])}; expected equal shapes (e.g. y as [T, N, 1] for a 1-output model)"
+            )
 
     def value(self, out, y):
         """Per-task loss `[T]`."""
@@ -39,7 +41,8 @@ class CrossEntropyRule:
         if out.dim() != 3 or y.dim() != 2 or out.shape[:2] != y.shape:
             raise ValueError(
                 f"loss='cross_entropy': expected logits [N, C] and class indices [N] per task, got "
-                f"{tuple(out.shape[1:])} and {tuple(y.shape[1:])}")
+                f"{tuple(out.shape[1:])} and {tuple(y.shape[1:])}"
+            )
 
     def value(self, out, y):
         self.check(out, y)

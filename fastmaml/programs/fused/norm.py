@@ -4,6 +4,7 @@ Activations `[T, N, C, *spatial]` run as `[T, N, C, S]`; statistics per task and
 (forward, backward, both tangents, by hand with per-channel sums) is in fastmaml/ops/reference/batchnorm.py.
 Running statistics are read only as fixed statistics and never updated.
 """
+
 from __future__ import annotations
 
 from .base import Rule
@@ -25,8 +26,10 @@ class BatchNormRule(Rule):
     def as_channels(self, x):
         """`[T, N, C, *spatial]` -> `[T, N, C, S]` (checked)."""
         if x.dim() < 3 or x.shape[2] != self.num_features:
-            raise ValueError(f"model layer {self.describe()}: expected per-task inputs [T, N, {self.num_features}, "
-                             f"...], got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"model layer {self.describe()}: expected per-task inputs [T, N, {self.num_features}, "
+                f"...], got shape {tuple(x.shape)}"
+            )
         return x.reshape(x.shape[0], x.shape[1], self.num_features, -1)
 
     @staticmethod
@@ -64,8 +67,22 @@ class BatchNormRule(Rule):
 
     def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
         xhat, xhd, a, r, shape, batch = saved
-        gx, gxd = ops.batchnorm_tangent_bwd(gy.reshape(xhat.shape), gyd.reshape(xhat.shape), xhat, xhd, a, r,
-                                            p[0], v[0], batch, need_x, outs[0], touts[0], outs[1], touts[1])
+        gx, gxd = ops.batchnorm_tangent_bwd(
+            gy.reshape(xhat.shape),
+            gyd.reshape(xhat.shape),
+            xhat,
+            xhd,
+            a,
+            r,
+            p[0],
+            v[0],
+            batch,
+            need_x,
+            outs[0],
+            touts[0],
+            outs[1],
+            touts[1],
+        )
         if gx is None:
             return None, None
         return gx.view(shape), gxd.view(shape)

@@ -9,6 +9,7 @@ backwards mask the incoming gradient and its tangent, and the tangent forward co
 tangent backward needs in one op. z is what the next layer keeps anyway, so the pair saves no more than
 BatchNorm alone did. The math is in fastmaml/ops/reference/batchnorm.py ("batch norm followed by ReLU").
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,8 +23,9 @@ aten = torch.ops.aten
 
 class BatchNormReLURule(BatchNormRule):
     def __init__(self, norm: BatchNormRule, relu: ReLURule):
-        super().__init__(f"{norm.name}+{relu.name}", f"{norm.kind}+{relu.kind}", norm.eps, norm.num_features,
-                         norm.index)
+        super().__init__(
+            f"{norm.name}+{relu.name}", f"{norm.kind}+{relu.kind}", norm.eps, norm.num_features, norm.index
+        )
 
     def forward(self, ops, x, p, save):
         w, b, mean, var = self._split(p)
@@ -37,8 +39,9 @@ class BatchNormReLURule(BatchNormRule):
     def backward(self, ops, gy, saved, p, need_x, outs):
         if len(saved) == 5:
             z, x4, mu, r, shape = saved
-            gx = ops.batchnorm_relu_train_bwd(gy.reshape(x4.shape), z, x4, mu, r, p[0], self.eps, need_x, outs[0],
-                                              outs[1])
+            gx = ops.batchnorm_relu_train_bwd(
+                gy.reshape(x4.shape), z, x4, mu, r, p[0], self.eps, need_x, outs[0], outs[1]
+            )
         else:
             z, xhat, r, shape = saved
             gx = ops.batchnorm_relu_bwd(gy.reshape(xhat.shape), z, xhat, r, p[0], False, need_x, outs[0], outs[1])
@@ -49,13 +52,31 @@ class BatchNormReLURule(BatchNormRule):
         x4 = self.as_channels(x)
         xd4 = None if xd is None else xd.reshape(x4.shape)
         z, zd, xhat, xhd, a, r = ops.batchnorm_relu_value_tangent_fwd(x4, xd4, w, b, v[0], v[1], self.eps, mean, var)
-        return (z.view(x.shape), (None if zd is None else zd.reshape(x.shape)),
-                (z, xhat, xhd, a, r, x.shape, mean is None))
+        return (
+            z.view(x.shape),
+            (None if zd is None else zd.reshape(x.shape)),
+            (z, xhat, xhd, a, r, x.shape, mean is None),
+        )
 
     def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
         z, xhat, xhd, a, r, shape, batch = saved
-        gx, gxd = ops.batchnorm_relu_tangent_bwd(gy.reshape(xhat.shape), gyd.reshape(xhat.shape), z, xhat, xhd, a,
-                                                 r, p[0], v[0], batch, need_x, outs[0], touts[0], outs[1], touts[1])
+        gx, gxd = ops.batchnorm_relu_tangent_bwd(
+            gy.reshape(xhat.shape),
+            gyd.reshape(xhat.shape),
+            z,
+            xhat,
+            xhd,
+            a,
+            r,
+            p[0],
+            v[0],
+            batch,
+            need_x,
+            outs[0],
+            touts[0],
+            outs[1],
+            touts[1],
+        )
         if gx is None:
             return None, None
         return gx.view(shape), gxd.view(shape)
@@ -72,8 +93,13 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
     """
 
     def __init__(self, norm_relu: BatchNormReLURule, pool: MaxPool2dRule):
-        super().__init__(f"{norm_relu.name}+{pool.name}", f"{norm_relu.kind}+{pool.kind}", norm_relu.eps,
-                         norm_relu.num_features, norm_relu.index)
+        super().__init__(
+            f"{norm_relu.name}+{pool.name}",
+            f"{norm_relu.kind}+{pool.kind}",
+            norm_relu.eps,
+            norm_relu.num_features,
+            norm_relu.index,
+        )
         self.norm_relu, self.pool = norm_relu, pool
         self.k = pool.kernel[0]
 
@@ -82,8 +108,13 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
         """Square windows at stride = window, no padding or dilation, floor mode (the pool makes the input a
         BatchNorm2d's `[N, C, H, W]`)."""
         k = pool.kernel[0]
-        return (pool.kernel == [k, k] and pool.stride == [k, k] and pool.padding == [0, 0]
-                and pool.dilation == [1, 1] and not pool.ceil_mode)
+        return (
+            pool.kernel == [k, k]
+            and pool.stride == [k, k]
+            and pool.padding == [0, 0]
+            and pool.dilation == [1, 1]
+            and not pool.ceil_mode
+        )
 
     def _checked(self, x):
         """x `[T, N, C, H, W]` (checked: C channels, 5 dims), contiguous for the kernels."""
@@ -125,8 +156,9 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
             g, gd = self.pool.tangent_backward(ops, gy, gyd, s2, (), (), True, (), ())
             return self.norm_relu.tangent_backward(ops, g, gd, s1, p, v, need_x, outs, touts)
         _, z, idx, x, xd, mu, r, a, dmean = saved
-        return ops.bn_relu_maxpool_tangent_bwd(gy, gyd, z, idx, x, xd, mu, r, a, dmean, p[0], v[0], self.k, need_x,
-                                               outs[0], touts[0], outs[1], touts[1])
+        return ops.bn_relu_maxpool_tangent_bwd(
+            gy, gyd, z, idx, x, xd, mu, r, a, dmean, p[0], v[0], self.k, need_x, outs[0], touts[0], outs[1], touts[1]
+        )
 
 
 class BatchNormLeakyReLURule(BatchNormRule):
@@ -136,8 +168,7 @@ class BatchNormLeakyReLURule(BatchNormRule):
     being 0, ġy = ġz · (1 or slope)."""
 
     def __init__(self, norm: BatchNormRule, act: LeakyReLURule):
-        super().__init__(f"{norm.name}+{act.name}", f"{norm.kind}+{act.kind}", norm.eps, norm.num_features,
-                         norm.index)
+        super().__init__(f"{norm.name}+{act.name}", f"{norm.kind}+{act.kind}", norm.eps, norm.num_features, norm.index)
         self.slope = act.slope
 
     def _act(self, y, own: bool):
@@ -162,12 +193,14 @@ class BatchNormLeakyReLURule(BatchNormRule):
     def backward(self, ops, gy, saved, p, need_x, outs):
         if len(saved) == 5:
             z, x4, mu, r, shape = saved
-            gx = ops.batchnorm_train_bwd(self._mask(gy.reshape(x4.shape), z), x4, mu, r, p[0], self.eps, need_x,
-                                         outs[0], outs[1])
+            gx = ops.batchnorm_train_bwd(
+                self._mask(gy.reshape(x4.shape), z), x4, mu, r, p[0], self.eps, need_x, outs[0], outs[1]
+            )
         else:
             z, xhat, r, shape = saved
-            gx = ops.batchnorm_bwd(self._mask(gy.reshape(xhat.shape), z), xhat, r, p[0], False, need_x, outs[0],
-                                   outs[1])
+            gx = ops.batchnorm_bwd(
+                self._mask(gy.reshape(xhat.shape), z), xhat, r, p[0], False, need_x, outs[0], outs[1]
+            )
         return None if gx is None else gx.view(shape)
 
     def tangent_forward(self, ops, x, xd, p, v):
@@ -178,14 +211,18 @@ class BatchNormLeakyReLURule(BatchNormRule):
         yd, xhd, a = ops.batchnorm_tangent_fwd(xd4, xhat, r, w, v[0], v[1], mean is None)
         z = self._act(y, w is not None)
         zd = self._mask(yd, z)
-        return (z.view(x.shape), (None if zd is None else zd.reshape(x.shape)),
-                (z, xhat, xhd, a, r, x.shape, mean is None))
+        return (
+            z.view(x.shape),
+            (None if zd is None else zd.reshape(x.shape)),
+            (z, xhat, xhd, a, r, x.shape, mean is None),
+        )
 
     def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
         z, xhat, xhd, a, r, shape, batch = saved
         gy, gyd = self._mask(gy.reshape(xhat.shape), z), self._mask(gyd.reshape(xhat.shape), z)
-        gx, gxd = ops.batchnorm_tangent_bwd(gy, gyd, xhat, xhd, a, r, p[0], v[0], batch, need_x, outs[0], touts[0],
-                                            outs[1], touts[1])
+        gx, gxd = ops.batchnorm_tangent_bwd(
+            gy, gyd, xhat, xhd, a, r, p[0], v[0], batch, need_x, outs[0], touts[0], outs[1], touts[1]
+        )
         if gx is None:
             return None, None
         return gx.view(shape), gxd.view(shape)

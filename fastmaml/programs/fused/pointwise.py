@@ -3,6 +3,7 @@
 `d1(g, x, y)` applies f' (PyTorch's own backward kernels), `d2(x, y)` gives f'' (None where it is 0:
 the piecewise-linear ReLU and LeakyReLU).
 """
+
 from __future__ import annotations
 
 import math

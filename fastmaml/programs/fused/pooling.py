@@ -3,6 +3,7 @@
 Max pooling is piecewise linear: the forward's argmax indices route tangents forward (gather) and
 gradients backward (PyTorch's own max-pool backward with those indices). Average pooling is linear.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,8 +34,9 @@ class MaxPool2dRule(LinearMapRule):
 
     def _check(self, x):
         if x.dim() != 5:
-            raise ValueError(f"model layer {self.describe()}: expected per-task inputs [T, N, C, H, W], "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"model layer {self.describe()}: expected per-task inputs [T, N, C, H, W], got shape {tuple(x.shape)}"
+            )
 
     def apply(self, x, save):
         self._check(x)
@@ -42,8 +44,9 @@ class MaxPool2dRule(LinearMapRule):
         if not save:
             y = F.max_pool2d(x4, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode)
             return y.view(*tn, *y.shape[1:]), None
-        y, idx = F.max_pool2d(x4, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode,
-                              return_indices=True)
+        y, idx = F.max_pool2d(
+            x4, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode, return_indices=True
+        )
         return y.view(*tn, *y.shape[1:]), (x4, idx)
 
     def tangent(self, xd, saved):
@@ -55,14 +58,24 @@ class MaxPool2dRule(LinearMapRule):
     def transpose(self, gy, saved):
         x4, idx = saved
         g4 = gy.reshape(-1, *gy.shape[2:])
-        gx = aten.max_pool2d_with_indices_backward(g4, x4, self.kernel, self.stride, self.padding,
-                                                   self.dilation, self.ceil_mode, idx)
+        gx = aten.max_pool2d_with_indices_backward(
+            g4, x4, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode, idx
+        )
         return gx.view(*gy.shape[:2], *gx.shape[1:])
 
 
 class AvgPool2dRule(LinearMapRule):
-    def __init__(self, name: str, kind: str, kernel_size, stride=None, padding=0, ceil_mode=False,
-                 count_include_pad=True, divisor_override=None):
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        kernel_size,
+        stride=None,
+        padding=0,
+        ceil_mode=False,
+        count_include_pad=True,
+        divisor_override=None,
+    ):
         super().__init__(name, kind)
         self.kernel = _pair(kernel_size)
         self.stride = _pair(stride if stride else kernel_size)
@@ -73,17 +86,27 @@ class AvgPool2dRule(LinearMapRule):
 
     def apply(self, x, save):
         if x.dim() != 5:
-            raise ValueError(f"model layer {self.describe()}: expected per-task inputs [T, N, C, H, W], "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"model layer {self.describe()}: expected per-task inputs [T, N, C, H, W], got shape {tuple(x.shape)}"
+            )
         x4, tn = _merge(x)
-        y = F.avg_pool2d(x4, self.kernel, self.stride, self.padding, self.ceil_mode, self.count_include_pad,
-                         self.divisor_override)
+        y = F.avg_pool2d(
+            x4, self.kernel, self.stride, self.padding, self.ceil_mode, self.count_include_pad, self.divisor_override
+        )
         return y.view(*tn, *y.shape[1:]), x4
 
     def transpose(self, gy, x4):
         g4 = gy.reshape(-1, *gy.shape[2:])
-        gx = aten.avg_pool2d_backward(g4, x4, self.kernel, self.stride, self.padding, self.ceil_mode,
-                                      self.count_include_pad, self.divisor_override)
+        gx = aten.avg_pool2d_backward(
+            g4,
+            x4,
+            self.kernel,
+            self.stride,
+            self.padding,
+            self.ceil_mode,
+            self.count_include_pad,
+            self.divisor_override,
+        )
         return gx.view(*gy.shape[:2], *gx.shape[1:])
 
 
@@ -94,8 +117,9 @@ class AdaptiveAvgPool2dRule(LinearMapRule):
 
     def apply(self, x, save):
         if x.dim() != 5:
-            raise ValueError(f"model layer {self.describe()}: expected per-task inputs [T, N, C, H, W], "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"model layer {self.describe()}: expected per-task inputs [T, N, C, H, W], got shape {tuple(x.shape)}"
+            )
         x4, tn = _merge(x)
         y = F.adaptive_avg_pool2d(x4, self.output_size)
         return y.view(*tn, *y.shape[1:]), x4

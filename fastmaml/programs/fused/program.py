@@ -15,6 +15,7 @@ sized by their activations (`_chunked`). `forward` uses the same rules with diff
 Every method takes the op table of the call (`ops`: `fastmaml.ops.resolve(backend, device)`); the program
 holds no backend and no reference to the model.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
@@ -92,15 +93,16 @@ class FusedProgram(Program):
 
     def _params(self, phi, shared, bn_stats) -> List[tuple]:
         """Per node, its parameters (views of φ / ψ rows, constants, None), BatchNorm statistics appended."""
-        if bn_stats is not None and any(rule.index is not None and rule.index >= len(bn_stats)
-                                        for _, rule in self.norms):
-            raise ValueError(f"bn_stats: got statistics for {len(bn_stats)} BatchNorm layers, fewer than the "
-                             "model has")
+        if bn_stats is not None and any(
+            rule.index is not None and rule.index >= len(bn_stats) for _, rule in self.norms
+        ):
+            raise ValueError(f"bn_stats: got statistics for {len(bn_stats)} BatchNorm layers, fewer than the model has")
         views = {"a": self._views(phi, "a"), "s": self._views(shared, "s"), "c": None}
         out = []
         for node in self.nodes:
-            p = tuple(None if r is None else r.const if r.group == "c" else views[r.group][r.index]
-                      for r in node.params)
+            p = tuple(
+                None if r is None else r.const if r.group == "c" else views[r.group][r.index] for r in node.params
+            )
             if isinstance(node.rule, BatchNormRule):
                 if node.rule.index is not None:
                     stats = None if bn_stats is None else bn_stats[node.rule.index]
@@ -114,14 +116,19 @@ class FusedProgram(Program):
         """Per node, where each parameter's gradient goes (views of `flats[g]` `[Tc, P_g]` or None), and the
         (own buffer, slot view) pairs of the later readers of tied slots, to add once the sweep is done."""
         views = {g: self._views(f, g) for g, f in flats.items()}
-        outs = [tuple(None if r is None or r.group == "c" or views.get(r.group) is None else views[r.group][r.index]
-                      for r in node.params) for node in self.nodes]
+        outs = [
+            tuple(
+                None if r is None or r.group == "c" or views.get(r.group) is None else views[r.group][r.index]
+                for r in node.params
+            )
+            for node in self.nodes
+        ]
         pending = []
         for i, k, ref in self.extra:
             slot = views.get(ref.group)
             if slot is not None:
                 own = torch.empty_like(slot[ref.index])
-                outs[i] = outs[i][:k] + (own,) + outs[i][k + 1:]
+                outs[i] = outs[i][:k] + (own,) + outs[i][k + 1 :]
                 pending.append((own, slot[ref.index]))
         for ref in self.graph.unused:
             slot = views.get(ref.group)
@@ -131,8 +138,10 @@ class FusedProgram(Program):
 
     def _dirs(self, u) -> List[tuple]:
         views = self._views(u, "a")
-        return [tuple(views[r.index] if r is not None and r.group == "a" else None for r in node.params)
-                for node in self.nodes]
+        return [
+            tuple(views[r.index] if r is not None and r.group == "a" else None for r in node.params)
+            for node in self.nodes
+        ]
 
     @staticmethod
     def _rows(t, sl):
@@ -221,8 +230,7 @@ class FusedProgram(Program):
                 gy, grads[node.output] = grads[node.output], None
                 p = params[i] if node.host is None else hosts[i]
                 if node.rule.arity == 1:
-                    self._add(grads, node.inputs[0],
-                              node.rule.backward(ops, gy, saved[i], p, plan.need[i][0], outs[i]))
+                    self._add(grads, node.inputs[0], node.rule.backward(ops, gy, saved[i], p, plan.need[i][0], outs[i]))
                 else:
                     for v, gx in zip(node.inputs, node.rule.backward(ops, gy, saved[i], p, plan.need[i], outs[i])):
                         self._add(grads, v, gx)
@@ -264,13 +272,15 @@ class FusedProgram(Program):
                 gyd, tgrads[node.output] = tgrads[node.output], None
                 p = params[i] if node.host is None else hosts[i]
                 if node.rule.arity == 1:
-                    gx, gxd = node.rule.tangent_backward(ops, gy, gyd, saved[i], p, dirs[i], plan.need[i][0],
-                                                         outs[i], touts[i])
+                    gx, gxd = node.rule.tangent_backward(
+                        ops, gy, gyd, saved[i], p, dirs[i], plan.need[i][0], outs[i], touts[i]
+                    )
                     self._add(grads, node.inputs[0], gx)
                     self._add(tgrads, node.inputs[0], gxd)
                 else:
-                    pairs = node.rule.tangent_backward(ops, gy, gyd, saved[i], p, dirs[i], plan.need[i], outs[i],
-                                                       touts[i])
+                    pairs = node.rule.tangent_backward(
+                        ops, gy, gyd, saved[i], p, dirs[i], plan.need[i], outs[i], touts[i]
+                    )
                     for v, (gx, gxd) in zip(node.inputs, pairs):
                         self._add(grads, v, gx)
                         self._add(tgrads, v, gxd)
@@ -304,8 +314,11 @@ class FusedProgram(Program):
         """Per BatchNorm module (in `NormPlan` order), the per-task batch statistics of its input at its
         first call (None for a module the forward never calls)."""
         stats = [None] * (1 + max((r.index for _, r in self.norms if r.index is not None), default=-1))
-        inputs = {i: node.inputs[0] for i, node in enumerate(self.nodes)
-                  if isinstance(node.rule, BatchNormRule) and node.rule.index is not None}
+        inputs = {
+            i: node.inputs[0]
+            for i, node in enumerate(self.nodes)
+            if isinstance(node.rule, BatchNormRule) and node.rule.index is not None
+        }
         if not inputs:
             return stats
         with torch.no_grad():
@@ -326,8 +339,9 @@ class FusedProgram(Program):
         inactive = [False] * len(self.nodes)
 
         def run(sl):
-            out, _, _, _, nbytes = self._forward(ops, x[sl], self._params(self._rows(phi, sl), shared, bn_stats),
-                                                 inactive)
+            out, _, _, _, nbytes = self._forward(
+                ops, x[sl], self._params(self._rows(phi, sl), shared, bn_stats), inactive
+            )
             self._store(result, "output", out, sl, T)
             return nbytes
 

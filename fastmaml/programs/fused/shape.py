@@ -1,5 +1,6 @@
 """Reshapes of the examples' features: Flatten, view/reshape that keep the batch dimension, means over
 per-example dims. `[T, N, *feat]` in and out."""
+
 from __future__ import annotations
 
 from .base import LinearMapRule, Rule
@@ -17,8 +18,10 @@ class FlattenRule(LinearMapRule):
         start = self.start_dim + 1 if self.start_dim >= 0 else self.start_dim + x.dim()
         end = self.end_dim + 1 if self.end_dim >= 0 else self.end_dim + x.dim()
         if start < 2:
-            raise ValueError(f"model layer {self.describe()}: start_dim={self.start_dim} would merge the examples "
-                             f"of a task (per-task input shape {tuple(x.shape)})")
+            raise ValueError(
+                f"model layer {self.describe()}: start_dim={self.start_dim} would merge the examples "
+                f"of a task (per-task input shape {tuple(x.shape)})"
+            )
         return x.flatten(start, end), x.shape
 
     def transpose(self, gy, shape):
@@ -40,7 +43,8 @@ class ReshapeRule(Rule):
             raise ValueError(
                 f"model: {self.describe()} reshapes the per-task input {tuple(x.shape[1:])} to {tuple(y.shape[1:])}, "
                 f"which mixes the {x.shape[1]} examples; fastmaml needs the first (batch) dimension kept, e.g. "
-                "x.view(x.size(0), -1)")
+                "x.view(x.size(0), -1)"
+            )
         return y
 
     def backward(self, ops, gy, shape, p, need_x, outs):
