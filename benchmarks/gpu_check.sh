@@ -8,10 +8,14 @@
 #   build      the C++/CUDA extension
 #   tests      the kernel tests on CUDA (every backend against the reference: fp32, fp64, bf16 with
 #              fp32 accumulation; the MLP op, kernel and reference, against the autograd oracle; Triton
-#              layer kernels)
+#              layer kernels; MetaStep's CUDA-graph capture and replay against the uncaptured step)
 #   ops        benchmarks/op_bench.py: every backend of every op on the arguments of real meta-steps
 #   ops_lr     the same with a learned inner learning rate (the adjoint update's α-gradient reduction)
 #   conv       benchmarks/conv_batching.py: loop / grouped / unfold convolutions, per layer and per meta-step
+#   conv_triton benchmarks/conv_triton_bench.py: the Triton task-batched convolutions against grouped cuDNN
+#              on every conv layer of conv4-64 (28, 84) and ResNet-12 (84), T=4, N=5 and 75, each pass and
+#              its tangent form, true FP32 only and within its own budget (a short run: see the script for
+#              tf32 and bf16)
 #   suite      fastmaml bench on CUDA (sinusoid, 28×28 conv4 as Sequential and as a class, ResNet-12 64-640 84×84)
 #   crash      the bad-input tests of the C++ ops, each file in its own process, and a backtrace of the
 #              first one that crashes (cuda-gdb), with the toolchain facts that bear on it
@@ -75,6 +79,7 @@ step tests 170 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider --junitxml="
   tests/test_kernels_step.py tests/test_kernels_mlp.py tests/test_kernels_end_to_end.py tests/test_kernels_losses.py \
   tests/test_kernels_linear.py tests/test_kernels_batchnorm.py tests/test_kernels_batchnorm_relu.py \
   tests/test_kernels_bn_relu_maxpool_triton.py tests/test_kernels_bn_relu_maxpool.py tests/test_kernels_build.py \
+  tests/test_kernels_conv_triton.py tests/test_meta_step_graphs.py \
   --deselect tests/test_kernels_step.py::test_bad_inputs_name_the_argument \
   --deselect tests/test_kernels_mlp.py::test_bad_arguments_name_the_argument \
   --deselect tests/test_kernels_bn_relu_maxpool.py::test_bad_arguments_name_the_argument
@@ -83,6 +88,7 @@ step ops 80 "$PY" benchmarks/op_bench.py --device cuda --out "$WORK" \
   --workloads sinusoid-K1 conv28-1shot-K1
 step ops_lr 40 "$PY" benchmarks/op_bench.py --device cuda --out "$WORK" --learned-lr --workloads conv28-1shot-K1
 step conv 60 "$PY" benchmarks/conv_batching.py --device cuda --out "$WORK"
+step conv_triton 80 "$PY" benchmarks/conv_triton_bench.py --out "$WORK" --precisions fp32 --repeats 3 --budget 55
 step suite 180 "$PY" -m fastmaml bench --device cuda --out "$WORK/suite" --no-memory --repeats 5 --budget 20 \
   --workloads sinusoid-K1 sinusoid-K5 conv28-1shot-K1 conv28-1shot-K5 class28-1shot-K1 resnet12w-84-K5
 step crash 70 bash benchmarks/crash_check.sh "$WORK/crash"

@@ -1,7 +1,7 @@
 """Writes `gpu_check.md` from what benchmarks/gpu_check.sh left in its work folder:
 env.txt (device and versions), steps.txt (exit status and seconds of each step), build.log,
 junit-*.xml (pytest results, summarized per test file), op_bench.md, op_bench_learned_lr.md,
-conv_batching.md,
+conv_batching.md, conv_triton.md,
 suite/results.md (`fastmaml bench`) and crash/ (benchmarks/crash_check.sh). Missing pieces are
 reported as missing, never invented.
 
@@ -82,6 +82,9 @@ def report(out: Path) -> str:
     lines += _section("Ops: every backend on the arguments of real meta-steps", out / "op_bench.md", "the op bench")
     lines += _section("Ops with a learned inner learning rate", out / "op_bench_learned_lr.md", "the op bench")
     lines += _section("Convolution batching", out / "conv_batching.md", "the conv batching bench")
+    lines += _section(
+        "Triton task-batched convolutions against grouped cuDNN", out / "conv_triton.md", "the Triton conv bench"
+    )
     lines += _section("Benchmark suite (fastmaml bench)", out / "suite" / "results.md", "the suite")
     lines += ["## C++ argument checks (crash check)", ""] + _code(out / "crash" / "repro.txt")
     lines += _code(out / "crash" / "facts.txt", head=20)

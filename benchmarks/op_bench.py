@@ -90,12 +90,12 @@ def record_calls(workload, device, learned_lr: bool) -> Dict[str, Dict[str, tupl
         for name, fn in saved.items():
             registry._IMPLS[name]["torch"] = wrap(name, fn)
         registry._CACHE.clear()
-        model = workload.make_model().to(device)
         tasks = workload.make_tasks().to(device)
         lr = torch.tensor(workload.inner_lr, device=device, requires_grad=True) if learned_lr else workload.inner_lr
         for whole_loop_op in (True, False):  # an MLP runs as one op (mlp_meta_step); record the fused ops too
             if not whole_loop_op:
                 fastmaml.engine.mlp_plan = lambda program, loss: (None, "recording the fused ops")
+            model = workload.make_model().to(device)  # a new model: meta_step's plan of the last one is cached
             fastmaml.meta_step(
                 model,
                 tasks,

@@ -37,4 +37,22 @@ TORCH_LIBRARY(fastmaml, m) {
       "bn_relu_maxpool_tangent_bwd(Tensor gz, Tensor gzd, Tensor z, Tensor idx, Tensor x, Tensor xd, Tensor mean, "
       "Tensor invstd, Tensor a, Tensor dmean, Tensor w, Tensor wd, bool need_x) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // BatchNorm (batch statistics per task) + leaky ReLU with `slope` (1: none, 0: ReLU), fused (CPU).
+  // x [T, N, C, S], w, b [T, C] -> (z [T, N, C, S], mean [T, C], invstd [T, C])
+  m.def("bn_act_fwd(Tensor x, Tensor w, Tensor b, float eps, float slope) -> (Tensor, Tensor, Tensor)");
+  // gz, z (unused and optional when slope == 1), x [T, N, C, S], mean, invstd, w [T, C]
+  // -> (gx [T, N, C, S] or [0] if !need_x, gw [T, C], gb [T, C])
+  m.def(
+      "bn_act_bwd(Tensor gz, Tensor? z, Tensor x, Tensor mean, Tensor invstd, Tensor w, float slope, bool need_x) "
+      "-> (Tensor, Tensor, Tensor)");
+  // The forward with its tangent (R-op) along (xd (None: zero), wd, bd [T, C])
+  // -> (z, zd, mean, invstd, a = mean(xhat xd) [T, C], dmean = mean(xd) [T, C])
+  m.def(
+      "bn_act_tangent_fwd(Tensor x, Tensor? xd, Tensor w, Tensor b, Tensor wd, Tensor bd, float eps, float slope) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The backward and its tangent -> (gx, gxd ([0] if !need_x), gw, gwd, gb, gbd [T, C])
+  m.def(
+      "bn_act_tangent_bwd(Tensor gz, Tensor gzd, Tensor? z, Tensor x, Tensor? xd, Tensor mean, Tensor invstd, "
+      "Tensor a, Tensor dmean, Tensor w, Tensor wd, float slope, bool need_x) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <vector>
 
 namespace fastmaml {
@@ -77,9 +78,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           at::empty(gb.sizes(), gb.options())};
 }
 
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_meta(const at::Tensor& x, const at::Tensor& w,
+                                                               const at::Tensor& b, double eps, double slope) {
+  TORCH_CHECK(x.dim() == 4, "x: expected activations [T, N, C, S]");
+  const int64_t T = x.size(0), C = x.size(2);
+  return {at::empty(x.sizes(), x.options()), at::empty({T, C}, x.options()), at::empty({T, C}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_meta(const at::Tensor& gz, const std::optional<at::Tensor>& z,
+                                                               const at::Tensor& x, const at::Tensor& mean,
+                                                               const at::Tensor& invstd, const at::Tensor& w,
+                                                               double slope, bool need_x) {
+  TORCH_CHECK(x.dim() == 4, "x: expected activations [T, N, C, S]");
+  const int64_t T = x.size(0), C = x.size(2);
+  return {need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options()),
+          at::empty({T, C}, x.options()), at::empty({T, C}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_tangent_fwd_meta(
+    const at::Tensor& x, const std::optional<at::Tensor>& xd, const at::Tensor& w, const at::Tensor& b,
+    const at::Tensor& wd, const at::Tensor& bd, double eps, double slope) {
+  auto [z, mean, invstd] = bn_act_fwd_meta(x, w, b, eps, slope);
+  return {z, at::empty(z.sizes(), z.options()), mean, invstd, at::empty(mean.sizes(), mean.options()),
+          at::empty(mean.sizes(), mean.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_tangent_bwd_meta(
+    const at::Tensor& gz, const at::Tensor& gzd, const std::optional<at::Tensor>& z, const at::Tensor& x,
+    const std::optional<at::Tensor>& xd, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& a,
+    const at::Tensor& dmean, const at::Tensor& w, const at::Tensor& wd, double slope, bool need_x) {
+  auto [gx, gw, gb] = bn_act_bwd_meta(gz, z, x, mean, invstd, w, slope, need_x);
+  return {gx, at::empty(gx.sizes(), gx.options()), gw, at::empty(gw.sizes(), gw.options()), gb,
+          at::empty(gb.sizes(), gb.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmaml, Meta, m) {
+  m.impl("bn_act_fwd", &bn_act_fwd_meta);
+  m.impl("bn_act_bwd", &bn_act_bwd_meta);
+  m.impl("bn_act_tangent_fwd", &bn_act_tangent_fwd_meta);
+  m.impl("bn_act_tangent_bwd", &bn_act_tangent_bwd_meta);
   m.impl("bn_relu_maxpool_tangent_fwd", &bn_relu_maxpool_tangent_fwd_meta);
   m.impl("bn_relu_maxpool_tangent_bwd", &bn_relu_maxpool_tangent_bwd_meta);
   m.impl("bn_relu_maxpool_fwd", &bn_relu_maxpool_fwd_meta);

@@ -7,6 +7,7 @@ from .engine import ORDERS, InnerLoop
 from .errors import BackendUnavailable, NonFiniteError
 from .explain import explain
 from .msl import msl_weights
+from .plan import MetaStep
 from .result import MetaResult
 from .tasks import TaskBatch
 
@@ -19,6 +20,7 @@ __all__ = [
     "add_per_step_stats",
     "InnerLoop",
     "MetaResult",
+    "MetaStep",
     "NonFiniteError",
     "ORDERS",
     "TaskBatch",

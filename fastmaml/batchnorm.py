@@ -103,6 +103,15 @@ class NormPlan:
                         "fastmaml.add_per_step_stats(model, steps) once before training"
                     )
 
+    @classmethod
+    def of_layers(cls, mode: str, layers: List[nn.Module], record: bool) -> "NormPlan":
+        """The plan of a call whose model was checked when its `MetaStep` was built: `mode` and `layers` (the
+        BatchNorm layers in module order) as a `NormPlan(model, mode)` found them, `record` its `record`."""
+        plan = cls.__new__(cls)
+        plan.mode, plan.layers, plan.record = mode, layers, record
+        plan._bound = [{} for _ in layers]
+        return plan
+
     @property
     def uses_batch_stats(self) -> bool:
         return self.mode == "batch" or self.record

@@ -64,6 +64,10 @@ REQUIRED_OPS = (
     "bn_relu_maxpool_bwd",
     "bn_relu_maxpool_tangent_fwd",
     "bn_relu_maxpool_tangent_bwd",
+    "bn_act_fwd",
+    "bn_act_bwd",
+    "bn_act_tangent_fwd",
+    "bn_act_tangent_bwd",
 )
 
 # --exclude-libs,ALL: a compiler that links libstdc++ statically (the GPU machine's /opt/gcc g++ does)

@@ -123,3 +123,80 @@ def _select(named, inner_params: InnerParams) -> set[str]:
             f"inner_params: an empty list adapts nothing; pass None to adapt every parameter, or names among {names}"
         )
     return chosen
+
+
+class BoundLayout:
+    """A `ParamLayout` bound to its parameters' storage, for a plan that runs many calls: θ is one `cat` of
+    flat views of the parameters made once, and a meta-gradient goes into `.grad` through `[*shape]` views made
+    from plain shapes, instead of a reshape of every `nn.Parameter` and a `split` per call (each a Python-level
+    dispatch). Same values and the same `.grad` tensors as `ParamLayout.theta` and `api`'s accumulation.
+
+    Valid while every parameter keeps its storage, shape, dtype and `requires_grad` (a `MetaStep`'s guard
+    checks them before every call); the views keep the storage they were made from alive, so no other tensor
+    can take over its address."""
+
+    def __init__(self, layout: ParamLayout):
+        self.layout = layout
+        p = layout.params
+        a = [p[n] for n in layout.adapted.names]
+        s = [p[n] for n in layout.shared.names]
+        contiguous = all(t.is_contiguous() for t in a + s)
+        self._flat_a = [t.detach().view(-1) for t in a] if contiguous else None
+        self._flat_s = [t.detach().view(-1) for t in s] if contiguous else None
+        self._sinks = tuple(_Sink(group, p) for group in (layout.adapted, layout.shared))
+        self._no_shared = a[0].new_zeros(0).detach() if not s else None  # (read, never written)
+
+    def theta(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`ParamLayout.theta` without autograd history: `(theta_a [Pa], theta_s [Ps])`."""
+        if self._flat_a is None:  # a parameter that is not contiguous: reshaped at every call
+            with torch.no_grad():
+                return self.layout.theta()
+        theta_a = torch.cat(self._flat_a)
+        if self._flat_s:
+            return theta_a, torch.cat(self._flat_s)
+        return theta_a, self._no_shared
+
+    def accumulate(self, d_a: torch.Tensor, d_s) -> None:
+        """Adds the flat meta-gradients into `p.grad` of the parameters that require grad; a parameter without a
+        gradient yet gets a copy of its part (a tensor of its own, not a view of the flat buffer)."""
+        into, add = [], []
+        for sink, flat in zip(self._sinks, (d_a, d_s)):
+            if flat is None or not sink.targets:
+                continue
+            parts = None
+            base = flat.storage_offset() if flat.is_contiguous() else None
+            for i, p, shape, stride, offset in sink.targets:
+                if p.grad is None and base is not None:  # one op: the part, copied into a tensor of its own
+                    p.grad = torch.as_strided_copy(flat, shape, stride, base + offset)
+                elif p.grad is None:
+                    if parts is None:
+                        parts = flat.split_with_sizes(sink.sizes, -1)
+                    p.grad = parts[i].view(*shape).clone()
+                else:
+                    if parts is None:
+                        parts = flat.split_with_sizes(sink.sizes, -1)
+                    into.append(p.grad)
+                    add.append(parts[i].view(*shape))
+        if into:
+            torch._foreach_add_(into, add)
+
+
+class _Sink:
+    """One flat group's split sizes and, for each of its parameters that requires grad, (index, parameter,
+    shape, contiguous strides, offset in the flat group)."""
+
+    def __init__(self, group: FlatGroup, params: dict):
+        self.sizes = [s.numel for s in group.slots]
+        self.targets = [
+            (i, params[s.name], tuple(s.shape), _strides(s.shape), s.offset)
+            for i, s in enumerate(group.slots)
+            if params[s.name].requires_grad
+        ]
+
+
+def _strides(shape) -> tuple:
+    strides, step = [], 1
+    for n in reversed(tuple(shape)):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))

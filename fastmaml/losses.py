@@ -45,6 +45,11 @@ class Loss:
         named = _NAMED.get(self.name)
         return named is not None and named.fn is self.fn
 
+    @property
+    def checks_values(self) -> bool:
+        """Whether `check_targets` reads the targets' values (class indices >= 0), not only their dtype."""
+        return self.name == "cross_entropy" and self.builtin
+
     def check_targets(self, y: torch.Tensor, field: str, like: Optional[torch.Tensor] = None) -> None:
         """Targets the named losses take: int64 class indices >= 0 (cross-entropy; the upper bound is checked
         once the model's outputs are known), floating point of the inputs' dtype (MSE). `like`: the inputs."""

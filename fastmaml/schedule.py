@@ -19,10 +19,23 @@ TASK_STATE_BYTES = {"cpu": 32 << 20, "cuda": 2 << 30}
 MIN_CHECKPOINT_SLOTS = 2
 # state below this size is not checked against the free memory (the check reads /proc/meminfo)
 ALWAYS_FITS_BYTES = 64 << 20
+# activations `meta_step` may keep for its Hessian-vector products (per chunk of tasks), per device type:
+# the "second" order's from the forward sweep for the reverse sweep, the "implicit" order's from its first
+# conjugate-gradient HVP for the others; never more than a quarter of the memory free when the chunk starts
+# (0 turns the activation tape off)
+ACTIVATION_TAPE_BYTES = {"cpu": 2 << 30, "cuda": 8 << 30}
 
 
 def task_state_budget(device: torch.device) -> int:
     return TASK_STATE_BYTES.get(device.type, TASK_STATE_BYTES["cpu"])
+
+
+def activation_tape_budget(device: torch.device) -> int:
+    """Bytes of activations a "second"-order chunk may keep on `device` (`ACTIVATION_TAPE_BYTES`, at most a
+    quarter of `available_memory`)."""
+    cap = ACTIVATION_TAPE_BYTES.get(device.type, ACTIVATION_TAPE_BYTES["cpu"])
+    free = available_memory(device) if cap > 0 else None
+    return cap if free is None else min(cap, free // 4)
 
 
 def checkpoint_slots(steps: int) -> int:

@@ -2,7 +2,8 @@
 """Checks that fastmaml's imports point one way: no import cycle between its modules, and every import goes
 from a layer to the same layer or one below it:
 
-    api       fastmaml (package), api, func, explain, cli, __main__, distributed, train, bench
+    api       fastmaml (package), api, plan, calls, graphs, func, explain, cli, __main__, distributed, train,
+              bench
     engine    fastmaml.engine              (meta-steps: the sweeps, the MLP engine, task chunks)
     programs  fastmaml.programs            (how a model computes loss, gradient, HVP for all tasks)
     ops       fastmaml.ops                 (named ops: references and backends)
@@ -27,6 +28,9 @@ LAYERS = ["api", "engine", "programs", "ops", "kernels", "base"]  # top to botto
 _LAYER_OF = {
     "fastmaml": "api",
     "fastmaml.api": "api",
+    "fastmaml.plan": "api",
+    "fastmaml.calls": "api",
+    "fastmaml.graphs": "api",
     "fastmaml.explain": "api",
     "fastmaml.cli": "api",
     "fastmaml.__main__": "api",

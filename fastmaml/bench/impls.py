@@ -5,6 +5,8 @@ accumulates the meta-gradient of the mean-over-tasks query loss into the model's
     autograd-loop-first  the same loop without create_graph (first-order MAML)
     fastmaml[B,order]    fastmaml.meta_step with ops backend B (auto | torch | triton | cpp),
                          order second | checkpoint | first
+    fastmaml-plan[auto,order]  a fastmaml.MetaStep plan (built at the first step, on that step's tasks),
+                         backend auto, order second | checkpoint | first
     torch.func-vmap      vmap over tasks of grad(query loss ∘ K inner grad steps) (grad of grad)
     learn2learn          l2l.algorithms.MAML(model, lr).clone().adapt(loss), per task
     higher               higher.innerloop_ctx(model, SGD), per task
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .. import meta_step
+from .. import MetaStep, meta_step
 from ..ops import registry
 from . import peers
 from .workloads import Workload
@@ -107,6 +109,30 @@ def _fastmaml(backend: str, order: str):
         return True, "ops: " + ", ".join(f"{b} {used.count(b)}" for b in registry.BACKENDS[1:] if b in used)
 
     return build, available
+
+
+def _fastmaml_plan(order: str):
+    def build(model: nn.Module, w: Workload, device) -> Step:
+        plans = []
+
+        def step(tasks):
+            if not plans:  # the plan needs the tasks' shapes, dtype and device: the first (untimed) step's
+                plans.append(
+                    MetaStep(
+                        model,
+                        tasks,
+                        inner_lr=w.inner_lr,
+                        steps=w.steps,
+                        order=order,
+                        loss=w.loss,
+                        evaluate_before=False,
+                    )
+                )
+            plans[0](tasks)
+
+        return step
+
+    return build
 
 
 def _torch_func(model: nn.Module, w: Workload, device) -> Step:
@@ -219,6 +245,17 @@ def implementations() -> List[Impl]:
                     mode=order,
                 )
             )
+    for order in FASTMAML_ORDERS:  # the same as fastmaml[auto,order], validated and planned once
+        out.append(
+            Impl(
+                f"fastmaml-plan[auto,{order}]",
+                "fastmaml",
+                "first" if order == "first" else "second",
+                _fastmaml_plan(order),
+                _fastmaml("auto", order)[1],
+                mode=order,
+            )
+        )
     out.append(Impl("torch.func-vmap", "torch.func", "second", _torch_func, _always))
     for name, build in (("learn2learn", _learn2learn), ("higher", _higher), ("torchopt", _torchopt)):
         out.append(Impl(name, name, "second", build, _peer_available(name)))

@@ -6,19 +6,23 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..programs import Program, select_program
-from .general import SweepEngine
+from .general import Schedule, SweepEngine
 from .mlp import MlpEngine, mlp_plan
 from .request import MetaGrad, MetaStepRequest
 from .sweeps import ORDERS, Implicit, InnerLoop, InnerLoopSpec
 
 __all__ = [
     "ORDERS",
+    "Engines",
     "Implicit",
     "InnerLoop",
     "InnerLoopSpec",
     "MetaGrad",
     "MetaStepRequest",
+    "engines_for",
     "meta_grad",
     "program_for",
 ]
@@ -29,12 +33,39 @@ def program_for(model, layout, loss) -> Program:
     return select_program(model, layout, loss)
 
 
+class Engines:
+    """The engines of one program for one meta-step shape, with their task chunks planned once: the MLP op
+    where it takes the request, else (or when its result is not finite) the sweep engine. Holds no module."""
+
+    def __init__(self, program: Program, req: MetaStepRequest):
+        self.program = program
+        plan, _ = mlp_plan(program, req.loss)
+        self.mlp: Optional[MlpEngine] = None if plan is None else MlpEngine(plan)
+        self.mlp_schedule: Optional[Schedule] = None if self.mlp is None else self.mlp.schedule(req)
+        if self.mlp_schedule is None:
+            self.mlp = None
+        self.sweep = SweepEngine(program)
+        self.sweep_schedule = self.sweep.schedule(req)
+
+    @property
+    def name(self) -> str:
+        """Which engine runs the step: "mlp op" or the program's name."""
+        return "mlp op" if self.mlp is not None else self.program.name
+
+    def run(self, req: MetaStepRequest) -> MetaGrad:
+        """The meta-gradient and losses of `req` (of the shape these engines were planned for)."""
+        if self.mlp is not None:
+            out = self.mlp.run(req, self.mlp_schedule)
+            if out is not None:
+                return out
+        return self.sweep.run(req, self.sweep_schedule)
+
+
+def engines_for(req: MetaStepRequest) -> Engines:
+    """The engines of `req`'s model (its cached Program) for `req`'s shape."""
+    return Engines(select_program(req.model, req.layout, req.loss), req)
+
+
 def meta_grad(req: MetaStepRequest) -> MetaGrad:
     """The meta-gradient and losses of one meta-step, from the engine that runs the model."""
-    program = select_program(req.model, req.layout, req.loss)
-    plan, _ = mlp_plan(program, req.loss)
-    if plan is not None:
-        out = MlpEngine(plan).run(req)
-        if out is not None:
-            return out
-    return SweepEngine(program).run(req)
+    return engines_for(req).run(req)

@@ -1,9 +1,12 @@
 """The general engine: a meta-step over any Program (fused graph or torch.func), in chunks of tasks.
 
 Per chunk: the forward sweep (K inner steps), the query loss and its gradient, the reverse sweep; the
-chunks' meta-gradients are summed as they go, so one chunk's state is alive at a time. The chunk size
-comes from the per-task state (`schedule.state_buffers`) and the device's budget, or `task_chunk`; the
-memory a chunk needs is checked before anything is allocated.
+chunks' meta-gradients are summed as they go, so one chunk's state is alive at a time. In "second" order
+the forward sweep also keeps the steps' activations within `schedule.activation_tape_budget` (read when
+the meta-step is planned), and the reverse sweep's HVPs skip the convolutions' primal recomputation; in
+"implicit" order the conjugate-gradient HVPs at φ_K share theirs. The chunk size comes from the per-task
+state (`schedule.state_buffers`) and the device's budget, or `task_chunk`; the memory a chunk needs is
+checked before anything is allocated.
 """
 
 from __future__ import annotations
@@ -15,9 +18,19 @@ import torch
 from ..errors import NonFiniteError
 from ..losses import accuracy
 from ..programs import Program
-from ..schedule import check_memory, state_buffers, task_budget_chunks
+from ..schedule import activation_tape_budget, check_memory, state_buffers, task_budget_chunks
 from .request import MetaGrad, MetaStepRequest
 from .sweeps import forward_sweep, reverse_sweep
+
+
+class Schedule(NamedTuple):
+    """How an engine runs one meta-step shape: its chunks of tasks, one task's state in bytes (for the
+    memory check of every call) and the activation tape's budget per chunk (read when it is planned, so a
+    captured CUDA graph reads no free memory)."""
+
+    chunks: List[slice]
+    per_task: int
+    tape_budget: int = 0
 
 
 class _ChunkGrad(NamedTuple):
@@ -83,15 +96,26 @@ class SweepEngine:
     def __init__(self, program: Program):
         self.program = program
 
-    def run(self, req: MetaStepRequest) -> MetaGrad:
-        program, T, K = self.program, req.batch.num_tasks, req.steps
-        theta_a = req.theta_a
+    def schedule(self, req: MetaStepRequest) -> Schedule:
+        """The task chunks of `req` (they depend only on its shapes and options)."""
         per_task = (
             req.layout.adapted.size
-            * theta_a.element_size()
-            * state_buffers(req.order, K, any(req.lr_grad), req.weights is not None)
+            * req.theta_a.element_size()
+            * state_buffers(req.order, req.steps, any(req.lr_grad), req.weights is not None)
         )
-        if req.loss.classification:
+        device = req.theta_a.device
+        tape = (
+            activation_tape_budget(device)
+            if req.order in ("second", "implicit") and self.program.keeps_activations
+            else 0
+        )
+        return Schedule(task_budget_chunks(req.batch.num_tasks, per_task, device, req.task_chunk), per_task, tape)
+
+    def run(self, req: MetaStepRequest, schedule: Optional[Schedule] = None) -> MetaGrad:
+        """The meta-step of `req`; schedule: `self.schedule(req)` computed beforehand (a `MetaStep` plan)."""
+        program, T, K = self.program, req.batch.num_tasks, req.steps
+        theta_a = req.theta_a
+        if req.loss.classification and not req.labels_checked:
             check_labels(
                 program,
                 req.ops,
@@ -100,7 +124,7 @@ class SweepEngine:
                 req.batch.support_x,
                 [("tasks.support_y", req.batch.support_y), ("tasks.query_y", req.batch.query_y)],
             )
-        chunks = task_budget_chunks(T, per_task, theta_a.device, req.task_chunk)
+        chunks, per_task, tape_budget = schedule if schedule is not None else self.schedule(req)
         check_memory(
             per_task,
             chunks[0].stop - chunks[0].start,
@@ -111,7 +135,7 @@ class SweepEngine:
         )
         parts, d_a, d_s, d_alphas = [], None, None, [None] * K
         for sl in chunks:  # the meta-gradients are summed as the chunks go: one chunk's state alive at a time
-            part = self._chunk(req, sl, T)
+            part = self._chunk(req, sl, T, tape_budget)
             d_a, d_s = _add(d_a, part.d_a), _add(d_s, part.d_s)
             d_alphas = [_add(total, d) for total, d in zip(d_alphas, part.d_alphas)]
             parts.append(part._replace(d_a=None, d_s=None, d_alphas=None))
@@ -139,9 +163,10 @@ class SweepEngine:
             d_a, d_s, d_alphas, meta_loss, query_after, support_before, before_loss, acc_after, before_acc, recorded
         )
 
-    def _chunk(self, req: MetaStepRequest, sl: slice, T: int) -> _ChunkGrad:
+    def _chunk(self, req: MetaStepRequest, sl: slice, T: int, tape_budget: int) -> _ChunkGrad:
         """Forward sweep, query loss and gradient, reverse sweep for the tasks `sl` of the batch; with step
-        weights w_1..w_K, the query loss after every step j with w_j > 0 (the multi-step loss)."""
+        weights w_1..w_K, the query loss after every step j with w_j > 0 (the multi-step loss); tape_budget:
+        bytes of activations the sweeps may keep."""
         program, ops, norm, weights = self.program, req.ops, req.norm, req.weights
         sx, sy, qx, qy = (t[sl] for t in req.batch)
         theta_s, alphas, K = req.theta_s, req.alphas, req.steps
@@ -162,6 +187,7 @@ class SweepEngine:
             recorded=recorded,
             implicit=req.implicit,
             keep_phis=weights is not None,
+            activation_budget=tape_budget,
         )
         q = program.loss_grad(ops, phi, theta_s, qx, qy, shared_grad=shared_grad, bn_stats=norm.stats(K))
         check_query_loss(q.loss, K, check_finite)

@@ -8,6 +8,7 @@ when the result is not finite (the general engine then reruns the step and says 
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -17,6 +18,7 @@ from ..programs import FusedProgram, Program
 from ..programs.fused.dense import LinearRule
 from ..programs.fused.pointwise import ReLURule, TanhRule
 from ..schedule import check_memory, task_budget_chunks
+from .general import Schedule
 from .request import MetaGrad, MetaStepRequest
 
 _ACTS = {ReLURule: ACTIVATIONS.index("relu"), TanhRule: ACTIVATIONS.index("tanh")}
@@ -59,28 +61,43 @@ class MlpEngine:
     def __init__(self, plan: MlpPlan):
         self.plan = plan
 
-    def run(self, req: MetaStepRequest) -> Optional[MetaGrad]:
+    def schedule(self, req: MetaStepRequest) -> Optional[Schedule]:
+        """The task chunks of `req` (they depend only on its shapes and options), or None when the op does not
+        take the request (other orders, step weights, shapes that are not this MLP's)."""
         if req.order not in ("second", "checkpoint", "first") or req.weights is not None:
             return None
         sx, sy, qx, qy = req.batch
         d0, dL = self.plan.sizes[0], self.plan.sizes[-1]
         if sx.dim() != 3 or sx.shape[2] != d0 or sy.shape != (*sx.shape[:2], dL) or qy.shape != (*qx.shape[:2], dL):
             return None  # the general engine raises the precise error
-        theta, T, K = req.theta_a, req.batch.num_tasks, req.steps
+        theta, K = req.theta_a, req.steps
         # per task: φ_j and g_j of every step, and the activations of every step's support pass and the query's
         per_task = theta.element_size() * (
             2 * (K + 1) * theta.numel() + 2 * (K * sx.shape[1] + qx.shape[1]) * sum(self.plan.sizes)
         )
-        chunks = task_budget_chunks(T, per_task, theta.device, req.task_chunk)
+        return Schedule(task_budget_chunks(req.batch.num_tasks, per_task, theta.device, req.task_chunk), per_task)
+
+    def run(self, req: MetaStepRequest, schedule: Optional[Schedule] = None) -> Optional[MetaGrad]:
+        """The meta-step of `req` as one op per chunk, or None (see the module docstring); schedule:
+        `self.schedule(req)` computed beforehand (a `MetaStep` plan)."""
+        if schedule is None:
+            schedule = self.schedule(req)
+            if schedule is None:
+                return None
+        chunks, per_task = schedule.chunks, schedule.per_task
+        T, K = req.batch.num_tasks, req.steps
         check_memory(
             per_task,
             chunks[0].stop - chunks[0].start,
-            theta.device,
+            req.theta_a.device,
             steps=K,
             order=req.order,
             chunk_given=req.task_chunk is not None,
         )
-        parts = [self._op(req, *(t[sl] for t in req.batch)) for sl in chunks]
+        if len(chunks) == 1:  # the whole batch (not views of it: one call's worth of slicing saved)
+            parts = [self._op(req, *req.batch)]
+        else:
+            parts = [self._op(req, *(t[sl] for t in req.batch)) for sl in chunks]
         if len(parts) == 1:
             out = parts[0]
         else:
@@ -96,7 +113,7 @@ class MlpEngine:
                 None if parts[0].support_loss_before is None else torch.cat([p.support_loss_before for p in parts]),
             )
         # (a sum is non-finite if any term is, or, rarely, if it overflows: then the general path reruns for nothing)
-        if req.check_finite and not torch.isfinite(out.grad.sum() + out.query_loss_after.sum()):
+        if req.check_finite and not math.isfinite(out.grad.sum().item() + out.query_loss_after.sum().item()):
             return None
         return MetaGrad(
             out.grad,

@@ -22,7 +22,9 @@ class MetaStepRequest:
 
     theta_a `[Pa]`, theta_s `[Ps]` (detached), alphas: K tensors α_j (0-dim or `[Pa]`, detached),
     lr_grad: per step, whether ∂L/∂α_j is wanted; weights: MAML++ step weights (K floats) or None;
-    shared_grad: whether the shared parameters need their meta-gradient; ops: the op table of the call.
+    shared_grad: whether the shared parameters need their meta-gradient; ops: the op table of the call;
+    labels_checked: the caller checked the class indices against the model's outputs (a captured CUDA graph
+    cannot read them back).
     """
 
     model: nn.Module
@@ -42,6 +44,7 @@ class MetaStepRequest:
     check_finite: bool = True
     evaluate_before: bool = True
     task_chunk: Optional[int] = None
+    labels_checked: bool = False
 
     @property
     def steps(self) -> int:

@@ -5,13 +5,14 @@ sweep that turns v = ∂L/∂φ_K into ∂L/∂θ, ∂L/∂ψ (shared weights) a
     reverse:  ∂L/∂α_j = −Σ_t g_j ⊙ v;  ∂L/∂ψ −= Σ_t H_sa,j (α_j ⊙ v);  v ← v − H_aa,j (α_j ⊙ v)
               ∂L/∂θ = Σ_t v
 
-Orders: "second" keeps φ_j and g_j; "checkpoint" keeps θ and `schedule.checkpoint_slots(K)` fast weights
-(max(2, ⌈log2 K⌉): memory grows as log K) and replays the inner steps between them in the reverse sweep
-(`schedule.replay_phis`, about (K/2)·log2 K replayed steps),
-getting g_j again from the HVP pass (forward-over-reverse yields both); "first" keeps only
-what the α-gradient needs and lets v pass through unchanged; "implicit" (iMAML) runs the K steps on
-the proximal objective L_s(φ) + λ/2 ‖φ − θ‖², keeps only φ_K, and solves (I + H/λ) u = v by
-conjugate gradient with the same Hessian-vector product: ∂L/∂θ = Σ_t u.
+Orders: "second" keeps φ_j and g_j, and within `activation_budget` bytes each step's activations (what
+`Program.loss_grad(activations=)` keeps, so that step j's HVP reuses them); "checkpoint" keeps θ and
+`schedule.checkpoint_slots(K)` fast weights (max(2, ⌈log2 K⌉): memory grows as log K) and replays the inner
+steps between them in the reverse sweep (`schedule.replay_phis`, about (K/2)·log2 K replayed steps), getting
+g_j again from the HVP pass (forward-over-reverse yields both); "first" keeps only what the α-gradient needs
+and lets v pass through unchanged; "implicit" (iMAML) runs the K steps on the proximal objective
+L_s(φ) + λ/2 ‖φ − θ‖², keeps only φ_K, and solves (I + H/λ) u = v by conjugate gradient with the same
+Hessian-vector product (its HVPs at φ_K share one set of activations within the budget): ∂L/∂θ = Σ_t u.
 
 `InnerLoop` wraps both sweeps as one autograd Function (the surface for `adapt` and for other
 libraries); `meta_step` calls the sweeps directly.
@@ -46,15 +47,19 @@ class Implicit:
 @dataclass
 class Tape:
     """What the forward sweep keeps for the reverse sweep. φ_0 is θ `[Pa]`; later φ_j are `[T, Pa]`.
-    phis[j] is None for a step whose fast weights are replayed ("checkpoint")."""
+    phis[j] is None for a step whose fast weights are replayed ("checkpoint"). activations[j]: what step
+    j's `loss_grad` kept for its HVP (a dict), or None; the list may be shorter than the steps."""
 
     order: str
     phis: List[torch.Tensor] = field(default_factory=list)
     grads: List[Optional[torch.Tensor]] = field(default_factory=list)
     implicit: Optional[Implicit] = None
+    activations: List[Optional[dict]] = field(default_factory=list)
+    activation_budget: int = 0  # "implicit": bytes its HVPs at φ_K may keep for one another
 
     def tensors(self) -> List[torch.Tensor]:
-        return [t for t in self.phis + self.grads if t is not None]
+        acts = [t for d in self.activations if d is not None for t in d.values()]
+        return [t for t in self.phis + self.grads if t is not None] + acts
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -84,6 +89,7 @@ def forward_sweep(
     recorded: Optional[list] = None,
     implicit: Optional[Implicit] = None,
     keep_phis: bool = False,
+    activation_budget: int = 0,
 ):
     """Runs the K inner steps. Returns (φ_K `[T, Pa]`, tape, support loss at θ `[T]` or None).
 
@@ -91,7 +97,10 @@ def forward_sweep(
     "first" order too (the multi-step loss needs the query loss at each φ_j). norm: which BatchNorm
     statistics step j uses (None: batch statistics). recorded: if a list, gets each step's per-task
     BatchNorm batch statistics (for per-step running statistics). implicit: settings of the
-    "implicit" order (its step gradient is g_j + λ (φ_j − θ)).
+    "implicit" order (its step gradient is g_j + λ (φ_j − θ)). activation_budget: bytes of activations
+    the "second" order may keep for the reverse sweep; the steps from the first one that would exceed
+    it keep none (their HVPs recompute); the "implicit" order's HVPs at φ_K (the conjugate-gradient
+    iterations) may keep as much for one another.
     """
     T = sx.shape[0]
     if order == "implicit" and implicit is None:
@@ -100,9 +109,18 @@ def forward_sweep(
     prox = tape.implicit.lam if tape.implicit is not None else 0.0
     phi, loss0, flags = theta_a, None, []
     kept = set(checkpoint_steps(len(alphas))) if order == "checkpoint" else None
+    budget = activation_budget if order == "second" and program.keeps_activations else 0
+    if order == "implicit" and program.keeps_activations:
+        tape.activation_budget = activation_budget
     for j, alpha in enumerate(alphas):
         bn_stats = norm.stats(j) if norm is not None else None
-        lg = program.loss_grad(ops, phi, theta_s, sx, sy, bn_stats=bn_stats)
+        kept_acts = {} if budget > 0 else None
+        lg = program.loss_grad(ops, phi, theta_s, sx, sy, bn_stats=bn_stats, activations=kept_acts)
+        if kept_acts is not None:
+            size = sum(t.numel() * t.element_size() for t in kept_acts.values())
+            fits = size <= budget
+            budget = budget - size if fits else 0
+            tape.activations.append(kept_acts if fits else None)
         if recorded is not None:
             recorded.append(program.batch_stats(ops, phi, theta_s, sx))
         if j == 0:
@@ -148,9 +166,17 @@ def implicit_solve(
     """iMAML's backward: u = (I + H/λ)⁻¹ v per task by `cg_steps` of conjugate gradient, H the support
     Hessian at φ_K. Returns (∂L/∂θ = Σ_t u `[Pa]`, ∂L/∂ψ = −Σ_t H_sa u / λ `[Ps]` or None)."""
     phi, lam = tape.phis[-1], tape.implicit.lam
+    kept = {} if tape.activation_budget > 0 else None  # the first HVP's activations, for the others
+
+    def hvp(p, **kwargs):
+        nonlocal kept
+        h = program.hvp(ops, phi, theta_s, sx, sy, p, need_grad=False, bn_stats=bn_stats, activations=kept, **kwargs)
+        if kept is not None and sum(t.numel() * t.element_size() for t in kept.values()) > tape.activation_budget:
+            kept = None
+        return h
 
     def apply(p):
-        return p + program.hvp(ops, phi, theta_s, sx, sy, p, need_grad=False, bn_stats=bn_stats).hu / lam
+        return p + hvp(p).hu / lam
 
     u = torch.zeros_like(v)
     r = v.clone()
@@ -175,12 +201,7 @@ def implicit_solve(
         )
     d_shared = None
     if shared_grad:
-        d_shared = (
-            -program.hvp(
-                ops, phi, theta_s, sx, sy, u, shared_grad=True, need_grad=False, bn_stats=bn_stats
-            ).hu_shared.sum(0)
-            / lam
-        )
+        d_shared = -hvp(u, shared_grad=True).hu_shared.sum(0) / lam
     return u.sum(0), d_shared
 
 
@@ -257,7 +278,10 @@ def reverse_sweep(
                 shared_grad=shared_grad,
                 need_grad=tape.grads[j] is None,
                 bn_stats=stats(j),
+                activations=tape.activations[j] if j < len(tape.activations) else None,
             )
+            if j < len(tape.activations):
+                tape.activations[j] = None  # step j's activations are used up
             g = tape.grads[j] if tape.grads[j] is not None else h.grad
             if shared_grad:
                 d_shared -= h.hu_shared.sum(0)

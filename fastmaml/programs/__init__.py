@@ -2,7 +2,16 @@
 
 from .base import HVP, LossGrad, Program
 from .fused import FusedProgram
-from .select import select_program
+from .select import ModelGuard, select_program
 from .torchfunc import BatchStatsNorm, TorchFuncProgram
 
-__all__ = ["HVP", "LossGrad", "Program", "BatchStatsNorm", "FusedProgram", "TorchFuncProgram", "select_program"]
+__all__ = [
+    "HVP",
+    "LossGrad",
+    "ModelGuard",
+    "Program",
+    "BatchStatsNorm",
+    "FusedProgram",
+    "TorchFuncProgram",
+    "select_program",
+]

@@ -5,7 +5,10 @@ program and the fused hand-derived engine are interchangeable.
 Shapes: fast weights `phi [T, Pa]` (or `[Pa]`, the same weights for every task), shared weights
 `shared [Ps]`, inputs `x [T, N, *in]`, targets `y [T, N, *out]`, tangents `u [T, Pa]`.
 `bn_stats`: None (BatchNorm on batch statistics) or fixed (mean [C], var [C]) per BatchNorm layer,
-in module order (see fastmaml/batchnorm.py). `ops`: the op table of the call
+in module order (see fastmaml/batchnorm.py). `activations`: a dict that `loss_grad` (or an `hvp` given it
+empty) fills with what a later `hvp` at the same φ, ψ, x, y and `bn_stats` may reuse instead of recomputing
+it (the activation tape); a program with nothing worth keeping (`keeps_activations` False) leaves it empty.
+`ops`: the op table of the call
 (`fastmaml.ops.resolve(backend, device)`): the backend is an argument of every call, never state of a
 Program (a Program is cached per model and shared by calls with different backends).
 """
@@ -45,6 +48,7 @@ class Program(abc.ABC):
     """A compiled model + loss. Subclasses: TorchFuncProgram (any nn.Module), FusedProgram."""
 
     name: str = "program"
+    keeps_activations: bool = False  # whether `loss_grad(activations=...)` keeps anything for `hvp`
 
     def __init__(self, layout: ParamLayout, loss: Loss):
         self.layout = layout
@@ -52,15 +56,30 @@ class Program(abc.ABC):
         self.output_sizes = {}  # (example shape, dtype, device) -> size of the output's last dim, once measured
 
     @abc.abstractmethod
-    def loss_grad(self, ops, phi, shared, x, y, *, shared_grad: bool = False, bn_stats=None) -> LossGrad:
-        """Per-task loss and its gradient w.r.t. φ (and ψ if `shared_grad`)."""
+    def loss_grad(
+        self, ops, phi, shared, x, y, *, shared_grad: bool = False, bn_stats=None, activations=None
+    ) -> LossGrad:
+        """Per-task loss and its gradient w.r.t. φ (and ψ if `shared_grad`); fills `activations` (a dict) when
+        given."""
 
     @abc.abstractmethod
     def hvp(
-        self, ops, phi, shared, x, y, u, *, shared_grad: bool = False, need_grad: bool = True, bn_stats=None
+        self,
+        ops,
+        phi,
+        shared,
+        x,
+        y,
+        u,
+        *,
+        shared_grad: bool = False,
+        need_grad: bool = True,
+        bn_stats=None,
+        activations=None,
     ) -> HVP:
         """Exact Hessian-vector product of the per-task loss at φ along u (Pearlmutter R-op).
-        `need_grad=False`: the gradient at φ may be left out (`grad` None), saving its weight-gradient work."""
+        `need_grad=False`: the gradient at φ may be left out (`grad` None), saving its weight-gradient work.
+        `activations`: what `loss_grad` kept at the same point, reused where present; filled when empty."""
 
     @abc.abstractmethod
     def forward(self, ops, phi, shared, x, *, bn_stats=None) -> torch.Tensor:

@@ -175,7 +175,7 @@ class TorchFuncProgram(Program):
         spec = flat[0][1]
         return tree_unflatten([torch.stack(xs) for xs in zip(*(leaves for leaves, _ in flat))], spec)
 
-    def loss_grad(self, ops, phi, shared, x, y, *, shared_grad=False, bn_stats=None) -> LossGrad:
+    def loss_grad(self, ops, phi, shared, x, y, *, shared_grad=False, bn_stats=None, activations=None) -> LossGrad:
         argnums = (0, 1) if shared_grad else 0
         f = grad_and_value(self._task_loss, argnums=argnums, has_aux=True)
         with self._stats(bn_stats):
@@ -183,7 +183,9 @@ class TorchFuncProgram(Program):
         ga, gs = grads if shared_grad else (grads, None)
         return LossGrad(loss, ga, gs, out)
 
-    def hvp(self, ops, phi, shared, x, y, u, *, shared_grad=False, need_grad=True, bn_stats=None) -> HVP:
+    def hvp(
+        self, ops, phi, shared, x, y, u, *, shared_grad=False, need_grad=True, bn_stats=None, activations=None
+    ) -> HVP:
         argnums = (0, 1) if shared_grad else 0
 
         def one(pa, ps, x1, y1, u1):

@@ -14,7 +14,7 @@ so, and the others still run. Then, in `<out>`:
   both, the time per meta-step (the method's gradient and optimizer step, averaged over the run) and the
   peak memory of one meta-step (CUDA: allocated; CPU: growth of the process's resident set, indicative).
 - `learning_curves.png`: every method's meta-training curve on one figure (sinusoid: the query MSE after
-  adaptation, moving average; few-shot: the training query loss and the validation accuracy).
+  adaptation, moving median; few-shot: the training query loss and the validation accuracy).
 """
 
 from __future__ import annotations
@@ -116,6 +116,20 @@ def _resources(metrics: Dict) -> Dict:
     }
 
 
+def _sinusoid_row(name: str, table: Dict, columns: List[str]) -> Dict:
+    """{"name", "cells": {column: (mean, ci95)}} and, for the columns where some tasks' adaptation overflowed,
+    "diverged": {column: {"diverged", "tasks", "median"}} (how many, of how many, the median over all)."""
+    row = {"name": name, "cells": {c: (table[c]["mean"], table[c]["ci95"]) for c in columns}}
+    diverged = {
+        c: {k: table[c].get(k) for k in ("diverged", "tasks", "median")}
+        for c in columns
+        if table[c].get("diverged") or not math.isfinite(table[c]["mean"])
+    }
+    if diverged:
+        row["diverged"] = diverged
+    return row
+
+
 def summarize(job: str, results: Dict[str, Dict], failed: Dict[str, str] = None) -> Dict:
     """{"job", "columns", "rows": [{"name", "cells": {column: (mean, ci95)}, resources}], "description"};
     failed: {method: why} for the methods without results (a row with "failed")."""
@@ -126,20 +140,10 @@ def summarize(job: str, results: Dict[str, Dict], failed: Dict[str, str] = None)
         steps = [k for k in first["config"]["eval_steps"] if k > 0]
         columns = [f"after_{k}" for k in steps]
         for m in results.values():
-            own = m["eval"][m["label"]]
-            rows.append(
-                {"name": m["label"], "cells": {c: (own[c]["mean"], own[c]["ci95"]) for c in columns}, **_resources(m)}
-            )
+            rows.append({**_sinusoid_row(m["label"], m["eval"][m["label"]], columns), **_resources(m)})
         rows += failed_rows
-        base = first["eval"]["pretrained"]
-        rows.append(
-            {
-                "name": "pretrained",
-                "cells": {c: (base[c]["mean"], base[c]["ci95"]) for c in columns},
-                "seconds_per_meta_step": None,
-                "step_memory_bytes": None,
-            }
-        )
+        base = _sinusoid_row("pretrained", first["eval"]["pretrained"], columns)
+        rows.append({**base, "seconds_per_meta_step": None, "step_memory_bytes": None})
         return {
             "job": job,
             "metric": "query MSE",
@@ -171,6 +175,13 @@ def summarize(job: str, results: Dict[str, Dict], failed: Dict[str, str] = None)
         "description": f"{cfg['ways']}-way {cfg['shots']}-shot accuracy on {cfg.get('test_episodes')} test "
         f"episodes after {cfg['eval_steps']} inner steps (95% CI), best validation weights",
     }
+
+
+def sinusoid_cell(diverged: Dict) -> str:
+    """A column where some held-out tasks' adaptation overflowed: "diverges on n/N tasks (median m)"."""
+    from fastmaml.train.sinusoid import format_cell
+
+    return format_cell({"mean": math.nan, **diverged})
 
 
 def _cell(value, percent: bool) -> str:
@@ -215,9 +226,22 @@ def format_table(summary: Dict) -> str:
                 f"{100 * row['best_val_accuracy']:.1f}%",
             ]
         else:
-            cells = [_cell(row["cells"][c], False) for c in summary["columns"]]
+            cells = [
+                sinusoid_cell(row["diverged"][c]) if c in row.get("diverged", {}) else _cell(row["cells"][c], False)
+                for c in summary["columns"]
+            ]
         lines.append("| " + " | ".join([row["name"], *cells, _seconds(row), _memory(row)]) + " |")
     return "\n".join(lines) + f"\n\n{summary['description']}"
+
+
+def moving_median(values, window: int) -> List:
+    """[(iteration, median of the last `window` values up to it), ...] (1-based iterations). A median, not a
+    mean: a few iterations whose inner loop blew up (MAML++'s first-order phase: query MSE up to 1e30) would
+    otherwise flatten every curve of the figure."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    return [(i + 1, float(np.median(v[max(0, i + 1 - window) : i + 1]))) for i in range(v.size)]
 
 
 def plot(job: str, results: Dict[str, Dict], path: Path) -> None:
@@ -235,7 +259,7 @@ def plot(job: str, results: Dict[str, Dict], path: Path) -> None:
         if job == "sinusoid":
             values = [v for v in history["query_loss_after"]]
             window = max(1, min(100, len(values) // 20))
-            points = [(i, v) for i, v in common.moving_average(values, window, first_iteration=1) if math.isfinite(v)]
+            points = [(i, v) for i, v in moving_median(values, window) if math.isfinite(v)]
             if points:
                 axes[0].plot(*zip(*points), label=m["label"])
         else:
@@ -248,7 +272,7 @@ def plot(job: str, results: Dict[str, Dict], path: Path) -> None:
                 axes[1].plot(*zip(*history["val_accuracy"]), marker="o", ms=3, label=m["label"])
     if job == "sinusoid":
         axes[0].set(
-            title="sinusoid: query MSE after adaptation (moving average)",
+            title="sinusoid: query MSE after adaptation (moving median)",
             xlabel="meta-iteration",
             ylabel="MSE",
             yscale="log",

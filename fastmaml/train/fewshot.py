@@ -132,6 +132,13 @@ PRESETS: Dict[str, Dict] = {
         checkpoint_every=25,
     ),
 }
+# torch CPU threads by default (None: torch's choice, one per core). On the 2 cores the demo is sized for, a
+# second thread can at best halve a meta-step of its conv4-32, and when another process holds a core every
+# intra-op parallel region waits for a descheduled thread. Measured on the 2-core CPU with the other
+# core busy (load average 6), one meta-step of the demo's meta-batch: the fused engine 0.29 s with 1 thread
+# against 0.93 s with 2, the autograd loop 0.52 s against 22.9 s, the fused engine on the torch backend
+# 21.8 s with 2 (docs/architecture.md, "Threads on a shared CPU").
+DEFAULT_THREADS = {"fewshot-demo": 1}
 SPLIT_FILES = ("train.csv", "val.csv", "test.csv")  # mini-ImageNet
 DEMO_CLASSES = 600  # glyph classes of the demo dataset
 EVAL_SEED = 0  # validation and test episodes are the same for every run (and every --seed)
@@ -201,9 +208,16 @@ def add_arguments(parser: argparse.ArgumentParser, job: str = "fewshot-demo") ->
     common.add_shared_arguments(
         parser,
         job,
-        {**preset, "context": CAVIA_CONTEXT},
+        {**preset, "context": CAVIA_CONTEXT, "threads": DEFAULT_THREADS.get(job)},
         helps={
             "shots": "support examples per class (K)",
+            "threads": "torch CPU threads while the job runs"
+            + (
+                " (one: on 2 cores a second thread can at best halve a step, and stalls every op while "
+                "another process holds a core)"
+                if job in DEFAULT_THREADS
+                else ""
+            ),
             "context": "context parameters of --method cavia, fed to FiLM on the third conv block (CAVIA: 100)",
             "order": "meta-gradient (see fastmaml.meta_step): second = exact MAML, checkpoint, first = FOMAML, "
             "implicit",
@@ -769,6 +783,8 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
                     ).tolist()
                 job.agree_stop(reduced[-1] > 0)
                 logged = dict(zip(keys, reduced))
+            if state.inner is not None:  # the method's bound on the meta-gradient entries (MAML++: ±10)
+                state.inner.clamp_gradients(p for group in state.optimizer.param_groups for p in group["params"])
             state.optimizer.step()
         if memory is not None:
             state.step_memory = memory.bytes
@@ -788,7 +804,8 @@ def _run(args: argparse.Namespace, cfg: Dict, job: common.Job) -> Dict:
         if is_validation(state.iteration) and all(i != state.iteration for i, _ in state.history["val_accuracy"]):
             validate()  # the checkpoint was written by a run stopped during this validation
         while state.iteration < total and not job.stop_requested:
-            s = train_step()
+            with methods.meta_iteration(state.iteration + 1):
+                s = train_step()
             shown = {"val": state.best["val_accuracy"]} if state.best["iteration"] else {}  # best validation so far
             bar.update(1, loss=s["query_loss_after"], acc=s["accuracy_after"], **shown)
             if is_validation(state.iteration):

@@ -9,9 +9,11 @@ the training jobs' options.
 | anil     | only the head (the last Linear layer) adapts; the body gets its exact meta-gradient (Raghu 2020) |
 | mamlpp   | MAML++ (Antoniou et al. 2019): per-step, per-layer learned rates, `--steps 5`, the multi-step    |
 |          | loss annealed over the first tenth of the job's default iterations (`--msl`), first-order        |
-|          | meta-steps for the first third (`--first-order-until`); few-shot jobs: `--bn per_step`,          |
-|          | `--eval-steps 5`                                                                                 |
-| imaml    | `--order implicit` (Rajeswaran et al. 2019), `--steps 5`, the job's `--implicit-lambda`          |
+|          | meta-steps for the first third (`--first-order-until`), every meta-gradient entry clamped to     |
+|          | ±10 before Adam (as its reference code does); few-shot jobs: `--bn per_step` (evaluation, like   |
+|          | training and the reference code, normalizes with batch statistics), `--eval-steps 5`             |
+| imaml    | `--order implicit` (Rajeswaran et al. 2019), `--steps 5` (sinusoid: 120 at `--inner-lr 0.005`),  |
+|          | and λ such that those proximal steps solve the inner problem: λ = 3 / (inner lr × steps)         |
 | cavia    | context parameters (Zintgraf et al. 2019): the model gets a context vector (`--context`),        |
 |          | concatenated to the input (sinusoid) or through FiLM on the third conv block (few-shot), the     |
 |          | only adapted parameters, from zero in every task; `--inner-lr 1.0`                               |
@@ -27,13 +29,15 @@ optimizer and to the checkpoint.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+import contextlib
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 import fastmaml
 from fastmaml import context as ctx
+from fastmaml.errors import NonFiniteError
 from fastmaml.train.common import UserError, option_name
 
 METHODS = ("maml", "fomaml", "metasgd", "anil", "mamlpp", "imaml", "cavia", "blackbox")
@@ -49,7 +53,26 @@ LABELS = {
 }
 LEARNED_RATES = {"metasgd": "per_parameter", "mamlpp": "per_step_layer"}
 MAMLPP_STEPS = 5
-IMAML_STEPS = 5
+# MAML++'s reference code (HowToTrainYourMAMLPytorch, `meta_update`) clamps every meta-gradient entry to
+# [-10, 10] before its Adam step. Without it, one task whose inner loop diverges (its learned rates too large
+# or negative for that task: loss 1e13 on the sinusoid, in the first-order phase) gives a meta-gradient that
+# fills Adam's second-moment estimates for thousands of iterations, and every parameter, rates included,
+# stops moving there (measured: docs/architecture.md, "MAML++ on the sinusoid").
+MAMLPP_GRAD_CLAMP = 10.0
+# iMAML's meta-gradient (I + H/λ)⁻¹ ∇L_q is the derivative of the *solution* of the proximal inner problem
+# min L_s(φ) + λ/2 ‖φ − θ‖²; K proximal gradient steps at rate α reach it only where they contract: by
+# (1 − αλ)^K ≤ exp(−αλK) in the directions the support loss leaves flat. The paper's Omniglot setting
+# (α 0.1, λ 2, 16 steps) has αλK = 3.2; the preset keeps αλK = IMAML_CONTRACTION. With λ fixed at 1 and
+# 5 steps at the sinusoid's α = 0.01 (αλK = 0.05) the steps stay next to θ, the implicit gradient is that of
+# another function, and meta-training diverged (NonFiniteError at iteration ~1800, θ's own loss rising
+# from 3 to 14 before). The sinusoid needs more steps, not a larger λ: the steps are stable only while
+# α(h + λ) < 2 over the support Hessian's eigenvalues h (5 steps at λ = 64 or 30 at λ = 10 diverged in the
+# forward sweep within 500 iterations). And nothing in iMAML's meta-gradient sees the inner solver, so θ
+# drifts to sharper tasks: at the job's α = 0.01 (60 steps, λ = 5) a task's steps overflowed at iteration
+# 3690, gradient clamping or not. The sinusoid preset halves α (twice the margin) and takes 120 steps; that
+# only delays it (to 6701 of the 10,000 iterations): docs/architecture.md, "iMAML's λ".
+IMAML_SETTINGS = {"sinusoid": {"steps": 120, "inner_lr": 0.005}}  # other jobs: 5 steps at the job's rate
+IMAML_CONTRACTION = 3.0
 CAVIA_INNER_LR = 1.0  # CAVIA's inner rate for the context (Zintgraf et al. 2019, regression and classification)
 # the options of the inner loop: none applies to the black-box learner
 INNER_LOOP_OPTIONS = (
@@ -73,7 +96,7 @@ def preset(method: str, job: str, default_iterations: int) -> Dict:
     if method == "fomaml":
         return {"order": "first"}
     if method == "imaml":
-        return {"order": "implicit", "steps": IMAML_STEPS}
+        return {"order": "implicit", "steps": 5, **IMAML_SETTINGS.get(job, {})}
     if method == "mamlpp":
         out = {
             "steps": MAMLPP_STEPS,
@@ -97,8 +120,15 @@ def apply(cfg: Dict, method: str, job: str, given: Iterable[str], default_iterat
         if key not in given and not (key == "order" and "first_order" in given):
             out[key] = value
     out["method"] = method
+    if method == "imaml" and "implicit_lambda" not in given:
+        out["implicit_lambda"] = imaml_lambda(out["inner_lr"], out["steps"])
     check(out, given, job)
     return out
+
+
+def imaml_lambda(inner_lr: float, steps: int) -> float:
+    """iMAML's λ for `steps` proximal steps at `inner_lr`: αλK = IMAML_CONTRACTION (see IMAML_SETTINGS)."""
+    return IMAML_CONTRACTION / (inner_lr * max(1, steps))
 
 
 def _flag(key: str, cfg: Dict) -> str:
@@ -159,6 +189,16 @@ def check(cfg: Dict, given: Iterable[str], job: str) -> None:
             else "the black-box learner embeds images with conv4"
         )
         raise UserError(f"--method {method} --model {cfg.get('model')}: {what}; use --model conv4")
+
+
+@contextlib.contextmanager
+def meta_iteration(number: int) -> Iterator[None]:
+    """Re-raises a `NonFiniteError` of meta-iteration `number` (1-based) with the number in its message, so
+    that a diverged run (and its row in `fastmaml compare`) says when."""
+    try:
+        yield
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"at meta-iteration {number}: {exc}", where=exc.where, step=exc.step) from exc
 
 
 def head_names(model: nn.Module) -> List[str]:
@@ -257,6 +297,22 @@ class Learner:
             cg_steps=cfg.get("cg_steps", 5),
         )
 
+    @property
+    def grad_clamp(self) -> Optional[float]:
+        """The bound of every meta-gradient entry before the optimizer step (MAML++: 10), or None."""
+        return MAMLPP_GRAD_CLAMP if self.method == "mamlpp" else None
+
+    def clamp_gradients(self, params: Iterable[torch.Tensor]) -> None:
+        """Clamps the `.grad` of `params` (the model's and the learned rates') to ±`grad_clamp`, in place; the
+        jobs call it between the meta-gradient (all-reduced under torchrun) and the optimizer step."""
+        bound = self.grad_clamp
+        if bound is None:
+            return
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p.grad.clamp_(-bound, bound)
+
     def order_at(self, iteration: int) -> str:
         """The meta-gradient order of meta-iteration `iteration` (0-based): first-order before
         `first_order_until`, then the configured order."""
@@ -291,8 +347,16 @@ class Learner:
                 steps=steps,
                 order=order,
                 check_finite=False,
-                **self._common(),
+                **{**self._common(), "batch_norm": self.eval_batch_norm},
             )
+
+    @property
+    def eval_batch_norm(self) -> str:
+        """The BatchNorm mode of evaluation: the training one, but MAML++ (`--bn per_step`) normalizes with
+        the batch statistics of each support and query set, as in its training and as its reference code
+        evaluates (`training=True` in every forward; the per-step running statistics are kept, not used)."""
+        bn = self.cfg.get("bn", "batch")
+        return "batch" if self.method == "mamlpp" and bn == "per_step" else bn
 
     def describe(self) -> str:
         """One line: what the inner loop runs."""
@@ -307,6 +371,8 @@ class Learner:
             extra += f", multi-step loss annealed over {cfg['msl']} iterations"
         if cfg.get("first_order_until"):
             extra += f", first-order before iteration {cfg['first_order_until']}"
+        if self.grad_clamp is not None:
+            extra += f", meta-gradient clamped to ±{self.grad_clamp:g}"
         if cfg["order"] == "implicit":
             extra += f", λ {cfg.get('implicit_lambda', 1.0):g}, {cfg.get('cg_steps', 5)} CG steps"
         return (

@@ -184,12 +184,30 @@ def _step_key(k: int) -> str:
 
 
 def summarize(per_task: Dict[str, list]) -> Dict[str, Dict[str, float]]:
-    """{"after_k": {"mean", "ci95"}} from per-task values (`common.mean_ci95`)."""
+    """{"after_k": {"mean", "ci95", "median", "diverged", "tasks"}} from per-task values (`common.mean_ci95`).
+
+    diverged: the tasks whose query MSE is not finite (their adaptation overflowed); with any, the mean and
+    its interval are not finite either, and the median (a diverged task counted as +inf) says how the others
+    fare."""
     table = {}
     for key, values in per_task.items():
         mean, half = common.mean_ci95(values)
-        table[key] = {"mean": mean, "ci95": half}
+        v = np.asarray(values, dtype=np.float64)
+        finite = np.isfinite(v)
+        median = float(np.median(np.where(finite, v, np.inf)))
+        table[key] = {"mean": mean, "ci95": half, "median": median, "diverged": int((~finite).sum()), "tasks": v.size}
     return table
+
+
+def format_cell(cell: Dict[str, float]) -> str:
+    """ "mean ± ci95", or for a column where some tasks diverged "diverges on n/N tasks (median m)"."""
+    if cell.get("diverged") or not math.isfinite(cell["mean"]):
+        median = cell.get("median")
+        tail = f" (median {median:.3f})" if median is not None and math.isfinite(median) else ""
+        if cell.get("diverged") is None:  # a summary written before the count was kept
+            return f"non-finite (diverges){tail}"
+        return f"diverges on {cell['diverged']}/{cell['tasks']} tasks{tail}"
+    return f"{cell['mean']:.3f} ± {cell['ci95']:.3f}"
 
 
 def format_table(table: Dict[str, Dict[str, Dict[str, float]]], eval_steps: Sequence[int]) -> str:
@@ -198,14 +216,16 @@ def format_table(table: Dict[str, Dict[str, Dict[str, float]]], eval_steps: Sequ
     headers = ["before" if k == 0 else f"after {k} step" + ("s" if k > 1 else "") for k in steps]
     lines = ["model       " + "".join(f"{h:>20s}" for h in headers)]
     for name, row in table.items():
-        cells = "".join(
-            f"{row[_step_key(k)]['mean']:>11.3f} ± {row[_step_key(k)]['ci95']:<6.3f}"
-            if _step_key(k) in row
-            else f"{'n/a':>20s}"
-            for k in steps
-        )
-        lines.append(f"{name:12s}{cells}")
+        lines.append(f"{name:12s}" + "".join(_text_cell(row.get(_step_key(k))) for k in steps))
     return "\n".join(lines)
+
+
+def _text_cell(cell) -> str:
+    if cell is None:
+        return f"{'n/a':>20s}"
+    if cell.get("diverged") or not math.isfinite(cell["mean"]):
+        return f"  {format_cell(cell)}"
+    return f"{cell['mean']:>11.3f} ± {cell['ci95']:<6.3f}"
 
 
 def plot_tasks(
@@ -459,6 +479,12 @@ def _method_step(state: common.TrainingState, batch) -> Dict[str, torch.Tensor]:
     }
 
 
+def _clamp_gradients(state: common.TrainingState) -> None:
+    """The method's bound on the meta-gradient entries (MAML++: ±10), before the optimizer step."""
+    if state.learner is not None:
+        state.learner.clamp_gradients(p for group in state.optimizer.param_groups for p in group["params"])
+
+
 def _timed(state: common.TrainingState, device, step) -> Dict[str, torch.Tensor]:
     """Runs `step()` (gradient and optimizer step of the method). Every step but the first a process runs
     (it warms up: tracing, allocations) adds its time to `state.timing`; the second one's peak memory goes
@@ -492,6 +518,7 @@ def _train_iteration(state: common.TrainingState, args, device) -> None:
     def step():
         state.optimizer.zero_grad(set_to_none=True)
         logged = _method_step(state, batch)
+        _clamp_gradients(state)
         state.optimizer.step()
         return logged
 
@@ -534,6 +561,7 @@ def _train_iteration_ranks(state: common.TrainingState, args, device, job: commo
             values=[logged[k] for k in keys] + [baseline_loss.detach(), job.stop_flag],
         ).tolist()
     job.agree_stop(reduced[-1] > 0)
+    _clamp_gradients(state)  # on the all-reduced meta-gradient, as one process clamps its own
     state.optimizer.step()
     state.baseline_optimizer.step()
     _record(state, dict(zip(keys, reduced)), reduced[-2])
@@ -671,10 +699,11 @@ def _run(args, job: common.Job) -> dict:
     started = time.perf_counter()
     bar = job.progress("sinusoid", args.iterations, initial=start)
     while state.iteration < args.iterations and not job.stop_requested:
-        if job.distributed:
-            _train_iteration_ranks(state, args, device, job)
-        else:
-            _train_iteration(state, args, device)
+        with methods.meta_iteration(state.iteration + 1):
+            if job.distributed:
+                _train_iteration_ranks(state, args, device, job)
+            else:
+                _train_iteration(state, args, device)
         bar.update(
             1,
             loss=float(np.mean(state.history["meta_loss"][-100:])),

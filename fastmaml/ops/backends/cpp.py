@@ -1,5 +1,6 @@
 """The "cpp" backend: C++ CPU (and, in a CUDA build, CUDA) kernels of the step ops and of the whole-inner-loop
-MLP op from `csrc/`, and the C++ CPU kernels of the conv-net block tail (BatchNorm + ReLU + max-pool; CPU only).
+MLP op from `csrc/`, the C++ CPU kernels of the conv-net block tail (BatchNorm + ReLU + max-pool; CPU only) and
+of BatchNorm + leaky ReLU (`batchnorm_act_*`: ResNet-12's BatchNorm + LeakyReLU and plain BatchNorm; CPU only).
 Each registration declares where it runs (devices, dtypes, a `supports` predicate over its arguments); the
 registry runs the reference wherever a kernel does not apply.
 
@@ -125,6 +126,92 @@ def bn_relu_maxpool_tangent_bwd(
     for out, value in ((gw_out, gw), (gwd_out, gwd), (gb_out, gb), (gbd_out, gbd)):
         if out is not None:
             out.copy_(value)
+    return (gx, gxd) if need_x else (None, None)
+
+
+def _bn_act_takes(x, tensors, slope) -> Optional[str]:
+    """What the BatchNorm + activation kernels take besides the dtype: activations `[T, N, C, S]` with values
+    in every (task, channel), slope >= 0 (z keeps y's sign), no input that records a graph."""
+    if x.dim() != 4:
+        return f"activations of shape {tuple(x.shape)}, not [T, N, C, S]"
+    if x.shape[1] * x.shape[3] == 0 and x.shape[0] * x.shape[2] > 0:
+        return "no values per task and channel"
+    if not 0.0 <= slope < float("inf"):
+        return f"slope {slope}"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors)):
+        return "inputs that require grad (the kernels have no autograd formula)"
+    return None
+
+
+_BN_ACT = dict(devices=("cpu",), dtypes=KERNEL_DTYPES, limits="float32/float64 [T, N, C, S], slope >= 0")
+
+
+def _write(outs_and_values) -> None:
+    for out, value in outs_and_values:
+        if out is not None:
+            out.copy_(value)
+
+
+@register(
+    "batchnorm_act_train_fwd", "cpp", supports=lambda x, w, b, eps, slope: _bn_act_takes(x, (w, b), slope), **_BN_ACT
+)
+def batchnorm_act_train_fwd(x, w, b, eps: float, slope: float):
+    """BatchNorm (batch statistics) + leaky ReLU, one read of x for the statistics and one pass for z, as the
+    reference in ops/reference/batchnorm.py."""
+    return torch.ops.fastmaml.bn_act_fwd(
+        x, per_task_channels(w, "w", x, 1.0), per_task_channels(b, "b", x, 0.0), eps, slope
+    )
+
+
+@register(
+    "batchnorm_act_train_bwd",
+    "cpp",
+    supports=lambda gz, z, x, mean, r, w, eps, slope, *rest: _bn_act_takes(x, (gz, z, w), slope),
+    **_BN_ACT,
+)
+def batchnorm_act_train_bwd(gz, z, x, mean, r, w, eps: float, slope: float, need_x: bool, gw_out, gb_out):
+    """Backward of `batchnorm_act_train_fwd` in two passes (one without gx), as the reference in
+    ops/reference/batchnorm.py."""
+    gx, gw, gb = torch.ops.fastmaml.bn_act_bwd(gz, z, x, mean, r, per_task_channels(w, "w", x, 1.0), slope, need_x)
+    _write(((gw_out, gw), (gb_out, gb)))
+    return gx if need_x else None
+
+
+@register(
+    "batchnorm_act_value_tangent_fwd",
+    "cpp",
+    supports=lambda x, xd, w, b, wd, bd, eps, slope: _bn_act_takes(x, (xd, w, b, wd, bd), slope),
+    **_BN_ACT,
+)
+def batchnorm_act_value_tangent_fwd(x, xd, w, b, wd, bd, eps: float, slope: float):
+    """The forward (bit for bit `batchnorm_act_train_fwd`'s) and its tangent in two passes, as the reference in
+    ops/reference/batchnorm.py."""
+    w, b = per_task_channels(w, "w", x, 1.0), per_task_channels(b, "b", x, 0.0)
+    if xd is None and wd is None and bd is None:
+        z, mean, r = torch.ops.fastmaml.bn_act_fwd(x, w, b, eps, slope)
+        zeros = x.new_zeros(mean.shape)
+        return z, None, mean, r, zeros, zeros
+    wd, bd = per_task_channels(wd, "wd", x, 0.0), per_task_channels(bd, "bd", x, 0.0)
+    return torch.ops.fastmaml.bn_act_tangent_fwd(x, xd, w, b, wd, bd, eps, slope)
+
+
+@register(
+    "batchnorm_act_tangent_bwd",
+    "cpp",
+    supports=lambda gz, gzd, z, x, xd, mean, r, a, dmean, w, wd, slope, *rest: _bn_act_takes(
+        x, (gz, gzd, z, xd, w, wd), slope
+    ),
+    **_BN_ACT,
+)
+def batchnorm_act_tangent_bwd(
+    gz, gzd, z, x, xd, mean, r, a, dmean, w, wd, slope: float, need_x: bool, gw_out, gwd_out, gb_out, gbd_out
+):
+    """The backward and its tangent in two passes (one without gx), as the reference in ops/reference/batchnorm.py."""
+    w, wd = per_task_channels(w, "w", x, 1.0), per_task_channels(wd, "wd", x, 0.0)
+    gx, gxd, gw, gwd, gb, gbd = torch.ops.fastmaml.bn_act_tangent_bwd(
+        gz, gzd, z, x, xd, mean, r, a, dmean, w, wd, slope, need_x
+    )
+    _write(((gw_out, gw), (gwd_out, gwd), (gb_out, gb), (gbd_out, gbd)))
     return (gx, gxd) if need_x else (None, None)
 
 

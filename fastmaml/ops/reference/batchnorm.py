@@ -102,7 +102,10 @@ def batchnorm_train_bwd(
     # without affine weights, unit ones: CUDA's kernel sizes gw like the weight (and fails on None)
     ones = x.new_ones(x.shape[2]) if w is None else None
     for t in range(x.shape[0]):
-        args = (gy[t], x[t], ones if w is None else _task(w, t), None, None, mean[t], r[t], True, eps, mask)
+        # (a weight row with a stride, e.g. a view w[:, ::2], made PyTorch 2.13's CPU kernel return a wrong gx
+        # for S = 1: contiguous rows)
+        wt = ones if w is None else _task(w, t).contiguous()
+        args = (gy[t], x[t], wt, None, None, mean[t], r[t], True, eps, mask)
         if all(mask):  # outputs written in place (aten's out= needs all three)
             torch.ops.aten.native_batch_norm_backward.out(*args, out0=gx[t], out1=gw_out[t], out2=gb_out[t])
             continue
@@ -304,6 +307,129 @@ def batchnorm_relu_tangent_bwd(
         w,
         wd,
         batch_stats,
+        need_x,
+        gw_out,
+        gwd_out,
+        gb_out,
+        gbd_out,
+    )
+
+
+# ---------------------------------------------------------------- batch norm followed by a leaky ReLU
+# z = act(y) with y the batch-statistics BatchNorm output above and act(y) = y > 0 ? y : slope·y; slope 1 is
+# no activation (plain BatchNorm: z = y, never read as a mask), slope 0 is ReLU. For slope >= 0, z keeps
+# y's sign, so k = [z > 0] + slope·[z <= 0] is act's derivative: gy = k gz, ż = k ẏ and (its second
+# derivative being 0) ġy = k ġz. The tangent ops keep x and ẋ with per-channel statistics (mean, r,
+# a = mean(x̂ ẋ), mean(ẋ), each `[T, C]`) and recompute x̂ and x̂̇ in the backward, instead of keeping
+# full-size x̂ and x̂̇: what the C++ kernels (csrc/bn_act.cpp) do in one pass per plane. The forward of the
+# value-and-tangent op is `batchnorm_act_train_fwd`'s, bit for bit (see `batchnorm_fwd`).
+
+
+def _leaky(y: Tensor, slope: float, own: bool) -> Tensor:
+    """act(y) (y itself for slope 1); in place when `own` (y is a temporary) and no graph is recorded."""
+    if slope == 1.0:
+        return y
+    if own and not torch.is_grad_enabled():
+        return torch.nn.functional.leaky_relu_(y, slope)
+    return torch.nn.functional.leaky_relu(y, slope)
+
+
+def _leaky_mask(g: Opt, z: Opt, slope: float) -> Opt:
+    """k g, k = [z > 0] + slope·[z <= 0] (PyTorch's leaky ReLU backward on its output); None stays None."""
+    if g is None or slope == 1.0:
+        return g
+    return torch.ops.aten.leaky_relu_backward(g, z, slope, True)
+
+
+def _col(v: Tensor) -> Tensor:
+    """`[T, C]` -> `[T, 1, C, 1]`."""
+    return v[:, None, :, None]
+
+
+@register("batchnorm_act_train_fwd", "torch")
+def batchnorm_act_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float, slope: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """x `[T, N, C, S]` -> (z `[T, N, C, S]`, mean `[T, C]`, r `[T, C]`), batch statistics, slope >= 0; the
+    backward needs x (and z unless slope is 1)."""
+    y, mean, r = batchnorm_train_fwd(x, w, b, eps)
+    return _leaky(y, slope, True), mean, r
+
+
+@register("batchnorm_act_train_bwd", "torch")
+def batchnorm_act_train_bwd(
+    gz: Tensor,
+    z: Opt,
+    x: Tensor,
+    mean: Tensor,
+    r: Tensor,
+    w: Opt,
+    eps: float,
+    slope: float,
+    need_x: bool,
+    gw_out: Opt,
+    gb_out: Opt,
+) -> Opt:
+    """Backward of `batchnorm_act_train_fwd` (z may be None for slope 1): writes gw, gb `[T, C]` into the
+    given outputs, returns gx `[T, N, C, S]` if `need_x`."""
+    return batchnorm_train_bwd(_leaky_mask(gz, z, slope), x, mean, r, w, eps, need_x, gw_out, gb_out)
+
+
+@register("batchnorm_act_value_tangent_fwd", "torch")
+def batchnorm_act_value_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd: Opt, eps: float, slope: float):
+    """(z, ż, mean, r, a, mean(ẋ)): the forward of `batchnorm_act_train_fwd` (bit for bit) and its tangent
+    ż = k ẏ along (ẋ, ẇ, ḃ) (None: zero; ż None when all three are), ẏ as `batchnorm_tangent_fwd`;
+    per-channel values `[T, C]` (a = mean(x̂ ẋ) and mean(ẋ) zero without ẋ)."""
+    y, mean, r = batchnorm_train_fwd(x, w, b, eps)
+    zeros = x.new_zeros(mean.shape)
+    if xd is None and wd is None and bd is None:
+        return _leaky(y, slope, True), None, mean, r, zeros, zeros
+    xhat = (x - _col(mean)).mul_(_col(r))
+    yd, _, a = batchnorm_tangent_fwd(xd, xhat, _col(r), w, wd, bd, True)
+    z = _leaky(y, slope, True)
+    return (
+        z,
+        _leaky_mask(yd, z, slope),
+        mean,
+        r,
+        zeros if a is None else a.view(mean.shape),
+        zeros if xd is None else xd.mean(_RED),
+    )
+
+
+@register("batchnorm_act_tangent_bwd", "torch")
+def batchnorm_act_tangent_bwd(
+    gz: Tensor,
+    gzd: Tensor,
+    z: Opt,
+    x: Tensor,
+    xd: Opt,
+    mean: Tensor,
+    r: Tensor,
+    a: Tensor,
+    dmean: Tensor,
+    w: Opt,
+    wd: Opt,
+    slope: float,
+    need_x: bool,
+    gw_out: Opt,
+    gwd_out: Opt,
+    gb_out: Opt,
+    gbd_out: Opt,
+) -> Tuple[Opt, Opt]:
+    """Backward of `batchnorm_act_value_tangent_fwd` and its tangent (`batchnorm_tangent_bwd` of gy = k gz,
+    ġy = k ġz, with x̂ and x̂̇ recomputed from x, ẋ and the statistics): writes gw, ġw, gb, ġb `[T, C]` into
+    the given outputs; returns (gx, ġx) `[T, N, C, S]` if `need_x`, else (None, None)."""
+    xhat = (x - _col(mean)).mul_(_col(r))
+    xhd = None if xd is None else (xd - _col(dmean)).addcmul_(xhat, _col(a), value=-1.0).mul_(_col(r))
+    return batchnorm_tangent_bwd(
+        _leaky_mask(gz, z, slope),
+        _leaky_mask(gzd, z, slope),
+        xhat,
+        xhd,
+        None if xd is None else _col(a),
+        _col(r),
+        w,
+        wd,
+        True,
         need_x,
         gw_out,
         gwd_out,

@@ -9,6 +9,10 @@ tasks at once. Values flow as `[T, N, *features]`. Per call the program binds:
   the flat `[T, P]` buffers), or None when not needed.
 `need_x` says whether the gradient w.r.t. the input is needed. A tangent `xd` of None is zero.
 
+A rule whose primal work is costly (`reuses_primal`: convolutions) also takes what the step's `loss_grad`
+already computed at the same point: `tangent_forward(..., y=)` its output, `tangent_backward(..., gx=)` the
+gradient it sent to its input; the program passes them when the activation tape has them.
+
 Most rules read one value (`Rule`); joins read several (`JoinRule`: residual adds, concatenation). A
 rule keeps no reference to the model: what it needs from a module (eps, slopes, geometry) is copied
 when it is built, and the program cache keys on those attributes (programs/select.py).
@@ -30,6 +34,7 @@ class Rule:
 
     param_names: Tuple[str, ...] = ()
     arity = 1
+    reuses_primal = False  # tangent_forward takes `y=`, tangent_backward `gx=` (see the module docstring)
 
     def __init__(self, name: str, kind: str):
         self.name = name or "<model>"

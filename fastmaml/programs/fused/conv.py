@@ -2,7 +2,10 @@
 
 Per-task weights `[T, O, C, kh, kw]` make every task a different convolution. Strategies:
 - "loop": one convolution per task (x[t] `[N, C, H, W]` with w[t]);
-- "grouped": tasks folded into channels, `[N, T·C, H, W]` with groups=T (one call, two transposes).
+- "grouped": tasks folded into channels, `[N, T·C, H, W]` with groups=T (one call, two transposes);
+- "triton": the Triton implicit-GEMM kernels with per-task weights (kernels/conv.py through
+  fastmaml/ops/backends/triton_conv.py; CUDA, or the CPU under TRITON_INTERPRET=1 for tests): one launch
+  per pass, the tangent passes (value and tangent together) too. Never chosen by "auto" (unmeasured).
 A common weight `[O, C, kh, kw]` (step 0, or a shared layer) is one convolution over `[T·N, C, H, W]`.
 `STRATEGY` holds the choice per device type ("auto": by size, see `choose`); `ConvRule.strategy`
 overrides it per layer. The choice and its threshold come from `benchmarks/conv_batching.py` (grouped
@@ -23,7 +26,7 @@ from .base import Rule
 
 aten = torch.ops.aten
 
-STRATEGIES = ("loop", "grouped", "auto")
+STRATEGIES = ("loop", "grouped", "triton", "auto")
 STRATEGY = {"cpu": "auto", "cuda": "grouped"}
 GROUPED_MAX_POSITIONS = 256  # "auto": grouped when a task's N·H·W is at most this, else the loop
 
@@ -58,9 +61,25 @@ class Geometry:
         return any(d * (k - 1) % 2 for d, k in zip(_pair(dilation), _pair(kernel_size)))
 
 
+def _triton():
+    """The "triton" strategy's passes (fastmaml/ops/backends/triton_conv.py; triton imported at first use)."""
+    from ...ops.backends import triton_conv
+
+    return triton_conv
+
+
+def _graph(*tensors) -> bool:
+    """Whether autograd records a call on `tensors` (the Triton kernels have no autograd formula)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def conv_forward(x, w, b, g: Geometry, strategy: str):
     """x `[T, N, C, H, W]`, w `[T, O, C, kh, kw]`|`[O, C, kh, kw]`, b `[T, O]`|`[O]`|None
     -> `[T, N, O, H', W']`."""
+    if strategy == "triton":
+        if not _graph(x, w, b):
+            return _triton().conv_forward(x, w, b, g.stride, g.padding, g.dilation)
+        strategy = "grouped"  # differentiable (AdaptedModel): PyTorch's convolution
     T, N = x.shape[:2]
     if w.dim() == 4:
         common_b = b if b is None or b.dim() == 1 else None
@@ -106,6 +125,8 @@ def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb
     need_w, need_b = gw_out is not None, gb_out is not None
     if not (need_x or need_w or need_b):
         return None
+    if strategy == "triton":
+        return _triton().conv_backward(gy, x, w, g.stride, g.padding, g.dilation, need_x, gw_out, gb_out, accumulate)
     if need_b and (strategy != "loop" or (w.dim() == 4 and not need_w)):
         torch.sum(gy, (1, 3, 4), out=gb_out)
         need_b = False
@@ -173,8 +194,25 @@ def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb
     return gx.view(N, T, C, *gx.shape[2:]).transpose(0, 1).contiguous()
 
 
+def triton_value_tangent(x, xd, w, b, wd, bd, g: Geometry, y=None):
+    """Strategy "triton", R-op forward: (y, ẏ = conv(ẋ, w) + conv(x, ẇ) + ḃ), both from one launch that
+    shares the tile loads (only ẏ when y is given)."""
+    if y is None:
+        return _triton().conv_value_tangent(x, xd, w, b, wd, bd, g.stride, g.padding, g.dilation)
+    return y, _triton().conv_value_tangent(x, xd, w, b, wd, bd, g.stride, g.padding, g.dilation, value=False)[1]
+
+
+def triton_tangent_backward(gy, gyd, x, xd, w, wd, g: Geometry, need_x, outs, touts, gx=None):
+    """Strategy "triton", R-op backward: gw, gb, ġw, ġb in one launch, (gx, ġx) in another (only ġx when gx
+    is given)."""
+    return _triton().conv_tangent_backward(
+        gy, gyd, x, xd, w, wd, g.stride, g.padding, g.dilation, need_x, outs, touts, gx=gx
+    )
+
+
 class ConvRule(Rule):
     param_names = ("weight", "bias")
+    reuses_primal = True
 
     def __init__(self, name: str, kind: str, geometry: Geometry, in_channels: int):
         super().__init__(name, kind)
@@ -201,12 +239,16 @@ class ConvRule(Rule):
     def backward(self, ops, gy, x, p, need_x, outs):
         return conv_backward(gy.contiguous(), x, p[0], self.geometry, self._strategy(x), need_x, outs[0], outs[1])
 
-    def tangent_forward(self, ops, x, xd, p, v):
+    def tangent_forward(self, ops, x, xd, p, v, y=None):
+        """y: the output at this point when already known (the activation tape), else computed."""
         x = self._check(x)
         w, b = p
         wd, bd = v
         s = self._strategy(x)
-        y = conv_forward(x, w, b, self.geometry, s)
+        if s == "triton":
+            return (*triton_value_tangent(x, xd, w, b, wd, bd, self.geometry, y), (x, xd))
+        if y is None:
+            y = conv_forward(x, w, b, self.geometry, s)
         if xd is not None and wd is not None:
             wt = w if w.dim() == 5 else w.expand_as(wd)
             yd = conv_forward(torch.cat([xd, x], 2), torch.cat([wt, wd], 2), bd, self.geometry, s)
@@ -218,13 +260,19 @@ class ConvRule(Rule):
             yd = None if bd is None else bd[:, None, :, None, None].expand_as(y)
         return y, yd, (x, xd)
 
-    def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
+    def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts, gx=None):
+        """gx: ∂x(gy, w) when already known (the activation tape), else computed with the weight gradient."""
         x, xd = saved
         w, wd = p[0], v[0]
         s = self._strategy(x)
         g = self.geometry
         gy, gyd = gy.contiguous(), gyd.contiguous()
-        gx = conv_backward(gy, x, w, g, s, need_x, outs[0], outs[1])
+        if s == "triton":
+            return triton_tangent_backward(gy, gyd, x, xd, w, wd, g, need_x, outs, touts, gx)
+        if gx is None or not need_x:
+            gx = conv_backward(gy, x, w, g, s, need_x, outs[0], outs[1])
+        else:
+            conv_backward(gy, x, w, g, s, False, outs[0], outs[1])
         gxd = conv_backward(gyd, x, w, g, s, need_x, touts[0], touts[1])
         if xd is not None or (wd is not None and need_x):
             # ∂x(gy, ẇ) and ∂w(ẋ, gy) in one call; a missing operand only gives its shape

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .norm import BatchNormRule
+from .norm import BatchNormRule, fused_batch_norm
 from .pointwise import LeakyReLURule, ReLURule
 from .pooling import MaxPool2dRule
 
@@ -163,9 +163,13 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
 
 class BatchNormLeakyReLURule(BatchNormRule):
     """z = leaky_relu(BatchNorm(x), slope) as one rule (ResNet-12's block): BatchNorm's own output is not
-    kept. The rule composes the BatchNorm ops with the slope in place: z keeps y's sign (slope > 0), so
-    [z > 0] gives the mask, gy = gz · (1 or slope), ż = ẏ · (1 or slope) and, the second derivative
-    being 0, ġy = ġz · (1 or slope)."""
+    kept. z keeps y's sign (slope > 0), so [z > 0] gives the mask: gy = gz · (1 or slope), ż = ẏ · (1 or
+    slope) and, the second derivative being 0, ġy = ġz · (1 or slope).
+
+    On batch statistics, where the op table has kernels for them, each pass is one fused op
+    (`batchnorm_act_*` with the slope, BatchNormRule's `_act_*` passes: the C++ CPU kernels of
+    csrc/bn_act.cpp); elsewhere, and with fixed statistics, the rule composes the BatchNorm ops with the
+    slope applied in place."""
 
     def __init__(self, norm: BatchNormRule, act: LeakyReLURule):
         super().__init__(f"{norm.name}+{act.name}", f"{norm.kind}+{act.kind}", norm.eps, norm.num_features, norm.index)
@@ -182,6 +186,8 @@ class BatchNormLeakyReLURule(BatchNormRule):
     def forward(self, ops, x, p, save):
         w, b, mean, var = self._split(p)
         x4 = self.as_channels(x)
+        if mean is None and fused_batch_norm(ops):
+            return self._act_forward(ops, x, x4, w, b, save)
         if mean is None:  # batch statistics: the backward needs x
             y, mu, r = ops.batchnorm_train_fwd(x4, w, b, self.eps)
             z = self._act(y, True)
@@ -191,6 +197,8 @@ class BatchNormLeakyReLURule(BatchNormRule):
         return z.view(x.shape), (z, xhat, r, x.shape) if save else None
 
     def backward(self, ops, gy, saved, p, need_x, outs):
+        if self._fused_saved(saved):
+            return self._act_backward(ops, gy, saved, p, need_x, outs)
         if len(saved) == 5:
             z, x4, mu, r, shape = saved
             gx = ops.batchnorm_train_bwd(
@@ -206,6 +214,8 @@ class BatchNormLeakyReLURule(BatchNormRule):
     def tangent_forward(self, ops, x, xd, p, v):
         w, b, mean, var = self._split(p)
         x4 = self.as_channels(x)
+        if mean is None and fused_batch_norm(ops):
+            return self._act_tangent_forward(ops, x, x4, xd, w, b, v)
         y, xhat, r = ops.batchnorm_fwd(x4, w, b, self.eps, mean, var)
         xd4 = None if xd is None else xd.reshape(x4.shape)
         yd, xhd, a = ops.batchnorm_tangent_fwd(xd4, xhat, r, w, v[0], v[1], mean is None)
@@ -218,6 +228,8 @@ class BatchNormLeakyReLURule(BatchNormRule):
         )
 
     def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
+        if self._fused_saved(saved):
+            return self._act_tangent_backward(ops, gy, gyd, saved, p, v, need_x, outs, touts)
         z, xhat, xhd, a, r, shape, batch = saved
         gy, gyd = self._mask(gy.reshape(xhat.shape), z), self._mask(gyd.reshape(xhat.shape), z)
         gx, gxd = ops.batchnorm_tangent_bwd(

@@ -9,7 +9,13 @@ is H u. A value read by several nodes gets the sum of their gradients (and tange
 several nodes (tied) gets the sum of their weight gradients. Only nodes downstream of a parameter that
 needs a gradient run backward; tangents are None (zero) until the first adapted parameter. A value is
 dropped once its last reader has run, a node's saved tensors once its backward has. Tasks run in chunks
-sized by their activations (`_chunked`). `forward` uses the same rules with differentiable reference ops
+sized by their activations (`_chunked`).
+
+The activation tape: `loss_grad(activations=d)` keeps in d, for every rule that `reuses_primal` (the
+convolutions), its output `[T, N, ...]` and the gradient it sent to its input; `hvp(activations=d)` at the
+same point passes them to the rules instead of recomputing them (a convolution's tangent sweeps then cost
+4 convolutions instead of 6). An `hvp` given an empty d fills it, for later HVPs at the same point (the
+implicit order's conjugate-gradient iterations). `forward` uses the same rules with differentiable reference ops
 (for `adapt`).
 
 Every method takes the op table of the call (`ops`: `fastmaml.ops.resolve(backend, device)`); the program
@@ -74,6 +80,8 @@ class FusedProgram(Program):
                         self.extra.append((i, k, ref))
                     first.add(key)
         self._task_bytes: Dict[tuple, int] = {}
+        self.taped = frozenset(i for i, n in enumerate(self.nodes) if n.rule.reuses_primal)
+        self.keeps_activations = bool(self.taped)
 
     def describe(self) -> List[str]:
         """One line per node: `out <- rule(inputs)`."""
@@ -167,10 +175,11 @@ class FusedProgram(Program):
             run(slice(start, min(T, start + size)))
 
     # ------------------------------------------------------------------ sweeps
-    def _forward(self, ops, x, params, active, tangents=None, dirs=None, watch=None):
+    def _forward(self, ops, x, params, active, tangents=None, dirs=None, watch=None, known=None):
         """Forward sweep from x; with `tangents` (a list, filled per value), the tangent sweep too; `watch`
-        {value id: None} gets those values. Returns (output, its tangent, saved per node, host arguments
-        per node, activation bytes)."""
+        {value id: None} gets those values; `known` {node: output} gives outputs not to recompute (the
+        activation tape; a node absent from it computes its own). Returns (output, its tangent, saved per
+        node, host arguments per node, activation bytes)."""
         nodes, readers, out_v = self.nodes, self.readers, self.graph.output
         env: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
         env[0] = x
@@ -183,11 +192,15 @@ class FusedProgram(Program):
             p = params[i] if node.host is None else (node.host(env),)
             hosts[i] = p
             xs = env[node.inputs[0]] if rule.arity == 1 else [env[v] for v in node.inputs]
+            y = None if known is None else known.get(i)
             if tangents is not None and active[i]:
                 xds = tangents[node.inputs[0]] if rule.arity == 1 else [tangents[v] for v in node.inputs]
-                y, yd, saved[i] = rule.tangent_forward(ops, xs, xds, p, dirs[i])
+                if y is None:
+                    y, yd, saved[i] = rule.tangent_forward(ops, xs, xds, p, dirs[i])
+                else:
+                    y, yd, saved[i] = rule.tangent_forward(ops, xs, xds, p, dirs[i], y=y)
                 tangents[node.output] = yd
-            else:
+            elif y is None or active[i]:
                 y, saved[i] = rule.forward(ops, xs, p, active[i])
             env[node.output] = y
             if watch is not None and node.output in watch:
@@ -207,7 +220,7 @@ class FusedProgram(Program):
         if g is not None:
             slots[v] = g if slots[v] is None else slots[v] + g
 
-    def loss_grad(self, ops, phi, shared, x, y, *, shared_grad=False, bn_stats=None) -> LossGrad:
+    def loss_grad(self, ops, phi, shared, x, y, *, shared_grad=False, bn_stats=None, activations=None) -> LossGrad:
         T = x.shape[0]
         plan = self.plans[bool(shared_grad)]
         loss = phi.new_empty(T)
@@ -217,7 +230,9 @@ class FusedProgram(Program):
 
         def run(sl):
             params = self._params(self._rows(phi, sl), shared, bn_stats)
-            out, _, saved, hosts, nbytes = self._forward(ops, x[sl], params, plan.active)
+            watch = self._watch(activations is not None)
+            out, _, saved, hosts, nbytes = self._forward(ops, x[sl], params, plan.active, watch=watch)
+            self._keep_outputs(activations, watch, sl, T)
             loss[sl], g, _ = self.loss_rule.grad(ops, out, y[sl])
             self._store(result, "output", out, sl, T)
             outs, pending = self._outs({"a": grad[sl], "s": self._rows(grad_s, sl)})
@@ -230,7 +245,10 @@ class FusedProgram(Program):
                 gy, grads[node.output] = grads[node.output], None
                 p = params[i] if node.host is None else hosts[i]
                 if node.rule.arity == 1:
-                    self._add(grads, node.inputs[0], node.rule.backward(ops, gy, saved[i], p, plan.need[i][0], outs[i]))
+                    gx = node.rule.backward(ops, gy, saved[i], p, plan.need[i][0], outs[i])
+                    if activations is not None and i in self.taped and gx is not None:
+                        self._store(activations, ("gx", i), gx, sl, T)
+                    self._add(grads, node.inputs[0], gx)
                 else:
                     for v, gx in zip(node.inputs, node.rule.backward(ops, gy, saved[i], p, plan.need[i], outs[i])):
                         self._add(grads, v, gx)
@@ -243,7 +261,9 @@ class FusedProgram(Program):
             self._chunked("loss_grad", x, run)
         return LossGrad(loss, grad, grad_s, result["output"])
 
-    def hvp(self, ops, phi, shared, x, y, u, *, shared_grad=False, need_grad=True, bn_stats=None) -> HVP:
+    def hvp(
+        self, ops, phi, shared, x, y, u, *, shared_grad=False, need_grad=True, bn_stats=None, activations=None
+    ) -> HVP:
         T = x.shape[0]
         plan = self.plans[bool(shared_grad)]
         Pa, Ps = self.layout.adapted.size, self.layout.shared.size
@@ -251,12 +271,18 @@ class FusedProgram(Program):
         hu = phi.new_empty(T, Pa)
         grad_s = phi.new_empty(T, Ps) if shared_grad and need_grad else None
         hu_s = phi.new_empty(T, Ps) if shared_grad else None
+        record = activations is not None and not activations  # an empty tape: filled by this HVP
 
         def run(sl):
             params = self._params(self._rows(phi, sl), shared, bn_stats)
             dirs = self._dirs(u[sl])
             tangents: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
-            out, outd, saved, hosts, nbytes = self._forward(ops, x[sl], params, plan.active, tangents, dirs)
+            known, known_gx = self._known(None if record else activations, sl)
+            watch = self._watch(record)
+            out, outd, saved, hosts, nbytes = self._forward(
+                ops, x[sl], params, plan.active, tangents, dirs, watch=watch, known=known
+            )
+            self._keep_outputs(activations if record else None, watch, sl, T)
             _, g, ls = self.loss_rule.grad(ops, out, y[sl])
             gd = self.loss_rule.grad_tangent(ops, ls, outd) if outd is not None else torch.zeros_like(g)
             outs, pending = self._outs({"a": self._rows(grad, sl), "s": self._rows(grad_s, sl)})
@@ -272,9 +298,13 @@ class FusedProgram(Program):
                 gyd, tgrads[node.output] = tgrads[node.output], None
                 p = params[i] if node.host is None else hosts[i]
                 if node.rule.arity == 1:
-                    gx, gxd = node.rule.tangent_backward(
-                        ops, gy, gyd, saved[i], p, dirs[i], plan.need[i][0], outs[i], touts[i]
-                    )
+                    args = (ops, gy, gyd, saved[i], p, dirs[i], plan.need[i][0], outs[i], touts[i])
+                    if i in known_gx:
+                        gx, gxd = node.rule.tangent_backward(*args, gx=known_gx[i])
+                    else:
+                        gx, gxd = node.rule.tangent_backward(*args)
+                        if record and i in self.taped and gx is not None:
+                            self._store(activations, ("gx", i), gx, sl, T)
                     self._add(grads, node.inputs[0], gx)
                     self._add(tgrads, node.inputs[0], gxd)
                 else:
@@ -293,8 +323,28 @@ class FusedProgram(Program):
             self._chunked("hvp", x, run)
         return HVP(grad, hu, hu_s)
 
+    def _watch(self, keep: bool) -> Optional[dict]:
+        """The `_forward` watch list of the taped nodes' outputs (None: nothing to keep)."""
+        return {self.nodes[i].output: None for i in self.taped} if keep and self.taped else None
+
+    def _keep_outputs(self, activations: Optional[dict], watch: Optional[dict], sl: slice, T: int) -> None:
+        """Writes the watched outputs of tasks `sl` into the activation tape (when there is one)."""
+        if activations is None or watch is None:
+            return
+        for i in self.taped:
+            self._store(activations, ("y", i), watch[self.nodes[i].output], sl, T)
+
+    def _known(self, activations: Optional[dict], sl: slice) -> Tuple[dict, dict]:
+        """From an activation tape, tasks `sl` of each taped node's output and input gradient:
+        ({node: y}, {node: gx})."""
+        if not activations:
+            return {}, {}
+        known = {i: activations[("y", i)][sl] for i in self.taped if ("y", i) in activations}
+        known_gx = {i: activations[("gx", i)][sl] for i in self.taped if ("gx", i) in activations}
+        return known, known_gx
+
     @staticmethod
-    def _store(result: dict, name: str, value, sl: slice, T: int) -> None:
+    def _store(result: dict, name, value, sl: slice, T: int) -> None:
         """Writes a chunk `[Tc, ...]` into result[name] `[T, ...]` (allocated at the first chunk)."""
         if sl.start == 0 and sl.stop == T:
             result[name] = value

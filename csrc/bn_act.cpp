@@ -1,0 +1,271 @@
+// C++ CPU kernels of BatchNorm on batch statistics followed by an optional leaky ReLU, fused: ResNet-12's
+// BatchNorm + LeakyReLU(0.1) and plain BatchNorm (slope 1), forward, backward, and both with tangents.
+//
+// x [T, N, C, S] (S spatial positions, 1 for BatchNorm1d); statistics per task and channel ("plane": the
+// m = N*S values of one (t, c)), biased variance: xhat = (x - mean) r, r = 1/sqrt(var + eps),
+// y = xhat w + b, z = y > 0 ? y : slope * y (in x's type, as leaky_relu computes it). slope 1: z = y (no
+// activation; z is never read), slope 0: ReLU. The activation's derivative is k = 1 where z > 0, else slope
+// (z keeps y's sign for slope >= 0), so gy = k gz, zd = k yd and, its second derivative being 0, gyd = k gzd.
+// w, b, wd, bd are per task [T, C] (the Python side expands common and absent ones).
+//
+//   bn_act_fwd(x, w, b, eps, slope) -> (z [T,N,C,S], mean [T,C], invstd [T,C])
+//   bn_act_bwd(gz, z?, x, mean, invstd, w, slope, need_x) -> (gx or [0] when !need_x, gw [T,C], gb [T,C])
+//     gb = sum gy, gw = sum gy xhat, gx = w r (gy - gb/m - xhat gw/m)
+//   bn_act_tangent_fwd(x, xd?, w, b, wd, bd, eps, slope) -> (z, zd, mean, invstd, a, dmean)
+//     a = mean(xhat xd), dmean = mean(xd) (both 0 without xd), xhat' = r (xd - dmean - xhat a),
+//     yd = xhat' w + xhat wd + bd, zd = k yd
+//   bn_act_tangent_bwd(gz, gzd, z?, x, xd?, mean, invstd, a, dmean, w, wd, slope, need_x)
+//     -> (gx, gxd ([0] when !need_x), gw, gwd, gb, gbd [T,C]): batchnorm_tangent_bwd of gy = k gz, gyd = k gzd
+//     (fastmaml/ops/reference/batchnorm.py), xhat and xhat' recomputed from x, xd and the statistics.
+//
+// Passes over a plane (one at::parallel_for item per plane; every reduction in a fixed order, so results do
+// not depend on the number of threads): the forwards read x (and xd) once for all their sums and once more
+// to write z (and zd); the backwards read their inputs once for the sums and, when gx is asked for, once
+// more to write gx (and gxd). Nothing full-size is written but the outputs.
+//
+// Precision: sums accumulate in double, in 8 interleaved partial sums (they vectorize without -ffast-math),
+// the float64 statistics Kahan-compensated as well; the elementwise arithmetic runs in double too, but for
+// the activation's mask, applied in the values' type as PyTorch's leaky_relu_backward applies it. The
+// statistics are one pass of shifted sums, sum (x - K) and sum (x - K)^2 with K the mean of the plane's
+// first 32 values, so var = E(x-K)^2 - (E(x-K))^2 loses only a few bits to cancellation (K lies among the
+// values). The value-and-tangent forward recomputes a step's forward in the Hessian-vector product pass and
+// must round exactly as the forward did (a ReLU decision at a near-tie would differ otherwise): both run the
+// same statistics code (the tangent sums only added beside it) and the same noinline normalize_row for z.
+//
+// The per-plane kernels are in bn_act_kernels.h, compiled here for the baseline instruction set and in
+// bn_act_avx2.cpp for AVX2, the AVX2 build chosen where the CPU has it unless $FASTMAML_CPU_ISA is
+// "baseline". Both do the same IEEE operations in the same order (GCC vectors, no FMA), so they give the same
+// bits. This file checks the arguments and runs the planes in parallel.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <tuple>
+
+#include "bn_act_planes.h"
+
+#define FASTMAML_BN_ACT_NS fastmaml_bn_act
+#include "bn_act_kernels.h"
+#undef FASTMAML_BN_ACT_NS
+
+namespace fastmaml {
+namespace {
+
+using fastmaml_bn_act_shapes::BwdArgs;
+using fastmaml_bn_act_shapes::FwdArgs;
+using fastmaml_bn_act_shapes::Geometry;
+
+constexpr int64_t kValuesPerGrain = 4096;  // plane values below which planes share a thread
+
+int64_t grain(const Geometry& g) { return std::max<int64_t>(1, kValuesPerGrain / std::max<int64_t>(1, g.N * g.S)); }
+
+// The AVX2 build where the CPU has it, unless $FASTMAML_CPU_ISA=baseline (read per call, as the MLP kernel
+// does: the two builds give the same bits, which the tests check)
+bool use_avx2() {
+  const char* isa = std::getenv("FASTMAML_CPU_ISA");
+  if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
+  return fastmaml_bn_act_avx2::usable();
+}
+
+// ---------------------------------------------------------------- argument checks (each names its argument)
+
+Geometry check_x(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "x: expected activations [T, N, C, S], got shape ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor, got one on ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "x: expected float32 or float64, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.size(1) * x.size(3) > 0 || x.size(0) * x.size(2) == 0,
+              "x: expected at least one value per task and channel (N * S > 0), got shape ", x.sizes());
+  return {x.size(0), x.size(1), x.size(2), x.size(3)};
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == x.sizes(), name, ": expected the shape ", x.sizes(), " of x, got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(), " (as x), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), name, ": expected device ", x.device(), " (as x), got ", t.device());
+}
+
+// t: one value per task and channel of x, [T, C], x's dtype
+void check_channels(const at::Tensor& t, const char* name, const at::Tensor& x) {
+  const int64_t T = x.size(0), C = x.size(2);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == T && t.size(1) == C, name, ": expected per-task channel values [", T,
+              ", ", C, "], got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(), " (as x), got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), name, ": expected device ", x.device(), " (as x), got ", t.device());
+}
+
+void check_slope(double slope) {
+  TORCH_CHECK(std::isfinite(slope) && slope >= 0, "slope: expected a finite slope >= 0 (z keeps y's sign), got ",
+              slope);
+}
+
+// z: required unless slope == 1 (no activation: never read)
+std::optional<at::Tensor> checked_z(const std::optional<at::Tensor>& z, double slope, const at::Tensor& x) {
+  if (slope == 1.0) return std::nullopt;
+  TORCH_CHECK(z.has_value(), "z: the forward's output is needed for the activation's mask (slope ", slope, " != 1)");
+  check_like(*z, "z", x);
+  return z->contiguous();
+}
+
+std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
+template <typename S>
+const S* ptr(const at::Tensor& t) {
+  return t.const_data_ptr<S>();
+}
+
+template <typename S>
+const S* ptr(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<S>() : nullptr;
+}
+
+template <typename S>
+S* out(at::Tensor& t) {
+  return t.numel() ? t.mutable_data_ptr<S>() : nullptr;
+}
+
+// ---------------------------------------------------------------- the ops
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cpu(const at::Tensor& x_in, const at::Tensor& w_in,
+                                                              const at::Tensor& b_in, double eps, double slope) {
+  const Geometry g = check_x(x_in);
+  check_channels(w_in, "w", x_in);
+  check_channels(b_in, "b", x_in);
+  check_slope(slope);
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
+  at::Tensor z = at::empty(x.sizes(), x.options());
+  at::Tensor mean = at::empty({g.T, g.C}, x.options()), invstd = at::empty({g.T, g.C}, x.options());
+  if (x.numel() == 0) return {z, mean, invstd};
+  const bool avx2 = use_avx2();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmaml::bn_act_fwd", [&] {
+    using S = scalar_t;
+    const FwdArgs<S> q{ptr<S>(x), nullptr, ptr<S>(w), ptr<S>(b), nullptr, nullptr, out<S>(z), nullptr,
+                       out<S>(mean), out<S>(invstd), nullptr, nullptr, eps, slope};
+    at::parallel_for(0, g.planes(), grain(g), [&](int64_t begin, int64_t end) {
+      avx2 ? fastmaml_bn_act_avx2::forward_planes(g, q, begin, end) : fastmaml_bn_act::forward_planes(g, q, begin, end);
+    });
+  });
+  return {z, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(const at::Tensor& gz_in,
+                                                              const std::optional<at::Tensor>& z_in,
+                                                              const at::Tensor& x_in, const at::Tensor& mean_in,
+                                                              const at::Tensor& invstd_in, const at::Tensor& w_in,
+                                                              double slope, bool need_x) {
+  const Geometry g = check_x(x_in);
+  check_like(gz_in, "gz", x_in);
+  check_channels(mean_in, "mean", x_in);
+  check_channels(invstd_in, "invstd", x_in);
+  check_channels(w_in, "w", x_in);
+  check_slope(slope);
+  const std::optional<at::Tensor> z = checked_z(z_in, slope, x_in);
+  const at::Tensor gz = gz_in.contiguous(), x = x_in.contiguous(), mean = mean_in.contiguous();
+  const at::Tensor invstd = invstd_in.contiguous(), w = w_in.contiguous();
+  at::Tensor gx = need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor gw = at::empty({g.T, g.C}, x.options()), gb = at::empty({g.T, g.C}, x.options());
+  if (g.planes() == 0) return {gx, gw, gb};
+  const bool avx2 = use_avx2();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmaml::bn_act_bwd", [&] {
+    using S = scalar_t;
+    const BwdArgs<S> q{ptr<S>(gz),   nullptr, ptr<S>(z), ptr<S>(x), nullptr,   ptr<S>(mean), ptr<S>(invstd),
+                       nullptr,      nullptr, ptr<S>(w), nullptr,   out<S>(gx), nullptr,     out<S>(gw),
+                       nullptr,      out<S>(gb), nullptr, slope};
+    at::parallel_for(0, g.planes(), grain(g), [&](int64_t begin, int64_t end) {
+      avx2 ? fastmaml_bn_act_avx2::backward_planes(g, q, begin, end)
+           : fastmaml_bn_act::backward_planes(g, q, begin, end);
+    });
+  });
+  return {gx, gw, gb};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_tangent_fwd_cpu(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& xd_in, const at::Tensor& w_in, const at::Tensor& b_in,
+    const at::Tensor& wd_in, const at::Tensor& bd_in, double eps, double slope) {
+  const Geometry g = check_x(x_in);
+  if (xd_in.has_value()) check_like(*xd_in, "xd", x_in);
+  check_channels(w_in, "w", x_in);
+  check_channels(b_in, "b", x_in);
+  check_channels(wd_in, "wd", x_in);
+  check_channels(bd_in, "bd", x_in);
+  check_slope(slope);
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
+  const at::Tensor wd = wd_in.contiguous(), bd = bd_in.contiguous();
+  const std::optional<at::Tensor> xd = contiguous(xd_in);
+  at::Tensor z = at::empty(x.sizes(), x.options()), zd = at::empty(x.sizes(), x.options());
+  at::Tensor mean = at::empty({g.T, g.C}, x.options()), invstd = at::empty({g.T, g.C}, x.options());
+  at::Tensor a = at::zeros({g.T, g.C}, x.options()), dmean = at::zeros({g.T, g.C}, x.options());
+  if (x.numel() == 0) return {z, zd, mean, invstd, a, dmean};
+  const bool avx2 = use_avx2();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmaml::bn_act_tangent_fwd", [&] {
+    using S = scalar_t;
+    const FwdArgs<S> q{ptr<S>(x),  ptr<S>(xd), ptr<S>(w),    ptr<S>(b),      ptr<S>(wd), ptr<S>(bd), out<S>(z),
+                       out<S>(zd), out<S>(mean), out<S>(invstd), out<S>(a), out<S>(dmean), eps,      slope};
+    at::parallel_for(0, g.planes(), grain(g), [&](int64_t begin, int64_t end) {
+      avx2 ? fastmaml_bn_act_avx2::tangent_forward_planes(g, q, begin, end)
+           : fastmaml_bn_act::tangent_forward_planes(g, q, begin, end);
+    });
+  });
+  return {z, zd, mean, invstd, a, dmean};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_tangent_bwd_cpu(
+    const at::Tensor& gz_in, const at::Tensor& gzd_in, const std::optional<at::Tensor>& z_in, const at::Tensor& x_in,
+    const std::optional<at::Tensor>& xd_in, const at::Tensor& mean_in, const at::Tensor& invstd_in,
+    const at::Tensor& a_in, const at::Tensor& dmean_in, const at::Tensor& w_in, const at::Tensor& wd_in,
+    double slope, bool need_x) {
+  const Geometry g = check_x(x_in);
+  check_like(gz_in, "gz", x_in);
+  check_like(gzd_in, "gzd", x_in);
+  if (xd_in.has_value()) check_like(*xd_in, "xd", x_in);
+  check_channels(mean_in, "mean", x_in);
+  check_channels(invstd_in, "invstd", x_in);
+  check_channels(a_in, "a", x_in);
+  check_channels(dmean_in, "dmean", x_in);
+  check_channels(w_in, "w", x_in);
+  check_channels(wd_in, "wd", x_in);
+  check_slope(slope);
+  const std::optional<at::Tensor> z = checked_z(z_in, slope, x_in);
+  const at::Tensor gz = gz_in.contiguous(), gzd = gzd_in.contiguous(), x = x_in.contiguous();
+  const std::optional<at::Tensor> xd = contiguous(xd_in);
+  const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous(), a = a_in.contiguous();
+  const at::Tensor dmean = dmean_in.contiguous(), w = w_in.contiguous(), wd = wd_in.contiguous();
+  at::Tensor gx = need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor gxd = need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor gw = at::empty({g.T, g.C}, x.options()), gwd = at::empty({g.T, g.C}, x.options());
+  at::Tensor gb = at::empty({g.T, g.C}, x.options()), gbd = at::empty({g.T, g.C}, x.options());
+  if (g.planes() == 0) return {gx, gxd, gw, gwd, gb, gbd};
+  const bool avx2 = use_avx2();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmaml::bn_act_tangent_bwd", [&] {
+    using S = scalar_t;
+    const BwdArgs<S> q{ptr<S>(gz),  ptr<S>(gzd), ptr<S>(z),   ptr<S>(x),   ptr<S>(xd),  ptr<S>(mean),
+                       ptr<S>(invstd), ptr<S>(a), ptr<S>(dmean), ptr<S>(w), ptr<S>(wd), out<S>(gx),
+                       out<S>(gxd), out<S>(gw), out<S>(gwd), out<S>(gb), out<S>(gbd), slope};
+    at::parallel_for(0, g.planes(), grain(g), [&](int64_t begin, int64_t end) {
+      avx2 ? fastmaml_bn_act_avx2::tangent_backward_planes(g, q, begin, end)
+           : fastmaml_bn_act::tangent_backward_planes(g, q, begin, end);
+    });
+  });
+  return {gx, gxd, gw, gwd, gb, gbd};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmaml, CPU, m) {
+  m.impl("bn_act_fwd", &bn_act_fwd_cpu);
+  m.impl("bn_act_bwd", &bn_act_bwd_cpu);
+  m.impl("bn_act_tangent_fwd", &bn_act_tangent_fwd_cpu);
+  m.impl("bn_act_tangent_bwd", &bn_act_tangent_bwd_cpu);
+}
+
+}  // namespace fastmaml

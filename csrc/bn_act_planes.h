@@ -1,0 +1,60 @@
+// BatchNorm (batch statistics) + leaky ReLU (bn_act.cpp): the shapes and arguments of the per-plane kernels
+// (bn_act_kernels.h) and their entry points, compiled twice: for the baseline instruction set (namespace
+// fastmaml_bn_act, in bn_act.cpp) and for AVX2 (fastmaml_bn_act_avx2, in bn_act_avx2.cpp). Plain C++, no
+// ATen: every inline function a kernel uses is defined outside the AVX2 target region.
+#pragma once
+
+#include <cstdint>
+
+namespace fastmaml_bn_act_shapes {
+
+// x [T, N, C, S]: T*C planes (task, channel) of N rows of S contiguous values each
+struct Geometry {
+  int64_t T, N, C, S;
+  int64_t planes() const { return T * C; }
+  double count() const { return static_cast<double>(N * S); }
+  // offset of row n of plane p = t * C + c
+  int64_t row(int64_t p, int64_t n) const { return ((p / C * N + n) * C + p % C) * S; }
+};
+
+// The forwards: x, w, b -> z, mean, invstd (xd, wd, bd, zd, a, dmean: the tangent forward's; xd may be null)
+template <typename S>
+struct FwdArgs {
+  const S *x, *xd, *w, *b, *wd, *bd;
+  S *z, *zd, *mean, *invstd, *a, *dmean;
+  double eps, slope;
+};
+
+// The backwards: gz (gzd), z (null for slope 1), x (xd: may be null), statistics, w (wd) -> gx (gxd: null when
+// the input's gradient is not asked for), gw, gb (gwd, gbd)
+template <typename S>
+struct BwdArgs {
+  const S *gz, *gzd, *z, *x, *xd, *mean, *invstd, *a, *dmean, *w, *wd;
+  S *gx, *gxd, *gw, *gwd, *gb, *gbd;
+  double slope;
+};
+
+}  // namespace fastmaml_bn_act_shapes
+
+// The entry points: planes [begin, end) of each pass.
+#define FASTMAML_BN_ACT_ENTRY_POINTS                                                                    \
+  using fastmaml_bn_act_shapes::BwdArgs;                                                                \
+  using fastmaml_bn_act_shapes::FwdArgs;                                                                \
+  using fastmaml_bn_act_shapes::Geometry;                                                               \
+  template <typename S>                                                                                 \
+  void forward_planes(const Geometry& g, const FwdArgs<S>& q, int64_t begin, int64_t end);              \
+  template <typename S>                                                                                 \
+  void tangent_forward_planes(const Geometry& g, const FwdArgs<S>& q, int64_t begin, int64_t end);      \
+  template <typename S>                                                                                 \
+  void backward_planes(const Geometry& g, const BwdArgs<S>& q, int64_t begin, int64_t end);             \
+  template <typename S>                                                                                 \
+  void tangent_backward_planes(const Geometry& g, const BwdArgs<S>& q, int64_t begin, int64_t end);
+
+namespace fastmaml_bn_act {
+FASTMAML_BN_ACT_ENTRY_POINTS
+}  // namespace fastmaml_bn_act
+
+namespace fastmaml_bn_act_avx2 {
+FASTMAML_BN_ACT_ENTRY_POINTS
+bool usable();  // the CPU runs AVX2 and the build has the AVX2 variant
+}  // namespace fastmaml_bn_act_avx2

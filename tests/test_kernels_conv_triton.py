@@ -1,0 +1,477 @@
+"""The Triton task-batched convolutions (kernels/conv.py, through fastmaml/ops/backends/triton_conv.py)
+against PyTorch's convolutions, task by task: the forward, the input gradient and the weight and bias
+gradients, each with its tangent form (two products in one kernel), in float64 (to ~1e-15) and
+float32 (within a bound derived from PyTorch's own float32 error on the same input), bfloat16 with
+float32 accumulation; odd sizes, stride, padding, 1×1 and asymmetric kernels, dilation, per-task and
+common weights (views of flat buffers), outputs written in place through their strides; opcheck; and
+a meta-step of a conv net with the Conv2d rule's strategy "triton" against the autograd oracle
+(float64) and against strategy "loop" (float32). On CUDA, or under the Triton interpreter on CPU."""
+
+import inspect
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fastmaml  # noqa: E402
+from fastmaml.errors import BackendUnavailable  # noqa: E402
+from fastmaml.ops.backends import triton_conv  # noqa: E402
+from fastmaml.programs.fused import conv  # noqa: E402
+
+from models import classification_tasks, small_cnn  # noqa: E402
+from oracle import check_meta_step  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+aten = torch.ops.aten
+
+# T, N, C, H, W, O, kernel, stride, padding, dilation, weights ("task": a view of a flat [T, P] buffer,
+# "common": [O, C, kh, kw]), bias ("task" [T, O], "common" [O], None)
+CASES = [
+    (1, 1, 3, 5, 7, 4, 3, 1, 1, 1, "task", "task"),  # one task, one image, 3×3 "same"
+    (3, 5, 2, 9, 9, 3, 3, 2, 0, 1, "common", "common"),  # stride 2, no padding, common weights
+    (3, 2, 5, 7, 5, 6, 1, 1, 0, 1, "task", None),  # 1×1 (split-K weight gradient under the interpreter)
+    (1, 5, 3, 9, 7, 2, 3, 1, 1, 2, "task", "common"),  # dilation 2
+    (3, 1, 4, 5, 9, 5, 1, 2, 1, 1, "common", None),  # 1×1, stride 2, padding 1 (a border of zeros)
+    (2, 3, 17, 6, 5, 33, (3, 1), (1, 2), (1, 0), (2, 1), "task", "task"),  # several channel blocks, asymmetric
+]
+IDS = ["T{}N{}C{}H{}W{}O{}".format(*c[:6]) + f"-k{c[6]}s{c[7]}p{c[8]}d{c[9]}-{c[10]}-b{c[11]}" for c in CASES]
+FP32_CASES = [0, 1, 2, 5]  # float32: a subset (the interpreter is slow)
+BF16_CASES = [0, 2]
+
+
+def pair(v):
+    return list(v) if isinstance(v, tuple) else [v, v]
+
+
+class Conv:
+    """One case's random inputs (float64 masters) and its per-task PyTorch references."""
+
+    def __init__(self, case, seed=0):
+        T, N, C, H, W, OC, k, s, p, d, weights, bias = case
+        self.T, self.N, self.C, self.OC = T, N, C, OC
+        self.k, self.geo = pair(k), (pair(s), pair(p), pair(d))
+        self.g = torch.Generator().manual_seed(seed + T * 100 + C * 10 + OC)
+        self.x, self.xd = self.randn(T, N, C, H, W), self.randn(T, N, C, H, W)
+        shape = (OC, C, *self.k)
+        self.w = self.weight(shape, weights)
+        self.wd = self.weight(shape, "task")  # a weight direction is per task
+        self.b = None if bias is None else self.randn(T, OC) if bias == "task" else self.randn(OC)
+        self.bd = self.randn(T, OC)
+        y = self.conv(self.x, self.w, None)
+        self.gy, self.gyd = self.randn(*y.shape), self.randn(*y.shape)
+
+    def randn(self, *shape):
+        return torch.randn(*shape, generator=self.g, dtype=torch.float64)
+
+    def weight(self, shape, form):
+        if form == "common":
+            return self.randn(*shape)
+        P = int(torch.tensor(shape).prod())
+        flat = self.randn(self.T, P + 3)  # per-task weights: a view of a flat [T, P] buffer, task stride P + 3
+        return flat[:, 2 : 2 + P].view(self.T, *shape)
+
+    @staticmethod
+    def task(v, t):
+        return None if v is None else v[t] if v.dim() in (2, 5) else v
+
+    def conv(self, x, w, b):
+        s, p, d = self.geo
+        return torch.stack([F.conv2d(x[t], self.task(w, t), self.task(b, t), s, p, d) for t in range(self.T)])
+
+    def bwd(self, gy, x, w, which):
+        """∂x (which 0) or ∂w (which 1) of conv(x, w) against gy, per task."""
+        s, p, d = self.geo
+        mask = [which == 0, which == 1, False]
+        return torch.stack(
+            [
+                aten.convolution_backward(gy[t], x[t], self.task(w, t), None, s, p, d, False, [0, 0], 1, mask)[which]
+                for t in range(self.T)
+            ]
+        )
+
+    def references(self):
+        """Every output of the three ops with full tangents, from PyTorch (in the masters' dtype)."""
+        x, xd, w, wd, gy, gyd = self.x, self.xd, self.w, self.wd, self.gy, self.gyd
+        return {
+            "y": self.conv(x, w, self.b),
+            "yd": self.conv(xd, w, self.bd) + self.conv(x, wd, None),
+            "gx": self.bwd(gy, x, w, 0),
+            "gxd": self.bwd(gyd, x, w, 0) + self.bwd(gy, x, wd, 0),
+            "gw": self.bwd(gy, x, w, 1),
+            "gwd": self.bwd(gyd, x, w, 1) + self.bwd(gy, xd, w, 1),
+            "gb": gy.sum((1, 3, 4)),
+            "gbd": gyd.sum((1, 3, 4)),
+        }
+
+    def cast(self, dtype):
+        """A copy with every input in `dtype` on DEVICE (views stay views, with the same strides)."""
+        out = object.__new__(Conv)
+        out.__dict__.update(self.__dict__)
+        for name in ("x", "xd", "w", "wd", "b", "bd", "gy", "gyd"):
+            v = getattr(self, name)
+            if v is not None:
+                c = torch.empty_strided(v.shape, v.stride(), dtype=dtype, device=DEVICE)
+                c.copy_(v)
+                setattr(out, name, c)
+        return out
+
+
+def rel(a, b):
+    return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm().clamp_min(1e-300))
+
+
+def bounds(case, dtype):
+    """Per output, the relative error allowed against the float64 reference: float64 1e-13; float32 and
+    bfloat16 8× PyTorch's own error in that dtype on the same (rounded) inputs, or 8 units of rounding."""
+    ref64 = case.references()
+    if dtype == torch.float64:
+        return ref64, dict.fromkeys(ref64, 1e-13)
+    rounded = case.cast(dtype)
+    exact = rounded.cast(torch.float64).references()  # what the rounded inputs give, exactly
+    with torch.backends.cudnn.flags(allow_tf32=False):  # PyTorch's true float32 on a GPU too
+        own = rounded.references()
+    unit = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}[dtype]
+    return exact, {k: 8 * max(unit, rel(own[k], exact[k])) for k in exact}
+
+
+def check(got, want, allowed, what):
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    err = rel(got, want)
+    assert err <= allowed, (what, err, allowed)
+
+
+def nan_view(T, shape, dtype, offset=1, pad=2):
+    """A NaN-filled output `[T, *shape]` that is a view of a wider flat `[T, P + pad]` buffer."""
+    P = int(torch.tensor(shape).prod())
+    flat = torch.full((T, P + pad), float("nan"), dtype=dtype, device=DEVICE)
+    return flat[:, offset : offset + P].view(T, *shape), flat, (offset, P)
+
+
+def untouched(flat, span):
+    offset, P = span
+    rest = torch.cat([flat[:, :offset], flat[:, offset + P :]], 1)
+    assert torch.isnan(rest).all(), "a kernel wrote outside its output view"
+
+
+@pytest.fixture(scope="module")
+def lib():
+    return triton_conv._lib(DEVICE)
+
+
+def run_all(lib, c, dtype, tf32=False):
+    """The three ops with full tangents, outputs as strided views -> {name: output}."""
+    T, N, OC, C = c.T, c.N, c.OC, c.C
+    s, p, d = c.geo
+    ho, wo = c.gy.shape[-2:]
+    H, W = c.x.shape[-2:]
+    # y in a transposed layout, ẏ contiguous: the kernels write through any strides
+    y = torch.empty(T, OC, N, ho, wo, dtype=dtype, device=DEVICE).transpose(1, 2)
+    yd = torch.empty(T, N, OC, ho, wo, dtype=dtype, device=DEVICE)
+    lib.conv2d_fwd(c.x, c.xd, c.w, c.wd, c.b, c.bd, y, yd, s, p, d, tf32)
+    gx = torch.empty(T, N, C, H, W, dtype=dtype, device=DEVICE)
+    gxd = torch.empty(T, C, N, H, W, dtype=dtype, device=DEVICE).transpose(1, 2)
+    lib.conv2d_bwd_input(c.gy, c.gyd, c.w, c.wd, gx, gxd, s, p, d, tf32)
+    gw, flat_w, span_w = nan_view(T, (OC, C, *c.k), dtype)
+    gwd, flat_wd, span_wd = nan_view(T, (OC, C, *c.k), dtype, offset=0)
+    gb, flat_b, span_b = nan_view(T, (OC,), dtype)
+    gbd = torch.empty(OC, T, dtype=dtype, device=DEVICE).t()
+    lib.conv2d_bwd_weight(c.gy, c.gyd, c.x, c.xd, gw, gwd, gb, gbd, s, p, d, False, tf32)
+    for flat, span in ((flat_w, span_w), (flat_wd, span_wd), (flat_b, span_b)):
+        untouched(flat, span)
+    return dict(y=y, yd=yd, gx=gx, gxd=gxd, gw=gw, gwd=gwd, gb=gb, gbd=gbd)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_kernels_float64(lib, case):
+    """Every output with full tangents, and the partial forms: value only, one tangent term only,
+    bias tangent only, accumulation into the weight gradient, bias gradients only."""
+    c = Conv(case).cast(torch.float64)
+    ref, tol = bounds(Conv(case), torch.float64)
+    got = run_all(lib, c, torch.float64)
+    for k in ref:
+        check(got[k], ref[k], tol[k], k)
+
+    s, p, d = c.geo
+    T = c.T
+    # ẏ from ẋ only (ẇ = 0, no ḃ), without y; ẏ from ẇ only with y
+    yd = torch.empty_like(got["yd"])
+    lib.conv2d_fwd(c.x, c.xd, c.w, None, c.b, None, None, yd, s, p, d, False)
+    check(yd, c.conv(c.xd, c.w, None), 1e-13, "yd from xd")
+    y = torch.empty_like(yd)
+    lib.conv2d_fwd(c.x, None, c.w, c.wd, c.b, None, y, yd, s, p, d, False)
+    check(y, ref["y"], 1e-13, "y")
+    check(yd, c.conv(c.x, c.wd, None), 1e-13, "yd from wd")
+    lib.conv2d_fwd(c.x, None, c.w, None, None, c.bd, None, yd, s, p, d, False)  # ẏ = ḃ
+    check(yd, c.bd[:, None, :, None, None].expand_as(yd), 0, "yd = bd")
+
+    # ġx from ẇ only (ġy = 0), without gx
+    gxd = torch.empty_like(got["gx"])
+    lib.conv2d_bwd_input(c.gy, None, c.w, c.wd, None, gxd, s, p, d, False)
+    check(gxd, c.bwd(c.gy, c.x, c.wd, 0), 1e-13, "gxd from wd")
+
+    # gw added to what is there; ġw from ẋ only (ġy = 0) with ġb = 0; bias gradients alone
+    gw, gwd = (c.randn(*ref["gw"].shape).to(DEVICE) for _ in range(2))
+    start, start_d = gw.clone(), gwd.clone()
+    gbd = torch.empty(T, c.OC, dtype=torch.float64, device=DEVICE)
+    lib.conv2d_bwd_weight(c.gy, None, c.x, c.xd, gw, gwd, None, gbd, s, p, d, True, False)
+    check(gw, start + ref["gw"], 1e-13, "gw accumulated")
+    check(gwd, start_d + c.bwd(c.gy, c.xd, c.w, 1), 1e-13, "gwd accumulated, from xd")
+    assert (gbd == 0).all()
+    gb, gbd = (
+        torch.empty(T, c.OC, dtype=torch.float64, device=DEVICE),
+        torch.empty(T, c.OC, dtype=torch.float64, device=DEVICE),
+    )
+    lib.conv2d_bwd_weight(c.gy, c.gyd, c.x, None, None, None, gb, gbd, s, p, d, False, False)
+    check(gb, ref["gb"], 1e-13, "gb alone")
+    check(gbd, ref["gbd"], 1e-13, "gbd alone")
+
+
+def test_split_k_is_exercised(lib):
+    """The 1×1 case's weight gradient runs split over positions (several partial sums) on the CPU."""
+    if DEVICE.type != "cpu":
+        pytest.skip("the split depends on the GPU's size")
+    from fastmaml.kernels import conv as kernels
+
+    T, N, C, H, W = CASES[2][:5]
+    BK = 64 if kernels.INTERPRET else 8  # float64
+    assert kernels.weight_split(T, N * H * W, BK, DEVICE) > 1
+
+
+LOW = [(CASES[i], torch.float32) for i in FP32_CASES] + [(CASES[i], torch.bfloat16) for i in BF16_CASES]
+LOW_IDS = [f"{IDS[i]}-float32" for i in FP32_CASES] + [f"{IDS[i]}-bfloat16" for i in BF16_CASES]
+
+
+@pytest.mark.parametrize("case,dtype", LOW, ids=LOW_IDS)
+def test_kernels_low_precision(lib, case, dtype):
+    master = Conv(case)
+    ref, tol = bounds(master, dtype)
+    got = run_all(lib, master.cast(dtype), dtype)
+    for k in ref:
+        assert got[k].dtype == dtype
+        check(got[k], ref[k], tol[k], k)
+
+
+def test_tf32_flag(lib):
+    """tf32=True runs (TF32 on tensor cores on a GPU: within TF32's rounding; the interpreter computes in
+    FP32 either way)."""
+    case = CASES[0]
+    master = Conv(case)
+    exact = master.cast(torch.float32).cast(torch.float64).references()
+    got = run_all(lib, master.cast(torch.float32), torch.float32, tf32=True)
+    for k in exact:
+        check(got[k], exact[k], 8 * 2.0**-11, k)
+
+
+def test_opcheck(lib):
+    """Schemas, fake implementations and declared mutations of the custom ops."""
+    c = Conv((2, 1, 2, 5, 5, 3, 3, 1, 1, 1, "task", "task")).cast(torch.float64)
+    s, p, d = c.geo
+    y, yd = torch.empty_like(c.gy), torch.empty_like(c.gy)
+    torch.library.opcheck(lib.conv2d_fwd.default, (c.x, c.xd, c.w, c.wd, c.b, c.bd, y, yd, s, p, d, False))
+    torch.library.opcheck(lib.conv2d_fwd.default, (c.x, None, c.w[0], None, None, None, y, None, s, p, d, False))
+    gx, gxd = torch.empty_like(c.x), torch.empty_like(c.x)
+    torch.library.opcheck(lib.conv2d_bwd_input.default, (c.gy, c.gyd, c.w, c.wd, gx, gxd, s, p, d, False))
+    gw, gwd = torch.zeros_like(c.wd), torch.zeros_like(c.wd)
+    gb, gbd = (
+        torch.empty(c.T, c.OC, dtype=torch.float64, device=DEVICE),
+        torch.empty(c.T, c.OC, dtype=torch.float64, device=DEVICE),
+    )
+    torch.library.opcheck(
+        lib.conv2d_bwd_weight.default, (c.gy, c.gyd, c.x, c.xd, gw, gwd, gb, gbd, s, p, d, True, False)
+    )
+
+
+def test_bad_arguments_name_the_argument(lib):
+    c = Conv(CASES[0]).cast(torch.float64)
+    s, p, d = c.geo
+    y = torch.empty_like(c.gy)
+    with pytest.raises(ValueError, match="w: expected"):
+        lib.conv2d_fwd(c.x, None, c.w[:, :, :2], None, None, None, y, None, s, p, d, False)
+    with pytest.raises(ValueError, match="y: expected shape"):
+        lib.conv2d_fwd(c.x, None, c.w, None, None, None, y[..., :1], None, s, p, d, False)
+    with pytest.raises(TypeError, match="xd: expected dtype"):
+        lib.conv2d_fwd(c.x, c.xd.float(), c.w, None, None, None, y, y, s, p, d, False)
+    with pytest.raises(ValueError, match="stride: expected positive"):
+        lib.conv2d_fwd(c.x, None, c.w, None, None, None, y, None, [0, 1], p, d, False)
+    with pytest.raises(ValueError, match="gx: an input of"):
+        lib.conv2d_bwd_input(c.gy, None, c.w, None, c.x[..., 1:], None, s, p, d, False)
+    with pytest.raises(ValueError, match="x: expected"):
+        lib.conv2d_bwd_weight(c.gy, None, c.x[:, :0], None, None, None, None, None, s, p, d, False, False)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        triton_conv.conv_forward(c.x.requires_grad_(), c.w, None, s, p, d)
+
+
+def test_unavailable_without_the_interpreter(lib, monkeypatch):
+    """On a CPU without the interpreter the strategy says why it cannot run."""
+    from fastmaml.ops.backends import triton as triton_backend
+
+    monkeypatch.setitem(triton_backend._state, "interpret", False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailable, match="conv strategy 'triton' cannot run on cpu"):
+        triton_conv._lib(torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- the Conv2d rule's strategy "triton"
+
+
+def test_rule_strategy_triton_matches_loop(lib):
+    """The rule's four passes (forward, backward, value-and-tangent forward, tangent backward) with
+    strategy "triton" against "loop", per-task and common weights."""
+    c = Conv(CASES[5]).cast(torch.float64)
+    geo = conv.Geometry(c.k, *c.geo)
+    rule = conv.ConvRule("0", "Conv2d", geo, c.C)
+    for w in (c.w, c.w[0]):
+        outs = {}
+        for strategy in ("loop", "triton"):
+            rule.strategy = strategy
+            y, saved = rule.forward(None, c.x, (w, c.b), True)
+            bufs = [torch.full(c.wd.shape, float("nan"), dtype=torch.float64, device=DEVICE) for _ in range(2)]
+            bbufs = [torch.full((c.T, c.OC), float("nan"), dtype=torch.float64, device=DEVICE) for _ in range(2)]
+            gx = rule.backward(None, c.gy, saved, (w, c.b), True, (bufs[0], bbufs[0]))
+            y2, yd, saved2 = rule.tangent_forward(None, c.x, c.xd, (w, c.b), (c.wd, c.bd))
+            gx2, gxd = rule.tangent_backward(
+                None, c.gy, c.gyd, saved2, (w, c.b), (c.wd, c.bd), True, (bufs[0], bbufs[0]), (bufs[1], bbufs[1])
+            )
+            outs[strategy] = [y, gx, *bufs, *bbufs, y2, yd, gx2, gxd]
+            if w is c.w and "y" in inspect.signature(rule.tangent_forward).parameters:  # the tape's forms
+                y3, yd3, _ = rule.tangent_forward(None, c.x, c.xd, (w, c.b), (c.wd, c.bd), y=y)
+                gx3, gxd3 = rule.tangent_backward(
+                    None, c.gy, c.gyd, saved2, (w, c.b), (c.wd, c.bd), True, (None,) * 2, (None,) * 2, gx=gx
+                )
+                assert y3 is y and gx3 is gx
+                outs[strategy] += [yd3, gxd3]
+        for i, (a, b) in enumerate(zip(outs["triton"], outs["loop"])):
+            check(a, b, 1e-13, i)
+
+
+def test_rule_differentiable_forward_falls_back(lib):
+    """Under autograd (AdaptedModel) the "triton" strategy's forward is PyTorch's grouped convolution."""
+    c = Conv(CASES[0]).cast(torch.float64)
+    w = c.w.clone().requires_grad_()
+    y = conv.conv_forward(c.x, w, c.b, conv.Geometry(c.k, *c.geo), "triton")
+    (g,) = torch.autograd.grad((y * c.gy).sum(), w)
+    check(y.detach(), c.conv(c.x, c.w, c.b), 1e-13, "y")
+    check(g, c.bwd(c.gy, c.x, c.w, 1), 1e-13, "gw")
+
+
+def test_meta_step_strategy_triton(lib, monkeypatch):
+    """A conv net's second-order meta-gradient with every Conv2d on strategy "triton": against the
+    autograd oracle in float64, and equal to strategy "loop" in float32."""
+    monkeypatch.setitem(conv.STRATEGY, DEVICE.type, "triton")
+    torch.manual_seed(0)
+    model = small_cnn(channels=2, ways=3).to(DEVICE)
+    tasks = [t.to(DEVICE) for t in classification_tasks(T=2, ways=3, shots=1, query=2, size=8)]
+    check_meta_step(model, tasks, loss="cross_entropy", loss_fn=F.cross_entropy, inner_lr=0.4, tol=1e-9)
+
+    model32 = model.float()
+    tasks32 = [t.float() if t.is_floating_point() else t for t in tasks]
+    grads = {}
+    for strategy in ("triton", "loop"):
+        monkeypatch.setitem(conv.STRATEGY, DEVICE.type, strategy)
+        model32.zero_grad()
+        res = fastmaml.meta_step(model32, tasks32, inner_lr=0.4, steps=1, order="second", loss="cross_entropy")
+        grads[strategy] = ({n: p.grad.clone() for n, p in model32.named_parameters()}, float(res.meta_loss))
+    assert abs(grads["triton"][1] - grads["loop"][1]) <= 1e-5 * abs(grads["loop"][1])
+    got, want = grads["triton"][0], grads["loop"][0]
+    total = float(torch.cat([g.reshape(-1) for g in want.values()]).double().norm())
+    for n in want:  # (a conv bias before BatchNorm: true gradient 0, float32 rounding both ways)
+        err = float((got[n].double() - want[n].double()).norm())
+        assert err <= 1e-4 * float(want[n].double().norm()) + 1e-6 * total, (n, err, total)
+
+
+# ---------------------------------------------------------------- benchmarks/conv_triton_bench.py
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "conv_triton_bench.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_conv_triton_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_passes_agree_and_table_renders(lib, capsys):
+    """The GPU bench's six passes, run here on a tiny layer: Triton and grouped agree; the table renders;
+    without CUDA the script stops with "needs CUDA"."""
+    bench = _bench()
+    assert len(bench.layer_shapes()) == 20
+    c = Conv((2, 2, 3, 5, 5, 4, 3, 1, 1, 1, "task", "task")).cast(torch.float64)
+    t = dict(x=c.x, xd=c.xd, w=c.w, wd=c.wd, b=c.b, bd=c.bd, gy=c.gy, gyd=c.gyd)
+    geo = conv.Geometry(3, 1, 1, 1)
+    with torch.no_grad():
+        grouped, triton = bench.passes("grouped", t, geo), bench.passes("triton", t, geo)
+        for name in bench.PASSES:
+            assert bench.agreement(triton[name](), grouped[name]()) < 1e-13, name
+    ms = dict(grouped_ms=1.0, triton_ms=0.5, triton_tflops=1.0)
+    row = dict(
+        net="n", C=3, O=4, k=3, H=5, N=2, T=2, precision="fp32", agreement=1e-7, **dict.fromkeys(bench.PASSES, ms)
+    )
+    results = dict(device="d", torch="t", triton="tr", T=2, repeats=1, precisions=["fp32"], budget=1, rows=[row])
+    results["not_reached"] = [("fp32", "n", 3, 4, 3, 5, 75)]
+    md = bench.markdown(results)
+    assert "| n | 3→4 | 3 | 5 | 2 | 1.000 / 0.500 = 2.00× (1.0)" in md and "Not reached" in md
+    if not torch.cuda.is_available():
+        assert bench.main(["--out", "unused"]) == 2
+        assert "needs CUDA" in capsys.readouterr().err
+
+
+COMPILE_SCRIPT = r"""
+import importlib, importlib.util, json, sys
+root = sys.argv[1]
+spec = importlib.util.spec_from_file_location(
+    "fastmaml.kernels", root + "/__init__.py", submodule_search_locations=[root]
+)
+package = importlib.util.module_from_spec(spec)
+sys.modules["fastmaml.kernels"] = package
+spec.loader.exec_module(package)
+kc = importlib.import_module("fastmaml.kernels.conv")
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+
+def compile_(jf, flags, BM, BN, BK, warps):
+    consts = dict(flags, USE_DOT=True, CAST=False, PREC="tf32", ACC=tl.float32, BM=BM, BN=BN, BK=BK)
+    sig = {n: "constexpr" if n in consts else "*fp32" if n.endswith("_ptr") else "i32" for n in jf.arg_names}
+    src = triton.compiler.ASTSource(jf, sig, constexprs=consts)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=3))
+    return len(k.asm["cubin"])
+
+on = dict(HAS_B=True, HAS_BD=True)
+sizes = [
+    compile_(kc._fwd_kernel, dict(Y_ON=True, YD_ON=True, HAS_XD=True, HAS_WD=True, LOAD_X=True, LOAD_W=True,
+                                  FLAT=True, **on), 128, 64, 16, 8),
+    compile_(kc._bwd_input_kernel, dict(GX_ON=True, GXD_ON=True, HAS_GYD=True, HAS_WD=True, LOAD_G=True,
+                                        LOAD_W=True), 128, 64, 16, 8),
+    compile_(kc._bwd_weight_kernel, dict(GW_ON=True, GWD_ON=True, GB_ON=True, GBD_ON=True, HAS_GYD=True,
+                                         HAS_XD=True, LOAD_X=True, LOAD_G=True, LOAD_GD=True, ACCUMULATE=True,
+                                         FLAT=False), 128, 64, 16, 8),
+]
+print(json.dumps(sizes))
+"""
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    """The interpreter does not run Triton's compiler: the tangent kernels (the largest forms, TF32) compile
+    for sm_90 without a GPU (Triton's bundled ptxas), in a process without TRITON_INTERPRET."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = Path(__file__).resolve().parent.parent / "kernels"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT, str(root)], capture_output=True, text=True, env=env, timeout=300
+    )
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
+        pytest.skip("no ptxas in this Triton install")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(n > 0 for n in json.loads(proc.stdout.strip().splitlines()[-1]))
