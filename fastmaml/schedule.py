@@ -30,12 +30,18 @@ def task_state_budget(device: torch.device) -> int:
     return TASK_STATE_BYTES.get(device.type, TASK_STATE_BYTES["cpu"])
 
 
-def activation_tape_budget(device: torch.device) -> int:
-    """Bytes of activations a "second"-order chunk may keep on `device` (`ACTIVATION_TAPE_BYTES`, at most a
-    quarter of `available_memory`)."""
+def tape_memory_cap(device: torch.device) -> int:
+    """A quarter of `available_memory(device)` (no cap, -1, where it cannot be told): the activation tape's
+    bound from the free memory, read once when a meta-step is planned."""
+    free = available_memory(device)
+    return -1 if free is None else free // 4
+
+
+def activation_tape_budget(device: torch.device, memory_cap: int) -> int:
+    """Bytes of activations a chunk may keep on `device`: `ACTIVATION_TAPE_BYTES` as it is now, at most
+    `memory_cap` (`tape_memory_cap`; -1: none)."""
     cap = ACTIVATION_TAPE_BYTES.get(device.type, ACTIVATION_TAPE_BYTES["cpu"])
-    free = available_memory(device) if cap > 0 else None
-    return cap if free is None else min(cap, free // 4)
+    return cap if memory_cap < 0 else min(cap, memory_cap)
 
 
 def checkpoint_slots(steps: int) -> int:

@@ -2,11 +2,11 @@
 
 Per chunk: the forward sweep (K inner steps), the query loss and its gradient, the reverse sweep; the
 chunks' meta-gradients are summed as they go, so one chunk's state is alive at a time. In "second" order
-the forward sweep also keeps the steps' activations within `schedule.activation_tape_budget` (read when
-the meta-step is planned), and the reverse sweep's HVPs skip the convolutions' primal recomputation; in
-"implicit" order the conjugate-gradient HVPs at φ_K share theirs. The chunk size comes from the per-task
-state (`schedule.state_buffers`) and the device's budget, or `task_chunk`; the memory a chunk needs is
-checked before anything is allocated.
+the forward sweep also keeps the steps' activations within `schedule.activation_tape_budget` (its
+free-memory cap read when the meta-step is planned), and the reverse sweep's HVPs skip the convolutions'
+primal recomputation; in "implicit" order the conjugate-gradient HVPs at φ_K share theirs. The chunk size
+comes from the per-task state (`schedule.state_buffers`) and the device's budget, or `task_chunk`; the
+memory a chunk needs is checked before anything is allocated.
 """
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ import torch
 from ..errors import NonFiniteError
 from ..losses import accuracy
 from ..programs import Program
-from ..schedule import activation_tape_budget, check_memory, state_buffers, task_budget_chunks
+from ..schedule import activation_tape_budget, check_memory, state_buffers, tape_memory_cap, task_budget_chunks
 from .request import MetaGrad, MetaStepRequest
 from .sweeps import forward_sweep, reverse_sweep
 
 
 class Schedule(NamedTuple):
     """How an engine runs one meta-step shape: its chunks of tasks, one task's state in bytes (for the
-    memory check of every call) and the activation tape's budget per chunk (read when it is planned, so a
-    captured CUDA graph reads no free memory)."""
+    memory check of every call) and the activation tape's cap from the free memory (read when it is planned,
+    so a captured CUDA graph reads no free memory; `ACTIVATION_TAPE_BYTES` itself is read at every call)."""
 
     chunks: List[slice]
     per_task: int
-    tape_budget: int = 0
+    tape_cap: int = 0  # the activation tape's memory cap (`tape_memory_cap`; 0: no tape, -1: uncapped)
 
 
 class _ChunkGrad(NamedTuple):
@@ -104,11 +104,7 @@ class SweepEngine:
             * state_buffers(req.order, req.steps, any(req.lr_grad), req.weights is not None)
         )
         device = req.theta_a.device
-        tape = (
-            activation_tape_budget(device)
-            if req.order in ("second", "implicit") and self.program.keeps_activations
-            else 0
-        )
+        tape = tape_memory_cap(device) if req.order in ("second", "implicit") and self.program.keeps_activations else 0
         return Schedule(task_budget_chunks(req.batch.num_tasks, per_task, device, req.task_chunk), per_task, tape)
 
     def run(self, req: MetaStepRequest, schedule: Optional[Schedule] = None) -> MetaGrad:
@@ -124,7 +120,8 @@ class SweepEngine:
                 req.batch.support_x,
                 [("tasks.support_y", req.batch.support_y), ("tasks.query_y", req.batch.query_y)],
             )
-        chunks, per_task, tape_budget = schedule if schedule is not None else self.schedule(req)
+        chunks, per_task, tape_cap = schedule if schedule is not None else self.schedule(req)
+        tape_budget = activation_tape_budget(theta_a.device, tape_cap) if tape_cap else 0
         check_memory(
             per_task,
             chunks[0].stop - chunks[0].start,
