@@ -16,7 +16,9 @@
 #              on every conv layer of conv4-64 (28, 84) and ResNet-12 (84), T=4, N=5 and 75, each pass and
 #              its tangent form, true FP32 only and within its own budget (a short run: see the script for
 #              tf32 and bf16)
-#   suite      fastmaml bench on CUDA (sinusoid, 28×28 conv4 as Sequential and as a class, ResNet-12 64-640 84×84)
+#   suite      fastmaml bench on CUDA (sinusoid, 28×28 conv4 as Sequential and as a class, ResNet-12 64-640 84×84),
+#              with TFLOP/s and the fraction of the card's FP32 and TF32 peaks
+#   precision  the precision policies (fp32, tf32, bf16) against the autograd loop under the same policy
 #   crash      the bad-input tests of the C++ ops, each file in its own process, and a backtrace of the
 #              first one that crashes (cuda-gdb), with the toolchain facts that bear on it
 # Writes $OUT/gpu_check.md (the report) and $OUT/gpu_check.tar.gz (every log, junit file and table).
@@ -79,7 +81,7 @@ step tests 170 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider --junitxml="
   tests/test_kernels_step.py tests/test_kernels_mlp.py tests/test_kernels_end_to_end.py tests/test_kernels_losses.py \
   tests/test_kernels_linear.py tests/test_kernels_batchnorm.py tests/test_kernels_batchnorm_relu.py \
   tests/test_kernels_bn_relu_maxpool_triton.py tests/test_kernels_bn_relu_maxpool.py tests/test_kernels_build.py \
-  tests/test_kernels_conv_triton.py tests/test_meta_step_graphs.py \
+  tests/test_kernels_conv_triton.py tests/test_meta_step_graphs.py tests/test_precision.py::test_policies_on_cuda \
   --deselect tests/test_kernels_step.py::test_bad_inputs_name_the_argument \
   --deselect tests/test_kernels_mlp.py::test_bad_arguments_name_the_argument \
   --deselect tests/test_kernels_bn_relu_maxpool.py::test_bad_arguments_name_the_argument
@@ -91,6 +93,9 @@ step conv 60 "$PY" benchmarks/conv_batching.py --device cuda --out "$WORK"
 step conv_triton 80 "$PY" benchmarks/conv_triton_bench.py --out "$WORK" --precisions fp32 --repeats 3 --budget 55
 step suite 180 "$PY" -m fastmaml bench --device cuda --out "$WORK/suite" --no-memory --repeats 5 --budget 20 \
   --workloads sinusoid-K1 sinusoid-K5 conv28-1shot-K1 conv28-1shot-K5 class28-1shot-K1 resnet12w-84-K5
+step precision 60 "$PY" -m fastmaml bench --device cuda --out "$WORK/precision" --no-memory --repeats 5 --budget 10 \
+  --sensitivity-draws 0 --workloads conv28-1shot-K1 resnet12w-84-K5 \
+  --impls "fastmaml[auto,second]" fastmaml-fp32 fastmaml-tf32 fastmaml-bf16
 step crash 70 bash benchmarks/crash_check.sh "$WORK/crash"
 
 "$PY" benchmarks/gpu_check_report.py --out "$WORK" > /dev/null 2> "$WORK/report.err"

@@ -2,7 +2,7 @@
 env.txt (device and versions), steps.txt (exit status and seconds of each step), build.log,
 junit-*.xml (pytest results, summarized per test file), op_bench.md, op_bench_learned_lr.md,
 conv_batching.md, conv_triton.md,
-suite/results.md (`fastmaml bench`) and crash/ (benchmarks/crash_check.sh). Missing pieces are
+suite/results.md and precision/results.md (`fastmaml bench`) and crash/ (benchmarks/crash_check.sh). Missing pieces are
 reported as missing, never invented.
 
     python benchmarks/gpu_check_report.py --out $WORK
@@ -86,6 +86,7 @@ def report(out: Path) -> str:
         "Triton task-batched convolutions against grouped cuDNN", out / "conv_triton.md", "the Triton conv bench"
     )
     lines += _section("Benchmark suite (fastmaml bench)", out / "suite" / "results.md", "the suite")
+    lines += _section("Precision policies (fastmaml bench)", out / "precision" / "results.md", "the precision rows")
     lines += ["## C++ argument checks (crash check)", ""] + _code(out / "crash" / "repro.txt")
     lines += _code(out / "crash" / "facts.txt", head=20)
     if (out / "crash" / "gdb.txt").exists():

@@ -70,6 +70,7 @@ def meta_step(
     task_chunk: Optional[int] = None,
     step_weights: Optional[Sequence[float]] = None,
     update_running_stats: bool = True,
+    precision: Optional[str] = None,
 ) -> MetaResult:
     """One exact meta-gradient for a batch of T tasks, accumulated into `.grad` like `loss.backward()`.
 
@@ -106,6 +107,10 @@ def meta_step(
             running statistics gets one update from the support sets at θ, as PyTorch's training mode does
             (momentum, unbiased variance, `num_batches_tracked`; the mean over tasks of each task's update),
             so that `model.eval()` afterwards normalizes with meta-trained statistics. False leaves them.
+        precision: None (PyTorch's float32 settings: cuDNN convolutions on TF32 by default), "fp32" (true
+            FP32), "tf32" (TF32 tensor cores on CUDA, FP32 elsewhere) or "bf16" (bf16 activations and
+            products with float32 accumulation; float32 fast weights, gradients and loss), for float32
+            models (fastmaml/precision.py).
 
     Returns:
         A `MetaResult`: the meta-loss and per-task `[T]` losses (and accuracies) before and after adaptation.
@@ -134,6 +139,7 @@ def meta_step(
         task_chunk=task_chunk,
         step_weights=step_weights,
         update_running_stats=update_running_stats,
+        precision=precision,
     )
 
 

@@ -25,6 +25,7 @@ from .inner_lr import expand_inner_lr, learnable_leaves
 from .layout import ParamLayout
 from .losses import Loss, resolve_loss
 from .ops import OpTable, resolve
+from .precision import Precision, resolve_precision
 from .programs import Program
 from .result import MetaResult
 from .schedule import check_memory, state_buffers, task_budget_chunks
@@ -99,9 +100,15 @@ def refuse_autocast(device: torch.device, what: str) -> None:
     raise RuntimeError(
         f"{what} does not run under torch.autocast({device.type!r}, dtype=torch.{name}): its inner loop and "
         "reverse sweep compute in the parameters' dtype. Either call it outside the autocast region (or inside "
-        f"`with torch.autocast({device.type!r}, enabled=False):`), which computes in float32, or run the model "
-        f"in {name}: `model.to(torch.{name})` and `tasks.to(torch.{name})` (keep a float32 copy of the weights "
-        "for the optimizer if you need one)"
+        f"`with torch.autocast({device.type!r}, enabled=False):`), which computes in float32"
+        + (
+            " (meta_step, MetaStep and fastmaml.func.meta_grad take precision='bf16': bf16 activations, float32 "
+            "weights and meta-gradient)"
+            if dtype == torch.bfloat16
+            else ""
+        )
+        + f", or run the model in {name}: `model.to(torch.{name})` and `tasks.to(torch.{name})` (keep a float32 "
+        "copy of the weights for the optimizer if you need one)"
     )
 
 
@@ -256,6 +263,7 @@ class StepSetup:
     evaluate_before: bool
     check_finite: bool
     task_chunk: Optional[int]
+    precision: Optional[Precision] = None
 
     @property
     def program(self) -> Program:
@@ -292,6 +300,7 @@ def prepare_meta_step(
     step_weights,
     shared_grad,
     lr_grad: bool,
+    precision=None,
     norm_buffers=None,
     what: str = "meta_step",
     theta=None,
@@ -318,6 +327,7 @@ def prepare_meta_step(
     implicit = _implicit(order, implicit_lambda, cg_steps, inner_lr)
     with torch.no_grad():
         theta_a, theta_s = (layout.theta if theta is None else theta)()
+    policy = resolve_precision(precision, theta_a.dtype)
     # one task's state (fast weights, gradients, adjoints of the kept steps) must fit before anything is built
     learnable = bool(learnable_leaves(inner_lr)) and lr_grad
     state_bytes = (
@@ -345,6 +355,7 @@ def prepare_meta_step(
         evaluate_before=evaluate_before,
         check_finite=check_finite,
         task_chunk=task_chunk,
+        precision=policy,
     )
     req = request(setup, model, batch, norm, theta_a, theta_s, alphas)
     setup.engines = engines_for(req)
@@ -371,6 +382,7 @@ def request(setup: StepSetup, model, batch: TaskBatch, norm: NormPlan, theta_a, 
         check_finite=setup.check_finite,
         evaluate_before=setup.evaluate_before,
         task_chunk=setup.task_chunk,
+        precision=setup.precision,
     )
 
 
@@ -425,6 +437,7 @@ def run_meta_step(
     step_weights,
     shared_grad,
     lr_grad: bool,
+    precision=None,
     norm_buffers=None,
     what: str = "meta_step",
     theta=None,
@@ -454,6 +467,7 @@ def run_meta_step(
         step_weights=step_weights,
         shared_grad=shared_grad,
         lr_grad=lr_grad,
+        precision=precision,
         norm_buffers=norm_buffers,
         what=what,
         theta=theta,

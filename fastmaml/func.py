@@ -200,6 +200,7 @@ def meta_grad(
     check_finite: bool = True,
     task_chunk: Optional[int] = None,
     step_weights: Optional[Sequence[float]] = None,
+    precision: Optional[str] = None,
     strict: bool = False,
     return_aux: bool = False,
 ) -> Union[Tuple[torch.Tensor, Any], Tuple[torch.Tensor, Any, Aux]]:
@@ -230,6 +231,7 @@ def meta_grad(
         check_finite: as `meta_step`.
         task_chunk: as `meta_step`.
         step_weights: as `meta_step`.
+        precision: as `meta_step`.
         strict: require a tensor for every parameter of the model.
         return_aux: also return an `Aux` (the `MetaResult`, with the query pass at θ, and the gradients of
             the learnable tensors of `inner_lr`).
@@ -264,6 +266,7 @@ def meta_grad(
         check_finite=check_finite,
         task_chunk=task_chunk,
         step_weights=step_weights,
+        precision=precision,
         shared_grad=any(n in named.tensors for n in layout.shared.names),
         lr_grad=return_aux,
         norm_buffers=_norm_buffers(model, buffers),

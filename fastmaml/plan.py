@@ -100,7 +100,7 @@ class MetaStep:
 
     The other keyword arguments (`inner_lr`, `steps`, `order`, `loss`, `inner_params`, `backend`,
     `batch_norm`, `implicit_lambda`, `cg_steps`, `evaluate_before`, `check_finite`, `task_chunk`,
-    `step_weights`, `update_running_stats`) are those of `meta_step`.
+    `step_weights`, `update_running_stats`, `precision`) are those of `meta_step`.
 
     Args:
         model: any `nn.Module`, as for `meta_step`. The plan holds it weakly.
@@ -138,6 +138,7 @@ class MetaStep:
         task_chunk: Optional[int] = None,
         step_weights: Optional[Sequence[float]] = None,
         update_running_stats: bool = True,
+        precision: Optional[str] = None,
         cuda_graph: bool = False,
     ):
         options = dict(
@@ -152,6 +153,7 @@ class MetaStep:
             check_finite=check_finite,
             task_chunk=task_chunk,
             step_weights=step_weights,
+            precision=precision,
         )
         batch = as_task_batch(example_tasks)
         if cuda_graph:
@@ -335,6 +337,7 @@ def _key(model: nn.Module, batch, o: dict) -> tuple:
         _scalar(o["evaluate_before"]),
         _scalar(o["check_finite"]),
         _scalar(o["task_chunk"]),
+        _scalar(o["precision"]),
     )
 
 

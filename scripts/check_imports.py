@@ -8,8 +8,8 @@ from a layer to the same layer or one below it:
     programs  fastmaml.programs            (how a model computes loss, gradient, HVP for all tasks)
     ops       fastmaml.ops                 (named ops: references and backends)
     kernels   fastmaml.kernels, fastmaml.build
-    base      errors, schedule, layout, losses, tasks, inner_lr, batchnorm, result, msl, models, data
-              (used by every layer; imports only other base modules)
+    base      errors, schedule, layout, losses, tasks, inner_lr, batchnorm, result, msl, models, data,
+              precision (used by every layer; imports only other base modules)
 
 Every import counts, at module level or inside a function. `python scripts/check_imports.py` prints the
 violations and exits 1 if there are any.
@@ -58,6 +58,7 @@ BASE = (
     "data",
     "context",
     "blackbox",
+    "precision",
 )
 _LAYER_OF.update({f"fastmaml.{m}": "base" for m in BASE})
 

@@ -51,7 +51,7 @@ def test_files_written(quick_results):
     assert {r["workload"] for r in loaded["rows"]} == set(QUICK_WORKLOADS + SWEEP)
     text = (out / "results.md").read_text()
     assert "| autograd-loop | second |" in text and "conv28-1shot-K1" in text
-    assert "| float32 autograd error | sensitivity |" in text and "- sensitivity: the problem's own" in text
+    assert "| autograd loop's error | sensitivity |" in text and "- sensitivity: the problem's own" in text
 
 
 @pytest.mark.parametrize("workload", ["sinusoid-K5", "conv28-1shot-K1"])
@@ -355,3 +355,40 @@ def test_rounds_change_the_order_of_the_rows():
     calls.clear()
     time_round_robin({n: Fake(n) for n in names}, warmup=1, repeats=6)
     assert [calls[i : i + len(names)] for i in range(0, len(calls), len(names))] == rounds
+
+
+def test_precision_rows_against_the_loop_of_their_policy(tmp_path):
+    """A precision row brings the autograd loop of its policy, is judged and timed against it (not against the
+    default loop), and the default selection leaves the policies out."""
+    assert not any(i.precision for i in impls.select(None))
+    chosen = [i.name for i in impls.select(["fastmaml-bf16"])]
+    assert chosen == ["autograd-loop", "autograd-loop-first", "autograd-loop-bf16", "fastmaml-bf16"]
+    results = run_suite(
+        out=tmp_path,
+        quick=True,
+        workload_names=["sinusoid-K1"],
+        impl_names=["fastmaml-bf16", "fastmaml-fp32"],
+        repeats=1,
+        warmup=0,
+        measure_memory=False,
+        plots=False,
+        log=lambda *a: None,
+    )
+    bf16, fp32 = _rows(results, impl="fastmaml-bf16")[0], _rows(results, impl="fastmaml-fp32")[0]
+    loop_bf16 = _rows(results, impl="autograd-loop-bf16")[0]
+    assert bf16["baseline"] == "autograd-loop-bf16" and fp32["baseline"] == "autograd-loop-fp32"
+    assert bf16["ref_err"] == loop_bf16["rel_err"] and bf16["verdict"] != "WRONG"
+    assert 1e-4 < bf16["rel_err"] < 1e-1 and fp32["rel_err"] < 1e-5  # bf16 really rounds to bf16
+    text = (tmp_path / "results.md").read_text()
+    assert "precision bf16: error and speed-up against autograd-loop-bf16" in text
+
+
+def test_card_peaks_and_the_rate_column():
+    assert flops.card_peaks("NVIDIA H100 80GB HBM3") == {"fp32": 67.0e12, "tf32": 494.5e12}
+    assert flops.card_peaks("NVIDIA H100 PCIe") == {"fp32": 51.0e12, "tf32": 378.0e12}
+    assert flops.card_peaks("NVIDIA H200 NVL") == {"fp32": 60.0e12, "tf32": 417.5e12}
+    assert flops.card_peaks("NVIDIA H200") == {"fp32": 67.0e12, "tf32": 494.5e12}
+    assert flops.card_peaks("NVIDIA A10G") is None and flops.card_peaks("") is None
+    row = {"flops_per_s": 6.7e12, "fp32_peak_fraction": 0.1, "tf32_peak_fraction": 6.7e12 / 494.5e12}
+    assert report._rate(row, {"fp32": 67.0e12, "tf32": 494.5e12}) == "6.7 (10% / 1.4%)"
+    assert report._rate({"flops_per_s": 2e9, "matmul_fraction": 0.25}, None) == "2 (25%)"

@@ -195,7 +195,7 @@ def test_autocast_is_refused_with_what_to_do():
             with pytest.raises(
                 RuntimeError,
                 match=rf"{what} does not run under torch.autocast\('cpu', "
-                r"dtype=torch.bfloat16\).*enabled=False.*model.to\(torch.bfloat16",
+                r"dtype=torch.bfloat16\).*enabled=False.*precision='bf16'.*model.to\(torch.bfloat16",
             ):
                 call()
             with torch.autocast("cpu", enabled=False):

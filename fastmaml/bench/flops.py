@@ -1,4 +1,5 @@
-"""The floor: an analytic FLOP count of one meta-step, and the machine's measured matmul rate.
+"""The floor: an analytic FLOP count of one meta-step, the machine's measured matmul rate, and the
+datasheet peaks of the GPUs the suite has run on (`card_peaks`).
 
 Counting rule (the work any exact implementation must do; elementwise ops not counted):
 - Only Linear and Conv2d layers count, 2 FLOPs per multiply-add. Forward of a layer on N examples:
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -42,6 +43,29 @@ def meta_step_flops(w: Workload, order: str) -> int:
     fs, fq = forward_flops(w, w.support), forward_flops(w, w.query)
     per_step = 9 if order == "second" else 3
     return w.tasks * (w.steps * per_step * fs + 3 * fq)
+
+
+# Dense peak FLOP/s by GPU name (as torch.cuda.get_device_name reports it), from NVIDIA's datasheets: FP32
+# on CUDA cores, TF32 on tensor cores without sparsity (the datasheets quote TF32 with 2:4 sparsity, twice
+# these). Sources: "NVIDIA H100 Tensor Core GPU" datasheet (SXM5: 67 / 494.5 TFLOP/s; PCIe: 51 / 378; NVL:
+# 60 / 417.5) and "NVIDIA H200 Tensor Core GPU" datasheet (SXM: 67 / 494.5; NVL: 60 / 417.5). The first
+# name fragment found in the device name decides.
+CARD_PEAKS = (
+    ("H100 PCIe", 51.0e12, 378.0e12),
+    ("H100 NVL", 60.0e12, 417.5e12),
+    ("H100", 67.0e12, 494.5e12),
+    ("H200 NVL", 60.0e12, 417.5e12),
+    ("H200", 67.0e12, 494.5e12),
+)
+PEAKS_SOURCE = "NVIDIA H100 / H200 datasheets, dense (no sparsity)"
+
+
+def card_peaks(name: str) -> Optional[Dict[str, float]]:
+    """{"fp32": FLOP/s, "tf32": FLOP/s} of the GPU named `name` (dense datasheet peaks), or None."""
+    for fragment, fp32, tf32 in CARD_PEAKS:
+        if fragment in name:
+            return {"fp32": fp32, "tf32": tf32}
+    return None
 
 
 def matmul_rate(device: torch.device, n: int = 2048, repeats: int = 10) -> Dict[str, float]:

@@ -7,6 +7,10 @@ accumulates the meta-gradient of the mean-over-tasks query loss into the model's
                          order second | checkpoint | first
     fastmaml-plan[auto,order]  a fastmaml.MetaStep plan (built at the first step, on that step's tasks),
                          backend auto, order second | checkpoint | first
+    fastmaml-P           fastmaml.meta_step, backend auto, order second, precision policy P (fp32 | tf32 |
+                         bf16); compared with autograd-loop-P
+    autograd-loop-P      the autograd loop under policy P: TF32 flags of fastmaml.precision.math_mode
+                         (fp32, tf32) or torch.autocast (bf16, float32 weights)
     torch.func-vmap      vmap over tasks of grad(query loss ∘ K inner grad steps) (grad of grad)
     learn2learn          l2l.algorithms.MAML(model, lr).clone().adapt(loss), per task
     higher               higher.innerloop_ctx(model, SGD), per task
@@ -29,6 +33,7 @@ from torch.func import functional_call
 
 from .. import MetaStep, meta_step
 from ..ops import registry
+from ..precision import PRECISIONS, math_mode, resolve_precision
 from . import peers
 from .workloads import Workload
 
@@ -43,7 +48,9 @@ AUTOGRAD_BASED = frozenset({"autograd", "torch.func", "learn2learn", "higher", "
 @dataclass(frozen=True)
 class Impl:
     """name: the row label; family: the library; order: "second" or "first" (the gradient computed;
-    "checkpoint" computes the second-order one); build(model, workload, device) -> step."""
+    "checkpoint" computes the second-order one); build(model, workload, device) -> step; precision: the
+    policy of fastmaml/precision.py it runs under ("": PyTorch's settings), compared only with rows of the
+    same policy."""
 
     name: str
     family: str
@@ -51,17 +58,31 @@ class Impl:
     build: Callable[[nn.Module, Workload, torch.device], Step]
     available: Callable[[torch.device], Tuple[bool, str]]
     mode: str = ""  # the library's own name for the mode (e.g. "checkpoint")
+    precision: str = ""
 
 
 def _always(device) -> Tuple[bool, str]:
     return True, ""
 
 
-def _autograd_loop(create_graph: bool):
+def _policy(precision: str, device: torch.device):
+    """The context of a precision policy for PyTorch code: autocast for bf16, the TF32 flags otherwise."""
+    if not precision:
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return math_mode(resolve_precision(precision, torch.float32), device)
+
+
+def _autograd_loop(create_graph: bool, precision: str = ""):
     def build(model: nn.Module, w: Workload, device) -> Step:
         names = [n for n, _ in model.named_parameters()]
 
         def step(tasks):
+            with _policy(precision, torch.device(device)):
+                loop(tasks)
+
+        def loop(tasks):
             sx, sy, qx, qy = tasks
             T = sx.shape[0]
             params = dict(model.named_parameters())
@@ -78,7 +99,7 @@ def _autograd_loop(create_graph: bool):
     return build
 
 
-def _fastmaml(backend: str, order: str):
+def _fastmaml(backend: str, order: str, precision: str = ""):
     def build(model: nn.Module, w: Workload, device) -> Step:
         def step(tasks):
             # the meta-gradient only, like every other row (no extra query pass at θ for the result)
@@ -91,6 +112,7 @@ def _fastmaml(backend: str, order: str):
                 loss=w.loss,
                 backend=backend,
                 evaluate_before=False,
+                precision=precision or None,
             )
 
         return step
@@ -256,6 +278,11 @@ def implementations() -> List[Impl]:
                 mode=order,
             )
         )
+    for precision in PRECISIONS:  # each policy against the autograd loop under the same policy
+        loop = _autograd_loop(True, precision)
+        out.append(Impl(f"autograd-loop-{precision}", "autograd", "second", loop, _always, precision=precision))
+        build, available = _fastmaml("auto", "second", precision)
+        out.append(Impl(f"fastmaml-{precision}", "fastmaml", "second", build, available, "second", precision))
     out.append(Impl("torch.func-vmap", "torch.func", "second", _torch_func, _always))
     for name, build in (("learn2learn", _learn2learn), ("higher", _higher), ("torchopt", _torchopt)):
         out.append(Impl(name, name, "second", build, _peer_available(name)))
@@ -264,11 +291,13 @@ def implementations() -> List[Impl]:
 
 def select(names: Optional[List[str]]) -> List[Impl]:
     """The implementations named (all when None); a name may be a prefix ("fastmaml" selects all its
-    rows). The autograd loops (both orders) are always included: ratios are taken against them."""
+    rows). The autograd loops (both orders) are always included: ratios are taken against them; a row of a
+    precision policy brings the autograd loop of its policy. By default, every row but the precision
+    policies' (named: `--impls fastmaml-bf16`)."""
     table = implementations()
     if not names:
-        return table
-    chosen = [i for i in table if i.family == "autograd"]
+        return [i for i in table if not i.precision]
+    chosen = [i for i in table if i.family == "autograd" and not i.precision]
     for name in names:
         exact = [i for i in table if i.name == name]
         hits = exact or [i for i in table if i.name.startswith(name)]
@@ -276,5 +305,7 @@ def select(names: Optional[List[str]]) -> List[Impl]:
             raise ValueError(
                 f"--impls: unknown implementation {name!r}; expected one of {[i.name for i in table]} or a prefix"
             )
-        chosen += [i for i in hits if i not in chosen]
+        for hit in hits:
+            loop = [i for i in table if hit.precision and i.family == "autograd" and i.precision == hit.precision]
+            chosen += [i for i in loop + [hit] if i not in chosen]
     return chosen

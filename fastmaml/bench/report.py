@@ -55,9 +55,11 @@ def _note(row: Dict) -> str:
         )
     elif v == "more accurate":
         ratio = row["ref_err"] / row["rel_err"]
-        notes.append(f"more accurate than the float32 autograd loop ({ratio:.1f}× lower error)")
+        notes.append(f"more accurate than the autograd loop ({ratio:.1f}× lower error)")
     if row["order"] == "first":
         notes.append("first-order (FOMAML)")
+    if row.get("precision") and row.get("baseline") and row["baseline"] != row["impl"]:
+        notes.append(f"precision {row['precision']}: error and speed-up against {row['baseline']}")
     if row.get("memory_error"):
         notes.append(row["memory_error"])
     return "; ".join(notes)
@@ -74,6 +76,12 @@ def markdown(results: Dict) -> str:
     )
     lines.append(f"- torch {m['torch']}, Python {m['python']}")
     lines.append(f"- matmul rate ({mm['n']}² float32 GEMM, median): {mm['flops_per_s'] / 1e9:.1f} GFLOP/s")
+    peaks = m.get("peaks")
+    if peaks:
+        lines.append(
+            f"- the card's peaks: {peaks['fp32'] / 1e12:.4g} TFLOP/s FP32, {peaks['tf32'] / 1e12:.4g} TFLOP/s "
+            f"TF32 tensor cores ({peaks['source']})"
+        )
     lines.append(
         f"- load average (1 min) at start / end: {m['load_average_start']:.2f} / "
         f"{m['load_average_end']:.2f} on {m['cores']} cores (this run itself adds up to "
@@ -105,7 +113,8 @@ def markdown(results: Dict) -> str:
         "- memory: peak resident-set growth over one meta-step (CPU) or peak allocated bytes "
         "(CUDA), each in its own process",
         "- GFLOP/s: analytic FLOPs of the meta-step (Linear/Conv only; see fastmaml/bench/flops.py) "
-        "per median second, and as % of the matmul rate",
+        "per median second, and as % of the matmul rate"
+        + ("; on a GPU with known peaks, TFLOP/s and % of its FP32 / TF32 peaks" if peaks else ""),
         "",
     ]
     rows = results["rows"]
@@ -135,7 +144,9 @@ def markdown(results: Dict) -> str:
         lines.append("")
         lines.append(
             "| implementation | order | time ms (min–max) | speed-up | error vs float64 "
-            "| float32 autograd error | sensitivity | peak memory MB | GFLOP/s (% matmul) | note |"
+            "| autograd loop's error | sensitivity | peak memory MB | "
+            + ("TFLOP/s (% FP32 / % TF32 peak)" if peaks else "GFLOP/s (% matmul)")
+            + " | note |"
         )
         lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
         said = set()
@@ -154,13 +165,24 @@ def markdown(results: Dict) -> str:
                 f"| {r['impl']} | {r['mode'] or r['order']} | {_ms(r['median_s'])} "
                 f"({_ms(r['min_s'])}–{_ms(r['max_s'])}) "
                 f"| {speed} | {r['rel_err']:.2e} | {r.get('ref_err', float('nan')):.2e} | {_sens(r)} | {_memory(r)} "
-                f"| {r['flops_per_s'] / 1e9:.3g} ({100 * r.get('matmul_fraction', 0):.2g}%) | {_note(r)} |"
+                f"| {_rate(r, peaks)} | {_note(r)} |"
             )
         lines.append("")
     lines.append("FLOP counting rule (fastmaml/bench/flops.py):")
     lines.append("")
     lines += [line.rstrip() for line in flops_module.__doc__.split("Counting rule", 1)[1].splitlines()[1:]]
     return "\n".join(lines)
+
+
+def _rate(row: Dict, peaks) -> str:
+    """The row's achieved FLOP rate: TFLOP/s with % of the card's FP32 and TF32 peaks, or GFLOP/s with % of
+    the measured matmul rate."""
+    if peaks:
+        return (
+            f"{row['flops_per_s'] / 1e12:.3g} ({100 * row['fp32_peak_fraction']:.2g}% / "
+            f"{100 * row['tf32_peak_fraction']:.2g}%)"
+        )
+    return f"{row['flops_per_s'] / 1e9:.3g} ({100 * row.get('matmul_fraction', 0):.2g}%)"
 
 
 def _plot_speedups(results: Dict, path: Path) -> bool:

@@ -65,7 +65,7 @@ def machine_info(device: torch.device) -> Dict:
 
 def _truth(w: workloads.Workload, model, tasks, device, order: str) -> torch.Tensor:
     """The true meta-gradient of `order`: the autograd loop in float64 on `model`'s weights and the data."""
-    loop = next(i for i in impls.implementations() if i.family == "autograd" and i.order == order)
+    loop = next(i for i in impls.implementations() if i.family == "autograd" and i.order == order and not i.precision)
     r = Runner(loop, model, w, tasks, device, dtype=torch.float64)
     r.step()
     return r.flat_grad()
@@ -135,6 +135,7 @@ def run_workload(
             "impl": impl.name,
             "family": impl.family,
             "order": impl.order,
+            "precision": impl.precision,
             "mode": impl.mode,
             "status": "ok",
             "reason": "",
@@ -188,22 +189,26 @@ def run_workload(
 
 
 def _compare(rows: Dict[str, Dict]) -> None:
-    """Adds the float32 autograd loop's error, the worst autograd-based row's error (same order), the
-    tolerance, the verdict and the speed-up vs the autograd loop of the same order (no speed-up for a
-    WRONG row)."""
-    baseline = {r["order"]: r for r in rows.values() if r["family"] == "autograd" and "median_s" in r}
-    worst: Dict[str, Dict] = {}
+    """Adds the autograd loop's error, the worst autograd-based row's error (same order and precision
+    policy), the tolerance, the verdict and the speed-up vs the autograd loop of the same order and policy
+    (no speed-up for a WRONG row)."""
+
+    def kind(r):
+        return r["order"], r.get("precision", "")
+
+    baseline = {kind(r): r for r in rows.values() if r["family"] == "autograd" and "median_s" in r}
+    worst: Dict[tuple, Dict] = {}
     for r in rows.values():
         if r["family"] in impls.AUTOGRAD_BASED and "median_s" in r:
-            if r["order"] not in worst or r["rel_err"] > worst[r["order"]]["rel_err"]:
-                worst[r["order"]] = r
+            if kind(r) not in worst or r["rel_err"] > worst[kind(r)]["rel_err"]:
+                worst[kind(r)] = r
     for row in rows.values():
-        ref = baseline.get(row["order"])
+        ref = baseline.get(kind(row))
         if "median_s" not in row or ref is None:
             continue
         row["ref_err"] = ref["rel_err"]
-        row["worst_autograd"] = worst[row["order"]]["impl"]
-        row["worst_autograd_err"] = worst[row["order"]]["rel_err"]
+        row["worst_autograd"] = worst[kind(row)]["impl"]
+        row["worst_autograd_err"] = worst[kind(row)]["rel_err"]
         row["tolerance"] = tolerance(row["worst_autograd_err"], row.get("sensitivity"))
         row["verdict"] = (
             ""
@@ -245,6 +250,9 @@ def run_suite(
     info = machine_info(dev)
     log(f"fastmaml bench on {info['cpu']} ({info['cores']} cores), torch {info['torch']}, device {dev}")
     info["matmul"] = flops.matmul_rate(dev)
+    peaks = flops.card_peaks(info.get("gpu", ""))
+    if peaks is not None:
+        info["peaks"] = dict(peaks, source=flops.PEAKS_SOURCE)
     start = time.time()
     results = {
         "machine": info,
@@ -280,6 +288,9 @@ def run_suite(
         for row in rows:
             if "flops_per_s" in row:
                 row["matmul_fraction"] = row["flops_per_s"] / info["matmul"]["flops_per_s"]
+                if peaks is not None:
+                    row["fp32_peak_fraction"] = row["flops_per_s"] / peaks["fp32"]
+                    row["tf32_peak_fraction"] = row["flops_per_s"] / peaks["tf32"]
         results["rows"] += rows
         results["workloads"][w.name] = {
             "description": w.description,

@@ -12,6 +12,7 @@ from ..batchnorm import NormPlan
 from ..layout import ParamLayout
 from ..losses import Loss
 from ..ops import OpTable
+from ..precision import Precision
 from ..tasks import TaskBatch
 from .sweeps import Implicit
 
@@ -24,7 +25,7 @@ class MetaStepRequest:
     lr_grad: per step, whether ∂L/∂α_j is wanted; weights: MAML++ step weights (K floats) or None;
     shared_grad: whether the shared parameters need their meta-gradient; ops: the op table of the call;
     labels_checked: the caller checked the class indices against the model's outputs (a captured CUDA graph
-    cannot read them back).
+    cannot read them back); precision: the policy of fastmaml/precision.py, or None (PyTorch's settings).
     """
 
     model: nn.Module
@@ -45,6 +46,7 @@ class MetaStepRequest:
     evaluate_before: bool = True
     task_chunk: Optional[int] = None
     labels_checked: bool = False
+    precision: Optional[Precision] = None
 
     @property
     def steps(self) -> int:

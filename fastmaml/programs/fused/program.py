@@ -223,7 +223,6 @@ class FusedProgram(Program):
     def loss_grad(self, ops, phi, shared, x, y, *, shared_grad=False, bn_stats=None, activations=None) -> LossGrad:
         T = x.shape[0]
         plan = self.plans[bool(shared_grad)]
-        loss = phi.new_empty(T)
         grad = phi.new_empty(T, self.layout.adapted.size)
         grad_s = phi.new_empty(T, self.layout.shared.size) if shared_grad else None
         result = {}
@@ -233,7 +232,8 @@ class FusedProgram(Program):
             watch = self._watch(activations is not None)
             out, _, saved, hosts, nbytes = self._forward(ops, x[sl], params, plan.active, watch=watch)
             self._keep_outputs(activations, watch, sl, T)
-            loss[sl], g, _ = self.loss_rule.grad(ops, out, y[sl])
+            loss, g, _ = self.loss_rule.grad(ops, out, y[sl])
+            self._store(result, "loss", loss, sl, T)
             self._store(result, "output", out, sl, T)
             outs, pending = self._outs({"a": grad[sl], "s": self._rows(grad_s, sl)})
             grads: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
@@ -259,7 +259,7 @@ class FusedProgram(Program):
 
         with torch.no_grad():
             self._chunked("loss_grad", x, run)
-        return LossGrad(loss, grad, grad_s, result["output"])
+        return LossGrad(result["loss"], grad, grad_s, result["output"])
 
     def hvp(
         self, ops, phi, shared, x, y, u, *, shared_grad=False, need_grad=True, bn_stats=None, activations=None
