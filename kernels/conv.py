@@ -206,6 +206,44 @@ def _fwd_kernel(x_ptr, xd_ptr, w_ptr, wd_ptr, b_ptr, bd_ptr, y_ptr, yd_ptr, st_p
             tl.store(st + 3 * sst_q, tl.sum(dev * vd, axis=0), mask=mn)
 
 
+@_jit
+def _stats_kernel(part_ptr, out_ptr, R, OC, RB, TILE, sp_q, sp_t, sp_b, so_q, so_t, so_o,
+                  TANGENT: tl.constexpr, ACC: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr):
+    """The forward epilogue's per-tile statistics `[Q, T, RB, OC]` combined over the RB row tiles (n_i rows
+    each: TILE, the last R − (RB − 1)·TILE): a program per (channel block, task), two passes over the tiles."""
+    t = tl.program_id(1).to(tl.int64)
+    rc = tl.program_id(0) * BC + tl.arange(0, BC)
+    mc = rc < OC
+    base = part_ptr + t * sp_t + rc[None, :]
+    acc = tl.zeros((BB, BC), dtype=ACC)
+    for b0 in range(0, RB, BB):
+        rb = b0 + tl.arange(0, BB)
+        n = tl.minimum(TILE, R - rb * TILE).to(ACC)
+        mask = (rb < RB)[:, None] & mc[None, :]
+        acc += n[:, None] * tl.load(base + (rb * sp_b)[:, None], mask=mask, other=0).to(ACC)
+    mean = tl.sum(acc, axis=0) / R
+    m2 = tl.zeros((BB, BC), dtype=ACC)
+    s = tl.zeros((BB, BC), dtype=ACC)
+    d = tl.zeros((BB, BC), dtype=ACC)
+    for b0 in range(0, RB, BB):
+        rb = b0 + tl.arange(0, BB)
+        n = tl.minimum(TILE, R - rb * TILE).to(ACC)
+        mask = (rb < RB)[:, None] & mc[None, :]
+        off = base + (rb * sp_b)[:, None]
+        dm = tl.where(mask, tl.load(off, mask=mask, other=0).to(ACC) - mean[None, :], 0.0)
+        m2 += tl.load(off + sp_q, mask=mask, other=0).to(ACC) + n[:, None] * dm * dm
+        if TANGENT:
+            si = tl.load(off + 2 * sp_q, mask=mask, other=0).to(ACC)
+            s += si
+            d += tl.load(off + 3 * sp_q, mask=mask, other=0).to(ACC) + dm * si
+    out = out_ptr + t * so_t + rc * so_o
+    tl.store(out, mean, mask=mc)
+    tl.store(out + so_q, tl.sum(m2, axis=0) / R, mask=mc)
+    if TANGENT:
+        tl.store(out + 2 * so_q, tl.sum(s, axis=0) / R, mask=mc)
+        tl.store(out + 3 * so_q, tl.sum(d, axis=0) / R, mask=mc)
+
+
 # ---------------------------------------------------------------- input gradient: gx, ġx
 
 
@@ -551,17 +589,23 @@ def _combine_stats(part: Tensor, BM: int, R: int, stats: Tensor, tangent: bool) 
     """Writes the statistics over all R rows into `stats` `[2|4, T, O]` from the per-tile partials `part`
     `[2|4, T, row blocks, O]` (tile mean m_i, Σ (y − m_i)², Σ ẏ, Σ (y − m_i) ẏ over the n_i rows of tile i):
     mean = Σ n_i m_i / R, var = (Σ M2_i + Σ n_i (m_i − mean)²) / R, mean(ẏ) = Σ s_i / R and
-    mean((y − mean) ẏ) = (Σ D_i + Σ (m_i − mean) s_i) / R. Deterministic (no atomics)."""
-    blocks = part.shape[2]
-    n = torch.full((blocks,), float(BM), dtype=part.dtype, device=part.device)
-    n[-1] = R - (blocks - 1) * BM
-    mean = (part[0] * n[:, None]).sum(1) / R
-    dm = part[0] - mean[:, None, :]
-    stats[0].copy_(mean)
-    stats[1].copy_((part[1].sum(1) + (dm * dm * n[:, None]).sum(1)) / R)
-    if tangent:
-        stats[2].copy_(part[2].sum(1) / R)
-        stats[3].copy_((part[3].sum(1) + (dm * part[2]).sum(1)) / R)
+    mean((y − mean) ẏ) = (Σ D_i + Σ (m_i − mean) s_i) / R. One launch, deterministic (no atomics)."""
+    _, T, RB, OC = part.shape
+    BC = _pow2(OC, 16, 64)
+    _stats_kernel[(triton.cdiv(OC, BC), T)](
+        part,
+        stats,
+        R,
+        OC,
+        RB,
+        BM,
+        *part.stride()[:3],
+        *stats.stride(),
+        TANGENT=tangent,
+        ACC=acc_dtype(part.dtype),
+        BB=_pow2(RB, 2, 16),
+        BC=BC,
+    )
 
 
 def _fwd(

@@ -5,15 +5,17 @@ float32 (within a bound derived from PyTorch's own float32 error on the same inp
 float32 accumulation; odd sizes, stride, padding, 1×1 and asymmetric kernels, dilation, per-task and
 common weights (views of flat buffers), outputs written in place through their strides; opcheck; the
 BatchNorm statistics of the forward's epilogue against `var_mean` of the reference output (several row
-tiles, a partial column block); and a meta-step of a conv net with the Conv2d rule's strategy "triton"
-against the autograd oracle (float64) and against strategy "loop" (float32). On CUDA, or under the
-Triton interpreter on CPU."""
+tiles, a partial column block), and a BatchNorm normalizing with them; and meta-steps of conv nets with
+the Conv2d rule's strategy "triton" against the autograd oracle (float64, BatchNorms taking the
+convolutions' statistics) and against strategy "loop" (float32). On CUDA, or under the Triton interpreter
+on CPU."""
 
 import inspect
 import os
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 if not torch.cuda.is_available():
@@ -324,6 +326,7 @@ STATS_CASES = [
     (3, 3, 17, 7, 6, 20, 3, 2, 1, 1, "common", "common"),  # stride 2, 20 channels: a partial column block
     (2, 7, 4, 9, 7, 3, 1, 1, 0, 1, "task", None),  # 1×1, 441 positions
     (1, 2, 5, 13, 11, 6, 3, 2, 0, 1, "task", "task"),  # one task, stride 2, no padding, odd sizes
+    (1, 17, 1, 16, 16, 3, 3, 1, 1, 1, "task", "task"),  # 4352 positions: 17 row tiles, reduced 16 at a time
 ]
 STATS_IDS = ["T{}N{}C{}H{}W{}O{}".format(*c[:6]) + f"-k{c[6]}s{c[7]}" for c in STATS_CASES]
 
@@ -351,12 +354,12 @@ def test_bn_stats_float64(lib, case):
     want = reference_stats(ref["y"], ref["yd"])
     s, p, d = c.geo
     T, OC = c.T, c.OC
-    if case is STATS_CASES[0]:  # the tiles are combined: more than one row block
+    if case in (STATS_CASES[0], STATS_CASES[4]):  # the tiles are combined: several row blocks
         from fastmaml.kernels import conv as kernels
 
         R = ref["y"][0, :, 0].numel()
         BM = kernels.blocks(R, OC, c.C * 9, kernels._precision(torch.float64, False), True)[0]
-        assert R > BM
+        assert -(-R // BM) > (1 if case is STATS_CASES[0] else 16)
 
     y = torch.empty(T, OC, c.N, *ref["y"].shape[-2:], dtype=torch.float64, device=DEVICE).transpose(1, 2)
     yd = torch.empty_like(ref["yd"], device=DEVICE)
@@ -400,20 +403,28 @@ def test_bn_stats_low_precision(lib, dtype):
         check(stats[k], want[k], 8 * max(2.0**-24, rel(own[k].float(), want[k])), f"stats[{k}]")
 
 
-def test_bn_stats_give_the_batchnorm_terms(lib):
-    """`batchnorm_terms` of the statistics are the batch-statistics BatchNorm ops' own (mean, r, a, mean ẋ)
-    of the same output (the reference `batchnorm_act_value_tangent_fwd`), in float64."""
-    from fastmaml.ops.reference.batchnorm import batchnorm_act_value_tangent_fwd
+@pytest.mark.parametrize("slope", [1.0, 0.0, 0.1])
+def test_given_statistics_batchnorm_matches_its_own(lib, slope):
+    """`batchnorm_act_given_fwd` on the epilogue's statistics of a convolution's output is
+    `batchnorm_act_value_tangent_fwd` on that output (z, ż, mean, r, a, mean(ẋ)), float64; its z does not
+    depend on the tangent."""
+    from fastmaml.ops.reference.batchnorm import batchnorm_act_given_fwd, batchnorm_act_value_tangent_fwd
 
     c = Conv(STATS_CASES[1]).cast(torch.float64)
     s, p, d = c.geo
     y, yd, stats = triton_conv.conv_value_tangent(c.x, c.xd, c.w, c.b, c.wd, c.bd, s, p, d, bn_stats=True)
     x4, xd4 = y.reshape(*y.shape[:3], -1), yd.reshape(*y.shape[:3], -1)
+    w, b, wd, bd = (c.randn(c.T, c.OC).to(DEVICE) for _ in range(4))
     with torch.no_grad():
-        _, _, mean, r, a, dmean = batchnorm_act_value_tangent_fwd(x4, xd4, None, None, None, None, 1e-5, 1.0)
-    for k, (got, want) in enumerate(zip(triton_conv.batchnorm_terms(stats, 1e-5), (mean, r, a, dmean))):
-        check(got, want, 1e-13, k)
-    assert len(triton_conv.batchnorm_terms(stats[:2], 1e-5)) == 2
+        want = batchnorm_act_value_tangent_fwd(x4, xd4, w, b, wd, bd, 1e-5, slope)
+        got = batchnorm_act_given_fwd(x4, xd4, w, b, wd, bd, stats, 1e-5, slope)
+        for k, (u, v) in enumerate(zip(got, want)):
+            check(u, v, 1e-13, k)
+        z, zd, *_ = batchnorm_act_given_fwd(x4, None, w[0], None, None, None, stats[:2], 1e-5, slope)
+        assert zd is None
+        assert torch.equal(z, batchnorm_act_given_fwd(x4, xd4, w[0], None, None, None, stats, 1e-5, slope)[0])
+        with pytest.raises(ValueError, match="a tangent needs"):
+            batchnorm_act_given_fwd(x4, xd4, w, b, None, None, stats[:2], 1e-5, slope)
 
 
 def test_bn_stats_bad_arguments(lib):
@@ -514,6 +525,63 @@ def test_meta_step_strategy_triton(lib, monkeypatch):
         assert err <= 1e-4 * float(want[n].double().norm()) + 1e-6 * total, (n, err, total)
 
 
+def conv_bn_net(ways=3):
+    """Conv → BatchNorm → ReLU, Conv (stride 2) → BatchNorm → LeakyReLU, Conv 1×1 → BatchNorm, Linear: each
+    BatchNorm the only reader of a convolution (the three rules that take given statistics); 7×7 inputs."""
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 3, 3, stride=2),
+        nn.BatchNorm2d(3),
+        nn.LeakyReLU(0.1),
+        nn.Conv2d(3, 2, 1),
+        nn.BatchNorm2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 3, ways),
+    ).double()
+
+
+@pytest.mark.parametrize("order", ["second", "checkpoint"])
+def test_meta_step_batchnorm_takes_the_conv_statistics(lib, monkeypatch, order):
+    """With strategy "triton" every BatchNorm of a conv-BatchNorm net normalizes with the statistics of its
+    convolution's epilogue (counted), and the second-order meta-gradient matches the autograd oracle in
+    float64: with the activation tape (order "second": the HVP reuses y and its statistics) and without
+    ("checkpoint": recomputed)."""
+    from fastmaml.programs.fused import norm
+
+    monkeypatch.setitem(conv.STRATEGY, DEVICE.type, "triton")
+    calls = {"forward": 0, "tangent": 0, "stats": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(norm.BatchNormRule, "_given_forward", counted("forward", norm.BatchNormRule._given_forward))
+    monkeypatch.setattr(
+        norm.BatchNormRule, "_given_tangent_forward", counted("tangent", norm.BatchNormRule._given_tangent_forward)
+    )
+    monkeypatch.setattr(norm.BatchNormRule, "_act_forward", counted("stats", norm.BatchNormRule._act_forward))
+    taped = []  # per tangent forward of a convolution: whether it reused the tape's y and statistics
+    tangent_forward_stats = conv.ConvRule.tangent_forward_stats
+
+    def recorded(self, ops, x, xd, p, v, y=None, stats=None):
+        taped.append(y is not None and stats is not None)
+        return tangent_forward_stats(self, ops, x, xd, p, v, y=y, stats=stats)
+
+    monkeypatch.setattr(conv.ConvRule, "tangent_forward_stats", recorded)
+    torch.manual_seed(0)
+    model = conv_bn_net().to(DEVICE)
+    tasks = [t.to(DEVICE) for t in classification_tasks(T=2, ways=3, shots=1, query=2, size=7)]
+    check_meta_step(model, tasks, loss="cross_entropy", loss_fn=F.cross_entropy, inner_lr=0.4, order=order, tol=1e-9)
+    assert calls["forward"] >= 3 and calls["tangent"] >= 3, calls
+    assert calls["stats"] == 0, calls  # no BatchNorm reduced its input itself
+    assert taped and all(taped) == (order == "second"), taped
+
+
 # ---------------------------------------------------------------- benchmarks/conv_triton_bench.py
 
 
@@ -572,12 +640,14 @@ kc = importlib.import_module("fastmaml.kernels.conv")
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-def compile_(jf, flags, BM, BN, BK, warps):
-    consts = dict(flags, USE_DOT=True, CAST=False, PREC="tf32", ACC=tl.float32, BM=BM, BN=BN, BK=BK)
+def build(jf, consts, warps):
     sig = {n: "constexpr" if n in consts else "*fp32" if n.endswith("_ptr") else "i32" for n in jf.arg_names}
     src = triton.compiler.ASTSource(jf, sig, constexprs=consts)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=3))
     return len(k.asm["cubin"])
+
+def compile_(jf, flags, BM, BN, BK, warps):
+    return build(jf, dict(flags, USE_DOT=True, CAST=False, PREC="tf32", ACC=tl.float32, BM=BM, BN=BN, BK=BK), warps)
 
 on = dict(HAS_B=True, HAS_BD=True)
 sizes = [
@@ -588,6 +658,7 @@ sizes = [
     compile_(kc._bwd_weight_kernel, dict(GW_ON=True, GWD_ON=True, GB_ON=True, GBD_ON=True, HAS_GYD=True,
                                          HAS_XD=True, LOAD_X=True, LOAD_G=True, LOAD_GD=True, ACCUMULATE=True,
                                          FLAT=False), 128, 64, 16, 8),
+    build(kc._stats_kernel, dict(TANGENT=True, ACC=tl.float32, BB=16, BC=64), 4),
 ]
 print(json.dumps(sizes))
 """
@@ -595,8 +666,8 @@ print(json.dumps(sizes))
 
 def test_kernels_compile_for_sm90(tmp_path):
     """The interpreter does not run Triton's compiler: the tangent kernels (the largest forms, TF32; the
-    forward with its BatchNorm-statistics epilogue) compile for sm_90 without a GPU (Triton's bundled ptxas),
-    in a process without TRITON_INTERPRET."""
+    forward with its BatchNorm-statistics epilogue, and the statistics' reduction) compile for sm_90 without a
+    GPU (Triton's bundled ptxas), in a process without TRITON_INTERPRET."""
     import json
     import subprocess
     import sys

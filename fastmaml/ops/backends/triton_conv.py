@@ -6,7 +6,6 @@ weights, the tangent forms sharing the value's tile loads.
     conv_forward(x, w, b, ..., bn_stats=True)         (y, stats `[2, T, O]`: mean, biased variance of y)
     conv_value_tangent(x, xd, w, b, wd, bd, ...)      (y, ẏ = conv(ẋ, w) + conv(x, ẇ) + ḃ)
     conv_value_tangent(..., bn_stats=True)            (y, ẏ, stats `[4, T, O]`: also mean(ẏ), mean((y − ȳ) ẏ))
-    batchnorm_terms(stats, eps)                       (mean, r, a, mean(ẏ)) `[T, O]` as BatchNorm computes them
     conv_backward(gy, x, w, ..., need_x, gw_out, gb_out, accumulate)          gx; gw, gb written
     conv_tangent_backward(gy, gyd, x, xd, w, wd, ..., need_x, outs, touts)    (gx, ġx); gw, gb, ġw, ġb
 
@@ -17,8 +16,8 @@ Gradient outputs are written in place (views of the flat `[T, P]` gradient buffe
 `bn_stats`: the per-task, per-channel BatchNorm batch statistics of the output (over N, H', W'), from the
 forward kernel's epilogue (per output tile, then a deterministic reduction over the tiles): what a
 following BatchNorm on batch statistics needs, without reading y again. float32 (float64 for float64
-inputs), of y and ẏ as stored. Op-level only: the BatchNorm rules still compute their own statistics
-(their ops take none given; see docs/architecture.md).
+inputs), of y and ẏ as stored. The fused engine gives them to a BatchNorm that is the only reader of the
+convolution's output (`ConvRule.forward_stats`, fastmaml/programs/fused/program.py).
 
 Runs where the "triton" backend runs: CUDA devices, and the CPU only under the Triton interpreter
 (`TRITON_INTERPRET=1` set before the first use; tests). Elsewhere the first call raises
@@ -152,16 +151,6 @@ def conv_value_tangent(
     if yd is None:
         stats = torch.cat([stats, torch.zeros_like(stats)])
     return y, yd, stats
-
-
-def batchnorm_terms(stats: Tensor, eps: float) -> Tuple[Tensor, ...]:
-    """From `stats` `[2|4, T, C]` of `bn_stats`: (mean, r = 1/sqrt(var + eps)) and, from `[4, T, C]`, also
-    (a = mean(x̂ ẋ) = r mean((x − mean) ẋ), mean(ẋ)), each `[T, C]`: the per-channel values the batch-statistics
-    BatchNorm ops compute from their input (`batchnorm_act_value_tangent_fwd`'s mean, r, a, dmean)."""
-    r = torch.rsqrt(stats[1] + eps)
-    if stats.shape[0] == 2:
-        return stats[0], r
-    return stats[0], r, r * stats[3], stats[2]
 
 
 def conv_backward(
