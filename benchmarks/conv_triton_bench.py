@@ -15,6 +15,13 @@ Each time is the median of round-robin repeats (CUDA events), after one warm-up 
 products a pass computes (tangent passes: three products). The agreement column is Triton's largest
 relative difference from grouped over a layer's passes.
 
+BatchNorm statistics of the output (a following BatchNorm on batch statistics, per task and channel), Triton
+only, unfused / fused:
+    fwd_stats      y, then mean and variance of y by `torch.var_mean`  /  the forward with `bn_stats`
+    tan_fwd_stats  y, ẏ, then also mean(ẏ) and mean((y − mean) ẏ) by PyTorch reductions (several passes)
+                   /  the value-and-tangent forward with `bn_stats` (the statistics in its epilogue)
+with the largest relative difference between the two sets of statistics.
+
 Precisions: fp32 (true FP32: cuDNN without TF32, Triton's tl.dot in IEEE), tf32 (both on TF32), bf16
 (bfloat16 tensors, float32 accumulation). Needs CUDA.
 
@@ -41,6 +48,7 @@ except ModuleNotFoundError:  # run from a source checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fastmaml.ops.backends import triton_conv
+from fastmaml.precision import math_mode, resolve_precision
 from fastmaml.programs.fused import conv
 
 PASSES = ("fwd", "dgrad", "wgrad", "tan_fwd", "tan_dgrad", "tan_wgrad")
@@ -84,6 +92,40 @@ def passes(strategy: str, t: dict, geo: conv.Geometry) -> Dict[str, Callable[[],
             gb,
             gbd,
         ),
+    }
+
+
+STATS_PASSES = ("fwd_stats", "tan_fwd_stats")
+
+
+def _stats(y: torch.Tensor, yd=None) -> torch.Tensor:
+    """Mean and biased variance of y (and mean(ẏ), mean((y − mean) ẏ)) per task and channel, by PyTorch
+    reductions: the unfused way."""
+    var, mean = torch.var_mean(y, (1, 3, 4), correction=0)
+    if yd is None:
+        return torch.stack([mean, var])
+    cov = torch.mean((y - mean[:, None, :, None, None]) * yd, (1, 3, 4))
+    return torch.stack([mean, var, yd.mean((1, 3, 4)), cov])
+
+
+def stats_passes(t: dict, geo: conv.Geometry) -> Dict[str, Dict[str, Callable[[], object]]]:
+    """Per statistics pass, its unfused and fused forms on the tensors `t`; each returns the statistics."""
+    x, xd, w, wd, b, bd = (t[k] for k in ("x", "xd", "w", "wd", "b", "bd"))
+    g = (geo.stride, geo.padding, geo.dilation)
+
+    def tan_unfused():
+        y, yd = triton_conv.conv_value_tangent(x, xd, w, b, wd, bd, *g)
+        return _stats(y, yd)
+
+    return {
+        "fwd_stats": {
+            "unfused": lambda: _stats(triton_conv.conv_forward(x, w, b, *g)),
+            "fused": lambda: triton_conv.conv_forward(x, w, b, *g, bn_stats=True)[1],
+        },
+        "tan_fwd_stats": {
+            "unfused": tan_unfused,
+            "fused": lambda: triton_conv.conv_value_tangent(x, xd, w, b, wd, bd, *g, bn_stats=True)[2],
+        },
     }
 
 
@@ -131,10 +173,8 @@ def run_layer(net, C, OC, k, H, N, T, precision, repeats, device) -> dict:
     geo = conv.Geometry(k, 1, k // 2, 1)
     t = dict(x=r(T, N, C, H, H), xd=r(T, N, C, H, H), w=r(T, OC, C, k, k, scale=0.1), wd=r(T, OC, C, k, k, scale=0.1))
     t.update(b=r(T, OC), bd=r(T, OC), gy=r(T, N, OC, H, H), gyd=r(T, N, OC, H, H))
-    tf32 = precision == "tf32"
-    triton_conv.ALLOW_TF32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-    with torch.no_grad():
+    policy = resolve_precision("tf32" if precision == "tf32" else "fp32", torch.float32)
+    with torch.no_grad(), math_mode(policy, device):  # cuDNN and the Triton kernels: TF32 exactly for tf32
         grouped, triton = passes("grouped", t, geo), passes("triton", t, geo)
         row = dict(net=net, C=C, O=OC, k=k, H=H, N=N, T=T, precision=precision)
         worst = 0.0
@@ -146,6 +186,12 @@ def run_layer(net, C, OC, k, H, N, T, precision, repeats, device) -> dict:
                 grouped_ms=times["grouped"], triton_ms=times["triton"], triton_tflops=flops / times["triton"] / 1e9
             )
         row["agreement"] = worst
+        worst = 0.0
+        for name, fns in stats_passes(t, geo).items():
+            times = median_ms(fns, repeats)
+            worst = max(worst, agreement(fns["fused"](), fns["unfused"]()))
+            row[name] = dict(unfused_ms=times["unfused"], fused_ms=times["fused"])
+        row["stats_agreement"] = worst
     return row
 
 
@@ -174,6 +220,23 @@ def markdown(results: dict) -> str:
                 f"| {r['net']} | {r['C']}→{r['O']} | {r['k']} | {r['H']} | {r['N']} | "
                 + " | ".join(cells)
                 + f" | {r['agreement']:.1e} |"
+            )
+        lines.append("")
+        lines += [
+            f"BatchNorm statistics ({precision}): ms, unfused / fused (above 1: the epilogue pays)",
+            "",
+            "| net | C→O | k | H | N | " + " | ".join(STATS_PASSES) + " | agreement |",
+            "|---|---|---:|---:|---:|" + "---:|" * len(STATS_PASSES) + "---:|",
+        ]
+        for r in rows:
+            cells = [
+                f"{r[p]['unfused_ms']:.3f} / {r[p]['fused_ms']:.3f} = {r[p]['unfused_ms'] / r[p]['fused_ms']:.2f}×"
+                for p in STATS_PASSES
+            ]
+            lines.append(
+                f"| {r['net']} | {r['C']}→{r['O']} | {r['k']} | {r['H']} | {r['N']} | "
+                + " | ".join(cells)
+                + f" | {r['stats_agreement']:.1e} |"
             )
         lines.append("")
     if results["not_reached"]:
@@ -206,19 +269,15 @@ def main(argv=None) -> int:
 
     start = time.time()
     rows, not_reached = [], []
-    saved = (triton_conv.ALLOW_TF32, torch.backends.cudnn.allow_tf32)
-    try:
-        for precision in args.precisions:
-            for N in args.images:
-                for net, C, OC, k, H in layer_shapes():
-                    if args.budget and time.time() - start > args.budget:
-                        not_reached.append((precision, net, C, OC, k, H, N))
-                        continue
-                    row = run_layer(net, C, OC, k, H, N, args.tasks, precision, args.repeats, device)
-                    rows.append(row)
-                    print(json.dumps(row), file=sys.stderr, flush=True)
-    finally:
-        triton_conv.ALLOW_TF32, torch.backends.cudnn.allow_tf32 = saved
+    for precision in args.precisions:
+        for N in args.images:
+            for net, C, OC, k, H in layer_shapes():
+                if args.budget and time.time() - start > args.budget:
+                    not_reached.append((precision, net, C, OC, k, H, N))
+                    continue
+                row = run_layer(net, C, OC, k, H, N, args.tasks, precision, args.repeats, device)
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
     results = dict(
         device=torch.cuda.get_device_name(device),
         torch=torch.__version__,

@@ -7,6 +7,9 @@
     conv2d_bwd_weight(gy, gyd, x, xd, gw, gwd, gb, gbd, ...)
                                                            gw = ∂w(x, gy),  gb = Σ gy
                                                            ġw = ∂w(x, ġy) + ∂w(ẋ, gy),  ġb = Σ ġy
+    conv2d_fwd_bn_stats(x, xd, w, wd, b, bd, y, yd, stats, ..., y_in, ...)
+                                                           conv2d_fwd, and the BatchNorm batch statistics of
+                                                           y (and ẏ) per task and channel, from its epilogue
 
 x `[T, N, C, H, W]`, gy `[T, N, O, H', W']`, w `[T, O, C, kh, kw]` per task or `[O, C, kh, kw]` common
 (read with task stride 0), b `[T, O]` or `[O]`; any strides (weights are views of the flat `[T, P]`
@@ -25,7 +28,9 @@ t · (its task stride), 0 for a common weight; offsets within a task are int32 (
   outer, channel blocks inner, one flat loop of kh·kw·⌈C/BK⌉ steps; a row's input pixel (p·s − pad + i·d,
   ...) is computed once per step for the whole tile and out-of-image rows are masked (zero padding).
   With fewer than 16 channels (first layers: 1 or 3) the reduction index k = (c, i, j) runs flat over
-  C·kh·kw instead, decomposed per element (`flat`), so a block is not mostly padding.
+  C·kh·kw instead, decomposed per element (`flat`), so a block is not mostly padding. With BatchNorm
+  statistics, the epilogue also writes per channel its tile's mean and Σ (y − tile mean)² (and Σ ẏ,
+  Σ (y − tile mean) ẏ) into a `[4, T, row blocks, O]` buffer, combined over the tiles afterwards.
 - input gradient: rows m = (n, h, w) input positions, columns c, reduction over (i, j, o); output
   position p = (h + pad − i·d) / s where it divides exactly (stride > 1: the other rows of the step are
   masked, so the work is s² times the useful one; the standard nets use stride 1).
@@ -96,14 +101,16 @@ def _tile(v, CAST: tl.constexpr, ACC: tl.constexpr):
 
 # fmt: off
 @_jit
-def _fwd_kernel(x_ptr, xd_ptr, w_ptr, wd_ptr, b_ptr, bd_ptr, y_ptr, yd_ptr,
+def _fwd_kernel(x_ptr, xd_ptr, w_ptr, wd_ptr, b_ptr, bd_ptr, y_ptr, yd_ptr, st_ptr,
                 N, C, H, W, OC, HO, WO, KW, KK, SH, SW, PH, PW, DH, DW,
                 sx_t, sxd_t, sx_n, sx_c, sx_h, sx_w,              # x and ẋ share their strides within a task
                 sw_t, swd_t, sw_o, sw_c, sw_i, sw_j,              # w and ẇ likewise
                 sb_t, sb_o, sbd_t, sbd_o,
                 sy_t, sy_n, sy_o, sy_h, sy_w, syd_t, syd_n, syd_o, syd_h, syd_w,
+                sst_q, sst_t, sst_b,                              # partial statistics [Q, T, row blocks, OC]
                 Y_ON: tl.constexpr, YD_ON: tl.constexpr, HAS_XD: tl.constexpr, HAS_WD: tl.constexpr,
                 HAS_B: tl.constexpr, HAS_BD: tl.constexpr, LOAD_X: tl.constexpr, LOAD_W: tl.constexpr,
+                STATS: tl.constexpr, TSTATS: tl.constexpr, Y_IN: tl.constexpr,
                 FLAT: tl.constexpr, USE_DOT: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
                 ACC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid = tl.program_id(0)
@@ -169,16 +176,72 @@ def _fwd_kernel(x_ptr, xd_ptr, w_ptr, wd_ptr, b_ptr, bd_ptr, y_ptr, yd_ptr,
                 bd = _tile(tl.load(wd_ptr + t * swd_t + b_off, mask=b_mask, other=0), CAST, ACC)
                 accd = _mma(accd, a, bd, USE_DOT, PREC)
     out_mask = mm[:, None] & mn[None, :]
+    y_off = (n * sy_n + p * sy_h + q * sy_w)[:, None] + (rn * sy_o)[None, :]
     if Y_ON:
         if HAS_B:
             acc += tl.load(b_ptr + t * sb_t + rn * sb_o, mask=mn, other=0).to(ACC)[None, :]
-        off = (n * sy_n + p * sy_h + q * sy_w)[:, None] + (rn * sy_o)[None, :]
-        tl.store(y_ptr + t * sy_t + off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(y_ptr + t * sy_t + y_off, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     if YD_ON:
         if HAS_BD:
             accd += tl.load(bd_ptr + t * sbd_t + rn * sbd_o, mask=mn, other=0).to(ACC)[None, :]
         off = (n * syd_n + p * syd_h + q * syd_w)[:, None] + (rn * syd_o)[None, :]
         tl.store(yd_ptr + t * syd_t + off, accd.to(yd_ptr.dtype.element_ty), mask=out_mask)
+    if STATS or TSTATS:
+        # BatchNorm statistics of this tile's rows, per channel, of y (and ẏ) as stored: the tile mean and
+        # Σ (y − tile mean)² (and Σ ẏ, Σ (y − tile mean) ẏ), combined over row blocks afterwards
+        if Y_IN:  # y given (not computed here): read back
+            v = tl.load(y_ptr + t * sy_t + y_off, mask=out_mask, other=0).to(ACC)
+        else:
+            v = acc.to(y_ptr.dtype.element_ty).to(ACC)
+        v = tl.where(mm[:, None], v, 0.0)
+        mean = tl.sum(v, axis=0) / tl.sum(mm.to(ACC), axis=0)
+        dev = tl.where(mm[:, None], v - mean[None, :], 0.0)
+        st = st_ptr + t * sst_t + pid_m * sst_b + rn
+        if STATS:
+            tl.store(st, mean, mask=mn)
+            tl.store(st + sst_q, tl.sum(dev * dev, axis=0), mask=mn)
+        if TSTATS:
+            vd = tl.where(mm[:, None], accd.to(yd_ptr.dtype.element_ty).to(ACC), 0.0)
+            tl.store(st + 2 * sst_q, tl.sum(vd, axis=0), mask=mn)
+            tl.store(st + 3 * sst_q, tl.sum(dev * vd, axis=0), mask=mn)
+
+
+@_jit
+def _stats_kernel(part_ptr, out_ptr, R, OC, RB, TILE, sp_q, sp_t, sp_b, so_q, so_t, so_o,
+                  TANGENT: tl.constexpr, ACC: tl.constexpr, BB: tl.constexpr, BC: tl.constexpr):
+    """The forward epilogue's per-tile statistics `[Q, T, RB, OC]` combined over the RB row tiles (n_i rows
+    each: TILE, the last R − (RB − 1)·TILE): a program per (channel block, task), two passes over the tiles."""
+    t = tl.program_id(1).to(tl.int64)
+    rc = tl.program_id(0) * BC + tl.arange(0, BC)
+    mc = rc < OC
+    base = part_ptr + t * sp_t + rc[None, :]
+    acc = tl.zeros((BB, BC), dtype=ACC)
+    for b0 in range(0, RB, BB):
+        rb = b0 + tl.arange(0, BB)
+        n = tl.minimum(TILE, R - rb * TILE).to(ACC)
+        mask = (rb < RB)[:, None] & mc[None, :]
+        acc += n[:, None] * tl.load(base + (rb * sp_b)[:, None], mask=mask, other=0).to(ACC)
+    mean = tl.sum(acc, axis=0) / R
+    m2 = tl.zeros((BB, BC), dtype=ACC)
+    s = tl.zeros((BB, BC), dtype=ACC)
+    d = tl.zeros((BB, BC), dtype=ACC)
+    for b0 in range(0, RB, BB):
+        rb = b0 + tl.arange(0, BB)
+        n = tl.minimum(TILE, R - rb * TILE).to(ACC)
+        mask = (rb < RB)[:, None] & mc[None, :]
+        off = base + (rb * sp_b)[:, None]
+        dm = tl.where(mask, tl.load(off, mask=mask, other=0).to(ACC) - mean[None, :], 0.0)
+        m2 += tl.load(off + sp_q, mask=mask, other=0).to(ACC) + n[:, None] * dm * dm
+        if TANGENT:
+            si = tl.load(off + 2 * sp_q, mask=mask, other=0).to(ACC)
+            s += si
+            d += tl.load(off + 3 * sp_q, mask=mask, other=0).to(ACC) + dm * si
+    out = out_ptr + t * so_t + rc * so_o
+    tl.store(out, mean, mask=mc)
+    tl.store(out + so_q, tl.sum(m2, axis=0) / R, mask=mc)
+    if TANGENT:
+        tl.store(out + 2 * so_q, tl.sum(s, axis=0) / R, mask=mc)
+        tl.store(out + 3 * so_q, tl.sum(d, axis=0) / R, mask=mc)
 
 
 # ---------------------------------------------------------------- input gradient: gx, ġx
@@ -517,14 +580,51 @@ def weight_split(programs: int, positions: int, BK: int, device: torch.device) -
     return max(1, min(want, r_blocks // (1 if INTERPRET else 4)))
 
 
-# fmt: off
-@torch.library.custom_op("fastmaml_triton::conv2d_fwd", mutates_args=("y", "yd"))
-def conv2d_fwd(x: Tensor, xd: Opt, w: Tensor, wd: Opt, b: Opt, bd: Opt, y: Opt, yd: Opt, stride: List[int],
-               padding: List[int], dilation: List[int], tf32: bool) -> None:
-    """Writes y = conv(x, w) + b and ẏ = conv(ẋ, w) + conv(x, ẇ) + ḃ `[T, N, O, H', W']` (each output that
-    is given; a None input is zero). x, xd `[T, N, C, H, W]`; w, wd `[T, O, C, kh, kw]` | `[O, C, kh, kw]`;
-    b, bd `[T, O]` | `[O]`. One launch: the tangent's products share the value's x and w tile loads."""
-    # fmt: on
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of BatchNorm statistics from the forward's epilogue: the accumulation type."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _combine_stats(part: Tensor, BM: int, R: int, stats: Tensor, tangent: bool) -> None:
+    """Writes the statistics over all R rows into `stats` `[2|4, T, O]` from the per-tile partials `part`
+    `[2|4, T, row blocks, O]` (tile mean m_i, Σ (y − m_i)², Σ ẏ, Σ (y − m_i) ẏ over the n_i rows of tile i):
+    mean = Σ n_i m_i / R, var = (Σ M2_i + Σ n_i (m_i − mean)²) / R, mean(ẏ) = Σ s_i / R and
+    mean((y − mean) ẏ) = (Σ D_i + Σ (m_i − mean) s_i) / R. One launch, deterministic (no atomics)."""
+    _, T, RB, OC = part.shape
+    BC = _pow2(OC, 16, 64)
+    _stats_kernel[(triton.cdiv(OC, BC), T)](
+        part,
+        stats,
+        R,
+        OC,
+        RB,
+        BM,
+        *part.stride()[:3],
+        *stats.stride(),
+        TANGENT=tangent,
+        ACC=acc_dtype(part.dtype),
+        BB=_pow2(RB, 2, 16),
+        BC=BC,
+    )
+
+
+def _fwd(
+    x: Tensor,
+    xd: Opt,
+    w: Tensor,
+    wd: Opt,
+    b: Opt,
+    bd: Opt,
+    y: Opt,
+    yd: Opt,
+    stats: Opt,
+    stride,
+    padding,
+    dilation,
+    y_in: bool,
+    tf32: bool,
+) -> None:
+    """`conv2d_fwd` (stats None) and `conv2d_fwd_bn_stats`."""
     x = _activation(x, "x")
     T, N, C, H, W = x.shape
     w = _tensor(w, "w", (4, 5), x)
@@ -543,37 +643,99 @@ def conv2d_fwd(x: Tensor, xd: Opt, w: Tensor, wd: Opt, b: Opt, bd: Opt, y: Opt, 
     bd = _shaped(_tensor(bd, "bd", (1, 2), x), "bd", (T, OC), common=True)
     y = _shaped(_tensor(y, "y", (5,), x), "y", (T, N, OC, HO, WO))
     yd = _shaped(_tensor(yd, "yd", (5,), x), "yd", (T, N, OC, HO, WO))
+    tangent_stats = False
+    if stats is not None:
+        if not isinstance(stats, torch.Tensor) or stats.dim() != 3 or stats.shape[0] not in (2, 4):
+            raise ValueError(
+                f"stats: expected a [2, {T}, {OC}] or [4, {T}, {OC}] tensor, got {getattr(stats, 'shape', stats)}"
+            )
+        _shaped(stats, "stats", (stats.shape[0], T, OC))
+        if stats.dtype != _stats_dtype(x.dtype) or stats.device != x.device:
+            raise TypeError(
+                f"stats: expected {_stats_dtype(x.dtype)} on {x.device}, got {stats.dtype} on {stats.device}"
+            )
+        if y is None:
+            raise ValueError("stats: the statistics are y's: give y (written, or read with y_in)")
+        tangent_stats = stats.shape[0] == 4
+        if tangent_stats and yd is None:
+            raise ValueError("stats: [4, T, O] (with the tangent's statistics) needs yd")
+        if N == 0 and T * OC > 0:
+            raise ValueError("stats: no output positions to average over (N = 0)")
+    Y_ON = y is not None and not y_in
     if yd is None:
         xd = wd = bd = None
-    if y is None:
+    if not Y_ON:
         b = None
-    if T * N * OC == 0 or (y is None and yd is None):
+    if T * N * OC == 0 or (not Y_ON and yd is None and stats is None):
         return
     if yd is not None and xd is None and wd is None:  # ẏ = ḃ (or 0)
         yd.copy_(torch.zeros((), dtype=x.dtype, device=x.device) if bd is None else bd[:, None, :, None, None])
+        if tangent_stats:  # mean(ẏ) = ḃ, mean((y − mean) ẏ) = 0
+            stats[2].zero_() if bd is None else stats[2].copy_(bd)
+            stats[3].zero_()
+            tangent_stats = False
         yd = None
-        if y is None:
+        if not Y_ON and stats is None:
             return
     x, xd, x_st = _pair_strides(x, xd)
     w, wd, w_st = _weight_pair(w, wd, T)
     cfg = _precision(x.dtype, tf32)
     FLAT = flat(C)
-    BM, BN, BK, warps = blocks(N * HO * WO, OC, C * KH * KW if FLAT else C, cfg, yd is not None)
-    grid = (triton.cdiv(N * HO * WO, BM) * triton.cdiv(OC, BN), T)
-    Y_ON, YD_ON = y is not None, yd is not None
+    R = N * HO * WO
+    BM, BN, BK, warps = blocks(R, OC, C * KH * KW if FLAT else C, cfg, yd is not None)
+    grid = (triton.cdiv(R, BM) * triton.cdiv(OC, BN), T)
+    YD_ON = yd is not None
     HAS_XD, HAS_WD = YD_ON and xd is not None, YD_ON and wd is not None
+    part = None
+    if stats is not None:  # per-tile partial statistics, combined below
+        part = x.new_empty((4 if tangent_stats else 2, T, triton.cdiv(R, BM), OC), dtype=stats.dtype)
     # fmt: off
     _fwd_kernel[grid](
-        x, _or(xd, x), w, _or(wd, x), _or(b, x), _or(bd, x), _or(y, x), _or(yd, x),
+        x, _or(xd, x), w, _or(wd, x), _or(b, x), _or(bd, x), _or(y, x), _or(yd, x), _or(part, x),
         N, C, H, W, OC, HO, WO, KW, KH * KW, sh, sw, ph, pw, dh, dw,
         *x_st, *w_st, *_strides(b, 2), *_strides(bd, 2), *_strides(y, 5), *_strides(yd, 5),
+        *(part.stride()[:3] if part is not None else (0, 0, 0)),
         Y_ON=Y_ON, YD_ON=YD_ON, HAS_XD=HAS_XD, HAS_WD=HAS_WD, HAS_B=b is not None, HAS_BD=bd is not None,
-        LOAD_X=Y_ON or HAS_WD, LOAD_W=Y_ON or HAS_XD, FLAT=FLAT, BM=BM, BN=BN, BK=BK, num_warps=warps, **cfg)
+        LOAD_X=Y_ON or HAS_WD, LOAD_W=Y_ON or HAS_XD, STATS=part is not None, TSTATS=tangent_stats,
+        Y_IN=part is not None and not Y_ON, FLAT=FLAT, BM=BM, BN=BN, BK=BK, num_warps=warps, **cfg)
     # fmt: on
+    if part is not None:
+        _combine_stats(part, BM, R, stats, tangent_stats)
+
+
+# fmt: off
+@torch.library.custom_op("fastmaml_triton::conv2d_fwd", mutates_args=("y", "yd"))
+def conv2d_fwd(x: Tensor, xd: Opt, w: Tensor, wd: Opt, b: Opt, bd: Opt, y: Opt, yd: Opt, stride: List[int],
+               padding: List[int], dilation: List[int], tf32: bool) -> None:
+    """Writes y = conv(x, w) + b and ẏ = conv(ẋ, w) + conv(x, ẇ) + ḃ `[T, N, O, H', W']` (each output that
+    is given; a None input is zero). x, xd `[T, N, C, H, W]`; w, wd `[T, O, C, kh, kw]` | `[O, C, kh, kw]`;
+    b, bd `[T, O]` | `[O]`. One launch: the tangent's products share the value's x and w tile loads."""
+    # fmt: on
+    _fwd(x, xd, w, wd, b, bd, y, yd, None, stride, padding, dilation, False, tf32)
 
 
 @conv2d_fwd.register_fake
 def _(x, xd, w, wd, b, bd, y, yd, stride, padding, dilation, tf32):
+    return None
+
+
+# fmt: off
+@torch.library.custom_op("fastmaml_triton::conv2d_fwd_bn_stats", mutates_args=("y", "yd", "stats"))
+def conv2d_fwd_bn_stats(x: Tensor, xd: Opt, w: Tensor, wd: Opt, b: Opt, bd: Opt, y: Tensor, yd: Opt, stats: Tensor,
+                        stride: List[int], padding: List[int], dilation: List[int], y_in: bool, tf32: bool) -> None:
+    """`conv2d_fwd` that also writes the BatchNorm batch statistics of y, per task and channel over
+    (N, H', W'), into `stats`: `[2, T, O]` mean and biased variance; `[4, T, O]` (yd given) also mean(ẏ) and
+    mean((y − mean) ẏ). float32 (float64 for float64 inputs), of y and ẏ as stored. From the kernel's
+    epilogue: each tile of output rows writes its mean and Σ of squared deviations from it (and Σ ẏ,
+    Σ (y − tile mean) ẏ), combined over the tiles afterwards (no second read of y, no atomics). With
+    `y_in`, y is an input already computed (the activation tape): read in the epilogue, not written, and b
+    is not used."""
+    # fmt: on
+    _fwd(x, xd, w, wd, b, bd, y, yd, stats, stride, padding, dilation, y_in, tf32)
+
+
+@conv2d_fwd_bn_stats.register_fake
+def _(x, xd, w, wd, b, bd, y, yd, stats, stride, padding, dilation, y_in, tf32):
     return None
 
 

@@ -3,15 +3,19 @@ against PyTorch's convolutions, task by task: the forward, the input gradient an
 gradients, each with its tangent form (two products in one kernel), in float64 (to ~1e-15) and
 float32 (within a bound derived from PyTorch's own float32 error on the same input), bfloat16 with
 float32 accumulation; odd sizes, stride, padding, 1×1 and asymmetric kernels, dilation, per-task and
-common weights (views of flat buffers), outputs written in place through their strides; opcheck; and
-a meta-step of a conv net with the Conv2d rule's strategy "triton" against the autograd oracle
-(float64) and against strategy "loop" (float32). On CUDA, or under the Triton interpreter on CPU."""
+common weights (views of flat buffers), outputs written in place through their strides; opcheck; the
+BatchNorm statistics of the forward's epilogue against `var_mean` of the reference output (several row
+tiles, a partial column block), and a BatchNorm normalizing with them; and meta-steps of conv nets with
+the Conv2d rule's strategy "triton" against the autograd oracle (float64, BatchNorms taking the
+convolutions' statistics) and against strategy "loop" (float32). On CUDA, or under the Triton interpreter
+on CPU."""
 
 import inspect
 import os
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 if not torch.cuda.is_available():
@@ -315,6 +319,144 @@ def test_unavailable_without_the_interpreter(lib, monkeypatch):
         triton_conv._lib(torch.device("cpu"))
 
 
+# ---------------------------------------------------------------- BatchNorm statistics in the forward's epilogue
+
+STATS_CASES = [
+    (2, 5, 3, 9, 9, 5, 3, 1, 1, 1, "task", "task"),  # 405 positions: two row tiles, the second partial
+    (3, 3, 17, 7, 6, 20, 3, 2, 1, 1, "common", "common"),  # stride 2, 20 channels: a partial column block
+    (2, 7, 4, 9, 7, 3, 1, 1, 0, 1, "task", None),  # 1×1, 441 positions
+    (1, 2, 5, 13, 11, 6, 3, 2, 0, 1, "task", "task"),  # one task, stride 2, no padding, odd sizes
+    (1, 17, 1, 16, 16, 3, 3, 1, 1, 1, "task", "task"),  # 4352 positions: 17 row tiles, reduced 16 at a time
+]
+STATS_IDS = ["T{}N{}C{}H{}W{}O{}".format(*c[:6]) + f"-k{c[6]}s{c[7]}" for c in STATS_CASES]
+
+
+def reference_stats(y, yd):
+    """(mean, biased variance, mean(ẏ), mean((y − mean) ẏ)) `[4, T, O]` over (N, H', W'), in float64."""
+    y, yd = y.double().cpu(), yd.double().cpu()
+    var, mean = torch.var_mean(y, (1, 3, 4), correction=0)
+    cov = ((y - mean[:, None, :, None, None]) * yd).mean((1, 3, 4))
+    return torch.stack([mean, var, yd.mean((1, 3, 4)), cov])
+
+
+def check_stats(got, want, allowed, what):
+    assert got.shape == want.shape, (what, got.shape, want.shape)
+    for k in range(got.shape[0]):
+        check(got[k], want[k], allowed, f"{what}[{k}]")
+
+
+@pytest.mark.parametrize("case", STATS_CASES, ids=STATS_IDS)
+def test_bn_stats_float64(lib, case):
+    """The statistics against `var_mean` of PyTorch's output, with the full tangent, value only, from a
+    given y (the activation tape's form), with ẏ = ḃ and without a tangent; y and ẏ still right."""
+    c = Conv(case).cast(torch.float64)
+    ref = Conv(case).references()
+    want = reference_stats(ref["y"], ref["yd"])
+    s, p, d = c.geo
+    T, OC = c.T, c.OC
+    if case in (STATS_CASES[0], STATS_CASES[4]):  # the tiles are combined: several row blocks
+        from fastmaml.kernels import conv as kernels
+
+        R = ref["y"][0, :, 0].numel()
+        BM = kernels.blocks(R, OC, c.C * 9, kernels._precision(torch.float64, False), True)[0]
+        assert -(-R // BM) > (1 if case is STATS_CASES[0] else 16)
+
+    y = torch.empty(T, OC, c.N, *ref["y"].shape[-2:], dtype=torch.float64, device=DEVICE).transpose(1, 2)
+    yd = torch.empty_like(ref["yd"], device=DEVICE)
+    stats = torch.full((4, T, OC), float("nan"), dtype=torch.float64, device=DEVICE)
+    lib.conv2d_fwd_bn_stats(c.x, c.xd, c.w, c.wd, c.b, c.bd, y, yd, stats, s, p, d, False, False)
+    check(y, ref["y"], 1e-13, "y")
+    check(yd, ref["yd"], 1e-13, "yd")
+    check_stats(stats, want, 1e-13, "stats")
+
+    y2, st2 = triton_conv.conv_forward(c.x, c.w, c.b, s, p, d, bn_stats=True)
+    check(y2, ref["y"], 1e-13, "y, value only")
+    check_stats(st2, want[:2], 1e-13, "stats, value only")
+
+    given = ref["y"].to(DEVICE)
+    y3, yd3, st3 = triton_conv.conv_value_tangent(
+        c.x, c.xd, c.w, c.b, c.wd, c.bd, s, p, d, value=False, bn_stats=True, y=given
+    )
+    assert y3 is given and torch.equal(given, ref["y"].to(DEVICE))  # read, not written
+    check(yd3, ref["yd"], 1e-13, "yd, y given")
+    check_stats(st3, want, 1e-13, "stats, y given")
+
+    _, yd4, st4 = triton_conv.conv_value_tangent(c.x, None, c.w, c.b, None, c.bd, s, p, d, bn_stats=True)
+    check_stats(st4[:2], want[:2], 1e-13, "stats, yd = bd")
+    assert torch.equal(st4[2], c.bd) and (st4[3] == 0).all()
+    y5, yd5, st5 = triton_conv.conv_value_tangent(c.x, None, c.w, c.b, None, None, s, p, d, bn_stats=True)
+    assert yd5 is None and (st5[2:] == 0).all()
+    check_stats(st5[:2], want[:2], 1e-13, "stats, no tangent")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bn_stats_low_precision(lib, dtype):
+    """float32 and bfloat16 (statistics in float32): those of y and ẏ as stored, within 8× PyTorch's own
+    float32 error on the same stored values."""
+    c = Conv(STATS_CASES[0]).cast(dtype)
+    s, p, d = c.geo
+    y, yd, stats = triton_conv.conv_value_tangent(c.x, c.xd, c.w, c.b, c.wd, c.bd, s, p, d, bn_stats=True)
+    assert y.dtype == yd.dtype == dtype and stats.dtype == torch.float32
+    want = reference_stats(y, yd)
+    own = reference_stats(y.float(), yd.float())  # the same computation in float32
+    for k in range(4):
+        check(stats[k], want[k], 8 * max(2.0**-24, rel(own[k].float(), want[k])), f"stats[{k}]")
+
+
+@pytest.mark.parametrize("slope", [1.0, 0.0, 0.1])
+def test_given_statistics_batchnorm_matches_its_own(lib, slope):
+    """`batchnorm_act_given_fwd` on the epilogue's statistics of a convolution's output is
+    `batchnorm_act_value_tangent_fwd` on that output (z, ż, mean, r, a, mean(ẋ)), float64; its z does not
+    depend on the tangent."""
+    from fastmaml.ops.reference.batchnorm import batchnorm_act_given_fwd, batchnorm_act_value_tangent_fwd
+
+    c = Conv(STATS_CASES[1]).cast(torch.float64)
+    s, p, d = c.geo
+    y, yd, stats = triton_conv.conv_value_tangent(c.x, c.xd, c.w, c.b, c.wd, c.bd, s, p, d, bn_stats=True)
+    x4, xd4 = y.reshape(*y.shape[:3], -1), yd.reshape(*y.shape[:3], -1)
+    w, b, wd, bd = (c.randn(c.T, c.OC).to(DEVICE) for _ in range(4))
+    with torch.no_grad():
+        want = batchnorm_act_value_tangent_fwd(x4, xd4, w, b, wd, bd, 1e-5, slope)
+        got = batchnorm_act_given_fwd(x4, xd4, w, b, wd, bd, stats, 1e-5, slope)
+        for k, (u, v) in enumerate(zip(got, want)):
+            check(u, v, 1e-13, k)
+        z, zd, *_ = batchnorm_act_given_fwd(x4, None, w[0], None, None, None, stats[:2], 1e-5, slope)
+        assert zd is None
+        assert torch.equal(z, batchnorm_act_given_fwd(x4, xd4, w[0], None, None, None, stats, 1e-5, slope)[0])
+        with pytest.raises(ValueError, match="a tangent needs"):
+            batchnorm_act_given_fwd(x4, xd4, w, b, None, None, stats[:2], 1e-5, slope)
+
+
+def test_bn_stats_bad_arguments(lib):
+    c = Conv(STATS_CASES[3]).cast(torch.float64)
+    s, p, d = c.geo
+    y, yd = torch.empty_like(c.gy), torch.empty_like(c.gy)
+    st = torch.empty(4, c.T, c.OC, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="stats: expected shape"):
+        lib.conv2d_fwd_bn_stats(c.x, None, c.w, None, None, None, y, None, st[:, :, :1], s, p, d, False, False)
+    with pytest.raises(TypeError, match="stats: expected torch.float64"):
+        lib.conv2d_fwd_bn_stats(c.x, None, c.w, None, None, None, y, None, st.float(), s, p, d, False, False)
+    with pytest.raises(ValueError, match="needs yd"):
+        lib.conv2d_fwd_bn_stats(c.x, None, c.w, None, None, None, y, None, st, s, p, d, False, False)
+    with pytest.raises(ValueError, match="give y"):
+        lib.conv2d_fwd_bn_stats(c.x, c.xd, c.w, None, None, None, None, yd, st, s, p, d, False, False)
+    with pytest.raises(ValueError, match="needs y"):
+        triton_conv.conv_value_tangent(c.x, c.xd, c.w, None, None, None, s, p, d, value=False, bn_stats=True)
+    with pytest.raises(ValueError, match="read only with bn_stats and value=False"):
+        triton_conv.conv_value_tangent(c.x, c.xd, c.w, None, None, None, s, p, d, bn_stats=True, y=y)
+
+
+def test_bn_stats_opcheck(lib):
+    c = Conv((2, 1, 2, 5, 5, 3, 3, 1, 1, 1, "task", "task")).cast(torch.float64)
+    s, p, d = c.geo
+    y, yd = torch.empty_like(c.gy), torch.empty_like(c.gy)
+    st = torch.empty(4, c.T, c.OC, dtype=torch.float64, device=DEVICE)
+    op = lib.conv2d_fwd_bn_stats.default
+    torch.library.opcheck(op, (c.x, c.xd, c.w, c.wd, c.b, c.bd, y, yd, st, s, p, d, False, False))
+    torch.library.opcheck(op, (c.x, None, c.w[0], None, None, None, y, None, st[:2], s, p, d, False, False))
+    torch.library.opcheck(op, (c.x, c.xd, c.w, None, None, None, y, yd, st, s, p, d, True, False))
+
+
 # ---------------------------------------------------------------- the Conv2d rule's strategy "triton"
 
 
@@ -383,6 +525,63 @@ def test_meta_step_strategy_triton(lib, monkeypatch):
         assert err <= 1e-4 * float(want[n].double().norm()) + 1e-6 * total, (n, err, total)
 
 
+def conv_bn_net(ways=3):
+    """Conv → BatchNorm → ReLU, Conv (stride 2) → BatchNorm → LeakyReLU, Conv 1×1 → BatchNorm, Linear: each
+    BatchNorm the only reader of a convolution (the three rules that take given statistics); 7×7 inputs."""
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Conv2d(3, 3, 3, stride=2),
+        nn.BatchNorm2d(3),
+        nn.LeakyReLU(0.1),
+        nn.Conv2d(3, 2, 1),
+        nn.BatchNorm2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * 3 * 3, ways),
+    ).double()
+
+
+@pytest.mark.parametrize("order", ["second", "checkpoint"])
+def test_meta_step_batchnorm_takes_the_conv_statistics(lib, monkeypatch, order):
+    """With strategy "triton" every BatchNorm of a conv-BatchNorm net normalizes with the statistics of its
+    convolution's epilogue (counted), and the second-order meta-gradient matches the autograd oracle in
+    float64: with the activation tape (order "second": the HVP reuses y and its statistics) and without
+    ("checkpoint": recomputed)."""
+    from fastmaml.programs.fused import norm
+
+    monkeypatch.setitem(conv.STRATEGY, DEVICE.type, "triton")
+    calls = {"forward": 0, "tangent": 0, "stats": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(norm.BatchNormRule, "_given_forward", counted("forward", norm.BatchNormRule._given_forward))
+    monkeypatch.setattr(
+        norm.BatchNormRule, "_given_tangent_forward", counted("tangent", norm.BatchNormRule._given_tangent_forward)
+    )
+    monkeypatch.setattr(norm.BatchNormRule, "_act_forward", counted("stats", norm.BatchNormRule._act_forward))
+    taped = []  # per tangent forward of a convolution: whether it reused the tape's y and statistics
+    tangent_forward_stats = conv.ConvRule.tangent_forward_stats
+
+    def recorded(self, ops, x, xd, p, v, y=None, stats=None):
+        taped.append(y is not None and stats is not None)
+        return tangent_forward_stats(self, ops, x, xd, p, v, y=y, stats=stats)
+
+    monkeypatch.setattr(conv.ConvRule, "tangent_forward_stats", recorded)
+    torch.manual_seed(0)
+    model = conv_bn_net().to(DEVICE)
+    tasks = [t.to(DEVICE) for t in classification_tasks(T=2, ways=3, shots=1, query=2, size=7)]
+    check_meta_step(model, tasks, loss="cross_entropy", loss_fn=F.cross_entropy, inner_lr=0.4, order=order, tol=1e-9)
+    assert calls["forward"] >= 3 and calls["tangent"] >= 3, calls
+    assert calls["stats"] == 0, calls  # no BatchNorm reduced its input itself
+    assert taped and all(taped) == (order == "second"), taped
+
+
 # ---------------------------------------------------------------- benchmarks/conv_triton_bench.py
 
 
@@ -398,8 +597,8 @@ def _bench():
 
 
 def test_bench_passes_agree_and_table_renders(lib, capsys):
-    """The GPU bench's six passes, run here on a tiny layer: Triton and grouped agree; the table renders;
-    without CUDA the script stops with "needs CUDA"."""
+    """The GPU bench's six passes, run here on a tiny layer: Triton and grouped agree, and so do the fused
+    and unfused BatchNorm statistics; the tables render; without CUDA the script stops with "needs CUDA"."""
     bench = _bench()
     assert len(bench.layer_shapes()) == 20
     c = Conv((2, 2, 3, 5, 5, 4, 3, 1, 1, 1, "task", "task")).cast(torch.float64)
@@ -409,14 +608,20 @@ def test_bench_passes_agree_and_table_renders(lib, capsys):
         grouped, triton = bench.passes("grouped", t, geo), bench.passes("triton", t, geo)
         for name in bench.PASSES:
             assert bench.agreement(triton[name](), grouped[name]()) < 1e-13, name
+        for name, fns in bench.stats_passes(t, geo).items():
+            fused, unfused = fns["fused"](), fns["unfused"]()
+            assert fused.shape == unfused.shape == (2 if name == "fwd_stats" else 4, 2, 4), name
+            assert bench.agreement(fused, unfused) < 1e-13, name
     ms = dict(grouped_ms=1.0, triton_ms=0.5, triton_tflops=1.0)
     row = dict(
         net="n", C=3, O=4, k=3, H=5, N=2, T=2, precision="fp32", agreement=1e-7, **dict.fromkeys(bench.PASSES, ms)
     )
+    row.update(dict.fromkeys(bench.STATS_PASSES, dict(unfused_ms=0.3, fused_ms=0.2)), stats_agreement=1e-7)
     results = dict(device="d", torch="t", triton="tr", T=2, repeats=1, precisions=["fp32"], budget=1, rows=[row])
     results["not_reached"] = [("fp32", "n", 3, 4, 3, 5, 75)]
     md = bench.markdown(results)
     assert "| n | 3→4 | 3 | 5 | 2 | 1.000 / 0.500 = 2.00× (1.0)" in md and "Not reached" in md
+    assert "| n | 3→4 | 3 | 5 | 2 | 0.300 / 0.200 = 1.50× | 0.300 / 0.200 = 1.50× | 1.0e-07 |" in md
     if not torch.cuda.is_available():
         assert bench.main(["--out", "unused"]) == 2
         assert "needs CUDA" in capsys.readouterr().err
@@ -435,30 +640,34 @@ kc = importlib.import_module("fastmaml.kernels.conv")
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-def compile_(jf, flags, BM, BN, BK, warps):
-    consts = dict(flags, USE_DOT=True, CAST=False, PREC="tf32", ACC=tl.float32, BM=BM, BN=BN, BK=BK)
+def build(jf, consts, warps):
     sig = {n: "constexpr" if n in consts else "*fp32" if n.endswith("_ptr") else "i32" for n in jf.arg_names}
     src = triton.compiler.ASTSource(jf, sig, constexprs=consts)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=3))
     return len(k.asm["cubin"])
 
+def compile_(jf, flags, BM, BN, BK, warps):
+    return build(jf, dict(flags, USE_DOT=True, CAST=False, PREC="tf32", ACC=tl.float32, BM=BM, BN=BN, BK=BK), warps)
+
 on = dict(HAS_B=True, HAS_BD=True)
 sizes = [
     compile_(kc._fwd_kernel, dict(Y_ON=True, YD_ON=True, HAS_XD=True, HAS_WD=True, LOAD_X=True, LOAD_W=True,
-                                  FLAT=True, **on), 128, 64, 16, 8),
+                                  STATS=True, TSTATS=True, Y_IN=False, FLAT=True, **on), 128, 64, 16, 8),
     compile_(kc._bwd_input_kernel, dict(GX_ON=True, GXD_ON=True, HAS_GYD=True, HAS_WD=True, LOAD_G=True,
                                         LOAD_W=True), 128, 64, 16, 8),
     compile_(kc._bwd_weight_kernel, dict(GW_ON=True, GWD_ON=True, GB_ON=True, GBD_ON=True, HAS_GYD=True,
                                          HAS_XD=True, LOAD_X=True, LOAD_G=True, LOAD_GD=True, ACCUMULATE=True,
                                          FLAT=False), 128, 64, 16, 8),
+    build(kc._stats_kernel, dict(TANGENT=True, ACC=tl.float32, BB=16, BC=64), 4),
 ]
 print(json.dumps(sizes))
 """
 
 
 def test_kernels_compile_for_sm90(tmp_path):
-    """The interpreter does not run Triton's compiler: the tangent kernels (the largest forms, TF32) compile
-    for sm_90 without a GPU (Triton's bundled ptxas), in a process without TRITON_INTERPRET."""
+    """The interpreter does not run Triton's compiler: the tangent kernels (the largest forms, TF32; the
+    forward with its BatchNorm-statistics epilogue, and the statistics' reduction) compile for sm_90 without a
+    GPU (Triton's bundled ptxas), in a process without TRITON_INTERPRET."""
     import json
     import subprocess
     import sys

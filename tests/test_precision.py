@@ -337,3 +337,15 @@ def test_policies_on_cuda(name):
     ours = rel_err(_flat({n: p.grad for n, p in m.named_parameters()}, names), truth)
     assert ours <= 2 * theirs + 1e-6, (ours, theirs)
     assert (ours < 1e-4) == (name == "fp32"), ours
+
+
+def test_triton_convolutions_follow_the_policy():
+    """The Triton convolutions take TF32 exactly when cuDNN's float32 convolutions do (so the conv strategies
+    compute alike), which is what the policies set; an explicit `tf32=` still wins."""
+    from fastmaml.ops.backends import triton_conv
+
+    cuda = torch.device("cuda")
+    for name, want in (("fp32", False), ("tf32", True), ("bf16", False)):
+        with math_mode(resolve_precision(name, torch.float32), cuda):
+            assert triton_conv._tf32(None) is want
+    assert triton_conv._tf32(True) is True and triton_conv._tf32(False) is False

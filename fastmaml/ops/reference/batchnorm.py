@@ -395,6 +395,39 @@ def batchnorm_act_value_tangent_fwd(x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt,
     )
 
 
+@register("batchnorm_act_given_fwd", "torch")
+def batchnorm_act_given_fwd(
+    x: Tensor, xd: Opt, w: Opt, b: Opt, wd: Opt, bd: Opt, stats: Tensor, eps: float, slope: float
+):
+    """`batchnorm_act_value_tangent_fwd` on batch statistics computed elsewhere (the epilogue of the
+    convolution that wrote x): `stats` `[2, T, C]` (mean, biased variance of x per task and channel) or, with
+    a tangent, `[4, T, C]` (also mean(ẋ) and mean((x − mean) ẋ)). Returns (z, ż, mean, r, a, mean(ẋ)) as
+    that op does (the same backward ops apply); z does not depend on the tangent, bit for bit. Elementwise
+    only: x is not reduced again. Computed in the statistics' dtype, z and ż returned in x's."""
+    mean, r = stats[0].contiguous(), torch.rsqrt(stats[1] + eps)
+    zeros = torch.zeros_like(mean)
+    xhat = (x - _col(mean)).mul_(_col(r))
+    y = xhat if w is None else xhat * _channel(w)
+    if b is not None:
+        y = y + _channel(b)
+    z = _leaky(y, slope, y is not xhat).to(x.dtype)
+    if xd is None and wd is None and bd is None:
+        return z, None, mean, r, zeros, zeros
+    a = dmean = zeros
+    yd = None
+    if xd is not None:
+        if stats.shape[0] != 4:
+            raise ValueError(f"stats: a tangent needs [4, T, C] statistics, got {list(stats.shape)}")
+        a, dmean = r * stats[3], stats[2].contiguous()
+        xhd = (xd - _col(dmean)).addcmul_(xhat, _col(a), value=-1.0).mul_(_col(r))
+        yd = xhd if w is None else xhd * _channel(w)
+    if wd is not None:
+        yd = xhat * _channel(wd) if yd is None else yd.addcmul_(xhat, _channel(wd))
+    if bd is not None:
+        yd = _channel(bd).expand_as(xhat) if yd is None else yd + _channel(bd)
+    return z, _leaky_mask(yd, z, slope).to(x.dtype), mean, r, a, dmean
+
+
 @register("batchnorm_act_tangent_bwd", "torch")
 def batchnorm_act_tangent_bwd(
     gz: Tensor,

@@ -11,7 +11,9 @@ tasks at once. Values flow as `[T, N, *features]`. Per call the program binds:
 
 A rule whose primal work is costly (`reuses_primal`: convolutions) also takes what the step's `loss_grad`
 already computed at the same point: `tangent_forward(..., y=)` its output, `tangent_backward(..., gx=)` the
-gradient it sent to its input; the program passes them when the activation tape has them.
+gradient it sent to its input; the program passes them when the activation tape has them. A rule that
+`takes_stats` (BatchNorm, BatchNorm+ReLU, BatchNorm+LeakyReLU) also takes `given=`, the batch statistics of
+its input from the convolution that wrote it (`ConvRule.forward_stats`), when the program has them.
 
 Most rules read one value (`Rule`); joins read several (`JoinRule`: residual adds, concatenation). A
 rule keeps no reference to the model: what it needs from a module (eps, slopes, geometry) is copied
@@ -35,6 +37,7 @@ class Rule:
     param_names: Tuple[str, ...] = ()
     arity = 1
     reuses_primal = False  # tangent_forward takes `y=`, tangent_backward `gx=` (see the module docstring)
+    takes_stats = False  # forward and tangent_forward take `given=` statistics of x (see the module docstring)
 
     def __init__(self, name: str, kind: str):
         self.name = name or "<model>"

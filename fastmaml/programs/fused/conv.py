@@ -15,6 +15,10 @@ Gradients w.r.t. input and weight come from one
 
 R-op: ẏ = conv(ẋ, w) + conv(x, ẇ) + ḃ (one convolution of [ẋ | x] with [w | ẇ] along input
 channels); backward tangent: ġw = ∂w(x, ġy) + ∂w(ẋ, gy), ġx = ∂x(ġy, w) + ∂x(gy, ẇ).
+
+A convolution whose output only a BatchNorm rule reads runs `forward_stats` / `tangent_forward_stats`
+(FusedProgram): with strategy "triton" they also return the batch statistics of y (and ẏ) from the
+kernel's epilogue, which the program gives to the BatchNorm (norm.py); with the others, None.
 """
 
 from __future__ import annotations
@@ -235,6 +239,34 @@ class ConvRule(Rule):
         x = self._check(x)
         y = conv_forward(x, p[0], p[1], self.geometry, self._strategy(x))
         return y, x if save else None
+
+    def forward_stats(self, ops, x, p, save):
+        """`forward` and the BatchNorm statistics of y: (y, saved, stats `[2, T, O]` (mean, biased variance per
+        task and channel) from the "triton" strategy's epilogue, None with the others)."""
+        x = self._check(x)
+        if self._strategy(x) != "triton" or _graph(x, *p):
+            return (*self.forward(ops, x, p, save), None)
+        g = self.geometry
+        y, stats = _triton().conv_forward(x, p[0], p[1], g.stride, g.padding, g.dilation, bn_stats=True)
+        return y, x if save else None, stats
+
+    def tangent_forward_stats(self, ops, x, xd, p, v, y=None, stats=None):
+        """`tangent_forward` and the BatchNorm statistics of y and ẏ: (y, ẏ, saved, stats `[4, T, O]`: mean and
+        biased variance of y, mean(ẏ), mean((y − mean) ẏ)), stats None with strategies other than "triton".
+        y (the activation tape's) comes with `stats` `[2, T, O]`, the value's statistics kept with it: they
+        are returned unchanged, so that the BatchNorm normalizes as in the pass that computed y (without
+        them, None)."""
+        x = self._check(x)
+        if self._strategy(x) != "triton" or (y is not None and stats is None):
+            return (*self.tangent_forward(ops, x, xd, p, v, y=y), None)
+        (w, b), (wd, bd), g = p, v, self.geometry
+        geo = (g.stride, g.padding, g.dilation)
+        if y is None:
+            y, yd, st = _triton().conv_value_tangent(x, xd, w, b, wd, bd, *geo, bn_stats=True)
+        else:
+            _, yd, st = _triton().conv_value_tangent(x, xd, w, b, wd, bd, *geo, value=False, bn_stats=True, y=y)
+            st = torch.cat([stats, st[2:]])
+        return y, yd, (x, xd), st
 
     def backward(self, ops, gy, x, p, need_x, outs):
         return conv_backward(gy.contiguous(), x, p[0], self.geometry, self._strategy(x), need_x, outs[0], outs[1])

@@ -10,6 +10,12 @@ On batch statistics, where the op table has kernels for the fused BatchNorm + ac
 one pass for the output, and the tangent passes keep x and ẋ with per-channel statistics instead of
 full-size x̂ and x̂̇. Elsewhere (the reference backend, CUDA) the BatchNorm ops run as before; where the
 "triton" backend has BatchNorm kernels it keeps them.
+
+Given statistics: where a convolution running strategy "triton" is the only writer and this rule the only
+reader of x, the program passes the batch statistics of x from the convolution's epilogue (`given`:
+`[2, T, C]` mean and biased variance, with the tangent `[4, T, C]`); the forwards then normalize with them
+(`batchnorm_act_given_fwd`, elementwise: x is not reduced again) and save what the fused passes save, so
+the backwards are the `batchnorm_act_*` ones. Fixed statistics ignore them.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class BatchNormRule(Rule):
 
     param_names = ("weight", "bias")
     slope = 1.0  # the leaky ReLU fused after the normalization in the `batchnorm_act_*` passes (1: none)
+    takes_stats = True
 
     def __init__(self, name: str, kind: str, eps: float, num_features: int, index=None):
         super().__init__(name, kind)
@@ -105,13 +112,30 @@ class BatchNormRule(Rule):
             return None, None
         return gx.view(shape), gxd.view(shape)
 
+    def _given_forward(self, ops, x, x4, w, b, given, save):
+        z, _, mu, r, _, _ = ops.batchnorm_act_given_fwd(x4, None, w, b, None, None, given[:2], self.eps, self.slope)
+        mask = None if self.slope == 1.0 else z
+        return z.view(x.shape), (_ACT, mask, x4, mu, r, x.shape) if save else None
+
+    def _given_tangent_forward(self, ops, x, x4, xd, w, b, v, given):
+        xd4 = None if xd is None else xd.reshape(x4.shape)
+        z, zd, mu, r, a, dmean = ops.batchnorm_act_given_fwd(x4, xd4, w, b, v[0], v[1], given, self.eps, self.slope)
+        mask = None if self.slope == 1.0 else z
+        return (
+            z.view(x.shape),
+            (None if zd is None else zd.reshape(x.shape)),
+            (_ACT, mask, x4, xd4, mu, r, a, dmean, x.shape),
+        )
+
     @staticmethod
     def _fused_saved(saved) -> bool:
         return saved[0] is _ACT
 
-    def forward(self, ops, x, p, save):
+    def forward(self, ops, x, p, save, given=None):
         w, b, mean, var = self._split(p)
         x4 = self.as_channels(x)
+        if mean is None and given is not None:
+            return self._given_forward(ops, x, x4, w, b, given, save)
         if mean is None and fused_batch_norm(ops):
             return self._act_forward(ops, x, x4, w, b, save)
         if mean is None:  # batch statistics: PyTorch's fused kernels per task; the backward needs x
@@ -131,10 +155,12 @@ class BatchNormRule(Rule):
             gx = ops.batchnorm_bwd(gy.reshape(xhat.shape), xhat, r, p[0], False, need_x, outs[0], outs[1])
         return None if gx is None else gx.view(shape)
 
-    def tangent_forward(self, ops, x, xd, p, v):
+    def tangent_forward(self, ops, x, xd, p, v, given=None):
         w, b, mean, var = self._split(p)
         x4 = self.as_channels(x)
         batch = mean is None
+        if batch and given is not None:
+            return self._given_tangent_forward(ops, x, x4, xd, w, b, v, given)
         if batch and fused_batch_norm(ops):
             return self._act_tangent_forward(ops, x, x4, xd, w, b, v)
         y, xhat, r = ops.batchnorm_fwd(x4, w, b, self.eps, mean, var)

@@ -22,14 +22,18 @@ aten = torch.ops.aten
 
 
 class BatchNormReLURule(BatchNormRule):
+    slope = 0.0  # (the passes on `given` statistics: `batchnorm_act_*` with slope 0)
+
     def __init__(self, norm: BatchNormRule, relu: ReLURule):
         super().__init__(
             f"{norm.name}+{relu.name}", f"{norm.kind}+{relu.kind}", norm.eps, norm.num_features, norm.index
         )
 
-    def forward(self, ops, x, p, save):
+    def forward(self, ops, x, p, save, given=None):
         w, b, mean, var = self._split(p)
         x4 = self.as_channels(x)
+        if mean is None and given is not None:
+            return self._given_forward(ops, x, x4, w, b, given, save)
         if mean is None:  # batch statistics: the backward needs x
             z, mu, r = ops.batchnorm_relu_train_fwd(x4, w, b, self.eps)
             return z.view(x.shape), (z, x4, mu, r, x.shape) if save else None
@@ -37,6 +41,8 @@ class BatchNormReLURule(BatchNormRule):
         return z.view(x.shape), (z, xhat, r, x.shape) if save else None
 
     def backward(self, ops, gy, saved, p, need_x, outs):
+        if self._fused_saved(saved):
+            return self._act_backward(ops, gy, saved, p, need_x, outs)
         if len(saved) == 5:
             z, x4, mu, r, shape = saved
             gx = ops.batchnorm_relu_train_bwd(
@@ -47,9 +53,11 @@ class BatchNormReLURule(BatchNormRule):
             gx = ops.batchnorm_relu_bwd(gy.reshape(xhat.shape), z, xhat, r, p[0], False, need_x, outs[0], outs[1])
         return None if gx is None else gx.view(shape)
 
-    def tangent_forward(self, ops, x, xd, p, v):
+    def tangent_forward(self, ops, x, xd, p, v, given=None):
         w, b, mean, var = self._split(p)
         x4 = self.as_channels(x)
+        if mean is None and given is not None:
+            return self._given_tangent_forward(ops, x, x4, xd, w, b, v, given)
         xd4 = None if xd is None else xd.reshape(x4.shape)
         z, zd, xhat, xhd, a, r = ops.batchnorm_relu_value_tangent_fwd(x4, xd4, w, b, v[0], v[1], self.eps, mean, var)
         return (
@@ -59,6 +67,8 @@ class BatchNormReLURule(BatchNormRule):
         )
 
     def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
+        if self._fused_saved(saved):
+            return self._act_tangent_backward(ops, gy, gyd, saved, p, v, need_x, outs, touts)
         z, xhat, xhd, a, r, shape, batch = saved
         gx, gxd = ops.batchnorm_relu_tangent_bwd(
             gy.reshape(xhat.shape),
@@ -91,6 +101,8 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
     read x (and ẋ) and the pooled gradients and write gx (and ġx) once. With fixed statistics the
     BatchNorm+ReLU rule and the max-pool rule run in turn.
     """
+
+    takes_stats = False  # its fused kernels reduce x themselves (given statistics: not wired)
 
     def __init__(self, norm_relu: BatchNormReLURule, pool: MaxPool2dRule):
         super().__init__(
@@ -183,9 +195,11 @@ class BatchNormLeakyReLURule(BatchNormRule):
     def _mask(self, g, z):
         return None if g is None else aten.leaky_relu_backward(g, z, self.slope, True)
 
-    def forward(self, ops, x, p, save):
+    def forward(self, ops, x, p, save, given=None):
         w, b, mean, var = self._split(p)
         x4 = self.as_channels(x)
+        if mean is None and given is not None:
+            return self._given_forward(ops, x, x4, w, b, given, save)
         if mean is None and fused_batch_norm(ops):
             return self._act_forward(ops, x, x4, w, b, save)
         if mean is None:  # batch statistics: the backward needs x
@@ -211,9 +225,11 @@ class BatchNormLeakyReLURule(BatchNormRule):
             )
         return None if gx is None else gx.view(shape)
 
-    def tangent_forward(self, ops, x, xd, p, v):
+    def tangent_forward(self, ops, x, xd, p, v, given=None):
         w, b, mean, var = self._split(p)
         x4 = self.as_channels(x)
+        if mean is None and given is not None:
+            return self._given_tangent_forward(ops, x, x4, xd, w, b, v, given)
         if mean is None and fused_batch_norm(ops):
             return self._act_tangent_forward(ops, x, x4, xd, w, b, v)
         y, xhat, r = ops.batchnorm_fwd(x4, w, b, self.eps, mean, var)

@@ -18,6 +18,13 @@ same point passes them to the rules instead of recomputing them (a convolution's
 implicit order's conjugate-gradient iterations). `forward` uses the same rules with differentiable reference ops
 (for `adapt`).
 
+BatchNorm statistics from a convolution's epilogue: where a Conv2d node's output is read only by a
+BatchNorm rule on batch statistics (`stats_to`), the sweeps run the convolution's `forward_stats` /
+`tangent_forward_stats` and give the statistics they return (strategy "triton"; None otherwise) to the
+BatchNorm's forward (`given`), which then does not reduce x again. The activation tape keeps the value's
+statistics beside y, so that an HVP that reuses y normalizes with the same statistics as the pass that
+computed it.
+
 Every method takes the op table of the call (`ops`: `fastmaml.ops.resolve(backend, device)`); the program
 holds no backend and no reference to the model.
 """
@@ -32,6 +39,7 @@ from ...layout import ParamLayout
 from ...losses import Loss
 from ...ops import registry
 from ..base import HVP, LossGrad, Program
+from .conv import ConvRule
 from .graph import Graph
 from .norm import BatchNormRule
 
@@ -82,6 +90,20 @@ class FusedProgram(Program):
         self._task_bytes: Dict[tuple, int] = {}
         self.taped = frozenset(i for i, n in enumerate(self.nodes) if n.rule.reuses_primal)
         self.keeps_activations = bool(self.taped)
+        self.stats_to = self._stats_pairs()
+
+    def _stats_pairs(self) -> Dict[int, int]:
+        """{convolution node: BatchNorm node} where a rule that `takes_stats` is the only reader of a Conv2d
+        node's output (not the model's output)."""
+        pairs = {}
+        for i, node in enumerate(self.nodes):
+            v = node.output
+            if not isinstance(node.rule, ConvRule) or self.readers[v] != 1 or v == self.graph.output:
+                continue
+            j = next(j for j in range(i + 1, len(self.nodes)) if v in self.nodes[j].inputs or v in self.nodes[j].keeps)
+            if self.nodes[j].rule.takes_stats and self.nodes[j].inputs == (v,):
+                pairs[i] = j
+        return pairs
 
     def describe(self) -> List[str]:
         """One line per node: `out <- rule(inputs)`."""
@@ -175,11 +197,15 @@ class FusedProgram(Program):
             run(slice(start, min(T, start + size)))
 
     # ------------------------------------------------------------------ sweeps
-    def _forward(self, ops, x, params, active, tangents=None, dirs=None, watch=None, known=None):
+    def _forward(
+        self, ops, x, params, active, tangents=None, dirs=None, watch=None, known=None, known_stats=None, stats=None
+    ):
         """Forward sweep from x; with `tangents` (a list, filled per value), the tangent sweep too; `watch`
         {value id: None} gets those values; `known` {node: output} gives outputs not to recompute (the
-        activation tape; a node absent from it computes its own). Returns (output, its tangent, saved per
-        node, host arguments per node, activation bytes)."""
+        activation tape; a node absent from it computes its own), `known_stats` {node: `[2, T, O]`} the
+        BatchNorm statistics kept with them; `stats` {} gets {node: `[2, T, O]`} of the convolutions that
+        gave statistics. Returns (output, its tangent, saved per node, host arguments per node, activation
+        bytes)."""
         nodes, readers, out_v = self.nodes, self.readers, self.graph.output
         env: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
         env[0] = x
@@ -187,21 +213,35 @@ class FusedProgram(Program):
             watch[0] = x
         left = list(readers)
         saved, hosts, nbytes = [None] * len(nodes), [None] * len(nodes), 0
+        given: Dict[int, torch.Tensor] = {}  # value id -> its BatchNorm statistics, from the conv that wrote it
         for i, node in enumerate(nodes):
             rule = node.rule
             p = params[i] if node.host is None else (node.host(env),)
             hosts[i] = p
             xs = env[node.inputs[0]] if rule.arity == 1 else [env[v] for v in node.inputs]
             y = None if known is None else known.get(i)
+            kw = {"given": given.pop(node.inputs[0])} if node.inputs[0] in given else {}
+            # a convolution whose only reader is a BatchNorm on batch statistics (its statistics slot None)
+            pair = i in self.stats_to and params[self.stats_to[i]][-1] is None
+            st = None if known_stats is None else known_stats.get(i)
             if tangents is not None and active[i]:
                 xds = tangents[node.inputs[0]] if rule.arity == 1 else [tangents[v] for v in node.inputs]
-                if y is None:
-                    y, yd, saved[i] = rule.tangent_forward(ops, xs, xds, p, dirs[i])
+                if pair:
+                    y, yd, saved[i], st = rule.tangent_forward_stats(ops, xs, xds, p, dirs[i], y=y, stats=st)
+                elif y is None:
+                    y, yd, saved[i] = rule.tangent_forward(ops, xs, xds, p, dirs[i], **kw)
                 else:
                     y, yd, saved[i] = rule.tangent_forward(ops, xs, xds, p, dirs[i], y=y)
                 tangents[node.output] = yd
             elif y is None or active[i]:
-                y, saved[i] = rule.forward(ops, xs, p, active[i])
+                if pair:
+                    y, saved[i], st = rule.forward_stats(ops, xs, p, active[i])
+                else:
+                    y, saved[i] = rule.forward(ops, xs, p, active[i], **kw)
+            if pair and st is not None:
+                given[node.output] = st
+                if stats is not None:
+                    stats[i] = st[:2]
             env[node.output] = y
             if watch is not None and node.output in watch:
                 watch[node.output] = y
@@ -230,8 +270,9 @@ class FusedProgram(Program):
         def run(sl):
             params = self._params(self._rows(phi, sl), shared, bn_stats)
             watch = self._watch(activations is not None)
-            out, _, saved, hosts, nbytes = self._forward(ops, x[sl], params, plan.active, watch=watch)
-            self._keep_outputs(activations, watch, sl, T)
+            stats = {} if activations is not None else None
+            out, _, saved, hosts, nbytes = self._forward(ops, x[sl], params, plan.active, watch=watch, stats=stats)
+            self._keep_outputs(activations, watch, sl, T, stats)
             loss, g, _ = self.loss_rule.grad(ops, out, y[sl])
             self._store(result, "loss", loss, sl, T)
             self._store(result, "output", out, sl, T)
@@ -277,12 +318,13 @@ class FusedProgram(Program):
             params = self._params(self._rows(phi, sl), shared, bn_stats)
             dirs = self._dirs(u[sl])
             tangents: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
-            known, known_gx = self._known(None if record else activations, sl)
+            known, known_gx, known_stats = self._known(None if record else activations, sl)
             watch = self._watch(record)
+            stats = {} if record else None
             out, outd, saved, hosts, nbytes = self._forward(
-                ops, x[sl], params, plan.active, tangents, dirs, watch=watch, known=known
+                ops, x[sl], params, plan.active, tangents, dirs, watch, known, known_stats, stats
             )
-            self._keep_outputs(activations if record else None, watch, sl, T)
+            self._keep_outputs(activations if record else None, watch, sl, T, stats)
             _, g, ls = self.loss_rule.grad(ops, out, y[sl])
             gd = self.loss_rule.grad_tangent(ops, ls, outd) if outd is not None else torch.zeros_like(g)
             outs, pending = self._outs({"a": self._rows(grad, sl), "s": self._rows(grad_s, sl)})
@@ -327,21 +369,29 @@ class FusedProgram(Program):
         """The `_forward` watch list of the taped nodes' outputs (None: nothing to keep)."""
         return {self.nodes[i].output: None for i in self.taped} if keep and self.taped else None
 
-    def _keep_outputs(self, activations: Optional[dict], watch: Optional[dict], sl: slice, T: int) -> None:
-        """Writes the watched outputs of tasks `sl` into the activation tape (when there is one)."""
+    def _keep_outputs(
+        self, activations: Optional[dict], watch: Optional[dict], sl: slice, T: int, stats: Optional[dict]
+    ) -> None:
+        """Writes the watched outputs of tasks `sl` into the activation tape (when there is one), and the
+        BatchNorm statistics `[2, Tc, O]` of those that gave them (kept as `[Tc, 2, O]`)."""
         if activations is None or watch is None:
             return
         for i in self.taped:
             self._store(activations, ("y", i), watch[self.nodes[i].output], sl, T)
+        for i, st in (stats or {}).items():
+            self._store(activations, ("stats", i), st.transpose(0, 1), sl, T)
 
-    def _known(self, activations: Optional[dict], sl: slice) -> Tuple[dict, dict]:
-        """From an activation tape, tasks `sl` of each taped node's output and input gradient:
-        ({node: y}, {node: gx})."""
+    def _known(self, activations: Optional[dict], sl: slice) -> Tuple[dict, dict, dict]:
+        """From an activation tape, tasks `sl` of each taped node's output, input gradient and BatchNorm
+        statistics: ({node: y}, {node: gx}, {node: `[2, Tc, O]`})."""
         if not activations:
-            return {}, {}
+            return {}, {}, {}
         known = {i: activations[("y", i)][sl] for i in self.taped if ("y", i) in activations}
         known_gx = {i: activations[("gx", i)][sl] for i in self.taped if ("gx", i) in activations}
-        return known, known_gx
+        known_stats = {
+            i: activations[("stats", i)][sl].transpose(0, 1) for i in self.taped if ("stats", i) in activations
+        }
+        return known, known_gx, known_stats
 
     @staticmethod
     def _store(result: dict, name, value, sl: slice, T: int) -> None:
