@@ -153,6 +153,53 @@ inline S gemm_scalar(int64_t kd, const S* a1, const S* a2, int64_t ak, const S* 
   return (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
+// One column: c[m ldc] = init + sum_k A1[m + k ak] b1[k ldb] (+ A2 b2) for m < M, as vectors of L rows
+// (the rows left over one by one).
+template <typename S>
+inline void gemm_column_by_rows(int64_t M, int64_t kd, const S* a1, const S* a2, int64_t ak, const S* b1,
+                                const S* b2, int64_t ldb, S init, S* c, int64_t ldc) {
+  using V = typename Vec<S>::type;
+  constexpr int L = Vec<S>::kLanes;
+  int64_t m = 0;
+  for (; m + L <= M; m += L) {
+    V acc = V{} + init;
+    for (int64_t k = 0; k < kd; ++k) {
+      acc += vload(a1 + m + k * ak) * b1[k * ldb];
+      if (a2) acc += vload(a2 + m + k * ak) * b2[k * ldb];
+    }
+    for (int r = 0; r < L; ++r) c[(m + r) * ldc] = acc[r];
+  }
+  for (; m < M; ++m) {
+    S acc = init;
+    for (int64_t k = 0; k < kd; ++k) {
+      acc += a1[m + k * ak] * b1[k * ldb];
+      if (a2) acc += a2[m + k * ak] * b2[k * ldb];
+    }
+    c[m * ldc] = acc;
+  }
+}
+
+// sum_k a1[k] b1[k] (+ a2[k] b2[k]), all contiguous: L partial sums (k mod L) added in a fixed order, then
+// the terms left over.
+template <typename S>
+inline S gemm_dot(int64_t kd, const S* a1, const S* a2, const S* b1, const S* b2) {
+  using V = typename Vec<S>::type;
+  constexpr int L = Vec<S>::kLanes;
+  V acc = V{};
+  int64_t k = 0;
+  for (; k + L <= kd; k += L) {
+    acc += vload(a1 + k) * vload(b1 + k);
+    if (a2) acc += vload(a2 + k) * vload(b2 + k);
+  }
+  S sum = 0;
+  for (int r = 0; r < L; ++r) sum += acc[r];
+  for (; k < kd; ++k) {
+    sum += a1[k] * b1[k];
+    if (a2) sum += a2[k] * b2[k];
+  }
+  return sum;
+}
+
 // C [M, n] (row-major, ldc = n) = init + sum_{k < kd} A1(m, k) B1[k, :] (+ A2(m, k) B2[k, :] when a2):
 // A(m, k) = a[m am + k ak]; B1, B2 [kd, n] row-major; init [n] (added to every row) or null.
 template <typename S>
@@ -167,7 +214,15 @@ void gemm(int64_t M, int64_t n, int64_t kd, const S* a1, const S* a2, int64_t am
     for (; j + 2 * L <= n; j += 2 * L) gemm_columns<S, 2, false>(M, kd, a1, a2, am, ak, b1, b2, n, init, c, n, j);
     for (; j + L <= n; j += L) gemm_columns<S, 1, false>(M, kd, a1, a2, am, ak, b1, b2, n, init, c, n, j);
   }
-  for (; j < n; ++j)  // the last n mod L columns, one output at a time
+  if (j < n && am == 1) {  // the last n mod L columns, A contiguous along m: vectors of L rows
+    for (; j < n; ++j) gemm_column_by_rows(M, kd, a1, a2, ak, b1 + j, a2 ? b2 + j : nullptr, n, init ? init[j] : S(0),
+                                           c + j, n);
+  } else if (j < n && n == 1 && ak == 1) {  // one column, A and B contiguous along k: vectors of L terms
+    for (int64_t m = 0; m < M; ++m)
+      c[m] = (init ? init[0] : S(0)) + gemm_dot(kd, a1 + m * am, a2 ? a2 + m * am : nullptr, b1, b2);
+    j = n;
+  }
+  for (; j < n; ++j)  // else one output at a time
     for (int64_t m = 0; m < M; ++m)
       c[m * n + j] = (init ? init[j] : S(0)) +
                      gemm_scalar(kd, a1 + m * am, a2 ? a2 + m * am : nullptr, ak, b1 + j, a2 ? b2 + j : nullptr, n);
