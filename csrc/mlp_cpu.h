@@ -228,21 +228,64 @@ void gemm(int64_t M, int64_t n, int64_t kd, const S* a1, const S* a2, int64_t am
                      gemm_scalar(kd, a1 + m * am, a2 ? a2 + m * am : nullptr, ak, b1 + j, a2 ? b2 + j : nullptr, n);
 }
 
-// wt = every weight matrix of the flat parameters p, transposed (W_l^T [d_l, d_{l+1}], layer after layer).
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define FASTMAML_MLP_SHUFFLE 1
+// v[0..L) <- its transpose, v[q][r] = (old v[r])[q], by three (two for double) rounds of shuffles: u[r + c]
+// holds columns c and c + 4 of rows r..r+3
+inline void transpose_block(Vec<float>::type* v) {
+  typedef Vec<float>::type V;
+  V t[8], u[8];
+  for (int r = 0; r < 8; r += 2) {
+    t[r] = __builtin_shufflevector(v[r], v[r + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[r + 1] = __builtin_shufflevector(v[r], v[r + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int r = 0; r < 8; r += 4)
+    for (int h = 0; h < 2; ++h) {
+      u[r + 2 * h] = __builtin_shufflevector(t[r + h], t[r + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[r + 2 * h + 1] = __builtin_shufflevector(t[r + h], t[r + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  for (int q = 0; q < 4; ++q) {
+    v[q] = __builtin_shufflevector(u[q], u[q + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    v[q + 4] = __builtin_shufflevector(u[q], u[q + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+inline void transpose_block(Vec<double>::type* v) {
+  typedef Vec<double>::type V;
+  V t[4];
+  for (int r = 0; r < 4; r += 2) {
+    t[r] = __builtin_shufflevector(v[r], v[r + 1], 0, 4, 2, 6);
+    t[r + 1] = __builtin_shufflevector(v[r], v[r + 1], 1, 5, 3, 7);
+  }
+  for (int h = 0; h < 2; ++h) {
+    v[h] = __builtin_shufflevector(t[h], t[h + 2], 0, 1, 4, 5);
+    v[h + 2] = __builtin_shufflevector(t[h], t[h + 2], 2, 3, 6, 7);
+  }
+}
+#endif
+
+// wt = every weight matrix of the flat parameters p, transposed (W_l^T [d_l, d_{l+1}], layer after layer):
+// L x L blocks in vector registers where the compiler has vector shuffles, the edges one by one.
 template <typename S>
 inline void transpose_weights(const MlpShape& s, const S* p, S* wt) {
   for (int l = 0; l < s.layers; ++l) {
     const int64_t din = s.dims[l], dout = s.dims[l + 1];
     const S* W = p + s.w_off[l];
+    int64_t o_end = 0, i_end = 0;  // the block-transposed part: rows [0, o_end) x columns [0, i_end)
+#if defined(FASTMAML_MLP_SHUFFLE)
     constexpr int L = Vec<S>::kLanes;
-    int64_t i = 0;
-    for (; i + L <= din; i += L)  // L columns of W at a time: one vector load per row
-      for (int64_t o = 0; o < dout; ++o) {
-        const typename Vec<S>::type w = vload(W + o * din + i);
-        for (int r = 0; r < L; ++r) wt[(i + r) * dout + o] = w[r];
+    o_end = dout - dout % L;
+    i_end = din - din % L;
+    for (int64_t o = 0; o < o_end; o += L)
+      for (int64_t i = 0; i < i_end; i += L) {
+        typename Vec<S>::type v[L];
+        for (int r = 0; r < L; ++r) v[r] = vload(W + (o + r) * din + i);
+        transpose_block(v);
+        for (int q = 0; q < L; ++q) vstore(wt + (i + q) * dout + o, v[q]);
       }
-    for (; i < din; ++i)
-      for (int64_t o = 0; o < dout; ++o) wt[i * dout + o] = W[o * din + i];
+#endif
+    for (int64_t i = 0; i < din; ++i)
+      for (int64_t o = i < i_end ? o_end : 0; o < dout; ++o) wt[i * dout + o] = W[o * din + i];
     wt += din * dout;
   }
 }
