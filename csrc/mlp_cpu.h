@@ -279,8 +279,10 @@ inline void transpose_weights(const MlpShape& s, const S* p, S* wt) {
     for (int64_t o = 0; o < o_end; o += L)
       for (int64_t i = 0; i < i_end; i += L) {
         typename Vec<S>::type v[L];
+#pragma GCC unroll 8
         for (int r = 0; r < L; ++r) v[r] = vload(W + (o + r) * din + i);
         transpose_block(v);
+#pragma GCC unroll 8
         for (int q = 0; q < L; ++q) vstore(wt + (i + q) * dout + o, v[q]);
       }
 #endif
@@ -309,9 +311,10 @@ struct PassTape {
 
 // One pass over N examples (x [N, d0], y [N, dL]) at phi (nn.Linear order) whose transposed weights are in
 // t.wt: the forward into t.acts; returns the MSE loss. With grad: also the backward into t.gz and t.gin, and
-// grad = dL/dphi [P] (without: t.gz and t.gin are not touched).
+// grad = grad_scale dL/dphi [P] (without: t.gz and t.gin are not touched).
 template <typename S>
-S cpu_pass(const MlpShape& s, const S* phi, const S* x, const S* y, int64_t N, const PassTape<S>& t, S* grad) {
+S cpu_pass(const MlpShape& s, const S* phi, const S* x, const S* y, int64_t N, const PassTape<S>& t, S* grad,
+           S grad_scale) {
   const int L = s.layers;
   const S* a_in = x;
   const S* wt = t.wt;
@@ -341,7 +344,7 @@ S cpu_pass(const MlpShape& s, const S* phi, const S* x, const S* y, int64_t N, c
   const S loss = sum / S(nout);
   if (!grad) return loss;
   S* gz = t.gz + N * (off - dL);
-  const S scale = S(2) / S(nout);
+  const S scale = S(2) / S(nout) * grad_scale;
   for (int64_t i = 0; i < nout; ++i) gz[i] = scale * (out[i] - y[i]);
   for (int l = L - 1; l >= 0; --l) {
     const int64_t din = s.dims[l], dout = s.dims[l + 1];
@@ -456,9 +459,9 @@ TaskLosses cpu_task_meta_step(const MlpShape& s, const S* theta, const S* sx, co
                               const S* qy, int64_t nq, const S* alpha, int K, bool second_order, bool need_before,
                               S inv_tasks, S* work, S* v, S* dalpha) {
   const int64_t P = s.params, Pw = weight_elems(s), n = ns > nq ? ns : nq, rows = n * s.act_elems_per_row;
-  S* phi = work;  // phi_j, then phi_K
-  S* u = phi + P;
-  S* phis = u + P;                 // [K, P]
+  S* hu = work;  // [P] H u
+  S* u = hu + P;
+  S* phis = u + P;                   // [K, P]: phi_1 .. phi_K (phi_0 is theta)
   S* grads = phis + int64_t(K) * P;  // [K, P]
   S* wts = grads + int64_t(K) * P;   // [K + 1, Pw]: phi_0 .. phi_K transposed
   S* ut = wts + (int64_t(K) + 1) * Pw;
@@ -470,44 +473,53 @@ TaskLosses cpu_task_meta_step(const MlpShape& s, const S* theta, const S* sx, co
     S* base = tapes + int64_t(j) * 3 * rows;
     return PassTape<S>{wts + int64_t(j) * Pw, base, base + rows, base + 2 * rows};
   };
+  auto phi = [&](int j) { return j == 0 ? theta : phis + int64_t(j - 1) * P; };
   TaskLosses out{0, 0, 0};
-  for (int64_t p = 0; p < P; ++p) phi[p] = theta[p];
   for (int j = 0; j < K; ++j) {
     const PassTape<S> t = tape(j);
-    transpose_weights(s, phi, t.wt);
-    S* g = grads + int64_t(j) * P;
-    const S loss = cpu_pass(s, phi, sx, sy, ns, t, g);
+    transpose_weights(s, phi(j), t.wt);
+    const S* g = grads + int64_t(j) * P;
+    const S loss = cpu_pass(s, phi(j), sx, sy, ns, t, grads + int64_t(j) * P, S(1));
     if (j == 0) out.support_before = double(loss);
     const S* a = alpha + int64_t(j) * P;
-    S* phi_j = phis + int64_t(j) * P;
-    for (int64_t p = 0; p < P; ++p) {
-      phi_j[p] = phi[p];
-      phi[p] -= a[p] * g[p];
-    }
+    const S* now = phi(j);
+    S* next = phis + int64_t(j) * P;
+    for (int64_t p = 0; p < P; ++p) next[p] = now[p] - a[p] * g[p];
   }
   const PassTape<S> tq = tape(K);
-  transpose_weights(s, phi, tq.wt);
-  out.query_after = double(cpu_pass(s, phi, qx, qy, nq, tq, u));
-  for (int64_t p = 0; p < P; ++p) v[p] = u[p] * inv_tasks;
+  transpose_weights(s, phi(K), tq.wt);
+  out.query_after = double(cpu_pass(s, phi(K), qx, qy, nq, tq, v, inv_tasks));
   // the losses at theta that no pass above computed (forward only, on the scratch of the reverse sweep)
   const PassTape<S> scratch{wts, hs.tacts, nullptr, nullptr};
   if (K == 0) {
     out.query_before = out.query_after;
-    out.support_before = double(cpu_pass(s, theta, sx, sy, ns, scratch, static_cast<S*>(nullptr)));
+    out.support_before = double(cpu_pass(s, theta, sx, sy, ns, scratch, static_cast<S*>(nullptr), S(1)));
   } else if (need_before) {
-    out.query_before = double(cpu_pass(s, theta, qx, qy, nq, scratch, static_cast<S*>(nullptr)));
+    out.query_before = double(cpu_pass(s, theta, qx, qy, nq, scratch, static_cast<S*>(nullptr), S(1)));
   }
-  for (int j = K - 1; j >= 0; --j) {
-    const S* a = alpha + int64_t(j) * P;
+  // the reverse sweep: before step j's HVP, dalpha_j = -g_j v and u = alpha_j v; after it, v -= H_j u. One pass
+  // over the parameters does step j's update and step j-1's preparation.
+  auto prepare = [&](int j, bool update) {
     const S* g = grads + int64_t(j) * P;
-    if (dalpha)
-      for (int64_t p = 0; p < P; ++p) dalpha[int64_t(j) * P + p] = -g[p] * v[p];
-    if (!second_order) continue;
-    for (int64_t p = 0; p < P; ++p) u[p] = a[p] * v[p];
+    const S* a = alpha + int64_t(j) * P;
+    S* da = dalpha ? dalpha + int64_t(j) * P : nullptr;
+    for (int64_t p = 0; p < P; ++p) {
+      if (update) v[p] -= hu[p];
+      if (da) da[p] = -g[p] * v[p];
+      u[p] = a[p] * v[p];
+    }
+  };
+  if (K > 0) prepare(K - 1, false);
+  for (int j = K - 1; j >= 0 && second_order; --j) {
     transpose_weights(s, u, ut);
-    cpu_hvp(s, phis + int64_t(j) * P, u, ut, sx, ns, tape(j), hs, phi);  // phi: free now, holds H u
-    for (int64_t p = 0; p < P; ++p) v[p] -= phi[p];
+    cpu_hvp(s, phi(j), u, ut, sx, ns, tape(j), hs, hu);
+    if (j > 0) {
+      prepare(j - 1, true);
+    } else {
+      for (int64_t p = 0; p < P; ++p) v[p] -= hu[p];
+    }
   }
+  for (int j = K - 2; j >= 0 && !second_order; --j) prepare(j, false);  // first order: v stays
   return out;
 }
 
