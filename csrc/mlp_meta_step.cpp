@@ -6,7 +6,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -75,10 +74,11 @@ MlpShape check_mlp_meta_step_args(const at::Tensor& theta, at::IntArrayRef sizes
 namespace {
 
 // dst[i] = sum_t src[t * n + i] over t = 0..T-1 in order, i < n (split over i: the same sums with any
-// thread count)
+// thread count; at least GRAIN_SIZE outputs per thread, so the small sums of small models take no second
+// parallel region, whose threads can each wait a scheduler slice on a busy machine)
 template <typename S>
 void sum_over_tasks(const S* src, int64_t T, int64_t n, S* dst) {
-  at::parallel_for(0, n, std::max<int64_t>(1, at::internal::GRAIN_SIZE / T), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) dst[i] = src[i];
     for (int64_t t = 1; t < T; ++t) {
       const S* row = src + t * n;

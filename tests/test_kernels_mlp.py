@@ -381,15 +381,17 @@ def test_need_before_false_skips_only_the_query_loss_at_theta(case):
 
 
 @pytest.mark.parametrize("isa", ["auto", "baseline"])
-def test_cpu_result_does_not_depend_on_the_thread_count(isa, monkeypatch):
-    """The per-task results are summed in task order after the tasks ran: 1 and 2 threads give the same bits."""
+@pytest.mark.parametrize("widths,T", [((1, 40, 40, 1), 25), ((1, 256, 256, 1), 3)], ids=str)
+def test_cpu_result_does_not_depend_on_the_thread_count(isa, widths, T, monkeypatch):
+    """The per-task results are summed in task order after the tasks ran (split over the parameters when there
+    are enough of them, as with 256 wide layers): 1 and 2 threads give the same bits."""
     monkeypatch.setenv("FASTMAML_CPU_ISA", isa)
-    model = mlp((1, 40, 40, 1)).float()
-    sx, sy, qx, qy = (t.float() for t in regression_tasks(T=25, ns=10, nq=10, seed=3))
+    model = mlp(widths).float()
+    sx, sy, qx, qy = (t.float() for t in regression_tasks(T=T, ns=10, nq=10, seed=3))
     P = sum(p.numel() for p in model.parameters())
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     alpha = torch.rand(3, P) * 0.05
-    args = (theta, [1, 40, 40, 1], sx, sy, qx, qy, alpha, True, True, 0, True)
+    args = (theta, list(widths), sx, sy, qx, qy, alpha, True, True, 0, True)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
