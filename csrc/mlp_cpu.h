@@ -7,11 +7,14 @@
 // What differs from the block-parallel form that CUDA runs:
 // - Every product is one register-blocked kernel (`gemm`): C [M, n] = init + sum_k A(m, k) B[k, :] (+ a
 //   second pair with the same shapes, for the tangent forms), B row-major, A read through strides, so that
-//   the transposed operands of the weight gradients need no copy. Rows in blocks of 4, columns in blocks
-//   of 2 or 1 vectors of 32 bytes (GCC vector types: lane-wise IEEE arithmetic, lowered to SSE2 or AVX2),
-//   the last columns one by one. Each output sums its terms in ascending k, lanes independent.
-// - The forward reads each weight matrix transposed (W^T [d_in, d_out], one copy per inner step, kept for
-//   the reverse sweep), the input gradient reads it as it is.
+//   the transposed operands of the weight gradients need no copy. Rows in tiles of at most 6 (as equal as
+//   possible), columns in blocks of 2 or 1 vectors of 32 bytes (GCC vector types: lane-wise IEEE
+//   arithmetic, lowered to SSE2 or AVX2); the columns left over (a layer of width 1) as vectors over rows
+//   or over the sum where the operands allow, else with 4 partial sums.
+// - The forward reads each weight matrix transposed (W^T [d_in, d_out], one copy per inner step in blocks
+//   of vector shuffles, kept for the reverse sweep), the input gradient reads it as it is.
+// - phi_{j+1} is written straight into the tape, and each pass over the parameters in the reverse sweep
+//   finishes one step and prepares the next.
 // - Each support pass keeps its activations and gradients (a tape of N rows per step), so the reverse
 //   sweep's Hessian-vector product at phi_j computes only the tangents (forward-over-reverse).
 // - The query loss at theta is computed only when asked for (`need_before`).
@@ -99,7 +102,7 @@ inline void gemm_tile(int64_t kd, const S* a1, const S* a2, int64_t am, int64_t 
     for (int v = 0; v < NV; ++v) vstore(c + r * ldc + v * L, acc[r][v]);
 }
 
-// Rows [m, m + rows) of the NV-vector column block starting at column j, rows <= kMaxRows.
+// Rows [m, m + rows) of the NV-vector column block starting at column j, rows <= 6.
 template <typename S, int NV, bool kTwo>
 inline void gemm_rows(int64_t rows, int64_t m, int64_t kd, const S* a1, const S* a2, int64_t am, int64_t ak,
                       const S* b1, const S* b2, int64_t ldb, const S* init, S* c, int64_t ldc, int64_t j) {
@@ -120,8 +123,8 @@ inline void gemm_rows(int64_t rows, int64_t m, int64_t kd, const S* a1, const S*
 }
 
 // Every row of the NV-vector column block starting at column j, in tiles of at most 6 rows (12 accumulators
-// with NV = 2, the most 16 vector registers hold with the B loads) of equal size within one row: 10 rows
-// run as 5 + 5 (no tile of one row, whose single chain of dependent additions would wait on each one).
+// with NV = 2: what 16 vector registers hold besides the B loads), as equal as possible: 10 rows run as
+// 5 + 5, not 6 + 4 or 4 + 4 + 2 (few rows mean few independent chains of additions to hide their latency).
 template <typename S, int NV, bool kTwo>
 inline void gemm_columns(int64_t M, int64_t kd, const S* a1, const S* a2, int64_t am, int64_t ak, const S* b1,
                          const S* b2, int64_t ldb, const S* init, S* c, int64_t ldc, int64_t j) {
