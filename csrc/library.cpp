@@ -13,10 +13,10 @@ TORCH_LIBRARY(fastmaml, m) {
   // theta [P] in nn.Linear order, sizes [L+1], sx [T, Ns, d0], sy [T, Ns, dL], qx [T, Nq, d0],
   // qy [T, Nq, dL], alpha [K, P], activation 0 = ReLU, 1 = Tanh.
   // -> (query loss after [T], meta-gradient [P] (mean over tasks), alpha-gradient [K, P] or [0],
-  //     query loss before [T], support loss before [T])
+  //     query loss before [T] or [0] if !need_before, support loss before [T])
   m.def(
       "mlp_meta_step(Tensor theta, int[] sizes, Tensor sx, Tensor sy, Tensor qx, Tensor qy, "
-      "Tensor alpha, bool second_order, bool lr_grad, int activation) -> "
+      "Tensor alpha, bool second_order, bool lr_grad, int activation, bool need_before=True) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   // BatchNorm (batch statistics per task) + ReLU + k x k max-pooling (stride k), fused (CPU).
   // x [T, N, C, H, W], w, b [T, C] -> (z [T, N, C, H/k, W/k], idx int64 (PyTorch's max-pool indices),

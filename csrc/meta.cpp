@@ -35,12 +35,12 @@ at::Tensor alpha_grad_meta(const at::Tensor& g, const at::Tensor& v, const at::T
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step_meta(
     const at::Tensor& theta, at::IntArrayRef sizes, const at::Tensor& sx, const at::Tensor& sy,
     const at::Tensor& qx, const at::Tensor& qy, const at::Tensor& alpha, bool second_order, bool lr_grad,
-    int64_t activation) {
+    int64_t activation, bool need_before) {
   const int64_t T = sx.size(0);
   auto per_task = at::empty({T}, theta.options());
   return {per_task, at::empty(theta.sizes(), theta.options()),
           lr_grad ? at::empty(alpha.sizes(), alpha.options()) : at::empty({0}, theta.options()),
-          at::empty({T}, theta.options()), at::empty({T}, theta.options())};
+          at::empty({need_before ? T : 0}, theta.options()), at::empty({T}, theta.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_fwd_meta(

@@ -1,39 +1,20 @@
 // The whole MAML inner loop and its exact reverse sweep for one task of a small MLP (Linear layers
-// with ReLU or Tanh between them, MSE loss), written once for the C++ CPU op (one task per
-// at::parallel_for item, `SerialExec`) and the CUDA kernel (one thread block per task, `BlockExec`).
-// An Exec gives tid(), nthreads(), sync() and kSerial (true: one thread, row-wise loop forms).
-// Torch-free: compiled by the host compiler and by nvcc.
+// with ReLU or Tanh between them, MSE loss), as the CUDA kernel runs it: one thread block per task
+// (`BlockExec` in cuda/mlp_kernel.cu). An Exec gives tid(), nthreads() and sync(). The CPU op runs the
+// same math organised for one core (mlp_cpu.h). Torch-free: compiled by nvcc.
 //
 // Parameters are one flat vector in nn.Linear order (W0 [d1, d0], b0 [d1], W1 [d2, d1], ...).
 //   forward:  phi_0 = theta; g_j = grad L_s(phi_j); phi_{j+1} = phi_j - alpha_j * g_j   (j < K)
 //   reverse:  v = grad L_q(phi_K) / T; for j = K-1..0: dalpha_j = -g_j * v; v -= H_j (alpha_j * v)
 // Hessian-vector products are forward-over-reverse (Pearlmutter): a forward pass carrying the
 // tangent of the activations, then a backward pass carrying the tangent of the gradients.
-//
-// The compute templates live in namespace FASTMAML_MLP_NS (default fastmaml_mlp): the CPU op compiles
-// them a second time for AVX2 + FMA in its own namespace (mlp_meta_step_avx2.cpp), so that the linker
-// can never pick an AVX2 copy of an inline function for the baseline path.
 #pragma once
 #include <cmath>
 #include <cstdint>
 
 #include "mlp_shape.h"
 
-#ifndef FASTMAML_MLP_NS
-#define FASTMAML_MLP_NS fastmaml_mlp
-#endif
-
-namespace FASTMAML_MLP_NS {
-
-using namespace fastmaml_mlp;
-
-// The CPU Exec: one thread runs a task (tasks are spread over threads by at::parallel_for).
-struct SerialExec {
-  static constexpr bool kSerial = true;
-  int64_t tid() const { return 0; }
-  int64_t nthreads() const { return 1; }
-  void sync() const {}
-};
+namespace fastmaml_mlp {
 
 template <typename S> FM_HD inline S fm_tanh(S x);
 template <> FM_HD inline float fm_tanh<float>(float x) { return ::tanhf(x); }
@@ -51,123 +32,6 @@ FM_HD inline void through_activation(int activation, bool tangent, S av, S tav, 
     const S d = S(1) - av * av;
     *ga = g * d;
     *tga = tangent ? tg * d - S(2) * g * av * tav : S(0);
-  }
-}
-
-// CPU (one thread per task) forms of the two backward loops of `mlp_pass`: the same sums in the
-// same order (over n, resp. o, ascending), as row updates the compiler vectorizes.
-template <typename S>
-inline void serial_weight_grads(const MlpShape& s, int l, int64_t N, const S* gz, const S* tgz, const S* a,
-                                const S* ta, bool tangent, S* grad, S* hu) {
-  const int64_t din = s.dims[l], dout = s.dims[l + 1];
-  S* gW = grad ? grad + s.w_off[l] : nullptr;
-  S* gb = grad ? grad + s.b_off[l] : nullptr;
-  S* hW = hu ? hu + s.w_off[l] : nullptr;
-  S* hb = hu ? hu + s.b_off[l] : nullptr;
-  for (int64_t k = 0; k < dout * din; ++k) {
-    if (gW) gW[k] = S(0);
-    if (hW) hW[k] = S(0);
-  }
-  for (int64_t o = 0; o < dout; ++o) {
-    if (gb) gb[o] = S(0);
-    if (hb) hb[o] = S(0);
-  }
-  for (int64_t n = 0; n < N; ++n) {
-    const S* arow = a + n * din;
-    const S* tarow = ta ? ta + n * din : nullptr;
-    for (int64_t o = 0; o < dout; ++o) {
-      const S g = gz[n * dout + o];
-      if (gW) {
-        S* row = gW + o * din;
-        for (int64_t i = 0; i < din; ++i) row[i] += g * arow[i];
-        gb[o] += g;
-      }
-      if (hW && tangent) {
-        const S tg = tgz[n * dout + o];
-        S* row = hW + o * din;
-        if (tarow) {
-          for (int64_t i = 0; i < din; ++i) row[i] = (row[i] + tg * arow[i]) + g * tarow[i];
-        } else {
-          for (int64_t i = 0; i < din; ++i) row[i] += tg * arow[i];
-        }
-        hb[o] += tg;
-      }
-    }
-  }
-}
-
-// Dot product with 8 independent partial sums (a fixed order the compiler vectorizes without
-// reassociating one running sum, i.e. without -ffast-math).
-template <typename S>
-inline S serial_dot(const S* a, const S* b, int64_t n) {
-  constexpr int kLanes = 8;
-  S acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += a[i + k] * b[i + k];
-  S tail = 0;
-  for (; i < n; ++i) tail += a[i] * b[i];
-  return (((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))) + tail;
-}
-
-// CPU form of one layer's forward with tangent: z = b + W a, tz = ub + U a + W ta per row, then the
-// activation (none on the last layer).
-template <typename S>
-inline void serial_forward(const MlpShape& s, int l, int64_t N, const S* a_in, const S* ta_in, const S* W,
-                           const S* b, const S* U, const S* ub, bool last, S* a_out, S* ta_out) {
-  const int64_t din = s.dims[l], dout = s.dims[l + 1];
-  for (int64_t n = 0; n < N; ++n) {
-    const S* arow = a_in + n * din;
-    const S* tarow = ta_in ? ta_in + n * din : nullptr;
-    S* zrow = a_out + n * dout;
-    S* tzrow = ta_out + n * dout;
-    for (int64_t o = 0; o < dout; ++o) {
-      const S* wrow = W + o * din;
-      zrow[o] = b[o] + serial_dot(arow, wrow, din);
-      if (U) tzrow[o] = ub[o] + serial_dot(arow, U + o * din, din) + (tarow ? serial_dot(tarow, wrow, din) : S(0));
-    }
-    if (last) {
-      if (!U)
-        for (int64_t o = 0; o < dout; ++o) tzrow[o] = S(0);
-      continue;
-    }
-    for (int64_t o = 0; o < dout; ++o) {
-      const S z = zrow[o], tz = U ? tzrow[o] : S(0);
-      if (s.activation == kReLU) {
-        zrow[o] = z > S(0) ? z : S(0);
-        tzrow[o] = z > S(0) ? tz : S(0);
-      } else {
-        const S act = fm_tanh(z);
-        zrow[o] = act;
-        tzrow[o] = (S(1) - act * act) * tz;
-      }
-    }
-  }
-}
-
-template <typename S>
-inline void serial_input_grads(const MlpShape& s, int l, int64_t N, const S* gz, const S* tgz, const S* a,
-                               const S* ta, const S* W, const S* U, bool tangent, S* ga, S* tga) {
-  const int64_t din = s.dims[l], dout = s.dims[l + 1];
-  for (int64_t n = 0; n < N; ++n) {
-    S* grow = ga + n * din;
-    S* tgrow = tga + n * din;
-    for (int64_t i = 0; i < din; ++i) grow[i] = tgrow[i] = S(0);
-    for (int64_t o = 0; o < dout; ++o) {
-      const S g = gz[n * dout + o];
-      const S* wrow = W + o * din;
-      for (int64_t i = 0; i < din; ++i) grow[i] += g * wrow[i];
-      if (tangent) {
-        const S tg = tgz[n * dout + o];
-        const S* urow = U + o * din;
-        for (int64_t i = 0; i < din; ++i) tgrow[i] += tg * wrow[i] + g * urow[i];
-      }
-    }
-    for (int64_t i = 0; i < din; ++i) {
-      const int64_t idx = n * din + i;
-      through_activation(s.activation, tangent, a[idx], tangent ? ta[idx] : S(0), grow[i], tgrow[i], &ga[idx],
-                         &tga[idx]);
-    }
   }
 }
 
@@ -194,39 +58,36 @@ FM_HD S mlp_pass(const Exec& ex, const MlpShape& s, const S* phi, const S* u, co
     S* a_out = w.acts + N * act_off;
     S* ta_out = w.tacts + N * act_off;
     const bool last = l == L - 1;
-    if constexpr (Exec::kSerial) {
-      serial_forward(s, l, N, a_in, ta_in, W, b, U, ub, last, a_out, ta_out);
-    } else {
-      for (int64_t idx = tid; idx < N * dout; idx += nth) {
-        const int64_t n = idx / dout, o = idx - n * dout;
-        const S* arow = a_in + n * din;
-        const S* wrow = W + o * din;
-        S z = b[o];
-        for (int64_t i = 0; i < din; ++i) z += arow[i] * wrow[i];
-        S tz = 0;
-        if (tangent) {
-          const S* urow = U + o * din;
-          tz = ub[o];
-          for (int64_t i = 0; i < din; ++i) tz += arow[i] * urow[i];
-          if (ta_in) {
-            const S* tarow = ta_in + n * din;
-            for (int64_t i = 0; i < din; ++i) tz += tarow[i] * wrow[i];
-          }
-        }
-        if (last) {
-          a_out[idx] = z;
-          ta_out[idx] = tz;
-        } else if (s.activation == kReLU) {
-          const bool on = z > S(0);
-          a_out[idx] = on ? z : S(0);
-          ta_out[idx] = on ? tz : S(0);
-        } else {
-          const S a = fm_tanh(z);
-          a_out[idx] = a;
-          ta_out[idx] = (S(1) - a * a) * tz;
+    for (int64_t idx = tid; idx < N * dout; idx += nth) {
+      const int64_t n = idx / dout, o = idx - n * dout;
+      const S* arow = a_in + n * din;
+      const S* wrow = W + o * din;
+      S z = b[o];
+      for (int64_t i = 0; i < din; ++i) z += arow[i] * wrow[i];
+      S tz = 0;
+      if (tangent) {
+        const S* urow = U + o * din;
+        tz = ub[o];
+        for (int64_t i = 0; i < din; ++i) tz += arow[i] * urow[i];
+        if (ta_in) {
+          const S* tarow = ta_in + n * din;
+          for (int64_t i = 0; i < din; ++i) tz += tarow[i] * wrow[i];
         }
       }
+      if (last) {
+        a_out[idx] = z;
+        ta_out[idx] = tz;
+      } else if (s.activation == kReLU) {
+        const bool on = z > S(0);
+        a_out[idx] = on ? z : S(0);
+        ta_out[idx] = on ? tz : S(0);
+      } else {
+        const S a = fm_tanh(z);
+        a_out[idx] = a;
+        ta_out[idx] = (S(1) - a * a) * tz;
+      }
     }
+  
     ex.sync();
     a_in = a_out;
     ta_in = tangent ? ta_out : nullptr;
@@ -266,52 +127,46 @@ FM_HD S mlp_pass(const Exec& ex, const MlpShape& s, const S* phi, const S* u, co
     const S* ta = l == 0 ? nullptr : w.tacts + N * (act_off - din);
     const S* W = phi + s.w_off[l];
     const S* U = tangent ? u + s.w_off[l] : nullptr;
-    if constexpr (Exec::kSerial) {
-      serial_weight_grads(s, l, N, gz, tgz, a, ta, tangent, grad, hu);
-    } else {
-      // dW[o, i] = sum_n gz[n, o] a[n, i];  tangent: sum_n tgz[n, o] a[n, i] + gz[n, o] ta[n, i]
-      for (int64_t idx = tid; idx < dout * din + dout; idx += nth) {
-        if (idx < dout * din) {
-          const int64_t o = idx / din, i = idx - o * din;
-          S gsum = 0, hsum = 0;
-          for (int64_t n = 0; n < N; ++n) {
-            const S g_no = gz[n * dout + o];
-            gsum += g_no * a[n * din + i];
-            if (tangent) {
-              hsum += tgz[n * dout + o] * a[n * din + i];
-              if (ta) hsum += g_no * ta[n * din + i];
-            }
-          }
-          if (grad) grad[s.w_off[l] + idx] = gsum;
-          if (hu) hu[s.w_off[l] + idx] = hsum;
-        } else {
-          const int64_t o = idx - dout * din;
-          S gsum = 0, hsum = 0;
-          for (int64_t n = 0; n < N; ++n) {
-            gsum += gz[n * dout + o];
-            if (tangent) hsum += tgz[n * dout + o];
-          }
-          if (grad) grad[s.b_off[l] + o] = gsum;
-          if (hu) hu[s.b_off[l] + o] = hsum;
-        }
-      }
-    }
-    if (l == 0) break;
-    if constexpr (Exec::kSerial) {
-      serial_input_grads(s, l, N, gz, tgz, a, ta, W, U, tangent, ga, tga);
-    } else {
-      // ga[n, i] = sum_o gz[n, o] W[o, i];  tangent: sum_o tgz W + gz U; then through the activation
-      for (int64_t idx = tid; idx < N * din; idx += nth) {
-        const int64_t n = idx / din, i = idx - n * din;
-        S g = 0, tg = 0;
-        for (int64_t o = 0; o < dout; ++o) {
+    // dW[o, i] = sum_n gz[n, o] a[n, i];  tangent: sum_n tgz[n, o] a[n, i] + gz[n, o] ta[n, i]
+    for (int64_t idx = tid; idx < dout * din + dout; idx += nth) {
+      if (idx < dout * din) {
+        const int64_t o = idx / din, i = idx - o * din;
+        S gsum = 0, hsum = 0;
+        for (int64_t n = 0; n < N; ++n) {
           const S g_no = gz[n * dout + o];
-          g += g_no * W[o * din + i];
-          if (tangent) tg += tgz[n * dout + o] * W[o * din + i] + g_no * U[o * din + i];
+          gsum += g_no * a[n * din + i];
+          if (tangent) {
+            hsum += tgz[n * dout + o] * a[n * din + i];
+            if (ta) hsum += g_no * ta[n * din + i];
+          }
         }
-        through_activation(s.activation, tangent, a[idx], tangent ? ta[idx] : S(0), g, tg, &ga[idx], &tga[idx]);
+        if (grad) grad[s.w_off[l] + idx] = gsum;
+        if (hu) hu[s.w_off[l] + idx] = hsum;
+      } else {
+        const int64_t o = idx - dout * din;
+        S gsum = 0, hsum = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          gsum += gz[n * dout + o];
+          if (tangent) hsum += tgz[n * dout + o];
+        }
+        if (grad) grad[s.b_off[l] + o] = gsum;
+        if (hu) hu[s.b_off[l] + o] = hsum;
       }
     }
+  
+    if (l == 0) break;
+    // ga[n, i] = sum_o gz[n, o] W[o, i];  tangent: sum_o tgz W + gz U; then through the activation
+    for (int64_t idx = tid; idx < N * din; idx += nth) {
+      const int64_t n = idx / din, i = idx - n * din;
+      S g = 0, tg = 0;
+      for (int64_t o = 0; o < dout; ++o) {
+        const S g_no = gz[n * dout + o];
+        g += g_no * W[o * din + i];
+        if (tangent) tg += tgz[n * dout + o] * W[o * din + i] + g_no * U[o * din + i];
+      }
+      through_activation(s.activation, tangent, a[idx], tangent ? ta[idx] : S(0), g, tg, &ga[idx], &tga[idx]);
+    }
+  
     ex.sync();
     S* t0 = gz; gz = ga; ga = t0;
     S* t1 = tgz; tgz = tga; tga = t1;
@@ -319,10 +174,14 @@ FM_HD S mlp_pass(const Exec& ex, const MlpShape& s, const S* phi, const S* u, co
   ex.sync();
   return loss;
 }
+
+// One task's meta-step; the query loss at theta only with need_before (with K = 0 it is the query loss
+// after). All threads of `ex` call it.
 template <typename S, typename Exec>
 FM_HD TaskLosses mlp_task_meta_step(const Exec& ex, const MlpShape& s, const S* theta, const S* sx, const S* sy,
                                     int64_t ns, const S* qx, const S* qy, int64_t nq, const S* alpha, int K,
-                                    bool second_order, S inv_tasks, const TaskBuffers<S>& b) {
+                                    bool second_order, bool need_before, S inv_tasks,
+                                    const TaskBuffers<S>& b) {
   const int64_t P = s.params, tid = ex.tid(), nth = ex.nthreads();
   TaskLosses out{0, 0, 0};
   for (int64_t p = tid; p < P; p += nth) b.phi[p] = theta[p];
@@ -345,9 +204,11 @@ FM_HD TaskLosses mlp_task_meta_step(const Exec& ex, const MlpShape& s, const S* 
                                        static_cast<S*>(nullptr), b.scratch));
   for (int64_t p = tid; p < P; p += nth) b.v[p] = b.vec[p] * inv_tasks;
   ex.sync();
-  out.query_before = K == 0 ? out.query_after
-                            : double(mlp_pass<S>(ex, s, theta, static_cast<const S*>(nullptr), qx, qy, nq,
-                                                 static_cast<S*>(nullptr), static_cast<S*>(nullptr), b.scratch));
+  if (K == 0)
+    out.query_before = out.query_after;
+  else if (need_before)
+    out.query_before = double(mlp_pass<S>(ex, s, theta, static_cast<const S*>(nullptr), qx, qy, nq,
+                                          static_cast<S*>(nullptr), static_cast<S*>(nullptr), b.scratch));
   if (K == 0) out.support_before = double(mlp_pass<S>(ex, s, theta, static_cast<const S*>(nullptr), sx, sy, ns,
                                                       static_cast<S*>(nullptr), static_cast<S*>(nullptr),
                                                       b.scratch));
@@ -371,4 +232,4 @@ FM_HD TaskLosses mlp_task_meta_step(const Exec& ex, const MlpShape& s, const S* 
   return out;
 }
 
-}  // namespace FASTMAML_MLP_NS
+}  // namespace fastmaml_mlp

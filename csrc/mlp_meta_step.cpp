@@ -1,6 +1,6 @@
 // C++ CPU op `fastmaml::mlp_meta_step`: the whole inner loop and reverse sweep of a small MLP for
-// every task, one task per at::parallel_for item (mlp_inner_loop.h). Per-task meta-gradients and
-// alpha-gradients are summed over tasks afterwards in task order (deterministic).
+// every task, one task per at::parallel_for item (mlp_cpu.h). Per-task meta-gradients and
+// alpha-gradients are summed over tasks afterwards in task order (the same sums with any thread count).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -8,9 +8,9 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <vector>
+#include <memory>
 
-#include "mlp_inner_loop.h"
+#include "mlp_cpu.h"
 #include "mlp_meta_step.h"
 #include "mlp_meta_step_avx2.h"
 
@@ -73,62 +73,68 @@ MlpShape check_mlp_meta_step_args(const at::Tensor& theta, at::IntArrayRef sizes
 
 namespace {
 
+// dst[i] = sum_t src[t * n + i] over t = 0..T-1 in order, i < n (split over i: the same sums with any
+// thread count; at least GRAIN_SIZE outputs per thread, so the small sums of small models take no second
+// parallel region, whose threads can each wait a scheduler slice on a busy machine)
+template <typename S>
+void sum_over_tasks(const S* src, int64_t T, int64_t n, S* dst) {
+  at::parallel_for(0, n, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) dst[i] = src[i];
+    for (int64_t t = 1; t < T; ++t) {
+      const S* row = src + t * n;
+      for (int64_t i = begin; i < end; ++i) dst[i] += row[i];
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step_cpu(
     const at::Tensor& theta_in, at::IntArrayRef sizes, const at::Tensor& sx_in, const at::Tensor& sy_in,
     const at::Tensor& qx_in, const at::Tensor& qy_in, const at::Tensor& alpha_in, bool second_order, bool lr_grad,
-    int64_t activation) {
+    int64_t activation, bool need_before) {
   const MlpShape shape = check_mlp_meta_step_args(theta_in, sizes, sx_in, sy_in, qx_in, qy_in, alpha_in, activation);
   const at::Tensor theta = theta_in.contiguous(), sx = sx_in.contiguous(), sy = sy_in.contiguous(),
                    qx = qx_in.contiguous(), qy = qy_in.contiguous(), alpha = alpha_in.contiguous();
   const int64_t T = sx.size(0), ns = sx.size(1), nq = qx.size(1), P = shape.params, K = alpha.size(0);
   const auto opts = theta.options();
-  at::Tensor q_after = at::empty({T}, opts), q_before = at::empty({T}, opts), s_before = at::empty({T}, opts);
-  at::Tensor task_grads = at::empty({T, P}, opts);
-  at::Tensor task_dalpha = lr_grad ? at::empty({T, K, P}, opts) : at::Tensor();
+  at::Tensor q_after = at::empty({T}, opts), s_before = at::empty({T}, opts);
+  at::Tensor q_before = at::empty({need_before ? T : 0}, opts);
+  at::Tensor grad = at::empty({P}, opts), task_grads = at::empty({T, P}, opts);
+  at::Tensor dalpha = at::empty({lr_grad ? K : 0, P}, opts);
+  at::Tensor task_dalpha = at::empty({lr_grad ? T : 0, K, P}, opts);
   AT_DISPATCH_FLOATING_TYPES(theta.scalar_type(), "fastmaml::mlp_meta_step", [&] {
     using S = scalar_t;
-    const int64_t n_max = ns > nq ? ns : nq;
-    const int64_t scratch = fastmaml_mlp::pass_scratch_elems<S>(shape, n_max);
-    const int64_t per_task = 3 * P + 2 * K * P + scratch;
+    const int64_t work_elems = fastmaml_mlp::cpu_task_elems(shape, static_cast<int>(K), ns > nq ? ns : nq);
     const S inv_tasks = S(1) / S(T);
     const bool avx2 = use_avx2();
+    const S *th = theta.const_data_ptr<S>(), *al = alpha.const_data_ptr<S>();
+    const S *sxp = sx.const_data_ptr<S>(), *syp = sy.const_data_ptr<S>();
+    const S *qxp = qx.const_data_ptr<S>(), *qyp = qy.const_data_ptr<S>();
+    S* tg = task_grads.mutable_data_ptr<S>();
+    S* tda = lr_grad ? task_dalpha.mutable_data_ptr<S>() : nullptr;
+    S *qa = q_after.mutable_data_ptr<S>(), *sb = s_before.mutable_data_ptr<S>();
+    S* qb = need_before ? q_before.mutable_data_ptr<S>() : nullptr;
+    const int64_t d0 = shape.dims[0], dL = shape.dims[shape.layers];
     at::parallel_for(0, T, 1, [&](int64_t begin, int64_t end) {
-      std::vector<S> work(static_cast<size_t>(per_task));
+      const std::unique_ptr<S[]> work(new S[static_cast<size_t>(work_elems)]);
       for (int64_t t = begin; t < end; ++t) {
-        fastmaml_mlp::TaskBuffers<S> b;
-        b.phi = work.data();
-        b.u = b.phi + P;
-        b.vec = b.u + P;
-        b.phis = b.vec + P;
-        b.grads = b.phis + K * P;
-        b.scratch = fastmaml_mlp::carve_pass_scratch<S>(shape, n_max, b.grads + K * P);
-        b.v = task_grads.data_ptr<S>() + t * P;
-        b.dalpha = lr_grad ? task_dalpha.data_ptr<S>() + t * K * P : nullptr;
-        const S* tsx = sx.const_data_ptr<S>() + t * ns * shape.dims[0];
-        const S* tsy = sy.const_data_ptr<S>() + t * ns * shape.dims[shape.layers];
-        const S* tqx = qx.const_data_ptr<S>() + t * nq * shape.dims[0];
-        const S* tqy = qy.const_data_ptr<S>() + t * nq * shape.dims[shape.layers];
+        const S *tsx = sxp + t * ns * d0, *tsy = syp + t * ns * dL;
+        const S *tqx = qxp + t * nq * d0, *tqy = qyp + t * nq * dL;
+        S* v = tg + t * P;
+        S* da = tda ? tda + t * K * P : nullptr;
         const auto losses =
-            avx2 ? fastmaml_mlp_avx2::task_meta_step<S>(shape, theta.const_data_ptr<S>(), tsx, tsy, ns, tqx, tqy, nq,
-                                                        alpha.const_data_ptr<S>(), static_cast<int>(K), second_order,
-                                                        inv_tasks, b)
-                 : fastmaml_mlp::mlp_task_meta_step<S>(fastmaml_mlp::SerialExec{}, shape, theta.const_data_ptr<S>(),
-                                                       tsx, tsy, ns, tqx, tqy, nq, alpha.const_data_ptr<S>(),
-                                                       static_cast<int>(K), second_order, inv_tasks, b);
-        q_after.data_ptr<S>()[t] = S(losses.query_after);
-        q_before.data_ptr<S>()[t] = S(losses.query_before);
-        s_before.data_ptr<S>()[t] = S(losses.support_before);
+            avx2 ? fastmaml_mlp_avx2::task_meta_step<S>(shape, th, tsx, tsy, ns, tqx, tqy, nq, al, static_cast<int>(K),
+                                                        second_order, need_before, inv_tasks, work.get(), v, da)
+                 : fastmaml_mlp::cpu_task_meta_step<S>(shape, th, tsx, tsy, ns, tqx, tqy, nq, al, static_cast<int>(K),
+                                                       second_order, need_before, inv_tasks, work.get(), v, da);
+        qa[t] = S(losses.query_after);
+        sb[t] = S(losses.support_before);
+        if (qb) qb[t] = S(losses.query_before);
       }
     });
+    sum_over_tasks(tg, T, P, grad.mutable_data_ptr<S>());
+    if (lr_grad) sum_over_tasks(tda, T, K * P, dalpha.mutable_data_ptr<S>());
   });
-  // sums over tasks in task order (at::sum may split differently with the thread count)
-  at::Tensor grad = task_grads[0].clone();
-  for (int64_t t = 1; t < T; ++t) grad.add_(task_grads[t]);
-  at::Tensor dalpha = at::empty({0}, opts);
-  if (lr_grad) {
-    dalpha = task_dalpha[0].clone();
-    for (int64_t t = 1; t < T; ++t) dalpha.add_(task_dalpha[t]);
-  }
+  if (!lr_grad) dalpha = at::empty({0}, opts);
   return {q_after, grad, dalpha, q_before, s_before};
 }
 

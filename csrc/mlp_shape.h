@@ -1,5 +1,5 @@
-// Shapes and per-task buffers of the whole-inner-loop MLP kernel (mlp_inner_loop.h): the types
-// shared by the CPU op (every instruction-set variant) and the CUDA kernel. Torch-free.
+// Shapes of the whole-inner-loop MLP kernel, shared by the CPU op (mlp_cpu.h, every instruction-set
+// variant) and the CUDA kernel (mlp_inner_loop.h), and the CUDA kernel's per-task buffers. Torch-free.
 #pragma once
 #include <cstdint>
 

@@ -12,7 +12,6 @@ namespace {
 constexpr int kThreads = 256;
 
 struct BlockExec {
-  static constexpr bool kSerial = false;
   __device__ int64_t tid() const { return threadIdx.x; }
   __device__ int64_t nthreads() const { return blockDim.x; }
   __device__ void sync() const { __syncthreads(); }
@@ -22,8 +21,8 @@ template <typename S>
 __global__ void __launch_bounds__(kThreads) mlp_meta_step_kernel(
     fastmaml_mlp::MlpShape shape, const S* __restrict__ theta, const S* __restrict__ sx, const S* __restrict__ sy,
     int64_t ns, const S* __restrict__ qx, const S* __restrict__ qy, int64_t nq, const S* __restrict__ alpha, int K,
-    bool second_order, int64_t T, S* __restrict__ task_grads, S* __restrict__ task_dalpha, S* __restrict__ losses,
-    S* __restrict__ tape, S* __restrict__ scratch, bool weights_in_shared) {
+    bool second_order, bool need_before, int64_t T, S* __restrict__ task_grads, S* __restrict__ task_dalpha,
+    S* __restrict__ losses, S* __restrict__ tape, S* __restrict__ scratch, bool weights_in_shared) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int64_t t = blockIdx.x, P = shape.params;
   const int64_t n_max = ns > nq ? ns : nq;
@@ -42,7 +41,7 @@ __global__ void __launch_bounds__(kThreads) mlp_meta_step_kernel(
                                                   scratch + t * fastmaml_mlp::pass_scratch_elems<S>(shape, n_max));
   const fastmaml_mlp::TaskLosses l = fastmaml_mlp::mlp_task_meta_step<S>(
       BlockExec{}, shape, theta, sx + t * ns * d0, sy + t * ns * dL, ns, qx + t * nq * d0, qy + t * nq * dL, nq,
-      alpha, K, second_order, S(1) / S(T), b);
+      alpha, K, second_order, need_before, S(1) / S(T), b);
   if (threadIdx.x == 0) {
     losses[t] = S(l.query_after);
     losses[T + t] = S(l.query_before);
@@ -53,7 +52,8 @@ __global__ void __launch_bounds__(kThreads) mlp_meta_step_kernel(
 template <typename S>
 cudaError_t launch(const fastmaml_mlp::MlpShape& shape, const void* theta, const void* sx, const void* sy,
                    int64_t ns, const void* qx, const void* qy, int64_t nq, const void* alpha, int K,
-                   bool second_order, int64_t T, void* task_grads, void* task_dalpha, void* losses, void* tape,
+                   bool second_order, bool need_before, int64_t T, void* task_grads, void* task_dalpha, void* losses,
+                   void* tape,
                    void* scratch, cudaStream_t stream) {
   if (T == 0) return cudaSuccess;
   int device = 0, max_optin = 0;
@@ -70,7 +70,8 @@ cudaError_t launch(const fastmaml_mlp::MlpShape& shape, const void* theta, const
   }
   mlp_meta_step_kernel<S><<<static_cast<unsigned>(T), kThreads, in_shared ? shared_bytes : 0, stream>>>(
       shape, static_cast<const S*>(theta), static_cast<const S*>(sx), static_cast<const S*>(sy), ns,
-      static_cast<const S*>(qx), static_cast<const S*>(qy), nq, static_cast<const S*>(alpha), K, second_order, T,
+      static_cast<const S*>(qx), static_cast<const S*>(qy), nq, static_cast<const S*>(alpha), K, second_order,
+      need_before, T,
       static_cast<S*>(task_grads), static_cast<S*>(task_dalpha), static_cast<S*>(losses), static_cast<S*>(tape),
       static_cast<S*>(scratch), in_shared);
   return cudaGetLastError();
@@ -80,13 +81,13 @@ cudaError_t launch(const fastmaml_mlp::MlpShape& shape, const void* theta, const
 
 cudaError_t mlp_meta_step(bool double_precision, const fastmaml_mlp::MlpShape& shape, const void* theta,
                           const void* sx, const void* sy, int64_t ns, const void* qx, const void* qy, int64_t nq,
-                          const void* alpha, int K, bool second_order, int64_t T, void* task_grads,
+                          const void* alpha, int K, bool second_order, bool need_before, int64_t T, void* task_grads,
                           void* task_dalpha, void* losses, void* tape, void* scratch, cudaStream_t stream) {
   if (double_precision)
-    return launch<double>(shape, theta, sx, sy, ns, qx, qy, nq, alpha, K, second_order, T, task_grads, task_dalpha,
-                          losses, tape, scratch, stream);
-  return launch<float>(shape, theta, sx, sy, ns, qx, qy, nq, alpha, K, second_order, T, task_grads, task_dalpha,
-                       losses, tape, scratch, stream);
+    return launch<double>(shape, theta, sx, sy, ns, qx, qy, nq, alpha, K, second_order, need_before, T, task_grads,
+                          task_dalpha, losses, tape, scratch, stream);
+  return launch<float>(shape, theta, sx, sy, ns, qx, qy, nq, alpha, K, second_order, need_before, T, task_grads,
+                       task_dalpha, losses, tape, scratch, stream);
 }
 
 }  // namespace fastmaml_cuda

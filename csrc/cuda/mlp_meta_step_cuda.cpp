@@ -15,7 +15,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_step_cuda(
     const at::Tensor& theta_in, at::IntArrayRef sizes, const at::Tensor& sx_in, const at::Tensor& sy_in,
     const at::Tensor& qx_in, const at::Tensor& qy_in, const at::Tensor& alpha_in, bool second_order, bool lr_grad,
-    int64_t activation) {
+    int64_t activation, bool need_before) {
   const fastmaml_mlp::MlpShape shape =
       check_mlp_meta_step_args(theta_in, sizes, sx_in, sy_in, qx_in, qy_in, alpha_in, activation);
   const c10::cuda::CUDAGuard guard(theta_in.device());
@@ -34,12 +34,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_meta_
   at::Tensor scratch = at::empty({T, scratch_elems}, opts);
   const cudaError_t err = fastmaml_cuda::mlp_meta_step(
       theta.scalar_type() == at::kDouble, shape, theta.const_data_ptr(), sx.const_data_ptr(), sy.const_data_ptr(), ns,
-      qx.const_data_ptr(), qy.const_data_ptr(), nq, alpha.const_data_ptr(), static_cast<int>(K), second_order, T,
+      qx.const_data_ptr(), qy.const_data_ptr(), nq, alpha.const_data_ptr(), static_cast<int>(K), second_order,
+      need_before, T,
       task_grads.mutable_data_ptr(), lr_grad ? task_dalpha.mutable_data_ptr() : nullptr, losses.mutable_data_ptr(),
       tape.mutable_data_ptr(), scratch.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "fastmaml::mlp_meta_step: CUDA launch failed: ", cudaGetErrorString(err));
   at::Tensor dalpha = lr_grad ? task_dalpha.sum(0) : at::empty({0}, opts);
-  return {losses[0].clone(), task_grads.sum(0), dalpha, losses[1].clone(), losses[2].clone()};
+  at::Tensor q_before = need_before ? losses[1].clone() : at::empty({0}, opts);
+  return {losses[0].clone(), task_grads.sum(0), dalpha, q_before, losses[2].clone()};
 }
 
 }  // namespace

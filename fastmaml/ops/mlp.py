@@ -1,7 +1,7 @@
 """The contract of the whole-inner-loop MLP op `mlp_meta_step`: all K inner steps, the query loss and the
 exact reverse sweep of an MLP (Linear layers with one activation, ReLU or Tanh, between them) under MSE, in
 one op. Backends: "torch" (ops/reference/mlp.py: all tasks batched, straight-line GEMMs) and "cpp"
-(csrc/mlp_inner_loop.h: one task per thread on CPU, one thread block per task on CUDA).
+(csrc/mlp_cpu.h: one task per thread on CPU; csrc/mlp_inner_loop.h: one thread block per task on CUDA).
 
     ops.mlp_meta_step(plan, theta, sx, sy, qx, qy, alphas, order, lr_grad, need_before) -> MlpStepResult
 

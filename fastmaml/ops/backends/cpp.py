@@ -237,12 +237,12 @@ def _mlp_kernel_takes(plan, theta, sx, sy, qx, qy, alphas, order, *rest):
     limits=f"float32/float64, orders second and first, CUDA layers up to {MAX_CUDA_WIDTH} wide",
 )
 def mlp_meta_step(plan, theta, sx, sy, qx, qy, alphas, order: str, lr_grad, need_before: bool):
-    """The whole-inner-loop MLP kernel (csrc/mlp_inner_loop.h), as the reference in ops/reference/mlp.py.
-    It computes the query loss at θ in any case; returned only with `need_before`, like the reference's."""
+    """The whole-inner-loop MLP kernel (csrc/mlp_cpu.h on CPU, csrc/mlp_inner_loop.h on CUDA), as the
+    reference in ops/reference/mlp.py; the query loss at θ is computed only with `need_before`."""
     K, P = len(alphas), theta.shape[-1]
     alpha = torch.stack([a.expand(P) for a in alphas]) if K else theta.new_zeros(0, P)
     q_after, grad, d_alpha, q_before, s_before = torch.ops.fastmaml.mlp_meta_step(
-        theta, list(plan.sizes), sx, sy, qx, qy, alpha, order != "first", any(lr_grad), plan.activation
+        theta, list(plan.sizes), sx, sy, qx, qy, alpha, order != "first", any(lr_grad), plan.activation, need_before
     )
     d_alphas = [
         None if not lr_grad[j] else d_alpha[j].sum() if a.dim() == 0 else d_alpha[j] for j, a in enumerate(alphas)
