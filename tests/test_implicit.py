@@ -11,7 +11,7 @@ from torch.func import functional_call
 import fastmaml
 from fastmaml.errors import NonFiniteError
 
-from models import mlp, regression_tasks
+from models import classification_tasks, mlp, regression_tasks, small_cnn
 from oracle import assert_grads_close, rel_err
 
 
@@ -39,9 +39,10 @@ def backtracking_oracle(objective, phi, *, lr, steps):
     return phi
 
 
-def implicit_oracle(model, tasks, *, lr, steps, lam, adapted, solver="sgd", phis=None):
+def implicit_oracle(model, tasks, *, lr, steps, lam, adapted, solver="sgd", phis=None, loss_fn=F.mse_loss):
     """Proximal GD to φ_K ("sgd", or `backtracking_oracle`), then u = (I + H_aa/λ)⁻¹ ∇_φ L_q and ∂L/∂ψ =
-    ∇_ψ L_q − H_ψa u / λ, by dense solves. phis: a list that gets each task's φ_K."""
+    ∇_ψ L_q − H_ψa u / λ, by dense solves. phis: a list that gets each task's φ_K. The model runs as it is
+    (BatchNorm in training mode: batch statistics of each set)."""
     names = [n for n, _ in model.named_parameters()]
     shapes = {n: p.shape for n, p in model.named_parameters()}
     theta = {n: p.detach() for n, p in model.named_parameters()}
@@ -60,7 +61,7 @@ def implicit_oracle(model, tasks, *, lr, steps, lam, adapted, solver="sgd", phis
 
     def loss(a_vec, s_vec, x, y):
         p = {**unflat(a_vec, adapted), **unflat(s_vec, shared)}
-        return F.mse_loss(functional_call(model, p, (x,)), y)
+        return loss_fn(functional_call(model, p, (x,)), y)
 
     sx, sy, qx, qy = tasks
     T = sx.shape[0]
@@ -82,7 +83,9 @@ def implicit_oracle(model, tasks, *, lr, steps, lam, adapted, solver="sgd", phis
         H = torch.autograd.functional.hessian(lambda z, Pa=Pa, t=t: loss(z[:Pa], z[Pa:], sx[t], sy[t]), full)
         z = full.clone().requires_grad_(True)
         (gq,) = torch.autograd.grad(loss(z[:Pa], z[Pa:], qx[t], qy[t]) / T, z)
-        u = torch.linalg.solve(torch.eye(Pa, dtype=torch.float64) + H[:Pa, :Pa] / lam, gq[:Pa])
+        system = torch.eye(Pa, dtype=torch.float64) + H[:Pa, :Pa] / lam
+        assert torch.linalg.eigvalsh(system).min() > 0  # conjugate gradient's premise
+        u = torch.linalg.solve(system, gq[:Pa])
         d_a += u
         d_s += gq[Pa:] - H[Pa:, :Pa] @ u / lam
     grads = {**unflat(d_a, adapted), **unflat(d_s, shared)}
@@ -173,6 +176,24 @@ def test_backtracking_meta_gradient_is_the_implicit_one_at_its_solution(inner_pa
     # the safeguard took other steps than the plain ones (at rate 0.5 they grow without bound on task 1)
     plain = fastmaml.adapt(model, sx, sy, check_finite=False, **kw).phi.detach()
     assert plain[1].norm() > 10 * phi[1].norm()
+
+
+@pytest.mark.parametrize("solver", ["sgd", "backtracking"])
+def test_implicit_on_a_batchnorm_conv_net_under_cross_entropy(solver):
+    """Batch statistics of each set, cross-entropy, every parameter adapted; λ large enough for I + H/λ to be
+    positive definite at φ_K (with λ = 2 it is not, and no conjugate-gradient answer matches the solve)."""
+    torch.manual_seed(0)
+    model = small_cnn(channels=2, ways=5, size=8)
+    tasks = classification_tasks(T=2, size=8)
+    kw = dict(inner_lr=0.02, steps=5, order="implicit", implicit_lambda=20.0, loss="cross_entropy")
+    # I + H/λ is well conditioned here: 30 conjugate-gradient iterations reach the solve to rounding
+    fastmaml.meta_step(model, tasks, cg_steps=30, inner_solver=solver, update_running_stats=False, **kw)
+    got = {n: p.grad for n, p in model.named_parameters()}
+    adapted = [n for n, _ in model.named_parameters()]
+    ref = implicit_oracle(
+        model, tasks, lr=0.02, steps=5, lam=20.0, adapted=adapted, solver=solver, loss_fn=F.cross_entropy
+    )
+    assert_grads_close(got, ref, 1e-8)
 
 
 def test_backtracking_safeguard_triggers_where_plain_steps_overflow():
