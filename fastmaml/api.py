@@ -65,6 +65,7 @@ def meta_step(
     batch_norm: str = "batch",
     implicit_lambda: float = 1.0,
     cg_steps: int = 5,
+    inner_solver: str = "sgd",
     evaluate_before: bool = True,
     check_finite: bool = True,
     task_chunk: Optional[int] = None,
@@ -97,6 +98,9 @@ def meta_step(
             "per_step" (MAML++ per-step statistics, see `add_per_step_stats`).
         implicit_lambda: λ of order="implicit".
         cg_steps: conjugate-gradient iterations of order="implicit".
+        inner_solver: how order="implicit" takes its K steps: "sgd" (at `inner_lr`) or "backtracking" (per
+            task, the rate halves while a step gives a non-finite value or too small a decrease of the
+            proximal objective; its meta-gradient depends only on where the steps end). Other orders: "sgd".
         evaluate_before: also evaluate the query set at θ (`query_loss_before`, `accuracy_before`).
         check_finite: raise `NonFiniteError` (naming the inner step) on NaN/inf, leaving `.grad` untouched.
         task_chunk: tasks per chunk (None: sized so each chunk's per-task state fits a per-device budget);
@@ -134,6 +138,7 @@ def meta_step(
         batch_norm=batch_norm,
         implicit_lambda=implicit_lambda,
         cg_steps=cg_steps,
+        inner_solver=inner_solver,
         evaluate_before=evaluate_before,
         check_finite=check_finite,
         task_chunk=task_chunk,
@@ -219,6 +224,7 @@ def adapt(
     batch_norm: str = "batch",
     implicit_lambda: float = 1.0,
     cg_steps: int = 5,
+    inner_solver: str = "sgd",
     check_finite: bool = True,
     update_running_stats: bool = True,
 ) -> AdaptedModel:
@@ -231,7 +237,8 @@ def adapt(
     graph instead (exact; orders "second" and "checkpoint").
 
     The other arguments (`inner_lr`, `steps`, `order`, `loss`, `inner_params`, `backend`, `batch_norm`,
-    `implicit_lambda`, `cg_steps`, `check_finite`, `update_running_stats`) are those of `meta_step`.
+    `implicit_lambda`, `cg_steps`, `inner_solver`, `check_finite`, `update_running_stats`) are those of
+    `meta_step`.
 
     Args:
         model: any `nn.Module` with `forward(x)`.
@@ -259,6 +266,7 @@ def adapt(
         batch_norm=batch_norm,
         implicit_lambda=implicit_lambda,
         cg_steps=cg_steps,
+        inner_solver=inner_solver,
         check_finite=check_finite,
     )
     if update_running_stats:
@@ -282,6 +290,7 @@ def run_adapt(
     batch_norm,
     implicit_lambda,
     cg_steps,
+    inner_solver,
     check_finite,
     norm_buffers=None,
     what="adapt",
@@ -309,7 +318,7 @@ def run_adapt(
         check_labels(program, ops, theta_a.detach(), theta_s.detach(), support_x, [("support_y", support_y)])
     alphas = expand_inner_lr(inner_lr, steps, layout.adapted, like=theta_a)
     norm = NormPlan(model, batch_norm, buffers=norm_buffers)
-    implicit = _implicit(order, implicit_lambda, cg_steps, inner_lr)
+    implicit = _implicit(order, implicit_lambda, cg_steps, inner_lr, inner_solver)
     recorded = [] if norm.record and not bound else None
     spec = InnerLoopSpec(
         program, ops, order, check_finite, norm, recorded, implicit, keep_grads=any(a.requires_grad for a in alphas)

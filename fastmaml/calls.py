@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .batchnorm import NormPlan
-from .engine import ORDERS, Engines, Implicit, MetaGrad, MetaStepRequest, engines_for, program_for
+from .engine import INNER_SOLVERS, ORDERS, Engines, Implicit, MetaGrad, MetaStepRequest, engines_for, program_for
 from .errors import NonFiniteError
 from .inner_lr import expand_inner_lr, learnable_leaves
 from .layout import ParamLayout
@@ -138,8 +138,16 @@ def _check_common(model, steps, order):
         raise ValueError(f"order: unknown order {order!r}; expected one of {ORDERS}")
 
 
-def _implicit(order, implicit_lambda, cg_steps, inner_lr) -> Optional[Implicit]:
+def _implicit(order, implicit_lambda, cg_steps, inner_lr, inner_solver) -> Optional[Implicit]:
+    if inner_solver not in INNER_SOLVERS:
+        raise ValueError(f"inner_solver: expected one of {INNER_SOLVERS}, got {inner_solver!r}")
     if order != "implicit":
+        if inner_solver != "sgd":
+            raise ValueError(
+                f"inner_solver={inner_solver!r} applies to order='implicit' only: the {order!r} meta-gradient "
+                "differentiates the inner steps themselves, and steps chosen from loss values would change what "
+                "it is the gradient of; use inner_solver='sgd' (fixed steps at inner_lr)"
+            )
         return None
     if (
         isinstance(implicit_lambda, bool)
@@ -154,7 +162,7 @@ def _implicit(order, implicit_lambda, cg_steps, inner_lr) -> Optional[Implicit]:
             "inner_lr: order='implicit' gives no gradient for a learnable inner learning rate "
             "(the implicit gradient does not depend on the path to φ_K); pass a float"
         )
-    return Implicit(float(implicit_lambda), int(cg_steps))
+    return Implicit(float(implicit_lambda), int(cg_steps), inner_solver)
 
 
 def _check_inputs(layout: ParamLayout, x: torch.Tensor, field: str) -> None:
@@ -294,6 +302,7 @@ def prepare_meta_step(
     batch_norm,
     implicit_lambda,
     cg_steps,
+    inner_solver,
     evaluate_before,
     check_finite,
     task_chunk,
@@ -324,7 +333,7 @@ def prepare_meta_step(
         what=what,
     )
     norm = NormPlan(model, batch_norm, buffers=norm_buffers)
-    implicit = _implicit(order, implicit_lambda, cg_steps, inner_lr)
+    implicit = _implicit(order, implicit_lambda, cg_steps, inner_lr, inner_solver)
     with torch.no_grad():
         theta_a, theta_s = (layout.theta if theta is None else theta)()
     policy = resolve_precision(precision, theta_a.dtype)
@@ -431,6 +440,7 @@ def run_meta_step(
     batch_norm,
     implicit_lambda,
     cg_steps,
+    inner_solver,
     evaluate_before,
     check_finite,
     task_chunk,
@@ -461,6 +471,7 @@ def run_meta_step(
         batch_norm=batch_norm,
         implicit_lambda=implicit_lambda,
         cg_steps=cg_steps,
+        inner_solver=inner_solver,
         evaluate_before=evaluate_before,
         check_finite=check_finite,
         task_chunk=task_chunk,

@@ -197,6 +197,7 @@ def meta_grad(
     batch_norm: str = "batch",
     implicit_lambda: float = 1.0,
     cg_steps: int = 5,
+    inner_solver: str = "sgd",
     check_finite: bool = True,
     task_chunk: Optional[int] = None,
     step_weights: Optional[Sequence[float]] = None,
@@ -228,6 +229,7 @@ def meta_grad(
         batch_norm: as `meta_step`; running statistics are never updated here.
         implicit_lambda: as `meta_step`.
         cg_steps: as `meta_step`.
+        inner_solver: as `meta_step`.
         check_finite: as `meta_step`.
         task_chunk: as `meta_step`.
         step_weights: as `meta_step`.
@@ -262,6 +264,7 @@ def meta_grad(
         batch_norm=batch_norm,
         implicit_lambda=implicit_lambda,
         cg_steps=cg_steps,
+        inner_solver=inner_solver,
         evaluate_before=return_aux,
         check_finite=check_finite,
         task_chunk=task_chunk,
@@ -300,6 +303,7 @@ def adapt(
     batch_norm: str = "batch",
     implicit_lambda: float = 1.0,
     cg_steps: int = 5,
+    inner_solver: str = "sgd",
     check_finite: bool = True,
     strict: bool = False,
 ):
@@ -327,6 +331,7 @@ def adapt(
         batch_norm: as `meta_step`; running statistics are never updated here.
         implicit_lambda: as `meta_step`.
         cg_steps: as `meta_step`.
+        inner_solver: as `meta_step`.
         check_finite: as `meta_step`.
         strict: as `meta_grad`.
 
@@ -351,6 +356,7 @@ def adapt(
         batch_norm=batch_norm,
         implicit_lambda=implicit_lambda,
         cg_steps=cg_steps,
+        inner_solver=inner_solver,
         check_finite=check_finite,
         strict=strict,
     )[0]

@@ -99,14 +99,14 @@ class MetaStep:
     scheduled rates) are read at every call.
 
     The other keyword arguments (`inner_lr`, `steps`, `order`, `loss`, `inner_params`, `backend`,
-    `batch_norm`, `implicit_lambda`, `cg_steps`, `evaluate_before`, `check_finite`, `task_chunk`,
-    `step_weights`, `update_running_stats`, `precision`) are those of `meta_step`.
+    `batch_norm`, `implicit_lambda`, `cg_steps`, `inner_solver`, `evaluate_before`, `check_finite`,
+    `task_chunk`, `step_weights`, `update_running_stats`, `precision`) are those of `meta_step`.
 
     Args:
         model: any `nn.Module`, as for `meta_step`. The plan holds it weakly.
         example_tasks: a task batch of the shapes, dtypes and device the plan runs (its values are not read).
         cuda_graph: capture the meta-step in a CUDA graph and replay it (CUDA only; see `fastmaml.graphs`;
-            not yet run on a GPU).
+            not yet run on a GPU). Not with `inner_solver="backtracking"`, whose steps the host chooses.
 
     Attributes:
         rebuilds: how many times the plan was built again because the model changed.
@@ -133,6 +133,7 @@ class MetaStep:
         batch_norm: str = "batch",
         implicit_lambda: float = 1.0,
         cg_steps: int = 5,
+        inner_solver: str = "sgd",
         evaluate_before: bool = True,
         check_finite: bool = True,
         task_chunk: Optional[int] = None,
@@ -149,6 +150,7 @@ class MetaStep:
             batch_norm=batch_norm,
             implicit_lambda=implicit_lambda,
             cg_steps=cg_steps,
+            inner_solver=inner_solver,
             evaluate_before=evaluate_before,
             check_finite=check_finite,
             task_chunk=task_chunk,
@@ -157,6 +159,11 @@ class MetaStep:
         )
         batch = as_task_batch(example_tasks)
         if cuda_graph:
+            if inner_solver != "sgd":
+                raise ValueError(
+                    f"cuda_graph=True: inner_solver={inner_solver!r} decides each task's steps on the host (it "
+                    "reads the losses back), which a CUDA graph cannot replay; use cuda_graph=False"
+                )
             check_capturable(batch.support_x.device)
         self._init(unwrap_model(model), batch, inner_lr, inner_params, options)
         self.update_running_stats = bool(update_running_stats)
@@ -334,6 +341,7 @@ def _key(model: nn.Module, batch, o: dict) -> tuple:
         _scalar(o["batch_norm"]),
         _scalar(o["implicit_lambda"]),
         _scalar(o["cg_steps"]),
+        _scalar(o["inner_solver"]),
         _scalar(o["evaluate_before"]),
         _scalar(o["check_finite"]),
         _scalar(o["task_chunk"]),

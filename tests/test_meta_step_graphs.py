@@ -28,6 +28,7 @@ DEFAULTS = dict(
     batch_norm="batch",
     implicit_lambda=1.0,
     cg_steps=5,
+    inner_solver="sgd",
     evaluate_before=True,
     check_finite=True,
     task_chunk=None,

@@ -95,7 +95,7 @@ def test_presets_set_what_the_method_means_and_explicit_options_override(tmp_pat
     assert cfg["steps"] == 2 and cfg["msl"] == 1000 and cfg["first_order_until"] == 3333
     assert sinusoid(tmp_path / "b", "--method", "imaml", "--iterations", 1) == 0
     cfg = common.load_checkpoint(tmp_path / "b" / common.CHECKPOINT)["config"]
-    assert cfg["order"] == "implicit" and cfg["steps"] == 120 and cfg["inner_lr"] == 0.005
+    assert cfg["order"] == "implicit" and cfg["steps"] == 60 and cfg["inner_lr"] == 0.01
     assert cfg["implicit_lambda"] == pytest.approx(5.0)
     assert sinusoid(tmp_path / "b2", "--method", "imaml", "--implicit-lambda", 2, "--iterations", 1) == 0
     assert common.load_checkpoint(tmp_path / "b2" / common.CHECKPOINT)["config"]["implicit_lambda"] == 2
@@ -290,6 +290,7 @@ def test_imaml_preset_lambda_makes_the_proximal_steps_reach_the_inner_solution()
 
     def phi(lam, steps, lr):
         kw = dict(inner_lr=lr, steps=steps, order="implicit", implicit_lambda=lam, loss="mse")
+        kw["inner_solver"] = methods.IMAML_SOLVER
         with torch.no_grad():
             params = fastmaml.adapt(model, sx, sy, **kw).params
         return torch.cat([params[n].flatten(1) for n, _ in model.named_parameters()], 1)
@@ -303,6 +304,34 @@ def test_imaml_preset_lambda_makes_the_proximal_steps_reach_the_inner_solution()
     before = distance_left(1.0, 5, 0.01)
     assert preset.max() < 0.3, preset
     assert before.min() > 0.7, before
+
+
+def test_imaml_learner_safeguards_its_inner_steps():
+    """The iMAML preset's proximal steps, at the job's rate, overflow on a task of high curvature (support inputs
+    ×30); its `Learner` takes them with the backtracking solver, in evaluation and in meta-training."""
+    from fastmaml.train import sinusoid as job
+
+    cfg = methods.apply(
+        {"steps": 1, "order": "second", "inner_lr": 0.01, "implicit_lambda": 1.0, "cg_steps": 5},
+        "imaml",
+        "sinusoid",
+        [],
+        10000,
+    )
+    torch.manual_seed(0)
+    model = job.sinusoid_mlp()
+    sx, sy, qx, qy = job.SinusoidSampler(1).sample(4, 10, 10)
+    sx = sx.clone()
+    sx[2] *= 30
+    learner = methods.Learner(cfg, model, "mse")
+    kw = dict(inner_lr=cfg["inner_lr"], order="implicit", implicit_lambda=cfg["implicit_lambda"], loss="mse")
+    with torch.no_grad():
+        plain = fastmaml.adapt(model, sx, sy, steps=cfg["steps"], check_finite=False, **kw).phi
+        safe = learner.adapt(model, sx, sy, cfg["steps"]).phi
+    assert not torch.isfinite(plain[2]).all() and torch.isfinite(safe).all()
+    assert "backtracking inner steps" in learner.describe()
+    result = learner.meta_step(model, (sx, sy, qx, qy), 0)
+    assert torch.isfinite(result.query_loss_after).all()
 
 
 def test_sinusoid_table_says_how_many_tasks_diverged():

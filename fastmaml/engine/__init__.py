@@ -16,9 +16,10 @@ from ..programs.mixed import MixedProgram
 from .general import Schedule, SweepEngine
 from .mlp import MlpEngine, mlp_plan
 from .request import MetaGrad, MetaStepRequest
-from .sweeps import ORDERS, Implicit, InnerLoop, InnerLoopSpec
+from .sweeps import INNER_SOLVERS, ORDERS, Implicit, InnerLoop, InnerLoopSpec
 
 __all__ = [
+    "INNER_SOLVERS",
     "ORDERS",
     "Engines",
     "Implicit",

@@ -13,6 +13,8 @@ g_j again from the HVP pass (forward-over-reverse yields both); "first" keeps on
 and lets v pass through unchanged; "implicit" (iMAML) runs the K steps on the proximal objective
 L_s(φ) + λ/2 ‖φ − θ‖², keeps only φ_K, and solves (I + H/λ) u = v by conjugate gradient with the same
 Hessian-vector product (its HVPs at φ_K share one set of activations within the budget): ∂L/∂θ = Σ_t u.
+That meta-gradient depends only on where the steps end, not on the path, so the implicit order may take
+its steps with a safeguard (`Implicit.solver`, `backtracking_steps`).
 
 `InnerLoop` wraps both sweeps as one autograd Function (the surface for `adapt` and for other
 libraries); `meta_step` calls the sweeps directly.
@@ -34,14 +36,23 @@ from ..programs import Program
 from ..schedule import checkpoint_steps, replay_phis
 
 ORDERS = ("second", "checkpoint", "first", "implicit")
+INNER_SOLVERS = ("sgd", "backtracking")
+# `backtracking_steps`: a step must decrease the proximal objective by ARMIJO times the decrease its
+# linearization predicts (Armijo's sufficient-decrease constant as Nocedal & Wright use it), up to rounding
+# (ROUNDING machine epsilons of the objective); a task's rate factor halves at most MAX_HALVINGS times
+ARMIJO = 1e-4
+ROUNDING = 16
+MAX_HALVINGS = 30
 
 
 @dataclass(frozen=True)
 class Implicit:
-    """Settings of the "implicit" order (iMAML): proximal weight λ and conjugate-gradient iterations."""
+    """Settings of the "implicit" order (iMAML): proximal weight λ, conjugate-gradient iterations, and the
+    inner solver: "sgd" (K steps at α_j) or "backtracking" (`backtracking_steps`)."""
 
     lam: float = 1.0
     cg_steps: int = 5
+    solver: str = "sgd"
 
 
 @dataclass
@@ -112,6 +123,22 @@ def forward_sweep(
     budget = activation_budget if order == "second" and program.keeps_activations else 0
     if order == "implicit" and program.keeps_activations:
         tape.activation_budget = activation_budget
+    if order == "implicit" and tape.implicit.solver == "backtracking":
+        phi, loss0 = backtracking_steps(
+            program,
+            ops,
+            theta_a,
+            theta_s,
+            alphas,
+            sx,
+            sy,
+            lam=prox,
+            norm=norm,
+            recorded=recorded,
+            check_finite=check_finite,
+        )
+        tape.phis.append(phi)
+        return phi, tape, loss0
     for j, alpha in enumerate(alphas):
         bn_stats = norm.stats(j) if norm is not None else None
         kept_acts = {} if budget > 0 else None
@@ -148,6 +175,76 @@ def forward_sweep(
     if order == "implicit":
         tape.phis.append(phi)
     return phi, tape, loss0
+
+
+def backtracking_steps(
+    program: Program,
+    ops: OpTable,
+    theta_a,
+    theta_s,
+    alphas,
+    sx,
+    sy,
+    *,
+    lam: float,
+    norm: Optional[NormPlan] = None,
+    recorded: Optional[list] = None,
+    check_finite: bool = True,
+):
+    """The implicit order's K steps with a per-task safeguard: gradient descent on every task's proximal
+    objective F_t(φ) = L_s,t(φ) + λ/2 ‖φ − θ‖² at rates s_t α_j, where the factor s_t `[T]` starts at 1 and
+    halves (for the rest of the call) while task t's step gives a non-finite value or fails Armijo's
+    condition F_t(φ − s_t α_j ⊙ ∇F_t) ≤ F_t(φ) − ARMIJO s_t ⟨∇F_t, α_j ⊙ ∇F_t⟩. A step still refused at
+    s_t = 2^−MAX_HALVINGS is skipped. A refused step re-evaluates only the tasks that refused it.
+
+    Returns (φ_K `[T, Pa]`, the support loss at θ `[T]`). With `check_finite`, a non-finite loss or gradient
+    at θ raises `NonFiniteError` (no step can repair it).
+    """
+    T = sx.shape[0]
+    per_step_stats = norm is not None and norm.mode == "per_step" and norm.stats(0) is not None
+
+    def stats(j):
+        return norm.stats(j) if norm is not None else None
+
+    first = program.loss_grad(ops, theta_a, theta_s, sx, sy, bn_stats=stats(0))
+    if check_finite and not bool(torch.isfinite(first.loss).all() & torch.isfinite(first.grad).all()):
+        raise NonFiniteError(
+            f"non-finite support loss or gradient at inner step 0 (of {len(alphas)}), at θ; check the inputs",
+            where="support loss/gradient",
+            step=0,
+        )
+    phi = theta_a.expand(T, -1).clone()
+    loss, grad = first.loss, first.grad
+    scale = theta_a.new_ones(T)
+    rounding = ROUNDING * torch.finfo(theta_a.dtype).eps
+    for j, alpha in enumerate(alphas):
+        if recorded is not None:
+            recorded.append(program.batch_stats(ops, phi, theta_s, sx))
+        if per_step_stats and j > 0:  # step j's objective normalizes with step j's statistics
+            again = program.loss_grad(ops, phi, theta_s, sx, sy, bn_stats=stats(j))
+            loss, grad = again.loss, again.grad
+        delta = phi - theta_a
+        value = loss + 0.5 * lam * (delta * delta).sum(1)
+        direction = torch.add(grad, delta, alpha=lam)
+        step = alpha * direction
+        predicted = (direction * step).sum(1)
+        new_phi, new_loss, new_grad = phi.clone(), loss.clone(), grad.clone()
+        todo = torch.arange(T, device=phi.device)
+        while todo.numel():
+            s = scale[todo]
+            candidate = phi[todo] - s[:, None] * step[todo]
+            out = program.loss_grad(ops, candidate, theta_s, sx[todo], sy[todo], bn_stats=stats(j))
+            moved = candidate - theta_a
+            cand_value = out.loss + 0.5 * lam * (moved * moved).sum(1)
+            bound = value[todo] - ARMIJO * s * predicted[todo] + rounding * value[todo].abs()
+            ok = torch.isfinite(cand_value) & torch.isfinite(out.grad).all(1) & (cand_value <= bound)
+            done = todo[ok]
+            new_phi[done], new_loss[done], new_grad[done] = candidate[ok], out.loss[ok], out.grad[ok]
+            refused = todo[~ok]
+            todo = refused[scale[refused] > 2.0**-MAX_HALVINGS]
+            scale[todo] *= 0.5
+        phi, loss, grad = new_phi, new_loss, new_grad
+    return phi, first.loss
 
 
 def implicit_solve(

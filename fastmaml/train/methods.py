@@ -12,8 +12,9 @@ the training jobs' options.
 |          | meta-steps for the first third (`--first-order-until`), every meta-gradient entry clamped to     |
 |          | ±10 before Adam (as its reference code does); few-shot jobs: `--bn per_step` (evaluation, like   |
 |          | training and the reference code, normalizes with batch statistics), `--eval-steps 5`             |
-| imaml    | `--order implicit` (Rajeswaran et al. 2019), `--steps 5` (sinusoid: 120 at `--inner-lr 0.005`),  |
-|          | and λ such that those proximal steps solve the inner problem: λ = 3 / (inner lr × steps)         |
+| imaml    | `--order implicit` (Rajeswaran et al. 2019), `--steps 5` (sinusoid: 60),                          |
+|          | and λ such that those proximal steps solve the inner problem: λ = 3 / (inner lr × steps); the    |
+|          | steps are safeguarded per task (`inner_solver="backtracking"`), in training and evaluation       |
 | cavia    | context parameters (Zintgraf et al. 2019): the model gets a context vector (`--context`),        |
 |          | concatenated to the input (sinusoid) or through FiLM on the third conv block (few-shot), the     |
 |          | only adapted parameters, from zero in every task; `--inner-lr 1.0`                               |
@@ -64,15 +65,16 @@ MAMLPP_GRAD_CLAMP = 10.0
 # (1 − αλ)^K ≤ exp(−αλK) in the directions the support loss leaves flat. The paper's Omniglot setting
 # (α 0.1, λ 2, 16 steps) has αλK = 3.2; the preset keeps αλK = IMAML_CONTRACTION. With λ fixed at 1 and
 # 5 steps at the sinusoid's α = 0.01 (αλK = 0.05) the steps stay next to θ, the implicit gradient is that of
-# another function, and meta-training diverged (NonFiniteError at iteration ~1800, θ's own loss rising
-# from 3 to 14 before). The sinusoid needs more steps, not a larger λ: the steps are stable only while
-# α(h + λ) < 2 over the support Hessian's eigenvalues h (5 steps at λ = 64 or 30 at λ = 10 diverged in the
-# forward sweep within 500 iterations). And nothing in iMAML's meta-gradient sees the inner solver, so θ
-# drifts to sharper tasks: at the job's α = 0.01 (60 steps, λ = 5) a task's steps overflowed at iteration
-# 3690, gradient clamping or not. The sinusoid preset halves α (twice the margin) and takes 120 steps; that
-# only delays it (to 6701 of the 10,000 iterations): docs/architecture.md, "iMAML's λ".
-IMAML_SETTINGS = {"sinusoid": {"steps": 120, "inner_lr": 0.005}}  # other jobs: 5 steps at the job's rate
+# another function, and meta-training diverged. The sinusoid needs more steps, not a larger λ: fixed-rate
+# steps are stable only while α(h + λ) < 2 over the support Hessian's eigenvalues h. And nothing in iMAML's
+# meta-gradient sees the inner solver, so θ drifts to sharper tasks until some task's fixed-rate steps
+# overflow (meta-iteration 6701 of 10,000 with 120 steps at α = 0.005). Since the meta-gradient depends only
+# on the solution, the preset solves the inner problem with a safeguard instead (IMAML_SOLVER: per task, the
+# rate halves while a step does not decrease the proximal objective), which needs no margin below the job's
+# rate: 60 steps at α = 0.01 (λ = 5): docs/architecture.md, "iMAML's λ".
+IMAML_SETTINGS = {"sinusoid": {"steps": 60}}  # at the job's rate; other jobs: 5 steps
 IMAML_CONTRACTION = 3.0
+IMAML_SOLVER = "backtracking"
 CAVIA_INNER_LR = 1.0  # CAVIA's inner rate for the context (Zintgraf et al. 2019, regression and classification)
 # the options of the inner loop: none applies to the black-box learner
 INNER_LOOP_OPTIONS = (
@@ -295,7 +297,13 @@ class Learner:
             batch_norm=cfg.get("bn", "batch"),
             implicit_lambda=cfg.get("implicit_lambda", 1.0),
             cg_steps=cfg.get("cg_steps", 5),
+            inner_solver=self.inner_solver,
         )
+
+    @property
+    def inner_solver(self) -> str:
+        """How the implicit order takes its inner steps: iMAML's are safeguarded (IMAML_SOLVER)."""
+        return IMAML_SOLVER if self.method == "imaml" else "sgd"
 
     @property
     def grad_clamp(self) -> Optional[float]:
@@ -375,6 +383,8 @@ class Learner:
             extra += f", meta-gradient clamped to ±{self.grad_clamp:g}"
         if cfg["order"] == "implicit":
             extra += f", λ {cfg.get('implicit_lambda', 1.0):g}, {cfg.get('cg_steps', 5)} CG steps"
+            if self.inner_solver != "sgd":
+                extra += f", {self.inner_solver} inner steps"
         return (
             f"{LABELS[self.method]}: {cfg['steps']} inner step(s), {rate}, order {cfg['order']}, adapting "
             f"{adapted}{extra}"
