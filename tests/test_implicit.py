@@ -240,3 +240,34 @@ def test_inner_solver_is_checked():
         fastmaml.func.meta_grad(model, params, tasks, order="first", inner_solver="backtracking")
     with pytest.raises(ValueError, match="cuda_graph=True: inner_solver='backtracking'"):
         fastmaml.MetaStep(model, tasks, order="implicit", inner_solver="backtracking", cuda_graph=True)
+
+
+def test_indefinite_system_is_reported():
+    """Below the magnitude of the support Hessian's most negative eigenvalue, I + H/λ is indefinite: conjugate
+    gradient cannot solve it, and the call says so (naming implicit_lambda) instead of returning a truncated
+    solve silently; at a λ where the system is positive definite it stays quiet."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = mlp((1, 8, 1), act=nn.Tanh)
+    tasks = regression_tasks(T=3)
+    kwargs = dict(steps=0, order="implicit", cg_steps=20)  # φ_K = θ: the Hessian below is the system's
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss(vec, t):
+        chunks = vec.split([s.numel() for s in shapes])
+        params = dict(zip(names, (c.view(s) for c, s in zip(chunks, shapes))))
+        return F.mse_loss(functional_call(model, params, (tasks[0][t],)), tasks[1][t])
+
+    lowest = min(
+        float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(lambda z, t=t: loss(z, t), flat))[0])
+        for t in range(3)
+    )
+    assert lowest < 0  # a tanh net's support loss is not convex here: the test's premise
+    with pytest.warns(RuntimeWarning, match=r"not positive definite .* Raise implicit_lambda"):
+        fastmaml.meta_step(model, tasks, implicit_lambda=0.01 * abs(lowest), **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fastmaml.meta_step(model, tasks, implicit_lambda=100.0, **kwargs)

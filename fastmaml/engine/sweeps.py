@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -261,7 +262,13 @@ def implicit_solve(
     bn_stats=None,
 ):
     """iMAML's backward: u = (I + H/λ)⁻¹ v per task by `cg_steps` of conjugate gradient, H the support
-    Hessian at φ_K. Returns (∂L/∂θ = Σ_t u `[Pa]`, ∂L/∂ψ = −Σ_t H_sa u / λ `[Ps]` or None)."""
+    Hessian at φ_K. Returns (∂L/∂θ = Σ_t u `[Pa]`, ∂L/∂ψ = −Σ_t H_sa u / λ `[Ps]` or None).
+
+    Conjugate gradient needs I + H/λ positive definite. A task whose system is not (a direction of
+    non-positive curvature while its residual is not zero: λ below the magnitude of a negative Hessian
+    eigenvalue) has such directions skipped, and its u is not the solution; with `check_finite` (its one
+    device sync, skipped inside CUDA-graph capture) that is reported by a `RuntimeWarning` naming
+    `implicit_lambda`."""
     phi, lam = tape.phis[-1], tape.implicit.lam
     kept = {} if tape.activation_budget > 0 else None  # the first HVP's activations, for the others
 
@@ -280,9 +287,13 @@ def implicit_solve(
     p = r.clone()
     rs = (r * r).sum(1)
     tiny = torch.finfo(v.dtype).tiny
+    # a task not yet converged (residual above float precision's share of v) meeting non-positive curvature
+    unsolved = rs * torch.finfo(v.dtype).eps
+    indefinite = torch.zeros_like(rs, dtype=torch.bool)
     for _ in range(tape.implicit.cg_steps):  # per task in parallel; a converged task's step becomes 0
         ap = apply(p)
         curvature = (p * ap).sum(1)
+        indefinite |= (curvature <= 0) & (rs > unsolved)
         step = torch.where(curvature > 0, rs / curvature.clamp_min(tiny), torch.zeros_like(rs))
         u.addcmul_(step[:, None], p)
         r.addcmul_(step[:, None], ap, value=-1.0)
@@ -296,6 +307,17 @@ def implicit_solve(
             "raise implicit_lambda or check the inputs",
             where="implicit solve",
         )
+    if check_finite:
+        bad = int(indefinite.sum())
+        if bad:
+            warnings.warn(
+                f"order='implicit': I + H/λ is not positive definite at φ_K for {bad} of {len(indefinite)} "
+                f"tasks (implicit_lambda={lam:g} is below the magnitude of a negative eigenvalue of their "
+                "support Hessian); conjugate gradient skipped directions of non-positive curvature, so their "
+                "meta-gradient is not the implicit one. Raise implicit_lambda.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     d_shared = None
     if shared_grad:
         d_shared = -hvp(u, shared_grad=True).hu_shared.sum(0) / lam
