@@ -389,6 +389,21 @@ def test_bn_stats_float64(lib, case):
     check_stats(st5[:2], want[:2], 1e-13, "stats, no tangent")
 
 
+@pytest.mark.slow
+def test_bn_stats_real_size(lib):
+    """A real layer's size under the interpreter (about 30 s per launch): 75 query images of 84×84, one
+    task, the first conv4 layer's 1 input channel (2 outputs, to keep the interpreter's time down); y and
+    the statistics against `F.conv2d` and `var_mean` in float64."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 75, 1, 84, 84, dtype=torch.float64, generator=g).to(DEVICE)
+    w = torch.randn(1, 2, 1, 3, 3, dtype=torch.float64, generator=g).to(DEVICE)
+    b = torch.randn(1, 2, dtype=torch.float64, generator=g).to(DEVICE)
+    y, stats = triton_conv.conv_forward(x, w, b, [1, 1], [1, 1], [1, 1], bn_stats=True)
+    ref = F.conv2d(x[0].cpu(), w[0].cpu(), b[0].cpu(), padding=1)[None]
+    check(y, ref, 1e-13, "y")
+    check_stats(stats, reference_stats(ref, torch.zeros_like(ref))[:2], 1e-13, "stats")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bn_stats_low_precision(lib, dtype):
     """float32 and bfloat16 (statistics in float32): those of y and ẏ as stored, within 8× PyTorch's own

@@ -183,6 +183,26 @@ def test_bf16_frozen_batch_norm():
     assert 1e-5 < err < 0.1
 
 
+def test_bf16_per_step_batch_norm():
+    """`batch_norm="per_step"` (MAML++): the per-step statistics go in and come out of the bf16 program in
+    float32 (the module's buffers stay float32), and the meta-gradient is the float32 one at bf16's
+    resolution."""
+    torch.manual_seed(0)
+    model = ConvClassNet(ways=5, hidden=8, side=2)
+    fastmaml.add_per_step_stats(model, 2)
+    tasks = _classification(3, 5, 6, 5, (1, 8, 8))
+    names = [n for n, _ in model.named_parameters()]
+    got, want = copy.deepcopy(model), copy.deepcopy(model)
+    fastmaml.meta_step(got, tasks, steps=2, loss="cross_entropy", batch_norm="per_step", precision="bf16")
+    fastmaml.meta_step(want, tasks, steps=2, loss="cross_entropy", batch_norm="per_step")
+    assert all(b.dtype == torch.float32 for b in got.buffers() if b.is_floating_point())
+    err = rel_err(*(_flat({n: p.grad for n, p in m.named_parameters()}, names) for m in (got, want)))
+    assert 1e-5 < err < 0.1
+    for (name, b_got), (_, b_want) in zip(got.named_buffers(), want.named_buffers()):
+        if b_got.is_floating_point():
+            assert rel_err(b_got, b_want) < 0.05, name
+
+
 def _implicit_reference(model, tasks, *, lr, steps, lam):
     """The implicit meta-gradient of every parameter by autograd and a dense solve: proximal GD to φ_K, then
     Σ_t (I + H_t/λ)⁻¹ ∇L_q,t / T, in the model's dtype and under whatever autocast is on (the solve in
