@@ -48,6 +48,7 @@
 #include <optional>
 #include <tuple>
 
+#include "bn_act_layout.h"
 #include "bn_act_planes.h"
 
 #define FASTMAML_BN_ACT_NS fastmaml_bn_act
@@ -60,8 +61,14 @@ namespace {
 using fastmaml_bn_act_shapes::BwdArgs;
 using fastmaml_bn_act_shapes::FwdArgs;
 using fastmaml_bn_act_shapes::Geometry;
+using fastmaml_bn_act_shapes::kNhwcCoefs;
+using fastmaml_bn_act_shapes::kNhwcSums;
+using fastmaml_bn_act_shapes::NhwcScratch;
+using fastmaml_bn_act_shapes::Slice;
 
-constexpr int64_t kValuesPerGrain = 4096;  // plane values below which planes share a thread
+constexpr int64_t kValuesPerGrain = 4096;      // plane values below which planes share a thread
+constexpr int64_t kValuesPerBlock = 16384;     // values of a channels-last block of rows
+constexpr int64_t kSliceBytes = int64_t(4) << 20;  // a channels-last slice's bytes per full-size tensor
 
 int64_t grain(const Geometry& g) { return std::max<int64_t>(1, kValuesPerGrain / std::max<int64_t>(1, g.N * g.S)); }
 
@@ -71,6 +78,67 @@ bool use_avx2() {
   const char* isa = std::getenv("FASTMAML_CPU_ISA");
   if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
   return fastmaml_bn_act_avx2::usable();
+}
+
+// ---------------------------------------------------------------- the channels-last passes
+// (bn_act_planes.h) slice by slice: the blocks' partial sums in parallel, the per-channel step, the outputs in
+// parallel (the blocks in reverse order). A slice holds as many tasks as keep its data small enough for the
+// write pass to find much of it still in cache (one at least); the blocks give every thread work.
+
+// The slices' tasks: as many as fit kSliceBytes per full-size tensor, one at least
+template <typename S>
+int64_t slice_tasks(const Geometry& g) {
+  return std::max<int64_t>(1, kSliceBytes / std::max<int64_t>(1, g.N * g.S * g.C * int64_t(sizeof(S))));
+}
+
+Slice slice_of(const Geometry& g, int64_t t0, int64_t t1) {
+  const int64_t R = g.N * g.S, rows = std::max<int64_t>(1, kValuesPerBlock / g.C);
+  return {t0, t1, R, rows, (R + rows - 1) / rows};
+}
+
+// prepare(scratch), then run(slice, scratch) for every slice in order
+template <typename S, typename P, typename F>
+void for_slices(const Geometry& g, P&& prepare, F&& run) {
+  const int64_t tasks = std::min(g.T, slice_tasks<S>(g));
+  const at::Tensor sums = at::empty({slice_of(g, 0, tasks).items() * kNhwcSums * g.C}, at::kDouble);
+  const at::Tensor coefs = at::empty({g.T * kNhwcCoefs * g.C}, at::kDouble);
+  const NhwcScratch w{sums.mutable_data_ptr<double>(), coefs.mutable_data_ptr<double>()};
+  prepare(w);
+  for (int64_t t0 = 0; t0 < g.T; t0 += tasks) run(slice_of(g, t0, std::min(g.T, t0 + tasks)), w);
+}
+
+template <typename S>
+void forward_nhwc(const Geometry& g, const FwdArgs<S>& q, bool avx2) {
+  namespace base = fastmaml_bn_act;
+  namespace fast = fastmaml_bn_act_avx2;
+  const auto shifts = [&](const NhwcScratch& w) {
+    avx2 ? fast::forward_shifts_nhwc(g, q, w) : base::forward_shifts_nhwc(g, q, w);
+  };
+  for_slices<S>(g, shifts, [&](const Slice& s, const NhwcScratch& w) {
+    at::parallel_for(0, s.items(), 1, [&](int64_t begin, int64_t end) {
+      avx2 ? fast::forward_sums_nhwc(g, s, q, w, begin, end) : base::forward_sums_nhwc(g, s, q, w, begin, end);
+    });
+    avx2 ? fast::forward_coefs_nhwc(g, s, q, w) : base::forward_coefs_nhwc(g, s, q, w);
+    at::parallel_for(0, s.items(), 1, [&](int64_t begin, int64_t end) {
+      avx2 ? fast::forward_write_nhwc(g, s, q, w, begin, end) : base::forward_write_nhwc(g, s, q, w, begin, end);
+    });
+  });
+}
+
+template <typename S>
+void backward_nhwc(const Geometry& g, const BwdArgs<S>& q, bool avx2) {
+  namespace base = fastmaml_bn_act;
+  namespace fast = fastmaml_bn_act_avx2;
+  for_slices<S>(g, [](const NhwcScratch&) {}, [&](const Slice& s, const NhwcScratch& w) {
+    at::parallel_for(0, s.items(), 1, [&](int64_t begin, int64_t end) {
+      avx2 ? fast::backward_sums_nhwc(g, s, q, w, begin, end) : base::backward_sums_nhwc(g, s, q, w, begin, end);
+    });
+    avx2 ? fast::backward_coefs_nhwc(g, s, q, w) : base::backward_coefs_nhwc(g, s, q, w);
+    if (q.gx == nullptr) return;
+    at::parallel_for(0, s.items(), 1, [&](int64_t begin, int64_t end) {
+      avx2 ? fast::backward_write_nhwc(g, s, q, w, begin, end) : base::backward_write_nhwc(g, s, q, w, begin, end);
+    });
+  });
 }
 
 // ---------------------------------------------------------------- argument checks (each names its argument)
@@ -107,16 +175,16 @@ void check_slope(double slope) {
               slope);
 }
 
-// z: required unless slope == 1 (no activation: never read)
-std::optional<at::Tensor> checked_z(const std::optional<at::Tensor>& z, double slope, const at::Tensor& x) {
+// z: required unless slope == 1 (no activation: never read); in x's layout
+std::optional<at::Tensor> checked_z(const std::optional<at::Tensor>& z, double slope, const at::Tensor& x, bool cl) {
   if (slope == 1.0) return std::nullopt;
   TORCH_CHECK(z.has_value(), "z: the forward's output is needed for the activation's mask (slope ", slope, " != 1)");
   check_like(*z, "z", x);
-  return z->contiguous();
+  return in_layout(*z, cl);
 }
 
-std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+std::optional<at::Tensor> optional_in_layout(const std::optional<at::Tensor>& t, bool cl) {
+  return t.has_value() ? std::optional<at::Tensor>(in_layout(*t, cl)) : std::nullopt;
 }
 
 template <typename S>
@@ -142,8 +210,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cpu(const at::Tensor& 
   check_channels(w_in, "w", x_in);
   check_channels(b_in, "b", x_in);
   check_slope(slope);
-  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
-  at::Tensor z = at::empty(x.sizes(), x.options());
+  const bool cl = channels_last(x_in);
+  const at::Tensor x = in_layout(x_in, cl), w = w_in.contiguous(), b = b_in.contiguous();
+  at::Tensor z = empty_in_layout(x, cl);
   at::Tensor mean = at::empty({g.T, g.C}, x.options()), invstd = at::empty({g.T, g.C}, x.options());
   if (x.numel() == 0) return {z, mean, invstd};
   const bool avx2 = use_avx2();
@@ -151,6 +220,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cpu(const at::Tensor& 
     using S = scalar_t;
     const FwdArgs<S> q{ptr<S>(x), nullptr, ptr<S>(w), ptr<S>(b), nullptr, nullptr, out<S>(z), nullptr,
                        out<S>(mean), out<S>(invstd), nullptr, nullptr, eps, slope};
+    if (cl) return forward_nhwc(g, q, avx2);
     at::parallel_for(0, g.planes(), grain(g), [&](int64_t begin, int64_t end) {
       avx2 ? fastmaml_bn_act_avx2::forward_planes(g, q, begin, end) : fastmaml_bn_act::forward_planes(g, q, begin, end);
     });
@@ -169,10 +239,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(const at::Tensor& 
   check_channels(invstd_in, "invstd", x_in);
   check_channels(w_in, "w", x_in);
   check_slope(slope);
-  const std::optional<at::Tensor> z = checked_z(z_in, slope, x_in);
-  const at::Tensor gz = gz_in.contiguous(), x = x_in.contiguous(), mean = mean_in.contiguous();
+  const bool cl = channels_last(x_in);
+  const std::optional<at::Tensor> z = checked_z(z_in, slope, x_in, cl);
+  const at::Tensor gz = in_layout(gz_in, cl), x = in_layout(x_in, cl), mean = mean_in.contiguous();
   const at::Tensor invstd = invstd_in.contiguous(), w = w_in.contiguous();
-  at::Tensor gx = need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor gx = need_x ? empty_in_layout(x, cl) : at::empty({0}, x.options());
   at::Tensor gw = at::empty({g.T, g.C}, x.options()), gb = at::empty({g.T, g.C}, x.options());
   if (g.planes() == 0) return {gx, gw, gb};
   const bool avx2 = use_avx2();
@@ -181,6 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(const at::Tensor& 
     const BwdArgs<S> q{ptr<S>(gz),   nullptr, ptr<S>(z), ptr<S>(x), nullptr,   ptr<S>(mean), ptr<S>(invstd),
                        nullptr,      nullptr, ptr<S>(w), nullptr,   out<S>(gx), nullptr,     out<S>(gw),
                        nullptr,      out<S>(gb), nullptr, slope};
+    if (cl) return backward_nhwc(g, q, avx2);
     at::parallel_for(0, g.planes(), grain(g), [&](int64_t begin, int64_t end) {
       avx2 ? fastmaml_bn_act_avx2::backward_planes(g, q, begin, end)
            : fastmaml_bn_act::backward_planes(g, q, begin, end);
@@ -199,10 +271,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_channels(wd_in, "wd", x_in);
   check_channels(bd_in, "bd", x_in);
   check_slope(slope);
-  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), b = b_in.contiguous();
+  const bool cl = channels_last(x_in);
+  const at::Tensor x = in_layout(x_in, cl), w = w_in.contiguous(), b = b_in.contiguous();
   const at::Tensor wd = wd_in.contiguous(), bd = bd_in.contiguous();
-  const std::optional<at::Tensor> xd = contiguous(xd_in);
-  at::Tensor z = at::empty(x.sizes(), x.options()), zd = at::empty(x.sizes(), x.options());
+  const std::optional<at::Tensor> xd = optional_in_layout(xd_in, cl);
+  at::Tensor z = empty_in_layout(x, cl), zd = empty_in_layout(x, cl);
   at::Tensor mean = at::empty({g.T, g.C}, x.options()), invstd = at::empty({g.T, g.C}, x.options());
   at::Tensor a = at::zeros({g.T, g.C}, x.options()), dmean = at::zeros({g.T, g.C}, x.options());
   if (x.numel() == 0) return {z, zd, mean, invstd, a, dmean};
@@ -211,6 +284,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     using S = scalar_t;
     const FwdArgs<S> q{ptr<S>(x),  ptr<S>(xd), ptr<S>(w),    ptr<S>(b),      ptr<S>(wd), ptr<S>(bd), out<S>(z),
                        out<S>(zd), out<S>(mean), out<S>(invstd), out<S>(a), out<S>(dmean), eps,      slope};
+    if (cl) return forward_nhwc(g, q, avx2);
     at::parallel_for(0, g.planes(), grain(g), [&](int64_t begin, int64_t end) {
       avx2 ? fastmaml_bn_act_avx2::tangent_forward_planes(g, q, begin, end)
            : fastmaml_bn_act::tangent_forward_planes(g, q, begin, end);
@@ -235,13 +309,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_channels(w_in, "w", x_in);
   check_channels(wd_in, "wd", x_in);
   check_slope(slope);
-  const std::optional<at::Tensor> z = checked_z(z_in, slope, x_in);
-  const at::Tensor gz = gz_in.contiguous(), gzd = gzd_in.contiguous(), x = x_in.contiguous();
-  const std::optional<at::Tensor> xd = contiguous(xd_in);
+  const bool cl = channels_last(x_in);
+  const std::optional<at::Tensor> z = checked_z(z_in, slope, x_in, cl);
+  const at::Tensor gz = in_layout(gz_in, cl), gzd = in_layout(gzd_in, cl), x = in_layout(x_in, cl);
+  const std::optional<at::Tensor> xd = optional_in_layout(xd_in, cl);
   const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous(), a = a_in.contiguous();
   const at::Tensor dmean = dmean_in.contiguous(), w = w_in.contiguous(), wd = wd_in.contiguous();
-  at::Tensor gx = need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor gxd = need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor gx = need_x ? empty_in_layout(x, cl) : at::empty({0}, x.options());
+  at::Tensor gxd = need_x ? empty_in_layout(x, cl) : at::empty({0}, x.options());
   at::Tensor gw = at::empty({g.T, g.C}, x.options()), gwd = at::empty({g.T, g.C}, x.options());
   at::Tensor gb = at::empty({g.T, g.C}, x.options()), gbd = at::empty({g.T, g.C}, x.options());
   if (g.planes() == 0) return {gx, gxd, gw, gwd, gb, gbd};
@@ -251,6 +326,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const BwdArgs<S> q{ptr<S>(gz),  ptr<S>(gzd), ptr<S>(z),   ptr<S>(x),   ptr<S>(xd),  ptr<S>(mean),
                        ptr<S>(invstd), ptr<S>(a), ptr<S>(dmean), ptr<S>(w), ptr<S>(wd), out<S>(gx),
                        out<S>(gxd), out<S>(gw), out<S>(gwd), out<S>(gb), out<S>(gbd), slope};
+    if (cl) return backward_nhwc(g, q, avx2);
     at::parallel_for(0, g.planes(), grain(g), [&](int64_t begin, int64_t end) {
       avx2 ? fastmaml_bn_act_avx2::tangent_backward_planes(g, q, begin, end)
            : fastmaml_bn_act::tangent_backward_planes(g, q, begin, end);

@@ -1,5 +1,6 @@
 // BatchNorm (batch statistics) + leaky ReLU (bn_act.cpp): the shapes and arguments of the per-plane kernels
-// (bn_act_kernels.h) and their entry points, compiled twice: for the baseline instruction set (namespace
+// (bn_act_kernels.h) and their entry points (per plane for contiguous x, per block of rows for channels-last
+// x), compiled twice: for the baseline instruction set (namespace
 // fastmaml_bn_act, in bn_act.cpp) and for AVX2 (fastmaml_bn_act_avx2, in bn_act_avx2.cpp). Plain C++, no
 // ATen: every inline function a kernel uses is defined outside the AVX2 target region.
 #pragma once
@@ -8,7 +9,7 @@
 
 namespace fastmaml_bn_act_shapes {
 
-// x [T, N, C, S]: T*C planes (task, channel) of N rows of S contiguous values each
+// x [T, N, C, S], contiguous: T*C planes (task, channel) of N rows of S contiguous values each
 struct Geometry {
   int64_t T, N, C, S;
   int64_t planes() const { return T * C; }
@@ -34,13 +35,38 @@ struct BwdArgs {
   double slope;
 };
 
+// Channels-last x (strides (N*S*C, S*C, 1, C)): per task R = N*S rows of C contiguous values. Its passes run
+// slice by slice, a slice being the tasks [t0, t1), over the blocks of `rows` rows of each of its tasks
+// (`blocks` per task, the last one may be shorter): item i of a pass is block i % blocks of task
+// t0 + i / blocks
+struct Slice {
+  int64_t t0, t1, R, rows, blocks;
+  int64_t items() const { return (t1 - t0) * blocks; }
+};
+
+constexpr int kNhwcSums = 5;    // partial sums per block and channel (at most: the tangent backward's)
+constexpr int kNhwcCoefs = 8;   // per-channel coefficients (at most: the tangent forward's)
+
+// The channels-last passes' scratch (the caller's, doubles): a slice's per-block partial sums [items,
+// kNhwcSums, C] and the per-channel coefficients [T, kNhwcCoefs, C]
+struct NhwcScratch {
+  double *sums, *coefs;
+};
+
 }  // namespace fastmaml_bn_act_shapes
 
-// The entry points: planes [begin, end) of each pass.
+// The entry points: planes [begin, end) of each pass (contiguous x); for channels-last x, the shifts of every
+// task and channel (forward only, first), then per slice the items [begin, end) of the sums pass, the coefs
+// of the slice's tasks, the items [begin, end) of the write pass; the forwards with FwdArgs (the
+// tangent's parts where xd, zd are set), the backwards with BwdArgs (the tangent backward where gzd is set).
 #define FASTMAML_BN_ACT_ENTRY_POINTS                                                                    \
   using fastmaml_bn_act_shapes::BwdArgs;                                                                \
   using fastmaml_bn_act_shapes::FwdArgs;                                                                \
   using fastmaml_bn_act_shapes::Geometry;                                                               \
+  using fastmaml_bn_act_shapes::kNhwcCoefs;                                                             \
+  using fastmaml_bn_act_shapes::kNhwcSums;                                                              \
+  using fastmaml_bn_act_shapes::NhwcScratch;                                                            \
+  using fastmaml_bn_act_shapes::Slice;                                                                  \
   template <typename S>                                                                                 \
   void forward_planes(const Geometry& g, const FwdArgs<S>& q, int64_t begin, int64_t end);              \
   template <typename S>                                                                                 \
@@ -48,7 +74,25 @@ struct BwdArgs {
   template <typename S>                                                                                 \
   void backward_planes(const Geometry& g, const BwdArgs<S>& q, int64_t begin, int64_t end);             \
   template <typename S>                                                                                 \
-  void tangent_backward_planes(const Geometry& g, const BwdArgs<S>& q, int64_t begin, int64_t end);
+  void tangent_backward_planes(const Geometry& g, const BwdArgs<S>& q, int64_t begin, int64_t end);      \
+  template <typename S>                                                                                 \
+  void forward_shifts_nhwc(const Geometry& g, const FwdArgs<S>& q, const NhwcScratch& w);               \
+  template <typename S>                                                                                 \
+  void forward_sums_nhwc(const Geometry& g, const Slice& s, const FwdArgs<S>& q, const NhwcScratch& w, \
+                         int64_t begin, int64_t end);                                                   \
+  template <typename S>                                                                                 \
+  void forward_coefs_nhwc(const Geometry& g, const Slice& s, const FwdArgs<S>& q, const NhwcScratch& w); \
+  template <typename S>                                                                                 \
+  void forward_write_nhwc(const Geometry& g, const Slice& s, const FwdArgs<S>& q, const NhwcScratch& w, \
+                          int64_t begin, int64_t end);                                                  \
+  template <typename S>                                                                                 \
+  void backward_sums_nhwc(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w, \
+                          int64_t begin, int64_t end);                                                  \
+  template <typename S>                                                                                 \
+  void backward_coefs_nhwc(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w); \
+  template <typename S>                                                                                 \
+  void backward_write_nhwc(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w, \
+                           int64_t begin, int64_t end);
 
 namespace fastmaml_bn_act {
 FASTMAML_BN_ACT_ENTRY_POINTS

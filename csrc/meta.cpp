@@ -1,7 +1,10 @@
 // Shape-only (Meta) implementations of every fastmaml op: what FakeTensor, torch.compile and
-// torch.library.opcheck use. They allocate outputs with the shapes the real kernels return.
+// torch.library.opcheck use. They allocate outputs with the shapes (and, for the BatchNorm + activation ops,
+// the layouts: bn_act_layout.h) the real kernels return.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include "bn_act_layout.h"
 
 #include <optional>
 #include <vector>
@@ -83,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_meta(const at::Tensor&
                                                                const at::Tensor& b, double eps, double slope) {
   TORCH_CHECK(x.dim() == 4, "x: expected activations [T, N, C, S]");
   const int64_t T = x.size(0), C = x.size(2);
-  return {at::empty(x.sizes(), x.options()), at::empty({T, C}, x.options()), at::empty({T, C}, x.options())};
+  return {empty_in_layout(x, channels_last(x)), at::empty({T, C}, x.options()), at::empty({T, C}, x.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_meta(const at::Tensor& gz, const std::optional<at::Tensor>& z,
@@ -92,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_meta(const at::Tensor&
                                                                double slope, bool need_x) {
   TORCH_CHECK(x.dim() == 4, "x: expected activations [T, N, C, S]");
   const int64_t T = x.size(0), C = x.size(2);
-  return {need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options()),
+  return {need_x ? empty_in_layout(x, channels_last(x)) : at::empty({0}, x.options()),
           at::empty({T, C}, x.options()), at::empty({T, C}, x.options())};
 }
 
@@ -100,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const std::optional<at::Tensor>& xd, const at::Tensor& w, const at::Tensor& b,
     const at::Tensor& wd, const at::Tensor& bd, double eps, double slope) {
   auto [z, mean, invstd] = bn_act_fwd_meta(x, w, b, eps, slope);
-  return {z, at::empty(z.sizes(), z.options()), mean, invstd, at::empty(mean.sizes(), mean.options()),
+  return {z, at::empty_like(z), mean, invstd, at::empty(mean.sizes(), mean.options()),
           at::empty(mean.sizes(), mean.options())};
 }
 
@@ -109,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& xd, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& a,
     const at::Tensor& dmean, const at::Tensor& w, const at::Tensor& wd, double slope, bool need_x) {
   auto [gx, gw, gb] = bn_act_bwd_meta(gz, z, x, mean, invstd, w, slope, need_x);
-  return {gx, at::empty(gx.sizes(), gx.options()), gw, at::empty(gw.sizes(), gw.options()), gb,
+  return {gx, at::empty_like(gx), gw, at::empty(gw.sizes(), gw.options()), gb,
           at::empty(gb.sizes(), gb.options())};
 }
 

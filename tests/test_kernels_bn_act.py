@@ -2,8 +2,11 @@
 backward, value-and-tangent forward, tangent backward) against the torch references
 (`batchnorm_act_*` in fastmaml/ops/reference/batchnorm.py) in float64 and float32, slopes 1 (plain BatchNorm),
 0.1 (ResNet-12's LeakyReLU) and 0 (ReLU); the properties the fused engine relies on (the forward and the
-value-and-tangent forward agree bit for bit; both instruction-set builds give the same bits); opcheck and
-argument errors; the rules' use of the ops; meta_step of ResNet-12 through them against the autograd oracle.
+value-and-tangent forward agree bit for bit; both instruction-set builds give the same bits; so does any
+number of threads); opcheck and argument errors; the rules' use of the ops; meta_step of ResNet-12 through
+them against the autograd oracle. Every kernel test runs the activations in both layouts the kernels take
+(`LAYOUTS`): contiguous (NCHW) and channels-last (the [T, N, C, H·W] view of a channels-last
+[T, N, C, H, W]: strides (N·S·C, S·C, 1, C)), against the reference on contiguous inputs.
 
 Error measure: ‖got − want‖ / ‖want‖, except where every (task, channel) has one value (N·S = 1): x̂ is then
 0 exactly, the reference computes it as a difference of large terms (x·r·w, r = 1/√eps) and leaves rounding
@@ -32,6 +35,8 @@ FLOOR = 4 * 2.0**-24  # a few float32 roundings: the backwards' inputs (statisti
 OPS = ("train_fwd", "train_bwd", "value_tangent_fwd", "tangent_bwd")
 SLOPES = [1.0, 0.1, 0.0]
 WEIGHTS = ["task", "common", None]
+LAYOUTS = ["nchw", "nhwc"]
+FULL_SIZE = ("z", "t_z", "zd", "gx", "t_gx", "t_gxd")  # the outputs of x's shape
 # (T, N, C, S): T = 1 and 3; N = 1, 5, 75; C = 1, 3, 16; S = 1 (BatchNorm1d; N·S = 1 too), 5×5, 7×9, 21×21
 CASES = [
     (1, 1, 3, 1),
@@ -54,6 +59,30 @@ def cpp():
 
 def impl(op, backend):
     return registry.implementation(f"batchnorm_act_{op}", backend)
+
+
+def to_layout(t, layout):
+    """An activation-shaped `[T, N, C, S]` tensor in `layout` (others as they are)."""
+    if t is None or t.dim() != 4 or layout == "nchw":
+        return t
+    return t.transpose(2, 3).contiguous().transpose(2, 3)
+
+
+def channels_last_strides(shape):
+    T, N, C, S = shape
+    return (N * S * C, S * C, 1, C)
+
+
+def assert_layout(res, layout, shape):
+    """The full-size outputs of `res` (run_all) come in x's layout: channels-last strides for channels-last x
+    (where C and S exceed 1: else the layouts are one), contiguous otherwise."""
+    for name in FULL_SIZE:
+        if res.get(name) is None:
+            continue
+        if layout == "nhwc" and shape[2] > 1 and shape[3] > 1:
+            assert res[name].stride() == channels_last_strides(shape), (name, res[name].stride())
+        else:
+            assert res[name].is_contiguous(), name
 
 
 class Inputs:
@@ -97,11 +126,11 @@ def outs(T, C, dtype, k):
     ]
 
 
-def run_all(backend, inp, slope, dtype=torch.float64, variant=0, need_x=True, z=None, stats=None):
-    """The four ops of `backend` on `inp` (cast to dtype): {name: output}. variant 0: all directions; 1: no ẋ;
-    2: ẋ only (shared affine). The backwards get `z` and `stats` (mean, r, a, mean(ẋ)) when given (the same
-    for every backend), else this backend's own forward's."""
-    c = lambda t: Inputs.cast(t, dtype)  # noqa: E731
+def run_all(backend, inp, slope, dtype=torch.float64, variant=0, need_x=True, z=None, stats=None, layout="nchw"):
+    """The four ops of `backend` on `inp` (cast to dtype, activations in `layout`): {name: output}. variant 0:
+    all directions; 1: no ẋ; 2: ẋ only (shared affine). The backwards get `z` and `stats` (mean, r, a,
+    mean(ẋ)) when given (the same for every backend), else this backend's own forward's."""
+    c = lambda t: to_layout(Inputs.cast(t, dtype), layout)  # noqa: E731
     x, w, b = c(inp.x), c(inp.w), c(inp.b)
     xd = None if variant == 1 else c(inp.xd)
     wd, bd = (None, None) if variant == 2 else (c(inp.wd), c(inp.bd))
@@ -157,15 +186,18 @@ def scales(inp, case, res):
     }
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("weights", WEIGHTS)
 @pytest.mark.parametrize("slope", SLOPES)
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_float64_matches_reference(case, slope, weights):
+def test_float64_matches_reference(case, slope, weights, layout):
     inp = Inputs(case, weights)
     for variant in (0, 1, 2):
         for need_x in (True, False) if variant == 0 else (True,):
             ref = run_all("torch", inp, slope, variant=variant, need_x=need_x)
-            got = run_all("cpp", inp, slope, variant=variant, need_x=need_x, z=ref["z"])  # the same masks
+            # the same masks
+            got = run_all("cpp", inp, slope, variant=variant, need_x=need_x, z=ref["z"], layout=layout)
+            assert_layout(got, layout, case)
             s = scales(inp, case, ref)
             for name in ref:
                 e = err(got[name], ref[name], s.get(name, 0.0))
@@ -174,11 +206,13 @@ def test_float64_matches_reference(case, slope, weights):
                 assert got["gx"] is None and got["t_gx"] is None and got["t_gxd"] is None
 
 
-def test_float64_real_size():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_float64_real_size(layout):
     """A plane of the real size (75 images of 84×84: 529k values), LeakyReLU(0.1), per-task weights."""
     inp = Inputs(REAL, "task")
     ref = run_all("torch", inp, 0.1)
-    got = run_all("cpp", inp, 0.1, z=ref["z"])
+    got = run_all("cpp", inp, 0.1, z=ref["z"], layout=layout)
+    assert_layout(got, layout, REAL)
     for name in ref:
         assert err(got[name], ref[name]) < 1e-12, name
 
@@ -198,16 +232,21 @@ def bounded(got, ref32, ref64, name):
     assert e_cpp <= 2 * e_ref + FLOOR, (name, e_cpp, e_ref)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("slope", [1.0, 0.1])
 @pytest.mark.parametrize("case", CASES[1:] + [REAL], ids=IDS[1:] + ["T{}N{}C{}S{}".format(*REAL)])
-def test_float32_within_the_references_own_error(case, slope):
+def test_float32_within_the_references_own_error(case, slope, layout):
     """float32 against the float64 reference, bound by the float32 reference's own error; the backwards get
     the float64 forward's z and statistics rounded to float32, so that they differ by their arithmetic only.
     ż is compared as k·ẏ with each run's own mask k (a near-zero y may round to the other side in float32)."""
     inp = Inputs(case, "task")
     ref64 = run_all("torch", inp, slope)
     stats = (ref64["t_mean"], ref64["t_r"], ref64["a"], ref64["dmean"])
-    run32 = {b: run_all(b, inp, slope, torch.float32, z=ref64["z"], stats=stats) for b in ("cpp", "torch")}
+    run32 = {
+        b: run_all(b, inp, slope, torch.float32, z=ref64["z"], stats=stats, layout=lay)
+        for b, lay in (("cpp", layout), ("torch", "nchw"))
+    }
+    assert_layout(run32["cpp"], layout, case)
     yd64 = run_all("torch", inp, 1.0)["zd"]  # ẏ: the tangent before the mask
     for name in ref64:
         if name == "zd":
@@ -217,31 +256,87 @@ def test_float32_within_the_references_own_error(case, slope):
         bounded(run32["cpp"][name], run32["torch"][name], ref64[name], name)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("slope", SLOPES)
-def test_forward_and_value_tangent_forward_agree_bit_for_bit(slope, dtype):
+def test_forward_and_value_tangent_forward_agree_bit_for_bit(slope, dtype, layout):
     """The Hessian-vector product pass recomputes a step's forward with the value-and-tangent op: z, the
     mean and r must be the forward's bit for bit (else an activation decision at a near-tie differs)."""
     inp = Inputs((3, 75, 3, 441), "task")
-    x, w, b = (Inputs.cast(t, dtype) for t in (inp.x, inp.w, inp.b))
+    c = lambda t: to_layout(Inputs.cast(t, dtype), layout)  # noqa: E731
+    x, w, b = (c(t) for t in (inp.x, inp.w, inp.b))
     z, mean, r = impl("train_fwd", "cpp")(x, w, b, EPS, slope)
     for xd, wd, bd in ((inp.xd, inp.wd, inp.bd), (None, inp.wd, inp.bd), (inp.xd, None, None), (None, None, None)):
-        xd, wd, bd = (Inputs.cast(t, dtype) for t in (xd, wd, bd))
+        xd, wd, bd = (c(t) for t in (xd, wd, bd))
         tz, _, tmean, tr, _, _ = impl("value_tangent_fwd", "cpp")(x, xd, w, b, wd, bd, EPS, slope)
         assert torch.equal(tz, z) and torch.equal(tmean, mean) and torch.equal(tr, r)
 
 
-def test_both_instruction_set_builds_give_the_same_bits(monkeypatch):
-    """The baseline and AVX2 builds of the per-plane kernels ($FASTMAML_CPU_ISA, read per call) do the same
-    operations in the same order."""
-    for case, slope, dtype in (((3, 5, 3, 63), 0.1, torch.float32), ((1, 75, 3, 441), 1.0, torch.float64)):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_both_instruction_set_builds_give_the_same_bits(monkeypatch, layout):
+    """The baseline and AVX2 builds of the kernels ($FASTMAML_CPU_ISA, read per call) do the same operations
+    in the same order (channels-last: with a remainder of channels past the last whole vector, and one of
+    several blocks of rows)."""
+    cases = [((3, 5, 3, 63), 0.1, torch.float32), ((1, 75, 3, 441), 1.0, torch.float64)]
+    if layout == "nhwc":
+        cases += [((2, 75, 19, 441), 0.1, torch.float32), ((2, 75, 19, 441), 0.0, torch.float64)]
+    for case, slope, dtype in cases:
         inp = Inputs(case, "task")
         runs = []
         for isa in ("auto", "baseline"):
             monkeypatch.setenv("FASTMAML_CPU_ISA", isa)
-            runs.append(run_all("cpp", inp, slope, dtype))
+            runs.append(run_all("cpp", inp, slope, dtype, layout=layout))
         for name in runs[0]:
-            assert torch.equal(runs[0][name], runs[1][name]), name
+            assert torch.equal(runs[0][name], runs[1][name]), (case, name)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_number_of_threads_changes_no_bit(layout):
+    """The reductions run in a fixed order whatever the number of threads (channels-last: the blocks of rows
+    of one task are added up in order; T = 1 spreads one task's blocks over the threads)."""
+    threads = torch.get_num_threads()
+    for case, dtype in (((1, 75, 16, 441), torch.float32), ((3, 75, 5, 441), torch.float64)):
+        inp = Inputs(case, "task")
+        runs = []
+        try:
+            for n in (1, 2):
+                torch.set_num_threads(n)
+                runs.append(run_all("cpp", inp, 0.1, dtype, layout=layout))
+        finally:
+            torch.set_num_threads(threads)
+        for name in runs[0]:
+            assert torch.equal(runs[0][name], runs[1][name]), (case, name)
+
+
+@pytest.mark.parametrize("slope", [1.0, 0.1])
+def test_mixed_layouts_give_the_matched_layouts_bits(slope):
+    """The full-size inputs besides x (gz, ġz, z, ẋ) are brought into x's layout: any mix gives the result
+    of matched layouts, in x's layout."""
+    case = (3, 5, 16, 63)
+    inp = Inputs(case, "task")
+    for x_layout, other in (("nhwc", "nchw"), ("nchw", "nhwc")):
+        matched = run_all("cpp", inp, slope, layout=x_layout)
+        ref = run_all("torch", inp, slope)
+        mixed_inp = Inputs(case, "task")
+        for name in ("xd", "gz", "gzd"):
+            setattr(mixed_inp, name, to_layout(getattr(inp, name), other))
+        mixed_inp.x = to_layout(inp.x, x_layout)
+        mixed = run_all("cpp", mixed_inp, slope, z=to_layout(matched["z"], other), layout="nchw")
+        assert_layout(mixed, x_layout, case)
+        for name in matched:
+            assert torch.equal(mixed[name], matched[name]), (x_layout, name)
+            assert err(mixed[name], ref[name]) < 1e-12, (x_layout, name)
+
+
+@pytest.mark.parametrize("slope", SLOPES)
+def test_reference_takes_channels_last(slope):
+    """The torch references on channels-last activations give the contiguous ones' results."""
+    for case in ((3, 5, 16, 63), (1, 75, 3, 441)):
+        inp = Inputs(case, "task")
+        want = run_all("torch", inp, slope)
+        got = run_all("torch", inp, slope, layout="nhwc")
+        for name in want:
+            assert err(got[name], want[name]) < 1e-12, (case, name)
 
 
 def test_non_finite_values_stay_in_their_plane():
@@ -272,9 +367,12 @@ def test_calls_the_kernels_do_not_take_run_the_reference():
     assert all(torch.equal(g, f) for g, f in zip(got, want))
 
 
-def test_opcheck_and_argument_errors():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck_and_argument_errors(layout):
+    """opcheck (the shape-only kernels give the real ones' shapes and layouts) and the argument errors."""
     inp = Inputs((3, 2, 3, 5), "task")
     x, w, b, xd, wd, bd = inp.x, inp.w.contiguous(), inp.b.contiguous(), inp.xd, inp.wd.contiguous(), inp.bd
+    x, xd, inp.gz, inp.gzd = (to_layout(t, layout) for t in (x, xd, inp.gz, inp.gzd))
     lib = torch.ops.fastmaml
     torch.library.opcheck(lib.bn_act_fwd.default, (x, w, b, EPS, 0.1))
     z, mean, r = lib.bn_act_fwd(x, w, b, EPS, 0.1)
