@@ -18,24 +18,35 @@
 //     -> (gx, gxd ([0] when !need_x), gw, gwd, gb, gbd [T,C]): batchnorm_tangent_bwd of gy = k gz, gyd = k gzd
 //     (fastmaml/ops/reference/batchnorm.py), xhat and xhat' recomputed from x, xd and the statistics.
 //
-// Passes over a plane (one at::parallel_for item per plane; every reduction in a fixed order, so results do
-// not depend on the number of threads): the forwards read x (and xd) once for all their sums and once more
-// to write z (and zd); the backwards read their inputs once for the sums and, when gx is asked for, once
-// more to write gx (and gxd). Nothing full-size is written but the outputs.
+// Two layouts of x (bn_act_layout.h), and the full-size outputs (z, zd, gx, gxd) come in x's: contiguous
+// (NCHW), or channels-last (strides (N*S*C, S*C, 1, C), the [T, N, C, H*W] view of a channels-last
+// [T, N, C, H, W]), read as it is. The other full-size inputs (gz, gzd, z, xd) are copied into x's layout
+// where they are not in it; any other x is made contiguous. With C == 1 or S == 1 the layouts are one.
 //
-// Precision: sums accumulate in double, in 8 interleaved partial sums (they vectorize without -ffast-math),
-// the float64 statistics Kahan-compensated as well; the elementwise arithmetic runs in double too, but for
+// The passes (every reduction in a fixed order, so results do not depend on the number of threads): the
+// forwards read x (and xd) once for all their sums and once more to write z (and zd); the backwards read
+// their inputs once for the sums and, when gx is asked for, once more to write gx (and gxd). Nothing
+// full-size is written but the outputs. Contiguous x: one at::parallel_for item per plane (its N rows of S
+// contiguous values). Channels-last x: per task R = N*S rows of C contiguous values, vectorized over the
+// channels; the items are blocks of rows (their count from the shape only), each writing its partial sums
+// per channel, which a serial step adds up in block order per (task, channel) before the write pass; the
+// tasks run in slices of a few, so that the write pass finds much of a slice's data still in cache.
+//
+// Precision: sums accumulate in double, in 8 interleaved partial sums (contiguous: they vectorize without
+// -ffast-math) or one per channel (channels-last: per block of rows, then the blocks' sums in order), the
+// float64 statistics Kahan-compensated as well; the elementwise arithmetic runs in double too, but for
 // the activation's mask, applied in the values' type as PyTorch's leaky_relu_backward applies it. The
 // statistics are one pass of shifted sums, sum (x - K) and sum (x - K)^2 with K the mean of the plane's
 // first 32 values, so var = E(x-K)^2 - (E(x-K))^2 loses only a few bits to cancellation (K lies among the
 // values). The value-and-tangent forward recomputes a step's forward in the Hessian-vector product pass and
 // must round exactly as the forward did (a ReLU decision at a near-tie would differ otherwise): both run the
-// same statistics code (the tangent sums only added beside it) and the same noinline normalize_row for z.
+// same statistics code (the tangent sums only added beside it) and the same noinline normalize_row (or
+// normalize_block) for z.
 //
-// The per-plane kernels are in bn_act_kernels.h, compiled here for the baseline instruction set and in
+// The kernels are in bn_act_kernels.h, compiled here for the baseline instruction set and in
 // bn_act_avx2.cpp for AVX2, the AVX2 build chosen where the CPU has it unless $FASTMAML_CPU_ISA is
 // "baseline". Both do the same IEEE operations in the same order (GCC vectors, no FMA), so they give the same
-// bits. This file checks the arguments and runs the planes in parallel.
+// bits. This file checks the arguments and runs the planes or blocks in parallel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -129,7 +140,10 @@ template <typename S>
 void backward_nhwc(const Geometry& g, const BwdArgs<S>& q, bool avx2) {
   namespace base = fastmaml_bn_act;
   namespace fast = fastmaml_bn_act_avx2;
-  for_slices<S>(g, [](const NhwcScratch&) {}, [&](const Slice& s, const NhwcScratch& w) {
+  const auto stats = [&](const NhwcScratch& w) {
+    avx2 ? fast::backward_stats_nhwc(g, q, w) : base::backward_stats_nhwc(g, q, w);
+  };
+  for_slices<S>(g, stats, [&](const Slice& s, const NhwcScratch& w) {
     at::parallel_for(0, s.items(), 1, [&](int64_t begin, int64_t end) {
       avx2 ? fast::backward_sums_nhwc(g, s, q, w, begin, end) : base::backward_sums_nhwc(g, s, q, w, begin, end);
     });

@@ -377,9 +377,11 @@ void tangent_backward_planes(const Geometry& g, const BwdArgs<S>& q, int64_t beg
 // the forward's per-channel coefficients (rows of [kNhwcCoefs, C] per task): the statistics' shift, the mean
 // (double), scale = r w, b, and the tangent's r, cx = wd - r w a, bd, dmean (double)
 enum ForwardCoef { kShift, kMean, kScale, kBias, kR, kCx, kC0, kDmean };
-// the backward's: gx = a gy + c0 + c1 (x - mean); the tangent backward's: w, wd, m1, m2, n1, n3
-enum BackwardCoef { kGxA, kGxC0, kGxC1 };
-enum TangentBackwardCoef { kW, kWd, kM1, kM2, kN1, kN3 };
+// the backwards': the statistics (mean, r, a, dmean) in double, then the backward's gx = a gy + c0 + c1 (x -
+// mean) or the tangent backward's w, wd, m1, m2, n1, n3
+enum BackwardStat { kStatMean, kStatR, kStatA, kStatDmean };
+enum BackwardCoef { kGxA = kStatDmean + 1, kGxC0, kGxC1 };
+enum TangentBackwardCoef { kW = kStatDmean + 1, kWd, kM1, kM2, kN1, kN3 };
 
 inline int64_t lesser(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -608,10 +610,10 @@ void backward_sums_impl(const Geometry& g, const Slice& s, const BwdArgs<S>& q, 
   using V = typename VecOf<S>::type;
   const V slv = V{} + static_cast<S>(q.slope);
   for (int64_t i = begin; i < end; ++i) {
-    const S* mean = q.mean + block_of(g, s, i).t * g.C;
+    const acc_t* mean = coefs_of(g, w, block_of(g, s, i).t, kStatMean);
     sum_block<2, false>(g, s, i, [&](int64_t o, int64_t n, int64_t c) {
       const vd gy = gy_at<kAct>(q, o, n, slv).v[0];
-      return Vecs<2>{{gy, gy * (load_acc(q.x + o, n) - load_acc(mean + c, n))}};
+      return Vecs<2>{{gy, gy * (load_acc(q.x + o, n) - load(mean + c, n))}};
     }, w);
   }
 }
@@ -642,31 +644,40 @@ void backward_write_impl(const Geometry& g, const Slice& s, const BwdArgs<S>& q,
   const V slv = V{} + static_cast<S>(q.slope);
   for (int64_t i = end - 1; i >= begin; --i) {
     const Block b = block_of(g, s, i);
-    const S* mean = q.mean + b.t * g.C;
-    const acc_t *a = coefs_of(g, w, b.t, kGxA), *c0 = coefs_of(g, w, b.t, kGxC0), *c1 = coefs_of(g, w, b.t, kGxC1);
+    const acc_t *mean = coefs_of(g, w, b.t, kStatMean), *a = coefs_of(g, w, b.t, kGxA);
+    const acc_t *c0 = coefs_of(g, w, b.t, kGxC0), *c1 = coefs_of(g, w, b.t, kGxC1);
     for_block_vectors(g, b, [&](int64_t o, int64_t n, int64_t c) {
       const vd gy = gy_at<kAct>(q, o, n, slv).v[0];
-      const vd xc = load_acc(q.x + o, n) - load_acc(mean + c, n);
+      const vd xc = load_acc(q.x + o, n) - load(mean + c, n);
       store(q.gx + o, load(a + c, n) * gy + load(c0 + c, n) + load(c1 + c, n) * xc, n);
     });
   }
 }
 
-// (gy, gy', xhat, xhat') of the kLanes values at o of task t, channels from c, 0 past n (xhat' 0 without xd):
-// as in tangent_backward_impl
+// (gy, gy', xhat, xhat') of the kLanes values at o, channels from c, 0 past n (xhat' 0 without xd), st the
+// task's statistics (BackwardStat): as in tangent_backward_impl
 template <bool kAct, bool kXd, typename S>
-inline Vecs<4> tangent_backward_block(const Geometry& g, const BwdArgs<S>& q, int64_t t, int64_t o, int64_t n,
-                                      int64_t c, const typename VecOf<S>::type& slv) {
+inline Vecs<4> tangent_backward_block(const BwdArgs<S>& q, const acc_t* const* st, int64_t o, int64_t n, int64_t c,
+                                      const typename VecOf<S>::type& slv) {
   using V = typename VecOf<S>::type;
-  const int64_t p = t * g.C + c;
   const V z = kAct ? load(q.z + o, n) : V{};
   const vd gy = __builtin_convertvector(masked<kAct>(load(q.gz + o, n), z, slv), vd);
   const vd gyd = __builtin_convertvector(masked<kAct>(load(q.gzd + o, n), z, slv), vd);
-  const vd r = load_acc(q.invstd + p, n);
-  const vd xh = (load_acc(q.x + o, n) - load_acc(q.mean + p, n)) * r;
+  const vd r = load(st[kStatR] + c, n);
+  const vd xh = (load_acc(q.x + o, n) - load(st[kStatMean] + c, n)) * r;
   vd xhd = {};
-  if constexpr (kXd) xhd = r * (load_acc(q.xd + o, n) - load_acc(q.dmean + p, n) - xh * load_acc(q.a + p, n));
+  if constexpr (kXd) xhd = r * (load_acc(q.xd + o, n) - load(st[kStatDmean] + c, n) - xh * load(st[kStatA] + c, n));
   return Vecs<4>{{gy, gyd, xh, xhd}};
+}
+
+// the statistics of task t (BackwardStat)
+struct TaskStats {
+  const acc_t* v[4];
+};
+
+inline TaskStats task_stats(const Geometry& g, const NhwcScratch& w, int64_t t) {
+  return {{coefs_of(g, w, t, kStatMean), coefs_of(g, w, t, kStatR), coefs_of(g, w, t, kStatA),
+           coefs_of(g, w, t, kStatDmean)}};
 }
 
 // sums of gy, gy xhat, gy', gy' xhat (and gy xhat') per block
@@ -677,9 +688,9 @@ void tangent_backward_sums_impl(const Geometry& g, const Slice& s, const BwdArgs
   const V slv = V{} + static_cast<S>(q.slope);
   constexpr int K = kXd ? 5 : 4;
   for (int64_t i = begin; i < end; ++i) {
-    const int64_t t = block_of(g, s, i).t;
+    const TaskStats st = task_stats(g, w, block_of(g, s, i).t);
     sum_block<K, false>(g, s, i, [&](int64_t o, int64_t n, int64_t c) {
-      const Vecs<4> b = tangent_backward_block<kAct, kXd>(g, q, t, o, n, c, slv);
+      const Vecs<4> b = tangent_backward_block<kAct, kXd>(q, st.v, o, n, c, slv);
       const vd gy = b.v[0], gyd = b.v[1], xh = b.v[2];
       if constexpr (kXd)
         return Vecs<K>{{gy, gy * xh, gyd, gyd * xh, gy * b.v[3]}};
@@ -722,16 +733,16 @@ void tangent_backward_write_impl(const Geometry& g, const Slice& s, const BwdArg
   const V slv = V{} + static_cast<S>(q.slope);
   for (int64_t i = end - 1; i >= begin; --i) {
     const Block bl = block_of(g, s, i);
-    const int64_t p0 = bl.t * g.C;
+    const TaskStats st = task_stats(g, w, bl.t);
     auto coef = [&](int k) { return coefs_of(g, w, bl.t, k); };
     const acc_t *wi = coef(kW), *wdi = coef(kWd), *m1 = coef(kM1), *m2 = coef(kM2), *n1 = coef(kN1), *n3 = coef(kN3);
     for_block_vectors(g, bl, [&](int64_t o, int64_t n, int64_t c) {
-      const Vecs<4> b = tangent_backward_block<kAct, kXd>(g, q, bl.t, o, n, c, slv);
+      const Vecs<4> b = tangent_backward_block<kAct, kXd>(q, st.v, o, n, c, slv);
       const vd gy = b.v[0], gyd = b.v[1], xh = b.v[2];
-      const vd r = load_acc(q.invstd + p0 + c, n), wv = load(wi + c, n), m2v = load(m2 + c, n);
+      const vd r = load(st.v[kStatR] + c, n), wv = load(wi + c, n), m2v = load(m2 + c, n);
       const vd gx = r * (wv * gy - load(m1 + c, n) - xh * m2v);
       vd gxd = r * (wv * gyd + load(wdi + c, n) * gy - load(n1 + c, n) - xh * load(n3 + c, n));
-      if constexpr (kXd) gxd -= r * (load_acc(q.a + p0 + c, n) * gx + b.v[3] * m2v);
+      if constexpr (kXd) gxd -= r * (load(st.v[kStatA] + c, n) * gx + b.v[3] * m2v);
       store(q.gx + o, gx, n);
       store(q.gxd + o, gxd, n);
     });
@@ -768,6 +779,19 @@ void forward_write_nhwc(const Geometry& g, const Slice& s, const FwdArgs<S>& q, 
   else
     act ? forward_write_impl<true, true, false>(g, s, q, w, begin, end)
         : forward_write_impl<false, true, false>(g, s, q, w, begin, end);
+}
+
+// The statistics of every (task, channel) in double (BackwardStat; a, dmean for the tangent backward)
+template <typename S>
+void backward_stats_nhwc(const Geometry& g, const BwdArgs<S>& q, const NhwcScratch& w) {
+  for (int64_t p = 0; p < g.planes(); ++p) {
+    const int64_t t = p / g.C, c = p % g.C;
+    coefs_of(g, w, t, kStatMean)[c] = acc_t(q.mean[p]);
+    coefs_of(g, w, t, kStatR)[c] = acc_t(q.invstd[p]);
+    if (q.gzd == nullptr) continue;
+    coefs_of(g, w, t, kStatA)[c] = acc_t(q.a[p]);
+    coefs_of(g, w, t, kStatDmean)[c] = acc_t(q.dmean[p]);
+  }
 }
 
 template <typename S>
@@ -819,6 +843,7 @@ void backward_write_nhwc(const Geometry& g, const Slice& s, const BwdArgs<S>& q,
   template void forward_coefs_nhwc<S>(const Geometry&, const Slice&, const FwdArgs<S>&, const NhwcScratch&);  \
   template void forward_write_nhwc<S>(const Geometry&, const Slice&, const FwdArgs<S>&, const NhwcScratch&,   \
                                       int64_t, int64_t);                                                          \
+  template void backward_stats_nhwc<S>(const Geometry&, const BwdArgs<S>&, const NhwcScratch&);                   \
   template void backward_sums_nhwc<S>(const Geometry&, const Slice&, const BwdArgs<S>&, const NhwcScratch&,   \
                                       int64_t, int64_t);                                                          \
   template void backward_coefs_nhwc<S>(const Geometry&, const Slice&, const BwdArgs<S>&, const NhwcScratch&); \

@@ -45,7 +45,7 @@ struct Slice {
 };
 
 constexpr int kNhwcSums = 5;    // partial sums per block and channel (at most: the tangent backward's)
-constexpr int kNhwcCoefs = 8;   // per-channel coefficients (at most: the tangent forward's)
+constexpr int kNhwcCoefs = 10;  // per-channel coefficients (at most: the tangent backward's)
 
 // The channels-last passes' scratch (the caller's, doubles): a slice's per-block partial sums [items,
 // kNhwcSums, C] and the per-channel coefficients [T, kNhwcCoefs, C]
@@ -55,8 +55,8 @@ struct NhwcScratch {
 
 }  // namespace fastmaml_bn_act_shapes
 
-// The entry points: planes [begin, end) of each pass (contiguous x); for channels-last x, the shifts of every
-// task and channel (forward only, first), then per slice the items [begin, end) of the sums pass, the coefs
+// The entry points: planes [begin, end) of each pass (contiguous x); for channels-last x, the shifts (forward)
+// or the statistics in double (backward) of every task and channel first, then per slice the items [begin, end) of the sums pass, the coefs
 // of the slice's tasks, the items [begin, end) of the write pass; the forwards with FwdArgs (the
 // tangent's parts where xd, zd are set), the backwards with BwdArgs (the tangent backward where gzd is set).
 #define FASTMAML_BN_ACT_ENTRY_POINTS                                                                    \
@@ -85,6 +85,8 @@ struct NhwcScratch {
   template <typename S>                                                                                 \
   void forward_write_nhwc(const Geometry& g, const Slice& s, const FwdArgs<S>& q, const NhwcScratch& w, \
                           int64_t begin, int64_t end);                                                  \
+  template <typename S>                                                                                 \
+  void backward_stats_nhwc(const Geometry& g, const BwdArgs<S>& q, const NhwcScratch& w);               \
   template <typename S>                                                                                 \
   void backward_sums_nhwc(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w, \
                           int64_t begin, int64_t end);                                                  \
