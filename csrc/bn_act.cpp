@@ -29,8 +29,7 @@
 // full-size is written but the outputs. Contiguous x: one at::parallel_for item per plane (its N rows of S
 // contiguous values). Channels-last x: per task R = N*S rows of C contiguous values, vectorized over the
 // channels; the items are blocks of rows (their count from the shape only), each writing its partial sums
-// per channel, which a serial step adds up in block order per (task, channel) before the write pass; the
-// tasks run in slices of a few, so that the write pass finds much of a slice's data still in cache.
+// per channel, which a serial step adds up in block order per (task, channel) before the write pass.
 //
 // Precision: sums accumulate in double, in 8 interleaved partial sums (contiguous: they vectorize without
 // -ffast-math) or one per channel (channels-last: per block of rows, then the blocks' sums in order), the
@@ -75,11 +74,10 @@ using fastmaml_bn_act_shapes::Geometry;
 using fastmaml_bn_act_shapes::kNhwcCoefs;
 using fastmaml_bn_act_shapes::kNhwcSums;
 using fastmaml_bn_act_shapes::NhwcScratch;
-using fastmaml_bn_act_shapes::Slice;
+using fastmaml_bn_act_shapes::RowBlocks;
 
-constexpr int64_t kValuesPerGrain = 4096;      // plane values below which planes share a thread
-constexpr int64_t kValuesPerBlock = 16384;     // values of a channels-last block of rows
-constexpr int64_t kSliceBytes = int64_t(4) << 20;  // a channels-last slice's bytes per full-size tensor
+constexpr int64_t kValuesPerGrain = 4096;   // plane values below which planes share a thread
+constexpr int64_t kValuesPerBlock = 16384;  // values of a channels-last block of rows
 
 int64_t grain(const Geometry& g) { return std::max<int64_t>(1, kValuesPerGrain / std::max<int64_t>(1, g.N * g.S)); }
 
@@ -92,47 +90,38 @@ bool use_avx2() {
 }
 
 // ---------------------------------------------------------------- the channels-last passes
-// (bn_act_planes.h) slice by slice: the blocks' partial sums in parallel, the per-channel step, the outputs in
-// parallel (the blocks in reverse order). A slice holds as many tasks as keep its data small enough for the
-// write pass to find much of it still in cache (one at least); the blocks give every thread work.
+// (bn_act_planes.h): the shifts or statistics, the blocks' partial sums in parallel, the per-channel step,
+// the outputs in parallel (each thread's blocks in reverse order: the last ones the sums pass read are still
+// in cache). Two parallel regions per op, whatever T.
 
-// The slices' tasks: as many as fit kSliceBytes per full-size tensor, one at least
-template <typename S>
-int64_t slice_tasks(const Geometry& g) {
-  return std::max<int64_t>(1, kSliceBytes / std::max<int64_t>(1, g.N * g.S * g.C * int64_t(sizeof(S))));
-}
-
-Slice slice_of(const Geometry& g, int64_t t0, int64_t t1) {
+RowBlocks row_blocks(const Geometry& g) {
   const int64_t R = g.N * g.S, rows = std::max<int64_t>(1, kValuesPerBlock / g.C);
-  return {t0, t1, R, rows, (R + rows - 1) / rows};
+  return {R, rows, (R + rows - 1) / rows};
 }
 
-// prepare(scratch), then run(slice, scratch) for every slice in order
-template <typename S, typename P, typename F>
-void for_slices(const Geometry& g, P&& prepare, F&& run) {
-  const int64_t tasks = std::min(g.T, slice_tasks<S>(g));
-  const at::Tensor sums = at::empty({slice_of(g, 0, tasks).items() * kNhwcSums * g.C}, at::kDouble);
-  const at::Tensor coefs = at::empty({g.T * kNhwcCoefs * g.C}, at::kDouble);
-  const NhwcScratch w{sums.mutable_data_ptr<double>(), coefs.mutable_data_ptr<double>()};
-  prepare(w);
-  for (int64_t t0 = 0; t0 < g.T; t0 += tasks) run(slice_of(g, t0, std::min(g.T, t0 + tasks)), w);
-}
+// the scratch of the passes, in doubles
+struct Scratch {
+  at::Tensor sums, coefs;
+  Scratch(const Geometry& g, const RowBlocks& rb)
+      : sums(at::empty({g.T * rb.blocks * kNhwcSums * g.C}, at::kDouble)),
+        coefs(at::empty({g.T * kNhwcCoefs * g.C}, at::kDouble)) {}
+  NhwcScratch ptrs() { return {sums.mutable_data_ptr<double>(), coefs.mutable_data_ptr<double>()}; }
+};
 
 template <typename S>
 void forward_nhwc(const Geometry& g, const FwdArgs<S>& q, bool avx2) {
   namespace base = fastmaml_bn_act;
   namespace fast = fastmaml_bn_act_avx2;
-  const auto shifts = [&](const NhwcScratch& w) {
-    avx2 ? fast::forward_shifts_nhwc(g, q, w) : base::forward_shifts_nhwc(g, q, w);
-  };
-  for_slices<S>(g, shifts, [&](const Slice& s, const NhwcScratch& w) {
-    at::parallel_for(0, s.items(), 1, [&](int64_t begin, int64_t end) {
-      avx2 ? fast::forward_sums_nhwc(g, s, q, w, begin, end) : base::forward_sums_nhwc(g, s, q, w, begin, end);
-    });
-    avx2 ? fast::forward_coefs_nhwc(g, s, q, w) : base::forward_coefs_nhwc(g, s, q, w);
-    at::parallel_for(0, s.items(), 1, [&](int64_t begin, int64_t end) {
-      avx2 ? fast::forward_write_nhwc(g, s, q, w, begin, end) : base::forward_write_nhwc(g, s, q, w, begin, end);
-    });
+  const RowBlocks rb = row_blocks(g);
+  Scratch scratch(g, rb);
+  const NhwcScratch w = scratch.ptrs();
+  avx2 ? fast::forward_shifts_nhwc(g, q, w) : base::forward_shifts_nhwc(g, q, w);
+  at::parallel_for(0, g.T * rb.blocks, 1, [&](int64_t begin, int64_t end) {
+    avx2 ? fast::forward_sums_nhwc(g, rb, q, w, begin, end) : base::forward_sums_nhwc(g, rb, q, w, begin, end);
+  });
+  avx2 ? fast::forward_coefs_nhwc(g, rb, q, w) : base::forward_coefs_nhwc(g, rb, q, w);
+  at::parallel_for(0, g.T * rb.blocks, 1, [&](int64_t begin, int64_t end) {
+    avx2 ? fast::forward_write_nhwc(g, rb, q, w, begin, end) : base::forward_write_nhwc(g, rb, q, w, begin, end);
   });
 }
 
@@ -140,18 +129,17 @@ template <typename S>
 void backward_nhwc(const Geometry& g, const BwdArgs<S>& q, bool avx2) {
   namespace base = fastmaml_bn_act;
   namespace fast = fastmaml_bn_act_avx2;
-  const auto stats = [&](const NhwcScratch& w) {
-    avx2 ? fast::backward_stats_nhwc(g, q, w) : base::backward_stats_nhwc(g, q, w);
-  };
-  for_slices<S>(g, stats, [&](const Slice& s, const NhwcScratch& w) {
-    at::parallel_for(0, s.items(), 1, [&](int64_t begin, int64_t end) {
-      avx2 ? fast::backward_sums_nhwc(g, s, q, w, begin, end) : base::backward_sums_nhwc(g, s, q, w, begin, end);
-    });
-    avx2 ? fast::backward_coefs_nhwc(g, s, q, w) : base::backward_coefs_nhwc(g, s, q, w);
-    if (q.gx == nullptr) return;
-    at::parallel_for(0, s.items(), 1, [&](int64_t begin, int64_t end) {
-      avx2 ? fast::backward_write_nhwc(g, s, q, w, begin, end) : base::backward_write_nhwc(g, s, q, w, begin, end);
-    });
+  const RowBlocks rb = row_blocks(g);
+  Scratch scratch(g, rb);
+  const NhwcScratch w = scratch.ptrs();
+  avx2 ? fast::backward_stats_nhwc(g, q, w) : base::backward_stats_nhwc(g, q, w);
+  at::parallel_for(0, g.T * rb.blocks, 1, [&](int64_t begin, int64_t end) {
+    avx2 ? fast::backward_sums_nhwc(g, rb, q, w, begin, end) : base::backward_sums_nhwc(g, rb, q, w, begin, end);
+  });
+  avx2 ? fast::backward_coefs_nhwc(g, rb, q, w) : base::backward_coefs_nhwc(g, rb, q, w);
+  if (q.gx == nullptr) return;
+  at::parallel_for(0, g.T * rb.blocks, 1, [&](int64_t begin, int64_t end) {
+    avx2 ? fast::backward_write_nhwc(g, rb, q, w, begin, end) : base::backward_write_nhwc(g, rb, q, w, begin, end);
   });
 }
 

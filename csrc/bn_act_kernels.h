@@ -368,8 +368,8 @@ void tangent_backward_planes(const Geometry& g, const BwdArgs<S>& q, int64_t beg
 // ---------------------------------------------------------------- channels-last x
 // Per task R = N*S rows of C contiguous values (row n*S + s: a plane's values come in the contiguous layout's
 // order); the per-channel values as vectors of kLanes consecutive channels, the formulas those of the plane
-// kernels above. A pass runs over the blocks of rows of a slice (Slice: a range of tasks). The sums pass sums
-// a block a few vectors of channels at a time down its rows, one accumulator per channel and sum (in
+// kernels above. A pass runs over blocks of rows (RowBlocks). The sums pass sums a block a few vectors of
+// channels at a time down its rows, one accumulator per channel and sum (in
 // registers), Kahan-compensated where the plane kernels are; the coefs step adds the blocks' partial sums up
 // in block order (the same way) and turns them into the statistics, the per-channel outputs and the
 // coefficients of the write pass, which writes the full-size outputs.
@@ -395,13 +395,13 @@ inline void put(S* p, const typename VecOf<S>::type& v, int64_t n) {
   }
 }
 
-// Block i of slice s: its task, first row, rows, and the offset of that row
+// Block i: its task, first row, rows, and the offset of that row
 struct Block {
   int64_t t, r0, rows, o;
 };
 
-inline Block block_of(const Geometry& g, const Slice& s, int64_t i) {
-  const int64_t t = s.t0 + i / s.blocks, r0 = i % s.blocks * s.rows;
+inline Block block_of(const Geometry& g, const RowBlocks& s, int64_t i) {
+  const int64_t t = i / s.blocks, r0 = i % s.blocks * s.rows;
   return {t, r0, lesser(s.rows, s.R - r0), (t * s.R + r0) * g.C};
 }
 
@@ -449,7 +449,7 @@ inline void sum_chunk(const Geometry& g, const Block& b, int64_t c0, F& f, acc_t
 // sum_chunk over every channel, block i's partial sums to the scratch; chunks of as many vectors as keep the
 // sums (and their compensations) in registers: up to 8 accumulators
 template <int K, bool kKahan, typename F>
-inline void sum_block(const Geometry& g, const Slice& s, int64_t i, F&& f, const NhwcScratch& w) {
+inline void sum_block(const Geometry& g, const RowBlocks& s, int64_t i, F&& f, const NhwcScratch& w) {
   constexpr int kAccumulators = K * (kKahan ? 2 : 1);
   constexpr int kVecs = kAccumulators >= 8 ? 1 : 8 / kAccumulators;
   constexpr int64_t kWidth = kVecs * kLanes;
@@ -465,14 +465,14 @@ inline acc_t* coefs_of(const Geometry& g, const NhwcScratch& w, int64_t t, int k
   return w.coefs + (t * kNhwcCoefs + k) * g.C;
 }
 
-// The K sums of (task t, channel c) of slice s: its blocks' partial sums added up in block order
+// The K sums of (task t, channel c): its blocks' partial sums added up in block order
 template <int K, bool kKahan>
-inline Sums<K> block_total(const Geometry& g, const Slice& s, const NhwcScratch& w, int64_t t, int64_t c) {
+inline Sums<K> block_total(const Geometry& g, const RowBlocks& s, const NhwcScratch& w, int64_t t, int64_t c) {
   Sums<K> total{};
   for (int k = 0; k < K; ++k) {
     acc_t sum = 0, err = 0;
     for (int64_t b = 0; b < s.blocks; ++b) {
-      const acc_t x = w.sums[(((t - s.t0) * s.blocks + b) * kNhwcSums + k) * g.C + c];
+      const acc_t x = w.sums[((t * s.blocks + b) * kNhwcSums + k) * g.C + c];
       if constexpr (kKahan) {
         const acc_t y = x - err;
         const acc_t u = sum + y;
@@ -503,7 +503,7 @@ void forward_shifts_nhwc(const Geometry& g, const FwdArgs<S>& q, const NhwcScrat
 
 // sum d, sum d^2 (and sum xd, sum d xd), d = x - shift, per block: the operations of plane_stats
 template <bool kTangent, typename S>
-void forward_sums_impl(const Geometry& g, const Slice& s, const FwdArgs<S>& q, const NhwcScratch& w,
+void forward_sums_impl(const Geometry& g, const RowBlocks& s, const FwdArgs<S>& q, const NhwcScratch& w,
                        int64_t begin, int64_t end) {
   constexpr bool kKahan = sizeof(S) == sizeof(double);
   constexpr int K = kTangent ? 4 : 2;
@@ -523,11 +523,11 @@ void forward_sums_impl(const Geometry& g, const Slice& s, const FwdArgs<S>& q, c
 
 // the statistics (plane_stats' formulas) and the coefficients of the write pass
 template <bool kTangent, typename S>
-void forward_coefs_impl(const Geometry& g, const Slice& s, const FwdArgs<S>& q, const NhwcScratch& w) {
+void forward_coefs_impl(const Geometry& g, const RowBlocks& s, const FwdArgs<S>& q, const NhwcScratch& w) {
   constexpr bool kKahan = sizeof(S) == sizeof(double);
   constexpr int K = kTangent ? 4 : 2;
   const acc_t m = acc_t(g.count());
-  for (int64_t p = s.t0 * g.C; p < s.t1 * g.C; ++p) {
+  for (int64_t p = 0; p < g.planes(); ++p) {
     const int64_t t = p / g.C, c = p % g.C;
     auto coef = [&](int k) { return coefs_of(g, w, t, k); };
     const Sums<K> sums = block_total<K, kKahan>(g, s, w, t, c);
@@ -574,7 +574,7 @@ __attribute__((noinline)) void normalize_block(const Geometry& g, const Block& b
 // z, and with kZd zd = k yd, yd = r w (xd - dmean) + (wd - r w a) xhat + bd rounded to S
 // (tangent_forward_impl). The blocks in reverse order: the last ones the sums pass read are still in cache.
 template <bool kAct, bool kZd, bool kXd, typename S>
-void forward_write_impl(const Geometry& g, const Slice& s, const FwdArgs<S>& q, const NhwcScratch& w,
+void forward_write_impl(const Geometry& g, const RowBlocks& s, const FwdArgs<S>& q, const NhwcScratch& w,
                         int64_t begin, int64_t end) {
   using V = typename VecOf<S>::type;
   const S sl = static_cast<S>(q.slope);
@@ -605,7 +605,7 @@ inline Vecs<1> gy_at(const BwdArgs<S>& q, int64_t o, int64_t n, const typename V
 
 // sum gy, sum gy (x - mean) per block (backward_impl)
 template <bool kAct, typename S>
-void backward_sums_impl(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w,
+void backward_sums_impl(const Geometry& g, const RowBlocks& s, const BwdArgs<S>& q, const NhwcScratch& w,
                         int64_t begin, int64_t end) {
   using V = typename VecOf<S>::type;
   const V slv = V{} + static_cast<S>(q.slope);
@@ -620,9 +620,9 @@ void backward_sums_impl(const Geometry& g, const Slice& s, const BwdArgs<S>& q, 
 
 // gb = sum gy, gw = sum gy xhat; gx = a gy + c0 + c1 (x - mean), a = w r, c0 = -a gb/m, c1 = -a r gw/m
 template <typename S>
-void backward_coefs_impl(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w) {
+void backward_coefs_impl(const Geometry& g, const RowBlocks& s, const BwdArgs<S>& q, const NhwcScratch& w) {
   const acc_t m = acc_t(g.count());
-  for (int64_t p = s.t0 * g.C; p < s.t1 * g.C; ++p) {
+  for (int64_t p = 0; p < g.planes(); ++p) {
     const int64_t t = p / g.C, c = p % g.C;
     auto coef = [&](int k) { return coefs_of(g, w, t, k); };
     const Sums<2> sums = block_total<2, false>(g, s, w, t, c);
@@ -638,7 +638,7 @@ void backward_coefs_impl(const Geometry& g, const Slice& s, const BwdArgs<S>& q,
 
 // gx, the blocks in reverse order (as forward_write_impl)
 template <bool kAct, typename S>
-void backward_write_impl(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w,
+void backward_write_impl(const Geometry& g, const RowBlocks& s, const BwdArgs<S>& q, const NhwcScratch& w,
                          int64_t begin, int64_t end) {
   using V = typename VecOf<S>::type;
   const V slv = V{} + static_cast<S>(q.slope);
@@ -682,7 +682,7 @@ inline TaskStats task_stats(const Geometry& g, const NhwcScratch& w, int64_t t) 
 
 // sums of gy, gy xhat, gy', gy' xhat (and gy xhat') per block
 template <bool kAct, bool kXd, typename S>
-void tangent_backward_sums_impl(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w,
+void tangent_backward_sums_impl(const Geometry& g, const RowBlocks& s, const BwdArgs<S>& q, const NhwcScratch& w,
                                 int64_t begin, int64_t end) {
   using V = typename VecOf<S>::type;
   const V slv = V{} + static_cast<S>(q.slope);
@@ -702,10 +702,10 @@ void tangent_backward_sums_impl(const Geometry& g, const Slice& s, const BwdArgs
 
 // gb, gw, gb', gw' and m1, m2, n1, n3 (tangent_backward_impl)
 template <bool kXd, typename S>
-void tangent_backward_coefs_impl(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w) {
+void tangent_backward_coefs_impl(const Geometry& g, const RowBlocks& s, const BwdArgs<S>& q, const NhwcScratch& w) {
   constexpr int K = kXd ? 5 : 4;
   const acc_t m = acc_t(g.count());
-  for (int64_t p = s.t0 * g.C; p < s.t1 * g.C; ++p) {
+  for (int64_t p = 0; p < g.planes(); ++p) {
     const int64_t t = p / g.C, c = p % g.C;
     auto coef = [&](int k) { return coefs_of(g, w, t, k); };
     const Sums<K> sums = block_total<K, false>(g, s, w, t, c);
@@ -727,7 +727,7 @@ void tangent_backward_coefs_impl(const Geometry& g, const Slice& s, const BwdArg
 
 // gx, gx', the blocks in reverse order (as forward_write_impl)
 template <bool kAct, bool kXd, typename S>
-void tangent_backward_write_impl(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w,
+void tangent_backward_write_impl(const Geometry& g, const RowBlocks& s, const BwdArgs<S>& q, const NhwcScratch& w,
                                  int64_t begin, int64_t end) {
   using V = typename VecOf<S>::type;
   const V slv = V{} + static_cast<S>(q.slope);
@@ -750,7 +750,7 @@ void tangent_backward_write_impl(const Geometry& g, const Slice& s, const BwdArg
 }
 
 template <typename S>
-void forward_sums_nhwc(const Geometry& g, const Slice& s, const FwdArgs<S>& q, const NhwcScratch& w,
+void forward_sums_nhwc(const Geometry& g, const RowBlocks& s, const FwdArgs<S>& q, const NhwcScratch& w,
                        int64_t begin, int64_t end) {
   if (q.xd != nullptr)
     forward_sums_impl<true>(g, s, q, w, begin, end);
@@ -759,7 +759,7 @@ void forward_sums_nhwc(const Geometry& g, const Slice& s, const FwdArgs<S>& q, c
 }
 
 template <typename S>
-void forward_coefs_nhwc(const Geometry& g, const Slice& s, const FwdArgs<S>& q, const NhwcScratch& w) {
+void forward_coefs_nhwc(const Geometry& g, const RowBlocks& s, const FwdArgs<S>& q, const NhwcScratch& w) {
   if (q.xd != nullptr)
     forward_coefs_impl<true>(g, s, q, w);
   else
@@ -767,7 +767,7 @@ void forward_coefs_nhwc(const Geometry& g, const Slice& s, const FwdArgs<S>& q, 
 }
 
 template <typename S>
-void forward_write_nhwc(const Geometry& g, const Slice& s, const FwdArgs<S>& q, const NhwcScratch& w,
+void forward_write_nhwc(const Geometry& g, const RowBlocks& s, const FwdArgs<S>& q, const NhwcScratch& w,
                         int64_t begin, int64_t end) {
   const bool act = q.slope != 1.0, zd = q.zd != nullptr, xd = q.xd != nullptr;
   if (!zd)
@@ -795,7 +795,7 @@ void backward_stats_nhwc(const Geometry& g, const BwdArgs<S>& q, const NhwcScrat
 }
 
 template <typename S>
-void backward_sums_nhwc(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w,
+void backward_sums_nhwc(const Geometry& g, const RowBlocks& s, const BwdArgs<S>& q, const NhwcScratch& w,
                         int64_t begin, int64_t end) {
   const bool act = q.slope != 1.0, xd = q.xd != nullptr;
   if (q.gzd == nullptr)
@@ -809,7 +809,7 @@ void backward_sums_nhwc(const Geometry& g, const Slice& s, const BwdArgs<S>& q, 
 }
 
 template <typename S>
-void backward_coefs_nhwc(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w) {
+void backward_coefs_nhwc(const Geometry& g, const RowBlocks& s, const BwdArgs<S>& q, const NhwcScratch& w) {
   if (q.gzd == nullptr)
     backward_coefs_impl(g, s, q, w);
   else if (q.xd != nullptr)
@@ -819,7 +819,7 @@ void backward_coefs_nhwc(const Geometry& g, const Slice& s, const BwdArgs<S>& q,
 }
 
 template <typename S>
-void backward_write_nhwc(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w,
+void backward_write_nhwc(const Geometry& g, const RowBlocks& s, const BwdArgs<S>& q, const NhwcScratch& w,
                          int64_t begin, int64_t end) {
   const bool act = q.slope != 1.0, xd = q.xd != nullptr;
   if (q.gzd == nullptr)
@@ -838,16 +838,16 @@ void backward_write_nhwc(const Geometry& g, const Slice& s, const BwdArgs<S>& q,
   template void backward_planes<S>(const Geometry&, const BwdArgs<S>&, int64_t, int64_t);        \
   template void tangent_backward_planes<S>(const Geometry&, const BwdArgs<S>&, int64_t, int64_t);                \
   template void forward_shifts_nhwc<S>(const Geometry&, const FwdArgs<S>&, const NhwcScratch&);                   \
-  template void forward_sums_nhwc<S>(const Geometry&, const Slice&, const FwdArgs<S>&, const NhwcScratch&,    \
+  template void forward_sums_nhwc<S>(const Geometry&, const RowBlocks&, const FwdArgs<S>&, const NhwcScratch&,    \
                                      int64_t, int64_t);                                                           \
-  template void forward_coefs_nhwc<S>(const Geometry&, const Slice&, const FwdArgs<S>&, const NhwcScratch&);  \
-  template void forward_write_nhwc<S>(const Geometry&, const Slice&, const FwdArgs<S>&, const NhwcScratch&,   \
+  template void forward_coefs_nhwc<S>(const Geometry&, const RowBlocks&, const FwdArgs<S>&, const NhwcScratch&);  \
+  template void forward_write_nhwc<S>(const Geometry&, const RowBlocks&, const FwdArgs<S>&, const NhwcScratch&,   \
                                       int64_t, int64_t);                                                          \
   template void backward_stats_nhwc<S>(const Geometry&, const BwdArgs<S>&, const NhwcScratch&);                   \
-  template void backward_sums_nhwc<S>(const Geometry&, const Slice&, const BwdArgs<S>&, const NhwcScratch&,   \
+  template void backward_sums_nhwc<S>(const Geometry&, const RowBlocks&, const BwdArgs<S>&, const NhwcScratch&,   \
                                       int64_t, int64_t);                                                          \
-  template void backward_coefs_nhwc<S>(const Geometry&, const Slice&, const BwdArgs<S>&, const NhwcScratch&); \
-  template void backward_write_nhwc<S>(const Geometry&, const Slice&, const BwdArgs<S>&, const NhwcScratch&,  \
+  template void backward_coefs_nhwc<S>(const Geometry&, const RowBlocks&, const BwdArgs<S>&, const NhwcScratch&); \
+  template void backward_write_nhwc<S>(const Geometry&, const RowBlocks&, const BwdArgs<S>&, const NhwcScratch&,  \
                                        int64_t, int64_t);
 
 FASTMAML_BN_ACT_INSTANTIATE(float)

@@ -35,19 +35,17 @@ struct BwdArgs {
   double slope;
 };
 
-// Channels-last x (strides (N*S*C, S*C, 1, C)): per task R = N*S rows of C contiguous values. Its passes run
-// slice by slice, a slice being the tasks [t0, t1), over the blocks of `rows` rows of each of its tasks
-// (`blocks` per task, the last one may be shorter): item i of a pass is block i % blocks of task
-// t0 + i / blocks
-struct Slice {
-  int64_t t0, t1, R, rows, blocks;
-  int64_t items() const { return (t1 - t0) * blocks; }
+// Channels-last x (strides (N*S*C, S*C, 1, C)): per task R = N*S rows of C contiguous values, in blocks of
+// `rows` rows (`blocks` per task, the last one may be shorter); item i of a parallel pass is block i % blocks
+// of task i / blocks
+struct RowBlocks {
+  int64_t R, rows, blocks;
 };
 
 constexpr int kNhwcSums = 5;    // partial sums per block and channel (at most: the tangent backward's)
 constexpr int kNhwcCoefs = 10;  // per-channel coefficients (at most: the tangent backward's)
 
-// The channels-last passes' scratch (the caller's, doubles): a slice's per-block partial sums [items,
+// The channels-last passes' scratch (the caller's, doubles): the per-block partial sums [T * blocks,
 // kNhwcSums, C] and the per-channel coefficients [T, kNhwcCoefs, C]
 struct NhwcScratch {
   double *sums, *coefs;
@@ -55,10 +53,11 @@ struct NhwcScratch {
 
 }  // namespace fastmaml_bn_act_shapes
 
-// The entry points: planes [begin, end) of each pass (contiguous x); for channels-last x, the shifts (forward)
-// or the statistics in double (backward) of every task and channel first, then per slice the items [begin, end) of the sums pass, the coefs
-// of the slice's tasks, the items [begin, end) of the write pass; the forwards with FwdArgs (the
-// tangent's parts where xd, zd are set), the backwards with BwdArgs (the tangent backward where gzd is set).
+// The entry points: planes [begin, end) of each pass (contiguous x); for channels-last x, in this order: the
+// shifts (forward) or the statistics in double (backward) of every task and channel, the items [begin, end)
+// of the sums pass, the coefs of every task and channel, the items [begin, end) of the write pass; the
+// forwards with FwdArgs (the tangent's parts where xd, zd are set), the backwards with BwdArgs (the tangent
+// backward where gzd is set).
 #define FASTMAML_BN_ACT_ENTRY_POINTS                                                                    \
   using fastmaml_bn_act_shapes::BwdArgs;                                                                \
   using fastmaml_bn_act_shapes::FwdArgs;                                                                \
@@ -66,7 +65,7 @@ struct NhwcScratch {
   using fastmaml_bn_act_shapes::kNhwcCoefs;                                                             \
   using fastmaml_bn_act_shapes::kNhwcSums;                                                              \
   using fastmaml_bn_act_shapes::NhwcScratch;                                                            \
-  using fastmaml_bn_act_shapes::Slice;                                                                  \
+  using fastmaml_bn_act_shapes::RowBlocks;                                                              \
   template <typename S>                                                                                 \
   void forward_planes(const Geometry& g, const FwdArgs<S>& q, int64_t begin, int64_t end);              \
   template <typename S>                                                                                 \
@@ -78,22 +77,22 @@ struct NhwcScratch {
   template <typename S>                                                                                 \
   void forward_shifts_nhwc(const Geometry& g, const FwdArgs<S>& q, const NhwcScratch& w);               \
   template <typename S>                                                                                 \
-  void forward_sums_nhwc(const Geometry& g, const Slice& s, const FwdArgs<S>& q, const NhwcScratch& w, \
+  void forward_sums_nhwc(const Geometry& g, const RowBlocks& s, const FwdArgs<S>& q, const NhwcScratch& w, \
                          int64_t begin, int64_t end);                                                   \
   template <typename S>                                                                                 \
-  void forward_coefs_nhwc(const Geometry& g, const Slice& s, const FwdArgs<S>& q, const NhwcScratch& w); \
+  void forward_coefs_nhwc(const Geometry& g, const RowBlocks& s, const FwdArgs<S>& q, const NhwcScratch& w); \
   template <typename S>                                                                                 \
-  void forward_write_nhwc(const Geometry& g, const Slice& s, const FwdArgs<S>& q, const NhwcScratch& w, \
+  void forward_write_nhwc(const Geometry& g, const RowBlocks& s, const FwdArgs<S>& q, const NhwcScratch& w, \
                           int64_t begin, int64_t end);                                                  \
   template <typename S>                                                                                 \
   void backward_stats_nhwc(const Geometry& g, const BwdArgs<S>& q, const NhwcScratch& w);               \
   template <typename S>                                                                                 \
-  void backward_sums_nhwc(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w, \
+  void backward_sums_nhwc(const Geometry& g, const RowBlocks& s, const BwdArgs<S>& q, const NhwcScratch& w, \
                           int64_t begin, int64_t end);                                                  \
   template <typename S>                                                                                 \
-  void backward_coefs_nhwc(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w); \
+  void backward_coefs_nhwc(const Geometry& g, const RowBlocks& s, const BwdArgs<S>& q, const NhwcScratch& w); \
   template <typename S>                                                                                 \
-  void backward_write_nhwc(const Geometry& g, const Slice& s, const BwdArgs<S>& q, const NhwcScratch& w, \
+  void backward_write_nhwc(const Geometry& g, const RowBlocks& s, const BwdArgs<S>& q, const NhwcScratch& w, \
                            int64_t begin, int64_t end);
 
 namespace fastmaml_bn_act {
