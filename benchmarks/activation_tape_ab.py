@@ -35,7 +35,10 @@ def main(argv=None) -> None:
     loop = next(i for i in implementations() if i.name == "autograd-loop").build(model, w, torch.device("cpu"))
     default = dict(schedule.ACTIVATION_TAPE_BYTES)
 
-    step = fastmaml.MetaStep(model, tasks, inner_lr=w.inner_lr, steps=w.steps, loss=w.loss, order="second")
+    # the meta-gradient only, as the loop computes (no query pass at θ)
+    step = fastmaml.MetaStep(
+        model, tasks, inner_lr=w.inner_lr, steps=w.steps, loss=w.loss, order="second", evaluate_before=False
+    )
 
     def with_tape(tape: bool):
         def run():  # the budget is read at every call

@@ -19,6 +19,8 @@
 #   suite      fastmaml bench on CUDA (sinusoid, 28×28 conv4 as Sequential and as a class, ResNet-12 64-640 84×84),
 #              with TFLOP/s and the fraction of the card's FP32 and TF32 peaks
 #   precision  the precision policies (fp32, tf32, bf16) against the autograd loop under the same policy
+#   layout     benchmarks/conv_layout.py: NCHW against channels-last convolutions per layer, and ResNet-12's
+#              meta-step in both memory formats (CUDA runs "contiguous" unless told: unmeasured)
 #   crash      the bad-input tests of the C++ ops, each file in its own process, and a backtrace of the
 #              first one that crashes (cuda-gdb), with the toolchain facts that bear on it
 # Writes $OUT/gpu_check.md (the report) and $OUT/gpu_check.tar.gz (every log, junit file and table).
@@ -96,6 +98,7 @@ step suite 180 "$PY" -m fastmaml bench --device cuda --out "$WORK/suite" --no-me
 step precision 60 "$PY" -m fastmaml bench --device cuda --out "$WORK/precision" --no-memory --repeats 5 --budget 10 \
   --sensitivity-draws 0 --workloads conv28-1shot-K1 resnet12w-84-K5 \
   --impls "fastmaml[auto,second]" fastmaml-fp32 fastmaml-tf32 fastmaml-bf16
+step layout 40 "$PY" benchmarks/conv_layout.py --device cuda --repeats 5 --step-repeats 2 --workloads resnet12w-84-K5
 step crash 70 bash benchmarks/crash_check.sh "$WORK/crash"
 
 "$PY" benchmarks/gpu_check_report.py --out "$WORK" > /dev/null 2> "$WORK/report.err"

@@ -1,7 +1,7 @@
 """Writes `gpu_check.md` from what benchmarks/gpu_check.sh left in its work folder:
 env.txt (device and versions), steps.txt (exit status and seconds of each step), build.log,
 junit-*.xml (pytest results, summarized per test file), op_bench.md, op_bench_learned_lr.md,
-conv_batching.md, conv_triton.md,
+conv_batching.md, conv_triton.md, layout.log (benchmarks/conv_layout.py's tables),
 suite/results.md and precision/results.md (`fastmaml bench`) and crash/ (benchmarks/crash_check.sh). Missing pieces are
 reported as missing, never invented.
 
@@ -87,6 +87,7 @@ def report(out: Path) -> str:
     )
     lines += _section("Benchmark suite (fastmaml bench)", out / "suite" / "results.md", "the suite")
     lines += _section("Precision policies (fastmaml bench)", out / "precision" / "results.md", "the precision rows")
+    lines += _section("Memory formats: NCHW against channels-last", out / "layout.log", "the layout bench")
     lines += ["## C++ argument checks (crash check)", ""] + _code(out / "crash" / "repro.txt")
     lines += _code(out / "crash" / "facts.txt", head=20)
     if (out / "crash" / "gdb.txt").exists():

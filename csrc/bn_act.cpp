@@ -18,7 +18,7 @@
 //     -> (gx, gxd ([0] when !need_x), gw, gwd, gb, gbd [T,C]): batchnorm_tangent_bwd of gy = k gz, gyd = k gzd
 //     (fastmaml/ops/reference/batchnorm.py), xhat and xhat' recomputed from x, xd and the statistics.
 //
-// Two layouts of x (bn_act_layout.h), and the full-size outputs (z, zd, gx, gxd) come in x's: contiguous
+// Two layouts of x (activation_layout.h), and the full-size outputs (z, zd, gx, gxd) come in x's: contiguous
 // (NCHW), or channels-last (strides (N*S*C, S*C, 1, C), the [T, N, C, H*W] view of a channels-last
 // [T, N, C, H, W]), read as it is. The other full-size inputs (gz, gzd, z, xd) are copied into x's layout
 // where they are not in it; any other x is made contiguous. With C == 1 or S == 1 the layouts are one.
@@ -58,7 +58,7 @@
 #include <optional>
 #include <tuple>
 
-#include "bn_act_layout.h"
+#include "activation_layout.h"
 #include "bn_act_planes.h"
 
 #define FASTMAML_BN_ACT_NS fastmaml_bn_act
@@ -212,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cpu(const at::Tensor& 
   check_channels(w_in, "w", x_in);
   check_channels(b_in, "b", x_in);
   check_slope(slope);
-  const bool cl = channels_last(x_in);
+  const bool cl = channels_last_planes(x_in);
   const at::Tensor x = in_layout(x_in, cl), w = w_in.contiguous(), b = b_in.contiguous();
   at::Tensor z = empty_in_layout(x, cl);
   at::Tensor mean = at::empty({g.T, g.C}, x.options()), invstd = at::empty({g.T, g.C}, x.options());
@@ -241,7 +241,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(const at::Tensor& 
   check_channels(invstd_in, "invstd", x_in);
   check_channels(w_in, "w", x_in);
   check_slope(slope);
-  const bool cl = channels_last(x_in);
+  const bool cl = channels_last_planes(x_in);
   const std::optional<at::Tensor> z = checked_z(z_in, slope, x_in, cl);
   const at::Tensor gz = in_layout(gz_in, cl), x = in_layout(x_in, cl), mean = mean_in.contiguous();
   const at::Tensor invstd = invstd_in.contiguous(), w = w_in.contiguous();
@@ -273,7 +273,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_channels(wd_in, "wd", x_in);
   check_channels(bd_in, "bd", x_in);
   check_slope(slope);
-  const bool cl = channels_last(x_in);
+  const bool cl = channels_last_planes(x_in);
   const at::Tensor x = in_layout(x_in, cl), w = w_in.contiguous(), b = b_in.contiguous();
   const at::Tensor wd = wd_in.contiguous(), bd = bd_in.contiguous();
   const std::optional<at::Tensor> xd = optional_in_layout(xd_in, cl);
@@ -311,7 +311,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check_channels(w_in, "w", x_in);
   check_channels(wd_in, "wd", x_in);
   check_slope(slope);
-  const bool cl = channels_last(x_in);
+  const bool cl = channels_last_planes(x_in);
   const std::optional<at::Tensor> z = checked_z(z_in, slope, x_in, cl);
   const at::Tensor gz = in_layout(gz_in, cl), gzd = in_layout(gzd_in, cl), x = in_layout(x_in, cl);
   const std::optional<at::Tensor> xd = optional_in_layout(xd_in, cl);

@@ -1,13 +1,13 @@
 // Shape-only (Meta) implementations of every fastmaml op: what FakeTensor, torch.compile and
-// torch.library.opcheck use. They allocate outputs with the shapes (and, for the BatchNorm + activation ops,
-// the layouts: bn_act_layout.h) the real kernels return.
+// torch.library.opcheck use. They allocate outputs with the shapes (and, for the block ops' full-size
+// outputs, the layouts: activation_layout.h) the real kernels return.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "bn_act_layout.h"
-
 #include <optional>
 #include <vector>
+
+#include "activation_layout.h"
 
 namespace fastmaml {
 namespace {
@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_fwd_m
   TORCH_CHECK(x.dim() == 5 && k >= 1, "x: expected activations [T, N, C, H, W] and k >= 1");
   const int64_t T = x.size(0), N = x.size(1), C = x.size(2);
   std::vector<int64_t> pooled{T, N, C, x.size(3) / k, x.size(4) / k};
-  return {at::empty(pooled, x.options()), at::empty(pooled, x.options().dtype(at::kLong)),
+  return {empty_in_layout_of(x, pooled, x.options()), empty_in_layout_of(x, pooled, x.options().dtype(at::kLong)),
           at::empty({T, C}, x.options()), at::empty({T, C}, x.options())};
 }
 
@@ -60,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_bwd_meta(
     const at::Tensor& invstd, const at::Tensor& w, bool need_x) {
   TORCH_CHECK(x.dim() == 5, "x: expected activations [T, N, C, H, W]");
   const int64_t T = x.size(0), C = x.size(2);
-  return {need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options()),
+  return {need_x ? empty_in_layout_of(x, x.sizes(), x.options()) : at::empty({0}, x.options()),
           at::empty({T, C}, x.options()), at::empty({T, C}, x.options())};
 }
 
@@ -68,8 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 bn_relu_maxpool_tangent_fwd_meta(const at::Tensor& x, const at::Tensor& xd, const at::Tensor& w, const at::Tensor& b,
                                  const at::Tensor& wd, const at::Tensor& bd, double eps, int64_t k) {
   auto [z, idx, mean, invstd] = bn_relu_maxpool_fwd_meta(x, w, b, eps, k);
-  return {z, at::empty(z.sizes(), z.options()), idx, mean, invstd, at::empty(mean.sizes(), mean.options()),
-          at::empty(mean.sizes(), mean.options())};
+  return {z, at::empty_strided(z.sizes(), z.strides(), z.options()), idx, mean, invstd,
+          at::empty(mean.sizes(), mean.options()), at::empty(mean.sizes(), mean.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_tangent_bwd_meta(
@@ -77,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& xd, const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& a,
     const at::Tensor& dmean, const at::Tensor& w, const at::Tensor& wd, bool need_x) {
   auto [gx, gw, gb] = bn_relu_maxpool_bwd_meta(gz, z, idx, x, mean, invstd, w, need_x);
-  return {gx, at::empty(gx.sizes(), gx.options()), gw, at::empty(gw.sizes(), gw.options()), gb,
+  return {gx, at::empty_strided(gx.sizes(), gx.strides(), gx.options()), gw, at::empty(gw.sizes(), gw.options()), gb,
           at::empty(gb.sizes(), gb.options())};
 }
 
@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_meta(const at::Tensor&
                                                                const at::Tensor& b, double eps, double slope) {
   TORCH_CHECK(x.dim() == 4, "x: expected activations [T, N, C, S]");
   const int64_t T = x.size(0), C = x.size(2);
-  return {empty_in_layout(x, channels_last(x)), at::empty({T, C}, x.options()), at::empty({T, C}, x.options())};
+  return {empty_in_layout(x, channels_last_planes(x)), at::empty({T, C}, x.options()), at::empty({T, C}, x.options())};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_meta(const at::Tensor& gz, const std::optional<at::Tensor>& z,
@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_meta(const at::Tensor&
                                                                double slope, bool need_x) {
   TORCH_CHECK(x.dim() == 4, "x: expected activations [T, N, C, S]");
   const int64_t T = x.size(0), C = x.size(2);
-  return {need_x ? empty_in_layout(x, channels_last(x)) : at::empty({0}, x.options()),
+  return {need_x ? empty_in_layout(x, channels_last_planes(x)) : at::empty({0}, x.options()),
           at::empty({T, C}, x.options()), at::empty({T, C}, x.options())};
 }
 

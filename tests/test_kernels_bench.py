@@ -22,6 +22,7 @@ def _script(name: str):
 
 
 conv_batching = _script("conv_batching")
+conv_layout = _script("conv_layout")
 gpu_check_report = _script("gpu_check_report")
 op_bench = _script("op_bench")
 
@@ -39,6 +40,17 @@ def test_scripts_parse(script):
 def test_scripts_lint(script):
     proc = subprocess.run(["shellcheck", str(BENCH / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_conv_layout_times_both_formats(capsys):
+    """Part 2 of benchmarks/conv_layout.py on a quick workload: a row per workload, FORMAT left as it was."""
+    from fastmaml.programs.fused import memory_format
+
+    before = dict(memory_format.FORMAT)
+    conv_layout.main(["--no-layers", "--quick", "--step-repeats", "1", "--workloads", "conv28-1shot-K1"])
+    assert memory_format.FORMAT == before
+    row = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| conv28-1shot-K1 |")]
+    assert len(row) == 1 and row[0].endswith("× |")
 
 
 def test_op_bench_compares_every_backend(tmp_path):

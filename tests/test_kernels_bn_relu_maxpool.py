@@ -1,7 +1,8 @@
 """BatchNorm2d + ReLU + MaxPool2d as one rule: the C++ CPU kernels (csrc/bn_relu_maxpool.cpp: forward,
 backward, and both with tangents) against the torch references (fastmaml/ops/reference/block_tail.py) on odd shapes,
-float32 and float64; opcheck; the compiler's fusion; meta_step through the fused rule against the
-autograd oracle (float64)."""
+float32 and float64, contiguous and channels-last activations (outputs in x's layout, other inputs in any layout,
+results independent of the number of threads); opcheck; the compiler's fusion; meta_step through the fused rule
+against the autograd oracle (float64)."""
 
 import pytest
 import torch
@@ -18,10 +19,37 @@ from oracle import check_meta_step
 
 DEVICE = torch.device("cpu")
 # (T, N, C, H, W, k): T = 1, one image, one channel, odd H and W (a remainder the windows skip but the
-# statistics count), k = 3, a 28×28 plane
-CASES = [(1, 1, 1, 2, 2, 2), (3, 2, 3, 5, 7, 2), (2, 5, 4, 9, 10, 3), (1, 3, 2, 28, 28, 2), (2, 1, 3, 4, 4, 1)]
+# statistics count), k = 3, a 28×28 plane, 16 channels, 75 images, a real layer (5 images of 84×84, 32 channels:
+# several blocks of rows per image in the channels-last kernels)
+CASES = [
+    (1, 1, 1, 2, 2, 2),
+    (3, 2, 3, 5, 7, 2),
+    (2, 5, 4, 9, 10, 3),
+    (1, 3, 2, 28, 28, 2),
+    (2, 1, 3, 4, 4, 1),
+    (3, 5, 16, 11, 9, 2),
+    (1, 75, 3, 7, 5, 2),
+    (1, 5, 32, 84, 84, 2),
+]
 IDS = ["T{}N{}C{}H{}W{}k{}".format(*c) for c in CASES]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+LAYOUTS = ["contiguous", "channels_last"]
+
+
+def in_layout(t, layout):
+    """t `[T, N, C, H, W]` with contiguous or channels-last strides (those of a contiguous `[T, N, H, W, C]`)."""
+    if layout == "contiguous":
+        return t.contiguous()
+    return t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
+def is_channels_last(t):
+    return t.permute(0, 1, 3, 4, 2).is_contiguous()
+
+
+def assert_layout(t, layout):
+    """t has the strides of `layout` (channels-last and contiguous coincide for one channel)."""
+    assert is_channels_last(t) if layout == "channels_last" else t.is_contiguous(), (layout, t.shape, t.stride())
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +63,12 @@ def reference():
     return (registry.reference("bn_relu_maxpool_train_fwd"), registry.reference("bn_relu_maxpool_train_bwd"))
 
 
-def inputs(case, weights, dtype, seed=0):
+def inputs(case, weights, dtype, seed=0, layout="contiguous"):
+    """x in `layout`, w, b in the form `weights`, and a sampler r (r(*x.shape) in x's layout: `act`)."""
     T, N, C, H, W, k = case
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    x = r(T, N, C, H, W) * 2 + 0.5
+    x = in_layout(r(T, N, C, H, W) * 2 + 0.5, layout)
     w = {"task": r(T, C), "common": r(C), None: None}[weights]
     b = {"task": r(T, C), "common": r(C), None: None}[weights]
     return x, w, b, r
@@ -49,34 +78,39 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("weights", ["task", "common", None])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_forward_matches_reference(cpp, case, weights, dtype):
-    x, w, b, _ = inputs(case, weights, dtype)
+def test_forward_matches_reference(cpp, case, weights, dtype, layout):
+    x, w, b, _ = inputs(case, weights, dtype, layout=layout)
     k = case[-1]
     z, idx, mean, r = cpp[0](x, w, b, 1e-5, k)
     z_ref, idx_ref, mean_ref, r_ref = reference()[0](x, w, b, 1e-5, k)
     assert z.shape == z_ref.shape and idx.dtype == torch.int64
+    assert_layout(z, layout)
+    assert_layout(idx, layout)
     assert torch.equal(idx, idx_ref)
     for got, ref in ((z, z_ref), (mean, mean_ref), (r, r_ref)):
         assert rel(got, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("weights", ["task", "common", None])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_backward_matches_reference(cpp, case, weights, dtype):
-    x, w, b, r = inputs(case, weights, dtype)
+def test_backward_matches_reference(cpp, case, weights, dtype, layout):
+    x, w, b, r = inputs(case, weights, dtype, layout=layout)
     k = case[-1]
-    z, idx, mean, invstd = reference()[0](x, w, b, 1e-5, k)
-    gz = r(*z.shape)
+    z, idx, mean, invstd = (in_layout(t, layout) if t.dim() == 5 else t for t in reference()[0](x, w, b, 1e-5, k))
+    gz = in_layout(r(*z.shape), layout)
     T, C = x.shape[0], x.shape[2]
     outs = {}
     for name, (_, bwd) in (("cpp", cpp), ("ref", reference())):
         gw, gb = x.new_full((T, C), float("nan")), x.new_full((T, C), float("nan"))
         gx = bwd(gz, z, idx, x, mean, invstd, w, 1e-5, k, True, gw, gb)
         outs[name] = (gx, gw, gb)
+    assert_layout(outs["cpp"][0], layout)
     for got, ref in zip(outs["cpp"], outs["ref"]):
         assert rel(got, ref) < TOL[dtype]
     # no input gradient asked: None, and the parameter gradients still written
@@ -89,31 +123,128 @@ def tangent_ops(backend):
     return tuple(registry.implementation(f"bn_relu_maxpool_tangent_{op}", backend) for op in ("fwd", "bwd"))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("weights", ["task", "common", None])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_tangent_forward_and_backward_match_reference(cpp, case, weights, dtype):
-    x, w, b, r = inputs(case, weights, dtype)
+def test_tangent_forward_and_backward_match_reference(cpp, case, weights, dtype, layout):
+    x, w, b, r = inputs(case, weights, dtype, layout=layout)
     T, C, k = x.shape[0], x.shape[2], case[-1]
-    xd, wd, bd = r(*x.shape), r(T, C), r(T, C) if weights is not None else None
+    xd, wd, bd = in_layout(r(*x.shape), layout), r(T, C), r(T, C) if weights is not None else None
     got = tangent_ops("cpp")[0](x, xd, w, b, wd, bd, 1e-5, k)
     ref = tangent_ops("torch")[0](x, xd, w, b, wd, bd, 1e-5, k)
+    for t in got[:3]:  # z, ż, idx
+        assert_layout(t, layout)
     assert torch.equal(got[2], ref[2])  # idx
     for g, f in zip(got[:2] + got[3:], ref[:2] + ref[3:]):  # z, ż, mean, r, a, mean(ẋ)
         assert rel(g, f) < TOL[dtype]
     z, _, idx, mean, invstd, a, dmean = ref
-    gz, gzd = r(*z.shape), r(*z.shape)
+    z, idx = in_layout(z, layout), in_layout(idx, layout)
+    gz, gzd = in_layout(r(*z.shape), layout), in_layout(r(*z.shape), layout)
     outs = {}
     for backend in ("cpp", "torch"):
         bufs = [x.new_full((T, C), float("nan")) for _ in range(4)]
         gx, gxd = tangent_ops(backend)[1](gz, gzd, z, idx, x, xd, mean, invstd, a, dmean, w, wd, k, True, *bufs)
         outs[backend] = (gx, gxd, *bufs)
+    for t in outs["cpp"][:2]:
+        assert_layout(t, layout)
     for g, f in zip(outs["cpp"], outs["torch"]):
         assert rel(g, f) < TOL[dtype]
     bufs = [x.new_zeros(T, C) for _ in range(4)]
     assert tangent_ops("cpp")[1](gz, gzd, z, idx, x, xd, mean, invstd, a, dmean, w, wd, k, False, *bufs) == (None, None)
     for g, f in zip(bufs, outs["torch"][2:]):
         assert rel(g, f) < TOL[dtype]
+
+
+def run_ops(x, xd, w, b, wd, bd, k, gz, gzd, layout_of_rest):
+    """Every op on x (gz, gzd `[T, N, C, Ho, Wo]`): the forwards on x, xd; the backwards on the forward's z, idx;
+    the other full-size inputs (xd, gz, gzd, z, idx) in `layout_of_rest`. -> {op: outputs}."""
+    lib, lay = torch.ops.fastmaml, lambda t: in_layout(t, layout_of_rest)  # noqa: E731
+    fwd = lib.bn_relu_maxpool_fwd(x, w, b, 1e-5, k)
+    z, idx, mean, invstd = fwd
+    bwd = lib.bn_relu_maxpool_bwd(lay(gz), lay(z), lay(idx), x, mean, invstd, w, True)
+    tfwd = lib.bn_relu_maxpool_tangent_fwd(x, lay(xd), w, b, wd, bd, 1e-5, k)
+    z, _, idx, mean, invstd, a, dmean = tfwd
+    tbwd = lib.bn_relu_maxpool_tangent_bwd(
+        lay(gz), lay(gzd), lay(z), lay(idx), x, lay(xd), mean, invstd, a, dmean, w, wd, True
+    )
+    return {"fwd": fwd, "bwd": bwd, "tangent_fwd": tfwd, "tangent_bwd": tbwd}
+
+
+def channels_last_case(case, dtype):
+    x, w, b, r = inputs(case, "task", dtype, layout="channels_last")
+    T, C, k = x.shape[0], x.shape[2], case[-1]
+    pooled = (*x.shape[:3], x.shape[3] // k, x.shape[4] // k)
+    return dict(x=x, xd=r(*x.shape), w=w, b=b, wd=r(T, C), bd=r(T, C), k=k, gz=r(*pooled), gzd=r(*pooled))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES[5:], ids=IDS[5:])
+def test_channels_last_outputs_and_mixed_layouts(cpp, case, dtype):
+    """A channels-last x: every full-size output (z, ż, idx, gx, ġx) channels-last; the other full-size
+    inputs in x's layout or not give the same bits."""
+    args = channels_last_case(case, dtype)
+    matched = run_ops(**args, layout_of_rest="channels_last")
+    mixed = run_ops(**args, layout_of_rest="contiguous")
+    for op in matched:
+        for got, want in zip(mixed[op], matched[op]):
+            assert torch.equal(got, want), op
+            if got.dim() == 5:
+                assert is_channels_last(got), (op, got.stride())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channels_last_independent_of_threads(cpp, dtype):
+    """Per-block sums combined in block order: the same bits on 1 and 2 threads (a real layer: many blocks)."""
+    args = channels_last_case(CASES[-1], dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_ops(**args, layout_of_rest="channels_last")
+        torch.set_num_threads(2)
+        two = run_ops(**args, layout_of_rest="channels_last")
+    finally:
+        torch.set_num_threads(threads)
+    for op in one:
+        for a, b in zip(one[op], two[op]):
+            assert torch.equal(a, b), op
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", CASES[1:], ids=IDS[1:])
+def test_channels_last_value_tangent_recomputes_the_forward_bit_for_bit(cpp, case, dtype):
+    args = channels_last_case(case, dtype)
+    out = run_ops(**args, layout_of_rest="channels_last")
+    z, zd, idx, mean, invstd, a, dmean = out["tangent_fwd"]
+    for name, f, t in zip(("z", "idx", "mean", "invstd"), out["fwd"], (z, idx, mean, invstd)):
+        assert torch.equal(f, t), name
+
+
+def test_reference_takes_channels_last(cpp):
+    """The torch references on channels-last inputs give the values they give on contiguous ones."""
+    case, layout = CASES[5], "channels_last"
+    x, w, b, r = inputs(case, "task", torch.float64)
+    T, C, k = x.shape[0], x.shape[2], case[-1]
+    xd, wd, bd = r(*x.shape), r(T, C), r(T, C)
+    fwd, tfwd = reference()[0], tangent_ops("torch")[0]
+    want, got = fwd(x, w, b, 1e-5, k), fwd(in_layout(x, layout), w, b, 1e-5, k)
+    tan_want = tfwd(x, xd, w, b, wd, bd, 1e-5, k)
+    tan_got = tfwd(in_layout(x, layout), in_layout(xd, layout), w, b, wd, bd, 1e-5, k)
+    for g, f in zip(got + tan_got, want + tan_want):
+        assert rel(g, f) < TOL[torch.float64]
+    z, idx, mean, invstd = want
+    gz = r(*z.shape)
+    outs = []
+    for lay in ("contiguous", layout):
+        bufs = [x.new_full((T, C), float("nan")) for _ in range(6)]
+        cl = lambda t, lay=lay: in_layout(t, lay)  # noqa: E731
+        gx = reference()[1](cl(gz), cl(z), cl(idx), cl(x), mean, invstd, w, 1e-5, k, True, *bufs[:2])
+        gxs = tangent_ops("torch")[1](
+            cl(gz), cl(gz), cl(z), cl(idx), cl(x), cl(xd), mean, invstd, *tan_want[5:], w, wd, k, True, *bufs[2:]
+        )
+        outs.append((gx, *gxs, *bufs))
+    for g, f in zip(*outs):
+        assert rel(g, f) < TOL[torch.float64]
 
 
 def test_tangent_without_input_or_weight_directions_runs_the_reference(cpp):
@@ -137,21 +268,33 @@ def test_non_finite_input_propagates(cpp):
     assert torch.isnan(mean[1, 2]) and torch.isnan(z[1, :, 2]).all() and torch.isfinite(z[0]).all()
 
 
-def test_opcheck(cpp):
-    x, w, b, r = inputs(CASES[1], "task", torch.float64)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_opcheck(cpp, layout):
+    """The Meta kernels' outputs as the CPU kernels' (shapes and strides: x's layout) among opcheck's checks."""
+    x, w, b, r = inputs(CASES[1], "task", torch.float64, layout=layout)
     lib = torch.ops.fastmaml
-    torch.library.opcheck(lib.bn_relu_maxpool_fwd.default, (x, w, b, 1e-5, 2))
+    meta = lambda t: t.to("meta")  # noqa: E731
+    xd = in_layout(r(*x.shape), layout)
     z, idx, mean, invstd = lib.bn_relu_maxpool_fwd(x, w, b, 1e-5, 2)
-    gz = r(*z.shape)
+    gz = in_layout(r(*z.shape), layout)
+    for op, args in (
+        (lib.bn_relu_maxpool_fwd, (x, w, b, 1e-5, 2)),
+        (lib.bn_relu_maxpool_tangent_fwd, (x, xd, w, b, w, b, 1e-5, 2)),
+        (lib.bn_relu_maxpool_bwd, (gz, z, idx, x, mean, invstd, w, True)),
+        (lib.bn_relu_maxpool_tangent_bwd, (gz, gz, z, idx, x, xd, mean, invstd, mean, mean, w, w, True)),
+    ):
+        for real, fake in zip(op(*args), op(*(meta(a) if isinstance(a, torch.Tensor) else a for a in args))):
+            assert real.shape == fake.shape and real.stride() == fake.stride()
+    torch.library.opcheck(lib.bn_relu_maxpool_fwd.default, (x, w, b, 1e-5, 2))
     torch.library.opcheck(lib.bn_relu_maxpool_bwd.default, (gz, z, idx, x, mean, invstd, w, True))
     torch.library.opcheck(lib.bn_relu_maxpool_bwd.default, (gz, z, idx, x, mean, invstd, w, False))
-    xd, wd, bd = r(*x.shape), r(*w.shape), r(*b.shape)
+    wd, bd = r(*w.shape), r(*b.shape)
     torch.library.opcheck(lib.bn_relu_maxpool_tangent_fwd.default, (x, xd, w, b, wd, bd, 1e-5, 2))
     z, zd, idx, mean, invstd, a, dmean = lib.bn_relu_maxpool_tangent_fwd(x, xd, w, b, wd, bd, 1e-5, 2)
     for need_x in (True, False):
         torch.library.opcheck(
             lib.bn_relu_maxpool_tangent_bwd.default,
-            (gz, r(*z.shape), z, idx, x, xd, mean, invstd, a, dmean, w, wd, need_x),
+            (gz, in_layout(r(*z.shape), layout), z, idx, x, xd, mean, invstd, a, dmean, w, wd, need_x),
         )
 
 

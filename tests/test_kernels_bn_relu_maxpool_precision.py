@@ -7,7 +7,7 @@ product pass (the tangent forward) round alike and pick the same elements.
 The bound of every output is  err(C++) <= 2 · err(reference, float32) + 2⁻²⁴  (2⁻²⁴: a correctly
 rounded float32 output), err = ‖a − b‖/‖b‖ against the float64 reference. The backwards get the
 float64 forward's picks, and statistics rounded to float32, so that they differ from the float64 run
-by their arithmetic only."""
+by their arithmetic only. Every test runs on contiguous and channels-last activations (the two kernels' layouts)."""
 
 import pytest
 import torch
@@ -23,6 +23,12 @@ SIZES = [(2, 5, 3), (1, 75, 2)]
 # cancels: the statistics and x̂ need care there)
 REGIMES = {"centred": (0.5, 2.0), "offset": (3.0, 0.1)}
 EPS, K = 1e-5, 2
+LAYOUTS = ["contiguous", "channels_last"]
+
+
+def in_layout(t, layout):
+    """t `[T, N, C, H, W]` with contiguous or channels-last strides (those of a contiguous `[T, N, H, W, C]`)."""
+    return t.contiguous() if layout == "contiguous" else t.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +42,14 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def make(size, regime, seed=0):
-    """float32 inputs x, ẋ `[T, N, C, 84, 84]`, w, b, ẇ, ḃ `[T, C]`, and a float32 normal sampler."""
+def make(size, regime, seed=0, layout="contiguous"):
+    """float32 inputs x, ẋ `[T, N, C, 84, 84]` in `layout`, w, b, ẇ, ḃ `[T, C]`, and a float32 normal sampler."""
     T, N, C = size
     shift, scale = REGIMES[regime]
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).float()  # noqa: E731
-    x = r(T, N, C, 84, 84) * scale + shift
-    return x, r(*x.shape), r(T, C), r(T, C), r(T, C), r(T, C), r
+    x = in_layout(r(T, N, C, 84, 84) * scale + shift, layout)
+    return x, in_layout(r(*x.shape), layout), r(T, C), r(T, C), r(T, C), r(T, C), r
 
 
 def check_bounded(got, ref32, ref64, names):
@@ -78,8 +84,9 @@ def bn_relu64(x, w, b):
 
 @pytest.mark.parametrize("regime", list(REGIMES))
 @pytest.mark.parametrize("size", SIZES, ids=["N{}".format(s[1]) for s in SIZES])
-def test_forward_at_real_sizes(impls, size, regime):
-    x, _, w, b, _, _, _ = make(size, regime)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_forward_at_real_sizes(impls, size, regime, layout):
+    x, _, w, b, _, _, _ = make(size, regime, layout=layout)
     z64, idx64, mean64, r64 = impls["torch"]["train_fwd"](x.double(), w.double(), b.double(), EPS, K)
     z, idx, mean, r = impls["cpp"]["train_fwd"](x, w, b, EPS, K)
     zr, idxr, meanr, rr = impls["torch"]["train_fwd"](x, w, b, EPS, K)
@@ -89,8 +96,9 @@ def test_forward_at_real_sizes(impls, size, regime):
 
 @pytest.mark.parametrize("regime", list(REGIMES))
 @pytest.mark.parametrize("size", SIZES, ids=["N{}".format(s[1]) for s in SIZES])
-def test_tangent_forward_at_real_sizes(impls, size, regime):
-    x, xd, w, b, wd, bd, _ = make(size, regime)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tangent_forward_at_real_sizes(impls, size, regime, layout):
+    x, xd, w, b, wd, bd, _ = make(size, regime, layout=layout)
     d = lambda t: t.double()  # noqa: E731
     ref64 = impls["torch"]["tangent_fwd"](d(x), d(xd), d(w), d(b), d(wd), d(bd), EPS, K)
     got = impls["cpp"]["tangent_fwd"](x, xd, w, b, wd, bd, EPS, K)
@@ -104,15 +112,15 @@ def test_tangent_forward_at_real_sizes(impls, size, regime):
     check_bounded(pick(got), pick(ref32), (ref64[0], ref64[1] * same) + ref64[3:], names)
 
 
-def backward_inputs(impls, size, regime):
+def backward_inputs(impls, size, regime, layout):
     """Inputs of both backwards: float64 forward's picks and pooled z; statistics in float64 and
-    rounded to float32."""
-    x, xd, w, b, wd, bd, r = make(size, regime)
+    rounded to float32; full-size ones in `layout`."""
+    x, xd, w, b, wd, bd, r = make(size, regime, layout=layout)
     d = lambda t: t.double()  # noqa: E731
     z64, zd64, idx, mean, invstd, a, dmean = impls["torch"]["tangent_fwd"](
         d(x), d(xd), d(w), d(b), d(wd), d(bd), EPS, K
     )
-    gz, gzd = r(*z64.shape), r(*z64.shape)
+    gz, gzd, z64, idx = (in_layout(t, layout) for t in (r(*z64.shape), r(*z64.shape), z64, idx))
     return dict(x=x, xd=xd, w=w, wd=wd, gz=gz, gzd=gzd, z=z64, idx=idx, mean=mean, invstd=invstd, a=a, dmean=dmean)
 
 
@@ -122,8 +130,9 @@ def cast(inp, dtype):
 
 @pytest.mark.parametrize("regime", list(REGIMES))
 @pytest.mark.parametrize("size", SIZES, ids=["N{}".format(s[1]) for s in SIZES])
-def test_backward_at_real_sizes(impls, size, regime):
-    inp = backward_inputs(impls, size, regime)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_backward_at_real_sizes(impls, size, regime, layout):
+    inp = backward_inputs(impls, size, regime, layout)
     T, C = inp["x"].shape[0], inp["x"].shape[2]
 
     def run(backend, dtype):
@@ -141,8 +150,9 @@ def test_backward_at_real_sizes(impls, size, regime):
 
 @pytest.mark.parametrize("regime", list(REGIMES))
 @pytest.mark.parametrize("size", SIZES, ids=["N{}".format(s[1]) for s in SIZES])
-def test_tangent_backward_at_real_sizes(impls, size, regime):
-    inp = backward_inputs(impls, size, regime)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tangent_backward_at_real_sizes(impls, size, regime, layout):
+    inp = backward_inputs(impls, size, regime, layout)
     T, C = inp["x"].shape[0], inp["x"].shape[2]
 
     def run(backend, dtype):
@@ -175,14 +185,15 @@ def test_tangent_backward_at_real_sizes(impls, size, regime):
     )
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_tangent_forward_recomputes_the_forward_bit_for_bit(impls, backend, dtype):
+def test_tangent_forward_recomputes_the_forward_bit_for_bit(impls, backend, dtype, layout):
     """The HVP pass recomputes each step's forward with the tangent forward; its z, picks and statistics
     must be the forward's, bit for bit, or the step's gradient and its Hessian may come from different
     linear pieces of the loss (issue 13: a near-tie picked one way for the gradient, the other way for the
     Hessian)."""
-    x, xd, w, b, wd, bd, _ = make(SIZES[0], "centred", seed=3)
+    x, xd, w, b, wd, bd, _ = make(SIZES[0], "centred", seed=3, layout=layout)
     x, xd, w, b, wd, bd = (t.to(dtype) for t in (x, xd, w, b, wd, bd))
     fwd = impls[backend]["train_fwd"](x, w, b, EPS, K)
     tan = impls[backend]["tangent_fwd"](x, xd, w, b, wd, bd, EPS, K)

@@ -84,9 +84,11 @@ def batchnorm_train_fwd(x: Tensor, w: Opt, b: Opt, eps: float) -> Tuple[Tensor, 
     T, C = x.shape[0], x.shape[2]
     y, mean, r = torch.empty_like(x), x.new_empty(T, C), x.new_empty(T, C)
     for t in range(T):
-        torch.ops.aten.native_batch_norm.out(
-            x[t], _task(w, t), _task(b, t), None, None, True, 0.0, eps, out=y[t], save_mean=mean[t], save_invstd=r[t]
-        )
+        args = (x[t], _task(w, t), _task(b, t), None, None, True, 0.0, eps)
+        if y[t].is_contiguous():
+            torch.ops.aten.native_batch_norm.out(*args, out=y[t], save_mean=mean[t], save_invstd=r[t])
+        else:  # channels-last activations: the out= variant writes a wrong y into such an out (PyTorch 2.13 CPU)
+            y[t], mean[t], r[t] = torch.ops.aten.native_batch_norm(*args)
     return y, mean, r
 
 

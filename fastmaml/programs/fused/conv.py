@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import memory_format as mf
 from .base import Rule
 
 aten = torch.ops.aten
@@ -98,9 +99,9 @@ def conv_forward(x, w, b, g: Geometry, strategy: str):
         return torch.stack(
             [F.conv2d(x[t], w[t], None if b is None else b[t], g.stride, g.padding, g.dilation) for t in range(T)]
         )
-    if strategy == "loop":  # each task's output written in place into one [T, N, O, H', W'] buffer
+    if strategy == "loop":  # each task's output written in place into one [T, N, O, H', W'] buffer (x's format)
         y0 = F.conv2d(x[0], w[0], None if b is None else b[0], g.stride, g.padding, g.dilation)
-        y = y0.new_empty(T, *y0.shape)
+        y = mf.empty_as((T, *y0.shape), x)
         y[0] = y0
         for t in range(1, T):
             aten.convolution.out(
@@ -118,7 +119,7 @@ def conv_forward(x, w, b, g: Geometry, strategy: str):
         g.dilation,
         T,
     )
-    return y.view(N, T, Cout, *y.shape[2:]).transpose(0, 1).contiguous()
+    return mf.dense_as(y.view(N, T, Cout, *y.shape[2:]).transpose(0, 1), x)
 
 
 def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb_out=None, accumulate=False):
@@ -153,7 +154,7 @@ def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb
         w = w.expand(T, *w.shape)
     mask = [need_x, need_w, need_b]
     if strategy == "loop":
-        gx = x.new_empty(x.shape) if need_x else None
+        gx = torch.empty_like(x) if need_x else None
         bias = [w.shape[1]] if need_b else None
         for t in range(T):
             if all(mask) and not accumulate:  # outputs written in place (aten's out= needs all three)
@@ -195,7 +196,7 @@ def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb
         gw_out.add_(gw) if accumulate else gw_out.copy_(gw)
     if not need_x:
         return None
-    return gx.view(N, T, C, *gx.shape[2:]).transpose(0, 1).contiguous()
+    return mf.dense_as(gx.view(N, T, C, *gx.shape[2:]).transpose(0, 1), x)
 
 
 def triton_value_tangent(x, xd, w, b, wd, bd, g: Geometry, y=None):
@@ -233,7 +234,7 @@ class ConvRule(Rule):
                 f"model layer {self.describe()}: expected per-task inputs [T, N, {self.in_channels}, "
                 f"H, W], got shape {tuple(x.shape)}"
             )
-        return x.contiguous()
+        return x if mf.follows_channels_last(x) else x.contiguous()
 
     def forward(self, ops, x, p, save):
         x = self._check(x)
@@ -269,7 +270,7 @@ class ConvRule(Rule):
         return y, yd, (x, xd), st
 
     def backward(self, ops, gy, x, p, need_x, outs):
-        return conv_backward(gy.contiguous(), x, p[0], self.geometry, self._strategy(x), need_x, outs[0], outs[1])
+        return conv_backward(mf.dense_as(gy, x), x, p[0], self.geometry, self._strategy(x), need_x, outs[0], outs[1])
 
     def tangent_forward(self, ops, x, xd, p, v, y=None):
         """y: the output at this point when already known (the activation tape), else computed."""
@@ -283,11 +284,11 @@ class ConvRule(Rule):
             y = conv_forward(x, w, b, self.geometry, s)
         if xd is not None and wd is not None:
             wt = w if w.dim() == 5 else w.expand_as(wd)
-            yd = conv_forward(torch.cat([xd, x], 2), torch.cat([wt, wd], 2), bd, self.geometry, s)
+            yd = conv_forward(mf.cat([xd, x], 2, x), torch.cat([wt, wd], 2), bd, self.geometry, s)
         elif wd is not None:
             yd = conv_forward(x, wd, bd, self.geometry, s)
         elif xd is not None:
-            yd = conv_forward(xd.contiguous(), w, bd, self.geometry, s)
+            yd = conv_forward(mf.dense_as(xd, x), w, bd, self.geometry, s)
         else:
             yd = None if bd is None else bd[:, None, :, None, None].expand_as(y)
         return y, yd, (x, xd)
@@ -298,7 +299,7 @@ class ConvRule(Rule):
         w, wd = p[0], v[0]
         s = self._strategy(x)
         g = self.geometry
-        gy, gyd = gy.contiguous(), gyd.contiguous()
+        gy, gyd = mf.dense_as(gy, x), mf.dense_as(gyd, x)
         if s == "triton":
             return triton_tangent_backward(gy, gyd, x, xd, w, wd, g, need_x, outs, touts, gx)
         if gx is None or not need_x:
@@ -310,7 +311,7 @@ class ConvRule(Rule):
             # ∂x(gy, ẇ) and ∂w(ẋ, gy) in one call; a missing operand only gives its shape
             extra = conv_backward(
                 gy,
-                x if xd is None else xd.contiguous(),
+                x if xd is None else mf.dense_as(xd, x),
                 w if wd is None else wd,
                 g,
                 s,

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from . import memory_format as mf
 from .base import JoinRule, LinearMapRule
 
 
@@ -63,12 +64,12 @@ class CatRule(JoinRule):
 
     def apply(self, xs):
         d = self._dim(xs[0])
-        return torch.cat(list(xs), d), (d, [x.shape for x in xs])
+        return mf.cat(xs, d, xs[0]), (d, [x.shape for x in xs])
 
     def tangent(self, xds, saved):
         d, shapes = saved
         like = next(t for t in xds if t is not None)
-        return torch.cat([t if t is not None else like.new_zeros(s) for t, s in zip(xds, shapes)], d)
+        return mf.cat([t if t is not None else like.new_zeros(s) for t, s in zip(xds, shapes)], d, like)
 
     def transpose(self, gy, saved):
         d, shapes = saved

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from . import memory_format as mf
 from .norm import BatchNormRule, fused_batch_norm
 from .pointwise import LeakyReLURule, ReLURule
 from .pooling import MaxPool2dRule
@@ -129,10 +130,10 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
         )
 
     def _checked(self, x):
-        """x `[T, N, C, H, W]` (checked: C channels, 5 dims), contiguous for the kernels."""
+        """x `[T, N, C, H, W]` (checked: C channels, 5 dims), dense in its format for the kernels."""
         self.as_channels(x)
         self.pool._check(x)
-        return x.contiguous()
+        return mf.dense_as(x, x)
 
     def forward(self, ops, x, p, save):
         w, b, mean, var = self._split(p)
@@ -158,7 +159,7 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
             y, yd, s2 = self.pool.tangent_forward(ops, z, zd, (), ())
             return y, yd, ("composed", s1, s2)
         x = self._checked(x)
-        xd = None if xd is None else xd.contiguous()
+        xd = mf.dense_as(xd, x)
         z, zd, idx, mu, r, a, dmean = ops.bn_relu_maxpool_tangent_fwd(x, xd, w, b, v[0], v[1], self.eps, self.k)
         return z, zd, ("fused", z, idx, x, xd, mu, r, a, dmean)
 

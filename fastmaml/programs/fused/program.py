@@ -25,6 +25,9 @@ BatchNorm's forward (`given`), which then does not reduce x again. The activatio
 statistics beside y, so that an HVP that reuses y normalizes with the same statistics as the pass that
 computed it.
 
+Image activations run in the memory format of memory_format.py (channels-last on the CPU for large maps):
+`_forward` brings its input to it, the rules keep it.
+
 Every method takes the op table of the call (`ops`: `fastmaml.ops.resolve(backend, device)`); the program
 holds no backend and no reference to the model.
 """
@@ -39,9 +42,10 @@ from ...layout import ParamLayout
 from ...losses import Loss
 from ...ops import registry
 from ..base import HVP, LossGrad, Program
+from . import memory_format as mf
 from .conv import ConvRule
 from .graph import Graph
-from .norm import BatchNormRule
+from .norm import BatchNormRule, fused_batch_norm
 
 
 class _Plan:
@@ -91,6 +95,7 @@ class FusedProgram(Program):
         self.taped = frozenset(i for i, n in enumerate(self.nodes) if n.rule.reuses_primal)
         self.keeps_activations = bool(self.taped)
         self.stats_to = self._stats_pairs()
+        self.memory_format: Optional[str] = None  # of image activations; None: mf.FORMAT[device type]
 
     def _stats_pairs(self) -> Dict[int, int]:
         """{convolution node: BatchNorm node} where a rule that `takes_stats` is the only reader of a Conv2d
@@ -208,6 +213,8 @@ class FusedProgram(Program):
         bytes)."""
         nodes, readers, out_v = self.nodes, self.readers, self.graph.output
         env: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
+        fmt = self.memory_format or mf.FORMAT.get(x.device.type, "contiguous")
+        x = mf.to_format(x, mf.choose(fmt, x, norm_kernels=not self.norms or fused_batch_norm(ops)))
         env[0] = x
         if watch is not None and 0 in watch:
             watch[0] = x
