@@ -35,11 +35,13 @@ def regression_tasks(T=3, ns=6, nq=5, din=1, dout=1, seed=0):
     return r(T, ns, din), r(T, ns, dout), r(T, nq, din), r(T, nq, dout)
 
 
-def classification_tasks(T=3, ways=5, shots=1, query=2, size=8, seed=0):
+def classification_tasks(T=3, ways=5, shots=1, query=2, size=8, seed=0, shape=None):
+    """float64 episodes of per-example `shape` (default one-channel size×size images), labels `[T, N]`."""
     g = torch.Generator().manual_seed(seed)
     ns, nq = ways * shots, ways * query
-    sx = torch.randn(T, ns, 1, size, size, generator=g, dtype=torch.float64)
-    qx = torch.randn(T, nq, 1, size, size, generator=g, dtype=torch.float64)
+    shape = (1, size, size) if shape is None else tuple(shape)
+    sx = torch.randn(T, ns, *shape, generator=g, dtype=torch.float64)
+    qx = torch.randn(T, nq, *shape, generator=g, dtype=torch.float64)
     sy = torch.arange(ways).repeat_interleave(shots).expand(T, ns).clone()
     qy = torch.arange(ways).repeat_interleave(query).expand(T, nq).clone()
     return sx, sy, qx, qy

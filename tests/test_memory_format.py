@@ -12,19 +12,14 @@ from fastmaml.programs.fused import conv
 from fastmaml.programs.fused import memory_format as mf
 
 from class_models import Concat, ConvClassNet, MiniImagenetCNN, ResNet12
+from models import classification_tasks
 from oracle import check_meta_step
 
 TOL = 1e-9
 
 
-def tasks_for(shape, T=2, ways=3, shots=1, query=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ns, nq = ways * shots, ways * query
-    sx = torch.randn(T, ns, *shape, generator=g, dtype=torch.float64)
-    qx = torch.randn(T, nq, *shape, generator=g, dtype=torch.float64)
-    sy = torch.arange(ways).repeat_interleave(shots).expand(T, ns).clone()
-    qy = torch.arange(ways).repeat_interleave(query).expand(T, nq).clone()
-    return sx, sy, qx, qy
+def tasks_for(shape, seed=0):
+    return classification_tasks(T=2, ways=3, shape=shape, seed=seed)
 
 
 @pytest.fixture
