@@ -163,6 +163,19 @@ def test_conv2d(geometry, strategy):
     check_program(model, x, torch.randint(0, 3, (3, 2)), loss="cross_entropy")
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_one_task(bias, strategy):
+    """T = 1 (the CPU's task chunks of large activations): "loop" passes each result through without a copy;
+    two layers, so that input gradients, weight gradients (added to in the tangent backward) and biases all
+    run."""
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, bias=bias), nn.Tanh(), nn.Conv2d(3, 2, 3, bias=bias), nn.Flatten()
+    ).double()
+    model.append(nn.Linear(2 * 5 * 4, 3).double())
+    x, _ = img_data(1, 4, 2, 7, 6)
+    check_program(model, x, torch.randint(0, 3, (1, 4)), loss="cross_entropy")
+
+
 @pytest.mark.parametrize(
     "pool",
     [
