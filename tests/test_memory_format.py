@@ -117,6 +117,14 @@ def test_resnet12(order, backend, channels_last):
     _all_channels_last(channels_last)
 
 
+def test_one_task(channels_last):
+    """T = 1: the "loop" convolutions pass the task's results through (no [T, ...] buffer)."""
+    torch.manual_seed(7)
+    model = ResNet12(widths=(3, 4, 3, 4)).double()
+    _ce(model, classification_tasks(T=1, ways=3, shape=(3, 16, 16)), inner_lr=0.2, steps=2)
+    _all_channels_last(channels_last)
+
+
 def test_resnet12_anil_and_learned_rates(channels_last):
     torch.manual_seed(5)
     model = ResNet12(widths=(3, 4, 3, 4)).double()
