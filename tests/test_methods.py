@@ -270,10 +270,8 @@ def test_learned_per_step_rates_beyond_the_trained_steps_reuse_the_last_step():
         assert all(step[n] is lrs[min(j, 2)][n] for n in names)
 
 
-def test_imaml_preset_lambda_makes_the_proximal_steps_reach_the_inner_solution():
-    """iMAML's meta-gradient is the derivative of the proximal problem's solution φ*; the preset's λ makes its K
-    steps at its rate get there (αλK = 3): on sinusoid tasks φ_K is within 0.3 ‖θ − φ*‖ of φ*,
-    where the earlier preset (λ 1, 5 steps: αλK = 0.05) stopped next to θ, most of the way from φ*."""
+def _imaml_sinusoid_preset():
+    """The sinusoid job's iMAML preset over the job's defaults, and its MLP (seed 0)."""
     from fastmaml.train import sinusoid as job
 
     cfg = methods.apply(
@@ -284,7 +282,16 @@ def test_imaml_preset_lambda_makes_the_proximal_steps_reach_the_inner_solution()
         10000,
     )
     torch.manual_seed(0)
-    model = job.sinusoid_mlp()
+    return cfg, job.sinusoid_mlp()
+
+
+def test_imaml_preset_lambda_makes_the_proximal_steps_reach_the_inner_solution():
+    """iMAML's meta-gradient is the derivative of the proximal problem's solution φ*; the preset's λ makes its K
+    steps at its rate get there (αλK = 3): on sinusoid tasks φ_K is within 0.3 ‖θ − φ*‖ of φ*,
+    where the earlier preset (λ 1, 5 steps: αλK = 0.05) stopped next to θ, most of the way from φ*."""
+    from fastmaml.train import sinusoid as job
+
+    cfg, model = _imaml_sinusoid_preset()
     sx, sy, _, _ = job.SinusoidSampler(1).sample(6, 10, 1)
     theta = torch.cat([p.detach().flatten() for p in model.parameters()])
 
@@ -311,15 +318,7 @@ def test_imaml_learner_safeguards_its_inner_steps():
     ×30); its `Learner` takes them with the backtracking solver, in evaluation and in meta-training."""
     from fastmaml.train import sinusoid as job
 
-    cfg = methods.apply(
-        {"steps": 1, "order": "second", "inner_lr": 0.01, "implicit_lambda": 1.0, "cg_steps": 5},
-        "imaml",
-        "sinusoid",
-        [],
-        10000,
-    )
-    torch.manual_seed(0)
-    model = job.sinusoid_mlp()
+    cfg, model = _imaml_sinusoid_preset()
     sx, sy, qx, qy = job.SinusoidSampler(1).sample(4, 10, 10)
     sx = sx.clone()
     sx[2] *= 30
