@@ -53,13 +53,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <tuple>
 
 #include "activation_layout.h"
 #include "bn_act_planes.h"
+#include "cpu_isa.h"
 
 #define FASTMAML_BN_ACT_NS fastmaml_bn_act
 #include "bn_act_kernels.h"
@@ -81,13 +80,8 @@ constexpr int64_t kValuesPerBlock = 16384;  // values of a channels-last block o
 
 int64_t grain(const Geometry& g) { return std::max<int64_t>(1, kValuesPerGrain / std::max<int64_t>(1, g.N * g.S)); }
 
-// The AVX2 build where the CPU has it, unless $FASTMAML_CPU_ISA=baseline (read per call, as the MLP kernel
-// does: the two builds give the same bits, which the tests check)
-bool use_avx2() {
-  const char* isa = std::getenv("FASTMAML_CPU_ISA");
-  if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
-  return fastmaml_bn_act_avx2::usable();
-}
+// the two builds give the same bits, which the tests check
+bool use_avx2() { return use_avx2_build(fastmaml_bn_act_avx2::usable()); }
 
 // ---------------------------------------------------------------- the channels-last passes
 // (bn_act_planes.h): the shifts or statistics, the blocks' partial sums in parallel, the per-channel step,

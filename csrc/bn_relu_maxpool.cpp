@@ -24,10 +24,14 @@
 // layout; the other full-size inputs (xd, gz, gzd, z, idx) are converted to it where they differ.
 // Per-channel tensors are [T, C] contiguous in both. Neither the BatchNorm output nor relu(y) is written.
 //
-// NCHW kernels: work items are (task, channel) slabs; the forward reads a slab three times (mean, variance,
-// the pooled output), which stays in cache; the backward reads x and the pooled gradient and writes gx
-// once. Each item reduces in a fixed order (double sums in kLanes partial sums; the variance around the
-// mean of the first pass).
+// NCHW kernels: work items are (task, channel); each thread streams its run of one task's channels image by
+// image (for_task_runs), calling the per-slab kernels of bn_relu_maxpool_kernels.h (one image's H x W plane of
+// one channel; GCC vectors, a baseline and an AVX2 build with the same bits). The forward reads x three
+// times (mean, variance, the pooled output); for 2x2 windows with finite statistics the pooling is
+// vectorized, other windows run the scalar rows below. The backward reads x and the pooled gradient for its
+// sums and again to write gx, window by window where 2x2 is the only window that fits the shapes, else as a
+// dense write and a scatter of the picks. Each item reduces in a fixed order (double sums in 8 or 4 partial
+// sums per slab, added over images in order; the variance around the mean of the first pass).
 //
 // NHWC kernels: loops over the C adjacent channels innermost (they vectorize); work items are blocks of
 // image rows (a multiple of k rows, about kValuesPerBlock values; sized from the shape alone) of every
@@ -43,7 +47,8 @@
 //
 // Both: results do not depend on the number of threads; the value-and-tangent forward runs the forward's
 // statistics and pooling code (the tangent's sums beside it), so its z, idx, mean and invstd are the
-// forward's bit for bit. Compiled for the baseline instruction set only.
+// forward's bit for bit. Only the NCHW per-slab kernels have an AVX2 build; the rest is compiled for the
+// baseline instruction set.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -58,6 +63,12 @@
 #include <vector>
 
 #include "activation_layout.h"
+#include "bn_relu_maxpool_slabs.h"
+#include "cpu_isa.h"
+
+#define FASTMAML_BRMP_NS fastmaml_brmp
+#include "bn_relu_maxpool_kernels.h"
+#undef FASTMAML_BRMP_NS
 
 namespace fastmaml {
 namespace {
@@ -65,8 +76,6 @@ namespace {
 constexpr int64_t kSlabsPerGrain = 4096;  // x elements below which (task, channel) items share a thread
 constexpr int kLanes = 8;                 // independent partial sums: the reductions vectorize
 
-// sum_i (x[i] - shift) (kSquare false: the mean's pass) or sum_i (x[i] - shift)^2 (the variance's) over n
-// values, in kLanes partial sums combined in a fixed order
 // v[i] = relu(x[i] * scale + shift) for n values, rounded to x's type (the pooling compares what the
 // reference compares: relu(y) in x's type); NaN is kept unless `finite` (no NaN possible), where the
 // loop is a plain max that vectorizes.
@@ -122,24 +131,50 @@ void pool_row(const scalar_t* v, int64_t W, int64_t Wo, int64_t k, bool finite, 
   }
 }
 
-template <bool kSquare, typename scalar_t, typename acc_t>
-acc_t lane_sum(const scalar_t* x, int64_t n, acc_t shift) {
-  acc_t lane[kLanes] = {};
-  constexpr bool square = kSquare;
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      const acc_t d = acc_t(x[i + j]) - shift;
-      lane[j] += square ? d * d : d;
-    }
+// The per-slab kernels (bn_relu_maxpool_slabs.h) of the build that runs: AVX2 where the CPU has it (cpu_isa.h);
+// both give the same bits, which the tests check
+template <typename S>
+struct SlabKernels {
+  double (*sum)(const S*, int64_t, double, bool);
+  void (*relu_pool2)(const S*, int64_t, int64_t, double, double, S*, int64_t*);
+  void (*routed_sums)(const S*, const S*, const int64_t*, const S*, int64_t, double, double, double*);
+  void (*input_gradient)(const S*, int64_t, const S*, const S*, const int64_t*, int64_t, double, double, double,
+                         double, S*);
+  void (*input_gradient_pool2)(const S*, int64_t, int64_t, const S*, const S*, const int64_t*, double, double, double,
+                               double, S*);
+};
+
+template <typename S>
+SlabKernels<S> slab_kernels() {
+  if (use_avx2_build(fastmaml_brmp_avx2::usable()))
+    return {&fastmaml_brmp_avx2::slab_sum<S>, &fastmaml_brmp_avx2::relu_pool2_slab<S>,
+            &fastmaml_brmp_avx2::routed_sums<S>, &fastmaml_brmp_avx2::input_gradient_slab<S>,
+            &fastmaml_brmp_avx2::input_gradient_pool2_slab<S>};
+  return {&fastmaml_brmp::slab_sum<S>, &fastmaml_brmp::relu_pool2_slab<S>, &fastmaml_brmp::routed_sums<S>,
+          &fastmaml_brmp::input_gradient_slab<S>, &fastmaml_brmp::input_gradient_pool2_slab<S>};
+}
+
+// fn(t, c_begin, c_end) for the runs of one task's consecutive channels that the work items [begin, end) of
+// a parallel pass (item = t * C + c) hold. The contiguous kernels stream a run image by image: the slabs of
+// one image's channels are adjacent in memory, where one channel's slabs lie an image apart (a gather the
+// prefetchers do not follow); each (task, channel) still adds up its images in order, so the loop order
+// changes no bit.
+template <typename F>
+void for_task_runs(int64_t begin, int64_t end, int64_t C, const F& fn) {
+  while (begin < end) {
+    const int64_t t = begin / C, stop = std::min(end, (t + 1) * C);
+    fn(t, begin - t * C, stop - t * C);
+    begin = stop;
   }
-  acc_t total = 0;
-  for (int j = 0; j < kLanes; ++j) total += lane[j];
-  for (; i < n; ++i) {
-    const acc_t d = acc_t(x[i]) - shift;
-    total += square ? d * d : d;
-  }
-  return total;
+}
+
+// Whether 2 is the only window size k that pools [H, W] to [Ho, Wo] (floor(H / k) = Ho, floor(W / k) = Wo):
+// then every pick lies in its 2×2 window and the backward writes window by window
+bool only_window_2(int64_t H, int64_t W, int64_t Ho, int64_t Wo) {
+  if (Ho < 1 || Wo < 1 || H / 2 != Ho || W / 2 != Wo) return false;
+  for (int64_t k = 1; k <= std::min(H, W); ++k)
+    if (k != 2 && H / k == Ho && W / k == Wo) return false;
+  return true;
 }
 
 void check_activations(const at::Tensor& x) {
@@ -709,32 +744,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_fwd_c
     int64_t* ip = idx.mutable_data_ptr<int64_t>();
     scalar_t* mp = mean.mutable_data_ptr<scalar_t>();
     scalar_t* rp = invstd.mutable_data_ptr<scalar_t>();
+    const SlabKernels<scalar_t> kern = slab_kernels<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, kSlabsPerGrain / (N * plane));
     at::parallel_for(0, T * C, grain, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> v(k * W);
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t t = item / C, c = item % C;
-        auto slab = [&](int64_t n) { return xp + ((t * N + n) * C + c) * plane; };
-        acc_t sum = 0;
-        for (int64_t n = 0; n < N; ++n) sum += lane_sum<false>(slab(n), plane, acc_t(0));
-        const acc_t mu = sum / acc_t(N * plane);
-        acc_t ss = 0;
-        for (int64_t n = 0; n < N; ++n) ss += lane_sum<true>(slab(n), plane, mu);
-        const acc_t r = acc_t(1) / std::sqrt(ss / acc_t(N * plane) + acc_t(eps));
-        mp[item] = static_cast<scalar_t>(mu);
-        rp[item] = static_cast<scalar_t>(r);
-        // v = relu(y), y = x * scale + shift (one expression for every element), k rows at a time
-        const acc_t scale = r * acc_t(wp[item]), shift = acc_t(bp[item]) - mu * scale;
-        const bool finite = std::isfinite(sum) && std::isfinite(scale) && std::isfinite(shift);  // then no y is NaN
+      std::vector<acc_t> sum(C), mu(C), ss(C), scale(C), shift(C);
+      std::vector<char> finite(C);
+      for_task_runs(begin, end, C, [&](int64_t t, int64_t c0, int64_t c1) {
+        auto slab = [&](int64_t n, int64_t c) { return xp + ((t * N + n) * C + c) * plane; };
+        const acc_t m = acc_t(N * plane);
+        std::fill(sum.begin() + c0, sum.begin() + c1, acc_t(0));
+        std::fill(ss.begin() + c0, ss.begin() + c1, acc_t(0));
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t c = c0; c < c1; ++c) sum[c] += kern.sum(slab(n, c), plane, 0.0, false);
+        for (int64_t c = c0; c < c1; ++c) mu[c] = sum[c] / m;
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t c = c0; c < c1; ++c) ss[c] += kern.sum(slab(n, c), plane, mu[c], true);
+        for (int64_t c = c0; c < c1; ++c) {
+          const int64_t item = t * C + c;
+          const acc_t r = acc_t(1) / std::sqrt(ss[c] / m + acc_t(eps));
+          mp[item] = static_cast<scalar_t>(mu[c]);
+          rp[item] = static_cast<scalar_t>(r);
+          // v = relu(y), y = x * scale + shift (one expression for every element)
+          scale[c] = r * acc_t(wp[item]);
+          shift[c] = acc_t(bp[item]) - mu[c] * scale[c];
+          finite[c] = std::isfinite(sum[c]) && std::isfinite(scale[c]) && std::isfinite(shift[c]);  // no y is NaN
+        }
         for (int64_t n = 0; n < N; ++n) {
-          const scalar_t* xs = slab(n);
-          const int64_t o0 = ((t * N + n) * C + c) * oplane;
-          for (int64_t oh = 0; oh < Ho; ++oh) {
-            relu_row(xs + oh * k * W, k * W, scale, shift, finite, v.data());
-            pool_row(v.data(), W, Wo, k, finite, oh * k * W, zp + o0 + oh * Wo, ip + o0 + oh * Wo);
+          for (int64_t c = c0; c < c1; ++c) {
+            const scalar_t* xs = slab(n, c);
+            const int64_t o0 = ((t * N + n) * C + c) * oplane;
+            if (finite[c] && k == 2) {
+              kern.relu_pool2(xs, H, W, scale[c], shift[c], zp + o0, ip + o0);
+              continue;
+            }
+            for (int64_t oh = 0; oh < Ho; ++oh) {  // k rows at a time
+              relu_row(xs + oh * k * W, k * W, scale[c], shift[c], bool(finite[c]), v.data());
+              pool_row(v.data(), W, Wo, k, bool(finite[c]), oh * k * W, zp + o0 + oh * Wo, ip + o0 + oh * Wo);
+            }
           }
         }
-      }
+      });
     });
   });
   return {z, idx, mean, invstd};
@@ -763,8 +813,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_bwd_cpu(
   }
   const at::Tensor gz = gz_in.contiguous(), z = z_in.contiguous(), idx = idx_in.contiguous(), x = x_in.contiguous();
   const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous(), w = w_in.contiguous();
-  const int64_t T = x.size(0), N = x.size(1), C = x.size(2), plane = x.size(3) * x.size(4);
+  const int64_t T = x.size(0), N = x.size(1), C = x.size(2), H = x.size(3), W = x.size(4), plane = H * W;
   const int64_t oplane = gz.size(3) * gz.size(4);
+  const bool pool2 = only_window_2(H, W, gz.size(3), gz.size(4));
   at::Tensor gx = need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor gw = at::empty({T, C}, x.options()), gb = at::empty({T, C}, x.options());
   if (T * C == 0) return {gx, gw, gb};
@@ -780,38 +831,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_bwd_cpu(
     scalar_t* gxp = need_x ? gx.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
     scalar_t* gbp = gb.mutable_data_ptr<scalar_t>();
+    const SlabKernels<scalar_t> kern = slab_kernels<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, kSlabsPerGrain / std::max<int64_t>(1, N * plane));
     at::parallel_for(0, T * C, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t t = item / C, c = item % C;
-        const acc_t mu = acc_t(mp[item]), r = acc_t(rp[item]);
-        acc_t sg = 0, sgx = 0;  // sum gy, sum gy * xhat (gy is nonzero only at the routed elements)
+      // per channel: sum gy, sum gy * xhat (gy is nonzero only at the routed elements); gx = c0 + c1 (x - mu) + a gy
+      std::vector<acc_t> sg(C), sgx(C), c0(C), c1(C), a(C);
+      for_task_runs(begin, end, C, [&](int64_t t, int64_t cb, int64_t ce) {
+        auto at = [&](int64_t n, int64_t c) { return (t * N + n) * C + c; };
+        std::fill(sg.begin() + cb, sg.begin() + ce, acc_t(0));
+        std::fill(sgx.begin() + cb, sgx.begin() + ce, acc_t(0));
         for (int64_t n = 0; n < N; ++n) {
-          const int64_t s = (t * N + n) * C + c;
-          const scalar_t* xs = xp + s * plane;
-          for (int64_t o = s * oplane; o < (s + 1) * oplane; ++o) {
-            const acc_t g = zp[o] > 0 ? acc_t(gzp[o]) : acc_t(0);  // ReLU's mask (as threshold_backward)
-            sg += g;
-            sgx += g * (acc_t(xs[ip[o]]) - mu) * r;
+          for (int64_t c = cb; c < ce; ++c) {
+            const int64_t s = at(n, c);
+            double sums[2];
+            kern.routed_sums(gzp + s * oplane, zp + s * oplane, ip + s * oplane, xp + s * plane, oplane,
+                             acc_t(mp[t * C + c]), acc_t(rp[t * C + c]), sums);
+            sg[c] += sums[0];
+            sgx[c] += sums[1];
           }
         }
-        gbp[item] = static_cast<scalar_t>(sg);
-        gwp[item] = static_cast<scalar_t>(sgx);
-        if (!need_x) continue;
-        const acc_t a = acc_t(wp[item]) * r, m = acc_t(N * plane);
-        const acc_t c0 = -a * sg / m, c1 = -a * sgx / m * r;  // gx = c0 + c1 (x - mu) + a gy
+        for (int64_t c = cb; c < ce; ++c) {
+          const int64_t item = t * C + c;
+          const acc_t r = acc_t(rp[item]), m = acc_t(N * plane);
+          gbp[item] = static_cast<scalar_t>(sg[c]);
+          gwp[item] = static_cast<scalar_t>(sgx[c]);
+          a[c] = acc_t(wp[item]) * r;
+          c0[c] = -a[c] * sg[c] / m;
+          c1[c] = -a[c] * sgx[c] / m * r;
+        }
+        if (!need_x) return;
         for (int64_t n = 0; n < N; ++n) {
-          const int64_t s = (t * N + n) * C + c;
-          const scalar_t* xs = xp + s * plane;
-          scalar_t* gs = gxp + s * plane;
-          for (int64_t i = 0; i < plane; ++i) gs[i] = static_cast<scalar_t>(c0 + c1 * (acc_t(xs[i]) - mu));
-          for (int64_t o = s * oplane; o < (s + 1) * oplane; ++o) {
-            const int64_t e = ip[o];  // every picked element, its gradient masked: no branch
-            const acc_t g = zp[o] > 0 ? acc_t(gzp[o]) : acc_t(0);
-            gs[e] = static_cast<scalar_t>(c0 + c1 * (acc_t(xs[e]) - mu) + a * g);
+          for (int64_t c = cb; c < ce; ++c) {
+            const int64_t s = at(n, c);
+            const acc_t mu = acc_t(mp[t * C + c]);
+            if (pool2)
+              kern.input_gradient_pool2(xp + s * plane, H, W, gzp + s * oplane, zp + s * oplane, ip + s * oplane, mu,
+                                        c0[c], c1[c], a[c], gxp + s * plane);
+            else
+              kern.input_gradient(xp + s * plane, plane, gzp + s * oplane, zp + s * oplane, ip + s * oplane, oplane,
+                                  mu, c0[c], c1[c], a[c], gxp + s * plane);
           }
         }
-      }
+      });
     });
   });
   return {gx, gw, gb};
@@ -877,19 +938,19 @@ bn_relu_maxpool_tangent_fwd_cpu(const at::Tensor& x_in, const at::Tensor& xd_in,
     int64_t* ip = idx.mutable_data_ptr<int64_t>();
     scalar_t *mp = mean.mutable_data_ptr<scalar_t>(), *rp = invstd.mutable_data_ptr<scalar_t>();
     scalar_t *ap = a.mutable_data_ptr<scalar_t>(), *dp = dmean.mutable_data_ptr<scalar_t>();
+    const SlabKernels<scalar_t> kern = slab_kernels<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, kSlabsPerGrain / (N * plane));
     at::parallel_for(0, T * C, grain, [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> v(k * W);
-      std::vector<acc_t> vd(k * W);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t t = item / C, c = item % C;
         auto at_n = [&](const scalar_t* base, int64_t n) { return base + ((t * N + n) * C + c) * plane; };
         const acc_t m = acc_t(N * plane);
         acc_t sum = 0, ss = 0, sxd = 0, sd = 0;
-        for (int64_t n = 0; n < N; ++n) sum += lane_sum<false>(at_n(xp, n), plane, acc_t(0));
+        for (int64_t n = 0; n < N; ++n) sum += kern.sum(at_n(xp, n), plane, 0.0, false);
         const acc_t mu = sum / m;
         for (int64_t n = 0; n < N; ++n) {
-          ss += lane_sum<true>(at_n(xp, n), plane, mu);
+          ss += kern.sum(at_n(xp, n), plane, mu, true);
           const auto [d, s] = lane_dot(at_n(xp, n), at_n(xdp, n), plane, mu);
           sxd += d;
           sd += s;
@@ -906,16 +967,19 @@ bn_relu_maxpool_tangent_fwd_cpu(const at::Tensor& x_in, const at::Tensor& xd_in,
         for (int64_t n = 0; n < N; ++n) {
           const scalar_t *xs = at_n(xp, n), *xds = at_n(xdp, n);
           const int64_t o0 = ((t * N + n) * C + c) * oplane;
-          for (int64_t oh = 0; oh < Ho; ++oh) {
-            const int64_t r0 = oh * k * W;
-            relu_row(xs + r0, k * W, scale, shift, finite, v.data());
-            for (int64_t i = 0; i < k * W; ++i) {  // y' = xhat' w + xhat wd + bd
-              const acc_t xh = (acc_t(xs[r0 + i]) - mu) * r;
-              vd[i] = r * (acc_t(xds[r0 + i]) - dm - xh * ai) * wi + xh * wdi + bdi;
+          if (finite && k == 2) {
+            kern.relu_pool2(xs, H, W, scale, shift, zp + o0, ip + o0);
+          } else {
+            for (int64_t oh = 0; oh < Ho; ++oh) {
+              relu_row(xs + oh * k * W, k * W, scale, shift, finite, v.data());
+              pool_row(v.data(), W, Wo, k, finite, oh * k * W, zp + o0 + oh * Wo, ip + o0 + oh * Wo);
             }
-            pool_row(v.data(), W, Wo, k, finite, r0, zp + o0 + oh * Wo, ip + o0 + oh * Wo);
-            for (int64_t o = o0 + oh * Wo; o < o0 + (oh + 1) * Wo; ++o)  // the tangent of the pick, masked by ReLU
-              zdp[o] = static_cast<scalar_t>(zp[o] > 0 ? vd[ip[o] - r0] : acc_t(0));
+          }
+          for (int64_t o = o0; o < o0 + oplane; ++o) {  // y' = xhat' w + xhat wd + bd at the pick, masked by ReLU
+            const int64_t e = ip[o];
+            const acc_t xh = (acc_t(xs[e]) - mu) * r;
+            const acc_t yd = r * (acc_t(xds[e]) - dm - xh * ai) * wi + xh * wdi + bdi;
+            zdp[o] = static_cast<scalar_t>(zp[o] > 0 ? yd : acc_t(0));
           }
         }
       }
@@ -957,8 +1021,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor idx = idx_in.contiguous(), x = x_in.contiguous(), xd = xd_in.contiguous();
   const at::Tensor mean = mean_in.contiguous(), invstd = invstd_in.contiguous(), a = a_in.contiguous();
   const at::Tensor dmean = dmean_in.contiguous(), w = w_in.contiguous(), wd = wd_in.contiguous();
-  const int64_t T = x.size(0), N = x.size(1), C = x.size(2), plane = x.size(3) * x.size(4);
+  const int64_t T = x.size(0), N = x.size(1), C = x.size(2), H = x.size(3), W = x.size(4), plane = H * W;
   const int64_t oplane = gz.size(3) * gz.size(4);
+  const bool pool2 = only_window_2(H, W, gz.size(3), gz.size(4));
   at::Tensor gx = need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor gxd = need_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
   at::Tensor gw = at::empty({T, C}, x.options()), gwd = at::empty({T, C}, x.options());

@@ -6,10 +6,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <memory>
 
+#include "cpu_isa.h"
 #include "mlp_cpu.h"
 #include "mlp_meta_step.h"
 #include "mlp_meta_step_avx2.h"
@@ -19,13 +18,8 @@ namespace {
 
 using fastmaml_mlp::MlpShape;
 
-// The AVX2 + FMA build of the per-task loop where the CPU has it, unless $FASTMAML_CPU_ISA is
-// "baseline" (read per call: the tests run both builds).
-bool use_avx2() {
-  const char* isa = std::getenv("FASTMAML_CPU_ISA");
-  if (isa != nullptr && std::strcmp(isa, "baseline") == 0) return false;
-  return fastmaml_mlp_avx2::usable();
-}
+// the AVX2 + FMA build of the per-task loop (cpu_isa.h)
+bool use_avx2() { return use_avx2_build(fastmaml_mlp_avx2::usable()); }
 
 void check_task_tensor(const at::Tensor& t, const char* name, const at::Tensor& theta, int64_t T, int64_t width) {
   TORCH_CHECK(t.dim() == 3, name, ": expected a [T, N, features] tensor, got shape ", t.sizes());

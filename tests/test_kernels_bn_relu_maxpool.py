@@ -19,8 +19,10 @@ from oracle import check_meta_step
 
 DEVICE = torch.device("cpu")
 # (T, N, C, H, W, k): T = 1, one image, one channel, odd H and W (a remainder the windows skip but the
-# statistics count), k = 3, a 28×28 plane, 16 channels, 75 images, a real layer (5 images of 84×84, 32 channels:
-# several blocks of rows per image in the channels-last kernels)
+# statistics count), k = 3, a 28×28 plane, 16 channels, 75 images, 3×3 maps pooled by k = 3 (k = 2 pools them
+# to the same shape: the backward, which infers the window from the shapes, must not take its 2×2 path), 75
+# images of 14×14 (the contiguous kernels' rows of 7 windows: one vector block of 4 and one overlapping it), a
+# real layer (5 images of 84×84, 32 channels: several blocks of rows per image in the channels-last kernels)
 CASES = [
     (1, 1, 1, 2, 2, 2),
     (3, 2, 3, 5, 7, 2),
@@ -29,6 +31,8 @@ CASES = [
     (2, 1, 3, 4, 4, 1),
     (3, 5, 16, 11, 9, 2),
     (1, 75, 3, 7, 5, 2),
+    (2, 3, 2, 3, 3, 3),
+    (1, 75, 4, 14, 14, 2),
     (1, 5, 32, 84, 84, 2),
 ]
 IDS = ["T{}N{}C{}H{}W{}k{}".format(*c) for c in CASES]
@@ -191,6 +195,25 @@ def test_channels_last_outputs_and_mixed_layouts(cpp, case, dtype):
             assert torch.equal(got, want), op
             if got.dim() == 5:
                 assert is_channels_last(got), (op, got.stride())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_both_instruction_set_builds_give_the_same_bits(cpp, monkeypatch, dtype):
+    """The contiguous kernels' baseline and AVX2 builds ($FASTMAML_CPU_ISA, read per call) do the same
+    operations in the same order: every op, on rows shorter than a vector block, rows of whole blocks, rows
+    ending in an overlapping block, odd sizes and a window other than 2×2."""
+    for case in (CASES[1], CASES[3], CASES[5], CASES[7], CASES[8]):
+        x, w, b, r = inputs(case, "task", dtype)
+        T, C, k = x.shape[0], x.shape[2], case[-1]
+        pooled = (*x.shape[:3], x.shape[3] // k, x.shape[4] // k)
+        args = dict(x=x, xd=r(*x.shape), w=w, b=b, wd=r(T, C), bd=r(T, C), k=k, gz=r(*pooled), gzd=r(*pooled))
+        runs = []
+        for isa in ("auto", "baseline"):
+            monkeypatch.setenv("FASTMAML_CPU_ISA", isa)
+            runs.append(run_ops(**args, layout_of_rest="contiguous"))
+        for op in runs[0]:
+            for got, want in zip(runs[0][op], runs[1][op]):
+                assert torch.equal(got, want), (case, op)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

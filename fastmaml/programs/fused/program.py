@@ -435,8 +435,10 @@ class FusedProgram(Program):
                 rule = self.nodes[i].rule
                 if stats[rule.index] is None:
                     x4 = rule.as_channels(seen[v])
-                    var, mean = torch.var_mean(x4, (1, 3), correction=0)
-                    stats[rule.index] = (mean, var, x4.shape[1] * x4.shape[3])
+                    # two passes: torch.var_mean over these dimensions runs about 3x slower on the CPU
+                    mean = x4.mean((1, 3), keepdim=True)
+                    var = (x4 - mean).square_().mean((1, 3))
+                    stats[rule.index] = (mean[:, 0, :, 0], var, x4.shape[1] * x4.shape[3])
         return stats
 
     def evaluate(self, ops, phi, shared, x, y, *, bn_stats=None):
