@@ -572,10 +572,12 @@ def apply_meta_step(
         accumulate(out.d_a, out.d_s)
     for leaf, g in lr_grads:
         leaf.grad = g if leaf.grad is None else leaf.grad + g
-    if out.recorded is not None:
+    if norm.record and out.recorded is not None:
         for j, stats in enumerate(out.recorded):
             norm.update(j, stats)
-    if update_running_stats:
+    if update_running_stats and norm.updates_running_stats and out.recorded:
+        norm.update_running(out.recorded[0])  # the engine's statistics of the support sets at θ (step 0)
+    elif update_running_stats:
         update_bn_running_stats(
             model, setup.layout, setup.loss, setup.ops, norm, support_x, setup.task_chunk, program=setup.program
         )

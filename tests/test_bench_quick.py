@@ -52,6 +52,18 @@ def test_files_written(quick_results):
     text = (out / "results.md").read_text()
     assert "| autograd-loop | second |" in text and "conv28-1shot-K1" in text
     assert "| autograd loop's error | sensitivity |" in text and "- sensitivity: the problem's own" in text
+    assert "- memory allocator: " in text
+
+
+def test_allocator_environment_recorded(monkeypatch):
+    """The report names the allocator settings a run had (they change every CPU row's time)."""
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1000000000")
+    info = suite.machine_info(torch.device("cpu"))
+    assert info["allocator_env"]["MALLOC_MMAP_THRESHOLD_"] == "1000000000" and "LD_PRELOAD" not in info["allocator_env"]
+    for name in suite.ALLOCATOR_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert suite.machine_info(torch.device("cpu"))["allocator_env"] == {}
 
 
 @pytest.mark.parametrize("workload", ["sinusoid-K5", "conv28-1shot-K1"])

@@ -276,6 +276,34 @@ def test_batchnorm_running_statistics_follow_pytorch_train_mode(momentum):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(steps=1),
+        dict(steps=2, order="first", task_chunk=1),
+        dict(steps=2, order="implicit", inner_solver="backtracking"),
+        dict(steps=0),
+    ],
+    ids=["K1", "first-chunked", "implicit-backtracking", "K0"],
+)
+def test_running_statistics_taken_from_the_inner_loop(options, monkeypatch):
+    """The running statistics' update takes the support sets' batch statistics at θ from the inner loop's
+    step 0 (no forward of its own); with K = 0 there is none and it runs its own: the same update either way."""
+    from fastmaml.programs.fused.program import FusedProgram
+
+    torch.manual_seed(7)
+    model = ConvClassNet(hidden=3, side=2).double()
+    tasks = classification_tasks()
+    expected = _pytorch_running_stats(model, tasks[0])
+    calls = []
+    batch_stats = FusedProgram.batch_stats
+    monkeypatch.setattr(FusedProgram, "batch_stats", lambda self, *a: calls.append(1) or batch_stats(self, *a))
+    fastmaml.meta_step(model, tasks, inner_lr=0.3, loss="cross_entropy", **options)
+    assert bool(calls) == (options["steps"] == 0)
+    for n, b in model.named_buffers():
+        assert rel_err(b, expected[n]) < 1e-12, n
+
+
 def test_grad_is_a_tensor_of_its_own():
     model, tasks = mlp((1, 4, 1)), regression_tasks()
     fastmaml.meta_step(model, tasks)

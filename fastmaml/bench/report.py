@@ -75,6 +75,12 @@ def markdown(results: Dict) -> str:
         + f"; device `{m['device']}`"
     )
     lines.append(f"- torch {m['torch']}, Python {m['python']}")
+    if "allocator_env" in m:  # (results written before it was recorded lack it)
+        env = m["allocator_env"]
+        lines.append(
+            "- memory allocator: "
+            + (", ".join(f"{k}={v}" for k, v in env.items()) if env else "the C library's defaults (no tuning)")
+        )
     lines.append(f"- matmul rate ({mm['n']}² float32 GEMM, median): {mm['flops_per_s'] / 1e9:.1f} GFLOP/s")
     peaks = m.get("peaks")
     if peaks:

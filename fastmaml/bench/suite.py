@@ -38,8 +38,20 @@ SENSITIVITY_DRAWS = 2  # noise draws averaged (quick: 1)
 SENSITIVITY_SEED = 1000  # draw d uses torch.Generator().manual_seed(SENSITIVITY_SEED + d)
 
 
+# the environment that changes how the process allocates memory (glibc's tunables, a preloaded allocator):
+# on the CPU, how often large tensors land on freshly mapped pages changes every row's time
+# (benchmarks/RESULTS.md)
+ALLOCATOR_ENV = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_ARENA_MAX",
+    "LD_PRELOAD",
+)
+
+
 def machine_info(device: torch.device) -> Dict:
-    """CPU model, cores, versions, load average, and the GPU name on CUDA."""
+    """CPU model, cores, versions, load average, the allocator's environment, and the GPU name on CUDA."""
     model = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -57,6 +69,7 @@ def machine_info(device: torch.device) -> Dict:
         "python": platform.python_version(),
         "device": str(device),
         "load_average_start": os.getloadavg()[0],
+        "allocator_env": {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ},
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -143,8 +143,8 @@ class SweepEngine:
         query_after = torch.cat([p.query_loss for p in parts])
         meta_loss = query_after.mean() if req.weights is None else torch.cat([p.weighted_loss for p in parts]).mean()
         recorded = None
-        if req.norm.record:
-            recorded = [_cat_stats([p.recorded[j] for p in parts]) for j in range(K + 1)]
+        if parts[0].recorded is not None:
+            recorded = [_cat_stats([p.recorded[j] for p in parts]) for j in range(len(parts[0].recorded))]
         acc_after = torch.cat([p.accuracy for p in parts]) if req.loss.classification else None
         before_loss = before_acc = None
         if req.evaluate_before:
@@ -168,7 +168,8 @@ class SweepEngine:
         sx, sy, qx, qy = (t[sl] for t in req.batch)
         theta_s, alphas, K = req.theta_s, req.alphas, req.steps
         shared_grad, check_finite = req.shared_grad, req.check_finite
-        recorded = [] if norm.record else None
+        # per-step statistics, or (batch mode) step 0's for the running statistics (`apply_meta_step`)
+        recorded = [] if norm.record or norm.updates_running_stats else None
         phi, tape, support_before = forward_sweep(
             program,
             ops,
@@ -182,6 +183,7 @@ class SweepEngine:
             check_finite=check_finite,
             norm=norm,
             recorded=recorded,
+            record_first_only=not norm.record,
             implicit=req.implicit,
             keep_phis=weights is not None,
             activation_budget=tape_budget,
@@ -225,7 +227,7 @@ class SweepEngine:
         )
         if shared_grad:
             d_s = d_s + sum(shared_terms)
-        if recorded is not None:
+        if norm.record:
             recorded.append(program.batch_stats(ops, phi, theta_s, qx))
         return _ChunkGrad(
             d_a,

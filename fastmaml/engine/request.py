@@ -58,7 +58,8 @@ class MetaGrad(NamedTuple):
 
     d_a `[Pa]`, d_s `[Ps]` or None, d_alphas: per step ∂L/∂α_j shaped like α_j (None where not asked);
     per-task `[T]` losses and accuracies (None where not computed); meta_loss: the scalar differentiated;
-    recorded: per step 0..K the BatchNorm batch statistics (MAML++ per-step statistics), or None."""
+    recorded: per step 0..K the BatchNorm batch statistics (MAML++ per-step statistics); in "batch" mode with
+    running statistics to update, [step 0's] (the support sets' at θ) where the engine kept them; or None."""
 
     d_a: torch.Tensor
     d_s: Optional[torch.Tensor]

@@ -99,6 +99,7 @@ def forward_sweep(
     check_finite: bool,
     norm: Optional[NormPlan] = None,
     recorded: Optional[list] = None,
+    record_first_only: bool = False,
     implicit: Optional[Implicit] = None,
     keep_phis: bool = False,
     activation_budget: int = 0,
@@ -108,7 +109,9 @@ def forward_sweep(
     keep_grads: keep g_j in "first" order (needed only for the α-gradient). keep_phis: keep φ_j in
     "first" order too (the multi-step loss needs the query loss at each φ_j). norm: which BatchNorm
     statistics step j uses (None: batch statistics). recorded: if a list, gets each step's per-task
-    BatchNorm batch statistics (for per-step running statistics). implicit: settings of the
+    BatchNorm batch statistics (for per-step running statistics), or with `record_first_only` step 0's
+    alone (the support sets' at θ, for the running statistics), taken from the steps' own forwards
+    where the program can (`Program.record_stats_of`). implicit: settings of the
     "implicit" order (its step gradient is g_j + λ (φ_j − θ)). activation_budget: bytes of activations
     the "second" order may keep for the reverse sweep; the steps from the first one that would exceed
     it keep none (their HVPs recompute); the "implicit" order's HVPs at φ_K (the conjugate-gradient
@@ -136,6 +139,7 @@ def forward_sweep(
             lam=prox,
             norm=norm,
             recorded=recorded,
+            record_first_only=record_first_only,
             check_finite=check_finite,
         )
         tape.phis.append(phi)
@@ -143,14 +147,24 @@ def forward_sweep(
     for j, alpha in enumerate(alphas):
         bn_stats = norm.stats(j) if norm is not None else None
         kept_acts = {} if budget > 0 else None
-        lg = program.loss_grad(ops, phi, theta_s, sx, sy, bn_stats=bn_stats, activations=kept_acts)
+        record = recorded is not None and (j == 0 or not record_first_only)
+        lg = program.loss_grad(
+            ops,
+            phi,
+            theta_s,
+            sx,
+            sy,
+            bn_stats=bn_stats,
+            activations=kept_acts,
+            record_stats=record and bn_stats is None,
+        )
         if kept_acts is not None:
             size = sum(t.numel() * t.element_size() for t in kept_acts.values())
             fits = size <= budget
             budget = budget - size if fits else 0
             tape.activations.append(kept_acts if fits else None)
-        if recorded is not None:
-            recorded.append(program.batch_stats(ops, phi, theta_s, sx))
+        if record:
+            recorded.append(program.record_stats_of(lg, ops, phi, theta_s, sx))
         if j == 0:
             loss0 = lg.loss
         if order == "second" or (order == "first" and keep_phis):
@@ -190,6 +204,7 @@ def backtracking_steps(
     lam: float,
     norm: Optional[NormPlan] = None,
     recorded: Optional[list] = None,
+    record_first_only: bool = False,
     check_finite: bool = True,
 ):
     """The implicit order's K steps with a per-task safeguard: gradient descent on every task's proximal
@@ -207,7 +222,9 @@ def backtracking_steps(
     def stats(j):
         return norm.stats(j) if norm is not None else None
 
-    first = program.loss_grad(ops, theta_a, theta_s, sx, sy, bn_stats=stats(0))
+    first = program.loss_grad(
+        ops, theta_a, theta_s, sx, sy, bn_stats=stats(0), record_stats=recorded is not None and stats(0) is None
+    )
     if check_finite and not bool(torch.isfinite(first.loss).all() & torch.isfinite(first.grad).all()):
         raise NonFiniteError(
             f"non-finite support loss or gradient at inner step 0 (of {len(alphas)}), at θ; check the inputs",
@@ -219,7 +236,9 @@ def backtracking_steps(
     scale = theta_a.new_ones(T)
     rounding = ROUNDING * torch.finfo(theta_a.dtype).eps
     for j, alpha in enumerate(alphas):
-        if recorded is not None:
+        if recorded is not None and j == 0:
+            recorded.append(program.record_stats_of(first, ops, theta_a, theta_s, sx))
+        elif recorded is not None and not record_first_only:
             recorded.append(program.batch_stats(ops, phi, theta_s, sx))
         if per_step_stats and j > 0:  # step j's objective normalizes with step j's statistics
             again = program.loss_grad(ops, phi, theta_s, sx, sy, bn_stats=stats(j))

@@ -36,6 +36,7 @@ class LossGrad(NamedTuple):
     grad: torch.Tensor  # [T, Pa] ∂loss_t/∂φ_t
     grad_shared: Optional[torch.Tensor]  # [T, Ps] ∂loss_t/∂ψ, when asked for
     output: torch.Tensor  # [T, N, *out] model output
+    stats: Optional[list] = None  # `batch_stats` of the same forward, when asked for and the program gives it
 
 
 class HVP(NamedTuple):
@@ -57,10 +58,11 @@ class Program(abc.ABC):
 
     @abc.abstractmethod
     def loss_grad(
-        self, ops, phi, shared, x, y, *, shared_grad: bool = False, bn_stats=None, activations=None
+        self, ops, phi, shared, x, y, *, shared_grad: bool = False, bn_stats=None, activations=None, record_stats=False
     ) -> LossGrad:
         """Per-task loss and its gradient w.r.t. φ (and ψ if `shared_grad`); fills `activations` (a dict) when
-        given."""
+        given. record_stats: also the BatchNorm layers' batch statistics of this forward (`batch_stats`'s form),
+        where the program takes them from the forward itself; else `stats` is None (`record_stats_of`)."""
 
     @abc.abstractmethod
     def hvp(
@@ -89,6 +91,11 @@ class Program(abc.ABC):
     def batch_stats(self, ops, phi, shared, x):
         """Per-task batch statistics of every BatchNorm layer's input, in `NormPlan` order:
         [(mean [T, C], var [T, C], count) or None for a layer the forward does not call]."""
+
+    def record_stats_of(self, lg: LossGrad, ops, phi, shared, x):
+        """`batch_stats(ops, phi, shared, x)` where `lg` is `loss_grad(..., record_stats=True)` on the same
+        arguments with batch statistics: the ones it recorded, or a forward of their own."""
+        return lg.stats if lg.stats is not None else self.batch_stats(ops, phi, shared, x)
 
     def evaluate(self, ops, phi, shared, x, y, *, bn_stats=None):
         """(loss `[T]`, output) without gradients."""

@@ -88,7 +88,9 @@ class MixedProgram(Program):
     def _in(self, *tensors):
         return [_cast(t, self.compute) for t in tensors]
 
-    def loss_grad(self, ops, phi, shared, x, y, *, shared_grad=False, bn_stats=None, activations=None) -> LossGrad:
+    def loss_grad(
+        self, ops, phi, shared, x, y, *, shared_grad=False, bn_stats=None, activations=None, record_stats=False
+    ) -> LossGrad:
         phi, shared, x = self._in(phi, shared, x)
         lg = self.inner.loss_grad(
             FloatLossOps(ops),
@@ -99,9 +101,16 @@ class MixedProgram(Program):
             shared_grad=shared_grad,
             bn_stats=_cast_stats(bn_stats, self.compute),
             activations=activations,
+            record_stats=record_stats,
         )
         f = torch.float32
-        return LossGrad(_cast(lg.loss, f), _cast(lg.grad, f), _cast(lg.grad_shared, f), _cast(lg.output, f))
+        return LossGrad(
+            _cast(lg.loss, f),
+            _cast(lg.grad, f),
+            _cast(lg.grad_shared, f),
+            _cast(lg.output, f),
+            _cast_stats(lg.stats, f),
+        )
 
     def hvp(
         self, ops, phi, shared, x, y, u, *, shared_grad=False, need_grad=True, bn_stats=None, activations=None

@@ -175,7 +175,9 @@ class TorchFuncProgram(Program):
         spec = flat[0][1]
         return tree_unflatten([torch.stack(xs) for xs in zip(*(leaves for leaves, _ in flat))], spec)
 
-    def loss_grad(self, ops, phi, shared, x, y, *, shared_grad=False, bn_stats=None, activations=None) -> LossGrad:
+    def loss_grad(
+        self, ops, phi, shared, x, y, *, shared_grad=False, bn_stats=None, activations=None, record_stats=False
+    ) -> LossGrad:
         argnums = (0, 1) if shared_grad else 0
         f = grad_and_value(self._task_loss, argnums=argnums, has_aux=True)
         with self._stats(bn_stats):

@@ -48,6 +48,15 @@ from .graph import Graph
 from .norm import BatchNormRule, fused_batch_norm
 
 
+def _moments(rule, x):
+    """(mean `[T, C]`, biased var `[T, C]`, values per task and channel) of x `[T, N, C, ...]` as the BatchNorm
+    rule sees it; two passes (torch.var_mean over these dimensions runs about 3x slower on the CPU)."""
+    x4 = rule.as_channels(x)
+    mean = x4.mean((1, 3), keepdim=True)
+    var = (x4 - mean).square_().mean((1, 3))
+    return mean[:, 0, :, 0], var, x4.shape[1] * x4.shape[3]
+
+
 class _Plan:
     """Which nodes run backward when the parameter groups `groups` need gradients: `active[i]`, and per
     node which of its inputs need a gradient (`need[i]`)."""
@@ -203,13 +212,26 @@ class FusedProgram(Program):
 
     # ------------------------------------------------------------------ sweeps
     def _forward(
-        self, ops, x, params, active, tangents=None, dirs=None, watch=None, known=None, known_stats=None, stats=None
+        self,
+        ops,
+        x,
+        params,
+        active,
+        tangents=None,
+        dirs=None,
+        watch=None,
+        known=None,
+        known_stats=None,
+        stats=None,
+        moments=None,
     ):
         """Forward sweep from x; with `tangents` (a list, filled per value), the tangent sweep too; `watch`
         {value id: None} gets those values; `known` {node: output} gives outputs not to recompute (the
         activation tape; a node absent from it computes its own), `known_stats` {node: `[2, T, O]`} the
         BatchNorm statistics kept with them; `stats` {} gets {node: `[2, T, O]`} of the convolutions that
-        gave statistics. Returns (output, its tangent, saved per node, host arguments per node, activation
+        gave statistics; `moments` {value id: BatchNorm rule} gets {value id: (mean `[T, C]`, biased var
+        `[T, C]`, count)} of those values as the rule sees them, measured when each is computed (nothing is
+        kept alive for it). Returns (output, its tangent, saved per node, host arguments per node, activation
         bytes)."""
         nodes, readers, out_v = self.nodes, self.readers, self.graph.output
         env: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
@@ -218,6 +240,8 @@ class FusedProgram(Program):
         env[0] = x
         if watch is not None and 0 in watch:
             watch[0] = x
+        if moments is not None and 0 in moments:
+            moments[0] = _moments(moments[0], x)
         left = list(readers)
         saved, hosts, nbytes = [None] * len(nodes), [None] * len(nodes), 0
         given: Dict[int, torch.Tensor] = {}  # value id -> its BatchNorm statistics, from the conv that wrote it
@@ -252,6 +276,8 @@ class FusedProgram(Program):
             env[node.output] = y
             if watch is not None and node.output in watch:
                 watch[node.output] = y
+            if moments is not None and node.output in moments:
+                moments[node.output] = _moments(moments[node.output], y)
             nbytes += y.numel() * y.element_size()
             for v in set(node.inputs) | set(node.keeps):
                 left[v] -= 1
@@ -267,19 +293,32 @@ class FusedProgram(Program):
         if g is not None:
             slots[v] = g if slots[v] is None else slots[v] + g
 
-    def loss_grad(self, ops, phi, shared, x, y, *, shared_grad=False, bn_stats=None, activations=None) -> LossGrad:
+    def loss_grad(
+        self, ops, phi, shared, x, y, *, shared_grad=False, bn_stats=None, activations=None, record_stats=False
+    ) -> LossGrad:
         T = x.shape[0]
         plan = self.plans[bool(shared_grad)]
         grad = phi.new_empty(T, self.layout.adapted.size)
         grad_s = phi.new_empty(T, self.layout.shared.size) if shared_grad else None
         result = {}
+        norm_inputs = self._norm_inputs() if record_stats else {}
+        recorded = {}  # per statistics slot: the count, and the chunks' rows in `result`
 
         def run(sl):
             params = self._params(self._rows(phi, sl), shared, bn_stats)
             watch = self._watch(activations is not None)
             stats = {} if activations is not None else None
-            out, _, saved, hosts, nbytes = self._forward(ops, x[sl], params, plan.active, watch=watch, stats=stats)
+            moments = self._norm_moments(norm_inputs) if record_stats else None
+            out, _, saved, hosts, nbytes = self._forward(
+                ops, x[sl], params, plan.active, watch=watch, stats=stats, moments=moments
+            )
             self._keep_outputs(activations, watch, sl, T, stats)
+            if record_stats:
+                for j, st in enumerate(self._stats_of(norm_inputs, moments)):
+                    if st is not None:
+                        self._store(result, ("mean", j), st[0], sl, T)
+                        self._store(result, ("var", j), st[1], sl, T)
+                        recorded[j] = st[2]
             loss, g, _ = self.loss_rule.grad(ops, out, y[sl])
             self._store(result, "loss", loss, sl, T)
             self._store(result, "output", out, sl, T)
@@ -307,7 +346,13 @@ class FusedProgram(Program):
 
         with torch.no_grad():
             self._chunked("loss_grad", x, run)
-        return LossGrad(result["loss"], grad, grad_s, result["output"])
+        stats = None
+        if record_stats:
+            stats = [
+                (result[("mean", j)], result[("var", j)], recorded[j]) if j in recorded else None
+                for j in range(self._stat_slots())
+            ]
+        return LossGrad(result["loss"], grad, grad_s, result["output"], stats)
 
     def hvp(
         self, ops, phi, shared, x, y, u, *, shared_grad=False, need_grad=True, bn_stats=None, activations=None
@@ -420,25 +465,37 @@ class FusedProgram(Program):
     def batch_stats(self, ops, phi, shared, x):
         """Per BatchNorm module (in `NormPlan` order), the per-task batch statistics of its input at its
         first call (None for a module the forward never calls)."""
-        stats = [None] * (1 + max((r.index for _, r in self.norms if r.index is not None), default=-1))
-        inputs = {
+        inputs = self._norm_inputs()
+        if not inputs:
+            return [None] * self._stat_slots()
+        with torch.no_grad():
+            moments = self._norm_moments(inputs)
+            self._forward(ops, x, self._params(phi, shared, None), [False] * len(self.nodes), moments=moments)
+            return self._stats_of(inputs, moments)
+
+    def _norm_inputs(self) -> Dict[int, int]:
+        """{node: the value id of its input} of the BatchNorm nodes with a statistics slot."""
+        return {
             i: node.inputs[0]
             for i, node in enumerate(self.nodes)
             if isinstance(node.rule, BatchNormRule) and node.rule.index is not None
         }
-        if not inputs:
-            return stats
-        with torch.no_grad():
-            seen = {v: None for v in inputs.values()}
-            self._forward(ops, x, self._params(phi, shared, None), [False] * len(self.nodes), watch=seen)
-            for i, v in inputs.items():
-                rule = self.nodes[i].rule
-                if stats[rule.index] is None:
-                    x4 = rule.as_channels(seen[v])
-                    # two passes: torch.var_mean over these dimensions runs about 3x slower on the CPU
-                    mean = x4.mean((1, 3), keepdim=True)
-                    var = (x4 - mean).square_().mean((1, 3))
-                    stats[rule.index] = (mean[:, 0, :, 0], var, x4.shape[1] * x4.shape[3])
+
+    def _stat_slots(self) -> int:
+        """The length of `batch_stats`'s list (one slot per BatchNorm module, in `NormPlan` order)."""
+        return 1 + max((r.index for _, r in self.norms if r.index is not None), default=-1)
+
+    def _norm_moments(self, inputs: Dict[int, int]) -> dict:
+        """The `_forward` `moments` request of the BatchNorm inputs `inputs` ({node: value id})."""
+        return {v: self.nodes[i].rule for i, v in inputs.items()}
+
+    def _stats_of(self, inputs: Dict[int, int], moments: dict) -> list:
+        """`batch_stats`'s list from the moments a forward measured ({value id: (mean, var, count)})."""
+        stats = [None] * self._stat_slots()
+        for i, v in inputs.items():
+            index = self.nodes[i].rule.index
+            if stats[index] is None:
+                stats[index] = moments[v]
         return stats
 
     def evaluate(self, ops, phi, shared, x, y, *, bn_stats=None):
