@@ -188,7 +188,9 @@ class SweepEngine:
             keep_phis=weights is not None,
             activation_budget=tape_budget,
         )
-        q = program.loss_grad(ops, phi, theta_s, qx, qy, shared_grad=shared_grad, bn_stats=norm.stats(K))
+        q = program.loss_grad(
+            ops, phi, theta_s, qx, qy, shared_grad=shared_grad, bn_stats=norm.stats(K), record_stats=norm.record
+        )
         check_query_loss(q.loss, K, check_finite)
         last = 1.0 if weights is None else weights[-1]
         weighted = None if weights is None else q.loss.detach() * last
@@ -228,7 +230,7 @@ class SweepEngine:
         if shared_grad:
             d_s = d_s + sum(shared_terms)
         if norm.record:
-            recorded.append(program.batch_stats(ops, phi, theta_s, qx))
+            recorded.append(program.record_stats_of(q, ops, phi, theta_s, qx))
         return _ChunkGrad(
             d_a,
             d_s,
