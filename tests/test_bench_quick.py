@@ -53,6 +53,10 @@ def test_files_written(quick_results):
     assert "| autograd-loop | second |" in text and "conv28-1shot-K1" in text
     assert "| autograd loop's error | sensitivity |" in text and "- sensitivity: the problem's own" in text
     assert "- memory allocator: " in text
+    # each timed row counts its steps' page faults (Linux), shown in its note
+    timed = [r for r in results["rows"] if r["status"] == "ok" and "median_s" in r]
+    assert timed and all(isinstance(r["page_faults"], int) and r["page_faults"] >= 0 for r in timed)
+    assert " page faults/step" in text
 
 
 def test_allocator_environment_recorded(monkeypatch):

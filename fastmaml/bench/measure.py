@@ -37,6 +37,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def minor_page_faults() -> Optional[int]:
+    """The process's minor page faults so far (each a fresh page mapped and zeroed), or None where the
+    system does not count them. On the CPU they tell how often a step's tensors land on new memory, which
+    moves its time by up to 1.6× (benchmarks/RESULTS.md)."""
+    try:
+        import resource
+    except ImportError:  # not a Unix
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class Runner:
     """An implementation bound to its own copy of the model: `step()` runs one meta-step with
     `.grad` cleared first; `flat_grad()` is the meta-gradient `[P]` (parameters in module order)."""
@@ -54,6 +65,7 @@ class Runner:
         self.model = copy.deepcopy(base).to(device=device, dtype=dtype).train()
         self.tasks = to_device(tasks, device, dtype)
         self._step: Step = impl.build(self.model, workload, device)
+        self.page_faults: List[int] = []  # per timed step, where the system counts them
 
     def step(self) -> None:
         for p in self.model.parameters():
@@ -66,14 +78,19 @@ class Runner:
         ).detach()
 
     def timed_step(self) -> float:
-        """Seconds for one meta-step (device synchronized before and after)."""
+        """Seconds for one meta-step (device synchronized before and after); the step's page faults go to
+        `page_faults`."""
         for p in self.model.parameters():
             p.grad = None
         sync(self.device)
+        faults = minor_page_faults()
         start = time.perf_counter()
         self._step(self.tasks)
         sync(self.device)
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        if faults is not None:
+            self.page_faults.append(minor_page_faults() - faults)
+        return elapsed
 
 
 def time_round_robin(

@@ -62,6 +62,8 @@ def _note(row: Dict) -> str:
         notes.append(f"precision {row['precision']}: error and speed-up against {row['baseline']}")
     if row.get("memory_error"):
         notes.append(row["memory_error"])
+    if row.get("page_faults") is not None:
+        notes.append(f"{row['page_faults']:,} page faults/step")
     return "; ".join(notes)
 
 
@@ -118,6 +120,9 @@ def markdown(results: Dict) -> str:
         "`autograd-loop-first` for first-order rows); WRONG rows get none",
         "- memory: peak resident-set growth over one meta-step (CPU) or peak allocated bytes "
         "(CUDA), each in its own process",
+        "- page faults/step (note): the median over the timed steps of the process's minor page faults "
+        "during one step (memory newly mapped and zeroed); on the CPU many of them slow a row down "
+        "(benchmarks/RESULTS.md)",
         "- GFLOP/s: analytic FLOPs of the meta-step (Linear/Conv only; see fastmaml/bench/flops.py) "
         "per median second, and as % of the matmul rate"
         + ("; on a GPU with known peaks, TFLOP/s and % of its FP32 / TF32 peaks" if peaks else ""),

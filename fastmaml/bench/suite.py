@@ -23,6 +23,7 @@ import argparse
 import copy
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
@@ -188,6 +189,8 @@ def run_workload(
             if row["order"] in sens:
                 row["sensitivity"] = sens[row["order"]]
             row.update(summarize(times[name]))
+            if runners[name].page_faults:
+                row["page_faults"] = int(statistics.median(runners[name].page_faults))
             row["flops"] = flops.meta_step_flops(w, row["order"])
             row["flops_per_s"] = row["flops"] / row["median_s"]
         del runners
