@@ -95,25 +95,11 @@ void relu_row(const scalar_t* x, int64_t n, acc_t scale, acc_t shift, bool finit
 }
 
 // One row of pooled outputs from v = relu(y) of its k input rows `[k, W]`: z[ow] and idx[ow] = row0 + the
-// offset in v of the element max-pooling picks, by PyTorch's rule (first maximum; a NaN wins). `finite`:
-// v holds no NaN (the slab's statistics were finite), so the picks are plain compares that compile to
-// selects, not branches (the picks of random data defeat branch prediction).
+// offset in v of the element max-pooling picks, by PyTorch's rule (first maximum; a NaN wins). Windows
+// other than 2×2, or NaN possible: the finite 2×2 windows take relu_pool2_slab (selects, not branches: the
+// picks of random data defeat branch prediction).
 template <typename scalar_t>
-void pool_row(const scalar_t* v, int64_t W, int64_t Wo, int64_t k, bool finite, int64_t row0, scalar_t* z,
-              int64_t* idx) {
-  if (finite && k == 2) {
-    for (int64_t ow = 0; ow < Wo; ++ow) {
-      const scalar_t* p = v + 2 * ow;
-      const scalar_t a = p[0], b = p[1], c = p[W], d = p[W + 1];
-      const bool ab = b > a, cd = d > c;
-      const scalar_t top = ab ? b : a, bottom = cd ? d : c;
-      const int64_t e_top = 2 * ow + (ab ? 1 : 0), e_bottom = W + 2 * ow + (cd ? 1 : 0);
-      const bool low = bottom > top;
-      z[ow] = low ? bottom : top;
-      idx[ow] = row0 + (low ? e_bottom : e_top);
-    }
-    return;
-  }
+void pool_row(const scalar_t* v, int64_t W, int64_t Wo, int64_t k, int64_t row0, scalar_t* z, int64_t* idx) {
   for (int64_t ow = 0; ow < Wo; ++ow) {
     scalar_t best = -std::numeric_limits<scalar_t>::infinity();
     int64_t where = ow * k;
@@ -780,7 +766,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_fwd_c
             }
             for (int64_t oh = 0; oh < Ho; ++oh) {  // k rows at a time
               relu_row(xs + oh * k * W, k * W, scale[c], shift[c], bool(finite[c]), v.data());
-              pool_row(v.data(), W, Wo, k, bool(finite[c]), oh * k * W, zp + o0 + oh * Wo, ip + o0 + oh * Wo);
+              pool_row(v.data(), W, Wo, k, oh * k * W, zp + o0 + oh * Wo, ip + o0 + oh * Wo);
             }
           }
         }
@@ -972,7 +958,7 @@ bn_relu_maxpool_tangent_fwd_cpu(const at::Tensor& x_in, const at::Tensor& xd_in,
           } else {
             for (int64_t oh = 0; oh < Ho; ++oh) {
               relu_row(xs + oh * k * W, k * W, scale, shift, finite, v.data());
-              pool_row(v.data(), W, Wo, k, finite, oh * k * W, zp + o0 + oh * Wo, ip + o0 + oh * Wo);
+              pool_row(v.data(), W, Wo, k, oh * k * W, zp + o0 + oh * Wo, ip + o0 + oh * Wo);
             }
           }
           for (int64_t o = o0; o < o0 + oplane; ++o) {  // y' = xhat' w + xhat wd + bd at the pick, masked by ReLU
