@@ -1,6 +1,7 @@
 """fastmaml: fast, exact, task-batched meta-gradients for optimization-based meta-learning."""
 
 from . import func
+from .allocator import retain_freed_memory
 from .api import AdaptedModel, adapt, meta_step
 from .batchnorm import BN_MODES, add_per_step_stats
 from .engine import ORDERS, InnerLoop
@@ -29,5 +30,6 @@ __all__ = [
     "func",
     "meta_step",
     "msl_weights",
+    "retain_freed_memory",
     "__version__",
 ]

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Sequence, Union
 
 import torch
 from torch import nn
+from torch._utils import _unflatten_dense_tensors
 
 InnerParams = Union[None, str, Sequence[str], Callable[[str, nn.Parameter], bool]]
 
@@ -127,9 +128,10 @@ def _select(named, inner_params: InnerParams) -> set[str]:
 
 class BoundLayout:
     """A `ParamLayout` bound to its parameters' storage, for a plan that runs many calls: θ is one `cat` of
-    flat views of the parameters made once, and a meta-gradient goes into `.grad` through `[*shape]` views made
-    from plain shapes, instead of a reshape of every `nn.Parameter` and a `split` per call (each a Python-level
-    dispatch). Same values and the same `.grad` tensors as `ParamLayout.theta` and `api`'s accumulation.
+    flat views of the parameters made once, and a meta-gradient goes into `.grad` through the `[*shape]` views
+    of its parts that one op makes (and one foreach add), instead of a reshape of every `nn.Parameter` and a
+    `split` per call (each a Python-level dispatch). Same values and the same `.grad` tensors as
+    `ParamLayout.theta` and `calls`' accumulation.
 
     Valid while every parameter keeps its storage, shape, dtype and `requires_grad` (a `MetaStep`'s guard
     checks them before every call); the views keep the storage they were made from alive, so no other tensor
@@ -163,40 +165,21 @@ class BoundLayout:
         for sink, flat in zip(self._sinks, (d_a, d_s)):
             if flat is None or not sink.targets:
                 continue
-            parts = None
-            base = flat.storage_offset() if flat.is_contiguous() else None
-            for i, p, shape, stride, offset in sink.targets:
-                if p.grad is None and base is not None:  # one op: the part, copied into a tensor of its own
-                    p.grad = torch.as_strided_copy(flat, shape, stride, base + offset)
-                elif p.grad is None:
-                    if parts is None:
-                        parts = flat.split_with_sizes(sink.sizes, -1)
-                    p.grad = parts[i].view(*shape).clone()
+            parts = _unflatten_dense_tensors(flat, sink.likes)  # `[*shape]` views of the parts, in one op
+            for i, p in sink.targets:
+                if p.grad is None:
+                    p.grad = parts[i].clone()
                 else:
-                    if parts is None:
-                        parts = flat.split_with_sizes(sink.sizes, -1)
                     into.append(p.grad)
-                    add.append(parts[i].view(*shape))
+                    add.append(parts[i])
         if into:
             torch._foreach_add_(into, add)
 
 
 class _Sink:
-    """One flat group's split sizes and, for each of its parameters that requires grad, (index, parameter,
-    shape, contiguous strides, offset in the flat group)."""
+    """One flat group's parameters in slot order (`likes`: the shapes its flat vector unflattens to) and, for
+    each of them that requires grad, (index, parameter)."""
 
     def __init__(self, group: FlatGroup, params: dict):
-        self.sizes = [s.numel for s in group.slots]
-        self.targets = [
-            (i, params[s.name], tuple(s.shape), _strides(s.shape), s.offset)
-            for i, s in enumerate(group.slots)
-            if params[s.name].requires_grad
-        ]
-
-
-def _strides(shape) -> tuple:
-    strides, step = [], 1
-    for n in reversed(tuple(shape)):
-        strides.append(step)
-        step *= n
-    return tuple(reversed(strides))
+        self.likes = [params[s.name] for s in group.slots]
+        self.targets = [(i, params[s.name]) for i, s in enumerate(group.slots) if params[s.name].requires_grad]

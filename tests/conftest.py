@@ -1,11 +1,16 @@
 """Shared fixtures."""
 
+import os
 import weakref
 
 import pytest
 
 import fastmaml.engine
 from fastmaml.programs import fused, select
+
+# the jobs and the bench that tests run in this process leave its allocator as it is (`--allocator retain` is
+# process-wide and cannot be undone); tests/test_allocator.py runs the retaining path in subprocesses
+os.environ.setdefault("FASTMAML_ALLOCATOR", "system")
 
 
 def no_mlp_op(program, loss):

@@ -380,6 +380,26 @@ def test_need_before_false_skips_only_the_query_loss_at_theta(case):
         assert torch.equal(torch.ops.fastmaml.mlp_meta_step(*args)[3], on.query_loss_before)
 
 
+def test_alpha_rows_give_the_bits_of_the_alpha_list(case):
+    """The α_j as one `[K, P]` tensor of rows (what the engine passes for a plan's constant rates) give the
+    same bits as the list of 0-dim and `[P]` rates they expand."""
+    device, backend = case
+    model = mlp((1, 40, 40, 1))
+    tasks = [t.to(device) for t in regression_tasks(T=5, ns=10, nq=10)]
+    layout = ParamLayout(model)
+    plan = plan_of(model, layout)
+    theta = layout.theta()[0].detach().to(device)
+    alphas = [torch.tensor(0.03, dtype=theta.dtype, device=device), torch.rand_like(theta) * 0.05]
+    rows = torch.stack([a.expand(theta.numel()) for a in alphas])
+    op = registry.implementation("mlp_meta_step", backend)
+    for order in ORDERS:
+        listed = op(plan, theta, *tasks, alphas, order, [False, False], True)
+        stacked = op(plan, theta, *tasks, rows, order, [False, False], True)
+        assert listed.d_alphas == stacked.d_alphas == [None, None]
+        for field in ("query_loss_after", "grad", "query_loss_before", "support_loss_before"):
+            assert torch.equal(getattr(listed, field), getattr(stacked, field)), (order, field)
+
+
 @pytest.mark.parametrize("isa", ["auto", "baseline"])
 @pytest.mark.parametrize("widths,T", [((1, 40, 40, 1), 25), ((1, 256, 256, 1), 3)], ids=str)
 def test_cpu_result_does_not_depend_on_the_thread_count(isa, widths, T, monkeypatch):

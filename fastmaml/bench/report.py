@@ -78,11 +78,12 @@ def markdown(results: Dict) -> str:
     )
     lines.append(f"- torch {m['torch']}, Python {m['python']}")
     if "allocator_env" in m:  # (results written before it was recorded lack it)
-        env = m["allocator_env"]
-        lines.append(
-            "- memory allocator: "
-            + (", ".join(f"{k}={v}" for k, v in env.items()) if env else "the C library's defaults (no tuning)")
-        )
+        env = ", ".join(f"{k}={v}" for k, v in m["allocator_env"].items())
+        policy = m.get("allocator")  # (and before the policy was recorded, this)
+        if policy is None:
+            lines.append("- memory allocator: " + (env or "the C library's defaults (no tuning)"))
+        else:
+            lines.append(f"- memory allocator: {policy}" + (f"; environment: {env}" if env else ""))
     lines.append(f"- matmul rate ({mm['n']}² float32 GEMM, median): {mm['flops_per_s'] / 1e9:.1f} GFLOP/s")
     peaks = m.get("peaks")
     if peaks:

@@ -30,6 +30,8 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
+from ..allocator import ENV, allocator_option, apply_allocator, default_allocator
+from ..allocator import describe as describe_allocator
 from . import flops, impls, memory, report, workloads
 from .measure import Runner, rel_err, summarize, time_round_robin
 from .verdicts import OUTLIER_FACTOR, SENSITIVITY_FACTOR, tolerance, verdict
@@ -70,6 +72,7 @@ def machine_info(device: torch.device) -> Dict:
         "python": platform.python_version(),
         "device": str(device),
         "load_average_start": os.getloadavg()[0],
+        "allocator": describe_allocator(),
         "allocator_env": {k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ},
     }
     if device.type == "cuda":
@@ -352,6 +355,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument(
+        "--allocator",
+        type=allocator_option,
+        metavar="{retain,system}",
+        default=default_allocator(),
+        help="retain: keep freed CPU memory in the process, so no row's time depends on how often its tensors "
+        "land on freshly mapped pages (fastmaml.retain_freed_memory); system: the C library's defaults "
+        f"(default: ${ENV}, else retain)",
+    )
+    parser.add_argument(
         "--sensitivity-draws",
         type=int,
         metavar="N",
@@ -361,6 +373,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    apply_allocator(args.allocator)
     run_suite(
         out=Path(args.out),
         quick=args.quick,

@@ -13,8 +13,8 @@ from typing import Optional
 from ..precision import math_mode
 from ..programs import Program, select_program
 from ..programs.mixed import MixedProgram
-from .general import Schedule, SweepEngine
-from .mlp import MlpEngine, mlp_plan
+from .general import SweepEngine
+from .mlp import MlpEngine, MlpSchedule, mlp_plan
 from .request import MetaGrad, MetaStepRequest
 from .sweeps import INNER_SOLVERS, ORDERS, Implicit, InnerLoop, InnerLoopSpec
 
@@ -48,7 +48,7 @@ class Engines:
         mixed = req.precision is not None and req.precision.compute != req.theta_a.dtype
         plan = None if mixed else mlp_plan(program, req.loss)[0]  # the MLP op computes in the weights' dtype
         self.mlp: Optional[MlpEngine] = None if plan is None else MlpEngine(plan)
-        self.mlp_schedule: Optional[Schedule] = None if self.mlp is None else self.mlp.schedule(req)
+        self.mlp_schedule: Optional[MlpSchedule] = None if self.mlp is None else self.mlp.schedule(req)
         if self.mlp_schedule is None:
             self.mlp = None
         self.sweep = SweepEngine(MixedProgram(program, req.precision.compute, req.model) if mixed else program)
@@ -61,12 +61,17 @@ class Engines:
 
     def run(self, req: MetaStepRequest) -> MetaGrad:
         """The meta-gradient and losses of `req` (of the shape these engines were planned for)."""
+        if self.precision is None:  # PyTorch's math settings as they are (no context to enter on every call)
+            return self._run(req)
         with math_mode(self.precision, req.theta_a.device):
-            if self.mlp is not None:
-                out = self.mlp.run(req, self.mlp_schedule)
-                if out is not None:
-                    return out
-            return self.sweep.run(req, self.sweep_schedule)
+            return self._run(req)
+
+    def _run(self, req: MetaStepRequest) -> MetaGrad:
+        if self.mlp is not None:
+            out = self.mlp.run(req, self.mlp_schedule)
+            if out is not None:
+                return out
+        return self.sweep.run(req, self.sweep_schedule)
 
 
 def engines_for(req: MetaStepRequest) -> Engines:

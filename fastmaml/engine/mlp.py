@@ -9,7 +9,7 @@ when the result is not finite (the general engine then reruns the step and says 
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -18,7 +18,6 @@ from ..programs import FusedProgram, Program
 from ..programs.fused.dense import LinearRule
 from ..programs.fused.pointwise import ReLURule, TanhRule
 from ..schedule import check_memory, task_budget_chunks
-from .general import Schedule
 from .request import MetaGrad, MetaStepRequest
 
 _ACTS = {ReLURule: ACTIVATIONS.index("relu"), TanhRule: ACTIVATIONS.index("tanh")}
@@ -55,13 +54,24 @@ def mlp_plan(program: Program, loss) -> Tuple[Optional[MlpPlan], str]:
     return MlpPlan(sizes, _ACTS[type(acts[0].rule)] if acts else 0), ""
 
 
+class MlpSchedule(NamedTuple):
+    """`Schedule` of the MLP op: the chunks, one task's state in bytes, and the `[K, P]` rows of the α_j list
+    `alphas` it was planned with where no rate is learned (None otherwise): a call with that same list (a
+    plan's constant rates) passes the rows as they are."""
+
+    chunks: List[slice]
+    per_task: int
+    alphas: list
+    rows: Optional[torch.Tensor]
+
+
 class MlpEngine:
     """The meta-step of an MLP as one op per chunk of tasks."""
 
     def __init__(self, plan: MlpPlan):
         self.plan = plan
 
-    def schedule(self, req: MetaStepRequest) -> Optional[Schedule]:
+    def schedule(self, req: MetaStepRequest) -> Optional[MlpSchedule]:
         """The task chunks of `req` (they depend only on its shapes and options), or None when the op does not
         take the request (other orders, step weights, shapes that are not this MLP's)."""
         if req.order not in ("second", "checkpoint", "first") or req.weights is not None:
@@ -75,9 +85,17 @@ class MlpEngine:
         per_task = theta.element_size() * (
             2 * (K + 1) * theta.numel() + 2 * (K * sx.shape[1] + qx.shape[1]) * sum(self.plan.sizes)
         )
-        return Schedule(task_budget_chunks(req.batch.num_tasks, per_task, theta.device, req.task_chunk), per_task)
+        chunks = task_budget_chunks(req.batch.num_tasks, per_task, theta.device, req.task_chunk)
+        rows = None
+        if not any(req.lr_grad):  # constant rates (a plan passes the same α_j list at every call): stacked once
+            rows = (
+                torch.stack([a.expand(theta.shape[-1]) for a in req.alphas])
+                if K
+                else theta.new_zeros(0, theta.shape[-1])
+            )
+        return MlpSchedule(chunks, per_task, req.alphas, rows)
 
-    def run(self, req: MetaStepRequest, schedule: Optional[Schedule] = None) -> Optional[MetaGrad]:
+    def run(self, req: MetaStepRequest, schedule: Optional[MlpSchedule] = None) -> Optional[MetaGrad]:
         """The meta-step of `req` as one op per chunk, or None (see the module docstring); schedule:
         `self.schedule(req)` computed beforehand (a `MetaStep` plan)."""
         if schedule is None:
@@ -94,10 +112,11 @@ class MlpEngine:
             order=req.order,
             chunk_given=req.task_chunk is not None,
         )
+        alphas = schedule.rows if schedule.rows is not None and req.alphas is schedule.alphas else req.alphas
         if len(chunks) == 1:  # the whole batch (not views of it: one call's worth of slicing saved)
-            parts = [self._op(req, *req.batch)]
+            parts = [self._op(req, alphas, *req.batch)]
         else:
-            parts = [self._op(req, *(t[sl] for t in req.batch)) for sl in chunks]
+            parts = [self._op(req, alphas, *(t[sl] for t in req.batch)) for sl in chunks]
         if len(parts) == 1:
             out = parts[0]
         else:
@@ -112,20 +131,21 @@ class MlpEngine:
                 None if parts[0].query_loss_before is None else torch.cat([p.query_loss_before for p in parts]),
                 None if parts[0].support_loss_before is None else torch.cat([p.support_loss_before for p in parts]),
             )
+        loss = out.query_loss_after.mean()
         # (a sum is non-finite if any term is, or, rarely, if it overflows: then the general path reruns for nothing)
-        if req.check_finite and not math.isfinite(out.grad.sum().item() + out.query_loss_after.sum().item()):
+        if req.check_finite and not math.isfinite(out.grad.sum().add_(loss).item()):
             return None
         return MetaGrad(
             out.grad,
             None,
             out.d_alphas,
-            out.query_loss_after.mean(),
+            loss,
             out.query_loss_after,
             out.support_loss_before if K else None,
             out.query_loss_before if req.evaluate_before else None,
         )
 
-    def _op(self, req: MetaStepRequest, sx, sy, qx, qy) -> MlpStepResult:
+    def _op(self, req: MetaStepRequest, alphas, sx, sy, qx, qy) -> MlpStepResult:
         return req.ops.mlp_meta_step(
-            self.plan, req.theta_a, sx, sy, qx, qy, req.alphas, req.order, req.lr_grad, req.evaluate_before
+            self.plan, req.theta_a, sx, sy, qx, qy, alphas, req.order, req.lr_grad, req.evaluate_before
         )

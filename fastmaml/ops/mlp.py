@@ -6,9 +6,9 @@ one op. Backends: "torch" (ops/reference/mlp.py: all tasks batched, straight-lin
     ops.mlp_meta_step(plan, theta, sx, sy, qx, qy, alphas, order, lr_grad, need_before) -> MlpStepResult
 
 theta `[P]` in nn.Linear order (W1 `[d1, d0]`, b1, ..., WL, bL); sx `[T, Ns, d0]`, sy `[T, Ns, dL]`, qx and
-qy likewise; alphas: K tensors (0-dim or `[P]`); order "second", "checkpoint" or "first"; lr_grad: K flags
-(∂/∂α_j wanted); need_before: also the query loss at θ. Which models it runs is the engine's business
-(fastmaml/engine/mlp.py).
+qy likewise; alphas: K tensors (0-dim or `[P]`), or their rows `[K, P]` as one tensor; order "second",
+"checkpoint" or "first"; lr_grad: K flags (∂/∂α_j wanted); need_before: also the query loss at θ. Which models
+it runs is the engine's business (fastmaml/engine/mlp.py).
 """
 
 from __future__ import annotations

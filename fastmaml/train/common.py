@@ -45,6 +45,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
+from ..allocator import allocator_option, apply_allocator, default_allocator
+
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 METRICS = "metrics.json"
@@ -237,6 +239,13 @@ SHARED_OPTIONS: Tuple[Tuple[str, Dict[str, Any], str], ...] = (
     ("--device", dict(type=device_name), "torch device: cpu, cuda, cuda:1, ..."),
     ("--threads", dict(type=positive_int), "torch CPU threads while the job runs"),
     (
+        "--allocator",
+        dict(type=allocator_option, metavar="{retain,system}"),
+        "retain: keep the CPU memory the job frees for reuse, so its large tensors do not land on freshly mapped "
+        "pages every step (fastmaml.retain_freed_memory; the process keeps its peak memory); system: the C "
+        "library's defaults. The default comes from $FASTMAML_ALLOCATOR, else retain",
+    ),
+    (
         "--dist-timeout",
         dict(type=positive_float, metavar="SECONDS"),
         "under torchrun: how long a rank waits for the others in a collective before it stops with an error "
@@ -264,6 +273,7 @@ def add_shared_arguments(
         "device": "cpu",
         "out": Path("runs") / job,
         "threads": None,
+        "allocator": default_allocator(),
         "log_every": LOG_EVERY,
         "dist_timeout": DIST_TIMEOUT,
         "method": "maml",
@@ -1150,6 +1160,10 @@ class Job:
         if self.threads is not None:
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(self.threads)
+        try:
+            apply_allocator(getattr(self.args, "allocator", None) or default_allocator())
+        except ValueError as exc:
+            raise UserError(f"--allocator: {exc}") from None
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._handlers[signum] = signal.signal(signum, self._on_signal)

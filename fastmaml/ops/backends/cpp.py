@@ -240,11 +240,12 @@ def mlp_meta_step(plan, theta, sx, sy, qx, qy, alphas, order: str, lr_grad, need
     """The whole-inner-loop MLP kernel (csrc/mlp_cpu.h on CPU, csrc/mlp_inner_loop.h on CUDA), as the
     reference in ops/reference/mlp.py; the query loss at θ is computed only with `need_before`."""
     K, P = len(alphas), theta.shape[-1]
-    alpha = torch.stack([a.expand(P) for a in alphas]) if K else theta.new_zeros(0, P)
+    if isinstance(alphas, torch.Tensor):
+        alpha = alphas
+    else:
+        alpha = torch.stack([a.expand(P) for a in alphas]) if K else theta.new_zeros(0, P)
     q_after, grad, d_alpha, q_before, s_before = torch.ops.fastmaml.mlp_meta_step(
         theta, list(plan.sizes), sx, sy, qx, qy, alpha, order != "first", any(lr_grad), plan.activation, need_before
     )
-    d_alphas = [
-        None if not lr_grad[j] else d_alpha[j].sum() if a.dim() == 0 else d_alpha[j] for j, a in enumerate(alphas)
-    ]
+    d_alphas = [None if not lr_grad[j] else d_alpha[j].sum() if alphas[j].dim() == 0 else d_alpha[j] for j in range(K)]
     return MlpStepResult(q_after, grad, d_alphas, q_before if need_before else None, s_before if K else None)

@@ -15,7 +15,7 @@ weights φ_j `[T, P]`, α_j 0-dim or `[P]`. A layer's weight is `[o, i]` (θ) or
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -118,7 +118,7 @@ def mlp_meta_step(
     sy,
     qx,
     qy,
-    alphas: Sequence[Tensor],
+    alphas: Union[Sequence[Tensor], Tensor],
     order: str,
     lr_grad: Sequence[bool],
     need_before: bool,
