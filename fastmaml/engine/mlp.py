@@ -55,13 +55,13 @@ def mlp_plan(program: Program, loss) -> Tuple[Optional[MlpPlan], str]:
 
 
 class MlpSchedule(NamedTuple):
-    """`Schedule` of the MLP op: the chunks, one task's state in bytes, and the `[K, P]` rows of the α_j list
-    `alphas` it was planned with where no rate is learned (None otherwise): a call with that same list (a
-    plan's constant rates) passes the rows as they are."""
+    """`Schedule` of the MLP op: the chunks, one task's state in bytes, and, where no rate is learned, the α_j
+    list `alphas` it was planned with and its `[K, P]` rows (both None otherwise): a call with that same list
+    (a plan's constant rates) passes the rows as they are."""
 
     chunks: List[slice]
     per_task: int
-    alphas: list
+    alphas: Optional[list]
     rows: Optional[torch.Tensor]
 
 
@@ -86,13 +86,11 @@ class MlpEngine:
             2 * (K + 1) * theta.numel() + 2 * (K * sx.shape[1] + qx.shape[1]) * sum(self.plan.sizes)
         )
         chunks = task_budget_chunks(req.batch.num_tasks, per_task, theta.device, req.task_chunk)
-        rows = None
-        if not any(req.lr_grad):  # constant rates (a plan passes the same α_j list at every call): stacked once
-            rows = (
-                torch.stack([a.expand(theta.shape[-1]) for a in req.alphas])
-                if K
-                else theta.new_zeros(0, theta.shape[-1])
-            )
+        if any(req.lr_grad):  # learned rates: their list (and autograd graph) is new at every call
+            return MlpSchedule(chunks, per_task, None, None)
+        # constant rates (a plan passes the same α_j list at every call): stacked once
+        P = theta.shape[-1]
+        rows = torch.stack([a.expand(P) for a in req.alphas]) if K else theta.new_zeros(0, P)
         return MlpSchedule(chunks, per_task, req.alphas, rows)
 
     def run(self, req: MetaStepRequest, schedule: Optional[MlpSchedule] = None) -> Optional[MetaGrad]:
