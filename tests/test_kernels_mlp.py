@@ -355,15 +355,19 @@ def test_tasks_steps_and_dtypes_against_the_oracle(case, dtype, T, steps, widths
         assert rel_err(out.grad.cpu(), want) <= 4 * max(rel_err(flat(loop32, layout), want), 1e-7)
 
 
+def _sinusoid_inputs(device):
+    """(the op's plan, θ `[P]`, tasks) of a 1-40-40-1 MLP on 5 regression tasks of 10 + 10 points."""
+    model = mlp((1, 40, 40, 1))
+    layout = ParamLayout(model)
+    tasks = [t.to(device) for t in regression_tasks(T=5, ns=10, nq=10)]
+    return plan_of(model, layout), layout.theta()[0].detach().to(device), tasks
+
+
 def test_need_before_false_skips_only_the_query_loss_at_theta(case):
     """need_before=False leaves out the query loss at θ (the C++ op then returns an empty tensor for it) and
     changes nothing else, bit for bit."""
     device, backend = case
-    model = mlp((1, 40, 40, 1))
-    tasks = [t.to(device) for t in regression_tasks(T=5, ns=10, nq=10)]
-    layout = ParamLayout(model)
-    plan = plan_of(model, layout)
-    theta = layout.theta()[0].detach().to(device)
+    plan, theta, tasks = _sinusoid_inputs(device)
     alphas = [torch.tensor(0.03, dtype=theta.dtype, device=device)] * 2
     op = registry.implementation("mlp_meta_step", backend)
     on = op(plan, theta, *tasks, alphas, "second", [True, False], True)
@@ -384,11 +388,7 @@ def test_alpha_rows_give_the_bits_of_the_alpha_list(case):
     """The α_j as one `[K, P]` tensor of rows (what the engine passes for a plan's constant rates) give the
     same bits as the list of 0-dim and `[P]` rates they expand."""
     device, backend = case
-    model = mlp((1, 40, 40, 1))
-    tasks = [t.to(device) for t in regression_tasks(T=5, ns=10, nq=10)]
-    layout = ParamLayout(model)
-    plan = plan_of(model, layout)
-    theta = layout.theta()[0].detach().to(device)
+    plan, theta, tasks = _sinusoid_inputs(device)
     alphas = [torch.tensor(0.03, dtype=theta.dtype, device=device), torch.rand_like(theta) * 0.05]
     rows = torch.stack([a.expand(theta.numel()) for a in alphas])
     op = registry.implementation("mlp_meta_step", backend)
