@@ -63,6 +63,7 @@
 #include <vector>
 
 #include "activation_layout.h"
+#include "bn_relu_maxpool_plane.h"
 #include "bn_relu_maxpool_slabs.h"
 #include "cpu_isa.h"
 
@@ -71,64 +72,6 @@
 #undef FASTMAML_BRMP_NS
 
 namespace fastmaml {
-namespace {
-
-constexpr int64_t kSlabsPerGrain = 4096;  // x elements below which (task, channel) items share a thread
-constexpr int kLanes = 8;                 // independent partial sums: the reductions vectorize
-
-// v[i] = relu(x[i] * scale + shift) for n values, rounded to x's type (the pooling compares what the
-// reference compares: relu(y) in x's type); NaN is kept unless `finite` (no NaN possible), where the
-// loop is a plain max that vectorizes.
-template <typename scalar_t, typename acc_t>
-void relu_row(const scalar_t* x, int64_t n, acc_t scale, acc_t shift, bool finite, scalar_t* v) {
-  if (finite) {
-    for (int64_t i = 0; i < n; ++i) {
-      const scalar_t y = static_cast<scalar_t>(acc_t(x[i]) * scale + shift);
-      v[i] = y > scalar_t(0) ? y : scalar_t(0);
-    }
-    return;
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    const scalar_t y = static_cast<scalar_t>(acc_t(x[i]) * scale + shift);
-    v[i] = (y > 0 || std::isnan(y)) ? y : scalar_t(0);
-  }
-}
-
-// One row of pooled outputs from v = relu(y) of its k input rows `[k, W]`: z[ow] and idx[ow] = row0 + the
-// offset in v of the element max-pooling picks, by PyTorch's rule (first maximum; a NaN wins). Windows
-// other than 2×2, or NaN possible: the finite 2×2 windows take relu_pool2_slab (selects, not branches: the
-// picks of random data defeat branch prediction).
-template <typename scalar_t>
-void pool_row(const scalar_t* v, int64_t W, int64_t Wo, int64_t k, int64_t row0, scalar_t* z, int64_t* idx) {
-  for (int64_t ow = 0; ow < Wo; ++ow) {
-    scalar_t best = -std::numeric_limits<scalar_t>::infinity();
-    int64_t where = ow * k;
-    for (int64_t dh = 0; dh < k; ++dh) {
-      for (int64_t dw = 0; dw < k; ++dw) {
-        const int64_t e = dh * W + ow * k + dw;
-        if (v[e] > best || std::isnan(v[e])) {
-          best = v[e];
-          where = e;
-        }
-      }
-    }
-    z[ow] = best;
-    idx[ow] = row0 + where;
-  }
-}
-
-// The per-slab kernels (bn_relu_maxpool_slabs.h) of the build that runs: AVX2 where the CPU has it (cpu_isa.h);
-// both give the same bits, which the tests check
-template <typename S>
-struct SlabKernels {
-  double (*sum)(const S*, int64_t, double, bool);
-  void (*relu_pool2)(const S*, int64_t, int64_t, double, double, S*, int64_t*);
-  void (*routed_sums)(const S*, const S*, const int64_t*, const S*, int64_t, double, double, double*);
-  void (*input_gradient)(const S*, int64_t, const S*, const S*, const int64_t*, int64_t, double, double, double,
-                         double, S*);
-  void (*input_gradient_pool2)(const S*, int64_t, int64_t, const S*, const S*, const int64_t*, double, double, double,
-                               double, S*);
-};
 
 template <typename S>
 SlabKernels<S> slab_kernels() {
@@ -139,6 +82,14 @@ SlabKernels<S> slab_kernels() {
   return {&fastmaml_brmp::slab_sum<S>, &fastmaml_brmp::relu_pool2_slab<S>, &fastmaml_brmp::routed_sums<S>,
           &fastmaml_brmp::input_gradient_slab<S>, &fastmaml_brmp::input_gradient_pool2_slab<S>};
 }
+
+template SlabKernels<float> slab_kernels<float>();
+template SlabKernels<double> slab_kernels<double>();
+
+namespace {
+
+constexpr int64_t kSlabsPerGrain = 4096;  // x elements below which (task, channel) items share a thread
+constexpr int kLanes = 8;                 // independent partial sums: the reductions vectorize
 
 // fn(t, c_begin, c_end) for the runs of one task's consecutive channels that the work items [begin, end) of
 // a parallel pass (item = t * C + c) hold. The contiguous kernels stream a run image by image: the slabs of
@@ -760,14 +711,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_maxpool_fwd_c
           for (int64_t c = c0; c < c1; ++c) {
             const scalar_t* xs = slab(n, c);
             const int64_t o0 = ((t * N + n) * C + c) * oplane;
-            if (finite[c] && k == 2) {
-              kern.relu_pool2(xs, H, W, scale[c], shift[c], zp + o0, ip + o0);
-              continue;
-            }
-            for (int64_t oh = 0; oh < Ho; ++oh) {  // k rows at a time
-              relu_row(xs + oh * k * W, k * W, scale[c], shift[c], bool(finite[c]), v.data());
-              pool_row(v.data(), W, Wo, k, oh * k * W, zp + o0 + oh * Wo, ip + o0 + oh * Wo);
-            }
+            pool_plane(kern, xs, H, W, k, scale[c], shift[c], bool(finite[c]), v.data(), zp + o0, ip + o0);
           }
         }
       });
@@ -953,14 +897,7 @@ bn_relu_maxpool_tangent_fwd_cpu(const at::Tensor& x_in, const at::Tensor& xd_in,
         for (int64_t n = 0; n < N; ++n) {
           const scalar_t *xs = at_n(xp, n), *xds = at_n(xdp, n);
           const int64_t o0 = ((t * N + n) * C + c) * oplane;
-          if (finite && k == 2) {
-            kern.relu_pool2(xs, H, W, scale, shift, zp + o0, ip + o0);
-          } else {
-            for (int64_t oh = 0; oh < Ho; ++oh) {
-              relu_row(xs + oh * k * W, k * W, scale, shift, finite, v.data());
-              pool_row(v.data(), W, Wo, k, oh * k * W, zp + o0 + oh * Wo, ip + o0 + oh * Wo);
-            }
-          }
+          pool_plane(kern, xs, H, W, k, scale, shift, finite, v.data(), zp + o0, ip + o0);
           for (int64_t o = o0; o < o0 + oplane; ++o) {  // y' = xhat' w + xhat wd + bd at the pick, masked by ReLU
             const int64_t e = ip[o];
             const acc_t xh = (acc_t(xs[e]) - mu) * r;

@@ -37,6 +37,18 @@ TORCH_LIBRARY(fastmaml, m) {
       "bn_relu_maxpool_tangent_bwd(Tensor gz, Tensor gzd, Tensor z, Tensor idx, Tensor x, Tensor xd, Tensor mean, "
       "Tensor invstd, Tensor a, Tensor dmean, Tensor w, Tensor wd, bool need_x) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // A first conv block, fused: conv2d (per-task weights) + BatchNorm (batch statistics per task) + ReLU + k x k
+  // max-pooling (CPU). x [T, N, Ci, H, W], cw [T, C, Ci, kh, kw], cb, w, b [T, C]
+  // -> (z [T, N, C, Hc/k, Wc/k], idx int64, mean [T, C], invstd [T, C], pmean [T, D], pcov [T, D, D] (float64,
+  //     the input patches' moments, D = Ci*kh*kw))
+  m.def(
+      "conv_bn_relu_maxpool_fwd(Tensor x, Tensor cw, Tensor cb, Tensor w, Tensor b, float eps, int k, int[2] stride, "
+      "int[2] padding, int[2] dilation) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Its backward (no gradient w.r.t. x) -> (gcw [T, C, Ci, kh, kw], gcb [T, C], gw [T, C], gb [T, C])
+  m.def(
+      "conv_bn_relu_maxpool_bwd(Tensor gz, Tensor z, Tensor idx, Tensor x, Tensor cw, Tensor cb, Tensor w, "
+      "Tensor pmean, Tensor pcov, float eps, int k, int[2] stride, int[2] padding, int[2] dilation) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // BatchNorm (batch statistics per task) + leaky ReLU with `slope` (1: none, 0: ReLU), fused (CPU).
   // x [T, N, C, S], w, b [T, C] -> (z [T, N, C, S], mean [T, C], invstd [T, C])
   m.def("bn_act_fwd(Tensor x, Tensor w, Tensor b, float eps, float slope) -> (Tensor, Tensor, Tensor)");

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "activation_layout.h"
@@ -116,9 +117,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           at::empty(gb.sizes(), gb.options())};
 }
 
+// The conv block's sizes: (Hc, Wc) of conv2d(x, cw) with this geometry
+std::pair<int64_t, int64_t> conv_block_output(const at::Tensor& x, const at::Tensor& cw, at::IntArrayRef stride,
+                                              at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(x.dim() == 5 && cw.dim() == 5, "x, cw: expected [T, N, Ci, H, W] and [T, C, Ci, kh, kw]");
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "stride, padding, dilation: expected two values each");
+  const int64_t Hc = (x.size(3) + 2 * padding[0] - dilation[0] * (cw.size(3) - 1) - 1) / stride[0] + 1;
+  const int64_t Wc = (x.size(4) + 2 * padding[1] - dilation[1] * (cw.size(4) - 1) - 1) / stride[1] + 1;
+  return {Hc, Wc};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_maxpool_fwd_meta(
+    const at::Tensor& x, const at::Tensor& cw, const at::Tensor& cb, const at::Tensor& w, const at::Tensor& b,
+    double eps, int64_t k, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const auto [Hc, Wc] = conv_block_output(x, cw, stride, padding, dilation);
+  TORCH_CHECK(k >= 1, "k: expected k >= 1");
+  const int64_t T = x.size(0), C = cw.size(1), D = cw.size(2) * cw.size(3) * cw.size(4);
+  const std::vector<int64_t> pooled{T, x.size(1), C, Hc / k, Wc / k};
+  const auto f64 = x.options().dtype(at::kDouble);
+  return {at::empty(pooled, x.options()), at::empty(pooled, x.options().dtype(at::kLong)),
+          at::empty({T, C}, x.options()),  at::empty({T, C}, x.options()),
+          at::empty({T, D}, f64),          at::empty({T, D, D}, f64)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_maxpool_bwd_meta(
+    const at::Tensor& gz, const at::Tensor& z, const at::Tensor& idx, const at::Tensor& x, const at::Tensor& cw,
+    const at::Tensor& cb, const at::Tensor& w, const at::Tensor& pmean, const at::Tensor& pcov, double eps,
+    int64_t k, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  conv_block_output(x, cw, stride, padding, dilation);
+  const int64_t T = x.size(0), C = cw.size(1);
+  return {at::empty(cw.sizes(), x.options()), at::empty({T, C}, x.options()), at::empty({T, C}, x.options()),
+          at::empty({T, C}, x.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmaml, Meta, m) {
+  m.impl("conv_bn_relu_maxpool_fwd", &conv_bn_relu_maxpool_fwd_meta);
+  m.impl("conv_bn_relu_maxpool_bwd", &conv_bn_relu_maxpool_bwd_meta);
   m.impl("bn_act_fwd", &bn_act_fwd_meta);
   m.impl("bn_act_bwd", &bn_act_bwd_meta);
   m.impl("bn_act_tangent_fwd", &bn_act_tangent_fwd_meta);

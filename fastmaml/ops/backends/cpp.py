@@ -249,3 +249,18 @@ def mlp_meta_step(plan, theta, sx, sy, qx, qy, alphas, order: str, lr_grad, need
     )
     d_alphas = [None if not lr_grad[j] else d_alpha[j].sum() if alphas[j].dim() == 0 else d_alpha[j] for j in range(K)]
     return MlpStepResult(q_after, grad, d_alphas, q_before if need_before else None, s_before if K else None)
+
+
+@register("conv_bn_relu_maxpool_fwd", "cpp", devices=("cpu",), dtypes=KERNEL_DTYPES)
+def conv_bn_relu_maxpool_fwd(x, cw, cb, w, b, eps: float, k: int, stride, padding, dilation):
+    """A first conv block (conv2d + BatchNorm + ReLU + max-pool) without its conv output, as the reference in
+    ops/reference/block_tail.py."""
+    return torch.ops.fastmaml.conv_bn_relu_maxpool_fwd(x, cw, cb, w, b, eps, k, stride, padding, dilation)
+
+
+@register("conv_bn_relu_maxpool_bwd", "cpp", devices=("cpu",), dtypes=KERNEL_DTYPES)
+def conv_bn_relu_maxpool_bwd(gz, z, idx, x, cw, cb, w, pmean, pcov, eps: float, k: int, stride, padding, dilation):
+    """Backward of `conv_bn_relu_maxpool_fwd`, as the reference in ops/reference/block_tail.py."""
+    return torch.ops.fastmaml.conv_bn_relu_maxpool_bwd(
+        gz, z, idx, x, cw, cb, w, pmean, pcov, eps, k, stride, padding, dilation
+    )

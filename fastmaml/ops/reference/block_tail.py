@@ -181,3 +181,74 @@ def bn_relu_maxpool_tangent_bwd(
         gbd_out,
     )
     return (None, None) if gx is None else (gx.view(x.shape), gxd.view(x.shape))
+
+
+# ---------------------------------------------------------------- a first conv block: conv + the block tail
+# z = maxpool_k(relu(BN(conv2d(x, cw) + cb))) with per-task weights cw `[T, C, Ci, kh, kw]` (every argument
+# per task here; the rule expands common ones). The statistics of y = conv2d(x, cw) + cb are also those of the
+# input patches p (D = Ci·kh·kw values per output position, zero on the padding): pmean = mean p and
+# pcov = mean (p − pmean)(p − pmean)ᵀ over a task's positions, float64 (mean_c = cw_c·pmean + cb_c,
+# var_c = cw_cᵀ pcov cw_c); kernels compute the statistics from them and never write y.
+
+
+def _conv_per_task(x: Tensor, cw: Tensor, cb: Tensor, stride, padding, dilation) -> Tensor:
+    """y `[T, N, C, Hc, Wc]` = conv2d(x[t], cw[t]) + cb[t] per task."""
+    return torch.stack(
+        [torch.nn.functional.conv2d(x[t], cw[t], cb[t], stride, padding, dilation) for t in range(x.shape[0])]
+    )
+
+
+def _patch_moments(x: Tensor, kernel, stride, padding, dilation) -> Tuple[Tensor, Tensor]:
+    """(pmean `[T, D]`, pcov `[T, D, D]`) float64 of the input patches of each task."""
+    means, covs = [], []
+    for t in range(x.shape[0]):
+        p = torch.nn.functional.unfold(x[t].double(), kernel, dilation, padding, stride)  # [N, D, L]
+        p = p.transpose(1, 2).reshape(-1, p.shape[1])
+        mean = p.mean(0)
+        c = p - mean
+        means.append(mean)
+        covs.append(c.T @ c / p.shape[0])
+    return torch.stack(means), torch.stack(covs)
+
+
+@register("conv_bn_relu_maxpool_fwd", "torch")
+def conv_bn_relu_maxpool_fwd(
+    x: Tensor, cw: Tensor, cb: Tensor, w: Tensor, b: Tensor, eps: float, k: int, stride, padding, dilation
+):
+    """x `[T, N, Ci, H, W]`, cw `[T, C, Ci, kh, kw]`, cb, w, b `[T, C]` -> (z `[T, N, C, Hc/k, Wc/k]`, idx int64
+    like z, mean `[T, C]`, r `[T, C]`, pmean `[T, D]`, pcov `[T, D, D]`)."""
+    y = _conv_per_task(x, cw, cb, stride, padding, dilation)
+    z, idx, mean, r = bn_relu_maxpool_train_fwd(y, w, b, eps, k)
+    return (z, idx, mean, r, *_patch_moments(x, cw.shape[3:], stride, padding, dilation))
+
+
+@register("conv_bn_relu_maxpool_bwd", "torch")
+def conv_bn_relu_maxpool_bwd(
+    gz: Tensor,
+    z: Tensor,
+    idx: Tensor,
+    x: Tensor,
+    cw: Tensor,
+    cb: Tensor,
+    w: Tensor,
+    pmean: Tensor,
+    pcov: Tensor,
+    eps: float,
+    k: int,
+    stride,
+    padding,
+    dilation,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of `conv_bn_relu_maxpool_fwd` (no gradient w.r.t. x) -> (gcw `[T, C, Ci, kh, kw]`, gcb, gw,
+    gb `[T, C]`); recomputes y and its statistics (pmean, pcov unused)."""
+    y = _conv_per_task(x, cw, cb, stride, padding, dilation)
+    T, C = y.shape[0], y.shape[2]
+    _, _, mean, r = bn_relu_maxpool_train_fwd(y, w, cb, eps, k)
+    gw, gb = y.new_empty(T, C), y.new_empty(T, C)
+    gy = bn_relu_maxpool_train_bwd(gz, z, idx, y, mean, r, w, eps, k, True, gw, gb)
+    gcw, gcb = y.new_empty(cw.shape), y.new_empty(T, C)
+    for t in range(T):
+        _, gcw[t], gcb[t] = torch.ops.aten.convolution_backward(
+            gy[t], x[t], cw[t], [C], stride, padding, dilation, False, [0, 0], 1, [False, True, True]
+        )
+    return gcw, gcb, gw, gb

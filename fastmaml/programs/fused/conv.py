@@ -48,10 +48,11 @@ def _pair(v):
 
 
 class Geometry:
-    """Stride, padding and dilation of a 2-d convolution (padding "valid" or "same", symmetric only: the
-    compiler rejects an even effective kernel with "same")."""
+    """Kernel size, stride, padding and dilation of a 2-d convolution (padding "valid" or "same", symmetric
+    only: the compiler rejects an even effective kernel with "same")."""
 
     def __init__(self, kernel_size, stride=1, padding=0, dilation=1):
+        self.kernel = _pair(kernel_size)
         self.stride = _pair(stride)
         self.dilation = _pair(dilation)
         if isinstance(padding, str):

@@ -17,6 +17,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .base import Rule
+from .conv import ConvRule
+from .conv_block import ConvBlockRule
 from .norm import BatchNormRule
 from .norm_act import BatchNormLeakyReLURule, BatchNormReLUMaxPoolRule, BatchNormReLURule
 from .pointwise import LeakyReLURule, ReLURule
@@ -85,7 +87,8 @@ class Graph:
 
 def fuse(graph: Graph) -> Graph:
     """BatchNorm followed by ReLU (and a non-overlapping MaxPool2d) or by LeakyReLU (slope > 0) becomes one
-    rule where the intermediate value has no other reader and is not the model's output."""
+    rule where the intermediate value has no other reader and is not the model's output; a BatchNorm + ReLU +
+    MaxPool2d whose input is a Conv2d of the model's input takes that convolution in too (`ConvBlockRule`)."""
     readers = graph.readers()
     nodes = list(graph.nodes)
     gone = set()
@@ -98,6 +101,17 @@ def fuse(graph: Graph) -> Graph:
         for j in range(i + 1, len(nodes)):
             if j not in gone and v in nodes[j].inputs:
                 return j
+        return None
+
+    def first_conv(i: int) -> Optional[int]:
+        """The index of the Conv2d node that writes node i's input, if it reads the model's input, has only
+        node i as reader and the first-block kernels take it."""
+        v = nodes[i].inputs[0]
+        for j in range(i):
+            node = nodes[j]
+            if j not in gone and node.output == v:
+                ok = type(node.rule) is ConvRule and node.inputs == (0,) and ConvBlockRule.fusable(node.rule)
+                return j if ok and sole_reader(j) == i else None
         return None
 
     def merge(i: int, j: int, rule: Rule) -> None:
@@ -120,6 +134,13 @@ def fuse(graph: Graph) -> Graph:
                 and BatchNormReLUMaxPoolRule.fusable(nodes[i].rule, nodes[k].rule)
             ):
                 merge(i, k, BatchNormReLUMaxPoolRule(nodes[i].rule, nodes[k].rule))
+                c = first_conv(i)
+                if c is not None:
+                    conv = nodes[c]
+                    block = ConvBlockRule(conv.rule, nodes[i].rule)
+                    params = conv.params + nodes[i].params
+                    nodes[i] = Node(block, conv.inputs, nodes[i].output, params, nodes[i].stats, source=conv.source)
+                    gone.add(c)
         elif type(act) is LeakyReLURule and act.slope > 0:
             merge(i, j, BatchNormLeakyReLURule(node.rule, act))
     return Graph([n for i, n in enumerate(nodes) if i not in gone], graph.num_values, graph.output, graph.unused)

@@ -34,7 +34,7 @@ holds no backend and no reference to the model.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -231,7 +231,8 @@ class FusedProgram(Program):
         BatchNorm statistics kept with them; `stats` {} gets {node: `[2, T, O]`} of the convolutions that
         gave statistics; `moments` {value id: BatchNorm rule} gets {value id: (mean `[T, C]`, biased var
         `[T, C]`, count)} of those values as the rule sees them, measured when each is computed (nothing is
-        kept alive for it). Returns (output, its tangent, saved per node, host arguments per node, activation
+        kept alive for it), and {("in", node): the same} of the value inside a rule that normalizes one
+        (`input_moments`). Returns (output, its tangent, saved per node, host arguments per node, activation
         bytes)."""
         nodes, readers, out_v = self.nodes, self.readers, self.graph.output
         env: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
@@ -255,6 +256,8 @@ class FusedProgram(Program):
             # a convolution whose only reader is a BatchNorm on batch statistics (its statistics slot None)
             pair = i in self.stats_to and params[self.stats_to[i]][-1] is None
             st = None if known_stats is None else known_stats.get(i)
+            if moments is not None and ("in", i) in moments:
+                moments[("in", i)] = rule.input_moments(ops, xs, p)
             if tangents is not None and active[i]:
                 xds = tangents[node.inputs[0]] if rule.arity == 1 else [tangents[v] for v in node.inputs]
                 if pair:
@@ -473,10 +476,11 @@ class FusedProgram(Program):
             self._forward(ops, x, self._params(phi, shared, None), [False] * len(self.nodes), moments=moments)
             return self._stats_of(inputs, moments)
 
-    def _norm_inputs(self) -> Dict[int, int]:
-        """{node: the value id of its input} of the BatchNorm nodes with a statistics slot."""
+    def _norm_inputs(self) -> Dict[int, Union[int, tuple]]:
+        """{node: the value id of its input} of the BatchNorm nodes with a statistics slot; ("in", node) for a
+        rule whose BatchNorm normalizes a value inside it (`input_is_normalized` False: the first block)."""
         return {
-            i: node.inputs[0]
+            i: node.inputs[0] if node.rule.input_is_normalized else ("in", i)
             for i, node in enumerate(self.nodes)
             if isinstance(node.rule, BatchNormRule) and node.rule.index is not None
         }
@@ -486,7 +490,7 @@ class FusedProgram(Program):
         return 1 + max((r.index for _, r in self.norms if r.index is not None), default=-1)
 
     def _norm_moments(self, inputs: Dict[int, int]) -> dict:
-        """The `_forward` `moments` request of the BatchNorm inputs `inputs` ({node: value id})."""
+        """The `_forward` `moments` request of the BatchNorm inputs `inputs` ({node: value id or ("in", node)})."""
         return {v: self.nodes[i].rule for i, v in inputs.items()}
 
     def _stats_of(self, inputs: Dict[int, int], moments: dict) -> list:

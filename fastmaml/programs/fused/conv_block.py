@@ -1,0 +1,128 @@
+"""A conv net's first block as one rule: Conv2d on the model's input, then BatchNorm2d + ReLU + MaxPool2d.
+
+z = maxpool_k(relu(BN(conv2d(x, cw) + cb))). Its convolution output y is the largest activation of a conv
+net (64 channels at the input's resolution, from one or three input channels) and costs little to compute,
+so on batch statistics, where the op table has kernels for it (`conv_bn_relu_maxpool_*`, the C++ CPU kernels
+of csrc/conv_bn_relu_maxpool.cpp), the forward computes y plane by plane and writes only the pooled z, and
+the backward gets the weight gradients from the picks and the input patches' moments, never writing y or its
+gradient. The statistics of y come from those moments (mean cw·pmean + cb, variance cwᵀ pcov cw; see
+ops/reference/block_tail.py).
+
+Every other pass runs the convolution rule and the block-tail rule in turn (`ConvRule`,
+`BatchNormReLUMaxPoolRule`): the tangent passes (the Hessian-vector products, on the support set), fixed
+statistics, other backends, and the differentiable forward. The compiler fuses the pair (`graph.fuse`) where
+the convolution reads the model's input (no gradient w.r.t. it is ever needed), has at most `MAX_TAPS` taps
+Ci·kh·kw, and its output has no other reader.
+
+A forward from these kernels and the tangent forward of the composed rules round y differently, so on a
+near-tie (two window elements within float rounding of each other) they may pick different elements; either
+pick is a derivative of the loss up to that rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .conv import ConvRule
+from .norm import BatchNormRule
+from .norm_act import BatchNormReLUMaxPoolRule
+
+MAX_TAPS = 32  # Ci·kh·kw of the convolutions fused (the kernels' limit)
+
+
+def fused_conv_block(ops) -> bool:
+    """Whether the batch-statistics forward and backward run the `conv_bn_relu_maxpool_*` kernels (the op
+    table has them, not their reference)."""
+    return ops.chosen.get("conv_bn_relu_maxpool_fwd", ("torch",))[0] != "torch"
+
+
+class ConvBlockRule(BatchNormRule):
+    """p = (conv weight, conv bias, BatchNorm weight, BatchNorm bias, statistics) (BatchNormRule's, after the
+    convolution's two)."""
+
+    param_names = ("conv_weight", "conv_bias", "weight", "bias")
+    takes_stats = False
+    input_is_normalized = False  # the BatchNorm normalizes the convolution's output, not x
+
+    def __init__(self, conv: ConvRule, tail: BatchNormReLUMaxPoolRule):
+        super().__init__(
+            f"{conv.name}+{tail.name}", f"{conv.kind}+{tail.kind}", tail.eps, tail.num_features, tail.index
+        )
+        self.conv, self.tail = conv, tail
+        self.k = tail.k
+
+    @staticmethod
+    def fusable(conv: ConvRule) -> bool:
+        """A convolution the kernels take: at most `MAX_TAPS` taps Ci·kh·kw."""
+        kh, kw = conv.geometry.kernel
+        return conv.in_channels * kh * kw <= MAX_TAPS
+
+    def _geometry(self):
+        g = self.conv.geometry
+        return g.stride, g.padding, g.dilation
+
+    @staticmethod
+    def _per_task(v, T: int, shape, fill: float, like):
+        """A weight or per-channel value, common `[*shape]`, per task `[T, *shape]` or None (`fill`), as a
+        contiguous `[T, *shape]`."""
+        if v is None:
+            return like.new_full((T, *shape), fill)
+        return v.expand(T, *shape).contiguous()
+
+    def _args(self, x, p):
+        """(cw `[T, C, Ci, kh, kw]`, cb, w, b `[T, C]`) per task for the kernels."""
+        cw, cb, w, b, _ = p
+        T, C = x.shape[0], self.num_features
+        shape = tuple(cw.shape[-4:])
+        return (
+            self._per_task(cw, T, shape, 0.0, x),
+            self._per_task(cb, T, (C,), 0.0, x),
+            self._per_task(w, T, (C,), 1.0, x),
+            self._per_task(b, T, (C,), 0.0, x),
+        )
+
+    def _fused(self, ops, p) -> bool:
+        return p[4] is None and fused_conv_block(ops) and not torch.is_grad_enabled()
+
+    def input_moments(self, ops, x, p):
+        """(mean `[T, C]`, biased var `[T, C]`, count) of the convolution's output, the BatchNorm's input (what
+        the program records for per-step statistics)."""
+        y, _ = self.conv.forward(ops, x, p[:2], False)
+        x4 = self.as_channels(y)
+        mean = x4.mean((1, 3), keepdim=True)
+        var = (x4 - mean).square_().mean((1, 3))
+        return mean[:, 0, :, 0], var, x4.shape[1] * x4.shape[3]
+
+    def forward(self, ops, x, p, save):
+        if not self._fused(ops, p):
+            y, s1 = self.conv.forward(ops, x, p[:2], save)
+            z, s2 = self.tail.forward(ops, y, p[2:], save)
+            return z, ("composed", s1, s2) if save else None
+        x = self.conv._check(x)
+        cw, cb, w, b = self._args(x, p)
+        z, idx, _, _, pmean, pcov = ops.conv_bn_relu_maxpool_fwd(x, cw, cb, w, b, self.eps, self.k, *self._geometry())
+        return z, ("fused", z, idx, x, cw, cb, w, pmean, pcov) if save else None
+
+    def backward(self, ops, gy, saved, p, need_x, outs):
+        if saved[0] == "composed":
+            _, s1, s2 = saved
+            g = self.tail.backward(ops, gy, s2, p[2:], True, outs[2:])
+            return self.conv.backward(ops, g, s1, p[:2], need_x, outs[:2])
+        if need_x:
+            raise RuntimeError(f"model layer {self.describe()}: the fused first block has no input gradient")
+        _, z, idx, x, cw, cb, w, pmean, pcov = saved
+        grads = ops.conv_bn_relu_maxpool_bwd(gy, z, idx, x, cw, cb, w, pmean, pcov, self.eps, self.k, *self._geometry())
+        for out, g in zip(outs, grads):
+            if out is not None:
+                out.copy_(g.view(out.shape))
+        return None
+
+    def tangent_forward(self, ops, x, xd, p, v):
+        y, yd, s1 = self.conv.tangent_forward(ops, x, xd, p[:2], v[:2])
+        z, zd, s2 = self.tail.tangent_forward(ops, y, yd, p[2:], v[2:])
+        return z, zd, (s1, s2)
+
+    def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
+        s1, s2 = saved
+        g, gd = self.tail.tangent_backward(ops, gy, gyd, s2, p[2:], v[2:], True, outs[2:], touts[2:])
+        return self.conv.tangent_backward(ops, g, gd, s1, p[:2], v[:2], need_x, outs[:2], touts[:2])

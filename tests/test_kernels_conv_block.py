@@ -1,0 +1,272 @@
+"""A conv net's first block (Conv2d of the model's input + BatchNorm2d + ReLU + MaxPool2d) as one rule: the C++
+CPU kernels (csrc/conv_bn_relu_maxpool.cpp) against the torch references (ops/reference/block_tail.py) and
+autograd on odd and real shapes, both instruction-set builds, float32 against float64; opcheck; clear errors;
+the compiler's fusion; meta_step through the fused rule against the autograd oracle (float64), and against the
+same model without the fusion (per-step statistics recorded alike)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastmaml
+from fastmaml.ops import registry
+from fastmaml.programs.fused import conv_block
+
+from class_models import ConvClassNet, MiniImagenetCNN
+from oracle import assert_grads_close, check_meta_step
+
+DEVICE = torch.device("cpu")
+# (T, N, Ci, H, W, C, kernel, stride, padding, dilation, k): Omniglot's first layer (75 images of 28×28, one
+# channel), miniImageNet's (84×84, three channels), odd sizes (rows shorter than a vector block, a remainder the
+# windows skip), stride 2, no padding, dilation 2, a 2×2 kernel, k = 3, 1×1 convolutions
+CASES = [
+    (1, 75, 1, 28, 28, 8, 3, 1, 1, 1, 2),
+    (1, 5, 3, 84, 84, 4, 3, 1, 1, 1, 2),
+    (3, 2, 1, 5, 7, 3, 3, 1, 1, 1, 2),
+    (2, 4, 3, 13, 11, 5, 3, 1, 1, 1, 2),
+    (2, 3, 2, 9, 10, 4, 3, 2, 0, 1, 2),
+    (1, 2, 1, 12, 12, 3, 3, 1, 2, 2, 3),
+    (2, 2, 2, 10, 9, 3, 2, 1, 1, 1, 2),
+    (2, 3, 3, 6, 8, 5, 1, 1, 0, 1, 2),
+]
+IDS = ["T{}N{}Ci{}H{}W{}C{}k{}s{}p{}d{}pool{}".format(*c) for c in CASES]
+
+
+@pytest.fixture(scope="module")
+def cpp():
+    ok, why = registry.availability("cpp", DEVICE)
+    if not ok:
+        pytest.skip(why)
+    return {op: registry.implementation(op, "cpp") for op in ("conv_bn_relu_maxpool_fwd", "conv_bn_relu_maxpool_bwd")}
+
+
+def inputs(case, dtype, seed=0):
+    T, N, Ci, H, W, C, kk, s, p, d, k = case
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    x = r(T, N, Ci, H, W) * 0.5 + 2.0  # a mean far from 0 (the patches' covariance cancels it)
+    return x, r(T, C, Ci, kk, kk), r(T, C), r(T, C) * 0.5 + 1.0, r(T, C), [s, s], [p, p], [d, d], k
+
+
+def autograd_block(x, cw, cb, w, b, eps, k, stride, padding, dilation):
+    """z of the block with autograd's ops (per-task convolution, batch statistics), differentiable in
+    (cw, cb, w, b)."""
+    ys = torch.stack([F.conv2d(x[t], cw[t], cb[t], stride, padding, dilation) for t in range(x.shape[0])])
+    mean = ys.mean((1, 3, 4), keepdim=True)
+    var = ys.var((1, 3, 4), unbiased=False, keepdim=True)
+    col = lambda v: v[:, None, :, None, None]  # noqa: E731
+    a = (ys - mean) / torch.sqrt(var + eps) * col(w) + col(b)
+    z = F.max_pool2d(F.relu(a).flatten(0, 1), k)
+    return z.view(*ys.shape[:2], *z.shape[1:])
+
+
+def relative(got, want):
+    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300))
+
+
+@pytest.mark.parametrize("isa", ["native", "baseline"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_kernels_match_autograd_and_the_reference(cpp, case, isa, monkeypatch):
+    """float64: z and every weight gradient within 1e-12 of autograd's (the conv bias's gradient is exactly 0:
+    a constant before batch statistics); idx and the patch moments as the reference gives them."""
+    if isa == "baseline":
+        monkeypatch.setenv("FASTMAML_CPU_ISA", "baseline")
+    x, cw, cb, w, b, stride, padding, dilation, k = inputs(case, torch.float64)
+    geo = (stride, padding, dilation)
+    z, idx, mean, r, pmean, pcov = cpp["conv_bn_relu_maxpool_fwd"](x, cw, cb, w, b, 1e-5, k, *geo)
+    ref = registry.reference("conv_bn_relu_maxpool_fwd")(x, cw, cb, w, b, 1e-5, k, *geo)
+    leaves = [t.clone().requires_grad_() for t in (cw, cb, w, b)]
+    want = autograd_block(x, *leaves, 1e-5, k, *geo)
+    assert relative(z, want.detach()) < 1e-12
+    assert torch.equal(idx, ref[1])
+    for got, exp in zip((mean, r, pmean, pcov), ref[2:]):
+        assert relative(got, exp) < 1e-12
+    gz = torch.randn(z.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = cpp["conv_bn_relu_maxpool_bwd"](gz, z, idx, x, cw, cb, w, pmean, pcov, 1e-5, k, *geo)
+    refs = registry.reference("conv_bn_relu_maxpool_bwd")(gz, z, idx, x, cw, cb, w, pmean, pcov, 1e-5, k, *geo)
+    autograds = torch.autograd.grad(want, leaves, gz)
+    for name, got, exp, ag in zip(("gcw", "gcb", "gw", "gb"), grads, refs, autograds):
+        assert got.shape == ag.shape, name
+        if name == "gcb":
+            assert torch.equal(got, torch.zeros_like(got))
+            assert float(ag.abs().max()) < 1e-9 * float(autograds[0].abs().max())
+            continue
+        assert relative(got, ag) < 1e-12, name
+        assert relative(exp, ag) < 1e-12, name
+
+
+@pytest.mark.parametrize("case", CASES[:2] + CASES[3:4], ids=IDS[:2] + IDS[3:4])
+def test_float32_error_within_autograds_own(cpp, case):
+    """float32 against float64: z and the weight gradients no worse than twice autograd's float32 error on the
+    same problem (plus a floor of 1e-6)."""
+    args64 = inputs(case, torch.float64)
+    args32 = inputs(case, torch.float32)
+    geo = args64[5:8]
+    k = args64[8]
+    z64 = autograd_block(args64[0], *[t.clone().requires_grad_() for t in args64[1:5]], 1e-5, k, *geo)
+    gz = torch.randn(z64.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    leaves64 = [t.clone().requires_grad_() for t in args64[1:5]]
+    want = torch.autograd.grad(autograd_block(args64[0], *leaves64, 1e-5, k, *geo), leaves64, gz)
+    leaves32 = [t.clone().requires_grad_() for t in args32[1:5]]
+    z_ag = autograd_block(args32[0], *leaves32, 1e-5, k, *geo)
+    ag32 = torch.autograd.grad(z_ag, leaves32, gz.float())
+    x, cw, cb, w, b = args32[:5]
+    z, idx, _, _, pmean, pcov = cpp["conv_bn_relu_maxpool_fwd"](x, cw, cb, w, b, 1e-5, k, *geo)
+    assert relative(z, z64.detach()) <= 2 * relative(z_ag.detach(), z64.detach()) + 1e-6
+    grads = cpp["conv_bn_relu_maxpool_bwd"](gz.float(), z, idx, x, cw, cb, w, pmean, pcov, 1e-5, k, *geo)
+    for name, got, ag, exp in zip(("gcw", "gw", "gb"), grads[:1] + grads[2:], ag32[:1] + ag32[2:], want[:1] + want[2:]):
+        assert relative(got, exp) <= 2 * relative(ag, exp) + 1e-6, name
+
+
+def test_results_do_not_depend_on_threads(cpp):
+    args = inputs(CASES[0], torch.float32)
+    geo, k = args[5:8], args[8]
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fwd = cpp["conv_bn_relu_maxpool_fwd"](*args[:5], 1e-5, k, *geo)
+            gz = torch.ones_like(fwd[0])
+            outs.append(fwd + cpp["conv_bn_relu_maxpool_bwd"](gz, fwd[0], fwd[1], *args[:4], *fwd[4:], 1e-5, k, *geo))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_opcheck(cpp):
+    x, cw, cb, w, b, stride, padding, dilation, k = inputs(CASES[2], torch.float64)
+    lib = torch.ops.fastmaml
+    torch.library.opcheck(lib.conv_bn_relu_maxpool_fwd.default, (x, cw, cb, w, b, 1e-5, k, stride, padding, dilation))
+    z, idx, _, _, pmean, pcov = lib.conv_bn_relu_maxpool_fwd(x, cw, cb, w, b, 1e-5, k, stride, padding, dilation)
+    torch.library.opcheck(
+        lib.conv_bn_relu_maxpool_bwd.default,
+        (torch.randn_like(z), z, idx, x, cw, cb, w, pmean, pcov, 1e-5, k, stride, padding, dilation),
+    )
+
+
+def test_errors_name_the_argument(cpp):
+    x, cw, cb, w, b, stride, padding, dilation, k = inputs(CASES[2], torch.float64)
+    fwd = torch.ops.fastmaml.conv_bn_relu_maxpool_fwd
+    with pytest.raises(RuntimeError, match="cw: expected at most 32 taps"):
+        fwd(x.expand(-1, -1, 4, -1, -1).contiguous(), torch.randn(3, 3, 4, 3, 3, dtype=x.dtype), cb, w, b, 1e-5, k,
+            stride, padding, dilation)  # fmt: skip
+    with pytest.raises(RuntimeError, match="cb: expected per-task channel values"):
+        fwd(x, cw, cb[:, :2], w, b, 1e-5, k, stride, padding, dilation)
+    with pytest.raises(RuntimeError, match="k: expected a pooling window"):
+        fwd(x, cw, cb, w, b, 1e-5, 9, stride, padding, dilation)
+    with pytest.raises(RuntimeError, match="stride: expected two values >= 1"):
+        fwd(x, cw, cb, w, b, 1e-5, k, [0, 1], padding, dilation)
+    z, idx, _, _, pmean, pcov = fwd(x, cw, cb, w, b, 1e-5, k, stride, padding, dilation)
+    with pytest.raises(RuntimeError, match="gz: expected pooled planes"):
+        torch.ops.fastmaml.conv_bn_relu_maxpool_bwd(
+            torch.randn_like(z), z, idx, x, cw, cb, w, pmean, pcov, 1e-5, 3, stride, padding, dilation
+        )
+    with pytest.raises(RuntimeError, match="pcov: expected float64"):
+        torch.ops.fastmaml.conv_bn_relu_maxpool_bwd(
+            torch.randn_like(z), z, idx, x, cw, cb, w, pmean, pcov.float(), 1e-5, k, stride, padding, dilation
+        )
+
+
+# ---------------------------------------------------------------- the rule in the engine
+
+
+class _Calls(TorchDispatchMode):
+    """Counts the calls of the first-block kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "conv_bn_relu_maxpool" in str(func):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def tasks_for(shape, T=2, ways=3, shots=2, query=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ns, nq = ways * shots, ways * query
+    sx = torch.randn(T, ns, *shape, generator=g, dtype=torch.float64)
+    qx = torch.randn(T, nq, *shape, generator=g, dtype=torch.float64)
+    sy = torch.arange(ways).repeat_interleave(shots).expand(T, ns).clone()
+    qy = torch.arange(ways).repeat_interleave(query).expand(T, nq).clone()
+    return sx, sy, qx, qy
+
+
+def test_the_compiler_fuses_a_first_block_only():
+    text = str(fastmaml.explain(ConvClassNet(hidden=3, side=2)))
+    assert "features.0+features.1+features.2+features.3 (Conv2d+BatchNorm2d+ReLU+MaxPool2d)(x)" in text
+    assert "features.5+features.6+features.7 (BatchNorm2d+ReLU+MaxPool2d)" in text  # the second block's conv reads v4
+
+
+@pytest.mark.parametrize("order", ["second", "checkpoint", "first"])
+@pytest.mark.parametrize("model_fn", [lambda: ConvClassNet(hidden=3, side=2), lambda: MiniImagenetCNN(3, 4)])
+def test_meta_step_through_the_fused_block_matches_the_oracle(cpp, order, model_fn):
+    torch.manual_seed(3)
+    model = model_fn().double()
+    shape = (1, 8, 8) if isinstance(model, ConvClassNet) else (3, 16, 16)
+    tasks = tasks_for(shape)
+    calls = _Calls()
+    with calls:
+        check_meta_step(
+            model, tasks, loss="cross_entropy", loss_fn=F.cross_entropy, inner_lr=0.1, steps=2, order=order,
+            backend="cpp", tol=1e-9,
+        )  # fmt: skip
+    assert calls.count > 0
+
+
+def test_meta_sgd_rates_and_anil_through_the_fused_block(cpp):
+    torch.manual_seed(4)
+    model = ConvClassNet(hidden=3, side=2).double()
+    tasks = tasks_for((1, 8, 8))
+    lr = [torch.full((), 0.1, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    check_meta_step(model, tasks, loss="cross_entropy", loss_fn=F.cross_entropy, inner_lr=lr, steps=2,
+                    lr_leaves=lr, backend="cpp", tol=1e-9)  # fmt: skip
+    check_meta_step(model, tasks, loss="cross_entropy", loss_fn=F.cross_entropy, inner_lr=0.1, steps=2,
+                    inner_params=["classifier"], backend="cpp", tol=1e-9)  # fmt: skip
+
+
+def test_per_step_statistics_recorded_as_without_the_fusion(cpp, monkeypatch):
+    """Training with per-step statistics: the fused block records the convolution output's batch statistics
+    (`input_moments`), as the unfused rules do, and gives the same meta-gradient."""
+    torch.manual_seed(5)
+    fused = fastmaml.add_per_step_stats(ConvClassNet(hidden=3, side=2).double(), steps=2)
+    plain = copy.deepcopy(fused)
+    tasks = tasks_for((1, 8, 8))
+
+    def run(model):
+        model.train()
+        fastmaml.meta_step(model, tasks, inner_lr=0.1, steps=2, loss="cross_entropy", batch_norm="per_step",
+                           backend="cpp")  # fmt: skip
+        return {n: p.grad for n, p in model.named_parameters()}, {n: b.clone() for n, b in model.named_buffers()}
+
+    grads, buffers = run(fused)
+    assert "Conv2d+BatchNorm2d+ReLU+MaxPool2d" in str(fastmaml.explain(fused))
+    monkeypatch.setattr(conv_block.ConvBlockRule, "fusable", staticmethod(lambda conv: False))
+    assert "Conv2d+BatchNorm2d" not in str(fastmaml.explain(plain))
+    grads_plain, buffers_plain = run(plain)
+    assert_grads_close(grads, grads_plain, 1e-10)
+    for n in buffers:
+        if buffers[n].is_floating_point():
+            assert torch.allclose(buffers[n], buffers_plain[n], rtol=1e-10, atol=1e-12), n
+
+
+def test_differentiable_forward_of_a_fused_model():
+    """`fastmaml.adapt` (the differentiable forward: the composed rules) on a model with a fused first block."""
+    torch.manual_seed(6)
+    model = ConvClassNet(hidden=3, side=2).double()
+    sx, sy, qx, _ = tasks_for((1, 8, 8), T=1)
+    adapted = fastmaml.adapt(model, sx, sy, inner_lr=0.1, steps=1, loss="cross_entropy")
+    out = adapted(qx)[0]
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(F.cross_entropy(model(sx[0]), sy[0]), list(params.values()))
+    fast = {n: p - 0.1 * g for (n, p), g in zip(params.items(), grads)}
+    want = torch.func.functional_call(model, fast, (qx[0],))
+    assert relative(out, want) < 1e-10
+    assert isinstance(model.features[0], nn.Conv2d)
