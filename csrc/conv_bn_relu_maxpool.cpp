@@ -20,9 +20,11 @@
 //
 // Layout: x any (made contiguous and zero-padded once per call); outputs contiguous. Work: the moments in
 // double, per image (parallel) and added over images in order; the forward's items are (task, channel), each
-// computing y plane by plane (the taps as shifted rows of the padded image, in (ci, i, j) order, in x's type)
-// and pooling it with the block tail's plane kernel (bn_relu_maxpool_plane.h); the backward's items likewise,
-// summing over the picks only (double sums). Results do not depend on the number of threads.
+// computing y plane by plane (the taps as shifted rows of the padded image, in (ci, i, j) order, in x's type;
+// GCC vectors, a baseline and an AVX2 build with the same bits, chosen by cpu_isa.h) and pooling it with the
+// block tail's plane kernel (bn_relu_maxpool_plane.h); the backward's items likewise, summing over the picks
+// only (double sums; the nine sums of a 3×3 kernel on one channel in registers). Results do not depend on the
+// number of threads.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -97,6 +99,19 @@ void check_channels(const at::Tensor& t, const char* name, const at::Tensor& x, 
               ": expected per-task channel values [", x.size(0), ", ", C, "], got shape ", t.sizes());
   TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device(), name, ": expected dtype ",
               x.scalar_type(), " on ", x.device(), " (as x)");
+}
+
+// The geometry of both passes, after checking x, cw, cb, w and the convolution's arguments
+ConvGeometry checked_geometry(const at::Tensor& x, const at::Tensor& cw, const at::Tensor& cb, const at::Tensor& w,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  check_inputs(x, cw);
+  check_geometry(stride, padding, dilation);
+  check_channels(cb, "cb", x, cw.size(1));
+  check_channels(w, "w", x, cw.size(1));
+  const ConvGeometry g(x, cw, stride, padding, dilation);
+  TORCH_CHECK(g.Hc >= 1 && g.Wc >= 1, "x: the images [", g.H, ", ", g.W, "] are smaller than the kernel [", g.kh,
+              ", ", g.kw, "] with this padding and dilation");
+  return g;
 }
 
 // x zero-padded, contiguous [T, N, Ci, Hp, Wp]
@@ -292,15 +307,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& cw_in, const at::Tensor& cb_in, const at::Tensor& w_in,
     const at::Tensor& b_in, double eps, int64_t k, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation) {
-  check_inputs(x, cw_in);
-  check_geometry(stride, padding, dilation);
-  const int64_t C = cw_in.size(1);
-  check_channels(cb_in, "cb", x, C);
-  check_channels(w_in, "w", x, C);
+  const ConvGeometry g = checked_geometry(x, cw_in, cb_in, w_in, stride, padding, dilation);
+  const int64_t C = g.C;
   check_channels(b_in, "b", x, C);
-  const ConvGeometry g(x, cw_in, stride, padding, dilation);
-  TORCH_CHECK(g.Hc >= 1 && g.Wc >= 1, "x: the images [", g.H, ", ", g.W, "] are smaller than the kernel [", g.kh,
-              ", ", g.kw, "] with this padding and dilation");
   TORCH_CHECK(k >= 1 && g.Hc >= k && g.Wc >= k, "k: expected a pooling window 1 <= k <= min(Hc, Wc) = ",
               std::min(g.Hc, g.Wc), ", got ", k);
   const int64_t T = g.T, N = g.N, Ho = g.Hc / k, Wo = g.Wc / k, plane = g.Hc * g.Wc, oplane = Ho * Wo, D = g.D;
@@ -353,13 +362,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_maxpool_
     const at::Tensor& cw_in, const at::Tensor& cb_in, const at::Tensor& w_in, const at::Tensor& pmean_in,
     const at::Tensor& pcov_in, double eps, int64_t k, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation) {
-  check_inputs(x, cw_in);
-  check_geometry(stride, padding, dilation);
-  const int64_t C = cw_in.size(1);
-  check_channels(cb_in, "cb", x, C);
-  check_channels(w_in, "w", x, C);
-  const ConvGeometry g(x, cw_in, stride, padding, dilation);
-  const int64_t T = g.T, N = g.N, D = g.D;
+  const ConvGeometry g = checked_geometry(x, cw_in, cb_in, w_in, stride, padding, dilation);
+  const int64_t T = g.T, N = g.N, C = g.C, D = g.D;
   TORCH_CHECK(gz_in.dim() == 5 && gz_in.sizes() == z_in.sizes() && idx_in.sizes() == z_in.sizes(),
               "gz, z, idx: expected the pooled shape [T, N, C, Ho, Wo] for all three, got ", gz_in.sizes(), ", ",
               z_in.sizes(), ", ", idx_in.sizes());

@@ -17,6 +17,7 @@ from fastmaml.ops import registry
 from fastmaml.programs.fused import conv_block
 
 from class_models import ConvClassNet, MiniImagenetCNN
+from models import classification_tasks
 from oracle import assert_grads_close, check_meta_step
 
 DEVICE = torch.device("cpu")
@@ -189,14 +190,8 @@ class _Calls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def tasks_for(shape, T=2, ways=3, shots=2, query=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ns, nq = ways * shots, ways * query
-    sx = torch.randn(T, ns, *shape, generator=g, dtype=torch.float64)
-    qx = torch.randn(T, nq, *shape, generator=g, dtype=torch.float64)
-    sy = torch.arange(ways).repeat_interleave(shots).expand(T, ns).clone()
-    qy = torch.arange(ways).repeat_interleave(query).expand(T, nq).clone()
-    return sx, sy, qx, qy
+def tasks_for(shape, T=2):
+    return classification_tasks(T=T, ways=3, shots=2, query=3, shape=shape)
 
 
 def test_the_compiler_fuses_a_first_block_only():
