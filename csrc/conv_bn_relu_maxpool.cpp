@@ -280,15 +280,13 @@ ConvPlane<S> conv_plane_kernel() {
 
 // One task and channel's sums over its picks, image by image (N of them, `stride` pooled values apart from
 // gz, z, idx; images `g.image()` apart from img): sg = Σ ga and s[q] = Σ ga p_q with ga = gz where z > 0 (ReLU's
-// mask at the pick, as a select: random picks defeat branch prediction). KD: D known when compiled (its sums
-// stay in registers), or 0.
-template <int64_t KD, typename scalar_t>
+// mask at the pick, as a select: random picks defeat branch prediction); double sums.
+template <typename scalar_t>
 void routed_patch_sums(const scalar_t* gz, const scalar_t* z, const int64_t* idx, const scalar_t* img,
-                       const ConvGeometry& g, int64_t oplane, int64_t stride, const int64_t* tap, double* s_out,
+                       const ConvGeometry& g, int64_t oplane, int64_t stride, const int64_t* tap, double* s,
                        double& sg_out) {
-  const int64_t D = KD > 0 ? KD : g.D;
   const double per_column = 1.0 / double(g.Wc);  // a pick's row: (e + 0.5) / Wc, exact for these sizes
-  double s[KD > 0 ? KD : kMaxTaps] = {};
+  std::fill(s, s + g.D, 0.0);
   double sg = 0.0;
   for (int64_t n = 0; n < g.N; ++n, gz += stride, z += stride, idx += stride, img += g.image()) {
     for (int64_t o = 0; o < oplane; ++o) {
@@ -296,11 +294,75 @@ void routed_patch_sums(const scalar_t* gz, const scalar_t* z, const int64_t* idx
       const int64_t e = idx[o], h = int64_t((double(e) + 0.5) * per_column), wc = e - h * g.Wc;
       const scalar_t* p = img + g.origin(h, wc);
       sg += ga;
-      for (int64_t q = 0; q < D; ++q) s[q] += ga * double(p[tap[q]]);
+      for (int64_t q = 0; q < g.D; ++q) s[q] += ga * double(p[tap[q]]);
     }
   }
-  std::copy(s, s + D, s_out);
   sg_out = sg;
+}
+
+// routed_patch_sums where every tap row (ci, i) is kw <= 4 adjacent values (dw = 1): a row's four values are one
+// vector (the fourth, past the row when kw = 3, lands in a lane that is dropped; img has slack after its last
+// image), widened to double (a float product is exact there) and summed in double, as routed_patch_sums does.
+// KR: the rows Ci·kh known when compiled (the sums stay in registers), or 0. Built for AVX2 only (its double
+// vectors); the baseline build runs routed_patch_sums, which adds the same products in the same order.
+template <int64_t KR, typename scalar_t>
+inline __attribute__((always_inline)) void routed_row_sums_impl(const scalar_t* gz, const scalar_t* z,
+                                                               const int64_t* idx, const scalar_t* img,
+                                                               const ConvGeometry& g, int64_t oplane,
+                                                               int64_t stride, double* s_out, double& sg_out) {
+  typedef typename VecOf<scalar_t, 4 * sizeof(scalar_t)>::type V;
+  typedef typename VecOf<double, 32>::type V64;
+  const int64_t R = KR > 0 ? KR : g.Ci * g.kh;
+  const double per_column = 1.0 / double(g.Wc);
+  int64_t rows[KR > 0 ? KR : kMaxTaps];
+  for (int64_t r = 0; r < R; ++r) rows[r] = (r / g.kh) * g.Hp * g.Wp + (r % g.kh) * g.dh * g.Wp;
+  V64 acc[KR > 0 ? KR : kMaxTaps];
+  for (int64_t r = 0; r < R; ++r) acc[r] = V64{};
+  double sg = 0.0;
+  for (int64_t n = 0; n < g.N; ++n, gz += stride, z += stride, idx += stride, img += g.image()) {
+    for (int64_t o = 0; o < oplane; ++o) {
+      const double ga = z[o] > scalar_t(0) ? double(gz[o]) : 0.0;
+      const int64_t e = idx[o], h = int64_t((double(e) + 0.5) * per_column), wc = e - h * g.Wc;
+      const scalar_t* p = img + g.origin(h, wc);
+      sg += ga;
+      for (int64_t r = 0; r < R; ++r) {
+        V v;
+        __builtin_memcpy(&v, p + rows[r], sizeof v);
+        acc[r] += ga * __builtin_convertvector(v, V64);
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < g.kw; ++j) s_out[r * g.kw + j] = acc[r][j];
+  sg_out = sg;
+}
+
+#if defined(FASTMAML_CONV_BLOCK_AVX2)
+template <int64_t KR, typename scalar_t>
+__attribute__((target("avx2"))) void routed_row_sums(const scalar_t* gz, const scalar_t* z, const int64_t* idx,
+                                                     const scalar_t* img, const ConvGeometry& g, int64_t oplane,
+                                                     int64_t stride, double* s_out, double& sg_out) {
+  routed_row_sums_impl<KR>(gz, z, idx, img, g, oplane, stride, s_out, sg_out);
+}
+#endif
+
+// Whether the backward runs routed_row_sums: the AVX2 build (cpu_isa.h) and tap rows of at most four adjacent
+// values
+bool row_sums_apply(const ConvGeometry& g) {
+#if defined(FASTMAML_CONV_BLOCK_AVX2)
+  return g.dw == 1 && g.kw <= 4 && use_avx2_build(__builtin_cpu_supports("avx2"));
+#else
+  (void)g;
+  return false;
+#endif
+}
+
+// x zero-padded with four values of slack after the last image (routed_row_sums's last vector reads past it)
+at::Tensor padded_with_slack(const at::Tensor& x, const ConvGeometry& g) {
+  const at::Tensor xpad = padded(x, g);
+  at::Tensor buffer = at::zeros({xpad.numel() + 4}, x.options());
+  buffer.narrow(0, 0, xpad.numel()).copy_(xpad.view(-1));
+  return buffer;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_maxpool_fwd_cpu(
@@ -389,7 +451,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_maxpool_
   at::Tensor gw = at::empty({T, C}, x.options()), gb = at::empty({T, C}, x.options());
   if (T * C == 0) return {gcw, gcb, gw, gb};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmaml::conv_bn_relu_maxpool_bwd", [&] {
-    const at::Tensor xpad = padded(x, g);
+    const bool rows4 = row_sums_apply(g);
+    const at::Tensor xpad = rows4 ? padded_with_slack(x, g) : padded(x, g);
     const scalar_t* xp = xpad.const_data_ptr<scalar_t>();
     const scalar_t *gzp = gz.const_data_ptr<scalar_t>(), *zp = z.const_data_ptr<scalar_t>();
     const int64_t* ip = idx.const_data_ptr<int64_t>();
@@ -408,10 +471,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_maxpool_
         const double *pmt = pm + t * D, *pct = pc + t * D * D;
         double sg = 0.0;  // Σ ga
         const int64_t o0 = (t * N * C + item % C) * oplane;
-        if (D == 9)
-          routed_patch_sums<9>(gzp + o0, zp + o0, ip + o0, xp + t * N * g.image(), g, oplane, C * oplane, tap, s, sg);
+        const scalar_t* img = xp + t * N * g.image();
+#if defined(FASTMAML_CONV_BLOCK_AVX2)
+        if (rows4 && g.Ci * g.kh == 3)
+          routed_row_sums<3>(gzp + o0, zp + o0, ip + o0, img, g, oplane, C * oplane, s, sg);
+        else if (rows4)
+          routed_row_sums<0>(gzp + o0, zp + o0, ip + o0, img, g, oplane, C * oplane, s, sg);
         else
-          routed_patch_sums<0>(gzp + o0, zp + o0, ip + o0, xp + t * N * g.image(), g, oplane, C * oplane, tap, s, sg);
+#endif
+          routed_patch_sums(gzp + o0, zp + o0, ip + o0, img, g, oplane, C * oplane, tap, s, sg);
         const double var = channel_moments(cwc, double(cbp[item]), pmt, pct, D).second;
         const double r = 1.0 / std::sqrt(var + eps), wr = double(wp[item]) * r;
         double sgx = 0.0;  // Σ ga ŷ = r cw · (S − Σ ga pmean)

@@ -68,6 +68,8 @@ REQUIRED_OPS = (
     "bn_act_bwd",
     "bn_act_tangent_fwd",
     "bn_act_tangent_bwd",
+    "conv_bn_relu_maxpool_fwd",
+    "conv_bn_relu_maxpool_bwd",
 )
 
 # --exclude-libs,ALL: a compiler that links libstdc++ statically (the GPU machine's /opt/gcc g++ does)
@@ -275,11 +277,11 @@ def _invalidate(directory: Path, with_cuda: bool, verdict: Verdict) -> None:
 
 
 @contextlib.contextmanager
-def _directory_lock(directory: Path) -> Iterator[None]:
+def _directory_lock(directory: Path) -> Iterator[bool]:
     """An exclusive lock (flock) on the build directory while its library is checked, built and loaded,
-    so that one process does not load a library another one is relinking. None where the directory
-    is read-only (nobody can rebuild there either) or on a system without fcntl."""
-    fd = None
+    so that one process does not load a library another one is relinking; yields whether it holds it
+    (not where the directory is read-only, where nobody can rebuild either, or without fcntl)."""
+    fd, locked = None, False
     if fcntl is not None:
         lock = directory / ".fastmaml.lock"
         for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
@@ -292,6 +294,7 @@ def _directory_lock(directory: Path) -> Iterator[None]:
         if fd is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
             except BlockingIOError:
                 print(
                     f"fastmaml: waiting for another process building the C++ extension in {directory}",
@@ -299,9 +302,10 @@ def _directory_lock(directory: Path) -> Iterator[None]:
                     flush=True,
                 )
                 fcntl.flock(fd, fcntl.LOCK_EX)
+                locked = True
             except OSError:
                 pass  # a file system without locks: go on unlocked
-        yield
+        yield locked
     finally:
         if fd is not None:
             os.close(fd)
@@ -378,7 +382,7 @@ def build(verbose: bool = False) -> Path:
             f"to a writable folder, or ${BUILD_ENV}=0 to run without the extension"
         ) from exc
     path = directory / f"{NAME}.so"
-    with _directory_lock(directory):
+    with _directory_lock(directory) as locked:
         verdict = verify(directory, with_cuda, digests)
         if verdict.problem is None:
             _load_verified(path)
@@ -390,6 +394,10 @@ def build(verbose: bool = False) -> Path:
             )
         _say(_announcement(directory, verdict))
         _invalidate(directory, with_cuda, verdict)
+        if locked:  # torch's lock file of a build that was killed (torch would wait for it forever): stale,
+            # since no other process builds here while this one holds the directory's lock
+            with contextlib.suppress(FileNotFoundError):
+                (directory / "lock").unlink()
         flags = _flags(with_cuda)
         try:
             loaded = cpp_extension.load(

@@ -283,6 +283,18 @@ assert ok, why
     assert manifest["sha256"] == build._sha256(library)
 
 
+def test_a_killed_builds_lock_file_does_not_hang_the_next_build(stand_in, tmp_path):
+    """A build killed mid-way leaves torch's `lock` file, for which torch's next build would wait forever."""
+    root = _copy(stand_in, tmp_path / "ext")
+    directory = _library_dir(root)
+    library = directory / f"{build.NAME}.so"
+    os.truncate(library, library.stat().st_size // 2)
+    (directory / "lock").touch()
+    proc = _run("ok, why = build.load()\nassert ok, why\n", root, stand_in["csrc"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (directory / "lock").exists()
+
+
 def test_a_cache_that_cannot_be_rebuilt_is_skipped(stand_in, tmp_path):
     """A damaged library in a read-only cache (a read-only HOME) with building allowed: not loaded."""
     root = _copy(stand_in, tmp_path / "ext")

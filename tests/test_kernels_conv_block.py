@@ -123,6 +123,22 @@ def test_float32_error_within_autograds_own(cpp, case):
         assert relative(got, exp) <= 2 * relative(ag, exp) + 1e-6, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_both_instruction_set_builds_give_the_same_bits(cpp, dtype, monkeypatch):
+    """The AVX2 build (vector planes, vector pick sums) and the baseline build (SSE planes, scalar pick sums)."""
+    args = inputs(CASES[0], dtype)
+    geo, k = args[5:8], args[8]
+    outs = []
+    for isa in ("native", "baseline"):
+        if isa == "baseline":
+            monkeypatch.setenv("FASTMAML_CPU_ISA", "baseline")
+        fwd = cpp["conv_bn_relu_maxpool_fwd"](*args[:5], 1e-5, k, *geo)
+        gz = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
+        outs.append(fwd + cpp["conv_bn_relu_maxpool_bwd"](gz, fwd[0], fwd[1], *args[:4], *fwd[4:], 1e-5, k, *geo))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 def test_results_do_not_depend_on_threads(cpp):
     args = inputs(CASES[0], torch.float32)
     geo, k = args[5:8], args[8]
@@ -198,14 +214,18 @@ def test_the_compiler_fuses_a_first_block_only():
     text = str(fastmaml.explain(ConvClassNet(hidden=3, side=2)))
     assert "features.0+features.1+features.2+features.3 (Conv2d+BatchNorm2d+ReLU+MaxPool2d)(x)" in text
     assert "features.5+features.6+features.7 (BatchNorm2d+ReLU+MaxPool2d)" in text  # the second block's conv reads v4
+    rgb = str(fastmaml.explain(ConvClassNet(hidden=3, side=2, channels=3)))  # 27 taps: more than MAX_TAPS
+    assert "Conv2d+BatchNorm2d" not in rgb and "features.0 (Conv2d)(x)" in rgb
 
 
 @pytest.mark.parametrize("order", ["second", "checkpoint", "first"])
-@pytest.mark.parametrize("model_fn", [lambda: ConvClassNet(hidden=3, side=2), lambda: MiniImagenetCNN(3, 4)])
+@pytest.mark.parametrize(
+    "model_fn", [lambda: ConvClassNet(hidden=3, side=2), lambda: MiniImagenetCNN(3, 4, channels=1)]
+)
 def test_meta_step_through_the_fused_block_matches_the_oracle(cpp, order, model_fn):
     torch.manual_seed(3)
     model = model_fn().double()
-    shape = (1, 8, 8) if isinstance(model, ConvClassNet) else (3, 16, 16)
+    shape = (1, 8, 8) if isinstance(model, ConvClassNet) else (1, 16, 16)
     tasks = tasks_for(shape)
     calls = _Calls()
     with calls:

@@ -12,7 +12,7 @@ Every other pass runs the convolution rule and the block-tail rule in turn (`Con
 `BatchNormReLUMaxPoolRule`): the tangent passes (the Hessian-vector products, on the support set), fixed
 statistics, other backends, and the differentiable forward. The compiler fuses the pair (`graph.fuse`) where
 the convolution reads the model's input (no gradient w.r.t. it is ever needed), has at most `MAX_TAPS` taps
-Ci·kh·kw, and its output has no other reader.
+Ci·kh·kw (a one-channel image's 3×3 kernel), and its output has no other reader.
 
 A forward from these kernels and the tangent forward of the composed rules round y differently, so on a
 near-tie (two window elements within float rounding of each other) they may pick different elements; either
@@ -27,7 +27,11 @@ from .conv import ConvRule
 from .norm import BatchNormRule
 from .norm_act import BatchNormReLUMaxPoolRule
 
-MAX_TAPS = 32  # Ci·kh·kw of the convolutions fused (the kernels' limit)
+# Ci·kh·kw of the convolutions fused: the kernels take up to 32, but their cost per output position grows with
+# the taps (the patch moments as taps², the convolution as taps × channels) while the traffic they save does
+# not; at 27 taps (RGB 3×3, 32 channels, 84×84) the fused passes ran slower than the convolution and the block
+# tail apart (benchmarks/RESULTS.md), at 9 (one channel, 3×3) 1.4× faster inside the step.
+MAX_TAPS = 9
 
 
 def fused_conv_block(ops) -> bool:
@@ -53,7 +57,7 @@ class ConvBlockRule(BatchNormRule):
 
     @staticmethod
     def fusable(conv: ConvRule) -> bool:
-        """A convolution the kernels take: at most `MAX_TAPS` taps Ci·kh·kw."""
+        """A convolution worth fusing: at most `MAX_TAPS` taps Ci·kh·kw."""
         kh, kw = conv.geometry.kernel
         return conv.in_channels * kh * kw <= MAX_TAPS
 
