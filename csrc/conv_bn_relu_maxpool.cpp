@@ -23,8 +23,8 @@
 // computing y plane by plane (the taps as shifted rows of the padded image, in (ci, i, j) order, in x's type;
 // GCC vectors, a baseline and an AVX2 build with the same bits, chosen by cpu_isa.h) and pooling it with the
 // block tail's plane kernel (bn_relu_maxpool_plane.h); the backward's items likewise, summing over the picks
-// only (double sums; the nine sums of a 3×3 kernel on one channel in registers). Results do not depend on the
-// number of threads.
+// only, in double (AVX2: each tap row one vector, a 3×3 kernel on one channel's sums in registers; baseline:
+// one tap at a time, the same products in the same order). Results do not depend on the number of threads.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>

@@ -21,6 +21,7 @@ from fastmaml.ops import registry  # noqa: E402
 from fastmaml.ops.backends import triton_norm  # noqa: E402
 from fastmaml.programs import select_program  # noqa: E402
 from fastmaml.programs.fused import FusedProgram, build, compile_model  # noqa: E402
+from fastmaml.programs.fused.conv_block import ConvBlockRule  # noqa: E402
 from fastmaml.programs.fused.norm import BatchNormRule  # noqa: E402
 from fastmaml.programs.fused.norm_act import BatchNormReLUMaxPoolRule, BatchNormReLURule  # noqa: E402
 
@@ -220,7 +221,8 @@ def test_meta_step_conv4_matches_oracle(backend, order, monkeypatch):
     model = conv4(1, 2, hidden=2, image_size=16).double().to(DEVICE)
     program = select_program(model, ParamLayout(model), resolve_loss("cross_entropy"))
     assert isinstance(program, FusedProgram)
-    assert sum(isinstance(r, BatchNormReLUMaxPoolRule) for r in program.graph.chain_rules()) == 4
+    tails = (BatchNormReLUMaxPoolRule, ConvBlockRule)  # the first with its convolution
+    assert sum(isinstance(r, tails) for r in program.graph.chain_rules()) == 4
     table = registry.resolve(backend, DEVICE)
     assert {table.chosen[n][0] for n in table.chosen if n.startswith("batchnorm_relu")} == {backend}
     tasks = [t.to(DEVICE) for t in classification_tasks(T=2, ways=2, shots=1, query=1, size=16)]

@@ -12,6 +12,7 @@ from torch import nn
 import fastmaml
 from fastmaml.ops import registry
 from fastmaml.programs.fused import compile_model
+from fastmaml.programs.fused.conv_block import ConvBlockRule
 from fastmaml.programs.fused.norm_act import BatchNormReLUMaxPoolRule
 
 from models import classification_tasks, small_cnn
@@ -371,8 +372,7 @@ def test_compiler_fuses_non_overlapping_pools_only():
         nn.Flatten(),
     )
     assert kinds(model) == [
-        "0 (Conv2d)",
-        "1+2+3 (BatchNorm2d+ReLU+MaxPool2d)",
+        "0+1+2+3 (Conv2d+BatchNorm2d+ReLU+MaxPool2d)",  # the first block, with its convolution (conv_block.py)
         "4+5+6 (BatchNorm2d+ReLU+MaxPool2d)",
         "7+8 (BatchNorm2d+ReLU)",
         "9 (MaxPool2d)",
@@ -385,18 +385,21 @@ def test_compiler_fuses_non_overlapping_pools_only():
         "18 (Flatten)",
     ]
     rules = compile_model(model).chain_rules()
-    assert isinstance(rules[1], BatchNormReLUMaxPoolRule) and rules[1].k == 2 and rules[2].k == 3
+    assert isinstance(rules[0], ConvBlockRule) and isinstance(rules[0].tail, BatchNormReLUMaxPoolRule)
+    assert rules[0].k == 2 and isinstance(rules[1], BatchNormReLUMaxPoolRule) and rules[1].k == 3
     assert [r.index for r in rules if hasattr(r, "index")] == [0, 1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("order", ["second", "checkpoint", "first"])
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
 def test_meta_step_matches_oracle(backend, order, monkeypatch):
-    """Conv → BN → ReLU → MaxPool ×2 (both tails fused) through meta_step, float64, ops of `backend`."""
+    """Conv → BN → ReLU → MaxPool ×2 (both tails fused, the first with its convolution) through meta_step,
+    float64, ops of `backend`."""
     monkeypatch.setenv(registry.ENV_VAR, backend)
     torch.manual_seed(0)
     model = small_cnn(channels=3, size=10)
-    assert sum(isinstance(r, BatchNormReLUMaxPoolRule) for r in compile_model(model).chain_rules()) == 2
+    rules = compile_model(model).chain_rules()
+    assert isinstance(rules[0], ConvBlockRule) and isinstance(rules[2], BatchNormReLUMaxPoolRule)
     check_meta_step(
         model,
         classification_tasks(T=3, size=10, seed=2),
@@ -411,4 +414,8 @@ def test_meta_step_matches_oracle(backend, order, monkeypatch):
 
 def test_explain_names_the_fused_tail():
     e = fastmaml.explain(small_cnn(channels=3), loss="cross_entropy")
-    assert e.layers[:2] == ("v1 = 0 (Conv2d)(x)", "v4 = 1+2+3 (BatchNorm2d+ReLU+MaxPool2d)(v1)")
+    assert e.layers[:3] == (
+        "v4 = 0+1+2+3 (Conv2d+BatchNorm2d+ReLU+MaxPool2d)(x)",
+        "v5 = 4 (Conv2d)(v4)",
+        "v8 = 5+6+7 (BatchNorm2d+ReLU+MaxPool2d)(v5)",
+    )

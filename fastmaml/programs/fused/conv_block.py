@@ -1,7 +1,7 @@
 """A conv net's first block as one rule: Conv2d on the model's input, then BatchNorm2d + ReLU + MaxPool2d.
 
 z = maxpool_k(relu(BN(conv2d(x, cw) + cb))). Its convolution output y is the largest activation of a conv
-net (64 channels at the input's resolution, from one or three input channels) and costs little to compute,
+net (64 channels at the input's resolution, from an image's few channels) and costs little to compute,
 so on batch statistics, where the op table has kernels for it (`conv_bn_relu_maxpool_*`, the C++ CPU kernels
 of csrc/conv_bn_relu_maxpool.cpp), the forward computes y plane by plane and writes only the pooled z, and
 the backward gets the weight gradients from the picks and the input patches' moments, never writing y or its
