@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastmaml
 from fastmaml.ops import registry
-from fastmaml.programs.fused import conv_block
+from fastmaml.programs.fused import compile_model, conv_block, memory_format
 
 from class_models import ConvClassNet, MiniImagenetCNN
 from models import classification_tasks
@@ -270,6 +270,32 @@ def test_per_step_statistics_recorded_as_without_the_fusion(cpp, monkeypatch):
     for n in buffers:
         if buffers[n].is_floating_point():
             assert torch.allclose(buffers[n], buffers_plain[n], rtol=1e-10, atol=1e-12), n
+
+
+def test_the_fused_block_keeps_the_programs_memory_format(cpp):
+    """A one-channel input of a large map runs channels-last (memory_format.py): the fused block's output
+    follows it, as the block tail's would, and its gradients match the unfused rules'."""
+    torch.manual_seed(7)
+    model = ConvClassNet(hidden=4, side=9)  # float32, 36×36 input: channels-last under "auto"
+    (block,) = [n.rule for n in compile_model(model).nodes if isinstance(n.rule, conv_block.ConvBlockRule)]
+    ops = registry.resolve("cpp", DEVICE)
+    x = memory_format.to_format(torch.randn(2, 3, 1, 36, 36), "channels_last")
+    assert memory_format.choose("auto", x) == "channels_last"
+    conv, norm = model.features[0], model.features[1]
+    p = (conv.weight.detach(), conv.bias.detach(), norm.weight.detach(), norm.bias.detach(), None)
+    with torch.no_grad():
+        z, saved = block.forward(ops, x, p, True)
+        want, saved_plain = block.forward(registry.resolve("torch", DEVICE), x, p, True)
+    assert memory_format.follows_channels_last(z)
+    assert relative(z, want) < 1e-6
+    gz = memory_format.to_format(torch.randn(want.shape), "channels_last")
+    outs = [torch.empty(2, *t.shape) for t in p[:4]]
+    outs_plain = [torch.empty(2, *t.shape) for t in p[:4]]
+    with torch.no_grad():
+        block.backward(ops, gz, saved, p, False, outs)
+        block.backward(registry.resolve("torch", DEVICE), gz, saved_plain, p, False, outs_plain)
+    for got, exp in zip(outs[:1] + outs[2:], outs_plain[:1] + outs_plain[2:]):
+        assert relative(got, exp) < 1e-4
 
 
 def test_differentiable_forward_of_a_fused_model():

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from . import memory_format as mf
 from .conv import ConvRule
 from .norm import BatchNormRule
 from .norm_act import BatchNormReLUMaxPoolRule
@@ -105,7 +106,8 @@ class ConvBlockRule(BatchNormRule):
         x = self.conv._check(x)
         cw, cb, w, b = self._args(x, p)
         z, idx, _, _, pmean, pcov = ops.conv_bn_relu_maxpool_fwd(x, cw, cb, w, b, self.eps, self.k, *self._geometry())
-        return z, ("fused", z, idx, x, cw, cb, w, pmean, pcov) if save else None
+        # the kernels write z contiguous; the next layers get it in x's format (channels-last for large maps)
+        return mf.dense_as(z, x), ("fused", z, idx, x, cw, cb, w, pmean, pcov) if save else None
 
     def backward(self, ops, gy, saved, p, need_x, outs):
         if saved[0] == "composed":
