@@ -357,12 +357,47 @@ bool row_sums_apply(const ConvGeometry& g) {
 #endif
 }
 
+// S[q] = Σ ga p_q and sg = Σ ga over one task and channel's picks: routed_row_sums where `rows4`
+// (row_sums_apply), else routed_patch_sums; the same bits either way.
+template <typename scalar_t>
+void pick_sums(bool rows4, const scalar_t* gz, const scalar_t* z, const int64_t* idx, const scalar_t* img,
+               const ConvGeometry& g, int64_t oplane, int64_t stride, double* s, double& sg) {
+#if defined(FASTMAML_CONV_BLOCK_AVX2)
+  if (rows4 && g.Ci * g.kh == 3) return routed_row_sums<3>(gz, z, idx, img, g, oplane, stride, s, sg);
+  if (rows4) return routed_row_sums<0>(gz, z, idx, img, g, oplane, stride, s, sg);
+#endif
+  routed_patch_sums(gz, z, idx, img, g, oplane, stride, g.tap.data(), s, sg);
+}
+
 // x zero-padded with four values of slack after the last image (routed_row_sums's last vector reads past it)
 at::Tensor padded_with_slack(const at::Tensor& x, const ConvGeometry& g) {
   const at::Tensor xpad = padded(x, g);
   at::Tensor buffer = at::zeros({xpad.numel() + 4}, x.options());
   buffer.narrow(0, 0, xpad.numel()).copy_(xpad.view(-1));
   return buffer;
+}
+
+// The backwards' checks of the pooled tensors (gz, z, idx) and the forward's patch moments
+void check_backward(const at::Tensor& gz_in, const at::Tensor& z_in, const at::Tensor& idx_in, const at::Tensor& x,
+                    const ConvGeometry& g, int64_t k, const at::Tensor& pmean_in, const at::Tensor& pcov_in) {
+  const int64_t T = g.T, N = g.N, C = g.C, D = g.D;
+  TORCH_CHECK(gz_in.dim() == 5 && gz_in.sizes() == z_in.sizes() && idx_in.sizes() == z_in.sizes(),
+              "gz, z, idx: expected the pooled shape [T, N, C, Ho, Wo] for all three, got ", gz_in.sizes(), ", ",
+              z_in.sizes(), ", ", idx_in.sizes());
+  TORCH_CHECK(gz_in.size(0) == T && gz_in.size(1) == N && gz_in.size(2) == C, "gz: expected [T, N, C] = [", T, ", ",
+              N, ", ", C, "] leading sizes, got ", gz_in.sizes());
+  TORCH_CHECK(gz_in.scalar_type() == x.scalar_type() && z_in.scalar_type() == x.scalar_type(),
+              "gz, z: expected dtype ", x.scalar_type(), " (as x)");
+  TORCH_CHECK(idx_in.scalar_type() == at::kLong, "idx: expected int64 indices, got ", idx_in.scalar_type());
+  TORCH_CHECK(k >= 1 && gz_in.size(3) == g.Hc / k && gz_in.size(4) == g.Wc / k, "gz: expected pooled planes [",
+              g.Hc / std::max<int64_t>(k, 1), ", ", g.Wc / std::max<int64_t>(k, 1), "] (Hc / k, Wc / k), got ",
+              gz_in.sizes());
+  TORCH_CHECK(pmean_in.scalar_type() == at::kDouble && pmean_in.sizes() == at::IntArrayRef({T, D}),
+              "pmean: expected float64 [", T, ", ", D, "] (the forward's), got ", pmean_in.scalar_type(), " ",
+              pmean_in.sizes());
+  TORCH_CHECK(pcov_in.scalar_type() == at::kDouble && pcov_in.sizes() == at::IntArrayRef({T, D, D}),
+              "pcov: expected float64 [", T, ", ", D, ", ", D, "] (the forward's), got ", pcov_in.scalar_type(), " ",
+              pcov_in.sizes());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_maxpool_fwd_cpu(
@@ -426,23 +461,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_maxpool_
     at::IntArrayRef dilation) {
   const ConvGeometry g = checked_geometry(x, cw_in, cb_in, w_in, stride, padding, dilation);
   const int64_t T = g.T, N = g.N, C = g.C, D = g.D;
-  TORCH_CHECK(gz_in.dim() == 5 && gz_in.sizes() == z_in.sizes() && idx_in.sizes() == z_in.sizes(),
-              "gz, z, idx: expected the pooled shape [T, N, C, Ho, Wo] for all three, got ", gz_in.sizes(), ", ",
-              z_in.sizes(), ", ", idx_in.sizes());
-  TORCH_CHECK(gz_in.size(0) == T && gz_in.size(1) == N && gz_in.size(2) == C, "gz: expected [T, N, C] = [", T, ", ",
-              N, ", ", C, "] leading sizes, got ", gz_in.sizes());
-  TORCH_CHECK(gz_in.scalar_type() == x.scalar_type() && z_in.scalar_type() == x.scalar_type(),
-              "gz, z: expected dtype ", x.scalar_type(), " (as x)");
-  TORCH_CHECK(idx_in.scalar_type() == at::kLong, "idx: expected int64 indices, got ", idx_in.scalar_type());
-  TORCH_CHECK(k >= 1 && gz_in.size(3) == g.Hc / k && gz_in.size(4) == g.Wc / k, "gz: expected pooled planes [",
-              g.Hc / std::max<int64_t>(k, 1), ", ", g.Wc / std::max<int64_t>(k, 1), "] (Hc / k, Wc / k), got ",
-              gz_in.sizes());
-  TORCH_CHECK(pmean_in.scalar_type() == at::kDouble && pmean_in.sizes() == at::IntArrayRef({T, D}),
-              "pmean: expected float64 [", T, ", ", D, "] (the forward's), got ", pmean_in.scalar_type(), " ",
-              pmean_in.sizes());
-  TORCH_CHECK(pcov_in.scalar_type() == at::kDouble && pcov_in.sizes() == at::IntArrayRef({T, D, D}),
-              "pcov: expected float64 [", T, ", ", D, ", ", D, "] (the forward's), got ", pcov_in.scalar_type(), " ",
-              pcov_in.sizes());
+  check_backward(gz_in, z_in, idx_in, x, g, k, pmean_in, pcov_in);
   const at::Tensor gz = gz_in.contiguous(), z = z_in.contiguous(), idx = idx_in.contiguous();
   const at::Tensor cw = cw_in.contiguous(), cb = cb_in.contiguous(), w = w_in.contiguous();
   const at::Tensor pmean = pmean_in.contiguous(), pcov = pcov_in.contiguous();
@@ -464,22 +483,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_maxpool_
     const int64_t grain = std::max<int64_t>(1, kValuesPerGrain / std::max<int64_t>(1, N * oplane * D));
     at::parallel_for(0, T * C, grain, [&](int64_t begin, int64_t end) {
       double s[kMaxTaps], pcw[kMaxTaps];
-      const int64_t* tap = g.tap.data();
       for (int64_t item = begin; item < end; ++item) {
         const int64_t t = item / C;
         const scalar_t* cwc = cwp + item * D;
         const double *pmt = pm + t * D, *pct = pc + t * D * D;
         double sg = 0.0;  // Σ ga
         const int64_t o0 = (t * N * C + item % C) * oplane;
-        const scalar_t* img = xp + t * N * g.image();
-#if defined(FASTMAML_CONV_BLOCK_AVX2)
-        if (rows4 && g.Ci * g.kh == 3)
-          routed_row_sums<3>(gzp + o0, zp + o0, ip + o0, img, g, oplane, C * oplane, s, sg);
-        else if (rows4)
-          routed_row_sums<0>(gzp + o0, zp + o0, ip + o0, img, g, oplane, C * oplane, s, sg);
-        else
-#endif
-          routed_patch_sums(gzp + o0, zp + o0, ip + o0, img, g, oplane, C * oplane, tap, s, sg);
+        pick_sums(rows4, gzp + o0, zp + o0, ip + o0, xp + t * N * g.image(), g, oplane, C * oplane, s, sg);
         const double var = channel_moments(cwc, double(cbp[item]), pmt, pct, D).second;
         const double r = 1.0 / std::sqrt(var + eps), wr = double(wp[item]) * r;
         double sgx = 0.0;  // Σ ga ŷ = r cw · (S − Σ ga pmean)
@@ -500,11 +510,174 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_maxpool_
   return {gcw, gcb, gw, gb};
 }
 
+
+// The forward and its tangent along (dcw, dcb, dw, db) (x has none: the model's input). z, idx and the statistics
+// come from conv_bn_relu_maxpool_fwd itself, so they are the forward's bits; zd at each pick where z > 0:
+//   ŷ = r (cw·p + cb − mean),  a = r cwᵀ pcov dcw,  ŷ' = r (dcw·(p − pmean) − ŷ a),  zd = ŷ' w + ŷ dw + db
+// (y' − mean(y') = dcw·(p − pmean); r' = −r² a).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_bn_relu_maxpool_tangent_fwd_cpu(const at::Tensor& x, const at::Tensor& cw, const at::Tensor& cb,
+                                     const at::Tensor& w, const at::Tensor& b, const at::Tensor& dcw_in,
+                                     const at::Tensor& dcb_in, const at::Tensor& dw_in, const at::Tensor& db_in,
+                                     double eps, int64_t k, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation) {
+  auto [z, idx, mean, invstd, pmean, pcov] =
+      conv_bn_relu_maxpool_fwd_cpu(x, cw, cb, w, b, eps, k, stride, padding, dilation);
+  const ConvGeometry g(x, cw, stride, padding, dilation);
+  TORCH_CHECK(dcw_in.sizes() == cw.sizes() && dcw_in.scalar_type() == x.scalar_type(), "dcw: expected ",
+              cw.sizes(), " (as cw) of dtype ", x.scalar_type(), ", got ", dcw_in.sizes(), " ", dcw_in.scalar_type());
+  check_channels(dcb_in, "dcb", x, g.C);
+  check_channels(dw_in, "dw", x, g.C);
+  check_channels(db_in, "db", x, g.C);
+  const int64_t T = g.T, N = g.N, C = g.C, D = g.D, oplane = z.size(3) * z.size(4);
+  at::Tensor zd = at::zeros(z.sizes(), z.options());
+  if (T * C == 0 || N == 0) return {z, zd, idx, mean, invstd, pmean, pcov};
+  const at::Tensor cwc_t = cw.contiguous(), cbc_t = cb.contiguous(), wc_t = w.contiguous();
+  const at::Tensor dcw = dcw_in.contiguous(), dw = dw_in.contiguous(), db = db_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmaml::conv_bn_relu_maxpool_tangent_fwd", [&] {
+    const at::Tensor xpad = padded(x, g);
+    const scalar_t* xp = xpad.const_data_ptr<scalar_t>();
+    const scalar_t *zp = z.const_data_ptr<scalar_t>(), *cwp = cwc_t.const_data_ptr<scalar_t>();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    const scalar_t *cbp = cbc_t.const_data_ptr<scalar_t>(), *wp = wc_t.const_data_ptr<scalar_t>();
+    const scalar_t *dcwp = dcw.const_data_ptr<scalar_t>(), *dwp = dw.const_data_ptr<scalar_t>();
+    const scalar_t* dbp = db.const_data_ptr<scalar_t>();
+    const double *pm = pmean.const_data_ptr<double>(), *pc = pcov.const_data_ptr<double>();
+    scalar_t* zdp = zd.mutable_data_ptr<scalar_t>();
+    const double per_column = 1.0 / double(g.Wc);
+    at::parallel_for(0, T * C, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item / C;
+        const scalar_t *cwc = cwp + item * D, *dcwc = dcwp + item * D;
+        const double *pmt = pm + t * D, *pct = pc + t * D * D;
+        const auto [mu, var] = channel_moments(cwc, double(cbp[item]), pmt, pct, D);
+        const double r = 1.0 / std::sqrt(var + eps);
+        double a = 0.0;  // r cwᵀ pcov dcw
+        for (int64_t q = 0; q < D; ++q)
+          for (int64_t l = 0; l < D; ++l) a += double(cwc[q]) * pct[q * D + l] * double(dcwc[l]);
+        a *= r;
+        const double wi = double(wp[item]), dwi = double(dwp[item]), dbi = double(dbp[item]);
+        for (int64_t n = 0; n < N; ++n) {
+          const scalar_t* img = xp + (t * N + n) * g.image();
+          const int64_t o0 = ((t * N + n) * C + item % C) * oplane;
+          for (int64_t o = o0; o < o0 + oplane; ++o) {
+            if (!(zp[o] > scalar_t(0))) continue;  // ReLU's mask at the pick (zd stays 0)
+            const int64_t e = ip[o], h = int64_t((double(e) + 0.5) * per_column), wc = e - h * g.Wc;
+            const scalar_t* p = img + g.origin(h, wc);
+            double y = double(cbp[item]) - mu, yd = 0.0;
+            for (int64_t q = 0; q < D; ++q) {
+              const double v = double(p[g.tap[q]]);
+              y += double(cwc[q]) * v;
+              yd += double(dcwc[q]) * (v - pmt[q]);
+            }
+            const double yh = y * r, yhd = r * (yd - yh * a);
+            zdp[o] = static_cast<scalar_t>(yhd * wi + yh * dwi + dbi);
+          }
+        }
+      }
+    });
+  });
+  return {z, zd, idx, mean, invstd, pmean, pcov};
+}
+
+// The backward and its tangent, from the picks' sums S = Σ ga p, sg = Σ ga and Sd = Σ ga' p, sgd = Σ ga'
+// (ga' the routed gzd, ReLU's mask of z); with Sc = S − sg pmean, Sdc = Sd − sgd pmean, a = r cwᵀ pcov dcw:
+//   gw = r cw·Sc,  gw' = r cw·Sdc + r dcw·Sc − r a gw,  gb = sg,  gb' = sgd,
+//   gcw = w r u with u = Sc − gw r pcov cw,
+//   gcw' = dw r u − w r² a u + w r (Sdc − gw' r pcov cw + gw r² a pcov cw − gw r pcov dcw),  gcb = gcb' = 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_bn_relu_maxpool_tangent_bwd_cpu(const at::Tensor& gz_in, const at::Tensor& gzd_in, const at::Tensor& z_in,
+                                     const at::Tensor& idx_in, const at::Tensor& x, const at::Tensor& cw_in,
+                                     const at::Tensor& cb_in, const at::Tensor& w_in, const at::Tensor& dcw_in,
+                                     const at::Tensor& dw_in, const at::Tensor& pmean_in, const at::Tensor& pcov_in,
+                                     double eps, int64_t k, at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation) {
+  const ConvGeometry g = checked_geometry(x, cw_in, cb_in, w_in, stride, padding, dilation);
+  const int64_t T = g.T, N = g.N, C = g.C, D = g.D;
+  check_backward(gz_in, z_in, idx_in, x, g, k, pmean_in, pcov_in);
+  TORCH_CHECK(gzd_in.sizes() == gz_in.sizes() && gzd_in.scalar_type() == x.scalar_type(),
+              "gzd: expected gz's shape and dtype, got ", gzd_in.sizes(), " ", gzd_in.scalar_type());
+  TORCH_CHECK(dcw_in.sizes() == cw_in.sizes() && dcw_in.scalar_type() == x.scalar_type(), "dcw: expected ",
+              cw_in.sizes(), " (as cw) of dtype ", x.scalar_type(), ", got ", dcw_in.sizes(), " ",
+              dcw_in.scalar_type());
+  check_channels(dw_in, "dw", x, C);
+  const at::Tensor gz = gz_in.contiguous(), gzd = gzd_in.contiguous(), z = z_in.contiguous();
+  const at::Tensor idx = idx_in.contiguous(), cw = cw_in.contiguous(), cb = cb_in.contiguous();
+  const at::Tensor w = w_in.contiguous(), dcw = dcw_in.contiguous(), dw = dw_in.contiguous();
+  const at::Tensor pmean = pmean_in.contiguous(), pcov = pcov_in.contiguous();
+  const int64_t oplane = gz.size(3) * gz.size(4);
+  at::Tensor gcw = at::empty(cw.sizes(), x.options()), dgcw = at::empty(cw.sizes(), x.options());
+  at::Tensor gcb = at::zeros({T, C}, x.options()), dgcb = at::zeros({T, C}, x.options());
+  at::Tensor gw = at::empty({T, C}, x.options()), dgw = at::empty({T, C}, x.options());
+  at::Tensor gb = at::empty({T, C}, x.options()), dgb = at::empty({T, C}, x.options());
+  if (T * C == 0) return {gcw, gcb, gw, gb, dgcw, dgcb, dgw, dgb};
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmaml::conv_bn_relu_maxpool_tangent_bwd", [&] {
+    const bool rows4 = row_sums_apply(g);
+    const at::Tensor xpad = rows4 ? padded_with_slack(x, g) : padded(x, g);
+    const scalar_t* xp = xpad.const_data_ptr<scalar_t>();
+    const scalar_t *gzp = gz.const_data_ptr<scalar_t>(), *gzdp = gzd.const_data_ptr<scalar_t>();
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const int64_t* ip = idx.const_data_ptr<int64_t>();
+    const scalar_t *cwp = cw.const_data_ptr<scalar_t>(), *cbp = cb.const_data_ptr<scalar_t>();
+    const scalar_t *wp = w.const_data_ptr<scalar_t>(), *dcwp = dcw.const_data_ptr<scalar_t>();
+    const scalar_t* dwp = dw.const_data_ptr<scalar_t>();
+    const double *pm = pmean.const_data_ptr<double>(), *pc = pcov.const_data_ptr<double>();
+    scalar_t *gcwp = gcw.mutable_data_ptr<scalar_t>(), *dgcwp = dgcw.mutable_data_ptr<scalar_t>();
+    scalar_t *gwp = gw.mutable_data_ptr<scalar_t>(), *dgwp = dgw.mutable_data_ptr<scalar_t>();
+    scalar_t *gbp = gb.mutable_data_ptr<scalar_t>(), *dgbp = dgb.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, T * C, 1, [&](int64_t begin, int64_t end) {
+      double s[kMaxTaps], sd[kMaxTaps], pcw[kMaxTaps], pcdw[kMaxTaps];
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t t = item / C;
+        const scalar_t *cwc = cwp + item * D, *dcwc = dcwp + item * D;
+        const double *pmt = pm + t * D, *pct = pc + t * D * D;
+        const int64_t o0 = (t * N * C + item % C) * oplane;
+        const scalar_t* img = xp + t * N * g.image();
+        double sg = 0.0, sgd = 0.0;
+        pick_sums(rows4, gzp + o0, zp + o0, ip + o0, img, g, oplane, C * oplane, s, sg);
+        pick_sums(rows4, gzdp + o0, zp + o0, ip + o0, img, g, oplane, C * oplane, sd, sgd);
+        const double var = channel_moments(cwc, double(cbp[item]), pmt, pct, D).second;
+        const double r = 1.0 / std::sqrt(var + eps), wi = double(wp[item]), dwi = double(dwp[item]);
+        double a = 0.0, gwv = 0.0, dgwv = 0.0;
+        for (int64_t q = 0; q < D; ++q) {
+          s[q] -= sg * pmt[q];
+          sd[q] -= sgd * pmt[q];
+          double row = 0.0, rowd = 0.0;
+          for (int64_t l = 0; l < D; ++l) {
+            row += pct[q * D + l] * double(cwc[l]);
+            rowd += pct[q * D + l] * double(dcwc[l]);
+          }
+          pcw[q] = row;
+          pcdw[q] = rowd;
+          a += double(cwc[q]) * rowd;
+          gwv += double(cwc[q]) * s[q];
+          dgwv += double(cwc[q]) * sd[q] + double(dcwc[q]) * s[q];
+        }
+        a *= r;
+        gwv *= r;
+        dgwv = r * dgwv - r * a * gwv;
+        gbp[item] = static_cast<scalar_t>(sg);
+        dgbp[item] = static_cast<scalar_t>(sgd);
+        gwp[item] = static_cast<scalar_t>(gwv);
+        dgwp[item] = static_cast<scalar_t>(dgwv);
+        for (int64_t q = 0; q < D; ++q) {
+          const double u = s[q] - gwv * r * pcw[q];
+          gcwp[item * D + q] = static_cast<scalar_t>(wi * r * u);
+          const double du = sd[q] - dgwv * r * pcw[q] + gwv * r * r * a * pcw[q] - gwv * r * pcdw[q];
+          dgcwp[item * D + q] = static_cast<scalar_t>(dwi * r * u - wi * r * r * a * u + wi * r * du);
+        }
+      }
+    });
+  });
+  return {gcw, gcb, gw, gb, dgcw, dgcb, dgw, dgb};
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmaml, CPU, m) {
   m.impl("conv_bn_relu_maxpool_fwd", &conv_bn_relu_maxpool_fwd_cpu);
   m.impl("conv_bn_relu_maxpool_bwd", &conv_bn_relu_maxpool_bwd_cpu);
+  m.impl("conv_bn_relu_maxpool_tangent_fwd", &conv_bn_relu_maxpool_tangent_fwd_cpu);
+  m.impl("conv_bn_relu_maxpool_tangent_bwd", &conv_bn_relu_maxpool_tangent_bwd_cpu);
 }
 
 }  // namespace fastmaml

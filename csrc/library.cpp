@@ -49,6 +49,17 @@ TORCH_LIBRARY(fastmaml, m) {
       "conv_bn_relu_maxpool_bwd(Tensor gz, Tensor z, Tensor idx, Tensor x, Tensor cw, Tensor cb, Tensor w, "
       "Tensor pmean, Tensor pcov, float eps, int k, int[2] stride, int[2] padding, int[2] dilation) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  // The block with its tangent along (dcw, dcb, dw, db [T, ...] like cw, cb, w, b; x has none)
+  // -> (z, zd, idx, mean, invstd, pmean, pcov)
+  m.def(
+      "conv_bn_relu_maxpool_tangent_fwd(Tensor x, Tensor cw, Tensor cb, Tensor w, Tensor b, Tensor dcw, Tensor dcb, "
+      "Tensor dw, Tensor db, float eps, int k, int[2] stride, int[2] padding, int[2] dilation) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The backward and its tangent -> (gcw, gcb, gw, gb, and their tangents in the same order)
+  m.def(
+      "conv_bn_relu_maxpool_tangent_bwd(Tensor gz, Tensor gzd, Tensor z, Tensor idx, Tensor x, Tensor cw, Tensor cb, "
+      "Tensor w, Tensor dcw, Tensor dw, Tensor pmean, Tensor pcov, float eps, int k, int[2] stride, int[2] padding, "
+      "int[2] dilation) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // BatchNorm (batch statistics per task) + leaky ReLU with `slope` (1: none, 0: ReLU), fused (CPU).
   // x [T, N, C, S], w, b [T, C] -> (z [T, N, C, S], mean [T, C], invstd [T, C])
   m.def("bn_act_fwd(Tensor x, Tensor w, Tensor b, float eps, float slope) -> (Tensor, Tensor, Tensor)");

@@ -151,9 +151,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_maxpool_
           at::empty({T, C}, x.options())};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_bn_relu_maxpool_tangent_fwd_meta(const at::Tensor& x, const at::Tensor& cw, const at::Tensor& cb,
+                                      const at::Tensor& w, const at::Tensor& b, const at::Tensor& dcw,
+                                      const at::Tensor& dcb, const at::Tensor& dw, const at::Tensor& db, double eps,
+                                      int64_t k, at::IntArrayRef stride, at::IntArrayRef padding,
+                                      at::IntArrayRef dilation) {
+  auto [z, idx, mean, invstd, pmean, pcov] =
+      conv_bn_relu_maxpool_fwd_meta(x, cw, cb, w, b, eps, k, stride, padding, dilation);
+  return {z, at::empty(z.sizes(), z.options()), idx, mean, invstd, pmean, pcov};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv_bn_relu_maxpool_tangent_bwd_meta(const at::Tensor& gz, const at::Tensor& gzd, const at::Tensor& z,
+                                      const at::Tensor& idx, const at::Tensor& x, const at::Tensor& cw,
+                                      const at::Tensor& cb, const at::Tensor& w, const at::Tensor& dcw,
+                                      const at::Tensor& dw, const at::Tensor& pmean, const at::Tensor& pcov,
+                                      double eps, int64_t k, at::IntArrayRef stride, at::IntArrayRef padding,
+                                      at::IntArrayRef dilation) {
+  auto [gcw, gcb, gw, gb] =
+      conv_bn_relu_maxpool_bwd_meta(gz, z, idx, x, cw, cb, w, pmean, pcov, eps, k, stride, padding, dilation);
+  return {gcw, gcb, gw, gb, at::empty(gcw.sizes(), gcw.options()), at::empty(gcb.sizes(), gcb.options()),
+          at::empty(gw.sizes(), gw.options()), at::empty(gb.sizes(), gb.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastmaml, Meta, m) {
+  m.impl("conv_bn_relu_maxpool_tangent_fwd", &conv_bn_relu_maxpool_tangent_fwd_meta);
+  m.impl("conv_bn_relu_maxpool_tangent_bwd", &conv_bn_relu_maxpool_tangent_bwd_meta);
   m.impl("conv_bn_relu_maxpool_fwd", &conv_bn_relu_maxpool_fwd_meta);
   m.impl("conv_bn_relu_maxpool_bwd", &conv_bn_relu_maxpool_bwd_meta);
   m.impl("bn_act_fwd", &bn_act_fwd_meta);

@@ -70,6 +70,8 @@ REQUIRED_OPS = (
     "bn_act_tangent_bwd",
     "conv_bn_relu_maxpool_fwd",
     "conv_bn_relu_maxpool_bwd",
+    "conv_bn_relu_maxpool_tangent_fwd",
+    "conv_bn_relu_maxpool_tangent_bwd",
 )
 
 # --exclude-libs,ALL: a compiler that links libstdc++ statically (the GPU machine's /opt/gcc g++ does)

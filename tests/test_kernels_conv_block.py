@@ -4,6 +4,7 @@ autograd on odd and real shapes, both instruction-set builds, float32 against fl
 the compiler's fusion; meta_step through the fused rule against the autograd oracle (float64), and against the
 same model without the fusion (per-step statistics recorded alike)."""
 
+import collections
 import copy
 
 import pytest
@@ -42,7 +43,8 @@ def cpp():
     ok, why = registry.availability("cpp", DEVICE)
     if not ok:
         pytest.skip(why)
-    return {op: registry.implementation(op, "cpp") for op in ("conv_bn_relu_maxpool_fwd", "conv_bn_relu_maxpool_bwd")}
+    ops = ("fwd", "bwd", "tangent_fwd", "tangent_bwd")
+    return {f"conv_bn_relu_maxpool_{op}": registry.implementation(f"conv_bn_relu_maxpool_{op}", "cpp") for op in ops}
 
 
 def inputs(case, dtype, seed=0):
@@ -66,7 +68,9 @@ def autograd_block(x, cw, cb, w, b, eps, k, stride, padding, dilation):
 
 
 def relative(got, want):
-    return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-300))
+    return float(
+        (got.detach().double() - want.detach().double()).norm() / want.detach().double().norm().clamp_min(1e-300)
+    )
 
 
 @pytest.mark.parametrize("isa", ["native", "baseline"])
@@ -100,6 +104,52 @@ def test_kernels_match_autograd_and_the_reference(cpp, case, isa, monkeypatch):
         assert relative(exp, ag) < 1e-12, name
 
 
+def directions(case, dtype, seed=3):
+    """Random directions (dcw, dcb, dw, db) of a case's parameters."""
+    T, _, Ci, _, _, C, kk = case[:7]
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    return r(T, C, Ci, kk, kk), r(T, C), r(T, C), r(T, C)
+
+
+@pytest.mark.parametrize("isa", ["native", "baseline"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_tangent_kernels_match_autograd_and_the_reference(cpp, case, isa, monkeypatch):
+    """float64: ż against torch.func.jvp; the backward's outputs against autograd's gradient of ⟨gz, z⟩ and their
+    tangents against its Hessian-vector product plus Jᵀ ġz; z and idx the forward's bits."""
+    if isa == "baseline":
+        monkeypatch.setenv("FASTMAML_CPU_ISA", "baseline")
+    x, cw, cb, w, b, stride, padding, dilation, k = inputs(case, torch.float64)
+    geo = (stride, padding, dilation)
+    dirs = directions(case, torch.float64)
+    tangent = cpp["conv_bn_relu_maxpool_tangent_fwd"](x, cw, cb, w, b, *dirs, 1e-5, k, *geo)
+    z, zd, idx = tangent[:3]
+    forward = cpp["conv_bn_relu_maxpool_fwd"](x, cw, cb, w, b, 1e-5, k, *geo)
+    assert torch.equal(z, forward[0]) and torch.equal(idx, forward[1])
+    ref = registry.reference("conv_bn_relu_maxpool_tangent_fwd")(x, cw, cb, w, b, *dirs, 1e-5, k, *geo)
+    block = lambda *ps: autograd_block(x, *ps, 1e-5, k, *geo)  # noqa: E731
+    _, zd_want = torch.func.jvp(block, (cw, cb, w, b), dirs)
+    assert relative(zd, zd_want) < 1e-12 and relative(ref[1], zd_want) < 1e-12
+    g = torch.Generator().manual_seed(4)
+    gz, gzd = (torch.randn(z.shape, generator=g, dtype=torch.float64) for _ in range(2))
+    args = (gz, gzd, z, idx, x, cw, cb, w, dirs[0], dirs[2], *tangent[5:], 1e-5, k, *geo)
+    got = cpp["conv_bn_relu_maxpool_tangent_bwd"](*args)
+    refs = registry.reference("conv_bn_relu_maxpool_tangent_bwd")(*args)
+    leaves = [t.clone().requires_grad_() for t in (cw, cb, w, b)]
+    zz = block(*leaves)
+    grads = torch.autograd.grad((zz * gz).sum(), leaves, create_graph=True)
+    hv = torch.autograd.grad(sum((gi * di).sum() for gi, di in zip(grads, dirs)), leaves, retain_graph=True)
+    jt = torch.autograd.grad((zz * gzd).sum(), leaves)
+    want = [gi.detach() for gi in grads] + [h + j for h, j in zip(hv, jt)]
+    names = ("gcw", "gcb", "gw", "gb", "gcw'", "gcb'", "gw'", "gb'")
+    for name, a, r_, e in zip(names, got, refs, want):
+        if name.startswith("gcb"):  # exactly zero: a constant before batch statistics
+            assert torch.equal(a, torch.zeros_like(a)) and float(e.abs().max()) < 1e-9 * float(want[0].abs().max())
+            continue
+        assert relative(a, e) < 1e-11, name
+        assert relative(r_, e) < 1e-11, name
+
+
 @pytest.mark.parametrize("case", CASES[:2] + CASES[3:4], ids=IDS[:2] + IDS[3:4])
 def test_float32_error_within_autograds_own(cpp, case):
     """float32 against float64: z and the weight gradients no worse than twice autograd's float32 error on the
@@ -123,33 +173,43 @@ def test_float32_error_within_autograds_own(cpp, case):
         assert relative(got, exp) <= 2 * relative(ag, exp) + 1e-6, name
 
 
+def all_outputs(cpp, args, dtype):
+    """Every output of the four kernels on one case's `args` (random gradients and directions)."""
+    x, cw, cb, w, b, stride, padding, dilation, k = args
+    geo = (stride, padding, dilation)
+    fwd = cpp["conv_bn_relu_maxpool_fwd"](x, cw, cb, w, b, 1e-5, k, *geo)
+    g = torch.Generator().manual_seed(3)
+    gz, gzd = (torch.randn(fwd[0].shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    bwd = cpp["conv_bn_relu_maxpool_bwd"](gz, fwd[0], fwd[1], x, cw, cb, w, *fwd[4:], 1e-5, k, *geo)
+    dirs = directions(CASES[0], dtype)
+    tfwd = cpp["conv_bn_relu_maxpool_tangent_fwd"](x, cw, cb, w, b, *dirs, 1e-5, k, *geo)
+    tbwd = cpp["conv_bn_relu_maxpool_tangent_bwd"](
+        gz, gzd, fwd[0], fwd[1], x, cw, cb, w, dirs[0], dirs[2], *fwd[4:], 1e-5, k, *geo
+    )
+    return fwd + bwd + tfwd + tbwd
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_both_instruction_set_builds_give_the_same_bits(cpp, dtype, monkeypatch):
     """The AVX2 build (vector planes, vector pick sums) and the baseline build (SSE planes, scalar pick sums)."""
     args = inputs(CASES[0], dtype)
-    geo, k = args[5:8], args[8]
     outs = []
     for isa in ("native", "baseline"):
         if isa == "baseline":
             monkeypatch.setenv("FASTMAML_CPU_ISA", "baseline")
-        fwd = cpp["conv_bn_relu_maxpool_fwd"](*args[:5], 1e-5, k, *geo)
-        gz = torch.randn(fwd[0].shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
-        outs.append(fwd + cpp["conv_bn_relu_maxpool_bwd"](gz, fwd[0], fwd[1], *args[:4], *fwd[4:], 1e-5, k, *geo))
+        outs.append(all_outputs(cpp, args, dtype))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
 
 
 def test_results_do_not_depend_on_threads(cpp):
     args = inputs(CASES[0], torch.float32)
-    geo, k = args[5:8], args[8]
     threads = torch.get_num_threads()
     outs = []
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            fwd = cpp["conv_bn_relu_maxpool_fwd"](*args[:5], 1e-5, k, *geo)
-            gz = torch.ones_like(fwd[0])
-            outs.append(fwd + cpp["conv_bn_relu_maxpool_bwd"](gz, fwd[0], fwd[1], *args[:4], *fwd[4:], 1e-5, k, *geo))
+            outs.append(all_outputs(cpp, args, torch.float32))
     finally:
         torch.set_num_threads(threads)
     for a, b in zip(*outs):
@@ -164,6 +224,15 @@ def test_opcheck(cpp):
     torch.library.opcheck(
         lib.conv_bn_relu_maxpool_bwd.default,
         (torch.randn_like(z), z, idx, x, cw, cb, w, pmean, pcov, 1e-5, k, stride, padding, dilation),
+    )
+    dcw, dcb, dw, db = directions(CASES[2], torch.float64)
+    geo = (stride, padding, dilation)
+    torch.library.opcheck(
+        lib.conv_bn_relu_maxpool_tangent_fwd.default, (x, cw, cb, w, b, dcw, dcb, dw, db, 1e-5, k, *geo)
+    )
+    torch.library.opcheck(
+        lib.conv_bn_relu_maxpool_tangent_bwd.default,
+        (torch.randn_like(z), torch.randn_like(z), z, idx, x, cw, cb, w, dcw, dw, pmean, pcov, 1e-5, k, *geo),
     )
 
 
@@ -194,15 +263,16 @@ def test_errors_name_the_argument(cpp):
 
 
 class _Calls(TorchDispatchMode):
-    """Counts the calls of the first-block kernels."""
+    """Counts the calls of each first-block kernel."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if "conv_bn_relu_maxpool" in str(func):
-            self.count += 1
+        name = str(func)
+        if "conv_bn_relu_maxpool" in name:
+            self.count[name.split(".")[1]] += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -233,7 +303,10 @@ def test_meta_step_through_the_fused_block_matches_the_oracle(cpp, order, model_
             model, tasks, loss="cross_entropy", loss_fn=F.cross_entropy, inner_lr=0.1, steps=2, order=order,
             backend="cpp", tol=1e-9,
         )  # fmt: skip
-    assert calls.count > 0
+    kernels = {"conv_bn_relu_maxpool_fwd", "conv_bn_relu_maxpool_bwd"}
+    if order != "first":  # the Hessian-vector products of the support set
+        kernels |= {"conv_bn_relu_maxpool_tangent_fwd", "conv_bn_relu_maxpool_tangent_bwd"}
+    assert set(calls.count) == kernels, calls.count
 
 
 def test_meta_sgd_rates_and_anil_through_the_fused_block(cpp):

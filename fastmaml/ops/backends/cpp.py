@@ -264,3 +264,21 @@ def conv_bn_relu_maxpool_bwd(gz, z, idx, x, cw, cb, w, pmean, pcov, eps: float, 
     return torch.ops.fastmaml.conv_bn_relu_maxpool_bwd(
         gz, z, idx, x, cw, cb, w, pmean, pcov, eps, k, stride, padding, dilation
     )
+
+
+@register("conv_bn_relu_maxpool_tangent_fwd", "cpp", devices=("cpu",), dtypes=KERNEL_DTYPES)
+def conv_bn_relu_maxpool_tangent_fwd(x, cw, cb, w, b, dcw, dcb, dw, db, eps: float, k: int, stride, padding, dilation):
+    """The first block with its tangent, as the reference in ops/reference/block_tail.py."""
+    return torch.ops.fastmaml.conv_bn_relu_maxpool_tangent_fwd(
+        x, cw, cb, w, b, dcw, dcb, dw, db, eps, k, stride, padding, dilation
+    )
+
+
+@register("conv_bn_relu_maxpool_tangent_bwd", "cpp", devices=("cpu",), dtypes=KERNEL_DTYPES)
+def conv_bn_relu_maxpool_tangent_bwd(
+    gz, gzd, z, idx, x, cw, cb, w, dcw, dw, pmean, pcov, eps: float, k: int, stride, padding, dilation
+):
+    """Its backward and the backward's tangent, as the reference in ops/reference/block_tail.py."""
+    return torch.ops.fastmaml.conv_bn_relu_maxpool_tangent_bwd(
+        gz, gzd, z, idx, x, cw, cb, w, dcw, dw, pmean, pcov, eps, k, stride, padding, dilation
+    )

@@ -252,3 +252,69 @@ def conv_bn_relu_maxpool_bwd(
             gy[t], x[t], cw[t], [C], stride, padding, dilation, False, [0, 0], 1, [False, True, True]
         )
     return gcw, gcb, gw, gb
+
+
+@register("conv_bn_relu_maxpool_tangent_fwd", "torch")
+def conv_bn_relu_maxpool_tangent_fwd(
+    x: Tensor,
+    cw: Tensor,
+    cb: Tensor,
+    w: Tensor,
+    b: Tensor,
+    dcw: Tensor,
+    dcb: Tensor,
+    dw: Tensor,
+    db: Tensor,
+    eps: float,
+    k: int,
+    stride,
+    padding,
+    dilation,
+):
+    """The forward and its tangent along (dcw, dcb, dw, db) (per task, like cw, cb, w, b; x has none) ->
+    (z, zd, idx, mean, r, pmean, pcov)."""
+    y = _conv_per_task(x, cw, cb, stride, padding, dilation)
+    yd = _conv_per_task(x, dcw, dcb, stride, padding, dilation)
+    z, zd, idx, mean, r, _, _ = bn_relu_maxpool_tangent_fwd(y, yd, w, b, dw, db, eps, k)
+    return (z, zd, idx, mean, r, *_patch_moments(x, cw.shape[3:], stride, padding, dilation))
+
+
+@register("conv_bn_relu_maxpool_tangent_bwd", "torch")
+def conv_bn_relu_maxpool_tangent_bwd(
+    gz: Tensor,
+    gzd: Tensor,
+    z: Tensor,
+    idx: Tensor,
+    x: Tensor,
+    cw: Tensor,
+    cb: Tensor,
+    w: Tensor,
+    dcw: Tensor,
+    dw: Tensor,
+    pmean: Tensor,
+    pcov: Tensor,
+    eps: float,
+    k: int,
+    stride,
+    padding,
+    dilation,
+) -> Tuple[Tensor, ...]:
+    """The backward of `conv_bn_relu_maxpool_tangent_fwd` and its tangent -> (gcw, gcb, gw, gb, and their
+    tangents); recomputes y, ẏ (without dcb, which the statistics cancel) and their statistics."""
+    y = _conv_per_task(x, cw, cb, stride, padding, dilation)
+    yd = _conv_per_task(x, dcw, torch.zeros_like(cb), stride, padding, dilation)
+    T, C = y.shape[0], y.shape[2]
+    zeros = y.new_zeros(T, C)
+    _, _, _, mean, r, a, dmean = bn_relu_maxpool_tangent_fwd(y, yd, w, zeros, dw, zeros, eps, k)
+    gw, gwd, gb, gbd = (y.new_empty(T, C) for _ in range(4))
+    gy, gyd = bn_relu_maxpool_tangent_bwd(gz, gzd, z, idx, y, yd, mean, r, a, dmean, w, dw, k, True, gw, gwd, gb, gbd)
+    grads = []
+    for g in (gy, gyd):
+        gcw, gcb = y.new_empty(cw.shape), y.new_empty(T, C)
+        for t in range(T):
+            _, gcw[t], gcb[t] = torch.ops.aten.convolution_backward(
+                g[t], x[t], cw[t], [C], stride, padding, dilation, False, [0, 0], 1, [False, True, True]
+            )
+        grads.append((gcw, gcb))
+    (gcw, gcb), (gcwd, gcbd) = grads
+    return gcw, gcb, gw, gb, gcwd, gcbd, gwd, gbd

@@ -8,15 +8,15 @@ the backward gets the weight gradients from the picks and the input patches' mom
 gradient. The statistics of y come from those moments (mean cw·pmean + cb, variance cwᵀ pcov cw; see
 ops/reference/block_tail.py).
 
-Every other pass runs the convolution rule and the block-tail rule in turn (`ConvRule`,
-`BatchNormReLUMaxPoolRule`): the tangent passes (the Hessian-vector products, on the support set), fixed
-statistics, other backends, and the differentiable forward. The compiler fuses the pair (`graph.fuse`) where
-the convolution reads the model's input (no gradient w.r.t. it is ever needed), has at most `MAX_TAPS` taps
-Ci·kh·kw (a one-channel image's 3×3 kernel), and its output has no other reader.
-
-A forward from these kernels and the tangent forward of the composed rules round y differently, so on a
-near-tie (two window elements within float rounding of each other) they may pick different elements; either
-pick is a derivative of the loss up to that rounding.
+The tangent passes (the Hessian-vector products, on the support set) are kernels of the same kind
+(`conv_bn_relu_maxpool_tangent_*`): the tangent forward is the forward itself (the same bits, so an HVP sees
+the picks and statistics of the gradient it pairs with) plus ż at the picks, whose statistics' tangents come
+from the patch moments too (a = r cwᵀ pcov ċw); the tangent backward needs the picks' sums of the gradient and
+of its tangent only. Everything else runs the convolution rule and the block-tail rule in turn (`ConvRule`,
+`BatchNormReLUMaxPoolRule`): fixed statistics, other backends, and the differentiable forward. The compiler
+fuses the pair (`graph.fuse`) where the convolution reads the model's input (no gradient w.r.t. it is ever
+needed), has at most `MAX_TAPS` taps Ci·kh·kw (a one-channel image's 3×3 kernel), and its output has no other
+reader.
 """
 
 from __future__ import annotations
@@ -123,12 +123,38 @@ class ConvBlockRule(BatchNormRule):
                 out.copy_(g.view(out.shape))
         return None
 
+    def _directions(self, x, p, v):
+        """(dcw, dcb, dw, db) per task for the kernels; None (a shared parameter) is zero."""
+        T, C = x.shape[0], self.num_features
+        shapes = (tuple(p[0].shape[-4:]), (C,), (C,), (C,))
+        return tuple(self._per_task(d, T, shape, 0.0, x) for d, shape in zip(v, shapes))
+
     def tangent_forward(self, ops, x, xd, p, v):
-        y, yd, s1 = self.conv.tangent_forward(ops, x, xd, p[:2], v[:2])
-        z, zd, s2 = self.tail.tangent_forward(ops, y, yd, p[2:], v[2:])
-        return z, zd, (s1, s2)
+        if xd is not None or not self._fused(ops, p):
+            y, yd, s1 = self.conv.tangent_forward(ops, x, xd, p[:2], v[:2])
+            z, zd, s2 = self.tail.tangent_forward(ops, y, yd, p[2:], v[2:])
+            return z, zd, ("composed", s1, s2)
+        x = self.conv._check(x)
+        cw, cb, w, b = self._args(x, p)
+        dcw, dcb, dw, db = self._directions(x, p, v)
+        z, zd, idx, _, _, pmean, pcov = ops.conv_bn_relu_maxpool_tangent_fwd(
+            x, cw, cb, w, b, dcw, dcb, dw, db, self.eps, self.k, *self._geometry()
+        )
+        saved = ("fused", z, idx, x, cw, cb, w, dcw, dw, pmean, pcov)
+        return mf.dense_as(z, x), mf.dense_as(zd, x), saved
 
     def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
-        s1, s2 = saved
-        g, gd = self.tail.tangent_backward(ops, gy, gyd, s2, p[2:], v[2:], True, outs[2:], touts[2:])
-        return self.conv.tangent_backward(ops, g, gd, s1, p[:2], v[:2], need_x, outs[:2], touts[:2])
+        if saved[0] == "composed":
+            _, s1, s2 = saved
+            g, gd = self.tail.tangent_backward(ops, gy, gyd, s2, p[2:], v[2:], True, outs[2:], touts[2:])
+            return self.conv.tangent_backward(ops, g, gd, s1, p[:2], v[:2], need_x, outs[:2], touts[:2])
+        if need_x:
+            raise RuntimeError(f"model layer {self.describe()}: the fused first block has no input gradient")
+        _, z, idx, x, cw, cb, w, dcw, dw, pmean, pcov = saved
+        grads = ops.conv_bn_relu_maxpool_tangent_bwd(
+            gy, gyd, z, idx, x, cw, cb, w, dcw, dw, pmean, pcov, self.eps, self.k, *self._geometry()
+        )
+        for out, g in zip(tuple(outs) + tuple(touts), grads):
+            if out is not None:
+                out.copy_(g.view(out.shape))
+        return None, None
