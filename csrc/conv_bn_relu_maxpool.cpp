@@ -188,22 +188,8 @@ std::pair<double, double> channel_moments(const scalar_t* cwc, double cbc, const
 // 32-byte vectors only inside conv_plane_avx2 (everything it calls is inlined into it).
 #pragma GCC diagnostic ignored "-Wpsabi"
 template <typename S, int Bytes>
-struct VecOf;
-template <>
-struct VecOf<float, 16> {
-  typedef float type __attribute__((vector_size(16)));
-};
-template <>
-struct VecOf<double, 16> {
-  typedef double type __attribute__((vector_size(16)));
-};
-template <>
-struct VecOf<float, 32> {
-  typedef float type __attribute__((vector_size(32)));
-};
-template <>
-struct VecOf<double, 32> {
-  typedef double type __attribute__((vector_size(32)));
+struct VecOf {
+  typedef S type __attribute__((vector_size(Bytes)));
 };
 
 // One block of 2 L adjacent outputs of a row, from `w` (stride 1): cb plus the taps in (ci, i, j) order, in S
@@ -511,6 +497,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_relu_maxpool_
 }
 
 
+// One task and channel's constants of ż at a pick: cb − mean, r, a, w, dw, db
+struct PickTangent {
+  double shift, r, a, w, dw, db;
+};
+
+// zd at one task and channel's picks where z > 0, image by image (N of them, `stride` pooled values apart; images
+// `g.image()` apart from img): ŷ = r (cw·p + cb − mean), ŷ' = r (dcw·(p − pmean) − ŷ a), zd = ŷ' w + ŷ dw + db.
+// KD: D known when compiled (the taps unrolled), or 0.
+template <int64_t KD, typename scalar_t>
+void tangent_at_picks(const scalar_t* z, const int64_t* idx, const scalar_t* img, const ConvGeometry& g,
+                      int64_t oplane, int64_t stride, const scalar_t* cw, const scalar_t* dcw, const double* pmean,
+                      const PickTangent& c, scalar_t* zd) {
+  const int64_t D = KD > 0 ? KD : g.D;
+  const double per_column = 1.0 / double(g.Wc);
+  const int64_t* tap = g.tap.data();
+  for (int64_t n = 0; n < g.N; ++n, z += stride, idx += stride, zd += stride, img += g.image()) {
+    for (int64_t o = 0; o < oplane; ++o) {
+      if (!(z[o] > scalar_t(0))) continue;  // ReLU's mask at the pick (zd stays 0)
+      const int64_t e = idx[o], h = int64_t((double(e) + 0.5) * per_column), wc = e - h * g.Wc;
+      const scalar_t* p = img + g.origin(h, wc);
+      double y = c.shift, yd = 0.0;
+      for (int64_t q = 0; q < D; ++q) {
+        const double v = double(p[tap[q]]);
+        y += double(cw[q]) * v;
+        yd += double(dcw[q]) * (v - pmean[q]);
+      }
+      const double yh = y * c.r, yhd = c.r * (yd - yh * c.a);
+      zd[o] = static_cast<scalar_t>(yhd * c.w + yh * c.dw + c.db);
+    }
+  }
+}
+
 // The forward and its tangent along (dcw, dcb, dw, db) (x has none: the model's input). z, idx and the statistics
 // come from conv_bn_relu_maxpool_fwd itself, so they are the forward's bits; zd at each pick where z > 0:
 //   ŷ = r (cw·p + cb − mean),  a = r cwᵀ pcov dcw,  ŷ' = r (dcw·(p − pmean) − ŷ a),  zd = ŷ' w + ŷ dw + db
@@ -544,7 +562,6 @@ conv_bn_relu_maxpool_tangent_fwd_cpu(const at::Tensor& x, const at::Tensor& cw, 
     const scalar_t* dbp = db.const_data_ptr<scalar_t>();
     const double *pm = pmean.const_data_ptr<double>(), *pc = pcov.const_data_ptr<double>();
     scalar_t* zdp = zd.mutable_data_ptr<scalar_t>();
-    const double per_column = 1.0 / double(g.Wc);
     at::parallel_for(0, T * C, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t t = item / C;
@@ -557,23 +574,13 @@ conv_bn_relu_maxpool_tangent_fwd_cpu(const at::Tensor& x, const at::Tensor& cw, 
           for (int64_t l = 0; l < D; ++l) a += double(cwc[q]) * pct[q * D + l] * double(dcwc[l]);
         a *= r;
         const double wi = double(wp[item]), dwi = double(dwp[item]), dbi = double(dbp[item]);
-        for (int64_t n = 0; n < N; ++n) {
-          const scalar_t* img = xp + (t * N + n) * g.image();
-          const int64_t o0 = ((t * N + n) * C + item % C) * oplane;
-          for (int64_t o = o0; o < o0 + oplane; ++o) {
-            if (!(zp[o] > scalar_t(0))) continue;  // ReLU's mask at the pick (zd stays 0)
-            const int64_t e = ip[o], h = int64_t((double(e) + 0.5) * per_column), wc = e - h * g.Wc;
-            const scalar_t* p = img + g.origin(h, wc);
-            double y = double(cbp[item]) - mu, yd = 0.0;
-            for (int64_t q = 0; q < D; ++q) {
-              const double v = double(p[g.tap[q]]);
-              y += double(cwc[q]) * v;
-              yd += double(dcwc[q]) * (v - pmt[q]);
-            }
-            const double yh = y * r, yhd = r * (yd - yh * a);
-            zdp[o] = static_cast<scalar_t>(yhd * wi + yh * dwi + dbi);
-          }
-        }
+        const PickTangent pick{double(cbp[item]) - mu, r, a, wi, dwi, dbi};
+        const int64_t o0 = (t * N * C + item % C) * oplane;
+        const scalar_t* img = xp + t * N * g.image();
+        if (D == 9)
+          tangent_at_picks<9>(zp + o0, ip + o0, img, g, oplane, C * oplane, cwc, dcwc, pmt, pick, zdp + o0);
+        else
+          tangent_at_picks<0>(zp + o0, ip + o0, img, g, oplane, C * oplane, cwc, dcwc, pmt, pick, zdp + o0);
       }
     });
   });

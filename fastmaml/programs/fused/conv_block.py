@@ -30,8 +30,8 @@ from .norm_act import BatchNormReLUMaxPoolRule
 
 # Ci·kh·kw of the convolutions fused: the kernels take up to 32, but their cost per output position grows with
 # the taps (the patch moments as taps², the convolution as taps × channels) while the traffic they save does
-# not; at 27 taps (RGB 3×3, 32 channels, 84×84) the fused passes ran slower than the convolution and the block
-# tail apart (benchmarks/RESULTS.md), at 9 (one channel, 3×3) 1.4× faster inside the step.
+# not; an RGB 3×3 first layer (27 taps) ran slower fused than apart, a one-channel 3×3 one faster
+# (benchmarks/RESULTS.md, "a conv net's first block as one rule").
 MAX_TAPS = 9
 
 
