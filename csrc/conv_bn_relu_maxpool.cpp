@@ -17,6 +17,8 @@
 //       gcw = w invstd (S − gb pmean − gw invstd pcov cw),  gcb = Σ gy = 0
 //     (BatchNorm's backward gy = w invstd (ga − gb/m − ŷ gw/m) summed against p and 1; a constant added
 //     before a BatchNorm on batch statistics has no effect, so its gradient is exactly zero).
+//   conv_bn_relu_maxpool_tangent_fwd / _tangent_bwd: the same with tangents along the parameters' directions
+//     (the Hessian-vector products; x has no tangent), from the same picks and moments (formulas below).
 //
 // Layout: x any (made contiguous and zero-padded once per call); outputs contiguous. Work: the moments in
 // double, per image (parallel) and added over images in order; the forward's items are (task, channel), each
