@@ -64,12 +64,19 @@ struct ConvGeometry {
     Hc = (Hp - dh * (kh - 1) - 1) / sh + 1;
     Wc = (Wp - dw * (kw - 1) - 1) / sw + 1;
     D = Ci * kh * kw;
+    per_column = 1.0 / double(Wc);
     for (int64_t ci = 0; ci < Ci; ++ci)
       for (int64_t i = 0; i < kh; ++i)
         for (int64_t j = 0; j < kw; ++j) tap.push_back(ci * Hp * Wp + i * dh * Wp + j * dw);
   }
   int64_t image() const { return Ci * Hp * Wp; }  // values of one padded image
   int64_t origin(int64_t h, int64_t w) const { return h * sh * Wp + w * sw; }  // output (h, w)'s first tap
+  // the first tap of the output a pick e = h * Wc + w names (its row (e + 0.5) / Wc, exact for these sizes)
+  int64_t pick_origin(int64_t e) const {
+    const int64_t h = int64_t((double(e) + 0.5) * per_column);
+    return origin(h, e - h * Wc);
+  }
+  double per_column = 0.0;  // 1 / Wc
 };
 
 void check_geometry(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -273,14 +280,12 @@ template <typename scalar_t>
 void routed_patch_sums(const scalar_t* gz, const scalar_t* z, const int64_t* idx, const scalar_t* img,
                        const ConvGeometry& g, int64_t oplane, int64_t stride, const int64_t* tap, double* s,
                        double& sg_out) {
-  const double per_column = 1.0 / double(g.Wc);  // a pick's row: (e + 0.5) / Wc, exact for these sizes
   std::fill(s, s + g.D, 0.0);
   double sg = 0.0;
   for (int64_t n = 0; n < g.N; ++n, gz += stride, z += stride, idx += stride, img += g.image()) {
     for (int64_t o = 0; o < oplane; ++o) {
       const double ga = z[o] > scalar_t(0) ? double(gz[o]) : 0.0;
-      const int64_t e = idx[o], h = int64_t((double(e) + 0.5) * per_column), wc = e - h * g.Wc;
-      const scalar_t* p = img + g.origin(h, wc);
+      const scalar_t* p = img + g.pick_origin(idx[o]);
       sg += ga;
       for (int64_t q = 0; q < g.D; ++q) s[q] += ga * double(p[tap[q]]);
     }
@@ -301,7 +306,6 @@ inline __attribute__((always_inline)) void routed_row_sums_impl(const scalar_t* 
   typedef typename VecOf<scalar_t, 4 * sizeof(scalar_t)>::type V;
   typedef typename VecOf<double, 32>::type V64;
   const int64_t R = KR > 0 ? KR : g.Ci * g.kh;
-  const double per_column = 1.0 / double(g.Wc);
   int64_t rows[KR > 0 ? KR : kMaxTaps];
   for (int64_t r = 0; r < R; ++r) rows[r] = (r / g.kh) * g.Hp * g.Wp + (r % g.kh) * g.dh * g.Wp;
   V64 acc[KR > 0 ? KR : kMaxTaps];
@@ -310,8 +314,7 @@ inline __attribute__((always_inline)) void routed_row_sums_impl(const scalar_t* 
   for (int64_t n = 0; n < g.N; ++n, gz += stride, z += stride, idx += stride, img += g.image()) {
     for (int64_t o = 0; o < oplane; ++o) {
       const double ga = z[o] > scalar_t(0) ? double(gz[o]) : 0.0;
-      const int64_t e = idx[o], h = int64_t((double(e) + 0.5) * per_column), wc = e - h * g.Wc;
-      const scalar_t* p = img + g.origin(h, wc);
+      const scalar_t* p = img + g.pick_origin(idx[o]);
       sg += ga;
       for (int64_t r = 0; r < R; ++r) {
         V v;
@@ -512,13 +515,11 @@ void tangent_at_picks(const scalar_t* z, const int64_t* idx, const scalar_t* img
                       int64_t oplane, int64_t stride, const scalar_t* cw, const scalar_t* dcw, const double* pmean,
                       const PickTangent& c, scalar_t* zd) {
   const int64_t D = KD > 0 ? KD : g.D;
-  const double per_column = 1.0 / double(g.Wc);
   const int64_t* tap = g.tap.data();
   for (int64_t n = 0; n < g.N; ++n, z += stride, idx += stride, zd += stride, img += g.image()) {
     for (int64_t o = 0; o < oplane; ++o) {
       if (!(z[o] > scalar_t(0))) continue;  // ReLU's mask at the pick (zd stays 0)
-      const int64_t e = idx[o], h = int64_t((double(e) + 0.5) * per_column), wc = e - h * g.Wc;
-      const scalar_t* p = img + g.origin(h, wc);
+      const scalar_t* p = img + g.pick_origin(idx[o]);
       double y = c.shift, yd = 0.0;
       for (int64_t q = 0; q < D; ++q) {
         const double v = double(p[tap[q]]);
