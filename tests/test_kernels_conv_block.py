@@ -322,7 +322,7 @@ def test_meta_sgd_rates_and_anil_through_the_fused_block(cpp):
 
 def test_per_step_statistics_recorded_as_without_the_fusion(cpp, monkeypatch):
     """Training with per-step statistics: the fused block records the convolution output's batch statistics
-    (`input_moments`), as the unfused rules do, and gives the same meta-gradient."""
+    (`normalized_input`), as the unfused rules do, and gives the same meta-gradient."""
     torch.manual_seed(5)
     fused = fastmaml.add_per_step_stats(ConvClassNet(hidden=3, side=2).double(), steps=2)
     plain = copy.deepcopy(fused)

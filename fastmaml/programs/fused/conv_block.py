@@ -89,14 +89,10 @@ class ConvBlockRule(BatchNormRule):
     def _fused(self, ops, p) -> bool:
         return p[4] is None and fused_conv_block(ops) and not torch.is_grad_enabled()
 
-    def input_moments(self, ops, x, p):
-        """(mean `[T, C]`, biased var `[T, C]`, count) of the convolution's output, the BatchNorm's input (what
-        the program records for per-step statistics)."""
-        y, _ = self.conv.forward(ops, x, p[:2], False)
-        x4 = self.as_channels(y)
-        mean = x4.mean((1, 3), keepdim=True)
-        var = (x4 - mean).square_().mean((1, 3))
-        return mean[:, 0, :, 0], var, x4.shape[1] * x4.shape[3]
+    def normalized_input(self, ops, x, p):
+        """The convolution's output `[T, N, C, H, W]`, the value the BatchNorm normalizes (what the program measures
+        for per-step statistics)."""
+        return self.conv.forward(ops, x, p[:2], False)[0]
 
     def forward(self, ops, x, p, save):
         if not self._fused(ops, p):

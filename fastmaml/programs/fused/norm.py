@@ -40,7 +40,7 @@ class BatchNormRule(Rule):
     param_names = ("weight", "bias")
     slope = 1.0  # the leaky ReLU fused after the normalization in the `batchnorm_act_*` passes (1: none)
     takes_stats = True
-    input_is_normalized = True  # the BatchNorm normalizes the rule's input (else `input_moments` gives it)
+    input_is_normalized = True  # the BatchNorm normalizes the rule's input (else `normalized_input` gives that value)
 
     def __init__(self, name: str, kind: str, eps: float, num_features: int, index=None):
         super().__init__(name, kind)

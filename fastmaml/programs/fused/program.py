@@ -232,7 +232,7 @@ class FusedProgram(Program):
         gave statistics; `moments` {value id: BatchNorm rule} gets {value id: (mean `[T, C]`, biased var
         `[T, C]`, count)} of those values as the rule sees them, measured when each is computed (nothing is
         kept alive for it), and {("in", node): the same} of the value inside a rule that normalizes one
-        (`input_moments`). Returns (output, its tangent, saved per node, host arguments per node, activation
+        (`normalized_input`). Returns (output, its tangent, saved per node, host arguments per node, activation
         bytes)."""
         nodes, readers, out_v = self.nodes, self.readers, self.graph.output
         env: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
@@ -257,7 +257,7 @@ class FusedProgram(Program):
             pair = i in self.stats_to and params[self.stats_to[i]][-1] is None
             st = None if known_stats is None else known_stats.get(i)
             if moments is not None and ("in", i) in moments:
-                moments[("in", i)] = rule.input_moments(ops, xs, p)
+                moments[("in", i)] = _moments(rule, rule.normalized_input(ops, xs, p))
             if tangents is not None and active[i]:
                 xds = tangents[node.inputs[0]] if rule.arity == 1 else [tangents[v] for v in node.inputs]
                 if pair:
