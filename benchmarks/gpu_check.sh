@@ -8,7 +8,8 @@
 #   build      the C++/CUDA extension
 #   tests      the kernel tests on CUDA (every backend against the reference: fp32, fp64, bf16 with
 #              fp32 accumulation; the MLP op, kernel and reference, against the autograd oracle; Triton
-#              layer kernels; MetaStep's CUDA-graph capture and replay against the uncaptured step)
+#              layer kernels; MetaStep's CUDA-graph capture and replay, and cuda_graph="auto", against the
+#              uncaptured step)
 #   ops        benchmarks/op_bench.py: every backend of every op on the arguments of real meta-steps
 #   ops_lr     the same with a learned inner learning rate (the adjoint update's α-gradient reduction)
 #   conv       benchmarks/conv_batching.py: loop / grouped / unfold convolutions, per layer and per meta-step
@@ -17,7 +18,8 @@
 #              its tangent form, true FP32 only and within its own budget (a short run: see the script for
 #              tf32 and bf16)
 #   suite      fastmaml bench on CUDA (sinusoid, 28×28 conv4 as Sequential and as a class, ResNet-12 64-640 84×84),
-#              with TFLOP/s and the fraction of the card's FP32 and TF32 peaks
+#              with TFLOP/s and the fraction of the card's FP32 and TF32 peaks; its rows include the step
+#              captured in a CUDA graph (fastmaml-graph[auto,second]) and torch.func-vmap
 #   precision  the precision policies (fp32, tf32, bf16) against the autograd loop under the same policy
 #   layout     benchmarks/conv_layout.py: NCHW against channels-last convolutions per layer, and ResNet-12's
 #              meta-step in both memory formats (CUDA runs "contiguous" unless told: unmeasured)

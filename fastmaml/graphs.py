@@ -16,13 +16,19 @@ The graph reads the parameters' and buffers' storage: the plan's guard also chec
 and buffer keeps its storage (an optimizer's in-place update does; `p.data = ...` does not), and a plan
 that is built again (the model changed) captures again.
 
-Not measured yet (no GPU in the session that wrote it): `tests/test_meta_step_plan.py` compares capture
+`MetaStep(..., cuda_graph="auto")` decides by measurement (`GraphChoice`): its first calls run
+uncaptured, the next ones captured, and after `TIMED_CALLS` timed calls of each (each kind's first calls,
+which initialize or capture, untimed) it keeps the faster for every later call. Off CUDA, and with
+`inner_solver="backtracking"`, "auto" runs uncaptured from the start and says why.
+
+Not measured yet (no GPU in the session that wrote it): `tests/test_meta_step_graphs.py` compares capture
 and replay with the uncaptured step on CUDA for every order and learned rates (skipped without CUDA).
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+import time
+from typing import Callable, List, Optional
 
 import torch
 
@@ -34,17 +40,102 @@ from .result import MetaResult
 from .tasks import TaskBatch
 
 WARMUP_CALLS = 1
+TIMED_CALLS = 2  # cuda_graph="auto": calls timed of each kind before choosing
+CUDA_GRAPH_OPTIONS = (False, True, "auto")
 
 
-def check_capturable(device: torch.device) -> None:
-    """Raises ValueError unless a meta-step on `device` can be captured in a CUDA graph."""
+def check_cuda_graph_option(cuda_graph) -> None:
+    """Raises ValueError unless `cuda_graph` is False, True or "auto"."""
+    if not any(cuda_graph is o if isinstance(o, bool) else cuda_graph == o for o in CUDA_GRAPH_OPTIONS):
+        raise ValueError(f"cuda_graph: expected True, False or 'auto', got {cuda_graph!r}")
+
+
+def why_not_capturable(device: torch.device, inner_solver: str) -> Optional[str]:
+    """Why a meta-step on `device` with `inner_solver` cannot be captured in a CUDA graph (None: it can)."""
+    if inner_solver != "sgd":
+        return (
+            f"inner_solver={inner_solver!r} decides each task's steps on the host (it reads the losses back), "
+            "which a CUDA graph cannot replay; use cuda_graph=False"
+        )
     if device.type != "cuda":
-        raise ValueError(
-            f"cuda_graph=True: CUDA graphs capture CUDA work, but the tasks are on {device}; put the model and "
-            "the tasks on a CUDA device, or leave cuda_graph=False"
+        return (
+            f"CUDA graphs capture CUDA work, but the tasks are on {device}; put the model and the tasks on a CUDA "
+            "device, or leave cuda_graph=False"
         )
     if not torch.cuda.is_available():
-        raise ValueError("cuda_graph=True: CUDA is not available in this process")
+        return "CUDA is not available in this process"
+    return None
+
+
+def check_capturable(device: torch.device, inner_solver: str = "sgd") -> None:
+    """Raises ValueError unless a meta-step on `device` with `inner_solver` can be captured in a CUDA graph."""
+    why = why_not_capturable(device, inner_solver)
+    if why is not None:
+        raise ValueError(f"cuda_graph=True: {why}")
+
+
+class GraphChoice:
+    """`cuda_graph="auto"`: which kind of call a plan runs, decided by timing both kinds.
+
+    The plan's calls run uncaptured until `TIMED_CALLS` of them were timed (the first call, which
+    initializes, untimed), then captured until as many replays were timed (the warm-up and capturing calls
+    untimed); the kind whose fastest timed call was faster then runs every later call. A call is timed from a device
+    synchronization before it to one after it, so the host's work counts: that is what capture saves.
+
+    Attributes:
+        decision: "captured" or "uncaptured" once decided; None while measuring.
+        reason: why, in words (the times in ms, or what rules capture out).
+        seconds: the timed calls' seconds, {"uncaptured": [...], "captured": [...]}.
+    """
+
+    UNTIMED = {"uncaptured": 1, "captured": WARMUP_CALLS + 1}
+
+    def __init__(self, sync: Callable[[], None], clock: Callable[[], float] = time.perf_counter):
+        self.sync, self.clock = sync, clock
+        self.decision: Optional[str] = None
+        self.reason = "measuring"
+        self.seconds = {"uncaptured": [], "captured": []}
+        self._calls = {"uncaptured": 0, "captured": 0}
+
+    @classmethod
+    def decided(cls, decision: str, reason: str) -> "GraphChoice":
+        choice = cls(sync=lambda: None)
+        choice.decision, choice.reason = decision, reason
+        return choice
+
+    def mode(self) -> str:
+        """The kind of the next call: "uncaptured" or "captured"."""
+        if self.decision is not None:
+            return self.decision
+        return "uncaptured" if len(self.seconds["uncaptured"]) < TIMED_CALLS else "captured"
+
+    def run(self, mode: str, call: Callable[[], object]):
+        """Runs `call` (a call of kind `mode`), timing it while measuring; decides after the last timed one."""
+        if self.decision is not None or self._calls[mode] < self.UNTIMED[mode]:
+            self._calls[mode] += 1
+            return call()
+        self.sync()
+        start = self.clock()
+        out = call()
+        self.sync()
+        self.seconds[mode].append(self.clock() - start)
+        if len(self.seconds["captured"]) == TIMED_CALLS:
+            self._decide()
+        return out
+
+    def fail(self, exc: Exception) -> None:
+        """Capture failed: decide "uncaptured", saying why."""
+        self.decision = "uncaptured"
+        self.reason = f"capture failed ({exc})"
+
+    def _decide(self) -> None:
+        ms = {k: 1e3 * min(v) for k, v in self.seconds.items()}
+        self.decision = "captured" if ms["captured"] < ms["uncaptured"] else "uncaptured"
+        self.reason = f"replay {ms['captured']:.3f} ms, uncaptured {ms['uncaptured']:.3f} ms (best of {TIMED_CALLS})"
+
+
+class CaptureError(RuntimeError):
+    """Capturing the meta-step in a CUDA graph failed (something in it needs the host)."""
 
 
 class CapturedStep:
@@ -151,7 +242,7 @@ class CapturedStep:
                 self.out = setup.engines.run(req)
         except Exception as exc:
             self.graph = None
-            raise RuntimeError(
+            raise CaptureError(
                 f"cuda_graph=True: capturing the meta-step failed ({type(exc).__name__}: {exc}); this model or "
                 "option needs the host inside the step: use cuda_graph=False"
             ) from exc
@@ -166,4 +257,14 @@ def _finite(out) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-__all__ = ["CapturedStep", "WARMUP_CALLS", "check_capturable"]
+__all__ = [
+    "CUDA_GRAPH_OPTIONS",
+    "CaptureError",
+    "CapturedStep",
+    "GraphChoice",
+    "TIMED_CALLS",
+    "WARMUP_CALLS",
+    "check_capturable",
+    "check_cuda_graph_option",
+    "why_not_capturable",
+]

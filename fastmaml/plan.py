@@ -26,7 +26,7 @@ import copy
 import threading
 import weakref
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -45,7 +45,14 @@ from .calls import (
     unplanned_meta_step,
     unwrap_model,
 )
-from .graphs import CapturedStep, check_capturable
+from .graphs import (
+    CapturedStep,
+    CaptureError,
+    GraphChoice,
+    check_capturable,
+    check_cuda_graph_option,
+    why_not_capturable,
+)
 from .inner_lr import learnable_leaves
 from .layout import BoundLayout, InnerParams
 from .losses import LossLike, resolve_loss
@@ -105,12 +112,16 @@ class MetaStep:
     Args:
         model: any `nn.Module`, as for `meta_step`. The plan holds it weakly.
         example_tasks: a task batch of the shapes, dtypes and device the plan runs (its values are not read).
-        cuda_graph: capture the meta-step in a CUDA graph and replay it (CUDA only; see `fastmaml.graphs`;
+        cuda_graph: True: capture the meta-step in a CUDA graph and replay it (CUDA only; see `fastmaml.graphs`;
             not yet run on a GPU). Not with `inner_solver="backtracking"`, whose steps the host chooses.
+            "auto": time the first calls uncaptured and captured and keep the faster (`graph_choice`); off
+            CUDA or with backtracking, uncaptured. False (default): uncaptured.
 
     Attributes:
         rebuilds: how many times the plan was built again because the model changed.
         last_change: what changed the last time (None before any).
+        graph_choice: with `cuda_graph="auto"`, the `fastmaml.graphs.GraphChoice` (`decision`: "captured",
+            "uncaptured" or None while measuring; `reason`: the times or what rules capture out); else None.
 
     Raises:
         ValueError, TypeError, RuntimeError, MemoryError, BackendUnavailable: as `meta_step`, when the plan
@@ -140,7 +151,7 @@ class MetaStep:
         step_weights: Optional[Sequence[float]] = None,
         update_running_stats: bool = True,
         precision: Optional[str] = None,
-        cuda_graph: bool = False,
+        cuda_graph: Union[bool, str] = False,
     ):
         options = dict(
             steps=steps,
@@ -157,18 +168,18 @@ class MetaStep:
             step_weights=step_weights,
             precision=precision,
         )
+        check_cuda_graph_option(cuda_graph)
         batch = as_task_batch(example_tasks)
-        if cuda_graph:
-            if inner_solver != "sgd":
-                raise ValueError(
-                    f"cuda_graph=True: inner_solver={inner_solver!r} decides each task's steps on the host (it "
-                    "reads the losses back), which a CUDA graph cannot replay; use cuda_graph=False"
-                )
-            check_capturable(batch.support_x.device)
+        device = batch.support_x.device
+        if cuda_graph is True:
+            check_capturable(device, inner_solver)
         self._init(unwrap_model(model), batch, inner_lr, inner_params, options)
         self.update_running_stats = bool(update_running_stats)
-        if cuda_graph:
-            self._graph = CapturedStep(batch.support_x.device)
+        if cuda_graph == "auto":
+            why = why_not_capturable(device, inner_solver)
+            self.graph_choice = GraphChoice.decided("uncaptured", why) if why else _measuring(device)
+        if cuda_graph is True or (self.graph_choice is not None and self.graph_choice.decision is None):
+            self._graph = CapturedStep(device)
 
     def _init(self, model: nn.Module, batch: TaskBatch, inner_lr, inner_params, options: dict, what="MetaStep"):
         self._what = what
@@ -181,7 +192,8 @@ class MetaStep:
         self.rebuilds = 0
         self.last_change: Optional[str] = None
         self._predicate = None
-        self._graph = None
+        self._graph: Optional[CapturedStep] = None
+        self.graph_choice: Optional[GraphChoice] = None
         self._plan = self._build(model, batch, self._inner_lr, inner_params)
 
     def _build(self, model: nn.Module, batch: TaskBatch, inner_lr, inner_params) -> _Planned:
@@ -245,8 +257,26 @@ class MetaStep:
         if setup.loss.checks_values:
             setup.loss.check_targets(batch.support_y, "tasks.support_y", like=x)
             setup.loss.check_targets(batch.query_y, "tasks.query_y", like=x)
-        if self._graph is not None:
-            return self._graph.run(model, plan, batch, inner_lr, update_running_stats)
+        args = (model, plan, batch, inner_lr, update_running_stats)
+        choice, graph = self.graph_choice, self._graph
+        if graph is None:
+            return self._uncaptured(*args)
+        if choice is None:
+            return graph.run(*args)
+        if choice.mode() == "uncaptured":
+            return choice.run("uncaptured", lambda: self._uncaptured(*args))
+        try:
+            return choice.run("captured", lambda: graph.run(*args))
+        except CaptureError as exc:
+            choice.fail(exc)
+            return self._uncaptured(*args)
+        finally:
+            if choice.decision == "uncaptured":
+                self._graph = None  # its graph and memory pool go with it
+
+    def _uncaptured(self, model, plan: _Planned, batch: TaskBatch, inner_lr, update_running_stats: bool) -> MetaResult:
+        setup = plan.setup
+        x = batch.support_x
         norm = plan.norm_plan()
         out, lr_grads = execute_meta_step(setup, model, batch, norm, inner_lr, thetas=plan.bound.theta())
         apply_meta_step(model, setup, norm, out, lr_grads, x, update_running_stats, plan.bound.accumulate)
@@ -264,12 +294,18 @@ class MetaStep:
         self._plan = plan
         if self._graph is not None:
             self._graph.reset()
+            if self.graph_choice is not None and self.graph_choice.decision is None:
+                self.graph_choice = _measuring(self._signature[0][2])  # what was timed ran another plan
         return plan
 
     def __repr__(self) -> str:
         shapes = ", ".join(f"{f}={tuple(s)}" for f, (s, _, _) in zip(_FIELDS, self._signature))
         o = self._options
         return f"MetaStep({shapes}, order={o['order']!r}, steps={o['steps']}, engine={self.engine!r})"
+
+
+def _measuring(device: torch.device) -> GraphChoice:
+    return GraphChoice(sync=lambda: torch.cuda.synchronize(device))
 
 
 def _mismatch(what: str, field: str, t: torch.Tensor, shape, dtype, device) -> Exception:

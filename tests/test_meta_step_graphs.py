@@ -1,7 +1,8 @@
 """`MetaStep(..., cuda_graph=True)` on a GPU: the warm-up call, the capture and every replay (with new task
 values, new parameter values and new learned rates each call) against the uncaptured `meta_step` on a copy of
 the model, for every order, learned inner rates and BatchNorm; a non-finite step raises as uncaptured; a
-parameter given other storage is captured again. Skipped without CUDA (run by benchmarks/gpu_check.sh)."""
+parameter given other storage is captured again; `cuda_graph="auto"` matches the uncaptured step while it
+measures and after it chose. Skipped without CUDA (run by benchmarks/gpu_check.sh)."""
 
 import copy
 
@@ -10,30 +11,14 @@ import torch
 from torch import nn
 
 import fastmaml
-from fastmaml.calls import unplanned_meta_step
 
 from class_models import ConvClassNet
 from models import classification_tasks, regression_tasks
+from unplanned import reference
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 DEVICE = "cuda"
 RTOL = 1e-5  # float32: the same kernels, captured or not (atomics in some backward kernels may reorder sums)
-DEFAULTS = dict(
-    inner_lr=0.01,
-    steps=1,
-    order="second",
-    loss="mse",
-    inner_params=None,
-    backend="auto",
-    batch_norm="batch",
-    implicit_lambda=1.0,
-    cg_steps=5,
-    inner_solver="sgd",
-    evaluate_before=True,
-    check_finite=True,
-    task_chunk=None,
-    step_weights=None,
-)
 FIELDS = ("meta_loss", "query_loss_after", "query_loss_before", "support_loss_before", "accuracy_after")
 
 
@@ -102,7 +87,7 @@ def test_capture_and_replay_match_the_uncaptured_step(name, make, make_tasks, op
     for rnd in range(4):  # 0: warm-up (uncaptured), 1: capture and replay, 2-3: replays
         tasks = make_tasks(rnd)
         ra = plan(tasks)
-        rc = unplanned_meta_step(c, tasks, **dict(DEFAULTS, **dict(opts, inner_lr=lc)))
+        rc = reference(c, tasks, **dict(opts, inner_lr=lc))
         for f in FIELDS:
             close(getattr(ra, f), getattr(rc, f), f)
         for (n, p), q in zip(a.named_parameters(), c.parameters()):
@@ -131,7 +116,7 @@ def test_non_finite_replay_raises_as_uncaptured():
     with pytest.raises(fastmaml.NonFiniteError) as got:
         plan(bad)
     with pytest.raises(fastmaml.NonFiniteError) as want:
-        unplanned_meta_step(c, bad, **dict(DEFAULTS, steps=2))
+        reference(c, bad, steps=2)
     assert str(got.value) == str(want.value)
     assert all(p.grad is None for p in a.parameters())
 
@@ -147,7 +132,33 @@ def test_parameter_with_other_storage_is_captured_again():
             p.grad = None
     r = plan(sinusoid_tasks(2))
     assert plan.rebuilds == 1 and "storage" in plan.last_change
-    want = unplanned_meta_step(c, sinusoid_tasks(2), **DEFAULTS)
+    want = reference(c, sinusoid_tasks(2))
     close(r.meta_loss, want.meta_loss, "meta_loss")
     for p, q in zip(a.parameters(), c.parameters()):
         close(p.grad, q.grad, "grad")
+
+
+@pytest.mark.parametrize("name, make, make_tasks, options", [CASES[0], CASES[-2]], ids=[CASES[0][0], CASES[-2][0]])
+def test_auto_matches_the_uncaptured_step_while_measuring_and_after(name, make, make_tasks, options):
+    base = make()
+    a, c = copy.deepcopy(base), copy.deepcopy(base)
+    rate = options.get("inner_lr", 0.01)
+    la, lc = (rate(a), rate(c)) if callable(rate) else (rate, rate)
+    opts = {k: v for k, v in options.items() if k != "inner_lr"}
+    plan = fastmaml.MetaStep(a, make_tasks(9), inner_lr=la, cuda_graph="auto", **opts)
+    decide = 1 + 2 * fastmaml.graphs.TIMED_CALLS + fastmaml.graphs.WARMUP_CALLS + 1
+    for rnd in range(decide + 2):
+        assert (plan.graph_choice.decision is None) == (rnd < decide)
+        tasks = make_tasks(rnd)
+        ra = plan(tasks)
+        rc = reference(c, tasks, **dict(opts, inner_lr=lc))
+        for f in FIELDS:
+            close(getattr(ra, f), getattr(rc, f), f)
+        for (n, p), q in zip(a.named_parameters(), c.parameters()):
+            close(p.grad, q.grad, n)
+        for m, lr in ((a, la), (c, lc)):
+            for p in list(m.parameters()) + leaves(lr):
+                p.grad = None
+    choice = plan.graph_choice
+    assert choice.decision in ("captured", "uncaptured") and "ms" in choice.reason
+    assert (plan._graph is None) == (choice.decision == "uncaptured")

@@ -13,29 +13,13 @@ from torch import nn
 
 import fastmaml
 from fastmaml import plan as plans
-from fastmaml.calls import unplanned_meta_step
 
 from class_models import ConvClassNet
 from models import classification_tasks, regression_tasks, small_cnn
+from unplanned import reference
 
 pytestmark = pytest.mark.usefixtures("engine")  # every test on the engine meta_step picks and on torch.func
 
-DEFAULTS = dict(
-    inner_lr=0.01,
-    steps=1,
-    order="second",
-    loss="mse",
-    inner_params=None,
-    backend="auto",
-    batch_norm="batch",
-    implicit_lambda=1.0,
-    cg_steps=5,
-    inner_solver="sgd",
-    evaluate_before=True,
-    check_finite=True,
-    task_chunk=None,
-    step_weights=None,
-)
 RESULT_FIELDS = (
     "meta_loss",
     "query_loss_after",
@@ -44,11 +28,6 @@ RESULT_FIELDS = (
     "accuracy_before",
     "accuracy_after",
 )
-
-
-def reference(model, tasks, update_running_stats=True, **options):
-    """The unplanned meta_step (validates and plans on every call)."""
-    return unplanned_meta_step(model, tasks, update_running_stats=update_running_stats, **dict(DEFAULTS, **options))
 
 
 def assert_same_result(a, b):

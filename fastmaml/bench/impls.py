@@ -7,6 +7,8 @@ accumulates the meta-gradient of the mean-over-tasks query loss into the model's
                          order second | checkpoint | first
     fastmaml-plan[auto,order]  a fastmaml.MetaStep plan (built at the first step, on that step's tasks),
                          backend auto, order second | checkpoint | first
+    fastmaml-graph[auto,second]  the same plan with cuda_graph=True: the step captured in a CUDA graph
+                         (the first step warms up, the second captures, later steps replay; CUDA only)
     fastmaml-P           fastmaml.meta_step, backend auto, order second, precision policy P (fp32 | tf32 |
                          bf16); compared with autograd-loop-P
     autograd-loop-P      the autograd loop under policy P: TF32 flags of fastmaml.precision.math_mode
@@ -133,7 +135,7 @@ def _fastmaml(backend: str, order: str, precision: str = ""):
     return build, available
 
 
-def _fastmaml_plan(order: str):
+def _fastmaml_plan(order: str, cuda_graph: bool = False):
     def build(model: nn.Module, w: Workload, device) -> Step:
         plans = []
 
@@ -148,6 +150,7 @@ def _fastmaml_plan(order: str):
                         order=order,
                         loss=w.loss,
                         evaluate_before=False,
+                        cuda_graph=cuda_graph,
                     )
                 )
             plans[0](tasks)
@@ -155,6 +158,12 @@ def _fastmaml_plan(order: str):
         return step
 
     return build
+
+
+def _on_cuda(device) -> Tuple[bool, str]:
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return False, "CUDA graphs capture CUDA work: --device cuda only"
+    return _fastmaml("auto", "second")[1](device)
 
 
 def _torch_func(model: nn.Module, w: Workload, device) -> Step:
@@ -278,6 +287,8 @@ def implementations() -> List[Impl]:
                 mode=order,
             )
         )
+    graph = _fastmaml_plan("second", cuda_graph=True)
+    out.append(Impl("fastmaml-graph[auto,second]", "fastmaml", "second", graph, _on_cuda, mode="second"))
     for precision in PRECISIONS:  # each policy against the autograd loop under the same policy
         loop = _autograd_loop(True, precision)
         out.append(Impl(f"autograd-loop-{precision}", "autograd", "second", loop, _always, precision=precision))
