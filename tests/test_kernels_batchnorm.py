@@ -28,6 +28,12 @@ CASES = [
     (1, 3, 2, 345, "common"),
 ]
 IDS = [f"T{t}N{n}C{c}S{s}-{w}" for t, n, c, s, w in CASES]
+# real sizes, slow under the interpreter (its time grows with T·C): conv4's first BatchNorm at 84×84 (75 query
+# images, one of its channels) and ResNet-12's first stage (5 support images, two of its channels)
+REAL = [(1, 75, 1, 84 * 84, "task"), (2, 5, 2, 84 * 84, "common")]
+PARAMS = [pytest.param(*c, id=i) for c, i in zip(CASES, IDS)] + [
+    pytest.param(*c, id=i, marks=pytest.mark.slow) for c, i in zip(REAL, ["conv4-84-query", "resnet12-84-support"])
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,7 +47,7 @@ def impls(name):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,N,C,S,weights", CASES, ids=IDS)
+@pytest.mark.parametrize("T,N,C,S,weights", PARAMS)
 def test_forward(T, N, C, S, weights, dtype):
     case = Case(T, N, C, S, weights, dtype)
     w, b = case.channel(), case.channel()
@@ -62,7 +68,7 @@ def test_forward(T, N, C, S, weights, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,N,C,S,weights", CASES, ids=IDS)
+@pytest.mark.parametrize("T,N,C,S,weights", PARAMS)
 def test_backward(T, N, C, S, weights, dtype):
     case = Case(T, N, C, S, weights, dtype)
     w = case.channel()
@@ -87,7 +93,7 @@ def test_backward(T, N, C, S, weights, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,N,C,S,weights", CASES, ids=IDS)
+@pytest.mark.parametrize("T,N,C,S,weights", PARAMS)
 def test_tangent_forward(T, N, C, S, weights, dtype):
     case = Case(T, N, C, S, weights, dtype)
     w = case.channel()
@@ -104,7 +110,7 @@ def test_tangent_forward(T, N, C, S, weights, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,N,C,S,weights", CASES, ids=IDS)
+@pytest.mark.parametrize("T,N,C,S,weights", PARAMS)
 def test_tangent_backward(T, N, C, S, weights, dtype):
     case = Case(T, N, C, S, weights, dtype)
     w = case.channel()

@@ -33,6 +33,12 @@ from oracle import assert_grads_close, autograd_meta_grad, check_meta_step, rel_
 # longer than one block of the interpreter-sized launches
 CASES = [(1, 1, 3, 1, "common"), (3, 1, 3, 5, "task"), (3, 2, 3, 5, None), (1, 3, 2, 345, "common")]
 IDS = [f"T{t}N{n}C{c}S{s}-{w}" for t, n, c, s, w in CASES]
+# real sizes, slow under the interpreter (its time grows with T·C): conv4's first BatchNorm at 84×84 (75 query
+# images, one of its channels) and ResNet-12's first stage (5 support images, two of its channels)
+REAL = [(1, 75, 1, 84 * 84, "task"), (2, 5, 2, 84 * 84, "common")]
+PARAMS = [pytest.param(*c, id=i) for c, i in zip(CASES, IDS)] + [
+    pytest.param(*c, id=i, marks=pytest.mark.slow) for c, i in zip(REAL, ["conv4-84-query", "resnet12-84-support"])
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,7 +58,7 @@ def relu_case(T, N, C, S, weights, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,N,C,S,weights", CASES, ids=IDS)
+@pytest.mark.parametrize("T,N,C,S,weights", PARAMS)
 def test_forward(T, N, C, S, weights, dtype):
     case, w, b = relu_case(T, N, C, S, weights, dtype)
     ref, tri = impls("batchnorm_relu_fwd")
@@ -69,7 +75,7 @@ def test_forward(T, N, C, S, weights, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,N,C,S,weights", CASES, ids=IDS)
+@pytest.mark.parametrize("T,N,C,S,weights", PARAMS)
 def test_backward(T, N, C, S, weights, dtype):
     case, w, b = relu_case(T, N, C, S, weights, dtype)
     gz = torch.cat([case.act(), case.act()], dim=-1)[..., ::2]  # a non-contiguous gradient
@@ -93,7 +99,7 @@ def test_backward(T, N, C, S, weights, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,N,C,S,weights", CASES, ids=IDS)
+@pytest.mark.parametrize("T,N,C,S,weights", PARAMS)
 def test_value_tangent_forward(T, N, C, S, weights, dtype):
     case, w, b = relu_case(T, N, C, S, weights, dtype)
     ref, tri = impls("batchnorm_relu_value_tangent_fwd")
@@ -108,7 +114,7 @@ def test_value_tangent_forward(T, N, C, S, weights, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,N,C,S,weights", CASES, ids=IDS)
+@pytest.mark.parametrize("T,N,C,S,weights", PARAMS)
 def test_tangent_backward(T, N, C, S, weights, dtype):
     case, w, b = relu_case(T, N, C, S, weights, dtype)
     gz = case.act()

@@ -1,6 +1,7 @@
 """BatchNorm2d + ReLU + MaxPool2d, the Triton kernels (kernels/bn_relu_maxpool.py via
 fastmaml/ops/triton_norm.py) against the torch references (fastmaml/ops/layers.py): forward, backward
-and both with tangents, on CUDA or under the Triton interpreter on CPU; meta_step with backend="triton"
+and both with tangents, on CUDA or under the Triton interpreter on CPU (small odd sizes, and real sizes as slow
+tests); meta_step with backend="triton"
 against the autograd oracle (float64)."""
 
 import os
@@ -23,6 +24,10 @@ TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
 # (T, N, C, H, W, k): T = 1, odd H and W (a remainder outside the windows), k = 3, H not a multiple of k
 CASES = [(1, 1, 1, 2, 2, 2), (3, 2, 3, 5, 7, 2), (2, 3, 2, 5, 7, 3), (1, 2, 2, 9, 8, 1)]
 IDS = ["T{}N{}C{}H{}W{}k{}".format(*c) for c in CASES]
+# real sizes (slow under the interpreter): conv4's first block at 84×84 (75 query images, a few of its 32
+# channels) and ResNet-12's first stage (5 support images, 16 channels, two tasks)
+REAL_CASES = [(1, 75, 3, 84, 84, 2), (2, 5, 16, 84, 84, 2)]
+REAL_IDS = ["conv4-84-query", "resnet12-84-support"]
 OPS = ("train_fwd", "train_bwd", "tangent_fwd", "tangent_bwd")
 
 
@@ -49,6 +54,19 @@ def randn(g, *shape, dtype):
 @pytest.mark.parametrize("weights", ["task", "common", None])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_matches_reference(triton_ops, case, weights, dtype):
+    check_against_reference(triton_ops, case, weights, dtype)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", REAL_CASES, ids=REAL_IDS)
+def test_matches_reference_real_size(triton_ops, case, dtype):
+    check_against_reference(triton_ops, case, "task", dtype)
+
+
+def check_against_reference(triton_ops, case, weights, dtype):
+    """Every op (with and without the input gradient) against its torch reference on random inputs: the
+    picks exactly, the rest within TOL."""
     T, N, C, H, W, k = case
     g = torch.Generator().manual_seed(1)
     x = randn(g, T, N, C, H, W, dtype=dtype) * 2 + 0.5

@@ -2,7 +2,8 @@
 against PyTorch's convolutions, task by task: the forward, the input gradient and the weight and bias
 gradients, each with its tangent form (two products in one kernel), in float64 (to ~1e-15) and
 float32 (within a bound derived from PyTorch's own float32 error on the same input), bfloat16 with
-float32 accumulation; odd sizes, stride, padding, 1×1 and asymmetric kernels, dilation, per-task and
+float32 accumulation; odd sizes, stride, padding, 1×1 and asymmetric kernels, dilation, real layer sizes
+(slow: 84×84 maps, 75 images), per-task and
 common weights (views of flat buffers), outputs written in place through their strides; opcheck; the
 BatchNorm statistics of the forward's epilogue against `var_mean` of the reference output (several row
 tiles, a partial column block), and a BatchNorm normalizing with them; and meta-steps of conv nets with
@@ -243,6 +244,24 @@ def test_split_k_is_exercised(lib):
     T, N, C, H, W = CASES[2][:5]
     BK = 64 if kernels.INTERPRET else 8  # float64
     assert kernels.weight_split(T, N * H * W, BK, DEVICE) > 1
+
+
+# real layer sizes (the interpreter's time grows with the positions: 75 images of 84×84 take minutes per launch)
+REAL_CASES = [
+    (1, 5, 16, 84, 84, 16, 3, 1, 1, 1, "task", "task"),  # ResNet-12's first stage, one task's 5 support images
+    (2, 75, 32, 10, 10, 32, 3, 1, 1, 1, "task", "task"),  # conv4-32 at 84×84: the last layer, 75 query images
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", REAL_CASES, ids=["resnet12-84-support", "conv4-84-query"])
+def test_kernels_real_size(lib, case):
+    """Every output with full tangents at a real layer's size, in float64 (about 40-90 s under the
+    interpreter)."""
+    ref, tol = bounds(Conv(case), torch.float64)
+    got = run_all(lib, Conv(case).cast(torch.float64), torch.float64)
+    for k in ref:
+        check(got[k], ref[k], tol[k], k)
 
 
 LOW = [(CASES[i], torch.float32) for i in FP32_CASES] + [(CASES[i], torch.bfloat16) for i in BF16_CASES]

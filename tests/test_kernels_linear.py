@@ -20,6 +20,10 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 SHAPES = [(1, 1, 1, 1), (2, 5, 40, 37), (3, 2, 65, 40)]  # T, N, I, O: widths not powers of two
+# real sizes (slow under the interpreter): the sinusoid's hidden layer (T=25, 10 points), conv4-64's head on
+# 75 query images (28×28: 64 features), ResNet-12's head (640 features), OmniglotFC's second layer (256 → 128)
+REAL = [(25, 10, 40, 40), (32, 75, 64, 5), (4, 75, 640, 5), (4, 25, 256, 128)]
+PARAMS = SHAPES + [pytest.param(*s, marks=pytest.mark.slow, id="real-T{}N{}I{}O{}".format(*s)) for s in REAL]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +67,7 @@ def grad_views(T, n_out, n_in, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("common", [False, True])
-@pytest.mark.parametrize("T,N,n_in,n_out", SHAPES)
+@pytest.mark.parametrize("T,N,n_in,n_out", PARAMS)
 def test_forward_value_and_tangent(T, N, n_in, n_out, common, dtype):
     d = inputs(T, N, n_in, n_out, dtype, common)
     for name, args in [
@@ -99,7 +103,7 @@ def test_strided_inputs(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("common", [False, True])
-@pytest.mark.parametrize("T,N,n_in,n_out", SHAPES)
+@pytest.mark.parametrize("T,N,n_in,n_out", PARAMS)
 def test_tangent_backward(T, N, n_in, n_out, common, dtype):
     d = inputs(T, N, n_in, n_out, dtype, common)
     flat, outs = grad_views(T, n_out, n_in, dtype)
@@ -142,7 +146,7 @@ def test_tangent_backward_partial(absent, need_x, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("T,N,n_in,n_out", SHAPES)
+@pytest.mark.parametrize("T,N,n_in,n_out", PARAMS)
 def test_backward(T, N, n_in, n_out, dtype):
     d = inputs(T, N, n_in, n_out, dtype, common=True)
     flat, (gw, _, gb, _) = grad_views(T, n_out, n_in, dtype)
