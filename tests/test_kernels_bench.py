@@ -178,3 +178,46 @@ def test_report_says_what_is_missing(tmp_path):
     md = gpu_check_report.report(tmp_path)
     assert "env.txt missing" in md and "build exit 1" in md and "nvcc fatal" in md
     assert "no junit files" in md and "op_bench.md missing" in md and "repro.txt missing" in md
+
+
+def _gpu_check_commands():
+    """benchmarks/gpu_check.sh's `step` lines, continuation lines joined, each split into words."""
+    import shlex
+
+    text = (BENCH / "gpu_check.sh").read_text().replace("\\\n", " ")
+    return [shlex.split(line.strip())[1:] for line in text.splitlines() if line.strip().startswith("step ")]
+
+
+def _option_values(words, option):
+    if option not in words:
+        return []
+    rest = words[words.index(option) + 1 :]
+    return rest[: next((i for i, w in enumerate(rest) if w.startswith("--")), len(rest))]
+
+
+def test_gpu_check_names_real_tests_workloads_and_rows():
+    """A typo in gpu_check.sh would cost a scarce GPU session: every test file and deselected test it names
+    exists, and every --workloads / --impls list selects real workloads and rows."""
+    from fastmaml.bench import impls, workloads
+
+    commands = _gpu_check_commands()
+    names = [c[0] for c in commands]
+    assert {"build", "tests", "suite", "precision"} <= set(names), names
+    root = BENCH.parent
+    for words in commands:
+        for w in words:
+            path = w.split("::")[0]
+            if path.startswith("tests/"):
+                assert (root / path).is_file(), (words[0], w)
+                if "::" in w:
+                    assert f"def {w.split('::')[1]}(" in (root / path).read_text(), (words[0], w)
+        wl = _option_values(words, "--workloads")
+        if wl:
+            assert len(workloads.select(wl)) >= len(wl), (words[0], wl)
+        rows = _option_values(words, "--impls")
+        if rows:
+            impls.select(rows)  # raises on an unknown row
+    suite = commands[names.index("suite")]
+    assert "--impls" not in suite  # every row, the CUDA graph's and torch.func's included
+    assert any(i.name == "fastmaml-graph[auto,second]" for i in impls.select(None))
+    assert any(i.name == "torch.func-vmap" for i in impls.select(None))
