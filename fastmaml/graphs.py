@@ -41,12 +41,11 @@ from .tasks import TaskBatch
 
 WARMUP_CALLS = 1
 TIMED_CALLS = 2  # cuda_graph="auto": calls timed of each kind before choosing
-CUDA_GRAPH_OPTIONS = (False, True, "auto")
 
 
 def check_cuda_graph_option(cuda_graph) -> None:
     """Raises ValueError unless `cuda_graph` is False, True or "auto"."""
-    if not any(cuda_graph is o if isinstance(o, bool) else cuda_graph == o for o in CUDA_GRAPH_OPTIONS):
+    if not (isinstance(cuda_graph, bool) or (isinstance(cuda_graph, str) and cuda_graph == "auto")):
         raise ValueError(f"cuda_graph: expected True, False or 'auto', got {cuda_graph!r}")
 
 
@@ -79,7 +78,7 @@ class GraphChoice:
 
     The plan's calls run uncaptured until `TIMED_CALLS` of them were timed (the first call, which
     initializes, untimed), then captured until as many replays were timed (the warm-up and capturing calls
-    untimed); the kind whose fastest timed call was faster then runs every later call. A call is timed from a device
+    untimed); the kind with the faster best call then runs every later call. A call is timed from a device
     synchronization before it to one after it, so the host's work counts: that is what capture saves.
 
     Attributes:
@@ -258,7 +257,6 @@ def _finite(out) -> bool:
 
 
 __all__ = [
-    "CUDA_GRAPH_OPTIONS",
     "CaptureError",
     "CapturedStep",
     "GraphChoice",
