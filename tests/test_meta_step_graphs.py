@@ -76,31 +76,44 @@ def leaves(lr):
     return fastmaml.inner_lr.learnable_leaves(lr)
 
 
-@pytest.mark.parametrize("name, make, make_tasks, options", CASES, ids=[c[0] for c in CASES])
-def test_capture_and_replay_match_the_uncaptured_step(name, make, make_tasks, options):
+def twins(make, options):
+    """Two copies of make()'s model, the inner rate of each (made per model when `options` gives a maker), and
+    the other options."""
     base = make()
     a, c = copy.deepcopy(base), copy.deepcopy(base)
     rate = options.get("inner_lr", 0.01)
     la, lc = (rate(a), rate(c)) if callable(rate) else (rate, rate)
-    opts = {k: v for k, v in options.items() if k != "inner_lr"}
-    plan = fastmaml.MetaStep(a, make_tasks(9), inner_lr=la, cuda_graph=True, **opts)
-    for rnd in range(4):  # 0: warm-up (uncaptured), 1: capture and replay, 2-3: replays
+    return a, c, la, lc, {k: v for k, v in options.items() if k != "inner_lr"}
+
+
+def rounds(plan, a, c, la, lc, opts, make_tasks, n, before=lambda rnd: None):
+    """n calls of `plan` (on model a) against the unplanned step on c, each on new tasks, with new parameter
+    values and rates in place after each (the graph reads them); `before(rnd)` runs before each call."""
+    for rnd in range(n):
+        before(rnd)
         tasks = make_tasks(rnd)
         ra = plan(tasks)
         rc = reference(c, tasks, **dict(opts, inner_lr=lc))
         for f in FIELDS:
             close(getattr(ra, f), getattr(rc, f), f)
-        for (n, p), q in zip(a.named_parameters(), c.parameters()):
-            close(p.grad, q.grad, n)
-        for (n, x), y in zip(a.named_buffers(), c.buffers()):
-            close(x.float(), y.float(), n)
+        for (name, p), q in zip(a.named_parameters(), c.parameters()):
+            close(p.grad, q.grad, name)
+        for (name, x), y in zip(a.named_buffers(), c.buffers()):
+            close(x.float(), y.float(), name)
         for x, y in zip(leaves(la), leaves(lc)):
             close(x.grad, y.grad, "inner_lr")
-        with torch.no_grad():  # new parameter values in place (the graph reads them), new rates
+        with torch.no_grad():
             for m, lr in ((a, la), (c, lc)):
                 for p in list(m.parameters()) + leaves(lr):
                     p.sub_(0.01 * p.grad)
                     p.grad = None
+
+
+@pytest.mark.parametrize("name, make, make_tasks, options", CASES, ids=[c[0] for c in CASES])
+def test_capture_and_replay_match_the_uncaptured_step(name, make, make_tasks, options):
+    a, c, la, lc, opts = twins(make, options)
+    plan = fastmaml.MetaStep(a, make_tasks(9), inner_lr=la, cuda_graph=True, **opts)
+    rounds(plan, a, c, la, lc, opts, make_tasks, 4)  # 0: warm-up (uncaptured), 1: capture and replay, 2-3: replays
     assert plan._graph.graph is not None and plan.rebuilds == 0
 
 
@@ -140,25 +153,14 @@ def test_parameter_with_other_storage_is_captured_again():
 
 @pytest.mark.parametrize("name, make, make_tasks, options", [CASES[0], CASES[-2]], ids=[CASES[0][0], CASES[-2][0]])
 def test_auto_matches_the_uncaptured_step_while_measuring_and_after(name, make, make_tasks, options):
-    base = make()
-    a, c = copy.deepcopy(base), copy.deepcopy(base)
-    rate = options.get("inner_lr", 0.01)
-    la, lc = (rate(a), rate(c)) if callable(rate) else (rate, rate)
-    opts = {k: v for k, v in options.items() if k != "inner_lr"}
+    a, c, la, lc, opts = twins(make, options)
     plan = fastmaml.MetaStep(a, make_tasks(9), inner_lr=la, cuda_graph="auto", **opts)
     decide = 1 + 2 * fastmaml.graphs.TIMED_CALLS + fastmaml.graphs.WARMUP_CALLS + 1
-    for rnd in range(decide + 2):
+
+    def undecided_until_the_last_timed_call(rnd):
         assert (plan.graph_choice.decision is None) == (rnd < decide)
-        tasks = make_tasks(rnd)
-        ra = plan(tasks)
-        rc = reference(c, tasks, **dict(opts, inner_lr=lc))
-        for f in FIELDS:
-            close(getattr(ra, f), getattr(rc, f), f)
-        for (n, p), q in zip(a.named_parameters(), c.parameters()):
-            close(p.grad, q.grad, n)
-        for m, lr in ((a, la), (c, lc)):
-            for p in list(m.parameters()) + leaves(lr):
-                p.grad = None
+
+    rounds(plan, a, c, la, lc, opts, make_tasks, decide + 2, undecided_until_the_last_timed_call)
     choice = plan.graph_choice
     assert choice.decision in ("captured", "uncaptured") and "ms" in choice.reason
     assert (plan._graph is None) == (choice.decision == "uncaptured")
