@@ -3,13 +3,12 @@ against PyTorch's convolutions, task by task: the forward, the input gradient an
 gradients, each with its tangent form (two products in one kernel), in float64 (to ~1e-15) and
 float32 (within a bound derived from PyTorch's own float32 error on the same input), bfloat16 with
 float32 accumulation; odd sizes, stride, padding, 1×1 and asymmetric kernels, dilation, real layer sizes
-(slow: 84×84 maps, 75 images), per-task and
-common weights (views of flat buffers), outputs written in place through their strides; opcheck; the
-BatchNorm statistics of the forward's epilogue against `var_mean` of the reference output (several row
-tiles, a partial column block), and a BatchNorm normalizing with them; and meta-steps of conv nets with
-the Conv2d rule's strategy "triton" against the autograd oracle (float64, BatchNorms taking the
-convolutions' statistics) and against strategy "loop" (float32). On CUDA, or under the Triton interpreter
-on CPU."""
+(slow: 84×84 maps of 5 images, 75 images of 10×10), per-task and common weights (views of flat buffers),
+outputs written in place through their strides; opcheck; the BatchNorm statistics of the forward's
+epilogue against `var_mean` of the reference output (several row tiles, a partial column block), and a
+BatchNorm normalizing with them; and meta-steps of conv nets with the Conv2d rule's strategy "triton"
+against the autograd oracle (float64, BatchNorms taking the convolutions' statistics) and against strategy
+"loop" (float32). On CUDA, or under the Triton interpreter on CPU."""
 
 import inspect
 import os
