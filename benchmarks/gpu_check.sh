@@ -4,23 +4,25 @@
 #     pip install --no-deps --no-build-isolation -e .
 # as
 #     OUT=/some/dir bash benchmarks/gpu_check.sh
-# Steps, each under its own time limit inside the total budget:
+# Steps, in this order (the priority: a step that finds the budget spent is skipped), each under its own time
+# limit inside the total budget:
 #   build      the C++/CUDA extension
 #   tests      the kernel tests on CUDA (every backend against the reference: fp32, fp64, bf16 with
 #              fp32 accumulation; the MLP op, kernel and reference, against the autograd oracle; Triton
 #              layer kernels; MetaStep's CUDA-graph capture and replay, and cuda_graph="auto", against the
 #              uncaptured step)
-#   ops        benchmarks/op_bench.py: every backend of every op on the arguments of real meta-steps
-#   ops_lr     the same with a learned inner learning rate (the adjoint update's α-gradient reduction)
-#   conv       benchmarks/conv_batching.py: loop / grouped / unfold convolutions, per layer and per meta-step
+#   suite      fastmaml bench on CUDA, the rows the open issues measure (fastmaml auto, its plan, its step
+#              captured in a CUDA graph, the triton backend, first order, torch.func-vmap, the loops) on the
+#              28×28 conv4 (K=1, K=5), ResNet-12 64-640 84×84, the sinusoid (K=5, K=1) and the class-written
+#              conv4, with TFLOP/s and the fraction of the card's FP32 and TF32 peaks
+#   precision  the precision policies (fp32, tf32, bf16) against the autograd loop under the same policy
 #   conv_triton benchmarks/conv_triton_bench.py: the Triton task-batched convolutions against grouped cuDNN
 #              on every conv layer of conv4-64 (28, 84) and ResNet-12 (84), T=4, N=5 and 75, each pass and
 #              its tangent form, true FP32 only and within its own budget (a short run: see the script for
 #              tf32 and bf16)
-#   suite      fastmaml bench on CUDA (sinusoid, 28×28 conv4 as Sequential and as a class, ResNet-12 64-640 84×84),
-#              with TFLOP/s and the fraction of the card's FP32 and TF32 peaks; its rows include the step
-#              captured in a CUDA graph (fastmaml-graph[auto,second]) and torch.func-vmap
-#   precision  the precision policies (fp32, tf32, bf16) against the autograd loop under the same policy
+#   ops        benchmarks/op_bench.py: every backend of every op on the arguments of real meta-steps
+#   ops_lr     the same with a learned inner learning rate (the adjoint update's α-gradient reduction)
+#   conv       benchmarks/conv_batching.py: loop / grouped / unfold convolutions, per layer and per meta-step
 #   layout     benchmarks/conv_layout.py: NCHW against channels-last convolutions per layer, and ResNet-12's
 #              meta-step in both memory formats (CUDA runs "contiguous" unless told: unmeasured)
 #   crash      the bad-input tests of the C++ ops, each file in its own process, and a backtrace of the
@@ -90,16 +92,21 @@ step tests 170 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider --junitxml="
   --deselect tests/test_kernels_mlp.py::test_bad_arguments_name_the_argument \
   --deselect tests/test_kernels_bn_relu_maxpool.py::test_bad_arguments_name_the_argument
 
+# the issues' measurements first (suite, precision), the diagnostic benches after: a step that finds the
+# budget spent is skipped, so the order is the priority
+step suite 180 "$PY" -m fastmaml bench --device cuda --out "$WORK/suite" --no-memory --repeats 5 --budget 20 \
+  --sensitivity-draws 0 \
+  --workloads conv28-1shot-K1 conv28-1shot-K5 resnet12w-84-K5 sinusoid-K5 sinusoid-K1 class28-1shot-K1 \
+  --impls "fastmaml[auto,second]" "fastmaml-plan[auto,second]" "fastmaml-graph[auto,second]" \
+  "fastmaml[triton,second]" "fastmaml[auto,first]" torch.func-vmap
+step precision 60 "$PY" -m fastmaml bench --device cuda --out "$WORK/precision" --no-memory --repeats 5 --budget 10 \
+  --sensitivity-draws 0 --workloads conv28-1shot-K1 resnet12w-84-K5 \
+  --impls "fastmaml[auto,second]" fastmaml-fp32 fastmaml-tf32 fastmaml-bf16
+step conv_triton 80 "$PY" benchmarks/conv_triton_bench.py --out "$WORK" --precisions fp32 --repeats 3 --budget 55
 step ops 80 "$PY" benchmarks/op_bench.py --device cuda --out "$WORK" \
   --workloads sinusoid-K1 conv28-1shot-K1
 step ops_lr 40 "$PY" benchmarks/op_bench.py --device cuda --out "$WORK" --learned-lr --workloads conv28-1shot-K1
 step conv 60 "$PY" benchmarks/conv_batching.py --device cuda --out "$WORK"
-step conv_triton 80 "$PY" benchmarks/conv_triton_bench.py --out "$WORK" --precisions fp32 --repeats 3 --budget 55
-step suite 180 "$PY" -m fastmaml bench --device cuda --out "$WORK/suite" --no-memory --repeats 5 --budget 20 \
-  --workloads sinusoid-K1 sinusoid-K5 conv28-1shot-K1 conv28-1shot-K5 class28-1shot-K1 resnet12w-84-K5
-step precision 60 "$PY" -m fastmaml bench --device cuda --out "$WORK/precision" --no-memory --repeats 5 --budget 10 \
-  --sensitivity-draws 0 --workloads conv28-1shot-K1 resnet12w-84-K5 \
-  --impls "fastmaml[auto,second]" fastmaml-fp32 fastmaml-tf32 fastmaml-bf16
 step layout 40 "$PY" benchmarks/conv_layout.py --device cuda --repeats 5 --step-repeats 2 --workloads resnet12w-84-K5
 step crash 70 bash benchmarks/crash_check.sh "$WORK/crash"
 

@@ -218,6 +218,9 @@ def test_gpu_check_names_real_tests_workloads_and_rows():
         if rows:
             impls.select(rows)  # raises on an unknown row
     suite = commands[names.index("suite")]
-    assert "--impls" not in suite  # every row, the CUDA graph's and torch.func's included
-    assert any(i.name == "fastmaml-graph[auto,second]" for i in impls.select(None))
-    assert any(i.name == "torch.func-vmap" for i in impls.select(None))
+    rows = {i.name for i in impls.select(_option_values(suite, "--impls"))}
+    assert {"fastmaml[auto,second]", "fastmaml-graph[auto,second]", "torch.func-vmap", "autograd-loop"} <= rows
+    assert {"conv28-1shot-K1", "conv28-1shot-K5", "resnet12w-84-K5", "sinusoid-K5"} <= set(
+        _option_values(suite, "--workloads")
+    )
+    assert names.index("suite") < names.index("ops")  # the issues' rows before the diagnostic benches
