@@ -169,6 +169,24 @@ class Concat(nn.Module):
         return self.head(torch.flatten(y, 1))
 
 
+class Squeezes(nn.Module):
+    """Feature reshapes users write: a global average pool `squeeze`d to [N, C], a sum over a feature dim
+    after `unsqueeze`/`view`, and `torch.sum` over spatial dims."""
+
+    def __init__(self, ways=3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, ways)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        pooled = F.avg_pool2d(x, 4).squeeze(-1).squeeze(-1)  # [N, 4]
+        halves = pooled.unsqueeze(1).view(x.size(0), 2, 2).sum(1)  # [N, 2]
+        spatial = torch.sum(x, dim=(2, 3)) / 16.0  # [N, 4]
+        return self.head(spatial + torch.cat([halves, halves], dim=1) + pooled.squeeze(dim=(-1,)))
+
+
 class BasicBlock(nn.Module):
     """learn2learn's ResNet-12 block (DropBlock off): three conv3×3-BN (LeakyReLU 0.1 after the first two),
     a 1×1 conv + BN shortcut, `out += residual`, LeakyReLU, MaxPool2d(2)."""

@@ -12,7 +12,16 @@ from fastmaml.layout import ParamLayout
 from fastmaml.losses import resolve_loss
 from fastmaml.programs import FusedProgram, TorchFuncProgram, select_program
 
-from class_models import Concat, ConvClassNet, MiniImagenetCNN, OmniglotCNN, OmniglotFC, ReadsTwice, ResNet12
+from class_models import (
+    Concat,
+    ConvClassNet,
+    MiniImagenetCNN,
+    OmniglotCNN,
+    OmniglotFC,
+    ReadsTwice,
+    ResNet12,
+    Squeezes,
+)
 from models import regression_tasks
 from oracle import assert_grads_close, autograd_meta_grad, check_meta_step
 
@@ -129,6 +138,79 @@ def test_concatenation_and_flatten(order):
     torch.manual_seed(7)
     model = Concat().double()
     check_ce(model, tasks_for((1, 8, 8), ways=3), inner_lr=0.3, steps=2, order=order)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_squeeze_unsqueeze_and_sum(order):
+    torch.manual_seed(7)
+    check_ce(Squeezes().double(), tasks_for((1, 4, 4), ways=3), inner_lr=0.3, steps=2, order=order)
+
+
+class SqueezesAll(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, x):
+        return self.lin(x).squeeze()  # would drop the examples' dim of a one-example task
+
+
+class SumsAll(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.lin(x) * self.lin(x).sum()  # mixes the examples
+
+
+class PoolsBySize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.head(F.avg_pool2d(self.conv(x), x.shape[-1]).flatten(1))  # a kernel size from x's size
+
+
+def test_squeeze_without_dims_sums_over_everything_and_sizes_from_shapes_fall_back_and_say_why():
+    e = fastmaml.explain(SqueezesAll())
+    assert e.program == "torch.func" and "squeeze without dims" in e.reason
+    e = fastmaml.explain(SumsAll())
+    assert e.program == "torch.func" and "a sum over all dimensions" in e.reason
+    e = fastmaml.explain(PoolsBySize(), "cross_entropy")
+    assert e.program == "torch.func" and "avg_pool2d's kernel_size is computed from tensor sizes" in e.reason
+    torch.manual_seed(3)
+    check_meta_step(
+        PoolsBySize().double(),
+        tasks_for((1, 4, 4), ways=3),
+        loss="cross_entropy",
+        loss_fn=F.cross_entropy,
+        inner_lr=0.3,
+        steps=1,
+        tol=TOL,
+    )
+
+
+class MeansExamples(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.lin(x) - self.lin(x).mean(-2, keepdim=True)  # dim -2 of [N, 2]: the mean over the batch
+
+
+def test_a_mean_over_the_batch_is_one_per_task():
+    """The model centers its outputs over its batch; per task, the engine does the same over the task's
+    examples."""
+    torch.manual_seed(4)
+    model = MeansExamples().double()
+    on_fused(model, "mse")
+    check_meta_step(
+        model, regression_tasks(din=3, dout=2), loss="mse", loss_fn=F.mse_loss, inner_lr=0.2, steps=2, tol=TOL
+    )
 
 
 def test_meta_sgd_rates_and_learned_scalar():

@@ -9,8 +9,9 @@ nodes, which map to rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `torch.tanh`, `torch.sigmoid`,
   `F.max_pool2d`, `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `F.dropout` (inactive), `F.linear`,
   `F.conv2d` and `F.batch_norm` on the model's own parameters;
-- `x.mean(dims)` over per-example dims; `torch.flatten`, `x.flatten`, `x.view`, `x.reshape` that keep the
-  examples apart (sizes may come from the model's own arithmetic on `x.size()` / `x.shape`);
+- `x.mean(dims)` and `x.sum(dims)` over per-example dims; `torch.flatten`, `x.flatten`, `x.view`,
+  `x.reshape` that keep the examples apart (sizes may come from the model's own arithmetic on `x.size()` /
+  `x.shape`); `x.squeeze(dims)` and `x.unsqueeze(dim)` of per-example dims;
 - joins: `+`, `torch.add`, `-` (residual branches), `torch.cat` along a feature dim; constants:
   multiplication or division by a number or a buffer, adding a constant, negation.
 A value several nodes read has its gradients summed (graph.py). BatchNorm + ReLU (+ MaxPool2d) and
@@ -44,7 +45,7 @@ from .joins import AddRule, AffineRule, CatRule
 from .norm import BatchNormRule
 from .pointwise import ELURule, GELURule, LeakyReLURule, ReLURule, SigmoidRule, TanhRule
 from .pooling import AdaptiveAvgPool2dRule, AvgPool2dRule, MaxPool2dRule
-from .shape import FlattenRule, MeanRule, ReshapeRule
+from .shape import FlattenRule, MeanRule, ReshapeRule, SqueezeRule, SumRule
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -190,6 +191,9 @@ _FUNC_NAMES = {
     F.avg_pool2d: "avg_pool2d",
     F.adaptive_avg_pool2d: "adaptive_avg_pool2d",
     torch.mean: "mean",
+    torch.sum: "sum",
+    torch.squeeze: "squeeze",
+    torch.unsqueeze: "unsqueeze",
     torch.flatten: "flatten",
     torch.reshape: "reshape",
     F.linear: "linear",
@@ -236,6 +240,9 @@ _METHOD_NAMES = {
     "sigmoid": "sigmoid",
     "sigmoid_": "sigmoid",
     "mean": "mean",
+    "sum": "sum",
+    "squeeze": "squeeze",
+    "unsqueeze": "unsqueeze",
     "flatten": "flatten",
     "view": "view",
     "reshape": "view",
@@ -278,6 +285,9 @@ _SPECS = {
     ),
     "adaptive_avg_pool2d": _spec("input", "output_size"),
     "mean": _spec("input", ("dim", None), ("keepdim", False), ("dtype", None)),
+    "sum": _spec("input", ("dim", None), ("keepdim", False), ("dtype", None)),
+    "squeeze": _spec("input", ("dim", None)),
+    "unsqueeze": _spec("input", "dim"),
     "flatten": _spec("input", ("start_dim", 0), ("end_dim", -1)),
     "reshape": _spec("input", "shape"),
     "linear": _spec("input", "weight", ("bias", None)),
@@ -323,6 +333,16 @@ class _Host:
 
     def __init__(self, fn: Callable[[list], Any], reads: Tuple[int, ...]):
         self.fn, self.reads = fn, reads
+
+
+# arguments that are tensors (values, parameters) and ops whose other arguments may be computed from sizes
+_TENSOR_ARGUMENTS = frozenset({"input", "other", "tensors", "weight", "bias", "running_mean", "running_var"})
+_HOST_ARGUMENT_OPS = frozenset({"reshape", "add", "sub", "mul", "div"})
+
+
+def _computed(v) -> bool:
+    """Whether v (or a part of it) is a `_Host`: a value the model computes from sizes as it runs."""
+    return isinstance(v, _Host) or (isinstance(v, (list, tuple)) and any(_computed(x) for x in v))
 
 
 class _Lowering:
@@ -566,6 +586,13 @@ class _Lowering:
         except TypeError as e:
             self.fail(str(e))
         inplace = inplace or bool(a.get("inplace", False))
+        if op not in _HOST_ARGUMENT_OPS:
+            sized = [k for k, v in a.items() if k not in _TENSOR_ARGUMENTS and _computed(v)]
+            if sized:
+                self.fail(
+                    f"{op}'s {sized[0]} is computed from tensor sizes when the model runs; the fused engine needs it "
+                    "fixed (a number), e.g. F.adaptive_avg_pool2d(x, 1) for a global average pool"
+                )
         return getattr(self, f"op_{op}")(a, inplace)
 
     def host_call(self, n: fx.Node) -> _Host:
@@ -656,14 +683,34 @@ class _Lowering:
             AdaptiveAvgPool2dRule(self.name(), "adaptive_avg_pool2d", a["output_size"]), [self.value(a["input"])]
         )
 
-    def op_mean(self, a, inplace):
-        dims = a["dim"]
-        if dims is None or a["dtype"] is not None:
-            self.fail("a mean over all dimensions (or with a dtype) mixes the examples; give per-example dims")
+    def _feature_dims(self, what: str, dims) -> tuple:
+        """dims (an int or a sequence of them) as a tuple of per-example dims, or the node fails naming `what`."""
         dims = (dims,) if isinstance(dims, int) else tuple(dims)
-        if not all(isinstance(d, int) for d in dims) or 0 in dims:
-            self.fail(f"mean over dims {dims} includes the examples' dim 0")
-        return self.emit(MeanRule(self.name(), "mean", dims, bool(a["keepdim"])), [self.value(a["input"])])
+        if not dims or not all(isinstance(d, int) for d in dims) or 0 in dims:
+            self.fail(f"{what} over dims {dims} includes the examples' dim 0 (give per-example dims)")
+        return dims
+
+    def op_mean(self, a, inplace):
+        return self._reduce(a, "mean", MeanRule)
+
+    def op_sum(self, a, inplace):
+        return self._reduce(a, "sum", SumRule)
+
+    def _reduce(self, a, what: str, rule):
+        if a["dim"] is None or a["dtype"] is not None:
+            self.fail(f"a {what} over all dimensions (or with a dtype) mixes the examples; give per-example dims")
+        dims = self._feature_dims(what, a["dim"])
+        return self.emit(rule(self.name(), what, dims, bool(a["keepdim"])), [self.value(a["input"])])
+
+    def op_squeeze(self, a, inplace):
+        if a["dim"] is None:
+            self.fail("squeeze without dims would drop the examples' dim of a task with one example; give dims")
+        dims = self._feature_dims("squeeze", a["dim"])
+        return self.emit(SqueezeRule(self.name(), "squeeze", dims), [self.value(a["input"])])
+
+    def op_unsqueeze(self, a, inplace):
+        dims = self._feature_dims("unsqueeze", a["dim"])
+        return self.emit(SqueezeRule(self.name(), "unsqueeze", dims, unsqueeze=True), [self.value(a["input"])])
 
     def op_flatten(self, a, inplace):
         if a["start_dim"] == 0:

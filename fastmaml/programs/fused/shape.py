@@ -1,5 +1,5 @@
-"""Reshapes of the examples' features: Flatten, view/reshape that keep the batch dimension, means over
-per-example dims. `[T, N, *feat]` in and out."""
+"""Reshapes of the examples' features: Flatten, view/reshape that keep the batch dimension, squeeze and
+unsqueeze of per-example dims, sums and means over per-example dims. `[T, N, *feat]` in and out."""
 
 from __future__ import annotations
 
@@ -58,27 +58,65 @@ class ReshapeRule(Rule):
         return (gy.reshape(shape), gyd.reshape(shape)) if need_x else (None, None)
 
 
-class MeanRule(LinearMapRule):
-    """Mean over per-example dims (`x.mean((2, 3))` over a conv map: dims counted without the task dim)."""
+def _task_dim(d: int, rank: int) -> int:
+    """Per-example dim d (negative: from the end) as a dim of the per-task tensor of `rank` dims, which has the
+    task dim in front. A negative d may reach the examples' dim (dim 1): the rule then works per task, as the
+    model does on its batch."""
+    return d + 1 if d >= 0 else d + rank
+
+
+class SqueezeRule(LinearMapRule):
+    """`x.squeeze(dims)` / `x.unsqueeze(dim)` of per-example dims (`unsqueeze`: one dim, inserted)."""
+
+    def __init__(self, name: str, kind: str, dims, unsqueeze: bool = False):
+        super().__init__(name, kind)
+        self.dims = tuple(dims)
+        self.unsqueeze = unsqueeze
+
+    def apply(self, x, save):
+        if self.unsqueeze:
+            return x.unsqueeze(_task_dim(self.dims[0], x.dim() + 1)), x.shape
+        dims = tuple(_task_dim(d, x.dim()) for d in self.dims)
+        return x.squeeze(dims) if len(dims) > 1 else x.squeeze(dims[0]), x.shape
+
+    def transpose(self, gy, shape):
+        return gy.reshape(shape)
+
+
+class SumRule(LinearMapRule):
+    """Sum over per-example dims (`x.sum(1)`: dims counted without the task dim)."""
 
     def __init__(self, name: str, kind: str, dims, keepdim: bool = False):
         super().__init__(name, kind)
         self.dims = tuple(dims)
         self.keepdim = keepdim
 
-    def _dims(self, x):
-        return sorted(d + 1 if d >= 0 else d + x.dim() for d in self.dims)
-
     def apply(self, x, save):
-        dims = self._dims(x)
-        return x.mean(dims, keepdim=self.keepdim), (x.shape, dims)
+        dims = sorted(_task_dim(d, x.dim()) for d in self.dims)
+        return self._reduce(x, dims), (x.shape, dims)
 
     def transpose(self, gy, saved):
         shape, dims = saved
         if not self.keepdim:
             for d in dims:
                 gy = gy.unsqueeze(d)
+        return self._spread(gy, shape, dims).expand(shape)
+
+    def _reduce(self, x, dims):
+        return x.sum(dims, keepdim=self.keepdim)
+
+    def _spread(self, gy, shape, dims):
+        return gy
+
+
+class MeanRule(SumRule):
+    """Mean over per-example dims (`x.mean((2, 3))` over a conv map: dims counted without the task dim)."""
+
+    def _reduce(self, x, dims):
+        return x.mean(dims, keepdim=self.keepdim)
+
+    def _spread(self, gy, shape, dims):
         count = 1
         for d in dims:
             count *= shape[d]
-        return (gy / count).expand(shape)
+        return gy / count
