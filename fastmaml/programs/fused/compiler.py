@@ -14,6 +14,9 @@ nodes, which map to rules:
   `x.shape`); `x.squeeze(dims)` and `x.unsqueeze(dim)` of per-example dims;
 - joins: `+`, `torch.add`, `-` (residual branches), `torch.cat` along a feature dim; constants:
   multiplication or division by a number or a buffer, adding a constant, negation.
+A layer's sizes (windows, strides, dims) must be numbers when traced; one the model computes from the
+input's shape as it runs (`F.avg_pool2d(x, x.shape[-1])`) fails the node (only reshapes and the arithmetic
+above take such values).
 A value several nodes read has its gradients summed (graph.py). BatchNorm + ReLU (+ MaxPool2d) and
 BatchNorm + LeakyReLU are fused (`graph.fuse`).
 
