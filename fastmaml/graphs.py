@@ -123,9 +123,10 @@ class GraphChoice:
         return out
 
     def fail(self, exc: Exception) -> None:
-        """Capture failed: decide "uncaptured", saying why."""
+        """Capture failed (`exc`, a CaptureError from what the capture raised): decide "uncaptured", saying why."""
+        cause = exc.__cause__ or exc
         self.decision = "uncaptured"
-        self.reason = f"capture failed ({exc})"
+        self.reason = f"capture failed ({type(cause).__name__}: {cause})"
 
     def _decide(self) -> None:
         ms = {k: 1e3 * min(v) for k, v in self.seconds.items()}

@@ -126,7 +126,10 @@ class StandIn:
     def run(self, *args):
         self.calls += 1
         if self.fail and self.calls == graphs.WARMUP_CALLS + 1:
-            raise graphs.CaptureError("cuda_graph=True: capturing the meta-step failed (stand-in)")
+            try:
+                raise RuntimeError("operation not permitted when stream is capturing (stand-in)")
+            except RuntimeError as exc:
+                raise graphs.CaptureError("cuda_graph=True: capturing the meta-step failed") from exc
         out = self.uncaptured(*args)
         self.clock.spend("captured")
         return out
@@ -187,7 +190,9 @@ def test_failed_capture_decides_uncaptured_and_the_call_still_runs(stand_in):
         assert torch.equal(r.meta_loss, want.meta_loss)
         for p, q in zip(a.parameters(), c.parameters()):
             assert torch.equal(p.grad, q.grad)
-    assert step.graph_choice.decision == "uncaptured" and "capture failed" in step.graph_choice.reason
+    reason = step.graph_choice.reason
+    assert step.graph_choice.decision == "uncaptured" and reason.startswith("capture failed (RuntimeError: ")
+    assert "not permitted when stream is capturing" in reason and "cuda_graph=True" not in reason
     assert step._graph is None and graph.calls == graphs.WARMUP_CALLS + 1
 
 
