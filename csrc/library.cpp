@@ -37,6 +37,9 @@ TORCH_LIBRARY(fastmaml, m) {
       "bn_relu_maxpool_tangent_bwd(Tensor gz, Tensor gzd, Tensor z, Tensor idx, Tensor x, Tensor xd, Tensor mean, "
       "Tensor invstd, Tensor a, Tensor dmean, Tensor w, Tensor wd, bool need_x) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // ReLU + k x k max-pooling (stride k), fused (CPU): x [T, N, C, H, W] -> (z [T, N, C, H/k, W/k], idx int64
+  // (PyTorch's max-pool indices of relu(x)))
+  m.def("relu_maxpool_fwd(Tensor x, int k) -> (Tensor, Tensor)");
   // A first conv block, fused: conv2d (per-task weights) + BatchNorm (batch statistics per task) + ReLU + k x k
   // max-pooling (CPU). x [T, N, Ci, H, W], cw [T, C, Ci, kh, kw], cb, w, b [T, C]
   // -> (z [T, N, C, Hc/k, Wc/k], idx int64, mean [T, C], invstd [T, C], pmean [T, D], pcov [T, D, D] (float64,

@@ -177,7 +177,14 @@ conv_bn_relu_maxpool_tangent_bwd_meta(const at::Tensor& gz, const at::Tensor& gz
 
 }  // namespace
 
+std::tuple<at::Tensor, at::Tensor> relu_maxpool_fwd_meta(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.dim() == 5 && k >= 1, "x: expected activations [T, N, C, H, W] and k >= 1");
+  std::vector<int64_t> pooled{x.size(0), x.size(1), x.size(2), x.size(3) / k, x.size(4) / k};
+  return {at::empty(pooled, x.options()), at::empty(pooled, x.options().dtype(at::kLong))};
+}
+
 TORCH_LIBRARY_IMPL(fastmaml, Meta, m) {
+  m.impl("relu_maxpool_fwd", &relu_maxpool_fwd_meta);
   m.impl("conv_bn_relu_maxpool_tangent_fwd", &conv_bn_relu_maxpool_tangent_fwd_meta);
   m.impl("conv_bn_relu_maxpool_tangent_bwd", &conv_bn_relu_maxpool_tangent_bwd_meta);
   m.impl("conv_bn_relu_maxpool_fwd", &conv_bn_relu_maxpool_fwd_meta);

@@ -72,6 +72,7 @@ REQUIRED_OPS = (
     "conv_bn_relu_maxpool_bwd",
     "conv_bn_relu_maxpool_tangent_fwd",
     "conv_bn_relu_maxpool_tangent_bwd",
+    "relu_maxpool_fwd",
 )
 
 # --exclude-libs,ALL: a compiler that links libstdc++ statically (the GPU machine's /opt/gcc g++ does)

@@ -20,7 +20,9 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
-def conv4(in_channels: int, num_classes: int, hidden: int = 64, image_size: int = 28) -> nn.Sequential:
+def conv4(
+    in_channels: int, num_classes: int, hidden: int = 64, image_size: int = 28, norm: str = "batch", groups: int = 4
+) -> nn.Sequential:
     """The 4-block conv net of the MAML paper: 4 × [Conv 3×3 (padding 1) → BatchNorm2d → ReLU → MaxPool
     2×2], then Flatten → Linear.
 
@@ -30,6 +32,9 @@ def conv4(in_channels: int, num_classes: int, hidden: int = 64, image_size: int 
         hidden: filters per conv (64 for Omniglot, 32 for mini-ImageNet).
         image_size: the side of the square input; each pooling floors (84 → 42 → 21 → 10 → 5), so the
             classifier sees `hidden · s²` features, s the side after four poolings (1 for 28, 5 for 84).
+        norm: each block's norm: "batch" (BatchNorm2d, the paper's), "group" (GroupNorm with `groups`
+            groups: each example's own statistics, no batch statistics), or "none".
+        groups: GroupNorm's groups (a divisor of `hidden`), for norm="group".
 
     Returns:
         An `nn.Sequential`: `[N, in_channels, image_size, image_size]` -> `[N, num_classes]`.
@@ -38,6 +43,11 @@ def conv4(in_channels: int, num_classes: int, hidden: int = 64, image_size: int 
     num_classes = _positive_int(num_classes, "num_classes")
     hidden = _positive_int(hidden, "hidden")
     image_size = _positive_int(image_size, "image_size")
+    norms = {"batch": lambda: nn.BatchNorm2d(hidden), "group": lambda: nn.GroupNorm(groups, hidden), "none": None}
+    if norm not in norms:
+        raise ValueError(f"norm: expected one of {sorted(norms)}, got {norm!r}")
+    if norm == "group" and (_positive_int(groups, "groups") > hidden or hidden % groups):
+        raise ValueError(f"groups: expected a divisor of hidden={hidden}, got {groups}")
     side = image_size
     for _ in range(4):
         side //= 2
@@ -48,12 +58,10 @@ def conv4(in_channels: int, num_classes: int, hidden: int = 64, image_size: int 
     layers = []
     channels = in_channels
     for _ in range(4):
-        layers += [
-            nn.Conv2d(channels, hidden, kernel_size=3, padding=1),
-            nn.BatchNorm2d(hidden),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        ]
+        layers.append(nn.Conv2d(channels, hidden, kernel_size=3, padding=1))
+        if norms[norm] is not None:
+            layers.append(norms[norm]())
+        layers += [nn.ReLU(), nn.MaxPool2d(2)]
         channels = hidden
     layers += [nn.Flatten(), nn.Linear(hidden * side * side, num_classes)]
     return nn.Sequential(*layers)

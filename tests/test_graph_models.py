@@ -370,3 +370,33 @@ def test_class_conv_net_matches_its_sequential_twin():
     model.zero_grad()
     fastmaml.meta_step(seq, tasks, inner_lr=0.3, steps=2, loss="cross_entropy")
     assert all(torch.equal(a, p.grad) for a, p in zip(grads, seq.parameters()))
+
+
+@pytest.mark.parametrize("pool", [(2, 2, 0), (3, 2, 1), (3, 1, 0)])
+def test_relu_before_max_pool_pools_first_with_ties_and_zero_maxima(pool):
+    """ReLU + MaxPool2d is one rule that pools first (`ReLUMaxPool2dRule`): on integer maps full of ties, zero
+    maxima and all-negative windows (integer 1×1 weights keep them exact at θ), with overlapping and padded
+    windows, it matches autograd through the unfused pair."""
+    k, s, p = pool
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mix = nn.Conv2d(2, 3, 1)
+            self.head = nn.Linear(3 * 9, 3)
+
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self.mix(x)), k, s, p)
+            return self.head(F.adaptive_avg_pool2d(x, 3).flatten(1))
+
+    torch.manual_seed(11)
+    model = Net().double()
+    with torch.no_grad():
+        model.mix.weight.copy_(torch.tensor([[1.0, 0.0], [1.0, -1.0], [-1.0, 0.0]]).view(3, 2, 1, 1))
+        model.mix.bias.zero_()
+    assert "relu+max_pool2d" in [n.rule.kind for n in on_fused(model).nodes]
+    g = torch.Generator().manual_seed(0)
+    sx, sy, qx, qy = tasks_for((2, 6, 6), ways=3)
+    sx, qx = (torch.randint(-2, 3, t.shape, generator=g).double() for t in (sx, qx))
+    for order in ORDERS:
+        check_ce(model, (sx, sy, qx, qy), inner_lr=0.3, steps=1, order=order)

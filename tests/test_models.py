@@ -22,6 +22,17 @@ def test_conv4_shapes_and_layers(channels, size, hidden, features):
     assert model(torch.rand(7, channels, size, size)).shape == (7, 5)
 
 
+def test_conv4_norms():
+    group = conv4(1, 5, hidden=8, image_size=16, norm="group", groups=2)
+    assert [type(m) for m in group][:4] == [nn.Conv2d, nn.GroupNorm, nn.ReLU, nn.MaxPool2d]
+    assert all(m.num_groups == 2 and m.num_channels == 8 for m in group if isinstance(m, nn.GroupNorm))
+    plain = conv4(1, 5, hidden=8, image_size=16, norm="none")
+    assert [type(m) for m in plain][:3] == [nn.Conv2d, nn.ReLU, nn.MaxPool2d]
+    for model in (group, plain):
+        assert fastmaml.explain(model, "cross_entropy").program == "fused"
+        assert model(torch.rand(2, 1, 16, 16)).shape == (2, 5)
+
+
 def test_omniglot_mlp_shapes_and_layers():
     model = omniglot_mlp(20)
     linears = [m for m in model if isinstance(m, nn.Linear)]
@@ -39,12 +50,17 @@ def test_bad_arguments():
         conv4(1, 5, hidden=2.5)
     with pytest.raises(ValueError, match="num_classes"):
         omniglot_mlp(True)
+    with pytest.raises(ValueError, match="norm: expected one of"):
+        conv4(1, 5, norm="layer")
+    with pytest.raises(ValueError, match="groups: expected a divisor of hidden=64, got 5"):
+        conv4(1, 5, norm="group", groups=5)
 
 
 @pytest.mark.parametrize(
     "make, shape",
     [
         (lambda: conv4(1, 3, hidden=4, image_size=16), (1, 16, 16)),
+        (lambda: conv4(1, 3, hidden=4, image_size=16, norm="group", groups=2), (1, 16, 16)),
         (lambda: omniglot_mlp(3, in_features=36), (1, 6, 6)),
     ],
 )

@@ -56,7 +56,7 @@ class Workload:
         c = self.config
         if self.kind == "resnet12":
             return resnet12(c["ways"], widths=c["widths"], in_channels=c["channels"])
-        net = conv4(c["channels"], c["ways"], hidden=c["filters"], image_size=c["size"])
+        net = conv4(c["channels"], c["ways"], hidden=c["filters"], image_size=c["size"], norm=c.get("norm", "batch"))
         return ConvClassNet(net) if self.kind == "conv-class" else net
 
     def make_tasks(self, seed: int = 1) -> TaskBatch:
@@ -148,10 +148,17 @@ def _conv(
     sweep: bool = False,
     kind: str = "conv",
     widths=None,
+    norm: str = "batch",
 ) -> Workload:
     ways, query_per_class = 5, 15
     config = dict(
-        ways=ways, shots=shots, query_per_class=query_per_class, channels=channels, size=size, filters=filters
+        ways=ways,
+        shots=shots,
+        query_per_class=query_per_class,
+        channels=channels,
+        size=size,
+        filters=filters,
+        norm=norm,
     )
     if widths is not None:
         config["widths"] = tuple(widths)
@@ -218,6 +225,22 @@ def workloads(quick: bool = False) -> Dict[str, Workload]:
                 kind="conv-class",
             )
         )
+    out.append(
+        _conv(
+            "gn28-1shot-K1",
+            f"conv4 64 filters with GroupNorm(4) written as a class, 28×28×1, 5-way 1-shot, 15 query/class, "
+            f"T={t_28}, K=1",
+            tasks=t_28,
+            steps=1,
+            shots=1,
+            size=28,
+            channels=1,
+            filters=64,
+            inner_lr=0.4,
+            kind="conv-class",
+            norm="group",
+        )
+    )
     out.append(
         _conv(
             "conv84-1shot-K5",

@@ -91,6 +91,23 @@ def bn_relu_maxpool_train_bwd(gz, z, idx, x, mean, r, w, eps: float, k: int, nee
     return gx if need_x else None
 
 
+def _contiguous(x, k) -> Optional[str]:
+    return None if x.is_contiguous() else "channels-last x: PyTorch's channels-last max-pool"
+
+
+@register(
+    "relu_maxpool_fwd",
+    "cpp",
+    devices=("cpu",),
+    dtypes=KERNEL_DTYPES,
+    supports=_contiguous,
+    limits="float32/float64, contiguous (NCHW) x",
+)
+def relu_maxpool_fwd(x, k: int):
+    """ReLU + k×k max-pool in one pass, as the reference in ops/reference/block_tail.py."""
+    return torch.ops.fastmaml.relu_maxpool_fwd(x, k)
+
+
 @register(
     "bn_relu_maxpool_tangent_fwd",
     "cpp",

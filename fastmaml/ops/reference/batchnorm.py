@@ -15,6 +15,15 @@ from typing import Optional, Tuple
 import torch
 
 from ..registry import register
+from .normalize import (
+    affine_grads,
+    affine_input_grads,
+    affine_tangent,
+    affine_tangent_grads,
+    normalized_tangent,
+    normalized_tangent_grad,
+    project,
+)
 
 Tensor = torch.Tensor
 Opt = Optional[torch.Tensor]
@@ -22,8 +31,8 @@ Opt = Optional[torch.Tensor]
 
 # ---------------------------------------------------------------- batch norm on batch statistics
 # x `[T, N, C, S]` (S: spatial positions, 1 for BatchNorm1d on [N, C]); statistics per task and
-# channel over (N, S); m = N·S values each. r = 1/sqrt(var + eps) `[T, 1, C, 1]`, x̂ = (x − μ) r.
-# P(z) = r (z − mean(z) − x̂ mean(x̂ z)) is the Jacobian of x̂ (symmetric), used both ways.
+# channel over (N, S); m = N·S values each. r = 1/sqrt(var + eps) `[T, 1, C, 1]`, x̂ = (x − μ) r; the
+# normalization's own math (its Jacobian P and tangents) is normalize.py's.
 
 _RED = (1, 3)
 
@@ -33,14 +42,6 @@ def _channel(w: Opt) -> Opt:
     if w is None:
         return None
     return w[:, None, :, None] if w.dim() == 2 else w[None, None, :, None]
-
-
-def _project(z: Tensor, xhat: Tensor, r: Tensor, own: bool) -> Tensor:
-    """P(z); `own`: z is a temporary of the caller and may be overwritten (saves a full-size buffer)."""
-    mz = z.mean(_RED, keepdim=True)
-    mxz = (xhat * z).mean(_RED, keepdim=True)
-    out = z.sub_(mz) if own else z - mz
-    return out.addcmul_(xhat, mxz, value=-1.0).mul_(r)
 
 
 @register("batchnorm_fwd", "torch")
@@ -123,14 +124,11 @@ def batchnorm_bwd(
     gy: Tensor, xhat: Tensor, r: Tensor, w: Opt, batch_stats: bool, need_x: bool, gw_out: Opt, gb_out: Opt
 ) -> Opt:
     """Writes Σ gy x̂ → `gw_out [T, C]`, Σ gy → `gb_out [T, C]`; returns gx `[T, N, C, S]` if `need_x`."""
-    if gw_out is not None:
-        torch.sum(gy * xhat, _RED, out=gw_out)
-    if gb_out is not None:
-        torch.sum(gy, _RED, out=gb_out)
+    affine_grads(gy, xhat, _RED, gw_out, gb_out)
     if not need_x:
         return None
     gxh = gy if w is None else gy * _channel(w)
-    return _project(gxh, xhat, r, own=w is not None) if batch_stats else gxh * r
+    return project(gxh, xhat, r, _RED, own=w is not None) if batch_stats else gxh * r
 
 
 @register("batchnorm_tangent_fwd", "torch")
@@ -138,19 +136,12 @@ def batchnorm_tangent_fwd(xd: Opt, xhat: Tensor, r: Tensor, w: Opt, wd: Opt, bd:
     """Returns (ẏ, x̂̇, a): x̂̇ = P(ẋ) (batch statistics) or r ẋ (fixed), ẏ = x̂̇ w + x̂ ẇ + ḃ, and
     a = mean(x̂ ẋ) `[T, 1, C, 1]` (ṙ = −r² a; None with fixed statistics). ẋ None: zero."""
     xhd = a = None
-    yd = None
     if xd is not None:
         if batch_stats:
-            a = (xhat * xd).mean(_RED, keepdim=True)
-            xhd = (xd - xd.mean(_RED, keepdim=True) - xhat * a) * r
+            xhd, a = normalized_tangent(xd, xhat, r, _RED)
         else:
             xhd = xd * r
-        yd = xhd if w is None else xhd * _channel(w)
-    if wd is not None:
-        yd = xhat * _channel(wd) if yd is None else yd.addcmul_(xhat, _channel(wd))
-    if bd is not None:
-        yd = _channel(bd).expand_as(xhat) if yd is None else yd + _channel(bd)
-    return yd, xhd, a
+    return affine_tangent(xhd, xhat, _channel(w), _channel(wd), _channel(bd)), xhd, a
 
 
 @register("batchnorm_tangent_bwd", "torch")
@@ -175,37 +166,13 @@ def batchnorm_tangent_bwd(
     ġx = −r a · gx + r (ġx̂ − mean(ġx̂) − x̂̇ m2 − x̂ mean(x̂̇ gx̂ + x̂ ġx̂))   (batch statistics)
     ġx = r ġx̂                                                           (fixed statistics).
     Returns (gx, ġx) `[T, N, C, S]` if `need_x`, else (None, None)."""
-    if gw_out is not None:
-        torch.sum(gy * xhat, _RED, out=gw_out)
-    if gb_out is not None:
-        torch.sum(gy, _RED, out=gb_out)
-    if gwd_out is not None:
-        prod = gyd * xhat
-        if xhd is not None:
-            prod.addcmul_(gy, xhd)
-        torch.sum(prod, _RED, out=gwd_out)
-    if gbd_out is not None:
-        torch.sum(gyd, _RED, out=gbd_out)
+    affine_tangent_grads(gy, gyd, xhat, xhd, _RED, (gw_out, gwd_out, gb_out, gbd_out))
     if not need_x:
         return None, None
-    gxh = gy if w is None else gy * _channel(w)
-    gxhd = gyd if w is None else gyd * _channel(w)
-    if wd is not None:
-        gxhd = gxhd.addcmul(gy, _channel(wd))
+    gxh, gxhd = affine_input_grads(gy, gyd, _channel(w), _channel(wd))
     if not batch_stats:
         return gxh * r, gxhd * r
-    m2 = (xhat * gxh).mean(_RED, keepdim=True)
-    gx = (gxh - gxh.mean(_RED, keepdim=True) - xhat * m2) * r
-    dot = xhat * gxhd
-    if xhd is not None:
-        dot.addcmul_(xhd, gxh)
-    inner = gxhd - gxhd.mean(_RED, keepdim=True) - xhat * dot.mean(_RED, keepdim=True)
-    if xhd is not None:
-        inner.addcmul_(xhd, m2, value=-1.0)
-    gxd = inner * r
-    if a is not None:
-        gxd.addcmul_(gx, r * a, value=-1.0)
-    return gx, gxd
+    return normalized_tangent_grad(gxh, gxhd, xhat, xhd, a, r, _RED)
 
 
 # ---------------------------------------------------------------- batch norm followed by ReLU
@@ -416,17 +383,13 @@ def batchnorm_act_given_fwd(
     if xd is None and wd is None and bd is None:
         return z, None, mean, r, zeros, zeros
     a = dmean = zeros
-    yd = None
+    xhd = None
     if xd is not None:
         if stats.shape[0] != 4:
             raise ValueError(f"stats: a tangent needs [4, T, C] statistics, got {list(stats.shape)}")
         a, dmean = r * stats[3], stats[2].contiguous()
         xhd = (xd - _col(dmean)).addcmul_(xhat, _col(a), value=-1.0).mul_(_col(r))
-        yd = xhd if w is None else xhd * _channel(w)
-    if wd is not None:
-        yd = xhat * _channel(wd) if yd is None else yd.addcmul_(xhat, _channel(wd))
-    if bd is not None:
-        yd = _channel(bd).expand_as(xhat) if yd is None else yd + _channel(bd)
+    yd = affine_tangent(xhd, xhat, _channel(w), _channel(wd), _channel(bd))
     return z, _leaky_mask(yd, z, slope).to(x.dtype), mean, r, a, dmean
 
 

@@ -318,3 +318,20 @@ def conv_bn_relu_maxpool_tangent_bwd(
         grads.append((gcw, gcb))
     (gcw, gcb), (gcwd, gcbd) = grads
     return gcw, gcb, gw, gb, gcwd, gcbd, gwd, gbd
+
+
+# ---------------------------------------------------------------- ReLU + max-pool
+# The block tail of a conv net without BatchNorm: z = maxpool_k(relu(x)) = relu(maxpool_k(x)), k×k windows
+# at stride k, no padding, floor. The backward and the tangents route through idx where z > 0 (ReLU's mask),
+# so idx matters only there; the pooled gradient then goes back through PyTorch's max-pool backward.
+
+
+@register("relu_maxpool_fwd", "torch")
+def relu_maxpool_fwd(x: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """x `[T, N, C, H, W]` -> (z, idx `[T, N, C, H/k, W/k]`), idx PyTorch's max-pool indices (h·W + w) of the
+    pick where z > 0 (elsewhere of x's maximum, which relu(x) ties with zeros). Pools first, then the ReLU on
+    the pooled map."""
+    T, N, C, H, W = x.shape
+    y, idx = torch.nn.functional.max_pool2d(x.reshape(T * N, C, H, W), k, return_indices=True)
+    z = y.relu_() if not torch.is_grad_enabled() else torch.relu(y)
+    return z.view(T, N, *z.shape[1:]), idx.view(T, N, *idx.shape[1:])

@@ -1,14 +1,15 @@
 """Compiles a model into a graph of rules by tracing its `forward` with torch.fx, or says which node keeps
 it off the fused engine.
 
-Layers with rules stay leaf modules: Linear, Conv2d (groups=1, zero padding), BatchNorm1d/2d, ReLU,
-LeakyReLU, Tanh, Sigmoid, ELU, GELU (exact), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten
-(start_dim >= 1), Identity, Dropout in eval mode (or p=0), and the context layers of `fastmaml.context`
-(ContextConcat, FiLM: CAVIA). Everything else a model does is traced into
-nodes, which map to rules:
+Layers with rules stay leaf modules: Linear, Conv2d (groups=1, zero padding), BatchNorm1d/2d, LayerNorm,
+GroupNorm, InstanceNorm1d/2d (without running statistics), ReLU, LeakyReLU, Tanh, Sigmoid, ELU, GELU (exact),
+MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten (start_dim >= 1), Identity, Dropout in eval mode (or p=0),
+and the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA). Everything else a model does is
+traced into nodes, which map to rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `torch.tanh`, `torch.sigmoid`,
   `F.max_pool2d`, `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `F.dropout` (inactive), `F.linear`,
-  `F.conv2d` and `F.batch_norm` on the model's own parameters;
+  `F.conv2d`, `F.batch_norm`, `F.layer_norm`, `F.group_norm` and `F.instance_norm` (on the input's
+  statistics) on the model's own parameters;
 - `x.mean(dims)` and `x.sum(dims)` over per-example dims; `torch.flatten`, `x.flatten`, `x.view`,
   `x.reshape` that keep the examples apart (sizes may come from the model's own arithmetic on `x.size()` /
   `x.shape`); `x.squeeze(dims)` and `x.unsqueeze(dim)` of per-example dims;
@@ -43,6 +44,7 @@ from .base import Rule
 from .context import ContextConcatRule, FiLMRule
 from .conv import ConvRule, Geometry
 from .dense import LinearRule
+from .example_norm import ExampleNormRule
 from .graph import Graph, Node, Ref, fuse
 from .joins import AddRule, AffineRule, CatRule
 from .norm import BatchNormRule
@@ -52,6 +54,7 @@ from .shape import FlattenRule, MeanRule, ReshapeRule, SqueezeRule, SumRule
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d)
 
 
 class Unsupported(Exception):
@@ -202,6 +205,9 @@ _FUNC_NAMES = {
     F.linear: "linear",
     F.conv2d: "conv2d",
     F.batch_norm: "batch_norm",
+    F.layer_norm: "layer_norm",
+    F.group_norm: "group_norm",
+    F.instance_norm: "instance_norm",
     F.dropout: "dropout",
     torch.cat: "cat",
     torch.concat: "cat",
@@ -302,6 +308,18 @@ _SPECS = {
         ("weight", None),
         ("bias", None),
         ("training", False),
+        ("momentum", 0.1),
+        ("eps", 1e-5),
+    ),
+    "layer_norm": _spec("input", "normalized_shape", ("weight", None), ("bias", None), ("eps", 1e-5)),
+    "group_norm": _spec("input", "num_groups", ("weight", None), ("bias", None), ("eps", 1e-5)),
+    "instance_norm": _spec(
+        "input",
+        ("running_mean", None),
+        ("running_var", None),
+        ("weight", None),
+        ("bias", None),
+        ("use_input_stats", True),
         ("momentum", 0.1),
         ("eps", 1e-5),
     ),
@@ -509,6 +527,8 @@ class _Lowering:
         if type(m) in _NORMS:
             rule = BatchNormRule(name, kind, m.eps, m.num_features, self.bn_index[id(m)])
             return self.emit(rule, [x], self.module_params(m, ("weight", "bias")))
+        if type(m) in (nn.LayerNorm, nn.GroupNorm) or type(m) in _INSTANCE_NORMS:
+            return self.emit(self.example_norm_rule(m, name, kind), [x], self.module_params(m, ("weight", "bias")))
         if type(m) is nn.ReLU:
             return self.emit(ReLURule(name, kind), [x], inplace=inplace)
         if type(m) is nn.LeakyReLU:
@@ -549,6 +569,18 @@ class _Lowering:
                 self.fail("start_dim=0 would merge the examples of a task")
             return self.emit(FlattenRule(name, kind, m.start_dim, m.end_dim), [x])
         self.fail("not a layer the fused engine knows (see fastmaml.explain for what compiles)")
+
+    def example_norm_rule(self, m: nn.Module, name: str, kind: str) -> ExampleNormRule:
+        if type(m) is nn.LayerNorm:
+            return ExampleNormRule(name, kind, m.eps, normalized_shape=m.normalized_shape)
+        if type(m) is nn.GroupNorm:
+            return ExampleNormRule(name, kind, m.eps, groups=m.num_groups, channels=m.num_channels)
+        if m.track_running_stats:
+            self.fail(
+                "track_running_stats=True (running statistics are not supported; the default, False, normalizes "
+                "each example by its own statistics in train and eval mode)"
+            )
+        return ExampleNormRule(name, kind, m.eps, channels=m.num_features)
 
     def check_conv(self, groups, padding_mode, padding, kernel_size, dilation):
         if groups != 1:
@@ -759,6 +791,41 @@ class _Lowering:
             self.fail("F.batch_norm with batch statistics and no weight: the number of channels is unknown")
         rule = BatchNormRule(self.name(), "batch_norm", float(a["eps"]), self.shape_of(ref)[0])
         return self.emit(rule, [self.value(a["input"])], (w, b), stats)
+
+    def norm_params(self, a, shape: Optional[Tuple[int, ...]]) -> Tuple[Optional[Ref], Optional[Ref]]:
+        """The weight and bias of a functional norm, checked to be of `shape` (None: of one shape, 1-D)."""
+        refs = self.param(a["weight"], "weight"), self.param(a["bias"], "bias")
+        shapes = {self.shape_of(r) for r in refs if r is not None}
+        if len(shapes) > 1 or (shape is None and shapes and len(next(iter(shapes))) != 1):
+            self.fail(f"weight and bias of shapes {sorted(shapes)}; expected one shape, 1-D [C]")
+        if shape is not None and shapes and shapes != {shape}:
+            self.fail(f"weight and bias of shape {next(iter(shapes))}; expected the normalized shape {shape}")
+        return refs
+
+    def op_layer_norm(self, a, inplace):
+        ns = a["normalized_shape"]
+        ns = (ns,) if isinstance(ns, int) else tuple(ns) if isinstance(ns, (list, tuple, torch.Size)) else None
+        if not ns or not all(isinstance(d, int) for d in ns):
+            self.fail("normalized_shape must be a number or a list of numbers")
+        rule = ExampleNormRule(self.name(), "layer_norm", a["eps"], normalized_shape=ns)
+        return self.emit(rule, [self.value(a["input"])], self.norm_params(a, ns))
+
+    def op_group_norm(self, a, inplace):
+        if not isinstance(a["num_groups"], int) or a["num_groups"] < 1:
+            self.fail("num_groups must be a positive number")
+        params = self.norm_params(a, None)
+        shapes = [self.shape_of(r) for r in params if r is not None]
+        channels = shapes[0][0] if shapes else None
+        rule = ExampleNormRule(self.name(), "group_norm", a["eps"], groups=a["num_groups"], channels=channels)
+        return self.emit(rule, [self.value(a["input"])], params)
+
+    def op_instance_norm(self, a, inplace):
+        if not a["use_input_stats"] or a["running_mean"] is not None or a["running_var"] is not None:
+            self.fail("F.instance_norm with running statistics (the fused engine normalizes by each input's own)")
+        params = self.norm_params(a, None)
+        shapes = [self.shape_of(r) for r in params if r is not None]
+        rule = ExampleNormRule(self.name(), "instance_norm", a["eps"], channels=shapes[0][0] if shapes else None)
+        return self.emit(rule, [self.value(a["input"])], params)
 
     def shape_of(self, ref: Ref) -> Tuple[int, ...]:
         if ref.group == "c":

@@ -22,7 +22,7 @@ from .conv_block import ConvBlockRule
 from .norm import BatchNormRule
 from .norm_act import BatchNormLeakyReLURule, BatchNormReLUMaxPoolRule, BatchNormReLURule
 from .pointwise import LeakyReLURule, ReLURule
-from .pooling import MaxPool2dRule
+from .pooling import MaxPool2dRule, ReLUMaxPool2dRule
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,7 +88,8 @@ class Graph:
 def fuse(graph: Graph) -> Graph:
     """BatchNorm followed by ReLU (and a non-overlapping MaxPool2d) or by LeakyReLU (slope > 0) becomes one
     rule where the intermediate value has no other reader and is not the model's output; a BatchNorm + ReLU +
-    MaxPool2d whose input is a Conv2d of the model's input takes that convolution in too (`ConvBlockRule`)."""
+    MaxPool2d whose input is a Conv2d of the model's input takes that convolution in too (`ConvBlockRule`).
+    Any other ReLU followed by a MaxPool2d becomes `ReLUMaxPool2dRule` on the same terms."""
     readers = graph.readers()
     nodes = list(graph.nodes)
     gone = set()
@@ -143,4 +144,10 @@ def fuse(graph: Graph) -> Graph:
                     gone.add(c)
         elif type(act) is LeakyReLURule and act.slope > 0:
             merge(i, j, BatchNormLeakyReLURule(node.rule, act))
+    for i, node in enumerate(nodes):
+        if i in gone or type(node.rule) is not ReLURule:
+            continue
+        j = sole_reader(i)
+        if j is not None and type(nodes[j].rule) is MaxPool2dRule:
+            merge(i, j, ReLUMaxPool2dRule(node.rule, nodes[j].rule))
     return Graph([n for i, n in enumerate(nodes) if i not in gone], graph.num_values, graph.output, graph.unused)

@@ -7,7 +7,8 @@
   layers at 84×84);
 - "auto": channels-last for float32 inputs of at least `CHANNELS_LAST_MIN_POSITIONS` positions per map
   where the BatchNorm ops (if the model has BatchNorm) are the C++ kernels, which have channels-last
-  variants; contiguous otherwise (PyTorch's own BatchNorm and pooling, the reference backend, run slower on
+  variants, and the model has no per-example norm (LayerNorm, GroupNorm, InstanceNorm: their rule runs NCHW);
+  contiguous otherwise (PyTorch's own BatchNorm and pooling, the reference backend, run slower on
   channels-last than on NCHW). `benchmarks/conv_layout.py` times both formats on the layers of the
   standard nets and on whole meta-steps, in float32; results in benchmarks/RESULTS.md.
 
@@ -31,7 +32,7 @@ CHANNELS_LAST_MIN_POSITIONS = 32 * 32  # "auto": channels-last for input maps of
 
 def choose(fmt: str, x, norm_kernels: bool = True) -> str:
     """The format for the program's input x: `fmt` itself unless it is "auto"; "contiguous" for anything
-    but image batches `[T, N, C, H, W]`. norm_kernels: the model's BatchNorm layers (if any) run kernels
+    but image batches `[T, N, C, H, W]`. norm_kernels: the model's norm layers (if any) run kernels
     with channels-last variants."""
     if fmt not in FORMATS:
         raise ValueError(f"memory format: expected one of {FORMATS}, got {fmt!r}")

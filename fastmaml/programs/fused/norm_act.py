@@ -120,14 +120,7 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
     def fusable(norm_relu: BatchNormReLURule, pool: MaxPool2dRule) -> bool:
         """Square windows at stride = window, no padding or dilation, floor mode (the pool makes the input a
         BatchNorm2d's `[N, C, H, W]`)."""
-        k = pool.kernel[0]
-        return (
-            pool.kernel == [k, k]
-            and pool.stride == [k, k]
-            and pool.padding == [0, 0]
-            and pool.dilation == [1, 1]
-            and not pool.ceil_mode
-        )
+        return pool.window is not None
 
     def _checked(self, x):
         """x `[T, N, C, H, W]` (checked: C channels, 5 dims), dense in its format for the kernels."""

@@ -1,7 +1,8 @@
 """Pooling rules on `[T, N, C, H, W]` (run as `[T·N, C, H, W]`).
 
 Max pooling is piecewise linear: the forward's argmax indices route tangents forward (gather) and
-gradients backward (PyTorch's own max-pool backward with those indices). Average pooling is linear.
+gradients backward (PyTorch's own max-pool backward with those indices); a ReLU before it runs after it, on
+the pooled map (`ReLUMaxPool2dRule`, fused by `graph.fuse`). Average pooling is linear.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import LinearMapRule
+from .base import LinearMapRule, Rule
 
 aten = torch.ops.aten
 
@@ -31,6 +32,14 @@ class MaxPool2dRule(LinearMapRule):
         self.padding = _pair(padding)
         self.dilation = _pair(dilation)
         self.ceil_mode = ceil_mode
+
+    @property
+    def window(self):
+        """k for square k×k windows at stride k without padding or dilation, floor mode (each input element in
+        at most one window), else None."""
+        k = self.kernel[0]
+        plain = self.padding == [0, 0] and self.dilation == [1, 1] and not self.ceil_mode
+        return k if plain and self.kernel == [k, k] and self.stride == [k, k] else None
 
     def _check(self, x):
         if x.dim() != 5:
@@ -62,6 +71,50 @@ class MaxPool2dRule(LinearMapRule):
             g4, x4, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode, idx
         )
         return gx.view(*gy.shape[:2], *gx.shape[1:])
+
+
+class ReLUMaxPool2dRule(Rule):
+    """ReLU followed by MaxPool2d, computed as MaxPool2d then ReLU: relu(x) is never written.
+
+    Max commutes with ReLU, so the values are the same; where the window's maximum is positive, its first
+    maximum is the same element before and after the ReLU, and elsewhere both routes give zero (ReLU's
+    derivative is 0 at and below 0), so gradients and tangents are the same too. ReLU's second derivative is
+    0: ġx routes ġz as gx routes gz. Non-overlapping windows (`MaxPool2dRule.window`) run the op
+    `relu_maxpool_fwd` (the C++ CPU kernel pools relu(x) plane by plane), others PyTorch's pooling."""
+
+    def __init__(self, relu: Rule, pool: MaxPool2dRule):
+        super().__init__(f"{relu.name}+{pool.name}", f"{relu.kind}+{pool.kind}")
+        self.pool = pool
+
+    def _pooled(self, ops, x, save: bool):
+        """(z, what the pool's `tangent`/`transpose` take, or None)."""
+        k = self.pool.window
+        if k is None or x.dim() != 5:
+            y, saved = self.pool.apply(x, save)
+            return y.relu_(), saved
+        z, idx = ops.relu_maxpool_fwd(x, k)
+        return z, (x.reshape(-1, *x.shape[2:]), idx.flatten(0, 1)) if save else None
+
+    def forward(self, ops, x, p, save):
+        z, pooled = self._pooled(ops, x, save)
+        return z, (pooled, z) if save else None
+
+    def backward(self, ops, gz, saved, p, need_x, outs):
+        if not need_x:
+            return None
+        pooled, z = saved
+        return self.pool.transpose(aten.threshold_backward(gz, z, 0), pooled)
+
+    def tangent_forward(self, ops, x, xd, p, v):
+        z, pooled = self._pooled(ops, x, True)
+        zd = None if xd is None else aten.threshold_backward(self.pool.tangent(xd, pooled), z, 0)
+        return z, zd, (pooled, z)
+
+    def tangent_backward(self, ops, gz, gzd, saved, p, v, need_x, outs, touts):
+        if not need_x:
+            return None, None
+        pooled, z = saved
+        return tuple(self.pool.transpose(aten.threshold_backward(g, z, 0), pooled) for g in (gz, gzd))
 
 
 class AvgPool2dRule(LinearMapRule):

@@ -44,6 +44,7 @@ from ...ops import registry
 from ..base import HVP, LossGrad, Program
 from . import memory_format as mf
 from .conv import ConvRule
+from .example_norm import ExampleNormRule
 from .graph import Graph
 from .norm import BatchNormRule, fused_batch_norm
 
@@ -90,6 +91,7 @@ class FusedProgram(Program):
         self.readers = graph.readers()
         self.plans = {False: _Plan(graph, ("a",)), True: _Plan(graph, ("a", "s"))}
         self.norms = [(i, n.rule) for i, n in enumerate(self.nodes) if isinstance(n.rule, BatchNormRule)]
+        self.example_norms = any(isinstance(n.rule, ExampleNormRule) for n in self.nodes)  # no channels-last variant
         # the first node reading a parameter slot writes its gradient in place; later readers (tied weights)
         # write into their own buffers, added afterwards
         first, self.extra = set(), []
@@ -237,7 +239,8 @@ class FusedProgram(Program):
         nodes, readers, out_v = self.nodes, self.readers, self.graph.output
         env: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
         fmt = self.memory_format or mf.FORMAT.get(x.device.type, "contiguous")
-        x = mf.to_format(x, mf.choose(fmt, x, norm_kernels=not self.norms or fused_batch_norm(ops)))
+        norm_kernels = not self.example_norms and (not self.norms or fused_batch_norm(ops))
+        x = mf.to_format(x, mf.choose(fmt, x, norm_kernels=norm_kernels))
         env[0] = x
         if watch is not None and 0 in watch:
             watch[0] = x
