@@ -17,7 +17,7 @@ import torch
 from . import memory_format as mf
 from .norm import BatchNormRule, fused_batch_norm
 from .pointwise import LeakyReLURule, ReLURule
-from .pooling import MaxPool2dRule
+from .pooling import MaxPool2dRule, ReLUMaxPool2dRule
 
 aten = torch.ops.aten
 
@@ -29,6 +29,7 @@ class BatchNormReLURule(BatchNormRule):
         super().__init__(
             f"{norm.name}+{relu.name}", f"{norm.kind}+{relu.kind}", norm.eps, norm.num_features, norm.index
         )
+        self.norm, self.relu = norm, relu  # the parts, for BatchNormReLUMaxPoolRule's fixed statistics
 
     def forward(self, ops, x, p, save, given=None):
         w, b, mean, var = self._split(p)
@@ -100,7 +101,8 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
     `bn_relu_maxpool_tangent_fwd/bwd`): the forwards write only the pooled z (and ż), the max-pool
     indices and per-channel statistics, not BatchNorm's or ReLU's full-size outputs; the backwards
     read x (and ẋ) and the pooled gradients and write gx (and ġx) once. With fixed statistics the
-    BatchNorm+ReLU rule and the max-pool rule run in turn.
+    BatchNorm rule (an affine map) and the ReLU + max-pool rule (`ReLUMaxPool2dRule`: pooled first, by the
+    `relu_maxpool_fwd` kernel where the op table has it) run in turn.
     """
 
     takes_stats = False  # its fused kernels reduce x themselves (given statistics: not wired)
@@ -113,7 +115,8 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
             norm_relu.num_features,
             norm_relu.index,
         )
-        self.norm_relu, self.pool = norm_relu, pool
+        self.norm, self.tail = norm_relu.norm, ReLUMaxPool2dRule(norm_relu.relu, pool)
+        self.pool = pool
         self.k = pool.kernel[0]
 
     @staticmethod
@@ -131,9 +134,9 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
     def forward(self, ops, x, p, save):
         w, b, mean, var = self._split(p)
         if mean is not None:  # fixed statistics
-            z, s1 = self.norm_relu.forward(ops, x, p, save)
-            y, s2 = self.pool.forward(ops, z, (), save)
-            return y, ("composed", s1, s2) if save else None
+            y, s1 = self.norm.forward(ops, x, p, save)
+            z, s2 = self.tail.forward(ops, y, (), save)
+            return z, ("composed", s1, s2) if save else None
         x = self._checked(x)
         z, idx, mu, r = ops.bn_relu_maxpool_train_fwd(x, w, b, self.eps, self.k)
         return z, ("fused", z, idx, x, mu, r) if save else None
@@ -141,16 +144,16 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
     def backward(self, ops, gy, saved, p, need_x, outs):
         if saved[0] == "composed":
             _, s1, s2 = saved
-            return self.norm_relu.backward(ops, self.pool.backward(ops, gy, s2, (), True, ()), s1, p, need_x, outs)
+            return self.norm.backward(ops, self.tail.backward(ops, gy, s2, (), True, ()), s1, p, need_x, outs)
         _, z, idx, x, mu, r = saved
         return ops.bn_relu_maxpool_train_bwd(gy, z, idx, x, mu, r, p[0], self.eps, self.k, need_x, outs[0], outs[1])
 
     def tangent_forward(self, ops, x, xd, p, v):
         w, b, mean, var = self._split(p)
         if mean is not None:  # fixed statistics
-            z, zd, s1 = self.norm_relu.tangent_forward(ops, x, xd, p, v)
-            y, yd, s2 = self.pool.tangent_forward(ops, z, zd, (), ())
-            return y, yd, ("composed", s1, s2)
+            y, yd, s1 = self.norm.tangent_forward(ops, x, xd, p, v)
+            z, zd, s2 = self.tail.tangent_forward(ops, y, yd, (), ())
+            return z, zd, ("composed", s1, s2)
         x = self._checked(x)
         xd = mf.dense_as(xd, x)
         z, zd, idx, mu, r, a, dmean = ops.bn_relu_maxpool_tangent_fwd(x, xd, w, b, v[0], v[1], self.eps, self.k)
@@ -159,8 +162,8 @@ class BatchNormReLUMaxPoolRule(BatchNormRule):
     def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
         if saved[0] == "composed":
             _, s1, s2 = saved
-            g, gd = self.pool.tangent_backward(ops, gy, gyd, s2, (), (), True, (), ())
-            return self.norm_relu.tangent_backward(ops, g, gd, s1, p, v, need_x, outs, touts)
+            g, gd = self.tail.tangent_backward(ops, gy, gyd, s2, (), (), True, (), ())
+            return self.norm.tangent_backward(ops, g, gd, s1, p, v, need_x, outs, touts)
         _, z, idx, x, xd, mu, r, a, dmean = saved
         return ops.bn_relu_maxpool_tangent_bwd(
             gy, gyd, z, idx, x, xd, mu, r, a, dmean, p[0], v[0], self.k, need_x, outs[0], touts[0], outs[1], touts[1]
