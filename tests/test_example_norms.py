@@ -333,3 +333,20 @@ def test_running_statistics_and_bad_shapes_fall_back_or_raise_naming_the_layer()
     tasks = (torch.randn(1, 2, 3), torch.randn(1, 2, 5), torch.randn(1, 2, 3), torch.randn(1, 2, 5))
     with pytest.raises(ValueError, match=r"1 \(LayerNorm\).*\[T, N, \.\.\., 5\]"):
         fastmaml.meta_step(wrong, tasks, inner_lr=0.1, steps=1, loss="mse")
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_adapt_then_an_outer_loss_gives_the_meta_gradient(order):
+    """`adapt` runs the rules' differentiable forward (PyTorch's group-norm kernel under autograd): an outer
+    loss on its query logits gives meta_step's meta-gradient."""
+    torch.manual_seed(9)
+    model = GroupNormNet().double()
+    sx, sy, qx, qy = tasks_for((1, 8, 8))
+    kwargs = dict(inner_lr=0.3, steps=2, order=order, loss="cross_entropy")
+    model.zero_grad()
+    fastmaml.meta_step(model, (sx, sy, qx, qy), **kwargs)
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = fastmaml.adapt(model, sx, sy, **kwargs)(qx)
+    sum(F.cross_entropy(logits[t], qy[t]) for t in range(sx.shape[0])).div(sx.shape[0]).backward()
+    assert_grads_close({n: p.grad for n, p in model.named_parameters()}, want, 1e-10)

@@ -400,3 +400,69 @@ def test_relu_before_max_pool_pools_first_with_ties_and_zero_maxima(pool):
     sx, qx = (torch.randint(-2, 3, t.shape, generator=g).double() for t in (sx, qx))
     for order in ORDERS:
         check_ce(model, (sx, sy, qx, qy), inner_lr=0.3, steps=1, order=order)
+
+
+class CosineClassifier(nn.Module):
+    """A cosine classifier (Baseline++'s head): unit-norm features against unit-norm class weights, scaled."""
+
+    def __init__(self, ways=3, eps=1e-12):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.weight = nn.Parameter(torch.randn(ways, 3 * 4 * 4))
+        self.eps = eps
+
+    def forward(self, x):
+        f = F.normalize(self.features(x).flatten(1), dim=1, eps=self.eps)
+        return 10.0 * F.linear(f, F.normalize(self.weight, dim=-1, eps=self.eps))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("inner_params", [None, ["weight"], ["features"]])
+def test_cosine_classifier(order, inner_params):
+    """F.normalize of the features and of the head's weight rows; the head adapted, shared, or the only part
+    adapted (ANIL)."""
+    torch.manual_seed(12)
+    model = CosineClassifier().double()
+    kinds = [n.rule.kind for n in on_fused(model, inner_params=inner_params).nodes]
+    assert "normalize" in kinds and "linear(normalized weight)" in kinds
+    check_ce(model, tasks_for((1, 8, 8), ways=3), inner_lr=0.5, steps=2, order=order, inner_params=inner_params)
+
+
+def test_normalize_below_eps_over_tokens_and_with_meta_sgd_rates():
+    """Rows whose norm is below eps (divided by eps: a linear map), a normalization over the last dim of
+    tokens `[N, L, D]`, per-parameter rates."""
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Linear(2, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            h = F.normalize(torch.tanh(self.embed(x)), dim=-1, eps=1.5)  # ‖h‖ ranges across 1.5
+            return self.head(F.normalize(h, dim=2).mean(1))
+
+    torch.manual_seed(13)
+    model = Tokens().double()
+    check_ce(model, tasks_for((3, 2), ways=3), inner_lr=0.3, steps=2)
+    rates = {n: torch.full_like(p, 0.2).requires_grad_() for n, p in model.named_parameters()}
+    check_ce(model, tasks_for((3, 2), ways=3), inner_lr=rates, steps=2, lr_leaves=list(rates.values()))
+    check_ce(CosineClassifier(eps=4.0).double(), tasks_for((1, 8, 8), ways=3), inner_lr=0.5, steps=2)
+
+
+def test_normalize_that_does_not_compile_falls_back_and_says_why():
+    class L1(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return F.normalize(self.fc(x), p=1.0)
+
+    class OverExamples(L1):
+        def forward(self, x):
+            return F.normalize(self.fc(x), dim=0)
+
+    e = fastmaml.explain(L1())
+    assert e.program == "torch.func" and "p=2" in e.reason, e
+    e = fastmaml.explain(OverExamples())
+    assert e.program == "torch.func" and "examples' dim" in e.reason, e

@@ -9,7 +9,8 @@ traced into nodes, which map to rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `torch.tanh`, `torch.sigmoid`,
   `F.max_pool2d`, `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `F.dropout` (inactive), `F.linear`,
   `F.conv2d`, `F.batch_norm`, `F.layer_norm`, `F.group_norm` and `F.instance_norm` (on the input's
-  statistics) on the model's own parameters;
+  statistics) on the model's own parameters; `F.normalize` (p=2) of a value over a per-example dim, and of
+  a Linear weight's rows as `F.linear`'s weight (a cosine classifier);
 - `x.mean(dims)` and `x.sum(dims)` over per-example dims; `torch.flatten`, `x.flatten`, `x.view`,
   `x.reshape` that keep the examples apart (sizes may come from the model's own arithmetic on `x.size()` /
   `x.shape`); `x.squeeze(dims)` and `x.unsqueeze(dim)` of per-example dims;
@@ -47,6 +48,7 @@ from .dense import LinearRule
 from .example_norm import ExampleNormRule
 from .graph import Graph, Node, Ref, fuse
 from .joins import AddRule, AffineRule, CatRule
+from .l2norm import NormalizedLinearRule, NormalizeRule
 from .norm import BatchNormRule
 from .pointwise import ELURule, GELURule, LeakyReLURule, ReLURule, SigmoidRule, TanhRule
 from .pooling import AdaptiveAvgPool2dRule, AvgPool2dRule, MaxPool2dRule
@@ -208,6 +210,7 @@ _FUNC_NAMES = {
     F.layer_norm: "layer_norm",
     F.group_norm: "group_norm",
     F.instance_norm: "instance_norm",
+    F.normalize: "normalize",
     F.dropout: "dropout",
     torch.cat: "cat",
     torch.concat: "cat",
@@ -323,6 +326,7 @@ _SPECS = {
         ("momentum", 0.1),
         ("eps", 1e-5),
     ),
+    "normalize": _spec("input", ("p", 2.0), ("dim", 1), ("eps", 1e-12), ("out", None)),
     "dropout": _spec("input", ("p", 0.5), ("training", True), ("inplace", False)),
     "cat": _spec("tensors", ("dim", 0)),
     "add": _spec("input", "other", ("alpha", 1)),
@@ -347,6 +351,13 @@ class _Value:
 
     def __init__(self, vid: int):
         self.vid = vid
+
+
+class _NormalizedParam:
+    """`F.normalize(parameter, dim=dim, eps=eps)`: only a Linear layer's weight (a cosine classifier) takes it."""
+
+    def __init__(self, ref, dim: int, eps: float):
+        self.ref, self.dim, self.eps = ref, dim, eps
 
 
 class _Host:
@@ -760,13 +771,34 @@ class _Lowering:
             self.fail("dropout in training mode is random; exact meta-gradients need it off")
         return self.value(a["input"])
 
+    def op_normalize(self, a, inplace):
+        if a["p"] != 2 or a["out"] is not None or not isinstance(a["dim"], int):
+            self.fail("F.normalize with p other than 2, an out= tensor or several dims (p=2 over one dim compiles)")
+        x = a["input"]
+        if isinstance(x, Ref):
+            return _NormalizedParam(x, a["dim"], float(a["eps"]))
+        if a["dim"] == 0:
+            self.fail("F.normalize over dim 0, the examples' dim (give a per-example dim, e.g. dim=1)")
+        return self.emit(NormalizeRule(self.name(), "normalize", a["dim"], a["eps"]), [self.value(x)])
+
     def op_linear(self, a, inplace):
+        if isinstance(a["weight"], _NormalizedParam):
+            return self.normalized_linear(a)
         w = self.param(a["weight"], "weight")
         if w is None or (w.group == "c" and w.const.dim() != 2):
             self.fail("F.linear needs a weight [out, in]")
         in_features = self.shape_of(w)[1]
         rule = LinearRule(self.name(), "linear", in_features)
         return self.emit(rule, [self.value(a["input"])], (w, self.param(a["bias"], "bias")))
+
+    def normalized_linear(self, a):
+        """F.linear(x, F.normalize(W, dim=1 or -1)): unit-norm weight rows (a cosine classifier)."""
+        n = a["weight"]
+        shape = self.shape_of(n.ref)
+        if len(shape) != 2 or n.dim not in (1, -1) or n.ref.group == "c":
+            self.fail("F.linear's weight is F.normalize of a tensor other than a parameter [out, in] over dim 1")
+        rule = NormalizedLinearRule(self.name(), "linear(normalized weight)", shape[1], n.eps)
+        return self.emit(rule, [self.value(a["input"])], (n.ref, self.param(a["bias"], "bias")))
 
     def op_conv2d(self, a, inplace):
         w = self.param(a["weight"], "weight")
