@@ -184,6 +184,8 @@ def test_conv2d_one_task(bias, strategy):
         nn.AvgPool2d(2),
         nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
         nn.AdaptiveAvgPool2d((2, 3)),
+        nn.AdaptiveMaxPool2d((2, 3)),
+        nn.AdaptiveMaxPool2d(1),
     ],
     ids=str,
 )

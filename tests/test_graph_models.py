@@ -449,6 +449,20 @@ def test_normalize_below_eps_over_tokens_and_with_meta_sgd_rates():
     check_ce(CosineClassifier(eps=4.0).double(), tasks_for((1, 8, 8), ways=3), inner_lr=0.5, steps=2)
 
 
+def test_global_max_pool_written_functionally():
+    class GlobalMax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(1, 4, 3), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(F.adaptive_max_pool2d(F.elu(self.conv(x)), 1).flatten(1))
+
+    torch.manual_seed(14)
+    for order in ORDERS:
+        check_ce(GlobalMax().double(), tasks_for((1, 7, 6), ways=3), inner_lr=0.3, steps=2, order=order)
+
+
 def test_normalize_that_does_not_compile_falls_back_and_says_why():
     class L1(nn.Module):
         def __init__(self):

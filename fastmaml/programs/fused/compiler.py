@@ -3,14 +3,14 @@ it off the fused engine.
 
 Layers with rules stay leaf modules: Linear, Conv2d (groups=1, zero padding), BatchNorm1d/2d, LayerNorm,
 GroupNorm, InstanceNorm1d/2d (without running statistics), ReLU, LeakyReLU, Tanh, Sigmoid, ELU, GELU (exact),
-MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, Flatten (start_dim >= 1), Identity, Dropout in eval mode (or p=0),
-and the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA). Everything else a model does is
-traced into nodes, which map to rules:
+MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropout in
+eval mode (or p=0), and the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA). Everything
+else a model does is traced into nodes, which map to rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `torch.tanh`, `torch.sigmoid`,
-  `F.max_pool2d`, `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `F.dropout` (inactive), `F.linear`,
-  `F.conv2d`, `F.batch_norm`, `F.layer_norm`, `F.group_norm` and `F.instance_norm` (on the input's
-  statistics) on the model's own parameters; `F.normalize` (p=2) of a value over a per-example dim, and of
-  a Linear weight's rows as `F.linear`'s weight (a cosine classifier);
+  `F.max_pool2d`, `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `F.adaptive_max_pool2d`, `F.dropout`
+  (inactive), and `F.linear`, `F.conv2d`, `F.batch_norm`, `F.layer_norm`, `F.group_norm` and
+  `F.instance_norm` (on the input's statistics) on the model's own parameters; `F.normalize` (p=2) of a
+  value over a per-example dim, and of a Linear weight's rows as `F.linear`'s weight (a cosine classifier);
 - `x.mean(dims)` and `x.sum(dims)` over per-example dims; `torch.flatten`, `x.flatten`, `x.view`,
   `x.reshape` that keep the examples apart (sizes may come from the model's own arithmetic on `x.size()` /
   `x.shape`); `x.squeeze(dims)` and `x.unsqueeze(dim)` of per-example dims;
@@ -51,7 +51,7 @@ from .joins import AddRule, AffineRule, CatRule
 from .l2norm import NormalizedLinearRule, NormalizeRule
 from .norm import BatchNormRule
 from .pointwise import ELURule, GELURule, LeakyReLURule, ReLURule, SigmoidRule, TanhRule
-from .pooling import AdaptiveAvgPool2dRule, AvgPool2dRule, MaxPool2dRule
+from .pooling import AdaptiveAvgPool2dRule, AdaptiveMaxPool2dRule, AvgPool2dRule, MaxPool2dRule
 from .shape import FlattenRule, MeanRule, ReshapeRule, SqueezeRule, SumRule
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
@@ -198,6 +198,7 @@ _FUNC_NAMES = {
     torch.max_pool2d: "max_pool2d",
     F.avg_pool2d: "avg_pool2d",
     F.adaptive_avg_pool2d: "adaptive_avg_pool2d",
+    F.adaptive_max_pool2d: "adaptive_max_pool2d",
     torch.mean: "mean",
     torch.sum: "sum",
     torch.squeeze: "squeeze",
@@ -296,6 +297,7 @@ _SPECS = {
         ("divisor_override", None),
     ),
     "adaptive_avg_pool2d": _spec("input", "output_size"),
+    "adaptive_max_pool2d": _spec("input", "output_size", ("return_indices", False)),
     "mean": _spec("input", ("dim", None), ("keepdim", False), ("dtype", None)),
     "sum": _spec("input", ("dim", None), ("keepdim", False), ("dtype", None)),
     "squeeze": _spec("input", ("dim", None)),
@@ -569,6 +571,10 @@ class _Lowering:
             )
         if type(m) is nn.AdaptiveAvgPool2d:
             return self.emit(AdaptiveAvgPool2dRule(name, kind, m.output_size), [x])
+        if type(m) is nn.AdaptiveMaxPool2d:
+            if m.return_indices:
+                self.fail("return_indices=True (the output is a tuple)")
+            return self.emit(AdaptiveMaxPool2dRule(name, kind, m.output_size), [x])
         if type(m) is ContextConcat:
             return self.emit(ContextConcatRule(name, kind, m.num_context), [x], self.module_params(m, ("context",)))
         if type(m) is FiLM:
@@ -727,6 +733,13 @@ class _Lowering:
     def op_adaptive_avg_pool2d(self, a, inplace):
         return self.emit(
             AdaptiveAvgPool2dRule(self.name(), "adaptive_avg_pool2d", a["output_size"]), [self.value(a["input"])]
+        )
+
+    def op_adaptive_max_pool2d(self, a, inplace):
+        if a["return_indices"]:
+            self.fail("return_indices=True (the output is a tuple)")
+        return self.emit(
+            AdaptiveMaxPool2dRule(self.name(), "adaptive_max_pool2d", a["output_size"]), [self.value(a["input"])]
         )
 
     def _feature_dims(self, what: str, dims) -> tuple:

@@ -180,3 +180,27 @@ class AdaptiveAvgPool2dRule(LinearMapRule):
     def transpose(self, gy, x4):
         gx = aten._adaptive_avg_pool2d_backward(gy.reshape(-1, *gy.shape[2:]).contiguous(), x4)
         return gx.view(*gy.shape[:2], *gx.shape[1:])
+
+
+class AdaptiveMaxPool2dRule(MaxPool2dRule):
+    """Adaptive max pooling to `output_size` (`F.adaptive_max_pool2d(x, 1)`: a global max pool): the max-pool
+    rule's routing (its `tangent` gathers by the same per-plane indices) with PyTorch's adaptive kernels."""
+
+    def __init__(self, name: str, kind: str, output_size):
+        Rule.__init__(self, name, kind)
+        self.output_size = output_size
+
+    @property
+    def window(self):
+        return None
+
+    def apply(self, x, save):
+        self._check(x)
+        x4, tn = _merge(x)
+        y, idx = F.adaptive_max_pool2d(x4, self.output_size, return_indices=True)
+        return y.view(*tn, *y.shape[1:]), (x4, idx) if save else None
+
+    def transpose(self, gy, saved):
+        x4, idx = saved
+        gx = aten.adaptive_max_pool2d_backward(gy.reshape(-1, *gy.shape[2:]), x4, idx)
+        return gx.view(*gy.shape[:2], *gx.shape[1:])
