@@ -298,3 +298,22 @@ def test_resnet12_model_option(tmp_path, capsys):
         "--resume",
     )
     assert "--widths" in refused(capsys, train, tmp_path / "bad", "--model", "resnet12", "--widths", "3,4")
+
+
+def test_norm_option(tmp_path, capsys):
+    """--norm group trains conv4 with GroupNorm (on the fused engine) and resumes only with it; --norm applies to
+    conv4 alone and not with BatchNorm's statistics modes."""
+    out = tmp_path / "gn"
+    args = ["--norm", "group", "--iterations", "2", "--test-episodes", "0"]
+    assert train(out, *args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["norm"] == "group"
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert "1.weight" in state["model"] and "1.running_mean" not in state["model"]  # GroupNorm: no statistics
+    assert "other settings" in refused(capsys, train, out, "--iterations", "3", "--test-episodes", "0", "--resume")
+    assert train(tmp_path / "plain", "--norm", "none", "--iterations", "1", "--test-episodes", "0") == 0
+    assert "--bn per_step" in refused(capsys, train, tmp_path / "b", "--norm", "group", "--bn", "per_step")
+    assert "--norm group: applies to --model conv4" in refused(
+        capsys, train, tmp_path / "c", "--norm", "group", "--model", "resnet12", "--widths", "4,4,4,4"
+    )
+    assert "--hidden" in refused(capsys, train, tmp_path / "d", "--norm", "group", "--hidden", "6")

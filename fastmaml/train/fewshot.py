@@ -169,6 +169,7 @@ RUN_KEYS = (
     "implicit_lambda",
     "cg_steps",
     "context",
+    "norm",
 )
 RESNET12_WIDTHS = (64, 160, 320, 640)  # MetaOptNet / learn2learn
 # values of run keys added after a checkpoint format existed (what such a checkpoint ran with)
@@ -180,6 +181,7 @@ LATER_KEYS = {
     "implicit_lambda": 1.0,
     "cg_steps": 5,
     "context": 100,
+    "norm": "batch",
 }
 CAVIA_CONTEXT = 100  # CAVIA's context size for the conv net (Zintgraf et al. 2019)
 REAL_DATA = ("omniglot", "miniimagenet")
@@ -251,6 +253,14 @@ def add_arguments(parser: argparse.ArgumentParser, job: str = "fewshot-demo") ->
         help="ResNet-12 block widths (default: 64,160,320,640; 16,32,64,128 fits a CPU)",
     )
     own.add_argument(
+        "--norm",
+        choices=["batch", "group", "none"],
+        default="batch",
+        action=common.Explicit,
+        help="conv4's norm: batch (BatchNorm2d, the MAML paper's), group (GroupNorm with 4 groups: each example's "
+        "own statistics, no running statistics), none" + d,
+    )
+    own.add_argument(
         "--bn",
         choices=list(fastmaml.BN_MODES),
         default="batch",
@@ -287,6 +297,23 @@ def add_arguments(parser: argparse.ArgumentParser, job: str = "fewshot-demo") ->
     )
 
 
+def _check_norm(cfg: Dict) -> None:
+    """--norm against the model, the method and --bn (after the method's own settings)."""
+    norm = cfg["norm"]
+    if norm == "batch":
+        return
+    if cfg.get("model", "conv4") != "conv4" or cfg["method"] in ("cavia", "blackbox"):
+        raise common.UserError(
+            f"--norm {norm}: applies to --model conv4 with MAML and its variants (not CAVIA's or the black-box network)"
+        )
+    if cfg["bn"] != "batch":
+        raise common.UserError(f"--bn {cfg['bn']}: BatchNorm statistics modes need --norm batch, got --norm {norm}")
+    if norm == "group" and cfg["hidden"] % 4:
+        raise common.UserError(
+            f"--hidden: --norm group uses 4 groups, so it needs a multiple of 4, got {cfg['hidden']}"
+        )
+
+
 def resolve_config(args: argparse.Namespace) -> Dict:
     """The preset of `args.job` with every option the user gave on top; validated (`common.UserError`)."""
     if args.job not in PRESETS:
@@ -299,6 +326,7 @@ def resolve_config(args: argparse.Namespace) -> Dict:
     cfg["job"] = args.job
     cfg["order"] = "first" if getattr(args, "first_order", False) else (getattr(args, "order", None) or "second")
     cfg["bn"] = getattr(args, "bn", "batch")
+    cfg["norm"] = getattr(args, "norm", None) or "batch"
     cfg["seed"] = getattr(args, "seed", 0)
     for key, default in (
         ("msl", 0),
@@ -313,6 +341,7 @@ def resolve_config(args: argparse.Namespace) -> Dict:
     cfg = methods.apply(
         cfg, getattr(args, "method", None) or "maml", args.job, common.given(args), PRESETS[args.job]["iterations"]
     )
+    _check_norm(cfg)
     for key in ("msl", "first_order_until"):
         if cfg[key] < 0:
             raise common.UserError(
@@ -436,7 +465,9 @@ def build_model(cfg: Dict, example_shape) -> torch.nn.Module:
             flat *= s
         model = omniglot_mlp(cfg["ways"], in_features=flat)
     else:
-        model = conv4(example_shape[0], cfg["ways"], hidden=cfg["hidden"], image_size=example_shape[-1])
+        model = conv4(
+            example_shape[0], cfg["ways"], hidden=cfg["hidden"], image_size=example_shape[-1], norm=cfg["norm"]
+        )
     if cfg["bn"] == "per_step":
         fastmaml.add_per_step_stats(model, cfg["steps"])
     return model
