@@ -480,3 +480,55 @@ def test_normalize_that_does_not_compile_falls_back_and_says_why():
     assert e.program == "torch.func" and "p=2" in e.reason, e
     e = fastmaml.explain(OverExamples())
     assert e.program == "torch.func" and "examples' dim" in e.reason, e
+
+
+class LearnedScales(nn.Module):
+    """Parameters in a model's arithmetic: a per-channel scale and a bias on conv maps, a positional embedding
+    on tokens, a learned temperature on a cosine classifier's logits."""
+
+    def __init__(self, ways=3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(2, 1, 1) + 0.5)
+        self.beta = nn.Parameter(torch.randn(2, 1, 1) * 0.1)
+        self.pos = nn.Parameter(torch.randn(4, 8) * 0.1)  # 4 tokens of 8 features
+        self.lead = nn.Parameter(torch.randn(1, 4, 8) * 0.1)
+        self.weight = nn.Parameter(torch.randn(ways, 8))
+        self.temperature = nn.Parameter(torch.tensor(5.0))
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x) * self.gamma - self.beta)  # [N, 2, 4, 4]
+        tokens = self.pos + h.view(h.size(0), 4, 8)
+        tokens = torch.add(tokens, self.lead, alpha=0.5)
+        f = F.normalize(tokens.mean(1), dim=-1)
+        return self.temperature * F.linear(f, F.normalize(self.weight, dim=1))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_parameters_in_arithmetic(order):
+    torch.manual_seed(15)
+    model = LearnedScales().double()
+    kinds = [n.rule.kind for n in on_fused(model).nodes]
+    assert kinds.count("mul") == 2 and kinds.count("add") == 2 and kinds.count("sub") == 1, kinds
+    check_ce(model, tasks_for((1, 4, 4), ways=3), inner_lr=0.3, steps=2, order=order)
+    check_ce(model, tasks_for((1, 4, 4), ways=3), inner_lr=0.3, steps=2, order=order, inner_params=["temperature"])
+
+
+def test_parameters_in_arithmetic_with_meta_sgd_rates_and_a_parameter_over_the_examples():
+    torch.manual_seed(16)
+    model = LearnedScales().double()
+    rates = {n: torch.full_like(p, 0.1).requires_grad_() for n, p in model.named_parameters()}
+    check_ce(model, tasks_for((1, 4, 4), ways=3), inner_lr=rates, steps=2, lr_leaves=list(rates.values()))
+
+    class PerExample(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.offsets = nn.Linear(3, 3), nn.Parameter(torch.zeros(3, 3))
+
+        def forward(self, x):
+            return self.fc(x) + self.offsets  # [N, 3] + [3, 3]: one offset per example (N = 3)
+
+    with pytest.raises(ValueError, match=r"add.*spans the examples' dim"):
+        fastmaml.meta_step(
+            PerExample().double(), tasks_for((3,), ways=3, shots=1, query=1), inner_lr=0.1, loss="cross_entropy"
+        )

@@ -15,7 +15,9 @@ else a model does is traced into nodes, which map to rules:
   `x.reshape` that keep the examples apart (sizes may come from the model's own arithmetic on `x.size()` /
   `x.shape`); `x.squeeze(dims)` and `x.unsqueeze(dim)` of per-example dims;
 - joins: `+`, `torch.add`, `-` (residual branches), `torch.cat` along a feature dim; constants:
-  multiplication or division by a number or a buffer, adding a constant, negation.
+  multiplication or division by a number or a buffer, adding a constant, negation; parameters: a value
+  times, plus or minus one of the model's parameters broadcast over the examples (a learned temperature
+  or scale, a learned bias or positional embedding).
 A layer's sizes (windows, strides, dims) must be numbers when traced; one the model computes from the
 input's shape as it runs (`F.avg_pool2d(x, x.shape[-1])`) fails the node (only reshapes and the arithmetic
 above take such values).
@@ -47,7 +49,7 @@ from .conv import ConvRule, Geometry
 from .dense import LinearRule
 from .example_norm import ExampleNormRule
 from .graph import Graph, Node, Ref, fuse
-from .joins import AddRule, AffineRule, CatRule
+from .joins import AddRule, AffineRule, CatRule, ParamAffineRule
 from .l2norm import NormalizedLinearRule, NormalizeRule
 from .norm import BatchNormRule
 from .pointwise import ELURule, GELURule, LeakyReLURule, ReLURule, SigmoidRule, TanhRule
@@ -883,17 +885,27 @@ class _Lowering:
         if isinstance(c, Ref):
             if c.group != "c":
                 self.fail(
-                    "a parameter used directly in arithmetic (the fused engine takes parameters through "
-                    "layers, F.linear, F.conv2d and F.batch_norm)"
+                    "a parameter used in arithmetic other than a value times, plus or minus it (the fused engine "
+                    "takes parameters through layers, F.linear, F.conv2d, the norms' functional forms and those)"
                 )
             return c.const
         if isinstance(c, bool) or not isinstance(c, (int, float)):
             return None
         return float(c)
 
+    @staticmethod
+    def _is_param(v) -> bool:
+        return isinstance(v, Ref) and v.group != "c"
+
     def op_add(self, a, inplace, sign: float = 1.0):
         x, y = a["input"], a["other"]
         alpha = float(a["alpha"]) * sign
+        if isinstance(x, _Value) and self._is_param(y):
+            rule = ParamAffineRule(self.name(), "add" if alpha > 0 else "sub", self.shape_of(y), False, 1.0, alpha)
+            return self.emit(rule, [x], (y,))
+        if isinstance(y, _Value) and self._is_param(x):
+            rule = ParamAffineRule(self.name(), "add" if alpha > 0 else "sub", self.shape_of(x), False, alpha, 1.0)
+            return self.emit(rule, [y], (x,))
         if isinstance(x, _Value) and isinstance(y, _Value):
             return self.emit(
                 AddRule(self.name(), "add" if alpha == 1.0 else "sub" if alpha == -1.0 else "add", alpha),
@@ -914,7 +926,12 @@ class _Lowering:
         if isinstance(y, _Value) and not isinstance(x, _Value):
             x, y = y, x
         if isinstance(x, _Value) and isinstance(y, _Value):
-            self.fail("the product of two values computed from the input (only products with constants compile)")
+            self.fail(
+                "the product of two values computed from the input (only products with constants and parameters "
+                "compile)"
+            )
+        if isinstance(x, _Value) and self._is_param(y):
+            return self.emit(ParamAffineRule(self.name(), "mul", self.shape_of(y), True), [x], (y,))
         c = self.constant(y)
         if not isinstance(x, _Value) or c is None:
             self.fail("a multiplication the fused engine cannot follow")

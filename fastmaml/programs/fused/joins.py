@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from . import memory_format as mf
-from .base import JoinRule, LinearMapRule
+from .base import JoinRule, LinearMapRule, Rule
 
 
 def _reduce(g, shape):
@@ -99,3 +99,87 @@ class AffineRule(LinearMapRule):
 
     def transpose(self, gy, saved):
         return _reduce(self._scaled(gy), saved[0])
+
+
+class ParamAffineRule(Rule):
+    """y = x · p (`multiply`) or y = sign · x + p_sign · p, with p one of the model's parameters broadcast
+    against the per-example value `[N, *features]` as PyTorch broadcasts it: a learned temperature or
+    per-channel scale, a learned bias or positional embedding. Its shape `shape` may not span the examples'
+    dim (a size-1 dim there is fine). p = (param,): per task `[T, *shape]` or common `[*shape]`."""
+
+    param_names = ("param",)
+
+    def __init__(self, name: str, kind: str, shape, multiply: bool, sign: float = 1.0, p_sign: float = 1.0):
+        super().__init__(name, kind)
+        self.shape = tuple(shape)
+        self.multiply, self.sign, self.p_sign = multiply, sign, p_sign
+
+    def _lead(self, x) -> int:
+        """The value's dims the parameter has none of, the task dim excluded (checked)."""
+        lead = x.dim() - 1 - len(self.shape)
+        if lead < 0 or (lead == 0 and self.shape[0] != 1):
+            raise ValueError(
+                f"model layer {self.describe()}: a parameter of shape {self.shape} broadcast against per-example "
+                f"inputs {tuple(x.shape[1:])} spans the examples' dim; the fused engine needs it to broadcast over "
+                "the examples (fewer dims, or size 1 there)"
+            )
+        return lead
+
+    def _view(self, t, x):
+        """A parameter (or direction) `[T, *shape]` / `[*shape]` broadcastable against x `[T, N, *features]`."""
+        if t is None or t.dim() == len(self.shape):
+            return t
+        return t.view(t.shape[0], *([1] * self._lead(x)), *self.shape)
+
+    def _to_param(self, g, x, out) -> None:
+        """Writes g `[T, N, *features]` summed over what the parameter is broadcast along into `out` `[T, *shape]`."""
+        lead = self._lead(x)
+        if lead:
+            g = g.sum(tuple(range(1, 1 + lead)))
+        out.copy_(g.sum_to_size(out.shape))
+
+    def _apply(self, x, p):
+        if self.multiply:
+            return x * p
+        x = x if self.sign == 1.0 else x * self.sign
+        return x + p if self.p_sign == 1.0 else x + self.p_sign * p
+
+    def forward(self, ops, x, p, save):
+        return self._apply(x, self._view(p[0], x)), x if save else None
+
+    def backward(self, ops, gy, x, p, need_x, outs):
+        if outs[0] is not None:
+            self._to_param(gy * x if self.multiply else gy * self.p_sign, x, outs[0])
+        if not need_x:
+            return None
+        return _reduce(gy * self._view(p[0], x) if self.multiply else gy * self.sign, x.shape)
+
+    def tangent_forward(self, ops, x, xd, p, v):
+        P, V = self._view(p[0], x), self._view(v[0], x)
+        y = self._apply(x, P)
+        if self.multiply:
+            yd = None if xd is None else xd * P
+            if V is not None:
+                yd = x * V if yd is None else yd + x * V
+        else:
+            yd = None if xd is None else xd * self.sign
+            if V is not None:
+                yd = self.p_sign * V if yd is None else yd + self.p_sign * V
+        return y, (None if yd is None else yd.expand(y.shape)), (x, xd)
+
+    def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
+        x, xd = saved
+        if not self.multiply:
+            for g, out in ((gy, outs[0]), (gyd, touts[0])):
+                if out is not None:
+                    self._to_param(g * self.p_sign, x, out)
+            return (_reduce(gy * self.sign, x.shape), _reduce(gyd * self.sign, x.shape)) if need_x else (None, None)
+        if outs[0] is not None:
+            self._to_param(gy * x, x, outs[0])
+        if touts[0] is not None:
+            self._to_param(gyd * x if xd is None else gyd * x + gy * xd, x, touts[0])
+        if not need_x:
+            return None, None
+        P, V = self._view(p[0], x), self._view(v[0], x)
+        gxd = gyd * P if V is None else gyd * P + gy * V
+        return _reduce(gy * P, x.shape), _reduce(gxd, x.shape)

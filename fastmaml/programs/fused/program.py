@@ -135,7 +135,7 @@ class FusedProgram(Program):
         if flat is None or not self.sizes[g]:
             return None
         batch = flat.shape[:-1]
-        return [c.view(*batch, *s) for c, s in zip(flat.split(self.sizes[g], -1), self.shapes[g])]
+        return [c.view((*batch, *s)) for c, s in zip(flat.split(self.sizes[g], -1), self.shapes[g])]
 
     def _params(self, phi, shared, bn_stats) -> List[tuple]:
         """Per node, its parameters (views of φ / ψ rows, constants, None), BatchNorm statistics appended."""
