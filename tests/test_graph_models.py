@@ -532,3 +532,68 @@ def test_parameters_in_arithmetic_with_meta_sgd_rates_and_a_parameter_over_the_e
         fastmaml.meta_step(
             PerExample().double(), tasks_for((3,), ways=3, shots=1, query=1), inner_lr=0.1, loss="cross_entropy"
         )
+
+
+class Mixer(nn.Module):
+    """An MLP-Mixer-like token model: token mixing through a transpose, channel mixing with SiLU, a permute,
+    a slice of every token's first features, the first token as the summary (`h[:, 0]`), Softplus."""
+
+    def __init__(self, tokens=3, dim=4, ways=3):
+        super().__init__()
+        self.embed = nn.Linear(2, dim)
+        self.token_mix = nn.Linear(tokens, tokens)
+        self.channel_mix = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.head = nn.Linear(dim // 2 + dim, ways)
+        self.soft = nn.Softplus(beta=2.0, threshold=1.0)  # ‖βx‖ crosses the threshold: both pieces
+
+    def forward(self, x):
+        h = self.embed(x)  # [N, L, D]
+        h = h + self.token_mix(h.transpose(1, 2)).transpose(-1, -2)
+        h = h + self.channel_mix(h)
+        p = F.silu(h.permute(0, 2, 1)).permute(0, 2, 1)
+        first = p[..., :2].sum(1)  # [N, D/2]
+        return self.head(torch.cat([first, self.soft(h[:, 0])], dim=1))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_token_mixing_model(order):
+    torch.manual_seed(17)
+    model = Mixer().double()
+    kinds = [n.rule.kind for n in on_fused(model).nodes]
+    assert {"transpose", "permute", "getitem", "silu", "SiLU", "Softplus"} <= set(kinds), kinds
+    check_ce(model, tasks_for((3, 2), ways=3), inner_lr=0.4, steps=2, order=order)
+    rates = {n: torch.full_like(p, 0.1).requires_grad_() for n, p in model.named_parameters()}
+    check_ce(model, tasks_for((3, 2), ways=3), inner_lr=rates, steps=1, order=order, lr_leaves=list(rates.values()))
+
+
+def test_reorderings_that_move_the_examples_fall_back_and_say_why():
+    class Moves(nn.Module):
+        def __init__(self, how):
+            super().__init__()
+            self.fc, self.how = nn.Linear(2, 2), how
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.fc(
+                {"t": lambda: h.transpose(0, 1), "p": lambda: h.permute(1, 0, 2), "i": lambda: h[0]}[self.how]()
+            )
+
+    for how, words in (
+        ("t", "examples' dim 0 stays first"),
+        ("p", "moves the examples' dim"),
+        ("i", "keep every example"),
+    ):
+        e = fastmaml.explain(Moves(how))
+        assert e.program == "torch.func" and words in e.reason, (how, e)
+
+    class PicksAnExample(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.fc(x)[..., 0, :]  # x [N, 2]: `...` spans nothing, 0 picks an example
+
+    tasks = tuple(t.double() if t.is_floating_point() else t for t in tasks_for((2,), ways=2))
+    with pytest.raises(ValueError, match=r"getitem.*reaches the examples' dim 0"):
+        fastmaml.meta_step(PicksAnExample().double(), tasks, inner_lr=0.1, loss="cross_entropy")

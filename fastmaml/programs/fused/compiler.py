@@ -3,17 +3,20 @@ it off the fused engine.
 
 Layers with rules stay leaf modules: Linear, Conv2d (groups=1, zero padding), BatchNorm1d/2d, LayerNorm,
 GroupNorm, InstanceNorm1d/2d (without running statistics), ReLU, LeakyReLU, Tanh, Sigmoid, ELU, GELU (exact),
-MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropout in
-eval mode (or p=0), and the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA). Everything
-else a model does is traced into nodes, which map to rules:
-- the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `torch.tanh`, `torch.sigmoid`,
-  `F.max_pool2d`, `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `F.adaptive_max_pool2d`, `F.dropout`
-  (inactive), and `F.linear`, `F.conv2d`, `F.batch_norm`, `F.layer_norm`, `F.group_norm` and
-  `F.instance_norm` (on the input's statistics) on the model's own parameters; `F.normalize` (p=2) of a
-  value over a per-example dim, and of a Linear weight's rows as `F.linear`'s weight (a cosine classifier);
+SiLU, Softplus, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1),
+Identity, Dropout in eval mode (or p=0), and the context layers of `fastmaml.context` (ContextConcat, FiLM:
+CAVIA). Everything else a model does is traced into nodes, which map to rules:
+- the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `F.silu`, `F.softplus`,
+  `torch.tanh`, `torch.sigmoid`, `F.max_pool2d`, `F.avg_pool2d`, `F.adaptive_avg_pool2d`,
+  `F.adaptive_max_pool2d`, `F.dropout` (inactive), and `F.linear`, `F.conv2d`, `F.batch_norm`,
+  `F.layer_norm`, `F.group_norm` and `F.instance_norm` (on the input's statistics) on the model's own
+  parameters; `F.normalize` (p=2) of a value over a per-example dim, and of a Linear weight's rows as
+  `F.linear`'s weight (a cosine classifier);
 - `x.mean(dims)` and `x.sum(dims)` over per-example dims; `torch.flatten`, `x.flatten`, `x.view`,
   `x.reshape` that keep the examples apart (sizes may come from the model's own arithmetic on `x.size()` /
-  `x.shape`); `x.squeeze(dims)` and `x.unsqueeze(dim)` of per-example dims;
+  `x.shape`); `x.squeeze(dims)` and `x.unsqueeze(dim)` of per-example dims; `x.permute(...)` and
+  `x.transpose(a, b)` that keep the examples' dim first; indexing of per-example dims with slices and
+  integers (`x[:, 1:3]`, `x[:, 0]`, `x[..., :4]`);
 - joins: `+`, `torch.add`, `-` (residual branches), `torch.cat` along a feature dim; constants:
   multiplication or division by a number or a buffer, adding a constant, negation; parameters: a value
   times, plus or minus one of the model's parameters broadcast over the examples (a learned temperature
@@ -22,7 +25,7 @@ A layer's sizes (windows, strides, dims) must be numbers when traced; one the mo
 input's shape as it runs (`F.avg_pool2d(x, x.shape[-1])`) fails the node (only reshapes and the arithmetic
 above take such values).
 A value several nodes read has its gradients summed (graph.py). BatchNorm + ReLU (+ MaxPool2d) and
-BatchNorm + LeakyReLU are fused (`graph.fuse`).
+BatchNorm + LeakyReLU are fused, and ReLU + MaxPool2d pools first (`graph.fuse`).
 
 `Unsupported` names the culprit: the module path and type, or the fx node's op and target, with the line
 of the model's code where fx knows it. Tracing fails on data-dependent control flow (`if x.sum() > 0`).
@@ -52,9 +55,9 @@ from .graph import Graph, Node, Ref, fuse
 from .joins import AddRule, AffineRule, CatRule, ParamAffineRule
 from .l2norm import NormalizedLinearRule, NormalizeRule
 from .norm import BatchNormRule
-from .pointwise import ELURule, GELURule, LeakyReLURule, ReLURule, SigmoidRule, TanhRule
+from .pointwise import ELURule, GELURule, LeakyReLURule, ReLURule, SigmoidRule, SiLURule, SoftplusRule, TanhRule
 from .pooling import AdaptiveAvgPool2dRule, AdaptiveMaxPool2dRule, AvgPool2dRule, MaxPool2dRule
-from .shape import FlattenRule, MeanRule, ReshapeRule, SqueezeRule, SumRule
+from .shape import FlattenRule, MeanRule, PermuteRule, ReshapeRule, SliceRule, SqueezeRule, SumRule, TransposeRule
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -192,6 +195,8 @@ _FUNC_NAMES = {
     F.elu: "elu",
     F.elu_: "elu",
     F.gelu: "gelu",
+    F.silu: "silu",
+    F.softplus: "softplus",
     torch.tanh: "tanh",
     F.tanh: "tanh",
     torch.sigmoid: "sigmoid",
@@ -206,6 +211,8 @@ _FUNC_NAMES = {
     torch.squeeze: "squeeze",
     torch.unsqueeze: "unsqueeze",
     torch.flatten: "flatten",
+    torch.permute: "permute",
+    torch.transpose: "transpose",
     torch.reshape: "reshape",
     F.linear: "linear",
     F.conv2d: "conv2d",
@@ -259,6 +266,8 @@ _METHOD_NAMES = {
     "squeeze": "squeeze",
     "unsqueeze": "unsqueeze",
     "flatten": "flatten",
+    "permute": "permute",
+    "transpose": "transpose",
     "view": "view",
     "reshape": "view",
     "add": "add",
@@ -280,6 +289,8 @@ _SPECS = {
     "leaky_relu": _spec("input", ("negative_slope", 0.01), ("inplace", False)),
     "elu": _spec("input", ("alpha", 1.0), ("inplace", False)),
     "gelu": _spec("input", ("approximate", "none")),
+    "silu": _spec("input", ("inplace", False)),
+    "softplus": _spec("input", ("beta", 1.0), ("threshold", 20.0)),
     "max_pool2d": _spec(
         "input",
         "kernel_size",
@@ -305,6 +316,8 @@ _SPECS = {
     "squeeze": _spec("input", ("dim", None)),
     "unsqueeze": _spec("input", "dim"),
     "flatten": _spec("input", ("start_dim", 0), ("end_dim", -1)),
+    "permute": _spec("input", "dims"),
+    "transpose": _spec("input", "dim0", "dim1"),
     "reshape": _spec("input", "shape"),
     "linear": _spec("input", "weight", ("bias", None)),
     "conv2d": _spec("input", "weight", ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)),
@@ -554,6 +567,10 @@ class _Lowering:
             if m.approximate != "none":
                 self.fail(f"approximate={m.approximate!r}; the fused engine supports 'none'")
             return self.emit(GELURule(name, kind), [x])
+        if type(m) is nn.SiLU:
+            return self.emit(SiLURule(name, kind), [x], inplace=inplace)
+        if type(m) is nn.Softplus:
+            return self.emit(SoftplusRule(name, kind, float(m.beta), float(m.threshold)), [x])
         if type(m) is nn.Tanh:
             return self.emit(TanhRule(name, kind), [x])
         if type(m) is nn.Sigmoid:
@@ -617,6 +634,8 @@ class _Lowering:
             op = _METHOD_NAMES.get(target)
             inplace = target.endswith("_")
         else:
+            if target is operator.getitem and isinstance(self.arg(n.args[0]), _Value):
+                return self.slice(self.arg(n.args[0]), n.args[1])
             if (
                 target is getattr
                 or target is operator.getitem
@@ -630,6 +649,9 @@ class _Lowering:
                 return None
         if op is None:
             self.fail("no rule for this operation in the fused engine")
+        if op == "permute" and n.op == "call_method":  # x.permute(0, 2, 1) or x.permute((0, 2, 1))
+            dims = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
+            return self.permute(self.value(self.arg(n.args[0])), tuple(n.kwargs.get("dims", dims)))
         if op == "view":
             x = self.value(self.arg(n.args[0]))
             shape = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
@@ -711,6 +733,13 @@ class _Lowering:
             self.fail(f"approximate={a['approximate']!r}; the fused engine supports 'none'")
         return self.emit(GELURule(self.name(), "gelu"), [self.value(a["input"])])
 
+    def op_silu(self, a, inplace):
+        return self.emit(SiLURule(self.name(), "silu"), [self.value(a["input"])], inplace=inplace)
+
+    def op_softplus(self, a, inplace):
+        rule = SoftplusRule(self.name(), "softplus", float(a["beta"]), float(a["threshold"]))
+        return self.emit(rule, [self.value(a["input"])])
+
     def op_max_pool2d(self, a, inplace):
         if a["return_indices"]:
             self.fail("return_indices=True (the output is a tuple)")
@@ -777,6 +806,42 @@ class _Lowering:
         if a["start_dim"] == 0:
             self.fail("flatten from dim 0 merges the examples; use start_dim=1 (torch.flatten(x, 1))")
         return self.emit(FlattenRule(self.name(), "flatten", a["start_dim"], a["end_dim"]), [self.value(a["input"])])
+
+    def permute(self, x: _Value, dims) -> _Value:
+        if not dims or not all(isinstance(d, int) for d in dims) or dims[0] not in (0, -len(dims)):
+            self.fail(f"permute to {dims} moves the examples' dim 0 (keep it first)")
+        return self.emit(PermuteRule(self.name(), "permute", dims), [x])
+
+    def op_permute(self, a, inplace):
+        return self.permute(self.value(a["input"]), tuple(a["dims"]))
+
+    def op_transpose(self, a, inplace):
+        d0, d1 = a["dim0"], a["dim1"]
+        if not isinstance(d0, int) or not isinstance(d1, int) or 0 in (d0, d1):
+            self.fail(f"transpose of dims {d0} and {d1}: the examples' dim 0 stays first (transpose per-example dims)")
+        return self.emit(TransposeRule(self.name(), "transpose", d0, d1), [self.value(a["input"])])
+
+    def slice(self, x: _Value, index) -> _Value:
+        """`x[index]` where index keeps every example (`x[:, 1:3]`, `x[:, 0]`, `x[..., :4]`)."""
+        index = index if isinstance(index, tuple) else (index,)
+
+        def plain(i):
+            if isinstance(i, slice):
+                return all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step)) and (i.step or 1) > 0
+            return i is Ellipsis or (isinstance(i, int) and not isinstance(i, bool))
+
+        first = index[0] if index else None
+        if (
+            (first is not Ellipsis and first != slice(None))
+            or not all(plain(i) for i in index)
+            or index.count(Ellipsis) > 1
+        ):
+            self.fail(
+                "indexing that does not keep every example with `:` or `...` first, or with tensors, None, "
+                "computed sizes or negative steps (slices and integers of per-example dims compile: x[:, 1:3], "
+                "x[:, 0], x[..., :4])"
+            )
+        return self.emit(SliceRule(self.name(), "getitem", index), [x])
 
     def op_reshape(self, a, inplace):
         return self.reshape(self.value(a["input"]), a["shape"] if "shape" in a else a["input"])

@@ -128,3 +128,40 @@ class GELURule(PointwiseRule):
     def d2(self, x, y):
         phi = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2 * math.pi))
         return phi * (2 - x * x)
+
+
+class SiLURule(PointwiseRule):
+    """SiLU (swish) f = x σ(x): f' = σ (1 + x (1 − σ)), f'' = σ (1 − σ) (2 + x (1 − 2σ))."""
+
+    saves_input = True
+
+    def f(self, x):
+        return F.silu(x)
+
+    def d1(self, g, x, y):
+        return aten.silu_backward(g, x)
+
+    def d2(self, x, y):
+        s = torch.sigmoid(x)
+        return s * (1 - s) * (2 + x * (1 - 2 * s))
+
+
+class SoftplusRule(PointwiseRule):
+    """Softplus f = log(1 + e^{βx}) / β, linear (f = x) where βx > threshold: f' = σ(βx), f'' = β σ (1 − σ)
+    (0 on the linear part)."""
+
+    saves_input = True
+
+    def __init__(self, name, kind, beta: float, threshold: float):
+        super().__init__(name, kind)
+        self.beta, self.threshold = beta, threshold
+
+    def f(self, x):
+        return F.softplus(x, self.beta, self.threshold)
+
+    def d1(self, g, x, y):
+        return aten.softplus_backward(g, x, self.beta, self.threshold)
+
+    def d2(self, x, y):
+        s = torch.sigmoid(x * self.beta)
+        return torch.where(x * self.beta > self.threshold, 0.0, self.beta * s * (1 - s))

@@ -120,3 +120,80 @@ class MeanRule(SumRule):
         for d in dims:
             count *= shape[d]
         return gy / count
+
+
+class PermuteRule(LinearMapRule):
+    """`x.permute(dims)` / `x.transpose(a, b)` that keep the examples' dim first (`dims` per example, dims[0] 0;
+    negative dims count from the end). The output is made contiguous, as the next layers read it."""
+
+    def __init__(self, name: str, kind: str, dims):
+        super().__init__(name, kind)
+        self.dims = tuple(dims)
+
+    def _order(self, x):
+        rank = x.dim() - 1
+        dims = [d + rank if d < 0 else d for d in self.dims]
+        if sorted(dims) != list(range(rank)) or dims[0] != 0:
+            raise ValueError(
+                f"model layer {self.describe()}: dims {self.dims} are not a permutation of the per-example inputs' "
+                f"{rank} dims {tuple(x.shape[1:])} that keeps the examples' dim 0 first"
+            )
+        return (0, *(d + 1 for d in dims))
+
+    def apply(self, x, save):
+        order = self._order(x)
+        return x.permute(order).contiguous(), order
+
+    def tangent(self, xd, order):
+        return xd.permute(order).contiguous()
+
+    def transpose(self, gy, order):
+        inverse = [0] * len(order)
+        for i, d in enumerate(order):
+            inverse[d] = i
+        return gy.permute(inverse)
+
+
+class SliceRule(LinearMapRule):
+    """`x[index]` with slices, integers and at most one Ellipsis, every example kept: `index` starts with `:`
+    or with an Ellipsis that spans the examples' dim. The transpose writes the gradient into zeros at the
+    indexed places."""
+
+    def __init__(self, name: str, kind: str, index):
+        super().__init__(name, kind)
+        self.explicit = sum(i is not Ellipsis for i in index)
+        self.leading_ellipsis = index[0] is Ellipsis
+        self.index = (slice(None),) + tuple(index)  # the task dim first
+
+    def apply(self, x, save):
+        if self.leading_ellipsis and self.explicit >= x.dim() - 1:
+            raise ValueError(
+                f"model layer {self.describe()}: the index {self.index[1:]} reaches the examples' dim 0 of "
+                f"per-example inputs {tuple(x.shape[1:])}; index per-example dims only"
+            )
+        return x[self.index], x.shape
+
+    def transpose(self, gy, shape):
+        gx = gy.new_zeros(shape)
+        gx[self.index] = gy
+        return gx
+
+
+class TransposeRule(PermuteRule):
+    """`x.transpose(a, b)` of two per-example dims (not the examples' dim 0)."""
+
+    def __init__(self, name: str, kind: str, dim0: int, dim1: int):
+        super().__init__(name, kind, ())
+        self.pair = (dim0, dim1)
+
+    def _order(self, x):
+        rank = x.dim() - 1
+        a, b = (d + rank if d < 0 else d for d in self.pair)
+        if not (0 < a < rank and 0 < b < rank):
+            raise ValueError(
+                f"model layer {self.describe()}: transpose of dims {self.pair} of per-example inputs "
+                f"{tuple(x.shape[1:])} (dims 1..{rank - 1} can be swapped)"
+            )
+        order = list(range(x.dim()))
+        order[a + 1], order[b + 1] = order[b + 1], order[a + 1]
+        return tuple(order)
