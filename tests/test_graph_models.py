@@ -597,3 +597,27 @@ def test_reorderings_that_move_the_examples_fall_back_and_say_why():
     tasks = tuple(t.double() if t.is_floating_point() else t for t in tasks_for((2,), ways=2))
     with pytest.raises(ValueError, match=r"getitem.*reaches the examples' dim 0"):
         fastmaml.meta_step(PicksAnExample().double(), tasks, inner_lr=0.1, loss="cross_entropy")
+
+
+class MatmulHead(nn.Module):
+    """Weights applied as `x @ W` (W `[in, out]`, a parameter) and through `torch.matmul` with a buffer."""
+
+    def __init__(self, ways=3):
+        super().__init__()
+        self.embed = nn.Linear(2, 4)
+        self.W = nn.Parameter(torch.randn(4, 5) * 0.5)
+        self.register_buffer("proj", torch.randn(5, 4) * 0.5)
+        self.out = nn.Parameter(torch.randn(4, ways) * 0.5)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x) @ self.W)
+        return torch.matmul(torch.matmul(h, self.proj).mean(1), self.out)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("inner_params", [None, ["out"], ["embed"]])
+def test_matmul_with_parameters(order, inner_params):
+    torch.manual_seed(18)
+    model = MatmulHead().double()
+    assert [n.rule.kind for n in on_fused(model, inner_params=inner_params).nodes].count("matmul") == 3
+    check_ce(model, tasks_for((3, 2), ways=3), inner_lr=0.4, steps=2, order=order, inner_params=inner_params)

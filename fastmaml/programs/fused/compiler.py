@@ -10,8 +10,9 @@ CAVIA). Everything else a model does is traced into nodes, which map to rules:
   `torch.tanh`, `torch.sigmoid`, `F.max_pool2d`, `F.avg_pool2d`, `F.adaptive_avg_pool2d`,
   `F.adaptive_max_pool2d`, `F.dropout` (inactive), and `F.linear`, `F.conv2d`, `F.batch_norm`,
   `F.layer_norm`, `F.group_norm` and `F.instance_norm` (on the input's statistics) on the model's own
-  parameters; `F.normalize` (p=2) of a value over a per-example dim, and of a Linear weight's rows as
-  `F.linear`'s weight (a cosine classifier);
+  parameters; `x @ W` / `torch.matmul(x, W)` with W `[in, out]` a parameter or buffer; `F.normalize` (p=2)
+  of a value over a per-example dim, and of a Linear weight's rows as `F.linear`'s weight (a cosine
+  classifier);
 - `x.mean(dims)` and `x.sum(dims)` over per-example dims; `torch.flatten`, `x.flatten`, `x.view`,
   `x.reshape` that keep the examples apart (sizes may come from the model's own arithmetic on `x.size()` /
   `x.shape`); `x.squeeze(dims)` and `x.unsqueeze(dim)` of per-example dims; `x.permute(...)` and
@@ -49,7 +50,7 @@ from ...layout import ParamLayout
 from .base import Rule
 from .context import ContextConcatRule, FiLMRule
 from .conv import ConvRule, Geometry
-from .dense import LinearRule
+from .dense import LinearRule, TransposedLinearRule
 from .example_norm import ExampleNormRule
 from .graph import Graph, Node, Ref, fuse
 from .joins import AddRule, AffineRule, CatRule, ParamAffineRule
@@ -215,6 +216,8 @@ _FUNC_NAMES = {
     torch.transpose: "transpose",
     torch.reshape: "reshape",
     F.linear: "linear",
+    torch.matmul: "matmul",
+    operator.matmul: "matmul",
     F.conv2d: "conv2d",
     F.batch_norm: "batch_norm",
     F.layer_norm: "layer_norm",
@@ -270,6 +273,7 @@ _METHOD_NAMES = {
     "transpose": "transpose",
     "view": "view",
     "reshape": "view",
+    "matmul": "matmul",
     "add": "add",
     "add_": "add",
     "sub": "sub",
@@ -320,6 +324,7 @@ _SPECS = {
     "transpose": _spec("input", "dim0", "dim1"),
     "reshape": _spec("input", "shape"),
     "linear": _spec("input", "weight", ("bias", None)),
+    "matmul": _spec("input", "other"),
     "conv2d": _spec("input", "weight", ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)),
     "batch_norm": _spec(
         "input",
@@ -870,6 +875,16 @@ class _Lowering:
         in_features = self.shape_of(w)[1]
         rule = LinearRule(self.name(), "linear", in_features)
         return self.emit(rule, [self.value(a["input"])], (w, self.param(a["bias"], "bias")))
+
+    def op_matmul(self, a, inplace):
+        x, w = a["input"], a["other"]
+        if not isinstance(x, _Value) or not isinstance(w, Ref) or len(self.shape_of(w)) != 2:
+            self.fail(
+                "a matrix product other than a value times a 2-D parameter or buffer (x @ W, W [in, out]; "
+                "products of two values do not compile)"
+            )
+        rule = TransposedLinearRule(self.name(), "matmul", self.shape_of(w)[0])
+        return self.emit(rule, [x], (w,))
 
     def normalized_linear(self, a):
         """F.linear(x, F.normalize(W, dim=1 or -1)): unit-norm weight rows (a cosine classifier)."""

@@ -54,3 +54,42 @@ class LinearRule(Rule):
         if gx is None or len(shape) == 3:
             return gx, gxd
         return gx.view(shape), gxd.view(shape)
+
+
+def _transposed(w):
+    return None if w is None else w.transpose(-1, -2)
+
+
+class TransposedLinearRule(LinearRule):
+    """`x @ W` / `torch.matmul(x, W)` with W `[in, out]` one of the model's parameters: the Linear rule on Wᵀ
+    (no bias), its weight's gradient and that gradient's tangent transposed back. p = (W,)."""
+
+    param_names = ("weight",)
+
+    @staticmethod
+    def _temp(out):
+        """A `[T, out, in]` buffer for the gradient w.r.t. Wᵀ where W's `[T, in, out]` one is asked for."""
+        return None if out is None else out.new_empty(*out.shape[:-2], out.shape[-1], out.shape[-2])
+
+    def forward(self, ops, x, p, save):
+        return super().forward(ops, x, (_transposed(p[0]), None), save)
+
+    def backward(self, ops, gy, saved, p, need_x, outs):
+        g = self._temp(outs[0])
+        gx = super().backward(ops, gy, saved, (_transposed(p[0]), None), need_x, (g, None))
+        if g is not None:
+            outs[0].copy_(_transposed(g))
+        return gx
+
+    def tangent_forward(self, ops, x, xd, p, v):
+        return super().tangent_forward(ops, x, xd, (_transposed(p[0]), None), (_transposed(v[0]), None))
+
+    def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
+        g, gd = self._temp(outs[0]), self._temp(touts[0])
+        gx, gxd = super().tangent_backward(
+            ops, gy, gyd, saved, (_transposed(p[0]), None), (_transposed(v[0]), None), need_x, (g, None), (gd, None)
+        )
+        for out, value in ((outs[0], g), (touts[0], gd)):
+            if out is not None:
+                out.copy_(_transposed(value))
+        return gx, gxd
