@@ -621,3 +621,30 @@ def test_matmul_with_parameters(order, inner_params):
     model = MatmulHead().double()
     assert [n.rule.kind for n in on_fused(model, inner_params=inner_params).nodes].count("matmul") == 3
     check_ce(model, tasks_for((3, 2), ways=3), inner_lr=0.4, steps=2, order=order, inner_params=inner_params)
+
+
+class Sequence1d(nn.Module):
+    """A 1-d conv net on sequences `[N, C, L]`: Conv1d + BatchNorm1d + ReLU, a strided dilated Conv1d, and
+    `F.conv1d` with the model's own weight and padding="same"."""
+
+    def __init__(self, ways=3):
+        super().__init__()
+        self.c1, self.bn = nn.Conv1d(2, 3, 3, padding=1), nn.BatchNorm1d(3)
+        self.c2 = nn.Conv1d(3, 4, 3, stride=2, dilation=2, padding=2)
+        self.w3 = nn.Parameter(torch.randn(4, 4, 5) * 0.3)
+        self.head = nn.Linear(4, ways)
+
+    def forward(self, x):
+        h = F.relu(self.bn(self.c1(x)))
+        h = torch.tanh(F.conv1d(torch.tanh(self.c2(h)), self.w3, padding="same"))
+        return self.head(h.mean(2))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_conv1d_sequence_model(order):
+    torch.manual_seed(19)
+    model = Sequence1d().double()
+    assert [n.rule.kind for n in on_fused(model).nodes].count("Conv1d") == 2
+    check_ce(model, tasks_for((2, 9), ways=3), inner_lr=0.3, steps=2, order=order)
+    check_ce(model, tasks_for((2, 9), ways=3), inner_lr=0.3, steps=2, order=order, inner_params=["head", "w3"])
+    check_ce(model, tasks_for((2, 130), ways=3), inner_lr=0.3, steps=1, order=order)  # long: the per-task loop

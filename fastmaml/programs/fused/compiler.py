@@ -1,14 +1,14 @@
 """Compiles a model into a graph of rules by tracing its `forward` with torch.fx, or says which node keeps
 it off the fused engine.
 
-Layers with rules stay leaf modules: Linear, Conv2d (groups=1, zero padding), BatchNorm1d/2d, LayerNorm,
-GroupNorm, InstanceNorm1d/2d (without running statistics), ReLU, LeakyReLU, Tanh, Sigmoid, ELU, GELU (exact),
-SiLU, Softplus, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1),
-Identity, Dropout in eval mode (or p=0), and the context layers of `fastmaml.context` (ContextConcat, FiLM:
-CAVIA). Everything else a model does is traced into nodes, which map to rules:
+Layers with rules stay leaf modules: Linear, Conv1d and Conv2d (groups=1, zero padding), BatchNorm1d/2d,
+LayerNorm, GroupNorm, InstanceNorm1d/2d (without running statistics), ReLU, LeakyReLU, Tanh, Sigmoid, ELU,
+GELU (exact), SiLU, Softplus, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten
+(start_dim >= 1), Identity, Dropout in eval mode (or p=0), and the context layers of `fastmaml.context`
+(ContextConcat, FiLM: CAVIA). Everything else a model does is traced into nodes, which map to rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `F.silu`, `F.softplus`,
   `torch.tanh`, `torch.sigmoid`, `F.max_pool2d`, `F.avg_pool2d`, `F.adaptive_avg_pool2d`,
-  `F.adaptive_max_pool2d`, `F.dropout` (inactive), and `F.linear`, `F.conv2d`, `F.batch_norm`,
+  `F.adaptive_max_pool2d`, `F.dropout` (inactive), and `F.linear`, `F.conv1d`, `F.conv2d`, `F.batch_norm`,
   `F.layer_norm`, `F.group_norm` and `F.instance_norm` (on the input's statistics) on the model's own
   parameters; `x @ W` / `torch.matmul(x, W)` with W `[in, out]` a parameter or buffer; `F.normalize` (p=2)
   of a value over a per-example dim, and of a Linear weight's rows as `F.linear`'s weight (a cosine
@@ -49,7 +49,7 @@ from ...context import CONTEXT_LAYERS, ContextConcat, FiLM
 from ...layout import ParamLayout
 from .base import Rule
 from .context import ContextConcatRule, FiLMRule
-from .conv import ConvRule, Geometry
+from .conv import Conv1dRule, ConvRule, Geometry
 from .dense import LinearRule, TransposedLinearRule
 from .example_norm import ExampleNormRule
 from .graph import Graph, Node, Ref, fuse
@@ -219,6 +219,7 @@ _FUNC_NAMES = {
     torch.matmul: "matmul",
     operator.matmul: "matmul",
     F.conv2d: "conv2d",
+    F.conv1d: "conv1d",
     F.batch_norm: "batch_norm",
     F.layer_norm: "layer_norm",
     F.group_norm: "group_norm",
@@ -326,6 +327,7 @@ _SPECS = {
     "linear": _spec("input", "weight", ("bias", None)),
     "matmul": _spec("input", "other"),
     "conv2d": _spec("input", "weight", ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)),
+    "conv1d": _spec("input", "weight", ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)),
     "batch_norm": _spec(
         "input",
         "running_mean",
@@ -556,6 +558,10 @@ class _Lowering:
         if type(m) is nn.Conv2d:
             self.check_conv(m.groups, m.padding_mode, m.padding, m.kernel_size, m.dilation)
             rule = ConvRule(name, kind, Geometry(m.kernel_size, m.stride, m.padding, m.dilation), m.in_channels)
+            return self.emit(rule, [x], self.module_params(m, ("weight", "bias")))
+        if type(m) is nn.Conv1d:
+            self.check_conv(m.groups, m.padding_mode, m.padding, m.kernel_size, m.dilation)
+            rule = Conv1dRule(name, kind, m.kernel_size, m.stride, m.padding, m.dilation, m.in_channels)
             return self.emit(rule, [x], self.module_params(m, ("weight", "bias")))
         if type(m) in _NORMS:
             rule = BatchNormRule(name, kind, m.eps, m.num_features, self.bn_index[id(m)])
@@ -902,6 +908,15 @@ class _Lowering:
             self.fail("F.conv2d needs a weight [out, in, kh, kw]")
         self.check_conv(a["groups"], "zeros", a["padding"], shape[2:], a["dilation"])
         rule = ConvRule(self.name(), "conv2d", Geometry(shape[2:], a["stride"], a["padding"], a["dilation"]), shape[1])
+        return self.emit(rule, [self.value(a["input"])], (w, self.param(a["bias"], "bias")))
+
+    def op_conv1d(self, a, inplace):
+        w = self.param(a["weight"], "weight")
+        shape = self.shape_of(w)
+        if len(shape) != 3:
+            self.fail("F.conv1d needs a weight [out, in, k]")
+        self.check_conv(a["groups"], "zeros", a["padding"], shape[2:], a["dilation"])
+        rule = Conv1dRule(self.name(), "conv1d", shape[2], a["stride"], a["padding"], a["dilation"], shape[1])
         return self.emit(rule, [self.value(a["input"])], (w, self.param(a["bias"], "bias")))
 
     def op_batch_norm(self, a, inplace):

@@ -334,3 +334,65 @@ class ConvRule(Rule):
             if extra is not None:
                 gxd = gxd + extra
         return gx, gxd
+
+
+def _unsqueezed(t, dim: int):
+    return None if t is None else t.unsqueeze(dim)
+
+
+class Conv1dRule(Rule):
+    """Conv1d `[T, N, C, L]` as the Conv2d rule on `[T, N, C, 1, L]` with kernels `[O, C, 1, k]`: every strategy
+    and pass of ConvRule, the weights, their directions and gradients viewed with the extra dim."""
+
+    param_names = ("weight", "bias")
+    reuses_primal = True
+
+    def __init__(self, name: str, kind: str, kernel_size, stride, padding, dilation, in_channels: int):
+        super().__init__(name, kind)
+        one = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731
+        pad = padding if isinstance(padding, str) else (0, one(padding))
+        self.conv2d = ConvRule(
+            name, kind, Geometry((1, one(kernel_size)), (1, one(stride)), pad, (1, one(dilation))), in_channels
+        )
+
+    def _x(self, x):
+        if x.dim() != 4:
+            raise ValueError(
+                f"model layer {self.describe()}: expected per-task inputs [T, N, {self.conv2d.in_channels}, L], "
+                f"got shape {tuple(x.shape)}"
+            )
+        return x.unsqueeze(3)
+
+    @staticmethod
+    def _p(p):
+        """(weight, bias) with the weight (or its direction or gradient) `[T, O, C, k]` / `[O, C, k]` as 2-d kernels."""
+        return (_unsqueezed(p[0], -2), p[1])
+
+    def forward(self, ops, x, p, save):
+        y, saved = self.conv2d.forward(ops, self._x(x), self._p(p), save)
+        return y.squeeze(3), saved
+
+    def backward(self, ops, gy, saved, p, need_x, outs):
+        gx = self.conv2d.backward(ops, gy.unsqueeze(3), saved, self._p(p), need_x, self._p(outs))
+        return None if gx is None else gx.squeeze(3)
+
+    def tangent_forward(self, ops, x, xd, p, v, y=None):
+        y, yd, saved = self.conv2d.tangent_forward(
+            ops, self._x(x), _unsqueezed(xd, 3), self._p(p), self._p(v), y=_unsqueezed(y, 3)
+        )
+        return y.squeeze(3), (None if yd is None else yd.squeeze(3)), saved
+
+    def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts, gx=None):
+        gx, gxd = self.conv2d.tangent_backward(
+            ops,
+            gy.unsqueeze(3),
+            gyd.unsqueeze(3),
+            saved,
+            self._p(p),
+            self._p(v),
+            need_x,
+            self._p(outs),
+            self._p(touts),
+            gx=_unsqueezed(gx, 3),
+        )
+        return (None, None) if gx is None else (gx.squeeze(3), gxd.squeeze(3))
