@@ -648,3 +648,77 @@ def test_conv1d_sequence_model(order):
     check_ce(model, tasks_for((2, 9), ways=3), inner_lr=0.3, steps=2, order=order)
     check_ce(model, tasks_for((2, 9), ways=3), inner_lr=0.3, steps=2, order=order, inner_params=["head", "w3"])
     check_ce(model, tasks_for((2, 130), ways=3), inner_lr=0.3, steps=1, order=order)  # long: the per-task loop
+
+
+class Attention(nn.Module):
+    """Products of values: squeeze-and-excitation on conv maps, a gate, `x * sigmoid(x)` (one value read twice
+    by a product), self-attention over the map's positions (softmax of q kᵀ, then @ v), attention pooling with
+    a learned query (`h @ q`), a log-softmax inside."""
+
+    def __init__(self, ways=3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.se1, self.se2 = nn.Linear(4, 2), nn.Linear(2, 4)
+        self.fq, self.fk, self.fv = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.gate = nn.Linear(4, 4)
+        self.query = nn.Parameter(torch.randn(4, 1) * 0.5)
+        self.head = nn.Linear(4, ways)
+
+    def forward(self, x):
+        h = self.conv(x)  # [N, 4, H, W]
+        s = torch.sigmoid(self.se2(F.relu(self.se1(h.mean((2, 3))))))
+        h = h * s.view(s.size(0), 4, 1, 1)
+        t = h.flatten(2).transpose(1, 2)  # [N, HW, 4]
+        t = t * torch.sigmoid(t)
+        att = torch.softmax(self.fq(t) @ self.fk(t).transpose(-2, -1) * 0.5, dim=-1)
+        t = t + att @ self.fv(t)
+        t = t * torch.sigmoid(self.gate(t))
+        weights = F.softmax(t @ self.query, dim=1)  # [N, HW, 1] over the positions
+        pooled = (weights * t).sum(1)
+        return self.head(F.log_softmax(pooled, dim=-1))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_products_softmax_and_attention(order):
+    torch.manual_seed(20)
+    model = Attention().double()
+    kinds = [n.rule.kind for n in on_fused(model).nodes]
+    assert kinds.count("mul") >= 4 and kinds.count("matmul") == 3 and "softmax" in kinds and "log_softmax" in kinds
+    check_ce(model, tasks_for((1, 3, 3), ways=3), inner_lr=0.5, steps=2, order=order)
+    rates = {n: torch.full_like(p, 0.2).requires_grad_() for n, p in model.named_parameters()}
+    check_ce(model, tasks_for((1, 3, 3), ways=3), inner_lr=rates, steps=1, order=order, lr_leaves=list(rates.values()))
+
+
+def test_an_in_place_product_of_a_value_read_again_is_refused():
+    class Overwrites(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.g = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            h = self.fc(x)
+            kept = h
+            h.mul_(torch.sigmoid(self.g(x)))  # overwrites `kept` too
+            return kept + h
+
+    e = fastmaml.explain(Overwrites())
+    assert e.program == "torch.func" and "in-place" in e.reason, e
+
+    class ResidualAsStatement(nn.Module):
+        """`out.add_(identity)` as a statement: its result unused, the change seen through `out` (fx records
+        the write as a node nothing reads; dropping it would lose the residual)."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 2)
+
+        def forward(self, x):
+            out = self.fc(x)
+            out.add_(x)
+            return torch.relu(out)
+
+    e = fastmaml.explain(ResidualAsStatement())
+    assert e.program == "torch.func" and "in-place" in e.reason and "out.add_(x)" in e.source, e
+    check_meta_step(
+        ResidualAsStatement().double(), regression_tasks(din=2, dout=2), loss="mse", loss_fn=F.mse_loss, inner_lr=0.2
+    )

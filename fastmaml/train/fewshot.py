@@ -466,7 +466,11 @@ def build_model(cfg: Dict, example_shape) -> torch.nn.Module:
         model = omniglot_mlp(cfg["ways"], in_features=flat)
     else:
         model = conv4(
-            example_shape[0], cfg["ways"], hidden=cfg["hidden"], image_size=example_shape[-1], norm=cfg["norm"]
+            example_shape[0],
+            cfg["ways"],
+            hidden=cfg["hidden"],
+            image_size=example_shape[-1],
+            norm=cfg.get("norm", "batch"),
         )
     if cfg["bn"] == "per_step":
         fastmaml.add_per_step_stats(model, cfg["steps"])

@@ -53,12 +53,13 @@ from .conv import Conv1dRule, ConvRule, Geometry
 from .dense import LinearRule, TransposedLinearRule
 from .example_norm import ExampleNormRule
 from .graph import Graph, Node, Ref, fuse
-from .joins import AddRule, AffineRule, CatRule, ParamAffineRule
+from .joins import AddRule, AffineRule, CatRule, ParamAffineRule, ProductRule
 from .l2norm import NormalizedLinearRule, NormalizeRule
 from .norm import BatchNormRule
 from .pointwise import ELURule, GELURule, LeakyReLURule, ReLURule, SigmoidRule, SiLURule, SoftplusRule, TanhRule
 from .pooling import AdaptiveAvgPool2dRule, AdaptiveMaxPool2dRule, AvgPool2dRule, MaxPool2dRule
 from .shape import FlattenRule, MeanRule, PermuteRule, ReshapeRule, SliceRule, SqueezeRule, SumRule, TransposeRule
+from .softmax import SoftmaxRule
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -225,6 +226,10 @@ _FUNC_NAMES = {
     F.group_norm: "group_norm",
     F.instance_norm: "instance_norm",
     F.normalize: "normalize",
+    F.softmax: "softmax",
+    F.log_softmax: "log_softmax",
+    torch.softmax: "softmax_t",
+    torch.log_softmax: "log_softmax_t",
     F.dropout: "dropout",
     torch.cat: "cat",
     torch.concat: "cat",
@@ -275,6 +280,8 @@ _METHOD_NAMES = {
     "view": "view",
     "reshape": "view",
     "matmul": "matmul",
+    "softmax": "softmax_t",
+    "log_softmax": "log_softmax_t",
     "add": "add",
     "add_": "add",
     "sub": "sub",
@@ -351,6 +358,10 @@ _SPECS = {
         ("eps", 1e-5),
     ),
     "normalize": _spec("input", ("p", 2.0), ("dim", 1), ("eps", 1e-12), ("out", None)),
+    "softmax": _spec("input", ("dim", None), ("_stacklevel", 3), ("dtype", None)),
+    "log_softmax": _spec("input", ("dim", None), ("_stacklevel", 3), ("dtype", None)),
+    "softmax_t": _spec("input", "dim", ("dtype", None)),
+    "log_softmax_t": _spec("input", "dim", ("dtype", None)),
     "dropout": _spec("input", ("p", 0.5), ("training", True), ("inplace", False)),
     "cat": _spec("tensors", ("dim", 0)),
     "add": _spec("input", "other", ("alpha", 1)),
@@ -882,8 +893,25 @@ class _Lowering:
         rule = LinearRule(self.name(), "linear", in_features)
         return self.emit(rule, [self.value(a["input"])], (w, self.param(a["bias"], "bias")))
 
+    def op_softmax(self, a, inplace, log: bool = False):
+        what = "log_softmax" if log else "softmax"
+        if not isinstance(a["dim"], int) or a["dim"] == 0 or a["dtype"] is not None:
+            self.fail(f"{what} needs a per-example dim (not 0, not implicit) and no dtype")
+        return self.emit(SoftmaxRule(self.name(), what, a["dim"], log), [self.value(a["input"])])
+
+    def op_log_softmax(self, a, inplace):
+        return self.op_softmax(a, inplace, log=True)
+
+    def op_softmax_t(self, a, inplace):
+        return self.op_softmax(a, inplace)
+
+    def op_log_softmax_t(self, a, inplace):
+        return self.op_softmax(a, inplace, log=True)
+
     def op_matmul(self, a, inplace):
         x, w = a["input"], a["other"]
+        if isinstance(x, _Value) and isinstance(w, _Value):
+            return self.emit(ProductRule(self.name(), "matmul", matmul=True), [x, w])
         if not isinstance(x, _Value) or not isinstance(w, Ref) or len(self.shape_of(w)) != 2:
             self.fail(
                 "a matrix product other than a value times a 2-D parameter or buffer (x @ W, W [in, out]; "
@@ -997,7 +1025,7 @@ class _Lowering:
         alpha = float(a["alpha"]) * sign
         if isinstance(x, _Value) and self._is_param(y):
             rule = ParamAffineRule(self.name(), "add" if alpha > 0 else "sub", self.shape_of(y), False, 1.0, alpha)
-            return self.emit(rule, [x], (y,))
+            return self.emit(rule, [x], (y,), inplace=inplace)
         if isinstance(y, _Value) and self._is_param(x):
             rule = ParamAffineRule(self.name(), "add" if alpha > 0 else "sub", self.shape_of(x), False, alpha, 1.0)
             return self.emit(rule, [y], (x,))
@@ -1021,12 +1049,9 @@ class _Lowering:
         if isinstance(y, _Value) and not isinstance(x, _Value):
             x, y = y, x
         if isinstance(x, _Value) and isinstance(y, _Value):
-            self.fail(
-                "the product of two values computed from the input (only products with constants and parameters "
-                "compile)"
-            )
+            return self.emit(ProductRule(self.name(), "mul"), [x, y], inplace=inplace)
         if isinstance(x, _Value) and self._is_param(y):
-            return self.emit(ParamAffineRule(self.name(), "mul", self.shape_of(y), True), [x], (y,))
+            return self.emit(ParamAffineRule(self.name(), "mul", self.shape_of(y), True), [x], (y,), inplace=inplace)
         c = self.constant(y)
         if not isinstance(x, _Value) or c is None:
             self.fail("a multiplication the fused engine cannot follow")
@@ -1062,10 +1087,16 @@ class _Lowering:
                 needed.update(node.inputs)
                 needed.update(node.keeps)
         live.reverse()
-        for i, node in enumerate(live):
+        alive = {id(node) for node in live}
+        for i, node in enumerate(self.nodes):
+            # an in-place write whose value is read again (by a live node, or returned) changes what eager
+            # PyTorch computes there; the graph reads the value as it was, so such a model is refused. This
+            # includes a write whose own result is unused (`x.add_(y)` as a statement: a dead node here)
             if node.inplace and node.inputs:
                 v = node.inputs[0]
-                if v == 0 or any(v in later.inputs or v in later.keeps for later in live[i + 1 :]):
+                later = (n for n in self.nodes[i + 1 :] if id(n) in alive)
+                read_again = v == out.vid or any(v in n.inputs or v in n.keeps for n in later)
+                if read_again or (v == 0 and id(node) in alive):
                     raise Unsupported(
                         node.rule.name,
                         node.rule.kind,

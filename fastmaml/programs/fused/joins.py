@@ -183,3 +183,61 @@ class ParamAffineRule(Rule):
         P, V = self._view(p[0], x), self._view(v[0], x)
         gxd = gyd * P if V is None else gyd * P + gy * V
         return _reduce(gy * P, x.shape), _reduce(gxd, x.shape)
+
+
+class ProductRule(JoinRule):
+    """y = a · b of two values (gating, squeeze-and-excitation, `x * torch.sigmoid(x)`), or with `matmul` the
+    matrix product a @ b of their last two dims (attention scores and weights). Bilinear: the tangent is
+    ȧ b + a ḃ, the gradients gy b and a gy (transposed for the matrix product), and the tangent of the
+    gradients adds the cross terms ġa = ġy b + gy ḃ, ġb = a ġy + ȧ gy. Equal per-example ranks; size-1 dims
+    broadcast (and batch dims of the matrix product)."""
+
+    def __init__(self, name: str, kind: str, matmul: bool = False):
+        super().__init__(name, kind, 2)
+        self.matmul = matmul
+
+    def _check(self, a, b):
+        if a.dim() != b.dim() or (self.matmul and a.dim() < 4):
+            raise ValueError(
+                f"model: {self.describe()} multiplies values of per-task shapes {tuple(a.shape[1:])} and "
+                f"{tuple(b.shape[1:])}; the fused engine needs equal ranks (size-1 dims broadcast)"
+                + (", with matrices in the last two dims of per-example values" if self.matmul else "")
+            )
+
+    def _times(self, a, b):
+        return a @ b if self.matmul else a * b
+
+    def _grads(self, g, a, b):
+        """(gradient w.r.t. a, w.r.t. b) of <g, a ∘ b>, reduced to their shapes."""
+        if self.matmul:
+            return _reduce(g @ b.transpose(-1, -2), a.shape), _reduce(a.transpose(-1, -2) @ g, b.shape)
+        return _reduce(g * b, a.shape), _reduce(g * a, b.shape)
+
+    def forward(self, ops, xs, p, save):
+        a, b = xs
+        self._check(a, b)
+        return self._times(a, b), (a, b) if save else None
+
+    def backward(self, ops, gy, saved, p, need, outs):
+        ga, gb = self._grads(gy, *saved)
+        return tuple(g if n else None for g, n in zip((ga, gb), need))
+
+    def tangent_forward(self, ops, xs, xds, p, v):
+        a, b = xs
+        self._check(a, b)
+        ad, bd = xds
+        y = self._times(a, b)
+        yd = None if ad is None else self._times(ad, b)
+        if bd is not None:
+            yd = self._times(a, bd) if yd is None else yd + self._times(a, bd)
+        return y, (None if yd is None else yd.expand(y.shape)), (a, b, ad, bd)
+
+    def tangent_backward(self, ops, gy, gyd, saved, p, v, need, outs, touts):
+        a, b, ad, bd = saved
+        ga, gb = self._grads(gy, a, b)
+        gad, gbd = self._grads(gyd, a, b)
+        if bd is not None:
+            gad = gad + self._grads(gy, a, bd)[0]
+        if ad is not None:
+            gbd = gbd + self._grads(gy, ad, b)[1]
+        return tuple((g, gd) if n else (None, None) for g, gd, n in zip((ga, gb), (gad, gbd), need))
