@@ -704,6 +704,35 @@ def test_an_in_place_product_of_a_value_read_again_is_refused():
     e = fastmaml.explain(Overwrites())
     assert e.program == "torch.func" and "in-place" in e.reason, e
 
+    class Augmented(Overwrites):
+        """`h *= g` where h is also kept: fx's own Proxy traced it as `h = h * g` (the graph read kept unchanged)."""
+
+        def forward(self, x):
+            h = self.fc(x)
+            kept = h
+            h *= torch.sigmoid(self.g(x))
+            return kept + h
+
+    e = fastmaml.explain(Augmented())
+    assert e.program == "torch.func" and "in-place" in e.reason and "h *= torch.sigmoid" in e.source, e
+    check_meta_step(Augmented().double(), regression_tasks(din=2, dout=2), loss="mse", loss_fn=F.mse_loss, inner_lr=0.2)
+
+    class Accumulates(Overwrites):
+        """`out += identity` and `n += 1` on a size, nothing else holding `out`: compiles."""
+
+        def forward(self, x):
+            identity = self.fc(x)
+            out = self.g(identity)
+            out += identity
+            n = x.size(1)
+            n -= 1
+            return out.view(x.size(0), n + 1)
+
+    assert [n.rule.kind for n in on_fused(Accumulates(), loss="mse").nodes] == ["Linear", "Linear", "add", "reshape"]
+    check_meta_step(
+        Accumulates().double(), regression_tasks(din=2, dout=2), loss="mse", loss_fn=F.mse_loss, inner_lr=0.2
+    )
+
     class ResidualAsStatement(nn.Module):
         """`out.add_(identity)` as a statement: its result unused, the change seen through `out` (fx records
         the write as a node nothing reads; dropping it would lose the residual)."""

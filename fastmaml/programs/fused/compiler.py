@@ -105,10 +105,31 @@ def _user_frame(exc: BaseException) -> str:
     return frame
 
 
+class _Proxy(fx.Proxy):
+    """fx's Proxy with augmented assignment recorded as what it is on tensors, an in-place write: fx's own
+    falls back to `h = h + y`, so a model that kept `h` under another name read it unchanged in the graph
+    (eager PyTorch reads the sum). The compiler then checks the write like any other (`_Lowering.finish`)."""
+
+    def __iadd__(self, other):
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
+
+    def __isub__(self, other):
+        return self.tracer.create_proxy("call_function", operator.isub, (self, other), {})
+
+    def __imul__(self, other):
+        return self.tracer.create_proxy("call_function", operator.imul, (self, other), {})
+
+    def __itruediv__(self, other):
+        return self.tracer.create_proxy("call_function", operator.itruediv, (self, other), {})
+
+
 class _Tracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return type(m) in CONTEXT_LAYERS or super().is_leaf_module(m, module_qualified_name)
@@ -378,6 +399,10 @@ _HOST_BINOPS = {
     operator.floordiv: operator.floordiv,
     operator.truediv: operator.truediv,
     operator.mod: operator.mod,
+    operator.iadd: operator.add,  # `n += 1` on a size: numbers are not written in place
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
 }
 
 
