@@ -207,11 +207,13 @@ class ProductRule(JoinRule):
     def _times(self, a, b):
         return a @ b if self.matmul else a * b
 
-    def _grads(self, g, a, b):
-        """(gradient w.r.t. a, w.r.t. b) of <g, a ∘ b>, reduced to their shapes."""
-        if self.matmul:
-            return _reduce(g @ b.transpose(-1, -2), a.shape), _reduce(a.transpose(-1, -2) @ g, b.shape)
-        return _reduce(g * b, a.shape), _reduce(g * a, b.shape)
+    def _grad_a(self, g, b, shape):
+        """The gradient w.r.t. a (of `shape`) of <g, a ∘ b>."""
+        return _reduce(g @ b.transpose(-1, -2) if self.matmul else g * b, shape)
+
+    def _grad_b(self, g, a, shape):
+        """The gradient w.r.t. b (of `shape`) of <g, a ∘ b>."""
+        return _reduce(a.transpose(-1, -2) @ g if self.matmul else g * a, shape)
 
     def forward(self, ops, xs, p, save):
         a, b = xs
@@ -219,8 +221,11 @@ class ProductRule(JoinRule):
         return self._times(a, b), (a, b) if save else None
 
     def backward(self, ops, gy, saved, p, need, outs):
-        ga, gb = self._grads(gy, *saved)
-        return tuple(g if n else None for g, n in zip((ga, gb), need))
+        a, b = saved
+        return (
+            self._grad_a(gy, b, a.shape) if need[0] else None,
+            self._grad_b(gy, a, b.shape) if need[1] else None,
+        )
 
     def tangent_forward(self, ops, xs, xds, p, v):
         a, b = xs
@@ -234,10 +239,11 @@ class ProductRule(JoinRule):
 
     def tangent_backward(self, ops, gy, gyd, saved, p, v, need, outs, touts):
         a, b, ad, bd = saved
-        ga, gb = self._grads(gy, a, b)
-        gad, gbd = self._grads(gyd, a, b)
-        if bd is not None:
-            gad = gad + self._grads(gy, a, bd)[0]
-        if ad is not None:
-            gbd = gbd + self._grads(gy, ad, b)[1]
-        return tuple((g, gd) if n else (None, None) for g, gd, n in zip((ga, gb), (gad, gbd), need))
+        out_a = out_b = (None, None)
+        if need[0]:
+            gad = self._grad_a(gyd, b, a.shape)
+            out_a = (self._grad_a(gy, b, a.shape), gad if bd is None else gad + self._grad_a(gy, bd, a.shape))
+        if need[1]:
+            gbd = self._grad_b(gyd, a, b.shape)
+            out_b = (self._grad_b(gy, a, b.shape), gbd if ad is None else gbd + self._grad_b(gy, ad, b.shape))
+        return out_a, out_b
