@@ -97,7 +97,19 @@ def img_data(T, N, C, H, W, classes=3, seed=1):
     return torch.randn(T, N, C, H, W, generator=g, dtype=D), torch.randint(0, classes, (T, N), generator=g)
 
 
-ACTIVATIONS = [nn.ReLU(), nn.LeakyReLU(0.13), nn.Tanh(), nn.Sigmoid(), nn.ELU(0.7), nn.GELU()]
+ACTIVATIONS = [
+    nn.ReLU(),
+    nn.LeakyReLU(0.13),
+    nn.Tanh(),
+    nn.Sigmoid(),
+    nn.ELU(0.7),
+    nn.GELU(),
+    nn.SiLU(),
+    nn.Softplus(beta=2.0, threshold=1.0),
+    nn.Hardtanh(-0.5, 0.5),
+    nn.ReLU6(),
+    nn.Hardswish(),
+]  # Hardsigmoid: PyTorch has no double backward for it (the oracle's), tested in test_graph_models.py
 
 
 @pytest.mark.parametrize("act", ACTIVATIONS, ids=lambda m: type(m).__name__)

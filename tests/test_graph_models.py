@@ -751,3 +751,42 @@ def test_an_in_place_product_of_a_value_read_again_is_refused():
     check_meta_step(
         ResidualAsStatement().double(), regression_tasks(din=2, dout=2), loss="mse", loss_fn=F.mse_loss, inner_lr=0.2
     )
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_piecewise_activations_written_functionally_on_every_piece(order):
+    """F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.silu, F.softplus on pre-activations spread over
+    ±8, so that every piece (and Hardswish's curved middle) is reached. PyTorch has no double backward for
+    hardsigmoid, so the oracle runs a twin that writes it relu6(x + 3) / 6."""
+
+    class Pieces(nn.Module):
+        def __init__(self, hardsigmoid=F.hardsigmoid):
+            super().__init__()
+            self.fc, self.out = nn.Linear(3, 6), nn.Linear(36, 3)
+            self.hardsigmoid = hardsigmoid
+
+        def forward(self, x):
+            h = 8.0 * torch.tanh(self.fc(x))
+            acts = (F.relu6(h), F.hardtanh(h, -2.0, 3.0), F.hardswish(h), self.hardsigmoid(h), F.silu(h), F.softplus(h))
+            return self.out(torch.cat(acts, dim=1))
+
+    torch.manual_seed(21)
+    model = Pieces().double()
+    twin = Pieces(lambda h: F.relu6(h + 3.0) / 6.0).double()
+    twin.load_state_dict(model.state_dict())
+    assert {"relu6", "hardtanh", "hardswish", "hardsigmoid", "silu", "softplus"} <= {
+        n.rule.kind for n in on_fused(model).nodes
+    }
+    tasks = tasks_for((3,), ways=3, query=4)
+    model.zero_grad()
+    fastmaml.meta_step(model, tasks, inner_lr=0.3, steps=2, order=order, loss="cross_entropy")
+    _, ref, _ = autograd_meta_grad(twin, tasks, inner_lr=0.3, steps=2, order=order, loss_fn=F.cross_entropy)
+    assert_grads_close({n: p.grad for n, p in model.named_parameters()}, ref, TOL)
+    layers = nn.Sequential(nn.Linear(3, 3), nn.Hardsigmoid(), nn.ReLU6(), nn.Hardtanh(), nn.Hardswish(), nn.Softplus())
+    assert [n.rule.kind for n in on_fused(layers, loss="mse").nodes][1:] == [
+        "Hardsigmoid",
+        "ReLU6",
+        "Hardtanh",
+        "Hardswish",
+        "Softplus",
+    ]

@@ -3,12 +3,14 @@ it off the fused engine.
 
 Layers with rules stay leaf modules: Linear, Conv1d and Conv2d (groups=1, zero padding), BatchNorm1d/2d,
 LayerNorm, GroupNorm, InstanceNorm1d/2d (without running statistics), ReLU, LeakyReLU, Tanh, Sigmoid, ELU,
-GELU (exact), SiLU, Softplus, MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten
-(start_dim >= 1), Identity, Dropout in eval mode (or p=0), and the context layers of `fastmaml.context`
-(ContextConcat, FiLM: CAVIA). Everything else a model does is traced into nodes, which map to rules:
+GELU (exact), SiLU, Softplus, Hardtanh, ReLU6, Hardswish, Hardsigmoid, MaxPool2d, AvgPool2d,
+AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropout in eval mode (or p=0),
+and the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA). Everything else a model does is
+traced into nodes, which map to rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `F.silu`, `F.softplus`,
-  `torch.tanh`, `torch.sigmoid`, `F.max_pool2d`, `F.avg_pool2d`, `F.adaptive_avg_pool2d`,
-  `F.adaptive_max_pool2d`, `F.dropout` (inactive), and `F.linear`, `F.conv1d`, `F.conv2d`, `F.batch_norm`,
+  `F.hardtanh`, `F.relu6`, `F.hardswish`, `F.hardsigmoid`, `torch.tanh`, `torch.sigmoid`, `F.max_pool2d`,
+  `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `F.adaptive_max_pool2d`, `F.dropout` (inactive), and
+  `F.linear`, `F.conv1d`, `F.conv2d`, `F.batch_norm`,
   `F.layer_norm`, `F.group_norm` and `F.instance_norm` (on the input's statistics) on the model's own
   parameters; `x @ W` / `torch.matmul(x, W)` with W `[in, out]` a parameter or buffer; `F.normalize` (p=2)
   of a value over a per-example dim, and of a Linear weight's rows as `F.linear`'s weight (a cosine
@@ -56,7 +58,19 @@ from .graph import Graph, Node, Ref, fuse
 from .joins import AddRule, AffineRule, CatRule, ParamAffineRule, ProductRule
 from .l2norm import NormalizedLinearRule, NormalizeRule
 from .norm import BatchNormRule
-from .pointwise import ELURule, GELURule, LeakyReLURule, ReLURule, SigmoidRule, SiLURule, SoftplusRule, TanhRule
+from .pointwise import (
+    ELURule,
+    GELURule,
+    HardsigmoidRule,
+    HardswishRule,
+    HardtanhRule,
+    LeakyReLURule,
+    ReLURule,
+    SigmoidRule,
+    SiLURule,
+    SoftplusRule,
+    TanhRule,
+)
 from .pooling import AdaptiveAvgPool2dRule, AdaptiveMaxPool2dRule, AvgPool2dRule, MaxPool2dRule
 from .shape import FlattenRule, MeanRule, PermuteRule, ReshapeRule, SliceRule, SqueezeRule, SumRule, TransposeRule
 from .softmax import SoftmaxRule
@@ -220,6 +234,10 @@ _FUNC_NAMES = {
     F.gelu: "gelu",
     F.silu: "silu",
     F.softplus: "softplus",
+    F.hardtanh: "hardtanh",
+    F.relu6: "relu6",
+    F.hardswish: "hardswish",
+    F.hardsigmoid: "hardsigmoid",
     torch.tanh: "tanh",
     F.tanh: "tanh",
     torch.sigmoid: "sigmoid",
@@ -324,6 +342,10 @@ _SPECS = {
     "gelu": _spec("input", ("approximate", "none")),
     "silu": _spec("input", ("inplace", False)),
     "softplus": _spec("input", ("beta", 1.0), ("threshold", 20.0)),
+    "hardtanh": _spec("input", ("min_val", -1.0), ("max_val", 1.0), ("inplace", False)),
+    "relu6": _spec("input", ("inplace", False)),
+    "hardswish": _spec("input", ("inplace", False)),
+    "hardsigmoid": _spec("input", ("inplace", False)),
     "max_pool2d": _spec(
         "input",
         "kernel_size",
@@ -616,6 +638,13 @@ class _Lowering:
             return self.emit(GELURule(name, kind), [x])
         if type(m) is nn.SiLU:
             return self.emit(SiLURule(name, kind), [x], inplace=inplace)
+        if type(m) in (nn.Hardtanh, nn.ReLU6):
+            rule = HardtanhRule(name, kind, float(m.min_val), float(m.max_val))
+            return self.emit(rule, [x], inplace=inplace)
+        if type(m) is nn.Hardswish:
+            return self.emit(HardswishRule(name, kind), [x], inplace=inplace)
+        if type(m) is nn.Hardsigmoid:
+            return self.emit(HardsigmoidRule(name, kind), [x], inplace=inplace)
         if type(m) is nn.Softplus:
             return self.emit(SoftplusRule(name, kind, float(m.beta), float(m.threshold)), [x])
         if type(m) is nn.Tanh:
@@ -782,6 +811,19 @@ class _Lowering:
 
     def op_silu(self, a, inplace):
         return self.emit(SiLURule(self.name(), "silu"), [self.value(a["input"])], inplace=inplace)
+
+    def op_hardtanh(self, a, inplace):
+        rule = HardtanhRule(self.name(), "hardtanh", float(a["min_val"]), float(a["max_val"]))
+        return self.emit(rule, [self.value(a["input"])], inplace=inplace)
+
+    def op_relu6(self, a, inplace):
+        return self.emit(HardtanhRule(self.name(), "relu6", 0.0, 6.0), [self.value(a["input"])], inplace=inplace)
+
+    def op_hardswish(self, a, inplace):
+        return self.emit(HardswishRule(self.name(), "hardswish"), [self.value(a["input"])], inplace=inplace)
+
+    def op_hardsigmoid(self, a, inplace):
+        return self.emit(HardsigmoidRule(self.name(), "hardsigmoid"), [self.value(a["input"])], inplace=inplace)
 
     def op_softplus(self, a, inplace):
         rule = SoftplusRule(self.name(), "softplus", float(a["beta"]), float(a["threshold"]))

@@ -165,3 +165,47 @@ class SoftplusRule(PointwiseRule):
     def d2(self, x, y):
         s = torch.sigmoid(x * self.beta)
         return torch.where(x * self.beta > self.threshold, 0.0, self.beta * s * (1 - s))
+
+
+class HardtanhRule(PointwiseRule):
+    """Hardtanh (ReLU6: min 0, max 6) clamps x to [min, max]: piecewise linear, f'' = 0."""
+
+    saves_input = True
+
+    def __init__(self, name, kind, min_val: float, max_val: float):
+        super().__init__(name, kind)
+        self.min_val, self.max_val = min_val, max_val
+
+    def f(self, x):
+        return F.hardtanh(x, self.min_val, self.max_val)
+
+    def d1(self, g, x, y):
+        return aten.hardtanh_backward(g, x, self.min_val, self.max_val)
+
+
+class HardswishRule(PointwiseRule):
+    """Hardswish f = x · relu6(x + 3) / 6: f' = (2x + 3) / 6 on (−3, 3) (0 below, 1 above), f'' = 1/3 there."""
+
+    saves_input = True
+
+    def f(self, x):
+        return F.hardswish(x)
+
+    def d1(self, g, x, y):
+        return aten.hardswish_backward(g, x)
+
+    def d2(self, x, y):
+        return ((x > -3) & (x < 3)).to(x.dtype) / 3
+
+
+class HardsigmoidRule(PointwiseRule):
+    """Hardsigmoid f = relu6(x + 3) / 6: piecewise linear, f' = 1/6 on (−3, 3), f'' = 0. (PyTorch's
+    `hardsigmoid_backward` scales by a float32 1/6 in float64 too, 2e-8 off: not used.)"""
+
+    saves_input = True
+
+    def f(self, x):
+        return F.hardsigmoid(x)
+
+    def d1(self, g, x, y):
+        return g * ((x > -3) & (x < 3)).to(g.dtype) / 6
