@@ -790,3 +790,52 @@ def test_piecewise_activations_written_functionally_on_every_piece(order):
         "Hardswish",
         "Softplus",
     ]
+
+
+class Gated(nn.Module):
+    """Gated linear units: `a, b = h.chunk(2, -1)` with a sigmoid gate, `F.glu`, the parts of `split` with a
+    list of sizes and with a size (the last part shorter), an uneven chunk (5 into 3 + 2)."""
+
+    def __init__(self, ways=3):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(3, 8), nn.Linear(4, 10), nn.Linear(5, 5)
+        self.head = nn.Linear(4 + 3 + 2 + 2 + 3, ways)
+
+    def forward(self, x):
+        a, b = self.fc1(x).chunk(2, dim=-1)
+        h = a * torch.sigmoid(b)  # [N, 4]
+        g = F.glu(self.fc2(h), dim=1)  # [N, 5]
+        first, rest = torch.split(g, [2, 3], dim=1)
+        tail = self.fc3(g).split(3, dim=-1)[1]  # 5 -> 3 + 2: the second part has 2
+        c0, c1 = torch.tanh(g).chunk(2, 1)  # 5 -> 3 + 2
+        return self.head(torch.cat([h, rest, first, tail, c0], dim=1) + 0.0 * c1.sum(1, keepdim=True))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_chunks_splits_and_glu(order):
+    torch.manual_seed(22)
+    model = Gated().double()
+    kinds = [n.rule.kind for n in on_fused(model).nodes]
+    assert kinds.count("chunk") == 4 and kinds.count("split") == 3 and kinds.count("glu") == 2, kinds
+    check_ce(model, tasks_for((3,), ways=3, query=3), inner_lr=0.4, steps=2, order=order)
+
+
+def test_a_chunk_that_is_not_there_or_along_the_examples_says_so():
+    class Missing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.fc(x).chunk(4, dim=1)[3]  # 3 features cut in chunks of 1: there are 3 parts
+
+    tasks = tuple(t.double() if t.is_floating_point() else t for t in tasks_for((2,), ways=2))
+    with pytest.raises(ValueError, match=r"part 3 of chunk along dim 1 does not exist"):
+        fastmaml.meta_step(Missing().double(), tasks, inner_lr=0.1, loss="cross_entropy")
+
+    class AlongExamples(Missing):
+        def forward(self, x):
+            return self.fc(x).chunk(2, dim=0)[0]
+
+    e = fastmaml.explain(AlongExamples())
+    assert e.program == "torch.func" and "the examples' dim" in e.reason, e

@@ -19,7 +19,8 @@ traced into nodes, which map to rules:
   `x.reshape` that keep the examples apart (sizes may come from the model's own arithmetic on `x.size()` /
   `x.shape`); `x.squeeze(dims)` and `x.unsqueeze(dim)` of per-example dims; `x.permute(...)` and
   `x.transpose(a, b)` that keep the examples' dim first; indexing of per-example dims with slices and
-  integers (`x[:, 1:3]`, `x[:, 0]`, `x[..., :4]`);
+  integers (`x[:, 1:3]`, `x[:, 0]`, `x[..., :4]`); the parts of `x.chunk(n, dim)` / `x.split(sizes, dim)`
+  along a per-example dim, and `F.glu`;
 - joins: `+`, `torch.add`, `-` (residual branches), `torch.cat` along a feature dim; constants:
   multiplication or division by a number or a buffer, adding a constant, negation; parameters: a value
   times, plus or minus one of the model's parameters broadcast over the examples (a learned temperature
@@ -72,7 +73,17 @@ from .pointwise import (
     TanhRule,
 )
 from .pooling import AdaptiveAvgPool2dRule, AdaptiveMaxPool2dRule, AvgPool2dRule, MaxPool2dRule
-from .shape import FlattenRule, MeanRule, PermuteRule, ReshapeRule, SliceRule, SqueezeRule, SumRule, TransposeRule
+from .shape import (
+    FlattenRule,
+    MeanRule,
+    PartRule,
+    PermuteRule,
+    ReshapeRule,
+    SliceRule,
+    SqueezeRule,
+    SumRule,
+    TransposeRule,
+)
 from .softmax import SoftmaxRule
 
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
@@ -253,6 +264,9 @@ _FUNC_NAMES = {
     torch.unsqueeze: "unsqueeze",
     torch.flatten: "flatten",
     torch.permute: "permute",
+    torch.chunk: "chunk",
+    torch.split: "split",
+    F.glu: "glu",
     torch.transpose: "transpose",
     torch.reshape: "reshape",
     F.linear: "linear",
@@ -316,6 +330,8 @@ _METHOD_NAMES = {
     "flatten": "flatten",
     "permute": "permute",
     "transpose": "transpose",
+    "chunk": "chunk",
+    "split": "split",
     "view": "view",
     "reshape": "view",
     "matmul": "matmul",
@@ -372,6 +388,9 @@ _SPECS = {
     "unsqueeze": _spec("input", "dim"),
     "flatten": _spec("input", ("start_dim", 0), ("end_dim", -1)),
     "permute": _spec("input", "dims"),
+    "chunk": _spec("input", "chunks", ("dim", 0)),
+    "split": _spec("input", "split_size_or_sections", ("dim", 0)),
+    "glu": _spec("input", ("dim", -1)),
     "transpose": _spec("input", "dim0", "dim1"),
     "reshape": _spec("input", "shape"),
     "linear": _spec("input", "weight", ("bias", None)),
@@ -440,6 +459,13 @@ class _NormalizedParam:
 
     def __init__(self, ref, dim: int, eps: float):
         self.ref, self.dim, self.eps = ref, dim, eps
+
+
+class _Parts:
+    """The parts of `x.chunk(...)` / `x.split(...)`: indexing one (`a, b = x.chunk(2, -1)`) makes a PartRule."""
+
+    def __init__(self, value: "_Value", kind: str, dim: int, chunks=None, sizes=None):
+        self.value, self.kind, self.dim, self.chunks, self.sizes = value, kind, dim, chunks, sizes
 
 
 class _Host:
@@ -712,6 +738,8 @@ class _Lowering:
         else:
             if target is operator.getitem and isinstance(self.arg(n.args[0]), _Value):
                 return self.slice(self.arg(n.args[0]), n.args[1])
+            if target is operator.getitem and isinstance(self.arg(n.args[0]), _Parts):
+                return self.part(self.arg(n.args[0]), n.args[1])
             if (
                 target is getattr
                 or target is operator.getitem
@@ -931,6 +959,37 @@ class _Lowering:
                 "x[:, 0], x[..., :4])"
             )
         return self.emit(SliceRule(self.name(), "getitem", index), [x])
+
+    def _parts(self, a, kind: str, chunks=None, sizes=None) -> _Parts:
+        d = a["dim"]
+        if not isinstance(d, int) or d == 0:
+            self.fail(f"{kind} along dim {d}, the examples' dim (cut a per-example dim)")
+        return _Parts(self.value(a["input"]), kind, d, chunks, sizes)
+
+    def op_chunk(self, a, inplace):
+        if not isinstance(a["chunks"], int) or a["chunks"] < 1:
+            self.fail("chunk needs a number of chunks")
+        return self._parts(a, "chunk", chunks=a["chunks"])
+
+    def op_split(self, a, inplace):
+        sizes = a["split_size_or_sections"]
+        ok = isinstance(sizes, int) or (isinstance(sizes, (list, tuple)) and all(isinstance(k, int) for k in sizes))
+        if not ok:
+            self.fail("split needs a size or a list of sizes (numbers)")
+        return self._parts(a, "split", sizes=sizes if isinstance(sizes, int) else tuple(sizes))
+
+    def part(self, parts: _Parts, index) -> _Value:
+        if not isinstance(index, int) or index < 0:
+            self.fail("only single parts of chunk/split compile (a, b = x.chunk(2, -1), or x.chunk(2, -1)[1])")
+        rule = PartRule(self.name(), parts.kind, parts.dim, index, parts.chunks, parts.sizes)
+        return self.emit(rule, [parts.value])
+
+    def op_glu(self, a, inplace):
+        """F.glu(x, dim) = a · sigmoid(b), a, b the halves of x along dim."""
+        parts = self._parts(a, "glu", chunks=2)
+        first, second = (self.emit(PartRule(self.name(), "glu", parts.dim, i, chunks=2), [parts.value]) for i in (0, 1))
+        gate = self.emit(SigmoidRule(self.name(), "sigmoid"), [second])
+        return self.emit(ProductRule(self.name(), "mul"), [first, gate])
 
     def op_reshape(self, a, inplace):
         return self.reshape(self.value(a["input"]), a["shape"] if "shape" in a else a["input"])

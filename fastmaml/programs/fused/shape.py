@@ -197,3 +197,42 @@ class TransposeRule(PermuteRule):
         order = list(range(x.dim()))
         order[a + 1], order[b + 1] = order[b + 1], order[a + 1]
         return tuple(order)
+
+
+class PartRule(LinearMapRule):
+    """Part `index` of `x.chunk(chunks, dim)` or of `x.split(sizes, dim)` (an int: parts of that size, the last
+    shorter; or a list of sizes) along a per-example dim, as PyTorch cuts them; the transpose writes the
+    gradient into zeros at the part's place."""
+
+    def __init__(self, name: str, kind: str, dim: int, index: int, chunks=None, sizes=None):
+        super().__init__(name, kind)
+        self.dim, self.index, self.chunks, self.sizes = dim, index, chunks, sizes
+
+    def _range(self, x):
+        """(task-tensor dim, start, length) of the part (checked)."""
+        d = _task_dim(self.dim, x.dim())
+        n = x.shape[d] if 2 <= d < x.dim() else 0
+        if self.chunks is not None:
+            step = -(-n // self.chunks)
+            start, length = self.index * step, min(step, n - self.index * step)
+        elif isinstance(self.sizes, int):
+            start, length = self.index * self.sizes, min(self.sizes, n - self.index * self.sizes)
+        else:
+            start, length = sum(self.sizes[: self.index]), self.sizes[self.index]
+            length = length if sum(self.sizes) == n else 0
+        if not 2 <= d < x.dim() or length <= 0:
+            raise ValueError(
+                f"model layer {self.describe()}: part {self.index} of {self.kind} along dim {self.dim} does not "
+                f"exist for per-example inputs {tuple(x.shape[1:])}"
+            )
+        return d, start, length
+
+    def apply(self, x, save):
+        d, start, length = self._range(x)
+        return x.narrow(d, start, length), (x.shape, d, start, length)
+
+    def transpose(self, gy, saved):
+        shape, d, start, length = saved
+        gx = gy.new_zeros(shape)
+        gx.narrow(d, start, length).copy_(gy)
+        return gx
