@@ -839,3 +839,40 @@ def test_a_chunk_that_is_not_there_or_along_the_examples_says_so():
 
     e = fastmaml.explain(AlongExamples())
     assert e.program == "torch.func" and "the examples' dim" in e.reason, e
+
+
+class Elementwise(nn.Module):
+    """Elementwise math on positive and signed pre-activations: a distance-like `((a - b) ** 2).sum(-1)`,
+    exp, log, sqrt, rsqrt, reciprocal, a fractional power, square, abs, sin, cos."""
+
+    def __init__(self, ways=3):
+        super().__init__()
+        self.fc, self.fc2 = nn.Linear(3, 4), nn.Linear(3, 4)
+        self.head = nn.Linear(4 * 10 + 1, ways)
+
+    def forward(self, x):
+        s = self.fc(x)
+        p = F.softplus(s) + 0.5  # positive
+        dist = ((s - self.fc2(x)) ** 2).sum(-1, keepdim=True)
+        parts = [
+            torch.exp(-p),
+            torch.log(p),
+            p.sqrt(),
+            torch.rsqrt(p),
+            torch.reciprocal(p),
+            p.pow(1.5),
+            torch.square(s),
+            s.abs(),
+            torch.sin(s),
+            s.cos(),
+        ]
+        return self.head(torch.cat(parts + [dist], dim=1))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_elementwise_math(order):
+    torch.manual_seed(23)
+    model = Elementwise().double()
+    kinds = {n.rule.kind for n in on_fused(model).nodes}
+    assert {"exp", "log", "sqrt", "rsqrt", "reciprocal", "pow", "abs", "sin", "cos"} <= kinds, kinds
+    check_ce(model, tasks_for((3,), ways=3, query=3), inner_lr=0.3, steps=2, order=order)

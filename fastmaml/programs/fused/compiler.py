@@ -8,7 +8,8 @@ AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropou
 and the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA). Everything else a model does is
 traced into nodes, which map to rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `F.silu`, `F.softplus`,
-  `F.hardtanh`, `F.relu6`, `F.hardswish`, `F.hardsigmoid`, `torch.tanh`, `torch.sigmoid`, `F.max_pool2d`,
+  `F.hardtanh`, `F.relu6`, `F.hardswish`, `F.hardsigmoid`, `torch.tanh`, `torch.sigmoid`, elementwise math
+  (`exp`, `log`, `sqrt`, `rsqrt`, `reciprocal`, `abs`, `sin`, `cos`, `x ** c`, `torch.square`), `F.max_pool2d`,
   `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `F.adaptive_max_pool2d`, `F.dropout` (inactive), and
   `F.linear`, `F.conv1d`, `F.conv2d`, `F.batch_norm`,
   `F.layer_norm`, `F.group_norm` and `F.instance_norm` (on the input's statistics) on the model's own
@@ -66,6 +67,7 @@ from .pointwise import (
     HardswishRule,
     HardtanhRule,
     LeakyReLURule,
+    MathRule,
     ReLURule,
     SigmoidRule,
     SiLURule,
@@ -253,6 +255,17 @@ _FUNC_NAMES = {
     F.tanh: "tanh",
     torch.sigmoid: "sigmoid",
     F.sigmoid: "sigmoid",
+    torch.exp: "exp",
+    torch.log: "log",
+    torch.sqrt: "sqrt",
+    torch.rsqrt: "rsqrt",
+    torch.reciprocal: "reciprocal",
+    torch.abs: "abs",
+    torch.sin: "sin",
+    torch.cos: "cos",
+    torch.square: "square",
+    torch.pow: "pow",
+    operator.pow: "pow",
     F.max_pool2d: "max_pool2d",
     torch.max_pool2d: "max_pool2d",
     F.avg_pool2d: "avg_pool2d",
@@ -323,6 +336,16 @@ _METHOD_NAMES = {
     "tanh_": "tanh",
     "sigmoid": "sigmoid",
     "sigmoid_": "sigmoid",
+    "exp": "exp",
+    "log": "log",
+    "sqrt": "sqrt",
+    "rsqrt": "rsqrt",
+    "reciprocal": "reciprocal",
+    "abs": "abs",
+    "sin": "sin",
+    "cos": "cos",
+    "square": "square",
+    "pow": "pow",
     "mean": "mean",
     "sum": "sum",
     "squeeze": "squeeze",
@@ -352,6 +375,8 @@ _METHOD_NAMES = {
 _SPECS = {
     "relu": _spec("input", ("inplace", False)),
     "tanh": _spec("input"),
+    **{name: _spec("input") for name in ("exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "sin", "cos", "square")},
+    "pow": _spec("input", "exponent"),
     "sigmoid": _spec("input"),
     "leaky_relu": _spec("input", ("negative_slope", 0.01), ("inplace", False)),
     "elu": _spec("input", ("alpha", 1.0), ("inplace", False)),
@@ -839,6 +864,42 @@ class _Lowering:
 
     def op_silu(self, a, inplace):
         return self.emit(SiLURule(self.name(), "silu"), [self.value(a["input"])], inplace=inplace)
+
+    def _math(self, a, function: str, exponent: float = 1.0):
+        return self.emit(MathRule(self.name(), function, function, exponent), [self.value(a["input"])])
+
+    def op_exp(self, a, inplace):
+        return self._math(a, "exp")
+
+    def op_log(self, a, inplace):
+        return self._math(a, "log")
+
+    def op_sqrt(self, a, inplace):
+        return self._math(a, "sqrt")
+
+    def op_rsqrt(self, a, inplace):
+        return self._math(a, "rsqrt")
+
+    def op_reciprocal(self, a, inplace):
+        return self._math(a, "reciprocal")
+
+    def op_abs(self, a, inplace):
+        return self._math(a, "abs")
+
+    def op_sin(self, a, inplace):
+        return self._math(a, "sin")
+
+    def op_cos(self, a, inplace):
+        return self._math(a, "cos")
+
+    def op_square(self, a, inplace):
+        return self._math(a, "pow", 2.0)
+
+    def op_pow(self, a, inplace):
+        c = a["exponent"]
+        if not isinstance(a["input"], _Value) or isinstance(c, bool) or not isinstance(c, (int, float)):
+            self.fail("a power other than a value to a constant number (x ** 2, x.pow(0.5))")
+        return self._math(a, "pow", float(c))
 
     def op_hardtanh(self, a, inplace):
         rule = HardtanhRule(self.name(), "hardtanh", float(a["min_val"]), float(a["max_val"]))

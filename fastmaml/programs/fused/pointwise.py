@@ -209,3 +209,41 @@ class HardsigmoidRule(PointwiseRule):
 
     def d1(self, g, x, y):
         return g * ((x > -3) & (x < 3)).to(g.dtype) / 6
+
+
+class MathRule(PointwiseRule):
+    """Elementwise math: exp, log, sqrt, rsqrt, reciprocal, abs, sin, cos, and powers by a constant
+    (`x ** c`, `x.pow(c)`, `torch.square`). `FUNCTIONS[kind]` gives f and, from x (and y = f(x)), f' and f''
+    (None: 0)."""
+
+    saves_input = True
+
+    FUNCTIONS = {
+        "exp": (torch.exp, lambda x, y, c: y, lambda x, y, c: y),
+        "log": (torch.log, lambda x, y, c: x.reciprocal(), lambda x, y, c: -(x * x).reciprocal()),
+        "sqrt": (torch.sqrt, lambda x, y, c: 0.5 / y, lambda x, y, c: -0.25 / (y * y * y)),
+        "rsqrt": (torch.rsqrt, lambda x, y, c: -0.5 * y * y * y, lambda x, y, c: 0.75 * y**5),
+        "reciprocal": (torch.reciprocal, lambda x, y, c: -(y * y), lambda x, y, c: 2 * y * y * y),
+        "abs": (torch.abs, lambda x, y, c: torch.sign(x), None),
+        "sin": (torch.sin, lambda x, y, c: torch.cos(x), lambda x, y, c: -y),
+        "cos": (torch.cos, lambda x, y, c: -torch.sin(x), lambda x, y, c: -y),
+        "pow": (
+            lambda x, c: torch.pow(x, c),
+            lambda x, y, c: c * torch.pow(x, c - 1),
+            lambda x, y, c: None if c == 1 else c * (c - 1) * torch.pow(x, c - 2),
+        ),
+    }
+
+    def __init__(self, name, kind, function: str, exponent: float = 1.0):
+        super().__init__(name, kind)
+        self.function, self.exponent = function, exponent
+        self._f, self._d1, self._d2 = self.FUNCTIONS[function]
+
+    def f(self, x):
+        return self._f(x, self.exponent) if self.function == "pow" else self._f(x)
+
+    def d1(self, g, x, y):
+        return g * self._d1(x, y, self.exponent)
+
+    def d2(self, x, y):
+        return None if self._d2 is None else self._d2(x, y, self.exponent)
