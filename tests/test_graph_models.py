@@ -876,3 +876,32 @@ def test_elementwise_math(order):
     kinds = {n.rule.kind for n in on_fused(model).nodes}
     assert {"exp", "log", "sqrt", "rsqrt", "reciprocal", "pow", "abs", "sin", "cos"} <= kinds, kinds
     check_ce(model, tasks_for((3,), ways=3, query=3), inner_lr=0.3, steps=2, order=order)
+
+
+class Broadcasts(nn.Module):
+    """torch.stack along a feature dim, expand of a size-1 dim (sizes computed from the input's size) and
+    expand_as, repeat, F.pad with a constant and with a negative amount (a crop)."""
+
+    def __init__(self, ways=3):
+        super().__init__()
+        self.fc, self.fc2 = nn.Linear(3, 4), nn.Linear(3, 4)
+        self.head = nn.Linear(2 * 4 + 4 * 3 + 4 * 2 + 3 * 4 + 3, ways)
+
+    def forward(self, x):
+        a, b = self.fc(x), self.fc2(x)
+        stacked = torch.stack([a, torch.tanh(b)], dim=1).flatten(1)  # [N, 2·4]
+        tokens = a.unsqueeze(1).expand(-1, 3, x.size(1) + 1)  # [N, 3, 4]
+        scaled = b.unsqueeze(1).expand_as(tokens) * tokens  # [N, 3, 4]
+        tiled = torch.sigmoid(b).repeat(1, 2)  # [N, 8]
+        padded = F.pad(scaled, (0, 0, 1, 0), value=0.5)[:, :, :3]  # [N, 4, 3]
+        cropped = F.pad(a, (0, -1))  # [N, 3]
+        return self.head(torch.cat([stacked, tokens.flatten(1), tiled, padded.flatten(1), cropped], dim=1))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_stack_expand_repeat_pad(order):
+    torch.manual_seed(24)
+    model = Broadcasts().double()
+    kinds = [n.rule.kind for n in on_fused(model).nodes]
+    assert kinds.count("expand") == 2 and {"stack", "repeat", "pad"} <= set(kinds), kinds
+    check_ce(model, tasks_for((3,), ways=3, query=3), inner_lr=0.3, steps=2, order=order)

@@ -21,8 +21,9 @@ traced into nodes, which map to rules:
   `x.shape`); `x.squeeze(dims)` and `x.unsqueeze(dim)` of per-example dims; `x.permute(...)` and
   `x.transpose(a, b)` that keep the examples' dim first; indexing of per-example dims with slices and
   integers (`x[:, 1:3]`, `x[:, 0]`, `x[..., :4]`); the parts of `x.chunk(n, dim)` / `x.split(sizes, dim)`
-  along a per-example dim, and `F.glu`;
-- joins: `+`, `torch.add`, `-` (residual branches), `torch.cat` along a feature dim; constants:
+  along a per-example dim, and `F.glu`; `x.expand(...)` / `x.expand_as(y)` of size-1 dims and
+  `x.repeat(...)` keeping the examples' dim; `F.pad` (constant);
+- joins: `+`, `torch.add`, `-` (residual branches), `torch.cat` and `torch.stack` along a feature dim; constants:
   multiplication or division by a number or a buffer, adding a constant, negation; parameters: a value
   times, plus or minus one of the model's parameters broadcast over the examples (a learned temperature
   or scale, a learned bias or positional embedding).
@@ -76,10 +77,13 @@ from .pointwise import (
 )
 from .pooling import AdaptiveAvgPool2dRule, AdaptiveMaxPool2dRule, AvgPool2dRule, MaxPool2dRule
 from .shape import (
+    ExpandRule,
     FlattenRule,
     MeanRule,
+    PadRule,
     PartRule,
     PermuteRule,
+    RepeatRule,
     ReshapeRule,
     SliceRule,
     SqueezeRule,
@@ -298,6 +302,8 @@ _FUNC_NAMES = {
     torch.log_softmax: "log_softmax_t",
     F.dropout: "dropout",
     torch.cat: "cat",
+    torch.stack: "stack",
+    F.pad: "pad",
     torch.concat: "cat",
     operator.add: "add",
     operator.iadd: "add",
@@ -355,6 +361,9 @@ _METHOD_NAMES = {
     "transpose": "transpose",
     "chunk": "chunk",
     "split": "split",
+    "repeat": "repeat",
+    "expand": "expand",
+    "expand_as": "expand",
     "view": "view",
     "reshape": "view",
     "matmul": "matmul",
@@ -451,6 +460,8 @@ _SPECS = {
     "log_softmax_t": _spec("input", "dim", ("dtype", None)),
     "dropout": _spec("input", ("p", 0.5), ("training", True), ("inplace", False)),
     "cat": _spec("tensors", ("dim", 0)),
+    "stack": _spec("tensors", ("dim", 0)),
+    "pad": _spec("input", "pad", ("mode", "constant"), ("value", None)),
     "add": _spec("input", "other", ("alpha", 1)),
     "sub": _spec("input", "other", ("alpha", 1)),
     "mul": _spec("input", "other"),
@@ -778,6 +789,8 @@ class _Lowering:
                 return None
         if op is None:
             self.fail("no rule for this operation in the fused engine")
+        if n.op == "call_method" and target in ("expand", "expand_as", "repeat"):
+            return self.expand_or_repeat(n)
         if op == "permute" and n.op == "call_method":  # x.permute(0, 2, 1) or x.permute((0, 2, 1))
             dims = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
             return self.permute(self.value(self.arg(n.args[0])), tuple(n.kwargs.get("dims", dims)))
@@ -1254,6 +1267,40 @@ class _Lowering:
 
     def op_neg(self, a, inplace):
         return self.emit(AffineRule(self.name(), "neg", -1.0), [self.value(a["input"])])
+
+    def expand_or_repeat(self, n: fx.Node) -> _Value:
+        """x.expand(*sizes) / x.expand(sizes) / x.expand_as(y) / x.repeat(*counts)."""
+        x = self.value(self.arg(n.args[0]))
+        if n.kwargs:
+            self.fail(f"{n.target} with keyword arguments")
+        if n.target == "expand_as":
+            other = self.value(self.arg(n.args[1]), "argument")
+            v = other.vid
+            host = _Host(lambda env: env[v].shape[1:], (v,))
+            return self.emit(ExpandRule(self.name(), "expand"), [x], host=host)
+        sizes = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
+        sizes = self.arg(tuple(sizes))
+        if n.target == "expand":
+            return self.emit(ExpandRule(self.name(), "expand"), [x], host=self.host_value(sizes))
+        if _computed(sizes) or not all(isinstance(k, int) for k in sizes):
+            self.fail("repeat counts must be numbers")
+        return self.emit(RepeatRule(self.name(), "repeat", sizes), [x])
+
+    def op_stack(self, a, inplace):
+        xs, d = a["tensors"], a["dim"]
+        if not isinstance(xs, (list, tuple)) or not xs or not all(isinstance(x, _Value) for x in xs):
+            self.fail("torch.stack of values that are not all computed from the input")
+        if not isinstance(d, int) or d == 0:
+            self.fail(f"torch.stack along dim {d}, in front of the examples; stack along a per-example dim")
+        parts = [self.emit(SqueezeRule(self.name(), "stack", (d,), unsqueeze=True), [x]) for x in xs]
+        return self.emit(CatRule(self.name(), "stack", len(parts), d), parts)
+
+    def op_pad(self, a, inplace):
+        pad, value = a["pad"], a["value"]
+        plain = isinstance(pad, (list, tuple)) and len(pad) % 2 == 0 and all(isinstance(k, int) for k in pad)
+        if a["mode"] != "constant" or not plain or not (value is None or isinstance(value, (int, float))):
+            self.fail("F.pad other than constant padding by numbers (mode='constant', pad a list of ints)")
+        return self.emit(PadRule(self.name(), "pad", pad, value or 0.0), [self.value(a["input"])])
 
     def op_cat(self, a, inplace):
         xs = a["tensors"]

@@ -1,7 +1,11 @@
 """Reshapes of the examples' features: Flatten, view/reshape that keep the batch dimension, squeeze and
-unsqueeze of per-example dims, sums and means over per-example dims. `[T, N, *feat]` in and out."""
+unsqueeze of per-example dims, sums and means over per-example dims, permutes and transposes, indexing,
+the parts of chunk/split, expand, repeat, constant padding. `[T, N, *feat]` in and out; none of them mixes
+the examples of a task."""
 
 from __future__ import annotations
+
+import torch
 
 from .base import LinearMapRule, Rule
 
@@ -236,3 +240,76 @@ class PartRule(LinearMapRule):
         gx = gy.new_zeros(shape)
         gx.narrow(d, start, length).copy_(gy)
         return gx
+
+
+class ExpandRule(Rule):
+    """`x.expand(sizes)` / `x.expand_as(y)` of size-1 per-example dims, the examples' dim kept (its size -1,
+    or y's own): the node binds p = (sizes,) (per example, from the model's size arithmetic when it computes
+    them); the transpose sums over the expanded dims."""
+
+    def _target(self, x, sizes):
+        sizes = tuple(sizes)
+        if len(sizes) != x.dim() - 1 or sizes[0] not in (-1, x.shape[1]):
+            raise ValueError(
+                f"model layer {self.describe()}: expand to {sizes} of per-example inputs {tuple(x.shape[1:])}; the "
+                "fused engine needs as many sizes as dims and the examples' dim kept (-1)"
+            )
+        return (x.shape[0], *(n if s == -1 else s for n, s in zip(x.shape[1:], sizes)))
+
+    def forward(self, ops, x, p, save):
+        return x.expand(self._target(x, p[0])), x.shape if save else None
+
+    def backward(self, ops, gy, shape, p, need_x, outs):
+        return gy.sum_to_size(shape) if need_x else None
+
+    def tangent_forward(self, ops, x, xd, p, v):
+        target = self._target(x, p[0])
+        return x.expand(target), (None if xd is None else xd.expand(target)), x.shape
+
+    def tangent_backward(self, ops, gy, gyd, shape, p, v, need_x, outs, touts):
+        return (gy.sum_to_size(shape), gyd.sum_to_size(shape)) if need_x else (None, None)
+
+
+class RepeatRule(LinearMapRule):
+    """`x.repeat(sizes)` (tiling) of per-example dims, the examples' dim repeated once; the transpose sums the
+    tiles."""
+
+    def __init__(self, name: str, kind: str, repeats):
+        super().__init__(name, kind)
+        self.repeats = tuple(repeats)
+
+    def apply(self, x, save):
+        if len(self.repeats) != x.dim() - 1 or self.repeats[0] != 1:
+            raise ValueError(
+                f"model layer {self.describe()}: repeat {self.repeats} of per-example inputs {tuple(x.shape[1:])}; "
+                "the fused engine needs one count per dim and the examples' dim repeated once"
+            )
+        return x.repeat(1, *self.repeats), x.shape
+
+    def transpose(self, gy, shape):
+        tiles = [d for n, r in zip(shape, (1, *self.repeats)) for d in (r, n)]
+        return gy.reshape(tiles).sum(tuple(range(0, len(tiles), 2)))
+
+
+class PadRule(LinearMapRule):
+    """`F.pad(x, pad, value=c)` (constant mode) of per-example dims (pairs from the last dim backwards; negative
+    amounts crop): the transpose crops what was padded (and pads what was cropped) with zeros; tangents are
+    padded with zeros."""
+
+    def __init__(self, name: str, kind: str, pad, value: float = 0.0):
+        super().__init__(name, kind)
+        self.pad, self.value = tuple(pad), float(value)
+
+    def apply(self, x, save):
+        if len(self.pad) // 2 >= x.dim() - 1:
+            raise ValueError(
+                f"model layer {self.describe()}: pad {self.pad} reaches the examples' dim of per-example inputs "
+                f"{tuple(x.shape[1:])}"
+            )
+        return torch.nn.functional.pad(x, self.pad, value=self.value), None
+
+    def tangent(self, xd, saved):
+        return torch.nn.functional.pad(xd, self.pad)
+
+    def transpose(self, gy, saved):
+        return torch.nn.functional.pad(gy, [-p for p in self.pad])
