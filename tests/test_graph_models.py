@@ -905,3 +905,23 @@ def test_stack_expand_repeat_pad(order):
     kinds = [n.rule.kind for n in on_fused(model).nodes]
     assert kinds.count("expand") == 2 and {"stack", "repeat", "pad"} <= set(kinds), kinds
     check_ce(model, tasks_for((3,), ways=3, query=3), inner_lr=0.3, steps=2, order=order)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_clamp_and_bmm(order):
+    class Clamps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.fc2, self.head = nn.Linear(2, 4), nn.Linear(2, 4), nn.Linear(3 * 4 + 9, 3)
+
+        def forward(self, x):  # x [N, 3, 2]
+            h = 3.0 * torch.tanh(self.fc(x).mean(1))
+            parts = [h.clamp(min=0.1), torch.clamp(h, -1.0, 2.0), h.clamp_max(0.5)]
+            scores = torch.bmm(self.fc(x), self.fc2(x).transpose(1, 2)).flatten(1)  # [N, 9]
+            return self.head(torch.cat(parts + [scores], dim=1))
+
+    torch.manual_seed(25)
+    model = Clamps().double()
+    kinds = [n.rule.kind for n in on_fused(model).nodes]
+    assert kinds.count("clamp") == 3 and "matmul" in kinds, kinds
+    check_ce(model, tasks_for((3, 2), ways=3, query=3), inner_lr=0.3, steps=2, order=order)

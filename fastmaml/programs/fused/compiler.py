@@ -9,11 +9,13 @@ and the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA). Every
 traced into nodes, which map to rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `F.silu`, `F.softplus`,
   `F.hardtanh`, `F.relu6`, `F.hardswish`, `F.hardsigmoid`, `torch.tanh`, `torch.sigmoid`, elementwise math
-  (`exp`, `log`, `sqrt`, `rsqrt`, `reciprocal`, `abs`, `sin`, `cos`, `x ** c`, `torch.square`), `F.max_pool2d`,
+  (`exp`, `log`, `sqrt`, `rsqrt`, `reciprocal`, `abs`, `sin`, `cos`, `x ** c`, `torch.square`), `clamp` by
+  numbers, `F.max_pool2d`,
   `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `F.adaptive_max_pool2d`, `F.dropout` (inactive), and
   `F.linear`, `F.conv1d`, `F.conv2d`, `F.batch_norm`,
   `F.layer_norm`, `F.group_norm` and `F.instance_norm` (on the input's statistics) on the model's own
-  parameters; `x @ W` / `torch.matmul(x, W)` with W `[in, out]` a parameter or buffer; `F.normalize` (p=2)
+  parameters; `x @ W` / `torch.matmul(x, W)` with W `[in, out]` a parameter or buffer (of two values:
+  products below); `F.normalize` (p=2)
   of a value over a per-example dim, and of a Linear weight's rows as `F.linear`'s weight (a cosine
   classifier);
 - `x.mean(dims)` and `x.sum(dims)` over per-example dims; `torch.flatten`, `x.flatten`, `x.view`,
@@ -62,6 +64,7 @@ from .joins import AddRule, AffineRule, CatRule, ParamAffineRule, ProductRule
 from .l2norm import NormalizedLinearRule, NormalizeRule
 from .norm import BatchNormRule
 from .pointwise import (
+    ClampRule,
     ELURule,
     GELURule,
     HardsigmoidRule,
@@ -288,6 +291,9 @@ _FUNC_NAMES = {
     torch.reshape: "reshape",
     F.linear: "linear",
     torch.matmul: "matmul",
+    torch.bmm: "matmul",
+    torch.clamp: "clamp",
+    torch.clip: "clamp",
     operator.matmul: "matmul",
     F.conv2d: "conv2d",
     F.conv1d: "conv1d",
@@ -367,6 +373,11 @@ _METHOD_NAMES = {
     "view": "view",
     "reshape": "view",
     "matmul": "matmul",
+    "bmm": "matmul",
+    "clamp": "clamp",
+    "clip": "clamp",
+    "clamp_min": "clamp_min",
+    "clamp_max": "clamp_max",
     "softmax": "softmax_t",
     "log_softmax": "log_softmax_t",
     "add": "add",
@@ -386,6 +397,9 @@ _SPECS = {
     "tanh": _spec("input"),
     **{name: _spec("input") for name in ("exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "sin", "cos", "square")},
     "pow": _spec("input", "exponent"),
+    "clamp": _spec("input", ("min", None), ("max", None)),
+    "clamp_min": _spec("input", "min"),
+    "clamp_max": _spec("input", "max"),
     "sigmoid": _spec("input"),
     "leaky_relu": _spec("input", ("negative_slope", 0.01), ("inplace", False)),
     "elu": _spec("input", ("alpha", 1.0), ("inplace", False)),
@@ -913,6 +927,18 @@ class _Lowering:
         if not isinstance(a["input"], _Value) or isinstance(c, bool) or not isinstance(c, (int, float)):
             self.fail("a power other than a value to a constant number (x ** 2, x.pow(0.5))")
         return self._math(a, "pow", float(c))
+
+    def op_clamp(self, a, inplace):
+        bounds = (a.get("min"), a.get("max"))
+        if not all(b is None or (isinstance(b, (int, float)) and not isinstance(b, bool)) for b in bounds):
+            self.fail("clamp by bounds other than numbers (tensor bounds do not compile)")
+        return self.emit(ClampRule(self.name(), "clamp", *bounds), [self.value(a["input"])], inplace=inplace)
+
+    def op_clamp_min(self, a, inplace):
+        return self.op_clamp(a, inplace)
+
+    def op_clamp_max(self, a, inplace):
+        return self.op_clamp(a, inplace)
 
     def op_hardtanh(self, a, inplace):
         rule = HardtanhRule(self.name(), "hardtanh", float(a["min_val"]), float(a["max_val"]))

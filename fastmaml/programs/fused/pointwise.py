@@ -247,3 +247,25 @@ class MathRule(PointwiseRule):
 
     def d2(self, x, y):
         return None if self._d2 is None else self._d2(x, y, self.exponent)
+
+
+class ClampRule(PointwiseRule):
+    """`x.clamp(min, max)` (either bound None): piecewise linear, f' = 1 where min <= x <= max (PyTorch's
+    clamp passes the gradient at the bounds), f'' = 0."""
+
+    saves_input = True
+
+    def __init__(self, name, kind, low, high):
+        super().__init__(name, kind)
+        self.low, self.high = low, high
+
+    def f(self, x):
+        return torch.clamp(x, self.low, self.high)
+
+    def d1(self, g, x, y):
+        inside = torch.ones_like(x, dtype=torch.bool)
+        if self.low is not None:
+            inside &= x >= self.low
+        if self.high is not None:
+            inside &= x <= self.high
+        return g * inside.to(g.dtype)
