@@ -925,3 +925,34 @@ def test_clamp_and_bmm(order):
     kinds = [n.rule.kind for n in on_fused(model).nodes]
     assert kinds.count("clamp") == 3 and "matmul" in kinds, kinds
     check_ce(model, tasks_for((3, 2), ways=3, query=3), inner_lr=0.3, steps=2, order=order)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_maximum_over_a_dim(order):
+    """A PointNet-like global feature: the maximum over points, as torch.amax, x.max(d)[0] and x.max(d).values
+    (keepdim too); the indices do not compile."""
+
+    class Points(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.head = nn.Linear(2, 4), nn.Linear(12, 3)
+
+        def forward(self, x):  # x [N, points, 2]
+            h = torch.tanh(self.fc(x))
+            a = torch.amax(h, dim=1)
+            b = h.max(1)[0]
+            c = torch.max(h.transpose(1, 2), dim=-1, keepdim=True).values.squeeze(-1)
+            return self.head(torch.cat([a, b * b, c], dim=1))
+
+    torch.manual_seed(26)
+    model = Points().double()
+    kinds = [n.rule.kind for n in on_fused(model).nodes]
+    assert kinds.count("max") == 2 and kinds.count("amax") == 1, kinds
+    check_ce(model, tasks_for((5, 2), ways=3, query=3), inner_lr=0.3, steps=2, order=order)
+
+    class Indices(Points):
+        def forward(self, x):
+            return self.head(self.fc(x).max(1)[1].double().repeat(1, 3))
+
+    e = fastmaml.explain(Indices())
+    assert e.program == "torch.func", e

@@ -18,7 +18,8 @@ traced into nodes, which map to rules:
   products below); `F.normalize` (p=2)
   of a value over a per-example dim, and of a Linear weight's rows as `F.linear`'s weight (a cosine
   classifier);
-- `x.mean(dims)` and `x.sum(dims)` over per-example dims; `torch.flatten`, `x.flatten`, `x.view`,
+- `x.mean(dims)` and `x.sum(dims)` over per-example dims, the maximum over one (`torch.amax(x, d)`,
+  `x.max(d)[0]`, `.values`); `torch.flatten`, `x.flatten`, `x.view`,
   `x.reshape` that keep the examples apart (sizes may come from the model's own arithmetic on `x.size()` /
   `x.shape`); `x.squeeze(dims)` and `x.unsqueeze(dim)` of per-example dims; `x.permute(...)` and
   `x.transpose(a, b)` that keep the examples' dim first; indexing of per-example dims with slices and
@@ -78,7 +79,7 @@ from .pointwise import (
     SoftplusRule,
     TanhRule,
 )
-from .pooling import AdaptiveAvgPool2dRule, AdaptiveMaxPool2dRule, AvgPool2dRule, MaxPool2dRule
+from .pooling import AdaptiveAvgPool2dRule, AdaptiveMaxPool2dRule, AvgPool2dRule, MaxOverDimRule, MaxPool2dRule
 from .shape import (
     ExpandRule,
     FlattenRule,
@@ -309,6 +310,8 @@ _FUNC_NAMES = {
     F.dropout: "dropout",
     torch.cat: "cat",
     torch.stack: "stack",
+    torch.amax: "amax",
+    torch.max: "max",
     F.pad: "pad",
     torch.concat: "cat",
     operator.add: "add",
@@ -370,6 +373,8 @@ _METHOD_NAMES = {
     "repeat": "repeat",
     "expand": "expand",
     "expand_as": "expand",
+    "amax": "amax",
+    "max": "max",
     "view": "view",
     "reshape": "view",
     "matmul": "matmul",
@@ -475,6 +480,8 @@ _SPECS = {
     "dropout": _spec("input", ("p", 0.5), ("training", True), ("inplace", False)),
     "cat": _spec("tensors", ("dim", 0)),
     "stack": _spec("tensors", ("dim", 0)),
+    "amax": _spec("input", ("dim", None), ("keepdim", False)),
+    "max": _spec("input", ("dim", None), ("keepdim", False)),
     "pad": _spec("input", "pad", ("mode", "constant"), ("value", None)),
     "add": _spec("input", "other", ("alpha", 1)),
     "sub": _spec("input", "other", ("alpha", 1)),
@@ -516,6 +523,13 @@ class _Parts:
 
     def __init__(self, value: "_Value", kind: str, dim: int, chunks=None, sizes=None):
         self.value, self.kind, self.dim, self.chunks, self.sizes = value, kind, dim, chunks, sizes
+
+
+class _MaxOverDim:
+    """`torch.max(x, dim)`: (values, indices); its values (`[0]`, `.values`) make a MaxOverDimRule."""
+
+    def __init__(self, value: "_Value", dim: int, keepdim: bool):
+        self.value, self.dim, self.keepdim = value, dim, keepdim
 
 
 class _Host:
@@ -575,8 +589,8 @@ class _Lowering:
         """A Python value (possibly computed from sizes at run time) as a _Host."""
         if isinstance(a, _Host):
             return a
-        if isinstance(a, (_Value, Ref)):
-            self.fail("a tensor is used where a size or number is expected")
+        if isinstance(a, (_Value, Ref, _Parts, _MaxOverDim, _NormalizedParam)):
+            self.fail("a tensor is used where a size or number is expected (or torch.max's indices)")
         if isinstance(a, (list, tuple)):
             parts = [self.host_value(x) for x in a]
             kind = type(a)
@@ -790,6 +804,11 @@ class _Lowering:
                 return self.slice(self.arg(n.args[0]), n.args[1])
             if target is operator.getitem and isinstance(self.arg(n.args[0]), _Parts):
                 return self.part(self.arg(n.args[0]), n.args[1])
+            if isinstance(self.arg(n.args[0]) if n.args else None, _MaxOverDim) and (
+                (target is operator.getitem and n.args[1] == 0) or (target is getattr and n.args[1] == "values")
+            ):
+                m = self.arg(n.args[0])
+                return self.emit(MaxOverDimRule(self.name(), "max", m.dim, m.keepdim), [m.value])
             if (
                 target is getattr
                 or target is operator.getitem
@@ -1311,6 +1330,21 @@ class _Lowering:
         if _computed(sizes) or not all(isinstance(k, int) for k in sizes):
             self.fail("repeat counts must be numbers")
         return self.emit(RepeatRule(self.name(), "repeat", sizes), [x])
+
+    def _max_dim(self, a, what: str) -> int:
+        d = a["dim"]
+        if not isinstance(d, int) or d == 0 or isinstance(a["keepdim"], _Value):
+            self.fail(f"{what} over {'everything' if d is None else f'dim {d}'}: give one per-example dim")
+        return d
+
+    def op_amax(self, a, inplace):
+        rule = MaxOverDimRule(self.name(), "amax", self._max_dim(a, "amax"), bool(a["keepdim"]))
+        return self.emit(rule, [self.value(a["input"])])
+
+    def op_max(self, a, inplace):
+        if isinstance(a["dim"], _Value):
+            self.fail("torch.max of two values (an elementwise maximum) has no rule")
+        return _MaxOverDim(self.value(a["input"]), self._max_dim(a, "max"), bool(a["keepdim"]))
 
     def op_stack(self, a, inplace):
         xs, d = a["tensors"], a["dim"]

@@ -204,3 +204,32 @@ class AdaptiveMaxPool2dRule(MaxPool2dRule):
         x4, idx = saved
         gx = aten.adaptive_max_pool2d_backward(gy.reshape(-1, *gy.shape[2:]), x4, idx)
         return gx.view(*gy.shape[:2], *gx.shape[1:])
+
+
+class MaxOverDimRule(LinearMapRule):
+    """The maximum over a per-example dim (`torch.amax(x, d)`, `x.max(d).values`: a max over tokens or points,
+    PointNet's global feature): piecewise linear, routed through the first maximum's index as max pooling."""
+
+    def __init__(self, name: str, kind: str, dim: int, keepdim: bool = False):
+        super().__init__(name, kind)
+        self.dim, self.keepdim = dim, keepdim
+
+    def apply(self, x, save):
+        d = self.dim + 1 if self.dim >= 0 else self.dim + x.dim()
+        if not 2 <= d < x.dim():
+            raise ValueError(
+                f"model layer {self.describe()}: dim={self.dim} is not a per-example dim of inputs "
+                f"{tuple(x.shape[1:])} (a maximum over the examples would mix them)"
+            )
+        y, idx = torch.max(x, d, keepdim=True)
+        return (y if self.keepdim else y.squeeze(d)), (x.shape, d, idx)
+
+    def tangent(self, xd, saved):
+        _, d, idx = saved
+        yd = xd.gather(d, idx)
+        return yd if self.keepdim else yd.squeeze(d)
+
+    def transpose(self, gy, saved):
+        shape, d, idx = saved
+        g = gy if self.keepdim else gy.unsqueeze(d)
+        return g.new_zeros(shape).scatter_(d, idx, g)
