@@ -6,7 +6,7 @@ oracle. One module per op family; each function has the name of the op it regist
     normalize.py   the math of x̂ = (x − mean) / std and of the affine map after it (no ops: shared)
     batchnorm.py   batchnorm_*, batchnorm_relu_* (batch or fixed statistics)
     example_norm.py examplenorm_* (LayerNorm, GroupNorm, InstanceNorm: statistics per example)
-    block_tail.py  bn_relu_maxpool_{train,tangent}_{fwd,bwd} (BatchNorm2d + ReLU + MaxPool2d)
+    block_tail.py  bn_relu_maxpool_{train,tangent}_{fwd,bwd} (BatchNorm2d + ReLU + MaxPool2d), relu_maxpool_fwd
     loss.py        mse_grad, mse_grad_tangent, cross_entropy_grad, cross_entropy_grad_tangent
     mlp.py         mlp_meta_step (the whole inner loop of an MLP)
 """

@@ -1,4 +1,5 @@
-"""The conv-net block tail BatchNorm2d + ReLU + MaxPool2d (k×k windows at stride k) as one op per pass.
+"""The conv-net block tail BatchNorm2d + ReLU + MaxPool2d (k×k windows at stride k) as one op per pass, and
+ReLU + MaxPool2d without BatchNorm (its forward).
 
 Conventions (every reference): T tasks lead every tensor. A weight is per task (`[T, *shape]`, fast
 weights) or common to all tasks (`[*shape]`: step 0 or a shared, not adapted, parameter); its direction
