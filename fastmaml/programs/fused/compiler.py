@@ -10,29 +10,29 @@ traced into nodes, which map to rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `F.silu`, `F.softplus`,
   `F.hardtanh`, `F.relu6`, `F.hardswish`, `F.hardsigmoid`, `torch.tanh`, `torch.sigmoid`, elementwise math
   (`exp`, `log`, `sqrt`, `rsqrt`, `reciprocal`, `abs`, `sin`, `cos`, `x ** c`, `torch.square`), `clamp` by
-  numbers, `F.max_pool2d`,
-  `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `F.adaptive_max_pool2d`, `F.dropout` (inactive), and
-  `F.linear`, `F.conv1d`, `F.conv2d`, `F.batch_norm`,
-  `F.layer_norm`, `F.group_norm` and `F.instance_norm` (on the input's statistics) on the model's own
-  parameters; `x @ W` / `torch.matmul(x, W)` with W `[in, out]` a parameter or buffer (of two values:
-  products below); `F.normalize` (p=2)
-  of a value over a per-example dim, and of a Linear weight's rows as `F.linear`'s weight (a cosine
-  classifier);
+  numbers, `F.max_pool2d`, `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `F.adaptive_max_pool2d`, `F.dropout`
+  (inactive), softmax and log_softmax over a per-example dim; `F.linear`, `F.conv1d`, `F.conv2d`,
+  `F.batch_norm`, `F.layer_norm`, `F.group_norm` and `F.instance_norm` (on the input's statistics) on the
+  model's own parameters; `x @ W` / `torch.matmul(x, W)` with W `[in, out]` a parameter or buffer;
+  `F.normalize` (p=2) of a value over a per-example dim, and of a Linear weight's rows as `F.linear`'s
+  weight (a cosine classifier);
 - `x.mean(dims)` and `x.sum(dims)` over per-example dims, the maximum over one (`torch.amax(x, d)`,
-  `x.max(d)[0]`, `.values`); `torch.flatten`, `x.flatten`, `x.view`,
-  `x.reshape` that keep the examples apart (sizes may come from the model's own arithmetic on `x.size()` /
-  `x.shape`); `x.squeeze(dims)` and `x.unsqueeze(dim)` of per-example dims; `x.permute(...)` and
-  `x.transpose(a, b)` that keep the examples' dim first; indexing of per-example dims with slices and
-  integers (`x[:, 1:3]`, `x[:, 0]`, `x[..., :4]`); the parts of `x.chunk(n, dim)` / `x.split(sizes, dim)`
-  along a per-example dim, and `F.glu`; `x.expand(...)` / `x.expand_as(y)` of size-1 dims and
-  `x.repeat(...)` keeping the examples' dim; `F.pad` (constant);
-- joins: `+`, `torch.add`, `-` (residual branches), `torch.cat` and `torch.stack` along a feature dim; constants:
-  multiplication or division by a number or a buffer, adding a constant, negation; parameters: a value
-  times, plus or minus one of the model's parameters broadcast over the examples (a learned temperature
-  or scale, a learned bias or positional embedding).
+  `x.max(d)[0]`, `.values`); `torch.flatten`, `x.flatten`, `x.view`, `x.reshape` that keep the examples
+  apart (sizes may come from the model's own arithmetic on `x.size()` / `x.shape`); `x.squeeze(dims)` and
+  `x.unsqueeze(dim)` of per-example dims; `x.permute(...)` and `x.transpose(a, b)` that keep the examples'
+  dim first; indexing of per-example dims with slices and integers (`x[:, 1:3]`, `x[:, 0]`, `x[..., :4]`);
+  the parts of `x.chunk(n, dim)` / `x.split(sizes, dim)` along a per-example dim, and `F.glu`;
+  `x.expand(...)` / `x.expand_as(y)` of size-1 dims and `x.repeat(...)` keeping the examples' dim; `F.pad`
+  (constant);
+- joins: `+`, `torch.add`, `-` (residual branches), `torch.cat` and `torch.stack` along a feature dim;
+  products of two values and their matrix products (`a * b`, `a @ b`, `torch.bmm`: gates, attention);
+  constants: multiplication or division by a number or a buffer, adding a constant, negation; parameters:
+  a value times, plus or minus one of the model's parameters broadcast over the examples (a learned
+  temperature or scale, a learned bias or positional embedding).
 A layer's sizes (windows, strides, dims) must be numbers when traced; one the model computes from the
-input's shape as it runs (`F.avg_pool2d(x, x.shape[-1])`) fails the node (only reshapes and the arithmetic
-above take such values).
+input's shape as it runs (`F.avg_pool2d(x, x.shape[-1])`) fails the node (only reshapes, expand and the
+arithmetic above take such values). In-place writes (`x.add_(y)`, `h += y`, inplace activations) compile
+where no later node reads the overwritten value (`_Lowering.finish`).
 A value several nodes read has its gradients summed (graph.py). BatchNorm + ReLU (+ MaxPool2d) and
 BatchNorm + LeakyReLU are fused, and ReLU + MaxPool2d pools first (`graph.fuse`).
 
