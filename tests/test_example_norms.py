@@ -48,6 +48,8 @@ CASES = [
     ("group", (3, 4, 7, 7), 1, None),  # one group (LayerNorm over [C, H, W] with per-channel weights)
     ("group", (5, 6), 2, None),  # [N, C]: no positions
     ("group", (2, 5, 3, 4), 5, None),  # one group per channel: InstanceNorm
+    ("group", (5, 16, 84, 84), 4, None),  # real sizes: a first layer at 84×84
+    ("group", (75, 32, 21, 21), 8, None),  # 75 query images
 ]
 
 
@@ -110,6 +112,25 @@ def test_ops_without_affine_weights_and_without_a_tangent_of_x():
     gx, gxd = tbwd(gy, gyd, xhat, None, None, r, None, None, True, None, None, None, None)
     assert rel_err(gx, bwd(gy, x, mean, r, None, True, None, None)) < 1e-12
     assert rel_err(gxd, bwd(gyd, x, mean, r, None, True, None, None)) < 1e-12  # linear in the incoming gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_common_weights_run_once_over_all_tasks(dtype):
+    """Common weights (step 0, a shared layer) take one kernel call over all tasks' rows: the same y,
+    statistics and gx as the per-task calls with those weights given per task (float32: to rounding)."""
+    g = torch.Generator().manual_seed(4)
+    T, view = 3, (3, 75, 2, 16, 49)
+    x = torch.randn(view, generator=g, dtype=torch.float64).to(dtype)
+    w, b = (torch.randn(2, 16, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    gy = torch.randn(view, generator=g, dtype=torch.float64).to(dtype)
+    fwd, bwd = implementation("examplenorm_fwd", "torch"), implementation("examplenorm_bwd", "torch")
+    once, per_task = fwd(x, w, b, 1e-5), fwd(x, w.expand(T, 2, 16), b.expand(T, 2, 16), 1e-5)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, c in zip(once, per_task):
+        assert rel_err(a, c) < tol
+    gx_once = bwd(gy, x, *once[1:], w, True, None, None)
+    gx_per_task = bwd(gy, x, *per_task[1:], w.expand(T, 2, 16), True, None, None)
+    assert rel_err(gx_once, gx_per_task) < tol
 
 
 # ------------------------------------------------------------------ models written as classes

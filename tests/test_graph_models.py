@@ -956,3 +956,27 @@ def test_maximum_over_a_dim(order):
 
     e = fastmaml.explain(Indices())
     assert e.program == "torch.func", e
+
+
+def test_a_negative_dim_that_reaches_the_examples_raises_naming_the_layer():
+    """dim=-2 of per-example `[D]` values is the examples' dim: softmax, normalize, max and chunk over it raise."""
+
+    class OverExamples(nn.Module):
+        def __init__(self, op):
+            super().__init__()
+            self.fc, self.op = nn.Linear(2, 2), op
+
+        def forward(self, x):
+            return self.op(self.fc(x))
+
+    tasks = tuple(t.double() if t.is_floating_point() else t for t in tasks_for((2,), ways=2))
+    for op, what in (
+        (lambda h: torch.softmax(h, -2), "a softmax"),
+        (lambda h: F.normalize(h, dim=-2), "a normalization"),
+        (lambda h: torch.amax(h, -2, keepdim=True), "a maximum"),
+        (lambda h: h.chunk(1, -2)[0], "a chunk"),
+    ):
+        model = OverExamples(op).double()
+        on_fused(model)
+        with pytest.raises(ValueError, match=rf"dim=-2 is not a feature dim.*\({what} over the examples' dim"):
+            fastmaml.meta_step(model, tasks, inner_lr=0.1, loss="cross_entropy")

@@ -18,7 +18,8 @@ from oracle import check_meta_step
 
 DEVICE = torch.device("cpu")
 # (T, N, C, H, W, k): one plane; odd H and W (rows and columns the windows skip); k = 3 and k = 1; conv4's
-# 28×28 maps; 75 images; a real first layer (5 images of 84×84, 32 channels); windows as large as the plane
+# 28×28 maps; 75 images; real layers (5 and 75 images of 84×84, 75 images of 28×28 in two tasks); windows as
+# large as the plane
 CASES = [
     (1, 1, 1, 2, 2, 2),
     (3, 2, 3, 5, 7, 2),
@@ -27,6 +28,8 @@ CASES = [
     (1, 3, 8, 28, 28, 2),
     (1, 75, 3, 7, 5, 2),
     (1, 5, 32, 84, 84, 2),
+    (1, 75, 4, 84, 84, 2),
+    (2, 75, 8, 28, 28, 2),
     (2, 3, 2, 3, 3, 3),
 ]
 IDS = ["T{}N{}C{}H{}W{}k{}".format(*c) for c in CASES]

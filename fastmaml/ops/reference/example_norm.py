@@ -53,6 +53,11 @@ def _row(w: Opt, t: int) -> Opt:
     return (w[t] if w.dim() == 3 else w).reshape(-1).contiguous()
 
 
+def _common(w: Opt) -> bool:
+    """Whether w is absent or common to all tasks (`[G, A]`, not `[T, G, A]`)."""
+    return w is None or w.dim() == 2
+
+
 def _channels(x: Tensor) -> Tensor:
     """`[T, B, G, A, S]` -> `[T, B, G·A, S]`, the layout of PyTorch's group-norm kernels (C = G·A channels)."""
     T, B, G, A, S = x.shape
@@ -62,10 +67,16 @@ def _channels(x: Tensor) -> Tensor:
 @register("examplenorm_fwd", "torch")
 def examplenorm_fwd(x: Tensor, w: Opt, b: Opt, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
     """x `[T, B, G, A, S]` -> (y `[T, B, G, A, S]`, mean `[T, B, G]`, r `[T, B, G]`), y = x̂ w + b, with PyTorch's
-    group-norm kernel per task (one read for the statistics, one pass for y). The tangent forward's callers
-    recompute y with this op: the same ops round alike (see `batchnorm_fwd`)."""
+    group-norm kernel per task (one read for the statistics, one pass for y), or once over all tasks' rows
+    where the weights are common (step 0, a shared layer). The tangent forward's callers recompute y with this
+    op: the same ops round alike (see `batchnorm_fwd`)."""
     T, B, G, A, S = x.shape
     x4 = _channels(x)
+    if _common(w) and _common(b):
+        y, mean, r = torch.native_group_norm(
+            x4.reshape(T * B, G * A, S), _row(w, 0), _row(b, 0), T * B, G * A, S, G, eps
+        )
+        return y.view(x.shape), mean.view(T, B, G), r.view(T, B, G)
 
     def args(t):
         return x4[t], _row(w, t), _row(b, t), B, G * A, S, G, eps
@@ -83,13 +94,29 @@ def examplenorm_fwd(x: Tensor, w: Opt, b: Opt, eps: float) -> Tuple[Tensor, Tens
 def examplenorm_bwd(
     gy: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, need_x: bool, gw_out: Opt, gb_out: Opt
 ) -> Opt:
-    """Backward of `examplenorm_fwd` with PyTorch's group-norm backward kernel per task: writes Σ gy x̂ →
-    `gw_out [T, G, A]`, Σ gy → `gb_out [T, G, A]`; returns gx `[T, B, G, A, S]` if `need_x`."""
+    """Backward of `examplenorm_fwd` with PyTorch's group-norm backward kernel per task (once over all tasks'
+    rows where only gx is asked for and the weight is common): writes Σ gy x̂ → `gw_out [T, G, A]`, Σ gy →
+    `gb_out [T, G, A]`; returns gx `[T, B, G, A, S]` if `need_x`."""
     T, B, G, A, S = x.shape
     mask = [need_x, gw_out is not None, gb_out is not None]
     if not any(mask):
         return None
     x4, gy4 = _channels(x), _channels(gy)
+    if mask == [True, False, False] and _common(w):
+        rows = T * B
+        gx = torch.ops.aten.native_group_norm_backward(
+            gy4.reshape(rows, G * A, S),
+            x4.reshape(rows, G * A, S),
+            mean.reshape(rows, G),
+            r.reshape(rows, G),
+            _row(w, 0),
+            rows,
+            G * A,
+            S,
+            G,
+            mask,
+        )[0]
+        return gx.view(x.shape)
     gx = torch.empty_like(x4) if need_x else None
     for t in range(T):
         outs = torch.ops.aten.native_group_norm_backward(gy4[t], x4[t], mean[t], r[t], _row(w, t), B, G * A, S, G, mask)

@@ -46,6 +46,17 @@ class Rule:
     def describe(self) -> str:
         return f"{self.name} ({self.kind})"
 
+    def feature_dim(self, dim: int, x: Tensor, what: str) -> int:
+        """The model's per-example dim `dim` (negative: from the end) as a dim of the per-task value x
+        `[T, N, *features]`, checked to be a feature dim: `what` over the examples' dim would mix them."""
+        d = dim + 1 if dim >= 0 else dim + x.dim()
+        if not 2 <= d < x.dim():
+            raise ValueError(
+                f"model layer {self.describe()}: dim={dim} is not a feature dim of per-example inputs "
+                f"{tuple(x.shape[1:])} ({what} over the examples' dim would mix them)"
+            )
+        return d
+
     def forward(self, ops, x: Tensor, p: tuple, save: bool) -> Tuple[Tensor, Any]:
         raise NotImplementedError
 

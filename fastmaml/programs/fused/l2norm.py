@@ -56,14 +56,7 @@ class NormalizeRule(Rule):
         self.dim, self.eps = dim, float(eps)
 
     def _dim(self, x) -> int:
-        """The per-example dim as a dim of the per-task tensor (which has the task dim in front)."""
-        d = self.dim + 1 if self.dim >= 0 else self.dim + x.dim()
-        if not 2 <= d < x.dim():
-            raise ValueError(
-                f"model layer {self.describe()}: dim={self.dim} is not a per-example dim of inputs "
-                f"{tuple(x.shape[1:])} (the examples' dim 0 is not normalized over)"
-            )
-        return d
+        return self.feature_dim(self.dim, x, "a normalization")
 
     def forward(self, ops, x, p, save):
         d = self._dim(x)

@@ -215,12 +215,7 @@ class MaxOverDimRule(LinearMapRule):
         self.dim, self.keepdim = dim, keepdim
 
     def apply(self, x, save):
-        d = self.dim + 1 if self.dim >= 0 else self.dim + x.dim()
-        if not 2 <= d < x.dim():
-            raise ValueError(
-                f"model layer {self.describe()}: dim={self.dim} is not a per-example dim of inputs "
-                f"{tuple(x.shape[1:])} (a maximum over the examples would mix them)"
-            )
+        d = self.feature_dim(self.dim, x, "a maximum")
         y, idx = torch.max(x, d, keepdim=True)
         return (y if self.keepdim else y.squeeze(d)), (x.shape, d, idx)
 

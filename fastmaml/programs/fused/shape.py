@@ -214,8 +214,8 @@ class PartRule(LinearMapRule):
 
     def _range(self, x):
         """(task-tensor dim, start, length) of the part (checked)."""
-        d = _task_dim(self.dim, x.dim())
-        n = x.shape[d] if 2 <= d < x.dim() else 0
+        d = self.feature_dim(self.dim, x, f"a {self.kind}")
+        n = x.shape[d]
         if self.chunks is not None:
             step = -(-n // self.chunks)
             start, length = self.index * step, min(step, n - self.index * step)
@@ -224,7 +224,7 @@ class PartRule(LinearMapRule):
         else:
             start, length = sum(self.sizes[: self.index]), self.sizes[self.index]
             length = length if sum(self.sizes) == n else 0
-        if not 2 <= d < x.dim() or length <= 0:
+        if length <= 0:
             raise ValueError(
                 f"model layer {self.describe()}: part {self.index} of {self.kind} along dim {self.dim} does not "
                 f"exist for per-example inputs {tuple(x.shape[1:])}"

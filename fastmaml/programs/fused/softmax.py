@@ -20,13 +20,7 @@ class SoftmaxRule(Rule):
         self.dim, self.log = dim, log
 
     def _dim(self, x) -> int:
-        d = self.dim + 1 if self.dim >= 0 else self.dim + x.dim()
-        if not 2 <= d < x.dim():
-            raise ValueError(
-                f"model layer {self.describe()}: dim={self.dim} is not a per-example dim of inputs "
-                f"{tuple(x.shape[1:])} (a softmax over the examples' dim 0 would mix them)"
-            )
-        return d
+        return self.feature_dim(self.dim, x, "a softmax")
 
     def _f(self, x, d):
         return torch.log_softmax(x, d) if self.log else torch.softmax(x, d)
