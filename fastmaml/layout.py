@@ -51,7 +51,7 @@ class FlatGroup:
         """
         batch = flat.shape[:-1]
         parts = torch.split(flat, [s.numel for s in self.slots], dim=-1)
-        return {s.name: part.view(*batch, *s.shape) for s, part in zip(self.slots, parts)}
+        return {s.name: part.view((*batch, *s.shape)) for s, part in zip(self.slots, parts)}
 
 
 class ParamLayout:

@@ -108,3 +108,33 @@ def test_mlp_explains_the_whole_inner_loop_op():
     e = fastmaml.explain(model)
     assert e.program == "fused" and e.mlp_op and "whole-inner-loop MLP op" in str(e)
     assert not fastmaml.explain(model, loss="cross_entropy").mlp_op  # the op is MSE only
+
+
+def test_a_learned_scalar_on_the_torch_func_program():
+    """A 0-dim parameter (a learned temperature) in a model that falls back: the torch.func program binds it
+    (its unbatched view had no sizes), and its meta-gradient is exact."""
+
+    class SortedTemperature(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.temperature = nn.Parameter(torch.tensor(1.5))
+
+        def forward(self, x):
+            return torch.sort(self.lin(x), dim=-1).values * self.temperature
+
+    torch.manual_seed(0)
+    model = SortedTemperature().double()
+    assert isinstance(program_of(model, "cross_entropy"), TorchFuncProgram)
+    g = torch.Generator().manual_seed(0)
+    sx, qx = (
+        torch.randn(2, 6, 3, generator=g, dtype=torch.float64),
+        torch.randn(2, 6, 3, generator=g, dtype=torch.float64),
+    )
+    y = torch.arange(3).repeat(2).expand(2, 6).clone()
+    model.zero_grad()
+    fastmaml.meta_step(model, (sx, y, qx, y), inner_lr=0.3, steps=2, loss="cross_entropy")
+    _, ref, _ = autograd_meta_grad(
+        model, (sx, y, qx, y), inner_lr=0.3, steps=2, order="second", loss_fn=F.cross_entropy
+    )
+    assert_grads_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-9)

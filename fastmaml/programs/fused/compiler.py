@@ -27,8 +27,12 @@ traced into nodes, which map to rules:
 - joins: `+`, `torch.add`, `-` (residual branches), `torch.cat` and `torch.stack` along a feature dim;
   products of two values and their matrix products (`a * b`, `a @ b`, `torch.bmm`: gates, attention);
   constants: multiplication or division by a number or a buffer, adding a constant, negation; parameters:
-  a value times, plus or minus one of the model's parameters broadcast over the examples (a learned
-  temperature or scale, a learned bias or positional embedding).
+  a value times, plus, minus or divided by one of the model's parameters broadcast over the examples (a
+  learned temperature or scale, a learned bias or positional embedding);
+- derived tensors: any computation on parameters and buffers alone (no input, no size of it), read where
+  a parameter goes (`torch.sigmoid(self.gate) * h`, `F.linear(x, W + A @ B)`, `self.enc.weight.t()`):
+  recorded as the model's own code and run per task by derived.py. Random functions and in-place writes
+  of parameters fail the node; a parameter's shape (`.shape`, `.size()`) is a number.
 A layer's sizes (windows, strides, dims) must be numbers when traced; one the model computes from the
 input's shape as it runs (`F.avg_pool2d(x, x.shape[-1])`) fails the node (only reshapes, expand and the
 arithmetic above take such values). In-place writes (`x.add_(y)`, `h += y`, inplace activations) compile
@@ -42,6 +46,7 @@ of the model's code where fx knows it. Tracing fails on data-dependent control f
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 import re
@@ -59,6 +64,7 @@ from .base import Rule
 from .context import ContextConcatRule, FiLMRule
 from .conv import Conv1dRule, ConvRule, Geometry
 from .dense import LinearRule, TransposedLinearRule
+from .derived import Derived
 from .example_norm import ExampleNormRule
 from .graph import Graph, Node, Ref, fuse
 from .joins import AddRule, AffineRule, CatRule, ParamAffineRule, ProductRule
@@ -518,6 +524,24 @@ class _NormalizedParam:
         self.ref, self.dim, self.eps = ref, dim, eps
 
 
+class _ParamExpr:
+    """A tensor the model computes from parameters and buffers alone: `fn(leaves)` of the parameter slots
+    `leaves` (Refs "a"/"s"), `text` how the model writes it. A rule takes it as a parameter (derived.py)."""
+
+    def __init__(self, fn: Callable[[list], Any], leaves: Tuple[Ref, ...], text: str):
+        self.fn, self.leaves, self.text = fn, leaves, text
+
+
+# functions whose result is random: a derived tensor is recomputed at every call
+_RANDOM = frozenset(
+    {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "rand", "randn"}
+    | {"rand_like", "randn_like", "randint", "randint_like", "randperm", "bernoulli", "normal", "multinomial"}
+)
+# what a parameter's shape alone decides: a number when traced, not a derived tensor
+_STATIC_ATTRIBUTES = frozenset({"shape", "ndim"})
+_STATIC_METHODS = frozenset({"size", "dim", "numel"})
+
+
 class _Parts:
     """The parts of `x.chunk(...)` / `x.split(...)`: indexing one (`a, b = x.chunk(2, -1)`) makes a PartRule."""
 
@@ -560,7 +584,10 @@ class _Lowering:
         for g, group in self.layout_groups.items():
             for k, name in enumerate(group.names):
                 self.slot[id(layout.params[name])] = Ref(g, k)
+        self.layout = layout
         self.bn_index = bn_index
+        self.derived: List[Derived] = []
+        self.derived_refs: Dict[int, Ref] = {}  # id(_ParamExpr) -> its Ref("d", k)
         self.env: Dict[fx.Node, Any] = {}
         self.nodes: List[Node] = []
         self.num_values = 1
@@ -623,10 +650,172 @@ class _Lowering:
         return a
 
     def param(self, a, what: str) -> Optional[Ref]:
-        """A parameter or constant operand of F.linear / F.conv2d / F.batch_norm."""
+        """A parameter, derived tensor or constant operand (of F.linear, F.conv2d, the norms, a product)."""
         if a is None or isinstance(a, Ref):
             return a
-        self.fail(f"its {what} is not one of the model's parameters or buffers")
+        if isinstance(a, (_ParamExpr, _NormalizedParam)):
+            return self.derive(a)
+        self.fail(f"its {what} is not one of the model's parameters or buffers, or computed from them alone")
+
+    # -------------------------------------------------------------- derived tensors
+    def pure(self, n: fx.Node) -> bool:
+        """Whether node n computes from parameters and buffers alone (it reads one, and no value or size).
+        `F.normalize` of a parameter stays a `_NormalizedParam` (a cosine classifier's own rule takes it)."""
+        found: list = []
+
+        def walk(a):
+            if isinstance(a, (list, tuple)):
+                for x in a:
+                    walk(x)
+            elif isinstance(a, slice):
+                walk((a.start, a.stop, a.step))
+            else:
+                found.append(a)
+
+        walk(self.arg(list(n.args)))
+        walk(self.arg(list(n.kwargs.values())))
+        if any(isinstance(v, (_Value, _Host, _Parts, _MaxOverDim)) for v in found):
+            return False
+        if n.target is F.normalize and isinstance(found[0] if found else None, Ref):
+            return False
+        return any(isinstance(v, (Ref, _ParamExpr, _NormalizedParam)) for v in found)
+
+    def text_of(self, a) -> str:
+        """How the model writes fx argument a (for `explain`)."""
+        if isinstance(a, fx.Node):
+            v = self.env.get(a)
+            if isinstance(v, _ParamExpr):
+                return v.text
+            return str(a.target) if a.op == "get_attr" else a.name
+        if isinstance(a, (list, tuple)):
+            inner = ", ".join(self.text_of(x) for x in a)
+            return f"[{inner}]" if isinstance(a, list) else f"({inner})"
+        return repr(a)
+
+    def param_expr(self, n: fx.Node):
+        """Node n (computed from parameters and buffers alone) as a `_ParamExpr`; a parameter's shape (`.shape`,
+        `.size()`, `.dim()`, ...) as the number it is."""
+        target = n.target
+        name = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+        if name in _RANDOM:
+            self.fail("a random function of parameters (exact meta-gradients need it fixed)")
+        if target in _INPLACE_FUNCS or (n.op == "call_method" and name.endswith("_") and not name.endswith("__")):
+            self.fail("an in-place operation on a parameter or buffer; write it out of place")
+        leaves: List[Ref] = []
+        index: Dict[tuple, int] = {}
+
+        def leaf(ref: Ref) -> int:
+            key = (ref.group, ref.index)
+            if key not in index:
+                index[key] = len(leaves)
+                leaves.append(ref)
+            return index[key]
+
+        def lift(a) -> Callable[[list], Any]:
+            if isinstance(a, _NormalizedParam):
+                a = self.normalized_expr(a)
+            if isinstance(a, _ParamExpr):
+                ids, fn = [leaf(r) for r in a.leaves], a.fn
+                return lambda L: fn([L[i] for i in ids])
+            if isinstance(a, Ref):
+                if a.group == "c":
+                    c = a.const
+                    return lambda L: c
+                i = leaf(a)
+                return lambda L: L[i]
+            if isinstance(a, (list, tuple)):
+                parts, kind = [lift(x) for x in a], type(a)
+                return lambda L: kind(p(L) for p in parts)
+            if isinstance(a, slice):
+                start, stop, step = lift(a.start), lift(a.stop), lift(a.step)
+                return lambda L: slice(start(L), stop(L), step(L))
+            return lambda L: a
+
+        args = [lift(self.arg(a)) for a in n.args]
+        kwargs = {k: lift(self.arg(v)) for k, v in n.kwargs.items()}
+        texts = [self.text_of(a) for a in n.args] + [f"{k}={self.text_of(v)}" for k, v in n.kwargs.items()]
+        if n.op == "call_method":
+
+            def fn(L):
+                return getattr(args[0](L), target)(*(a(L) for a in args[1:]), **{k: v(L) for k, v in kwargs.items()})
+
+            text = f"{texts[0]}.{name}({', '.join(texts[1:])})"
+        else:
+
+            def fn(L):
+                return target(*(a(L) for a in args), **{k: v(L) for k, v in kwargs.items()})
+
+            text = f"{texts[0]}.{n.args[1]}" if target is getattr else f"{name}({', '.join(texts)})"
+        try:
+            with torch.no_grad():
+                example = fn([self.tensor_of(r) for r in leaves])
+        except Exception as e:  # noqa: BLE001 - the model's own code, reported as the reason
+            self.fail(f"computing it from the model's parameters failed: {type(e).__name__}: {e}")
+        static = (n.op == "call_method" and name in _STATIC_METHODS) or (
+            target is getattr and n.args[1] in _STATIC_ATTRIBUTES
+        )
+        if static:
+            return example
+        if not isinstance(example, torch.Tensor) or not example.is_floating_point():
+            self.fail("a computation on parameters whose result is not a floating-point tensor")
+        expr = _ParamExpr(fn, tuple(leaves), text)
+        expr.shape = tuple(example.shape)
+        return expr
+
+    def normalized_expr(self, n: _NormalizedParam) -> _ParamExpr:
+        """`F.normalize(parameter)` read other than as a Linear weight, as a `_ParamExpr`."""
+        dim, eps = n.dim, n.eps
+        if n.ref.group == "c":
+            c = n.ref.const
+            expr = _ParamExpr(lambda L: F.normalize(c, dim=dim, eps=eps), (), "normalize(<buffer>)")
+        else:
+            expr = _ParamExpr(
+                lambda L: F.normalize(L[0], dim=dim, eps=eps), (n.ref,), f"normalize({self.ref_name(n.ref)})"
+            )
+        expr.shape = self.shape_of(n.ref)
+        return expr
+
+    def map_expr(self, a, fn: Callable, text: str) -> _ParamExpr:
+        """`fn(a)` for a parameter, buffer or derived tensor a."""
+        if isinstance(a, _NormalizedParam):
+            a = self.normalized_expr(a)
+        if isinstance(a, Ref):
+            leaves = () if a.group == "c" else (a,)
+            inner, shape = ((lambda L, c=a.const: c) if a.group == "c" else (lambda L: L[0])), self.shape_of(a)
+            a = _ParamExpr(inner, leaves, "<buffer>" if a.group == "c" else self.ref_name(a))
+            a.shape = shape
+        inner = a.fn
+        expr = _ParamExpr(lambda L: fn(inner(L)), a.leaves, text.format(a.text))
+        expr.shape = a.shape
+        return expr
+
+    def derive(self, expr) -> Ref:
+        """The graph's Ref("d", k) of a derived tensor, checked to run under torch.func for every task."""
+        if isinstance(expr, _NormalizedParam):
+            expr = self.normalized_expr(expr)
+        ref = self.derived_refs.get(id(expr))
+        if ref is not None:
+            return ref
+        d = Derived(expr.fn, expr.leaves, tuple(self.shape_of(r) for r in expr.leaves), expr.shape, expr.text)
+        if d.leaves:
+            one = [self.tensor_of(r).detach().unsqueeze(0) for r in d.leaves]
+            try:
+                g = d.value(one)
+                d.pullback_tangent(one, one, g, g)
+            except Exception as e:  # noqa: BLE001 - an op torch.func cannot transform
+                self.fail(
+                    f"{d.text}: torch.func (vmap, jvp, vjp), which computes it for every task, fails on it: "
+                    f"{type(e).__name__}: {e}"
+                )
+        ref = self.derived_refs[id(expr)] = Ref("d", len(self.derived))
+        self.derived.append(d)
+        return ref
+
+    def tensor_of(self, ref: Ref) -> torch.Tensor:
+        return self.layout.params[self.layout_groups[ref.group].names[ref.index]]
+
+    def ref_name(self, ref: Ref) -> str:
+        return self.layout_groups[ref.group].names[ref.index]
 
     def name(self) -> str:
         """The module path of a layer ("" for a model that is one layer), else the fx node's name."""
@@ -794,6 +983,8 @@ class _Lowering:
 
     def call(self, n: fx.Node):
         target = n.target
+        if self.pure(n):
+            return self.param_expr(n)
         if n.op == "call_method":
             if target in ("size", "dim") or (target == "__getattribute__"):
                 return self.host_call(n)
@@ -1132,7 +1323,7 @@ class _Lowering:
         if isinstance(a["weight"], _NormalizedParam):
             return self.normalized_linear(a)
         w = self.param(a["weight"], "weight")
-        if w is None or (w.group == "c" and w.const.dim() != 2):
+        if w is None or len(self.shape_of(w)) != 2:
             self.fail("F.linear needs a weight [out, in]")
         in_features = self.shape_of(w)[1]
         rule = LinearRule(self.name(), "linear", in_features)
@@ -1157,6 +1348,8 @@ class _Lowering:
         x, w = a["input"], a["other"]
         if isinstance(x, _Value) and isinstance(w, _Value):
             return self.emit(ProductRule(self.name(), "matmul", matmul=True), [x, w])
+        if isinstance(x, _Value) and self._is_param(w):
+            w = self.param(w, "other")
         if not isinstance(x, _Value) or not isinstance(w, Ref) or len(self.shape_of(w)) != 2:
             self.fail(
                 "a matrix product other than a value times a 2-D parameter or buffer (x @ W, W [in, out]; "
@@ -1245,6 +1438,8 @@ class _Lowering:
     def shape_of(self, ref: Ref) -> Tuple[int, ...]:
         if ref.group == "c":
             return tuple(ref.const.shape)
+        if ref.group == "d":
+            return self.derived[ref.index].shape
         layout_group = self.layout_groups[ref.group]
         return tuple(layout_group.slots[ref.index].shape)
 
@@ -1263,15 +1458,18 @@ class _Lowering:
 
     @staticmethod
     def _is_param(v) -> bool:
-        return isinstance(v, Ref) and v.group != "c"
+        """A parameter, or a tensor computed from parameters and buffers alone."""
+        return (isinstance(v, Ref) and v.group != "c") or isinstance(v, (_ParamExpr, _NormalizedParam))
 
     def op_add(self, a, inplace, sign: float = 1.0):
         x, y = a["input"], a["other"]
         alpha = float(a["alpha"]) * sign
         if isinstance(x, _Value) and self._is_param(y):
+            y = self.param(y, "other")
             rule = ParamAffineRule(self.name(), "add" if alpha > 0 else "sub", self.shape_of(y), False, 1.0, alpha)
             return self.emit(rule, [x], (y,), inplace=inplace)
         if isinstance(y, _Value) and self._is_param(x):
+            x = self.param(x, "input")
             rule = ParamAffineRule(self.name(), "add" if alpha > 0 else "sub", self.shape_of(x), False, alpha, 1.0)
             return self.emit(rule, [y], (x,))
         if isinstance(x, _Value) and isinstance(y, _Value):
@@ -1296,6 +1494,7 @@ class _Lowering:
         if isinstance(x, _Value) and isinstance(y, _Value):
             return self.emit(ProductRule(self.name(), "mul"), [x, y], inplace=inplace)
         if isinstance(x, _Value) and self._is_param(y):
+            y = self.param(y, "other")
             return self.emit(ParamAffineRule(self.name(), "mul", self.shape_of(y), True), [x], (y,), inplace=inplace)
         c = self.constant(y)
         if not isinstance(x, _Value) or c is None:
@@ -1303,12 +1502,18 @@ class _Lowering:
         return self.emit(AffineRule(self.name(), "mul", c), [x], inplace=inplace)
 
     def op_div(self, a, inplace):
-        x, c = a["input"], self.constant(a["other"])
-        if a["rounding_mode"] is not None or not isinstance(x, _Value) or c is None:
-            self.fail("only division of a value by a constant compiles")
-        return self.emit(
-            AffineRule(self.name(), "div", 1.0 / c if isinstance(c, float) else c.reciprocal()), [x], inplace=inplace
-        )
+        x, y = a["input"], a["other"]
+        if a["rounding_mode"] is not None or not isinstance(x, _Value):
+            self.fail("only division of a value by a number, a buffer or a parameter compiles")
+        if isinstance(y, (Ref, _ParamExpr, _NormalizedParam)):  # by its reciprocal, recomputed at every call
+            inv = self.param(self.map_expr(y, torch.reciprocal, "1 / {}"), "other")
+            return self.emit(
+                ParamAffineRule(self.name(), "div", self.shape_of(inv), True), [x], (inv,), inplace=inplace
+            )
+        c = self.constant(y)
+        if c is None:
+            self.fail("only division of a value by a number, a buffer or a parameter compiles")
+        return self.emit(AffineRule(self.name(), "div", 1.0 / c), [x], inplace=inplace)
 
     def op_neg(self, a, inplace):
         return self.emit(AffineRule(self.name(), "neg", -1.0), [self.value(a["input"])])
@@ -1402,7 +1607,17 @@ class _Lowering:
         unused = tuple(
             Ref(g, k) for g, group in self.layout_groups.items() for k in range(len(group.slots)) if (g, k) not in used
         )
-        return fuse(Graph(live, self.num_values, out.vid, unused))
+        # the derived tensors live nodes read, numbered in order
+        kept = sorted(k for g, k in used if g == "d")
+        renumber = {k: Ref("d", i) for i, k in enumerate(kept)}
+        live = [
+            dataclasses.replace(
+                node, params=tuple(renumber[r.index] if r is not None and r.group == "d" else r for r in node.params)
+            )
+            for node in live
+        ]
+        derived = tuple(self.derived[k] for k in kept)
+        return fuse(Graph(live, self.num_values, out.vid, unused, derived=derived))
 
 
 def compile_model(model: nn.Module, layout=None, bn_layers=None) -> Graph:

@@ -7,6 +7,7 @@ the gradients its readers send back. An `nn.Sequential` compiles into a chain: o
 Parameters are referenced, not held: `Ref("a", k)` / `Ref("s", k)` is slot k of the adapted / shared
 flat group (`ParamLayout`), so a weight used by two nodes (tied weights, a layer called twice) is one
 slot read twice, and its gradient is the sum of both uses. `Ref("c", tensor)` is a constant (a buffer).
+`Ref("d", k)` is the graph's derived tensor k (derived.py): one the model computes from parameters alone.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from .pooling import MaxPool2dRule, ReLUMaxPool2dRule
 
 @dataclass(frozen=True, eq=False)
 class Ref:
-    """A parameter slot (`group` "a" or "s", `index` into the group's slots) or a constant (`group` "c")."""
+    """A parameter slot (`group` "a" or "s", `index` into the group's slots), a derived tensor (`group` "d",
+    `index` into `Graph.derived`) or a constant (`group` "c")."""
 
     group: str
     index: int = -1
@@ -63,7 +65,8 @@ class Graph:
     nodes: List[Node]
     num_values: int
     output: int  # the value the model returns
-    unused: Tuple[Ref, ...] = field(default=())  # parameter slots no node reads (gradient 0)
+    unused: Tuple[Ref, ...] = field(default=())  # parameter slots no node reads (zeroed; derived tensors add)
+    derived: tuple = field(default=())  # derived.Derived per Ref("d", k)
     volatile: Dict[str, frozenset] = field(default_factory=dict)  # module attributes forward changes
 
     def readers(self) -> List[int]:
@@ -150,4 +153,5 @@ def fuse(graph: Graph) -> Graph:
         j = sole_reader(i)
         if j is not None and type(nodes[j].rule) is MaxPool2dRule:
             merge(i, j, ReLUMaxPool2dRule(node.rule, nodes[j].rule))
-    return Graph([n for i, n in enumerate(nodes) if i not in gone], graph.num_values, graph.output, graph.unused)
+    kept = [n for i, n in enumerate(nodes) if i not in gone]
+    return Graph(kept, graph.num_values, graph.output, graph.unused, derived=graph.derived)

@@ -25,6 +25,12 @@ BatchNorm's forward (`given`), which then does not reduce x again. The activatio
 statistics beside y, so that an HVP that reuses y normalizes with the same statistics as the pass that
 computed it.
 
+Derived tensors (derived.py: what the model computes from parameters alone, read as a parameter
+`Ref("d", k)`) are computed per chunk of tasks from the chunk's φ rows and ψ; the rules write their
+gradient (and its tangent) into `[Tc, *shape]` buffers, which the program pulls back to the parameter
+slots after the backward sweep (`_pull`, `_pull_tangent`). A slot only derived tensors read is listed
+in `Graph.unused`, zeroed before the sweep, then added to.
+
 Image activations run in the memory format of memory_format.py (channels-last on the CPU for large maps):
 `_forward` brings its input to it, the rules keep it.
 
@@ -66,8 +72,12 @@ class _Plan:
         needs = [False] * graph.num_values
         self.active: List[bool] = []
         self.need: List[tuple] = []
+        # the derived tensors computed from a parameter of `groups`
+        self.derived = tuple(bool(d.groups() & set(groups)) for d in graph.derived)
         for node in graph.nodes:
-            own = any(r is not None and r.group in groups for r in node.params)
+            own = any(
+                r is not None and (r.group in groups or (r.group == "d" and self.derived[r.index])) for r in node.params
+            )
             need = tuple(needs[v] for v in node.inputs)
             self.active.append(own or any(need))
             self.need.append(need)
@@ -88,6 +98,7 @@ class FusedProgram(Program):
         self.groups = {"a": layout.adapted, "s": layout.shared}
         self.sizes = {g: [s.numel for s in group.slots] for g, group in self.groups.items()}
         self.shapes = {g: [tuple(s.shape) for s in group.slots] for g, group in self.groups.items()}
+        self.derived = graph.derived
         self.readers = graph.readers()
         self.plans = {False: _Plan(graph, ("a",)), True: _Plan(graph, ("a", "s"))}
         self.norms = [(i, n.rule) for i, n in enumerate(self.nodes) if isinstance(n.rule, BatchNormRule)]
@@ -123,10 +134,11 @@ class FusedProgram(Program):
 
     def describe(self) -> List[str]:
         """One line per node: `out <- rule(inputs)`."""
-        lines = []
+        lines = [f"d{k} = {d.text}" for k, d in enumerate(self.derived)]
         for node in self.nodes:
             args = ", ".join("x" if v == 0 else f"v{v}" for v in node.inputs)
-            lines.append(f"v{node.output} = {node.describe()}({args})")
+            reads = [f"d{r.index}" for r in node.params if r is not None and r.group == "d"]
+            lines.append(f"v{node.output} = {node.describe()}({args})" + (f" with {', '.join(reads)}" if reads else ""))
         return lines
 
     # ------------------------------------------------------------------ binding
@@ -137,13 +149,25 @@ class FusedProgram(Program):
         batch = flat.shape[:-1]
         return [c.view((*batch, *s)) for c, s in zip(flat.split(self.sizes[g], -1), self.shapes[g])]
 
+    def _slots(self, phi, shared) -> dict:
+        """{"a": views of φ's slots, "s": of ψ's} (per task `[T, *shape]` or common `[*shape]`)."""
+        return {"a": self._views(phi, "a"), "s": self._views(shared, "s")}
+
+    @staticmethod
+    def _leaves(d, slots: dict, g: Optional[str] = None) -> list:
+        """The tensors of derived tensor d's leaves in `slots` (g: only those of group g, None for the others)."""
+        return [slots[r.group][r.index] if g is None or r.group == g else None for r in d.leaves]
+
     def _params(self, phi, shared, bn_stats) -> List[tuple]:
-        """Per node, its parameters (views of φ / ψ rows, constants, None), BatchNorm statistics appended."""
+        """Per node, its parameters (views of φ / ψ rows, derived tensors, constants, None), BatchNorm
+        statistics appended."""
         if bn_stats is not None and any(
             rule.index is not None and rule.index >= len(bn_stats) for _, rule in self.norms
         ):
             raise ValueError(f"bn_stats: got statistics for {len(bn_stats)} BatchNorm layers, fewer than the model has")
-        views = {"a": self._views(phi, "a"), "s": self._views(shared, "s"), "c": None}
+        views = self._slots(phi, shared)
+        views["c"] = None
+        views["d"] = [d.value(self._leaves(d, views)) for d in self.derived]
         out = []
         for node in self.nodes:
             p = tuple(
@@ -161,7 +185,7 @@ class FusedProgram(Program):
     def _outs(self, flats: dict) -> Tuple[List[tuple], list]:
         """Per node, where each parameter's gradient goes (views of `flats[g]` `[Tc, P_g]` or None), and the
         (own buffer, slot view) pairs of the later readers of tied slots, to add once the sweep is done."""
-        views = {g: self._views(f, g) for g, f in flats.items()}
+        views = {g: f if g == "d" else self._views(f, g) for g, f in flats.items()}
         outs = [
             tuple(
                 None if r is None or r.group == "c" or views.get(r.group) is None else views[r.group][r.index]
@@ -172,7 +196,7 @@ class FusedProgram(Program):
         pending = []
         for i, k, ref in self.extra:
             slot = views.get(ref.group)
-            if slot is not None:
+            if slot is not None and slot[ref.index] is not None:
                 own = torch.empty_like(slot[ref.index])
                 outs[i] = outs[i][:k] + (own,) + outs[i][k + 1 :]
                 pending.append((own, slot[ref.index]))
@@ -182,12 +206,57 @@ class FusedProgram(Program):
                 slot[ref.index].zero_()
         return outs, pending
 
-    def _dirs(self, u) -> List[tuple]:
-        views = self._views(u, "a")
-        return [
-            tuple(views[r.index] if r is not None and r.group == "a" else None for r in node.params)
+    def _dirs(self, u, slots: dict) -> Tuple[List[tuple], list]:
+        """(per node, the directions of its parameters from u `[T, Pa]`, None where zero; per derived tensor its
+        leaves' directions, for `_pull_tangent`)."""
+        views = {"a": self._views(u, "a")}
+        leaf_dirs = [self._leaves(d, views, "a") for d in self.derived]
+        derived = [
+            d.tangent(self._leaves(d, slots), ld) if any(v is not None for v in ld) else None
+            for d, ld in zip(self.derived, leaf_dirs)
+        ]
+        dirs = [
+            tuple(
+                views["a"][r.index]
+                if r is not None and r.group == "a"
+                else derived[r.index]
+                if r is not None and r.group == "d"
+                else None
+                for r in node.params
+            )
             for node in self.nodes
         ]
+        return dirs, leaf_dirs
+
+    def _derived_buffers(self, plan: _Plan, like: torch.Tensor, T: int) -> Optional[list]:
+        """Per derived tensor, a buffer `[T, *shape]` for what the rules send it, where `plan` needs it (else
+        None); None when the graph has none."""
+        if not self.derived:
+            return None
+        return [like.new_empty(T, *d.shape) if need else None for d, need in zip(self.derived, plan.derived)]
+
+    def _pull(self, slots: dict, bufs: Optional[list], flats: dict) -> None:
+        """Adds Jᵀ ḡ of every derived tensor (ḡ in `bufs`) to its leaves' gradients in `flats[g]` `[Tc, P_g]`."""
+        for d, g in zip(self.derived, bufs or ()):
+            if g is None:
+                continue
+            for r, gr in zip(d.leaves, d.pullback(self._leaves(d, slots), g)):
+                if flats.get(r.group) is not None:
+                    self._views(flats[r.group], r.group)[r.index].add_(gr)
+
+    def _pull_tangent(
+        self, slots: dict, leaf_dirs: list, bufs: Optional[list], tbufs: Optional[list], flats: dict, tflats: dict
+    ) -> None:
+        """`_pull` in the HVP: Jᵀ ḡ into `flats`, Jᵀ ḡ' + (∂θ(J v))ᵀ ḡ into `tflats` (ḡ' in `tbufs`)."""
+        for d, ld, g, gd in zip(self.derived, leaf_dirs, bufs or (), tbufs or ()):
+            if gd is None:
+                continue
+            grads, tangents = d.pullback_tangent(self._leaves(d, slots), ld, g, gd)
+            for r, gr, tr in zip(d.leaves, grads, tangents):
+                if flats.get(r.group) is not None:
+                    self._views(flats[r.group], r.group)[r.index].add_(gr)
+                if tflats.get(r.group) is not None:
+                    self._views(tflats[r.group], r.group)[r.index].add_(tr)
 
     @staticmethod
     def _rows(t, sl):
@@ -328,7 +397,9 @@ class FusedProgram(Program):
             loss, g, _ = self.loss_rule.grad(ops, out, y[sl])
             self._store(result, "loss", loss, sl, T)
             self._store(result, "output", out, sl, T)
-            outs, pending = self._outs({"a": grad[sl], "s": self._rows(grad_s, sl)})
+            flats = {"a": grad[sl], "s": self._rows(grad_s, sl)}
+            dbufs = self._derived_buffers(plan, grad, flats["a"].shape[0])
+            outs, pending = self._outs({**flats, "d": dbufs})
             grads: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
             grads[self.graph.output] = g
             for i in range(len(self.nodes) - 1, -1, -1):
@@ -348,6 +419,7 @@ class FusedProgram(Program):
                 saved[i] = None
             for own, slot in pending:
                 slot.add_(own)
+            self._pull(self._slots(self._rows(phi, sl), shared), dbufs, flats)
             return nbytes
 
         with torch.no_grad():
@@ -374,7 +446,8 @@ class FusedProgram(Program):
 
         def run(sl):
             params = self._params(self._rows(phi, sl), shared, bn_stats)
-            dirs = self._dirs(u[sl])
+            slots = self._slots(self._rows(phi, sl), shared)
+            dirs, leaf_dirs = self._dirs(u[sl], slots)
             tangents: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
             known, known_gx, known_stats = self._known(None if record else activations, sl)
             watch = self._watch(record)
@@ -385,8 +458,12 @@ class FusedProgram(Program):
             self._keep_outputs(activations if record else None, watch, sl, T, stats)
             _, g, ls = self.loss_rule.grad(ops, out, y[sl])
             gd = self.loss_rule.grad_tangent(ops, ls, outd) if outd is not None else torch.zeros_like(g)
-            outs, pending = self._outs({"a": self._rows(grad, sl), "s": self._rows(grad_s, sl)})
-            touts, tpending = self._outs({"a": hu[sl], "s": self._rows(hu_s, sl)})
+            flats = {"a": self._rows(grad, sl), "s": self._rows(grad_s, sl)}
+            tflats = {"a": hu[sl], "s": self._rows(hu_s, sl)}
+            Tc = tflats["a"].shape[0]
+            dbufs, tbufs = self._derived_buffers(plan, hu, Tc), self._derived_buffers(plan, hu, Tc)
+            outs, pending = self._outs({**flats, "d": dbufs})
+            touts, tpending = self._outs({**tflats, "d": tbufs})
             grads: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
             tgrads: List[Optional[torch.Tensor]] = [None] * self.graph.num_values
             grads[self.graph.output], tgrads[self.graph.output] = g, gd
@@ -417,6 +494,7 @@ class FusedProgram(Program):
                 saved[i] = None
             for own, slot in pending + tpending:
                 slot.add_(own)
+            self._pull_tangent(slots, leaf_dirs, dbufs, tbufs, flats, tflats)
             return nbytes * 2
 
         with torch.no_grad():
