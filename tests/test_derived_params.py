@@ -11,6 +11,7 @@ from test_implicit import implicit_oracle
 from torch import nn
 
 import fastmaml
+from fastmaml.programs import FusedProgram
 from fastmaml.programs.fused.derived import Derived
 from fastmaml.programs.fused.graph import Ref
 
@@ -279,3 +280,16 @@ class ToNumber(nn.Module):
 def test_what_does_not_compile_falls_back_and_says_why(cls, reason):
     explanation = fastmaml.explain(cls(), "cross_entropy")
     assert explanation.program == "torch.func" and reason in explanation.reason, explanation
+
+
+@pytest.mark.parametrize("chunk", ["program", "task_chunk"])
+def test_chunks_of_tasks(chunk, monkeypatch):
+    """Derived tensors per chunk: the program's activation chunks (one task each here) and `task_chunk`."""
+    torch.manual_seed(8)
+    model = LoRA().double()
+    tasks = tasks_for((6,), T=3, ways=3, shots=2)
+    if chunk == "program":
+        monkeypatch.setattr(FusedProgram, "chunk_bytes", {"cpu": 1})
+        check_ce(model, tasks, inner_lr=0.3, steps=2, inner_params=["lora_a", "lora_b", "g"])
+    else:
+        check_ce(model, tasks, inner_lr=0.3, steps=2, task_chunk=2)
