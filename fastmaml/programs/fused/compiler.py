@@ -3,7 +3,7 @@ it off the fused engine.
 
 Layers with rules stay leaf modules: Linear, Conv1d and Conv2d (groups=1, zero padding), BatchNorm1d/2d,
 LayerNorm, GroupNorm, InstanceNorm1d/2d (without running statistics), ReLU, LeakyReLU, Tanh, Sigmoid, ELU,
-GELU (exact), SiLU, Softplus, Hardtanh, ReLU6, Hardswish, Hardsigmoid, MaxPool2d, AvgPool2d,
+GELU (exact), SiLU, Softplus, Mish, Hardtanh, ReLU6, Hardswish, Hardsigmoid, MaxPool2d, AvgPool2d,
 AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropout in eval mode (or p=0),
 and the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA). Everything else a model does is
 traced into nodes, which map to rules:
@@ -17,7 +17,8 @@ traced into nodes, which map to rules:
   `F.normalize` (p=2) of a value over a per-example dim, and of a Linear weight's rows as `F.linear`'s
   weight (a cosine classifier);
 - `x.mean(dims)` and `x.sum(dims)` over per-example dims, the maximum over one (`torch.amax(x, d)`,
-  `x.max(d)[0]`, `.values`); `torch.flatten`, `x.flatten`, `x.view`, `x.reshape` that keep the examples
+  `x.max(d)[0]`, `.values`), `x.var(dims)` / `x.std(dims)` (any correction), `torch.logsumexp(x, dims)`;
+  `torch.flatten`, `x.flatten`, `x.view`, `x.reshape` that keep the examples
   apart (sizes may come from the model's own arithmetic on `x.size()` / `x.shape`); `x.squeeze(dims)` and
   `x.unsqueeze(dim)` of per-example dims; `x.permute(...)` and `x.transpose(a, b)` that keep the examples'
   dim first; indexing of per-example dims with slices and integers (`x[:, 1:3]`, `x[:, 0]`, `x[..., :4]`);
@@ -25,7 +26,9 @@ traced into nodes, which map to rules:
   `x.expand(...)` / `x.expand_as(y)` of size-1 dims and `x.repeat(...)` keeping the examples' dim; `F.pad`
   (constant);
 - joins: `+`, `torch.add`, `-` (residual branches), `torch.cat` and `torch.stack` along a feature dim;
-  products of two values and their matrix products (`a * b`, `a @ b`, `torch.bmm`: gates, attention);
+  products of two values and their matrix products (`a * b`, `a @ b`, `torch.bmm`: gates, attention),
+  division by a value (times its reciprocal), the elementwise maximum and minimum of two values
+  (`torch.maximum`, `torch.max(a, b)`, `torch.minimum`, `torch.min(a, b)`), `F.mish` (x · tanh(softplus(x)));
   constants: multiplication or division by a number or a buffer, adding a constant, negation; parameters:
   a value times, plus, minus or divided by one of the model's parameters broadcast over the examples (a
   learned temperature or scale, a learned bias or positional embedding);
@@ -67,7 +70,7 @@ from .dense import LinearRule, TransposedLinearRule
 from .derived import Derived
 from .example_norm import ExampleNormRule
 from .graph import Graph, Node, Ref, fuse
-from .joins import AddRule, AffineRule, CatRule, ParamAffineRule, ProductRule
+from .joins import AddRule, AffineRule, CatRule, MaximumRule, ParamAffineRule, ProductRule
 from .l2norm import NormalizedLinearRule, NormalizeRule
 from .norm import BatchNormRule
 from .pointwise import (
@@ -86,6 +89,7 @@ from .pointwise import (
     TanhRule,
 )
 from .pooling import AdaptiveAvgPool2dRule, AdaptiveMaxPool2dRule, AvgPool2dRule, MaxOverDimRule, MaxPool2dRule
+from .reduce import LogSumExpRule, VarRule
 from .shape import (
     ExpandRule,
     FlattenRule,
@@ -318,6 +322,13 @@ _FUNC_NAMES = {
     torch.stack: "stack",
     torch.amax: "amax",
     torch.max: "max",
+    torch.min: "min",
+    torch.maximum: "maximum",
+    torch.minimum: "minimum",
+    torch.var: "var",
+    torch.std: "std",
+    torch.logsumexp: "logsumexp",
+    F.mish: "mish",
     F.pad: "pad",
     torch.concat: "cat",
     operator.add: "add",
@@ -380,6 +391,12 @@ _METHOD_NAMES = {
     "expand": "expand",
     "expand_as": "expand",
     "amax": "amax",
+    "min": "min",
+    "maximum": "maximum",
+    "minimum": "minimum",
+    "var": "var",
+    "std": "std",
+    "logsumexp": "logsumexp",
     "max": "max",
     "view": "view",
     "reshape": "view",
@@ -487,6 +504,13 @@ _SPECS = {
     "cat": _spec("tensors", ("dim", 0)),
     "stack": _spec("tensors", ("dim", 0)),
     "amax": _spec("input", ("dim", None), ("keepdim", False)),
+    "min": _spec("input", ("dim", None), ("keepdim", False)),
+    "maximum": _spec("input", "other"),
+    "minimum": _spec("input", "other"),
+    "var": _spec("input", ("dim", None), ("unbiased", None), ("keepdim", False), ("correction", None)),
+    "std": _spec("input", ("dim", None), ("unbiased", None), ("keepdim", False), ("correction", None)),
+    "logsumexp": _spec("input", "dim", ("keepdim", False)),
+    "mish": _spec("input", ("inplace", False)),
     "max": _spec("input", ("dim", None), ("keepdim", False)),
     "pad": _spec("input", "pad", ("mode", "constant"), ("value", None)),
     "add": _spec("input", "other", ("alpha", 1)),
@@ -924,6 +948,8 @@ class _Lowering:
             return self.emit(HardswishRule(name, kind), [x], inplace=inplace)
         if type(m) is nn.Hardsigmoid:
             return self.emit(HardsigmoidRule(name, kind), [x], inplace=inplace)
+        if type(m) is nn.Mish:
+            return self.mish(x, kind)
         if type(m) is nn.Softplus:
             return self.emit(SoftplusRule(name, kind, float(m.beta), float(m.threshold)), [x])
         if type(m) is nn.Tanh:
@@ -1503,8 +1529,13 @@ class _Lowering:
 
     def op_div(self, a, inplace):
         x, y = a["input"], a["other"]
+        if a["rounding_mode"] is None and isinstance(y, _Value):  # times the value's reciprocal
+            r = self.emit(MathRule(self.name(), "div", "reciprocal"), [y])
+            if isinstance(x, _Value):
+                return self.emit(ProductRule(self.name(), "div"), [x, r], inplace=inplace)
+            return self.op_mul({"input": r, "other": x}, False)
         if a["rounding_mode"] is not None or not isinstance(x, _Value):
-            self.fail("only division of a value by a number, a buffer or a parameter compiles")
+            self.fail("only division by a value, a number, a buffer or a parameter compiles (no rounding_mode)")
         if isinstance(y, (Ref, _ParamExpr, _NormalizedParam)):  # by its reciprocal, recomputed at every call
             inv = self.param(self.map_expr(y, torch.reciprocal, "1 / {}"), "other")
             return self.emit(
@@ -1512,7 +1543,7 @@ class _Lowering:
             )
         c = self.constant(y)
         if c is None:
-            self.fail("only division of a value by a number, a buffer or a parameter compiles")
+            self.fail("only division by a value, a number, a buffer or a parameter compiles (no rounding_mode)")
         return self.emit(AffineRule(self.name(), "div", 1.0 / c), [x], inplace=inplace)
 
     def op_neg(self, a, inplace):
@@ -1547,9 +1578,50 @@ class _Lowering:
         return self.emit(rule, [self.value(a["input"])])
 
     def op_max(self, a, inplace):
-        if isinstance(a["dim"], _Value):
-            self.fail("torch.max of two values (an elementwise maximum) has no rule")
+        if isinstance(a["dim"], _Value):  # torch.max(a, b): the elementwise maximum
+            return self.op_maximum({"input": a["input"], "other": a["dim"]}, inplace)
         return _MaxOverDim(self.value(a["input"]), self._max_dim(a, "max"), bool(a["keepdim"]))
+
+    def op_min(self, a, inplace):
+        if not isinstance(a["dim"], _Value):
+            self.fail("torch.min over a dim has no rule (the elementwise minimum of two values has)")
+        return self.op_minimum({"input": a["input"], "other": a["dim"]}, inplace)
+
+    def op_maximum(self, a, inplace, minimum: bool = False):
+        what = "minimum" if minimum else "maximum"
+        x, y = self.value(a["input"]), self.value(a["other"], f"{what}'s other operand")
+        return self.emit(MaximumRule(self.name(), what, minimum), [x, y])
+
+    def op_minimum(self, a, inplace):
+        return self.op_maximum(a, inplace, minimum=True)
+
+    def op_var(self, a, inplace, std: bool = False):
+        what = "std" if std else "var"
+        if a["dim"] is None or isinstance(a["dim"], bool):
+            self.fail(f"a {what} over all dimensions mixes the examples; give per-example dims")
+        if a["unbiased"] is not None and a["correction"] is not None:
+            self.fail(f"{what} with both unbiased and correction")
+        correction = a["correction"] if a["correction"] is not None else 0 if a["unbiased"] is False else 1
+        if not isinstance(correction, (int, float)):
+            self.fail(f"{what}'s correction must be a number")
+        dims = self._feature_dims(what, a["dim"])
+        rule = VarRule(self.name(), what, dims, correction, bool(a["keepdim"]), std)
+        return self.emit(rule, [self.value(a["input"])])
+
+    def op_std(self, a, inplace):
+        return self.op_var(a, inplace, std=True)
+
+    def op_logsumexp(self, a, inplace):
+        dims = self._feature_dims("logsumexp", a["dim"])
+        return self.emit(LogSumExpRule(self.name(), "logsumexp", dims, bool(a["keepdim"])), [self.value(a["input"])])
+
+    def op_mish(self, a, inplace):
+        return self.mish(self.value(a["input"]), "mish")
+
+    def mish(self, x: _Value, kind: str) -> _Value:
+        """x · tanh(softplus(x)), as PyTorch computes it (softplus threshold 20)."""
+        t = self.emit(TanhRule(self.name(), kind), [self.emit(SoftplusRule(self.name(), kind, 1.0, 20.0), [x])])
+        return self.emit(ProductRule(self.name(), kind), [x, t])
 
     def op_stack(self, a, inplace):
         xs, d = a["tensors"], a["dim"]

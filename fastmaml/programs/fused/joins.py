@@ -1,6 +1,6 @@
-"""Joins and constant maps: residual adds (`a + b`, `torch.add(a, b, alpha=...)`, `a - b`), concatenation
-along a feature dimension, and affine maps by constants (`c * x`, `x / c`, `-x`, `x + c`, `c - x`, with
-Python numbers or constant tensors such as buffers).
+"""Joins and constant maps: residual adds (`a + b`, `torch.add(a, b, alpha=...)`, `a - b`), the elementwise
+maximum and minimum of two values, concatenation along a feature dimension, and affine maps by constants
+(`c * x`, `x / c`, `-x`, `x + c`, `c - x`, with Python numbers or constant tensors such as buffers).
 
 A value read by several nodes (fan-out) needs nothing here: the program adds the gradients (and their
 tangents) that its readers send back.
@@ -50,6 +50,45 @@ class AddRule(JoinRule):
         sa, sb, _ = saved
         gb = _reduce(gy, sb)
         return _reduce(gy, sa), (gb if self.alpha == 1.0 else gb * self.alpha)
+
+
+class MaximumRule(JoinRule):
+    """y = max(a, b) elementwise (`torch.maximum`, `torch.max(a, b)`), or with `minimum` min(a, b). Piecewise
+    linear: with m = [a > b] (for the minimum [a < b]) and ½ at ties (PyTorch's convention), ẏ = m ȧ + (1 − m) ḃ,
+    ga = m gy, gb = (1 − m) gy, and the tangent of the gradients is the same map of ġy. Equal per-example ranks;
+    size-1 dims broadcast."""
+
+    def __init__(self, name: str, kind: str, minimum: bool = False):
+        super().__init__(name, kind, 2)
+        self.minimum = minimum
+
+    def apply(self, xs):
+        a, b = xs
+        if a.dim() != b.dim():
+            raise ValueError(
+                f"model: {self.describe()} compares values of per-task shapes {tuple(a.shape[1:])} and "
+                f"{tuple(b.shape[1:])}; the fused engine needs equal ranks (size-1 dims broadcast)"
+            )
+        if self.minimum:
+            y, first = torch.minimum(a, b), a < b
+        else:
+            y, first = torch.maximum(a, b), a > b
+        m = first.to(y.dtype).add_((a == b).to(y.dtype), alpha=0.5)
+        return y, (m, a.shape, b.shape)
+
+    def tangent(self, xds, saved):
+        m = saved[0]
+        ad, bd = xds
+        if bd is None:
+            return m * ad
+        if ad is None:
+            return (1 - m) * bd
+        return bd + m * (ad - bd)
+
+    def transpose(self, gy, saved):
+        m, sa, sb = saved
+        ga = m * gy
+        return _reduce(ga, sa), _reduce(gy - ga, sb)
 
 
 class CatRule(JoinRule):
