@@ -293,3 +293,58 @@ def test_chunks_of_tasks(chunk, monkeypatch):
         check_ce(model, tasks, inner_lr=0.3, steps=2, inner_params=["lora_a", "lora_b", "g"])
     else:
         check_ce(model, tasks, inner_lr=0.3, steps=2, task_chunk=2)
+
+
+class CaviaAsWritten(nn.Module):
+    """CAVIA as its paper's code writes it: context parameters concatenated to the input with
+    `torch.cat((x, self.context_params.expand(x.shape[0], -1)), dim=1)`, and a derived context (its tanh) at
+    the hidden layer."""
+
+    def __init__(self, ways=3, context=2):
+        super().__init__()
+        self.fc1 = nn.Linear(4 + context, 8)
+        self.fc2 = nn.Linear(8 + context, ways)
+        self.context_params = nn.Parameter(torch.randn(context) * 0.3)
+
+    def forward(self, x):
+        h = F.relu(self.fc1(torch.cat((x, self.context_params.expand(x.shape[0], -1)), dim=1)))
+        return self.fc2(torch.cat([h, torch.tanh(self.context_params).expand(h.size(0), -1)], -1))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("inner_params", [None, ["context_params"]])
+def test_cavia_context_as_written(order, inner_params):
+    torch.manual_seed(9)
+    model = CaviaAsWritten().double()
+    kinds = [n.rule.kind for n in on_fused(model, inner_params=inner_params).nodes]
+    assert kinds.count("cat") == 2, kinds
+    check_ce(model, tasks_for((4,), ways=3, shots=2), inner_lr=0.5, steps=2, order=order, inner_params=inner_params)
+
+
+class ContextFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+        self.context = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        return self.fc(torch.cat([self.context.expand(x.size(0), -1), x], 1))
+
+
+class ContextOverTokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+        self.context = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):  # [N, L, 4]
+        return self.fc(torch.cat([x, self.context.expand(x.size(0), x.size(1), -1)], -1)).mean(1)
+
+
+@pytest.mark.parametrize(
+    "cls, reason",
+    [(ContextFirst, "torch.cat([x, p], dim=-1)"), (ContextOverTokens, "1-D one over the examples")],
+)
+def test_expanded_parameters_that_do_not_compile_fall_back_and_say_why(cls, reason):
+    explanation = fastmaml.explain(cls(), "cross_entropy")
+    assert explanation.program == "torch.func" and reason in explanation.reason, explanation

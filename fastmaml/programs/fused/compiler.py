@@ -35,7 +35,10 @@ traced into nodes, which map to rules:
 - derived tensors: any computation on parameters and buffers alone (no input, no size of it), read where
   a parameter goes (`torch.sigmoid(self.gate) * h`, `F.linear(x, W + A @ B)`, `self.enc.weight.t()`):
   recorded as the model's own code and run per task by derived.py. Random functions and in-place writes
-  of parameters fail the node; a parameter's shape (`.shape`, `.size()`) is a number.
+  of parameters fail the node; a parameter's shape (`.shape`, `.size()`) is a number. A 1-D parameter (or
+  derived tensor) expanded over the examples and concatenated after a value's features,
+  `torch.cat([x, p.expand(x.size(0), -1)], dim=1)` (CAVIA's context as its paper's code writes it), is
+  ContextConcat's rule.
 A layer's sizes (windows, strides, dims) must be numbers when traced; one the model computes from the
 input's shape as it runs (`F.avg_pool2d(x, x.shape[-1])`) fails the node (only reshapes, expand and the
 arithmetic above take such values). In-place writes (`x.add_(y)`, `h += y`, inplace activations) compile
@@ -566,6 +569,14 @@ _STATIC_ATTRIBUTES = frozenset({"shape", "ndim"})
 _STATIC_METHODS = frozenset({"size", "dim", "numel"})
 
 
+class _ExpandedParam:
+    """`p.expand(x.size(0), -1)` of a 1-D parameter or derived tensor p: one copy per example, which only
+    `torch.cat([x, that], dim=-1)` takes (CAVIA's context vector as its paper's code writes it)."""
+
+    def __init__(self, param):
+        self.param = param
+
+
 class _Parts:
     """The parts of `x.chunk(...)` / `x.split(...)`: indexing one (`a, b = x.chunk(2, -1)`) makes a PartRule."""
 
@@ -640,7 +651,7 @@ class _Lowering:
         """A Python value (possibly computed from sizes at run time) as a _Host."""
         if isinstance(a, _Host):
             return a
-        if isinstance(a, (_Value, Ref, _Parts, _MaxOverDim, _NormalizedParam)):
+        if isinstance(a, (_Value, Ref, _Parts, _MaxOverDim, _NormalizedParam, _ParamExpr, _ExpandedParam)):
             self.fail("a tensor is used where a size or number is expected (or torch.max's indices)")
         if isinstance(a, (list, tuple)):
             parts = [self.host_value(x) for x in a]
@@ -1549,11 +1560,14 @@ class _Lowering:
     def op_neg(self, a, inplace):
         return self.emit(AffineRule(self.name(), "neg", -1.0), [self.value(a["input"])])
 
-    def expand_or_repeat(self, n: fx.Node) -> _Value:
-        """x.expand(*sizes) / x.expand(sizes) / x.expand_as(y) / x.repeat(*counts)."""
-        x = self.value(self.arg(n.args[0]))
+    def expand_or_repeat(self, n: fx.Node):
+        """x.expand(*sizes) / x.expand(sizes) / x.expand_as(y) / x.repeat(*counts); a 1-D parameter expanded
+        over the examples is an `_ExpandedParam`."""
         if n.kwargs:
             self.fail(f"{n.target} with keyword arguments")
+        if self._is_param(self.arg(n.args[0])):
+            return self.expanded_param(n)
+        x = self.value(self.arg(n.args[0]))
         if n.target == "expand_as":
             other = self.value(self.arg(n.args[1]), "argument")
             v = other.vid
@@ -1566,6 +1580,24 @@ class _Lowering:
         if _computed(sizes) or not all(isinstance(k, int) for k in sizes):
             self.fail("repeat counts must be numbers")
         return self.emit(RepeatRule(self.name(), "repeat", sizes), [x])
+
+    def expanded_param(self, n: fx.Node) -> _ExpandedParam:
+        sizes = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
+        sizes = self.arg(tuple(sizes))
+        ref = self.param(self.arg(n.args[0]), "input")
+        shape = self.shape_of(ref)
+        if (
+            n.target != "expand"
+            or len(shape) != 1
+            or len(sizes) != 2
+            or not isinstance(sizes[0], _Host)
+            or sizes[1] not in (-1, shape[0])
+        ):
+            self.fail(
+                "a parameter expanded other than a 1-D one over the examples, p.expand(x.size(0), -1) (which "
+                "torch.cat([x, ...], dim=-1) takes)"
+            )
+        return _ExpandedParam(ref)
 
     def _max_dim(self, a, what: str) -> int:
         d = a["dim"]
@@ -1641,6 +1673,12 @@ class _Lowering:
 
     def op_cat(self, a, inplace):
         xs = a["tensors"]
+        if isinstance(xs, (list, tuple)) and any(isinstance(x, _ExpandedParam) for x in xs):
+            if len(xs) != 2 or not isinstance(xs[0], _Value) or a["dim"] not in (1, -1):
+                self.fail("a parameter expanded over the examples concatenated other than torch.cat([x, p], dim=-1)")
+            ref = xs[1].param
+            rule = ContextConcatRule(self.name(), "cat", self.shape_of(ref)[0], features_only=True)
+            return self.emit(rule, [xs[0]], (ref,))
         if not isinstance(xs, (list, tuple)) or not xs or not all(isinstance(x, _Value) for x in xs):
             self.fail("torch.cat of values that are not all computed from the input")
         d = a["dim"]
