@@ -348,3 +348,25 @@ class ContextOverTokens(nn.Module):
 def test_expanded_parameters_that_do_not_compile_fall_back_and_say_why(cls, reason):
     explanation = fastmaml.explain(cls(), "cross_entropy")
     assert explanation.program == "torch.func" and reason in explanation.reason, explanation
+
+
+class NormalizedScale(nn.Module):
+    """F.normalize of a parameter read other than as a Linear weight (a unit-norm per-feature scale), and
+    of a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.s = nn.Parameter(torch.randn(3))
+        self.register_buffer("b", torch.tensor([1.0, 2.0, 2.0]))
+
+    def forward(self, x):
+        return self.fc(x) * F.normalize(self.s, dim=0) + F.normalize(self.b, dim=0)
+
+
+def test_normalized_parameter_as_a_derived_tensor():
+    torch.manual_seed(10)
+    model = NormalizedScale().double()
+    assert "normalize(s)" in str(fastmaml.explain(model, "cross_entropy"))
+    for order in ORDERS:
+        check_ce(model, tasks_for((4,), ways=3, shots=2), inner_lr=0.3, steps=2, order=order)

@@ -553,10 +553,11 @@ class _NormalizedParam:
 
 class _ParamExpr:
     """A tensor the model computes from parameters and buffers alone: `fn(leaves)` of the parameter slots
-    `leaves` (Refs "a"/"s"), `text` how the model writes it. A rule takes it as a parameter (derived.py)."""
+    `leaves` (Refs "a"/"s"), `text` how the model writes it, `shape` its shape. A rule takes it as a
+    parameter (derived.py)."""
 
-    def __init__(self, fn: Callable[[list], Any], leaves: Tuple[Ref, ...], text: str):
-        self.fn, self.leaves, self.text = fn, leaves, text
+    def __init__(self, fn: Callable[[list], Any], leaves: Tuple[Ref, ...], text: str, shape: Tuple[int, ...]):
+        self.fn, self.leaves, self.text, self.shape = fn, leaves, text, shape
 
 
 # functions whose result is random: a derived tensor is recomputed at every call
@@ -748,7 +749,7 @@ class _Lowering:
 
         def lift(a) -> Callable[[list], Any]:
             if isinstance(a, _NormalizedParam):
-                a = self.normalized_expr(a)
+                a = self.as_expr(a)
             if isinstance(a, _ParamExpr):
                 ids, fn = [leaf(r) for r in a.leaves], a.fn
                 return lambda L: fn([L[i] for i in ids])
@@ -793,41 +794,32 @@ class _Lowering:
             return example
         if not isinstance(example, torch.Tensor) or not example.is_floating_point():
             self.fail("a computation on parameters whose result is not a floating-point tensor")
-        expr = _ParamExpr(fn, tuple(leaves), text)
-        expr.shape = tuple(example.shape)
-        return expr
+        return _ParamExpr(fn, tuple(leaves), text, tuple(example.shape))
 
-    def normalized_expr(self, n: _NormalizedParam) -> _ParamExpr:
-        """`F.normalize(parameter)` read other than as a Linear weight, as a `_ParamExpr`."""
-        dim, eps = n.dim, n.eps
-        if n.ref.group == "c":
-            c = n.ref.const
-            expr = _ParamExpr(lambda L: F.normalize(c, dim=dim, eps=eps), (), "normalize(<buffer>)")
-        else:
-            expr = _ParamExpr(
-                lambda L: F.normalize(L[0], dim=dim, eps=eps), (n.ref,), f"normalize({self.ref_name(n.ref)})"
+    def as_expr(self, a) -> _ParamExpr:
+        """A parameter, buffer, normalized parameter or derived tensor as a `_ParamExpr`."""
+        if isinstance(a, _ParamExpr):
+            return a
+        if isinstance(a, _NormalizedParam):
+            inner, dim, eps = self.as_expr(a.ref), a.dim, a.eps
+            f = inner.fn
+            return _ParamExpr(
+                lambda L: F.normalize(f(L), dim=dim, eps=eps), inner.leaves, f"normalize({inner.text})", inner.shape
             )
-        expr.shape = self.shape_of(n.ref)
-        return expr
+        if a.group == "c":
+            c = a.const
+            return _ParamExpr(lambda L: c, (), "<buffer>", tuple(c.shape))
+        return _ParamExpr(lambda L: L[0], (a,), self.ref_name(a), self.shape_of(a))
 
     def map_expr(self, a, fn: Callable, text: str) -> _ParamExpr:
-        """`fn(a)` for a parameter, buffer or derived tensor a."""
-        if isinstance(a, _NormalizedParam):
-            a = self.normalized_expr(a)
-        if isinstance(a, Ref):
-            leaves = () if a.group == "c" else (a,)
-            inner, shape = ((lambda L, c=a.const: c) if a.group == "c" else (lambda L: L[0])), self.shape_of(a)
-            a = _ParamExpr(inner, leaves, "<buffer>" if a.group == "c" else self.ref_name(a))
-            a.shape = shape
+        """`fn(a)` for a parameter, buffer or derived tensor a; `text` formats a's."""
+        a = self.as_expr(a)
         inner = a.fn
-        expr = _ParamExpr(lambda L: fn(inner(L)), a.leaves, text.format(a.text))
-        expr.shape = a.shape
-        return expr
+        return _ParamExpr(lambda L: fn(inner(L)), a.leaves, text.format(a.text), a.shape)
 
     def derive(self, expr) -> Ref:
         """The graph's Ref("d", k) of a derived tensor, checked to run under torch.func for every task."""
-        if isinstance(expr, _NormalizedParam):
-            expr = self.normalized_expr(expr)
+        expr = self.as_expr(expr)
         ref = self.derived_refs.get(id(expr))
         if ref is not None:
             return ref
