@@ -145,3 +145,38 @@ def check_meta_step(
         assert all(leaf.grad is not None for leaf in lr_leaves)
         assert_grads_close({i: leaf.grad for i, leaf in enumerate(lr_leaves)}, dict(enumerate(ref_extra)), tol)
     return res
+
+
+def check_float32_error(model64, tasks64, *, inner_lr, steps, loss, loss_fn) -> None:
+    """`fastmaml.meta_step` on a float32 copy of `model64` is as close to the float64 meta-gradient as autograd's
+    own float32 loop: within twice its relative error (all gradients concatenated)."""
+    import fastmaml
+
+    _, ref, _ = autograd_meta_grad(model64, tasks64, inner_lr=inner_lr, steps=steps, loss_fn=loss_fn)
+    model32 = copy.deepcopy(model64).float()
+    tasks32 = tuple(t.float() if t.is_floating_point() else t for t in tasks64)
+    model32.zero_grad()
+    fastmaml.meta_step(model32, tasks32, inner_lr=inner_lr, steps=steps, loss=loss)
+    _, loop32, _ = autograd_meta_grad(model32, tasks32, inner_lr=inner_lr, steps=steps, loss_fn=loss_fn)
+
+    def flat(d):
+        return torch.cat([d[n].double().flatten() for n in sorted(d)])
+
+    ours = rel_err(flat({n: p.grad for n, p in model32.named_parameters()}), flat(ref))
+    theirs = rel_err(flat(loop32), flat(ref))
+    assert ours <= 2 * max(theirs, 1e-7), (ours, theirs)
+
+
+def check_adapt_matches_meta_step(model, tasks, *, loss_fn, **kwargs) -> None:
+    """An outer loss on `fastmaml.adapt`'s query outputs, backpropagated by autograd, gives `meta_step`'s
+    meta-gradient (the mean of `loss_fn` over tasks); `kwargs` are both calls' (loss, inner_lr, steps, order)."""
+    import fastmaml
+
+    sx, sy, qx, qy = tasks
+    model.zero_grad()
+    fastmaml.meta_step(model, tasks, **kwargs)
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    out = fastmaml.adapt(model, sx, sy, **kwargs)(qx)
+    sum(loss_fn(out[t], qy[t]) for t in range(sx.shape[0])).div(sx.shape[0]).backward()
+    assert_grads_close({n: p.grad for n, p in model.named_parameters()}, want, 1e-10)

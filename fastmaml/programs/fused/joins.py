@@ -21,6 +21,15 @@ def _reduce(g, shape):
     return g if g.shape == shape else g.sum_to_size(shape)
 
 
+def _check_ranks(rule: Rule, a, b, verb: str, also: str = "", ok: bool = True) -> None:
+    """Two values broadcast only where their per-task ranks are equal (and `ok`); else an error naming the rule."""
+    if a.dim() != b.dim() or not ok:
+        raise ValueError(
+            f"model: {rule.describe()} {verb} values of per-task shapes {tuple(a.shape[1:])} and "
+            f"{tuple(b.shape[1:])}; the fused engine needs equal ranks (size-1 dims broadcast){also}"
+        )
+
+
 class AddRule(JoinRule):
     """y = a + alpha · b (alpha = −1: a − b). Both values have the same per-example rank; size-1 dims
     broadcast."""
@@ -31,11 +40,7 @@ class AddRule(JoinRule):
 
     def apply(self, xs):
         a, b = xs
-        if a.dim() != b.dim():
-            raise ValueError(
-                f"model: {self.describe()} adds values of per-task shapes {tuple(a.shape[1:])} and "
-                f"{tuple(b.shape[1:])}; the fused engine needs equal ranks (size-1 dims broadcast)"
-            )
+        _check_ranks(self, a, b, "adds")
         y = a + b if self.alpha == 1.0 else torch.add(a, b, alpha=self.alpha)
         return y, (a.shape, b.shape, y.shape)
 
@@ -64,11 +69,7 @@ class MaximumRule(JoinRule):
 
     def apply(self, xs):
         a, b = xs
-        if a.dim() != b.dim():
-            raise ValueError(
-                f"model: {self.describe()} compares values of per-task shapes {tuple(a.shape[1:])} and "
-                f"{tuple(b.shape[1:])}; the fused engine needs equal ranks (size-1 dims broadcast)"
-            )
+        _check_ranks(self, a, b, "compares")
         if self.minimum:
             y, first = torch.minimum(a, b), a < b
         else:
@@ -236,12 +237,8 @@ class ProductRule(JoinRule):
         self.matmul = matmul
 
     def _check(self, a, b):
-        if a.dim() != b.dim() or (self.matmul and a.dim() < 4):
-            raise ValueError(
-                f"model: {self.describe()} multiplies values of per-task shapes {tuple(a.shape[1:])} and "
-                f"{tuple(b.shape[1:])}; the fused engine needs equal ranks (size-1 dims broadcast)"
-                + (", with matrices in the last two dims of per-example values" if self.matmul else "")
-            )
+        also = ", with matrices in the last two dims of per-example values" if self.matmul else ""
+        _check_ranks(self, a, b, "multiplies", also, ok=not (self.matmul and a.dim() < 4))
 
     def _times(self, a, b):
         return a @ b if self.matmul else a * b
