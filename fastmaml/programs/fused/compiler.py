@@ -710,7 +710,7 @@ class _Lowering:
 
         walk(self.arg(list(n.args)))
         walk(self.arg(list(n.kwargs.values())))
-        if any(isinstance(v, (_Value, _Host, _Parts, _MaxOverDim)) for v in found):
+        if any(isinstance(v, (_Value, _Host, _Parts, _MaxOverDim, _ExpandedParam)) for v in found):
             return False
         if n.target is F.normalize and isinstance(found[0] if found else None, Ref):
             return False
