@@ -561,6 +561,8 @@ class _ParamExpr:
 
 
 # functions whose result is random: a derived tensor is recomputed at every call
+# elementwise functions of one value that MathRule computes by name
+_MATH = frozenset({"exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "sin", "cos"})
 _RANDOM = frozenset(
     {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "rand", "randn"}
     | {"rand_like", "randn_like", "randint", "randint_like", "randperm", "bernoulli", "normal", "multinomial"}
@@ -1064,6 +1066,8 @@ class _Lowering:
                     f"{op}'s {sized[0]} is computed from tensor sizes when the model runs; the fused engine needs it "
                     "fixed (a number), e.g. F.adaptive_avg_pool2d(x, 1) for a global average pool"
                 )
+        if op in _MATH:
+            return self._math(a, op)
         return getattr(self, f"op_{op}")(a, inplace)
 
     def host_call(self, n: fx.Node) -> _Host:
@@ -1133,30 +1137,6 @@ class _Lowering:
 
     def _math(self, a, function: str, exponent: float = 1.0):
         return self.emit(MathRule(self.name(), function, function, exponent), [self.value(a["input"])])
-
-    def op_exp(self, a, inplace):
-        return self._math(a, "exp")
-
-    def op_log(self, a, inplace):
-        return self._math(a, "log")
-
-    def op_sqrt(self, a, inplace):
-        return self._math(a, "sqrt")
-
-    def op_rsqrt(self, a, inplace):
-        return self._math(a, "rsqrt")
-
-    def op_reciprocal(self, a, inplace):
-        return self._math(a, "reciprocal")
-
-    def op_abs(self, a, inplace):
-        return self._math(a, "abs")
-
-    def op_sin(self, a, inplace):
-        return self._math(a, "sin")
-
-    def op_cos(self, a, inplace):
-        return self._math(a, "cos")
 
     def op_square(self, a, inplace):
         return self._math(a, "pow", 2.0)

@@ -237,26 +237,29 @@ class FusedProgram(Program):
 
     def _pull(self, slots: dict, bufs: Optional[list], flats: dict) -> None:
         """Adds Jᵀ ḡ of every derived tensor (ḡ in `bufs`) to its leaves' gradients in `flats[g]` `[Tc, P_g]`."""
+        views = {g: self._views(f, g) for g, f in flats.items()}
         for d, g in zip(self.derived, bufs or ()):
             if g is None:
                 continue
             for r, gr in zip(d.leaves, d.pullback(self._leaves(d, slots), g)):
-                if flats.get(r.group) is not None:
-                    self._views(flats[r.group], r.group)[r.index].add_(gr)
+                if views.get(r.group) is not None:
+                    views[r.group][r.index].add_(gr)
 
     def _pull_tangent(
         self, slots: dict, leaf_dirs: list, bufs: Optional[list], tbufs: Optional[list], flats: dict, tflats: dict
     ) -> None:
         """`_pull` in the HVP: Jᵀ ḡ into `flats`, Jᵀ ḡ' + (∂θ(J v))ᵀ ḡ into `tflats` (ḡ' in `tbufs`)."""
+        views = {g: self._views(f, g) for g, f in flats.items()}
+        tviews = {g: self._views(f, g) for g, f in tflats.items()}
         for d, ld, g, gd in zip(self.derived, leaf_dirs, bufs or (), tbufs or ()):
             if gd is None:
                 continue
             grads, tangents = d.pullback_tangent(self._leaves(d, slots), ld, g, gd)
             for r, gr, tr in zip(d.leaves, grads, tangents):
-                if flats.get(r.group) is not None:
-                    self._views(flats[r.group], r.group)[r.index].add_(gr)
-                if tflats.get(r.group) is not None:
-                    self._views(tflats[r.group], r.group)[r.index].add_(tr)
+                if views.get(r.group) is not None:
+                    views[r.group][r.index].add_(gr)
+                if tviews.get(r.group) is not None:
+                    tviews[r.group][r.index].add_(tr)
 
     @staticmethod
     def _rows(t, sl):
