@@ -230,3 +230,53 @@ class ResNet12(nn.Module):
         x = self.features(x)
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.classifier(x)
+
+
+class WideBlock(nn.Module):
+    """A Wide ResNet block as learn2learn's WRN28 (after FEAT's code) writes it: pre-activation BN-ReLU-conv
+    twice, dropout (p=0) between, the shortcut an empty `nn.Sequential` (identity) or a strided 1×1 conv,
+    `out += self.shortcut(x)`."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.dropout = nn.Dropout(p=0.0)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, stride=stride, padding=1)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride))
+
+    def forward(self, x):
+        out = self.dropout(self.conv1(F.relu(self.bn1(x))))
+        out = self.conv2(F.relu(self.bn2(out)))
+        out += self.shortcut(x)
+        return out
+
+
+class WideResNet(nn.Module):
+    """WRN-(6n+4)-k: a 3×3 stem, three stages of n WideBlocks (strides 1, 2, 2), BN-ReLU, `F.avg_pool2d`
+    over the whole map, `view(x.size(0), -1)`, a Linear head. Small widths here (WRN-28-10 is 16-160-320-640)."""
+
+    def __init__(self, ways=3, depth=10, widths=(2, 3, 4, 5), pool=4):
+        super().__init__()
+        n = (depth - 4) // 6
+        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1)
+        stages, cin = [], widths[0]
+        for width, stride in zip(widths[1:], (1, 2, 2)):
+            blocks = []
+            for j in range(n):
+                blocks.append(WideBlock(cin, width, stride if j == 0 else 1))
+                cin = width
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.bn1 = nn.BatchNorm2d(cin, momentum=0.9)
+        self.pool = pool
+        self.classifier = nn.Linear(cin, ways)
+
+    def forward(self, x):
+        out = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        out = F.relu(self.bn1(out))
+        out = F.avg_pool2d(out, self.pool)
+        return self.classifier(out.view(out.size(0), -1))

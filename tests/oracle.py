@@ -9,6 +9,8 @@ import numbers
 import torch
 from torch.func import functional_call
 
+from fastmaml.programs.reparam import copyable
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ (absolute when b is 0)."""
@@ -47,7 +49,8 @@ def autograd_meta_grad(
     differentiable where it requires grad. `before_forward(copy, t, j)` runs before task t's forward at
     inner step j (j = steps: the query pass).
     """
-    model = copy.deepcopy(model).train(train)
+    with copyable(model):  # a weight-norm hook's last weight has history, which deepcopy refuses
+        model = copy.deepcopy(model).train(train)
     params = dict(model.named_parameters())
     adapted = [n for n in params if inner_params is None or n in inner_params]
     # a frozen parameter (requires_grad=False) that adapts: a differentiable copy for the inner steps; it gets
@@ -153,7 +156,8 @@ def check_float32_error(model64, tasks64, *, inner_lr, steps, loss, loss_fn) -> 
     import fastmaml
 
     _, ref, _ = autograd_meta_grad(model64, tasks64, inner_lr=inner_lr, steps=steps, loss_fn=loss_fn)
-    model32 = copy.deepcopy(model64).float()
+    with copyable(model64):
+        model32 = copy.deepcopy(model64).float()
     tasks32 = tuple(t.float() if t.is_floating_point() else t for t in tasks64)
     model32.zero_grad()
     fastmaml.meta_step(model32, tasks32, inner_lr=inner_lr, steps=steps, loss=loss)

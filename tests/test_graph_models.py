@@ -21,6 +21,7 @@ from class_models import (
     ReadsTwice,
     ResNet12,
     Squeezes,
+    WideResNet,
 )
 from models import regression_tasks
 from oracle import assert_grads_close, autograd_meta_grad, check_meta_step
@@ -104,6 +105,19 @@ def test_resnet12_anil(order):
     torch.manual_seed(5)
     model = ResNet12(widths=(3, 4, 3, 4)).double()
     check_ce(model, tasks_for((3, 16, 16), ways=3), inner_lr=0.5, steps=3, order=order, inner_params=["classifier"])
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_wide_resnet(order):
+    """Pre-activation blocks with an identity shortcut (an empty Sequential) and a strided 1×1 one, two blocks
+    a stage (WRN-16), fully adapted and ANIL."""
+    torch.manual_seed(15)
+    model = WideResNet(depth=16).double()
+    program = on_fused(model)
+    assert [n.rule.kind for n in program.nodes].count("add") == 6
+    tasks = tasks_for((3, 16, 16), ways=3)
+    check_ce(model, tasks, inner_lr=0.2, steps=2, order=order)
+    check_ce(model, tasks, inner_lr=0.5, steps=2, order=order, inner_params=["classifier"])
 
 
 def test_resnet12_counter_is_restored_and_does_not_recompile():

@@ -1,6 +1,7 @@
-"""Variance, standard deviation, logsumexp, the elementwise maximum and minimum, division by a value and Mish
-on the fused engine, written in models as users write them: against the per-task `create_graph` oracle in
-float64, every order; ties and zero spreads where PyTorch's conventions decide the gradient."""
+"""Variance, standard deviation, the Euclidean norm, logsumexp, the elementwise maximum and minimum, division
+by a value, Mish and PReLU on the fused engine, written in models as users write them: against the per-task
+`create_graph` oracle in float64, every order; ties, zero spreads and zero vectors where PyTorch's conventions
+decide the gradient."""
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from test_graph_models import ORDERS, check_ce, on_fused, tasks_for
 from torch import nn
 
 import fastmaml
-from fastmaml.programs.fused.reduce import LogSumExpRule, VarRule
+from fastmaml.programs.fused.pointwise import PReLURule
+from fastmaml.programs.fused.reduce import LogSumExpRule, NormRule, VarRule
 
 from oracle import assert_grads_close, autograd_meta_grad, check_float32_error
 
@@ -66,7 +68,58 @@ class MaxMin(nn.Module):
         return self.head(h)
 
 
-MODELS = {"spread": (Spread, (3, 2)), "logsumexp": (LogSumExp, (3, 2)), "maxmin": (MaxMin, (4,))}
+class CosineHead(nn.Module):
+    """Baseline++'s cosine classifier as its code writes it (`torch.norm(x, p=2, dim=1).unsqueeze(1)
+    .expand_as(x)`, `x.div(norm + 1e-5)`, the weight's rows normalized the same way), after a conv body whose
+    map is scaled by its norm over (C, H, W) (`torch.linalg.vector_norm`) and whose tokens by `x.norm(dim=-1)`
+    and `torch.linalg.norm(dim=...)`."""
+
+    def __init__(self, ways=3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.L = nn.Linear(2 * 3 + 3, ways, bias=False)
+        self.scale = 10.0
+
+    def forward(self, x):  # [N, 3, 2]
+        h = torch.tanh(self.conv(x.unsqueeze(1)))  # [N, 2, 3, 2]
+        h = h / (1 + torch.linalg.vector_norm(h, dim=(1, 2, 3), keepdim=True))
+        tokens = h.sum(-1).transpose(1, 2)  # [N, 3, 2]
+        z = torch.cat([tokens.flatten(1), tokens.norm(dim=-1) * torch.linalg.norm(tokens, dim=2)], 1)
+        zn = torch.norm(z, p=2, dim=1).unsqueeze(1).expand_as(z)
+        z = z.div(zn + 1e-5)
+        wn = torch.norm(self.L.weight, p=2, dim=1).unsqueeze(1).expand_as(self.L.weight)
+        return self.scale * F.linear(z, self.L.weight.div(wn + 1e-5))
+
+
+class PReLUNet(nn.Module):
+    """PReLU with a slope per channel after a conv, with one slope after a Linear, with a slope per feature
+    on vectors, and `F.prelu` with the model's own parameter (slopes initialized apart, some negative)."""
+
+    def __init__(self, ways=3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.act_c = nn.PReLU(2)
+        self.fc = nn.Linear(2 * 3 * 2, 5)
+        self.act_1 = nn.PReLU()
+        self.act_f = nn.PReLU(5, init=0.1)
+        self.slope = nn.Parameter(torch.tensor([0.3, -0.2, 0.5, 0.05, 0.4]))
+        self.head = nn.Linear(10, ways)
+        with torch.no_grad():
+            self.act_c.weight.copy_(torch.tensor([0.2, -0.1]))
+
+    def forward(self, x):  # [N, 3, 2]
+        h = self.act_c(self.conv(x.unsqueeze(1))).flatten(1)
+        h = self.act_1(self.fc(h))
+        return self.head(torch.cat([self.act_f(h), F.prelu(h * h - 0.1, self.slope)], 1))
+
+
+MODELS = {
+    "spread": (Spread, (3, 2)),
+    "prelu": (PReLUNet, (3, 2)),
+    "logsumexp": (LogSumExp, (3, 2)),
+    "maxmin": (MaxMin, (4,)),
+    "norms": (CosineHead, (3, 2)),
+}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -157,6 +210,94 @@ def test_var_rule_against_autograd(std, dims, keepdim):
     check_rule(rule, lambda x: (x.std if std else x.var)(tuple(d + 1 if d > 0 else d for d in dims), keepdim=keepdim))
 
 
+@pytest.mark.parametrize("dims, keepdim", [((-1,), True), ((1, 2), False), ((2,), False)])
+def test_norm_rule_against_autograd(dims, keepdim):
+    torch.manual_seed(7)
+    rule = NormRule("n", "norm", dims, keepdim)
+    check_rule(rule, lambda x: x.norm(dim=tuple(d + 1 if d > 0 else d for d in dims), keepdim=keepdim))
+
+
+@pytest.mark.parametrize("channels, shape", [(1, (4, 3, 5)), (4, (4, 3, 5)), (3, (3,)), (1, ())])
+@pytest.mark.parametrize("per_task", [True, False])
+def test_prelu_rule_against_autograd(channels, shape, per_task):
+    """PReLU's four passes against autograd, with the slope per task (adapted, with a direction) or common
+    (shared: no direction), on `[T, N, *shape]` values. The gradient at exact zeros takes the slope, as
+    PyTorch's backward does; its double backward takes 1 there for the tangent (so does forward mode), so
+    the tangent passes are checked away from 0."""
+    torch.manual_seed(9)
+    rule = PReLURule("p", "PReLU", channels)
+    x = torch.randn(2, 3, *shape, dtype=torch.float64)
+    zeros = x.clone()
+    zeros[..., :1] = 0.0
+    a = (torch.rand(2, channels, dtype=torch.float64) - 0.3) if per_task else torch.rand(channels).double()
+    a.requires_grad_()
+    ad = torch.randn_like(a) if per_task else torch.zeros_like(a)
+
+    def f(x, a):
+        return torch.stack([F.prelu(x[t], a[t] if per_task else a) for t in range(2)])
+
+    def grads(x, gy):
+        x = x.clone().requires_grad_()
+        y = f(x, a)
+        return (x, y, *torch.autograd.grad(y, (x, a), gy, create_graph=True))
+
+    for point in (zeros, x):
+        gy = torch.randn_like(point)
+        out, saved = rule.forward(None, point, (a.detach(),), True)
+        assert torch.allclose(out, f(point, a).detach(), rtol=1e-12, atol=1e-12)
+        _, _, gx, ga = grads(point, gy)
+        outs = (torch.empty((2, channels), dtype=torch.float64),)
+        assert torch.allclose(rule.backward(None, gy, saved, (a.detach(),), True, outs), gx, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(outs[0] if per_task else outs[0].sum(0), ga, rtol=1e-12, atol=1e-12)
+    xd, gyd = torch.randn_like(x), torch.randn_like(x)
+    v = (ad if per_task else None,)
+    y2, yd, saved = rule.tangent_forward(None, x, xd, (a.detach(),), v)
+    assert torch.allclose(yd, torch.func.jvp(f, (x, a.detach()), (xd, ad))[1], rtol=1e-12, atol=1e-12)
+    touts = (torch.empty((2, channels), dtype=torch.float64),)
+    got, got_d = rule.tangent_backward(None, gy, gyd, saved, (a.detach(),), v, True, outs, touts)
+    xr, y, gx, ga = grads(x, gy)
+    hvp = torch.autograd.grad((gx, ga), (xr, a), (xd, ad), retain_graph=True)
+    jt = torch.autograd.grad(y, (xr, a), gyd)
+    assert torch.allclose(got, gx.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.allclose(got_d, hvp[0] + jt[0], rtol=1e-12, atol=1e-12)
+    got_a = touts[0] if per_task else touts[0].sum(0)
+    assert torch.allclose(got_a, hvp[1] + jt[1], rtol=1e-12, atol=1e-12)
+
+
+class ZeroRows(nn.Module):
+    """The norm of a difference of two equal maps (zero at every example, with a nonzero direction), where
+    PyTorch's norm gradient is 0. `zero_norm`: the norm written as the 0 it is (times the difference, which
+    keeps both maps in the graph)."""
+
+    def __init__(self, zero_norm=False):
+        super().__init__()
+        self.fc, self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3), nn.Linear(4, 3)
+        self.b.load_state_dict(self.a.state_dict())
+        self.head = nn.Linear(4, 3)
+        self.zero_norm = zero_norm
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        d = self.a(h) - self.b(h)
+        size = 0.0 * d[:, :1] if self.zero_norm else d.norm(dim=1, keepdim=True)
+        return self.head(h * (1 + size))
+
+
+def test_zero_vector_norm_follows_pytorch():
+    """As for the zero spread: PyTorch's norm gradient is 0 at a zero vector, its double backward NaN; the
+    second-order reference is the model with the norm written as 0."""
+    torch.manual_seed(8)
+    model, twin = ZeroRows().double(), ZeroRows(zero_norm=True).double()
+    twin.load_state_dict(model.state_dict())
+    tasks = tasks_for((4,), ways=3, shots=2)
+    check_ce(model, tasks, inner_lr=0.3, steps=2, order="first")
+    for order in ("second", "checkpoint"):
+        model.zero_grad()
+        fastmaml.meta_step(model, tasks, inner_lr=0.3, steps=2, order=order, loss="cross_entropy")
+        _, ref, _ = autograd_meta_grad(twin, tasks, inner_lr=0.3, steps=2, order=order, loss_fn=F.cross_entropy)
+        assert_grads_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-9)
+
+
 @pytest.mark.parametrize("dims, keepdim", [((-1,), True), ((1, 2), False)])
 def test_logsumexp_rule_against_autograd(dims, keepdim):
     torch.manual_seed(5)
@@ -184,7 +325,7 @@ def check_rule(rule, f):
     assert torch.allclose(got_d, hvp + jt, rtol=1e-12, atol=1e-12)
 
 
-def test_reductions_over_the_examples_and_min_over_a_dim_fall_back_and_say_why():
+def test_reductions_over_the_examples_min_over_a_dim_and_other_norms_fall_back_and_say_why():
     class OverExamples(nn.Module):
         def __init__(self):
             super().__init__()
@@ -201,7 +342,39 @@ def test_reductions_over_the_examples_and_min_over_a_dim_fall_back_and_say_why()
         def forward(self, x):
             return self.fc(x) - torch.min(self.fc(x), 1, keepdim=True)[0]
 
-    for cls, why in ((OverExamples, "examples' dim 0"), (MinOverDim, "torch.min over a dim")):
+    class L1Norm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x) / self.fc(x).norm(p=1, dim=1, keepdim=True)
+
+    class SpectralNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 6)
+
+        def forward(self, x):
+            h = self.fc(x).view(-1, 2, 3)
+            return h.flatten(1) / torch.linalg.norm(h, ord=2, dim=(1, 2)).unsqueeze(1)
+
+    class WholeNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.fc(x) / torch.norm(self.fc(x))
+
+    cases = (
+        (OverExamples, "examples' dim 0"),
+        (MinOverDim, "torch.min over a dim"),
+        (L1Norm, "p=1"),
+        (SpectralNorm, "ord=2"),
+        (WholeNorm, "over all dimensions"),
+    )
+    for cls, why in cases:
         e = fastmaml.explain(cls(), "cross_entropy")
         assert e.program == "torch.func" and why in e.reason, e
 
@@ -209,4 +382,5 @@ def test_reductions_over_the_examples_and_min_over_a_dim_fall_back_and_say_why()
 def test_float32_error_is_that_of_the_autograd_loop():
     torch.manual_seed(6)
     tasks = tasks_for((3, 2), ways=3, shots=2)
-    check_float32_error(Spread().double(), tasks, inner_lr=0.3, steps=2, loss="cross_entropy", loss_fn=F.cross_entropy)
+    for model in (Spread().double(), CosineHead().double()):
+        check_float32_error(model, tasks, inner_lr=0.3, steps=2, loss="cross_entropy", loss_fn=F.cross_entropy)

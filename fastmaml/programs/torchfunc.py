@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..layout import ParamLayout
 from ..losses import Loss
 from .base import HVP, MODEL_CALL_LOCK, LossGrad, Program
+from .reparam import copyable, use_exact_weight_norm
 
 
 class BatchStatsNorm(nn.Module):
@@ -75,8 +76,11 @@ class BatchStatsNorm(nn.Module):
 
 
 def stateless_copy(model: nn.Module) -> nn.Module:
-    """A copy of `model` on the meta device with BatchNorm replaced by BatchStatsNorm (same names)."""
-    clone = copy.deepcopy(model)
+    """A copy of `model` on the meta device with BatchNorm replaced by BatchStatsNorm (same names) and
+    weight normalization computed as its definition (reparam.py: PyTorch's has no forward-mode derivative)."""
+    with copyable(model):
+        clone = copy.deepcopy(model)
+    use_exact_weight_norm(clone)
     index = 0
     for name, module in list(clone.named_modules()):
         if isinstance(module, nn.modules.batchnorm._BatchNorm):

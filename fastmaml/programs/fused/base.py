@@ -37,6 +37,7 @@ class Rule:
     param_names: Tuple[str, ...] = ()
     arity = 1
     reuses_primal = False  # tangent_forward takes `y=`, tangent_backward `gx=` (see the module docstring)
+    differentiable = True  # False: the output carries no gradient (a mask): no backward, tangent None
     takes_stats = False  # forward and tangent_forward take `given=` statistics of x (see the module docstring)
 
     def __init__(self, name: str, kind: str):

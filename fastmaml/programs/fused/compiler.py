@@ -3,7 +3,7 @@ it off the fused engine.
 
 Layers with rules stay leaf modules: Linear, Conv1d and Conv2d (groups=1, zero padding), BatchNorm1d/2d,
 LayerNorm, GroupNorm, InstanceNorm1d/2d (without running statistics), ReLU, LeakyReLU, Tanh, Sigmoid, ELU,
-GELU (exact), SiLU, Softplus, Mish, Hardtanh, ReLU6, Hardswish, Hardsigmoid, MaxPool2d, AvgPool2d,
+GELU (exact), SiLU, Softplus, Mish, PReLU, Hardtanh, ReLU6, Hardswish, Hardsigmoid, MaxPool2d, AvgPool2d,
 AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropout in eval mode (or p=0),
 and the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA). Everything else a model does is
 traced into nodes, which map to rules:
@@ -17,7 +17,9 @@ traced into nodes, which map to rules:
   `F.normalize` (p=2) of a value over a per-example dim, and of a Linear weight's rows as `F.linear`'s
   weight (a cosine classifier);
 - `x.mean(dims)` and `x.sum(dims)` over per-example dims, the maximum over one (`torch.amax(x, d)`,
-  `x.max(d)[0]`, `.values`), `x.var(dims)` / `x.std(dims)` (any correction), `torch.logsumexp(x, dims)`;
+  `x.max(d)[0]`, `.values`), `x.var(dims)` / `x.std(dims)` (any correction), `torch.logsumexp(x, dims)`,
+  the Euclidean norm (`x.norm(dim=...)`, `torch.norm(x, p=2, dim=...)`, `torch.linalg.vector_norm`,
+  `torch.linalg.norm` of vectors);
   `torch.flatten`, `x.flatten`, `x.view`, `x.reshape` that keep the examples
   apart (sizes may come from the model's own arithmetic on `x.size()` / `x.shape`); `x.squeeze(dims)` and
   `x.unsqueeze(dim)` of per-example dims; `x.permute(...)` and `x.transpose(a, b)` that keep the examples'
@@ -28,7 +30,12 @@ traced into nodes, which map to rules:
 - joins: `+`, `torch.add`, `-` (residual branches), `torch.cat` and `torch.stack` along a feature dim;
   products of two values and their matrix products (`a * b`, `a @ b`, `torch.bmm`: gates, attention),
   division by a value (times its reciprocal), the elementwise maximum and minimum of two values
-  (`torch.maximum`, `torch.max(a, b)`, `torch.minimum`, `torch.min(a, b)`), `F.mish` (x · tanh(softplus(x)));
+  (`torch.maximum`, `torch.max(a, b)`, `torch.minimum`, `torch.min(a, b)`), `F.mish` (x · tanh(softplus(x))),
+  `F.prelu` with the model's own slopes;
+- masks (mask.py): comparisons of values (`x > 0`, `a <= b`, `x != 0`), `&`, `|`, `^`, `~`, their shape
+  operations, read by `torch.where(mask, a, b)` (values or numbers), `x.masked_fill(mask, value)` (−inf
+  before a softmax), a product with a value, or converted to one (`mask.float()`, `.to(x.dtype)`,
+  `.type_as(x)`); a mask has no derivative;
   constants: multiplication or division by a number or a buffer, adding a constant, negation; parameters:
   a value times, plus, minus or divided by one of the model's parameters broadcast over the examples (a
   learned temperature or scale, a learned bias or positional embedding);
@@ -38,7 +45,10 @@ traced into nodes, which map to rules:
   of parameters fail the node; a parameter's shape (`.shape`, `.size()`) is a number. A 1-D parameter (or
   derived tensor) expanded over the examples and concatenated after a value's features,
   `torch.cat([x, p.expand(x.size(0), -1)], dim=1)` (CAVIA's context as its paper's code writes it), is
-  ContextConcat's rule.
+  ContextConcat's rule. A weight PyTorch computes from other parameters as its layer runs
+  (`torch.nn.utils.parametrize`, the `torch.nn.utils.weight_norm` hook: programs/reparam.py) is a derived
+  tensor too, read by its layer or in `forward` (fx traces the parametrized property as a call of its
+  ParametrizationList).
 A layer's sizes (windows, strides, dims) must be numbers when traced; one the model computes from the
 input's shape as it runs (`F.avg_pool2d(x, x.shape[-1])`) fails the node (only reshapes, expand and the
 arithmetic above take such values). In-place writes (`x.add_(y)`, `h += y`, inplace activations) compile
@@ -62,10 +72,12 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ... import batchnorm
 from ...context import CONTEXT_LAYERS, ContextConcat, FiLM
 from ...layout import ParamLayout
+from .. import reparam
 from .base import Rule
 from .context import ContextConcatRule, FiLMRule
 from .conv import Conv1dRule, ConvRule, Geometry
@@ -75,6 +87,7 @@ from .example_norm import ExampleNormRule
 from .graph import Graph, Node, Ref, fuse
 from .joins import AddRule, AffineRule, CatRule, MaximumRule, ParamAffineRule, ProductRule
 from .l2norm import NormalizedLinearRule, NormalizeRule
+from .mask import COMPARISONS, LOGICAL, CompareRule, LogicalRule, MaskCastRule, WhereRule
 from .norm import BatchNormRule
 from .pointwise import (
     ClampRule,
@@ -85,6 +98,7 @@ from .pointwise import (
     HardtanhRule,
     LeakyReLURule,
     MathRule,
+    PReLURule,
     ReLURule,
     SigmoidRule,
     SiLURule,
@@ -92,7 +106,7 @@ from .pointwise import (
     TanhRule,
 )
 from .pooling import AdaptiveAvgPool2dRule, AdaptiveMaxPool2dRule, AvgPool2dRule, MaxOverDimRule, MaxPool2dRule
-from .reduce import LogSumExpRule, VarRule
+from .reduce import LogSumExpRule, NormRule, VarRule
 from .shape import (
     ExpandRule,
     FlattenRule,
@@ -331,7 +345,12 @@ _FUNC_NAMES = {
     torch.var: "var",
     torch.std: "std",
     torch.logsumexp: "logsumexp",
+    torch.norm: "norm",
+    torch.linalg.vector_norm: "vector_norm",
+    torch.linalg.norm: "linalg_norm",
     F.mish: "mish",
+    F.prelu: "prelu",
+    torch.prelu: "prelu",
     F.pad: "pad",
     torch.concat: "cat",
     operator.add: "add",
@@ -348,6 +367,28 @@ _FUNC_NAMES = {
     torch.div: "div",
     operator.neg: "neg",
     torch.neg: "neg",
+    operator.gt: "gt",
+    operator.lt: "lt",
+    operator.ge: "ge",
+    operator.le: "le",
+    operator.eq: "eq",
+    operator.ne: "ne",
+    torch.gt: "gt",
+    torch.lt: "lt",
+    torch.ge: "ge",
+    torch.le: "le",
+    torch.eq: "eq",
+    torch.ne: "ne",
+    operator.and_: "and",
+    operator.or_: "or",
+    operator.xor: "xor",
+    operator.invert: "not",
+    torch.logical_and: "and",
+    torch.logical_or: "or",
+    torch.logical_xor: "xor",
+    torch.logical_not: "not",
+    torch.where: "where",
+    torch.masked_fill: "masked_fill",
 }
 for _name in ("_max_pool2d", "max_pool2d_with_indices"):
     if hasattr(F, _name):
@@ -400,6 +441,7 @@ _METHOD_NAMES = {
     "var": "var",
     "std": "std",
     "logsumexp": "logsumexp",
+    "norm": "norm",
     "max": "max",
     "view": "view",
     "reshape": "view",
@@ -422,6 +464,17 @@ _METHOD_NAMES = {
     "neg": "neg",
     "contiguous": "alias",
     "clone": "alias",
+    **{name: name for name in ("gt", "lt", "ge", "le", "eq", "ne")},
+    "logical_and": "and",
+    "logical_or": "or",
+    "logical_xor": "xor",
+    "logical_not": "not",
+    "__and__": "and",
+    "__or__": "or",
+    "__xor__": "xor",
+    "__invert__": "not",
+    "masked_fill": "masked_fill",
+    **{name: "cast" for name in ("float", "double", "half", "bfloat16", "to", "type_as")},
 }
 _SPECS = {
     "relu": _spec("input", ("inplace", False)),
@@ -513,7 +566,11 @@ _SPECS = {
     "var": _spec("input", ("dim", None), ("unbiased", None), ("keepdim", False), ("correction", None)),
     "std": _spec("input", ("dim", None), ("unbiased", None), ("keepdim", False), ("correction", None)),
     "logsumexp": _spec("input", "dim", ("keepdim", False)),
+    "norm": _spec("input", ("p", "fro"), ("dim", None), ("keepdim", False), ("out", None), ("dtype", None)),
+    "vector_norm": _spec("input", ("ord", 2), ("dim", None), ("keepdim", False), ("dtype", None), ("out", None)),
+    "linalg_norm": _spec("input", ("ord", None), ("dim", None), ("keepdim", False), ("out", None), ("dtype", None)),
     "mish": _spec("input", ("inplace", False)),
+    "prelu": _spec("input", "weight"),
     "max": _spec("input", ("dim", None), ("keepdim", False)),
     "pad": _spec("input", "pad", ("mode", "constant"), ("value", None)),
     "add": _spec("input", "other", ("alpha", 1)),
@@ -522,6 +579,10 @@ _SPECS = {
     "div": _spec("input", "other", ("rounding_mode", None)),
     "neg": _spec("input"),
     "alias": _spec("input", ("memory_format", None)),
+    **{name: _spec("input", "other") for name in ("gt", "lt", "ge", "le", "eq", "ne", "and", "or", "xor")},
+    "not": _spec("input"),
+    "where": _spec("condition", "input", "other"),
+    "masked_fill": _spec("input", "mask", "value"),
 }
 _HOST_BINOPS = {
     operator.add: operator.add,
@@ -542,6 +603,21 @@ class _Value:
 
     def __init__(self, vid: int):
         self.vid = vid
+
+
+class _Mask:
+    """A boolean mask computed from values (mask.py): only `torch.where`, `masked_fill`, logical operations
+    and a cast to a floating-point value read it."""
+
+    def __init__(self, vid: int):
+        self.vid = vid
+
+
+class _DtypeOf:
+    """`x.dtype` of a value (what `mask.to(x.dtype)` converts to)."""
+
+    def __init__(self, value: "_Value"):
+        self.value = value
 
 
 class _NormalizedParam:
@@ -602,7 +678,13 @@ class _Host:
 
 
 # arguments that are tensors (values, parameters) and ops whose other arguments may be computed from sizes
-_TENSOR_ARGUMENTS = frozenset({"input", "other", "tensors", "weight", "bias", "running_mean", "running_var"})
+_TENSOR_ARGUMENTS = frozenset(
+    {"input", "other", "tensors", "weight", "bias", "running_mean", "running_var", "condition", "mask"}
+)
+_CAST_DTYPES = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
+_FLIPPED = {"gt": "lt", "lt": "gt", "ge": "le", "le": "ge", "eq": "eq", "ne": "ne"}
+# shape operations a mask goes through (it stays a mask)
+_MASK_SHAPE_OPS = frozenset({"unsqueeze", "squeeze", "view", "flatten", "permute", "transpose", "expand", "repeat"})
 _HOST_ARGUMENT_OPS = frozenset({"reshape", "add", "sub", "mul", "div"})
 
 
@@ -654,7 +736,7 @@ class _Lowering:
         """A Python value (possibly computed from sizes at run time) as a _Host."""
         if isinstance(a, _Host):
             return a
-        if isinstance(a, (_Value, Ref, _Parts, _MaxOverDim, _NormalizedParam, _ParamExpr, _ExpandedParam)):
+        if isinstance(a, (_Value, Ref, _Parts, _MaxOverDim, _NormalizedParam, _ParamExpr, _ExpandedParam, _Mask)):
             self.fail("a tensor is used where a size or number is expected (or torch.max's indices)")
         if isinstance(a, (list, tuple)):
             parts = [self.host_value(x) for x in a]
@@ -683,6 +765,8 @@ class _Lowering:
         return _Value(out)
 
     def value(self, a, what: str = "input") -> _Value:
+        if isinstance(a, _Mask):
+            self.fail(f"its {what} is a mask (a comparison); convert it to a value first, e.g. mask.to(x.dtype)")
         if not isinstance(a, _Value):
             self.fail(f"its {what} is not a tensor computed from the model's input")
         return a
@@ -712,7 +796,7 @@ class _Lowering:
 
         walk(self.arg(list(n.args)))
         walk(self.arg(list(n.kwargs.values())))
-        if any(isinstance(v, (_Value, _Host, _Parts, _MaxOverDim, _ExpandedParam)) for v in found):
+        if any(isinstance(v, (_Value, _Host, _Parts, _MaxOverDim, _ExpandedParam, _Mask, _DtypeOf)) for v in found):
             return False
         if n.target is F.normalize and isinstance(found[0] if found else None, Ref):
             return False
@@ -881,9 +965,13 @@ class _Lowering:
         return self.finish(out)
 
     def get_attr(self, target: str):
-        obj = self.gm
+        obj = owner = self.gm
         for part in target.split("."):
-            obj = getattr(obj, part)
+            owner, obj = obj, getattr(obj, part)
+        if isinstance(owner, nn.Module) and not isinstance(obj, nn.Parameter):
+            expr = self.reparametrized(owner, part, target.rpartition(".")[0])
+            if expr is not None:  # a weight-norm hook's weight, read outside its layer's call
+                return expr
         if isinstance(obj, nn.Parameter):
             ref = self.slot.get(id(obj))
             if ref is None:
@@ -896,6 +984,10 @@ class _Lowering:
     def module_params(self, m: nn.Module, names) -> Tuple[Optional[Ref], ...]:
         refs = []
         for pn in names:
+            expr = self.reparametrized(m, pn, self.fx_node.target)
+            if expr is not None:  # a parametrized or weight-normalized weight
+                refs.append(self.derive(expr))
+                continue
             p = getattr(m, pn, None)
             if p is None:
                 refs.append(None)
@@ -905,97 +997,125 @@ class _Lowering:
                 refs.append(Ref("c", const=p))
         return tuple(refs)
 
+    def reparametrized(self, m: nn.Module, name: str, path: str) -> Optional[_ParamExpr]:
+        """Module m's tensor `name` as a derived tensor where PyTorch computes it from other parameters
+        (programs/reparam.py: parametrizations, the weight-norm hook), else None."""
+        try:
+            r = reparam.reparametrization(m, name, path)
+        except ValueError as e:
+            self.fail(str(e))
+        return None if r is None else self.reparametrization_expr(r)
+
+    def reparametrization_expr(self, r: "reparam.Reparametrization") -> _ParamExpr:
+        leaves = tuple(self.slot.get(id(p)) for p in r.params)
+        if None in leaves:
+            self.fail(f"{r.text}: computed from a tensor that is not among the model's parameters")
+        with torch.no_grad():
+            shape = tuple(r.fn(list(r.params)).shape)
+        return _ParamExpr(r.fn, leaves, r.text, shape)
+
     def call_module(self, n: fx.Node):
         m = self.gm.get_submodule(n.target)
+        if isinstance(m, parametrize.ParametrizationList):  # a parametrized tensor read in forward
+            if n.args or n.kwargs:
+                self.fail("a ParametrizationList called with arguments")
+            try:
+                return self.reparametrization_expr(reparam.parametrization_list(m, n.target))
+            except ValueError as e:
+                self.fail(str(e))
         x = self.arg(n.args[0]) if n.args else self.arg(next(iter(n.kwargs.values()), None))
         if len(n.args) + len(n.kwargs) != 1:
-            self.fail("a layer called with more than one argument")
+            self.fail("a layer called with more or fewer than one argument")
         x = self.value(x)
-        name, kind = self.name(), type(m).__name__
+        cls = parametrize.type_before_parametrizations(m)
+        name, kind = self.name(), cls.__name__
         inplace = bool(getattr(m, "inplace", False))
-        if type(m) is nn.Identity:
+        if cls is nn.Identity:
             return x
-        if type(m) in _DROPOUTS:
+        if cls in _DROPOUTS:
             if m.training and m.p > 0:
                 self.fail("dropout in training mode is random; exact meta-gradients need it off (call .eval() on it)")
             return x
-        if type(m) is nn.Linear:
+        if cls is nn.Linear:
             return self.emit(LinearRule(name, kind, m.in_features), [x], self.module_params(m, ("weight", "bias")))
-        if type(m) is nn.Conv2d:
+        if cls is nn.Conv2d:
             self.check_conv(m.groups, m.padding_mode, m.padding, m.kernel_size, m.dilation)
             rule = ConvRule(name, kind, Geometry(m.kernel_size, m.stride, m.padding, m.dilation), m.in_channels)
             return self.emit(rule, [x], self.module_params(m, ("weight", "bias")))
-        if type(m) is nn.Conv1d:
+        if cls is nn.Conv1d:
             self.check_conv(m.groups, m.padding_mode, m.padding, m.kernel_size, m.dilation)
             rule = Conv1dRule(name, kind, m.kernel_size, m.stride, m.padding, m.dilation, m.in_channels)
             return self.emit(rule, [x], self.module_params(m, ("weight", "bias")))
-        if type(m) in _NORMS:
+        if cls in _NORMS:
             rule = BatchNormRule(name, kind, m.eps, m.num_features, self.bn_index[id(m)])
             return self.emit(rule, [x], self.module_params(m, ("weight", "bias")))
-        if type(m) in (nn.LayerNorm, nn.GroupNorm) or type(m) in _INSTANCE_NORMS:
+        if cls in (nn.LayerNorm, nn.GroupNorm) or cls in _INSTANCE_NORMS:
             return self.emit(self.example_norm_rule(m, name, kind), [x], self.module_params(m, ("weight", "bias")))
-        if type(m) is nn.ReLU:
+        if cls is nn.ReLU:
             return self.emit(ReLURule(name, kind), [x], inplace=inplace)
-        if type(m) is nn.LeakyReLU:
+        if cls is nn.LeakyReLU:
             return self.emit(LeakyReLURule(name, kind, m.negative_slope), [x], inplace=inplace)
-        if type(m) is nn.ELU:
+        if cls is nn.ELU:
             return self.emit(ELURule(name, kind, m.alpha), [x], inplace=inplace)
-        if type(m) is nn.GELU:
+        if cls is nn.GELU:
             if m.approximate != "none":
                 self.fail(f"approximate={m.approximate!r}; the fused engine supports 'none'")
             return self.emit(GELURule(name, kind), [x])
-        if type(m) is nn.SiLU:
+        if cls is nn.SiLU:
             return self.emit(SiLURule(name, kind), [x], inplace=inplace)
-        if type(m) in (nn.Hardtanh, nn.ReLU6):
+        if cls in (nn.Hardtanh, nn.ReLU6):
             rule = HardtanhRule(name, kind, float(m.min_val), float(m.max_val))
             return self.emit(rule, [x], inplace=inplace)
-        if type(m) is nn.Hardswish:
+        if cls is nn.Hardswish:
             return self.emit(HardswishRule(name, kind), [x], inplace=inplace)
-        if type(m) is nn.Hardsigmoid:
+        if cls is nn.Hardsigmoid:
             return self.emit(HardsigmoidRule(name, kind), [x], inplace=inplace)
-        if type(m) is nn.Mish:
+        if cls is nn.Mish:
             return self.mish(x, kind)
-        if type(m) is nn.Softplus:
+        if cls is nn.PReLU:
+            return self.emit(PReLURule(name, kind, m.num_parameters), [x], self.module_params(m, ("weight",)))
+        if cls is nn.Softplus:
             return self.emit(SoftplusRule(name, kind, float(m.beta), float(m.threshold)), [x])
-        if type(m) is nn.Tanh:
+        if cls is nn.Tanh:
             return self.emit(TanhRule(name, kind), [x])
-        if type(m) is nn.Sigmoid:
+        if cls is nn.Sigmoid:
             return self.emit(SigmoidRule(name, kind), [x])
-        if type(m) is nn.MaxPool2d:
+        if cls is nn.MaxPool2d:
             if m.return_indices:
                 self.fail("return_indices=True (the output is a tuple)")
             return self.emit(
                 MaxPool2dRule(name, kind, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode), [x]
             )
-        if type(m) is nn.AvgPool2d:
+        if cls is nn.AvgPool2d:
             return self.emit(
                 AvgPool2dRule(
                     name, kind, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override
                 ),
                 [x],
             )
-        if type(m) is nn.AdaptiveAvgPool2d:
+        if cls is nn.AdaptiveAvgPool2d:
             return self.emit(AdaptiveAvgPool2dRule(name, kind, m.output_size), [x])
-        if type(m) is nn.AdaptiveMaxPool2d:
+        if cls is nn.AdaptiveMaxPool2d:
             if m.return_indices:
                 self.fail("return_indices=True (the output is a tuple)")
             return self.emit(AdaptiveMaxPool2dRule(name, kind, m.output_size), [x])
-        if type(m) is ContextConcat:
+        if cls is ContextConcat:
             return self.emit(ContextConcatRule(name, kind, m.num_context), [x], self.module_params(m, ("context",)))
-        if type(m) is FiLM:
+        if cls is FiLM:
             return self.emit(
                 FiLMRule(name, kind, m.num_channels, m.num_context), [x], self.module_params(m, FiLMRule.param_names)
             )
-        if type(m) is nn.Flatten:
+        if cls is nn.Flatten:
             if m.start_dim == 0:
                 self.fail("start_dim=0 would merge the examples of a task")
             return self.emit(FlattenRule(name, kind, m.start_dim, m.end_dim), [x])
         self.fail("not a layer the fused engine knows (see fastmaml.explain for what compiles)")
 
     def example_norm_rule(self, m: nn.Module, name: str, kind: str) -> ExampleNormRule:
-        if type(m) is nn.LayerNorm:
+        cls = parametrize.type_before_parametrizations(m)
+        if cls is nn.LayerNorm:
             return ExampleNormRule(name, kind, m.eps, normalized_shape=m.normalized_shape)
-        if type(m) is nn.GroupNorm:
+        if cls is nn.GroupNorm:
             return ExampleNormRule(name, kind, m.eps, groups=m.num_groups, channels=m.num_channels)
         if m.track_running_stats:
             self.fail(
@@ -1016,6 +1136,10 @@ class _Lowering:
         target = n.target
         if self.pure(n):
             return self.param_expr(n)
+        if n.args and isinstance(n.args[0], fx.Node) and isinstance(self.env.get(n.args[0]), _Mask):
+            op = (_METHOD_NAMES if n.op == "call_method" else _FUNC_NAMES).get(target)
+            if op in _MASK_SHAPE_OPS or target is operator.getitem:
+                return self.mask_shape(n)
         if n.op == "call_method":
             if target in ("size", "dim") or (target == "__getattribute__"):
                 return self.host_call(n)
@@ -1046,6 +1170,8 @@ class _Lowering:
             self.fail("no rule for this operation in the fused engine")
         if n.op == "call_method" and target in ("expand", "expand_as", "repeat"):
             return self.expand_or_repeat(n)
+        if op == "cast":
+            return self.cast(n)
         if op == "permute" and n.op == "call_method":  # x.permute(0, 2, 1) or x.permute((0, 2, 1))
             dims = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
             return self.permute(self.value(self.arg(n.args[0])), tuple(n.kwargs.get("dims", dims)))
@@ -1068,6 +1194,10 @@ class _Lowering:
                 )
         if op in _MATH:
             return self._math(a, op)
+        if op in COMPARISONS:
+            return self.compare(a, op)
+        if op in LOGICAL or op == "not":
+            return self.logical(a, op)
         return getattr(self, f"op_{op}")(a, inplace)
 
     def host_call(self, n: fx.Node) -> _Host:
@@ -1087,6 +1217,8 @@ class _Lowering:
             if isinstance(obj, _Value) and attr == "shape":
                 v = obj.vid
                 return _Host(lambda env: env[v].shape[1:], (v,))
+            if isinstance(obj, _Value) and attr == "dtype":
+                return _DtypeOf(obj)
             self.fail(f"attribute {attr!r} of a traced value")
         if target is operator.getitem:
             obj, idx = self.host_value(args[0]), self.host_value(args[1])
@@ -1498,6 +1630,11 @@ class _Lowering:
 
     def op_mul(self, a, inplace):
         x, y = a["input"], a["other"]
+        if isinstance(x, _Mask) or isinstance(y, _Mask):  # a value times a mask, as PyTorch promotes it
+            m, v = (x, y) if isinstance(x, _Mask) else (y, x)
+            v = self.value(v, "other operand of a product with a mask")
+            cast = self.emit(MaskCastRule(self.name(), "mul"), [m, v])
+            return self.emit(ProductRule(self.name(), "mul"), [v, cast], inplace=inplace and v is x)
         if isinstance(y, _Value) and not isinstance(x, _Value):
             x, y = y, x
         if isinstance(x, _Value) and isinstance(y, _Value):
@@ -1619,6 +1756,32 @@ class _Lowering:
         dims = self._feature_dims("logsumexp", a["dim"])
         return self.emit(LogSumExpRule(self.name(), "logsumexp", dims, bool(a["keepdim"])), [self.value(a["input"])])
 
+    def op_norm(self, a, inplace, key: str = "p", euclidean=(2, "fro")):
+        """The Euclidean norm over per-example dims: `p=2` or "fro" (`torch.norm`, `x.norm`), `ord=2`
+        (`torch.linalg.vector_norm`), `ord=None` (`torch.linalg.norm`, whose ord=2 over two dims is not this)."""
+        order = a[key]
+        if not any(order is e or (not isinstance(order, bool) and order == e) for e in euclidean):
+            self.fail(f"a norm with {key}={order!r}: the fused engine has the Euclidean norm")
+        if a["dtype"] is not None or a["out"] is not None:
+            self.fail("a norm with a dtype or out")
+        if a["dim"] is None:
+            self.fail("a norm over all dimensions mixes the examples; give per-example dims")
+        dims = self._feature_dims("norm", a["dim"])
+        return self.emit(NormRule(self.name(), "norm", dims, bool(a["keepdim"])), [self.value(a["input"])])
+
+    def op_vector_norm(self, a, inplace):
+        return self.op_norm(a, inplace, "ord", (2,))
+
+    def op_linalg_norm(self, a, inplace):
+        return self.op_norm(a, inplace, "ord", (None,))
+
+    def op_prelu(self, a, inplace):
+        w = self.param(a["weight"], "weight")
+        shape = self.shape_of(w)
+        if len(shape) != 1:
+            self.fail(f"F.prelu's weight has shape {shape}; it takes one slope per channel, [C] or [1]")
+        return self.emit(PReLURule(self.name(), "prelu", shape[0]), [self.value(a["input"])], (w,))
+
     def op_mish(self, a, inplace):
         return self.mish(self.value(a["input"]), "mish")
 
@@ -1626,6 +1789,79 @@ class _Lowering:
         """x · tanh(softplus(x)), as PyTorch computes it (softplus threshold 20)."""
         t = self.emit(TanhRule(self.name(), kind), [self.emit(SoftplusRule(self.name(), kind, 1.0, 20.0), [x])])
         return self.emit(ProductRule(self.name(), kind), [x, t])
+
+    # -------------------------------------------------------------- masks (mask.py)
+    def mask(self, a, what: str) -> _Mask:
+        if not isinstance(a, _Mask):
+            self.fail(f"its {what} is not a mask computed from values (a comparison such as x > 0)")
+        return a
+
+    def mask_shape(self, n: fx.Node) -> _Mask:
+        """A shape operation (unsqueeze, view, expand, indexing, ...) of a mask: the value's rule, on the mask."""
+        source = n.args[0]
+        m = self.env[source]
+        self.env[source] = _Value(m.vid)
+        try:
+            out = self.call(n)
+        finally:
+            self.env[source] = m
+        return _Mask(self.value(out).vid)
+
+    def compare(self, a, op: str) -> _Mask:
+        x, y = a["input"], a["other"]
+        if not isinstance(x, _Value) and isinstance(y, _Value):
+            x, y, op = y, x, _FLIPPED[op]
+        if isinstance(x, _Value) and isinstance(y, _Value):
+            return _Mask(self.emit(CompareRule(self.name(), op, op), [x, y]).vid)
+        if isinstance(x, _Value) and isinstance(y, (int, float)) and not isinstance(y, bool):
+            return _Mask(self.emit(CompareRule(self.name(), op, op, other=y), [x]).vid)
+        self.fail("a comparison the fused engine cannot follow: give two values, or a value and a number")
+
+    def logical(self, a, op: str) -> _Mask:
+        masks = [self.mask(a["input"], "operand")] + ([] if op == "not" else [self.mask(a["other"], "operand")])
+        return _Mask(self.emit(LogicalRule(self.name(), op, op), masks).vid)
+
+    def op_where(self, a, inplace):
+        m = self.mask(a["condition"], "condition")
+        values, numbers = [], {}
+        for key in ("input", "other"):
+            v = a[key]
+            if isinstance(v, _Value):
+                values.append(v)
+                numbers[key] = None
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                numbers[key] = v
+            else:
+                self.fail(f"torch.where's {key} is neither a value nor a number")
+        if not values:
+            self.fail("torch.where of two numbers")
+        return self.emit(WhereRule(self.name(), "where", numbers["input"], numbers["other"]), [m, *values])
+
+    def op_masked_fill(self, a, inplace):
+        x, m, fill = self.value(a["input"]), self.mask(a["mask"], "mask"), a["value"]
+        if not isinstance(fill, (int, float)) or isinstance(fill, bool):
+            self.fail("masked_fill's value must be a number")
+        return self.emit(WhereRule(self.name(), "masked_fill", a=fill), [m, x])
+
+    def cast(self, n: fx.Node):
+        """A mask converted to a floating-point value (`mask.float()`, `.to(dtype)`, `.to(x.dtype)`,
+        `.type_as(x)`); a move to a device (`.to(x.device)`) keeps it a mask."""
+        args = [self.arg(x) for x in n.args] + [self.arg(v) for v in n.kwargs.values()]
+        m = args[0]
+        if not isinstance(m, _Mask):
+            self.fail(f"{n.target}() of a value (a dtype conversion) has no rule; only masks convert")
+        name = self.name()
+        if n.target in _CAST_DTYPES:
+            return self.emit(MaskCastRule(name, n.target, _CAST_DTYPES[n.target]), [m])
+        like = [v.value if isinstance(v, _DtypeOf) else v for v in args[1:] if isinstance(v, (_Value, _DtypeOf))]
+        if like:
+            return self.emit(MaskCastRule(name, n.target), [m, like[0]])
+        dtypes = [v for v in args[1:] if isinstance(v, torch.dtype)]
+        if dtypes and dtypes[0] != torch.bool:
+            if not dtypes[0].is_floating_point:
+                self.fail(f"a mask converted to {dtypes[0]}; the fused engine takes floating-point values")
+            return self.emit(MaskCastRule(name, n.target, dtypes[0]), [m])
+        return m
 
     def op_stack(self, a, inplace):
         xs, d = a["tensors"], a["dim"]
@@ -1711,7 +1947,7 @@ def compile_model(model: nn.Module, layout=None, bn_layers=None) -> Graph:
     if bn_layers is None:
         bn_layers = [m for _, m in batchnorm.bn_layers(model)]
     for name, m in model.named_modules():
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks:
+        if reparam.has_other_hooks(m):
             raise Unsupported(
                 name or "<model>",
                 type(m).__name__,

@@ -1,7 +1,7 @@
 """Elementwise activations y = f(x): gx = f'(x) gy, ẏ = f'(x) ẋ, ġx = f'(x) ġy + f''(x) ẋ gy.
 
 `d1(g, x, y)` applies f' (PyTorch's own backward kernels), `d2(x, y)` gives f'' (None where it is 0:
-the piecewise-linear ReLU and LeakyReLU).
+the piecewise-linear ReLU and LeakyReLU). PReLU's slope is a parameter (`PReLURule`).
 """
 
 from __future__ import annotations
@@ -269,3 +269,75 @@ class ClampRule(PointwiseRule):
         if self.high is not None:
             inside &= x <= self.high
         return g * inside.to(g.dtype)
+
+
+class PReLURule(Rule):
+    """PReLU (`nn.PReLU`, `F.prelu`): y = x where x > 0, else a x, with the learned slope a one per channel
+    (`[C]`, the per-example dim 0) or one for all (`[1]`). With m = [x > 0] and s = m + (1 − m) a (PyTorch
+    takes a at x = 0): gx = s g, ga = Σ (1 − m) x g over the examples and the dims after the channel,
+    ẏ = s ẋ + (1 − m) x ȧ, ġx = s ġ + (1 − m) ȧ g, ġa = Σ (1 − m)(ẋ g + x ġ). p = (weight,)."""
+
+    param_names = ("weight",)
+
+    def __init__(self, name: str, kind: str, num_parameters: int):
+        super().__init__(name, kind)
+        self.num_parameters = num_parameters
+
+    def _view(self, a, x):
+        """A slope (or direction) `[T, C]` / `[C]` broadcastable against x `[T, N, C, *rest]`."""
+        if a is None:
+            return None
+        per_task = a.dim() == 2
+        if self.num_parameters == 1:
+            return a.view(a.shape[0], *([1] * (x.dim() - 1))) if per_task else a
+        if x.dim() < 3 or x.shape[2] != self.num_parameters:
+            raise ValueError(
+                f"model layer {self.describe()}: {self.num_parameters} slopes, one per channel, but per-example "
+                f"inputs {tuple(x.shape[1:])} have no channel dim of that size first"
+            )
+        rest = [1] * (x.dim() - 3)
+        return a.view(a.shape[0], 1, self.num_parameters, *rest) if per_task else a.view(-1, *rest)
+
+    def _to_param(self, g, out) -> None:
+        """g `[T, N, C, *rest]` summed to the slope's `out` `[T, C]` (or `[T, 1]`)."""
+        dims = tuple(range(1, g.dim())) if self.num_parameters == 1 else (1, *range(3, g.dim()))
+        out.copy_(g.sum(dims).view(out.shape))
+
+    def _slope(self, x, a):
+        """(m = [x > 0], s = m + (1 − m) a, (1 − m) x)."""
+        m = x > 0
+        return m, torch.where(m, torch.ones_like(x), self._view(a, x)), torch.where(m, torch.zeros_like(x), x)
+
+    def forward(self, ops, x, p, save):
+        return x * self._slope(x, p[0])[1], x if save else None
+
+    def backward(self, ops, gy, x, p, need_x, outs):
+        m, s, below = self._slope(x, p[0])
+        if outs[0] is not None:
+            self._to_param(below * gy, outs[0])
+        return s * gy if need_x else None
+
+    def tangent_forward(self, ops, x, xd, p, v):
+        m, s, below = self._slope(x, p[0])
+        y = x * s
+        yd = None if xd is None else s * xd
+        if v[0] is not None:
+            yd = below * self._view(v[0], x) if yd is None else yd + below * self._view(v[0], x)
+        return y, yd, (x, xd)
+
+    def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
+        x, xd = saved
+        m, s, below = self._slope(x, p[0])
+        if outs[0] is not None:
+            self._to_param(below * gy, outs[0])
+        if touts[0] is not None:
+            gd = below * gyd
+            if xd is not None:
+                gd = gd + torch.where(m, torch.zeros_like(xd), xd) * gy
+            self._to_param(gd, touts[0])
+        if not need_x:
+            return None, None
+        gxd = s * gyd
+        if v[0] is not None:
+            gxd = gxd + torch.where(m, torch.zeros_like(gy), self._view(v[0], x) * gy)
+        return s * gy, gxd

@@ -79,7 +79,7 @@ class _Plan:
                 r is not None and (r.group in groups or (r.group == "d" and self.derived[r.index])) for r in node.params
             )
             need = tuple(needs[v] for v in node.inputs)
-            self.active.append(own or any(need))
+            self.active.append((own or any(need)) and node.rule.differentiable)
             self.need.append(need)
             needs[node.output] = self.active[-1]
 

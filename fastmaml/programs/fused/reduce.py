@@ -1,11 +1,15 @@
 """Nonlinear reductions over per-example dims: variance and standard deviation (`x.var(dim)`, `x.std(dim)`:
-a feature's spread, instance statistics written by hand) and logsumexp.
+a feature's spread, instance statistics written by hand), the Euclidean norm (`x.norm(dim=1)`: a cosine
+classifier written by hand) and logsumexp.
 
 Variance v = Σ c² / k over the dims, c = x − mean(x), k = n − correction. Since Σ c = 0 the mean's own
 derivative drops out: v̇ = 2 Σ c ẋ / k and gx = 2 c g / k. The standard deviation is f(v) = √v, with
 f' = 1 / (2y) and f'' = −1 / (4y³), both 0 where y = 0 (PyTorch's convention: `std_backward` masks there). For
 y = f(v): gx = f'(v) 2c g / k, ẏ = f'(v) v̇, and the tangent of the gradient is
 ġx = 2/k [f'(v) ((ẋ − mean(ẋ)) g + c ġ) + f''(v) v̇ c g].
+
+Euclidean norm y = √(Σ x²), with r = 1 / y (0 where y = 0: PyTorch's `norm_backward` masks there):
+gx = r x g, ẏ = r Σ x ẋ, ġx = r (ẋ g + x ġ) − r² ẏ x g.
 
 logsumexp y = log Σ eˣ, s = e^(x − y): gx = s g, ẏ = Σ s ẋ, ġx = s ġ + s (ẋ − ẏ) g.
 """
@@ -92,6 +96,47 @@ class VarRule(_Reduction):
             if self.std:  # f''(v) = −1/(4y³) = −2 f'(v)³
                 gxd = gxd - 2.0 * f1.pow(3) * vd * c * g
         return gx, (2.0 / k) * gxd
+
+
+class NormRule(_Reduction):
+    """The Euclidean norm over `dims` (`x.norm(dim=...)`, `torch.norm(x, p=2, dim=...)`,
+    `torch.linalg.vector_norm(x, dim=...)`)."""
+
+    def _primal(self, x):
+        """(y with dims kept, r = 1 / y masked to 0 at y = 0, dims)."""
+        dims = self._dims(x)
+        y = torch.linalg.vector_norm(x, 2, dims, keepdim=True)
+        return y, torch.where(y == 0, torch.zeros_like(y), y.reciprocal()), dims
+
+    def _out(self, y, dims):
+        return y if self.keepdim else y.squeeze(dims)
+
+    def forward(self, ops, x, p, save):
+        y, r, dims = self._primal(x)
+        return self._out(y, dims), (x, r, dims, None, None) if save else None
+
+    def backward(self, ops, gy, saved, p, need_x, outs):
+        if not need_x:
+            return None
+        x, r, dims = saved[:3]
+        return x * (r * self._kept(gy, dims))
+
+    def tangent_forward(self, ops, x, xd, p, v):
+        y, r, dims = self._primal(x)
+        if xd is None:
+            return self._out(y, dims), None, (x, r, dims, None, None)
+        yd = r * (x * xd).sum(dims, keepdim=True)
+        return self._out(y, dims), self._out(yd, dims), (x, r, dims, xd, yd)
+
+    def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
+        if not need_x:
+            return None, None
+        x, r, dims, xd, yd = saved
+        rg, rgd = r * self._kept(gy, dims), r * self._kept(gyd, dims)
+        gxd = x * rgd
+        if xd is not None:
+            gxd = gxd + xd * rg - x * (r * yd * rg)
+        return x * rg, gxd
 
 
 class LogSumExpRule(_Reduction):
