@@ -36,7 +36,7 @@ def program_of(model, loss="mse"):
             "no rule for this operation",
         ),
         (nn.Sequential(nn.Linear(1, 4), nn.Dropout(0.3), nn.Linear(4, 1)), "1", "Dropout", "training mode"),
-        (nn.Sequential(nn.Conv2d(2, 4, 3, groups=2)), "0", "Conv2d", "groups=2"),
+        (nn.Sequential(nn.ConvTranspose2d(2, 4, 3)), "0", "ConvTranspose2d", "not a layer the fused engine knows"),
         (nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")), "0", "Conv2d", "padding_mode"),
         (nn.Sequential(nn.Linear(2, 2), nn.GELU(approximate="tanh")), "1", "GELU", "approximate"),
         (nn.Sequential(nn.Linear(2, 2), nn.Flatten(0)), "1", "Flatten", "start_dim=0"),

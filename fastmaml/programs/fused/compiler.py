@@ -1,7 +1,7 @@
 """Compiles a model into a graph of rules by tracing its `forward` with torch.fx, or says which node keeps
 it off the fused engine.
 
-Layers with rules stay leaf modules: Linear, Conv1d and Conv2d (groups=1, zero padding), BatchNorm1d/2d,
+Layers with rules stay leaf modules: Linear, Conv1d and Conv2d (any groups, zero padding), BatchNorm1d/2d,
 LayerNorm, GroupNorm, InstanceNorm1d/2d (without running statistics), ReLU, LeakyReLU, Tanh, Sigmoid, ELU,
 GELU (exact), SiLU, Softplus, Mish, PReLU, Hardtanh, ReLU6, Hardswish, Hardsigmoid, MaxPool2d, AvgPool2d,
 AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropout in eval mode (or p=0),
@@ -1039,12 +1039,13 @@ class _Lowering:
         if cls is nn.Linear:
             return self.emit(LinearRule(name, kind, m.in_features), [x], self.module_params(m, ("weight", "bias")))
         if cls is nn.Conv2d:
-            self.check_conv(m.groups, m.padding_mode, m.padding, m.kernel_size, m.dilation)
-            rule = ConvRule(name, kind, Geometry(m.kernel_size, m.stride, m.padding, m.dilation), m.in_channels)
+            self.check_conv(m.padding_mode, m.padding, m.kernel_size, m.dilation)
+            geometry = Geometry(m.kernel_size, m.stride, m.padding, m.dilation, m.groups)
+            rule = ConvRule(name, kind, geometry, m.in_channels)
             return self.emit(rule, [x], self.module_params(m, ("weight", "bias")))
         if cls is nn.Conv1d:
-            self.check_conv(m.groups, m.padding_mode, m.padding, m.kernel_size, m.dilation)
-            rule = Conv1dRule(name, kind, m.kernel_size, m.stride, m.padding, m.dilation, m.in_channels)
+            self.check_conv(m.padding_mode, m.padding, m.kernel_size, m.dilation)
+            rule = Conv1dRule(name, kind, m.kernel_size, m.stride, m.padding, m.dilation, m.in_channels, m.groups)
             return self.emit(rule, [x], self.module_params(m, ("weight", "bias")))
         if cls in _NORMS:
             rule = BatchNormRule(name, kind, m.eps, m.num_features, self.bn_index[id(m)])
@@ -1124,9 +1125,7 @@ class _Lowering:
             )
         return ExampleNormRule(name, kind, m.eps, channels=m.num_features)
 
-    def check_conv(self, groups, padding_mode, padding, kernel_size, dilation):
-        if groups != 1:
-            self.fail(f"groups={groups}; the fused engine supports groups=1")
+    def check_conv(self, padding_mode, padding, kernel_size, dilation):
         if padding_mode != "zeros":
             self.fail(f"padding_mode={padding_mode!r}; the fused engine supports 'zeros'")
         if padding == "same" and Geometry.same_is_asymmetric(kernel_size, dilation):
@@ -1513,8 +1512,9 @@ class _Lowering:
         shape = self.shape_of(w)
         if len(shape) != 4:
             self.fail("F.conv2d needs a weight [out, in, kh, kw]")
-        self.check_conv(a["groups"], "zeros", a["padding"], shape[2:], a["dilation"])
-        rule = ConvRule(self.name(), "conv2d", Geometry(shape[2:], a["stride"], a["padding"], a["dilation"]), shape[1])
+        self.check_conv("zeros", a["padding"], shape[2:], a["dilation"])
+        geometry = Geometry(shape[2:], a["stride"], a["padding"], a["dilation"], a["groups"])
+        rule = ConvRule(self.name(), "conv2d", geometry, shape[1] * a["groups"])
         return self.emit(rule, [self.value(a["input"])], (w, self.param(a["bias"], "bias")))
 
     def op_conv1d(self, a, inplace):
@@ -1522,8 +1522,11 @@ class _Lowering:
         shape = self.shape_of(w)
         if len(shape) != 3:
             self.fail("F.conv1d needs a weight [out, in, k]")
-        self.check_conv(a["groups"], "zeros", a["padding"], shape[2:], a["dilation"])
-        rule = Conv1dRule(self.name(), "conv1d", shape[2], a["stride"], a["padding"], a["dilation"], shape[1])
+        self.check_conv("zeros", a["padding"], shape[2:], a["dilation"])
+        groups = a["groups"]
+        rule = Conv1dRule(
+            self.name(), "conv1d", shape[2], a["stride"], a["padding"], a["dilation"], shape[1] * groups, groups
+        )
         return self.emit(rule, [self.value(a["input"])], (w, self.param(a["bias"], "bias")))
 
     def op_batch_norm(self, a, inplace):

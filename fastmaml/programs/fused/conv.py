@@ -7,6 +7,8 @@ Per-task weights `[T, O, C, kh, kw]` make every task a different convolution. St
   fastmaml/ops/backends/triton_conv.py; CUDA, or the CPU under TRITON_INTERPRET=1 for tests): one launch
   per pass, the tangent passes (value and tangent together) too. Never chosen by "auto" (unmeasured).
 A common weight `[O, C, kh, kw]` (step 0, or a shared layer) is one convolution over `[T·N, C, H, W]`.
+Grouped and depthwise convolutions (`Geometry.groups` G, weights `[O, C/G, kh, kw]`) run every strategy but
+"triton" (its kernels have groups 1; "grouped" instead), "grouped" with T·G groups.
 `STRATEGY` holds the choice per device type ("auto": by size, see `choose`); `ConvRule.strategy`
 overrides it per layer. The choice and its threshold come from `benchmarks/conv_batching.py` (grouped
 wins while a task's N·H·W is small, the per-task loop beyond; results in benchmarks/RESULTS.md).
@@ -14,7 +16,8 @@ Gradients w.r.t. input and weight come from one
 `aten.convolution_backward` call.
 
 R-op: ẏ = conv(ẋ, w) + conv(x, ẇ) + ḃ (one convolution of [ẋ | x] with [w | ẇ] along input
-channels); backward tangent: ġw = ∂w(x, ġy) + ∂w(ẋ, gy), ġx = ∂x(ġy, w) + ∂x(gy, ẇ).
+channels; two for G > 1, whose groups that concatenation would mix); backward tangent:
+ġw = ∂w(x, ġy) + ∂w(ẋ, gy), ġx = ∂x(ġy, w) + ∂x(gy, ẇ).
 
 A convolution whose output only a BatchNorm rule reads runs `forward_stats` / `tangent_forward_stats`
 (FusedProgram): with strategy "triton" they also return the batch statistics of y (and ẏ) from the
@@ -48,10 +51,12 @@ def _pair(v):
 
 
 class Geometry:
-    """Kernel size, stride, padding and dilation of a 2-d convolution (padding "valid" or "same", symmetric
-    only: the compiler rejects an even effective kernel with "same")."""
+    """Kernel size, stride, padding, dilation and groups of a 2-d convolution (padding "valid" or "same",
+    symmetric only: the compiler rejects an even effective kernel with "same"; groups > 1: grouped and
+    depthwise convolutions, weights `[O, C / groups, kh, kw]`)."""
 
-    def __init__(self, kernel_size, stride=1, padding=0, dilation=1):
+    def __init__(self, kernel_size, stride=1, padding=0, dilation=1, groups=1):
+        self.groups = int(groups)
         self.kernel = _pair(kernel_size)
         self.stride = _pair(stride)
         self.dilation = _pair(dilation)
@@ -89,7 +94,7 @@ def conv_forward(x, w, b, g: Geometry, strategy: str):
     T, N = x.shape[:2]
     if w.dim() == 4:
         common_b = b if b is None or b.dim() == 1 else None
-        y = F.conv2d(x.reshape(T * N, *x.shape[2:]), w, common_b, g.stride, g.padding, g.dilation)
+        y = F.conv2d(x.reshape(T * N, *x.shape[2:]), w, common_b, g.stride, g.padding, g.dilation, g.groups)
         y = y.view(T, N, *y.shape[1:])
         if b is not None and b.dim() == 2:
             y = y + b[:, None, :, None, None]
@@ -98,17 +103,29 @@ def conv_forward(x, w, b, g: Geometry, strategy: str):
         b = b.expand(T, -1)
     if strategy == "loop" and torch.is_grad_enabled():  # differentiable path (AdaptedModel)
         return torch.stack(
-            [F.conv2d(x[t], w[t], None if b is None else b[t], g.stride, g.padding, g.dilation) for t in range(T)]
+            [
+                F.conv2d(x[t], w[t], None if b is None else b[t], g.stride, g.padding, g.dilation, g.groups)
+                for t in range(T)
+            ]
         )
     if strategy == "loop":  # each task's output written in place into one [T, N, O, H', W'] buffer (x's format)
-        y0 = F.conv2d(x[0], w[0], None if b is None else b[0], g.stride, g.padding, g.dilation)
+        y0 = F.conv2d(x[0], w[0], None if b is None else b[0], g.stride, g.padding, g.dilation, g.groups)
         if T == 1:  # one task (the CPU's chunks of large activations): the output as it comes, no copy
             return y0.unsqueeze(0)
         y = mf.empty_as((T, *y0.shape), x)
         y[0] = y0
         for t in range(1, T):
             aten.convolution.out(
-                x[t], w[t], None if b is None else b[t], g.stride, g.padding, g.dilation, False, [0, 0], 1, out=y[t]
+                x[t],
+                w[t],
+                None if b is None else b[t],
+                g.stride,
+                g.padding,
+                g.dilation,
+                False,
+                [0, 0],
+                g.groups,
+                out=y[t],
             )
         return y
     C, Cout = x.shape[2], w.shape[1]
@@ -120,7 +137,7 @@ def conv_forward(x, w, b, g: Geometry, strategy: str):
         g.stride,
         g.padding,
         g.dilation,
-        T,
+        T * g.groups,
     )
     return mf.dense_as(y.view(N, T, Cout, *y.shape[2:]).transpose(0, 1), x)
 
@@ -149,7 +166,7 @@ def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb
             g.dilation,
             False,
             [0, 0],
-            1,
+            g.groups,
             [True, False, False],
         )[0]
         return gx.view(T, N, *gx.shape[1:])
@@ -158,7 +175,17 @@ def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb
     mask = [need_x, need_w, need_b]
     if strategy == "loop" and T == 1:  # one task: its gradients as they come (out= variants copy)
         gx, gw, gb = aten.convolution_backward(
-            gy[0], x[0], w[0], [w.shape[1]] if need_b else None, g.stride, g.padding, g.dilation, False, [0, 0], 1, mask
+            gy[0],
+            x[0],
+            w[0],
+            [w.shape[1]] if need_b else None,
+            g.stride,
+            g.padding,
+            g.dilation,
+            False,
+            [0, 0],
+            g.groups,
+            mask,
         )
         if need_w:
             gw_out[0].add_(gw) if accumulate else gw_out[0].copy_(gw)
@@ -180,7 +207,7 @@ def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb
                     g.dilation,
                     False,
                     [0, 0],
-                    1,
+                    g.groups,
                     mask,
                     out0=gx[t],
                     out1=gw_out[t],
@@ -188,7 +215,7 @@ def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb
                 )
                 continue
             gx_t, gw_t, gb_t = aten.convolution_backward(
-                gy[t], x[t], w[t], bias, g.stride, g.padding, g.dilation, False, [0, 0], 1, mask
+                gy[t], x[t], w[t], bias, g.stride, g.padding, g.dilation, False, [0, 0], g.groups, mask
             )
             if need_x:
                 gx[t] = gx_t
@@ -201,7 +228,17 @@ def conv_backward(gy, x, w, g: Geometry, strategy: str, need_x: bool, gw_out, gb
     xg = x.transpose(0, 1).reshape(N, T * C, *x.shape[3:])
     gg = gy.transpose(0, 1).reshape(N, T * Cout, *gy.shape[3:])
     gx, gw, _ = aten.convolution_backward(
-        gg, xg, w.reshape(T * Cout, *w.shape[2:]), None, g.stride, g.padding, g.dilation, False, [0, 0], T, mask
+        gg,
+        xg,
+        w.reshape(T * Cout, *w.shape[2:]),
+        None,
+        g.stride,
+        g.padding,
+        g.dilation,
+        False,
+        [0, 0],
+        T * g.groups,
+        mask,
     )
     if need_w:
         gw = gw.view(gw_out.shape)
@@ -238,7 +275,8 @@ class ConvRule(Rule):
         self.strategy = None  # None: STRATEGY[device type]
 
     def _strategy(self, x):
-        return choose(self.strategy or STRATEGY.get(x.device.type, "auto"), x)
+        s = choose(self.strategy or STRATEGY.get(x.device.type, "auto"), x)
+        return "grouped" if s == "triton" and self.geometry.groups > 1 else s  # the kernels have groups=1
 
     def _check(self, x):
         if x.dim() != 5 or x.shape[2] != self.in_channels:
@@ -294,7 +332,9 @@ class ConvRule(Rule):
             return (*triton_value_tangent(x, xd, w, b, wd, bd, self.geometry, y), (x, xd))
         if y is None:
             y = conv_forward(x, w, b, self.geometry, s)
-        if xd is not None and wd is not None:
+        if xd is not None and wd is not None and self.geometry.groups > 1:
+            yd = conv_forward(mf.dense_as(xd, x), w, bd, self.geometry, s) + conv_forward(x, wd, None, self.geometry, s)
+        elif xd is not None and wd is not None:  # one convolution of [ẋ | x] with [w | ẇ]
             wt = w if w.dim() == 5 else w.expand_as(wd)
             yd = conv_forward(mf.cat([xd, x], 2, x), torch.cat([wt, wd], 2), bd, self.geometry, s)
         elif wd is not None:
@@ -347,13 +387,12 @@ class Conv1dRule(Rule):
     param_names = ("weight", "bias")
     reuses_primal = True
 
-    def __init__(self, name: str, kind: str, kernel_size, stride, padding, dilation, in_channels: int):
+    def __init__(self, name: str, kind: str, kernel_size, stride, padding, dilation, in_channels: int, groups=1):
         super().__init__(name, kind)
         one = lambda v: v[0] if isinstance(v, (tuple, list)) else v  # noqa: E731
         pad = padding if isinstance(padding, str) else (0, one(padding))
-        self.conv2d = ConvRule(
-            name, kind, Geometry((1, one(kernel_size)), (1, one(stride)), pad, (1, one(dilation))), in_channels
-        )
+        geometry = Geometry((1, one(kernel_size)), (1, one(stride)), pad, (1, one(dilation)), groups)
+        self.conv2d = ConvRule(name, kind, geometry, in_channels)
 
     def _x(self, x):
         if x.dim() != 4:

@@ -58,9 +58,9 @@ class ConvBlockRule(BatchNormRule):
 
     @staticmethod
     def fusable(conv: ConvRule) -> bool:
-        """A convolution worth fusing: at most `MAX_TAPS` taps Ci·kh·kw."""
+        """A convolution worth fusing: at most `MAX_TAPS` taps Ci·kh·kw, not grouped (the kernels' groups is 1)."""
         kh, kw = conv.geometry.kernel
-        return conv.in_channels * kh * kw <= MAX_TAPS
+        return conv.in_channels * kh * kw <= MAX_TAPS and conv.geometry.groups == 1
 
     def _geometry(self):
         g = self.conv.geometry
