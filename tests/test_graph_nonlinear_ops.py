@@ -190,7 +190,12 @@ def test_zero_spread_follows_pytorch():
     oracle cannot do second order through it: the reference is the same model with the std written as 0
     (its value, and its gradient under PyTorch's convention). First order is checked on the model itself."""
     torch.manual_seed(3)
-    model, twin = ConstantRows().double(), ConstantRows(zero_std=True).double()
+    check_against_twin(ConstantRows().double(), ConstantRows(zero_std=True).double())
+
+
+def check_against_twin(model, twin):
+    """First order on `model` itself; second order and checkpoint against `twin`, the same model with the
+    quantity whose double backward PyTorch gives as NaN written as the 0 it is."""
     twin.load_state_dict(model.state_dict())
     tasks = tasks_for((4,), ways=3, shots=2)
     check_ce(model, tasks, inner_lr=0.3, steps=2, order="first")
@@ -287,15 +292,7 @@ def test_zero_vector_norm_follows_pytorch():
     """As for the zero spread: PyTorch's norm gradient is 0 at a zero vector, its double backward NaN; the
     second-order reference is the model with the norm written as 0."""
     torch.manual_seed(8)
-    model, twin = ZeroRows().double(), ZeroRows(zero_norm=True).double()
-    twin.load_state_dict(model.state_dict())
-    tasks = tasks_for((4,), ways=3, shots=2)
-    check_ce(model, tasks, inner_lr=0.3, steps=2, order="first")
-    for order in ("second", "checkpoint"):
-        model.zero_grad()
-        fastmaml.meta_step(model, tasks, inner_lr=0.3, steps=2, order=order, loss="cross_entropy")
-        _, ref, _ = autograd_meta_grad(twin, tasks, inner_lr=0.3, steps=2, order=order, loss_fn=F.cross_entropy)
-        assert_grads_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-9)
+    check_against_twin(ZeroRows().double(), ZeroRows(zero_norm=True).double())
 
 
 @pytest.mark.parametrize("dims, keepdim", [((-1,), True), ((1, 2), False)])

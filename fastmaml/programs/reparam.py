@@ -1,16 +1,17 @@
 """Weights PyTorch computes from other parameters as a layer runs: `torch.nn.utils.parametrize`
-(`parametrizations.weight_norm`, `orthogonal`, a user's own parametrization) and the older weight-norm hook
+(`parametrizations.weight_norm`, a user's own parametrization) and the older weight-norm hook
 (`torch.nn.utils.weight_norm`: `weight_g`, `weight_v`).
 
-The fused compiler takes such a weight as a derived tensor (fused/derived.py): `reparametrization(module, name)` is the
-function of the parameters it is computed from. Weight normalization is written out, w = v · g / ‖v‖ with
-the norm over every dim but `dim` (over all of them for dim = −1, PyTorch's "whole tensor"): PyTorch's fused
-`torch._weight_norm` has no forward-mode derivative and no vmap rule, which a derived tensor and the
-torch.func program (`use_exact_weight_norm`) need, and its double backward is wrong (torch 2.13:
-gradgradcheck fails on it). Other
-parametrizations run as the model's own modules (copies on the meta device, called with the parameters by
-`torch.func.functional_call`), chained as `ParametrizationList.forward` chains them. One that keeps buffers
-is refused: spectral_norm's power iteration updates its vectors in place as it runs.
+The fused compiler takes such a weight as a derived tensor (fused/derived.py): `reparametrization(module,
+name)` is the function of the parameters it is computed from. Parametrizations run as the model's own
+modules (copies on the meta device, called with the parameters by `torch.func.functional_call`), chained as
+`ParametrizationList.forward` chains them; one that keeps buffers is refused (its state is not a
+parameter: spectral_norm's power iteration updates its vectors in place as it runs; orthogonal keeps a base).
+
+Weight normalization is written out as its definition, w = v · g / ‖v‖ with the norm over every dim but
+`dim` (over all of them for dim = −1, PyTorch's "whole tensor"), here and in the torch.func program's copy
+of the model (`use_exact_weight_norm`): PyTorch's fused `torch._weight_norm` has no forward-mode derivative
+and no vmap rule, which both need, and its double backward is wrong (torch 2.13: gradgradcheck fails on it).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def weight_norm(v: Tensor, g: Tensor, dim: int) -> Tensor:
     return v * (g / torch.linalg.vector_norm(v, 2, others, keepdim=True))
 
 
-class ExactWeightNorm(nn.Module):
+class _ExactWeightNorm(nn.Module):
     """`parametrizations.weight_norm`'s parametrization, computed as `weight_norm` (its definition)."""
 
     def __init__(self, dim: int):
@@ -89,7 +90,7 @@ def use_exact_weight_norm(model: nn.Module) -> None:
         if isinstance(m, parametrize.ParametrizationList):
             for i, f in enumerate(m):
                 if type(f) is parametrizations._WeightNorm:
-                    m[i] = ExactWeightNorm(f.dim)
+                    m[i] = _ExactWeightNorm(f.dim)
         for key, hook in list(m._forward_pre_hooks.items()):
             if type(hook) is WeightNorm:
                 m._forward_pre_hooks[key] = _ExactWeightNormHook(hook.name, hook.dim)
@@ -105,7 +106,7 @@ def reparametrization(m: nn.Module, name: str, path: str) -> Optional[Reparametr
     """Module m's tensor `name` (m at `path` in the model) as a function of parameters, or None when PyTorch
     does not compute it. Raises ValueError for a parametrization with buffers."""
     if parametrize.is_parametrized(m, name):
-        return _parametrized(m.parametrizations[name], f"{path}.parametrizations.{name}")
+        return parametrization_list(m.parametrizations[name], f"{path}.parametrizations.{name}")
     hook = next((h for h in m._forward_pre_hooks.values() if isinstance(h, WeightNorm) and h.name == name), None)
     if hook is None:
         return None
@@ -116,16 +117,13 @@ def reparametrization(m: nn.Module, name: str, path: str) -> Optional[Reparametr
 
 
 def parametrization_list(plist: nn.Module, path: str) -> Reparametrization:
-    """What a call of a `ParametrizationList` (module `path`) computes; fx traces the property of a
-    parametrized tensor read in `forward` (`F.linear(x, self.fc.weight)`) as one."""
-    return _parametrized(plist, path)
-
-
-def _parametrized(plist, path: str) -> Reparametrization:
+    """What a call of a `ParametrizationList` (module `path`) computes: a parametrized tensor (fx traces the
+    property read in `forward`, `F.linear(x, self.fc.weight)`, as such a call). Raises ValueError for one
+    with buffers."""
     if any(True for _ in plist.buffers()):
         raise ValueError(
-            f"{path}: a parametrization with buffers ({', '.join(type(p).__name__ for p in plist)}) updates them "
-            "as it runs (spectral_norm's power iteration)"
+            f"{path}: a parametrization with buffers ({', '.join(type(p).__name__ for p in plist)}), state the "
+            "fused engine does not follow (spectral_norm's power iteration updates its vectors as it runs)"
         )
     names = [n for n, _ in plist.named_parameters()]
     params = tuple(p for _, p in plist.named_parameters())
