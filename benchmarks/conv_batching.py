@@ -36,9 +36,7 @@ except ModuleNotFoundError:  # run from a source checkout without installing
 from fastmaml.bench.workloads import select
 from fastmaml.programs.fused import conv
 
-
-class _Geometry:  # 3×3, padding 1, stride 1: the conv4 layers
-    stride, padding, dilation = [1, 1], [1, 1], [1, 1]
+CONV4_LAYER = conv.Geometry(3, stride=1, padding=1)  # the conv4 layers
 
 
 def unfold_forward(x, w, b):
@@ -75,8 +73,8 @@ def layer_pass(strategy: str, x, w, b, gy) -> Callable[[], object]:
     gw, gb = torch.empty_like(w), torch.empty_like(b)
 
     def run():
-        conv.conv_forward(x, w, b, _Geometry, strategy)
-        return conv.conv_backward(gy, x, w, _Geometry, strategy, True, gw, gb)
+        conv.conv_forward(x, w, b, CONV4_LAYER, strategy)
+        return conv.conv_backward(gy, x, w, CONV4_LAYER, strategy, True, gw, gb)
 
     return run
 
