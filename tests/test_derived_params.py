@@ -6,7 +6,7 @@ and shared parameters in one expression; what does not compile falls back and sa
 import pytest
 import torch
 import torch.nn.functional as F
-from test_graph_models import ORDERS, check_ce, on_fused, tasks_for
+from test_graph_models import ORDERS, check_ce, check_orders_steps, on_fused, tasks_for
 from test_implicit import implicit_oracle
 from torch import nn
 
@@ -109,8 +109,7 @@ def test_derived_parameters_every_order(name, order):
     cls, shape = MODELS[name]
     model = cls().double()
     assert on_fused(model).derived, "expected derived tensors"
-    for steps in (0, 1, 3) if order == "second" else (2,):
-        check_ce(model, tasks_for(shape, ways=3, shots=2), inner_lr=0.2, steps=steps, order=order)
+    check_orders_steps(model, tasks_for(shape, ways=3, shots=2), order, inner_lr=0.2)
 
 
 @pytest.mark.parametrize(

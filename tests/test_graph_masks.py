@@ -6,7 +6,7 @@ per-task `create_graph` oracle in float64, every order."""
 import pytest
 import torch
 import torch.nn.functional as F
-from test_graph_models import ORDERS, check_ce, on_fused, tasks_for
+from test_graph_models import ORDERS, check_ce, check_orders_steps, tasks_for
 from torch import nn
 
 import fastmaml
@@ -67,9 +67,7 @@ def test_every_order(order):
     torch.manual_seed(0)
     cases = ((Gates().double(), tasks_for((4,), ways=3, shots=2)), (PaddedTokens().double(), padded_tasks()))
     for model, tasks in cases:
-        on_fused(model)
-        for steps in (0, 1, 3) if order == "second" else (2,):
-            check_ce(model, tasks, inner_lr=0.3, steps=steps, order=order)
+        check_orders_steps(model, tasks, order)
 
 
 def test_padding_is_in_the_tasks():

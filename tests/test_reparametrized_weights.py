@@ -13,7 +13,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from test_graph_models import ORDERS, check_ce, on_fused, tasks_for
+from test_graph_models import ORDERS, check_ce, check_orders_steps, on_fused, tasks_for
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 from torch.nn.utils.weight_norm import WeightNorm
@@ -119,10 +119,7 @@ MODELS = {"weight_norm": WeightNormed, "distlinear": DistLinear, "own": OwnParam
 @pytest.mark.parametrize("order", ORDERS)
 def test_every_order(name, order, exact_weight_norm):
     torch.manual_seed(0)
-    model = MODELS[name]().double()
-    on_fused(model)
-    for steps in (0, 1, 3) if order == "second" else (2,):
-        check_ce(model, tasks_for((4,), ways=3, shots=2), inner_lr=0.3, steps=steps, order=order)
+    check_orders_steps(MODELS[name]().double(), tasks_for((4,), ways=3, shots=2), order)
 
 
 @pytest.mark.parametrize("inner_params", [["L"], ["body"], ["fc"], ["square", "fc"]])
