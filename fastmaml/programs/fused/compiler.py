@@ -5,8 +5,9 @@ Layers with rules stay leaf modules: Linear, Conv1d and Conv2d (any groups, zero
 LayerNorm, GroupNorm, InstanceNorm1d/2d (without running statistics), ReLU, LeakyReLU, Tanh, Sigmoid, ELU,
 GELU (exact), SiLU, Softplus, Mish, PReLU, Hardtanh, ReLU6, Hardswish, Hardsigmoid, MaxPool2d, AvgPool2d,
 AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropout in eval mode (or p=0),
-and the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA). Everything else a model does is
-traced into nodes, which map to rules:
+the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA), and the parameter-free layers that
+map each example linearly (Upsample, PixelShuffle, PixelUnshuffle, the padding layers, Unfold, Fold:
+example_maps.py). Everything else a model does is traced into nodes, which map to rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `F.silu`, `F.softplus`,
   `F.hardtanh`, `F.relu6`, `F.hardswish`, `F.hardsigmoid`, `torch.tanh`, `torch.sigmoid`, elementwise math
   (`exp`, `log`, `sqrt`, `rsqrt`, `reciprocal`, `abs`, `sin`, `cos`, `x ** c`, `torch.square`), `clamp` by
@@ -26,7 +27,11 @@ traced into nodes, which map to rules:
   dim first; indexing of per-example dims with slices and integers (`x[:, 1:3]`, `x[:, 0]`, `x[..., :4]`);
   the parts of `x.chunk(n, dim)` / `x.split(sizes, dim)` along a per-example dim, and `F.glu`;
   `x.expand(...)` / `x.expand_as(y)` of size-1 dims and `x.repeat(...)` keeping the examples' dim; `F.pad`
-  (constant);
+  (constant); indexing with None (`x[:, None]`); per-example linear maps (example_maps.py): `F.interpolate`,
+  `F.pad`'s other modes, `flip`, `roll`, `cumsum`, `tril`/`triu`, `F.pixel_shuffle`/`pixel_unshuffle`,
+  `F.unfold`/`F.fold`; `torch.einsum` of one value, two values, or a value and a parameter (einsum.py);
+  `F.scaled_dot_product_attention`, lowered to the rules of its definition; conversions of a value to the
+  parameters' own dtype or device (`x.float()` in a float32 model, `.to(x.device)`), which are the value;
 - joins: `+`, `torch.add`, `-` (residual branches), `torch.cat` and `torch.stack` along a feature dim;
   products of two values and their matrix products (`a * b`, `a @ b`, `torch.bmm`: gates, attention),
   division by a value (times its reciprocal), the elementwise maximum and minimum of two values
@@ -49,6 +54,10 @@ traced into nodes, which map to rules:
   (`torch.nn.utils.parametrize`, the `torch.nn.utils.weight_norm` hook: programs/reparam.py) is a derived
   tensor too, read by its layer or in `forward` (fx traces the parametrized property as a call of its
   ParametrizationList).
+- tensors and numbers made from sizes and buffers alone, as the model runs (`self.pe[:, : x.size(1)]`,
+  `self.bias[:, :, :T, :T] == 0`, `k.size(-1) ** 0.5`): `_Host` values evaluated at every call, read by a
+  value's `+`, `-`, `*`, `/`, `masked_fill` and `torch.where` (HostOperandRule). The tracer reads buffers as
+  nodes, so what forward computes from a buffer follows its in-place updates.
 A layer's sizes (windows, strides, dims) must be numbers when traced; one the model computes from the
 input's shape as it runs (`F.avg_pool2d(x, x.shape[-1])`) fails the node (only reshapes, expand and the
 arithmetic above take such values). In-place writes (`x.add_(y)`, `h += y`, inplace activations) compile
@@ -62,6 +71,7 @@ of the model's code where fx knows it. Tracing fails on data-dependent control f
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import operator
@@ -83,9 +93,11 @@ from .context import ContextConcatRule, FiLMRule
 from .conv import Conv1dRule, ConvRule, Geometry
 from .dense import LinearRule, TransposedLinearRule
 from .derived import Derived
+from .einsum import ELLIPSIS, EinsumParamRule, EinsumRule, EinsumSumRule, Equation
+from .example_maps import ExampleMapRule
 from .example_norm import ExampleNormRule
 from .graph import Graph, Node, Ref, fuse
-from .joins import AddRule, AffineRule, CatRule, MaximumRule, ParamAffineRule, ProductRule
+from .joins import AddRule, AffineRule, CatRule, HostOperandRule, MaximumRule, ParamAffineRule, ProductRule
 from .l2norm import NormalizedLinearRule, NormalizeRule
 from .mask import COMPARISONS, LOGICAL, CompareRule, LogicalRule, MaskCastRule, WhereRule
 from .norm import BatchNormRule
@@ -126,6 +138,34 @@ from .softmax import SoftmaxRule
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d)
+# parameter-free layers that map each example linearly (example_maps.py; some are newer than torch 2.4)
+_EXAMPLE_MAP_LAYERS = tuple(
+    getattr(nn, name)
+    for name in (
+        "Upsample",
+        "UpsamplingNearest2d",
+        "UpsamplingBilinear2d",
+        "PixelShuffle",
+        "PixelUnshuffle",
+        "ReflectionPad1d",
+        "ReflectionPad2d",
+        "ReflectionPad3d",
+        "ReplicationPad1d",
+        "ReplicationPad2d",
+        "ReplicationPad3d",
+        "ZeroPad1d",
+        "ZeroPad2d",
+        "ConstantPad1d",
+        "ConstantPad2d",
+        "ConstantPad3d",
+        "CircularPad1d",
+        "CircularPad2d",
+        "CircularPad3d",
+        "Unfold",
+        "Fold",
+    )
+    if hasattr(nn, name)
+)
 
 
 class Unsupported(Exception):
@@ -186,6 +226,12 @@ class _Proxy(fx.Proxy):
 
 
 class _Tracer(fx.Tracer):
+    """fx's Tracer with buffers read as nodes (`proxy_buffer_attributes`): fx's default runs what forward
+    computes from a buffer as it traces and keeps the result as a constant of the graph, which an in-place
+    update of the buffer (`model.mask.fill_(...)`) would not reach; as nodes, they run at every call."""
+
+    proxy_buffer_attributes = True
+
     def __init__(self):
         super().__init__()
         self.record_stack_traces = True
@@ -389,6 +435,18 @@ _FUNC_NAMES = {
     torch.logical_not: "not",
     torch.where: "where",
     torch.masked_fill: "masked_fill",
+    torch.einsum: "einsum",
+    F.interpolate: "interpolate",
+    torch.flip: "flip",
+    torch.roll: "roll",
+    torch.cumsum: "cumsum",
+    torch.tril: "tril",
+    torch.triu: "triu",
+    F.pixel_shuffle: "pixel_shuffle",
+    F.pixel_unshuffle: "pixel_unshuffle",
+    F.unfold: "unfold",
+    F.fold: "fold",
+    F.scaled_dot_product_attention: "sdpa",
 }
 for _name in ("_max_pool2d", "max_pool2d_with_indices"):
     if hasattr(F, _name):
@@ -474,7 +532,8 @@ _METHOD_NAMES = {
     "__xor__": "xor",
     "__invert__": "not",
     "masked_fill": "masked_fill",
-    **{name: "cast" for name in ("float", "double", "half", "bfloat16", "to", "type_as")},
+    **{name: name for name in ("flip", "roll", "cumsum", "tril", "triu")},
+    **{name: "cast" for name in ("float", "double", "half", "bfloat16", "to", "type_as", "type")},
 }
 _SPECS = {
     "relu": _spec("input", ("inplace", False)),
@@ -583,6 +642,33 @@ _SPECS = {
     "not": _spec("input"),
     "where": _spec("condition", "input", "other"),
     "masked_fill": _spec("input", "mask", "value"),
+    "interpolate": _spec(
+        "input",
+        ("size", None),
+        ("scale_factor", None),
+        ("mode", "nearest"),
+        ("align_corners", None),
+        ("recompute_scale_factor", None),
+        ("antialias", False),
+    ),
+    "roll": _spec("input", "shifts", ("dims", None)),
+    "cumsum": _spec("input", "dim", ("dtype", None)),
+    "tril": _spec("input", ("diagonal", 0)),
+    "triu": _spec("input", ("diagonal", 0)),
+    "pixel_shuffle": _spec("input", "upscale_factor"),
+    "pixel_unshuffle": _spec("input", "downscale_factor"),
+    "unfold": _spec("input", "kernel_size", ("dilation", 1), ("padding", 0), ("stride", 1)),
+    "fold": _spec("input", "output_size", "kernel_size", ("dilation", 1), ("padding", 0), ("stride", 1)),
+    "sdpa": _spec(
+        "query",
+        "key",
+        "value",
+        ("attn_mask", None),
+        ("dropout_p", 0.0),
+        ("is_causal", False),
+        ("scale", None),
+        ("enable_gqa", False),
+    ),
 }
 _HOST_BINOPS = {
     operator.add: operator.add,
@@ -595,6 +681,7 @@ _HOST_BINOPS = {
     operator.isub: operator.sub,
     operator.imul: operator.mul,
     operator.itruediv: operator.truediv,
+    operator.pow: operator.pow,
 }
 
 
@@ -643,8 +730,8 @@ _RANDOM = frozenset(
     {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "rand", "randn"}
     | {"rand_like", "randn_like", "randint", "randint_like", "randperm", "bernoulli", "normal", "multinomial"}
 )
-# what a parameter's shape alone decides: a number when traced, not a derived tensor
-_STATIC_ATTRIBUTES = frozenset({"shape", "ndim"})
+# what a parameter's shape, dtype and device decide: plain values when traced, not derived tensors
+_STATIC_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
 _STATIC_METHODS = frozenset({"size", "dim", "numel"})
 
 
@@ -680,12 +767,13 @@ class _Host:
 # arguments that are tensors (values, parameters) and ops whose other arguments may be computed from sizes
 _TENSOR_ARGUMENTS = frozenset(
     {"input", "other", "tensors", "weight", "bias", "running_mean", "running_var", "condition", "mask"}
+    | {"query", "key", "value", "attn_mask"}
 )
 _CAST_DTYPES = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
 _FLIPPED = {"gt": "lt", "lt": "gt", "ge": "le", "le": "ge", "eq": "eq", "ne": "ne"}
 # shape operations a mask goes through (it stays a mask)
 _MASK_SHAPE_OPS = frozenset({"unsqueeze", "squeeze", "view", "flatten", "permute", "transpose", "expand", "repeat"})
-_HOST_ARGUMENT_OPS = frozenset({"reshape", "add", "sub", "mul", "div"})
+_HOST_ARGUMENT_OPS = frozenset({"reshape", "add", "sub", "mul", "div", "interpolate", "fold"})
 
 
 def _computed(v) -> bool:
@@ -733,15 +821,23 @@ class _Lowering:
         return a
 
     def host_value(self, a) -> _Host:
-        """A Python value (possibly computed from sizes at run time) as a _Host."""
+        """A Python value (possibly computed from sizes at run time) or a buffer as a _Host."""
         if isinstance(a, _Host):
             return a
+        if isinstance(a, Ref) and a.group == "c":  # a buffer
+            const = a.const
+            return _Host(lambda env: const, ())
         if isinstance(a, (_Value, Ref, _Parts, _MaxOverDim, _NormalizedParam, _ParamExpr, _ExpandedParam, _Mask)):
             self.fail("a tensor is used where a size or number is expected (or torch.max's indices)")
         if isinstance(a, (list, tuple)):
             parts = [self.host_value(x) for x in a]
             kind = type(a)
             return _Host(lambda env: kind(p.fn(env) for p in parts), tuple(v for p in parts for v in p.reads))
+        if isinstance(a, slice):
+            start, stop, step = (self.host_value(x) for x in (a.start, a.stop, a.step))
+            return _Host(
+                lambda env: slice(start.fn(env), stop.fn(env), step.fn(env)), start.reads + stop.reads + step.reads
+            )
         return _Host(lambda env: a, ())
 
     def emit(
@@ -780,9 +876,8 @@ class _Lowering:
         self.fail(f"its {what} is not one of the model's parameters or buffers, or computed from them alone")
 
     # -------------------------------------------------------------- derived tensors
-    def pure(self, n: fx.Node) -> bool:
-        """Whether node n computes from parameters and buffers alone (it reads one, and no value or size).
-        `F.normalize` of a parameter stays a `_NormalizedParam` (a cosine classifier's own rule takes it)."""
+    def flat_args(self, n: fx.Node) -> list:
+        """Node n's arguments, mapped (`arg`), with lists, tuples and slices opened."""
         found: list = []
 
         def walk(a):
@@ -796,11 +891,48 @@ class _Lowering:
 
         walk(self.arg(list(n.args)))
         walk(self.arg(list(n.kwargs.values())))
+        return found
+
+    def pure(self, n: fx.Node) -> bool:
+        """Whether node n computes from parameters and buffers alone (it reads one, and no value or size).
+        `F.normalize` of a parameter stays a `_NormalizedParam` (a cosine classifier's own rule takes it)."""
+        found = self.flat_args(n)
         if any(isinstance(v, (_Value, _Host, _Parts, _MaxOverDim, _ExpandedParam, _Mask, _DtypeOf)) for v in found):
             return False
         if n.target is F.normalize and isinstance(found[0] if found else None, Ref):
             return False
         return any(isinstance(v, (Ref, _ParamExpr, _NormalizedParam)) for v in found)
+
+    def host_only(self, n: fx.Node) -> bool:
+        """Whether node n computes from sizes and buffers alone (it reads a size, and no value or parameter):
+        a tensor or number the model makes as it runs (`self.pe[:, : x.size(1)]`, `self.bias[:, :, :T, :T] == 0`,
+        `q.size(-1) ** 0.5`), evaluated per call as a `_Host`."""
+        found = self.flat_args(n)
+        if any(
+            isinstance(v, (_Value, _Parts, _MaxOverDim, _ExpandedParam, _Mask, _DtypeOf, _ParamExpr, _NormalizedParam))
+            or (isinstance(v, Ref) and v.group != "c")
+            for v in found
+        ):
+            return False
+        return any(isinstance(v, _Host) for v in found)
+
+    def host_expr(self, n: fx.Node) -> _Host:
+        """Node n (see `host_only`) as a `_Host` running the model's own call per call."""
+        target = _HOST_BINOPS.get(n.target, n.target)  # `n -= 1` on a number is `n - 1`
+        name = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+        if name in _RANDOM:
+            self.fail("a random tensor (exact meta-gradients need the model's computation fixed)")
+        if target in _INPLACE_FUNCS or (n.op == "call_method" and name.endswith("_") and not name.endswith("__")):
+            self.fail("an in-place operation on a buffer or a tensor made from sizes; write it out of place")
+        args = self.host_value(self.arg(tuple(n.args)))
+        keys = tuple(n.kwargs)
+        kwargs = self.host_value(self.arg(tuple(n.kwargs.values())))
+
+        def fn(env):
+            a, kw = args.fn(env), dict(zip(keys, kwargs.fn(env)))
+            return getattr(a[0], target)(*a[1:], **kw) if n.op == "call_method" else target(*a, **kw)
+
+        return _Host(fn, args.reads + kwargs.reads)
 
     def text_of(self, a) -> str:
         """How the model writes fx argument a (for `explain`)."""
@@ -878,6 +1010,8 @@ class _Lowering:
         )
         if static:
             return example
+        if not leaves and isinstance(example, torch.Tensor):  # buffers alone: a constant, made per call
+            return _Host(lambda env: fn([]), ())
         if not isinstance(example, torch.Tensor) or not example.is_floating_point():
             self.fail("a computation on parameters whose result is not a floating-point tensor")
         return _ParamExpr(fn, tuple(leaves), text, tuple(example.shape))
@@ -897,11 +1031,11 @@ class _Lowering:
             return _ParamExpr(lambda L: c, (), "<buffer>", tuple(c.shape))
         return _ParamExpr(lambda L: L[0], (a,), self.ref_name(a), self.shape_of(a))
 
-    def map_expr(self, a, fn: Callable, text: str) -> _ParamExpr:
-        """`fn(a)` for a parameter, buffer or derived tensor a; `text` formats a's."""
+    def map_expr(self, a, fn: Callable, text: str, shape: Optional[Tuple[int, ...]] = None) -> _ParamExpr:
+        """`fn(a)` for a parameter, buffer or derived tensor a, of `shape` (default: a's); `text` formats a's."""
         a = self.as_expr(a)
         inner = a.fn
-        return _ParamExpr(lambda L: fn(inner(L)), a.leaves, text.format(a.text), a.shape)
+        return _ParamExpr(lambda L: fn(inner(L)), a.leaves, text.format(a.text), a.shape if shape is None else shape)
 
     def derive(self, expr) -> Ref:
         """The graph's Ref("d", k) of a derived tensor, checked to run under torch.func for every task."""
@@ -1110,6 +1244,9 @@ class _Lowering:
             if m.start_dim == 0:
                 self.fail("start_dim=0 would merge the examples of a task")
             return self.emit(FlattenRule(name, kind, m.start_dim, m.end_dim), [x])
+        if cls in _EXAMPLE_MAP_LAYERS:  # parameter-free: the rule runs its own copy
+            layer = copy.deepcopy(m)
+            return self.emit(ExampleMapRule(name, kind, lambda batch, _: layer(batch)), [x])
         self.fail("not a layer the fused engine knows (see fastmaml.explain for what compiles)")
 
     def example_norm_rule(self, m: nn.Module, name: str, kind: str) -> ExampleNormRule:
@@ -1135,6 +1272,8 @@ class _Lowering:
         target = n.target
         if self.pure(n):
             return self.param_expr(n)
+        if self.host_only(n):
+            return self.host_expr(n)
         if n.args and isinstance(n.args[0], fx.Node) and isinstance(self.env.get(n.args[0]), _Mask):
             op = (_METHOD_NAMES if n.op == "call_method" else _FUNC_NAMES).get(target)
             if op in _MASK_SHAPE_OPS or target is operator.getitem:
@@ -1171,6 +1310,12 @@ class _Lowering:
             return self.expand_or_repeat(n)
         if op == "cast":
             return self.cast(n)
+        if op == "einsum":
+            return self.einsum(n)
+        if op == "flip":  # torch.flip(x, dims), x.flip(dims) or x.flip(2, 3)
+            dims = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
+            dims = self.arg(n.kwargs.get("dims", dims))
+            return self.op_flip(self.arg(n.args[0]), tuple(dims) if isinstance(dims, (list, tuple)) else (dims,))
         if op == "permute" and n.op == "call_method":  # x.permute(0, 2, 1) or x.permute((0, 2, 1))
             dims = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
             return self.permute(self.value(self.arg(n.args[0])), tuple(n.kwargs.get("dims", dims)))
@@ -1218,6 +1363,8 @@ class _Lowering:
                 return _Host(lambda env: env[v].shape[1:], (v,))
             if isinstance(obj, _Value) and attr == "dtype":
                 return _DtypeOf(obj)
+            if isinstance(obj, _Value) and attr == "device":  # every value is on the parameters' device
+                return self.layout_dtype_device()[1]
             self.fail(f"attribute {attr!r} of a traced value")
         if target is operator.getitem:
             obj, idx = self.host_value(args[0]), self.host_value(args[1])
@@ -1389,13 +1536,13 @@ class _Lowering:
         return self.emit(TransposeRule(self.name(), "transpose", d0, d1), [self.value(a["input"])])
 
     def slice(self, x: _Value, index) -> _Value:
-        """`x[index]` where index keeps every example (`x[:, 1:3]`, `x[:, 0]`, `x[..., :4]`)."""
+        """`x[index]` where index keeps every example (`x[:, 1:3]`, `x[:, 0]`, `x[..., :4]`, `x[:, None]`)."""
         index = index if isinstance(index, tuple) else (index,)
 
         def plain(i):
             if isinstance(i, slice):
                 return all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step)) and (i.step or 1) > 0
-            return i is Ellipsis or (isinstance(i, int) and not isinstance(i, bool))
+            return i is Ellipsis or i is None or (isinstance(i, int) and not isinstance(i, bool))
 
         first = index[0] if index else None
         if (
@@ -1404,9 +1551,9 @@ class _Lowering:
             or index.count(Ellipsis) > 1
         ):
             self.fail(
-                "indexing that does not keep every example with `:` or `...` first, or with tensors, None, "
-                "computed sizes or negative steps (slices and integers of per-example dims compile: x[:, 1:3], "
-                "x[:, 0], x[..., :4])"
+                "indexing that does not keep every example with `:` or `...` first, or with tensors, computed "
+                "sizes or negative steps (slices, integers and None of per-example dims compile: x[:, 1:3], "
+                "x[:, 0], x[..., :4], x[:, None])"
             )
         return self.emit(SliceRule(self.name(), "getitem", index), [x])
 
@@ -1608,6 +1755,10 @@ class _Lowering:
     def op_add(self, a, inplace, sign: float = 1.0):
         x, y = a["input"], a["other"]
         alpha = float(a["alpha"]) * sign
+        if isinstance(x, _Value) and isinstance(y, _Host) and alpha in (1.0, -1.0):
+            return self.host_operand(x, "add" if alpha == 1.0 else "sub", y, inplace=inplace)
+        if isinstance(y, _Value) and isinstance(x, _Host) and alpha in (1.0, -1.0):
+            return self.host_operand(y, "add" if alpha == 1.0 else "rsub", x)
         if isinstance(x, _Value) and self._is_param(y):
             y = self.param(y, "other")
             rule = ParamAffineRule(self.name(), "add" if alpha > 0 else "sub", self.shape_of(y), False, 1.0, alpha)
@@ -1642,6 +1793,8 @@ class _Lowering:
             x, y = y, x
         if isinstance(x, _Value) and isinstance(y, _Value):
             return self.emit(ProductRule(self.name(), "mul"), [x, y], inplace=inplace)
+        if isinstance(x, _Value) and isinstance(y, _Host):
+            return self.host_operand(x, "mul", y, inplace=inplace)
         if isinstance(x, _Value) and self._is_param(y):
             y = self.param(y, "other")
             return self.emit(ParamAffineRule(self.name(), "mul", self.shape_of(y), True), [x], (y,), inplace=inplace)
@@ -1659,6 +1812,8 @@ class _Lowering:
             return self.op_mul({"input": r, "other": x}, False)
         if a["rounding_mode"] is not None or not isinstance(x, _Value):
             self.fail("only division by a value, a number, a buffer or a parameter compiles (no rounding_mode)")
+        if isinstance(y, _Host):
+            return self.host_operand(x, "div", y, inplace=inplace)
         if isinstance(y, (Ref, _ParamExpr, _NormalizedParam)):  # by its reciprocal, recomputed at every call
             inv = self.param(self.map_expr(y, torch.reciprocal, "1 / {}"), "other")
             return self.emit(
@@ -1825,6 +1980,14 @@ class _Lowering:
         return _Mask(self.emit(LogicalRule(self.name(), op, op), masks).vid)
 
     def op_where(self, a, inplace):
+        if self._made_on_host(a["condition"]):  # a condition made from sizes or a buffer: one value, one number
+            x, y = a["input"], a["other"]
+            numbers = [v for v in (x, y) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if len(numbers) != 1 or not any(isinstance(v, _Value) for v in (x, y)):
+                self.fail("torch.where with a condition made from sizes or buffers takes one value and one number")
+            if isinstance(x, _Value):
+                return self.host_operand(x, "keep", a["condition"], float(y))
+            return self.host_operand(y, "fill", a["condition"], float(x))
         m = self.mask(a["condition"], "condition")
         values, numbers = [], {}
         for key in ("input", "other"):
@@ -1841,18 +2004,32 @@ class _Lowering:
         return self.emit(WhereRule(self.name(), "where", numbers["input"], numbers["other"]), [m, *values])
 
     def op_masked_fill(self, a, inplace):
-        x, m, fill = self.value(a["input"]), self.mask(a["mask"], "mask"), a["value"]
+        x, fill = self.value(a["input"]), a["value"]
         if not isinstance(fill, (int, float)) or isinstance(fill, bool):
             self.fail("masked_fill's value must be a number")
-        return self.emit(WhereRule(self.name(), "masked_fill", a=fill), [m, x])
+        if self._made_on_host(a["mask"]):  # a buffer, or a mask the model makes from sizes
+            return self.host_operand(x, "fill", a["mask"], float(fill))
+        return self.emit(WhereRule(self.name(), "masked_fill", a=fill), [self.mask(a["mask"], "mask"), x])
+
+    @staticmethod
+    def _made_on_host(v) -> bool:
+        """A tensor made from sizes and buffers as the model runs, or a buffer."""
+        return isinstance(v, _Host) or (isinstance(v, Ref) and v.group == "c")
+
+    def host_operand(self, x: _Value, op: str, c, fill: float = 0.0, inplace: bool = False) -> _Value:
+        """HostOperandRule: value x with a number or tensor c made as the model runs, or a buffer."""
+        rule = HostOperandRule(self.name(), op, op, fill)
+        return self.emit(rule, [x], host=self.host_value(c), inplace=inplace)
 
     def cast(self, n: fx.Node):
         """A mask converted to a floating-point value (`mask.float()`, `.to(dtype)`, `.to(x.dtype)`,
         `.type_as(x)`); a move to a device (`.to(x.device)`) keeps it a mask."""
         args = [self.arg(x) for x in n.args] + [self.arg(v) for v in n.kwargs.values()]
         m = args[0]
+        if isinstance(m, _Value):
+            return self.cast_value(m, n.target, args[1:])
         if not isinstance(m, _Mask):
-            self.fail(f"{n.target}() of a value (a dtype conversion) has no rule; only masks convert")
+            self.fail(f"{n.target}() of a tensor not computed from the input")
         name = self.name()
         if n.target in _CAST_DTYPES:
             return self.emit(MaskCastRule(name, n.target, _CAST_DTYPES[n.target]), [m])
@@ -1866,6 +2043,130 @@ class _Lowering:
             return self.emit(MaskCastRule(name, n.target, dtypes[0]), [m])
         return m
 
+    # -------------------------------------------------------------- einsum (einsum.py)
+    def einsum(self, n: fx.Node) -> _Value:
+        """`torch.einsum(equation, *operands)` (or a list of operands) of one value, two values, or a value
+        and a parameter, buffer or derived tensor; the examples' label (or "...") leads every value and the
+        output. Labels one of two operands alone carries are summed out first."""
+        args = [self.arg(a) for a in n.args]
+        if n.kwargs or not args or not isinstance(args[0], str):
+            self.fail("einsum with keyword arguments, or with an equation that is not a string")
+        operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+        try:
+            eq = Equation.parse(args[0], len(operands))
+        except ValueError as e:
+            self.fail(str(e))
+        if len(operands) > 2:
+            self.fail("einsum of three or more tensors; write it as einsums of two")
+        values = [i for i, o in enumerate(operands) if isinstance(o, _Value)]
+        for i, o in enumerate(operands):
+            if i not in values and not isinstance(o, (Ref, _ParamExpr, _NormalizedParam)):
+                self.value(o, "operand")  # fails: a mask, or a tensor not computed from the input
+            letters = eq.inputs[i].replace(ELLIPSIS, "")
+            if len(set(letters)) != len(letters):
+                self.fail(f"einsum {args[0]!r} repeats a label within one operand (a diagonal)")
+        lead = eq.inputs[values[0]][:1]
+        if not lead or any(eq.inputs[i][:1] != lead for i in values) or eq.output[:1] != lead:
+            self.fail(
+                f"einsum {args[0]!r} does not keep the examples apart: the examples' label (or '...') must lead "
+                "every operand computed from the input and the output"
+            )
+        if any(lead in eq.inputs[i] or ELLIPSIS in eq.inputs[i] for i in range(len(operands)) if i not in values):
+            self.fail(f"einsum {args[0]!r} gives a parameter the examples' label or '...' (name its dims)")
+        name = self.name()
+        if len(operands) == 1:
+            return self.emit(EinsumSumRule(name, "einsum", eq.inputs[0], eq.output, eq.task), operands)
+        for i in range(2):  # labels operand i alone carries: summed out first
+            drop = eq.summed_alone(i)
+            if not drop:
+                continue
+            sub = eq.inputs[i]
+            kept = "".join(c for c in sub if c not in drop)
+            if i in values:
+                operands[i] = self.emit(EinsumSumRule(name, "einsum", sub, kept, eq.task), [operands[i]])
+            else:
+                dims = tuple(sub.index(c) for c in drop)
+                shape = tuple(k for d, k in enumerate(self.as_expr(operands[i]).shape) if d not in dims)
+                operands[i] = self.map_expr(operands[i], lambda t, d=dims: t.sum(d), f"{{}}.sum({dims})", shape)
+            eq = eq.reduced(i)
+        if len(values) == 2:
+            return self.emit(EinsumRule(name, "einsum", eq), operands)
+        i = values[0]
+        rule = EinsumParamRule(name, "einsum", Equation((eq.inputs[i], eq.inputs[1 - i]), eq.output))
+        return self.emit(rule, [operands[i]], (self.param(operands[1 - i], "operand"),))
+
+    def cast_value(self, x: _Value, method: str, args) -> _Value:
+        """`x.float()`, `x.to(dtype or device)`, `x.type_as(y)` of a value: the fused engine computes every value
+        in the parameters' dtype on their device, so a conversion to those is x itself; any other fails."""
+        if method == "type" and not args:
+            self.fail("x.type() without a dtype returns the type's name, not a tensor")
+        dtype, device = self.layout_dtype_device()
+        targets = [_CAST_DTYPES[method]] if method in _CAST_DTYPES else []
+        for v in args:
+            if isinstance(v, torch.dtype):
+                targets.append(v)
+            elif isinstance(v, (torch.device, str)):
+                if torch.device(v).type != device.type or (torch.device(v).index not in (None, device.index)):
+                    self.fail(f"{method}() moves a value to {v}; the model's parameters are on {device}")
+        wrong = [t for t in targets if t != dtype]
+        if wrong:
+            self.fail(
+                f"{method}() converts a value to {wrong[0]}; the fused engine computes in the parameters' dtype "
+                f"({dtype}), so only conversions to it compile"
+            )
+        return x
+
+    def layout_dtype_device(self) -> Tuple[torch.dtype, torch.device]:
+        """The dtype and device of the model's parameters (where every value is computed)."""
+        p = next(iter(self.layout.params.values()), None)
+        if p is None:
+            self.fail("a dtype conversion in a model without parameters")
+        return p.dtype, p.device
+
+    def op_sdpa(self, a, inplace):
+        """F.scaled_dot_product_attention as its definition, softmax(q kᵀ · scale + mask) v, with the rules of
+        its parts: scale 1/√E from the query's size unless given; `attn_mask` a mask (False: left out),
+        a value or a buffer, or tensors made as the model runs (boolean: left out where False; else added);
+        `is_causal` the lower-triangular mask of the query's and key's lengths."""
+        if a["dropout_p"] != 0.0:
+            self.fail("F.scaled_dot_product_attention with dropout_p > 0 is random; exact meta-gradients need 0")
+        if a["enable_gqa"]:
+            self.fail("F.scaled_dot_product_attention with enable_gqa=True")
+        q, k, v = (self.value(a[key], key) for key in ("query", "key", "value"))
+        name, mask, scale = self.name(), a["attn_mask"], a["scale"]
+        kt = self.emit(TransposeRule(name, "sdpa", -2, -1), [k])
+        scores = self.emit(ProductRule(name, "sdpa", matmul=True), [q, kt])
+        if scale is None:
+            qv = q.vid
+            host = _Host(lambda env: env[qv].shape[-1] ** -0.5, (qv,))
+            scores = self.emit(HostOperandRule(name, "sdpa", "mul"), [scores], host=host)
+        elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            scores = self.emit(AffineRule(name, "sdpa", float(scale)), [scores])
+        else:
+            self.fail("F.scaled_dot_product_attention's scale must be a number")
+        if a["is_causal"]:
+            if mask is not None:
+                self.fail("F.scaled_dot_product_attention with both attn_mask and is_causal")
+            qv, kv = q.vid, k.vid
+
+            def causal(env):
+                L, S = env[qv].shape[-2], env[kv].shape[-2]
+                return torch.ones(L, S, dtype=torch.bool, device=env[qv].device).tril()
+
+            scores = self.emit(
+                HostOperandRule(name, "sdpa", "keep", float("-inf")), [scores], host=_Host(causal, (qv, kv))
+            )
+        elif isinstance(mask, _Mask):
+            scores = self.emit(WhereRule(name, "sdpa", b=float("-inf")), [mask, scores])
+        elif isinstance(mask, _Value):
+            scores = self.emit(AddRule(name, "sdpa"), [scores, mask])
+        elif self._made_on_host(mask):
+            scores = self.emit(HostOperandRule(name, "sdpa", "attn"), [scores], host=self.host_value(mask))
+        elif mask is not None:
+            self.fail("F.scaled_dot_product_attention's attn_mask is a parameter (a learned bias: add it to q kᵀ)")
+        weights = self.emit(SoftmaxRule(name, "sdpa", -1, False), [scores])
+        return self.emit(ProductRule(name, "sdpa", matmul=True), [weights, v])
+
     def op_stack(self, a, inplace):
         xs, d = a["tensors"], a["dim"]
         if not isinstance(xs, (list, tuple)) or not xs or not all(isinstance(x, _Value) for x in xs):
@@ -1876,11 +2177,70 @@ class _Lowering:
         return self.emit(CatRule(self.name(), "stack", len(parts), d), parts)
 
     def op_pad(self, a, inplace):
-        pad, value = a["pad"], a["value"]
+        pad, value, mode = a["pad"], a["value"], a["mode"]
         plain = isinstance(pad, (list, tuple)) and len(pad) % 2 == 0 and all(isinstance(k, int) for k in pad)
-        if a["mode"] != "constant" or not plain or not (value is None or isinstance(value, (int, float))):
-            self.fail("F.pad other than constant padding by numbers (mode='constant', pad a list of ints)")
+        if not plain or not (value is None or isinstance(value, (int, float))):
+            self.fail("F.pad other than padding by numbers (pad a list of ints, value a number)")
+        if mode != "constant":  # reflect, replicate, circular
+            return self.example_map(a["input"], "pad", F.pad, {"pad": pad, "mode": mode})
         return self.emit(PadRule(self.name(), "pad", pad, value or 0.0), [self.value(a["input"])])
+
+    # -------------------------------------------------------------- per-example linear maps (example_maps.py)
+    def example_map(self, x, kind: str, fn: Callable, args: dict, dims=(), min_rank: int = 0) -> _Value:
+        """ExampleMapRule of `fn(batch, **args)` on value x; arguments computed from sizes are evaluated per call."""
+        x = self.value(x)
+        if _computed(tuple(args.values())):
+            keys, host = tuple(args), self.host_value(tuple(args.values()))
+            rule = ExampleMapRule(self.name(), kind, lambda b, vals: fn(b, **dict(zip(keys, vals))), dims, min_rank)
+            return self.emit(rule, [x], host=host)
+        return self.emit(ExampleMapRule(self.name(), kind, lambda b, _: fn(b, **args), dims, min_rank), [x])
+
+    def _map_dims(self, what: str, dims) -> tuple:
+        dims = dims if isinstance(dims, (list, tuple)) else (dims,)
+        if not dims or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims) or 0 in dims:
+            self.fail(f"{what} along {dims}: give per-example dims (numbers, not the examples' dim 0)")
+        return tuple(dims)
+
+    def op_interpolate(self, a, inplace):
+        return self.example_map(a["input"], "interpolate", F.interpolate, {k: v for k, v in a.items() if k != "input"})
+
+    def op_flip(self, x, dims):
+        dims = self._map_dims("flip", dims)
+        return self.example_map(x, "flip", torch.flip, {"dims": dims}, dims)
+
+    def op_roll(self, a, inplace):
+        if a["dims"] is None:
+            self.fail("torch.roll without dims rolls the flattened batch (give per-example dims)")
+        dims = self._map_dims("roll", a["dims"])
+        return self.example_map(a["input"], "roll", torch.roll, {"shifts": a["shifts"], "dims": a["dims"]}, dims)
+
+    def op_cumsum(self, a, inplace):
+        if a["dtype"] is not None:
+            self.fail("cumsum with a dtype")
+        dims = self._map_dims("cumsum", a["dim"])
+        return self.example_map(a["input"], "cumsum", torch.cumsum, {"dim": a["dim"]}, dims)
+
+    def op_tril(self, a, inplace, kind: str = "tril"):
+        if not isinstance(a["diagonal"], int):
+            self.fail(f"{kind}'s diagonal must be a number")
+        fn = torch.tril if kind == "tril" else torch.triu
+        return self.example_map(a["input"], kind, fn, {"diagonal": a["diagonal"]}, min_rank=2)
+
+    def op_triu(self, a, inplace):
+        return self.op_tril(a, inplace, "triu")
+
+    def op_pixel_shuffle(self, a, inplace):
+        return self.example_map(a["input"], "pixel_shuffle", F.pixel_shuffle, {"upscale_factor": a["upscale_factor"]})
+
+    def op_pixel_unshuffle(self, a, inplace):
+        args = {"downscale_factor": a["downscale_factor"]}
+        return self.example_map(a["input"], "pixel_unshuffle", F.pixel_unshuffle, args)
+
+    def op_unfold(self, a, inplace):
+        return self.example_map(a["input"], "unfold", F.unfold, {k: v for k, v in a.items() if k != "input"})
+
+    def op_fold(self, a, inplace):
+        return self.example_map(a["input"], "fold", F.fold, {k: v for k, v in a.items() if k != "input"})
 
     def op_cat(self, a, inplace):
         xs = a["tensors"]

@@ -283,3 +283,75 @@ class ProductRule(JoinRule):
             gbd = self._grad_b(gyd, a, b.shape)
             out_b = (self._grad_b(gy, a, b.shape), gbd if ad is None else gbd + self._grad_b(gy, ad, b.shape))
         return out_a, out_b
+
+
+class HostOperandRule(Rule):
+    """A value and a number or tensor c the model computes as it runs from sizes and buffers (p = (c,),
+    evaluated per call): `scores / q.size(-1) ** 0.5`, `x + self.pe[:, : x.size(1)]` (a positional encoding
+    cut to the sequence), `scores.masked_fill(self.causal[:L, :L] == 0, -inf)`. `op`: "add" (x + c), "sub"
+    (x − c), "rsub" (c − x), "mul" (x · c), "div" (x / c), "fill" (where(c, `fill`, x)), "keep" (where(c, x,
+    `fill`)), "attn" (attention's mask: "keep" with −inf for a boolean c, else "add"). Affine in x:
+    ẏ = A ẋ, ḡx = Aᵀ ḡy. A tensor c broadcasts against the per-example value as PyTorch broadcasts it (from
+    the right), without spanning the examples' dim."""
+
+    def __init__(self, name: str, kind: str, op: str, fill: float = 0.0):
+        super().__init__(name, kind)
+        self.op, self.fill = op, fill
+
+    def _check(self, x, c) -> None:
+        if isinstance(c, torch.Tensor) and (c.dim() > x.dim() - 1 or (c.dim() == x.dim() - 1 and c.shape[0] != 1)):
+            raise ValueError(
+                f"model layer {self.describe()}: a tensor of shape {tuple(c.shape)} broadcast against per-example "
+                f"inputs {tuple(x.shape[1:])} spans the examples' dim; the fused engine needs it to broadcast over "
+                "the examples (fewer dims, or size 1 there)"
+            )
+
+    def _op(self, c) -> str:
+        if self.op == "attn":
+            return "keep" if isinstance(c, torch.Tensor) and c.dtype == torch.bool else "add"
+        return self.op
+
+    def _linear(self, x, c):
+        """A x (the map without its shift)."""
+        op = self._op(c)
+        if op in ("add", "sub"):
+            return x
+        if op == "rsub":
+            return -x
+        if op == "mul":
+            return x * c
+        if op == "div":
+            return x / c
+        return x.masked_fill(c if op == "fill" else ~c, 0.0)
+
+    def _apply(self, x, c):
+        op = self._op(c)
+        if op == "add":
+            return x + c
+        if op == "sub":
+            return x - c
+        if op == "rsub":
+            return c - x
+        if op in ("fill", "keep"):
+            return x.masked_fill(c if op == "fill" else ~c, float("-inf") if self.op == "attn" else self.fill)
+        return self._linear(x, c)
+
+    def forward(self, ops, x, p, save):
+        c = p[0]
+        self._check(x, c)
+        y = self._apply(x, c)
+        return y, (c, x.shape, y.shape) if save else None
+
+    def _transpose(self, gy, saved):
+        c, shape, _ = saved
+        return _reduce(self._linear(gy, c), shape)
+
+    def backward(self, ops, gy, saved, p, need_x, outs):
+        return self._transpose(gy, saved) if need_x else None
+
+    def tangent_forward(self, ops, x, xd, p, v):
+        y, saved = self.forward(ops, x, p, True)
+        return y, (None if xd is None else self._linear(xd, saved[0]).expand(y.shape)), saved
+
+    def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
+        return (self._transpose(gy, saved), self._transpose(gyd, saved)) if need_x else (None, None)

@@ -159,13 +159,13 @@ class PermuteRule(LinearMapRule):
 
 
 class SliceRule(LinearMapRule):
-    """`x[index]` with slices, integers and at most one Ellipsis, every example kept: `index` starts with `:`
-    or with an Ellipsis that spans the examples' dim. The transpose writes the gradient into zeros at the
-    indexed places."""
+    """`x[index]` with slices, integers, None (a new size-1 dim) and at most one Ellipsis, every example kept:
+    `index` starts with `:` or with an Ellipsis that spans the examples' dim. The transpose writes the
+    gradient into zeros at the indexed places."""
 
     def __init__(self, name: str, kind: str, index):
         super().__init__(name, kind)
-        self.explicit = sum(i is not Ellipsis for i in index)
+        self.explicit = sum(i is not Ellipsis and i is not None for i in index)
         self.leading_ellipsis = index[0] is Ellipsis
         self.index = (slice(None),) + tuple(index)  # the task dim first
 

@@ -1,0 +1,126 @@
+"""Attention as users write it on the fused engine: a decoder block as nanoGPT writes it (a causal mask
+registered as a buffer and cut to the sequence, a sinusoidal positional encoding buffer cut to it, the scale
+from the head's size), `F.scaled_dot_product_attention` (causal, with a padding mask, a float mask, an
+explicit scale) lowered to its definition's rules, against the per-task `create_graph` oracle in float64,
+every order. The oracle runs PyTorch's math attention: its CPU flash attention has no double backward.
+Tensors the model makes from buffers and sizes are recomputed at every call."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_graph_models import ORDERS, check_ce, check_orders_steps, on_fused, tasks_for
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import fastmaml
+
+from oracle import check_float32_error
+
+
+class CausalBlock(nn.Module):
+    """Tokens `[N, L, 3]`, L up to `max_len`: a pre-norm attention block with the attention written six ways."""
+
+    def __init__(self, ways=3, d=4, heads=2, max_len=8):
+        super().__init__()
+        self.heads = heads
+        self.inp = nn.Linear(3, d)
+        pe = torch.zeros(1, max_len, d)
+        pos = torch.arange(max_len).unsqueeze(1).double()
+        div = torch.exp(torch.arange(0, d, 2).double() * (-math.log(100.0) / d))
+        pe[0, :, 0::2], pe[0, :, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+        self.register_buffer("pe", pe)
+        self.register_buffer("bias", torch.tril(torch.ones(max_len, max_len)).view(1, 1, max_len, max_len))
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, ways)
+
+    def forward(self, x):
+        B, T, _ = x.size()
+        h = self.inp(x) + self.pe[:, :T]
+        q, k, v = self.c_attn(self.ln(h)).split(4, dim=2)
+        q, k, v = (t.view(B, T, self.heads, 2).transpose(1, 2) for t in (q, k, v))  # [N, H, L, 2]
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = F.softmax(att.masked_fill(self.bias[:, :, :T, :T] == 0, float("-inf")), dim=-1)
+        y = att @ v
+        y = y + F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        pad = x[:, :, 0] > 1.5  # [N, L]
+        y = y + F.scaled_dot_product_attention(q, k, v, attn_mask=~pad[:, None, None, :])
+        y = y + F.scaled_dot_product_attention(q, k, v, attn_mask=(1 - self.bias[:, :, :T, :T]) * -1e9, scale=0.7)
+        s = q @ k.transpose(-2, -1) / k.size(-1) ** 0.5
+        s = s.masked_fill(self.bias[0, 0, :T, :T].triu(1).bool(), -1e4)
+        y = y + torch.where(self.bias[0, 0, :T, :T] > 0, s.softmax(-1), 0.0) @ v
+        y = y + F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias[0, 0, :T, :T] > 0)
+        h = h + self.proj(y.transpose(1, 2).contiguous().view(B, T, 4))
+        return self.head(h.mean(1) - self.pe[0, :T].sum(0))
+
+
+def token_tasks(seed=0, length=5):
+    return tasks_for((length, 3), ways=3, shots=2, seed=seed)
+
+
+@pytest.fixture(autouse=True)
+def math_attention():
+    """PyTorch's attention as its math definition (the oracle's double backward needs it)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_every_order(order):
+    torch.manual_seed(0)
+    model = CausalBlock().double()
+    assert [n.rule.kind for n in on_fused(model).nodes].count("sdpa") >= 4 * 5
+    check_orders_steps(model, token_tasks(), order)
+
+
+def test_meta_sgd_rates_anil_another_length_and_float32():
+    torch.manual_seed(1)
+    model = CausalBlock().double()
+    rates = {n: torch.full_like(p, 0.1).requires_grad_() for n, p in model.named_parameters()}
+    check_ce(model, token_tasks(1), inner_lr=rates, steps=2, lr_leaves=list(rates.values()))
+    check_ce(model, token_tasks(1, length=7), inner_lr=0.3, steps=2, inner_params=["head", "proj"])
+    check_float32_error(model, token_tasks(2), inner_lr=0.3, steps=2, loss="cross_entropy", loss_fn=F.cross_entropy)
+
+
+class BufferScaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.register_buffer("scale", torch.ones(4))
+        self.register_buffer("keep", torch.ones(3, dtype=torch.bool))
+
+    def forward(self, x):
+        return self.fc(x * (self.scale * 2)).masked_fill(~self.keep, 0.0)
+
+
+def test_tensors_made_from_buffers_follow_an_in_place_update():
+    """fx's default keeps what forward computes from a buffer as a constant of the trace; the compiler reads
+    buffers as nodes, so an in-place update reaches the next meta-step without recompiling."""
+    torch.manual_seed(2)
+    model = BufferScaled().double()
+    tasks = tasks_for((4,), ways=3, shots=2)
+    check_ce(model, tasks, inner_lr=0.3, steps=1)
+    program = on_fused(model)
+    model.scale.fill_(3.0)
+    model.keep[1] = False
+    check_ce(model, tasks, inner_lr=0.3, steps=1)
+    assert on_fused(model) is program
+
+
+def test_what_does_not_compile_says_why():
+    class Dropout(CausalBlock):
+        def forward(self, x):
+            q = self.inp(x).unsqueeze(1)
+            return self.head(F.scaled_dot_product_attention(q, q, q, dropout_p=0.1).mean((1, 2)))
+
+    class LearnedBias(CausalBlock):
+        def forward(self, x):
+            q = self.inp(x).unsqueeze(1)
+            return self.head(F.scaled_dot_product_attention(q, q, q, attn_mask=self.proj.weight).mean((1, 2)))
+
+    for cls, reason in ((Dropout, "dropout_p > 0"), (LearnedBias, "attn_mask is a parameter")):
+        e = fastmaml.explain(cls(), "cross_entropy")
+        assert e.program == "torch.func" and reason in e.reason, e
