@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_graph_models import ORDERS, check_ce, check_orders_steps, on_fused, tasks_for
+from test_graph_models import ORDERS, check_ce, check_meta_sgd_rates, check_orders_steps, on_fused, tasks_for
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -79,8 +79,7 @@ def test_every_order(order):
 def test_meta_sgd_rates_anil_another_length_and_float32():
     torch.manual_seed(1)
     model = CausalBlock().double()
-    rates = {n: torch.full_like(p, 0.1).requires_grad_() for n, p in model.named_parameters()}
-    check_ce(model, token_tasks(1), inner_lr=rates, steps=2, lr_leaves=list(rates.values()))
+    check_meta_sgd_rates(model, token_tasks(1))
     check_ce(model, token_tasks(1, length=7), inner_lr=0.3, steps=2, inner_params=["head", "proj"])
     check_float32_error(model, token_tasks(2), inner_lr=0.3, steps=2, loss="cross_entropy", loss_fn=F.cross_entropy)
 

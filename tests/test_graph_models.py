@@ -51,6 +51,12 @@ def check_ce(model, tasks, **kwargs):
     return check_meta_step(model, tasks, loss="cross_entropy", loss_fn=F.cross_entropy, tol=TOL, **kwargs)
 
 
+def check_meta_sgd_rates(model, tasks, rate=0.1, steps=2):
+    """`check_ce` with a learnable Meta-SGD rate per parameter entry."""
+    rates = {n: torch.full_like(p, rate).requires_grad_() for n, p in model.named_parameters()}
+    check_ce(model, tasks, inner_lr=rates, steps=steps, lr_leaves=list(rates.values()))
+
+
 def check_orders_steps(model, tasks, order, inner_lr=0.3):
     """`check_ce` for `order` at K = 0, 1 and 3 (second order) or K = 2 (the others)."""
     for steps in (0, 1, 3) if order == "second" else (2,):
