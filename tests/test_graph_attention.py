@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastmaml
 
-from oracle import check_float32_error
+from oracle import assert_grads_close, autograd_meta_grad, check_float32_error
 
 
 class CausalBlock(nn.Module):
@@ -107,6 +107,34 @@ def test_tensors_made_from_buffers_follow_an_in_place_update():
     model.keep[1] = False
     check_ce(model, tasks, inner_lr=0.3, steps=1)
     assert on_fused(model) is program
+
+
+class SortedAttention(nn.Module):
+    """Attention with an op that has no rule (a sort): the torch.func program."""
+
+    def __init__(self, ways=3):
+        super().__init__()
+        self.fc, self.head = nn.Linear(3, 4), nn.Linear(4, ways)
+
+    def forward(self, x):
+        q = self.fc(x).unsqueeze(1)
+        y = F.scaled_dot_product_attention(q, q, q, is_causal=True)
+        return self.head(torch.sort(y.mean((1, 2)), -1)[0])
+
+
+@pytest.mark.parametrize("order", ["second", "checkpoint"])
+def test_the_torch_func_program_takes_the_second_order_of_attention(order):
+    """PyTorch's CPU flash attention has no forward-mode derivative (the torch.func program's HVP needs one):
+    the program runs attention as its math definition."""
+    torch.manual_seed(3)
+    model = SortedAttention().double()
+    assert fastmaml.explain(model, "cross_entropy").program == "torch.func"
+    tasks = token_tasks()
+    model.zero_grad()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):  # PyTorch's choice
+        fastmaml.meta_step(model, tasks, inner_lr=0.3, steps=2, order=order, loss="cross_entropy")
+    _, ref, _ = autograd_meta_grad(model, tasks, inner_lr=0.3, steps=2, order=order, loss_fn=F.cross_entropy)
+    assert_grads_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-9)
 
 
 def test_what_does_not_compile_says_why():

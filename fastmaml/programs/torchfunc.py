@@ -27,6 +27,7 @@ import weakref
 import torch
 from torch import nn
 from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..layout import ParamLayout
@@ -198,7 +199,9 @@ class TorchFuncProgram(Program):
             g = grad(lambda a, s: self._task_loss(a, s, x1, y1)[0], argnums=argnums)
             return jvp(lambda a: g(a, ps), (pa,), (u1,))
 
-        with self._stats(bn_stats):
+        # F.scaled_dot_product_attention as its math definition: PyTorch's fused attention kernels (flash on
+        # CPU) have no forward-mode derivative, which the HVP takes
+        with self._stats(bn_stats), sdpa_kernel(SDPBackend.MATH):
             primal, tangent = self._run(one, phi, shared, x, y, u)
         if shared_grad:
             return HVP(primal[0], tangent[0], tangent[1])
