@@ -1,9 +1,11 @@
-"""Attention as users write it on the fused engine: a decoder block as nanoGPT writes it (a causal mask
-registered as a buffer and cut to the sequence, a sinusoidal positional encoding buffer cut to it, the scale
-from the head's size), `F.scaled_dot_product_attention` (causal, with a padding mask, a float mask, an
-explicit scale) lowered to its definition's rules, against the per-task `create_graph` oracle in float64,
-every order. The oracle runs PyTorch's math attention: its CPU flash attention has no double backward.
-Tensors the model makes from buffers and sizes are recomputed at every call."""
+"""Attention as users write it on the fused engine: nn.MultiheadAttention, nn.TransformerEncoderLayer and
+nn.TransformerEncoder (batch_first=True) lowered to their definitions' rules, a decoder block as nanoGPT
+writes it (a causal mask registered as a buffer and cut to the sequence, a sinusoidal positional encoding
+buffer cut to it, the scale from the head's size), `F.scaled_dot_product_attention` (causal, with a
+padding mask, a float mask, an explicit scale) lowered to its definition's rules, against the per-task
+`create_graph` oracle in float64, every order. The oracle runs PyTorch's math attention: its CPU flash
+attention has no double backward. Tensors the model makes from buffers and sizes are recomputed at every
+call."""
 
 import math
 
@@ -84,6 +86,48 @@ def test_meta_sgd_rates_anil_another_length_and_float32():
     check_float32_error(model, token_tasks(2), inner_lr=0.3, steps=2, loss="cross_entropy", loss_fn=F.cross_entropy)
 
 
+class Encoder(nn.Module):
+    """Tokens `[N, L, 3]`: nn.MultiheadAttention (self-attention with a key-padding mask from the input; cross
+    attention to the raw tokens with kdim/vdim and no bias, its weights not read), a post-norm ReLU encoder
+    layer under a causal mask buffer, and a two-layer pre-norm GELU nn.TransformerEncoder with a final norm."""
+
+    def __init__(self, ways=3, d=4, length=5):
+        super().__init__()
+        self.inp = nn.Linear(3, d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.cross = nn.MultiheadAttention(d, 2, kdim=3, vdim=3, batch_first=True, bias=False)
+        self.register_buffer("causal", torch.triu(torch.ones(length, length, dtype=torch.bool), 1))
+        self.layer = nn.TransformerEncoderLayer(d, 2, dim_feedforward=6, dropout=0.0, batch_first=True)
+        pre_norm = nn.TransformerEncoderLayer(
+            d, 2, dim_feedforward=6, dropout=0.0, batch_first=True, norm_first=True, activation="gelu"
+        )
+        self.stack = nn.TransformerEncoder(pre_norm, 2, norm=nn.LayerNorm(d), enable_nested_tensor=False)
+        self.head = nn.Linear(d, ways)
+
+    def forward(self, x):
+        h = self.inp(x)
+        a, _ = self.attn(h, h, h, key_padding_mask=x[:, :, 0] > 1.0)
+        h = h + a + self.cross(h, x, x, need_weights=False)[0]
+        h = self.stack(self.layer(h, src_mask=self.causal))
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_transformer_layers_every_order(order):
+    torch.manual_seed(4)
+    model = Encoder().double()
+    assert [n.rule.kind for n in on_fused(model).nodes].count("MultiheadAttention") >= 4 * 15
+    check_orders_steps(model, token_tasks(), order)
+
+
+def test_transformer_layers_with_meta_sgd_rates_anil_and_float32():
+    torch.manual_seed(5)
+    model = Encoder().double()
+    check_meta_sgd_rates(model, token_tasks(1))
+    check_ce(model, token_tasks(1), inner_lr=0.3, steps=2, inner_params=["head", "stack.norm"])
+    check_float32_error(model, token_tasks(2), inner_lr=0.3, steps=2, loss="cross_entropy", loss_fn=F.cross_entropy)
+
+
 class BufferScaled(nn.Module):
     def __init__(self):
         super().__init__()
@@ -148,6 +192,28 @@ def test_what_does_not_compile_says_why():
             q = self.inp(x).unsqueeze(1)
             return self.head(F.scaled_dot_product_attention(q, q, q, attn_mask=self.proj.weight).mean((1, 2)))
 
-    for cls, reason in ((Dropout, "dropout_p > 0"), (LearnedBias, "attn_mask is a parameter")):
+    class SequenceFirst(Encoder):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2)
+
+    class Weights(Encoder):
+        def forward(self, x):
+            h = self.inp(x)
+            return self.head(self.attn(h, h, h)[1].mean(1))
+
+    class TrainingDropout(Encoder):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, batch_first=True)
+
+    cases = (
+        (Dropout, "dropout_p > 0"),
+        (LearnedBias, "attention mask is a parameter"),
+        (SequenceFirst, "batch_first=True"),
+        (Weights, "attention weights"),
+        (TrainingDropout, "dropout in training mode"),
+    )
+    for cls, reason in cases:
         e = fastmaml.explain(cls(), "cross_entropy")
         assert e.program == "torch.func" and reason in e.reason, e

@@ -750,6 +750,21 @@ class _Parts:
         self.value, self.kind, self.dim, self.chunks, self.sizes = value, kind, dim, chunks, sizes
 
 
+class _AttentionOutput:
+    """What nn.MultiheadAttention returns, (output, weights): indexing 0 gives the output value; the weights
+    are `_Unavailable`."""
+
+    def __init__(self, value: "_Value"):
+        self.value = value
+
+
+class _Unavailable:
+    """A result the fused engine does not compute; reading it fails with `reason`."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
 class _MaxOverDim:
     """`torch.max(x, dim)`: (values, indices); its values (`[0]`, `.values`) make a MaxOverDimRule."""
 
@@ -795,7 +810,9 @@ class _Lowering:
         self.layout = layout
         self.bn_index = bn_index
         self.derived: List[Derived] = []
-        self.derived_refs: Dict[int, Ref] = {}  # id(_ParamExpr) -> its Ref("d", k)
+        # id(_ParamExpr) -> (it, its Ref("d", k)); the entry keeps the expression alive, so that its id is not
+        # reused by a later expression (which would then read this one's derived tensor)
+        self.derived_refs: Dict[int, Tuple[_ParamExpr, Ref]] = {}
         self.env: Dict[fx.Node, Any] = {}
         self.nodes: List[Node] = []
         self.num_values = 1
@@ -861,6 +878,8 @@ class _Lowering:
         return _Value(out)
 
     def value(self, a, what: str = "input") -> _Value:
+        if isinstance(a, _Unavailable):
+            self.fail(f"its {what} is {a.reason}")
         if isinstance(a, _Mask):
             self.fail(f"its {what} is a mask (a comparison); convert it to a value first, e.g. mask.to(x.dtype)")
         if not isinstance(a, _Value):
@@ -1040,9 +1059,9 @@ class _Lowering:
     def derive(self, expr) -> Ref:
         """The graph's Ref("d", k) of a derived tensor, checked to run under torch.func for every task."""
         expr = self.as_expr(expr)
-        ref = self.derived_refs.get(id(expr))
-        if ref is not None:
-            return ref
+        known = self.derived_refs.get(id(expr))
+        if known is not None:
+            return known[1]
         d = Derived(expr.fn, expr.leaves, tuple(self.shape_of(r) for r in expr.leaves), expr.shape, expr.text)
         if d.leaves:
             one = [self.tensor_of(r).detach().unsqueeze(0) for r in d.leaves]
@@ -1054,7 +1073,8 @@ class _Lowering:
                     f"{d.text}: torch.func (vmap, jvp, vjp), which computes it for every task, fails on it: "
                     f"{type(e).__name__}: {e}"
                 )
-        ref = self.derived_refs[id(expr)] = Ref("d", len(self.derived))
+        ref = Ref("d", len(self.derived))
+        self.derived_refs[id(expr)] = (expr, ref)
         self.derived.append(d)
         return ref
 
@@ -1115,10 +1135,11 @@ class _Lowering:
             return Ref("c", const=obj)
         return obj
 
-    def module_params(self, m: nn.Module, names) -> Tuple[Optional[Ref], ...]:
+    def module_params(self, m: nn.Module, names, path: Optional[str] = None) -> Tuple[Optional[Ref], ...]:
+        """Module m's tensors `names` as Refs (None where absent); `path`: m's module path (default: the node's)."""
         refs = []
         for pn in names:
-            expr = self.reparametrized(m, pn, self.fx_node.target)
+            expr = self.reparametrized(m, pn, self.fx_node.target if path is None else path)
             if expr is not None:  # a parametrized or weight-normalized weight
                 refs.append(self.derive(expr))
                 continue
@@ -1157,6 +1178,10 @@ class _Lowering:
                 return self.reparametrization_expr(reparam.parametrization_list(m, n.target))
             except ValueError as e:
                 self.fail(str(e))
+        if isinstance(m, nn.MultiheadAttention):
+            return self.call_multihead_attention(n, m)
+        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+            return self.call_transformer(n, m)
         x = self.arg(n.args[0]) if n.args else self.arg(next(iter(n.kwargs.values()), None))
         if len(n.args) + len(n.kwargs) != 1:
             self.fail("a layer called with more or fewer than one argument")
@@ -1288,6 +1313,10 @@ class _Lowering:
                 return self.slice(self.arg(n.args[0]), n.args[1])
             if target is operator.getitem and isinstance(self.arg(n.args[0]), _Parts):
                 return self.part(self.arg(n.args[0]), n.args[1])
+            if target is operator.getitem and isinstance(self.arg(n.args[0]), _AttentionOutput):
+                if n.args[1] == 0:
+                    return self.arg(n.args[0]).value
+                return _Unavailable("nn.MultiheadAttention's attention weights (the fused engine computes its output)")
             if isinstance(self.arg(n.args[0]) if n.args else None, _MaxOverDim) and (
                 (target is operator.getitem and n.args[1] == 0) or (target is getattr and n.args[1] == "values")
             ):
@@ -2134,16 +2163,12 @@ class _Lowering:
             self.fail("F.scaled_dot_product_attention with enable_gqa=True")
         q, k, v = (self.value(a[key], key) for key in ("query", "key", "value"))
         name, mask, scale = self.name(), a["attn_mask"], a["scale"]
-        kt = self.emit(TransposeRule(name, "sdpa", -2, -1), [k])
-        scores = self.emit(ProductRule(name, "sdpa", matmul=True), [q, kt])
         if scale is None:
             qv = q.vid
-            host = _Host(lambda env: env[qv].shape[-1] ** -0.5, (qv,))
-            scores = self.emit(HostOperandRule(name, "sdpa", "mul"), [scores], host=host)
-        elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
-            scores = self.emit(AffineRule(name, "sdpa", float(scale)), [scores])
-        else:
+            scale = _Host(lambda env: env[qv].shape[-1] ** -0.5, (qv,))
+        elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
             self.fail("F.scaled_dot_product_attention's scale must be a number")
+        scores = self.attention_scores(name, "sdpa", q, k, scale)
         if a["is_causal"]:
             if mask is not None:
                 self.fail("F.scaled_dot_product_attention with both attn_mask and is_causal")
@@ -2156,16 +2181,184 @@ class _Lowering:
             scores = self.emit(
                 HostOperandRule(name, "sdpa", "keep", float("-inf")), [scores], host=_Host(causal, (qv, kv))
             )
-        elif isinstance(mask, _Mask):
-            scores = self.emit(WhereRule(name, "sdpa", b=float("-inf")), [mask, scores])
-        elif isinstance(mask, _Value):
-            scores = self.emit(AddRule(name, "sdpa"), [scores, mask])
-        elif self._made_on_host(mask):
-            scores = self.emit(HostOperandRule(name, "sdpa", "attn"), [scores], host=self.host_value(mask))
         elif mask is not None:
-            self.fail("F.scaled_dot_product_attention's attn_mask is a parameter (a learned bias: add it to q kᵀ)")
-        weights = self.emit(SoftmaxRule(name, "sdpa", -1, False), [scores])
-        return self.emit(ProductRule(name, "sdpa", matmul=True), [weights, v])
+            scores = self.attention_mask(name, "sdpa", scores, mask, blocks=False)
+        return self.attention_output(name, "sdpa", scores, v)
+
+    # -------------------------------------------------------------- attention (lowered to existing rules)
+    def attention_scores(self, name: str, kind: str, q: _Value, k: _Value, scale) -> _Value:
+        """q kᵀ · scale (a number, or a `_Host` number) of `[..., L, E]` and `[..., S, E]`."""
+        kt = self.emit(TransposeRule(name, kind, -2, -1), [k])
+        scores = self.emit(ProductRule(name, kind, matmul=True), [q, kt])
+        if isinstance(scale, _Host):
+            return self.emit(HostOperandRule(name, kind, "mul"), [scores], host=scale)
+        return self.emit(AffineRule(name, kind, float(scale)), [scores])
+
+    def attention_mask(self, name: str, kind: str, scores: _Value, mask, blocks: bool) -> _Value:
+        """scores with an attention mask applied: a boolean mask leaves out (−inf) where it is True (`blocks`:
+        nn.MultiheadAttention's convention) or where it is False (F.scaled_dot_product_attention's); a float
+        mask is added. The mask is a mask or a value computed from the input, a buffer, or made as the model
+        runs."""
+        if isinstance(mask, _Mask):
+            if not blocks:
+                mask = _Mask(self.emit(LogicalRule(name, kind, "not"), [mask]).vid)
+            return self.emit(WhereRule(name, kind, a=float("-inf")), [mask, scores])
+        if isinstance(mask, _Value):
+            return self.emit(AddRule(name, kind), [scores, mask])
+        if self._made_on_host(mask):
+            op = "attn_block" if blocks else "attn_keep"
+            return self.emit(HostOperandRule(name, kind, op), [scores], host=self.host_value(mask))
+        self.fail(f"{kind}'s attention mask is a parameter or derived tensor (a learned bias: add it to q kᵀ)")
+
+    def attention_output(self, name: str, kind: str, scores: _Value, v: _Value) -> _Value:
+        """softmax(scores) v."""
+        weights = self.emit(SoftmaxRule(name, kind, -1, False), [scores])
+        return self.emit(ProductRule(name, kind, matmul=True), [weights, v])
+
+    def heads(self, name: str, kind: str, x: _Value, heads: int, merge: bool) -> _Value:
+        """`[N, L, H·D]` split into heads `[N, H, L, D]`, or (`merge`) heads merged back."""
+        v = x.vid
+        if merge:
+            t = self.emit(TransposeRule(name, kind, 1, 2), [x])
+            host = _Host(lambda env: (env[v].shape[1], env[v].shape[3], env[v].shape[2] * env[v].shape[4]), (v,))
+            return self.emit(ReshapeRule(name, kind), [t], host=host)
+        host = _Host(lambda env: (env[v].shape[1], env[v].shape[2], heads, env[v].shape[3] // heads), (v,))
+        return self.emit(TransposeRule(name, kind, 1, 2), [self.emit(ReshapeRule(name, kind), [x], host=host)])
+
+    def multihead_attention(self, m: nn.MultiheadAttention, path: str, query, key, value, kpm, mask) -> _Value:
+        """nn.MultiheadAttention(batch_first=True) as its definition: the in-projections (slices of
+        in_proj_weight, or q/k/v_proj_weight), heads, scaled scores, `key_padding_mask` [N, S] and
+        `attn_mask` [L, S] (boolean: True leaves out; float: added), softmax, heads merged, out_proj."""
+        kind = "MultiheadAttention"
+        if not m.batch_first:
+            self.fail(
+                "batch_first=False takes the sequence first and the examples second; the fused engine needs the "
+                "examples' dim first (nn.MultiheadAttention(..., batch_first=True))"
+            )
+        if m.bias_k is not None or m.add_zero_attn:
+            self.fail("add_bias_kv or add_zero_attn")
+        if m.training and m.dropout > 0:
+            self.fail("attention dropout in training mode is random; exact meta-gradients need it off (dropout=0)")
+        E, H = m.embed_dim, m.num_heads
+
+        def part(ref, i, shape):
+            if ref is None:
+                return None
+            expr = self.map_expr(ref, lambda t: t[i * E : (i + 1) * E], f"{{}}[{i * E}:{(i + 1) * E}]", shape)
+            return self.param(expr, "in_proj")
+
+        if m._qkv_same_embed_dim:
+            w = self.module_params(m, ("in_proj_weight",), path)[0]
+            weights, sizes = [part(w, i, (E, E)) for i in range(3)], (E, E, E)
+        else:
+            weights = list(self.module_params(m, ("q_proj_weight", "k_proj_weight", "v_proj_weight"), path))
+            sizes = (E, m.kdim, m.vdim)
+        b = self.module_params(m, ("in_proj_bias",), path)[0]
+        q, k, v = (
+            self.heads(
+                path, kind, self.emit(LinearRule(path, kind, n), [self.value(x)], (w, part(b, i, (E,)))), H, False
+            )
+            for i, (x, w, n) in enumerate(zip((query, key, value), weights, sizes))
+        )
+        scores = self.attention_scores(path, kind, q, k, (E // H) ** -0.5)
+        if kpm is not None:
+            if not isinstance(kpm, (_Mask, _Value)):
+                self.fail("key_padding_mask other than a mask or value computed from the input ([N, S])")
+            kv = _Value(kpm.vid)
+            for d in (1, 1):  # [N, S] -> [N, 1, 1, S]
+                kv = self.emit(SqueezeRule(path, kind, (d,), unsqueeze=True), [kv])
+            scores = self.attention_mask(path, kind, scores, type(kpm)(kv.vid), blocks=True)
+        if mask is not None:
+            scores = self.attention_mask(path, kind, scores, mask, blocks=True)
+        out = self.heads(path, kind, self.attention_output(path, kind, scores, v), H, True)
+        return self.emit(LinearRule(path, kind, E), [out], self.module_params(m.out_proj, ("weight", "bias"), path))
+
+    def call_multihead_attention(self, n: fx.Node, m: nn.MultiheadAttention) -> "_AttentionOutput":
+        spec = _spec(
+            "query",
+            "key",
+            "value",
+            ("key_padding_mask", None),
+            ("need_weights", True),
+            ("attn_mask", None),
+            ("average_attn_weights", True),
+            ("is_causal", False),
+        )
+        try:
+            a = _bind(spec, [self.arg(x) for x in n.args], {k: self.arg(v) for k, v in n.kwargs.items()}, "call")
+        except TypeError as e:
+            self.fail(str(e))
+        out = self.multihead_attention(
+            m, n.target, a["query"], a["key"], a["value"], a["key_padding_mask"], a["attn_mask"]
+        )
+        return _AttentionOutput(out)
+
+    def call_transformer(self, n: fx.Node, m: nn.Module) -> _Value:
+        """nn.TransformerEncoderLayer and nn.TransformerEncoder (batch_first=True) as their definitions."""
+        if isinstance(m, nn.TransformerEncoder):
+            spec = _spec("src", ("mask", None), ("src_key_padding_mask", None), ("is_causal", None))
+            layers = [(layer, f"{n.target}.layers.{i}") for i, layer in enumerate(m.layers)]
+        else:
+            spec = _spec("src", ("src_mask", None), ("src_key_padding_mask", None), ("is_causal", False))
+            layers = [(m, n.target)]
+        try:
+            a = _bind(spec, [self.arg(x) for x in n.args], {k: self.arg(v) for k, v in n.kwargs.items()}, "call")
+        except TypeError as e:
+            self.fail(str(e))
+        mask = a["mask"] if "mask" in a else a["src_mask"]
+        x = self.value(a["src"])
+        for layer, path in layers:
+            x = self.encoder_layer(layer, path, x, mask, a["src_key_padding_mask"])
+        if isinstance(m, nn.TransformerEncoder) and m.norm is not None:
+            path = f"{n.target}.norm"
+            rule = self.example_norm_rule(m.norm, path, type(m.norm).__name__)
+            x = self.emit(rule, [x], self.module_params(m.norm, ("weight", "bias"), path))
+        return x
+
+    def encoder_layer(self, m: nn.TransformerEncoderLayer, path: str, x: _Value, mask, kpm) -> _Value:
+        """One nn.TransformerEncoderLayer: self-attention and the feed-forward block, each with its residual,
+        LayerNorm after (or, `norm_first`, before) each."""
+        kind = "TransformerEncoderLayer"
+        if any(d.training and d.p > 0 for d in (m.dropout, m.dropout1, m.dropout2)):
+            self.fail("dropout in training mode is random; exact meta-gradients need it off (dropout=0 or .eval())")
+        act = m.activation
+        if act is F.relu or isinstance(act, nn.ReLU):
+            act_rule = ReLURule
+        elif act is F.gelu or (isinstance(act, nn.GELU) and act.approximate == "none"):
+            act_rule = GELURule
+        else:
+            self.fail(f"activation {act!r}; the fused engine lowers relu and gelu")
+
+        def norm(norm_module, suffix, h):
+            p = f"{path}.{suffix}"
+            rule = self.example_norm_rule(norm_module, p, type(norm_module).__name__)
+            return self.emit(rule, [h], self.module_params(norm_module, ("weight", "bias"), p))
+
+        def attention(h):
+            return self.multihead_attention(m.self_attn, f"{path}.self_attn", h, h, h, kpm, mask)
+
+        def feed_forward(h):
+            lin1, lin2 = f"{path}.linear1", f"{path}.linear2"
+            h = self.emit(
+                LinearRule(lin1, "Linear", m.linear1.in_features),
+                [h],
+                self.module_params(m.linear1, ("weight", "bias"), lin1),
+            )
+            h = self.emit(act_rule(path, kind), [h])
+            return self.emit(
+                LinearRule(lin2, "Linear", m.linear2.in_features),
+                [h],
+                self.module_params(m.linear2, ("weight", "bias"), lin2),
+            )
+
+        def residual(h, f):
+            return self.emit(AddRule(path, kind), [h, f])
+
+        if m.norm_first:
+            x = residual(x, attention(norm(m.norm1, "norm1", x)))
+            return residual(x, feed_forward(norm(m.norm2, "norm2", x)))
+        x = norm(m.norm1, "norm1", residual(x, attention(x)))
+        return norm(m.norm2, "norm2", residual(x, feed_forward(x)))
 
     def op_stack(self, a, inplace):
         xs, d = a["tensors"], a["dim"]

@@ -290,7 +290,8 @@ class HostOperandRule(Rule):
     evaluated per call): `scores / q.size(-1) ** 0.5`, `x + self.pe[:, : x.size(1)]` (a positional encoding
     cut to the sequence), `scores.masked_fill(self.causal[:L, :L] == 0, -inf)`. `op`: "add" (x + c), "sub"
     (x − c), "rsub" (c − x), "mul" (x · c), "div" (x / c), "fill" (where(c, `fill`, x)), "keep" (where(c, x,
-    `fill`)), "attn" (attention's mask: "keep" with −inf for a boolean c, else "add"). Affine in x:
+    `fill`)), "attn_keep" / "attn_block" (an attention mask: for a boolean c, "keep" / "fill" with −inf;
+    else "add"). Affine in x:
     ẏ = A ẋ, ḡx = Aᵀ ḡy. A tensor c broadcasts against the per-example value as PyTorch broadcasts it (from
     the right), without spanning the examples' dim."""
 
@@ -307,8 +308,10 @@ class HostOperandRule(Rule):
             )
 
     def _op(self, c) -> str:
-        if self.op == "attn":
-            return "keep" if isinstance(c, torch.Tensor) and c.dtype == torch.bool else "add"
+        if self.op.startswith("attn"):
+            if not (isinstance(c, torch.Tensor) and c.dtype == torch.bool):
+                return "add"
+            return "keep" if self.op == "attn_keep" else "fill"
         return self.op
 
     def _linear(self, x, c):
@@ -333,7 +336,7 @@ class HostOperandRule(Rule):
         if op == "rsub":
             return c - x
         if op in ("fill", "keep"):
-            return x.masked_fill(c if op == "fill" else ~c, float("-inf") if self.op == "attn" else self.fill)
+            return x.masked_fill(c if op == "fill" else ~c, float("-inf") if self.op.startswith("attn") else self.fill)
         return self._linear(x, c)
 
     def forward(self, ops, x, p, save):
