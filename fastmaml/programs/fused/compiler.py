@@ -7,7 +7,9 @@ GELU (exact), SiLU, Softplus, Mish, PReLU, Hardtanh, ReLU6, Hardswish, Hardsigmo
 AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropout in eval mode (or p=0),
 the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA), and the parameter-free layers that
 map each example linearly (Upsample, PixelShuffle, PixelUnshuffle, the padding layers, Unfold, Fold:
-example_maps.py). Everything else a model does is traced into nodes, which map to rules:
+example_maps.py). MultiheadAttention, TransformerEncoderLayer and TransformerEncoder (batch_first=True) are
+lowered to the rules of their definitions. Everything else a model does is traced into nodes, which map to
+rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `F.silu`, `F.softplus`,
   `F.hardtanh`, `F.relu6`, `F.hardswish`, `F.hardsigmoid`, `torch.tanh`, `torch.sigmoid`, elementwise math
   (`exp`, `log`, `sqrt`, `rsqrt`, `reciprocal`, `abs`, `sin`, `cos`, `x ** c`, `torch.square`), `clamp` by
