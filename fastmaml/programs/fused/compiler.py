@@ -1,7 +1,8 @@
 """Compiles a model into a graph of rules by tracing its `forward` with torch.fx, or says which node keeps
 it off the fused engine.
 
-Layers with rules stay leaf modules: Linear, Conv1d and Conv2d (any groups, zero padding), BatchNorm1d/2d,
+Layers with rules stay leaf modules: Linear, Conv1d and Conv2d (any groups, zero padding), ConvTranspose1d/2d/3d
+and Conv3d (conv_vmap.py), BatchNorm1d/2d,
 LayerNorm, GroupNorm, InstanceNorm1d/2d (without running statistics), ReLU, LeakyReLU, Tanh, Sigmoid, ELU,
 GELU (exact), SiLU, Softplus, Mish, PReLU, Hardtanh, ReLU6, Hardswish, Hardsigmoid, MaxPool2d, AvgPool2d,
 AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropout in eval mode (or p=0),
@@ -93,6 +94,7 @@ from .. import reparam
 from .base import Rule
 from .context import ContextConcatRule, FiLMRule
 from .conv import Conv1dRule, ConvRule, Geometry
+from .conv_vmap import VmappedConvRule
 from .dense import LinearRule, TransposedLinearRule
 from .derived import Derived
 from .einsum import ELLIPSIS, EinsumParamRule, EinsumRule, EinsumSumRule, Equation
@@ -140,6 +142,13 @@ from .softmax import SoftmaxRule
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d)
+# convolutions whose tasks vmap batches (conv_vmap.py): layer -> its functional op
+_VMAPPED_CONVS = {
+    nn.ConvTranspose1d: F.conv_transpose1d,
+    nn.ConvTranspose2d: F.conv_transpose2d,
+    nn.ConvTranspose3d: F.conv_transpose3d,
+    nn.Conv3d: F.conv3d,
+}
 # parameter-free layers that map each example linearly (example_maps.py; some are newer than torch 2.4)
 _EXAMPLE_MAP_LAYERS = tuple(
     getattr(nn, name)
@@ -449,6 +458,10 @@ _FUNC_NAMES = {
     F.unfold: "unfold",
     F.fold: "fold",
     F.scaled_dot_product_attention: "sdpa",
+    F.conv_transpose1d: "conv_transpose1d",
+    F.conv_transpose2d: "conv_transpose2d",
+    F.conv_transpose3d: "conv_transpose3d",
+    F.conv3d: "conv3d",
 }
 for _name in ("_max_pool2d", "max_pool2d_with_indices"):
     if hasattr(F, _name):
@@ -661,6 +674,20 @@ _SPECS = {
     "pixel_unshuffle": _spec("input", "downscale_factor"),
     "unfold": _spec("input", "kernel_size", ("dilation", 1), ("padding", 0), ("stride", 1)),
     "fold": _spec("input", "output_size", "kernel_size", ("dilation", 1), ("padding", 0), ("stride", 1)),
+    **{
+        name: _spec(
+            "input",
+            "weight",
+            ("bias", None),
+            ("stride", 1),
+            ("padding", 0),
+            ("output_padding", 0),
+            ("groups", 1),
+            ("dilation", 1),
+        )
+        for name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+    },
+    "conv3d": _spec("input", "weight", ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)),
     "sdpa": _spec(
         "query",
         "key",
@@ -1204,6 +1231,8 @@ class _Lowering:
             geometry = Geometry(m.kernel_size, m.stride, m.padding, m.dilation, m.groups)
             rule = ConvRule(name, kind, geometry, m.in_channels)
             return self.emit(rule, [x], self.module_params(m, ("weight", "bias")))
+        if cls in _VMAPPED_CONVS:
+            return self.vmapped_conv_layer(m, cls, x)
         if cls is nn.Conv1d:
             self.check_conv(m.padding_mode, m.padding, m.kernel_size, m.dilation)
             rule = Conv1dRule(name, kind, m.kernel_size, m.stride, m.padding, m.dilation, m.in_channels, m.groups)
@@ -1275,6 +1304,47 @@ class _Lowering:
             layer = copy.deepcopy(m)
             return self.emit(ExampleMapRule(name, kind, lambda batch, _: layer(batch)), [x])
         self.fail("not a layer the fused engine knows (see fastmaml.explain for what compiles)")
+
+    def vmapped_conv_layer(self, m: nn.Module, cls, x: _Value) -> _Value:
+        """ConvTranspose1d/2d/3d and Conv3d (zero padding; conv_vmap.py)."""
+        if m.padding_mode != "zeros":
+            self.fail(f"padding_mode={m.padding_mode!r}; the fused engine supports 'zeros'")
+        op, geometry = (
+            _VMAPPED_CONVS[cls],
+            dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups),
+        )
+        if cls is nn.Conv3d:
+            self.check_conv(m.padding_mode, m.padding, m.kernel_size, m.dilation)
+        else:
+            geometry["output_padding"] = m.output_padding
+        fn = lambda x, w: op(x, w, None, **geometry)  # noqa: E731 - the layer's numbers, not the layer
+        rule = VmappedConvRule(self.name(), cls.__name__, fn, m.weight.dim())
+        return self.emit(rule, [x], self.module_params(m, ("weight", "bias")))
+
+    def op_vmapped_conv(self, a, inplace, op, what: str) -> _Value:
+        """F.conv_transpose1d/2d/3d and F.conv3d on the model's own weight."""
+        w = self.param(a["weight"], "weight")
+        rank = {F.conv_transpose1d: 3, F.conv_transpose2d: 4, F.conv_transpose3d: 5, F.conv3d: 5}[op]
+        if w is None or len(self.shape_of(w)) != rank:
+            self.fail(f"{what} needs a weight of {rank} dims")
+        args = {k: v for k, v in a.items() if k not in ("input", "weight", "bias")}
+        if any(_computed(v) for v in args.values()):
+            self.fail(f"{what}'s geometry is computed from sizes as the model runs; the fused engine needs numbers")
+        fn = lambda x, wt: op(x, wt, None, **args)  # noqa: E731
+        rule = VmappedConvRule(self.name(), what, fn, rank)
+        return self.emit(rule, [self.value(a["input"])], (w, self.param(a["bias"], "bias")))
+
+    def op_conv_transpose1d(self, a, inplace):
+        return self.op_vmapped_conv(a, inplace, F.conv_transpose1d, "conv_transpose1d")
+
+    def op_conv_transpose2d(self, a, inplace):
+        return self.op_vmapped_conv(a, inplace, F.conv_transpose2d, "conv_transpose2d")
+
+    def op_conv_transpose3d(self, a, inplace):
+        return self.op_vmapped_conv(a, inplace, F.conv_transpose3d, "conv_transpose3d")
+
+    def op_conv3d(self, a, inplace):
+        return self.op_vmapped_conv(a, inplace, F.conv3d, "conv3d")
 
     def example_norm_rule(self, m: nn.Module, name: str, kind: str) -> ExampleNormRule:
         cls = parametrize.type_before_parametrizations(m)
