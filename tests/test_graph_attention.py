@@ -128,6 +128,43 @@ def test_transformer_layers_with_meta_sgd_rates_anil_and_float32():
     check_float32_error(model, token_tasks(2), inner_lr=0.3, steps=2, loss="cross_entropy", loss_fn=F.cross_entropy)
 
 
+class Seq2Seq(nn.Module):
+    """An encoder layer's output as memory for a post-norm nn.TransformerDecoderLayer (causal target mask
+    buffer, memory key-padding mask from the input) and a two-layer pre-norm nn.TransformerDecoder with a
+    final norm; nn.MultiheadAttention's weights, averaged and per head, read into the logits."""
+
+    def __init__(self, ways=3, d=4, length=5):
+        super().__init__()
+        self.inp = nn.Linear(3, d)
+        self.enc = nn.TransformerEncoderLayer(d, 2, dim_feedforward=6, dropout=0.0, batch_first=True)
+        self.register_buffer("causal", torch.triu(torch.ones(length, length, dtype=torch.bool), 1))
+        self.dec = nn.TransformerDecoderLayer(d, 2, dim_feedforward=6, dropout=0.0, batch_first=True)
+        pre_norm = nn.TransformerDecoderLayer(
+            d, 2, dim_feedforward=6, dropout=0.0, batch_first=True, norm_first=True, activation=nn.GELU()
+        )
+        self.stack = nn.TransformerDecoder(pre_norm, 2, norm=nn.LayerNorm(d))
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d + 2 * length, ways)
+
+    def forward(self, x):
+        h = self.inp(x)
+        memory = self.enc(h)
+        pad = x[:, :, 0] > 1.0
+        y = self.dec(h, memory, tgt_mask=self.causal, memory_key_padding_mask=pad)
+        y = self.stack(y, memory, tgt_mask=self.causal)
+        out, mean_weights = self.attn(y, y, y)
+        per_head = self.attn(y, memory, memory, average_attn_weights=False)[1]  # [N, 2, L, L]
+        features = [(y + out).mean(1), mean_weights.mean(1), per_head.mean((2, 3)).repeat(1, 5)[:, :5]]
+        return self.head(torch.cat(features, 1))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_decoder_layers_and_attention_weights_every_order(order):
+    torch.manual_seed(6)
+    model = Seq2Seq().double()
+    check_orders_steps(model, token_tasks(), order)
+
+
 class BufferScaled(nn.Module):
     def __init__(self):
         super().__init__()
@@ -200,7 +237,7 @@ def test_what_does_not_compile_says_why():
     class Weights(Encoder):
         def forward(self, x):
             h = self.inp(x)
-            return self.head(self.attn(h, h, h)[1].mean(1))
+            return self.head(self.attn(h, h, h, need_weights=False)[1].mean(1))
 
     class TrainingDropout(Encoder):
         def __init__(self):
@@ -211,7 +248,7 @@ def test_what_does_not_compile_says_why():
         (Dropout, "dropout_p > 0"),
         (LearnedBias, "attention mask is a parameter"),
         (SequenceFirst, "batch_first=True"),
-        (Weights, "attention weights"),
+        (Weights, "not a tensor computed from the model's input"),
         (TrainingDropout, "dropout in training mode"),
     )
     for cls, reason in cases:

@@ -8,8 +8,8 @@ GELU (exact), SiLU, Softplus, Mish, PReLU, Hardtanh, ReLU6, Hardswish, Hardsigmo
 AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropout in eval mode (or p=0),
 the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA), and the parameter-free layers that
 map each example linearly (Upsample, PixelShuffle, PixelUnshuffle, the padding layers, Unfold, Fold:
-example_maps.py). MultiheadAttention, TransformerEncoderLayer and TransformerEncoder (batch_first=True) are
-lowered to the rules of their definitions. Everything else a model does is traced into nodes, which map to
+example_maps.py). MultiheadAttention and the Transformer encoder and decoder layers and stacks
+(batch_first=True) are lowered to the rules of their definitions. Everything else a model does is traced into nodes, which map to
 rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `F.silu`, `F.softplus`,
   `F.hardtanh`, `F.relu6`, `F.hardswish`, `F.hardsigmoid`, `torch.tanh`, `torch.sigmoid`, elementwise math
@@ -142,6 +142,12 @@ from .softmax import SoftmaxRule
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d)
+_TRANSFORMER_LAYERS = (
+    nn.TransformerEncoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoderLayer,
+    nn.TransformerDecoder,
+)
 # convolutions whose tasks vmap batches (conv_vmap.py): layer -> its functional op
 _VMAPPED_CONVS = {
     nn.ConvTranspose1d: F.conv_transpose1d,
@@ -780,18 +786,11 @@ class _Parts:
 
 
 class _AttentionOutput:
-    """What nn.MultiheadAttention returns, (output, weights): indexing 0 gives the output value; the weights
-    are `_Unavailable`."""
+    """What nn.MultiheadAttention returns, (output, weights): `output` the value; `weights` the attention
+    weights `[N, L, S]` averaged over the heads, or per head `[N, H, L, S]`, or None (need_weights=False)."""
 
-    def __init__(self, value: "_Value"):
-        self.value = value
-
-
-class _Unavailable:
-    """A result the fused engine does not compute; reading it fails with `reason`."""
-
-    def __init__(self, reason: str):
-        self.reason = reason
+    def __init__(self, output: "_Value", weights: Optional["_Value"]):
+        self.output, self.weights = output, weights
 
 
 class _MaxOverDim:
@@ -907,8 +906,6 @@ class _Lowering:
         return _Value(out)
 
     def value(self, a, what: str = "input") -> _Value:
-        if isinstance(a, _Unavailable):
-            self.fail(f"its {what} is {a.reason}")
         if isinstance(a, _Mask):
             self.fail(f"its {what} is a mask (a comparison); convert it to a value first, e.g. mask.to(x.dtype)")
         if not isinstance(a, _Value):
@@ -1209,7 +1206,7 @@ class _Lowering:
                 self.fail(str(e))
         if isinstance(m, nn.MultiheadAttention):
             return self.call_multihead_attention(n, m)
-        if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+        if isinstance(m, _TRANSFORMER_LAYERS):
             return self.call_transformer(n, m)
         x = self.arg(n.args[0]) if n.args else self.arg(next(iter(n.kwargs.values()), None))
         if len(n.args) + len(n.kwargs) != 1:
@@ -1386,9 +1383,8 @@ class _Lowering:
             if target is operator.getitem and isinstance(self.arg(n.args[0]), _Parts):
                 return self.part(self.arg(n.args[0]), n.args[1])
             if target is operator.getitem and isinstance(self.arg(n.args[0]), _AttentionOutput):
-                if n.args[1] == 0:
-                    return self.arg(n.args[0]).value
-                return _Unavailable("nn.MultiheadAttention's attention weights (the fused engine computes its output)")
+                out = self.arg(n.args[0])
+                return out.output if n.args[1] == 0 else out.weights
             if isinstance(self.arg(n.args[0]) if n.args else None, _MaxOverDim) and (
                 (target is operator.getitem and n.args[1] == 0) or (target is getattr and n.args[1] == "values")
             ):
@@ -2255,7 +2251,7 @@ class _Lowering:
             )
         elif mask is not None:
             scores = self.attention_mask(name, "sdpa", scores, mask, blocks=False)
-        return self.attention_output(name, "sdpa", scores, v)
+        return self.attention_output(name, "sdpa", scores, v)[0]
 
     # -------------------------------------------------------------- attention (lowered to existing rules)
     def attention_scores(self, name: str, kind: str, q: _Value, k: _Value, scale) -> _Value:
@@ -2282,10 +2278,10 @@ class _Lowering:
             return self.emit(HostOperandRule(name, kind, op), [scores], host=self.host_value(mask))
         self.fail(f"{kind}'s attention mask is a parameter or derived tensor (a learned bias: add it to q kᵀ)")
 
-    def attention_output(self, name: str, kind: str, scores: _Value, v: _Value) -> _Value:
-        """softmax(scores) v."""
+    def attention_output(self, name: str, kind: str, scores: _Value, v: _Value) -> Tuple[_Value, _Value]:
+        """(softmax(scores) v, softmax(scores))."""
         weights = self.emit(SoftmaxRule(name, kind, -1, False), [scores])
-        return self.emit(ProductRule(name, kind, matmul=True), [weights, v])
+        return self.emit(ProductRule(name, kind, matmul=True), [weights, v]), weights
 
     def heads(self, name: str, kind: str, x: _Value, heads: int, merge: bool) -> _Value:
         """`[N, L, H·D]` split into heads `[N, H, L, D]`, or (`merge`) heads merged back."""
@@ -2297,10 +2293,13 @@ class _Lowering:
         host = _Host(lambda env: (env[v].shape[1], env[v].shape[2], heads, env[v].shape[3] // heads), (v,))
         return self.emit(TransposeRule(name, kind, 1, 2), [self.emit(ReshapeRule(name, kind), [x], host=host)])
 
-    def multihead_attention(self, m: nn.MultiheadAttention, path: str, query, key, value, kpm, mask) -> _Value:
+    def multihead_attention(
+        self, m: nn.MultiheadAttention, path: str, query, key, value, kpm, mask
+    ) -> Tuple[_Value, _Value]:
         """nn.MultiheadAttention(batch_first=True) as its definition: the in-projections (slices of
         in_proj_weight, or q/k/v_proj_weight), heads, scaled scores, `key_padding_mask` [N, S] and
-        `attn_mask` [L, S] (boolean: True leaves out; float: added), softmax, heads merged, out_proj."""
+        `attn_mask` [L, S] (boolean: True leaves out; float: added), softmax, heads merged, out_proj.
+        Returns the output `[N, L, E]` and the attention weights per head `[N, H, L, S]`."""
         kind = "MultiheadAttention"
         if not m.batch_first:
             self.fail(
@@ -2342,8 +2341,10 @@ class _Lowering:
             scores = self.attention_mask(path, kind, scores, type(kpm)(kv.vid), blocks=True)
         if mask is not None:
             scores = self.attention_mask(path, kind, scores, mask, blocks=True)
-        out = self.heads(path, kind, self.attention_output(path, kind, scores, v), H, True)
-        return self.emit(LinearRule(path, kind, E), [out], self.module_params(m.out_proj, ("weight", "bias"), path))
+        out, weights = self.attention_output(path, kind, scores, v)
+        out = self.heads(path, kind, out, H, True)
+        out_params = self.module_params(m.out_proj, ("weight", "bias"), f"{path}.out_proj")
+        return self.emit(LinearRule(path, kind, E), [out], out_params), weights
 
     def call_multihead_attention(self, n: fx.Node, m: nn.MultiheadAttention) -> "_AttentionOutput":
         spec = _spec(
@@ -2360,38 +2361,57 @@ class _Lowering:
             a = _bind(spec, [self.arg(x) for x in n.args], {k: self.arg(v) for k, v in n.kwargs.items()}, "call")
         except TypeError as e:
             self.fail(str(e))
-        out = self.multihead_attention(
+        out, weights = self.multihead_attention(
             m, n.target, a["query"], a["key"], a["value"], a["key_padding_mask"], a["attn_mask"]
         )
-        return _AttentionOutput(out)
+        if not a["need_weights"]:
+            return _AttentionOutput(out, None)
+        if a["average_attn_weights"]:
+            weights = self.emit(MeanRule(n.target, "MultiheadAttention", (1,)), [weights])
+        return _AttentionOutput(out, weights)
 
     def call_transformer(self, n: fx.Node, m: nn.Module) -> _Value:
-        """nn.TransformerEncoderLayer and nn.TransformerEncoder (batch_first=True) as their definitions."""
-        if isinstance(m, nn.TransformerEncoder):
-            spec = _spec("src", ("mask", None), ("src_key_padding_mask", None), ("is_causal", None))
-            layers = [(layer, f"{n.target}.layers.{i}") for i, layer in enumerate(m.layers)]
+        """nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer and
+        nn.TransformerDecoder (batch_first=True) as their definitions."""
+        if isinstance(m, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
+            names = ("src", ("mask", None), ("src_key_padding_mask", None), ("is_causal", None))
+            if isinstance(m, nn.TransformerEncoderLayer):
+                names = ("src", ("src_mask", None), ("src_key_padding_mask", None), ("is_causal", False))
         else:
-            spec = _spec("src", ("src_mask", None), ("src_key_padding_mask", None), ("is_causal", False))
-            layers = [(m, n.target)]
+            names = ("tgt", "memory", ("tgt_mask", None), ("memory_mask", None), ("tgt_key_padding_mask", None))
+            names += (("memory_key_padding_mask", None), ("tgt_is_causal", None), ("memory_is_causal", False))
         try:
-            a = _bind(spec, [self.arg(x) for x in n.args], {k: self.arg(v) for k, v in n.kwargs.items()}, "call")
+            a = _bind(
+                _spec(*names), [self.arg(x) for x in n.args], {k: self.arg(v) for k, v in n.kwargs.items()}, "call"
+            )
         except TypeError as e:
             self.fail(str(e))
-        mask = a["mask"] if "mask" in a else a["src_mask"]
-        x = self.value(a["src"])
+        stack = isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder))
+        layers = [(layer, f"{n.target}.layers.{i}") for i, layer in enumerate(m.layers)] if stack else [(m, n.target)]
+        if "src" in a:
+            x, memory = self.value(a["src"]), None
+            masks = (a["mask"] if "mask" in a else a["src_mask"], a["src_key_padding_mask"])
+        else:
+            x, memory = self.value(a["tgt"]), self.value(a["memory"], "memory")
+            masks = (a["tgt_mask"], a["tgt_key_padding_mask"], a["memory_mask"], a["memory_key_padding_mask"])
         for layer, path in layers:
-            x = self.encoder_layer(layer, path, x, mask, a["src_key_padding_mask"])
-        if isinstance(m, nn.TransformerEncoder) and m.norm is not None:
-            path = f"{n.target}.norm"
-            rule = self.example_norm_rule(m.norm, path, type(m.norm).__name__)
-            x = self.emit(rule, [x], self.module_params(m.norm, ("weight", "bias"), path))
+            x = self.transformer_layer(layer, path, x, memory, masks)
+        if stack and m.norm is not None:
+            x = self.layer_norm(m.norm, f"{n.target}.norm", x)
         return x
 
-    def encoder_layer(self, m: nn.TransformerEncoderLayer, path: str, x: _Value, mask, kpm) -> _Value:
-        """One nn.TransformerEncoderLayer: self-attention and the feed-forward block, each with its residual,
-        LayerNorm after (or, `norm_first`, before) each."""
-        kind = "TransformerEncoderLayer"
-        if any(d.training and d.p > 0 for d in (m.dropout, m.dropout1, m.dropout2)):
+    def layer_norm(self, m: nn.Module, path: str, x: _Value) -> _Value:
+        rule = self.example_norm_rule(m, path, type(m).__name__)
+        return self.emit(rule, [x], self.module_params(m, ("weight", "bias"), path))
+
+    def transformer_layer(self, m: nn.Module, path: str, x: _Value, memory: Optional[_Value], masks) -> _Value:
+        """One nn.TransformerEncoderLayer (`memory` None; masks (attn, key padding)) or
+        nn.TransformerDecoderLayer (masks (self attn, self key padding, memory attn, memory key padding)):
+        self-attention, the decoder's attention to `memory`, and the feed-forward block, each with its
+        residual, LayerNorm after (or, `norm_first`, before) each."""
+        kind = type(m).__name__
+        dropouts = [d for d in (m.dropout, m.dropout1, m.dropout2, getattr(m, "dropout3", None)) if d is not None]
+        if any(d.training and d.p > 0 for d in dropouts):
             self.fail("dropout in training mode is random; exact meta-gradients need it off (dropout=0 or .eval())")
         act = m.activation
         if act is F.relu or isinstance(act, nn.ReLU):
@@ -2401,13 +2421,12 @@ class _Lowering:
         else:
             self.fail(f"activation {act!r}; the fused engine lowers relu and gelu")
 
-        def norm(norm_module, suffix, h):
-            p = f"{path}.{suffix}"
-            rule = self.example_norm_rule(norm_module, p, type(norm_module).__name__)
-            return self.emit(rule, [h], self.module_params(norm_module, ("weight", "bias"), p))
+        def self_attention(h):
+            return self.multihead_attention(m.self_attn, f"{path}.self_attn", h, h, h, masks[1], masks[0])[0]
 
-        def attention(h):
-            return self.multihead_attention(m.self_attn, f"{path}.self_attn", h, h, h, kpm, mask)
+        def memory_attention(h):
+            attn = f"{path}.multihead_attn"
+            return self.multihead_attention(m.multihead_attn, attn, h, memory, memory, masks[3], masks[2])[0]
 
         def feed_forward(h):
             lin1, lin2 = f"{path}.linear1", f"{path}.linear2"
@@ -2423,14 +2442,14 @@ class _Lowering:
                 self.module_params(m.linear2, ("weight", "bias"), lin2),
             )
 
-        def residual(h, f):
-            return self.emit(AddRule(path, kind), [h, f])
-
-        if m.norm_first:
-            x = residual(x, attention(norm(m.norm1, "norm1", x)))
-            return residual(x, feed_forward(norm(m.norm2, "norm2", x)))
-        x = norm(m.norm1, "norm1", residual(x, attention(x)))
-        return norm(m.norm2, "norm2", residual(x, feed_forward(x)))
+        blocks = [self_attention] + ([memory_attention] if memory is not None else []) + [feed_forward]
+        for i, block in enumerate(blocks, 1):
+            norm = getattr(m, f"norm{i}")
+            if m.norm_first:
+                x = self.emit(AddRule(path, kind), [x, block(self.layer_norm(norm, f"{path}.norm{i}", x))])
+            else:
+                x = self.layer_norm(norm, f"{path}.norm{i}", self.emit(AddRule(path, kind), [x, block(x)]))
+        return x
 
     def op_stack(self, a, inplace):
         xs, d = a["tensors"], a["dim"]
