@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import fastmaml
 
-from oracle import assert_grads_close, autograd_meta_grad, check_float32_error
+from oracle import assert_grads_close, autograd_meta_grad, check_adapt_matches_meta_step, check_float32_error
 
 
 class CausalBlock(nn.Module):
@@ -254,3 +254,10 @@ def test_what_does_not_compile_says_why():
     for cls, reason in cases:
         e = fastmaml.explain(cls(), "cross_entropy")
         assert e.program == "torch.func" and reason in e.reason, e
+
+
+def test_adapt_matches_meta_step():
+    torch.manual_seed(7)
+    check_adapt_matches_meta_step(
+        Seq2Seq().double(), token_tasks(3), loss_fn=F.cross_entropy, loss="cross_entropy", inner_lr=0.3, steps=2
+    )

@@ -11,7 +11,7 @@ from torch import nn
 
 import fastmaml
 
-from oracle import check_float32_error
+from oracle import check_adapt_matches_meta_step, check_float32_error
 
 
 class Decoder(nn.Module):
@@ -71,3 +71,11 @@ def test_an_output_size_argument_falls_back_and_says_why():
 
     e = fastmaml.explain(OutputSize(), "cross_entropy")
     assert e.program == "torch.func" and "more or fewer than one argument" in e.reason, e
+
+
+def test_adapt_matches_meta_step():
+    """`fastmaml.adapt`'s outputs are differentiable through the rule (its forward under autograd)."""
+    torch.manual_seed(3)
+    check_adapt_matches_meta_step(
+        Decoder().double(), image_tasks(3), loss_fn=F.cross_entropy, loss="cross_entropy", inner_lr=0.3, steps=2
+    )

@@ -12,7 +12,7 @@ from torch import nn
 
 import fastmaml
 
-from oracle import check_float32_error
+from oracle import check_adapt_matches_meta_step, check_float32_error
 
 
 class UpDown(nn.Module):
@@ -113,3 +113,11 @@ def test_maps_across_the_examples_fall_back_or_raise_and_say_why():
     for expr in (lambda h: h.flip(-2), lambda h: torch.tril(h)):  # [N, 3]: dim -2 and the matrix are the examples'
         with pytest.raises(ValueError, match="mapping the examples' dim 0 would mix them"):
             fastmaml.meta_step(model(expr).double(), tasks, inner_lr=0.3, steps=1, loss="cross_entropy")
+
+
+def test_adapt_matches_meta_step():
+    """`fastmaml.adapt`'s outputs are differentiable through the maps (their forward under autograd)."""
+    torch.manual_seed(3)
+    check_adapt_matches_meta_step(
+        UpDown().double(), image_tasks(3), loss_fn=F.cross_entropy, loss="cross_entropy", inner_lr=0.3, steps=2
+    )
