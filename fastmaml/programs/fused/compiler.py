@@ -9,8 +9,8 @@ AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropou
 the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA), and the parameter-free layers that
 map each example linearly (Upsample, PixelShuffle, PixelUnshuffle, the padding layers, Unfold, Fold:
 example_maps.py). MultiheadAttention and the Transformer encoder and decoder layers and stacks
-(batch_first=True) are lowered to the rules of their definitions. Everything else a model does is traced into nodes, which map to
-rules:
+(batch_first=True) are lowered to the rules of their definitions. Everything else a model does is traced
+into nodes, which map to rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `F.silu`, `F.softplus`,
   `F.hardtanh`, `F.relu6`, `F.hardswish`, `F.hardsigmoid`, `torch.tanh`, `torch.sigmoid`, elementwise math
   (`exp`, `log`, `sqrt`, `rsqrt`, `reciprocal`, `abs`, `sin`, `cos`, `x ** c`, `torch.square`), `clamp` by
@@ -2318,19 +2318,24 @@ class _Lowering:
             expr = self.map_expr(ref, lambda t: t[i * E : (i + 1) * E], f"{{}}[{i * E}:{(i + 1) * E}]", shape)
             return self.param(expr, "in_proj")
 
-        if m._qkv_same_embed_dim:
-            w = self.module_params(m, ("in_proj_weight",), path)[0]
-            weights, sizes = [part(w, i, (E, E)) for i in range(3)], (E, E, E)
-        else:
-            weights = list(self.module_params(m, ("q_proj_weight", "k_proj_weight", "v_proj_weight"), path))
-            sizes = (E, m.kdim, m.vdim)
         b = self.module_params(m, ("in_proj_bias",), path)[0]
-        q, k, v = (
-            self.heads(
-                path, kind, self.emit(LinearRule(path, kind, n), [self.value(x)], (w, part(b, i, (E,)))), H, False
-            )
-            for i, (x, w, n) in enumerate(zip((query, key, value), weights, sizes))
-        )
+        if m._qkv_same_embed_dim and all(isinstance(t, _Value) and t.vid == query.vid for t in (key, value)):
+            # self-attention: one projection by the whole in_proj_weight, cut in three (as PyTorch does)
+            w = self.module_params(m, ("in_proj_weight",), path)[0]
+            qkv = self.emit(LinearRule(path, kind, E), [self.value(query)], (w, b))
+            projected = [self.emit(PartRule(path, kind, -1, i, chunks=3), [qkv]) for i in range(3)]
+        else:
+            if m._qkv_same_embed_dim:
+                w = self.module_params(m, ("in_proj_weight",), path)[0]
+                weights, sizes = [part(w, i, (E, E)) for i in range(3)], (E, E, E)
+            else:
+                weights = list(self.module_params(m, ("q_proj_weight", "k_proj_weight", "v_proj_weight"), path))
+                sizes = (E, m.kdim, m.vdim)
+            projected = [
+                self.emit(LinearRule(path, kind, n), [self.value(x)], (w, part(b, i, (E,))))
+                for i, (x, w, n) in enumerate(zip((query, key, value), weights, sizes))
+            ]
+        q, k, v = (self.heads(path, kind, t, H, False) for t in projected)
         scores = self.attention_scores(path, kind, q, k, (E // H) ** -0.5)
         if kpm is not None:
             if not isinstance(kpm, (_Mask, _Value)):
