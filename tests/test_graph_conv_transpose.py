@@ -1,4 +1,4 @@
-"""Transposed and 3-d convolutions on the fused engine (conv_vmap.py): ConvTranspose1d/2d/3d, Conv3d and
+"""Transposed and 3-d convolutions on the fused engine (conv_nd.py): ConvTranspose1d/2d/3d, Conv3d and
 their functional forms, in a small decoder written as a user writes one, against the per-task
 `create_graph` oracle in float64, every order, with Meta-SGD rates, and with shared (common) convolution
 weights (ANIL)."""

@@ -2,7 +2,7 @@
 it off the fused engine.
 
 Layers with rules stay leaf modules: Linear, Conv1d and Conv2d (any groups, zero padding), ConvTranspose1d/2d/3d
-and Conv3d (conv_vmap.py), BatchNorm1d/2d,
+and Conv3d (conv_nd.py), BatchNorm1d/2d,
 LayerNorm, GroupNorm, InstanceNorm1d/2d (without running statistics), ReLU, LeakyReLU, Tanh, Sigmoid, ELU,
 GELU (exact), SiLU, Softplus, Mish, PReLU, Hardtanh, ReLU6, Hardswish, Hardsigmoid, MaxPool2d, AvgPool2d,
 AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropout in eval mode (or p=0),
@@ -94,7 +94,7 @@ from .. import reparam
 from .base import Rule
 from .context import ContextConcatRule, FiLMRule
 from .conv import Conv1dRule, ConvRule, Geometry
-from .conv_vmap import VmappedConvRule
+from .conv_nd import ConvNdRule
 from .dense import LinearRule, TransposedLinearRule
 from .derived import Derived
 from .einsum import ELLIPSIS, EinsumParamRule, EinsumRule, EinsumSumRule, Equation
@@ -148,13 +148,8 @@ _TRANSFORMER_LAYERS = (
     nn.TransformerDecoderLayer,
     nn.TransformerDecoder,
 )
-# convolutions whose tasks vmap batches (conv_vmap.py): layer -> its functional op
-_VMAPPED_CONVS = {
-    nn.ConvTranspose1d: F.conv_transpose1d,
-    nn.ConvTranspose2d: F.conv_transpose2d,
-    nn.ConvTranspose3d: F.conv_transpose3d,
-    nn.Conv3d: F.conv3d,
-}
+# convolutions computed task by task by aten.convolution (conv_nd.py)
+_CONV_ND_LAYERS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv3d)
 # parameter-free layers that map each example linearly (example_maps.py; some are newer than torch 2.4)
 _EXAMPLE_MAP_LAYERS = tuple(
     getattr(nn, name)
@@ -1228,8 +1223,8 @@ class _Lowering:
             geometry = Geometry(m.kernel_size, m.stride, m.padding, m.dilation, m.groups)
             rule = ConvRule(name, kind, geometry, m.in_channels)
             return self.emit(rule, [x], self.module_params(m, ("weight", "bias")))
-        if cls in _VMAPPED_CONVS:
-            return self.vmapped_conv_layer(m, cls, x)
+        if cls in _CONV_ND_LAYERS:
+            return self.conv_nd_layer(m, cls, x)
         if cls is nn.Conv1d:
             self.check_conv(m.padding_mode, m.padding, m.kernel_size, m.dilation)
             rule = Conv1dRule(name, kind, m.kernel_size, m.stride, m.padding, m.dilation, m.in_channels, m.groups)
@@ -1302,46 +1297,68 @@ class _Lowering:
             return self.emit(ExampleMapRule(name, kind, lambda batch, _: layer(batch)), [x])
         self.fail("not a layer the fused engine knows (see fastmaml.explain for what compiles)")
 
-    def vmapped_conv_layer(self, m: nn.Module, cls, x: _Value) -> _Value:
-        """ConvTranspose1d/2d/3d and Conv3d (zero padding; conv_vmap.py)."""
+    def conv_nd_rule(self, kind: str, weight_shape, stride, padding, dilation, groups, output_padding=None):
+        """ConvNdRule for a weight of `weight_shape`; `output_padding` None: an ordinary convolution."""
+        dims = len(weight_shape) - 2
+
+        def expand(v, what):
+            v = list(v) if isinstance(v, (list, tuple)) else [v] * dims
+            if len(v) != dims or not all(isinstance(k, int) and not isinstance(k, bool) for k in v):
+                self.fail(f"{kind}'s {what} must be a number or {dims} numbers")
+            return v
+
+        dilation = expand(dilation, "dilation")
+        if isinstance(padding, str):  # "valid" or symmetric "same" (checked by check_conv)
+            padding = (
+                [0] * dims if padding == "valid" else [d * (k - 1) // 2 for d, k in zip(dilation, weight_shape[2:])]
+            )
+        transposed = output_padding is not None
+        return ConvNdRule(
+            self.name(),
+            kind,
+            len(weight_shape),
+            expand(stride, "stride"),
+            expand(padding, "padding"),
+            dilation,
+            transposed,
+            expand(output_padding if transposed else 0, "output_padding"),
+            groups,
+        )
+
+    def conv_nd_layer(self, m: nn.Module, cls, x: _Value) -> _Value:
+        """ConvTranspose1d/2d/3d and Conv3d (zero padding; conv_nd.py)."""
         if m.padding_mode != "zeros":
             self.fail(f"padding_mode={m.padding_mode!r}; the fused engine supports 'zeros'")
-        op, geometry = (
-            _VMAPPED_CONVS[cls],
-            dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups),
+        self.check_conv(m.padding_mode, m.padding, m.kernel_size, m.dilation)
+        output_padding = None if cls is nn.Conv3d else m.output_padding
+        rule = self.conv_nd_rule(
+            cls.__name__, tuple(m.weight.shape), m.stride, m.padding, m.dilation, m.groups, output_padding
         )
-        if cls is nn.Conv3d:
-            self.check_conv(m.padding_mode, m.padding, m.kernel_size, m.dilation)
-        else:
-            geometry["output_padding"] = m.output_padding
-        fn = lambda x, w: op(x, w, None, **geometry)  # noqa: E731 - the layer's numbers, not the layer
-        rule = VmappedConvRule(self.name(), cls.__name__, fn, m.weight.dim())
         return self.emit(rule, [x], self.module_params(m, ("weight", "bias")))
 
-    def op_vmapped_conv(self, a, inplace, op, what: str) -> _Value:
+    def op_conv_nd(self, a, inplace, rank: int, what: str, transposed: bool) -> _Value:
         """F.conv_transpose1d/2d/3d and F.conv3d on the model's own weight."""
         w = self.param(a["weight"], "weight")
-        rank = {F.conv_transpose1d: 3, F.conv_transpose2d: 4, F.conv_transpose3d: 5, F.conv3d: 5}[op]
         if w is None or len(self.shape_of(w)) != rank:
             self.fail(f"{what} needs a weight of {rank} dims")
-        args = {k: v for k, v in a.items() if k not in ("input", "weight", "bias")}
-        if any(_computed(v) for v in args.values()):
-            self.fail(f"{what}'s geometry is computed from sizes as the model runs; the fused engine needs numbers")
-        fn = lambda x, wt: op(x, wt, None, **args)  # noqa: E731
-        rule = VmappedConvRule(self.name(), what, fn, rank)
+        shape = self.shape_of(w)
+        if not transposed:
+            self.check_conv("zeros", a["padding"], shape[2:], a["dilation"])
+        output_padding = a["output_padding"] if transposed else None
+        rule = self.conv_nd_rule(what, shape, a["stride"], a["padding"], a["dilation"], a["groups"], output_padding)
         return self.emit(rule, [self.value(a["input"])], (w, self.param(a["bias"], "bias")))
 
     def op_conv_transpose1d(self, a, inplace):
-        return self.op_vmapped_conv(a, inplace, F.conv_transpose1d, "conv_transpose1d")
+        return self.op_conv_nd(a, inplace, 3, "conv_transpose1d", True)
 
     def op_conv_transpose2d(self, a, inplace):
-        return self.op_vmapped_conv(a, inplace, F.conv_transpose2d, "conv_transpose2d")
+        return self.op_conv_nd(a, inplace, 4, "conv_transpose2d", True)
 
     def op_conv_transpose3d(self, a, inplace):
-        return self.op_vmapped_conv(a, inplace, F.conv_transpose3d, "conv_transpose3d")
+        return self.op_conv_nd(a, inplace, 5, "conv_transpose3d", True)
 
     def op_conv3d(self, a, inplace):
-        return self.op_vmapped_conv(a, inplace, F.conv3d, "conv3d")
+        return self.op_conv_nd(a, inplace, 5, "conv3d", False)
 
     def example_norm_rule(self, m: nn.Module, name: str, kind: str) -> ExampleNormRule:
         cls = parametrize.type_before_parametrizations(m)
