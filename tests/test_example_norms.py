@@ -115,21 +115,22 @@ def test_ops_without_affine_weights_and_without_a_tangent_of_x():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_common_weights_run_once_over_all_tasks(dtype):
+@pytest.mark.parametrize("view", [(3, 75, 2, 16, 49), (3, 75, 1, 16, 1)])  # GroupNorm's; LayerNorm's (its kernels)
+def test_common_weights_run_once_over_all_tasks(dtype, view):
     """Common weights (step 0, a shared layer) take one kernel call over all tasks' rows: the same y,
     statistics and gx as the per-task calls with those weights given per task (float32: to rounding)."""
     g = torch.Generator().manual_seed(4)
-    T, view = 3, (3, 75, 2, 16, 49)
+    T, G, A = view[0], view[2], view[3]
     x = torch.randn(view, generator=g, dtype=torch.float64).to(dtype)
-    w, b = (torch.randn(2, 16, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
+    w, b = (torch.randn(G, A, generator=g, dtype=torch.float64).to(dtype) for _ in range(2))
     gy = torch.randn(view, generator=g, dtype=torch.float64).to(dtype)
     fwd, bwd = implementation("examplenorm_fwd", "torch"), implementation("examplenorm_bwd", "torch")
-    once, per_task = fwd(x, w, b, 1e-5), fwd(x, w.expand(T, 2, 16), b.expand(T, 2, 16), 1e-5)
+    once, per_task = fwd(x, w, b, 1e-5), fwd(x, w.expand(T, G, A), b.expand(T, G, A), 1e-5)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for a, c in zip(once, per_task):
         assert rel_err(a, c) < tol
     gx_once = bwd(gy, x, *once[1:], w, True, None, None)
-    gx_per_task = bwd(gy, x, *per_task[1:], w.expand(T, 2, 16), True, None, None)
+    gx_per_task = bwd(gy, x, *per_task[1:], w.expand(T, G, A), True, None, None)
     assert rel_err(gx_once, gx_per_task) < tol
 
 

@@ -8,7 +8,8 @@ Every such norm is one normalization of a view x `[T, B, G, A, S]`, statistics p
 - InstanceNorm: GroupNorm with G = C.
 Weights and their directions are `[T, G, A]` (per task), `[G, A]` (common) or None (no affine weight, or a
 zero direction); the statistics (mean, r = 1/sqrt(var + eps)) are `[T, B, G]`. The forward and backward are
-PyTorch's group-norm kernels (C = G·A channels) per task; the tangent ops are normalize.py's math (and
+PyTorch's group-norm kernels (C = G·A channels) per task, or its layer-norm kernels for LayerNorm's view (G = 1,
+S = 1: measured 3× faster than group norm's on rows); the tangent ops are normalize.py's math (and
 batchnorm.py's conventions).
 """
 
@@ -71,6 +72,8 @@ def examplenorm_fwd(x: Tensor, w: Opt, b: Opt, eps: float) -> Tuple[Tensor, Tens
     where the weights are common (step 0, a shared layer). The tangent forward's callers recompute y with this
     op: the same ops round alike (see `batchnorm_fwd`)."""
     T, B, G, A, S = x.shape
+    if G == 1 and S == 1:
+        return _layernorm_fwd(x, w, b, eps)
     x4 = _channels(x)
     if _common(w) and _common(b):
         y, mean, r = torch.native_group_norm(
@@ -90,6 +93,60 @@ def examplenorm_fwd(x: Tensor, w: Opt, b: Opt, eps: float) -> Tuple[Tensor, Tens
     return y.view(x.shape), mean, r
 
 
+def _layernorm_fwd(x: Tensor, w: Opt, b: Opt, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """`examplenorm_fwd` of LayerNorm's view `[T, B, 1, A, 1]` with PyTorch's layer-norm kernel."""
+    T, B, _, A, _ = x.shape
+    x3 = x.reshape(T, B, A)
+    if _common(w) and _common(b):
+        y, mean, r = torch.native_layer_norm(x3.reshape(T * B, A), [A], _row(w, 0), _row(b, 0), eps)
+        return y.view(x.shape), mean.view(T, B, 1), r.view(T, B, 1)
+
+    def args(t):
+        return x3[t], [A], _row(w, t), _row(b, t), eps
+
+    if torch.is_grad_enabled():  # differentiable path (AdaptedModel): out= variants record no graph
+        y, mean, r = (torch.stack(z) for z in zip(*(torch.native_layer_norm(*args(t)) for t in range(T))))
+        return y.view(x.shape), mean, r
+    y, mean, r = torch.empty_like(x3), x.new_empty(T, B, 1), x.new_empty(T, B, 1)
+    for t in range(T):
+        torch.ops.aten.native_layer_norm.out(*args(t), out0=y[t], out1=mean[t], out2=r[t])
+    return y.view(x.shape), mean, r
+
+
+def _layernorm_bwd(
+    gy: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, need_x: bool, gw_out: Opt, gb_out: Opt
+) -> Opt:
+    """`examplenorm_bwd` of LayerNorm's view `[T, B, 1, A, 1]` with PyTorch's layer-norm backward kernel (the
+    bias gradient, Σ gy, summed here: the kernel wants the bias to give it)."""
+    T, B, _, A, _ = x.shape
+    x3, gy3 = x.reshape(T, B, A), gy.reshape(T, B, A)
+    if gb_out is not None:
+        gb_out.copy_(gy3.sum(1).view(gb_out.shape))
+    mask = [need_x, gw_out is not None, False]
+    if not any(mask):
+        return None
+    if mask == [True, False, False] and _common(w):
+        rows = T * B
+        gx = torch.ops.aten.native_layer_norm_backward(
+            gy3.reshape(rows, A),
+            x3.reshape(rows, A),
+            [A],
+            mean.reshape(rows, 1),
+            r.reshape(rows, 1),
+            _row(w, 0),
+            None,
+            mask,
+        )[0]
+        return gx.view(x.shape)
+    gx = torch.empty_like(x3) if need_x else None
+    for t in range(T):
+        outs = torch.ops.aten.native_layer_norm_backward(gy3[t], x3[t], [A], mean[t], r[t], _row(w, t), None, mask)
+        for out, value in zip((gx, gw_out), outs):
+            if out is not None:
+                out[t].copy_(value.view(out[t].shape))
+    return None if gx is None else gx.view(x.shape)
+
+
 @register("examplenorm_bwd", "torch")
 def examplenorm_bwd(
     gy: Tensor, x: Tensor, mean: Tensor, r: Tensor, w: Opt, need_x: bool, gw_out: Opt, gb_out: Opt
@@ -98,6 +155,8 @@ def examplenorm_bwd(
     rows where only gx is asked for and the weight is common): writes Σ gy x̂ → `gw_out [T, G, A]`, Σ gy →
     `gb_out [T, G, A]`; returns gx `[T, B, G, A, S]` if `need_x`."""
     T, B, G, A, S = x.shape
+    if G == 1 and S == 1:
+        return _layernorm_bwd(gy, x, mean, r, w, need_x, gw_out, gb_out)
     mask = [need_x, gw_out is not None, gb_out is not None]
     if not any(mask):
         return None
