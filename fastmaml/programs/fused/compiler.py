@@ -58,7 +58,7 @@ into nodes, which map to rules:
   tensor too, read by its layer or in `forward` (fx traces the parametrized property as a call of its
   ParametrizationList).
 - tensors and numbers made from sizes and buffers alone, as the model runs (`self.pe[:, : x.size(1)]`,
-  `self.bias[:, :, :T, :T] == 0`, `k.size(-1) ** 0.5`): `_Host` values evaluated at every call, read by a
+  `self.bias[:, :, :T, :T] == 0`, `k.size(-1) ** 0.5`): `Host` values evaluated at every call, read by a
   value's `+`, `-`, `*`, `/`, `masked_fill` and `torch.where` (HostOperandRule). The tracer reads buffers as
   nodes, so what forward computes from a buffer follows its in-place updates.
 A layer's sizes (windows, strides, dims) must be numbers when traced; one the model computes from the
@@ -91,6 +91,7 @@ from ... import batchnorm
 from ...context import CONTEXT_LAYERS, ContextConcat, FiLM
 from ...layout import ParamLayout
 from .. import reparam
+from .attention import TRANSFORMER_LAYERS, AttentionLowering
 from .base import Rule
 from .context import ContextConcatRule, FiLMRule
 from .conv import Conv1dRule, ConvRule, Geometry
@@ -103,6 +104,21 @@ from .example_norm import ExampleNormRule
 from .graph import Graph, Node, Ref, fuse
 from .joins import AddRule, AffineRule, CatRule, HostOperandRule, MaximumRule, ParamAffineRule, ProductRule
 from .l2norm import NormalizedLinearRule, NormalizeRule
+from .lowered import (
+    AttentionOutput,
+    DtypeOf,
+    ExpandedParam,
+    Host,
+    Mask,
+    MaxOverDim,
+    NormalizedParam,
+    ParamExpr,
+    Parts,
+    Value,
+    argument_spec,
+    bind_arguments,
+    has_host,
+)
 from .mask import COMPARISONS, LOGICAL, CompareRule, LogicalRule, MaskCastRule, WhereRule
 from .norm import BatchNormRule
 from .pointwise import (
@@ -142,12 +158,6 @@ from .softmax import SoftmaxRule
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d)
-_TRANSFORMER_LAYERS = (
-    nn.TransformerEncoderLayer,
-    nn.TransformerEncoder,
-    nn.TransformerDecoderLayer,
-    nn.TransformerDecoder,
-)
 # convolutions computed task by task by aten.convolution (conv_nd.py)
 _CONV_ND_LAYERS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv3d)
 # parameter-free layers that map each example linearly (example_maps.py; some are newer than torch 2.4)
@@ -304,29 +314,6 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 # ---------------------------------------------------------------------------------------------- lowering
-
-_REQUIRED = object()
-
-
-def _bind(spec: Tuple[Tuple[str, Any], ...], args, kwargs, what: str) -> Dict[str, Any]:
-    """fx call arguments -> {name: value} by `spec`, (name, default) pairs (`_REQUIRED`: no default)."""
-    names = [name for name, _ in spec]
-    if len(args) > len(names) or set(kwargs) - set(names):
-        raise TypeError(f"{what}: arguments the fused engine does not know")
-    out = dict(zip(names, args))
-    out.update(kwargs)
-    for name, default in spec:
-        if name not in out:
-            if default is _REQUIRED:
-                raise TypeError(f"{what}: missing argument {name!r}")
-            out[name] = default
-    return out
-
-
-def _spec(*entries) -> Tuple[Tuple[str, Any], ...]:
-    """("input", ("inplace", False), ...) -> ((name, default), ...)."""
-    return tuple(e if isinstance(e, tuple) else (e, _REQUIRED) for e in entries)
-
 
 _FUNC_NAMES = {
     F.relu: "relu",
@@ -552,24 +539,27 @@ _METHOD_NAMES = {
     **{name: "cast" for name in ("float", "double", "half", "bfloat16", "to", "type_as", "type")},
 }
 _SPECS = {
-    "relu": _spec("input", ("inplace", False)),
-    "tanh": _spec("input"),
-    **{name: _spec("input") for name in ("exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "sin", "cos", "square")},
-    "pow": _spec("input", "exponent"),
-    "clamp": _spec("input", ("min", None), ("max", None)),
-    "clamp_min": _spec("input", "min"),
-    "clamp_max": _spec("input", "max"),
-    "sigmoid": _spec("input"),
-    "leaky_relu": _spec("input", ("negative_slope", 0.01), ("inplace", False)),
-    "elu": _spec("input", ("alpha", 1.0), ("inplace", False)),
-    "gelu": _spec("input", ("approximate", "none")),
-    "silu": _spec("input", ("inplace", False)),
-    "softplus": _spec("input", ("beta", 1.0), ("threshold", 20.0)),
-    "hardtanh": _spec("input", ("min_val", -1.0), ("max_val", 1.0), ("inplace", False)),
-    "relu6": _spec("input", ("inplace", False)),
-    "hardswish": _spec("input", ("inplace", False)),
-    "hardsigmoid": _spec("input", ("inplace", False)),
-    "max_pool2d": _spec(
+    "relu": argument_spec("input", ("inplace", False)),
+    "tanh": argument_spec("input"),
+    **{
+        name: argument_spec("input")
+        for name in ("exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "sin", "cos", "square")
+    },
+    "pow": argument_spec("input", "exponent"),
+    "clamp": argument_spec("input", ("min", None), ("max", None)),
+    "clamp_min": argument_spec("input", "min"),
+    "clamp_max": argument_spec("input", "max"),
+    "sigmoid": argument_spec("input"),
+    "leaky_relu": argument_spec("input", ("negative_slope", 0.01), ("inplace", False)),
+    "elu": argument_spec("input", ("alpha", 1.0), ("inplace", False)),
+    "gelu": argument_spec("input", ("approximate", "none")),
+    "silu": argument_spec("input", ("inplace", False)),
+    "softplus": argument_spec("input", ("beta", 1.0), ("threshold", 20.0)),
+    "hardtanh": argument_spec("input", ("min_val", -1.0), ("max_val", 1.0), ("inplace", False)),
+    "relu6": argument_spec("input", ("inplace", False)),
+    "hardswish": argument_spec("input", ("inplace", False)),
+    "hardsigmoid": argument_spec("input", ("inplace", False)),
+    "max_pool2d": argument_spec(
         "input",
         "kernel_size",
         ("stride", None),
@@ -578,7 +568,7 @@ _SPECS = {
         ("ceil_mode", False),
         ("return_indices", False),
     ),
-    "avg_pool2d": _spec(
+    "avg_pool2d": argument_spec(
         "input",
         "kernel_size",
         ("stride", None),
@@ -587,24 +577,28 @@ _SPECS = {
         ("count_include_pad", True),
         ("divisor_override", None),
     ),
-    "adaptive_avg_pool2d": _spec("input", "output_size"),
-    "adaptive_max_pool2d": _spec("input", "output_size", ("return_indices", False)),
-    "mean": _spec("input", ("dim", None), ("keepdim", False), ("dtype", None)),
-    "sum": _spec("input", ("dim", None), ("keepdim", False), ("dtype", None)),
-    "squeeze": _spec("input", ("dim", None)),
-    "unsqueeze": _spec("input", "dim"),
-    "flatten": _spec("input", ("start_dim", 0), ("end_dim", -1)),
-    "permute": _spec("input", "dims"),
-    "chunk": _spec("input", "chunks", ("dim", 0)),
-    "split": _spec("input", "split_size_or_sections", ("dim", 0)),
-    "glu": _spec("input", ("dim", -1)),
-    "transpose": _spec("input", "dim0", "dim1"),
-    "reshape": _spec("input", "shape"),
-    "linear": _spec("input", "weight", ("bias", None)),
-    "matmul": _spec("input", "other"),
-    "conv2d": _spec("input", "weight", ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)),
-    "conv1d": _spec("input", "weight", ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)),
-    "batch_norm": _spec(
+    "adaptive_avg_pool2d": argument_spec("input", "output_size"),
+    "adaptive_max_pool2d": argument_spec("input", "output_size", ("return_indices", False)),
+    "mean": argument_spec("input", ("dim", None), ("keepdim", False), ("dtype", None)),
+    "sum": argument_spec("input", ("dim", None), ("keepdim", False), ("dtype", None)),
+    "squeeze": argument_spec("input", ("dim", None)),
+    "unsqueeze": argument_spec("input", "dim"),
+    "flatten": argument_spec("input", ("start_dim", 0), ("end_dim", -1)),
+    "permute": argument_spec("input", "dims"),
+    "chunk": argument_spec("input", "chunks", ("dim", 0)),
+    "split": argument_spec("input", "split_size_or_sections", ("dim", 0)),
+    "glu": argument_spec("input", ("dim", -1)),
+    "transpose": argument_spec("input", "dim0", "dim1"),
+    "reshape": argument_spec("input", "shape"),
+    "linear": argument_spec("input", "weight", ("bias", None)),
+    "matmul": argument_spec("input", "other"),
+    "conv2d": argument_spec(
+        "input", "weight", ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)
+    ),
+    "conv1d": argument_spec(
+        "input", "weight", ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)
+    ),
+    "batch_norm": argument_spec(
         "input",
         "running_mean",
         "running_var",
@@ -614,9 +608,9 @@ _SPECS = {
         ("momentum", 0.1),
         ("eps", 1e-5),
     ),
-    "layer_norm": _spec("input", "normalized_shape", ("weight", None), ("bias", None), ("eps", 1e-5)),
-    "group_norm": _spec("input", "num_groups", ("weight", None), ("bias", None), ("eps", 1e-5)),
-    "instance_norm": _spec(
+    "layer_norm": argument_spec("input", "normalized_shape", ("weight", None), ("bias", None), ("eps", 1e-5)),
+    "group_norm": argument_spec("input", "num_groups", ("weight", None), ("bias", None), ("eps", 1e-5)),
+    "instance_norm": argument_spec(
         "input",
         ("running_mean", None),
         ("running_var", None),
@@ -626,39 +620,43 @@ _SPECS = {
         ("momentum", 0.1),
         ("eps", 1e-5),
     ),
-    "normalize": _spec("input", ("p", 2.0), ("dim", 1), ("eps", 1e-12), ("out", None)),
-    "softmax": _spec("input", ("dim", None), ("_stacklevel", 3), ("dtype", None)),
-    "log_softmax": _spec("input", ("dim", None), ("_stacklevel", 3), ("dtype", None)),
-    "softmax_t": _spec("input", "dim", ("dtype", None)),
-    "log_softmax_t": _spec("input", "dim", ("dtype", None)),
-    "dropout": _spec("input", ("p", 0.5), ("training", True), ("inplace", False)),
-    "cat": _spec("tensors", ("dim", 0)),
-    "stack": _spec("tensors", ("dim", 0)),
-    "amax": _spec("input", ("dim", None), ("keepdim", False)),
-    "min": _spec("input", ("dim", None), ("keepdim", False)),
-    "maximum": _spec("input", "other"),
-    "minimum": _spec("input", "other"),
-    "var": _spec("input", ("dim", None), ("unbiased", None), ("keepdim", False), ("correction", None)),
-    "std": _spec("input", ("dim", None), ("unbiased", None), ("keepdim", False), ("correction", None)),
-    "logsumexp": _spec("input", "dim", ("keepdim", False)),
-    "norm": _spec("input", ("p", "fro"), ("dim", None), ("keepdim", False), ("out", None), ("dtype", None)),
-    "vector_norm": _spec("input", ("ord", 2), ("dim", None), ("keepdim", False), ("dtype", None), ("out", None)),
-    "linalg_norm": _spec("input", ("ord", None), ("dim", None), ("keepdim", False), ("out", None), ("dtype", None)),
-    "mish": _spec("input", ("inplace", False)),
-    "prelu": _spec("input", "weight"),
-    "max": _spec("input", ("dim", None), ("keepdim", False)),
-    "pad": _spec("input", "pad", ("mode", "constant"), ("value", None)),
-    "add": _spec("input", "other", ("alpha", 1)),
-    "sub": _spec("input", "other", ("alpha", 1)),
-    "mul": _spec("input", "other"),
-    "div": _spec("input", "other", ("rounding_mode", None)),
-    "neg": _spec("input"),
-    "alias": _spec("input", ("memory_format", None)),
-    **{name: _spec("input", "other") for name in ("gt", "lt", "ge", "le", "eq", "ne", "and", "or", "xor")},
-    "not": _spec("input"),
-    "where": _spec("condition", "input", "other"),
-    "masked_fill": _spec("input", "mask", "value"),
-    "interpolate": _spec(
+    "normalize": argument_spec("input", ("p", 2.0), ("dim", 1), ("eps", 1e-12), ("out", None)),
+    "softmax": argument_spec("input", ("dim", None), ("_stacklevel", 3), ("dtype", None)),
+    "log_softmax": argument_spec("input", ("dim", None), ("_stacklevel", 3), ("dtype", None)),
+    "softmax_t": argument_spec("input", "dim", ("dtype", None)),
+    "log_softmax_t": argument_spec("input", "dim", ("dtype", None)),
+    "dropout": argument_spec("input", ("p", 0.5), ("training", True), ("inplace", False)),
+    "cat": argument_spec("tensors", ("dim", 0)),
+    "stack": argument_spec("tensors", ("dim", 0)),
+    "amax": argument_spec("input", ("dim", None), ("keepdim", False)),
+    "min": argument_spec("input", ("dim", None), ("keepdim", False)),
+    "maximum": argument_spec("input", "other"),
+    "minimum": argument_spec("input", "other"),
+    "var": argument_spec("input", ("dim", None), ("unbiased", None), ("keepdim", False), ("correction", None)),
+    "std": argument_spec("input", ("dim", None), ("unbiased", None), ("keepdim", False), ("correction", None)),
+    "logsumexp": argument_spec("input", "dim", ("keepdim", False)),
+    "norm": argument_spec("input", ("p", "fro"), ("dim", None), ("keepdim", False), ("out", None), ("dtype", None)),
+    "vector_norm": argument_spec(
+        "input", ("ord", 2), ("dim", None), ("keepdim", False), ("dtype", None), ("out", None)
+    ),
+    "linalg_norm": argument_spec(
+        "input", ("ord", None), ("dim", None), ("keepdim", False), ("out", None), ("dtype", None)
+    ),
+    "mish": argument_spec("input", ("inplace", False)),
+    "prelu": argument_spec("input", "weight"),
+    "max": argument_spec("input", ("dim", None), ("keepdim", False)),
+    "pad": argument_spec("input", "pad", ("mode", "constant"), ("value", None)),
+    "add": argument_spec("input", "other", ("alpha", 1)),
+    "sub": argument_spec("input", "other", ("alpha", 1)),
+    "mul": argument_spec("input", "other"),
+    "div": argument_spec("input", "other", ("rounding_mode", None)),
+    "neg": argument_spec("input"),
+    "alias": argument_spec("input", ("memory_format", None)),
+    **{name: argument_spec("input", "other") for name in ("gt", "lt", "ge", "le", "eq", "ne", "and", "or", "xor")},
+    "not": argument_spec("input"),
+    "where": argument_spec("condition", "input", "other"),
+    "masked_fill": argument_spec("input", "mask", "value"),
+    "interpolate": argument_spec(
         "input",
         ("size", None),
         ("scale_factor", None),
@@ -667,16 +665,16 @@ _SPECS = {
         ("recompute_scale_factor", None),
         ("antialias", False),
     ),
-    "roll": _spec("input", "shifts", ("dims", None)),
-    "cumsum": _spec("input", "dim", ("dtype", None)),
-    "tril": _spec("input", ("diagonal", 0)),
-    "triu": _spec("input", ("diagonal", 0)),
-    "pixel_shuffle": _spec("input", "upscale_factor"),
-    "pixel_unshuffle": _spec("input", "downscale_factor"),
-    "unfold": _spec("input", "kernel_size", ("dilation", 1), ("padding", 0), ("stride", 1)),
-    "fold": _spec("input", "output_size", "kernel_size", ("dilation", 1), ("padding", 0), ("stride", 1)),
+    "roll": argument_spec("input", "shifts", ("dims", None)),
+    "cumsum": argument_spec("input", "dim", ("dtype", None)),
+    "tril": argument_spec("input", ("diagonal", 0)),
+    "triu": argument_spec("input", ("diagonal", 0)),
+    "pixel_shuffle": argument_spec("input", "upscale_factor"),
+    "pixel_unshuffle": argument_spec("input", "downscale_factor"),
+    "unfold": argument_spec("input", "kernel_size", ("dilation", 1), ("padding", 0), ("stride", 1)),
+    "fold": argument_spec("input", "output_size", "kernel_size", ("dilation", 1), ("padding", 0), ("stride", 1)),
     **{
-        name: _spec(
+        name: argument_spec(
             "input",
             "weight",
             ("bias", None),
@@ -688,8 +686,10 @@ _SPECS = {
         )
         for name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
     },
-    "conv3d": _spec("input", "weight", ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)),
-    "sdpa": _spec(
+    "conv3d": argument_spec(
+        "input", "weight", ("bias", None), ("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)
+    ),
+    "sdpa": argument_spec(
         "query",
         "key",
         "value",
@@ -715,47 +715,9 @@ _HOST_BINOPS = {
 }
 
 
-class _Value:
-    """A tensor value of the graph (value id)."""
-
-    def __init__(self, vid: int):
-        self.vid = vid
-
-
-class _Mask:
-    """A boolean mask computed from values (mask.py): only `torch.where`, `masked_fill`, logical operations
-    and a cast to a floating-point value read it."""
-
-    def __init__(self, vid: int):
-        self.vid = vid
-
-
-class _DtypeOf:
-    """`x.dtype` of a value (what `mask.to(x.dtype)` converts to)."""
-
-    def __init__(self, value: "_Value"):
-        self.value = value
-
-
-class _NormalizedParam:
-    """`F.normalize(parameter, dim=dim, eps=eps)`: only a Linear layer's weight (a cosine classifier) takes it."""
-
-    def __init__(self, ref, dim: int, eps: float):
-        self.ref, self.dim, self.eps = ref, dim, eps
-
-
-class _ParamExpr:
-    """A tensor the model computes from parameters and buffers alone: `fn(leaves)` of the parameter slots
-    `leaves` (Refs "a"/"s"), `text` how the model writes it, `shape` its shape. A rule takes it as a
-    parameter (derived.py)."""
-
-    def __init__(self, fn: Callable[[list], Any], leaves: Tuple[Ref, ...], text: str, shape: Tuple[int, ...]):
-        self.fn, self.leaves, self.text, self.shape = fn, leaves, text, shape
-
-
-# functions whose result is random: a derived tensor is recomputed at every call
 # elementwise functions of one value that MathRule computes by name
 _MATH = frozenset({"exp", "log", "sqrt", "rsqrt", "reciprocal", "abs", "sin", "cos"})
+# random functions: refused where a derived tensor or a tensor made from sizes would call them
 _RANDOM = frozenset(
     {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "rand", "randn"}
     | {"rand_like", "randn_like", "randint", "randint_like", "randperm", "bernoulli", "normal", "multinomial"}
@@ -763,43 +725,6 @@ _RANDOM = frozenset(
 # what a parameter's shape, dtype and device decide: plain values when traced, not derived tensors
 _STATIC_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
 _STATIC_METHODS = frozenset({"size", "dim", "numel"})
-
-
-class _ExpandedParam:
-    """`p.expand(x.size(0), -1)` of a 1-D parameter or derived tensor p: one copy per example, which only
-    `torch.cat([x, that], dim=-1)` takes (CAVIA's context vector as its paper's code writes it)."""
-
-    def __init__(self, param):
-        self.param = param
-
-
-class _Parts:
-    """The parts of `x.chunk(...)` / `x.split(...)`: indexing one (`a, b = x.chunk(2, -1)`) makes a PartRule."""
-
-    def __init__(self, value: "_Value", kind: str, dim: int, chunks=None, sizes=None):
-        self.value, self.kind, self.dim, self.chunks, self.sizes = value, kind, dim, chunks, sizes
-
-
-class _AttentionOutput:
-    """What nn.MultiheadAttention returns, (output, weights): `output` the value; `weights` the attention
-    weights `[N, L, S]` averaged over the heads, or per head `[N, H, L, S]`, or None (need_weights=False)."""
-
-    def __init__(self, output: "_Value", weights: Optional["_Value"]):
-        self.output, self.weights = output, weights
-
-
-class _MaxOverDim:
-    """`torch.max(x, dim)`: (values, indices); its values (`[0]`, `.values`) make a MaxOverDimRule."""
-
-    def __init__(self, value: "_Value", dim: int, keepdim: bool):
-        self.value, self.dim, self.keepdim = value, dim, keepdim
-
-
-class _Host:
-    """A Python value the model computes from tensor sizes: `fn(values) -> value`, reading `reads`."""
-
-    def __init__(self, fn: Callable[[list], Any], reads: Tuple[int, ...]):
-        self.fn, self.reads = fn, reads
 
 
 # arguments that are tensors (values, parameters) and ops whose other arguments may be computed from sizes
@@ -814,12 +739,7 @@ _MASK_SHAPE_OPS = frozenset({"unsqueeze", "squeeze", "view", "flatten", "permute
 _HOST_ARGUMENT_OPS = frozenset({"reshape", "add", "sub", "mul", "div", "interpolate", "fold"})
 
 
-def _computed(v) -> bool:
-    """Whether v (or a part of it) is a `_Host`: a value the model computes from sizes as it runs."""
-    return isinstance(v, _Host) or (isinstance(v, (list, tuple)) and any(_computed(x) for x in v))
-
-
-class _Lowering:
+class _Lowering(AttentionLowering):
     """Maps the fx nodes of one traced model to graph nodes."""
 
     def __init__(self, gm: fx.GraphModule, layout, bn_index: Dict[int, int], root_wrapped: bool):
@@ -833,9 +753,9 @@ class _Lowering:
         self.layout = layout
         self.bn_index = bn_index
         self.derived: List[Derived] = []
-        # id(_ParamExpr) -> (it, its Ref("d", k)); the entry keeps the expression alive, so that its id is not
+        # id(ParamExpr) -> (it, its Ref("d", k)); the entry keeps the expression alive, so that its id is not
         # reused by a later expression (which would then read this one's derived tensor)
-        self.derived_refs: Dict[int, Tuple[_ParamExpr, Ref]] = {}
+        self.derived_refs: Dict[int, Tuple[ParamExpr, Ref]] = {}
         self.env: Dict[fx.Node, Any] = {}
         self.nodes: List[Node] = []
         self.num_values = 1
@@ -851,7 +771,7 @@ class _Lowering:
         raise Unsupported(n.name, f"{n.op} {target}", reason, _frame(n.stack_trace))
 
     def arg(self, a):
-        """An fx argument -> _Value, _Host, Ref (parameter/constant), or a Python value (lists mapped)."""
+        """An fx argument -> Value, Host, Ref (parameter/constant), or a Python value (lists mapped)."""
         if isinstance(a, fx.Node):
             return self.env[a]
         if isinstance(a, (list, tuple)):
@@ -860,29 +780,29 @@ class _Lowering:
             return slice(self.arg(a.start), self.arg(a.stop), self.arg(a.step))
         return a
 
-    def host_value(self, a) -> _Host:
-        """A Python value (possibly computed from sizes at run time) or a buffer as a _Host."""
-        if isinstance(a, _Host):
+    def host_value(self, a) -> Host:
+        """A Python value (possibly computed from sizes at run time) or a buffer as a Host."""
+        if isinstance(a, Host):
             return a
         if isinstance(a, Ref) and a.group == "c":  # a buffer
             const = a.const
-            return _Host(lambda env: const, ())
-        if isinstance(a, (_Value, Ref, _Parts, _MaxOverDim, _NormalizedParam, _ParamExpr, _ExpandedParam, _Mask)):
+            return Host(lambda env: const, ())
+        if isinstance(a, (Value, Ref, Parts, MaxOverDim, NormalizedParam, ParamExpr, ExpandedParam, Mask)):
             self.fail("a tensor is used where a size or number is expected (or torch.max's indices)")
         if isinstance(a, (list, tuple)):
             parts = [self.host_value(x) for x in a]
             kind = type(a)
-            return _Host(lambda env: kind(p.fn(env) for p in parts), tuple(v for p in parts for v in p.reads))
+            return Host(lambda env: kind(p.fn(env) for p in parts), tuple(v for p in parts for v in p.reads))
         if isinstance(a, slice):
             start, stop, step = (self.host_value(x) for x in (a.start, a.stop, a.step))
-            return _Host(
+            return Host(
                 lambda env: slice(start.fn(env), stop.fn(env), step.fn(env)), start.reads + stop.reads + step.reads
             )
-        return _Host(lambda env: a, ())
+        return Host(lambda env: a, ())
 
     def emit(
-        self, rule: Rule, inputs, params=(), stats=None, host: Optional[_Host] = None, inplace: bool = False
-    ) -> _Value:
+        self, rule: Rule, inputs, params=(), stats=None, host: Optional[Host] = None, inplace: bool = False
+    ) -> Value:
         out = self.num_values
         self.num_values += 1
         self.nodes.append(
@@ -898,12 +818,12 @@ class _Lowering:
                 _frame(self.fx_node.stack_trace),
             )
         )
-        return _Value(out)
+        return Value(out)
 
-    def value(self, a, what: str = "input") -> _Value:
-        if isinstance(a, _Mask):
+    def value(self, a, what: str = "input") -> Value:
+        if isinstance(a, Mask):
             self.fail(f"its {what} is a mask (a comparison); convert it to a value first, e.g. mask.to(x.dtype)")
-        if not isinstance(a, _Value):
+        if not isinstance(a, Value):
             self.fail(f"its {what} is not a tensor computed from the model's input")
         return a
 
@@ -911,7 +831,7 @@ class _Lowering:
         """A parameter, derived tensor or constant operand (of F.linear, F.conv2d, the norms, a product)."""
         if a is None or isinstance(a, Ref):
             return a
-        if isinstance(a, (_ParamExpr, _NormalizedParam)):
+        if isinstance(a, (ParamExpr, NormalizedParam)):
             return self.derive(a)
         self.fail(f"its {what} is not one of the model's parameters or buffers, or computed from them alone")
 
@@ -935,29 +855,29 @@ class _Lowering:
 
     def pure(self, n: fx.Node) -> bool:
         """Whether node n computes from parameters and buffers alone (it reads one, and no value or size).
-        `F.normalize` of a parameter stays a `_NormalizedParam` (a cosine classifier's own rule takes it)."""
+        `F.normalize` of a parameter stays a `NormalizedParam` (a cosine classifier's own rule takes it)."""
         found = self.flat_args(n)
-        if any(isinstance(v, (_Value, _Host, _Parts, _MaxOverDim, _ExpandedParam, _Mask, _DtypeOf)) for v in found):
+        if any(isinstance(v, (Value, Host, Parts, MaxOverDim, ExpandedParam, Mask, DtypeOf)) for v in found):
             return False
         if n.target is F.normalize and isinstance(found[0] if found else None, Ref):
             return False
-        return any(isinstance(v, (Ref, _ParamExpr, _NormalizedParam)) for v in found)
+        return any(isinstance(v, (Ref, ParamExpr, NormalizedParam)) for v in found)
 
     def host_only(self, n: fx.Node) -> bool:
         """Whether node n computes from sizes and buffers alone (it reads a size, and no value or parameter):
         a tensor or number the model makes as it runs (`self.pe[:, : x.size(1)]`, `self.bias[:, :, :T, :T] == 0`,
-        `q.size(-1) ** 0.5`), evaluated per call as a `_Host`."""
+        `q.size(-1) ** 0.5`), evaluated per call as a `Host`."""
         found = self.flat_args(n)
         if any(
-            isinstance(v, (_Value, _Parts, _MaxOverDim, _ExpandedParam, _Mask, _DtypeOf, _ParamExpr, _NormalizedParam))
+            isinstance(v, (Value, Parts, MaxOverDim, ExpandedParam, Mask, DtypeOf, ParamExpr, NormalizedParam))
             or (isinstance(v, Ref) and v.group != "c")
             for v in found
         ):
             return False
-        return any(isinstance(v, _Host) for v in found)
+        return any(isinstance(v, Host) for v in found)
 
-    def host_expr(self, n: fx.Node) -> _Host:
-        """Node n (see `host_only`) as a `_Host` running the model's own call per call."""
+    def host_expr(self, n: fx.Node) -> Host:
+        """Node n (see `host_only`) as a `Host` running the model's own call per call."""
         target = _HOST_BINOPS.get(n.target, n.target)  # `n -= 1` on a number is `n - 1`
         name = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
         if name in _RANDOM:
@@ -972,13 +892,13 @@ class _Lowering:
             a, kw = args.fn(env), dict(zip(keys, kwargs.fn(env)))
             return getattr(a[0], target)(*a[1:], **kw) if n.op == "call_method" else target(*a, **kw)
 
-        return _Host(fn, args.reads + kwargs.reads)
+        return Host(fn, args.reads + kwargs.reads)
 
     def text_of(self, a) -> str:
         """How the model writes fx argument a (for `explain`)."""
         if isinstance(a, fx.Node):
             v = self.env.get(a)
-            if isinstance(v, _ParamExpr):
+            if isinstance(v, ParamExpr):
                 return v.text
             return str(a.target) if a.op == "get_attr" else a.name
         if isinstance(a, (list, tuple)):
@@ -987,7 +907,7 @@ class _Lowering:
         return repr(a)
 
     def param_expr(self, n: fx.Node):
-        """Node n (computed from parameters and buffers alone) as a `_ParamExpr`; a parameter's shape (`.shape`,
+        """Node n (computed from parameters and buffers alone) as a `ParamExpr`; a parameter's shape (`.shape`,
         `.size()`, `.dim()`, ...) as the number it is."""
         target = n.target
         name = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
@@ -1006,9 +926,9 @@ class _Lowering:
             return index[key]
 
         def lift(a) -> Callable[[list], Any]:
-            if isinstance(a, _NormalizedParam):
+            if isinstance(a, NormalizedParam):
                 a = self.as_expr(a)
-            if isinstance(a, _ParamExpr):
+            if isinstance(a, ParamExpr):
                 ids, fn = [leaf(r) for r in a.leaves], a.fn
                 return lambda L: fn([L[i] for i in ids])
             if isinstance(a, Ref):
@@ -1051,31 +971,31 @@ class _Lowering:
         if static:
             return example
         if not leaves and isinstance(example, torch.Tensor):  # buffers alone: a constant, made per call
-            return _Host(lambda env: fn([]), ())
+            return Host(lambda env: fn([]), ())
         if not isinstance(example, torch.Tensor) or not example.is_floating_point():
             self.fail("a computation on parameters whose result is not a floating-point tensor")
-        return _ParamExpr(fn, tuple(leaves), text, tuple(example.shape))
+        return ParamExpr(fn, tuple(leaves), text, tuple(example.shape))
 
-    def as_expr(self, a) -> _ParamExpr:
-        """A parameter, buffer, normalized parameter or derived tensor as a `_ParamExpr`."""
-        if isinstance(a, _ParamExpr):
+    def as_expr(self, a) -> ParamExpr:
+        """A parameter, buffer, normalized parameter or derived tensor as a `ParamExpr`."""
+        if isinstance(a, ParamExpr):
             return a
-        if isinstance(a, _NormalizedParam):
+        if isinstance(a, NormalizedParam):
             inner, dim, eps = self.as_expr(a.ref), a.dim, a.eps
             f = inner.fn
-            return _ParamExpr(
+            return ParamExpr(
                 lambda L: F.normalize(f(L), dim=dim, eps=eps), inner.leaves, f"normalize({inner.text})", inner.shape
             )
         if a.group == "c":
             c = a.const
-            return _ParamExpr(lambda L: c, (), "<buffer>", tuple(c.shape))
-        return _ParamExpr(lambda L: L[0], (a,), self.ref_name(a), self.shape_of(a))
+            return ParamExpr(lambda L: c, (), "<buffer>", tuple(c.shape))
+        return ParamExpr(lambda L: L[0], (a,), self.ref_name(a), self.shape_of(a))
 
-    def map_expr(self, a, fn: Callable, text: str, shape: Optional[Tuple[int, ...]] = None) -> _ParamExpr:
+    def map_expr(self, a, fn: Callable, text: str, shape: Optional[Tuple[int, ...]] = None) -> ParamExpr:
         """`fn(a)` for a parameter, buffer or derived tensor a, of `shape` (default: a's); `text` formats a's."""
         a = self.as_expr(a)
         inner = a.fn
-        return _ParamExpr(lambda L: fn(inner(L)), a.leaves, text.format(a.text), a.shape if shape is None else shape)
+        return ParamExpr(lambda L: fn(inner(L)), a.leaves, text.format(a.text), a.shape if shape is None else shape)
 
     def derive(self, expr) -> Ref:
         """The graph's Ref("d", k) of a derived tensor, checked to run under torch.func for every task."""
@@ -1118,7 +1038,7 @@ class _Lowering:
         for n in self.gm.graph.nodes:
             self.fx_node = n
             if n.op == "placeholder":
-                self.env[n] = _Value(0) if not self.env else n.args[0] if n.args else None
+                self.env[n] = Value(0) if not self.env else n.args[0] if n.args else None
             elif n.op == "get_attr":
                 self.env[n] = self.get_attr(n.target)
             elif n.op == "call_module":
@@ -1127,7 +1047,7 @@ class _Lowering:
                 self.env[n] = self.call(n)
             elif n.op == "output":
                 out = self.arg(n.args[0])
-                if not isinstance(out, _Value):
+                if not isinstance(out, Value):
                     self.fail(
                         "the model returns "
                         + (
@@ -1173,7 +1093,7 @@ class _Lowering:
                 refs.append(Ref("c", const=p))
         return tuple(refs)
 
-    def reparametrized(self, m: nn.Module, name: str, path: str) -> Optional[_ParamExpr]:
+    def reparametrized(self, m: nn.Module, name: str, path: str) -> Optional[ParamExpr]:
         """Module m's tensor `name` as a derived tensor where PyTorch computes it from other parameters
         (programs/reparam.py: parametrizations, the weight-norm hook), else None."""
         try:
@@ -1182,13 +1102,13 @@ class _Lowering:
             self.fail(str(e))
         return None if r is None else self.reparametrization_expr(r)
 
-    def reparametrization_expr(self, r: "reparam.Reparametrization") -> _ParamExpr:
+    def reparametrization_expr(self, r: "reparam.Reparametrization") -> ParamExpr:
         leaves = tuple(self.slot.get(id(p)) for p in r.params)
         if None in leaves:
             self.fail(f"{r.text}: computed from a tensor that is not among the model's parameters")
         with torch.no_grad():
             shape = tuple(r.fn(list(r.params)).shape)
-        return _ParamExpr(r.fn, leaves, r.text, shape)
+        return ParamExpr(r.fn, leaves, r.text, shape)
 
     def call_module(self, n: fx.Node):
         m = self.gm.get_submodule(n.target)
@@ -1201,7 +1121,7 @@ class _Lowering:
                 self.fail(str(e))
         if isinstance(m, nn.MultiheadAttention):
             return self.call_multihead_attention(n, m)
-        if isinstance(m, _TRANSFORMER_LAYERS):
+        if isinstance(m, TRANSFORMER_LAYERS):
             return self.call_transformer(n, m)
         x = self.arg(n.args[0]) if n.args else self.arg(next(iter(n.kwargs.values()), None))
         if len(n.args) + len(n.kwargs) != 1:
@@ -1325,7 +1245,7 @@ class _Lowering:
             groups,
         )
 
-    def conv_nd_layer(self, m: nn.Module, cls, x: _Value) -> _Value:
+    def conv_nd_layer(self, m: nn.Module, cls, x: Value) -> Value:
         """ConvTranspose1d/2d/3d and Conv3d (zero padding; conv_nd.py)."""
         if m.padding_mode != "zeros":
             self.fail(f"padding_mode={m.padding_mode!r}; the fused engine supports 'zeros'")
@@ -1336,7 +1256,7 @@ class _Lowering:
         )
         return self.emit(rule, [x], self.module_params(m, ("weight", "bias")))
 
-    def op_conv_nd(self, a, inplace, rank: int, what: str, transposed: bool) -> _Value:
+    def op_conv_nd(self, a, inplace, rank: int, what: str, transposed: bool) -> Value:
         """F.conv_transpose1d/2d/3d and F.conv3d on the model's own weight."""
         w = self.param(a["weight"], "weight")
         if w is None or len(self.shape_of(w)) != rank:
@@ -1385,7 +1305,7 @@ class _Lowering:
             return self.param_expr(n)
         if self.host_only(n):
             return self.host_expr(n)
-        if n.args and isinstance(n.args[0], fx.Node) and isinstance(self.env.get(n.args[0]), _Mask):
+        if n.args and isinstance(n.args[0], fx.Node) and isinstance(self.env.get(n.args[0]), Mask):
             op = (_METHOD_NAMES if n.op == "call_method" else _FUNC_NAMES).get(target)
             if op in _MASK_SHAPE_OPS or target is operator.getitem:
                 return self.mask_shape(n)
@@ -1395,14 +1315,14 @@ class _Lowering:
             op = _METHOD_NAMES.get(target)
             inplace = target.endswith("_")
         else:
-            if target is operator.getitem and isinstance(self.arg(n.args[0]), _Value):
+            if target is operator.getitem and isinstance(self.arg(n.args[0]), Value):
                 return self.slice(self.arg(n.args[0]), n.args[1])
-            if target is operator.getitem and isinstance(self.arg(n.args[0]), _Parts):
+            if target is operator.getitem and isinstance(self.arg(n.args[0]), Parts):
                 return self.part(self.arg(n.args[0]), n.args[1])
-            if target is operator.getitem and isinstance(self.arg(n.args[0]), _AttentionOutput):
+            if target is operator.getitem and isinstance(self.arg(n.args[0]), AttentionOutput):
                 out = self.arg(n.args[0])
                 return out.output if n.args[1] == 0 else out.weights
-            if isinstance(self.arg(n.args[0]) if n.args else None, _MaxOverDim) and (
+            if isinstance(self.arg(n.args[0]) if n.args else None, MaxOverDim) and (
                 (target is operator.getitem and n.args[1] == 0) or (target is getattr and n.args[1] == "values")
             ):
                 m = self.arg(n.args[0])
@@ -1411,7 +1331,7 @@ class _Lowering:
                 target is getattr
                 or target is operator.getitem
                 or target in _HOST_BINOPS
-                and not any(isinstance(self.arg(a), _Value) for a in n.args)
+                and not any(isinstance(self.arg(a), Value) for a in n.args)
             ):
                 return self.host_call(n)
             op = _FUNC_NAMES.get(target)
@@ -1439,12 +1359,14 @@ class _Lowering:
             shape = self.arg(shape if "shape" not in n.kwargs else n.kwargs["shape"])
             return self.reshape(x, shape)
         try:
-            a = _bind(_SPECS[op], [self.arg(x) for x in n.args], {k: self.arg(v) for k, v in n.kwargs.items()}, op)
+            a = bind_arguments(
+                _SPECS[op], [self.arg(x) for x in n.args], {k: self.arg(v) for k, v in n.kwargs.items()}, op
+            )
         except TypeError as e:
             self.fail(str(e))
         inplace = inplace or bool(a.get("inplace", False))
         if op not in _HOST_ARGUMENT_OPS:
-            sized = [k for k, v in a.items() if k not in _TENSOR_ARGUMENTS and _computed(v)]
+            sized = [k for k, v in a.items() if k not in _TENSOR_ARGUMENTS and has_host(v)]
             if sized:
                 self.fail(
                     f"{op}'s {sized[0]} is computed from tensor sizes when the model runs; the fused engine needs it "
@@ -1458,38 +1380,38 @@ class _Lowering:
             return self.logical(a, op)
         return getattr(self, f"op_{op}")(a, inplace)
 
-    def host_call(self, n: fx.Node) -> _Host:
+    def host_call(self, n: fx.Node) -> Host:
         args = [self.arg(a) for a in n.args]
         target = n.target
         if n.op == "call_method" and target in ("size", "dim"):
             x = self.value(args[0])
             v = x.vid
             if target == "dim":
-                return _Host(lambda env: env[v].dim() - 1, (v,))
+                return Host(lambda env: env[v].dim() - 1, (v,))
             if len(args) > 1 or "dim" in n.kwargs:
                 d = self.host_value(args[1] if len(args) > 1 else self.arg(n.kwargs["dim"]))
-                return _Host(lambda env: env[v].shape[1:][d.fn(env)], (v,) + d.reads)
-            return _Host(lambda env: env[v].shape[1:], (v,))
+                return Host(lambda env: env[v].shape[1:][d.fn(env)], (v,) + d.reads)
+            return Host(lambda env: env[v].shape[1:], (v,))
         if target is getattr:
             obj, attr = args
-            if isinstance(obj, _Value) and attr == "shape":
+            if isinstance(obj, Value) and attr == "shape":
                 v = obj.vid
-                return _Host(lambda env: env[v].shape[1:], (v,))
-            if isinstance(obj, _Value) and attr == "dtype":
-                return _DtypeOf(obj)
-            if isinstance(obj, _Value) and attr == "device":  # every value is on the parameters' device
+                return Host(lambda env: env[v].shape[1:], (v,))
+            if isinstance(obj, Value) and attr == "dtype":
+                return DtypeOf(obj)
+            if isinstance(obj, Value) and attr == "device":  # every value is on the parameters' device
                 return self.layout_dtype_device()[1]
             self.fail(f"attribute {attr!r} of a traced value")
         if target is operator.getitem:
             obj, idx = self.host_value(args[0]), self.host_value(args[1])
-            return _Host(lambda env: obj.fn(env)[idx.fn(env)], obj.reads + idx.reads)
+            return Host(lambda env: obj.fn(env)[idx.fn(env)], obj.reads + idx.reads)
         if target in _HOST_BINOPS:
             a, b = self.host_value(args[0]), self.host_value(args[1])
             f = _HOST_BINOPS[target]
-            return _Host(lambda env: f(a.fn(env), b.fn(env)), a.reads + b.reads)
+            return Host(lambda env: f(a.fn(env), b.fn(env)), a.reads + b.reads)
         self.fail("no rule for this operation in the fused engine")
 
-    def reshape(self, x: _Value, shape) -> _Value:
+    def reshape(self, x: Value, shape) -> Value:
         shape = shape if isinstance(shape, (list, tuple)) else (shape,)
         if shape and isinstance(shape[0], int) and shape[0] != -1:
             self.fail(f"reshape to {tuple(shape)} fixes the number of examples; use x.view(x.size(0), ...)")
@@ -1535,7 +1457,7 @@ class _Lowering:
 
     def op_pow(self, a, inplace):
         c = a["exponent"]
-        if not isinstance(a["input"], _Value) or isinstance(c, bool) or not isinstance(c, (int, float)):
+        if not isinstance(a["input"], Value) or isinstance(c, bool) or not isinstance(c, (int, float)):
             self.fail("a power other than a value to a constant number (x ** 2, x.pow(0.5))")
         return self._math(a, "pow", float(c))
 
@@ -1635,7 +1557,7 @@ class _Lowering:
             self.fail("flatten from dim 0 merges the examples; use start_dim=1 (torch.flatten(x, 1))")
         return self.emit(FlattenRule(self.name(), "flatten", a["start_dim"], a["end_dim"]), [self.value(a["input"])])
 
-    def permute(self, x: _Value, dims) -> _Value:
+    def permute(self, x: Value, dims) -> Value:
         if not dims or not all(isinstance(d, int) for d in dims) or dims[0] not in (0, -len(dims)):
             self.fail(f"permute to {dims} moves the examples' dim 0 (keep it first)")
         return self.emit(PermuteRule(self.name(), "permute", dims), [x])
@@ -1649,7 +1571,7 @@ class _Lowering:
             self.fail(f"transpose of dims {d0} and {d1}: the examples' dim 0 stays first (transpose per-example dims)")
         return self.emit(TransposeRule(self.name(), "transpose", d0, d1), [self.value(a["input"])])
 
-    def slice(self, x: _Value, index) -> _Value:
+    def slice(self, x: Value, index) -> Value:
         """`x[index]` where index keeps every example (`x[:, 1:3]`, `x[:, 0]`, `x[..., :4]`, `x[:, None]`)."""
         index = index if isinstance(index, tuple) else (index,)
 
@@ -1671,11 +1593,11 @@ class _Lowering:
             )
         return self.emit(SliceRule(self.name(), "getitem", index), [x])
 
-    def _parts(self, a, kind: str, chunks=None, sizes=None) -> _Parts:
+    def _parts(self, a, kind: str, chunks=None, sizes=None) -> Parts:
         d = a["dim"]
         if not isinstance(d, int) or d == 0:
             self.fail(f"{kind} along dim {d}, the examples' dim (cut a per-example dim)")
-        return _Parts(self.value(a["input"]), kind, d, chunks, sizes)
+        return Parts(self.value(a["input"]), kind, d, chunks, sizes)
 
     def op_chunk(self, a, inplace):
         if not isinstance(a["chunks"], int) or a["chunks"] < 1:
@@ -1689,7 +1611,7 @@ class _Lowering:
             self.fail("split needs a size or a list of sizes (numbers)")
         return self._parts(a, "split", sizes=sizes if isinstance(sizes, int) else tuple(sizes))
 
-    def part(self, parts: _Parts, index) -> _Value:
+    def part(self, parts: Parts, index) -> Value:
         if not isinstance(index, int) or index < 0:
             self.fail("only single parts of chunk/split compile (a, b = x.chunk(2, -1), or x.chunk(2, -1)[1])")
         rule = PartRule(self.name(), parts.kind, parts.dim, index, parts.chunks, parts.sizes)
@@ -1715,13 +1637,13 @@ class _Lowering:
             self.fail("F.normalize with p other than 2, an out= tensor or several dims (p=2 over one dim compiles)")
         x = a["input"]
         if isinstance(x, Ref):
-            return _NormalizedParam(x, a["dim"], float(a["eps"]))
+            return NormalizedParam(x, a["dim"], float(a["eps"]))
         if a["dim"] == 0:
             self.fail("F.normalize over dim 0, the examples' dim (give a per-example dim, e.g. dim=1)")
         return self.emit(NormalizeRule(self.name(), "normalize", a["dim"], a["eps"]), [self.value(x)])
 
     def op_linear(self, a, inplace):
-        if isinstance(a["weight"], _NormalizedParam):
+        if isinstance(a["weight"], NormalizedParam):
             return self.normalized_linear(a)
         w = self.param(a["weight"], "weight")
         if w is None or len(self.shape_of(w)) != 2:
@@ -1747,11 +1669,11 @@ class _Lowering:
 
     def op_matmul(self, a, inplace):
         x, w = a["input"], a["other"]
-        if isinstance(x, _Value) and isinstance(w, _Value):
+        if isinstance(x, Value) and isinstance(w, Value):
             return self.emit(ProductRule(self.name(), "matmul", matmul=True), [x, w])
-        if isinstance(x, _Value) and self._is_param(w):
+        if isinstance(x, Value) and self._is_param(w):
             w = self.param(w, "other")
-        if not isinstance(x, _Value) or not isinstance(w, Ref) or len(self.shape_of(w)) != 2:
+        if not isinstance(x, Value) or not isinstance(w, Ref) or len(self.shape_of(w)) != 2:
             self.fail(
                 "a matrix product other than a value times a 2-D parameter or buffer (x @ W, W [in, out]; "
                 "products of two values do not compile)"
@@ -1864,32 +1786,32 @@ class _Lowering:
     @staticmethod
     def _is_param(v) -> bool:
         """A parameter, or a tensor computed from parameters and buffers alone."""
-        return (isinstance(v, Ref) and v.group != "c") or isinstance(v, (_ParamExpr, _NormalizedParam))
+        return (isinstance(v, Ref) and v.group != "c") or isinstance(v, (ParamExpr, NormalizedParam))
 
     def op_add(self, a, inplace, sign: float = 1.0):
         x, y = a["input"], a["other"]
         alpha = float(a["alpha"]) * sign
-        if isinstance(x, _Value) and isinstance(y, _Host) and alpha in (1.0, -1.0):
+        if isinstance(x, Value) and isinstance(y, Host) and alpha in (1.0, -1.0):
             return self.host_operand(x, "add" if alpha == 1.0 else "sub", y, inplace=inplace)
-        if isinstance(y, _Value) and isinstance(x, _Host) and alpha in (1.0, -1.0):
+        if isinstance(y, Value) and isinstance(x, Host) and alpha in (1.0, -1.0):
             return self.host_operand(y, "add" if alpha == 1.0 else "rsub", x)
-        if isinstance(x, _Value) and self._is_param(y):
+        if isinstance(x, Value) and self._is_param(y):
             y = self.param(y, "other")
             rule = ParamAffineRule(self.name(), "add" if alpha > 0 else "sub", self.shape_of(y), False, 1.0, alpha)
             return self.emit(rule, [x], (y,), inplace=inplace)
-        if isinstance(y, _Value) and self._is_param(x):
+        if isinstance(y, Value) and self._is_param(x):
             x = self.param(x, "input")
             rule = ParamAffineRule(self.name(), "add" if alpha > 0 else "sub", self.shape_of(x), False, alpha, 1.0)
             return self.emit(rule, [y], (x,))
-        if isinstance(x, _Value) and isinstance(y, _Value):
+        if isinstance(x, Value) and isinstance(y, Value):
             return self.emit(
                 AddRule(self.name(), "add" if alpha == 1.0 else "sub" if alpha == -1.0 else "add", alpha),
                 [x, y],
                 inplace=inplace,
             )
-        if isinstance(x, _Value) and self.constant(y) is not None:
+        if isinstance(x, Value) and self.constant(y) is not None:
             return self.emit(AffineRule(self.name(), "add", 1.0, self.constant(y) * alpha), [x], inplace=inplace)
-        if isinstance(y, _Value) and self.constant(x) is not None:
+        if isinstance(y, Value) and self.constant(x) is not None:
             return self.emit(AffineRule(self.name(), "add", alpha, self.constant(x)), [y])
         self.fail("an addition the fused engine cannot follow")
 
@@ -1898,37 +1820,37 @@ class _Lowering:
 
     def op_mul(self, a, inplace):
         x, y = a["input"], a["other"]
-        if isinstance(x, _Mask) or isinstance(y, _Mask):  # a value times a mask, as PyTorch promotes it
-            m, v = (x, y) if isinstance(x, _Mask) else (y, x)
+        if isinstance(x, Mask) or isinstance(y, Mask):  # a value times a mask, as PyTorch promotes it
+            m, v = (x, y) if isinstance(x, Mask) else (y, x)
             v = self.value(v, "other operand of a product with a mask")
             cast = self.emit(MaskCastRule(self.name(), "mul"), [m, v])
             return self.emit(ProductRule(self.name(), "mul"), [v, cast], inplace=inplace and v is x)
-        if isinstance(y, _Value) and not isinstance(x, _Value):
+        if isinstance(y, Value) and not isinstance(x, Value):
             x, y = y, x
-        if isinstance(x, _Value) and isinstance(y, _Value):
+        if isinstance(x, Value) and isinstance(y, Value):
             return self.emit(ProductRule(self.name(), "mul"), [x, y], inplace=inplace)
-        if isinstance(x, _Value) and isinstance(y, _Host):
+        if isinstance(x, Value) and isinstance(y, Host):
             return self.host_operand(x, "mul", y, inplace=inplace)
-        if isinstance(x, _Value) and self._is_param(y):
+        if isinstance(x, Value) and self._is_param(y):
             y = self.param(y, "other")
             return self.emit(ParamAffineRule(self.name(), "mul", self.shape_of(y), True), [x], (y,), inplace=inplace)
         c = self.constant(y)
-        if not isinstance(x, _Value) or c is None:
+        if not isinstance(x, Value) or c is None:
             self.fail("a multiplication the fused engine cannot follow")
         return self.emit(AffineRule(self.name(), "mul", c), [x], inplace=inplace)
 
     def op_div(self, a, inplace):
         x, y = a["input"], a["other"]
-        if a["rounding_mode"] is None and isinstance(y, _Value):  # times the value's reciprocal
+        if a["rounding_mode"] is None and isinstance(y, Value):  # times the value's reciprocal
             r = self.emit(MathRule(self.name(), "div", "reciprocal"), [y])
-            if isinstance(x, _Value):
+            if isinstance(x, Value):
                 return self.emit(ProductRule(self.name(), "div"), [x, r], inplace=inplace)
             return self.op_mul({"input": r, "other": x}, False)
-        if a["rounding_mode"] is not None or not isinstance(x, _Value):
+        if a["rounding_mode"] is not None or not isinstance(x, Value):
             self.fail("only division by a value, a number, a buffer or a parameter compiles (no rounding_mode)")
-        if isinstance(y, _Host):
+        if isinstance(y, Host):
             return self.host_operand(x, "div", y, inplace=inplace)
-        if isinstance(y, (Ref, _ParamExpr, _NormalizedParam)):  # by its reciprocal, recomputed at every call
+        if isinstance(y, (Ref, ParamExpr, NormalizedParam)):  # by its reciprocal, recomputed at every call
             inv = self.param(self.map_expr(y, torch.reciprocal, "1 / {}"), "other")
             return self.emit(
                 ParamAffineRule(self.name(), "div", self.shape_of(inv), True), [x], (inv,), inplace=inplace
@@ -1943,7 +1865,7 @@ class _Lowering:
 
     def expand_or_repeat(self, n: fx.Node):
         """x.expand(*sizes) / x.expand(sizes) / x.expand_as(y) / x.repeat(*counts); a 1-D parameter expanded
-        over the examples is an `_ExpandedParam`."""
+        over the examples is an `ExpandedParam`."""
         if n.kwargs:
             self.fail(f"{n.target} with keyword arguments")
         if self._is_param(self.arg(n.args[0])):
@@ -1952,17 +1874,17 @@ class _Lowering:
         if n.target == "expand_as":
             other = self.value(self.arg(n.args[1]), "argument")
             v = other.vid
-            host = _Host(lambda env: env[v].shape[1:], (v,))
+            host = Host(lambda env: env[v].shape[1:], (v,))
             return self.emit(ExpandRule(self.name(), "expand"), [x], host=host)
         sizes = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
         sizes = self.arg(tuple(sizes))
         if n.target == "expand":
             return self.emit(ExpandRule(self.name(), "expand"), [x], host=self.host_value(sizes))
-        if _computed(sizes) or not all(isinstance(k, int) for k in sizes):
+        if has_host(sizes) or not all(isinstance(k, int) for k in sizes):
             self.fail("repeat counts must be numbers")
         return self.emit(RepeatRule(self.name(), "repeat", sizes), [x])
 
-    def expanded_param(self, n: fx.Node) -> _ExpandedParam:
+    def expanded_param(self, n: fx.Node) -> ExpandedParam:
         sizes = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
         sizes = self.arg(tuple(sizes))
         ref = self.param(self.arg(n.args[0]), "input")
@@ -1971,18 +1893,18 @@ class _Lowering:
             n.target != "expand"
             or len(shape) != 1
             or len(sizes) != 2
-            or not isinstance(sizes[0], _Host)
+            or not isinstance(sizes[0], Host)
             or sizes[1] not in (-1, shape[0])
         ):
             self.fail(
                 "a parameter expanded other than a 1-D one over the examples, p.expand(x.size(0), -1) (which "
                 "torch.cat([x, ...], dim=-1) takes)"
             )
-        return _ExpandedParam(ref)
+        return ExpandedParam(ref)
 
     def _max_dim(self, a, what: str) -> int:
         d = a["dim"]
-        if not isinstance(d, int) or d == 0 or isinstance(a["keepdim"], _Value):
+        if not isinstance(d, int) or d == 0 or isinstance(a["keepdim"], Value):
             self.fail(f"{what} over {'everything' if d is None else f'dim {d}'}: give one per-example dim")
         return d
 
@@ -1991,12 +1913,12 @@ class _Lowering:
         return self.emit(rule, [self.value(a["input"])])
 
     def op_max(self, a, inplace):
-        if isinstance(a["dim"], _Value):  # torch.max(a, b): the elementwise maximum
+        if isinstance(a["dim"], Value):  # torch.max(a, b): the elementwise maximum
             return self.op_maximum({"input": a["input"], "other": a["dim"]}, inplace)
-        return _MaxOverDim(self.value(a["input"]), self._max_dim(a, "max"), bool(a["keepdim"]))
+        return MaxOverDim(self.value(a["input"]), self._max_dim(a, "max"), bool(a["keepdim"]))
 
     def op_min(self, a, inplace):
-        if not isinstance(a["dim"], _Value):
+        if not isinstance(a["dim"], Value):
             self.fail("torch.min over a dim has no rule (the elementwise minimum of two values has)")
         return self.op_minimum({"input": a["input"], "other": a["dim"]}, inplace)
 
@@ -2057,56 +1979,56 @@ class _Lowering:
     def op_mish(self, a, inplace):
         return self.mish(self.value(a["input"]), "mish")
 
-    def mish(self, x: _Value, kind: str) -> _Value:
+    def mish(self, x: Value, kind: str) -> Value:
         """x · tanh(softplus(x)), as PyTorch computes it (softplus threshold 20)."""
         t = self.emit(TanhRule(self.name(), kind), [self.emit(SoftplusRule(self.name(), kind, 1.0, 20.0), [x])])
         return self.emit(ProductRule(self.name(), kind), [x, t])
 
     # -------------------------------------------------------------- masks (mask.py)
-    def mask(self, a, what: str) -> _Mask:
-        if not isinstance(a, _Mask):
+    def mask(self, a, what: str) -> Mask:
+        if not isinstance(a, Mask):
             self.fail(f"its {what} is not a mask computed from values (a comparison such as x > 0)")
         return a
 
-    def mask_shape(self, n: fx.Node) -> _Mask:
+    def mask_shape(self, n: fx.Node) -> Mask:
         """A shape operation (unsqueeze, view, expand, indexing, ...) of a mask: the value's rule, on the mask."""
         source = n.args[0]
         m = self.env[source]
-        self.env[source] = _Value(m.vid)
+        self.env[source] = Value(m.vid)
         try:
             out = self.call(n)
         finally:
             self.env[source] = m
-        return _Mask(self.value(out).vid)
+        return Mask(self.value(out).vid)
 
-    def compare(self, a, op: str) -> _Mask:
+    def compare(self, a, op: str) -> Mask:
         x, y = a["input"], a["other"]
-        if not isinstance(x, _Value) and isinstance(y, _Value):
+        if not isinstance(x, Value) and isinstance(y, Value):
             x, y, op = y, x, _FLIPPED[op]
-        if isinstance(x, _Value) and isinstance(y, _Value):
-            return _Mask(self.emit(CompareRule(self.name(), op, op), [x, y]).vid)
-        if isinstance(x, _Value) and isinstance(y, (int, float)) and not isinstance(y, bool):
-            return _Mask(self.emit(CompareRule(self.name(), op, op, other=y), [x]).vid)
+        if isinstance(x, Value) and isinstance(y, Value):
+            return Mask(self.emit(CompareRule(self.name(), op, op), [x, y]).vid)
+        if isinstance(x, Value) and isinstance(y, (int, float)) and not isinstance(y, bool):
+            return Mask(self.emit(CompareRule(self.name(), op, op, other=y), [x]).vid)
         self.fail("a comparison the fused engine cannot follow: give two values, or a value and a number")
 
-    def logical(self, a, op: str) -> _Mask:
+    def logical(self, a, op: str) -> Mask:
         masks = [self.mask(a["input"], "operand")] + ([] if op == "not" else [self.mask(a["other"], "operand")])
-        return _Mask(self.emit(LogicalRule(self.name(), op, op), masks).vid)
+        return Mask(self.emit(LogicalRule(self.name(), op, op), masks).vid)
 
     def op_where(self, a, inplace):
         if self._made_on_host(a["condition"]):  # a condition made from sizes or a buffer: one value, one number
             x, y = a["input"], a["other"]
             numbers = [v for v in (x, y) if isinstance(v, (int, float)) and not isinstance(v, bool)]
-            if len(numbers) != 1 or not any(isinstance(v, _Value) for v in (x, y)):
+            if len(numbers) != 1 or not any(isinstance(v, Value) for v in (x, y)):
                 self.fail("torch.where with a condition made from sizes or buffers takes one value and one number")
-            if isinstance(x, _Value):
+            if isinstance(x, Value):
                 return self.host_operand(x, "keep", a["condition"], float(y))
             return self.host_operand(y, "fill", a["condition"], float(x))
         m = self.mask(a["condition"], "condition")
         values, numbers = [], {}
         for key in ("input", "other"):
             v = a[key]
-            if isinstance(v, _Value):
+            if isinstance(v, Value):
                 values.append(v)
                 numbers[key] = None
             elif isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -2128,9 +2050,9 @@ class _Lowering:
     @staticmethod
     def _made_on_host(v) -> bool:
         """A tensor made from sizes and buffers as the model runs, or a buffer."""
-        return isinstance(v, _Host) or (isinstance(v, Ref) and v.group == "c")
+        return isinstance(v, Host) or (isinstance(v, Ref) and v.group == "c")
 
-    def host_operand(self, x: _Value, op: str, c, fill: float = 0.0, inplace: bool = False) -> _Value:
+    def host_operand(self, x: Value, op: str, c, fill: float = 0.0, inplace: bool = False) -> Value:
         """HostOperandRule: value x with a number or tensor c made as the model runs, or a buffer."""
         rule = HostOperandRule(self.name(), op, op, fill)
         return self.emit(rule, [x], host=self.host_value(c), inplace=inplace)
@@ -2140,14 +2062,14 @@ class _Lowering:
         `.type_as(x)`); a move to a device (`.to(x.device)`) keeps it a mask."""
         args = [self.arg(x) for x in n.args] + [self.arg(v) for v in n.kwargs.values()]
         m = args[0]
-        if isinstance(m, _Value):
+        if isinstance(m, Value):
             return self.cast_value(m, n.target, args[1:])
-        if not isinstance(m, _Mask):
+        if not isinstance(m, Mask):
             self.fail(f"{n.target}() of a tensor not computed from the input")
         name = self.name()
         if n.target in _CAST_DTYPES:
             return self.emit(MaskCastRule(name, n.target, _CAST_DTYPES[n.target]), [m])
-        like = [v.value if isinstance(v, _DtypeOf) else v for v in args[1:] if isinstance(v, (_Value, _DtypeOf))]
+        like = [v.value if isinstance(v, DtypeOf) else v for v in args[1:] if isinstance(v, (Value, DtypeOf))]
         if like:
             return self.emit(MaskCastRule(name, n.target), [m, like[0]])
         dtypes = [v for v in args[1:] if isinstance(v, torch.dtype)]
@@ -2158,7 +2080,7 @@ class _Lowering:
         return m
 
     # -------------------------------------------------------------- einsum (einsum.py)
-    def einsum(self, n: fx.Node) -> _Value:
+    def einsum(self, n: fx.Node) -> Value:
         """`torch.einsum(equation, *operands)` (or a list of operands) of one value, two values, or a value
         and a parameter, buffer or derived tensor; the examples' label (or "...") leads every value and the
         output. Labels one of two operands alone carries are summed out first."""
@@ -2172,9 +2094,9 @@ class _Lowering:
             self.fail(str(e))
         if len(operands) > 2:
             self.fail("einsum of three or more tensors; write it as einsums of two")
-        values = [i for i, o in enumerate(operands) if isinstance(o, _Value)]
+        values = [i for i, o in enumerate(operands) if isinstance(o, Value)]
         for i, o in enumerate(operands):
-            if i not in values and not isinstance(o, (Ref, _ParamExpr, _NormalizedParam)):
+            if i not in values and not isinstance(o, (Ref, ParamExpr, NormalizedParam)):
                 self.value(o, "operand")  # fails: a mask, or a tensor not computed from the input
             letters = eq.inputs[i].replace(ELLIPSIS, "")
             if len(set(letters)) != len(letters):
@@ -2209,7 +2131,7 @@ class _Lowering:
         rule = EinsumParamRule(name, "einsum", Equation((eq.inputs[i], eq.inputs[1 - i]), eq.output))
         return self.emit(rule, [operands[i]], (self.param(operands[1 - i], "operand"),))
 
-    def cast_value(self, x: _Value, method: str, args) -> _Value:
+    def cast_value(self, x: Value, method: str, args) -> Value:
         """`x.float()`, `x.to(dtype or device)`, `x.type_as(y)` of a value: the fused engine computes every value
         in the parameters' dtype on their device, so a conversion to those is x itself; any other fails."""
         if method == "type" and not args:
@@ -2237,245 +2159,9 @@ class _Lowering:
             self.fail("a dtype conversion in a model without parameters")
         return p.dtype, p.device
 
-    def op_sdpa(self, a, inplace):
-        """F.scaled_dot_product_attention as its definition, softmax(q kᵀ · scale + mask) v, with the rules of
-        its parts: scale 1/√E from the query's size unless given; `attn_mask` a mask (False: left out),
-        a value or a buffer, or tensors made as the model runs (boolean: left out where False; else added);
-        `is_causal` the lower-triangular mask of the query's and key's lengths."""
-        if a["dropout_p"] != 0.0:
-            self.fail("F.scaled_dot_product_attention with dropout_p > 0 is random; exact meta-gradients need 0")
-        if a["enable_gqa"]:
-            self.fail("F.scaled_dot_product_attention with enable_gqa=True")
-        q, k, v = (self.value(a[key], key) for key in ("query", "key", "value"))
-        name, mask, scale = self.name(), a["attn_mask"], a["scale"]
-        if scale is None:
-            qv = q.vid
-            scale = _Host(lambda env: env[qv].shape[-1] ** -0.5, (qv,))
-        elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
-            self.fail("F.scaled_dot_product_attention's scale must be a number")
-        scores = self.attention_scores(name, "sdpa", q, k, scale)
-        if a["is_causal"]:
-            if mask is not None:
-                self.fail("F.scaled_dot_product_attention with both attn_mask and is_causal")
-            qv, kv = q.vid, k.vid
-
-            def causal(env):
-                L, S = env[qv].shape[-2], env[kv].shape[-2]
-                return torch.ones(L, S, dtype=torch.bool, device=env[qv].device).tril()
-
-            scores = self.emit(
-                HostOperandRule(name, "sdpa", "keep", float("-inf")), [scores], host=_Host(causal, (qv, kv))
-            )
-        elif mask is not None:
-            scores = self.attention_mask(name, "sdpa", scores, mask, blocks=False)
-        return self.attention_output(name, "sdpa", scores, v)[0]
-
-    # -------------------------------------------------------------- attention (lowered to existing rules)
-    def attention_scores(self, name: str, kind: str, q: _Value, k: _Value, scale) -> _Value:
-        """q kᵀ · scale (a number, or a `_Host` number) of `[..., L, E]` and `[..., S, E]`."""
-        kt = self.emit(TransposeRule(name, kind, -2, -1), [k])
-        scores = self.emit(ProductRule(name, kind, matmul=True), [q, kt])
-        if isinstance(scale, _Host):
-            return self.emit(HostOperandRule(name, kind, "mul"), [scores], host=scale)
-        return self.emit(AffineRule(name, kind, float(scale)), [scores])
-
-    def attention_mask(self, name: str, kind: str, scores: _Value, mask, blocks: bool) -> _Value:
-        """scores with an attention mask applied: a boolean mask leaves out (−inf) where it is True (`blocks`:
-        nn.MultiheadAttention's convention) or where it is False (F.scaled_dot_product_attention's); a float
-        mask is added. The mask is a mask or a value computed from the input, a buffer, or made as the model
-        runs."""
-        if isinstance(mask, _Mask):
-            if not blocks:
-                mask = _Mask(self.emit(LogicalRule(name, kind, "not"), [mask]).vid)
-            return self.emit(WhereRule(name, kind, a=float("-inf")), [mask, scores])
-        if isinstance(mask, _Value):
-            return self.emit(AddRule(name, kind), [scores, mask])
-        if self._made_on_host(mask):
-            op = "attn_block" if blocks else "attn_keep"
-            return self.emit(HostOperandRule(name, kind, op), [scores], host=self.host_value(mask))
-        self.fail(f"{kind}'s attention mask is a parameter or derived tensor (a learned bias: add it to q kᵀ)")
-
-    def attention_output(self, name: str, kind: str, scores: _Value, v: _Value) -> Tuple[_Value, _Value]:
-        """(softmax(scores) v, softmax(scores))."""
-        weights = self.emit(SoftmaxRule(name, kind, -1, False), [scores])
-        return self.emit(ProductRule(name, kind, matmul=True), [weights, v]), weights
-
-    def heads(self, name: str, kind: str, x: _Value, heads: int, merge: bool) -> _Value:
-        """`[N, L, H·D]` split into heads `[N, H, L, D]`, or (`merge`) heads merged back."""
-        v = x.vid
-        if merge:
-            t = self.emit(TransposeRule(name, kind, 1, 2), [x])
-            host = _Host(lambda env: (env[v].shape[1], env[v].shape[3], env[v].shape[2] * env[v].shape[4]), (v,))
-            return self.emit(ReshapeRule(name, kind), [t], host=host)
-        host = _Host(lambda env: (env[v].shape[1], env[v].shape[2], heads, env[v].shape[3] // heads), (v,))
-        return self.emit(TransposeRule(name, kind, 1, 2), [self.emit(ReshapeRule(name, kind), [x], host=host)])
-
-    def multihead_attention(
-        self, m: nn.MultiheadAttention, path: str, query, key, value, kpm, mask
-    ) -> Tuple[_Value, _Value]:
-        """nn.MultiheadAttention(batch_first=True) as its definition: the in-projections (slices of
-        in_proj_weight, or q/k/v_proj_weight), heads, scaled scores, `key_padding_mask` [N, S] and
-        `attn_mask` [L, S] (boolean: True leaves out; float: added), softmax, heads merged, out_proj.
-        Returns the output `[N, L, E]` and the attention weights per head `[N, H, L, S]`."""
-        kind = "MultiheadAttention"
-        if not m.batch_first:
-            self.fail(
-                "batch_first=False takes the sequence first and the examples second; the fused engine needs the "
-                "examples' dim first (nn.MultiheadAttention(..., batch_first=True))"
-            )
-        if m.bias_k is not None or m.add_zero_attn:
-            self.fail("add_bias_kv or add_zero_attn")
-        if m.training and m.dropout > 0:
-            self.fail("attention dropout in training mode is random; exact meta-gradients need it off (dropout=0)")
-        E, H = m.embed_dim, m.num_heads
-
-        def part(ref, i, shape):
-            if ref is None:
-                return None
-            expr = self.map_expr(ref, lambda t: t[i * E : (i + 1) * E], f"{{}}[{i * E}:{(i + 1) * E}]", shape)
-            return self.param(expr, "in_proj")
-
-        b = self.module_params(m, ("in_proj_bias",), path)[0]
-        if m._qkv_same_embed_dim and all(isinstance(t, _Value) and t.vid == query.vid for t in (key, value)):
-            # self-attention: one projection by the whole in_proj_weight, cut in three (as PyTorch does)
-            w = self.module_params(m, ("in_proj_weight",), path)[0]
-            qkv = self.emit(LinearRule(path, kind, E), [self.value(query)], (w, b))
-            projected = [self.emit(PartRule(path, kind, -1, i, chunks=3), [qkv]) for i in range(3)]
-        else:
-            if m._qkv_same_embed_dim:
-                w = self.module_params(m, ("in_proj_weight",), path)[0]
-                weights, sizes = [part(w, i, (E, E)) for i in range(3)], (E, E, E)
-            else:
-                weights = list(self.module_params(m, ("q_proj_weight", "k_proj_weight", "v_proj_weight"), path))
-                sizes = (E, m.kdim, m.vdim)
-            projected = [
-                self.emit(LinearRule(path, kind, n), [self.value(x)], (w, part(b, i, (E,))))
-                for i, (x, w, n) in enumerate(zip((query, key, value), weights, sizes))
-            ]
-        q, k, v = (self.heads(path, kind, t, H, False) for t in projected)
-        scores = self.attention_scores(path, kind, q, k, (E // H) ** -0.5)
-        if kpm is not None:
-            if not isinstance(kpm, (_Mask, _Value)):
-                self.fail("key_padding_mask other than a mask or value computed from the input ([N, S])")
-            kv = _Value(kpm.vid)
-            for d in (1, 1):  # [N, S] -> [N, 1, 1, S]
-                kv = self.emit(SqueezeRule(path, kind, (d,), unsqueeze=True), [kv])
-            scores = self.attention_mask(path, kind, scores, type(kpm)(kv.vid), blocks=True)
-        if mask is not None:
-            scores = self.attention_mask(path, kind, scores, mask, blocks=True)
-        out, weights = self.attention_output(path, kind, scores, v)
-        out = self.heads(path, kind, out, H, True)
-        out_params = self.module_params(m.out_proj, ("weight", "bias"), f"{path}.out_proj")
-        return self.emit(LinearRule(path, kind, E), [out], out_params), weights
-
-    def call_multihead_attention(self, n: fx.Node, m: nn.MultiheadAttention) -> "_AttentionOutput":
-        spec = _spec(
-            "query",
-            "key",
-            "value",
-            ("key_padding_mask", None),
-            ("need_weights", True),
-            ("attn_mask", None),
-            ("average_attn_weights", True),
-            ("is_causal", False),
-        )
-        try:
-            a = _bind(spec, [self.arg(x) for x in n.args], {k: self.arg(v) for k, v in n.kwargs.items()}, "call")
-        except TypeError as e:
-            self.fail(str(e))
-        out, weights = self.multihead_attention(
-            m, n.target, a["query"], a["key"], a["value"], a["key_padding_mask"], a["attn_mask"]
-        )
-        if not a["need_weights"]:
-            return _AttentionOutput(out, None)
-        if a["average_attn_weights"]:
-            weights = self.emit(MeanRule(n.target, "MultiheadAttention", (1,)), [weights])
-        return _AttentionOutput(out, weights)
-
-    def call_transformer(self, n: fx.Node, m: nn.Module) -> _Value:
-        """nn.TransformerEncoderLayer, nn.TransformerEncoder, nn.TransformerDecoderLayer and
-        nn.TransformerDecoder (batch_first=True) as their definitions."""
-        if isinstance(m, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
-            names = ("src", ("mask", None), ("src_key_padding_mask", None), ("is_causal", None))
-            if isinstance(m, nn.TransformerEncoderLayer):
-                names = ("src", ("src_mask", None), ("src_key_padding_mask", None), ("is_causal", False))
-        else:
-            names = ("tgt", "memory", ("tgt_mask", None), ("memory_mask", None), ("tgt_key_padding_mask", None))
-            names += (("memory_key_padding_mask", None), ("tgt_is_causal", None), ("memory_is_causal", False))
-        try:
-            a = _bind(
-                _spec(*names), [self.arg(x) for x in n.args], {k: self.arg(v) for k, v in n.kwargs.items()}, "call"
-            )
-        except TypeError as e:
-            self.fail(str(e))
-        stack = isinstance(m, (nn.TransformerEncoder, nn.TransformerDecoder))
-        layers = [(layer, f"{n.target}.layers.{i}") for i, layer in enumerate(m.layers)] if stack else [(m, n.target)]
-        if "src" in a:
-            x, memory = self.value(a["src"]), None
-            masks = (a["mask"] if "mask" in a else a["src_mask"], a["src_key_padding_mask"])
-        else:
-            x, memory = self.value(a["tgt"]), self.value(a["memory"], "memory")
-            masks = (a["tgt_mask"], a["tgt_key_padding_mask"], a["memory_mask"], a["memory_key_padding_mask"])
-        for layer, path in layers:
-            x = self.transformer_layer(layer, path, x, memory, masks)
-        if stack and m.norm is not None:
-            x = self.layer_norm(m.norm, f"{n.target}.norm", x)
-        return x
-
-    def layer_norm(self, m: nn.Module, path: str, x: _Value) -> _Value:
-        rule = self.example_norm_rule(m, path, type(m).__name__)
-        return self.emit(rule, [x], self.module_params(m, ("weight", "bias"), path))
-
-    def transformer_layer(self, m: nn.Module, path: str, x: _Value, memory: Optional[_Value], masks) -> _Value:
-        """One nn.TransformerEncoderLayer (`memory` None; masks (attn, key padding)) or
-        nn.TransformerDecoderLayer (masks (self attn, self key padding, memory attn, memory key padding)):
-        self-attention, the decoder's attention to `memory`, and the feed-forward block, each with its
-        residual, LayerNorm after (or, `norm_first`, before) each."""
-        kind = type(m).__name__
-        dropouts = [d for d in (m.dropout, m.dropout1, m.dropout2, getattr(m, "dropout3", None)) if d is not None]
-        if any(d.training and d.p > 0 for d in dropouts):
-            self.fail("dropout in training mode is random; exact meta-gradients need it off (dropout=0 or .eval())")
-        act = m.activation
-        if act is F.relu or isinstance(act, nn.ReLU):
-            act_rule = ReLURule
-        elif act is F.gelu or (isinstance(act, nn.GELU) and act.approximate == "none"):
-            act_rule = GELURule
-        else:
-            self.fail(f"activation {act!r}; the fused engine lowers relu and gelu")
-
-        def self_attention(h):
-            return self.multihead_attention(m.self_attn, f"{path}.self_attn", h, h, h, masks[1], masks[0])[0]
-
-        def memory_attention(h):
-            attn = f"{path}.multihead_attn"
-            return self.multihead_attention(m.multihead_attn, attn, h, memory, memory, masks[3], masks[2])[0]
-
-        def feed_forward(h):
-            lin1, lin2 = f"{path}.linear1", f"{path}.linear2"
-            h = self.emit(
-                LinearRule(lin1, "Linear", m.linear1.in_features),
-                [h],
-                self.module_params(m.linear1, ("weight", "bias"), lin1),
-            )
-            h = self.emit(act_rule(path, kind), [h])
-            return self.emit(
-                LinearRule(lin2, "Linear", m.linear2.in_features),
-                [h],
-                self.module_params(m.linear2, ("weight", "bias"), lin2),
-            )
-
-        blocks = [self_attention] + ([memory_attention] if memory is not None else []) + [feed_forward]
-        for i, block in enumerate(blocks, 1):
-            norm = getattr(m, f"norm{i}")
-            if m.norm_first:
-                x = self.emit(AddRule(path, kind), [x, block(self.layer_norm(norm, f"{path}.norm{i}", x))])
-            else:
-                x = self.layer_norm(norm, f"{path}.norm{i}", self.emit(AddRule(path, kind), [x, block(x)]))
-        return x
-
     def op_stack(self, a, inplace):
         xs, d = a["tensors"], a["dim"]
-        if not isinstance(xs, (list, tuple)) or not xs or not all(isinstance(x, _Value) for x in xs):
+        if not isinstance(xs, (list, tuple)) or not xs or not all(isinstance(x, Value) for x in xs):
             self.fail("torch.stack of values that are not all computed from the input")
         if not isinstance(d, int) or d == 0:
             self.fail(f"torch.stack along dim {d}, in front of the examples; stack along a per-example dim")
@@ -2492,10 +2178,10 @@ class _Lowering:
         return self.emit(PadRule(self.name(), "pad", pad, value or 0.0), [self.value(a["input"])])
 
     # -------------------------------------------------------------- per-example linear maps (example_maps.py)
-    def example_map(self, x, kind: str, fn: Callable, args: dict, dims=(), min_rank: int = 0) -> _Value:
+    def example_map(self, x, kind: str, fn: Callable, args: dict, dims=(), min_rank: int = 0) -> Value:
         """ExampleMapRule of `fn(batch, **args)` on value x; arguments computed from sizes are evaluated per call."""
         x = self.value(x)
-        if _computed(tuple(args.values())):
+        if has_host(tuple(args.values())):
             keys, host = tuple(args), self.host_value(tuple(args.values()))
             rule = ExampleMapRule(self.name(), kind, lambda b, vals: fn(b, **dict(zip(keys, vals))), dims, min_rank)
             return self.emit(rule, [x], host=host)
@@ -2550,13 +2236,13 @@ class _Lowering:
 
     def op_cat(self, a, inplace):
         xs = a["tensors"]
-        if isinstance(xs, (list, tuple)) and any(isinstance(x, _ExpandedParam) for x in xs):
-            if len(xs) != 2 or not isinstance(xs[0], _Value) or a["dim"] not in (1, -1):
+        if isinstance(xs, (list, tuple)) and any(isinstance(x, ExpandedParam) for x in xs):
+            if len(xs) != 2 or not isinstance(xs[0], Value) or a["dim"] not in (1, -1):
                 self.fail("a parameter expanded over the examples concatenated other than torch.cat([x, p], dim=-1)")
             ref = xs[1].param
             rule = ContextConcatRule(self.name(), "cat", self.shape_of(ref)[0], features_only=True)
             return self.emit(rule, [xs[0]], (ref,))
-        if not isinstance(xs, (list, tuple)) or not xs or not all(isinstance(x, _Value) for x in xs):
+        if not isinstance(xs, (list, tuple)) or not xs or not all(isinstance(x, Value) for x in xs):
             self.fail("torch.cat of values that are not all computed from the input")
         d = a["dim"]
         if not isinstance(d, int) or d == 0:
@@ -2564,7 +2250,7 @@ class _Lowering:
         return self.emit(CatRule(self.name(), "cat", len(xs), d), list(xs))
 
     # -------------------------------------------------------------- finish
-    def finish(self, out: _Value) -> Graph:
+    def finish(self, out: Value) -> Graph:
         """Dead nodes dropped, in-place writes checked, unused parameters listed, fusions applied."""
         live, needed = [], {out.vid}
         for node in reversed(self.nodes):

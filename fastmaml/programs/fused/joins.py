@@ -291,9 +291,8 @@ class HostOperandRule(Rule):
     cut to the sequence), `scores.masked_fill(self.causal[:L, :L] == 0, -inf)`. `op`: "add" (x + c), "sub"
     (x − c), "rsub" (c − x), "mul" (x · c), "div" (x / c), "fill" (where(c, `fill`, x)), "keep" (where(c, x,
     `fill`)), "attn_keep" / "attn_block" (an attention mask: for a boolean c, "keep" / "fill" with −inf;
-    else "add"). Affine in x:
-    ẏ = A ẋ, ḡx = Aᵀ ḡy. A tensor c broadcasts against the per-example value as PyTorch broadcasts it (from
-    the right), without spanning the examples' dim."""
+    else "add"). Affine in x: ẏ = A ẋ, ḡx = Aᵀ ḡy. A tensor c broadcasts against the per-example value as
+    PyTorch broadcasts it (from the right), without spanning the examples' dim."""
 
     def __init__(self, name: str, kind: str, op: str, fill: float = 0.0):
         super().__init__(name, kind)
