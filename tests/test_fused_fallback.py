@@ -14,7 +14,7 @@ from fastmaml.programs import TorchFuncProgram, select_program
 from fastmaml.programs.fused import FusedProgram
 
 from models import regression_tasks
-from oracle import assert_grads_close, autograd_meta_grad
+from oracle import assert_grads_close, autograd_meta_grad, check_meta_step
 
 
 class Sort(nn.Module):
@@ -144,3 +144,32 @@ def test_a_learned_scalar_on_the_torch_func_program():
         model, (sx, y, qx, y), inner_lr=0.3, steps=2, order="second", loss_fn=F.cross_entropy
     )
     assert_grads_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-9)
+
+
+class Recurrent(nn.Module):
+    """An LSTM and a GRU (batch_first), their final states read: vmap has no batching rule for aten::lstm."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.gru = nn.LSTM(3, 4, batch_first=True), nn.GRU(4, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        out, h = self.gru(out)
+        return self.head(out[:, -1] + h[0])
+
+
+@pytest.mark.parametrize("order", ["second", "checkpoint", "first"])
+def test_recurrent_layers_run_task_by_task_on_the_torch_func_program(order):
+    """A model vmap cannot batch (here aten::lstm) runs task by task instead of raising (it did)."""
+    torch.manual_seed(5)
+    model = Recurrent().double()
+    g = torch.Generator().manual_seed(5)
+    tasks = (
+        torch.randn(2, 6, 5, 3, generator=g, dtype=torch.float64),
+        torch.arange(3).repeat(2, 2),
+        torch.randn(2, 6, 5, 3, generator=g, dtype=torch.float64),
+        torch.arange(3).repeat(2, 2),
+    )
+    check_meta_step(model, tasks, loss="cross_entropy", loss_fn=F.cross_entropy, inner_lr=0.3, steps=2, order=order)

@@ -36,6 +36,10 @@ from .base import HVP, MODEL_CALL_LOCK, LossGrad, Program
 from .reparam import copyable, use_exact_weight_norm
 
 
+# what vmap says of a model it cannot batch (which then runs task by task)
+_UNBATCHABLE = ("data-dependent control flow", "Batching rule not implemented")
+
+
 class BatchStatsNorm(nn.Module):
     """BatchNorm{1,2,3}d, vmap- and double-differentiation-safe. x `[N, C, *]`.
 
@@ -151,7 +155,8 @@ class TorchFuncProgram(Program):
 
     def _run(self, fn, phi, shared, *batched):
         """vmap `fn(pa, ps, *batched)` over tasks; phi `[Pa]` (same weights for all tasks) is not mapped. A
-        model whose control flow depends on tensor values cannot run under vmap: it runs task by task."""
+        model whose control flow depends on tensor values, or that calls an op vmap cannot batch (the
+        recurrent layers' `aten::lstm`, `aten::gru`), cannot run under vmap: it runs task by task."""
         if self.per_task:
             return self._loop(fn, phi, shared, *batched)
         in_dims = (0 if phi.dim() == 2 else None, None) + (0,) * len(batched)
@@ -165,7 +170,7 @@ class TorchFuncProgram(Program):
                     "model: it calls a random op (e.g. Dropout in training mode) inside the inner loop; "
                     "exact meta-gradients need a deterministic model: call .eval() on those modules"
                 ) from e
-            if "data-dependent control flow" not in str(e):
+            if not any(why in str(e) for why in _UNBATCHABLE):
                 raise
         self.per_task = True
         return self._loop(fn, phi, shared, *batched)
