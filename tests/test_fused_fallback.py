@@ -36,17 +36,13 @@ def program_of(model, loss="mse"):
             "no rule for this operation",
         ),
         (nn.Sequential(nn.Linear(1, 4), nn.Dropout(0.3), nn.Linear(4, 1)), "1", "Dropout", "training mode"),
-        (nn.Sequential(nn.Conv2d(2, 4, 3), nn.LocalResponseNorm(2)), "1", "LocalResponseNorm", "not a layer the fused"),
-        (
-            nn.Sequential(nn.ConvTranspose2d(2, 4, 3, padding_mode="zeros"), nn.ChannelShuffle(2)),
-            "1",
-            "ChannelShuffle",
-            "not a layer",
-        ),
+        (nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm3d(4)), "1", "BatchNorm3d", "it has buffers"),
+        (nn.Sequential(nn.Linear(2, 2), nn.AlphaDropout(0.2)), "1", "AlphaDropout", "random layer"),
         (nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")), "0", "Conv2d", "padding_mode"),
         (nn.Sequential(nn.Linear(2, 2), nn.GELU(approximate="tanh")), "1", "GELU", "approximate"),
         (nn.Sequential(nn.Linear(2, 2), nn.Flatten(0)), "1", "Flatten", "start_dim=0"),
-        (nn.LSTM(2, 3), "<model>", "LSTM", "not a layer the fused engine knows"),
+        (nn.LSTM(2, 3), "<model>", "LSTM", "batch_first=False"),
+        (nn.LSTM(2, 3, batch_first=True), "output", "output output", "returns (output, (h_n, c_n))"),
     ],
 )
 def test_unsupported_module_falls_back_and_is_named(model, culprit, kind, why):
@@ -147,7 +143,7 @@ def test_a_learned_scalar_on_the_torch_func_program():
 
 
 class Recurrent(nn.Module):
-    """An LSTM and a GRU (batch_first), their final states read: vmap has no batching rule for aten::lstm."""
+    """An LSTM and a GRU (batch_first), a final state read, and a sort: vmap has no batching rule for aten::lstm."""
 
     def __init__(self):
         super().__init__()
@@ -157,7 +153,7 @@ class Recurrent(nn.Module):
     def forward(self, x):
         out, _ = self.lstm(x)
         out, h = self.gru(out)
-        return self.head(out[:, -1] + h[0])
+        return self.head(torch.sort(out[:, -1] + h[0], -1)[0])  # a sort: the torch.func program
 
 
 @pytest.mark.parametrize("order", ["second", "checkpoint", "first"])
@@ -165,6 +161,7 @@ def test_recurrent_layers_run_task_by_task_on_the_torch_func_program(order):
     """A model vmap cannot batch (here aten::lstm) runs task by task instead of raising (it did)."""
     torch.manual_seed(5)
     model = Recurrent().double()
+    assert isinstance(program_of(model, "cross_entropy"), TorchFuncProgram)
     g = torch.Generator().manual_seed(5)
     tasks = (
         torch.randn(2, 6, 5, 3, generator=g, dtype=torch.float64),

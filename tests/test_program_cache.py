@@ -153,12 +153,29 @@ def test_programs_per_model_are_bounded():
     assert select.cached_programs(model) == select.MAX_PROGRAMS_PER_MODEL
 
 
-def test_torch_func_path_from_two_threads():
-    """torch.func's forward-AD levels are per process: the program serializes its calls (no errors, same
-    result as one thread)."""
+class SortedFeatures(nn.Module):
+    """A sort (no rule): the torch.func program."""
+
+    def forward(self, x):
+        return torch.sort(x, dim=-1)[0]
+
+
+def softsign_net():
+    """A layer without a rule (Softsign) inside a fused program: its torch.func rule (functional.py)."""
+    return nn.Sequential(nn.Linear(3, 4), nn.Softsign(), nn.Linear(4, 2))
+
+
+def sorting_net():
+    return nn.Sequential(nn.Linear(3, 4), SortedFeatures(), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("make, kind", [(sorting_net, TorchFuncProgram), (softsign_net, FusedProgram)])
+def test_torch_func_from_several_threads(make, kind):
+    """torch.func's forward-AD levels are per process: the torch.func program and the fused program's
+    torch.func rules serialize their calls (no errors, the same result as one thread)."""
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(3, 4), nn.Softsign(), nn.Linear(4, 2)).double()
-    assert isinstance(program(model), TorchFuncProgram)
+    model = make().double()
+    assert isinstance(program(model), kind)
     tasks = regression_tasks(din=3, dout=2)
     model.zero_grad()
     fastmaml.meta_step(model, tasks, inner_lr=0.2, steps=2)
@@ -167,7 +184,7 @@ def test_torch_func_path_from_two_threads():
 
     def worker():
         try:
-            clone = nn.Sequential(nn.Linear(3, 4), nn.Softsign(), nn.Linear(4, 2)).double()
+            clone = make().double()
             clone.load_state_dict(model.state_dict())
             for _ in range(5):
                 clone.zero_grad()

@@ -35,7 +35,6 @@ from ..losses import Loss
 from .base import HVP, MODEL_CALL_LOCK, LossGrad, Program
 from .reparam import copyable, use_exact_weight_norm
 
-
 # what vmap says of a model it cannot batch (which then runs task by task)
 _UNBATCHABLE = ("data-dependent control flow", "Batching rule not implemented")
 

@@ -9,8 +9,10 @@ AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropou
 the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA), and the parameter-free layers that
 map each example linearly (Upsample, PixelShuffle, PixelUnshuffle, the padding layers, Unfold, Fold:
 example_maps.py). MultiheadAttention and the Transformer encoder and decoder layers and stacks
-(batch_first=True) are lowered to the rules of their definitions. Everything else a model does is traced
-into nodes, which map to rules:
+(batch_first=True) are lowered to the rules of their definitions. Any other torch.nn layer (without buffers
+or randomness) runs its own forward per task through torch.func (functional.py): nn.LSTM/GRU/RNN with
+batch_first=True (their output and each layer's final state `h_n[i]`, `c_n[i]` read), nn.MaxPool1d, nn.SELU,
+nn.LocalResponseNorm, ... Everything else a model does is traced into nodes, which map to rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `F.silu`, `F.softplus`,
   `F.hardtanh`, `F.relu6`, `F.hardswish`, `F.hardsigmoid`, `torch.tanh`, `torch.sigmoid`, elementwise math
   (`exp`, `log`, `sqrt`, `rsqrt`, `reciprocal`, `abs`, `sin`, `cos`, `x ** c`, `torch.square`), `clamp` by
@@ -101,6 +103,7 @@ from .derived import Derived
 from .einsum import ELLIPSIS, EinsumParamRule, EinsumRule, EinsumSumRule, Equation
 from .example_maps import ExampleMapRule
 from .example_norm import ExampleNormRule
+from .functional import FunctionalRule
 from .graph import Graph, Node, Ref, fuse
 from .joins import AddRule, AffineRule, CatRule, HostOperandRule, MaximumRule, ParamAffineRule, ProductRule
 from .l2norm import NormalizedLinearRule, NormalizeRule
@@ -109,6 +112,7 @@ from .lowered import (
     DtypeOf,
     ExpandedParam,
     Host,
+    LayerOutput,
     Mask,
     MaxOverDim,
     NormalizedParam,
@@ -158,6 +162,20 @@ from .softmax import SoftmaxRule
 _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d)
+_RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
+# layers that draw random numbers in training mode
+_RANDOM_LAYERS = tuple(
+    getattr(nn, name)
+    for name in (
+        "AlphaDropout",
+        "FeatureAlphaDropout",
+        "Dropout3d",
+        "RReLU",
+        "FractionalMaxPool2d",
+        "FractionalMaxPool3d",
+    )
+    if hasattr(nn, name)
+)
 # convolutions computed task by task by aten.convolution (conv_nd.py)
 _CONV_ND_LAYERS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv3d)
 # parameter-free layers that map each example linearly (example_maps.py; some are newer than torch 2.4)
@@ -771,9 +789,11 @@ class _Lowering(AttentionLowering):
         raise Unsupported(n.name, f"{n.op} {target}", reason, _frame(n.stack_trace))
 
     def arg(self, a):
-        """An fx argument -> Value, Host, Ref (parameter/constant), or a Python value (lists mapped)."""
+        """An fx argument -> Value, Host, Ref (parameter/constant), or a Python value (lists mapped); a
+        recurrent layer's output part becomes a value when read."""
         if isinstance(a, fx.Node):
-            return self.env[a]
+            v = self.env[a]
+            return self.layer_output(v) if isinstance(v, LayerOutput) else v
         if isinstance(a, (list, tuple)):
             return type(a)(self.arg(x) for x in a)
         if isinstance(a, slice):
@@ -1215,7 +1235,60 @@ class _Lowering(AttentionLowering):
         if cls in _EXAMPLE_MAP_LAYERS:  # parameter-free: the rule runs its own copy
             layer = copy.deepcopy(m)
             return self.emit(ExampleMapRule(name, kind, lambda batch, _: layer(batch)), [x])
-        self.fail("not a layer the fused engine knows (see fastmaml.explain for what compiles)")
+        return self.functional_layer(m, cls, x)
+
+    def functional_layer(self, m: nn.Module, cls, x: Value):
+        """A torch.nn layer without a rule: its own forward per task through torch.func (functional.py); a
+        recurrent layer's tuple as a LayerOutput, read by parts."""
+        names = [n for n, _ in m.named_parameters()]
+        if any("." in n for n in names):
+            self.fail("not a layer the fused engine knows, and its parameters live in sublayers")
+        if next(m.buffers(), None) is not None:
+            self.fail(
+                "not a layer the fused engine knows, and it has buffers (which its torch.func rule would not update)"
+            )
+        if isinstance(m, _RANDOM_LAYERS) and m.training:
+            self.fail("a random layer in training mode; exact meta-gradients need it fixed (call .eval() on it)")
+        if isinstance(m, _RECURRENT) and not m.batch_first:
+            self.fail(
+                "batch_first=False puts the examples second; the fused engine needs them first (batch_first=True)"
+            )
+        weights = self.module_params(m, names)
+        layer = copy.deepcopy(m)  # the rule's own copy, its weights given per call
+
+        def call(batch, *w):
+            return torch.func.functional_call(layer, dict(zip(names, w)), (batch,))
+
+        kind = f"{cls.__name__} (torch.func)"
+        if isinstance(m, _RECURRENT):
+            return LayerOutput(call, weights, x, self.name(), kind)
+        ranks = [len(self.shape_of(r)) for r in weights]
+        return self.emit(FunctionalRule(self.name(), kind, call, ranks), [x], weights)
+
+    def layer_output(self, out: LayerOutput) -> Value:
+        """The part of a recurrent layer's output a node reads: `output` (path (0,)), or one layer's final
+        state `h_n[i]` / `c_n[i]` (paths (1, i) / (1, 0, i), (1, 1, i)), as a FunctionalRule."""
+        if out.value is not None:
+            return out.value
+        path, lstm = out.path, out.kind.startswith("LSTM")
+        ok = path == (0,) or (len(path) == (3 if lstm else 2) and path[0] == 1 and isinstance(path[-1], int))
+        if not ok or (lstm and path != (0,) and path[1] not in (0, 1)):
+            self.fail(
+                f"{out.kind} returns (output, {'(h_n, c_n)' if lstm else 'h_n'}): read output, or one layer's final "
+                "state h_n[i] (whose examples are second: the fused engine needs them first)"
+            )
+        call = out.call
+
+        def part(batch, *w):
+            y = call(batch, *w)
+            for k in path:
+                y = y[k]
+            return y
+
+        ranks = [len(self.shape_of(r)) for r in out.weights]
+        rule = FunctionalRule(out.name, out.kind, part, ranks, without_onednn=True)
+        out.value = self.emit(rule, [out.x], out.weights)
+        return out.value
 
     def conv_nd_rule(self, kind: str, weight_shape, stride, padding, dilation, groups, output_padding=None):
         """ConvNdRule for a weight of `weight_shape`; `output_padding` None: an ordinary convolution."""
@@ -1301,6 +1374,9 @@ class _Lowering(AttentionLowering):
 
     def call(self, n: fx.Node):
         target = n.target
+        source = self.env.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        if target is operator.getitem and isinstance(source, LayerOutput) and source.indexes_a_part():
+            return source.index(n.args[1])
         if self.pure(n):
             return self.param_expr(n)
         if self.host_only(n):

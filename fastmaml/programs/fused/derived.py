@@ -12,7 +12,8 @@ parameter (`Ref("d", k)`); the program pulls what the rules send to D back to th
   expression's own second-order term), and Jᵀ ḡ, in one vjp of a jvp.
 
 Leaf tensors are per task `[T, *shape]` or common `[*shape]` (step 0's θ, shared weights); D is common where
-every leaf is, else `[T, *shape]`.
+every leaf is, else `[T, *shape]`. The torch.func calls hold MODEL_CALL_LOCK (torch.func.jvp keeps its
+forward-AD levels per process: two threads inside it at once fail).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 import torch.func
 
+from ..base import MODEL_CALL_LOCK
 from .graph import Ref
 
 Tensor = torch.Tensor
@@ -54,7 +56,8 @@ class Derived:
         dims = self._dims(leaves)
         if all(d is None for d in dims):
             return self._call(*leaves)
-        return torch.func.vmap(self._call, in_dims=dims)(*leaves)
+        with MODEL_CALL_LOCK:
+            return torch.func.vmap(self._call, in_dims=dims)(*leaves)
 
     def tangent(self, leaves: Sequence[Tensor], dirs: Sequence[Optional[Tensor]]) -> Tensor:
         """D' `[T, *shape]`, the tangent of D along the leaves' directions (per task `[T, *shape]`, None: zero;
@@ -65,7 +68,8 @@ class Derived:
         def one(*args):
             return torch.func.jvp(self._call, args[:n], args[n:])[1]
 
-        return torch.func.vmap(one, in_dims=self._dims(leaves) + self._dims(dirs))(*leaves, *dirs)
+        with MODEL_CALL_LOCK:
+            return torch.func.vmap(one, in_dims=self._dims(leaves) + self._dims(dirs))(*leaves, *dirs)
 
     def pullback(self, leaves: Sequence[Tensor], g: Tensor) -> Tuple[Tensor, ...]:
         """Jᵀ ḡ per leaf `[T, *leaf shape]`, for ḡ `[T, *shape]`."""
@@ -74,7 +78,8 @@ class Derived:
             _, vjp = torch.func.vjp(self._call, *args[:-1])
             return vjp(args[-1])
 
-        return torch.func.vmap(one, in_dims=self._dims(leaves) + (0,))(*leaves, g)
+        with MODEL_CALL_LOCK:
+            return torch.func.vmap(one, in_dims=self._dims(leaves) + (0,))(*leaves, g)
 
     def pullback_tangent(
         self, leaves: Sequence[Tensor], dirs: Sequence[Optional[Tensor]], g: Tensor, gd: Tensor
@@ -93,4 +98,5 @@ class Derived:
             return grads[n:], grads[:n]
 
         dims = self._dims(leaves) + self._dims(dirs) + (0, 0)
-        return torch.func.vmap(one, in_dims=dims)(*leaves, *dirs, g, gd)
+        with MODEL_CALL_LOCK:
+            return torch.func.vmap(one, in_dims=dims)(*leaves, *dirs, g, gd)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 import torch.func
 
+from ..base import MODEL_CALL_LOCK
 from .base import Rule
 
 Tensor = torch.Tensor
@@ -49,7 +50,8 @@ class ExampleMapRule(Rule):
         args = p[0] if p else None
         batch = x.flatten(0, 1)
         if save:
-            y, vjp = torch.func.vjp(lambda b: self.fn(b, args), batch)
+            with MODEL_CALL_LOCK:  # torch.func's levels are per process
+                y, vjp = torch.func.vjp(lambda b: self.fn(b, args), batch)
         else:
             y, vjp = self.fn(batch, args), None
         return y.unflatten(0, x.shape[:2]), vjp
@@ -57,7 +59,8 @@ class ExampleMapRule(Rule):
     @staticmethod
     def _transpose(gy: Tensor, saved) -> Tensor:
         vjp, shape = saved
-        return vjp(gy.flatten(0, 1))[0].reshape(shape)
+        with MODEL_CALL_LOCK:
+            return vjp(gy.flatten(0, 1))[0].reshape(shape)
 
     def forward(self, ops, x, p, save):
         y, vjp = self._map(x, p, save)

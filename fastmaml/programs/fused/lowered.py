@@ -112,3 +112,21 @@ class Host:
 def has_host(v) -> bool:
     """Whether v (or a part of it) is a `Host`: a value the model computes from sizes as it runs."""
     return isinstance(v, Host) or (isinstance(v, (list, tuple)) and any(has_host(x) for x in v))
+
+
+class LayerOutput:
+    """What a recurrent layer without a rule returns, (output, h_n) or (output, (h_n, c_n)), before it is read:
+    indexing extends `path`; the parts read (`output`, `h_n[i]`, `c_n[i]`) become FunctionalRules
+    (functional.py) of `call(x, *weights)` picked along their path. `weights`: the layer's Refs."""
+
+    def __init__(self, call: Callable, weights: tuple, x: "Value", name: str, kind: str, path: tuple = ()):
+        self.call, self.weights, self.x, self.name, self.kind, self.path = call, weights, x, name, kind, path
+        self.value: Optional[Value] = None  # the rule's output, once read
+
+    def indexes_a_part(self) -> bool:
+        """Whether indexing picks a part (of the tuples, or a layer of h_n / c_n) rather than the output's own."""
+        lstm = self.kind.startswith("LSTM")
+        return self.path in ((), (1,)) or (lstm and self.path in ((1, 0), (1, 1)))
+
+    def index(self, k) -> "LayerOutput":
+        return LayerOutput(self.call, self.weights, self.x, self.name, self.kind, self.path + (k,))
