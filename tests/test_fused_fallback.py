@@ -14,7 +14,7 @@ from fastmaml.programs import TorchFuncProgram, select_program
 from fastmaml.programs.fused import FusedProgram
 
 from models import regression_tasks
-from oracle import assert_grads_close, autograd_meta_grad, check_meta_step
+from oracle import assert_grads_close, autograd_meta_grad, check_float32_error, check_meta_step
 
 
 class Sort(nn.Module):
@@ -156,17 +156,37 @@ class Recurrent(nn.Module):
         return self.head(torch.sort(out[:, -1] + h[0], -1)[0])  # a sort: the torch.func program
 
 
+def sequence_tasks(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, 6, 5, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    sx, qx = x
+    return sx, torch.arange(3).repeat(2, 2), qx, torch.arange(3).repeat(2, 2)
+
+
 @pytest.mark.parametrize("order", ["second", "checkpoint", "first"])
 def test_recurrent_layers_run_task_by_task_on_the_torch_func_program(order):
     """A model vmap cannot batch (here aten::lstm) runs task by task instead of raising (it did)."""
     torch.manual_seed(5)
     model = Recurrent().double()
     assert isinstance(program_of(model, "cross_entropy"), TorchFuncProgram)
-    g = torch.Generator().manual_seed(5)
-    tasks = (
-        torch.randn(2, 6, 5, 3, generator=g, dtype=torch.float64),
-        torch.arange(3).repeat(2, 2),
-        torch.randn(2, 6, 5, 3, generator=g, dtype=torch.float64),
-        torch.arange(3).repeat(2, 2),
+    check_meta_step(
+        model, sequence_tasks(), loss="cross_entropy", loss_fn=F.cross_entropy, inner_lr=0.3, steps=2, order=order
     )
-    check_meta_step(model, tasks, loss="cross_entropy", loss_fn=F.cross_entropy, inner_lr=0.3, steps=2, order=order)
+
+
+def test_recurrent_layers_in_float32_and_with_learned_rates():
+    """Float32 LSTM/GRU on the CPU run oneDNN's kernel, which has no forward-mode derivative (the HVP raised):
+    the program runs recurrent models with oneDNN off."""
+    torch.manual_seed(6)
+    model = Recurrent().double()
+    check_float32_error(model, sequence_tasks(6), inner_lr=0.3, steps=2, loss="cross_entropy", loss_fn=F.cross_entropy)
+    rates = {n: torch.full_like(p, 0.1).requires_grad_() for n, p in model.named_parameters()}
+    check_meta_step(
+        model,
+        sequence_tasks(7),
+        loss="cross_entropy",
+        loss_fn=F.cross_entropy,
+        inner_lr=rates,
+        steps=2,
+        lr_leaves=list(rates.values()),
+    )

@@ -16,8 +16,9 @@ Program (a Program is cached per model and shared by calls with different backen
 from __future__ import annotations
 
 import abc
+import contextlib
 import threading
-from typing import NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import torch.func
@@ -29,6 +30,22 @@ from ..losses import Loss
 # process while it traces) and the torch.func program (torch.func.jvp keeps its forward-AD levels per
 # process). Calls from several threads are serialized rather than failing.
 MODEL_CALL_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def without_onednn(off: bool = True) -> Iterator[None]:
+    """PyTorch's oneDNN kernels off (when `off`), process-wide, for the recurrent layers: oneDNN's
+    `mkldnn_rnn_layer` (float32 LSTM/GRU on CPU) has no forward-mode derivative, and its backward lost its
+    workspace when the meta-step ran under autograd for learned inner rates. Hold MODEL_CALL_LOCK."""
+    if not off:
+        yield
+        return
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 class LossGrad(NamedTuple):

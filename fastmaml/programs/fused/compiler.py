@@ -1286,7 +1286,7 @@ class _Lowering(AttentionLowering):
             return y
 
         ranks = [len(self.shape_of(r)) for r in out.weights]
-        rule = FunctionalRule(out.name, out.kind, part, ranks, without_onednn=True)
+        rule = FunctionalRule(out.name, out.kind, part, ranks, recurrent=True)
         out.value = self.emit(rule, [out.x], out.weights)
         return out.value
 

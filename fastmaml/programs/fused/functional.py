@@ -21,7 +21,7 @@ import torch
 import torch.func
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..base import MODEL_CALL_LOCK
+from ..base import MODEL_CALL_LOCK, without_onednn
 from .base import Rule
 
 Tensor = torch.Tensor
@@ -32,32 +32,24 @@ UNBATCHABLE = ("Batching rule not implemented", "data-dependent control flow")
 
 class FunctionalRule(Rule):
     """y = fn(x, *weights) per task (x `[N, ...]`, each weight `[*shape]`, y `[N, ...]`); p: the weights, each per
-    task `[T, *shape]` or common `[*shape]` (`weight_ranks`: the dims of one task's weight). `without_onednn`:
-    run with oneDNN off (the recurrent layers: oneDNN's LSTM left its backward without the workspace it needs
-    when the meta-step ran under autograd for learned inner rates)."""
+    task `[T, *shape]` or common `[*shape]` (`weight_ranks`: the dims of one task's weight). `recurrent`:
+    a recurrent layer, run with oneDNN off (`programs/base.without_onednn`)."""
 
     def __init__(
-        self, name: str, kind: str, fn: Callable[..., Tensor], weight_ranks: Sequence[int], without_onednn=False
+        self, name: str, kind: str, fn: Callable[..., Tensor], weight_ranks: Sequence[int], recurrent: bool = False
     ):
         super().__init__(name, kind)
         self.fn = fn
         self.weight_ranks = tuple(weight_ranks)
-        self.without_onednn = without_onednn
+        self.recurrent = recurrent
         self.per_task = False  # set once vmap refuses the layer
 
     # -------------------------------------------------------------- mapping over tasks
     def _map(self, g: Callable, *args: Tensor):
         """g over the task dim of every arg (all `[T, ...]`), results stacked; serialized across threads
         (torch.func.jvp keeps its forward-AD levels per process)."""
-        with MODEL_CALL_LOCK:
-            if not self.without_onednn:
-                return self._map_unlocked(g, *args)
-            enabled = torch.backends.mkldnn.enabled
-            torch.backends.mkldnn.enabled = False
-            try:
-                return self._map_unlocked(g, *args)
-            finally:
-                torch.backends.mkldnn.enabled = enabled
+        with MODEL_CALL_LOCK, without_onednn(self.recurrent):
+            return self._map_unlocked(g, *args)
 
     def _map_unlocked(self, g: Callable, *args: Tensor):
         if not self.per_task:
