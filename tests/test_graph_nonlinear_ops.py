@@ -6,11 +6,11 @@ decide the gradient."""
 import pytest
 import torch
 import torch.nn.functional as F
-from test_graph_models import ORDERS, check_ce, check_orders_steps, tasks_for
+from test_graph_models import ORDERS, check_ce, check_orders_steps, on_fused, tasks_for
 from torch import nn
 
 import fastmaml
-from fastmaml.programs.fused.pointwise import PReLURule
+from fastmaml.programs.fused.pointwise import ELURule, PReLURule
 from fastmaml.programs.fused.reduce import LogSumExpRule, NormRule, VarRule
 
 from oracle import assert_grads_close, autograd_meta_grad, check_float32_error
@@ -297,6 +297,43 @@ def test_logsumexp_rule_against_autograd(dims, keepdim):
     torch.manual_seed(5)
     rule = LogSumExpRule("l", "logsumexp", dims, keepdim)
     check_rule(rule, lambda x: torch.logsumexp(x, tuple(d + 1 if d > 0 else d for d in dims), keepdim=keepdim))
+
+
+@pytest.mark.parametrize(
+    "rule, f",
+    [
+        (ELURule("e", "elu", 0.7), lambda x: F.elu(x, 0.7)),
+        (ELURule("e", "selu", 1.6732632423543772848170429916717, 1.0507009873554804934193349852946), F.selu),
+        # PyTorch's CELU backward rounds α to float32 (derivatives.yaml: `1.0/alpha.toFloat()`), 1e-8 off its
+        # forward's derivative for α = 0.7: the reference is the same map through aten.elu, whose derivative is exact
+        (ELURule("e", "celu", 0.7, 1.0, 1 / 0.7), lambda x: torch.ops.aten.elu(x, 0.7, 1.0, 1 / 0.7)),
+    ],
+)
+def test_elu_family_rules_against_autograd(rule, f):
+    """ELU, SELU and CELU are one rule (scale, input scale): its passes against autograd."""
+    torch.manual_seed(8)
+    check_rule(rule, f)
+
+
+class SelfNormalizing(nn.Module):
+    """A SELU MLP (module and functional forms) with CELUs: the activations compile as rules (α exact in float32,
+    so that PyTorch's CELU backward, the oracle's, is exact too)."""
+
+    def __init__(self, ways=3):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, ways)
+        self.act, self.celu = nn.SELU(), nn.CELU(0.75)
+
+    def forward(self, x):
+        return self.head(self.celu(F.selu(self.b(self.act(self.a(x))))) + torch.celu(x[:, :1], 2.0))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_selu_and_celu_every_order(order):
+    torch.manual_seed(9)
+    model = SelfNormalizing().double()
+    assert [n.rule.kind for n in on_fused(model).nodes].count("SELU") == 1
+    check_orders_steps(model, tasks_for((4,), ways=3, shots=2), order)
 
 
 def check_rule(rule, f):

@@ -4,7 +4,7 @@ it off the fused engine.
 Layers with rules stay leaf modules: Linear, Conv1d and Conv2d (any groups, zero padding), ConvTranspose1d/2d/3d
 and Conv3d (conv_nd.py), BatchNorm1d/2d,
 LayerNorm, GroupNorm, InstanceNorm1d/2d (without running statistics), ReLU, LeakyReLU, Tanh, Sigmoid, ELU,
-GELU (exact), SiLU, Softplus, Mish, PReLU, Hardtanh, ReLU6, Hardswish, Hardsigmoid, MaxPool2d, AvgPool2d,
+SELU, CELU, GELU (exact), SiLU, Softplus, Mish, PReLU, Hardtanh, ReLU6, Hardswish, Hardsigmoid, MaxPool2d, AvgPool2d,
 AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropout in eval mode (or p=0),
 the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA), and the parameter-free layers that
 map each example linearly (Upsample, PixelShuffle, PixelUnshuffle, the padding layers, Unfold, Fold:
@@ -13,7 +13,7 @@ example_maps.py). MultiheadAttention and the Transformer encoder and decoder lay
 or randomness) runs its own forward per task through torch.func (functional.py): nn.LSTM/GRU/RNN with
 batch_first=True (their output and each layer's final state `h_n[i]`, `c_n[i]` read), nn.MaxPool1d, nn.SELU,
 nn.LocalResponseNorm, ... Everything else a model does is traced into nodes, which map to rules:
-- the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.gelu`, `F.silu`, `F.softplus`,
+- the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.selu`, `F.celu`, `F.gelu`, `F.silu`, `F.softplus`,
   `F.hardtanh`, `F.relu6`, `F.hardswish`, `F.hardsigmoid`, `torch.tanh`, `torch.sigmoid`, elementwise math
   (`exp`, `log`, `sqrt`, `rsqrt`, `reciprocal`, `abs`, `sin`, `cos`, `x ** c`, `torch.square`), `clamp` by
   numbers, `F.max_pool2d`, `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `F.adaptive_max_pool2d`, `F.dropout`
@@ -163,6 +163,7 @@ _DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d)
 _RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
+_SELU = (1.6732632423543772848170429916717, 1.0507009873554804934193349852946)  # SELU's fixed α and scale
 # layers that draw random numbers in training mode
 _RANDOM_LAYERS = tuple(
     getattr(nn, name)
@@ -342,6 +343,10 @@ _FUNC_NAMES = {
     F.leaky_relu_: "leaky_relu",
     F.elu: "elu",
     F.elu_: "elu",
+    F.selu: "selu",
+    torch.selu: "selu",
+    F.celu: "celu",
+    torch.celu: "celu",
     F.gelu: "gelu",
     F.silu: "silu",
     F.softplus: "softplus",
@@ -570,6 +575,8 @@ _SPECS = {
     "sigmoid": argument_spec("input"),
     "leaky_relu": argument_spec("input", ("negative_slope", 0.01), ("inplace", False)),
     "elu": argument_spec("input", ("alpha", 1.0), ("inplace", False)),
+    "selu": argument_spec("input", ("inplace", False)),
+    "celu": argument_spec("input", ("alpha", 1.0), ("inplace", False)),
     "gelu": argument_spec("input", ("approximate", "none")),
     "silu": argument_spec("input", ("inplace", False)),
     "softplus": argument_spec("input", ("beta", 1.0), ("threshold", 20.0)),
@@ -1180,6 +1187,10 @@ class _Lowering(AttentionLowering):
             return self.emit(LeakyReLURule(name, kind, m.negative_slope), [x], inplace=inplace)
         if cls is nn.ELU:
             return self.emit(ELURule(name, kind, m.alpha), [x], inplace=inplace)
+        if cls is nn.SELU:
+            return self.emit(ELURule(name, kind, *_SELU), [x], inplace=inplace)
+        if cls is nn.CELU:
+            return self.emit(ELURule(name, kind, m.alpha, 1.0, 1.0 / m.alpha), [x], inplace=inplace)
         if cls is nn.GELU:
             if m.approximate != "none":
                 self.fail(f"approximate={m.approximate!r}; the fused engine supports 'none'")
@@ -1516,6 +1527,14 @@ class _Lowering(AttentionLowering):
 
     def op_elu(self, a, inplace):
         return self.emit(ELURule(self.name(), "elu", float(a["alpha"])), [self.value(a["input"])], inplace=inplace)
+
+    def op_selu(self, a, inplace):
+        return self.emit(ELURule(self.name(), "selu", *_SELU), [self.value(a["input"])], inplace=inplace)
+
+    def op_celu(self, a, inplace):
+        alpha = float(a["alpha"])
+        rule = ELURule(self.name(), "celu", alpha, 1.0, 1.0 / alpha)
+        return self.emit(rule, [self.value(a["input"])], inplace=inplace)
 
     def op_gelu(self, a, inplace):
         if a["approximate"] != "none":

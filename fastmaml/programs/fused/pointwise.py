@@ -98,20 +98,23 @@ class SigmoidRule(PointwiseRule):
 
 
 class ELURule(PointwiseRule):
+    """f = s x for x > 0, s α (e^{i x} − 1) else (ELU: s = i = 1; SELU: its fixed α and s; CELU: i = 1/α):
+    f'' = i² (f + s α) for x ≤ 0 (= s α i² e^{i x}), 0 else."""
+
     saves_input = True
 
-    def __init__(self, name, kind, alpha: float):
+    def __init__(self, name, kind, alpha: float, scale: float = 1.0, input_scale: float = 1.0):
         super().__init__(name, kind)
-        self.alpha = alpha
+        self.alpha, self.scale, self.input_scale = float(alpha), float(scale), float(input_scale)
 
     def f(self, x):
-        return F.elu(x, self.alpha)
+        return aten.elu(x, self.alpha, self.scale, self.input_scale)
 
     def d1(self, g, x, y):
-        return aten.elu_backward(g, self.alpha, 1, 1, False, x)
+        return aten.elu_backward(g, self.alpha, self.scale, self.input_scale, False, x)
 
     def d2(self, x, y):
-        return torch.where(x > 0, 0.0, y + self.alpha)  # α eˣ for x ≤ 0
+        return torch.where(x > 0, 0.0, (y + self.scale * self.alpha) * self.input_scale**2)
 
 
 class GELURule(PointwiseRule):
