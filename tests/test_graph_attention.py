@@ -218,6 +218,33 @@ def test_the_torch_func_program_takes_the_second_order_of_attention(order):
     assert_grads_close({n: p.grad for n, p in model.named_parameters()}, ref, 1e-9)
 
 
+class Loops(nn.Module):
+    """A Python loop over a buffer's size and a check of a parameter's size: shapes of parameters and buffers
+    are numbers when traced (the cache keys on them)."""
+
+    def __init__(self, rows=3):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.register_buffer("proj", torch.randn(rows, 6))
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        out = 0
+        for k in range(self.proj.shape[0]):
+            out = out + h * self.proj[k]
+        assert self.fc.weight.size(0) == 6 and self.proj.dtype == self.fc.weight.dtype
+        return self.head(out / self.proj.size(0))
+
+
+def test_a_loop_over_a_buffers_size_traces_and_a_new_size_recompiles():
+    torch.manual_seed(8)
+    model = Loops().double()
+    tasks = tasks_for((4,), ways=3, shots=2)
+    check_ce(model, tasks, inner_lr=0.3, steps=2)
+    model.proj = torch.randn(2, 6, dtype=torch.float64)
+    check_ce(model, tasks, inner_lr=0.3, steps=2)
+
+
 def test_what_does_not_compile_says_why():
     class Dropout(CausalBlock):
         def forward(self, x):

@@ -248,10 +248,25 @@ def _user_frame(exc: BaseException) -> str:
     return frame
 
 
+# what a parameter's or buffer's shape, dtype and device alone decide (the program cache keys on them)
+_STATIC_TENSOR_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "size", "dim", "numel"})
+
+
 class _Proxy(fx.Proxy):
     """fx's Proxy with augmented assignment recorded as what it is on tensors, an in-place write: fx's own
     falls back to `h = h + y`, so a model that kept `h` under another name read it unchanged in the graph
-    (eager PyTorch reads the sum). The compiler then checks the write like any other (`_Lowering.finish`)."""
+    (eager PyTorch reads the sum). The compiler then checks the write like any other (`_Lowering.finish`).
+    A parameter's or buffer's shape, dtype and device are the real ones (`range(self.mask.shape[0])` traces,
+    as it did while fx read buffers as plain tensors)."""
+
+    def __getattr__(self, k):
+        if k in _STATIC_TENSOR_ATTRIBUTES and self.node.op == "get_attr":
+            path, _, name = self.node.target.rpartition(".")
+            module = self.tracer.root.get_submodule(path)  # its tensors from its dicts: fx patches getattr
+            held = module._buffers.get(name, module._parameters.get(name))
+            if isinstance(held, torch.Tensor):
+                return getattr(held, k)
+        return super().__getattr__(k)
 
     def __iadd__(self, other):
         return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {})
