@@ -11,7 +11,7 @@ map each example linearly (Upsample, PixelShuffle, PixelUnshuffle, the padding l
 example_maps.py). MultiheadAttention and the Transformer encoder and decoder layers and stacks
 (batch_first=True) are lowered to the rules of their definitions. Any other torch.nn layer (without buffers
 or randomness) runs its own forward per task through torch.func (functional.py): nn.LSTM/GRU/RNN with
-batch_first=True (their output and each layer's final state `h_n[i]`, `c_n[i]` read), nn.MaxPool1d, nn.SELU,
+batch_first=True (their output and each layer's final state `h_n[i]`, `c_n[i]` read), nn.MaxPool1d, nn.Softsign,
 nn.LocalResponseNorm, ... Everything else a model does is traced into nodes, which map to rules:
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.selu`, `F.celu`, `F.gelu`, `F.silu`, `F.softplus`,
   `F.hardtanh`, `F.relu6`, `F.hardswish`, `F.hardsigmoid`, `torch.tanh`, `torch.sigmoid`, elementwise math

@@ -1,4 +1,4 @@
-"""Layers without a rule of their own (nn.LSTM, nn.GRU, nn.RNN, nn.MaxPool1d, nn.SELU, nn.LocalResponseNorm,
+"""Layers without a rule of their own (nn.LSTM, nn.GRU, nn.RNN, nn.MaxPool1d, nn.Softsign, nn.LocalResponseNorm,
 ...): the layer's own forward per task through torch.func, inside the fused program, so that one such layer
 no longer sends the whole model to the torch.func program.
 
