@@ -51,6 +51,12 @@ def check_ce(model, tasks, **kwargs):
     return check_meta_step(model, tasks, loss="cross_entropy", loss_fn=F.cross_entropy, tol=TOL, **kwargs)
 
 
+def check_falls_back(model, reason, loss="cross_entropy"):
+    """`explain` says `model` takes the torch.func program, for a reason that contains `reason`."""
+    e = fastmaml.explain(model, loss)
+    assert e.program == "torch.func" and reason in e.reason, e
+
+
 def check_meta_sgd_rates(model, tasks, rate=0.1, steps=2):
     """`check_ce` with a learnable Meta-SGD rate per parameter entry."""
     rates = {n: torch.full_like(p, rate).requires_grad_() for n, p in model.named_parameters()}
