@@ -108,9 +108,10 @@ class AttentionLowering:
     def multihead_attention(
         self, m: nn.MultiheadAttention, path: str, query, key, value, kpm, mask
     ) -> Tuple[Value, Value]:
-        """nn.MultiheadAttention(batch_first=True) as its definition: the in-projections (slices of
-        in_proj_weight, or q/k/v_proj_weight), heads, scaled scores, `key_padding_mask` [N, S] and
-        `attn_mask` [L, S] (boolean: True leaves out; float: added), softmax, heads merged, out_proj.
+        """nn.MultiheadAttention(batch_first=True) as its definition: the in-projections (self-attention: one
+        by in_proj_weight, cut in three; else its slices, or q/k/v_proj_weight), heads, scaled scores,
+        `key_padding_mask` [N, S] and `attn_mask` [L, S] (boolean: True leaves out; float: added), softmax,
+        heads merged, out_proj.
         Returns the output `[N, L, E]` and the attention weights per head `[N, H, L, S]`."""
         kind = "MultiheadAttention"
         if not m.batch_first:
@@ -131,7 +132,10 @@ class AttentionLowering:
             return self.param(expr, "in_proj")
 
         b = self.module_params(m, ("in_proj_bias",), path)[0]
-        if m._qkv_same_embed_dim and all(isinstance(t, Value) and t.vid == query.vid for t in (key, value)):
+        self_attention = isinstance(query, Value) and all(
+            isinstance(t, Value) and t.vid == query.vid for t in (key, value)
+        )
+        if m._qkv_same_embed_dim and self_attention:
             # self-attention: one projection by the whole in_proj_weight, cut in three (as PyTorch does)
             w = self.module_params(m, ("in_proj_weight",), path)[0]
             qkv = self.emit(LinearRule(path, kind, E), [self.value(query)], (w, b))
