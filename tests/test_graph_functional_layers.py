@@ -66,6 +66,38 @@ def test_meta_sgd_rates_shared_recurrent_weights_float32_and_adapt():
     )
 
 
+class Cells(nn.Module):
+    """An LSTMCell (its h and c read) and a GRUCell on a value, without initial states."""
+
+    def __init__(self, ways=3):
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.lstm, self.gru = nn.LSTMCell(5, 4), nn.GRUCell(4, 4)
+        self.head = nn.Linear(8, ways)
+
+    def forward(self, x):
+        h, c = self.lstm(torch.tanh(self.inp(x)))
+        return self.head(torch.cat([self.gru(h), c], 1))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_recurrent_cells_every_order(order):
+    torch.manual_seed(2)
+    model = Cells().double()
+    kinds = [n.rule.kind for n in on_fused(model).nodes]
+    assert kinds.count("LSTMCell (torch.func)") == 2 and "GRUCell (torch.func)" in kinds
+    check_orders_steps(model, tasks_for((4,), ways=3, shots=2), order)
+    if order == "second":
+        check_float32_error(
+            model,
+            tasks_for((4,), ways=3, shots=2, seed=1),
+            inner_lr=0.3,
+            steps=2,
+            loss="cross_entropy",
+            loss_fn=F.cross_entropy,
+        )
+
+
 def test_what_does_not_compile_says_why():
     class States(nn.Module):
         def __init__(self):

@@ -108,7 +108,7 @@ class TorchFuncProgram(Program):
         self.module = stateless_copy(model)
         self.norms = [m for m in self.module.modules() if isinstance(m, BatchStatsNorm)]
         self.per_task = False  # set when the model's control flow depends on tensor values (no vmap)
-        self.recurrent = any(isinstance(m, nn.RNNBase) for m in model.modules())  # run without oneDNN
+        self.recurrent = any(isinstance(m, (nn.RNNBase, nn.RNNCellBase)) for m in model.modules())  # without oneDNN
         first = {}  # every name of a tied parameter -> its canonical (first) name
         self.aliases = {}
         for name, p in model.named_parameters(remove_duplicate=False):

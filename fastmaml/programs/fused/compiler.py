@@ -1275,7 +1275,7 @@ class _Lowering(AttentionLowering):
             )
         if isinstance(m, _RANDOM_LAYERS) and m.training:
             self.fail("a random layer in training mode; exact meta-gradients need it fixed (call .eval() on it)")
-        if isinstance(m, _RECURRENT) and not m.batch_first:
+        if isinstance(m, _RECURRENT) and not m.batch_first:  # (the cells take [N, H]: the examples first)
             self.fail(
                 "batch_first=False puts the examples second; the fused engine needs them first (batch_first=True)"
             )
@@ -1286,24 +1286,24 @@ class _Lowering(AttentionLowering):
             return torch.func.functional_call(layer, dict(zip(names, w)), (batch,))
 
         kind = f"{cls.__name__} (torch.func)"
-        if isinstance(m, _RECURRENT):
-            return LayerOutput(call, weights, x, self.name(), kind)
+        if isinstance(m, _RECURRENT) or cls is nn.LSTMCell:
+            return LayerOutput(call, weights, x, self.name(), kind, cls.__name__)
         ranks = [len(self.shape_of(r)) for r in weights]
-        return self.emit(FunctionalRule(self.name(), kind, call, ranks), [x], weights)
+        recurrent = isinstance(m, nn.RNNCellBase)
+        return self.emit(FunctionalRule(self.name(), kind, call, ranks, recurrent=recurrent), [x], weights)
 
     def layer_output(self, out: LayerOutput) -> Value:
-        """The part of a recurrent layer's output a node reads: `output` (path (0,)), or one layer's final
-        state `h_n[i]` / `c_n[i]` (paths (1, i) / (1, 0, i), (1, 1, i)), as a FunctionalRule."""
+        """The part of a recurrent layer's output a node reads (`LayerOutput.readable`) as a FunctionalRule."""
         if out.value is not None:
             return out.value
-        path, lstm = out.path, out.kind.startswith("LSTM")
-        ok = path == (0,) or (len(path) == (3 if lstm else 2) and path[0] == 1 and isinstance(path[-1], int))
-        if not ok or (lstm and path != (0,) and path[1] not in (0, 1)):
+        if not out.readable():
+            if out.layer == "LSTMCell":
+                self.fail(f"{out.kind} returns (h, c): read h or c")
             self.fail(
-                f"{out.kind} returns (output, {'(h_n, c_n)' if lstm else 'h_n'}): read output, or one layer's final "
-                "state h_n[i] (whose examples are second: the fused engine needs them first)"
+                f"{out.kind} returns (output, {'(h_n, c_n)' if out.layer == 'LSTM' else 'h_n'}): read output, or one "
+                "layer's final state h_n[i] (whose examples are second: the fused engine needs them first)"
             )
-        call = out.call
+        call, path = out.call, out.path
 
         def part(batch, *w):
             y = call(batch, *w)

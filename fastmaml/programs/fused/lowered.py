@@ -115,18 +115,31 @@ def has_host(v) -> bool:
 
 
 class LayerOutput:
-    """What a recurrent layer without a rule returns, (output, h_n) or (output, (h_n, c_n)), before it is read:
-    indexing extends `path`; the parts read (`output`, `h_n[i]`, `c_n[i]`) become FunctionalRules
-    (functional.py) of `call(x, *weights)` picked along their path. `weights`: the layer's Refs."""
+    """What a recurrent layer without a rule returns before it is read: (output, h_n) (RNN, GRU), (output,
+    (h_n, c_n)) (LSTM), or (h, c) (LSTMCell). Indexing extends `path`; the parts read (`output`, `h_n[i]`,
+    `c_n[i]`, `h`, `c`) become FunctionalRules (functional.py) of `call(x, *weights)` picked along their path.
+    `layer`: the layer's class name; `weights`: its Refs."""
 
-    def __init__(self, call: Callable, weights: tuple, x: "Value", name: str, kind: str, path: tuple = ()):
-        self.call, self.weights, self.x, self.name, self.kind, self.path = call, weights, x, name, kind, path
+    def __init__(self, call: Callable, weights: tuple, x: "Value", name: str, kind: str, layer: str, path: tuple = ()):
+        self.call, self.weights, self.x, self.name, self.kind = call, weights, x, name, kind
+        self.layer, self.path = layer, path
         self.value: Optional[Value] = None  # the rule's output, once read
 
     def indexes_a_part(self) -> bool:
         """Whether indexing picks a part (of the tuples, or a layer of h_n / c_n) rather than the output's own."""
-        lstm = self.kind.startswith("LSTM")
-        return self.path in ((), (1,)) or (lstm and self.path in ((1, 0), (1, 1)))
+        if self.layer == "LSTMCell":
+            return self.path == ()
+        return self.path in ((), (1,)) or (self.layer == "LSTM" and self.path in ((1, 0), (1, 1)))
+
+    def readable(self) -> bool:
+        """Whether `path` is a part with the examples first: output, one layer's h_n[i] / c_n[i], h or c."""
+        path = self.path
+        if self.layer == "LSTMCell":
+            return path in ((0,), (1,))
+        if path == (0,):
+            return True
+        depth = 3 if self.layer == "LSTM" else 2
+        return len(path) == depth and path[0] == 1 and isinstance(path[-1], int) and (depth == 2 or path[1] in (0, 1))
 
     def index(self, k) -> "LayerOutput":
-        return LayerOutput(self.call, self.weights, self.x, self.name, self.kind, self.path + (k,))
+        return LayerOutput(self.call, self.weights, self.x, self.name, self.kind, self.layer, self.path + (k,))
