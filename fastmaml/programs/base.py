@@ -33,19 +33,21 @@ MODEL_CALL_LOCK = threading.RLock()
 
 
 @contextlib.contextmanager
-def without_onednn(off: bool = True) -> Iterator[None]:
-    """PyTorch's oneDNN kernels off (when `off`), process-wide, for the recurrent layers: oneDNN's
-    `mkldnn_rnn_layer` (float32 LSTM/GRU on CPU) has no forward-mode derivative, and its backward lost its
-    workspace when the meta-step ran under autograd for learned inner rates. Hold MODEL_CALL_LOCK."""
+def without_fused_rnn_kernels(off: bool = True) -> Iterator[None]:
+    """PyTorch's oneDNN and cuDNN kernels off (when `off`), process-wide, for the recurrent layers, which then
+    run PyTorch's own cells: oneDNN's `mkldnn_rnn_layer` (float32 LSTM/GRU on CPU) has no forward-mode
+    derivative, and its backward lost its workspace when the meta-step ran under autograd for learned inner
+    rates; cuDNN's RNN has no forward-mode derivative and no double backward either (not run: no GPU in the
+    session that wrote this). Hold MODEL_CALL_LOCK."""
     if not off:
         yield
         return
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
+    onednn, cudnn = torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled
+    torch.backends.mkldnn.enabled = torch.backends.cudnn.enabled = False
     try:
         yield
     finally:
-        torch.backends.mkldnn.enabled = enabled
+        torch.backends.mkldnn.enabled, torch.backends.cudnn.enabled = onednn, cudnn
 
 
 class LossGrad(NamedTuple):

@@ -32,7 +32,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..layout import ParamLayout
 from ..losses import Loss
-from .base import HVP, MODEL_CALL_LOCK, LossGrad, Program, without_onednn
+from .base import HVP, MODEL_CALL_LOCK, LossGrad, Program, without_fused_rnn_kernels
 from .reparam import copyable, use_exact_weight_norm
 
 # what vmap says of a model it cannot batch (which then runs task by task)
@@ -108,7 +108,9 @@ class TorchFuncProgram(Program):
         self.module = stateless_copy(model)
         self.norms = [m for m in self.module.modules() if isinstance(m, BatchStatsNorm)]
         self.per_task = False  # set when the model's control flow depends on tensor values (no vmap)
-        self.recurrent = any(isinstance(m, (nn.RNNBase, nn.RNNCellBase)) for m in model.modules())  # without oneDNN
+        self.recurrent = any(
+            isinstance(m, (nn.RNNBase, nn.RNNCellBase)) for m in model.modules()
+        )  # without oneDNN, cuDNN
         first = {}  # every name of a tied parameter -> its canonical (first) name
         self.aliases = {}
         for name, p in model.named_parameters(remove_duplicate=False):
@@ -162,7 +164,7 @@ class TorchFuncProgram(Program):
         in_dims = (0 if phi.dim() == 2 else None, None) + (0,) * len(batched)
         mapped = vmap(fn, in_dims=in_dims, randomness="error")
         try:
-            with MODEL_CALL_LOCK, without_onednn(self.recurrent):
+            with MODEL_CALL_LOCK, without_fused_rnn_kernels(self.recurrent):
                 return mapped(phi, shared, *batched)
         except RuntimeError as e:
             if "randomness" in str(e):
@@ -178,7 +180,7 @@ class TorchFuncProgram(Program):
     def _loop(self, fn, phi, shared, *batched):
         """`fn` per task, results stacked (what vmap would return)."""
         outs = []
-        with MODEL_CALL_LOCK, without_onednn(self.recurrent):
+        with MODEL_CALL_LOCK, without_fused_rnn_kernels(self.recurrent):
             for t in range(batched[0].shape[0]):
                 outs.append(fn(phi[t] if phi.dim() == 2 else phi, shared, *(b[t] for b in batched)))
         flat = [tree_flatten(o) for o in outs]

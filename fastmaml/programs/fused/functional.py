@@ -21,7 +21,7 @@ import torch
 import torch.func
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..base import MODEL_CALL_LOCK, without_onednn
+from ..base import MODEL_CALL_LOCK, without_fused_rnn_kernels
 from .base import Rule
 
 Tensor = torch.Tensor
@@ -33,7 +33,7 @@ UNBATCHABLE = ("Batching rule not implemented", "data-dependent control flow")
 class FunctionalRule(Rule):
     """y = fn(x, *weights) per task (x `[N, ...]`, each weight `[*shape]`, y `[N, ...]`); p: the weights, each per
     task `[T, *shape]` or common `[*shape]` (`weight_ranks`: the dims of one task's weight). `recurrent`:
-    a recurrent layer, run with oneDNN off (`programs/base.without_onednn`)."""
+    a recurrent layer, run without oneDNN and cuDNN (`programs/base.without_fused_rnn_kernels`)."""
 
     def __init__(
         self, name: str, kind: str, fn: Callable[..., Tensor], weight_ranks: Sequence[int], recurrent: bool = False
@@ -48,7 +48,7 @@ class FunctionalRule(Rule):
     def _map(self, g: Callable, *args: Tensor):
         """g over the task dim of every arg (all `[T, ...]`), results stacked; serialized across threads
         (torch.func.jvp keeps its forward-AD levels per process)."""
-        with MODEL_CALL_LOCK, without_onednn(self.recurrent):
+        with MODEL_CALL_LOCK, without_fused_rnn_kernels(self.recurrent):
             return self._map_unlocked(g, *args)
 
     def _map_unlocked(self, g: Callable, *args: Tensor):
