@@ -5,21 +5,17 @@ keep the examples apart falls back, named."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from test_graph_models import (
     ORDERS,
-    check_ce,
     check_falls_back,
-    check_meta_sgd_rates,
     check_orders_steps,
+    check_variants,
     on_fused,
     tasks_for,
 )
 from torch import nn
 
 from fastmaml.programs.fused.einsum import EinsumParamRule, EinsumRule, EinsumSumRule, Equation
-
-from oracle import check_float32_error
 
 
 class EinsumAttention(nn.Module):
@@ -62,9 +58,7 @@ def test_every_order(order):
 def test_meta_sgd_rates_anil_and_float32():
     torch.manual_seed(1)
     model = EinsumAttention().double()
-    check_meta_sgd_rates(model, token_tasks(1))
-    check_ce(model, token_tasks(1), inner_lr=0.3, steps=2, inner_params=["proto", "mix"])
-    check_float32_error(model, token_tasks(2), inner_lr=0.3, steps=2, loss="cross_entropy", loss_fn=F.cross_entropy)
+    check_variants(model, token_tasks(1), token_tasks(2), inner_params=["proto", "mix"])
 
 
 def test_equation_parsing():

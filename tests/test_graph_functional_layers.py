@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from test_graph_models import (
     ORDERS,
-    check_ce,
     check_falls_back,
-    check_meta_sgd_rates,
     check_orders_steps,
+    check_variants,
     on_fused,
     tasks_for,
 )
@@ -58,9 +57,7 @@ def test_every_order(order):
 def test_meta_sgd_rates_shared_recurrent_weights_float32_and_adapt():
     torch.manual_seed(1)
     model = Recurrent().double()
-    check_meta_sgd_rates(model, token_tasks(1))
-    check_ce(model, token_tasks(1), inner_lr=0.3, steps=2, inner_params=["head", "gru"])
-    check_float32_error(model, token_tasks(2), inner_lr=0.3, steps=2, loss="cross_entropy", loss_fn=F.cross_entropy)
+    check_variants(model, token_tasks(1), token_tasks(2), inner_params=["head", "gru"])
     check_adapt_matches_meta_step(
         model, token_tasks(3), loss_fn=F.cross_entropy, loss="cross_entropy", inner_lr=0.3, steps=2
     )

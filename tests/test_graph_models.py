@@ -24,7 +24,7 @@ from class_models import (
     WideResNet,
 )
 from models import regression_tasks
-from oracle import assert_grads_close, autograd_meta_grad, check_meta_step
+from oracle import assert_grads_close, autograd_meta_grad, check_float32_error, check_meta_step
 
 TOL = 1e-9
 ORDERS = ["second", "checkpoint", "first"]
@@ -61,6 +61,15 @@ def check_meta_sgd_rates(model, tasks, rate=0.1, steps=2):
     """`check_ce` with a learnable Meta-SGD rate per parameter entry."""
     rates = {n: torch.full_like(p, rate).requires_grad_() for n, p in model.named_parameters()}
     check_ce(model, tasks, inner_lr=rates, steps=steps, lr_leaves=list(rates.values()))
+
+
+def check_variants(model, tasks, tasks32, inner_params=None, anil_tasks=None):
+    """Meta-SGD rates on `tasks`, adaptation of `inner_params` only (ANIL: the rest shared) on `anil_tasks`
+    (default `tasks`), and the float32 error on `tasks32` within twice the autograd loop's."""
+    check_meta_sgd_rates(model, tasks)
+    if inner_params is not None:
+        check_ce(model, tasks if anil_tasks is None else anil_tasks, inner_lr=0.3, steps=2, inner_params=inner_params)
+    check_float32_error(model, tasks32, inner_lr=0.3, steps=2, loss="cross_entropy", loss_fn=F.cross_entropy)
 
 
 def check_orders_steps(model, tasks, order, inner_lr=0.3):

@@ -179,6 +179,9 @@ _RANDOM_LAYERS = tuple(
 )
 # convolutions computed task by task by aten.convolution (conv_nd.py)
 _CONV_ND_LAYERS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Conv3d)
+_CONSTANT_PADS = tuple(
+    getattr(nn, name) for name in ("ConstantPad1d", "ConstantPad2d", "ConstantPad3d") if hasattr(nn, name)
+)
 # parameter-free layers that map each example linearly (example_maps.py; some are newer than torch 2.4)
 _EXAMPLE_MAP_LAYERS = tuple(
     getattr(nn, name)
@@ -194,11 +197,6 @@ _EXAMPLE_MAP_LAYERS = tuple(
         "ReplicationPad1d",
         "ReplicationPad2d",
         "ReplicationPad3d",
-        "ZeroPad1d",
-        "ZeroPad2d",
-        "ConstantPad1d",
-        "ConstantPad2d",
-        "ConstantPad3d",
         "CircularPad1d",
         "CircularPad2d",
         "CircularPad3d",
@@ -740,18 +738,12 @@ _SPECS = {
         ("enable_gqa", False),
     ),
 }
-_HOST_BINOPS = {
-    operator.add: operator.add,
-    operator.sub: operator.sub,
-    operator.mul: operator.mul,
-    operator.floordiv: operator.floordiv,
-    operator.truediv: operator.truediv,
-    operator.mod: operator.mod,
-    operator.iadd: operator.add,  # `n += 1` on a size: numbers are not written in place
+# augmented assignment on a number made from sizes (`n -= 1`): numbers are not written in place
+_OUT_OF_PLACE = {
+    operator.iadd: operator.add,
     operator.isub: operator.sub,
     operator.imul: operator.mul,
     operator.itruediv: operator.truediv,
-    operator.pow: operator.pow,
 }
 
 
@@ -920,7 +912,7 @@ class _Lowering(AttentionLowering):
 
     def host_expr(self, n: fx.Node) -> Host:
         """Node n (see `host_only`) as a `Host` running the model's own call per call."""
-        target = _HOST_BINOPS.get(n.target, n.target)  # `n -= 1` on a number is `n - 1`
+        target = _OUT_OF_PLACE.get(n.target, n.target)
         name = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
         if name in _RANDOM:
             self.fail("a random tensor (exact meta-gradients need the model's computation fixed)")
@@ -1258,6 +1250,8 @@ class _Lowering(AttentionLowering):
             if m.start_dim == 0:
                 self.fail("start_dim=0 would merge the examples of a task")
             return self.emit(FlattenRule(name, kind, m.start_dim, m.end_dim), [x])
+        if isinstance(m, _CONSTANT_PADS):  # as F.pad(x, pad, value=v): the constant padding's own rule
+            return self.emit(PadRule(name, kind, tuple(m.padding), float(m.value)), [x])
         if cls in _EXAMPLE_MAP_LAYERS:  # parameter-free: the rule runs its own copy
             layer = copy.deepcopy(m)
             return self.emit(ExampleMapRule(name, kind, lambda batch, _: layer(batch)), [x])
@@ -1429,12 +1423,7 @@ class _Lowering(AttentionLowering):
             ):
                 m = self.arg(n.args[0])
                 return self.emit(MaxOverDimRule(self.name(), "max", m.dim, m.keepdim), [m.value])
-            if (
-                target is getattr
-                or target is operator.getitem
-                or target in _HOST_BINOPS
-                and not any(isinstance(self.arg(a), Value) for a in n.args)
-            ):
+            if target is getattr:  # of a value (of sizes, buffers and parameters: host_only, pure above)
                 return self.host_call(n)
             op = _FUNC_NAMES.get(target)
             inplace = target in _INPLACE_FUNCS
@@ -1483,6 +1472,7 @@ class _Lowering(AttentionLowering):
         return getattr(self, f"op_{op}")(a, inplace)
 
     def host_call(self, n: fx.Node) -> Host:
+        """`x.size()`, `x.size(d)`, `x.dim()`, `x.shape`, `x.dtype`, `x.device` of a value."""
         args = [self.arg(a) for a in n.args]
         target = n.target
         if n.op == "call_method" and target in ("size", "dim"):
@@ -1504,13 +1494,6 @@ class _Lowering(AttentionLowering):
             if isinstance(obj, Value) and attr == "device":  # every value is on the parameters' device
                 return self.layout_dtype_device()[1]
             self.fail(f"attribute {attr!r} of a traced value")
-        if target is operator.getitem:
-            obj, idx = self.host_value(args[0]), self.host_value(args[1])
-            return Host(lambda env: obj.fn(env)[idx.fn(env)], obj.reads + idx.reads)
-        if target in _HOST_BINOPS:
-            a, b = self.host_value(args[0]), self.host_value(args[1])
-            f = _HOST_BINOPS[target]
-            return Host(lambda env: f(a.fn(env), b.fn(env)), a.reads + b.reads)
         self.fail("no rule for this operation in the fused engine")
 
     def reshape(self, x: Value, shape) -> Value:
