@@ -44,6 +44,7 @@ CASES = [
     ("layer", (5, 7), 1, 1),  # [N, D]: a head's features
     ("layer", (3, 4, 6), 1, 1),  # [N, L, D]: tokens, rows N·L
     ("layer", (2, 3, 5, 5), 3, 3),  # over [C, H, W]
+    ("layer", (75, 49, 64), 1, 1),  # real sizes: 75 query sequences of 49 tokens (PyTorch's layer-norm kernels)
     ("group", (4, 6, 5, 3), 3, None),  # odd maps
     ("group", (3, 4, 7, 7), 1, None),  # one group (LayerNorm over [C, H, W] with per-channel weights)
     ("group", (5, 6), 2, None),  # [N, C]: no positions
