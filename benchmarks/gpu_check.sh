@@ -10,7 +10,8 @@
 #   tests      the kernel tests on CUDA (every backend against the reference: fp32, fp64, bf16 with
 #              fp32 accumulation; the MLP op, kernel and reference, against the autograd oracle; Triton
 #              layer kernels; MetaStep's CUDA-graph capture and replay, and cuda_graph="auto", against the
-#              uncaptured step)
+#              uncaptured step); class-written models of the newer rules (attention, Transformer layers
+#              with dropout, ViT, transposed convolutions, recurrent layers, ResNet-12) against the oracle
 #   suite      fastmaml bench on CUDA, the rows the open issues measure (fastmaml auto, its plan, its step
 #              captured in a CUDA graph, the triton backend, first order, torch.func-vmap, the loops) on the
 #              28×28 conv4 (K=1, K=5), ResNet-12 64-640 84×84, the sinusoid (K=5, K=1) and the class-written
@@ -88,6 +89,7 @@ step tests 170 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider --junitxml="
   tests/test_kernels_linear.py tests/test_kernels_batchnorm.py tests/test_kernels_batchnorm_relu.py \
   tests/test_kernels_bn_relu_maxpool_triton.py tests/test_kernels_bn_relu_maxpool.py tests/test_kernels_build.py \
   tests/test_kernels_conv_triton.py tests/test_meta_step_graphs.py tests/test_precision.py::test_policies_on_cuda \
+  tests/test_graph_models_cuda.py \
   --deselect tests/test_kernels_step.py::test_bad_inputs_name_the_argument \
   --deselect tests/test_kernels_mlp.py::test_bad_arguments_name_the_argument \
   --deselect tests/test_kernels_bn_relu_maxpool.py::test_bad_arguments_name_the_argument

@@ -35,6 +35,7 @@ from .losses import LossLike
 from .ops import OpTable
 from .plan import planned_meta_step
 from .programs import Program
+from .programs.draws import Draws
 from .result import MetaResult
 from .tasks import TaskBatch, TasksLike, validate
 
@@ -321,7 +322,15 @@ def run_adapt(
     implicit = _implicit(order, implicit_lambda, cg_steps, inner_lr, inner_solver)
     recorded = [] if norm.record and not bound else None
     spec = InnerLoopSpec(
-        program, ops, order, check_finite, norm, recorded, implicit, keep_grads=any(a.requires_grad for a in alphas)
+        program,
+        ops,
+        order,
+        check_finite,
+        norm,
+        recorded,
+        implicit,
+        keep_grads=any(a.requires_grad for a in alphas),
+        draws=Draws.fresh() if program.draws_masks else None,
     )
     phi, support_before, *_ = InnerLoop.apply(spec, theta_a, theta_s, support_x, support_y, *alphas)
     for j, stats in enumerate(recorded or []):

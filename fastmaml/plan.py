@@ -180,6 +180,21 @@ class MetaStep:
             self.graph_choice = GraphChoice.decided("uncaptured", why) if why else _measuring(device)
         if cuda_graph is True or (self.graph_choice is not None and self.graph_choice.decision is None):
             self._graph = CapturedStep(device)
+        self._refuse_capturing_masks()
+
+    def _refuse_capturing_masks(self) -> None:
+        """A program with dropout in training mode is not captured: a graph would replay one call's masks at
+        every call (cuda_graph=True raises; "auto" decides "uncaptured")."""
+        if self._graph is None or not self._plan.setup.program.draws_masks:
+            return
+        why = (
+            "the model has dropout in training mode, whose masks a CUDA graph would replay unchanged at every "
+            "call; use cuda_graph=False, or call .eval() on the dropout layers"
+        )
+        if self.graph_choice is None:
+            raise ValueError(f"{self._what}: cuda_graph=True: {why}")
+        self.graph_choice = GraphChoice.decided("uncaptured", why)
+        self._graph = None
 
     def _init(self, model: nn.Module, batch: TaskBatch, inner_lr, inner_params, options: dict, what="MetaStep"):
         self._what = what
@@ -296,6 +311,7 @@ class MetaStep:
             self._graph.reset()
             if self.graph_choice is not None and self.graph_choice.decision is None:
                 self.graph_choice = _measuring(self._signature[0][2])  # what was timed ran another plan
+        self._refuse_capturing_masks()
         return plan
 
     def __repr__(self) -> str:

@@ -113,10 +113,12 @@ def check_meta_step(
     inner_params=None,
     lr_leaves=(),
     tol=1e-9,
+    before_forward=None,
     **step_kwargs,
 ):
     """Runs `fastmaml.meta_step` (with `step_kwargs` besides the arguments named here) and asserts its
-    meta-loss, `.grad` of every parameter and of `lr_leaves` match `autograd_meta_grad` within `tol`.
+    meta-loss, `.grad` of every parameter and of `lr_leaves` match `autograd_meta_grad` (with
+    `before_forward`) within `tol`.
     Returns the MetaResult."""
     import fastmaml
 
@@ -141,6 +143,7 @@ def check_meta_step(
         inner_params=adapted,
         extra=lr_leaves,
         step_weights=step_kwargs.get("step_weights"),
+        before_forward=before_forward,
     )
     assert rel_err(res.meta_loss, ref_loss) < tol
     assert_grads_close({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, ref_grads, tol)

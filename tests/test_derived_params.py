@@ -321,13 +321,12 @@ class ContextOverTokens(nn.Module):
         return self.fc(torch.cat([x, self.context.expand(x.size(0), x.size(1), -1)], -1)).mean(1)
 
 
-@pytest.mark.parametrize(
-    "cls, reason",
-    [(ContextFirst, "torch.cat([x, p], dim=-1)"), (ContextOverTokens, "1-D one over the examples")],
-)
-def test_expanded_parameters_that_do_not_compile_fall_back_and_say_why(cls, reason):
-    explanation = fastmaml.explain(cls(), "cross_entropy")
-    assert explanation.program == "torch.func" and reason in explanation.reason, explanation
+@pytest.mark.parametrize("order", ORDERS)
+def test_context_expanded_first_or_over_tokens(order):
+    """The context concatenated in front, and expanded over the examples and tokens (`expand(N, L, -1)`)."""
+    torch.manual_seed(11)
+    check_ce(ContextFirst().double(), tasks_for((4,), ways=3, shots=2), inner_lr=0.5, steps=2, order=order)
+    check_ce(ContextOverTokens().double(), tasks_for((3, 4), ways=3, shots=2), inner_lr=0.5, steps=2, order=order)
 
 
 class NormalizedScale(nn.Module):

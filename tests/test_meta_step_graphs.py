@@ -164,3 +164,15 @@ def test_auto_matches_the_uncaptured_step_while_measuring_and_after(name, make, 
     choice = plan.graph_choice
     assert choice.decision in ("captured", "uncaptured") and "ms" in choice.reason
     assert (plan._graph is None) == (choice.decision == "uncaptured")
+
+
+def test_dropout_in_training_mode_is_not_captured():
+    """A graph would replay one call's masks at every call: cuda_graph=True raises, "auto" runs uncaptured."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Dropout(0.2), nn.Linear(40, 1)).to(DEVICE)
+    with pytest.raises(ValueError, match="dropout in training mode"):
+        fastmaml.MetaStep(model, sinusoid_tasks(0), inner_lr=0.05, cuda_graph=True)
+    plan = fastmaml.MetaStep(model, sinusoid_tasks(0), inner_lr=0.05, cuda_graph="auto")
+    assert plan.graph_choice.decision == "uncaptured" and "dropout" in plan.graph_choice.reason
+    plan(sinusoid_tasks(1))
+    assert plan._graph is None

@@ -18,6 +18,7 @@ import torch
 from ..errors import NonFiniteError
 from ..losses import accuracy
 from ..programs import Program
+from ..programs.draws import Draws, at
 from ..schedule import activation_tape_budget, check_memory, state_buffers, tape_memory_cap, task_budget_chunks
 from .request import MetaGrad, MetaStepRequest
 from .sweeps import forward_sweep, reverse_sweep
@@ -78,7 +79,7 @@ def check_labels(program: Program, ops, theta_a, theta_s, x, fields) -> None:
     key = (tuple(x.shape[2:]), x.dtype, x.device)
     classes = program.output_sizes.get(key)
     if classes is None:
-        with torch.no_grad():
+        with torch.no_grad(), Draws(0).at(0):  # (any masks: not PyTorch's generator's numbers)
             classes = program.output_sizes[key] = program.forward(ops, theta_a, theta_s, x[:1]).shape[-1]
     for field, y in fields:
         top = int(y.max())
@@ -131,8 +132,9 @@ class SweepEngine:
             chunk_given=req.task_chunk is not None,
         )
         parts, d_a, d_s, d_alphas = [], None, None, [None] * K
+        draws = Draws.fresh() if program.draws_masks else None
         for sl in chunks:  # the meta-gradients are summed as the chunks go: one chunk's state alive at a time
-            part = self._chunk(req, sl, T, tape_budget)
+            part = self._chunk(req, sl, T, tape_budget, None if draws is None else draws.chunk(sl.start))
             d_a, d_s = _add(d_a, part.d_a), _add(d_s, part.d_s)
             d_alphas = [_add(total, d) for total, d in zip(d_alphas, part.d_alphas)]
             parts.append(part._replace(d_a=None, d_s=None, d_alphas=None))
@@ -152,7 +154,8 @@ class SweepEngine:
                 before_loss, before_acc = query_after, acc_after
             else:
                 qx, qy = req.batch.query_x, req.batch.query_y
-                loss, out = program.evaluate(req.ops, theta_a, req.theta_s, qx, qy, bn_stats=req.norm.stats(0))
+                with at(draws, 0, query=True):
+                    loss, out = program.evaluate(req.ops, theta_a, req.theta_s, qx, qy, bn_stats=req.norm.stats(0))
                 before_loss = loss.detach()
                 before_acc = accuracy(out.detach(), qy) if req.loss.classification else None
         support_before = torch.cat([p.support_before for p in parts]) if K else None
@@ -160,10 +163,10 @@ class SweepEngine:
             d_a, d_s, d_alphas, meta_loss, query_after, support_before, before_loss, acc_after, before_acc, recorded
         )
 
-    def _chunk(self, req: MetaStepRequest, sl: slice, T: int, tape_budget: int) -> _ChunkGrad:
+    def _chunk(self, req: MetaStepRequest, sl: slice, T: int, tape_budget: int, draws: Optional[Draws]) -> _ChunkGrad:
         """Forward sweep, query loss and gradient, reverse sweep for the tasks `sl` of the batch; with step
         weights w_1..w_K, the query loss after every step j with w_j > 0 (the multi-step loss); tape_budget:
-        bytes of activations the sweeps may keep."""
+        bytes of activations the sweeps may keep; draws: the chunk's dropout masks (None: none)."""
         program, ops, norm, weights = self.program, req.ops, req.norm, req.weights
         sx, sy, qx, qy = (t[sl] for t in req.batch)
         theta_s, alphas, K = req.theta_s, req.alphas, req.steps
@@ -187,10 +190,14 @@ class SweepEngine:
             implicit=req.implicit,
             keep_phis=weights is not None,
             activation_budget=tape_budget,
+            draws=draws,
         )
-        q = program.loss_grad(
-            ops, phi, theta_s, qx, qy, shared_grad=shared_grad, bn_stats=norm.stats(K), record_stats=norm.record
-        )
+        with at(draws, K, query=True):
+            q = program.loss_grad(
+                ops, phi, theta_s, qx, qy, shared_grad=shared_grad, bn_stats=norm.stats(K), record_stats=norm.record
+            )
+            if norm.record:
+                query_stats = program.record_stats_of(q, ops, phi, theta_s, qx)
         check_query_loss(q.loss, K, check_finite)
         last = 1.0 if weights is None else weights[-1]
         weighted = None if weights is None else q.loss.detach() * last
@@ -205,7 +212,8 @@ class SweepEngine:
             w = weights[j - 1]
             if w == 0:
                 return None
-            qj = program.loss_grad(ops, phi_j, theta_s, qx, qy, shared_grad=shared_grad, bn_stats=norm.stats(j))
+            with at(draws, j, query=True):
+                qj = program.loss_grad(ops, phi_j, theta_s, qx, qy, shared_grad=shared_grad, bn_stats=norm.stats(j))
             check_query_loss(qj.loss, j, check_finite)
             weighted = weighted + qj.loss.detach() * w
             if shared_grad:
@@ -226,11 +234,12 @@ class SweepEngine:
             check_finite=check_finite,
             norm=norm,
             step_loss_grad=step_loss_grad if weights is not None else None,
+            draws=draws,
         )
         if shared_grad:
             d_s = d_s + sum(shared_terms)
         if norm.record:
-            recorded.append(program.record_stats_of(q, ops, phi, theta_s, qx))
+            recorded.append(query_stats)
         return _ChunkGrad(
             d_a,
             d_s,

@@ -34,6 +34,7 @@ from ..batchnorm import NormPlan
 from ..errors import NonFiniteError
 from ..ops import OpTable
 from ..programs import Program
+from ..programs.draws import Draws, at
 from ..schedule import checkpoint_steps, replay_phis
 
 ORDERS = ("second", "checkpoint", "first", "implicit")
@@ -103,6 +104,7 @@ def forward_sweep(
     implicit: Optional[Implicit] = None,
     keep_phis: bool = False,
     activation_budget: int = 0,
+    draws: Optional[Draws] = None,
 ):
     """Runs the K inner steps. Returns (φ_K `[T, Pa]`, tape, support loss at θ `[T]` or None).
 
@@ -115,7 +117,8 @@ def forward_sweep(
     "implicit" order (its step gradient is g_j + λ (φ_j − θ)). activation_budget: bytes of activations
     the "second" order may keep for the reverse sweep; the steps from the first one that would exceed
     it keep none (their HVPs recompute); the "implicit" order's HVPs at φ_K (the conjugate-gradient
-    iterations) may keep as much for one another.
+    iterations) may keep as much for one another. draws: the dropout masks (`programs/draws.py`; None: the
+    program draws none), step j's wherever step j is computed.
     """
     T = sx.shape[0]
     if order == "implicit" and implicit is None:
@@ -141,6 +144,7 @@ def forward_sweep(
             recorded=recorded,
             record_first_only=record_first_only,
             check_finite=check_finite,
+            draws=draws,
         )
         tape.phis.append(phi)
         return phi, tape, loss0
@@ -148,23 +152,24 @@ def forward_sweep(
         bn_stats = norm.stats(j) if norm is not None else None
         kept_acts = {} if budget > 0 else None
         record = recorded is not None and (j == 0 or not record_first_only)
-        lg = program.loss_grad(
-            ops,
-            phi,
-            theta_s,
-            sx,
-            sy,
-            bn_stats=bn_stats,
-            activations=kept_acts,
-            record_stats=record and bn_stats is None,
-        )
+        with at(draws, j):
+            lg = program.loss_grad(
+                ops,
+                phi,
+                theta_s,
+                sx,
+                sy,
+                bn_stats=bn_stats,
+                activations=kept_acts,
+                record_stats=record and bn_stats is None,
+            )
+            if record:
+                recorded.append(program.record_stats_of(lg, ops, phi, theta_s, sx))
         if kept_acts is not None:
             size = sum(t.numel() * t.element_size() for t in kept_acts.values())
             fits = size <= budget
             budget = budget - size if fits else 0
             tape.activations.append(kept_acts if fits else None)
-        if record:
-            recorded.append(program.record_stats_of(lg, ops, phi, theta_s, sx))
         if j == 0:
             loss0 = lg.loss
         if order == "second" or (order == "first" and keep_phis):
@@ -206,6 +211,7 @@ def backtracking_steps(
     recorded: Optional[list] = None,
     record_first_only: bool = False,
     check_finite: bool = True,
+    draws: Optional[Draws] = None,
 ):
     """The implicit order's K steps with a per-task safeguard: gradient descent on every task's proximal
     objective F_t(φ) = L_s,t(φ) + λ/2 ‖φ − θ‖² at rates s_t α_j, where the factor s_t `[T]` starts at 1 and
@@ -222,9 +228,10 @@ def backtracking_steps(
     def stats(j):
         return norm.stats(j) if norm is not None else None
 
-    first = program.loss_grad(
-        ops, theta_a, theta_s, sx, sy, bn_stats=stats(0), record_stats=recorded is not None and stats(0) is None
-    )
+    with at(draws, 0):
+        first = program.loss_grad(
+            ops, theta_a, theta_s, sx, sy, bn_stats=stats(0), record_stats=recorded is not None and stats(0) is None
+        )
     if check_finite and not bool(torch.isfinite(first.loss).all() & torch.isfinite(first.grad).all()):
         raise NonFiniteError(
             f"non-finite support loss or gradient at inner step 0 (of {len(alphas)}), at θ; check the inputs",
@@ -236,12 +243,14 @@ def backtracking_steps(
     scale = theta_a.new_ones(T)
     rounding = ROUNDING * torch.finfo(theta_a.dtype).eps
     for j, alpha in enumerate(alphas):
-        if recorded is not None and j == 0:
-            recorded.append(program.record_stats_of(first, ops, theta_a, theta_s, sx))
-        elif recorded is not None and not record_first_only:
-            recorded.append(program.batch_stats(ops, phi, theta_s, sx))
-        if per_step_stats and j > 0:  # step j's objective normalizes with step j's statistics
-            again = program.loss_grad(ops, phi, theta_s, sx, sy, bn_stats=stats(j))
+        with at(draws, j):
+            if recorded is not None and j == 0:
+                recorded.append(program.record_stats_of(first, ops, theta_a, theta_s, sx))
+            elif recorded is not None and not record_first_only:
+                recorded.append(program.batch_stats(ops, phi, theta_s, sx))
+        if (per_step_stats or draws is not None) and j > 0:  # step j's objective: its statistics, its masks
+            with at(draws, j):
+                again = program.loss_grad(ops, phi, theta_s, sx, sy, bn_stats=stats(j))
             loss, grad = again.loss, again.grad
         delta = phi - theta_a
         value = loss + 0.5 * lam * (delta * delta).sum(1)
@@ -253,7 +262,8 @@ def backtracking_steps(
         while todo.numel():
             s = scale[todo]
             candidate = phi[todo] - s[:, None] * step[todo]
-            out = program.loss_grad(ops, candidate, theta_s, sx[todo], sy[todo], bn_stats=stats(j))
+            with at(draws, j, todo):
+                out = program.loss_grad(ops, candidate, theta_s, sx[todo], sy[todo], bn_stats=stats(j))
             moved = candidate - theta_a
             cand_value = out.loss + 0.5 * lam * (moved * moved).sum(1)
             bound = value[todo] - ARMIJO * s * predicted[todo] + rounding * value[todo].abs()
@@ -358,26 +368,29 @@ def reverse_sweep(
     check_finite: bool,
     norm: Optional[NormPlan] = None,
     step_loss_grad=None,
+    draws: Optional[Draws] = None,
 ):
     """v `[T, Pa]` = ∂L/∂φ_K. Returns (∂L/∂θ `[Pa]`, ∂L/∂ψ `[Ps]` or None, [∂L/∂α_j or None]).
 
     step_loss_grad(j, φ_j) -> `[T, Pa]` or None: ∂L/∂φ_j of a loss term on φ_j itself, 0 < j < K (the
     multi-step loss: the weighted query loss after step j); added to v once step j's update is undone.
-    In "first" order it needs the tape's φ_j (`forward_sweep(keep_phis=True)`)."""
+    In "first" order it needs the tape's φ_j (`forward_sweep(keep_phis=True)`). draws: the forward sweep's
+    dropout masks (step j's HVP and replays draw step j's; the implicit order's HVPs at φ_K draw step K's)."""
     K = len(alphas)
     if tape.order == "implicit":
-        d_a, d_s = implicit_solve(
-            program,
-            ops,
-            tape,
-            v,
-            theta_s,
-            sx,
-            sy,
-            shared_grad=shared_grad,
-            check_finite=check_finite,
-            bn_stats=norm.stats(K) if norm is not None else None,
-        )
+        with at(draws, K):
+            d_a, d_s = implicit_solve(
+                program,
+                ops,
+                tape,
+                v,
+                theta_s,
+                sx,
+                sy,
+                shared_grad=shared_grad,
+                check_finite=check_finite,
+                bn_stats=norm.stats(K) if norm is not None else None,
+            )
         return d_a, d_s, [None] * K
     d_shared = theta_s.new_zeros(theta_s.shape) if shared_grad else None
     d_alphas: List[Optional[torch.Tensor]] = [None] * K
@@ -388,11 +401,9 @@ def reverse_sweep(
 
     def advance(phi, a, b):
         for j in range(a, b):
-            phi = ops.inner_update(
-                phi.expand(sx.shape[0], -1),
-                program.loss_grad(ops, phi, theta_s, sx, sy, bn_stats=stats(j)).grad,
-                alphas[j],
-            )
+            with at(draws, j):
+                g = program.loss_grad(ops, phi, theta_s, sx, sy, bn_stats=stats(j)).grad
+            phi = ops.inner_update(phi.expand(sx.shape[0], -1), g, alphas[j])
         return phi
 
     if tape.order == "first":
@@ -406,18 +417,19 @@ def reverse_sweep(
         if tape.order == "first":
             v, d_alphas[j] = ops.adjoint_update(v, None, tape.grads[j], alpha, lr_grad[j])
         else:
-            h = program.hvp(
-                ops,
-                phi,
-                theta_s,
-                sx,
-                sy,
-                alpha * v,
-                shared_grad=shared_grad,
-                need_grad=tape.grads[j] is None,
-                bn_stats=stats(j),
-                activations=tape.activations[j] if j < len(tape.activations) else None,
-            )
+            with at(draws, j):
+                h = program.hvp(
+                    ops,
+                    phi,
+                    theta_s,
+                    sx,
+                    sy,
+                    alpha * v,
+                    shared_grad=shared_grad,
+                    need_grad=tape.grads[j] is None,
+                    bn_stats=stats(j),
+                    activations=tape.activations[j] if j < len(tape.activations) else None,
+                )
             if j < len(tape.activations):
                 tape.activations[j] = None  # step j's activations are used up
             g = tape.grads[j] if tape.grads[j] is not None else h.grad
@@ -509,6 +521,7 @@ class InnerLoop(torch.autograd.Function):
                 norm=spec.norm,
                 recorded=spec.recorded,
                 implicit=spec.implicit,
+                draws=spec.draws,
             )
         if loss0 is None:
             loss0 = theta.new_full((sx.shape[0],), float("nan"))
@@ -577,16 +590,18 @@ class InnerLoop(torch.autograd.Function):
                 lr_grad=lr_grad,
                 check_finite=spec.check_finite,
                 norm=spec.norm,
+                draws=spec.draws,
             )
         return (None, d_a if needs[1] else None, d_s, None, None, *d_alphas)
 
     @staticmethod
     def vmap(info, in_dims, spec, *args):
         """torch.func.vmap over any input: one inner loop per slice (the tasks of a slice stay batched).
-        Per-step BatchNorm statistics are not recorded under vmap."""
-        sub = dataclasses.replace(spec, recorded=None)
+        Per-step BatchNorm statistics are not recorded under vmap; each slice draws dropout masks of its own."""
         outs = []
         for b in range(info.batch_size):
+            draws = None if spec.draws is None else Draws.fresh()
+            sub = dataclasses.replace(spec, recorded=None, draws=draws)
             sliced = [a if d is None else a.select(d, b) for a, d in zip(args, in_dims[1:])]
             outs.append(InnerLoop.apply(sub, *sliced))
         spec.tape_slots = sub.tape_slots
@@ -675,7 +690,8 @@ def _unrolled_backward(spec: "InnerLoopSpec", v, theta_a, theta_s, sx, sy, alpha
                 out = spec.program.forward(spec.ops, p, shared, x, bn_stats=bn_stats)
                 return sum(spec.program.loss.fn(out[t], y[t]) for t in range(T))
 
-            phi = phi - alpha * torch.func.grad(support_loss)(phi)
+            with at(spec.draws, j):
+                phi = phi - alpha * torch.func.grad(support_loss)(phi)
         return phi
 
     # torch.func's vjp: it composes with an outer autograd graph (double backward), with torch.func.grad of a
@@ -699,4 +715,5 @@ class InnerLoopSpec:
     recorded: Optional[list] = None  # gets each step's BatchNorm batch statistics when recording
     implicit: Optional[Implicit] = None
     keep_grads: Optional[bool] = None  # keep g_j for the α-gradient (None: whether an α requires grad)
+    draws: Optional[Draws] = None  # the dropout masks of the call (None: the program draws none)
     tape_slots: Optional[tuple] = None  # set by forward: where backward finds each tape entry

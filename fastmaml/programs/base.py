@@ -69,6 +69,7 @@ class Program(abc.ABC):
 
     name: str = "program"
     keeps_activations: bool = False  # whether `loss_grad(activations=...)` keeps anything for `hvp`
+    draws_masks: bool = False  # whether it has dropout in training mode (its sweeps then need `draws.Draws`)
 
     def __init__(self, layout: ParamLayout, loss: Loss):
         self.layout = layout

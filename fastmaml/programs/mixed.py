@@ -84,6 +84,7 @@ class MixedProgram(Program):
         self.compute = compute
         self.name = f"{inner.name}, {str(compute).replace('torch.', '')} activations"
         self.keeps_activations = inner.keeps_activations
+        self.draws_masks = inner.draws_masks
 
     def _in(self, *tensors):
         return [_cast(t, self.compute) for t in tensors]

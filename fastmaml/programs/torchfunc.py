@@ -169,8 +169,10 @@ class TorchFuncProgram(Program):
         except RuntimeError as e:
             if "randomness" in str(e):
                 raise ValueError(
-                    "model: it calls a random op (e.g. Dropout in training mode) inside the inner loop; "
-                    "exact meta-gradients need a deterministic model: call .eval() on those modules"
+                    "model: it calls a random op (e.g. Dropout in training mode) inside the inner loop, on the "
+                    "torch.func program (the model does not compile: fastmaml.explain says why), which cannot "
+                    "draw the same masks again for the Hessian-vector products; make the rest of the model compile "
+                    "(dropout in training mode runs on the fused engine), or call .eval() on those modules"
                 ) from e
             if not any(why in str(e) for why in _UNBATCHABLE):
                 raise

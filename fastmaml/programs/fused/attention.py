@@ -37,9 +37,8 @@ class AttentionLowering:
         """F.scaled_dot_product_attention as its definition, softmax(q kᵀ · scale + mask) v, with the rules of
         its parts: scale 1/√E from the query's size unless given; `attn_mask` a mask (False: left out),
         a value or a buffer, or tensors made as the model runs (boolean: left out where False; else added);
-        `is_causal` the lower-triangular mask of the query's and key's lengths."""
-        if a["dropout_p"] != 0.0:
-            self.fail("F.scaled_dot_product_attention with dropout_p > 0 is random; exact meta-gradients need 0")
+        `is_causal` the lower-triangular mask of the query's and key's lengths; `dropout_p` dropout of the
+        attention weights."""
         if a["enable_gqa"]:
             self.fail("F.scaled_dot_product_attention with enable_gqa=True")
         q, k, v = (self.value(a[key], key) for key in ("query", "key", "value"))
@@ -64,7 +63,7 @@ class AttentionLowering:
             )
         elif mask is not None:
             scores = self.attention_mask(name, "sdpa", scores, mask, blocks=False)
-        return self.attention_output(name, "sdpa", scores, v)[0]
+        return self.attention_output(name, "sdpa", scores, v, a["dropout_p"])[0]
 
     def attention_scores(self, name: str, kind: str, q: Value, k: Value, scale) -> Value:
         """q kᵀ · scale (a number, or a `Host` number) of `[..., L, E]` and `[..., S, E]`."""
@@ -90,9 +89,10 @@ class AttentionLowering:
             return self.emit(HostOperandRule(name, kind, op), [scores], host=self.host_value(mask))
         self.fail(f"{kind}'s attention mask is a parameter or derived tensor (a learned bias: add it to q kᵀ)")
 
-    def attention_output(self, name: str, kind: str, scores: Value, v: Value) -> Tuple[Value, Value]:
-        """(softmax(scores) v, softmax(scores))."""
+    def attention_output(self, name: str, kind: str, scores: Value, v: Value, dropout=0.0) -> Tuple[Value, Value]:
+        """(w v, w), w = softmax(scores) after dropout with probability `dropout`."""
         weights = self.emit(SoftmaxRule(name, kind, -1, False), [scores])
+        weights = self.dropout(weights, dropout, 0, kind, name)
         return self.emit(ProductRule(name, kind, matmul=True), [weights, v]), weights
 
     def heads(self, name: str, kind: str, x: Value, heads: int, merge: bool) -> Value:
@@ -111,7 +111,7 @@ class AttentionLowering:
         """nn.MultiheadAttention(batch_first=True) as its definition: the in-projections (self-attention: one
         by in_proj_weight, cut in three; else its slices, or q/k/v_proj_weight), heads, scaled scores,
         `key_padding_mask` [N, S] and `attn_mask` [L, S] (boolean: True leaves out; float: added), softmax,
-        heads merged, out_proj.
+        dropout (in training mode), heads merged, out_proj.
         Returns the output `[N, L, E]` and the attention weights per head `[N, H, L, S]`."""
         kind = "MultiheadAttention"
         if not m.batch_first:
@@ -121,8 +121,6 @@ class AttentionLowering:
             )
         if m.bias_k is not None or m.add_zero_attn:
             self.fail("add_bias_kv or add_zero_attn")
-        if m.training and m.dropout > 0:
-            self.fail("attention dropout in training mode is random; exact meta-gradients need it off (dropout=0)")
         E, H = m.embed_dim, m.num_heads
 
         def part(ref, i, shape):
@@ -162,7 +160,7 @@ class AttentionLowering:
             scores = self.attention_mask(path, kind, scores, type(kpm)(kv.vid), blocks=True)
         if mask is not None:
             scores = self.attention_mask(path, kind, scores, mask, blocks=True)
-        out, weights = self.attention_output(path, kind, scores, v)
+        out, weights = self.attention_output(path, kind, scores, v, m.dropout if m.training else 0.0)
         out = self.heads(path, kind, out, H, True)
         out_params = self.module_params(m.out_proj, ("weight", "bias"), f"{path}.out_proj")
         return self.emit(LinearRule(path, kind, E), [out], out_params), weights
@@ -234,11 +232,13 @@ class AttentionLowering:
         """One nn.TransformerEncoderLayer (`memory` None; masks (attn, key padding)) or
         nn.TransformerDecoderLayer (masks (self attn, self key padding, memory attn, memory key padding)):
         self-attention, the decoder's attention to `memory`, and the feed-forward block, each with its
-        residual, LayerNorm after (or, `norm_first`, before) each."""
+        residual, LayerNorm after (or, `norm_first`, before) each; dropout (in training mode) of the attention
+        weights, of each block's output and inside the feed-forward block, in PyTorch's order."""
         kind = type(m).__name__
-        dropouts = [d for d in (m.dropout, m.dropout1, m.dropout2, getattr(m, "dropout3", None)) if d is not None]
-        if any(d.training and d.p > 0 for d in dropouts):
-            self.fail("dropout in training mode is random; exact meta-gradients need it off (dropout=0 or .eval())")
+
+        def dropout(h, d: nn.Dropout, where: str):
+            return self.dropout(h, d.p if d.training else 0.0, 0, "Dropout", f"{path}.{where}")
+
         act = m.activation
         if act is F.relu or isinstance(act, nn.ReLU):
             act_rule = ReLURule
@@ -261,7 +261,7 @@ class AttentionLowering:
                 [h],
                 self.module_params(m.linear1, ("weight", "bias"), lin1),
             )
-            h = self.emit(act_rule(path, kind), [h])
+            h = dropout(self.emit(act_rule(path, kind), [h]), m.dropout, "dropout")
             return self.emit(
                 LinearRule(lin2, "Linear", m.linear2.in_features),
                 [h],
@@ -270,9 +270,11 @@ class AttentionLowering:
 
         blocks = [self_attention] + ([memory_attention] if memory is not None else []) + [feed_forward]
         for i, block in enumerate(blocks, 1):
-            norm = getattr(m, f"norm{i}")
+            norm, drop = getattr(m, f"norm{i}"), getattr(m, f"dropout{i}")
             if m.norm_first:
-                x = self.emit(AddRule(path, kind), [x, block(self.layer_norm(norm, f"{path}.norm{i}", x))])
+                h = dropout(block(self.layer_norm(norm, f"{path}.norm{i}", x)), drop, f"dropout{i}")
+                x = self.emit(AddRule(path, kind), [x, h])
             else:
-                x = self.layer_norm(norm, f"{path}.norm{i}", self.emit(AddRule(path, kind), [x, block(x)]))
+                h = dropout(block(x), drop, f"dropout{i}")
+                x = self.layer_norm(norm, f"{path}.norm{i}", self.emit(AddRule(path, kind), [x, h]))
         return x

@@ -5,19 +5,21 @@ Layers with rules stay leaf modules: Linear, Conv1d and Conv2d (any groups, zero
 and Conv3d (conv_nd.py), BatchNorm1d/2d,
 LayerNorm, GroupNorm, InstanceNorm1d/2d (without running statistics), ReLU, LeakyReLU, Tanh, Sigmoid, ELU,
 SELU, CELU, GELU (exact), SiLU, Softplus, Mish, PReLU, Hardtanh, ReLU6, Hardswish, Hardsigmoid, MaxPool2d, AvgPool2d,
-AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropout in eval mode (or p=0),
+AdaptiveAvgPool2d, AdaptiveMaxPool2d, Flatten (start_dim >= 1), Identity, Dropout and Dropout1d/2d/3d (dropout.py),
 the context layers of `fastmaml.context` (ContextConcat, FiLM: CAVIA), and the parameter-free layers that
 map each example linearly (Upsample, PixelShuffle, PixelUnshuffle, the padding layers, Unfold, Fold:
 example_maps.py). MultiheadAttention and the Transformer encoder and decoder layers and stacks
 (batch_first=True) are lowered to the rules of their definitions. Any other torch.nn layer (without buffers
 or randomness) runs its own forward per task through torch.func (functional.py): nn.LSTM/GRU/RNN with
 batch_first=True (their output and each layer's final state `h_n[i]`, `c_n[i]` read), nn.MaxPool1d, nn.Softsign,
-nn.LocalResponseNorm, ... Everything else a model does is traced into nodes, which map to rules:
+nn.LocalResponseNorm, ... Everything else a model does is traced into nodes, which map to rules (and a
+function or method without one, of one value and numbers, parameters or buffers, runs through torch.func
+the same way: `torch.sort(h, -1).values`, `torch.cumprod`, `torch.special.erf`):
 - the functional forms `F.relu`/`relu_`, `F.leaky_relu`, `F.elu`, `F.selu`, `F.celu`, `F.gelu`, `F.silu`, `F.softplus`,
   `F.hardtanh`, `F.relu6`, `F.hardswish`, `F.hardsigmoid`, `torch.tanh`, `torch.sigmoid`, elementwise math
   (`exp`, `log`, `sqrt`, `rsqrt`, `reciprocal`, `abs`, `sin`, `cos`, `x ** c`, `torch.square`), `clamp` by
   numbers, `F.max_pool2d`, `F.avg_pool2d`, `F.adaptive_avg_pool2d`, `F.adaptive_max_pool2d`, `F.dropout`
-  (inactive), softmax and log_softmax over a per-example dim; `F.linear`, `F.conv1d`, `F.conv2d`,
+  and `F.dropout1d/2d/3d`, softmax and log_softmax over a per-example dim; `F.linear`, `F.conv1d`, `F.conv2d`,
   `F.batch_norm`, `F.layer_norm`, `F.group_norm` and `F.instance_norm` (on the input's statistics) on the
   model's own parameters; `x @ W` / `torch.matmul(x, W)` with W `[in, out]` a parameter or buffer;
   `F.normalize` (p=2) of a value over a per-example dim, and of a Linear weight's rows as `F.linear`'s
@@ -29,7 +31,9 @@ nn.LocalResponseNorm, ... Everything else a model does is traced into nodes, whi
   `torch.flatten`, `x.flatten`, `x.view`, `x.reshape` that keep the examples
   apart (sizes may come from the model's own arithmetic on `x.size()` / `x.shape`); `x.squeeze(dims)` and
   `x.unsqueeze(dim)` of per-example dims; `x.permute(...)` and `x.transpose(a, b)` that keep the examples'
-  dim first; indexing of per-example dims with slices and integers (`x[:, 1:3]`, `x[:, 0]`, `x[..., :4]`);
+  dim first, or move it until a part is selected (`unbind(0)`, `[i]`) or it comes back first (a `Permuted`:
+  timm's attention); `x.unbind(d)`, `x.select(d, i)`; indexing of per-example dims with slices and integers
+  (`x[:, 1:3]`, `x[:, 0]`, `x[..., :4]`);
   the parts of `x.chunk(n, dim)` / `x.split(sizes, dim)` along a per-example dim, and `F.glu`;
   `x.expand(...)` / `x.expand_as(y)` of size-1 dims and `x.repeat(...)` keeping the examples' dim; `F.pad`
   (constant); indexing with None (`x[:, None]`); per-example linear maps (example_maps.py): `F.interpolate`,
@@ -52,10 +56,10 @@ nn.LocalResponseNorm, ... Everything else a model does is traced into nodes, whi
 - derived tensors: any computation on parameters and buffers alone (no input, no size of it), read where
   a parameter goes (`torch.sigmoid(self.gate) * h`, `F.linear(x, W + A @ B)`, `self.enc.weight.t()`):
   recorded as the model's own code and run per task by derived.py. Random functions and in-place writes
-  of parameters fail the node; a parameter's shape (`.shape`, `.size()`) is a number. A 1-D parameter (or
-  derived tensor) expanded over the examples and concatenated after a value's features,
-  `torch.cat([x, p.expand(x.size(0), -1)], dim=1)` (CAVIA's context as its paper's code writes it), is
-  ContextConcat's rule. A weight PyTorch computes from other parameters as its layer runs
+  of parameters fail the node; a parameter's shape (`.shape`, `.size()`) is a number. A parameter (or
+  derived tensor) expanded over the examples, `p.expand(x.size(0), ...)`, `p.repeat(x.size(0), 1, ...)`,
+  `p.expand_as(x)` (ViT's class token, CAVIA's context as its paper's code writes it), is a value of
+  ExpandParamRule. A weight PyTorch computes from other parameters as its layer runs
   (`torch.nn.utils.parametrize`, the `torch.nn.utils.weight_norm` hook: programs/reparam.py) is a derived
   tensor too, read by its layer or in `forward` (fx traces the parametrized property as a call of its
   ParametrizationList).
@@ -81,7 +85,7 @@ import dataclasses
 import inspect
 import operator
 import re
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -100,6 +104,7 @@ from .conv import Conv1dRule, ConvRule, Geometry
 from .conv_nd import ConvNdRule
 from .dense import LinearRule, TransposedLinearRule
 from .derived import Derived
+from .dropout import DropoutRule
 from .einsum import ELLIPSIS, EinsumParamRule, EinsumRule, EinsumSumRule, Equation
 from .example_maps import ExampleMapRule
 from .example_norm import ExampleNormRule
@@ -110,7 +115,6 @@ from .l2norm import NormalizedLinearRule, NormalizeRule
 from .lowered import (
     AttentionOutput,
     DtypeOf,
-    ExpandedParam,
     Host,
     LayerOutput,
     Mask,
@@ -118,6 +122,8 @@ from .lowered import (
     NormalizedParam,
     ParamExpr,
     Parts,
+    Permuted,
+    Unbound,
     Value,
     argument_spec,
     bind_arguments,
@@ -144,6 +150,7 @@ from .pointwise import (
 from .pooling import AdaptiveAvgPool2dRule, AdaptiveMaxPool2dRule, AvgPool2dRule, MaxOverDimRule, MaxPool2dRule
 from .reduce import LogSumExpRule, NormRule, VarRule
 from .shape import (
+    ExpandParamRule,
     ExpandRule,
     FlattenRule,
     MeanRule,
@@ -159,7 +166,8 @@ from .shape import (
 )
 from .softmax import SoftmaxRule
 
-_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+# dropout layers, and the per-example dims after the channels their masks broadcast over (0: per entry)
+_DROPOUTS = {nn.Dropout: 0, nn.Dropout1d: 1, nn.Dropout2d: 2, nn.Dropout3d: 3}
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d)
 _RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
@@ -170,7 +178,6 @@ _RANDOM_LAYERS = tuple(
     for name in (
         "AlphaDropout",
         "FeatureAlphaDropout",
-        "Dropout3d",
         "RReLU",
         "FractionalMaxPool2d",
         "FractionalMaxPool3d",
@@ -393,6 +400,8 @@ _FUNC_NAMES = {
     torch.unsqueeze: "unsqueeze",
     torch.flatten: "flatten",
     torch.permute: "permute",
+    torch.unbind: "unbind",
+    torch.select: "select",
     torch.chunk: "chunk",
     torch.split: "split",
     F.glu: "glu",
@@ -416,6 +425,9 @@ _FUNC_NAMES = {
     torch.softmax: "softmax_t",
     torch.log_softmax: "log_softmax_t",
     F.dropout: "dropout",
+    F.dropout1d: "dropout1d",
+    F.dropout2d: "dropout2d",
+    F.dropout3d: "dropout3d",
     torch.cat: "cat",
     torch.stack: "stack",
     torch.amax: "amax",
@@ -525,6 +537,8 @@ _METHOD_NAMES = {
     "unsqueeze": "unsqueeze",
     "flatten": "flatten",
     "permute": "permute",
+    "unbind": "unbind",
+    "select": "select",
     "transpose": "transpose",
     "chunk": "chunk",
     "split": "split",
@@ -623,6 +637,8 @@ _SPECS = {
     "unsqueeze": argument_spec("input", "dim"),
     "flatten": argument_spec("input", ("start_dim", 0), ("end_dim", -1)),
     "permute": argument_spec("input", "dims"),
+    "unbind": argument_spec("input", ("dim", 0)),
+    "select": argument_spec("input", "dim", "index"),
     "chunk": argument_spec("input", "chunks", ("dim", 0)),
     "split": argument_spec("input", "split_size_or_sections", ("dim", 0)),
     "glu": argument_spec("input", ("dim", -1)),
@@ -663,7 +679,10 @@ _SPECS = {
     "log_softmax": argument_spec("input", ("dim", None), ("_stacklevel", 3), ("dtype", None)),
     "softmax_t": argument_spec("input", "dim", ("dtype", None)),
     "log_softmax_t": argument_spec("input", "dim", ("dtype", None)),
-    "dropout": argument_spec("input", ("p", 0.5), ("training", True), ("inplace", False)),
+    **{
+        name: argument_spec("input", ("p", 0.5), ("training", True), ("inplace", False))
+        for name in ("dropout", "dropout1d", "dropout2d", "dropout3d")
+    },
     "cat": argument_spec("tensors", ("dim", 0)),
     "stack": argument_spec("tensors", ("dim", 0)),
     "amax": argument_spec("input", ("dim", None), ("keepdim", False)),
@@ -754,6 +773,22 @@ _RANDOM = frozenset(
     {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "rand", "randn"}
     | {"rand_like", "randn_like", "randint", "randint_like", "randperm", "bernoulli", "normal", "multinomial"}
 )
+# functions whose results are integers (indices, counts): no function rule
+_INTEGER_RESULTS = frozenset(
+    {"argmax", "argmin", "argsort", "argwhere", "nonzero", "bucketize", "searchsorted", "unique"}
+    | {"unique_consecutive", "bincount", "histc", "count_nonzero", "item", "tolist", "long", "int", "bool"}
+)
+
+
+class _Weight(NamedTuple):
+    """Where a function without a rule takes its `index`-th parameter (`_Lowering.function_call`)."""
+
+    index: int
+
+
+_VALUE = object()  # where a function without a rule takes the value
+# Python values a model computes with as it runs (besides None and Ellipsis)
+_CONSTANTS = (bool, int, float, complex, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
 # what a parameter's shape, dtype and device decide: plain values when traced, not derived tensors
 _STATIC_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device"})
 _STATIC_METHODS = frozenset({"size", "dim", "numel"})
@@ -792,6 +827,7 @@ class _Lowering(AttentionLowering):
         self.nodes: List[Node] = []
         self.num_values = 1
         self.fx_node: Optional[fx.Node] = None
+        self.num_dropouts = 0  # dropouts in training mode so far (each one's number names its masks' stream)
 
     # -------------------------------------------------------------- helpers
     def fail(self, reason: str):
@@ -821,7 +857,7 @@ class _Lowering(AttentionLowering):
         if isinstance(a, Ref) and a.group == "c":  # a buffer
             const = a.const
             return Host(lambda env: const, ())
-        if isinstance(a, (Value, Ref, Parts, MaxOverDim, NormalizedParam, ParamExpr, ExpandedParam, Mask)):
+        if isinstance(a, (Value, Ref, Parts, MaxOverDim, NormalizedParam, ParamExpr, Permuted, Unbound, Mask)):
             self.fail("a tensor is used where a size or number is expected (or torch.max's indices)")
         if isinstance(a, (list, tuple)):
             parts = [self.host_value(x) for x in a]
@@ -855,6 +891,11 @@ class _Lowering(AttentionLowering):
         return Value(out)
 
     def value(self, a, what: str = "input") -> Value:
+        if isinstance(a, Permuted):
+            self.fail(
+                f"its {what} is permuted to {a.dims}, which moves the examples' dim 0 from first; the fused engine "
+                "needs it first again (select the leading dim, x[i] or x.unbind(0), or permute back) before this"
+            )
         if isinstance(a, Mask):
             self.fail(f"its {what} is a mask (a comparison); convert it to a value first, e.g. mask.to(x.dtype)")
         if not isinstance(a, Value):
@@ -891,24 +932,21 @@ class _Lowering(AttentionLowering):
         """Whether node n computes from parameters and buffers alone (it reads one, and no value or size).
         `F.normalize` of a parameter stays a `NormalizedParam` (a cosine classifier's own rule takes it)."""
         found = self.flat_args(n)
-        if any(isinstance(v, (Value, Host, Parts, MaxOverDim, ExpandedParam, Mask, DtypeOf)) for v in found):
+        if any(isinstance(v, (Value, Host, Parts, MaxOverDim, Permuted, Unbound, Mask, DtypeOf)) for v in found):
             return False
         if n.target is F.normalize and isinstance(found[0] if found else None, Ref):
             return False
         return any(isinstance(v, (Ref, ParamExpr, NormalizedParam)) for v in found)
 
     def host_only(self, n: fx.Node) -> bool:
-        """Whether node n computes from sizes and buffers alone (it reads a size, and no value or parameter):
-        a tensor or number the model makes as it runs (`self.pe[:, : x.size(1)]`, `self.bias[:, :, :T, :T] == 0`,
-        `q.size(-1) ** 0.5`), evaluated per call as a `Host`."""
-        found = self.flat_args(n)
-        if any(
-            isinstance(v, (Value, Parts, MaxOverDim, ExpandedParam, Mask, DtypeOf, ParamExpr, NormalizedParam))
-            or (isinstance(v, Ref) and v.group != "c")
-            for v in found
-        ):
-            return False
-        return any(isinstance(v, Host) for v in found)
+        """Whether node n computes from sizes, buffers and constants alone (no value or parameter): a tensor or
+        number the model makes as it runs (`self.pe[:, : x.size(1)]`, `self.bias[:, :, :T, :T] == 0`,
+        `q.size(-1) ** 0.5`, `nn.Transformer.generate_square_subsequent_mask(5, device=x.device)`), evaluated
+        per call as a `Host`."""
+        return all(
+            isinstance(v, (Host, *_CONSTANTS)) or v is None or v is Ellipsis or (isinstance(v, Ref) and v.group == "c")
+            for v in self.flat_args(n)
+        )
 
     def host_expr(self, n: fx.Node) -> Host:
         """Node n (see `host_only`) as a `Host` running the model's own call per call."""
@@ -1167,9 +1205,7 @@ class _Lowering(AttentionLowering):
         if cls is nn.Identity:
             return x
         if cls in _DROPOUTS:
-            if m.training and m.p > 0:
-                self.fail("dropout in training mode is random; exact meta-gradients need it off (call .eval() on it)")
-            return x
+            return self.dropout(x, m.p if m.training else 0.0, _DROPOUTS[cls], kind, inplace=inplace)
         if cls is nn.Linear:
             return self.emit(LinearRule(name, kind, m.in_features), [x], self.module_params(m, ("weight", "bias")))
         if cls is nn.Conv2d:
@@ -1286,6 +1322,64 @@ class _Lowering(AttentionLowering):
         recurrent = isinstance(m, nn.RNNCellBase)
         return self.emit(FunctionalRule(self.name(), kind, call, ranks, recurrent=recurrent), [x], weights)
 
+    def function_call(self, n: fx.Node) -> LayerOutput:
+        """A function or method without a rule, of one value and constants, parameters or buffers
+        (`torch.sort(h, dim=-1).values`, `torch.cumprod(h, 1)`, `torch.special.erf(h)`): the model's own call per
+        task through torch.func (functional.py), its result read whole or by parts (`LayerOutput`)."""
+        target = n.target
+        name = target if isinstance(target, str) else getattr(target, "__name__", repr(target))
+        if name in _RANDOM:
+            self.fail("a random function; exact meta-gradients need the model's computation fixed")
+        if name.endswith("_") and not name.endswith("__") or target in _INPLACE_FUNCS:
+            self.fail("an in-place operation without a rule; write it out of place")
+        if name in _INTEGER_RESULTS:
+            self.fail(f"{name} returns integers (indices), which carry no gradient")
+        found = self.flat_args(n)
+        values = [v for v in found if isinstance(v, Value)]
+        plain = all(isinstance(v, (Value, Ref, ParamExpr, *_CONSTANTS)) or v is None or v is Ellipsis for v in found)
+        if len(values) != 1 or any(v.vid != values[0].vid for v in values) or not plain:
+            self.fail(
+                "no rule for this operation in the fused engine (a call without one runs through torch.func when "
+                "it reads one value, and otherwise numbers, parameters or buffers)"
+            )
+        weights: List[Ref] = []
+
+        def template(a):
+            """The argument with the value as `_VALUE` and each parameter as its index in `weights`."""
+            if isinstance(a, Value):
+                return _VALUE
+            if isinstance(a, Ref) and a.group == "c":
+                return a.const
+            if isinstance(a, (Ref, ParamExpr)):
+                weights.append(self.param(a, "argument"))
+                return _Weight(len(weights) - 1)
+            if isinstance(a, (list, tuple)):
+                return type(a)(template(x) for x in a)
+            if isinstance(a, slice):
+                return slice(template(a.start), template(a.stop), template(a.step))
+            return a
+
+        args = template(self.arg(tuple(n.args)))
+        kwargs = {k: template(self.arg(v)) for k, v in n.kwargs.items()}
+        method = n.op == "call_method"
+
+        def call(batch, *w):
+            def fill(a):
+                if a is _VALUE:
+                    return batch
+                if isinstance(a, _Weight):
+                    return w[a.index]
+                if isinstance(a, (list, tuple)):
+                    return type(a)(fill(x) for x in a)
+                if isinstance(a, slice):
+                    return slice(fill(a.start), fill(a.stop), fill(a.step))
+                return a
+
+            a, kw = fill(args), {k: fill(v) for k, v in kwargs.items()}
+            return getattr(a[0], target)(*a[1:], **kw) if method else target(*a, **kw)
+
+        return LayerOutput(call, tuple(weights), values[0], self.name(), f"{name} (torch.func)", None)
+
     def layer_output(self, out: LayerOutput) -> Value:
         """The part of a recurrent layer's output a node reads (`LayerOutput.readable`) as a FunctionalRule."""
         if out.value is not None:
@@ -1297,16 +1391,21 @@ class _Lowering(AttentionLowering):
                 f"{out.kind} returns (output, {'(h_n, c_n)' if out.layer == 'LSTM' else 'h_n'}): read output, or one "
                 "layer's final state h_n[i] (whose examples are second: the fused engine needs them first)"
             )
-        call, path = out.call, out.path
+        call, path, kind = out.call, out.path, out.kind
 
         def part(batch, *w):
             y = call(batch, *w)
             for k in path:
-                y = y[k]
+                if out.layer is None and not isinstance(y, tuple):
+                    raise ValueError(
+                        f"model layer {out.name} ({kind}): it returns a tensor, which the model indexes by {k!r} as "
+                        "if it were a tuple of results; index per-example dims (y[:, k])"
+                    )
+                y = getattr(y, k) if isinstance(k, str) else y[k]
             return y
 
         ranks = [len(self.shape_of(r)) for r in out.weights]
-        rule = FunctionalRule(out.name, out.kind, part, ranks, recurrent=True)
+        rule = FunctionalRule(out.name, kind, part, ranks, recurrent=out.layer is not None)
         out.value = self.emit(rule, [out.x], out.weights)
         return out.value
 
@@ -1395,8 +1494,13 @@ class _Lowering(AttentionLowering):
     def call(self, n: fx.Node):
         target = n.target
         source = self.env.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
-        if target is operator.getitem and isinstance(source, LayerOutput) and source.indexes_a_part():
-            return source.index(n.args[1])
+        if isinstance(source, LayerOutput) and source.indexes_a_part():
+            if target is operator.getitem and (source.layer is not None or isinstance(n.args[1], int)):
+                return source.index(n.args[1])
+            if target is getattr and source.layer is None and n.args[1] in ("values", "indices"):
+                if n.args[1] == "indices":
+                    self.fail(f"the indices {source.kind} returns are integers, which carry no gradient")
+                return source.index("values")
         if self.pure(n):
             return self.param_expr(n)
         if self.host_only(n):
@@ -1415,6 +1519,8 @@ class _Lowering(AttentionLowering):
                 return self.slice(self.arg(n.args[0]), n.args[1])
             if target is operator.getitem and isinstance(self.arg(n.args[0]), Parts):
                 return self.part(self.arg(n.args[0]), n.args[1])
+            if target is operator.getitem and isinstance(self.arg(n.args[0]), (Unbound, Permuted)):
+                return self.select_part(self.arg(n.args[0]), self.arg(n.args[1]))
             if target is operator.getitem and isinstance(self.arg(n.args[0]), AttentionOutput):
                 out = self.arg(n.args[0])
                 return out.output if n.args[1] == 0 else out.weights
@@ -1430,7 +1536,7 @@ class _Lowering(AttentionLowering):
             if getattr(target, "__name__", "") == "_assert_is_none":  # fx's guard of a None default argument
                 return None
         if op is None:
-            self.fail("no rule for this operation in the fused engine")
+            return self.function_call(n)
         if n.op == "call_method" and target in ("expand", "expand_as", "repeat"):
             return self.expand_or_repeat(n)
         if op == "cast":
@@ -1438,16 +1544,14 @@ class _Lowering(AttentionLowering):
         if op == "einsum":
             return self.einsum(n)
         if op == "flip":  # torch.flip(x, dims), x.flip(dims) or x.flip(2, 3)
-            dims = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
-            dims = self.arg(n.kwargs.get("dims", dims))
+            dims = self.arg(n.kwargs["dims"] if "dims" in n.kwargs else self.sizes_of(n))
             return self.op_flip(self.arg(n.args[0]), tuple(dims) if isinstance(dims, (list, tuple)) else (dims,))
         if op == "permute" and n.op == "call_method":  # x.permute(0, 2, 1) or x.permute((0, 2, 1))
-            dims = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
-            return self.permute(self.value(self.arg(n.args[0])), tuple(n.kwargs.get("dims", dims)))
+            dims = n.kwargs["dims"] if "dims" in n.kwargs else self.sizes_of(n)
+            return self.permute(self.arg(n.args[0]), tuple(dims))
         if op == "view":
             x = self.value(self.arg(n.args[0]))
-            shape = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
-            shape = self.arg(shape if "shape" not in n.kwargs else n.kwargs["shape"])
+            shape = self.arg(self.sizes_of(n) if "shape" not in n.kwargs else n.kwargs["shape"])
             return self.reshape(x, shape)
         try:
             a = bind_arguments(
@@ -1505,7 +1609,7 @@ class _Lowering(AttentionLowering):
 
     # -------------------------------------------------------------- operations (a: bound arguments)
     def op_alias(self, a, inplace):
-        return self.value(a["input"])
+        return a["input"] if isinstance(a["input"], Permuted) else self.value(a["input"])
 
     def op_relu(self, a, inplace):
         return self.emit(ReLURule(self.name(), "relu"), [self.value(a["input"])], inplace=inplace)
@@ -1650,19 +1754,77 @@ class _Lowering(AttentionLowering):
             self.fail("flatten from dim 0 merges the examples; use start_dim=1 (torch.flatten(x, 1))")
         return self.emit(FlattenRule(self.name(), "flatten", a["start_dim"], a["end_dim"]), [self.value(a["input"])])
 
-    def permute(self, x: Value, dims) -> Value:
-        if not dims or not all(isinstance(d, int) for d in dims) or dims[0] not in (0, -len(dims)):
-            self.fail(f"permute to {dims} moves the examples' dim 0 (keep it first)")
+    def permute(self, x, dims):
+        """`x.permute(dims)` of a value or a `Permuted`: a PermuteRule where the examples stay (or come back)
+        first, else a `Permuted` for the nodes that bring them back."""
+        if not isinstance(x, Permuted):
+            x = Permuted(self.value(x), tuple(range(len(dims))))
+        rank = len(x.dims)
+        if len(dims) != rank or not all(isinstance(d, int) for d in dims):
+            self.fail(f"permute to {dims} of a tensor of {rank} dims (give every dim, as numbers)")
+        if sorted(d % rank for d in dims) != list(range(rank)):
+            self.fail(f"permute to {dims}: not a permutation of {rank} dims")
+        return self.permuted(x.value, tuple(x.dims[d % rank] for d in dims))
+
+    def permuted(self, x: Value, dims: Tuple[int, ...]):
+        """x permuted to `dims` (all dims, none negative): x itself, a PermuteRule's value, or a `Permuted`."""
+        if dims[0] != 0:
+            return Permuted(x, dims)
+        if dims == tuple(range(len(dims))):
+            return x
         return self.emit(PermuteRule(self.name(), "permute", dims), [x])
 
     def op_permute(self, a, inplace):
-        return self.permute(self.value(a["input"]), tuple(a["dims"]))
+        return self.permute(a["input"], tuple(a["dims"]))
 
     def op_transpose(self, a, inplace):
-        d0, d1 = a["dim0"], a["dim1"]
+        x, d0, d1 = a["input"], a["dim0"], a["dim1"]
+        if isinstance(x, Permuted) and isinstance(d0, int) and isinstance(d1, int):
+            dims = list(range(len(x.dims)))
+            dims[d0], dims[d1] = dims[d1], dims[d0]
+            return self.permute(x, tuple(dims))
         if not isinstance(d0, int) or not isinstance(d1, int) or 0 in (d0, d1):
             self.fail(f"transpose of dims {d0} and {d1}: the examples' dim 0 stays first (transpose per-example dims)")
-        return self.emit(TransposeRule(self.name(), "transpose", d0, d1), [self.value(a["input"])])
+        return self.emit(TransposeRule(self.name(), "transpose", d0, d1), [self.value(x)])
+
+    def op_select(self, a, inplace):
+        return self.select(a["input"], a["dim"], a["index"], "select")
+
+    def op_unbind(self, a, inplace):
+        x, d = a["input"], a["dim"]
+        self.check_part_dim(x, d, "unbind")
+        return Unbound(x if isinstance(x, Permuted) else self.value(x), d)
+
+    def check_part_dim(self, x, d, what: str) -> None:
+        if not isinstance(d, int) or (d == 0 and not isinstance(x, Permuted)):
+            self.fail(f"{what} along dim {d}, the examples' dim ({what} along a per-example dim)")
+
+    def select_part(self, x, index):
+        """`parts[i]` of an `Unbound`, or `x[i]` of a `Permuted` (its leading dim)."""
+        if isinstance(index, tuple) and len(index) == 1:
+            index = index[0]
+        if isinstance(x, Unbound):
+            return self.select(x.source, x.dim, index, "unbind")
+        if not isinstance(index, int):
+            self.fail(
+                f"indexing by {index!r} a tensor whose examples' dim a permute moved to {x.dims.index(0)}: only x[i] "
+                "of its leading dim compiles"
+            )
+        return self.select(x, 0, index, "getitem")
+
+    def select(self, x, dim, index, kind: str):
+        """`x.select(dim, index)` of a value or a `Permuted` (e.g. the leading dim of timm's qkv)."""
+        self.check_part_dim(x, dim, kind)
+        if not isinstance(index, int) or isinstance(index, bool):
+            self.fail(f"{kind} of part {index!r}: the fused engine needs a number")
+        if not isinstance(x, Permuted):
+            where = (slice(None),) * dim + (index,) if dim > 0 else (Ellipsis, index) + (slice(None),) * (-dim - 1)
+            return self.emit(SliceRule(self.name(), kind, where), [self.value(x)])
+        taken = x.dims[dim % len(x.dims)]
+        if taken == 0:
+            self.fail(f"{kind} along the examples' dim (moved to dim {dim} by a permute)")
+        part = self.emit(SliceRule(self.name(), kind, (slice(None),) * taken + (index,)), [x.value])
+        return self.permuted(part, tuple(d - (d > taken) for d in x.dims if d != taken))
 
     def slice(self, x: Value, index) -> Value:
         """`x[index]` where index keeps every example (`x[:, 1:3]`, `x[:, 0]`, `x[..., :4]`, `x[:, None]`)."""
@@ -1720,10 +1882,32 @@ class _Lowering(AttentionLowering):
     def op_reshape(self, a, inplace):
         return self.reshape(self.value(a["input"]), a["shape"] if "shape" in a else a["input"])
 
-    def op_dropout(self, a, inplace):
-        if a["training"] and a["p"] > 0:
-            self.fail("dropout in training mode is random; exact meta-gradients need it off")
-        return self.value(a["input"])
+    def dropout(
+        self, x: Value, p, channels: int, kind: str, name: Optional[str] = None, inplace: bool = False
+    ) -> Value:
+        """Dropout of x with probability p (0: none), per entry or (`channels` dims of positions) per channel;
+        `name`: where in the model (default: the node's); `inplace`: the model overwrites x."""
+        if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p <= 1.0:
+            self.fail(f"dropout probability {p!r}: expected a number in [0, 1]")
+        if p == 0:
+            return x
+        self.num_dropouts += 1
+        rule = DropoutRule(name or self.name(), kind, p, self.num_dropouts - 1, channels)
+        return self.emit(rule, [x], inplace=inplace)
+
+    def op_dropout(self, a, inplace, channels: int = 0):
+        kind = "dropout" if not channels else f"dropout{channels}d"
+        p = a["p"] if a["training"] else 0.0
+        return self.dropout(self.value(a["input"]), p, channels, kind, inplace=inplace)
+
+    def op_dropout1d(self, a, inplace):
+        return self.op_dropout(a, inplace, 1)
+
+    def op_dropout2d(self, a, inplace):
+        return self.op_dropout(a, inplace, 2)
+
+    def op_dropout3d(self, a, inplace):
+        return self.op_dropout(a, inplace, 3)
 
     def op_normalize(self, a, inplace):
         if a["p"] != 2 or a["out"] is not None or not isinstance(a["dim"], int):
@@ -1957,8 +2141,8 @@ class _Lowering(AttentionLowering):
         return self.emit(AffineRule(self.name(), "neg", -1.0), [self.value(a["input"])])
 
     def expand_or_repeat(self, n: fx.Node):
-        """x.expand(*sizes) / x.expand(sizes) / x.expand_as(y) / x.repeat(*counts); a 1-D parameter expanded
-        over the examples is an `ExpandedParam`."""
+        """x.expand(*sizes) / x.expand(sizes) / x.expand_as(y) / x.repeat(*counts); a parameter expanded (or
+        repeated where that is an expand) over the examples becomes a value (`expanded_param`)."""
         if n.kwargs:
             self.fail(f"{n.target} with keyword arguments")
         if self._is_param(self.arg(n.args[0])):
@@ -1969,31 +2153,44 @@ class _Lowering(AttentionLowering):
             v = other.vid
             host = Host(lambda env: env[v].shape[1:], (v,))
             return self.emit(ExpandRule(self.name(), "expand"), [x], host=host)
-        sizes = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
-        sizes = self.arg(tuple(sizes))
+        sizes = self.arg(tuple(self.sizes_of(n)))
         if n.target == "expand":
             return self.emit(ExpandRule(self.name(), "expand"), [x], host=self.host_value(sizes))
         if has_host(sizes) or not all(isinstance(k, int) for k in sizes):
             self.fail("repeat counts must be numbers")
         return self.emit(RepeatRule(self.name(), "repeat", sizes), [x])
 
-    def expanded_param(self, n: fx.Node) -> ExpandedParam:
-        sizes = n.args[1:] if len(n.args) > 2 or not isinstance(n.args[1], (list, tuple)) else n.args[1]
-        sizes = self.arg(tuple(sizes))
+    @staticmethod
+    def sizes_of(n: fx.Node) -> tuple:
+        """What follows the tensor in `x.expand(*sizes)` / `x.expand(sizes)` (and in repeat, permute, view)."""
+        rest = n.args[1:]
+        return rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+
+    def expanded_param(self, n: fx.Node) -> Value:
+        """`p.expand(N, *sizes)`, `p.expand_as(x)` or `p.repeat(N, 1, ...)` (counts of 1 but where p's dim is 1)
+        of a parameter or derived tensor p, N the number of examples: an ExpandParamRule that reads N from the
+        value it was measured on."""
         ref = self.param(self.arg(n.args[0]), "input")
         shape = self.shape_of(ref)
-        if (
-            n.target != "expand"
-            or len(shape) != 1
-            or len(sizes) != 2
-            or not isinstance(sizes[0], Host)
-            or sizes[1] not in (-1, shape[0])
-        ):
+        if n.target == "expand_as":
+            other = self.value(self.arg(n.args[1]), "argument")
+            v = other.vid
+            sizes = Host(lambda env: env[v].shape[1:], (v,))
+            return self.emit(ExpandParamRule(self.name(), "expand", shape), [other], (ref,), host=sizes)
+        sizes = self.arg(tuple(self.sizes_of(n)))
+        first = sizes[0] if sizes else None
+        if not isinstance(first, Host) or not first.reads:
             self.fail(
-                "a parameter expanded other than a 1-D one over the examples, p.expand(x.size(0), -1) (which "
-                "torch.cat([x, ...], dim=-1) takes)"
+                f"a parameter {n.target}ed other than over the examples; the fused engine needs the number of "
+                "examples first, from the input's size (p.expand(x.size(0), -1), as ViT's class token)"
             )
-        return ExpandedParam(ref)
+        if n.target == "repeat":
+            aligned = (1,) * (len(sizes) - len(shape)) + shape
+            if len(sizes) < len(shape) or any(c != 1 and d != 1 for c, d in zip(sizes[1:], aligned[1:])):
+                self.fail("a parameter repeated (tiled) along a dim of size above 1; repeat it over the examples only")
+            sizes = (first,) + tuple(c if d == 1 else -1 for c, d in zip(sizes[1:], aligned[1:]))
+        x = Value(first.reads[0])
+        return self.emit(ExpandParamRule(self.name(), n.target, shape), [x], (ref,), host=self.host_value(sizes))
 
     def _max_dim(self, a, what: str) -> int:
         d = a["dim"]
@@ -2329,13 +2526,12 @@ class _Lowering(AttentionLowering):
 
     def op_cat(self, a, inplace):
         xs = a["tensors"]
-        if isinstance(xs, (list, tuple)) and any(isinstance(x, ExpandedParam) for x in xs):
-            if len(xs) != 2 or not isinstance(xs[0], Value) or a["dim"] not in (1, -1):
-                self.fail("a parameter expanded over the examples concatenated other than torch.cat([x, p], dim=-1)")
-            ref = xs[1].param
-            rule = ContextConcatRule(self.name(), "cat", self.shape_of(ref)[0], features_only=True)
-            return self.emit(rule, [xs[0]], (ref,))
         if not isinstance(xs, (list, tuple)) or not xs or not all(isinstance(x, Value) for x in xs):
+            if isinstance(xs, (list, tuple)) and any(isinstance(x, (Ref, ParamExpr)) for x in xs):
+                self.fail(
+                    "torch.cat of a parameter (or a tensor of parameters alone) with values: expand it over the "
+                    "examples first, p.expand(x.size(0), ...)"
+                )
             self.fail("torch.cat of values that are not all computed from the input")
         d = a["dim"]
         if not isinstance(d, int) or d == 0:

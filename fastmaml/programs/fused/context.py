@@ -38,15 +38,13 @@ def _add(a: Optional[torch.Tensor], b: Optional[torch.Tensor]) -> Optional[torch
 
 
 class ContextConcatRule(Rule):
-    """y = [x, φ] along the last dim; p = (φ,) with φ `[C]` or `[T, C]`. `features_only`: x must be
-    `[T, N, features]` (`torch.cat([x, φ.expand(x.size(0), -1)], 1)` in a model's code takes no other)."""
+    """y = [x, φ] along the last dim; p = (φ,) with φ `[C]` or `[T, C]`."""
 
     param_names = ("context",)
 
-    def __init__(self, name: str, kind: str, num_context: int, features_only: bool = False):
+    def __init__(self, name: str, kind: str, num_context: int):
         super().__init__(name, kind)
         self.num_context = num_context
-        self.features_only = features_only
 
     def _spread(self, c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """φ `[C]` | `[T, C]` broadcast to `x.shape[:-1] + (C,)` (an expanded view)."""
@@ -58,10 +56,9 @@ class ContextConcatRule(Rule):
         torch.sum(g.reshape(g.shape[0], -1, self.num_context), 1, out=out)
 
     def forward(self, ops, x, p, save):
-        if x.dim() < 3 or (self.features_only and x.dim() != 3):
-            middle = "" if self.features_only else "..., "
+        if x.dim() < 3:
             raise ValueError(
-                f"model layer {self.describe()}: expected per-task inputs [T, N, {middle}features], got "
+                f"model layer {self.describe()}: expected per-task inputs [T, N, ..., features], got "
                 f"shape {tuple(x.shape)}"
             )
         return torch.cat([x, self._spread(p[0], x)], -1), (x.shape[-1] if save else None)

@@ -1,6 +1,7 @@
 """Layers without a rule of their own (nn.LSTM, nn.GRU, nn.RNN, nn.MaxPool1d, nn.Softsign, nn.LocalResponseNorm,
-...): the layer's own forward per task through torch.func, inside the fused program, so that one such layer
-no longer sends the whole model to the torch.func program.
+...), and functions or methods of one value without one (`torch.sort(h, -1).values`, `torch.cumprod`): the
+layer's own forward, or the model's own call, per task through torch.func, inside the fused program, so
+that one such layer or call no longer sends the whole model to the torch.func program.
 
 y = f(x, θ) per task, its derivatives PyTorch's (as derived.py takes them for expressions of parameters):
 - forward y = f(x, θ); backward (x̄, θ̄) = vjp of f at (x, θ) applied to ȳ;
@@ -69,11 +70,11 @@ class FunctionalRule(Rule):
 
     def _f(self, x: Tensor, *w: Tensor) -> Tensor:
         y = self.fn(x, *w)
-        if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0]:
-            got = type(y).__name__ if not isinstance(y, Tensor) else f"shape {tuple(y.shape)}"
+        if not isinstance(y, Tensor) or y.dim() == 0 or y.shape[0] != x.shape[0] or not y.is_floating_point():
+            got = type(y).__name__ if not isinstance(y, Tensor) else f"shape {tuple(y.shape)}, {y.dtype}"
             raise ValueError(
                 f"model layer {self.describe()}: for inputs of shape {tuple(x.shape)} it returns {got}; the fused "
-                "engine needs one tensor with the examples first"
+                "engine needs one floating-point tensor with the examples first"
             )
         return y
 

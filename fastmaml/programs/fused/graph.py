@@ -42,7 +42,8 @@ class Node:
 
     params: per `rule.param_names`, a Ref or None (absent). stats: for BatchNorm rules without a module
     index, the fixed (mean, var) constants of `F.batch_norm(training=False)`, else None. host: for rules
-    that read runtime sizes (reshapes), `host(values) -> p`; `keeps`: the values it reads for that.
+    that read runtime sizes (reshapes), `host(values)`, bound after the parameters; `keeps`: the values it
+    reads for that.
     inplace: the model wrote it as an in-place op (checked: the overwritten value has no later reader).
     source: where the model code makes this node (file:line), when known."""
 

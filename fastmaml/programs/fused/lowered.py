@@ -72,12 +72,21 @@ class ParamExpr:
         self.fn, self.leaves, self.text, self.shape = fn, leaves, text, shape
 
 
-class ExpandedParam:
-    """`p.expand(x.size(0), -1)` of a 1-D parameter or derived tensor p: one copy per example, which only
-    `torch.cat([x, that], dim=-1)` takes (CAVIA's context vector as its paper's code writes it)."""
+class Permuted:
+    """`x.permute(dims)` of a value x that moves the examples' dim from first (`dims` per example, all of them,
+    none negative): timm's attention, `qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)`. Only what brings the
+    examples first again reads it: selecting its leading dim (`unbind(0)`, `[i]`), another permute or
+    transpose, `.contiguous()`."""
 
-    def __init__(self, param):
-        self.param = param
+    def __init__(self, value: "Value", dims: Tuple[int, ...]):
+        self.value, self.dims = value, dims
+
+
+class Unbound:
+    """`x.unbind(dim)` of a value or a `Permuted`: indexing one part (`q, k, v = qkv.unbind(0)`) selects it."""
+
+    def __init__(self, source, dim: int):
+        self.source, self.dim = source, dim
 
 
 class Parts:
@@ -116,24 +125,30 @@ def has_host(v) -> bool:
 
 class LayerOutput:
     """What a recurrent layer without a rule returns before it is read: (output, h_n) (RNN, GRU), (output,
-    (h_n, c_n)) (LSTM), or (h, c) (LSTMCell). Indexing extends `path`; the parts read (`output`, `h_n[i]`,
-    `c_n[i]`, `h`, `c`) become FunctionalRules (functional.py) of `call(x, *weights)` picked along their path.
-    `layer`: the layer's class name; `weights`: its Refs."""
+    (h_n, c_n)) (LSTM), or (h, c) (LSTMCell); or (`layer` None) what a function without a rule returns, a
+    tensor or a tuple of them (`torch.sort`'s values and indices). Indexing (or a field: `.values`) extends
+    `path`; the parts read (`output`, `h_n[i]`, `c_n[i]`, `h`, `c`; a function's result or one part of it)
+    become FunctionalRules (functional.py) of `call(x, *weights)` picked along their path. `layer`: the
+    layer's class name; `weights`: its Refs."""
 
-    def __init__(self, call: Callable, weights: tuple, x: "Value", name: str, kind: str, layer: str, path: tuple = ()):
+    def __init__(
+        self, call: Callable, weights: tuple, x: "Value", name: str, kind: str, layer: Optional[str], path: tuple = ()
+    ):
         self.call, self.weights, self.x, self.name, self.kind = call, weights, x, name, kind
         self.layer, self.path = layer, path
         self.value: Optional[Value] = None  # the rule's output, once read
 
     def indexes_a_part(self) -> bool:
         """Whether indexing picks a part (of the tuples, or a layer of h_n / c_n) rather than the output's own."""
-        if self.layer == "LSTMCell":
+        if self.layer is None or self.layer == "LSTMCell":
             return self.path == ()
         return self.path in ((), (1,)) or (self.layer == "LSTM" and self.path in ((1, 0), (1, 1)))
 
     def readable(self) -> bool:
         """Whether `path` is a part with the examples first: output, one layer's h_n[i] / c_n[i], h or c."""
         path = self.path
+        if self.layer is None:
+            return len(path) <= 1
         if self.layer == "LSTMCell":
             return path in ((0,), (1,))
         if path == (0,):

@@ -50,6 +50,7 @@ from ...ops import registry
 from ..base import HVP, LossGrad, Program
 from . import memory_format as mf
 from .conv import ConvRule
+from .dropout import DropoutRule
 from .example_norm import ExampleNormRule
 from .graph import Graph
 from .norm import BatchNormRule, fused_batch_norm
@@ -116,6 +117,7 @@ class FusedProgram(Program):
         self._task_bytes: Dict[tuple, int] = {}
         self.taped = frozenset(i for i, n in enumerate(self.nodes) if n.rule.reuses_primal)
         self.keeps_activations = bool(self.taped)
+        self.draws_masks = any(isinstance(n.rule, DropoutRule) for n in self.nodes)
         self.stats_to = self._stats_pairs()
         self.memory_format: Optional[str] = None  # of image activations; None: mf.FORMAT[device type]
 
@@ -323,7 +325,7 @@ class FusedProgram(Program):
         given: Dict[int, torch.Tensor] = {}  # value id -> its BatchNorm statistics, from the conv that wrote it
         for i, node in enumerate(nodes):
             rule = node.rule
-            p = params[i] if node.host is None else (node.host(env),)
+            p = params[i] if node.host is None else params[i] + (node.host(env),)
             hosts[i] = p
             xs = env[node.inputs[0]] if rule.arity == 1 else [env[v] for v in node.inputs]
             y = None if known is None else known.get(i)

@@ -1,7 +1,7 @@
 """Reshapes of the examples' features: Flatten, view/reshape that keep the batch dimension, squeeze and
 unsqueeze of per-example dims, sums and means over per-example dims, permutes and transposes, indexing,
-the parts of chunk/split, expand, repeat, constant padding. `[T, N, *feat]` in and out; none of them mixes
-the examples of a task."""
+the parts of chunk/split, expand, repeat, constant padding; a parameter expanded over the examples.
+`[T, N, *feat]` in and out; none of them mixes the examples of a task."""
 
 from __future__ import annotations
 
@@ -268,6 +268,58 @@ class ExpandRule(Rule):
 
     def tangent_backward(self, ops, gy, gyd, shape, p, v, need_x, outs, touts):
         return (gy.sum_to_size(shape), gyd.sum_to_size(shape)) if need_x else (None, None)
+
+
+class ExpandParamRule(Rule):
+    """`p.expand(N, *sizes)` / `p.repeat(N, 1, ...)` of a parameter or derived tensor p `[*shape]` (its leading
+    dim of size 1, or new leading dims), N the number of examples: the same tensor for every example, `[T, N,
+    *S]` (ViT's class token, `torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)`; CAVIA's context vector).
+    The node's input x only gives the examples' count (no gradient flows to it); it binds p = (p, sizes), the
+    sizes per call from the model's size arithmetic (N first). p's gradient sums over the examples and the
+    expanded dims."""
+
+    param_names = ("param",)
+
+    def __init__(self, name: str, kind: str, shape):
+        super().__init__(name, kind)
+        self.shape = tuple(shape)
+
+    def _expanded(self, p, x, sizes):
+        """p `[*shape]` | `[T, *shape]` -> `[T, N, *S]` (a view)."""
+        sizes = tuple(sizes)
+        T, N = x.shape[0], x.shape[1]
+        pad = len(sizes) - len(self.shape)
+        aligned = (1,) * pad + self.shape
+        target = tuple(n if s == -1 else s for n, s in zip(aligned, sizes))
+        if pad < 0 or sizes[0] != N or any(a not in (1, t) for a, t in zip(aligned, target)):
+            raise ValueError(
+                f"model layer {self.describe()}: expand of a tensor of shape {self.shape} to {sizes}; the fused "
+                f"engine needs the number of examples ({N}) first and the other sizes -1 or broadcast from 1"
+            )
+        per_task = p.dim() > len(self.shape)
+        return p.view(T if per_task else 1, *aligned).expand(T, *target)
+
+    def _sum(self, g, out):
+        """Σ of g `[T, N, *S]` over the examples and expanded dims, written into out `[T, *shape]`."""
+        if out is not None:
+            pad = g.dim() - 1 - len(self.shape)
+            out.copy_(g.sum_to_size(g.shape[0], *((1,) * pad + self.shape)).view(out.shape))
+
+    def forward(self, ops, x, p, save):
+        return self._expanded(p[0], x, p[1]), None
+
+    def backward(self, ops, gy, saved, p, need_x, outs):
+        self._sum(gy, outs[0])
+        return None
+
+    def tangent_forward(self, ops, x, xd, p, v):
+        y = self._expanded(p[0], x, p[1])
+        return y, (None if v[0] is None else self._expanded(v[0], x, p[1])), None
+
+    def tangent_backward(self, ops, gy, gyd, saved, p, v, need_x, outs, touts):
+        self._sum(gy, outs[0])
+        self._sum(gyd, touts[0])
+        return None, None
 
 
 class RepeatRule(LinearMapRule):
