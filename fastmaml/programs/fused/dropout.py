@@ -13,7 +13,8 @@ from .base import LinearMapRule
 
 class DropoutRule(LinearMapRule):
     """`[T, N, *features]` -> the same; `node`: this dropout's number in the model (its masks' stream);
-    `channels`: a mask per channel (dim 2) over `[T, N, C, *positions]` of 1 + `channels` positions dims."""
+    `channels`: 0 (a mask entry per entry), or the number of position dims after the channels (Dropout1d/2d/3d:
+    1/2/3; one mask entry per example and channel, dim 2 of `[T, N, C, *positions]`)."""
 
     def __init__(self, name: str, kind: str, p: float, node: int, channels: int = 0):
         super().__init__(name, kind)
