@@ -85,6 +85,12 @@ class Indices(nn.Module):
         return h * torch.argsort(h, dim=-1).float()
 
 
+class Flags(Indices):
+    def forward(self, x):
+        h = self.fc(x)
+        return h * torch.isnan(h).to(h.dtype)
+
+
 class SortIndices(Indices):
     def forward(self, x):
         h = self.fc(x)
@@ -107,6 +113,7 @@ class InPlace(Indices):
     [
         (TwoValues, "no rule for this operation"),
         (Indices, "argsort returns integers"),
+        (Flags, "isnan returns integers, booleans"),
         (SortIndices, "indices sort (torch.func) returns are integers"),
         (Random, "random"),
         (InPlace, "in-place"),

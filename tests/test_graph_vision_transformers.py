@@ -3,13 +3,22 @@ the examples (`self.cls_token.expand(B, -1, -1)`, or `.repeat(B, 1, 1)`) and con
 a positional-embedding parameter, and timm's attention, whose `qkv.reshape(B, N, 3, H, d).permute(2, 0, 3,
 1, 4)` moves the examples from first until `unbind(0)` (or `qkv[0]`) selects q, k and v; an MLP-Mixer
 (token mixing by transposes) and a ConvNeXt block (channels-last by permutes, a layer-scale parameter).
-Each against the per-task `create_graph` oracle in float64, every order, K = 0-3, Meta-SGD rates, ANIL,
+GPT-2's learned positions (an embedding looked up at indices made as the model runs). Each against the
+per-task `create_graph` oracle in float64, every order, K = 0-3, Meta-SGD rates, ANIL,
 float32 within twice the loop's error, `adapt`; what does not compile falls back and says why."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_graph_models import ORDERS, check_ce, check_falls_back, check_orders_steps, check_variants, tasks_for
+from test_graph_models import (
+    ORDERS,
+    check_ce,
+    check_falls_back,
+    check_orders_steps,
+    check_variants,
+    on_fused,
+    tasks_for,
+)
 from torch import nn
 
 from oracle import check_adapt_matches_meta_step
@@ -218,3 +227,37 @@ class FixedCount(nn.Module):
 )
 def test_what_does_not_compile_falls_back_and_says_why(cls, reason):
     check_falls_back(cls(), reason)
+
+
+class LearnedPositions(nn.Module):
+    """Tokens `[N, L, 3]` with GPT-2's learned positions, `self.wpe(torch.arange(L, device=x.device))`, and
+    `F.embedding` of a position buffer cut to the sequence (its padding row gets no gradient)."""
+
+    def __init__(self, ways=3, d=4):
+        super().__init__()
+        self.inp = nn.Linear(3, d)
+        self.wpe = nn.Embedding(8, d)
+        self.extra = nn.Parameter(torch.randn(6, d) * 0.5)
+        self.register_buffer("positions", torch.tensor([0, 2, 1, 3, 0, 4, 5]))
+        self.block = Block(d, 2)
+        self.head = nn.Linear(d, ways)
+
+    def forward(self, x):
+        L = x.size(1)
+        h = self.inp(x) + self.wpe(torch.arange(L, device=x.device))
+        h = h + F.embedding(self.positions[:L], self.extra, padding_idx=0)
+        return self.head(self.block(h).mean(1))
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_learned_positions(order):
+    torch.manual_seed(6)
+    model = LearnedPositions().double()
+    assert [n.rule.kind for n in on_fused(model).nodes].count("embedding") == 2
+    check_orders_steps(model, tasks_for((5, 3), ways=3, shots=2), order)
+
+
+def test_learned_positions_rates_anil_and_float32():
+    torch.manual_seed(7)
+    tasks = tasks_for((5, 3), ways=3, shots=2, seed=7)
+    check_variants(LearnedPositions().double(), tasks, tasks_for((5, 3), ways=3, shots=2, seed=8), ["head"])

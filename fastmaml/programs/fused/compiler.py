@@ -59,7 +59,8 @@ the same way: `torch.sort(h, -1).values`, `torch.cumprod`, `torch.special.erf`):
   of parameters fail the node; a parameter's shape (`.shape`, `.size()`) is a number. A parameter (or
   derived tensor) expanded over the examples, `p.expand(x.size(0), ...)`, `p.repeat(x.size(0), 1, ...)`,
   `p.expand_as(x)` (ViT's class token, CAVIA's context as its paper's code writes it), is a value of
-  ExpandParamRule. A weight PyTorch computes from other parameters as its layer runs
+  ExpandParamRule; an embedding at indices the model makes as it runs (GPT-2's `self.wpe(torch.arange(L))`),
+  of HostEmbeddingRule (embedding.py). A weight PyTorch computes from other parameters as its layer runs
   (`torch.nn.utils.parametrize`, the `torch.nn.utils.weight_norm` hook: programs/reparam.py) is a derived
   tensor too, read by its layer or in `forward` (fx traces the parametrized property as a call of its
   ParametrizationList).
@@ -106,6 +107,7 @@ from .dense import LinearRule, TransposedLinearRule
 from .derived import Derived
 from .dropout import DropoutRule
 from .einsum import ELLIPSIS, EinsumParamRule, EinsumRule, EinsumSumRule, Equation
+from .embedding import HostEmbeddingRule
 from .example_maps import ExampleMapRule
 from .example_norm import ExampleNormRule
 from .functional import FunctionalRule
@@ -425,6 +427,7 @@ _FUNC_NAMES = {
     torch.softmax: "softmax_t",
     torch.log_softmax: "log_softmax_t",
     F.dropout: "dropout",
+    F.embedding: "embedding",
     F.dropout1d: "dropout1d",
     F.dropout2d: "dropout2d",
     F.dropout3d: "dropout3d",
@@ -683,6 +686,15 @@ _SPECS = {
         name: argument_spec("input", ("p", 0.5), ("training", True), ("inplace", False))
         for name in ("dropout", "dropout1d", "dropout2d", "dropout3d")
     },
+    "embedding": argument_spec(
+        "input",
+        "weight",
+        ("padding_idx", None),
+        ("max_norm", None),
+        ("norm_type", 2.0),
+        ("scale_grad_by_freq", False),
+        ("sparse", False),
+    ),
     "cat": argument_spec("tensors", ("dim", 0)),
     "stack": argument_spec("tensors", ("dim", 0)),
     "amax": argument_spec("input", ("dim", None), ("keepdim", False)),
@@ -773,10 +785,12 @@ _RANDOM = frozenset(
     {"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout", "rand", "randn"}
     | {"rand_like", "randn_like", "randint", "randint_like", "randperm", "bernoulli", "normal", "multinomial"}
 )
-# functions whose results are integers (indices, counts): no function rule
+# functions whose results are integers (indices, counts), booleans or Python values: no function rule
 _INTEGER_RESULTS = frozenset(
     {"argmax", "argmin", "argsort", "argwhere", "nonzero", "bucketize", "searchsorted", "unique"}
     | {"unique_consecutive", "bincount", "histc", "count_nonzero", "item", "tolist", "long", "int", "bool"}
+    | {"isnan", "isinf", "isfinite", "isneginf", "isposinf", "signbit", "isclose", "allclose", "equal", "any", "all"}
+    | {"numel", "nelement", "element_size", "stride", "is_contiguous", "data_ptr", "ndimension"}
 )
 
 
@@ -1198,6 +1212,9 @@ class _Lowering(AttentionLowering):
         x = self.arg(n.args[0]) if n.args else self.arg(next(iter(n.kwargs.values()), None))
         if len(n.args) + len(n.kwargs) != 1:
             self.fail("a layer called with more or fewer than one argument")
+        if isinstance(m, nn.Embedding) and isinstance(x, (Host, Ref)):
+            weight = self.module_params(m, ("weight",))[0]
+            return self.host_embedding(x, weight, m.padding_idx, m.max_norm, m.scale_grad_by_freq)
         x = self.value(x)
         cls = parametrize.type_before_parametrizations(m)
         name, kind = self.name(), cls.__name__
@@ -1322,6 +1339,22 @@ class _Lowering(AttentionLowering):
         recurrent = isinstance(m, nn.RNNCellBase)
         return self.emit(FunctionalRule(self.name(), kind, call, ranks, recurrent=recurrent), [x], weights)
 
+    def host_embedding(self, indices, weight: Ref, padding_idx, max_norm, scale_grad_by_freq) -> Value:
+        """An embedding looked up at indices made as the model runs (from sizes, constants or a buffer), the
+        same for every example: an HostEmbeddingRule reading the examples' count from the input."""
+        if max_norm is not None or scale_grad_by_freq:
+            self.fail("an embedding with max_norm (it renormalizes its weight in place) or scale_grad_by_freq")
+        rule = HostEmbeddingRule(self.name(), "embedding", self.shape_of(weight)[0], padding_idx)
+        return self.emit(rule, [Value(0)], (weight,), host=self.host_value(indices))
+
+    def op_embedding(self, a, inplace):
+        if not isinstance(a["input"], (Host, Ref)):
+            self.fail("an embedding of a value computed from the input (the fused engine takes floating-point inputs)")
+        weight = self.param(a["weight"], "weight")
+        if weight is None or weight.group == "c":
+            self.fail("F.embedding's weight is not one of the model's parameters")
+        return self.host_embedding(a["input"], weight, a["padding_idx"], a["max_norm"], a["scale_grad_by_freq"])
+
     def function_call(self, n: fx.Node) -> LayerOutput:
         """A function or method without a rule, of one value and constants, parameters or buffers
         (`torch.sort(h, dim=-1).values`, `torch.cumprod(h, 1)`, `torch.special.erf(h)`): the model's own call per
@@ -1333,7 +1366,7 @@ class _Lowering(AttentionLowering):
         if name.endswith("_") and not name.endswith("__") or target in _INPLACE_FUNCS:
             self.fail("an in-place operation without a rule; write it out of place")
         if name in _INTEGER_RESULTS:
-            self.fail(f"{name} returns integers (indices), which carry no gradient")
+            self.fail(f"{name} returns integers, booleans or a Python value, which carry no gradient")
         found = self.flat_args(n)
         values = [v for v in found if isinstance(v, Value)]
         plain = all(isinstance(v, (Value, Ref, ParamExpr, *_CONSTANTS)) or v is None or v is Ellipsis for v in found)
