@@ -14,8 +14,8 @@
 #              with dropout, ViT, transposed convolutions, recurrent layers, ResNet-12) against the oracle
 #   suite      fastmaml bench on CUDA, the rows the open issues measure (fastmaml auto, its plan, its step
 #              captured in a CUDA graph, the triton backend, first order, torch.func-vmap, the loops) on the
-#              28×28 conv4 (K=1, K=5), ResNet-12 64-640 84×84, the sinusoid (K=5, K=1) and the class-written
-#              conv4, with TFLOP/s and the fraction of the card's FP32 and TF32 peaks
+#              28×28 conv4 (K=1, K=5), ResNet-12 64-640 84×84, the sinusoid (K=5, K=1), the class-written
+#              conv4 and the ViT, with TFLOP/s and the fraction of the card's FP32 and TF32 peaks
 #   precision  the precision policies (fp32, tf32, bf16) against the autograd loop under the same policy
 #   conv_triton benchmarks/conv_triton_bench.py: the Triton task-batched convolutions against grouped cuDNN
 #              on every conv layer of conv4-64 (28, 84) and ResNet-12 (84), T=4, N=5 and 75, each pass and
@@ -98,7 +98,7 @@ step tests 170 "$PY" -m pytest "${XDIST[@]}" -q -p no:cacheprovider --junitxml="
 # budget spent is skipped, so the order is the priority
 step suite 180 "$PY" -m fastmaml bench --device cuda --out "$WORK/suite" --no-memory --repeats 5 --budget 20 \
   --sensitivity-draws 0 \
-  --workloads conv28-1shot-K1 conv28-1shot-K5 resnet12w-84-K5 sinusoid-K5 sinusoid-K1 class28-1shot-K1 \
+  --workloads conv28-1shot-K1 conv28-1shot-K5 resnet12w-84-K5 sinusoid-K5 sinusoid-K1 class28-1shot-K1 vit32-1shot-K1 \
   --impls "fastmaml[auto,second]" "fastmaml-plan[auto,second]" "fastmaml-graph[auto,second]" \
   "fastmaml[triton,second]" "fastmaml[auto,first]" torch.func-vmap
 step precision 60 "$PY" -m fastmaml bench --device cuda --out "$WORK/precision" --no-memory --repeats 5 --budget 10 \

@@ -1,6 +1,7 @@
 """Ready-made few-shot classification networks: the conv4 and fully connected nets of the MAML paper
-(Finn et al. 2017), as `nn.Sequential`s of standard layers, and ResNet-12 (Lee et al. 2019, the
-MetaOptNet / learn2learn layout), written as classes with a `forward` as users write models.
+(Finn et al. 2017), as `nn.Sequential`s of standard layers, ResNet-12 (Lee et al. 2019, the
+MetaOptNet / learn2learn layout) and a small vision transformer (Dosovitskiy et al. 2021, as timm writes
+it), written as classes with a `forward` as users write models.
 
 All take images `[N, C, H, W]` and return logits `[N, num_classes]`.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import numbers
 from typing import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -158,3 +160,94 @@ def resnet12(num_classes: int, widths: Sequence[int] = (64, 160, 320, 640), in_c
         A `ResNet12`: `[N, in_channels, H, W]` -> `[N, num_classes]`.
     """
     return ResNet12(num_classes, widths, in_channels)
+
+
+class ViTAttention(nn.Module):
+    """timm's multi-head self-attention: one qkv projection, `permute(2, 0, 3, 1, 4)` and `unbind(0)` into
+    q, k, v `[N, heads, L, d]`, softmax(q kᵀ / √d) v, dropout of the weights and of the projection's output
+    (in training mode). `[N, L, dim]` -> `[N, L, dim]`."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_drop = nn.Dropout(dropout)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        qkv = self.qkv(x).reshape(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(B, L, C)
+        return self.proj_drop(self.proj(x))
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block: x + attention(LayerNorm(x)), then x + MLP(LayerNorm(x)) (GELU, 4× wide)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = ViTAttention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim), nn.Dropout(dropout)
+        )
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """A vision transformer as timm writes it: `patch`×`patch` patches embedded by a strided convolution, a
+    class token (`self.cls_token.expand(B, -1, -1)`) and learned positions, `depth` pre-norm blocks, a final
+    LayerNorm and a Linear head on the class token (`self.head`, the part ANIL adapts).
+
+    Input `[N, in_channels, image_size, image_size]`, output `[N, num_classes]`.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        image_size: int = 32,
+        patch: int = 8,
+        dim: int = 64,
+        depth: int = 2,
+        heads: int = 4,
+        in_channels: int = 3,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        num_classes, image_size, patch = (
+            _positive_int(v, n) for v, n in ((num_classes, "num_classes"), (image_size, "image_size"), (patch, "patch"))
+        )
+        dim, depth, heads = (_positive_int(v, n) for v, n in ((dim, "dim"), (depth, "depth"), (heads, "heads")))
+        in_channels = _positive_int(in_channels, "in_channels")
+        if image_size % patch:
+            raise ValueError(f"patch: {patch} does not divide image_size {image_size}")
+        if dim % heads:
+            raise ValueError(f"heads: {heads} does not divide dim {dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, (image_size // patch) ** 2 + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*(ViTBlock(dim, heads, dropout) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+def vit(num_classes: int, **kwargs) -> ViT:
+    """A small vision transformer (see `ViT`; keyword arguments: image_size, patch, dim, depth, heads,
+    in_channels, dropout). Returns `[N, in_channels, H, W]` -> `[N, num_classes]`."""
+    return ViT(num_classes, **kwargs)

@@ -13,7 +13,7 @@ from torch import nn
 from fastmaml.bench import flops, impls, peers, report, suite, workloads
 from fastmaml.bench.suite import run_suite, tolerance, verdict
 
-QUICK_WORKLOADS = ["sinusoid-K5", "conv28-1shot-K1"]
+QUICK_WORKLOADS = ["sinusoid-K5", "conv28-1shot-K1", "vit32-1shot-K1"]
 QUICK_IMPLS = ["fastmaml[auto", "fastmaml[torch", "torch.func", "learn2learn", "higher", "torchopt"]
 SWEEP = ["sweep28-K1", "sweep28-K2"]
 MEMORY_ROWS = ["autograd-loop", "fastmaml[torch,first]"]
@@ -22,7 +22,7 @@ MEMORY_ROWS = ["autograd-loop", "fastmaml[torch,first]"]
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
     """Every quick implementation on the sinusoid (all fastmaml orders); fastmaml second and first
-    order on the BatchNorm conv net; a two-point memory sweep for MEMORY_ROWS. One report."""
+    order on the BatchNorm conv net and the ViT; a two-point memory sweep for MEMORY_ROWS. One report."""
     out = tmp_path_factory.mktemp("bench")
     quiet = dict(quick=True, repeats=1, warmup=0, plots=False, log=lambda *a: None)
     fastmaml_rows = ["fastmaml[torch,second]", "fastmaml[torch,first]"]
@@ -70,7 +70,7 @@ def test_allocator_environment_recorded(monkeypatch):
     assert suite.machine_info(torch.device("cpu"))["allocator_env"] == {}
 
 
-@pytest.mark.parametrize("workload", ["sinusoid-K5", "conv28-1shot-K1"])
+@pytest.mark.parametrize("workload", QUICK_WORKLOADS)
 def test_fastmaml_rows_match_float64_oracle(quick_results, workload):
     _, results = quick_results
     baseline = _rows(results, workload=workload, impl="autograd-loop")[0]
@@ -278,6 +278,18 @@ def test_flop_count_matches_the_model(name):
     w = workloads.workloads(quick=True)[name]
     x = w.make_tasks().support_x[0]
     assert flops.forward_flops(w, x.shape[0]) == _counted_forward_flops(w.make_model(), x)
+
+
+def test_vit_flop_count_is_its_layers_and_attention_products():
+    """The ViT workload's forward FLOPs: its Linear and Conv2d layers (every token) and, per block, the two
+    attention products q kᵀ and w v (2·L²·dim each per example, the heads together)."""
+    w = workloads.workloads(quick=True)["vit32-1shot-K1"]
+    x = w.make_tasks().support_x[0]
+    c = w.config
+    tokens = (c["size"] // c["patch"]) ** 2 + 1
+    attention = c["depth"] * 2 * (2 * tokens * tokens * c["dim"]) * x.shape[0]
+    assert flops.forward_flops(w, x.shape[0]) == _counted_forward_flops(w.make_model(), x) + attention
+    assert w.make_model()(x).shape == (x.shape[0], c["ways"])
 
 
 def test_flop_formula_by_hand():

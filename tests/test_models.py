@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fastmaml
-from fastmaml.models import conv4, omniglot_mlp
+from fastmaml.models import conv4, omniglot_mlp, vit
 
 from oracle import autograd_meta_grad, rel_err
 
@@ -62,6 +62,7 @@ def test_bad_arguments():
         (lambda: conv4(1, 3, hidden=4, image_size=16), (1, 16, 16)),
         (lambda: conv4(1, 3, hidden=4, image_size=16, norm="group", groups=2), (1, 16, 16)),
         (lambda: omniglot_mlp(3, in_features=36), (1, 6, 6)),
+        (lambda: vit(3, image_size=8, patch=4, dim=4, depth=2, heads=2, in_channels=1), (1, 8, 8)),
     ],
 )
 def test_meta_gradient_matches_autograd(make, shape):
@@ -107,3 +108,13 @@ def test_resnet12_meta_gradient_matches_the_oracle():
     _, ref, _ = autograd_meta_grad(model, tasks, inner_lr=0.1, steps=1, loss_fn=torch.nn.functional.cross_entropy)
     got = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     assert rel_err(got, torch.cat([ref[n].reshape(-1) for n, _ in model.named_parameters()])) < 1e-9
+
+
+def test_vit_shapes_fused_graph_and_bad_arguments():
+    model = vit(5, image_size=16, patch=4, dim=8, depth=1, heads=2, dropout=0.1)
+    assert model(torch.rand(2, 3, 16, 16)).shape == (2, 5)
+    e = fastmaml.explain(model, "cross_entropy")
+    assert e.program == "fused" and sum("Dropout" in line for line in e.layers) == 4
+    for kwargs, what in (({"patch": 5}, "patch"), ({"heads": 3}, "heads"), ({"dropout": 1.0}, "dropout")):
+        with pytest.raises(ValueError, match=what):
+            vit(5, image_size=16, dim=8, **{"patch": 4, **kwargs})

@@ -2,8 +2,9 @@
 datasheet peaks of the GPUs the suite has run on (`card_peaks`).
 
 Counting rule (the work any exact implementation must do; elementwise ops not counted):
-- Only Linear and Conv2d layers count, 2 FLOPs per multiply-add. Forward of a layer on N examples:
-  F = 2·N·in·out (Linear), 2·N·c_out·H_out·W_out·c_in·k² (Conv2d).
+- Only Linear and Conv2d layers and attention's products count, 2 FLOPs per multiply-add. Forward of a
+  layer on N examples: F = 2·N·rows·in·out (Linear on `rows` tokens per example), 2·N·c_out·H_out·W_out·c_in·k²
+  (Conv2d), 2·N·m·k·n (a product of two activations `[m, k] @ [k, n]`, bilinear as a Linear layer is).
 - Backward = 2F (input gradient + weight gradient), every layer counted in full.
 - Hessian-vector product, forward-over-reverse with the primal activations reused = 6F:
   tangent forward ẏ = ẋWᵀ + xVᵀ (2F) and tangent backward ġx = ġyW + gyV, ġW = ġyᵀx + gyᵀẋ (4F).
@@ -24,12 +25,16 @@ from .workloads import Workload
 
 
 def forward_flops(w: Workload, examples: int) -> int:
-    """FLOPs of one forward pass of `w`'s model on `examples` inputs (Linear and Conv2d only)."""
+    """FLOPs of one forward pass of `w`'s model on `examples` inputs (Linear, Conv2d, attention's products)."""
     total = 0
     for layer in w.layers:
         if layer[0] == "linear":
-            _, fan_in, fan_out = layer
-            total += 2 * examples * fan_in * fan_out
+            fan_in, fan_out = layer[1:3]
+            rows = layer[3] if len(layer) > 3 else 1
+            total += 2 * examples * rows * fan_in * fan_out
+        elif layer[0] == "matmul":
+            _, m, k, n = layer
+            total += 2 * examples * m * k * n
         else:
             _, c_in, c_out, k, h, wd = layer
             total += 2 * examples * c_out * h * wd * c_in * k * k

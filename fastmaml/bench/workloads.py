@@ -7,6 +7,7 @@ MAML hyper-parameters of one meta-step.
     conv84-1shot-K5        4-block conv net, 32 filters, 84×84×3, 5-way 1-shot, 15 query, T=4
     resnet12-84-K5         ResNet-12 16-32-64-128 (a CPU size), 84×84×3, 5-way 1-shot, 15 query, T=4
     resnet12w-84-K5        ResNet-12 64-160-320-640 (MetaOptNet / learn2learn), the same episodes (a GPU size)
+    vit32-1shot-K1         ViT as timm writes it: 8×8 patches, d=64, 2 blocks, 4 heads, 32×32×3, 5-way 1-shot, T=16
     sweep28-K{1,2,5,10,20} the 28×28 5-way 1-shot workload for the memory-against-K plot
 
 `quick=True` gives the CI-sized variant of each (fewer tasks; same model and shots).
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ..losses import cross_entropy, mse
-from ..models import conv4, resnet12
+from ..models import conv4, resnet12, vit
 from ..tasks import TaskBatch
 
 SWEEP_STEPS = (1, 2, 5, 10, 20)
@@ -31,11 +32,13 @@ SWEEP_STEPS = (1, 2, 5, 10, 20)
 @dataclass(frozen=True)
 class Workload:
     """One meta-step problem. `layers` lists the Linear/Conv2d layers for FLOP counting:
-    ("linear", in_features, out_features) or ("conv", c_in, c_out, kernel, out_h, out_w)."""
+    ("linear", in_features, out_features[, rows]) (rows: the tokens it maps per example, 1 by default),
+    ("conv", c_in, c_out, kernel, out_h, out_w) or ("matmul", m, k, n), a product of two activations
+    `[m, k] @ [k, n]` per example (attention's, its heads together)."""
 
     name: str
     description: str
-    kind: str  # "sinusoid" | "conv" | "conv-class" | "resnet12"
+    kind: str  # "sinusoid" | "conv" | "conv-class" | "resnet12" | "vit"
     tasks: int  # T
     steps: int  # K
     inner_lr: float
@@ -56,6 +59,9 @@ class Workload:
         c = self.config
         if self.kind == "resnet12":
             return resnet12(c["ways"], widths=c["widths"], in_channels=c["channels"])
+        if self.kind == "vit":
+            sizes = {k: c[k] for k in ("patch", "dim", "depth", "heads", "dropout")}
+            return vit(c["ways"], image_size=c["size"], in_channels=c["channels"], **sizes)
         net = conv4(c["channels"], c["ways"], hidden=c["filters"], image_size=c["size"], norm=c.get("norm", "batch"))
         return ConvClassNet(net) if self.kind == "conv-class" else net
 
@@ -84,6 +90,13 @@ class Workload:
                 side //= 2
                 c_in = width
             return out + [("linear", c_in, c["ways"])]
+        if self.kind == "vit":
+            side, dim = c["size"] // c["patch"], c["dim"]
+            tokens = side * side + 1
+            block = [("linear", dim, 3 * dim, tokens), ("matmul", tokens, dim, tokens), ("matmul", tokens, tokens, dim)]
+            block += [("linear", dim, dim, tokens), ("linear", dim, 4 * dim, tokens), ("linear", 4 * dim, dim, tokens)]
+            patches = ("conv", c["channels"], dim, c["patch"], side, side)
+            return [patches] + block * c["depth"] + [("linear", dim, c["ways"])]
         out, side, c_in = [], c["size"], c["channels"]
         for _ in range(4):
             out.append(("conv", c_in, c["filters"], 3, side, side))
@@ -149,6 +162,7 @@ def _conv(
     kind: str = "conv",
     widths=None,
     norm: str = "batch",
+    extra: Optional[Dict] = None,
 ) -> Workload:
     ways, query_per_class = 5, 15
     config = dict(
@@ -162,6 +176,7 @@ def _conv(
     )
     if widths is not None:
         config["widths"] = tuple(widths)
+    config.update(extra or {})
     return Workload(
         name,
         description,
@@ -270,6 +285,22 @@ def workloads(quick: bool = False) -> Dict[str, Workload]:
                 widths=widths,
             )
         )
+    t_vit = 2 if quick else 16
+    out.append(
+        _conv(
+            "vit32-1shot-K1",
+            f"ViT 8×8 patches, d=64, 2 blocks, 4 heads, 32×32×3, 5-way 1-shot, 15 query/class, T={t_vit}, K=1",
+            tasks=t_vit,
+            steps=1,
+            shots=1,
+            size=32,
+            channels=3,
+            filters=0,
+            inner_lr=0.1,
+            kind="vit",
+            extra=dict(patch=8, dim=64, depth=2, heads=4, dropout=0.0),
+        )
+    )
     for k in SWEEP_STEPS:
         out.append(
             _conv(
