@@ -49,10 +49,14 @@ from ...losses import Loss
 from ...ops import registry
 from ..base import HVP, LossGrad, Program
 from . import memory_format as mf
-from .conv import ConvRule
+from .conv import Conv1dRule, ConvRule
+from .conv_block import ConvBlockRule
+from .conv_nd import ConvNdRule
+from .dense import LinearRule
 from .dropout import DropoutRule
 from .example_norm import ExampleNormRule
 from .graph import Graph
+from .joins import ProductRule
 from .norm import BatchNormRule, fused_batch_norm
 
 
@@ -90,6 +94,10 @@ class FusedProgram(Program):
     # activations per chunk of tasks, per device type (see `_chunked`): on the CPU a chunk that stays in
     # cache; on a GPU large enough to fill it (small chunks left the engine launch-bound on a GPU)
     chunk_bytes = {"cpu": 16 << 20, "cuda": 1 << 30}
+    # on the CPU, a model of more matrix products (Linear layers on tokens, attention) than convolutions
+    # takes chunks this many times larger: its batched GEMMs and per-op costs gain from more tasks at once
+    # (benchmarks/RESULTS.md, twelfth session)
+    gemm_chunk_scale = 16
 
     def __init__(self, layout: ParamLayout, loss: Loss, graph: Graph, loss_rule):
         super().__init__(layout, loss)
@@ -118,6 +126,11 @@ class FusedProgram(Program):
         self.taped = frozenset(i for i, n in enumerate(self.nodes) if n.rule.reuses_primal)
         self.keeps_activations = bool(self.taped)
         self.draws_masks = any(isinstance(n.rule, DropoutRule) for n in self.nodes)
+        convs = sum(isinstance(n.rule, (ConvRule, Conv1dRule, ConvNdRule, ConvBlockRule)) for n in self.nodes)
+        gemms = sum(
+            isinstance(n.rule, LinearRule) or (isinstance(n.rule, ProductRule) and n.rule.matmul) for n in self.nodes
+        )
+        self.gemm_bound = gemms > convs  # (see `gemm_chunk_scale`)
         self.stats_to = self._stats_pairs()
         self.memory_format: Optional[str] = None  # of image activations; None: mf.FORMAT[device type]
 
@@ -273,15 +286,17 @@ class FusedProgram(Program):
         """Runs `run(tasks: slice) -> activation bytes` over chunks of tasks sized to `chunk_bytes` of
         activations for the device type (on the CPU all tasks at once for small activations, e.g. MLPs,
         and one task at a time for large conv activations, which keeps peak memory and the cache working
-        set to one chunk). The size per task is measured once per input shape by running task 0 alone
-        (then run again in its chunk), so the chunks depend only on the shapes: a computation is bitwise
-        the same whenever it runs."""
+        set to one chunk; `gemm_chunk_scale` times more for a model of matrix products on the CPU). The
+        size per task is measured once per input shape by running task 0 alone (then run again in its
+        chunk), so the chunks depend only on the shapes: a computation is bitwise the same whenever it runs."""
         T = x.shape[0]
         key = (kind, tuple(x.shape[1:]), x.dtype, x.device)
         per_task = self._task_bytes.get(key)
         if per_task is None:
             per_task = self._task_bytes[key] = max(run(slice(0, 1)), 1)
         budget = self.chunk_bytes.get(x.device.type, self.chunk_bytes["cpu"])
+        if self.gemm_bound and x.device.type == "cpu":
+            budget *= self.gemm_chunk_scale
         size = max(1, budget // per_task)
         for start in range(0, T, size):
             run(slice(start, min(T, start + size)))
