@@ -5,6 +5,7 @@ every order (the implicit one against its dense solve), Meta-SGD rates, ANIL, th
 `adapt`; the masks themselves (rate, independence, reproducibility); eval mode compiles no dropout."""
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -178,6 +179,31 @@ def test_rates_anil_multi_step_loss():
     check_with_masks(model, tasks, 2, inner_lr=rates, lr_leaves=list(rates.values()))
     check_with_masks(model, tasks, 2, inner_lr=0.3, inner_params=["head"])
     check_with_masks(model, tasks, 3, inner_lr=0.3, step_weights=[0.2, 0.0, 1.0])
+
+
+def test_float32_error_with_the_same_masks():
+    """float32 within twice the autograd loop's own float32 error against float64, the loops drawing
+    fastmaml's masks."""
+    torch.manual_seed(8)
+    model64 = DropTransformer().double()
+    model32 = copy.deepcopy(model64).float()
+    on_fused(model32)  # compiled before the patch
+    tasks = tasks_for((5, 3), ways=3, shots=2, seed=8)
+    tasks32 = tuple(t.float() if t.is_floating_point() else t for t in tasks)
+    model32.zero_grad()
+    fastmaml.meta_step(model32, tasks32, inner_lr=0.3, steps=2, loss="cross_entropy")
+    ours = torch.cat([p.grad.double().flatten() for p in model32.parameters()])
+    with OracleMasks() as masks:
+        _, ref, _ = autograd_meta_grad(
+            model64, tasks, inner_lr=0.3, steps=2, loss_fn=F.cross_entropy, before_forward=maml_scopes(masks, 2)
+        )
+        _, loop, _ = autograd_meta_grad(
+            model32, tasks32, inner_lr=0.3, steps=2, loss_fn=F.cross_entropy, before_forward=maml_scopes(masks, 2)
+        )
+    names = [n for n, _ in model64.named_parameters()]
+    want = torch.cat([ref[n].flatten() for n in names])
+    theirs = rel_err(torch.cat([loop[n].double().flatten() for n in names]), want)
+    assert rel_err(ours, want) <= 2 * max(theirs, 1e-7), (rel_err(ours, want), theirs)
 
 
 def test_implicit_with_the_same_masks():

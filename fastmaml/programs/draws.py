@@ -90,8 +90,9 @@ def keep_mask(node: int, p: float, shape, device) -> torch.Tensor:
     tasks = range(offset, offset + shape[0]) if ids is None else ids.tolist()
     base = _mix(key ^ _mix(node + 1))
     keep = torch.empty(shape, dtype=torch.bool, device=device)
+    uniform = torch.empty(shape[1:], device=device)  # one task's draws, reused
     generator = torch.Generator(device=device)
     for i, t in enumerate(tasks):
         generator.manual_seed(_mix(base ^ _mix(t + 1)) >> 1)
-        torch.ge(torch.rand(shape[1:], generator=generator, device=device), p, out=keep[i])
+        torch.ge(torch.rand(shape[1:], generator=generator, device=device, out=uniform), p, out=keep[i])
     return keep

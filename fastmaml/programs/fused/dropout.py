@@ -33,7 +33,7 @@ class DropoutRule(LinearMapRule):
     def _masked(self, x, keep):
         if self.p >= 1.0:
             return x * 0.0
-        return x * keep * (1.0 / (1.0 - self.p))
+        return (x * keep).mul_(1.0 / (1.0 - self.p))
 
     def tangent(self, xd, keep):
         return self._masked(xd, keep)
